@@ -1,0 +1,345 @@
+"""Tollgate's benchmark: one command, everything started here, all numbers in one run.
+
+    .venv/bin/python bench/run.py            # the full run (a few minutes)
+    .venv/bin/python bench/run.py --smoke    # a few seconds per cell: proves it still works
+
+It starts the fake OpenAI-compatible upstream, a private Redis, a real LiteLLM
+Proxy, and two Tollgates (SQLite, Redis limits, auth and accounting all on):
+one in front of the fake upstream, one in front of LiteLLM. Then, for
+non-streaming and streaming calls at concurrency 1, 10 and 50, it measures
+requests/s, latency p50/p99, time to first byte and (for Tollgate) CPU time per
+request from /proc, for:
+
+    (a) the fake upstream, direct          (b) Tollgate -> fake upstream
+    (c) LiteLLM -> fake upstream           (d) Tollgate -> LiteLLM -> fake upstream
+
+plus Tollgate's resident memory with 1,000 open streams and the delay it adds
+to each streamed chunk. The load comes from a small raw-socket HTTP/1.1 client
+so that the client costs as little CPU as possible on this shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from proxy.demo import stop_process, wait_until_up  # noqa: E402
+from tests.support import PYTHON, LiteLLM, RedisServer, Tollgate, free_port, litellm_proxy, start_process  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROMPT = [{"role": "user", "content": "benchmark prompt with a few words [chunks=%d]%s"}]
+
+
+# --- a minimal HTTP/1.1 client ---------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    status: int
+    ttfb: float  # seconds to the first byte of the body (streams: the first event)
+    total: float
+    chunk_delays: list[float] = field(default_factory=list)  # stamped streams: arrival - sent
+
+
+class Connection:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=2**22)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+
+    async def request(self, path: str, headers: bytes, body: bytes, stamped: bool = False) -> Result:
+        if self.writer is None:
+            await self.open()
+        assert self.reader is not None and self.writer is not None
+        started = time.perf_counter()
+        self.writer.write(
+            b"POST " + path.encode() + b" HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            + headers + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        lower = head.lower()
+        ttfb = 0.0
+        delays: list[float] = []
+        if b"transfer-encoding: chunked" in lower:
+            while True:
+                size = int((await self.reader.readline()).strip(), 16)
+                if size == 0:
+                    await self.reader.readline()
+                    break
+                data = await self.reader.readexactly(size + 2)
+                now = time.perf_counter()
+                if not ttfb:
+                    ttfb = now - started
+                if stamped:
+                    wall = time.time()
+                    for line in data.split(b"\n"):
+                        if line.startswith(b"data: {") and b'"sent_at"' in line:
+                            delays.append(wall - json.loads(line[6:])["sent_at"])
+        else:
+            length = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
+            await self.reader.readexactly(length)
+            ttfb = time.perf_counter() - started
+        return Result(status, ttfb, time.perf_counter() - started, delays)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    path: str
+    headers: bytes
+    model: str | None  # set for OpenAI-shaped bodies
+    pid: int | None = None  # the process whose CPU is counted
+
+
+def body_for(target: Target, stream: bool, chunks: int, extra: str = "") -> bytes:
+    messages = json.loads(json.dumps(PROMPT).replace("%d", str(chunks)).replace("%s", extra))
+    payload: dict = {"messages": messages}
+    if target.model:
+        payload["model"] = target.model
+        if stream:
+            payload.update(stream=True, stream_options={"include_usage": True})
+    return json.dumps(payload).encode()
+
+
+async def load(target: Target, stream: bool, concurrency: int, seconds: float, chunks: int) -> dict:
+    host, port = target.url.removeprefix("http://").split(":")
+    path = target.path + ("-stream" if stream and not target.model else "")
+    body = body_for(target, stream, chunks)
+    results: list[Result] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        connection = Connection(host, int(port))
+        try:
+            while time.perf_counter() < deadline:
+                result = await connection.request(path, target.headers, body)
+                if result.status != 200:
+                    raise RuntimeError(f"{target.name}: HTTP {result.status}")
+                results.append(result)
+        finally:
+            await connection.close()
+
+    # Warm up the connections and caches, then measure.
+    await asyncio.gather(*(Connection(host, int(port)).request(path, target.headers, body) for _ in range(2)))
+    cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    cpu = (cpu_seconds(target.pid) - cpu_before) if target.pid else None
+    latencies = sorted(r.total for r in results)
+    ttfbs = sorted(r.ttfb for r in results)
+    return {
+        "rps": len(results) / elapsed,
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "ttfb": percentile(ttfbs, 50),
+        "cpu_ms": (cpu / len(results) * 1000) if cpu is not None and results else None,
+        "n": len(results),
+    }
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    index = min(len(values) - 1, max(0, round(p / 100 * len(values) + 0.5) - 1))
+    return values[index]
+
+
+async def chunk_delay(target: Target, chunks: int) -> float:
+    host, port = target.url.removeprefix("http://").split(":")
+    path = target.path + ("" if target.model else "-stream")
+    connection = Connection(host, int(port))
+    body = body_for(target, True, chunks, " [delay_ms=20] [stamp]")
+    delays: list[float] = []
+    for _ in range(5):
+        delays += (await connection.request(path, target.headers, body, stamped=True)).chunk_delays
+    await connection.close()
+    return statistics.median(delays)
+
+
+async def memory_with_open_streams(target: Target, streams: int) -> tuple[float, float]:
+    """Tollgate's RSS before and while `streams` streams are open."""
+    assert target.pid is not None
+    host, port = target.url.removeprefix("http://").split(":")
+    body = body_for(target, True, 100_000, " [delay_ms=1000]")
+    before = rss_mb(target.pid)
+    connections = [Connection(host, int(port)) for _ in range(streams)]
+    for batch in range(0, streams, 100):
+        await asyncio.gather(*(c.open() for c in connections[batch : batch + 100]))
+    request = (
+        f"POST {target.path}-stream HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n".encode()
+        + target.headers + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    for connection in connections:
+        connection.writer.write(request)  # type: ignore[union-attr]
+    await asyncio.gather(*(c.reader.readuntil(b"data: ") for c in connections))  # type: ignore[union-attr]
+    during = rss_mb(target.pid)
+    await asyncio.gather(*(c.close() for c in connections))
+    return before, during
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def services(workdir: Path, **tollgate_config: dict) -> Iterator[dict]:
+    fake_port = free_port()
+    fake = start_process(
+        [PYTHON, str(REPO / "tests" / "fake_upstream.py"), "--port", str(fake_port), "--no-log"], workdir / "fake.log"
+    )
+    redis = RedisServer(workdir).start()
+    try:
+        fake_url = f"http://127.0.0.1:{fake_port}"
+        wait_until_up(f"{fake_url}/v1/models", 30, fake)
+        with litellm_proxy(workdir, fake_url) as litellm:
+            common = dict(redis={"url": redis.url}, upstream={"max_connections": 2000})
+            for section, values in tollgate_config.items():
+                common[section] = {**common.get(section, {}), **values}
+            direct = Tollgate(workdir, fake_url, "sk-fake", name="tollgate-direct", **common).start()
+            behind = Tollgate(workdir, litellm.url, litellm.master_key, name="tollgate-litellm", **common).start()
+            try:
+                yield {"fake": (fake_url, fake.pid), "litellm": litellm, "direct": direct, "behind": behind}
+            finally:
+                direct.stop()
+                behind.stop()
+    finally:
+        stop_process(fake)
+        redis.stop()
+
+
+def litellm_pid(litellm: LiteLLM) -> int | None:
+    port = litellm.url.rsplit(":", 1)[1]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if b"--port" in cmdline and port.encode() in cmdline and any(b"litellm" in p for p in cmdline):
+                    return int(pid)
+    return None
+
+
+def tollgate_target(name: str, server: Tollgate) -> Target:
+    admin = server.admin()
+    team = admin.team(credits=10, rpm_limit=10**9, tpm_limit=10**12)
+    job = httpx.post(
+        f"{server.url}/api/jobs/create", json={"job_type": "bench"}, headers={"Authorization": f"Bearer {team.key}"}
+    ).json()["job_id"]
+    headers = f"Authorization: Bearer {team.key}\r\n".encode()
+    return Target(name, server.url, f"/api/jobs/{job}/llm-call", headers, None, server.process.pid)  # type: ignore[union-attr]
+
+
+async def run(args: argparse.Namespace) -> None:
+    seconds = 1.0 if args.smoke else args.seconds
+    concurrencies = [1, 10] if args.smoke else [1, 10, 50]
+    open_streams = 50 if args.smoke else 1000
+    chunks = 20
+    with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp, services(Path(tmp)) as s:
+        fake_url, fake_pid = s["fake"]
+        litellm: LiteLLM = s["litellm"]
+        litellm_headers = f"Authorization: Bearer {litellm.master_key}\r\n".encode()
+        targets = [
+            Target("(a) direct", fake_url, "/v1/chat/completions", b"", "primary", fake_pid),
+            tollgate_target("(b) Tollgate -> upstream", s["direct"]),
+            Target("(c) LiteLLM -> upstream", litellm.url, "/v1/chat/completions", litellm_headers, "primary",
+                   litellm_pid(litellm)),
+            tollgate_target("(d) Tollgate -> LiteLLM", s["behind"]),
+        ]
+        rows = []
+        for stream in (False, True):
+            for concurrency in concurrencies:
+                for target in targets:
+                    m = await load(target, stream, concurrency, seconds, chunks)
+                    rows.append((("stream" if stream else "plain"), concurrency, target.name, m))
+                    print(f"  {rows[-1][0]:6} c={concurrency:<3} {target.name:26} {m['rps']:8.0f} req/s", file=sys.stderr)
+        direct_delay = await chunk_delay(targets[0], 20)
+        tollgate_delay = await chunk_delay(targets[1], 20)
+        before, during = await memory_with_open_streams(targets[1], open_streams)
+    print(report(rows, direct_delay, tollgate_delay, open_streams, before, during, args))
+
+
+def report(rows: list, direct_delay: float, tollgate_delay: float, streams: int, before: float, during: float,
+           args: argparse.Namespace) -> str:
+    lines = [
+        f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell'}",
+        "",
+        "| mode | conc. | target | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req (that process) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, concurrency, name, m in rows:
+        cpu = f"{m['cpu_ms']:.3f}" if m["cpu_ms"] is not None else "-"
+        lines.append(
+            f"| {mode} | {concurrency} | {name} | {m['rps']:.0f} | {m['p50'] * 1000:.2f} | {m['p99'] * 1000:.2f} | "
+            f"{m['ttfb'] * 1000:.2f} | {cpu} |"
+        )
+    by = {(mode, c, name): m for mode, c, name, m in rows}
+    lines += ["", "Derived:"]
+    for mode in ("plain", "stream"):
+        b, c = by.get((mode, 10, "(b) Tollgate -> upstream")), by.get((mode, 10, "(c) LiteLLM -> upstream"))
+        if b and c:
+            lines.append(f"- {mode}, concurrency 10: Tollgate serves {b['rps'] / c['rps']:.1f}x LiteLLM's requests/s")
+        a1, b1 = by.get((mode, 1, "(a) direct")), by.get((mode, 1, "(b) Tollgate -> upstream"))
+        if a1 and b1:
+            lines.append(f"- {mode}, concurrency 1: Tollgate adds {(b1['p50'] - a1['p50']) * 1000:.2f} ms at p50")
+        a10, b10 = by.get((mode, 10, "(a) direct")), by.get((mode, 10, "(b) Tollgate -> upstream"))
+        if a10 and b10:
+            lines.append(f"- {mode}, concurrency 10: Tollgate adds {(b10['p99'] - a10['p99']) * 1000:.2f} ms at p99")
+    lines.append(
+        f"- per streamed chunk: {tollgate_delay * 1000:.3f} ms through Tollgate vs {direct_delay * 1000:.3f} ms direct "
+        f"(added {(tollgate_delay - direct_delay) * 1000:.3f} ms)"
+    )
+    lines.append(f"- Tollgate resident memory: {before:.0f} MB idle, {during:.0f} MB with {streams} open streams")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark Tollgate against a direct call and LiteLLM.")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds in all: proves the benchmark works")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The admin API under /admin, behind the master key."""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .admin import AdminService
+from .auth import MasterKeyGuard
+from .bodies import read_json_object
+from .config import Config
+from .records import iso
+from .validation import parse_paging
+from .views import jobs_page_json, team_json
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class AdminApi:
+    def __init__(self, admin: AdminService, guard: MasterKeyGuard, config: Config) -> None:
+        self._admin = admin
+        self._guard = guard
+        self._config = config
+        self._max_body = config.server.max_body_bytes
+
+    def routes(self) -> list[Route]:
+        def route(path: str, handler: Handler, method: str) -> Route:
+            return Route(path, self._guarded(handler), methods=[method])
+
+        return [
+            route("/admin/organizations", self.create_organization, "POST"),
+            route("/admin/organizations", self.list_organizations, "GET"),
+            route("/admin/teams", self.create_team, "POST"),
+            route("/admin/teams", self.list_teams, "GET"),
+            route("/admin/teams/{team_id}", self.get_team, "GET"),
+            route("/admin/teams/{team_id}", self.update_team, "PATCH"),
+            route("/admin/teams/{team_id}/credits", self.add_credits, "POST"),
+            route("/admin/teams/{team_id}/ledger", self.ledger, "GET"),
+            route("/admin/teams/{team_id}/keys", self.create_key, "POST"),
+            route("/admin/teams/{team_id}/keys", self.list_keys, "GET"),
+            route("/admin/teams/{team_id}/jobs", self.list_jobs, "GET"),
+            route("/admin/keys/{key_id}", self.revoke_key, "DELETE"),
+            route("/admin/model-groups", self.create_model_group, "POST"),
+            route("/admin/model-groups", self.list_model_groups, "GET"),
+            route("/admin/model-groups/{name}", self.get_model_group, "GET"),
+            route("/admin/model-groups/{name}", self.put_model_group, "PUT"),
+            route("/admin/model-groups/{name}", self.delete_model_group, "DELETE"),
+        ]
+
+    def _guarded(self, handler: Handler) -> Handler:
+        async def guarded(request: Request) -> Response:
+            self._guard.check(request.headers.get("authorization"))
+            return await handler(request)
+
+        guarded.__name__ = handler.__name__
+        return guarded
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        return await read_json_object(request, self._max_body)
+
+    def _team(self, team: Any, status: int = 200) -> Response:
+        return JSONResponse(team_json(team, self._config), status_code=status)
+
+    async def create_organization(self, request: Request) -> Response:
+        organization = await self._admin.create_organization(await self._body(request))
+        return JSONResponse(organization.to_json(), status_code=201)
+
+    async def list_organizations(self, request: Request) -> Response:
+        return JSONResponse([o.to_json() for o in await self._admin.list_organizations()])
+
+    async def create_team(self, request: Request) -> Response:
+        return self._team(await self._admin.create_team(await self._body(request)), 201)
+
+    async def list_teams(self, request: Request) -> Response:
+        return JSONResponse([team_json(t, self._config) for t in await self._admin.list_teams()])
+
+    async def get_team(self, request: Request) -> Response:
+        return self._team(await self._admin.get_team(request.path_params["team_id"]))
+
+    async def update_team(self, request: Request) -> Response:
+        return self._team(await self._admin.update_team(request.path_params["team_id"], await self._body(request)))
+
+    async def add_credits(self, request: Request) -> Response:
+        return self._team(await self._admin.add_credits(request.path_params["team_id"], await self._body(request)))
+
+    async def ledger(self, request: Request) -> Response:
+        _, limit, offset = parse_paging(request.query_params, max_limit=1000)
+        entries = await self._admin.ledger(request.path_params["team_id"], limit, offset)
+        return JSONResponse([entry.to_json() for entry in entries])
+
+    async def create_key(self, request: Request) -> Response:
+        key, plaintext = await self._admin.create_key(request.path_params["team_id"], await self._body(request))
+        body = {
+            "key_id": key.key_id,
+            "key": plaintext,
+            "name": key.name,
+            "team_id": key.team_id,
+            "created_at": iso(key.created_at),
+            "expires_at": iso(key.expires_at),
+            "rpm_limit": key.rpm_limit,
+            "tpm_limit": key.tpm_limit,
+        }
+        return JSONResponse(body, status_code=201, headers={"cache-control": "no-store"})
+
+    async def list_keys(self, request: Request) -> Response:
+        return JSONResponse([k.to_json() for k in await self._admin.list_keys(request.path_params["team_id"])])
+
+    async def list_jobs(self, request: Request) -> Response:
+        team_id = request.path_params["team_id"]
+        status, limit, offset = parse_paging(request.query_params)
+        jobs, total = await self._admin.list_jobs(team_id, status, limit, offset)
+        team = await self._admin.get_team(team_id)
+        return JSONResponse(jobs_page_json(team_id, jobs, total, limit, offset, team.credits_remaining))
+
+    async def revoke_key(self, request: Request) -> Response:
+        return JSONResponse((await self._admin.revoke_key(request.path_params["key_id"])).to_json())
+
+    async def create_model_group(self, request: Request) -> Response:
+        group = await self._admin.create_model_group(await self._body(request))
+        return JSONResponse(group.to_json(), status_code=201)
+
+    async def list_model_groups(self, request: Request) -> Response:
+        return JSONResponse([g.to_json() for g in await self._admin.list_model_groups()])
+
+    async def get_model_group(self, request: Request) -> Response:
+        return JSONResponse((await self._admin.get_model_group(request.path_params["name"])).to_json())
+
+    async def put_model_group(self, request: Request) -> Response:
+        group = await self._admin.put_model_group(request.path_params["name"], await self._body(request))
+        return JSONResponse(group.to_json())
+
+    async def delete_model_group(self, request: Request) -> Response:
+        await self._admin.delete_model_group(request.path_params["name"])
+        return JSONResponse({"deleted": request.path_params["name"]})

@@ -1,0 +1,114 @@
+"""The application factory: every part of Tollgate is built and wired here,
+and opened and closed by the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+
+from .admin import AdminService
+from .admin_api import AdminApi
+from .auth import KeyAuthenticator, MasterKeyGuard
+from .calls import CallPipeline
+from .config import Config, load_config
+from .declared import apply_declared
+from .errors import EXCEPTION_HANDLERS
+from .groups import GroupCatalog
+from .health import Health
+from .jobs_api import JobsApi
+from .limiter import RateLimiter
+from .metrics import Metrics
+from .observe import ObserveMiddleware
+from .openai_api import OpenAIApi
+from .pricing import Pricing
+from .store import open_store
+from .sweeper import sweep_forever
+from .upstream import Upstream
+
+log = logging.getLogger("tollgate")
+
+
+def create_app(config: Config) -> Starlette:
+    store = open_store(config.database)
+    upstream = Upstream(config.upstream, config.upstream_key)
+    pricing = Pricing(config.pricing)
+    groups = GroupCatalog(store)
+    auth = KeyAuthenticator(store, config.auth.cache_ttl)
+    limiter = RateLimiter(config.rate_limits, config.redis)
+    metrics = Metrics(config.metrics.team_label, config.metrics.credits_cache)
+    calls = CallPipeline(
+        store, upstream, pricing, groups, limiter, config.rate_limits, metrics, config.upstream.timeouts.total
+    )
+
+    def forget_cached() -> None:
+        auth.invalidate()
+        groups.invalidate()
+
+    admin = AdminService(store, config, on_change=forget_cached)
+    routes = [
+        *Health(store, upstream, limiter, metrics).routes(),
+        *JobsApi(store, auth, calls, metrics, config).routes(),
+        *OpenAIApi(store, auth, calls, groups, metrics, config).routes(),
+        *AdminApi(admin, MasterKeyGuard(config.master_key), config).routes(),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        try:
+            await apply_declared(store, config)
+            if config.master_key is None:
+                log.warning("TOLLGATE_MASTER_KEY is not set: the admin API refuses every request")
+            background = [
+                asyncio.create_task(pricing.keep_fresh(upstream, config.upstream.model_info_refresh)),
+                asyncio.create_task(
+                    sweep_forever(
+                        store,
+                        config.jobs.expire_after,
+                        # A call runs no longer than the total timeout; one 'running' well after was
+                        # left behind by a process that died.
+                        config.upstream.timeouts.total + config.jobs.stale_call_margin,
+                        config.jobs.sweep_interval,
+                        metrics,
+                    )
+                ),
+            ]
+            try:
+                yield
+            finally:
+                # uvicorn has cancelled what outlived the grace period: let those calls be recorded.
+                unrecorded = await calls.drain(timeout=10.0)
+                if unrecorded:
+                    log.error("%d calls were not recorded before shutdown; the sweeper will close them", unrecorded)
+                for task in background:
+                    task.cancel()
+                await asyncio.gather(*background, return_exceptions=True)
+                await upstream.aclose()
+                await limiter.close()
+        finally:
+            await store.close()
+
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(ObserveMiddleware, metrics=metrics, log_format=config.logging.access_log)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+
+
+def app_from_environment() -> Starlette:
+    """The factory uvicorn's worker processes call: configuration from TOLLGATE_CONFIG."""
+    config = load_config()
+    configure_logging(config.logging.level)
+    return create_app(config)
+
+
+def configure_logging(level: str = "info") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every upstream request at INFO: far too chatty for a proxy's hot path.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

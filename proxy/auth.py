@@ -1,0 +1,97 @@
+"""Who is calling: virtual keys for /api and /v1, the master key for /admin.
+
+Only a key's SHA-256 is stored. Lookups are cached for at most
+`auth.cache_ttl` (≤ 1 s), so a key revoked in any process stops working
+everywhere within a second, and at once in the process that revoked it.
+Keys never appear in messages or logs: every refusal reads the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .cache import ExpiringCache
+from .config import Secret
+from .errors import ApiError
+from .records import Team, VirtualKey
+from .store import Store
+
+KEY_PREFIX = "sk-"
+INVALID_KEY = "Invalid, expired or revoked API key"
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise ApiError(
+            401, "Missing Authorization header; send 'Authorization: Bearer <key>'", code="missing_api_key"
+        )
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError(401, "Malformed Authorization header; expected 'Bearer <key>'", code="invalid_api_key")
+    return token
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: the key used and its team, as of the lookup."""
+
+    key: VirtualKey
+    team: Team
+
+
+class KeyAuthenticator:
+    def __init__(
+        self,
+        store: Store,
+        cache_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._wall_clock = wall_clock
+        self._principals: ExpiringCache[bytes, Principal | None] = ExpiringCache(self._lookup, cache_ttl, clock)
+
+    async def _lookup(self, key_hash: bytes) -> Principal | None:
+        found = await self._store.lookup_key(key_hash)
+        return Principal(*found) if found else None
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        principal = await self._principals.get(hash_key(bearer_token(authorization)))
+        if principal is None:
+            raise ApiError(401, INVALID_KEY, code="invalid_api_key")
+        key = principal.key
+        if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= self._wall_clock()):
+            raise ApiError(401, INVALID_KEY, code="invalid_api_key")
+        return principal
+
+    def invalidate(self) -> None:
+        """Forget every cached lookup (after a key or team changed in this process)."""
+        self._principals.invalidate()
+
+
+class MasterKeyGuard:
+    """Admin routes: the master key, compared in constant time; no key configured, no admin."""
+
+    def __init__(self, master_key: Secret | None) -> None:
+        self._digest = hashlib.sha256(master_key.value.encode()).digest() if master_key else None
+
+    def check(self, authorization: str | None) -> None:
+        if self._digest is None:
+            raise ApiError(401, "The admin API is disabled: TOLLGATE_MASTER_KEY is not set", code="admin_disabled")
+        given = hashlib.sha256(bearer_token(authorization).encode("utf-8", "surrogateescape")).digest()
+        if not hmac.compare_digest(given, self._digest):
+            raise ApiError(401, "Invalid master key", code="invalid_api_key")

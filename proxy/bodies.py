@@ -1,0 +1,90 @@
+"""Reading request bodies: size limits, content type and strict JSON.
+
+Python's json module accepts NaN, Infinity, numbers too large for a float (1e999)
+and lone UTF-16 surrogates; none of them can be stored or forwarded as valid
+JSON, so they are refused here with a 400.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from starlette.requests import Request
+
+from .errors import ApiError
+
+# A \uD800-\uDFFF escape: only then can a decoded string hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 would come back as Infinity, which JSON cannot carry
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise ApiError(415, f"Content-Type must be application/json, not '{media[:100]}'")
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, "Content-Length must be a number")
+        if int(length) > max_bytes:
+            raise ApiError(413, f"Request body is larger than {max_bytes} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"Request body is larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    return parse_json_object(b"".join(chunks))
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise ApiError(400, "Request body is empty; expected a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "Request body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ApiError(400, "Malformed JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise ApiError(400, f"Malformed JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        raise ApiError(400, "Malformed JSON: a string contains a lone UTF-16 surrogate")
+    if not isinstance(value, dict):
+        raise ApiError(422, "Request body must be a JSON object")
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

@@ -1,0 +1,392 @@
+"""One LLM call, from admission to its record: the path the job API and the
+OpenAI-compatible API share.
+
+admit → (forward with fallbacks) → answer or relay the stream → record.
+Every admitted call is recorded exactly once, however it ends: success,
+upstream failure, client disconnect or shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping
+
+from .accounting import StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
+from .auth import Principal
+from .errors import ApiError
+from .forwarding import Answer, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
+from .config import RateLimitsConfig
+from .groups import GroupCatalog
+from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
+from .metrics import Metrics
+from .pricing import Pricing
+from .records import CallOutcome, CallStatus, ModelGroup, NewCall, Team
+from .store import Store
+from .store.sqlite import StoreBusy
+from .streaming import RelayEnd, SSERelay
+from .upstream import Upstream
+from .validation import CallRequest
+
+log = logging.getLogger("tollgate.calls")
+
+_END_STATUS: dict[str, CallStatus] = {
+    "finished": "success",
+    "upstream_failed": "error",
+    "client_disconnected": "cancelled",
+    "shutdown": "cancelled",
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    """An admitted call: recorded as running, not yet answered."""
+
+    principal: Principal
+    job_id: str
+    call_id: str
+    group: ModelGroup
+    request: CallRequest
+    stream: bool
+    jobs_api: bool
+    started: float  # event-loop time
+    started_wall: float
+    deadline: float
+    decision: Decision
+    notes: dict[str, Any]  # the request's access-log fields
+    on_recorded: "RecordObserver | None" = None  # runs once the call is recorded
+
+    def headers(self) -> dict[str, str]:
+        return {"x-job-id": self.job_id, "x-call-id": self.call_id, **self.decision.headers()}
+
+
+@dataclass(frozen=True)
+class Completed:
+    answer: Answer
+    outcome: CallOutcome
+
+
+RecordObserver = Callable[[CallOutcome], Awaitable[None]]
+RECORD_ATTEMPTS = 4
+_SECRETISH = re.compile(r"sk-[A-Za-z0-9_\-.]{3,}")
+
+
+def redact(text: str) -> str:
+    """Upstream messages can quote keys (LiteLLM's 401 does): never pass one on."""
+    return _SECRETISH.sub("sk-***", text)
+
+
+def redact_opt(text: str | None) -> str | None:
+    return None if text is None else redact(text)
+
+
+class CallPipeline:
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream,
+        pricing: Pricing,
+        groups: GroupCatalog,
+        limiter: RateLimiter,
+        rate_limits: RateLimitsConfig,
+        metrics: Metrics,
+        total_timeout: float,
+    ) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._pricing = pricing
+        self._groups = groups
+        self._limiter = limiter
+        self._rate_limits = rate_limits
+        self._metrics = metrics
+        self._total_timeout = total_timeout
+        self._running: set[str] = set()  # admitted calls not yet recorded
+
+    async def drain(self, timeout: float) -> int:
+        """At shutdown: wait for calls still being recorded; return how many never were."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._running and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return len(self._running)
+
+    async def resolve_group(self, team: Team, name: str | None) -> ModelGroup:
+        name = name or team.effective_default_group
+        if name is None:
+            raise ApiError(403, f"Team '{team.team_id}' has no model group granted", code="no_model_group")
+        group = await self._groups.get(name)
+        if group is None:
+            raise ApiError(404, f"Model group '{name}' not found", code="model_group_not_found", param="model")
+        if name not in team.model_groups:
+            raise ApiError(
+                403,
+                f"Team '{team.team_id}' does not have access to model group '{name}'",
+                code="model_group_not_allowed",
+                param="model",
+            )
+        return group
+
+    async def check(self, principal: Principal, request: CallRequest) -> ModelGroup:
+        """What must hold before a call may start: an active team and a group it may use."""
+        team = principal.team
+        if team.status != "active":
+            raise ApiError(403, f"Team '{team.team_id}' is suspended", code="team_suspended")
+        return await self.resolve_group(team, request.model_group)
+
+    async def admit(
+        self,
+        principal: Principal,
+        job_id: str,
+        request: CallRequest,
+        *,
+        stream: bool,
+        jobs_api: bool,
+        group: ModelGroup | None = None,
+        notes: dict[str, Any] | None = None,
+        on_recorded: RecordObserver | None = None,
+    ) -> Call:
+        """Record the call as running in its job; `group` if `check` already ran;
+        `on_recorded` runs once the call's outcome is recorded, however it ends."""
+        team = principal.team
+        if group is None:
+            group = await self.check(principal, request)
+        call_id = str(uuid.uuid4())
+        notes = {} if notes is None else notes
+        notes.update(team=team.team_id, job=job_id, call=call_id, model_group=group.name)
+        decision = await self._limit(principal, call_id, request)
+        now = asyncio.get_running_loop().time()
+        call = Call(
+            principal=principal,
+            job_id=job_id,
+            call_id=call_id,
+            group=group,
+            request=request,
+            stream=stream,
+            jobs_api=jobs_api,
+            started=now,
+            started_wall=time.time(),
+            deadline=now + self._total_timeout,
+            decision=decision,
+            notes=notes,
+            on_recorded=on_recorded,
+        )
+        new_call = NewCall(
+            call_id, job_id, team.team_id, principal.key.key_id, group.name, request.purpose, stream, call.started_wall
+        )
+        try:
+            await self._store.start_call(new_call)
+        except asyncio.CancelledError:
+            # The store finished the insert before letting the cancellation through:
+            # close the row (a no-op if it was never written) rather than leave it running.
+            await self._limiter.settle(decision, 0, release=True)
+            self._running.add(call_id)
+            await asyncio.shield(self._finish(call, "cancelled", None, Usage(0, 0), 0, "cancelled before it started"))
+            raise
+        except BaseException:
+            await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
+            raise
+        self._running.add(call_id)
+        return call
+
+    async def _limit(self, principal: Principal, call_id: str, request: CallRequest) -> Decision:
+        team, key, defaults = principal.team, principal.key, self._rate_limits
+        limits = Limits(
+            team_id=team.team_id,
+            key_id=key.key_id,
+            team_rpm=team.rpm_limit if team.rpm_limit is not None else defaults.rpm,
+            team_tpm=team.tpm_limit if team.tpm_limit is not None else defaults.tpm,
+            key_rpm=key.rpm_limit,
+            key_tpm=key.tpm_limit,
+        )
+        estimate = request.prompt_estimate + (request.max_tokens or defaults.default_max_tokens)
+        try:
+            decision = await self._limiter.admit(limits, call_id, estimate)
+        except RedisUnavailable:
+            raise ApiError(
+                503,
+                "Rate limiting is unavailable (Redis is down and on_redis_error is 'deny'); retry shortly",
+                code="rate_limiter_unavailable",
+                headers={"Retry-After": "5"},
+            ) from None
+        if not decision.admitted:
+            self._metrics.observe_rate_limited(team.team_id, decision.refused_kind or "tokens")
+            message, headers = decision.refusal()
+            raise ApiError(429, message, code="rate_limit_exceeded", headers=headers)
+        return decision
+
+    def payload(self, call: Call) -> dict[str, Any]:
+        payload = dict(call.request.params)
+        if call.jobs_api and payload.get("temperature") is None:
+            payload["temperature"] = 0.7  # the job API's documented default
+        team_id = call.principal.team.team_id
+        if payload.get("user") is None:
+            payload["user"] = team_id
+        # Name team, job and call to LiteLLM so its own logs attribute the spend.
+        metadata = dict(payload.get("metadata") or {})
+        tags = metadata.get("tags")
+        metadata["tags"] = [
+            *(tags if isinstance(tags, list) else []),
+            f"tollgate-team:{team_id}",
+            f"tollgate-job:{call.job_id}",
+            f"tollgate-call:{call.call_id}",
+            f"tollgate-model-group:{call.group.name}",
+        ]
+        metadata.update(
+            tollgate_team_id=team_id,
+            tollgate_job_id=call.job_id,
+            tollgate_call_id=call.call_id,
+            tollgate_model_group=call.group.name,
+        )
+        payload["metadata"] = metadata
+        if call.stream:
+            payload["stream"] = True
+            payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    async def complete(self, call: Call) -> Completed:
+        """A non-streaming call: forward, record, return the upstream's answer."""
+        try:
+            answer = await forward(self._upstream, call.group.models, self.payload(call), False, call.deadline)
+        except BaseException as exc:
+            raise await self._failed(call, exc) from None
+        assert isinstance(answer, Answer)
+        message = answer.data["choices"][0].get("message")
+        usage = usage_from(answer.data.get("usage"), answer.headers.get("x-litellm-response-cost"))
+        if usage is None:
+            usage = estimated_usage(call.request.prompt_chars, completion_chars(message))
+        outcome = await self._finish(call, "success", answer.model, usage, answer.attempts, None)
+        return Completed(answer, outcome)
+
+    async def stream(self, call: Call, headers: Mapping[str, str], drop_usage_only: bool = False) -> SSERelay:
+        """A streaming call: forward until the first event, then hand back the relay."""
+        try:
+            opened = await forward(self._upstream, call.group.models, self.payload(call), True, call.deadline)
+        except BaseException as exc:
+            raise await self._failed(call, exc) from None
+        tally = StreamTally()
+
+        async def on_end(end: RelayEnd) -> None:
+            usage = tally.usage or estimated_usage(call.request.prompt_chars, tally.completion_chars)
+            ttft = None if end.first_event_at is None else end.first_event_at - call.started
+            error = end.error or ("cut short: the gateway shut down" if end.reason == "shutdown" else None)
+            await self._finish(call, _END_STATUS[end.reason], opened.model, usage, opened.attempts, redact_opt(error), ttft)
+
+        return SSERelay(opened, tally, headers, call.deadline, on_end, drop_usage_only, self._metrics.active_streams)
+
+    async def _failed(self, call: Call, exc: BaseException) -> BaseException:
+        """Record a call that got no answer; return what the client should get."""
+        none = Usage(0, 0)
+        if isinstance(exc, UpstreamFailed):
+            model = exc.attempts[-1].model if exc.attempts else None
+            await self._finish(call, "error", model, none, len(exc.attempts), redact(str(exc)))
+            if exc.all_rate_limited:
+                return ApiError(
+                    429,
+                    f"Every model of group '{call.group.name}' is rate limited upstream: {redact(str(exc))}",
+                    code="upstream_rate_limited",
+                    headers={**call.headers(), "Retry-After": str(exc.retry_after)},
+                )
+            return ApiError(
+                503,
+                f"Model group '{call.group.name}' is unavailable: {redact(str(exc))}",
+                code="upstream_unavailable",
+                headers={**call.headers(), "Retry-After": "1"},
+            )
+        if isinstance(exc, UpstreamMisconfigured):
+            # Readiness finds this too: it asks LiteLLM with the same key.
+            # LiteLLM's message quotes the key it received: neither log nor store it.
+            log.error("LiteLLM refused Tollgate's upstream key (HTTP %s): check TOLLGATE_UPSTREAM_KEY", exc.status)
+            await self._finish(call, "error", exc.model, none, exc.attempts, "the upstream refused the gateway's key")
+            return ApiError(
+                503,
+                "The gateway cannot use its model provider: the upstream refused the gateway's credentials",
+                code="upstream_misconfigured",
+                headers={**call.headers(), "Retry-After": "30"},
+            )
+        if isinstance(exc, UpstreamRejected):
+            message = redact(exc.message)
+            await self._finish(call, "error", exc.model, none, exc.attempts, message)
+            return ApiError(400, message, code="upstream_rejected", headers=call.headers())
+        status: CallStatus = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+        await self._finish(call, status, None, none, 0, f"{type(exc).__name__}")
+        return exc
+
+    async def _finish(
+        self,
+        call: Call,
+        status: CallStatus,
+        model: str | None,
+        usage: Usage,
+        attempts: int,
+        error: str | None,
+        ttft: float | None = None,
+    ) -> CallOutcome:
+        """Record how the call ended, then whatever the caller asked to run after that."""
+        try:
+            outcome = await self._record(call, status, model, usage, attempts, error, ttft)
+            if call.on_recorded is not None:
+                try:
+                    await call.on_recorded(outcome)
+                except Exception:
+                    log.exception("after recording call %s", call.call_id)
+            return outcome
+        finally:
+            self._running.discard(call.call_id)  # only now may shutdown's drain stop waiting
+
+    async def _record(self, call: Call, status: CallStatus, model: str | None, usage: Usage, attempts: int,
+                      error: str | None, ttft: float | None) -> CallOutcome:
+        latency = asyncio.get_running_loop().time() - call.started
+        outcome = CallOutcome(
+            call_id=call.call_id,
+            status=status,
+            model=model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            usage_estimated=usage.estimated,
+            cost_usd=cost_of(usage, model, self._pricing),
+            latency_ms=round(latency * 1000),
+            time_to_first_token_ms=None if ttft is None else round(ttft * 1000),
+            attempts=attempts,
+            error=error,
+            finished_at=time.time(),
+        )
+        await self._store_outcome(outcome)
+        # The estimate the limiter admitted the call on gives way to what it really used.
+        await self._limiter.settle(call.decision, usage.total_tokens)
+        self._metrics.observe_call(
+            call.principal.team.team_id,
+            call.group.name,
+            model,
+            status,
+            call.stream,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            outcome.cost_usd,
+            latency,
+            ttft,
+            attempts,
+        )
+        call.notes.update(
+            model=model,
+            call_status=status,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+        )
+        return outcome
+
+    async def _store_outcome(self, outcome: CallOutcome) -> None:
+        """Write the outcome, trying again while the database stays locked by another process."""
+        for attempt in range(1, RECORD_ATTEMPTS + 1):
+            try:
+                await self._store.finish_call(outcome)
+                return
+            except StoreBusy:
+                if attempt == RECORD_ATTEMPTS:
+                    # Leave every figure in the log: the sweeper will close the row as interrupted.
+                    log.error("could not record call %s after %d attempts: %r", outcome.call_id, attempt, outcome)
+                    raise
+                await asyncio.sleep(0.1 * attempt)

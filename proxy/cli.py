@@ -1,0 +1,307 @@
+"""The `tollgate` command: serve, check-config, demo, and the admin operations.
+
+Admin commands work directly on the configured database (no server needed) and
+print the same JSON as the admin API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+from typing import Any, Awaitable, Callable
+
+import yaml
+
+from .config import ENV_CONFIG, Config, ConfigError, describe, load_config, require_serving_secrets
+from .errors import ApiError, from_store_error
+from .store import StoreError
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str, code: int = 1) -> None:
+    print(f"tollgate: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _load(args: argparse.Namespace, serving: bool = False) -> Config:
+    try:
+        config = load_config(args.config)
+        if serving:
+            require_serving_secrets(config)
+        return config
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+        raise  # unreachable
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .app import configure_logging, create_app
+    from .metrics import MULTIPROC_ENV
+
+    config = _load(args, serving=True)
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    workers = args.workers or config.server.workers
+    configure_logging(config.logging.level)
+    options: dict[str, Any] = dict(
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=config.server.shutdown_grace,
+    )
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: a graceful
+    # stop is a successful exit.
+    signal.signal(signal.SIGTERM, _exit_successfully)
+    if workers == 1:
+        uvicorn.run(create_app(config), **options)
+        return
+    # Each worker builds its own app from the same file, and writes its metrics where
+    # any worker answering a scrape can add them all up.
+    if config.source != "(defaults)":
+        os.environ[ENV_CONFIG] = os.path.abspath(config.source)
+    with tempfile.TemporaryDirectory(prefix="tollgate-metrics-") as metrics_dir:
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        uvicorn.run("proxy.app:app_from_environment", factory=True, workers=workers, **options)
+
+
+def _exit_successfully(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
+def cmd_check_config(args: argparse.Namespace) -> None:
+    config = _load(args, serving=True)
+    print(f"# {config.source}: valid")
+    print(yaml.safe_dump(describe(config), sort_keys=False), end="")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(port=args.port, litellm_port=args.litellm_port, config_path=args.config)
+
+
+# --- admin operations -----------------------------------------------------------------------
+
+
+def _admin(args: argparse.Namespace, operation: Callable[[Any], Awaitable[Any]]) -> None:
+    from .admin import AdminService
+    from .declared import apply_declared
+    from .store import open_store
+
+    config = _load(args)
+
+    async def run() -> Any:
+        store = open_store(config.database)
+        await store.open()
+        try:
+            await apply_declared(store, config)
+            return await operation(AdminService(store, config))
+        finally:
+            await store.close()
+
+    try:
+        result = asyncio.run(run())
+    except ApiError as exc:
+        _fail(exc.message)
+    except StoreError as exc:
+        _fail(from_store_error(exc).message)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    print(json.dumps(result, indent=2))
+
+
+def _csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _drop_none(**fields: Any) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def cmd_org_create(args: argparse.Namespace) -> None:
+    body = _drop_none(organization_id=args.organization_id, name=args.name)
+    _admin(args, lambda admin: _json(admin.create_organization(body)))
+
+
+def cmd_org_list(args: argparse.Namespace) -> None:
+    _admin(args, lambda admin: _json_list(admin.list_organizations()))
+
+
+def _team_view(config_args: argparse.Namespace) -> Callable[[Any], dict[str, Any]]:
+    from .views import team_json
+
+    config = _load(config_args)
+    return lambda team: team_json(team, config)
+
+
+def cmd_team_create(args: argparse.Namespace) -> None:
+    body = _drop_none(
+        team_id=args.team_id,
+        organization_id=args.org,
+        model_groups=_csv(args.groups) if args.groups else [],
+        default_model_group=args.default,
+        credits_allocated=args.credits,
+        rpm_limit=args.rpm,
+        tpm_limit=args.tpm,
+        credits_per_job=args.credits_per_job,
+    )
+    view = _team_view(args)
+    _admin(args, lambda admin: _mapped(admin.create_team(body), view))
+
+
+def cmd_team_show(args: argparse.Namespace) -> None:
+    view = _team_view(args)
+    _admin(args, lambda admin: _mapped(admin.get_team(args.team_id), view))
+
+
+def cmd_team_update(args: argparse.Namespace) -> None:
+    body = _drop_none(
+        status=args.status,
+        model_groups=_csv(args.groups) if args.groups else None,
+        default_model_group=args.default,
+        rpm_limit=args.rpm,
+        tpm_limit=args.tpm,
+        credits_per_job=args.credits_per_job,
+    )
+    view = _team_view(args)
+    _admin(args, lambda admin: _mapped(admin.update_team(args.team_id, body), view))
+
+
+def cmd_key_create(args: argparse.Namespace) -> None:
+    from .records import iso
+
+    body = _drop_none(name=args.name, expires_at=args.expires_at, rpm_limit=args.rpm, tpm_limit=args.tpm)
+
+    async def create(admin: Any) -> dict[str, Any]:
+        key, plaintext = await admin.create_key(args.team_id, body)
+        return {"key_id": key.key_id, "key": plaintext, "name": key.name, "team_id": key.team_id,
+                "created_at": iso(key.created_at), "expires_at": iso(key.expires_at)}
+
+    _admin(args, create)
+
+
+def cmd_key_list(args: argparse.Namespace) -> None:
+    _admin(args, lambda admin: _json_list(admin.list_keys(args.team_id)))
+
+
+def cmd_key_revoke(args: argparse.Namespace) -> None:
+    _admin(args, lambda admin: _json(admin.revoke_key(args.key_id)))
+
+
+def cmd_credits_add(args: argparse.Namespace) -> None:
+    view = _team_view(args)
+    body = {"amount": args.amount, "reason": args.reason}
+    _admin(args, lambda admin: _mapped(admin.add_credits(args.team_id, body), view))
+
+
+def cmd_model_group_create(args: argparse.Namespace) -> None:
+    body = _drop_none(name=args.name, models=_csv(args.models), description=args.description)
+    _admin(args, lambda admin: _json(admin.create_model_group(body)))
+
+
+def cmd_model_group_list(args: argparse.Namespace) -> None:
+    _admin(args, lambda admin: _json_list(admin.list_model_groups()))
+
+
+async def _json(result: Awaitable[Any]) -> Any:
+    return (await result).to_json()
+
+
+async def _json_list(result: Awaitable[list[Any]]) -> list[Any]:
+    return [item.to_json() for item in await result]
+
+
+async def _mapped(result: Awaitable[Any], view: Callable[[Any], Any]) -> Any:
+    return view(await result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tollgate", description="An LLM gateway in front of LiteLLM.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    def command(sub: Any, name: str, handler: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", help="config file (default: $TOLLGATE_CONFIG, else ./config.yaml)")
+        p.set_defaults(handler=handler)
+        return p
+
+    serve = command(commands, "serve", cmd_serve, "run the gateway")
+    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8003)")
+    serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+    command(commands, "check-config", cmd_check_config, "validate and print the effective configuration")
+    demo = command(commands, "demo", cmd_demo, "run LiteLLM with offline models and Tollgate in front of it")
+    demo.add_argument("--port", type=int, default=int(os.environ.get("TOLLGATE_DEMO_PORT", 8003)))
+    demo.add_argument("--litellm-port", type=int, default=int(os.environ.get("TOLLGATE_DEMO_LITELLM_PORT", 4000)))
+
+    org = commands.add_parser("org", help="organizations").add_subparsers(dest="action", required=True)
+    p = command(org, "create", cmd_org_create, "create an organization")
+    p.add_argument("organization_id")
+    p.add_argument("--name")
+    command(org, "list", cmd_org_list, "list organizations")
+
+    team = commands.add_parser("team", help="teams").add_subparsers(dest="action", required=True)
+    p = command(team, "create", cmd_team_create, "create a team")
+    p.add_argument("team_id")
+    p.add_argument("--org", required=True, help="organization id")
+    p.add_argument("--groups", help="comma-separated model groups the team may use")
+    p.add_argument("--default", help="default model group")
+    p.add_argument("--credits", type=int, help="initial credits")
+    p.add_argument("--rpm", type=int)
+    p.add_argument("--tpm", type=int)
+    p.add_argument("--credits-per-job", type=int)
+    p = command(team, "show", cmd_team_show, "show a team and its balance")
+    p.add_argument("team_id")
+    p = command(team, "update", cmd_team_update, "change a team's status, groups or limits")
+    p.add_argument("team_id")
+    p.add_argument("--status", choices=["active", "suspended"])
+    p.add_argument("--groups")
+    p.add_argument("--default")
+    p.add_argument("--rpm", type=int)
+    p.add_argument("--tpm", type=int)
+    p.add_argument("--credits-per-job", type=int)
+
+    key = commands.add_parser("key", help="virtual keys").add_subparsers(dest="action", required=True)
+    p = command(key, "create", cmd_key_create, "create a key (shown once)")
+    p.add_argument("team_id")
+    p.add_argument("--name")
+    p.add_argument("--expires-at", help="ISO 8601, e.g. 2030-01-01T00:00:00Z")
+    p.add_argument("--rpm", type=int)
+    p.add_argument("--tpm", type=int)
+    p = command(key, "list", cmd_key_list, "list a team's keys (without secrets)")
+    p.add_argument("team_id")
+    p = command(key, "revoke", cmd_key_revoke, "revoke a key")
+    p.add_argument("key_id")
+
+    credits = commands.add_parser("credits", help="credits").add_subparsers(dest="action", required=True)
+    p = command(credits, "add", cmd_credits_add, "add (or, negative, remove) credits")
+    p.add_argument("team_id")
+    p.add_argument("amount", type=int)
+    p.add_argument("--reason", required=True)
+
+    groups = commands.add_parser("model-group", help="model groups").add_subparsers(dest="action", required=True)
+    p = command(groups, "create", cmd_model_group_create, "create a model group")
+    p.add_argument("name")
+    p.add_argument("--models", required=True, help="comma-separated LiteLLM model names, primary first")
+    p.add_argument("--description")
+    command(groups, "list", cmd_model_group_list, "list model groups")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

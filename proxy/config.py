@@ -1,0 +1,456 @@
+"""Tollgate's configuration: `config.yaml` parsed into frozen dataclasses.
+
+Everything is validated once, at start-up. An error names its source (the file
+or an environment variable), the key path and the problem, for example
+``config.yaml: rate_limits.rpm: must be a positive integer``. Unknown keys are
+errors. Secrets (the master key and the key presented to LiteLLM) come only from
+the environment; a secret written into the file is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+ENV_CONFIG = "TOLLGATE_CONFIG"
+ENV_MASTER_KEY = "TOLLGATE_MASTER_KEY"
+ENV_UPSTREAM_KEY = "TOLLGATE_UPSTREAM_KEY"
+# Environment variables that override a key of the file (the environment wins).
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "TOLLGATE_UPSTREAM_URL": ("upstream", "url"),
+    "TOLLGATE_DATABASE_URL": ("database", "url"),
+    "TOLLGATE_REDIS_URL": ("redis", "url"),
+}
+SECRET_KEYS = {
+    ("master_key",): ENV_MASTER_KEY,
+    ("upstream", "key"): ENV_UPSTREAM_KEY,
+    ("upstream", "api_key"): ENV_UPSTREAM_KEY,
+}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a value must look: a description for messages, a check, a converter."""
+
+    description: str
+    check: Callable[[Any], bool] = lambda value: True
+    convert: Callable[[Any], Any] | None = None
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string such as ``"500ms"``, ``"30s"``, ``"24h"``."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ValueError(value)
+    if not math.isfinite(seconds):
+        raise ValueError(value)
+    return seconds
+
+
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+PositiveInt = Annotated[int, Rule("a positive integer", lambda v: v > 0)]
+NonNegativeInt = Annotated[int, Rule("an integer of 0 or more", lambda v: v >= 0)]
+Port = Annotated[int, Rule("a port number (1-65535)", lambda v: 0 < v < 65536)]
+Seconds = Annotated[float, Rule("a positive duration (seconds, or e.g. '30s', '24h')", lambda v: v > 0, parse_duration)]
+NonNegativeFloat = Annotated[float, Rule("a number of 0 or more", lambda v: v >= 0)]
+Identifier = Annotated[str, Rule("an identifier (letters, digits, '.', '_', '-'; at most 64)", IDENTIFIER.match)]
+GroupName = Annotated[str, Rule("a model group name (letters, digits, '.', '_', ':', '-')", GROUP_NAME.match)]
+ModelList = Annotated[tuple[str, ...], Rule("a non-empty list of model names", lambda v: len(v) > 0)]
+HttpUrl = Annotated[str, Rule("an http:// or https:// URL", lambda v: v.startswith(("http://", "https://")))]
+DatabaseUrl = Annotated[
+    str,
+    Rule(
+        "a database URL: sqlite:///path/to/file.db (PostgreSQL is not supported yet)",
+        lambda v: v.startswith("sqlite:///") and len(v) > len("sqlite:///"),
+    ),
+]
+RedisUrl = Annotated[
+    str, Rule("a redis://, rediss:// or unix:// URL", lambda v: v.startswith(("redis://", "rediss://", "unix://")))
+]
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A value that must never be printed or logged."""
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: Port = 8003
+    workers: PositiveInt = 1
+    max_body_bytes: PositiveInt = 10 * 1024 * 1024
+    # On SIGTERM: stop accepting, let open streams finish this long, then cut and record them.
+    shutdown_grace: Seconds = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamTimeouts:
+    connect: Seconds = 5.0
+    # Until the upstream's response headers (its first event, for streams), and
+    # the longest silence tolerated between two chunks of a stream.
+    first_byte: Seconds = 120.0
+    total: Seconds = 600.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: HttpUrl = "http://127.0.0.1:4000"
+    timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
+    max_connections: PositiveInt = 200
+    max_keepalive_connections: PositiveInt = 50
+    model_info_refresh: Seconds = 300.0
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: DatabaseUrl = "sqlite:///tollgate.db"
+    busy_timeout: Seconds = 10.0
+    synchronous: Literal["full", "normal"] = "full"
+
+    @property
+    def sqlite_path(self) -> str:
+        return self.url.removeprefix("sqlite:///")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: RedisUrl | None = None
+    key_prefix: str = "tollgate:"
+    # Short on purpose: a slow or dead Redis must never hold a request up.
+    connect_timeout: Seconds = 0.1
+    timeout: Seconds = 0.1
+    # After a failure, Redis is left alone this long before one request tries it again.
+    breaker_cooldown: Seconds = 5.0
+
+
+@dataclass(frozen=True)
+class RateLimitsConfig:
+    rpm: PositiveInt = 60
+    tpm: PositiveInt = 60_000
+    default_max_tokens: PositiveInt = 1024
+    on_redis_error: Literal["local", "allow", "deny"] = "local"
+    # The rolling window the limits count over (RPM and TPM are per this window).
+    window: Seconds = 60.0
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    credits_per_job: NonNegativeInt = 1
+    expire_after: Seconds = 24 * 3600.0
+    sweep_interval: Seconds = 60.0
+    # A call still 'running' this long after upstream.timeouts.total was left behind by a
+    # process that died; the sweeper closes it so its job can finish or expire.
+    stale_call_margin: Seconds = 60.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # Revoked keys must stop working within a second in every process.
+    cache_ttl: Annotated[
+        float, Rule("a duration from 0 to 1 second", lambda v: 0 <= v <= 1, parse_duration)
+    ] = 0.5
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    access_log: Literal["plain", "json", "off"] = "plain"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Drop the team label (and the per-team balance gauge) for fleets with many teams.
+    team_label: bool = True
+    credits_cache: Seconds = 5.0
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    input_cost_per_token: NonNegativeFloat
+    output_cost_per_token: NonNegativeFloat
+
+
+@dataclass(frozen=True)
+class ModelGroupSpec:
+    models: ModelList
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class OrganizationSpec:
+    organization_id: Identifier
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class TeamSpec:
+    team_id: Identifier
+    organization_id: Identifier
+    model_groups: tuple[GroupName, ...] = ()
+    default_model_group: GroupName | None = None
+    credits_allocated: NonNegativeInt = 0
+    credits_per_job: NonNegativeInt | None = None
+    rpm_limit: PositiveInt | None = None
+    tpm_limit: PositiveInt | None = None
+    status: Literal["active", "suspended"] = "active"
+
+
+def _from_env(name: str) -> Any:
+    return field(default=None, metadata={"yaml": False, "env": name})
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    pricing: dict[str, ModelPrice] = field(default_factory=dict)
+    model_groups: dict[GroupName, ModelGroupSpec] = field(default_factory=dict)
+    organizations: tuple[OrganizationSpec, ...] = ()
+    teams: tuple[TeamSpec, ...] = ()
+    master_key: Secret | None = _from_env(ENV_MASTER_KEY)
+    upstream_key: Secret | None = _from_env(ENV_UPSTREAM_KEY)
+    source: str = field(default="(defaults)", metadata={"yaml": False})
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment and validate; raise ConfigError on any problem."""
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_CONFIG) or ("config.yaml" if os.path.exists("config.yaml") else None)
+    raw: Any = {}
+    source = "(defaults)"
+    if path is not None:
+        source = path
+        try:
+            with open(path, encoding="utf-8") as handle:
+                raw = yaml.safe_load(handle)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: must be a mapping of sections (server, upstream, ...)")
+
+    for keys, env_name in SECRET_KEYS.items():
+        if _dig(raw, keys) is not None:
+            raise ConfigError(
+                f"{source}: {'.'.join(keys)}: secrets are read from the environment only; set {env_name} instead"
+            )
+
+    origins: dict[str, str] = {}
+    for env_name, (section, key) in ENV_OVERRIDES.items():
+        if env_name in env:
+            value = env[env_name]
+            section_value = raw.setdefault(section, {})
+            if section_value is None:
+                section_value = raw[section] = {}
+            if isinstance(section_value, dict):
+                section_value[key] = value or None
+                origins[f"{section}.{key}"] = env_name
+
+    try:
+        config = _parse_dataclass(Config, raw, "")
+    except _Invalid as invalid:
+        where = origins.get(invalid.path, source)
+        raise ConfigError(f"{where}: {invalid.path}: {invalid.message}") from None
+
+    secrets = {
+        f.name: Secret(env[f.metadata["env"]])
+        for f in dataclasses.fields(Config)
+        if f.metadata.get("env") and env.get(f.metadata["env"])
+    }
+    config = dataclasses.replace(config, source=source, **secrets)
+    _check_consistency(config)
+    return config
+
+
+def require_serving_secrets(config: Config) -> None:
+    """Serving needs the key Tollgate presents to LiteLLM; say so plainly if it is missing."""
+    if config.upstream_key is None:
+        raise ConfigError(
+            f"{ENV_UPSTREAM_KEY}: not set; Tollgate presents this key to LiteLLM "
+            "(LiteLLM's master key or one of its virtual keys)"
+        )
+
+
+def _check_consistency(config: Config) -> None:
+    for i, team in enumerate(config.teams):
+        if team.default_model_group and team.default_model_group not in team.model_groups:
+            raise ConfigError(
+                f"{config.source}: teams[{i}].default_model_group: "
+                f"'{team.default_model_group}' is not in the team's model_groups"
+            )
+    seen: set[str] = set()
+    for i, team in enumerate(config.teams):
+        if team.team_id in seen:
+            raise ConfigError(f"{config.source}: teams[{i}].team_id: '{team.team_id}' is declared twice")
+        seen.add(team.team_id)
+
+
+def describe(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets masked."""
+    data = dataclasses.asdict(config)
+    for f in dataclasses.fields(Config):
+        if f.metadata.get("env"):
+            data[f.name] = "***" if getattr(config, f.name) is not None else None
+    data["model_groups"] = {name: dataclasses.asdict(spec) for name, spec in config.model_groups.items()}
+    return _plain(data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _dig(raw: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if not isinstance(raw, dict):
+            return None
+        raw = raw.get(key)
+    return raw
+
+
+# --- a small validating parser driven by the dataclasses' type hints -----------------------
+
+
+class _Invalid(Exception):
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _parse_dataclass(cls: type, raw: Any, path: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _Invalid(path, "must be a mapping")
+    hints = get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
+    unknown = [key for key in raw if key not in fields]
+    if unknown:
+        expected = ", ".join(fields)
+        raise _Invalid(_join(path, str(unknown[0])), f"unknown key (expected one of: {expected})")
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _parse_value(hints[name], raw[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _Invalid(_join(path, name), "is required")
+    return cls(**values)
+
+
+def _parse_value(tp: Any, value: Any, path: str) -> Any:
+    rule: Rule | None = None
+    if get_origin(tp) is Annotated:
+        tp, rule = get_args(tp)[0], get_args(tp)[1]
+    origin, args = get_origin(tp), get_args(tp)
+
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [arg for arg in args if arg is not type(None)]
+        return _parse_value(inner[0], value, path)
+
+    if rule is not None and rule.convert is not None:
+        try:
+            value = rule.convert(value)
+        except (ValueError, TypeError):
+            raise _Invalid(path, f"must be {rule.description}") from None
+
+    description = rule.description if rule else None
+    parsed = _parse_plain(tp, origin, args, value, path, description)
+    if rule is not None and not rule.check(parsed):
+        raise _Invalid(path, f"must be {rule.description}")
+    return parsed
+
+
+def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, description: str | None) -> Any:
+    def invalid(default: str) -> _Invalid:
+        return _Invalid(path, f"must be {description or default}")
+
+    if origin is Literal:
+        if value not in args:
+            raise _Invalid(path, "must be one of: " + ", ".join(str(a) for a in args))
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise invalid("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise invalid("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise invalid("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise invalid("a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise invalid("a list")
+        return tuple(_parse_value(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise invalid("a mapping")
+        parsed = {}
+        for key, item in value.items():
+            key = _parse_value(args[0], key, _join(path, str(key)))
+            parsed[key] = _parse_value(args[1], item, _join(path, str(key)))
+        return parsed
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, path)
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a programming error, not user input

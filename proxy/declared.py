@@ -1,0 +1,56 @@
+"""Model groups, organizations and teams declared in config.yaml, applied at start-up.
+
+Groups, organizations and a team's groups, limits and status follow the file at
+every start; a team's credits are set only when it is first created (later
+changes go through the ledger).
+"""
+
+from __future__ import annotations
+
+import time
+
+from .config import Config, ConfigError
+from .records import Team
+from .store import Conflict, NotFound, Store
+
+
+async def apply_declared(store: Store, config: Config) -> None:
+    for name, spec in config.model_groups.items():
+        await store.put_model_group(name, list(spec.models), spec.description)
+    for organization in config.organizations:
+        await store.ensure_organization(organization.organization_id, organization.name or organization.organization_id)
+    for index, spec in enumerate(config.teams):
+        team = Team(
+            team_id=spec.team_id,
+            organization_id=spec.organization_id,
+            status=spec.status,
+            credits_allocated=spec.credits_allocated,
+            credits_used=0,
+            credits_held=0,
+            model_groups=spec.model_groups,
+            default_model_group=spec.default_model_group,
+            rpm_limit=spec.rpm_limit,
+            tpm_limit=spec.tpm_limit,
+            credits_per_job=spec.credits_per_job,
+            created_at=time.time(),
+        )
+        try:
+            if await store.get_team(spec.team_id) is None:
+                try:
+                    await store.create_team(team, reason="initial allocation (config.yaml)")
+                    continue
+                except Conflict:
+                    pass  # another process created it a moment ago
+            await store.update_team(
+                spec.team_id,
+                {
+                    "status": spec.status,
+                    "model_groups": spec.model_groups,
+                    "default_model_group": spec.default_model_group,
+                    "rpm_limit": spec.rpm_limit,
+                    "tpm_limit": spec.tpm_limit,
+                    "credits_per_job": spec.credits_per_job,
+                },
+            )
+        except NotFound as exc:
+            raise ConfigError(f"{config.source}: teams[{index}]: {exc}") from None

@@ -1,0 +1,248 @@
+"""`tollgate demo`: a real LiteLLM Proxy answering with offline models, and
+Tollgate in front of it, with the organization, team and key the client
+documentation assumes.
+
+LiteLLM lives in a virtual environment of its own (created on first use), so it
+never pins Tollgate's dependencies. The tests start it the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Callable, Iterator
+
+if TYPE_CHECKING:
+    from .config import Config
+
+LITELLM_VERSION = "1.102.4"
+DEMO_TEAM = "acme-corp"
+DEMO_GROUPS = ["ChatAgent", "ResumeAgent", "AnalysisAgent", "SummaryAgent", "WritingAgent"]
+DEMO_CREDITS = 100
+
+
+def litellm_venv() -> Path:
+    configured = os.environ.get("TOLLGATE_LITELLM_VENV")
+    if configured:
+        return Path(configured)
+    return Path.home() / ".cache" / "tollgate" / f"litellm-{LITELLM_VERSION}"
+
+
+def ensure_litellm(say: Callable[[str], None] = print) -> Path:
+    """The `litellm` executable, installing LiteLLM Proxy into its own venv on first use."""
+    venv = litellm_venv()
+    executable = venv / "bin" / "litellm"
+    marker = venv / ".tollgate-installed"
+    if marker.exists() and executable.exists():
+        return executable
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test sessions must not install at once
+        if not (marker.exists() and executable.exists()):
+            say(f"Installing LiteLLM Proxy {LITELLM_VERSION} into {venv} (once; about a minute)...")
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run(
+                [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                 f"litellm[proxy]=={LITELLM_VERSION}"],
+                check=True,
+            )
+            marker.write_text(LITELLM_VERSION)
+    return executable
+
+
+def litellm_environment(master_key: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        LITELLM_MASTER_KEY=master_key,
+        LITELLM_LOCAL_MODEL_COST_MAP="True",
+        LITELLM_TELEMETRY_DISABLED="true",
+        DISABLE_SCHEMA_UPDATE="true",
+    )
+    env.pop("DATABASE_URL", None)  # LiteLLM runs without a database here
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, however it dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something listens on the port (connections lingering in TIME_WAIT do not count)."""
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_litellm(config_path: str | Path, port: int, master_key: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    executable = ensure_litellm()
+    if port_in_use(port):
+        # LiteLLM would quietly pick another port, leaving us talking to whatever holds this one.
+        raise RuntimeError(f"port {port} is already in use; stop what listens there or choose another port")
+    return subprocess.Popen(
+        [str(executable), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port)],
+        env=litellm_environment(master_key),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def wait_until_up(url: str, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the process serving {url} exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def running_litellm(config_path: str | Path, port: int, master_key: str, log_path: Path) -> Iterator[None]:
+    with open(log_path, "wb") as log:
+        process = start_litellm(config_path, port, master_key, log)
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/health/liveliness", 180, process)
+            yield
+        finally:
+            stop_process(process)
+
+
+async def _prepare(config: "Config") -> str:
+    """Create the demo organization, team and key; return the key."""
+    from .admin import AdminService
+    from .declared import apply_declared
+    from .store import open_store
+
+    store = open_store(config.database)
+    await store.open()
+    try:
+        await apply_declared(store, config)
+        admin = AdminService(store, config)
+        groups = [g for g in DEMO_GROUPS if await store.get_model_group(g) is not None]
+        await admin.create_organization({"organization_id": DEMO_TEAM, "name": "Acme Corp"})
+        await admin.create_team(
+            {
+                "team_id": DEMO_TEAM,
+                "organization_id": DEMO_TEAM,
+                "model_groups": groups,
+                "default_model_group": groups[0] if groups else None,
+                "credits_allocated": DEMO_CREDITS,
+            }
+        )
+        _, key = await admin.create_key(DEMO_TEAM, {"name": "demo"})
+        return key
+    finally:
+        await store.close()
+
+
+def banner(port: int, key: str, master_key: str, workdir: str) -> str:
+    base = f"http://localhost:{port}"
+    return f"""
+Tollgate is ready on {base} (LiteLLM with offline models behind it).
+Team '{DEMO_TEAM}' has {DEMO_CREDITS} credits and the groups {", ".join(DEMO_GROUPS)}.
+
+  virtual key:  {key}
+  master key:   {master_key}   (admin API, /admin/...)
+  data:         {workdir}
+
+Try it with curl:
+
+  curl -s {base}/v1/chat/completions \\
+    -H "Authorization: Bearer {key}" \\
+    -H "Content-Type: application/json" \\
+    -d '{{"model": "ChatAgent", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+or with the openai SDK (pip install openai):
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}/v1", api_key="{key}")
+  reply = client.chat.completions.create(model="ChatAgent", messages=[{{"role": "user", "content": "Hello!"}}])
+  print(reply.choices[0].message.content)
+
+The job API (jobs, credits) is at {base}/api; see README.md. Press Ctrl-C to stop.
+"""
+
+
+def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
+    import uvicorn
+
+    from .app import configure_logging, create_app
+    from .config import load_config
+
+    litellm_config = Path("litellm_config.yaml")
+    if not litellm_config.exists():
+        raise SystemExit("tollgate demo: run it from Tollgate's directory (litellm_config.yaml not found)")
+    ensure_litellm()
+    workdir = tempfile.mkdtemp(prefix="tollgate-demo-")
+    upstream_key = "sk-litellm-demo-" + secrets.token_urlsafe(16)
+    master_key = "sk-master-demo-" + secrets.token_urlsafe(16)
+    env = dict(os.environ)
+    env.update(
+        TOLLGATE_DATABASE_URL=f"sqlite:///{workdir}/tollgate.db",
+        TOLLGATE_UPSTREAM_URL=f"http://127.0.0.1:{litellm_port}",
+        TOLLGATE_UPSTREAM_KEY=upstream_key,
+        TOLLGATE_MASTER_KEY=master_key,
+    )
+    config = load_config(config_path, env)
+    print(f"Starting LiteLLM Proxy on 127.0.0.1:{litellm_port} (log: {workdir}/litellm.log)...", flush=True)
+    if port_in_use(port):
+        raise SystemExit(f"tollgate demo: port {port} is already in use (set TOLLGATE_DEMO_PORT or --port)")
+    with running_litellm(litellm_config, litellm_port, upstream_key, Path(workdir) / "litellm.log"):
+        try:
+            key = asyncio.run(_prepare(config))
+            configure_logging()
+            server = uvicorn.Server(
+                uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+            )
+
+            async def serve() -> None:
+                task = asyncio.create_task(server.serve())
+                while not server.started and not task.done():
+                    await asyncio.sleep(0.05)
+                if server.started:
+                    print(banner(port, key, master_key, workdir), flush=True)
+                await task
+
+            with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+                asyncio.run(serve())
+            print("Stopped.", flush=True)
+        finally:
+            # A second Ctrl-C or SIGTERM must not cut short stopping LiteLLM.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+

@@ -1,0 +1,129 @@
+"""Every failure becomes a JSON answer: `{"detail": ...}` on /api and /admin,
+OpenAI's `{"error": {...}}` on /v1. Unknown routes, wrong methods and
+unexpected exceptions included."""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .store import (
+    CallInProgress,
+    Conflict,
+    Forbidden,
+    InsufficientCredits,
+    JobClosed,
+    NotFound,
+    StoreError,
+    TeamSuspended,
+)
+from .store.sqlite import StoreBusy
+
+log = logging.getLogger("tollgate")
+
+# Statuses a client must not retry: the OpenAI SDKs honour this header.
+NO_RETRY = {"x-should-retry": "false"}
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """A refusal with its status, a message for humans and optional headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+        if status == 409:
+            self.headers.update(NO_RETRY)
+
+
+def error_response(request: Request, error: ApiError) -> Response:
+    if request.url.path.startswith("/v1/"):
+        body: dict = {
+            "error": {
+                "message": error.message,
+                "type": _OPENAI_TYPES.get(error.status, "invalid_request_error"),
+                "param": error.param,
+                "code": error.code,
+            }
+        }
+    else:
+        body = {"detail": error.message}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def from_store_error(error: StoreError) -> ApiError:
+    if isinstance(error, NotFound):
+        return ApiError(404, str(error), code="not_found")
+    if isinstance(error, Forbidden):
+        return ApiError(403, str(error), code="forbidden")
+    if isinstance(error, (TeamSuspended, InsufficientCredits)):
+        code = "team_suspended" if isinstance(error, TeamSuspended) else "insufficient_credits"
+        return ApiError(403, str(error), code=code)
+    if isinstance(error, JobClosed):
+        return ApiError(409, str(error), code="job_closed")
+    if isinstance(error, (Conflict, CallInProgress)):
+        return ApiError(409, str(error), code="conflict")
+    if isinstance(error, StoreBusy):
+        return ApiError(503, str(error), code="store_busy", headers={"Retry-After": "1"})
+    return ApiError(500, "Internal error", code="internal_error")
+
+
+async def handle_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(request, exc)
+
+
+async def handle_store_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreError)
+    return error_response(request, from_store_error(exc))
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
+    if exc.status_code in (404, 405):
+        message = f"{message}: {request.method} {request.url.path}"
+    return error_response(request, ApiError(exc.status_code, message, headers=exc.headers))
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(request, ApiError(500, "Internal server error", code="internal_error"))
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: handle_api_error,
+    StoreError: handle_store_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

@@ -1,0 +1,212 @@
+"""Forwarding a call to LiteLLM, trying a model group's models in order.
+
+The next model is tried while nothing has reached the client: on a connect
+error, a timeout, a 5xx, a 429, an unusable answer, or (for streams) an error
+arriving as the very first event. A 4xx is the caller's problem and is
+returned as such; a 401/403 means Tollgate's own upstream key is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Sequence
+
+import httpx
+
+from .sse import SSEEvent, SSEScanner
+from .upstream import Upstream
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Attempt:
+    model: str
+    error: str
+    status: int | None = None
+    retry_after: int | None = None
+
+
+class UpstreamFailed(Exception):
+    """Every model tried failed before anything reached the client."""
+
+    def __init__(self, attempts: list[Attempt], untried: int = 0) -> None:
+        summary = "; ".join(f"{a.model}: {a.error}" for a in attempts)
+        if untried:
+            summary += f"; {untried} more not tried: the call's time ran out"
+        super().__init__(summary)
+        self.attempts = attempts  # only the models actually tried
+
+    @property
+    def all_rate_limited(self) -> bool:
+        return bool(self.attempts) and all(a.status == 429 for a in self.attempts)
+
+    @property
+    def retry_after(self) -> int:
+        hints = [a.retry_after for a in self.attempts if a.retry_after]
+        return max(hints) if hints else 1
+
+
+class UpstreamRejected(Exception):
+    """The upstream refused the request itself (a 4xx): no fallback helps."""
+
+    def __init__(self, status: int, message: str, model: str, attempts: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.model = model
+        self.attempts = attempts
+
+
+class UpstreamMisconfigured(UpstreamRejected):
+    """LiteLLM refused Tollgate's own credentials."""
+
+
+@dataclass
+class Answer:
+    """A complete non-streaming answer."""
+
+    model: str
+    attempts: int
+    body: bytes
+    data: dict[str, Any]
+    headers: httpx.Headers
+
+
+@dataclass
+class OpenStream:
+    """A stream whose first event arrived: from here on there is no fallback."""
+
+    model: str
+    attempts: int
+    response: httpx.Response
+    chunks: AsyncIterator[bytes]
+    scanner: SSEScanner
+    first_events: list[SSEEvent] = field(default_factory=list)
+
+
+async def forward(
+    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float
+) -> Answer | OpenStream:
+    attempts: list[Attempt] = []
+    loop = asyncio.get_running_loop()
+    for number, model in enumerate(models, start=1):
+        if loop.time() >= deadline:
+            raise UpstreamFailed(attempts, untried=len(models) - number + 1)
+        payload["model"] = model
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        try:
+            async with asyncio.timeout_at(deadline):
+                result = await _attempt(upstream, model, number, body, stream)
+        except (httpx.TimeoutException, TimeoutError):
+            attempts.append(Attempt(model, "timed out"))
+            continue
+        except httpx.TransportError as exc:
+            attempts.append(Attempt(model, f"connection failed: {type(exc).__name__}"))
+            continue
+        if isinstance(result, Attempt):
+            attempts.append(result)
+            continue
+        return result
+    raise UpstreamFailed(attempts)
+
+
+async def _attempt(upstream: Upstream, model: str, number: int, body: bytes, stream: bool) -> Answer | OpenStream | Attempt:
+    response = await upstream.open_chat(body)
+    handed_over = False
+    try:
+        if response.status_code != 200:
+            return await _refusal(response, model, number)
+        if not stream:
+            content = await response.aread()
+            try:
+                data = json.loads(content)
+            except ValueError:
+                return Attempt(model, "malformed JSON answer", 200)
+            if not _usable(data):
+                return Attempt(model, "answer without choices", 200)
+            return Answer(model, number, content, data, response.headers)
+        opened = await _first_event(response, model, number)
+        handed_over = isinstance(opened, OpenStream)  # the relay owns the response from here
+        return opened
+    finally:
+        if not handed_over:
+            await response.aclose()
+
+
+async def _first_event(response: httpx.Response, model: str, number: int) -> OpenStream | Attempt:
+    scanner = SSEScanner()
+    chunks = response.aiter_raw()
+    events: list[SSEEvent] = []
+    async for chunk in chunks:
+        events.extend(scanner.feed(chunk))
+        first = next((e for e in events if e.data is not None or e.event == "error"), None)
+        if first is None:
+            continue
+        error = _error_of(first)
+        if error is not None:
+            return Attempt(model, f"error event: {error}", 200)
+        return OpenStream(model, number, response, chunks, scanner, events)
+    return Attempt(model, "stream ended before its first event", 200)
+
+
+def _error_of(event: SSEEvent) -> str | None:
+    if event.event == "error":
+        return (event.data or b"").decode("utf-8", "replace")[:500]
+    if event.data is None or not event.data.startswith(b"{"):
+        return None
+    try:
+        data = json.loads(event.data)
+    except ValueError:
+        return None
+    if isinstance(data, dict) and data.get("error"):
+        return _message(data["error"])
+    return None
+
+
+async def _refusal(response: httpx.Response, model: str, number: int) -> Attempt:
+    status = response.status_code
+    content = b""
+    async for chunk in response.aiter_raw():
+        content += chunk
+        if len(content) > _ERROR_BODY_LIMIT:
+            break
+    message, error_type = _error_details(content, status)
+    if status == 429 or status >= 500:
+        return Attempt(model, f"{status}: {message}", status, _retry_after(response.headers.get("retry-after")))
+    if status in (401, 403) or error_type in ("auth_error", "no_db_connection"):
+        raise UpstreamMisconfigured(status, message, model, number)
+    raise UpstreamRejected(status, message, model, number)
+
+
+def _error_details(content: bytes, status: int) -> tuple[str, str | None]:
+    try:
+        data = json.loads(content)
+    except ValueError:
+        return (content.decode("utf-8", "replace")[:500] or f"HTTP {status}"), None
+    if isinstance(data, dict):
+        error = data.get("error", data.get("detail"))
+        error_type = error.get("type") if isinstance(error, dict) else None
+        return _message(error if error is not None else data), error_type
+    return f"HTTP {status}", None
+
+
+def _message(error: Any) -> str:
+    if isinstance(error, dict):
+        error = error.get("message", error)
+    return str(error)[:2000]
+
+
+def _retry_after(value: str | None) -> int | None:
+    if value and value.strip().isdigit():
+        return max(1, int(value.strip()))
+    return None
+
+
+def _usable(data: Any) -> bool:
+    if not isinstance(data, dict):
+        return False
+    choices = data.get("choices")
+    return isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict)

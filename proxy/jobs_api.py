@@ -1,0 +1,179 @@
+"""The client API under /api: jobs, their LLM calls, and the caller's own team."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .auth import KeyAuthenticator, Principal
+from .bodies import read_json_object
+from .calls import Call, CallPipeline, Completed
+from .config import Config
+from .errors import ApiError
+from .metrics import Metrics
+from .observe import notes
+from .records import Job, iso
+from .store import Store
+from .validation import parse_call, parse_complete, parse_job_create, parse_paging
+from .views import job_json, jobs_page_json, team_json
+
+
+def canonical_job_id(raw: str) -> str:
+    """The job id in its stored form; anything that is not a UUID is simply not found."""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise ApiError(404, f"Job '{raw[:100]}' not found", code="job_not_found") from None
+
+
+def message_content(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+class JobsApi:
+    def __init__(
+        self, store: Store, auth: KeyAuthenticator, calls: CallPipeline, metrics: Metrics, config: Config
+    ) -> None:
+        self._store = store
+        self._auth = auth
+        self._calls = calls
+        self._metrics = metrics
+        self._config = config
+        self._max_body = config.server.max_body_bytes
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/jobs/create", self.create_job, methods=["POST"]),
+            Route("/api/jobs/{job_id}", self.get_job, methods=["GET"]),
+            Route("/api/jobs/{job_id}/llm-call", self.llm_call, methods=["POST"]),
+            Route("/api/jobs/{job_id}/llm-call-stream", self.llm_call_stream, methods=["POST"]),
+            Route("/api/jobs/{job_id}/complete", self.complete_job, methods=["POST"]),
+            Route("/api/teams/{team_id}", self.get_team, methods=["GET"]),
+            Route("/api/teams/{team_id}/jobs", self.list_jobs, methods=["GET"]),
+        ]
+
+    async def _principal(self, request: Request) -> Principal:
+        principal = await self._auth.authenticate(request.headers.get("authorization"))
+        notes(request)["team"] = principal.team.team_id
+        return principal
+
+    async def _own_job(self, principal: Principal, job_id: str, with_costs: bool = True) -> Job:
+        job = await self._store.get_job(job_id, with_costs)
+        if job is None:
+            raise ApiError(404, f"Job '{job_id}' not found", code="job_not_found")
+        if job.team_id != principal.team.team_id:
+            raise ApiError(403, f"Job '{job_id}' belongs to another team", code="forbidden")
+        return job
+
+    async def _remaining(self, team_id: str) -> int:
+        team = await self._store.get_team(team_id)
+        return team.credits_remaining if team else 0
+
+    async def _job_body(self, job: Job) -> dict[str, Any]:
+        calls = await self._store.job_calls(job.job_id)
+        # A finished job carries the balance it left; only an open one needs the team's now.
+        remaining = 0 if job.credits_remaining_after is not None else await self._remaining(job.team_id)
+        return job_json(job, remaining, calls)
+
+    async def create_job(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        body = parse_job_create(await read_json_object(request, self._max_body))
+        team = principal.team
+        if body.team_id is not None and body.team_id != team.team_id:
+            raise ApiError(403, f"This key belongs to team '{team.team_id}', not '{body.team_id}'", code="forbidden")
+        job = await self._store.create_job(
+            team.team_id, body.job_type, body.user_id, body.metadata, self._config.jobs.credits_per_job
+        )
+        self._metrics.observe_job(team.team_id, "created")
+        notes(request)["job"] = job.job_id
+        return JSONResponse({"job_id": job.job_id, "status": job.status, "created_at": iso(job.created_at)})
+
+    async def get_job(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        job = await self._own_job(principal, canonical_job_id(request.path_params["job_id"]))
+        return JSONResponse(await self._job_body(job))
+
+    async def _admit(self, request: Request, stream: bool) -> Call:
+        principal = await self._principal(request)
+        job_id = canonical_job_id(request.path_params["job_id"])
+        call_request = parse_call(await read_json_object(request, self._max_body), openai=False)
+        return await self._calls.admit(
+            principal, job_id, call_request, stream=stream, jobs_api=True, notes=notes(request)
+        )
+
+    async def llm_call(self, request: Request) -> Response:
+        call = await self._admit(request, stream=False)
+        done = await self._calls.complete(call)
+        return JSONResponse(self._call_body(call, done), headers=call.headers())
+
+    async def llm_call_stream(self, request: Request) -> Response:
+        call = await self._admit(request, stream=True)
+        return await self._calls.stream(call, call.headers())
+
+    @staticmethod
+    def _call_body(call: Call, done: Completed) -> dict[str, Any]:
+        choice = done.answer.data["choices"][0]
+        message = choice.get("message") or {}
+        response: dict[str, Any] = {
+            "content": message_content(message),
+            "role": "assistant",
+            "finish_reason": choice.get("finish_reason"),
+        }
+        if isinstance(message, dict) and message.get("tool_calls"):
+            response["tool_calls"] = message["tool_calls"]
+        outcome = done.outcome
+        return {
+            "call_id": call.call_id,
+            "response": response,
+            "metadata": {
+                "tokens_used": outcome.prompt_tokens + outcome.completion_tokens,
+                "prompt_tokens": outcome.prompt_tokens,
+                "completion_tokens": outcome.completion_tokens,
+                "usage_estimated": outcome.usage_estimated,
+                "latency_ms": outcome.latency_ms,
+                "model_group": call.group.name,
+                "model": outcome.model,
+                "attempts": outcome.attempts,
+                "cost_usd": outcome.cost_usd,
+            },
+        }
+
+    async def complete_job(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        job_id = canonical_job_id(request.path_params["job_id"])
+        body = parse_complete(await read_json_object(request, self._max_body))
+        await self._own_job(principal, job_id, with_costs=False)
+        notes(request)["job"] = job_id
+        job, changed = await self._store.finish_job(job_id, body.status, body.metadata, body.error_message)
+        if changed:
+            self._metrics.observe_job(job.team_id, job.status)
+        return JSONResponse(await self._job_body(job))
+
+    def _own_team(self, principal: Principal, team_id: str) -> None:
+        if team_id != principal.team.team_id:
+            raise ApiError(403, f"This key belongs to team '{principal.team.team_id}', not '{team_id[:100]}'")
+
+    async def get_team(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        self._own_team(principal, request.path_params["team_id"])
+        team = await self._store.get_team(principal.team.team_id)
+        if team is None:
+            raise ApiError(404, "Team not found")
+        return JSONResponse(team_json(team, self._config))
+
+    async def list_jobs(self, request: Request) -> Response:
+        principal = await self._principal(request)
+        team_id = request.path_params["team_id"]
+        self._own_team(principal, team_id)
+        status, limit, offset = parse_paging(request.query_params)
+        jobs, total = await self._store.list_jobs(team_id, status, limit, offset)
+        return JSONResponse(jobs_page_json(team_id, jobs, total, limit, offset, await self._remaining(team_id)))

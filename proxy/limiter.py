@@ -1,0 +1,515 @@
+"""Per-team and per-key RPM/TPM limits over an exact sliding window.
+
+The algorithm is a sliding log: every admitted call is kept, with its token
+estimate, for one window (60 s by default). A call is admitted when, for every
+scope that applies (team, and key if it has limits), the calls of the last
+window number fewer than the RPM limit and their tokens plus this call's
+estimate fit the TPM limit. There are no window edges to burst across, and a
+caller is admitted again the moment the oldest call in its way leaves the
+window. After the call, its estimate is replaced by the tokens it really used.
+
+With Redis, one Lua script checks and records every scope in one atomic round
+trip on Redis's own clock, so all processes sharing the Redis share the limit
+exactly; keys carry the team as a hash tag, so Redis Cluster keeps a call's
+keys on one node. A rejected call records nothing. If Redis fails, a circuit
+breaker stops asking it for a while and `rate_limits.on_redis_error` decides:
+`local` (a per-process limiter of the same semantics), `allow`, or `deny`.
+
+Limits are checked before the call is admitted into its job: a call to a closed
+job that is also over its limit gets the 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from .config import RateLimitsConfig, RedisConfig
+
+log = logging.getLogger("tollgate.limiter")
+
+Scope = Literal["team", "key"]
+Kind = Literal["requests", "tokens"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits that apply to one call."""
+
+    team_id: str
+    key_id: str
+    team_rpm: int
+    team_tpm: int
+    key_rpm: int | None = None
+    key_tpm: int | None = None
+
+    def scopes(self) -> list[tuple[Scope, str, int, int]]:
+        scopes: list[tuple[Scope, str, int, int]] = [("team", self.team_id, self.team_rpm, self.team_tpm)]
+        if self.key_rpm is not None or self.key_tpm is not None:
+            scopes.append(("key", self.key_id, self.key_rpm or 2**53, self.key_tpm or 2**53))
+        return scopes
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Where one scope stands after the decision."""
+
+    scope: Scope
+    rpm: int
+    requests: int  # admitted in the current window
+    requests_reset: float  # seconds until the oldest of them leaves the window
+    tpm: int
+    tokens: int
+    tokens_reset: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    admitted: bool
+    call_id: str
+    limits: Limits
+    estimate: int
+    backend: Literal["redis", "local", "none"]
+    usage: tuple[Usage, ...] = ()
+    refused_scope: Scope | None = None
+    refused_kind: Kind | None = None
+    never_fits: bool = False
+    retry_after: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers, for the scope closest to each of its limits."""
+        if not self.usage:
+            return {}
+        requests = min(self.usage, key=lambda u: u.rpm - u.requests)
+        tokens = min(self.usage, key=lambda u: u.tpm - u.tokens)
+        return {
+            "x-ratelimit-limit-requests": str(requests.rpm),
+            "x-ratelimit-remaining-requests": str(max(0, requests.rpm - requests.requests)),
+            "x-ratelimit-reset-requests": openai_duration(requests.requests_reset),
+            "x-ratelimit-limit-tokens": str(tokens.tpm),
+            "x-ratelimit-remaining-tokens": str(max(0, tokens.tpm - tokens.tokens)),
+            "x-ratelimit-reset-tokens": openai_duration(tokens.tokens_reset),
+        }
+
+    def refusal(self) -> tuple[str, dict[str, str]]:
+        """The 429's message and headers."""
+        scope = self.refused_scope or "team"
+        who = f"team '{self.limits.team_id}'" if scope == "team" else f"key '{self.limits.key_id}'"
+        usage = next(u for u in self.usage if u.scope == scope)
+        headers = self.headers()
+        if self.never_fits:
+            headers["x-should-retry"] = "false"
+            return (
+                f"Rate limit: this call's token estimate ({self.estimate}) exceeds the {who} limit of "
+                f"{usage.tpm} tokens per minute, so it can never fit; lower max_tokens or the prompt",
+                headers,
+            )
+        retry = max(1, math.ceil(self.retry_after or 0))
+        headers["retry-after"] = str(retry)
+        if self.refused_kind == "requests":
+            what = f"{usage.rpm} requests per minute"
+        else:
+            what = f"{usage.tpm} tokens per minute (this call needs about {self.estimate})"
+        return f"Rate limit exceeded: {who} allows {what}; retry in {retry} s", headers
+
+
+def openai_duration(seconds: float) -> str:
+    """Durations as OpenAI writes them in x-ratelimit-reset-*: 20ms, 1s, 6m0s."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    whole = math.ceil(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    return f"{whole // 60}m{whole % 60}s"
+
+
+# --- the in-process limiter ----------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    requests: deque = field(default_factory=deque)  # (admitted_at, call_id), oldest first
+    tokens: OrderedDict = field(default_factory=OrderedDict)  # call_id -> (admitted_at, amount)
+    total: int = 0
+
+    def trim(self, cutoff: float) -> None:
+        while self.requests and self.requests[0][0] <= cutoff:
+            self.requests.popleft()
+        while self.tokens:
+            call_id, (admitted_at, amount) = next(iter(self.tokens.items()))
+            if admitted_at > cutoff:
+                break
+            self.tokens.popitem(last=False)
+            self.total -= amount
+
+
+class LocalLimiter:
+    """The same sliding log, for one process (no Redis, or Redis down under `local`)."""
+
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window = window
+        self._clock = clock
+        self._windows: dict[tuple[Scope, str], _Window] = {}
+
+    def admit(self, limits: Limits, call_id: str, estimate: int) -> Decision:
+        now = self._clock()
+        cutoff = now - self._window
+        windows = []
+        refused: tuple[Scope, Kind] | None = None
+        never = False
+        retry_after = None
+        for scope, name, rpm, tpm in limits.scopes():
+            window = self._windows.setdefault((scope, name), _Window())
+            window.trim(cutoff)
+            windows.append((scope, window, rpm, tpm))
+            if refused is not None:
+                continue
+            if len(window.requests) >= rpm:
+                refused = (scope, "requests")
+                retry_after = window.requests[len(window.requests) - rpm][0] + self._window - now
+            elif estimate > tpm:
+                refused, never = (scope, "tokens"), True
+            elif window.total + estimate > tpm:
+                refused = (scope, "tokens")
+                retry_after = self._tokens_free_at(window, window.total + estimate - tpm) - now
+        if refused is None:
+            for _, window, _, _ in windows:
+                window.requests.append((now, call_id))
+                window.tokens[call_id] = (now, estimate)
+                window.total += estimate
+        usage = tuple(
+            Usage(
+                scope,
+                rpm,
+                len(window.requests),
+                (window.requests[0][0] + self._window - now) if window.requests else 0.0,
+                tpm,
+                window.total,
+                (next(iter(window.tokens.values()))[0] + self._window - now) if window.tokens else 0.0,
+            )
+            for scope, window, rpm, tpm in windows
+        )
+        return Decision(
+            admitted=refused is None,
+            call_id=call_id,
+            limits=limits,
+            estimate=estimate,
+            backend="local",
+            usage=usage,
+            refused_scope=refused[0] if refused else None,
+            refused_kind=refused[1] if refused else None,
+            never_fits=never,
+            retry_after=retry_after,
+        )
+
+    def _tokens_free_at(self, window: _Window, needed: int) -> float:
+        freed = 0
+        for admitted_at, amount in window.tokens.values():
+            freed += amount
+            if freed >= needed:
+                return admitted_at + self._window
+        return self._clock() + self._window
+
+    def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
+        for scope, name, _, _ in decision.limits.scopes():
+            window = self._windows.get((scope, name))
+            if window is None or decision.call_id not in window.tokens:
+                continue
+            admitted_at, amount = window.tokens[decision.call_id]
+            if release:
+                del window.tokens[decision.call_id]
+                window.total -= amount
+                window.requests = deque(r for r in window.requests if r[1] != decision.call_id)
+            else:
+                window.tokens[decision.call_id] = (admitted_at, tokens)
+                window.total += tokens - amount
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+# KEYS, four per scope: the requests log, the tokens log, the token amounts, their total.
+# ARGV: window (ms), call id, estimate, then per scope its RPM and TPM limits.
+# Returns: now (ms), refused scope (0 = admitted), refused kind, retry (ms), then per
+# scope: requests, oldest request (ms), tokens, oldest token entry (ms).
+ADMIT_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local window = tonumber(ARGV[1])
+local call = ARGV[2]
+local estimate = tonumber(ARGV[3])
+local cutoff = now - window
+local scopes = #KEYS / 4
+local refused, kind, retry = 0, '', 0
+
+for s = 1, scopes do
+  local requests, tokens, amounts, total = KEYS[s*4-3], KEYS[s*4-2], KEYS[s*4-1], KEYS[s*4]
+  redis.call('ZREMRANGEBYSCORE', requests, '-inf', cutoff)
+  local expired = redis.call('ZRANGEBYSCORE', tokens, '-inf', cutoff)
+  if #expired > 0 then
+    local freed = 0
+    for _, member in ipairs(expired) do
+      freed = freed + tonumber(redis.call('HGET', amounts, member) or '0')
+      redis.call('HDEL', amounts, member)
+    end
+    redis.call('ZREMRANGEBYSCORE', tokens, '-inf', cutoff)
+    redis.call('DECRBY', total, freed)
+  end
+  if refused == 0 then
+    local rpm, tpm = tonumber(ARGV[2 + s*2]), tonumber(ARGV[3 + s*2])
+    local count = redis.call('ZCARD', requests)
+    local used = tonumber(redis.call('GET', total) or '0')
+    if count >= rpm then
+      refused, kind = s, 'requests'
+      local entry = redis.call('ZRANGE', requests, count - rpm, count - rpm, 'WITHSCORES')
+      retry = tonumber(entry[2]) + window - now
+    elseif estimate > tpm then
+      refused, kind = s, 'never'
+    elseif used + estimate > tpm then
+      refused, kind = s, 'tokens'
+      local needed, freed = used + estimate - tpm, 0
+      local entries = redis.call('ZRANGE', tokens, 0, -1, 'WITHSCORES')
+      retry = window
+      for i = 1, #entries, 2 do
+        freed = freed + tonumber(redis.call('HGET', amounts, entries[i]) or '0')
+        if freed >= needed then
+          retry = tonumber(entries[i + 1]) + window - now
+          break
+        end
+      end
+    end
+  end
+end
+
+local result = {now, refused, kind, retry}
+for s = 1, scopes do
+  local requests, tokens, amounts, total = KEYS[s*4-3], KEYS[s*4-2], KEYS[s*4-1], KEYS[s*4]
+  if refused == 0 then
+    redis.call('ZADD', requests, now, call)
+    redis.call('ZADD', tokens, now, call)
+    redis.call('HSET', amounts, call, estimate)
+    redis.call('INCRBY', total, estimate)
+    for _, key in ipairs({requests, tokens, amounts, total}) do
+      redis.call('PEXPIRE', key, window + 1000)
+    end
+  end
+  local oldest_request = redis.call('ZRANGE', requests, 0, 0, 'WITHSCORES')
+  local oldest_tokens = redis.call('ZRANGE', tokens, 0, 0, 'WITHSCORES')
+  table.insert(result, redis.call('ZCARD', requests))
+  table.insert(result, tonumber(oldest_request[2] or now))
+  table.insert(result, tonumber(redis.call('GET', total) or '0'))
+  table.insert(result, tonumber(oldest_tokens[2] or now))
+end
+return result
+"""
+
+# KEYS, four per scope as above. ARGV: call id, real tokens, release (1: forget the call).
+SETTLE_SCRIPT = """
+local call, actual, release = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+for s = 1, #KEYS / 4 do
+  local requests, tokens, amounts, total = KEYS[s*4-3], KEYS[s*4-2], KEYS[s*4-1], KEYS[s*4]
+  local old = redis.call('HGET', amounts, call)
+  if old then
+    if release then
+      redis.call('ZREM', requests, call)
+      redis.call('ZREM', tokens, call)
+      redis.call('HDEL', amounts, call)
+      redis.call('DECRBY', total, tonumber(old))
+    else
+      redis.call('HSET', amounts, call, actual)
+      redis.call('INCRBY', total, actual - tonumber(old))
+    end
+  end
+end
+return 1
+"""
+
+
+class RedisUnavailable(Exception):
+    pass
+
+
+class RedisLimiter:
+    def __init__(self, config: RedisConfig, window: float) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        assert config.url is not None
+        self._timeout = config.timeout
+        self._prefix = config.key_prefix
+        self._window_ms = int(window * 1000)
+        # No retries inside redis-py: a dead Redis must cost one short timeout, then the breaker.
+        self._redis = aioredis.Redis.from_url(
+            config.url,
+            socket_connect_timeout=config.connect_timeout,
+            socket_timeout=config.timeout,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self._admit = self._redis.register_script(ADMIT_SCRIPT)
+        self._settle = self._redis.register_script(SETTLE_SCRIPT)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def _keys(self, limits: Limits) -> list[str]:
+        keys = []
+        for scope, name, _, _ in limits.scopes():
+            base = f"{self._prefix}{{team:{limits.team_id}}}:{scope}:{name}"
+            keys += [f"{base}:requests", f"{base}:tokens", f"{base}:amounts", f"{base}:total"]
+        return keys
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await asyncio.wait_for(script(keys=keys, args=args), self._timeout * 3)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def ping(self) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            await asyncio.wait_for(self._redis.ping(), self._timeout * 3)
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    async def admit(self, limits: Limits, call_id: str, estimate: int) -> Decision:
+        scopes = limits.scopes()
+        args: list[Any] = [self._window_ms, call_id, estimate]
+        for _, _, rpm, tpm in scopes:
+            args += [rpm, tpm]
+        result = await self._run(self._admit, self._keys(limits), args)
+        now, refused, kind, retry = int(result[0]), int(result[1]), _text(result[2]), int(result[3])
+        usage = []
+        for i, (scope, _, rpm, tpm) in enumerate(scopes):
+            requests, oldest_request, tokens, oldest_tokens = (int(v) for v in result[4 + 4 * i : 8 + 4 * i])
+            usage.append(
+                Usage(
+                    scope,
+                    rpm,
+                    requests,
+                    max(0, oldest_request + self._window_ms - now) / 1000 if requests else 0.0,
+                    tpm,
+                    tokens,
+                    max(0, oldest_tokens + self._window_ms - now) / 1000 if tokens else 0.0,
+                )
+            )
+        return Decision(
+            admitted=refused == 0,
+            call_id=call_id,
+            limits=limits,
+            estimate=estimate,
+            backend="redis",
+            usage=tuple(usage),
+            refused_scope=scopes[refused - 1][0] if refused else None,
+            refused_kind=("tokens" if kind == "never" else kind) if refused else None,  # type: ignore[arg-type]
+            never_fits=kind == "never",
+            retry_after=retry / 1000 if refused and kind != "never" else None,
+        )
+
+    async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
+        await self._run(self._settle, self._keys(decision.limits), [decision.call_id, tokens, 1 if release else 0])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --- the limiter the gateway uses --------------------------------------------------------------
+
+
+class RateLimiter:
+    """Redis when configured and healthy; otherwise what `on_redis_error` says."""
+
+    def __init__(
+        self,
+        limits: RateLimitsConfig,
+        redis: RedisConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = limits.on_redis_error
+        self.local = LocalLimiter(limits.window, clock)
+        self.redis = RedisLimiter(redis, limits.window) if redis.url else None
+        self._clock = clock
+        self._cooldown = redis.breaker_cooldown
+        self._open_until = 0.0  # the breaker: while open, Redis is not asked
+        self._probing = False
+        self.last_error: str | None = None
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
+
+    @property
+    def degraded(self) -> bool:
+        return self.redis is not None and self._open_until > self._clock()
+
+    def _may_ask_redis(self) -> bool:
+        return self._open_until <= self._clock()
+
+    def _failed(self, error: RedisUnavailable) -> None:
+        if not self.degraded:
+            log.warning("Redis unavailable (%s): rate limits now follow on_redis_error=%s", error, self.policy)
+        self.last_error = str(error)
+        self._open_until = self._clock() + self._cooldown
+
+    def _recovered(self) -> None:
+        if self._open_until:
+            log.info("Redis is back: rate limits are shared again")
+        self._open_until = 0.0
+        self.last_error = None
+
+    async def admit(self, limits: Limits, call_id: str, estimate: int) -> Decision:
+        if self.redis is None:
+            return self.local.admit(limits, call_id, estimate)
+        if self._may_ask_redis() and not self._probing:
+            # After the breaker opened, one request at a time finds out whether Redis is back.
+            probing = self._open_until > 0
+            self._probing = probing
+            try:
+                decision = await self.redis.admit(limits, call_id, estimate)
+                self._recovered()
+                return decision
+            except RedisUnavailable as error:
+                self._failed(error)
+            finally:
+                if probing:
+                    self._probing = False
+        if self.policy == "local":
+            return self.local.admit(limits, call_id, estimate)
+        if self.policy == "allow":
+            # Admitted whatever the count; this process's own view still fills the headers.
+            return dataclasses.replace(self.local.admit(limits, call_id, estimate), admitted=True)
+        raise RedisUnavailable(self.last_error or "Redis is unavailable")
+
+    async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
+        if decision.backend == "local":
+            self.local.settle(decision, tokens, release)
+        elif decision.backend == "redis" and self.redis is not None and self._may_ask_redis():
+            try:
+                await self.redis.settle(decision, tokens, release)
+            except RedisUnavailable as error:
+                self._failed(error)
+
+    async def check(self) -> str:
+        """For readiness: 'ok', 'not configured', or 'degraded: ...'."""
+        if self.redis is None:
+            return "not configured"
+        try:
+            await self.redis.ping()
+        except RedisUnavailable as error:
+            self._failed(error)  # the details go to the log; readiness is public
+            return f"degraded: unreachable (on_redis_error: {self.policy})"
+        self._recovered()
+        return "ok"

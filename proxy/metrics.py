@@ -1,0 +1,147 @@
+"""Prometheus metrics: what Tollgate measures, and how /metrics renders it.
+
+With several worker processes (`tollgate serve --workers N`) prometheus-client's
+multiprocess mode is used: `serve` points PROMETHEUS_MULTIPROC_DIR at a fresh
+directory before the workers start, each worker writes its values there, and a
+scrape (answered by any worker) adds them up. The live-streams gauge sums live
+processes only. Team balances are read from the store at scrape time, so they
+are right whichever worker answers.
+
+Labels never hold ids, keys or free text: `route` is the route template, and
+`metrics.team_label: false` drops the team label for large fleets.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Awaitable, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+def multiprocess_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics:
+    def __init__(self, team_label: bool = True, credits_ttl: float = 5.0) -> None:
+        self.team_label = team_label
+        self._credits_ttl = credits_ttl
+        self._credits: tuple[float, list[tuple[str, int]]] = (0.0, [])
+        self.registry = CollectorRegistry(auto_describe=True)
+        team = ("team",) if team_label else ()
+
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry)
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+        self.requests = counter("tollgate_requests_total", "HTTP requests answered", ("route", "method", "status"))
+        self.request_duration = histogram(
+            "tollgate_request_duration_seconds", "Time to answer an HTTP request (streams: to their end)",
+            ("route",), LATENCY_BUCKETS,
+        )
+        self.llm_calls = counter(
+            "tollgate_llm_calls_total", "LLM calls by how they ended", (*team, "model_group", "model", "status", "stream")
+        )
+        self.tokens = counter("tollgate_tokens_total", "Tokens used by LLM calls", (*team, "model_group", "type"))
+        self.cost = counter("tollgate_cost_usd_total", "Cost of LLM calls in USD", (*team, "model_group"))
+        self.upstream_latency = histogram(
+            "tollgate_upstream_latency_seconds", "LLM call duration, fallbacks included", ("model_group",),
+            LATENCY_BUCKETS,
+        )
+        self.ttft = histogram(
+            "tollgate_time_to_first_token_seconds", "Time to a stream's first event", ("model_group",), TTFT_BUCKETS
+        )
+        self.rate_limited = counter("tollgate_rate_limited_total", "Calls refused by rate limits", (*team, "limit"))
+        self.fallbacks = counter("tollgate_fallbacks_total", "Models tried after a group's first failed", ("model_group",))
+        self.jobs = counter("tollgate_jobs_total", "Jobs created and finished", (*team, "status"))
+        self.active_streams = Gauge(
+            "tollgate_active_streams", "Streams being relayed now", registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+
+    def _team(self, team_id: str) -> tuple[str, ...]:
+        return (team_id,) if self.team_label else ()
+
+    # --- observations ----------------------------------------------------------------------
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_duration.labels(route).observe(seconds)
+
+    def observe_call(
+        self,
+        team_id: str,
+        group: str,
+        model: str | None,
+        status: str,
+        stream: bool,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_usd: float,
+        seconds: float,
+        ttft: float | None,
+        attempts: int,
+    ) -> None:
+        team = self._team(team_id)
+        self.llm_calls.labels(*team, group, model or "none", status, "true" if stream else "false").inc()
+        if prompt_tokens:
+            self.tokens.labels(*team, group, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(*team, group, "completion").inc(completion_tokens)
+        if cost_usd:
+            self.cost.labels(*team, group).inc(cost_usd)
+        self.upstream_latency.labels(group).observe(seconds)
+        if ttft is not None:
+            self.ttft.labels(group).observe(ttft)
+        if attempts > 1:
+            self.fallbacks.labels(group).inc(attempts - 1)
+
+    def observe_rate_limited(self, team_id: str, kind: str) -> None:
+        self.rate_limited.labels(*self._team(team_id), kind).inc()
+
+    def observe_job(self, team_id: str, status: str) -> None:
+        self.jobs.labels(*self._team(team_id), status).inc()
+
+    # --- rendering ---------------------------------------------------------------------------
+
+    async def render(self, balances: Callable[[], Awaitable[list[tuple[str, int]]]]) -> bytes:
+        """The /metrics text; `balances` reads (team, credits_remaining) from the store."""
+        registry = self.registry
+        if multiprocess_enabled():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+        text = generate_latest(registry)
+        if self.team_label:
+            text += generate_latest(_Balances(await self._balances(balances)))
+        return text
+
+    async def _balances(self, read: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[tuple[str, int]]:
+        fetched_at, values = self._credits
+        if time.monotonic() - fetched_at > self._credits_ttl:
+            values = await read()
+            self._credits = (time.monotonic(), values)
+        return values
+
+
+class _Balances:
+    """A one-off collector for the team balances read from the store."""
+
+    def __init__(self, values: list[tuple[str, int]]) -> None:
+        self._values = values
+
+    def collect(self) -> Any:
+        family = GaugeMetricFamily("tollgate_credits_remaining", "Credits a team has left", labels=["team"])
+        for team_id, remaining in self._values:
+            family.add_metric([team_id], remaining)
+        yield family

@@ -1,0 +1,59 @@
+"""What a model costs per token, when LiteLLM does not say it with the answer.
+
+Prices written in `config.yaml` win; otherwise the prices LiteLLM reports in
+its `/model/info`, fetched at start-up and refreshed periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .config import ModelPrice
+from .upstream import Upstream
+
+log = logging.getLogger("tollgate.pricing")
+
+
+class Pricing:
+    def __init__(self, configured: dict[str, ModelPrice]) -> None:
+        self._configured = dict(configured)
+        self._reported: dict[str, ModelPrice] = {}
+
+    def price(self, model: str) -> ModelPrice | None:
+        return self._configured.get(model) or self._reported.get(model)
+
+    def cost(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> float | None:
+        price = self.price(model) if model else None
+        if price is None:
+            return None
+        return prompt_tokens * price.input_cost_per_token + completion_tokens * price.output_cost_per_token
+
+    def load_model_info(self, payload: Any) -> int:
+        """Read LiteLLM's `/model/info` answer; return how many priced models it named."""
+        prices: dict[str, ModelPrice] = {}
+        for entry in (payload or {}).get("data", []) if isinstance(payload, dict) else []:
+            if not isinstance(entry, dict):
+                continue
+            name = entry.get("model_name")
+            info = entry.get("model_info") or {}
+            given = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+            if isinstance(name, str) and all(isinstance(p, (int, float)) for p in given):
+                prices[name] = ModelPrice(float(given[0]), float(given[1]))
+        self._reported = prices
+        return len(prices)
+
+    async def refresh(self, upstream: Upstream) -> bool:
+        try:
+            self.load_model_info(await upstream.get_json("/model/info", timeout=10.0))
+            return True
+        except Exception as exc:  # prices are a fallback: never fail a request over them
+            log.warning("could not read model prices from LiteLLM: %s", type(exc).__name__)
+            return False
+
+    async def keep_fresh(self, upstream: Upstream, interval: float) -> None:
+        while True:
+            fresh = await self.refresh(upstream)
+            # LiteLLM may still be starting: ask again soon rather than a whole interval later.
+            await asyncio.sleep(interval if fresh else min(interval, 5.0))

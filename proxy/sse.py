@@ -1,0 +1,95 @@
+"""An incremental Server-Sent Events scanner.
+
+It cuts a byte stream into events whatever the chunk boundaries (LF, CRLF or
+CR line ends, multi-line `data:` fields) and hands back each event's exact raw
+bytes, so the relay can forward the upstream's bytes unchanged while reading
+what they say. Only the tail of an unfinished event is ever held back.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+_LF = 10  # ord("\n")
+
+
+class SSEEvent(NamedTuple):
+    raw: bytes  # the event's bytes exactly as received, terminator included
+    data: bytes | None  # its data field (lines joined by LF), None if it had none
+    event: str | None  # its event field, if any
+
+
+class SSEScanner:
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._scanned = 0  # bytes of _buffer already split into lines
+        self._data: list[bytes] = []
+        self._event: str | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if not self._buffer and self._is_single_event(chunk):
+            # The common case: one whole `data: ...\n\n` event per chunk.
+            return [SSEEvent(chunk, chunk[6:-2], None)]
+        buffer = self._buffer + chunk if self._buffer else chunk
+        events: list[SSEEvent] = []
+        event_start = 0
+        pos = self._scanned
+        size = len(buffer)
+        while pos < size:
+            lf = buffer.find(b"\n", pos)
+            cr = buffer.find(b"\r", pos, lf if lf >= 0 else size)
+            if cr >= 0:
+                if cr + 1 == size:
+                    break  # a CR at the very end may be the first half of a CRLF
+                end, pos_next = cr, (cr + 2 if buffer[cr + 1] == _LF else cr + 1)
+            elif lf >= 0:
+                end, pos_next = lf, lf + 1
+            else:
+                break
+            line = buffer[pos:end]
+            pos = pos_next
+            if line:
+                self._field(line)
+                continue
+            events.append(SSEEvent(buffer[event_start:pos], self._joined_data(), self._event))
+            self._data, self._event = [], None
+            event_start = pos
+        self._buffer = buffer[event_start:]
+        self._scanned = pos - event_start
+        return events
+
+    def flush(self) -> SSEEvent | None:
+        """The unterminated event left at the end of the stream, if any."""
+        if not self._buffer:
+            return None
+        tail = self._buffer[self._scanned :].rstrip(b"\r\n")
+        if tail:
+            self._field(tail)
+        event = SSEEvent(self._buffer, self._joined_data(), self._event)
+        self._buffer, self._scanned, self._data, self._event = b"", 0, [], None
+        return event
+
+    @staticmethod
+    def _is_single_event(chunk: bytes) -> bool:
+        return (
+            chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+        )
+
+    def _joined_data(self) -> bytes | None:
+        if not self._data:
+            return None
+        return self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+
+    def _field(self, line: bytes) -> None:
+        name, colon, value = line.partition(b":")
+        if not colon:
+            value = b""
+        elif value.startswith(b" "):
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")

@@ -1,0 +1,121 @@
+"""Persistence: the interface the rest of Tollgate uses, and how to open one.
+
+Only SQLite is implemented; the Protocol below is what a PostgreSQL store would
+provide. Every credit change happens inside the database in one transaction
+(never read-modify-write in Python), so several processes may share it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..config import DatabaseConfig
+from ..records import (
+    CallOutcome,
+    CallSummary,
+    Job,
+    LedgerEntry,
+    ModelGroup,
+    NewCall,
+    Organization,
+    Team,
+    VirtualKey,
+)
+
+
+class StoreError(Exception):
+    """Base of the store's refusals; the HTTP layer turns them into statuses."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    pass
+
+
+class Forbidden(StoreError):
+    """The record exists but belongs to another team."""
+
+
+class TeamSuspended(StoreError):
+    pass
+
+
+class InsufficientCredits(StoreError):
+    def __init__(self, team: Team, needed: int) -> None:
+        super().__init__(
+            f"Insufficient credits: team '{team.team_id}' has {team.credits_available} available "
+            f"({team.credits_remaining} remaining, {team.credits_held} held by open jobs); a job needs {needed}"
+        )
+        self.team = team
+        self.needed = needed
+
+
+class JobClosed(StoreError):
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"Job '{job_id}' is already {status}")
+        self.status = status
+
+
+class CallInProgress(StoreError):
+    pass
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> None: ...
+
+    # organizations and model groups
+    async def create_organization(self, organization_id: str, name: str) -> Organization: ...
+    async def ensure_organization(self, organization_id: str, name: str) -> Organization: ...
+    async def get_organization(self, organization_id: str) -> Organization | None: ...
+    async def list_organizations(self) -> list[Organization]: ...
+    async def create_model_group(self, name: str, models: list[str], description: str) -> ModelGroup: ...
+    async def put_model_group(self, name: str, models: list[str], description: str) -> ModelGroup: ...
+    async def get_model_group(self, name: str) -> ModelGroup | None: ...
+    async def list_model_groups(self) -> list[ModelGroup]: ...
+    async def delete_model_group(self, name: str) -> None: ...
+
+    # teams, credits and keys
+    async def create_team(self, team: Team, reason: str) -> Team: ...
+    async def get_team(self, team_id: str) -> Team | None: ...
+    async def list_teams(self) -> list[Team]: ...
+    async def team_balances(self) -> list[tuple[str, int]]: ...
+    async def update_team(self, team_id: str, changes: dict[str, Any]) -> Team: ...
+    async def add_credits(self, team_id: str, amount: int, reason: str) -> Team: ...
+    async def ledger(self, team_id: str, limit: int, offset: int) -> list[LedgerEntry]: ...
+    async def create_key(self, key: VirtualKey, key_hash: bytes) -> VirtualKey: ...
+    async def list_keys(self, team_id: str) -> list[VirtualKey]: ...
+    async def revoke_key(self, key_id: str) -> VirtualKey: ...
+    async def lookup_key(self, key_hash: bytes) -> tuple[VirtualKey, Team] | None: ...
+
+    # jobs and calls
+    async def create_job(
+        self,
+        team_id: str,
+        job_type: str,
+        user_id: str | None,
+        metadata: dict[str, Any],
+        default_credits: int,
+        job_id: str | None = None,
+    ) -> Job: ...
+    async def get_job(self, job_id: str, with_costs: bool = True) -> Job | None: ...
+    async def list_jobs(self, team_id: str, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]: ...
+    async def job_calls(self, job_id: str) -> list[CallSummary]: ...
+    async def start_call(self, call: NewCall) -> None: ...
+    async def finish_call(self, outcome: CallOutcome) -> None: ...
+    async def finish_job(
+        self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None
+    ) -> tuple[Job, bool]: ...
+    async def expire_jobs(self, created_before: float, limit: int) -> list[Job]: ...
+    async def cancel_stale_calls(self, started_before: float) -> int: ...
+
+
+def open_store(config: DatabaseConfig) -> Store:
+    """The store for a database URL (not yet opened: call ``await store.open()``)."""
+    from .sqlite import SQLiteStore
+
+    return SQLiteStore(config)

@@ -1,0 +1,122 @@
+"""The SQLite schema, as numbered migrations applied in order at start-up.
+
+A migration is never edited once released: add a new one instead.
+"""
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema.
+    """
+    CREATE TABLE organizations (
+        organization_id TEXT PRIMARY KEY,
+        name            TEXT NOT NULL,
+        created_at      REAL NOT NULL
+    );
+
+    CREATE TABLE model_groups (
+        name        TEXT PRIMARY KEY,
+        models      TEXT NOT NULL,              -- JSON list, primary first
+        description TEXT NOT NULL DEFAULT '',
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+
+    CREATE TABLE teams (
+        team_id             TEXT PRIMARY KEY,
+        organization_id     TEXT NOT NULL REFERENCES organizations(organization_id),
+        status              TEXT NOT NULL CHECK (status IN ('active', 'suspended')),
+        credits_allocated   INTEGER NOT NULL CHECK (credits_allocated >= 0),
+        credits_used        INTEGER NOT NULL DEFAULT 0 CHECK (credits_used >= 0),
+        credits_held        INTEGER NOT NULL DEFAULT 0 CHECK (credits_held >= 0),
+        default_model_group TEXT,
+        rpm_limit           INTEGER,
+        tpm_limit           INTEGER,
+        credits_per_job     INTEGER,
+        created_at          REAL NOT NULL,
+        updated_at          REAL NOT NULL,
+        -- The balance can never be spent or held twice, whatever the code above does.
+        CHECK (credits_used + credits_held <= credits_allocated)
+    );
+
+    CREATE TABLE team_model_groups (
+        team_id     TEXT NOT NULL REFERENCES teams(team_id) ON DELETE CASCADE,
+        model_group TEXT NOT NULL REFERENCES model_groups(name),
+        position    INTEGER NOT NULL,
+        PRIMARY KEY (team_id, model_group)
+    );
+
+    CREATE TABLE virtual_keys (
+        key_id     TEXT PRIMARY KEY,
+        key_hash   BLOB NOT NULL UNIQUE,        -- SHA-256 of the key; the key itself is never stored
+        team_id    TEXT NOT NULL REFERENCES teams(team_id),
+        name       TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        revoked_at REAL,
+        rpm_limit  INTEGER,
+        tpm_limit  INTEGER
+    );
+    CREATE INDEX virtual_keys_team ON virtual_keys(team_id);
+
+    CREATE TABLE jobs (
+        job_id                  TEXT PRIMARY KEY,
+        team_id                 TEXT NOT NULL REFERENCES teams(team_id),
+        job_type                TEXT NOT NULL,
+        user_id                 TEXT,
+        status                  TEXT NOT NULL
+                                CHECK (status IN ('pending', 'in_progress', 'completed', 'failed')),
+        metadata                TEXT NOT NULL DEFAULT '{}',
+        error_message           TEXT,
+        created_at              REAL NOT NULL,
+        completed_at            REAL,
+        credits_held            INTEGER NOT NULL,
+        credits_charged         INTEGER NOT NULL DEFAULT 0,
+        credits_remaining_after INTEGER
+    );
+    CREATE INDEX jobs_team_created ON jobs(team_id, created_at DESC);
+    CREATE INDEX jobs_open ON jobs(created_at) WHERE status IN ('pending', 'in_progress');
+
+    CREATE TABLE credit_holds (
+        job_id     TEXT PRIMARY KEY REFERENCES jobs(job_id),
+        team_id    TEXT NOT NULL REFERENCES teams(team_id),
+        amount     INTEGER NOT NULL CHECK (amount >= 0),
+        created_at REAL NOT NULL
+    );
+
+    CREATE TABLE credit_ledger (
+        entry_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        team_id       TEXT NOT NULL REFERENCES teams(team_id),
+        job_id        TEXT REFERENCES jobs(job_id),
+        amount        INTEGER NOT NULL,
+        reason        TEXT NOT NULL,
+        balance_after INTEGER NOT NULL,
+        created_at    REAL NOT NULL
+    );
+    CREATE INDEX credit_ledger_team ON credit_ledger(team_id, entry_id DESC);
+    -- A job is charged at most once, enforced by the database itself.
+    CREATE UNIQUE INDEX credit_ledger_job ON credit_ledger(job_id) WHERE job_id IS NOT NULL;
+
+    CREATE TABLE llm_calls (
+        call_id           TEXT PRIMARY KEY,
+        job_id            TEXT NOT NULL REFERENCES jobs(job_id),
+        team_id           TEXT NOT NULL,
+        key_id            TEXT,
+        model_group       TEXT NOT NULL,
+        model             TEXT,
+        purpose           TEXT,
+        streamed          INTEGER NOT NULL,
+        status            TEXT NOT NULL CHECK (status IN ('running', 'success', 'error', 'cancelled')),
+        prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        usage_estimated   INTEGER NOT NULL DEFAULT 0,
+        cost_usd          REAL NOT NULL DEFAULT 0,
+        latency_ms        INTEGER,
+        ttft_ms           INTEGER,
+        attempts          INTEGER NOT NULL DEFAULT 0,
+        error             TEXT,
+        started_at        REAL NOT NULL,
+        finished_at       REAL
+    );
+    CREATE INDEX llm_calls_job ON llm_calls(job_id, started_at);
+    CREATE INDEX llm_calls_running ON llm_calls(started_at) WHERE status = 'running';
+    """,
+]

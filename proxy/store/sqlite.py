@@ -1,0 +1,765 @@
+"""The SQLite store, through aiosqlite.
+
+Two connections per process: one writer, whose transactions are serialised by
+an asyncio lock and begin with ``BEGIN IMMEDIATE`` (so writers in other
+processes queue on SQLite's busy timeout instead of failing half-way), and one
+reader, which WAL lets run beside any writer. Writes are shielded from
+cancellation: a client hanging up never leaves a half-recorded call or charge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import time
+import uuid
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
+
+import aiosqlite
+
+from ..config import DatabaseConfig
+from ..records import (
+    CallOutcome,
+    CallSummary,
+    Job,
+    JobCosts,
+    LedgerEntry,
+    ModelGroup,
+    NewCall,
+    Organization,
+    Team,
+    VirtualKey,
+)
+from . import (
+    CallInProgress,
+    Conflict,
+    Forbidden,
+    InsufficientCredits,
+    JobClosed,
+    NotFound,
+    StoreError,
+    TeamSuspended,
+)
+from .schema import MIGRATIONS
+
+T = TypeVar("T")
+Work = Callable[[aiosqlite.Connection], Awaitable[T]]
+
+
+class StoreBusy(StoreError):
+    """The database stayed locked by another process for longer than the busy timeout."""
+
+
+_TEAM_COLUMNS = """
+    t.team_id, t.organization_id, t.status, t.credits_allocated, t.credits_used, t.credits_held,
+    t.default_model_group, t.rpm_limit, t.tpm_limit, t.credits_per_job, t.created_at,
+    (SELECT json_group_array(model_group) FROM
+        (SELECT model_group FROM team_model_groups g WHERE g.team_id = t.team_id ORDER BY g.position)
+    ) AS model_groups
+"""
+_KEY_COLUMNS = "k.key_id, k.team_id, k.name, k.created_at, k.expires_at, k.revoked_at, k.rpm_limit, k.tpm_limit"
+_JOB_COLUMNS = """
+    j.job_id, j.team_id, j.job_type, j.user_id, j.status, j.metadata, j.error_message, j.created_at,
+    j.completed_at, j.credits_held, j.credits_charged, j.credits_remaining_after
+"""
+_COST_COLUMNS = """
+    COUNT(c.call_id),
+    COALESCE(SUM(c.status = 'success'), 0),
+    COALESCE(SUM(c.status IN ('error', 'cancelled')), 0),
+    COALESCE(SUM(c.prompt_tokens), 0),
+    COALESCE(SUM(c.completion_tokens), 0),
+    COALESCE(SUM(c.cost_usd), 0.0),
+    COALESCE(ROUND(AVG(c.latency_ms)), 0)
+"""
+_CALL_COLUMNS = """
+    call_id, purpose, model_group, model, status, streamed, prompt_tokens, completion_tokens,
+    usage_estimated, cost_usd, latency_ms, ttft_ms, attempts, error, started_at
+"""
+
+
+def _team(row: sqlite3.Row | tuple, offset: int = 0) -> Team:
+    r = row[offset : offset + 12]
+    return Team(
+        team_id=r[0],
+        organization_id=r[1],
+        status=r[2],
+        credits_allocated=r[3],
+        credits_used=r[4],
+        credits_held=r[5],
+        default_model_group=r[6],
+        rpm_limit=r[7],
+        tpm_limit=r[8],
+        credits_per_job=r[9],
+        created_at=r[10],
+        model_groups=tuple(json.loads(r[11])),
+    )
+
+
+def _key(row: sqlite3.Row | tuple) -> VirtualKey:
+    return VirtualKey(*row[:8])
+
+
+def _job(row: sqlite3.Row | tuple, with_costs: bool) -> Job:
+    costs = JobCosts()
+    if with_costs:
+        c = row[12:19]
+        costs = JobCosts(
+            total_calls=c[0],
+            successful_calls=c[1],
+            failed_calls=c[2],
+            prompt_tokens=c[3],
+            completion_tokens=c[4],
+            total_cost_usd=round(c[5], 12),
+            avg_latency_ms=int(c[6]),
+        )
+    return Job(
+        job_id=row[0],
+        team_id=row[1],
+        job_type=row[2],
+        user_id=row[3],
+        status=row[4],
+        metadata=json.loads(row[5]),
+        error_message=row[6],
+        created_at=row[7],
+        completed_at=row[8],
+        credits_held=row[9],
+        credits_charged=row[10],
+        credits_remaining_after=row[11],
+        costs=costs,
+    )
+
+
+def _call(row: sqlite3.Row | tuple) -> CallSummary:
+    return CallSummary(
+        call_id=row[0],
+        purpose=row[1],
+        model_group=row[2],
+        model=row[3],
+        status=row[4],
+        streamed=bool(row[5]),
+        prompt_tokens=row[6],
+        completion_tokens=row[7],
+        usage_estimated=bool(row[8]),
+        cost_usd=row[9],
+        latency_ms=row[10],
+        time_to_first_token_ms=row[11],
+        attempts=row[12],
+        error=row[13],
+        started_at=row[14],
+    )
+
+
+class SQLiteStore:
+    def __init__(self, config: DatabaseConfig, clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._clock = clock
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self._config.sqlite_path))
+        os.makedirs(directory, exist_ok=True)
+        self._writer = await self._connect()
+        await self._migrate()
+        self._reader = await self._connect()
+
+    async def close(self) -> None:
+        # Wait for writes in flight (they are shielded from cancellation) before closing.
+        async with self._write_lock:
+            for connection in (self._reader, self._writer):
+                if connection is not None:
+                    await connection.close()
+            self._reader = self._writer = None
+
+    async def ping(self) -> None:
+        await self._read("SELECT 1")
+
+    async def _connect(self) -> aiosqlite.Connection:
+        connection = await aiosqlite.connect(
+            self._config.sqlite_path, isolation_level=None, timeout=self._config.busy_timeout
+        )
+        await connection.execute(f"PRAGMA busy_timeout = {int(self._config.busy_timeout * 1000)}")
+        await connection.execute("PRAGMA journal_mode = WAL")
+        await connection.execute("PRAGMA foreign_keys = ON")
+        await connection.execute(f"PRAGMA synchronous = {self._config.synchronous.upper()}")
+        return connection
+
+    async def _migrate(self) -> None:
+        async def migrate(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            rows = await db.execute_fetchall("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            current = rows[0][0]
+            for version, script in enumerate(MIGRATIONS, start=1):
+                if version <= current:
+                    continue
+                for statement in _statements(script):
+                    await db.execute(statement)
+                await db.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, self._clock())
+                )
+
+        await self._write(migrate)
+
+    async def schema_version(self) -> int:
+        rows = await self._read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+        return rows[0][0]
+
+    # --- plumbing ----------------------------------------------------------------------
+
+    async def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        assert self._reader is not None, "store is not open"
+        try:
+            return list(await self._reader.execute_fetchall(sql, tuple(params)))
+        except sqlite3.OperationalError as exc:
+            raise _busy_or(exc)
+
+    async def _write(self, work: Work[T], transaction: bool = True) -> T:
+        """Run a write to its end even if the caller is cancelled meanwhile; the caller's
+        cancellation is delivered once the write is done, so it can tell what happened."""
+        write = asyncio.ensure_future(self._locked(work, transaction))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(write)
+            raise
+
+    async def _locked(self, work: Work[T], transaction: bool) -> T:
+        async with self._write_lock:
+            db = self._writer
+            assert db is not None, "store is not open"
+            try:
+                if not transaction:
+                    return await work(db)
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = await work(db)
+                    await db.execute("COMMIT")
+                    return result
+                except BaseException:
+                    # SQLite may have rolled back already (or left the transaction open after a
+                    # failed COMMIT): end it either way, so the next write can begin.
+                    if db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            await db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise _busy_or(exc)
+
+    # --- organizations and model groups --------------------------------------------------
+
+    async def create_organization(self, organization_id: str, name: str) -> Organization:
+        now = self._clock()
+
+        async def insert(db: aiosqlite.Connection) -> None:
+            try:
+                await db.execute(
+                    "INSERT INTO organizations (organization_id, name, created_at) VALUES (?, ?, ?)",
+                    (organization_id, name, now),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"Organization '{organization_id}' already exists") from None
+
+        await self._write(insert, transaction=False)
+        return Organization(organization_id, name, now)
+
+    async def ensure_organization(self, organization_id: str, name: str) -> Organization:
+        async def upsert(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO organizations (organization_id, name, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (organization_id) DO UPDATE SET name = excluded.name",
+                (organization_id, name, self._clock()),
+            )
+
+        await self._write(upsert, transaction=False)
+        organization = await self.get_organization(organization_id)
+        assert organization is not None
+        return organization
+
+    async def get_organization(self, organization_id: str) -> Organization | None:
+        rows = await self._read(
+            "SELECT organization_id, name, created_at FROM organizations WHERE organization_id = ?",
+            (organization_id,),
+        )
+        return Organization(*rows[0]) if rows else None
+
+    async def list_organizations(self) -> list[Organization]:
+        rows = await self._read("SELECT organization_id, name, created_at FROM organizations ORDER BY organization_id")
+        return [Organization(*row) for row in rows]
+
+    async def create_model_group(self, name: str, models: list[str], description: str) -> ModelGroup:
+        now = self._clock()
+
+        async def insert(db: aiosqlite.Connection) -> None:
+            try:
+                await db.execute(
+                    "INSERT INTO model_groups (name, models, description, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                    (name, json.dumps(models), description, now, now),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"Model group '{name}' already exists") from None
+
+        await self._write(insert, transaction=False)
+        return ModelGroup(name, tuple(models), description, now, now)
+
+    async def put_model_group(self, name: str, models: list[str], description: str) -> ModelGroup:
+        now = self._clock()
+
+        async def upsert(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO model_groups (name, models, description, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET models = excluded.models, description = excluded.description, "
+                "updated_at = excluded.updated_at",
+                (name, json.dumps(models), description, now, now),
+            )
+
+        await self._write(upsert, transaction=False)
+        group = await self.get_model_group(name)
+        assert group is not None
+        return group
+
+    async def get_model_group(self, name: str) -> ModelGroup | None:
+        rows = await self._read(
+            "SELECT name, models, description, created_at, updated_at FROM model_groups WHERE name = ?", (name,)
+        )
+        return _group(rows[0]) if rows else None
+
+    async def list_model_groups(self) -> list[ModelGroup]:
+        rows = await self._read("SELECT name, models, description, created_at, updated_at FROM model_groups ORDER BY name")
+        return [_group(row) for row in rows]
+
+    async def delete_model_group(self, name: str) -> None:
+        async def delete(db: aiosqlite.Connection) -> None:
+            users = await db.execute_fetchall(
+                "SELECT team_id FROM team_model_groups WHERE model_group = ? ORDER BY team_id", (name,)
+            )
+            if users:
+                teams = ", ".join(row[0] for row in users)
+                raise Conflict(f"Model group '{name}' is granted to teams: {teams}; remove it from them first")
+            cursor = await db.execute("DELETE FROM model_groups WHERE name = ?", (name,))
+            if cursor.rowcount == 0:
+                raise NotFound(f"Model group '{name}' not found")
+
+        await self._write(delete)
+
+    # --- teams, credits and keys -----------------------------------------------------------
+
+    async def create_team(self, team: Team, reason: str) -> Team:
+        async def insert(db: aiosqlite.Connection) -> None:
+            try:
+                await db.execute(
+                    "INSERT INTO teams (team_id, organization_id, status, credits_allocated, default_model_group, "
+                    "rpm_limit, tpm_limit, credits_per_job, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        team.team_id,
+                        team.organization_id,
+                        team.status,
+                        team.credits_allocated,
+                        team.default_model_group,
+                        team.rpm_limit,
+                        team.tpm_limit,
+                        team.credits_per_job,
+                        team.created_at,
+                        team.created_at,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
+                    raise Conflict(f"Team '{team.team_id}' already exists") from None
+                raise NotFound(f"Organization '{team.organization_id}' not found") from None
+            await _grant_groups(db, team.team_id, team.model_groups)
+            if team.credits_allocated:
+                await _ledger_entry(db, team.team_id, None, team.credits_allocated, reason, team.created_at)
+
+        await self._write(insert)
+        created = await self.get_team(team.team_id)
+        assert created is not None
+        return created
+
+    async def get_team(self, team_id: str) -> Team | None:
+        rows = await self._read(f"SELECT {_TEAM_COLUMNS} FROM teams t WHERE t.team_id = ?", (team_id,))
+        return _team(rows[0]) if rows else None
+
+    async def list_teams(self) -> list[Team]:
+        rows = await self._read(f"SELECT {_TEAM_COLUMNS} FROM teams t ORDER BY t.team_id")
+        return [_team(row) for row in rows]
+
+    async def update_team(self, team_id: str, changes: dict[str, Any]) -> Team:
+        columns = {"status", "default_model_group", "rpm_limit", "tpm_limit", "credits_per_job"}
+        assignments = {name: value for name, value in changes.items() if name in columns}
+        groups = changes.get("model_groups")
+
+        async def update(db: aiosqlite.Connection) -> None:
+            sets = ", ".join(f"{name} = ?" for name in assignments)
+            sql = f"UPDATE teams SET {sets + ', ' if sets else ''}updated_at = ? WHERE team_id = ?"
+            cursor = await db.execute(sql, (*assignments.values(), self._clock(), team_id))
+            if cursor.rowcount == 0:
+                raise NotFound(f"Team '{team_id}' not found")
+            if groups is not None:
+                await db.execute("DELETE FROM team_model_groups WHERE team_id = ?", (team_id,))
+                await _grant_groups(db, team_id, groups)
+
+        await self._write(update)
+        team = await self.get_team(team_id)
+        assert team is not None
+        return team
+
+    async def add_credits(self, team_id: str, amount: int, reason: str) -> Team:
+        async def add(db: aiosqlite.Connection) -> None:
+            rows = await db.execute_fetchall(
+                "UPDATE teams SET credits_allocated = credits_allocated + ?, updated_at = ? "
+                "WHERE team_id = ? AND credits_allocated + ? >= credits_used + credits_held "
+                "RETURNING credits_allocated - credits_used",
+                (amount, self._clock(), team_id, amount),
+            )
+            if not rows:
+                team = await _team_in(db, team_id)
+                raise Conflict(
+                    f"Cannot remove {-amount} credits from team '{team_id}': only "
+                    f"{team.credits_available} are neither used nor held"
+                )
+            await _ledger_entry(db, team_id, None, amount, reason, self._clock(), balance_after=rows[0][0])
+
+        await self._write(add)
+        team = await self.get_team(team_id)
+        assert team is not None
+        return team
+
+    async def ledger(self, team_id: str, limit: int, offset: int) -> list[LedgerEntry]:
+        rows = await self._read(
+            "SELECT entry_id, team_id, job_id, amount, reason, balance_after, created_at FROM credit_ledger "
+            "WHERE team_id = ? ORDER BY entry_id DESC LIMIT ? OFFSET ?",
+            (team_id, limit, offset),
+        )
+        return [LedgerEntry(*row) for row in rows]
+
+    async def create_key(self, key: VirtualKey, key_hash: bytes) -> VirtualKey:
+        async def insert(db: aiosqlite.Connection) -> None:
+            try:
+                await db.execute(
+                    "INSERT INTO virtual_keys (key_id, key_hash, team_id, name, created_at, expires_at, rpm_limit, "
+                    "tpm_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key.key_id,
+                        key_hash,
+                        key.team_id,
+                        key.name,
+                        key.created_at,
+                        key.expires_at,
+                        key.rpm_limit,
+                        key.tpm_limit,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise NotFound(f"Team '{key.team_id}' not found") from None
+
+        await self._write(insert, transaction=False)
+        return key
+
+    async def list_keys(self, team_id: str) -> list[VirtualKey]:
+        rows = await self._read(
+            f"SELECT {_KEY_COLUMNS} FROM virtual_keys k WHERE k.team_id = ? ORDER BY k.created_at, k.key_id",
+            (team_id,),
+        )
+        return [_key(row) for row in rows]
+
+    async def revoke_key(self, key_id: str) -> VirtualKey:
+        async def revoke(db: aiosqlite.Connection) -> VirtualKey:
+            rows = await db.execute_fetchall(
+                f"UPDATE virtual_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ? "
+                f"RETURNING {_KEY_COLUMNS.replace('k.', '')}",
+                (self._clock(), key_id),
+            )
+            if not rows:
+                raise NotFound(f"Key '{key_id}' not found")
+            return _key(rows[0])
+
+        return await self._write(revoke, transaction=False)
+
+    async def lookup_key(self, key_hash: bytes) -> tuple[VirtualKey, Team] | None:
+        rows = await self._read(
+            f"SELECT {_KEY_COLUMNS}, {_TEAM_COLUMNS} FROM virtual_keys k JOIN teams t ON t.team_id = k.team_id "
+            "WHERE k.key_hash = ?",
+            (key_hash,),
+        )
+        if not rows:
+            return None
+        return _key(rows[0]), _team(rows[0], offset=8)
+
+    # --- jobs and calls --------------------------------------------------------------------
+
+    async def create_job(
+        self,
+        team_id: str,
+        job_type: str,
+        user_id: str | None,
+        metadata: dict[str, Any],
+        default_credits: int,
+        job_id: str | None = None,
+    ) -> Job:
+        job_id = job_id or str(uuid.uuid4())
+        now = self._clock()
+        metadata_json = json.dumps(metadata, allow_nan=False)
+
+        async def create(db: aiosqlite.Connection) -> int:
+            rows = await db.execute_fetchall(
+                "UPDATE teams SET credits_held = credits_held + COALESCE(credits_per_job, :default) "
+                "WHERE team_id = :team AND status = 'active' "
+                "AND credits_allocated - credits_used - credits_held >= COALESCE(credits_per_job, :default) "
+                "RETURNING COALESCE(credits_per_job, :default)",
+                {"default": default_credits, "team": team_id},
+            )
+            if not rows:
+                team = await _team_in(db, team_id)
+                if team.status != "active":
+                    raise TeamSuspended(f"Team '{team_id}' is suspended")
+                raise InsufficientCredits(team, team.credits_per_job if team.credits_per_job is not None else default_credits)
+            held = rows[0][0]
+            await db.execute(
+                "INSERT INTO jobs (job_id, team_id, job_type, user_id, status, metadata, created_at, credits_held) "
+                "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                (job_id, team_id, job_type, user_id, metadata_json, now, held),
+            )
+            await db.execute(
+                "INSERT INTO credit_holds (job_id, team_id, amount, created_at) VALUES (?, ?, ?, ?)",
+                (job_id, team_id, held, now),
+            )
+            return held
+
+        held = await self._write(create)
+        return Job(job_id, team_id, job_type, user_id, "pending", metadata, None, now, None, held, 0, None)
+
+    async def get_job(self, job_id: str, with_costs: bool = True) -> Job | None:
+        if with_costs:
+            sql = (
+                f"SELECT {_JOB_COLUMNS}, {_COST_COLUMNS} FROM jobs j LEFT JOIN llm_calls c ON c.job_id = j.job_id "
+                "WHERE j.job_id = ? GROUP BY j.job_id"
+            )
+        else:
+            sql = f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.job_id = ?"
+        rows = await self._read(sql, (job_id,))
+        return _job(rows[0], with_costs) if rows else None
+
+    async def list_jobs(self, team_id: str, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+        where, params = "j.team_id = ?", [team_id]
+        if status:
+            where += " AND j.status = ?"
+            params.append(status)
+        rows = await self._read(
+            f"SELECT {_JOB_COLUMNS}, {_COST_COLUMNS} FROM jobs j LEFT JOIN llm_calls c ON c.job_id = j.job_id "
+            f"WHERE {where} GROUP BY j.job_id ORDER BY j.created_at DESC, j.job_id LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        total = await self._read(f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)
+        return [_job(row, True) for row in rows], total[0][0]
+
+    async def job_calls(self, job_id: str) -> list[CallSummary]:
+        rows = await self._read(
+            f"SELECT {_CALL_COLUMNS} FROM llm_calls WHERE job_id = ? ORDER BY started_at, call_id", (job_id,)
+        )
+        return [_call(row) for row in rows]
+
+    async def start_call(self, call: NewCall) -> None:
+        async def start(db: aiosqlite.Connection) -> None:
+            cursor = await db.execute(
+                "INSERT INTO llm_calls (call_id, job_id, team_id, key_id, model_group, purpose, streamed, status, "
+                "started_at) SELECT ?, job_id, team_id, ?, ?, ?, ?, 'running', ? FROM jobs "
+                "WHERE job_id = ? AND team_id = ? AND status IN ('pending', 'in_progress')",
+                (
+                    call.call_id,
+                    call.key_id,
+                    call.model_group,
+                    call.purpose,
+                    int(call.streamed),
+                    call.started_at,
+                    call.job_id,
+                    call.team_id,
+                ),
+            )
+            if cursor.rowcount == 0:
+                rows = await db.execute_fetchall("SELECT status, team_id FROM jobs WHERE job_id = ?", (call.job_id,))
+                if not rows:
+                    raise NotFound(f"Job '{call.job_id}' not found")
+                if rows[0][1] != call.team_id:
+                    raise Forbidden(f"Job '{call.job_id}' belongs to another team")
+                raise JobClosed(call.job_id, rows[0][0])
+            await db.execute("UPDATE jobs SET status = 'in_progress' WHERE job_id = ? AND status = 'pending'", (call.job_id,))
+
+        await self._write(start)
+
+    async def finish_call(self, outcome: CallOutcome) -> None:
+        async def finish(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE llm_calls SET status = ?, model = ?, prompt_tokens = ?, completion_tokens = ?, "
+                "usage_estimated = ?, cost_usd = ?, latency_ms = ?, ttft_ms = ?, attempts = ?, error = ?, "
+                "finished_at = ? WHERE call_id = ? AND status = 'running'",
+                (
+                    outcome.status,
+                    outcome.model,
+                    outcome.prompt_tokens,
+                    outcome.completion_tokens,
+                    int(outcome.usage_estimated),
+                    outcome.cost_usd,
+                    outcome.latency_ms,
+                    outcome.time_to_first_token_ms,
+                    outcome.attempts,
+                    outcome.error,
+                    outcome.finished_at,
+                    outcome.call_id,
+                ),
+            )
+
+        await self._write(finish, transaction=False)
+
+    async def finish_job(
+        self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None
+    ) -> Job:
+        """Finish a job; returns it and whether this call changed it (False for a repeat)."""
+        now = self._clock()
+
+        async def finish(db: aiosqlite.Connection) -> bool:
+            rows = await db.execute_fetchall(
+                "SELECT status, team_id, metadata FROM jobs WHERE job_id = ?", (job_id,)
+            )
+            if not rows:
+                raise NotFound(f"Job '{job_id}' not found")
+            current, team_id, stored_metadata = rows[0]
+            if current == status:
+                return False  # the same terminal status again: same result, no new charge
+            if current in ("completed", "failed"):
+                raise JobClosed(job_id, current)
+            running = await db.execute_fetchall(
+                "SELECT 1 FROM llm_calls WHERE job_id = ? AND status = 'running' LIMIT 1", (job_id,)
+            )
+            if running:
+                raise CallInProgress(f"Job '{job_id}' has a call still running; complete it after the call ends")
+            held_rows = await db.execute_fetchall("DELETE FROM credit_holds WHERE job_id = ? RETURNING amount", (job_id,))
+            held = held_rows[0][0] if held_rows else 0
+            charged = held if status == "completed" else 0
+            remaining = await db.execute_fetchall(
+                "UPDATE teams SET credits_held = credits_held - ?, credits_used = credits_used + ?, updated_at = ? "
+                "WHERE team_id = ? RETURNING credits_allocated - credits_used",
+                (held, charged, now, team_id),
+            )
+            balance = remaining[0][0]
+            if charged:
+                await _ledger_entry(db, team_id, job_id, -charged, f"job {job_id} completed", now, balance_after=balance)
+            merged = json.loads(stored_metadata)
+            merged.update(metadata or {})
+            await db.execute(
+                "UPDATE jobs SET status = ?, completed_at = ?, metadata = ?, error_message = ?, credits_charged = ?, "
+                "credits_remaining_after = ? WHERE job_id = ?",
+                (status, now, json.dumps(merged, allow_nan=False), error_message, charged, balance, job_id),
+            )
+            return True
+
+        changed = await self._write(finish)
+        job = await self.get_job(job_id)
+        assert job is not None
+        return job, changed
+
+    async def expire_jobs(self, created_before: float, limit: int) -> list[Job]:
+        rows = await self._read(
+            "SELECT job_id FROM jobs j WHERE status IN ('pending', 'in_progress') AND created_at < ? "
+            "AND NOT EXISTS (SELECT 1 FROM llm_calls c WHERE c.job_id = j.job_id AND c.status = 'running') "
+            "ORDER BY created_at LIMIT ?",
+            (created_before, limit),
+        )
+        expired = []
+        for (job_id,) in rows:
+            try:
+                job, changed = await self.finish_job(job_id, "failed", None, "expired: the job stayed open too long")
+            except (JobClosed, CallInProgress):
+                continue  # finished or resumed by someone else meanwhile
+            if changed:
+                expired.append(job)
+        return expired
+
+    async def cancel_stale_calls(self, started_before: float) -> int:
+        async def cancel(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "UPDATE llm_calls SET status = 'cancelled', error = 'interrupted: the process serving it stopped', "
+                "finished_at = ? WHERE status = 'running' AND started_at < ?",
+                (self._clock(), started_before),
+            )
+            return cursor.rowcount
+
+        return await self._write(cancel, transaction=False)
+
+    # --- used by tests and operators -------------------------------------------------------
+
+    async def team_balances(self) -> list[tuple[str, int]]:
+        rows = await self._read("SELECT team_id, credits_allocated - credits_used FROM teams ORDER BY team_id")
+        return [(row[0], row[1]) for row in rows]
+
+    async def ledger_sum(self, team_id: str) -> int:
+        rows = await self._read("SELECT COALESCE(SUM(amount), 0) FROM credit_ledger WHERE team_id = ?", (team_id,))
+        return rows[0][0]
+
+
+def _group(row: sqlite3.Row | tuple) -> ModelGroup:
+    return ModelGroup(row[0], tuple(json.loads(row[1])), row[2], row[3], row[4])
+
+
+async def _team_in(db: aiosqlite.Connection, team_id: str) -> Team:
+    rows = await db.execute_fetchall(f"SELECT {_TEAM_COLUMNS} FROM teams t WHERE t.team_id = ?", (team_id,))
+    if not rows:
+        raise NotFound(f"Team '{team_id}' not found")
+    return _team(rows[0])
+
+
+async def _grant_groups(db: aiosqlite.Connection, team_id: str, groups: Iterable[str]) -> None:
+    for position, group in enumerate(groups):
+        try:
+            await db.execute(
+                "INSERT INTO team_model_groups (team_id, model_group, position) VALUES (?, ?, ?)",
+                (team_id, group, position),
+            )
+        except sqlite3.IntegrityError:
+            raise NotFound(f"Model group '{group}' not found") from None
+
+
+async def _ledger_entry(
+    db: aiosqlite.Connection,
+    team_id: str,
+    job_id: str | None,
+    amount: int,
+    reason: str,
+    now: float,
+    balance_after: int | None = None,
+) -> None:
+    if balance_after is None:
+        rows = await db.execute_fetchall(
+            "SELECT credits_allocated - credits_used FROM teams WHERE team_id = ?", (team_id,)
+        )
+        balance_after = rows[0][0]
+    await db.execute(
+        "INSERT INTO credit_ledger (team_id, job_id, amount, reason, balance_after, created_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (team_id, job_id, amount, reason, balance_after, now),
+    )
+
+
+def _statements(script: str) -> list[str]:
+    statements, current = [], []
+    for line in script.splitlines():
+        current.append(line)
+        if sqlite3.complete_statement("\n".join(current)):
+            statements.append("\n".join(current).strip())
+            current = []
+    return [s for s in statements if s]
+
+
+def _busy_or(exc: sqlite3.OperationalError) -> Exception:
+    if "locked" in str(exc) or "busy" in str(exc):
+        return StoreBusy("The database is busy; try again shortly")
+    return exc

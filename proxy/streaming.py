@@ -1,0 +1,170 @@
+"""Relaying an upstream SSE stream to the client, byte for byte, as it arrives.
+
+Events are forwarded the moment their last byte is in (only an unfinished
+event's tail waits), unchanged; a usage-only chunk can be left out for clients
+that did not ask for usage. A second task watches the client: when it hangs
+up, the upstream response is closed at once, so LiteLLM stops generating.
+
+The call is recorded exactly once, shielded from cancellation, and before the
+client can see the stream end: the terminal event (`[DONE]`, or an error) is
+held back until the record is written, so a client that completes its job the
+moment its stream ends never finds the call still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable, Literal, Mapping
+
+import httpx
+from prometheus_client import Gauge
+from starlette.types import Receive, Scope, Send
+
+from .accounting import StreamTally
+from .forwarding import OpenStream
+from .sse import SSEEvent
+
+EndReason = Literal["finished", "client_disconnected", "upstream_failed", "shutdown"]
+SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+
+
+@dataclass(frozen=True)
+class RelayEnd:
+    reason: EndReason
+    error: str | None
+    first_event_at: float | None  # loop time the first event went out
+    ended_at: float
+
+
+def error_event(message: str, error_type: str, code: str) -> bytes:
+    body = {"error": {"message": message, "type": error_type, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+class SSERelay:
+    def __init__(
+        self,
+        stream: OpenStream,
+        tally: StreamTally,
+        headers: Mapping[str, str],
+        deadline: float,
+        on_end: Callable[[RelayEnd], Awaitable[None]],
+        drop_usage_only: bool = False,
+        live: Gauge | None = None,
+    ) -> None:
+        self._stream = stream
+        self._tally = tally
+        self._raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in {**SSE_HEADERS, **headers}.items()]
+        self._deadline = deadline
+        self._on_end = on_end
+        self._drop_usage_only = drop_usage_only
+        self._first_event_at: float | None = None
+        self._recorded = False
+        self._live = live
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._live is not None:
+            self._live.inc()
+        try:
+            await self._run(receive, send)
+        finally:
+            if self._live is not None:
+                self._live.dec()
+
+    async def _run(self, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        relay = loop.create_task(self._relay(send))
+        watcher = loop.create_task(self._wait_for_disconnect(receive))
+        reason: EndReason = "client_disconnected"
+        try:
+            await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            reason = "shutdown"
+            raise
+        finally:
+            relay.cancel()  # a no-op when it is done; otherwise the client is gone
+            watcher.cancel()
+            try:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await relay
+            except Exception as exc:
+                await self._record("upstream_failed", f"relay failed: {type(exc).__name__}")
+                raise
+            finally:
+                await self._record(reason, None)
+
+    async def _wait_for_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async def _relay(self, send: Send) -> None:
+        stream = self._stream
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
+            terminal = await self._forward(send, stream.first_events)
+            if terminal is None:
+                async with asyncio.timeout_at(self._deadline):
+                    async for chunk in stream.chunks:
+                        events = stream.scanner.feed(chunk)
+                        if events and (terminal := await self._forward(send, events)) is not None:
+                            break
+                    else:
+                        tail = stream.scanner.flush()
+                        if tail is not None:
+                            terminal = await self._forward(send, [tail])
+            if terminal is None:
+                await self._fail(send, "The upstream stream ended before it was complete", "upstream_incomplete")
+            else:
+                # Recorded before the client can see the end, outside the call's deadline.
+                await self._record("finished" if self._tally.error is None else "upstream_failed", self._tally.error)
+                await self._send(send, terminal)
+        except TimeoutError:
+            await self._fail(send, "The call took longer than the gateway allows", "upstream_timeout")
+        except httpx.TransportError as exc:
+            await self._fail(send, f"The upstream connection failed: {type(exc).__name__}", "upstream_connection_lost")
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.chunks.aclose()  # type: ignore[attr-defined]
+            await stream.response.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _forward(self, send: Send, events: Iterable[SSEEvent]) -> list[bytes] | None:
+        """Send what the client should get, up to the terminal event ([DONE] or an error):
+        that one, and anything after it, is returned unsent."""
+        tally, drop = self._tally, self._drop_usage_only
+        kept: list[bytes] = []
+        events = list(events)
+        for index, event in enumerate(events):
+            usage_only = tally.observe(event)
+            if tally.done or tally.error is not None:
+                await self._send(send, kept)
+                return [e.raw for e in events[index:]]
+            if not (usage_only and drop):
+                kept.append(event.raw)
+        await self._send(send, kept)
+        return None
+
+    async def _send(self, send: Send, chunks: list[bytes]) -> None:
+        if not chunks:
+            return
+        if self._first_event_at is None:
+            self._first_event_at = asyncio.get_running_loop().time()
+        await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+
+    async def _fail(self, send: Send, message: str, code: str) -> None:
+        await self._record("upstream_failed", message)
+        await self._send(send, [error_event(message, "upstream_error", code)])
+
+    async def _record(self, reason: EndReason, error: str | None) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
+        end = RelayEnd(reason, error, self._first_event_at, asyncio.get_running_loop().time())
+        await asyncio.shield(self._on_end(end))

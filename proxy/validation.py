@@ -1,0 +1,264 @@
+"""Validation of request bodies into plain records; every problem is a 422 that
+names the field. Unknown chat parameters pass through to the upstream untouched."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ApiError
+
+ROLES = ("system", "user", "assistant", "tool", "function", "developer")
+MAX_MESSAGES = 10_000
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 1_000
+MAX_LABEL = 256
+MAX_TOKENS = 10_000_000  # far above any model's output, far below what would overflow a counter
+
+# Tollgate's own keys, never forwarded upstream.
+CALL_KEYS = ("model_group", "purpose")
+
+
+def invalid(field: str, problem: str) -> ApiError:
+    return ApiError(422, f"{field}: {problem}", code="invalid_value", param=field)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # ints may exceed a float's range
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def optional_str(body: dict[str, Any], field: str, max_length: int = MAX_LABEL, allow_empty: bool = False) -> str | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid(field, "must be a string")
+    if not value and not allow_empty:
+        raise invalid(field, "must not be empty")
+    if len(value) > max_length:
+        raise invalid(field, f"must be at most {max_length} characters")
+    return value
+
+
+def required_str(body: dict[str, Any], field: str, max_length: int = MAX_LABEL) -> str:
+    value = optional_str(body, field, max_length)
+    if value is None:
+        raise invalid(field, "is required")
+    return value
+
+
+def optional_object(body: dict[str, Any], field: str) -> dict[str, Any] | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid(field, "must be an object")
+    return value
+
+
+def optional_int(body: dict[str, Any], field: str, minimum: int | None = None, maximum: int | None = None) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise invalid(field, "must be an integer")
+    if minimum is not None and value < minimum:
+        raise invalid(field, f"must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise invalid(field, f"must be at most {maximum}")
+    return value
+
+
+def _number_in(body: dict[str, Any], field: str, low: float, high: float) -> None:
+    value = body.get(field)
+    if value is None:
+        return
+    if not _is_number(value):
+        raise invalid(field, "must be a number")
+    if not low <= value <= high:
+        raise invalid(field, f"must be between {low:g} and {high:g}")
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except (ValueError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """A validated chat call: Tollgate's own fields apart, the rest to forward."""
+
+    model_group: str | None
+    purpose: str | None
+    params: dict[str, Any]
+    stream: bool
+    client_wants_usage: bool
+    prompt_chars: int
+    max_tokens: int | None
+
+    @property
+    def prompt_estimate(self) -> int:
+        return math.ceil(self.prompt_chars / 4)
+
+
+def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
+    """Validate a call body. On /api the route decides streaming; on /v1 the body does."""
+    if openai:
+        model_group = required_str(body, "model", 128)
+    else:
+        model_group = optional_str(body, "model_group", 128) or optional_str(body, "model", 128)
+    purpose = optional_str(body, "purpose")
+    prompt_chars = _check_messages(body.get("messages"))
+
+    _number_in(body, "temperature", 0, 2)
+    _number_in(body, "top_p", 0, 1)
+    _number_in(body, "frequency_penalty", -2, 2)
+    _number_in(body, "presence_penalty", -2, 2)
+    max_tokens = optional_int(body, "max_tokens", minimum=1, maximum=MAX_TOKENS)
+    max_completion_tokens = optional_int(body, "max_completion_tokens", minimum=1, maximum=MAX_TOKENS)
+    optional_int(body, "n", minimum=1, maximum=128)
+    optional_int(body, "seed", minimum=-(2**63), maximum=2**63 - 1)
+    optional_int(body, "top_logprobs", minimum=0, maximum=20)
+    optional_str(body, "user", allow_empty=True)
+    _check_stop(body.get("stop"))
+    for field in ("response_format", "metadata", "logit_bias", "stream_options"):
+        optional_object(body, field)
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise invalid("tools", "must be a list of objects")
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and not isinstance(tool_choice, (str, dict)):
+        raise invalid("tool_choice", "must be a string or an object")
+
+    stream = False
+    client_wants_usage = False
+    if openai:
+        stream = body.get("stream", False)
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise invalid("stream", "must be true or false")
+        options = body.get("stream_options") or {}
+        include_usage = options.get("include_usage", False)
+        if include_usage is not None and not isinstance(include_usage, bool):
+            raise invalid("stream_options.include_usage", "must be true or false")
+        client_wants_usage = bool(include_usage)
+
+    dropped = CALL_KEYS + (("model",) if not openai else ()) + ("stream", "stream_options")
+    params = {key: value for key, value in body.items() if key not in dropped}
+    return CallRequest(
+        model_group, purpose, params, stream, client_wants_usage, prompt_chars, max_completion_tokens or max_tokens
+    )
+
+
+def _check_messages(messages: Any) -> int:
+    if messages is None:
+        raise invalid("messages", "is required")
+    if not isinstance(messages, list):
+        raise invalid("messages", "must be a list of message objects")
+    if not messages:
+        raise invalid("messages", "must not be empty")
+    if len(messages) > MAX_MESSAGES:
+        raise invalid("messages", f"must hold at most {MAX_MESSAGES} messages")
+    chars = 0
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(where, "must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise invalid(f"{where}.role", "is required and must be a string")
+        if role not in ROLES:
+            raise invalid(f"{where}.role", "must be one of: " + ", ".join(ROLES))
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict):
+                    raise invalid(f"{where}.content[{j}]", "must be an object")
+                text = part.get("text")
+                if isinstance(text, str):
+                    chars += len(text)
+        elif content is None:
+            if role in ("system", "user", "developer"):
+                raise invalid(f"{where}.content", "is required for this role")
+        else:
+            raise invalid(f"{where}.content", "must be a string, a list of parts, or null")
+    return chars
+
+
+def _check_stop(stop: Any) -> None:
+    if stop is None:
+        return
+    sequences = [stop] if isinstance(stop, str) else stop
+    if not isinstance(sequences, list) or not all(isinstance(s, str) for s in sequences):
+        raise invalid("stop", "must be a string or a list of strings")
+    if len(sequences) > MAX_STOP_SEQUENCES:
+        raise invalid("stop", f"must hold at most {MAX_STOP_SEQUENCES} sequences")
+    if any(len(s) > MAX_STOP_LENGTH for s in sequences):
+        raise invalid("stop", f"sequences must be at most {MAX_STOP_LENGTH} characters")
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    job_type: str
+    team_id: str | None
+    user_id: str | None
+    metadata: dict[str, Any]
+
+
+def parse_job_create(body: dict[str, Any]) -> JobRequest:
+    return JobRequest(
+        job_type=required_str(body, "job_type"),
+        team_id=optional_str(body, "team_id"),
+        user_id=optional_str(body, "user_id"),
+        metadata=optional_object(body, "metadata") or {},
+    )
+
+
+@dataclass(frozen=True)
+class CompleteRequest:
+    status: str
+    metadata: dict[str, Any] | None
+    error_message: str | None
+
+
+def parse_complete(body: dict[str, Any]) -> CompleteRequest:
+    status = body.get("status")
+    if status not in ("completed", "failed"):
+        raise invalid("status", "must be 'completed' or 'failed'")
+    return CompleteRequest(
+        status=status,
+        metadata=optional_object(body, "metadata"),
+        error_message=optional_str(body, "error_message", 10_000, allow_empty=True),
+    )
+
+
+def parse_paging(query: Any, max_limit: int = 500) -> tuple[str | None, int, int]:
+    """`?status=&limit=&offset=` of the job lists."""
+    status = query.get("status") or None
+    if status is not None and status not in ("pending", "in_progress", "completed", "failed"):
+        raise invalid("status", "must be one of: pending, in_progress, completed, failed")
+    limit = _query_int(query, "limit", 50, 1, max_limit)
+    offset = _query_int(query, "offset", 0, 0, 10**9)
+    return status, limit, offset
+
+
+def _query_int(query: Any, name: str, default: int, low: int, high: int) -> int:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 12) or not low <= int(raw) <= high:
+        raise invalid(name, f"must be an integer from {low} to {high}")
+    return int(raw)

@@ -1,0 +1,109 @@
+"""A gateway killed mid-stream leaves exact books once restarted; SIGTERM is graceful."""
+
+import signal
+import socket
+import sqlite3
+import threading
+import time
+
+import httpx
+
+from tests.support import Tollgate, wait_for
+
+SLOW = {"messages": [{"role": "user", "content": "a long answer [chunks=100] [delay_ms=100]"}]}
+
+
+def books(database) -> dict:
+    db = sqlite3.connect(database)
+    allocated, used, held = db.execute("SELECT credits_allocated, credits_used, credits_held FROM teams").fetchone()
+    return {
+        "allocated": allocated,
+        "used": used,
+        "held": held,
+        "holds": db.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_holds").fetchone()[0],
+        "ledger": db.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_ledger").fetchone()[0],
+        "calls": db.execute("SELECT call_id, status, error FROM llm_calls").fetchall(),
+        "jobs": dict(db.execute("SELECT job_id, status FROM jobs").fetchall()),
+    }
+
+
+def stream_in_background(server: Tollgate, key: str, job_id: str) -> threading.Event:
+    started = threading.Event()
+
+    def run() -> None:
+        try:
+            url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
+            with httpx.stream("POST", url, json=SLOW, headers={"Authorization": f"Bearer {key}"}, timeout=30) as r:
+                for _ in r.iter_lines():
+                    started.set()
+        except httpx.HTTPError:
+            pass  # the gateway went away under it
+
+    threading.Thread(target=run, daemon=True).start()
+    assert started.wait(10)
+    return started
+
+
+def test_sigkill_mid_stream_then_restart_leaves_no_hold_and_balanced_books(tmp_path, litellm):
+    server = Tollgate(
+        tmp_path, litellm.url, litellm.master_key,
+        jobs={"expire_after": "3s", "sweep_interval": "0.3s", "stale_call_margin": "1s"},
+        upstream={"timeouts": {"total": "2s"}},
+    ).start()
+    team = server.admin().team(credits=5)
+    client = server.client(team.key)
+    done = client.post("/api/jobs/create", json={"job_type": "done"}).json()["job_id"]
+    client.post(f"/api/jobs/{done}/complete", json={"status": "completed"}).raise_for_status()
+    streaming = client.post("/api/jobs/create", json={"job_type": "streaming"}).json()["job_id"]
+    idle = client.post("/api/jobs/create", json={"job_type": "idle"}).json()["job_id"]
+    stream_in_background(server, team.key, streaming)
+
+    server.stop(signal.SIGKILL)
+    killed = books(server.database)
+    assert killed["held"] == 2 and [c[1] for c in killed["calls"]] == ["running"]
+
+    server.start()
+    try:
+        settled = wait_for(lambda: (b := books(server.database))["held"] == 0 and b, timeout=15)
+        assert settled, books(server.database)
+        assert settled["jobs"] == {done: "completed", streaming: "failed", idle: "failed"}
+        ((call_id, status, error),) = settled["calls"]  # one record, never duplicated
+        assert status == "cancelled" and error.startswith("interrupted")
+        assert settled["holds"] == 0 and settled["used"] == 1
+        assert settled["allocated"] - settled["used"] - settled["held"] == 4
+        assert settled["ledger"] == settled["allocated"] - settled["used"]
+    finally:
+        server.stop()
+
+
+def test_sigterm_lets_an_open_stream_finish_refuses_new_connections_and_exits_0(tmp_path, litellm):
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "20s"}).start()
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "graceful"}).json()["job_id"]
+    url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
+    body = {"messages": [{"role": "user", "content": "finish me [chunks=20] [delay_ms=100]"}]}
+    with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
+        lines = stream.iter_lines()
+        next(lines)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", server.port)) != 0, "still accepting connections"
+        rest = list(lines)
+    assert "data: [DONE]" in rest
+    assert server.process.wait(15) == 0
+    ((_, status, _),) = books(server.database)["calls"]
+    assert status == "success"
+
+
+def test_sigterm_cuts_streams_after_the_grace_period_and_records_them(tmp_path, litellm):
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "cut"}).json()["job_id"]
+    stream_in_background(server, team.key, job_id)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(15) == 0
+    ((_, status, error),) = books(server.database)["calls"]
+    assert status == "cancelled" and "shut down" in error

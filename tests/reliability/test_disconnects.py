@@ -1,0 +1,62 @@
+"""Clients hanging up mid-stream: the upstream is closed at once, every call is recorded,
+no upstream connection is leaked, and the live-streams gauge returns to zero."""
+
+import asyncio
+import re
+import subprocess
+import time
+
+import httpx
+
+from tests.support import fake_log, tag, wait_for
+
+STREAMS = 100
+
+
+def upstream_connections(pid: int, port: int) -> int:
+    """Established TCP connections from process `pid` to `port`."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( dport = :{port} )"], capture_output=True, text=True).stdout
+    return sum(f"pid={pid}," in line for line in out.splitlines())
+
+
+def test_100_disconnects_mid_stream_close_the_upstream_and_are_all_recorded(make_tollgate, litellm, fake_url):
+    server = make_tollgate(upstream={"max_keepalive_connections": 10})
+    team = server.admin().team(credits=10, rpm_limit=10_000, tpm_limit=100_000_000)
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "hang-ups"}).json()["job_id"]
+    label = tag()
+    body = {"messages": [{"role": "user", "content": f"long [chunks=400] [delay_ms=50] [tag={label}]"}]}
+
+    async def hang_up(http: httpx.AsyncClient) -> None:
+        async with http.stream("POST", f"/api/jobs/{job_id}/llm-call-stream", json=body) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            for _ in range(4):
+                await anext(lines)
+
+    async def run() -> float:
+        limits = httpx.Limits(max_connections=STREAMS)
+        async with httpx.AsyncClient(
+            base_url=server.url, headers={"Authorization": f"Bearer {team.key}"}, timeout=60, limits=limits
+        ) as http:
+            await asyncio.gather(*(hang_up(http) for _ in range(STREAMS)))
+        return time.time()
+
+    hung_up = asyncio.run(run())
+    closed = wait_for(lambda: [e for e in fake_log(fake_url, label) if e["disconnected"]], timeout=10)
+    assert len(closed) == STREAMS
+    assert max(e["disconnected"] for e in closed) - hung_up < 1.0
+
+    def recorded():
+        calls = client.get(f"/api/jobs/{job_id}").json()["calls"]
+        return len(calls) == STREAMS and all(c["status"] == "cancelled" for c in calls) and calls
+    calls = wait_for(recorded, timeout=10)
+    assert calls and all(c["usage_estimated"] and c["completion_tokens"] > 0 for c in calls)
+
+    litellm_port = int(litellm.url.rsplit(":", 1)[1])
+    assert wait_for(lambda: upstream_connections(server.process.pid, litellm_port) <= 10, timeout=5)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert re.search(r"^tollgate_active_streams 0\.0$", metrics, re.M)
+    # And the pool still works.
+    answer = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": [{"role": "user", "content": "still there?"}]})
+    assert answer.status_code == 200

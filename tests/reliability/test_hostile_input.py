@@ -1,0 +1,178 @@
+"""Hostile input: every request below gets a 4xx with a message, and the gateway stays healthy."""
+
+import socket
+
+import httpx
+import pytest
+
+HI = [{"role": "user", "content": "hi"}]
+JSON = "application/json"
+BIG = 11 * 1024 * 1024
+
+
+def call_body(**fields) -> dict:
+    return {"messages": HI, **fields}
+
+
+# (name, method, path template, body: dict | bytes | None, content type, which key)
+# Paths may use {job} (an open job of the team) and {team}.
+CASES = [
+    ("malformed json", "POST", "/api/jobs/{job}/llm-call", b"{", JSON, "virtual"),
+    ("truncated json", "POST", "/api/jobs/{job}/llm-call", b'{"messages": [{"role": "user", "content": "hi"', JSON, "virtual"),
+    ("top-level array", "POST", "/api/jobs/{job}/llm-call", b"[1, 2]", JSON, "virtual"),
+    ("top-level string", "POST", "/api/jobs/{job}/llm-call", b'"hi"', JSON, "virtual"),
+    ("empty body", "POST", "/api/jobs/{job}/llm-call", b"", JSON, "virtual"),
+    ("text/plain", "POST", "/api/jobs/{job}/llm-call", b'{"messages": []}', "text/plain", "virtual"),
+    ("multipart", "POST", "/api/jobs/{job}/llm-call", b"--x\r\n", "multipart/form-data; boundary=x", "virtual"),
+    ("form encoded", "POST", "/api/jobs/create", b"job_type=x", "application/x-www-form-urlencoded", "virtual"),
+    ("huge body", "POST", "/api/jobs/{job}/llm-call", b'{"a": "' + b"x" * BIG + b'"}', JSON, "virtual"),
+    ("deep arrays", "POST", "/api/jobs/{job}/llm-call", b"[" * 200_000 + b"]" * 200_000, JSON, "virtual"),
+    ("deep objects", "POST", "/api/jobs/{job}/llm-call", b'{"a":' * 5000 + b"1" + b"}" * 5000, JSON, "virtual"),
+    ("lone surrogate in value", "POST", "/api/jobs/{job}/llm-call", b'{"messages": [{"role": "user", "content": "\\udc00"}]}', JSON, "virtual"),
+    ("lone surrogate in key", "POST", "/api/jobs/{job}/llm-call", b'{"\\ud800": 1, "messages": []}', JSON, "virtual"),
+    ("NaN", "POST", "/api/jobs/{job}/llm-call", b'{"messages": [], "top_p": NaN}', JSON, "virtual"),
+    ("-Infinity", "POST", "/api/jobs/{job}/llm-call", b'{"messages": [], "top_p": -Infinity}', JSON, "virtual"),
+    ("1e999", "POST", "/api/jobs/create", b'{"job_type": "x", "metadata": {"n": 1e999}}', JSON, "virtual"),
+    ("invalid utf-8", "POST", "/api/jobs/{job}/llm-call", b'{"messages": "\xc3\x28"}', JSON, "virtual"),
+    ("messages null", "POST", "/api/jobs/{job}/llm-call", {"messages": None}, JSON, "virtual"),
+    ("messages object", "POST", "/api/jobs/{job}/llm-call", {"messages": {"role": "user"}}, JSON, "virtual"),
+    ("message null", "POST", "/api/jobs/{job}/llm-call", {"messages": [None]}, JSON, "virtual"),
+    ("role number", "POST", "/api/jobs/{job}/llm-call", {"messages": [{"role": 1, "content": "x"}]}, JSON, "virtual"),
+    ("content object", "POST", "/api/jobs/{job}/llm-call", {"messages": [{"role": "user", "content": {"a": 1}}]}, JSON, "virtual"),
+    ("temperature string", "POST", "/api/jobs/{job}/llm-call", call_body(temperature="0.5"), JSON, "virtual"),
+    ("temperature negative", "POST", "/api/jobs/{job}/llm-call", call_body(temperature=-1), JSON, "virtual"),
+    ("top_p list", "POST", "/api/jobs/{job}/llm-call", call_body(top_p=[1]), JSON, "virtual"),
+    ("max_tokens negative", "POST", "/api/jobs/{job}/llm-call", call_body(max_tokens=-5), JSON, "virtual"),
+    ("max_tokens string", "POST", "/api/jobs/{job}/llm-call", call_body(max_tokens="100"), JSON, "virtual"),
+    ("max_tokens bool", "POST", "/api/jobs/{job}/llm-call", call_body(max_tokens=True), JSON, "virtual"),
+    ("n zero", "POST", "/api/jobs/{job}/llm-call", call_body(n=0), JSON, "virtual"),
+    ("stop numbers", "POST", "/api/jobs/{job}/llm-call", call_body(stop=[1, 2]), JSON, "virtual"),
+    ("stop too many", "POST", "/api/jobs/{job}/llm-call", call_body(stop=["s"] * 100), JSON, "virtual"),
+    ("stop oversize", "POST", "/api/jobs/{job}/llm-call", call_body(stop="x" * 100_000), JSON, "virtual"),
+    ("model_group list", "POST", "/api/jobs/{job}/llm-call", call_body(model_group=["Main"]), JSON, "virtual"),
+    ("model_group unknown", "POST", "/api/jobs/{job}/llm-call", call_body(model_group="../../etc"), JSON, "virtual"),
+    ("purpose too long", "POST", "/api/jobs/{job}/llm-call", call_body(purpose="p" * 10_000), JSON, "virtual"),
+    ("tools object", "POST", "/api/jobs/{job}/llm-call", call_body(tools={"a": 1}), JSON, "virtual"),
+    ("tool_choice number", "POST", "/api/jobs/{job}/llm-call", call_body(tool_choice=5), JSON, "virtual"),
+    ("response_format string", "POST", "/api/jobs/{job}/llm-call", call_body(response_format="json"), JSON, "virtual"),
+    ("user number", "POST", "/api/jobs/{job}/llm-call", call_body(user=5), JSON, "virtual"),
+    ("metadata string", "POST", "/api/jobs/{job}/llm-call", call_body(metadata="x"), JSON, "virtual"),
+    ("job_type missing", "POST", "/api/jobs/create", {}, JSON, "virtual"),
+    ("job_type number", "POST", "/api/jobs/create", {"job_type": 5}, JSON, "virtual"),
+    ("job metadata list", "POST", "/api/jobs/create", {"job_type": "x", "metadata": [1]}, JSON, "virtual"),
+    ("complete bad status", "POST", "/api/jobs/{job}/complete", {"status": "done"}, JSON, "virtual"),
+    ("complete no status", "POST", "/api/jobs/{job}/complete", {}, JSON, "virtual"),
+    ("complete error_message number", "POST", "/api/jobs/{job}/complete", {"status": "failed", "error_message": 5}, JSON, "virtual"),
+    ("no authorization", "GET", "/api/teams/{team}", None, None, None),
+    ("bearer without token", "GET", "/api/teams/{team}", None, None, "Bearer"),
+    ("basic auth", "GET", "/api/teams/{team}", None, None, "Basic dXNlcjpwYXNz"),
+    ("garbled authorization", "GET", "/api/teams/{team}", None, None, "Bearer \xff\xfe\xfd"),
+    ("huge bearer token", "GET", "/api/teams/{team}", None, None, "Bearer sk-" + "x" * 10_000),
+    ("master key on /api", "GET", "/api/teams/{team}", None, None, "master"),
+    ("virtual key on /admin", "GET", "/admin/organizations", None, None, "virtual"),
+    ("traversal job id", "GET", "/api/jobs/..%2F..%2Fadmin%2Forganizations", None, None, "virtual"),
+    ("dot-dot job id", "POST", "/api/jobs/../../admin/organizations/llm-call", call_body(), JSON, "virtual"),
+    ("nul in job id", "GET", "/api/jobs/abc%00def", None, None, "virtual"),
+    ("very long job id", "GET", "/api/jobs/" + "a" * 8000, None, None, "virtual"),
+    ("traversal team id", "GET", "/api/teams/..%2F..%2Fadmin", None, None, "virtual"),
+    ("crlf in path", "GET", "/api/jobs/x%0d%0aSet-Cookie:%20evil=1", None, None, "virtual"),
+    ("v1 job header not a uuid", "POST", "/v1/chat/completions", {"model": "Main", "messages": HI}, JSON, "virtual+job-header"),
+    ("v1 missing model", "POST", "/v1/chat/completions", {"messages": HI}, JSON, "virtual"),
+    ("v1 stream not bool", "POST", "/v1/chat/completions", {"model": "Main", "messages": HI, "stream": "yes"}, JSON, "virtual"),
+    ("admin team id traversal", "POST", "/admin/teams", {"team_id": "../x", "organization_id": "o"}, JSON, "master"),
+    ("admin amount string", "POST", "/admin/teams/{team}/credits", {"amount": "10", "reason": "x"}, JSON, "master"),
+    ("admin unknown field", "PATCH", "/admin/teams/{team}", {"credits_used": 0}, JSON, "master"),
+]
+
+
+@pytest.fixture(scope="module")
+def target(tollgate, admin):
+    team = admin.team()
+    job = httpx.post(
+        f"{tollgate.url}/api/jobs/create", json={"job_type": "hostile"}, headers={"Authorization": f"Bearer {team.key}"}
+    ).json()["job_id"]
+    return tollgate, team, job
+
+
+def message_of(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return body["error"]["message"]
+    return str(body.get("detail", "")) if isinstance(body, dict) else ""
+
+
+def test_there_are_at_least_40_cases():
+    assert len(CASES) >= 40
+
+
+@pytest.mark.parametrize("name, method, path, body, content_type, key", CASES, ids=[c[0] for c in CASES])
+def test_hostile_request_gets_a_4xx_with_a_message(target, name, method, path, body, content_type, key):
+    server, team, job = target
+    headers = {}
+    if content_type:
+        headers["Content-Type"] = content_type
+    if key == "virtual" or key == "virtual+job-header":
+        headers["Authorization"] = f"Bearer {team.key}"
+    elif key == "master":
+        headers["Authorization"] = f"Bearer {server.master_key}"
+    elif key:
+        headers["Authorization"] = key
+    if key == "virtual+job-header":
+        headers["X-Job-Id"] = "../../etc/passwd"
+    content = body if isinstance(body, bytes) or body is None else httpx.Request("POST", "/", json=body).content
+    url = server.url + path.format(job=job, team=team.team_id)
+    # Raw bytes for paths and headers a polite client would refuse to send.
+    response = httpx.request(method, httpx.URL(url), content=content, headers=[(k, v.encode("latin-1")) for k, v in headers.items()], timeout=30)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert message_of(response).strip(), response.text[:300]
+    assert "set-cookie" not in response.headers
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks):
+                break
+        return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"GET /api/teams/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\rb\r\n\r\n",
+        b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nX-Job-Id: a\r\n X-Folded: 1\r\n\r\n",
+    ],
+    ids=["garbage request line", "bad content-length", "bare CR in header", "folded header"],
+)
+def test_protocol_level_garbage_gets_a_400(target, request_bytes):
+    server, _, _ = target
+    reply = raw_exchange(server.port, request_bytes)
+    status = int(reply.split(b" ", 2)[1])
+    assert 400 <= status < 500, reply[:200]
+
+
+def test_injected_header_lines_are_not_reflected(target):
+    server, team, _ = target
+    request = (
+        f"GET /api/teams/{team.team_id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        "X-Job-Id: abc\r\nX-Evil: injected\r\n\r\n"
+    ).encode()
+    reply = raw_exchange(server.port, request)
+    assert b" 200 " in reply.split(b"\r\n", 1)[0] and b"injected" not in reply
+
+
+def test_the_gateway_is_healthy_after_all_of_it(target):
+    server, team, job = target
+    assert httpx.get(f"{server.url}/health/live").json() == {"status": "ok"}
+    response = httpx.post(
+        f"{server.url}/api/jobs/{job}/llm-call", json=call_body(), headers={"Authorization": f"Bearer {team.key}"}
+    )
+    assert response.status_code == 200

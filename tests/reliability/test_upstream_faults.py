@@ -1,0 +1,111 @@
+"""Upstream faults: failing, slow, rate-limited and broken upstreams behind a real LiteLLM.
+The fallback answers whenever it can; otherwise the client gets a clear status, and every
+call is recorded either way."""
+
+import time
+
+import pytest
+
+from tests.support import sse_json
+from tests.test_llm_calls import calls_of, new_job, say
+
+
+@pytest.mark.parametrize("group", ["Fallback500", "Fallback503", "Fallback429"])
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_failing_primary_falls_back_to_the_next_model(tollgate, admin, group, route):
+    team = admin.team(groups=(group,))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hello [chunks=2]")})
+    assert response.status_code == 200
+    assert "word1" in response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
+def test_timeout_before_the_first_byte_falls_back(make_tollgate):
+    server = make_tollgate(upstream={"timeouts": {"first_byte": "1s"}})
+    team = server.admin().team(groups=("FallbackHang",))
+    client = server.client(team.key)
+    job_id = new_job(client)
+    started = time.monotonic()
+    body = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("hi")}).json()
+    assert body["metadata"]["model"] == "backup" and time.monotonic() - started < 10
+    assert calls_of(client, job_id)[0]["attempts"] == 2
+
+def test_every_model_failing_is_503_with_retry_after_and_the_job_stays_completable(tollgate, admin):
+    team = admin.team(groups=("AllFail",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    for route in ("llm-call", "llm-call-stream"):
+        response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi")})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert "unavailable" in response.json()["detail"]
+    assert [(c["status"], c["attempts"]) for c in calls_of(client, job_id)] == [("error", 2), ("error", 2)]
+    assert client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).status_code == 200
+
+def test_every_model_rate_limited_is_429_with_retry_after(tollgate, admin):
+    team = admin.team(groups=("AllLimited",))
+    client = tollgate.client(team.key)
+    response = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say("hi")})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
+
+@pytest.mark.parametrize("group", ["Abort", "Garbage"])
+def test_stream_failing_midway_ends_with_one_error_event_and_is_recorded(tollgate, admin, group):
+    team = admin.team(groups=(group,))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("hi [chunks=6]")})
+    assert response.status_code == 200
+    events = sse_json(response.text)
+    assert [e for e in events if "error" in e] == [events[-1]]
+    assert set(events[-1]["error"]) >= {"message", "type", "code"}
+    (call,) = calls_of(client, job_id)
+    assert call["status"] == "error" and call["error"]
+    assert call["completion_tokens"] > 0 and call["usage_estimated"] is True
+
+
+def test_streamed_timeout_before_the_first_event_falls_back(make_tollgate):
+    server = make_tollgate(upstream={"timeouts": {"first_byte": "1s"}})
+    team = server.admin().team(groups=("FallbackHang",))
+    client = server.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("hi [chunks=2]")})
+    assert response.status_code == 200 and "word1" in response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
+
+
+def test_a_whole_call_past_the_total_timeout_is_cut_with_one_error_event(make_tollgate):
+    server = make_tollgate(upstream={"timeouts": {"total": "1s"}})
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = new_job(client)
+    started = time.monotonic()
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("long [chunks=50] [delay_ms=100]")})
+    assert time.monotonic() - started < 5
+    events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+    assert '"upstream_timeout"' in events[-1] and sum('"error"' in e for e in events) == 1
+    (call,) = calls_of(client, job_id)
+    assert call["status"] == "error" and call["usage_estimated"] and call["completion_tokens"] > 0
+
+
+def test_malformed_json_answer_is_a_failure_that_falls_back_or_503s(tollgate, admin):
+    team = admin.team(groups=("Garbage",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("hi")})
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert calls_of(client, job_id)[0]["status"] == "error"
+    assert client.post(f"/api/jobs/{job_id}/complete", json={"status": "failed"}).status_code == 200
+
+
+def test_upstream_down_entirely_is_503_quickly_and_recorded(make_tollgate):
+    server = make_tollgate(upstream_url="http://127.0.0.1:9", upstream={"timeouts": {"connect": "1s"}})
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = new_job(client)
+    for route in ("llm-call", "llm-call-stream"):
+        response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi")})
+        assert response.status_code == 503 and "connection failed" in response.json()["detail"]
+    assert [c["status"] for c in calls_of(client, job_id)] == ["error", "error"]

@@ -1,0 +1,198 @@
+"""The admin API, behind the master key, exactly as API.md's table."""
+
+import uuid
+
+import httpx
+import pytest
+
+from tests.support import Tollgate
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-master-key", "Basic abc", "Bearer"])
+def test_admin_refuses_without_the_master_key(tollgate, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    response = httpx.get(f"{tollgate.url}/admin/organizations", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["detail"]
+
+
+def test_admin_refuses_a_virtual_key(tollgate, team):
+    response = httpx.get(f"{tollgate.url}/admin/organizations", headers={"Authorization": f"Bearer {team.key}"})
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Invalid master key"}
+
+
+def test_admin_refuses_everything_when_no_master_key_is_configured(tmp_path, litellm):
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, master_key=None).start()
+    try:
+        for key in ("x", "anything", "sk-master-test"):
+            response = httpx.get(f"{server.url}/admin/organizations", headers={"Authorization": f"Bearer {key}"})
+            assert response.status_code == 401
+            assert "disabled" in response.json()["detail"]
+    finally:
+        server.stop()
+
+
+def test_create_organization_is_201_then_409(admin):
+    org = uid("org")
+    created = admin.request("POST", "/admin/organizations", json={"organization_id": org, "name": "Org"})
+    assert created.status_code == 201
+    assert created.json()["organization_id"] == org and created.json()["name"] == "Org"
+    again = admin.request("POST", "/admin/organizations", json={"organization_id": org, "name": "Org"})
+    assert again.status_code == 409
+    assert org in [o["organization_id"] for o in admin.ok("GET", "/admin/organizations")]
+
+
+def test_create_team_returns_the_team_with_defaults(admin):
+    org, team = uid("org"), uid("team")
+    admin.ok("POST", "/admin/organizations", json={"organization_id": org})
+    response = admin.request(
+        "POST",
+        "/admin/teams",
+        json={"team_id": team, "organization_id": org, "model_groups": ["Main", "Backup"], "credits_allocated": 5},
+    )
+    assert response.status_code == 201
+    body = response.json()
+    assert body["model_groups"] == ["Main", "Backup"] and body["default_model_group"] == "Main"
+    assert (body["credits_allocated"], body["credits_remaining"], body["credits_available"]) == (5, 5, 5)
+    assert (body["rpm_limit"], body["tpm_limit"], body["credits_per_job"], body["status"]) == (60, 60000, 1, "active")
+    assert admin.request("POST", "/admin/teams", json={"team_id": team, "organization_id": org}).status_code == 409
+
+
+def test_create_team_with_unknown_organization_or_group_is_404(admin):
+    response = admin.request("POST", "/admin/teams", json={"team_id": uid("t"), "organization_id": "no-such-org"})
+    assert response.status_code == 404
+    org = uid("org")
+    admin.ok("POST", "/admin/organizations", json={"organization_id": org})
+    response = admin.request(
+        "POST", "/admin/teams", json={"team_id": uid("t"), "organization_id": org, "model_groups": ["NoSuchGroup"]}
+    )
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Model group 'NoSuchGroup' not found"}
+
+
+def test_create_team_with_bad_fields_is_422(admin, team):
+    response = admin.request("POST", "/admin/teams", json={"team_id": "bad id!", "organization_id": team.organization_id})
+    assert response.status_code == 422
+    response = admin.request(
+        "POST", "/admin/teams", json={"team_id": uid("t"), "organization_id": team.organization_id, "rpm_limit": 0}
+    )
+    assert response.status_code == 422 and response.json() == {"detail": "rpm_limit: must be at least 1"}
+
+
+def test_patch_team_changes_status_limits_and_groups(admin, team):
+    body = admin.ok(
+        "PATCH",
+        f"/admin/teams/{team.team_id}",
+        json={"status": "suspended", "rpm_limit": 5, "model_groups": ["Backup", "Main"], "default_model_group": "Main"},
+    )
+    assert (body["status"], body["rpm_limit"], body["model_groups"], body["default_model_group"]) == (
+        "suspended", 5, ["Backup", "Main"], "Main",
+    )
+    assert admin.get_team(team.team_id)["status"] == "suspended"
+
+
+def test_patch_team_refuses_a_default_outside_its_groups(admin, team):
+    response = admin.request("PATCH", f"/admin/teams/{team.team_id}", json={"default_model_group": "Backup"})
+    assert response.status_code == 422
+
+
+def test_credits_are_ledger_entries_with_reason_and_balance(admin, team):
+    admin.ok("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": 5, "reason": "top-up"})
+    body = admin.ok("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": -3, "reason": "correction"})
+    assert body["credits_allocated"] == 12
+    ledger = admin.ok("GET", f"/admin/teams/{team.team_id}/ledger")
+    assert [(e["amount"], e["reason"], e["balance_after"]) for e in ledger] == [
+        (-3, "correction", 12),
+        (5, "top-up", 15),
+        (10, "initial allocation", 10),
+    ]
+
+
+def test_credits_cannot_drop_below_used_plus_held(tollgate, admin, team):
+    tollgate.client(team.key).post("/api/jobs/create", json={"job_type": "hold"}).raise_for_status()
+    response = admin.request("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": -10, "reason": "x"})
+    assert response.status_code == 409
+    assert admin.get_team(team.team_id)["credits_allocated"] == 10
+
+
+def test_credits_need_a_reason_and_a_non_zero_amount(admin, team):
+    assert admin.request("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": 5}).status_code == 422
+    assert admin.request("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": 0, "reason": "x"}).status_code == 422
+
+
+def test_model_group_lifecycle(admin):
+    name = uid("Group")
+    created = admin.request("POST", "/admin/model-groups", json={"name": name, "models": ["primary", "backup"]})
+    assert created.status_code == 201 and created.json()["models"] == ["primary", "backup"]
+    assert admin.request("POST", "/admin/model-groups", json={"name": name, "models": ["x"]}).status_code == 409
+    assert admin.ok("PUT", f"/admin/model-groups/{name}", json={"models": ["backup"]})["models"] == ["backup"]
+    assert admin.ok("GET", f"/admin/model-groups/{name}")["models"] == ["backup"]
+    assert name in [g["name"] for g in admin.ok("GET", "/admin/model-groups")]
+    assert admin.request("DELETE", f"/admin/model-groups/{name}").status_code == 200
+    assert admin.request("GET", f"/admin/model-groups/{name}").status_code == 404
+
+
+def test_model_group_in_use_cannot_be_deleted(admin, team):
+    response = admin.request("DELETE", "/admin/model-groups/Main")
+    assert response.status_code == 409
+    assert team.team_id in response.json()["detail"]
+
+
+def test_admin_lists_a_teams_jobs_newest_first(tollgate, admin, team):
+    client = tollgate.client(team.key)
+    ids = [client.post("/api/jobs/create", json={"job_type": f"j{i}"}).json()["job_id"] for i in range(3)]
+    page = admin.ok("GET", f"/admin/teams/{team.team_id}/jobs?limit=2")
+    assert [j["job_id"] for j in page["jobs"]] == [ids[2], ids[1]]
+    assert page["total"] == 3
+
+
+def test_unknown_team_is_404(admin):
+    assert admin.request("GET", "/admin/teams/no-such-team").status_code == 404
+    assert admin.request("DELETE", "/admin/keys/key_nope").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "path_suffix, body",
+    [
+        ("/credits", {"amount": 2**64, "reason": "overflow"}),
+        ("/keys", {"expires_at": "9999-12-31T23:59:59-23:00"}),
+        ("/keys", {"expires_at": "tomorrow"}),
+        ("/keys", {"rpm_limit": 10**30}),
+    ],
+)
+def test_out_of_range_admin_values_are_422(admin, team, path_suffix, body):
+    response = admin.request("POST", f"/admin/teams/{team.team_id}{path_suffix}", json=body)
+    assert response.status_code == 422, response.text
+
+
+def test_huge_team_limits_are_422(admin, team):
+    response = admin.request("PATCH", f"/admin/teams/{team.team_id}", json={"credits_per_job": 2**70})
+    assert response.status_code == 422
+
+
+def test_organizations_and_teams_declared_in_config_follow_the_file_but_keep_their_credits(tmp_path, litellm):
+    declared = {
+        "organizations": [{"organization_id": "yaml-org", "name": "From YAML"}],
+        "teams": [{"team_id": "yaml-team", "organization_id": "yaml-org", "model_groups": ["Main"],
+                   "credits_allocated": 7, "rpm_limit": 30}],
+    }
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, name="declared", **declared).start()
+    admin = server.admin()
+    team = admin.get_team("yaml-team")
+    assert (team["organization_id"], team["credits_allocated"], team["rpm_limit"]) == ("yaml-org", 7, 30)
+    admin.ok("POST", "/admin/teams/yaml-team/credits", json={"amount": 5, "reason": "top-up"})
+    server.stop()
+
+    declared["teams"][0].update(rpm_limit=90, credits_allocated=1000, model_groups=["Main", "Backup"])
+    restarted = Tollgate(tmp_path, litellm.url, litellm.master_key, name="declared", database_file=server.database, **declared).start()
+    try:
+        team = restarted.admin().get_team("yaml-team")
+        assert (team["rpm_limit"], team["model_groups"]) == (90, ["Main", "Backup"])
+        assert team["credits_allocated"] == 12  # set at creation, then moved only by the ledger
+    finally:
+        restarted.stop()

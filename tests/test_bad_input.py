@@ -1,0 +1,179 @@
+"""Bad input gets a clear 4xx with a message: never a 500, a hang or lost data."""
+
+import uuid
+
+import httpx
+import pytest
+
+HELLO = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def job_url(tollgate, team):
+    job_id = tollgate.client(team.key).post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    return f"/api/jobs/{job_id}/llm-call"
+
+
+def post_raw(tollgate, key, path, content: bytes, content_type="application/json"):
+    return httpx.post(
+        f"{tollgate.url}{path}",
+        content=content,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": content_type},
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        (b"{not json", "Malformed JSON"),
+        (b'{"messages": [', "Malformed JSON"),
+        (b"", "empty"),
+        (b'{"messages": [{"role": "user", "content": NaN}]}', "NaN"),
+        (b'{"temperature": Infinity, "messages": []}', "Infinity"),
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "surrogate"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b"[" * 100_000, "Malformed JSON"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}', "out of range"),
+    ],
+)
+def test_malformed_json_is_400_with_a_message(tollgate, team, job_url, raw, fragment):
+    response = post_raw(tollgate, team.key, job_url, raw)
+    assert response.status_code == 400
+    assert fragment in response.json()["detail"]
+
+
+def test_paired_surrogates_are_fine(tollgate, team, job_url):
+    response = post_raw(tollgate, team.key, job_url, b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, detail",
+    [
+        ({}, "messages: is required"),
+        ({"messages": []}, "messages: must not be empty"),
+        ({"messages": "hi"}, "messages: must be a list of message objects"),
+        ({"messages": ["hi"]}, "messages[0]: must be an object with 'role' and 'content'"),
+        ({"messages": [{"content": "hi"}]}, "messages[0].role: is required and must be a string"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role: must be one of"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: must be a string"),
+        ({**HELLO, "temperature": 2.5}, "temperature: must be between 0 and 2"),
+        ({**HELLO, "temperature": "warm"}, "temperature: must be a number"),
+        ({**HELLO, "temperature": True}, "temperature: must be a number"),
+        ({**HELLO, "top_p": 1.5}, "top_p: must be between 0 and 1"),
+        ({**HELLO, "frequency_penalty": -3}, "frequency_penalty: must be between -2 and 2"),
+        ({**HELLO, "presence_penalty": 9}, "presence_penalty: must be between -2 and 2"),
+        ({**HELLO, "max_tokens": 0}, "max_tokens: must be at least 1"),
+        ({**HELLO, "max_tokens": 1.5}, "max_tokens: must be an integer"),
+        ({**HELLO, "max_tokens": 10**30}, "max_tokens: must be at most"),
+        ({**HELLO, "temperature": 10**400}, "temperature: must be between 0 and 2"),
+        ({**HELLO, "seed": 2**70}, "seed: must be at most"),
+        ({**HELLO, "stop": 7}, "stop: must be a string or a list of strings"),
+        ({**HELLO, "stop": ["x"] * 17}, "stop: must hold at most 16 sequences"),
+        ({**HELLO, "stop": ["x" * 5000]}, "stop: sequences must be at most 1000 characters"),
+        ({**HELLO, "model_group": 12}, "model_group: must be a string"),
+        ({**HELLO, "purpose": ["a"]}, "purpose: must be a string"),
+        ({**HELLO, "tools": "all"}, "tools: must be a list of objects"),
+        ({**HELLO, "response_format": "json"}, "response_format: must be an object"),
+        ([1, 2], "Request body must be a JSON object"),
+    ],
+)
+def test_invalid_call_bodies_are_422_naming_the_field(tollgate, team, job_url, body, detail):
+    response = tollgate.client(team.key).post(job_url, json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith(detail)
+
+
+def test_job_create_without_job_type_is_422(tollgate, team):
+    response = tollgate.client(team.key).post("/api/jobs/create", json={})
+    assert (response.status_code, response.json()) == (422, {"detail": "job_type: is required"})
+
+
+def test_complete_with_an_unknown_status_is_422(tollgate, team, job_url):
+    response = tollgate.client(team.key).post(job_url.replace("llm-call", "complete"), json={"status": "done"})
+    assert response.status_code == 422
+
+
+@pytest.mark.parametrize("job_id", ["not-a-uuid", "..%2F..%2Fadmin", "123", str(uuid.uuid4())])
+def test_unknown_or_malformed_job_id_is_404(tollgate, team, job_id):
+    client = tollgate.client(team.key)
+    for method, suffix in (("GET", ""), ("POST", "/llm-call"), ("POST", "/llm-call-stream"), ("POST", "/complete")):
+        response = client.request(method, f"/api/jobs/{job_id}{suffix}", json={**HELLO, "status": "completed"})
+        assert response.status_code == 404, (method, suffix, response.text)
+        assert response.json()["detail"]
+
+
+def test_another_teams_job_is_403(tollgate, admin, team, job_url):
+    other = admin.team()
+    client = tollgate.client(other.key)
+    assert client.post(job_url, json=HELLO).status_code == 403
+    assert client.get(job_url.removesuffix("/llm-call")).status_code == 403
+    assert client.post(job_url.replace("llm-call", "complete"), json={"status": "completed"}).status_code == 403
+
+
+def test_another_team_is_403(tollgate, admin, team):
+    other = admin.team()
+    client = tollgate.client(team.key)
+    assert client.get(f"/api/teams/{other.team_id}").status_code == 403
+    assert client.get(f"/api/teams/{other.team_id}/jobs").status_code == 403
+
+
+def test_group_not_granted_is_403_with_the_documented_message(tollgate, team, job_url):
+    response = tollgate.client(team.key).post(job_url, json={**HELLO, "model_group": "Backup"})
+    assert response.status_code == 403
+    assert response.json() == {"detail": f"Team '{team.team_id}' does not have access to model group 'Backup'"}
+
+
+def test_unknown_group_is_404(tollgate, team, job_url):
+    response = tollgate.client(team.key).post(job_url, json={**HELLO, "model_group": "NoSuchGroup"})
+    assert (response.status_code, response.json()) == (404, {"detail": "Model group 'NoSuchGroup' not found"})
+
+
+def test_suspended_team_is_403(tollgate, admin, team, job_url):
+    admin.ok("PATCH", f"/admin/teams/{team.team_id}", json={"status": "suspended"})
+    client = tollgate.client(team.key)
+    for path, body in ((job_url, HELLO), ("/api/jobs/create", {"job_type": "t"})):
+        response = client.post(path, json=body)
+        assert response.status_code == 403
+        assert "suspended" in response.json()["detail"]
+
+
+def test_body_over_the_limit_is_413(tollgate, team, job_url):
+    big = b'{"messages": [{"role": "user", "content": "' + b"a" * (10 * 1024 * 1024) + b'"}]}'
+    response = post_raw(tollgate, team.key, job_url, big)
+    assert response.status_code == 413
+    assert "larger than" in response.json()["detail"]
+
+
+def test_wrong_content_type_is_415(tollgate, team, job_url):
+    response = post_raw(tollgate, team.key, job_url, b'{"messages": []}', "text/plain")
+    assert response.status_code == 415
+    assert "application/json" in response.json()["detail"]
+
+
+def test_unknown_route_and_wrong_method_answer_json(tollgate, team):
+    client = tollgate.client(team.key)
+    missing = client.get("/api/nothing-here")
+    assert missing.status_code == 404 and missing.json()["detail"]
+    wrong = client.get("/api/jobs/create-not")  # GET on a job that is not a UUID
+    assert wrong.status_code == 404
+    method = client.delete("/api/jobs/create")
+    assert method.status_code == 405 and method.json()["detail"]
+
+
+def test_server_stays_healthy_after_bad_input(tollgate):
+    assert httpx.get(f"{tollgate.url}/health/live").json() == {"status": "ok"}
+
+
+def test_out_of_range_numbers_in_job_metadata_are_refused_not_stored(tollgate, team):
+    response = post_raw(tollgate, team.key, "/api/jobs/create", b'{"job_type": "t", "metadata": {"a": 1e999}}')
+    assert response.status_code == 400
+    jobs = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs")
+    assert jobs.status_code == 200 and jobs.json()["total"] == 0
+
+
+@pytest.mark.parametrize("limit", ["\u00b2", "9" * 5000, "-1", "0", "abc"])
+def test_bad_paging_parameters_are_422(tollgate, team, limit):
+    response = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs", params={"limit": limit})
+    assert response.status_code == 422

@@ -1,0 +1,58 @@
+"""The command line offers the admin operations, on the same database a server uses."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.support import PYTHON, REPO, Tollgate, tollgate_config, wait_for
+
+
+def tollgate_cli(config: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    return subprocess.run(
+        [PYTHON, "-m", "proxy", *args, "--config", str(config)], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+
+def ok(config: Path, *args: str):
+    result = tollgate_cli(config, *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_cli_round_trip_with_a_running_server(tmp_path, litellm):
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key)
+    config = server.config_path
+
+    assert ok(config, "org", "create", "cli-org", "--name", "CLI Org")["name"] == "CLI Org"
+    group = ok(config, "model-group", "create", "CliGroup", "--models", "primary,backup")
+    assert group["models"] == ["primary", "backup"]
+    team = ok(config, "team", "create", "cli-team", "--org", "cli-org", "--groups", "CliGroup,Main", "--credits", "3")
+    assert (team["credits_allocated"], team["default_model_group"]) == (3, "CliGroup")
+    key = ok(config, "key", "create", "cli-team", "--name", "from-cli")
+    assert key["key"].startswith("sk-")
+    assert ok(config, "credits", "add", "cli-team", "4", "--reason", "top-up")["credits_allocated"] == 7
+    assert ok(config, "team", "show", "cli-team")["credits_remaining"] == 7
+    assert [k["key_id"] for k in ok(config, "key", "list", "cli-team")] == [key["key_id"]]
+
+    server.start()
+    try:
+        client = server.client(key["key"])
+        assert client.get("/api/teams/cli-team").json()["credits_allocated"] == 7
+        ok(config, "key", "revoke", key["key_id"])
+        assert wait_for(lambda: client.get("/api/teams/cli-team").status_code == 401, timeout=2)
+    finally:
+        server.stop()
+
+
+def test_cli_reports_refusals_without_a_traceback(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db")))
+    result = tollgate_cli(config, "team", "create", "t", "--org", "missing-org")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "tollgate: Organization 'missing-org' not found"
+    result = tollgate_cli(config, "credits", "add", "nobody", "5", "--reason", "x")
+    assert result.stderr.strip() == "tollgate: Team 'nobody' not found"

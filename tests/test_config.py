@@ -1,0 +1,121 @@
+"""config.yaml is validated at start-up: errors name the file, the key path and the problem."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, load_config, require_serving_secrets
+from tests.support import PYTHON, REPO
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def error_for(tmp_path: Path, text: str, env: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env or {})
+    return str(info.value)
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    message = error_for(tmp_path, "rate_limits:\n  rmp: 10\n")
+    assert message.startswith(f"{tmp_path}/config.yaml: rate_limits.rmp: unknown key (expected one of: rpm, tpm")
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    assert ": limits: unknown key" in error_for(tmp_path, "limits: {}\n")
+
+
+def test_wrong_type_names_the_key_path_and_the_expectation(tmp_path):
+    assert error_for(tmp_path, "rate_limits:\n  rpm: lots\n").endswith(
+        "config.yaml: rate_limits.rpm: must be a positive integer"
+    )
+
+
+def test_out_of_range_value_is_an_error(tmp_path):
+    assert error_for(tmp_path, "server:\n  port: 70000\n").endswith("server.port: must be a port number (1-65535)")
+
+
+def test_nested_list_items_are_named_by_index(tmp_path):
+    text = "teams:\n  - team_id: a\n    organization_id: o\n    credits_allocated: -1\n"
+    assert error_for(tmp_path, text).endswith("teams[0].credits_allocated: must be an integer of 0 or more")
+
+
+def test_durations_accept_units(tmp_path):
+    config = load_config(write(tmp_path, "jobs:\n  expire_after: 2h\nupstream:\n  timeouts: {connect: 500ms}\n"), {})
+    assert config.jobs.expire_after == 7200
+    assert config.upstream.timeouts.connect == 0.5
+
+
+def test_secret_in_the_file_is_refused(tmp_path):
+    message = error_for(tmp_path, "upstream:\n  key: sk-abc\n")
+    assert "upstream.key: secrets are read from the environment only; set TOLLGATE_UPSTREAM_KEY" in message
+    assert "sk-abc" not in message
+
+
+def test_missing_upstream_key_is_an_error_when_serving(tmp_path):
+    config = load_config(write(tmp_path, ""), {})
+    with pytest.raises(ConfigError, match="TOLLGATE_UPSTREAM_KEY: not set"):
+        require_serving_secrets(config)
+
+
+def test_environment_overrides_the_file(tmp_path):
+    text = "upstream:\n  url: http://file:4000\ndatabase:\n  url: sqlite:///file.db\n"
+    env = {"TOLLGATE_UPSTREAM_URL": "http://env:4000", "TOLLGATE_DATABASE_URL": "sqlite:///env.db"}
+    config = load_config(write(tmp_path, text), env)
+    assert config.upstream.url == "http://env:4000"
+    assert config.database.url == "sqlite:///env.db"
+
+
+def test_bad_environment_value_names_the_variable(tmp_path):
+    message = error_for(tmp_path, "", {"TOLLGATE_DATABASE_URL": "postgresql://db/tollgate"})
+    assert message.startswith("TOLLGATE_DATABASE_URL: database.url: must be a database URL")
+
+
+def test_secrets_come_from_the_environment(tmp_path):
+    config = load_config(write(tmp_path, ""), {"TOLLGATE_MASTER_KEY": "m", "TOLLGATE_UPSTREAM_KEY": "u"})
+    assert config.master_key.value == "m" and config.upstream_key.value == "u"
+    assert "m" not in repr(config.master_key)
+
+
+def test_default_group_must_be_granted(tmp_path):
+    text = "teams:\n  - {team_id: a, organization_id: o, model_groups: [A], default_model_group: B}\n"
+    assert "teams[0].default_model_group: 'B' is not in the team's model_groups" in error_for(tmp_path, text)
+
+
+def test_bundled_config_is_valid():
+    config = load_config(str(REPO / "config.yaml"), {})
+    assert set(config.model_groups) >= {"ChatAgent", "ResumeAgent", "AnalysisAgent", "SummaryAgent", "WritingAgent"}
+
+
+def run_cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "proxy", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp_path):
+    write(tmp_path, "rate_limits:\n  rpm: 7\n")
+    env = {"PATH": "/usr/bin:/bin", "TOLLGATE_MASTER_KEY": "sk-very-secret-master", "TOLLGATE_UPSTREAM_KEY": "sk-up-secret"}
+    result = run_cli("check-config", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rpm: 7" in result.stdout
+    assert "master_key: '***'" in result.stdout
+    assert "sk-very-secret-master" not in result.stdout + result.stderr
+    assert "sk-up-secret" not in result.stdout + result.stderr
+
+
+def test_serve_exits_non_zero_with_the_message_on_a_bad_config(tmp_path):
+    write(tmp_path, "rate_limits:\n  rpm: 0\n")
+    result = run_cli("serve", env={"PATH": "/usr/bin:/bin", "TOLLGATE_UPSTREAM_KEY": "x"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config.yaml: rate_limits.rpm: must be a positive integer" in result.stderr
+
+
+def test_serve_exits_non_zero_without_the_upstream_key(tmp_path):
+    write(tmp_path, "")
+    result = run_cli("serve", env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "TOLLGATE_UPSTREAM_KEY: not set" in result.stderr

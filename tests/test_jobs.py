@@ -1,0 +1,205 @@
+"""Jobs: creation holds credits, completion charges exactly once, failure releases the hold."""
+
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from tests.support import tag, wait_for
+
+ISO = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+def create(client, **body):
+    response = client.post("/api/jobs/create", json={"job_type": "test", **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_create_job_returns_id_status_and_timestamp(tollgate, team):
+    job = create(tollgate.client(team.key), team_id=team.team_id, user_id="u1", metadata={"a": 1})
+    assert set(job) == {"job_id", "status", "created_at"}
+    assert job["status"] == "pending"
+    assert re.match(ISO, job["created_at"])
+
+
+def test_create_job_for_another_team_is_403(tollgate, team):
+    response = tollgate.client(team.key).post("/api/jobs/create", json={"job_type": "t", "team_id": "someone-else"})
+    assert response.status_code == 403
+
+
+def test_create_job_holds_credits_per_job(tollgate, admin, team):
+    create(tollgate.client(team.key))
+    body = admin.get_team(team.team_id)
+    assert (body["credits_held"], body["credits_available"], body["credits_remaining"]) == (1, 9, 10)
+
+
+def test_job_goes_in_progress_with_its_first_call(tollgate, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    client.post(f"/api/jobs/{job['job_id']}/llm-call", json={"messages": HELLO}).raise_for_status()
+    assert client.get(f"/api/jobs/{job['job_id']}").json()["status"] == "in_progress"
+
+
+def test_get_job_shows_running_totals_and_calls(tollgate, team):
+    client = tollgate.client(team.key)
+    job = create(client, metadata={"doc": 7})
+    client.post(f"/api/jobs/{job['job_id']}/llm-call", json={"messages": HELLO, "purpose": "p1"}).raise_for_status()
+    body = client.get(f"/api/jobs/{job['job_id']}").json()
+    assert body["team_id"] == team.team_id and body["job_type"] == "test" and body["metadata"] == {"doc": 7}
+    assert body["completed_at"] is None
+    assert body["costs"]["total_calls"] == 1 and body["costs"]["total_tokens"] == 7
+    assert body["costs"]["credits_remaining"] == 10 and body["costs"]["credit_applied"] is False
+    assert [(c["purpose"], c["status"], c["model"]) for c in body["calls"]] == [("p1", "success", "primary")]
+
+
+def test_complete_charges_once_and_reports_costs(tollgate, admin, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    client.post(f"/api/jobs/{job['job_id']}/llm-call", json={"messages": HELLO}).raise_for_status()
+    body = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).json()
+    assert body["status"] == "completed" and re.match(ISO, body["completed_at"])
+    costs = body["costs"]
+    assert costs["credit_applied"] is True and costs["credits_charged"] == 1 and costs["credits_remaining"] == 9
+    assert (costs["total_calls"], costs["successful_calls"], costs["failed_calls"]) == (1, 1, 0)
+    assert costs["total_cost_usd"] > 0 and isinstance(costs["avg_latency_ms"], int)
+    team_now = admin.get_team(team.team_id)
+    assert (team_now["credits_used"], team_now["credits_held"]) == (1, 0)
+    ledger = admin.ok("GET", f"/admin/teams/{team.team_id}/ledger")
+    assert [(e["amount"], e["job_id"], e["balance_after"]) for e in ledger][0] == (-1, job["job_id"], 9)
+
+
+def test_repeating_the_same_completion_returns_the_same_body_without_charging(tollgate, admin, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    first = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"})
+    create(tollgate.client(team.key))  # the balance moves on meanwhile
+    second = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"})
+    assert second.status_code == 200 and second.json() == first.json()
+    assert admin.get_team(team.team_id)["credits_used"] == 1
+
+
+def test_the_other_terminal_status_afterwards_is_409(tollgate, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).raise_for_status()
+    response = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "failed"})
+    assert response.status_code == 409
+    assert response.headers["x-should-retry"] == "false"
+    assert "already completed" in response.json()["detail"]
+
+
+def test_failed_job_releases_its_hold_and_charges_nothing(tollgate, admin, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    body = client.post(
+        f"/api/jobs/{job['job_id']}/complete", json={"status": "failed", "error_message": "gave up"}
+    ).json()
+    assert body["costs"]["credit_applied"] is False and body["costs"]["credits_charged"] == 0
+    assert body["error_message"] == "gave up"
+    team_now = admin.get_team(team.team_id)
+    assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (0, 0, 10)
+
+
+def test_calls_on_a_finished_job_are_409(tollgate, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "failed"}).raise_for_status()
+    for route in ("llm-call", "llm-call-stream"):
+        response = client.post(f"/api/jobs/{job['job_id']}/{route}", json={"messages": HELLO})
+        assert response.status_code == 409, route
+        assert response.headers["x-should-retry"] == "false"
+
+
+def test_team_with_two_credits_can_open_two_jobs_not_three(tollgate, admin):
+    team = admin.team(credits=2)
+    client = tollgate.client(team.key)
+    first, _ = create(client), create(client)
+    third = client.post("/api/jobs/create", json={"job_type": "t"})
+    assert third.status_code == 403
+    assert third.json()["detail"].startswith("Insufficient credits")
+    client.post(f"/api/jobs/{first['job_id']}/complete", json={"status": "failed"}).raise_for_status()
+    assert client.post("/api/jobs/create", json={"job_type": "t"}).status_code == 200
+
+
+def test_30_concurrent_completions_of_one_job_charge_once(tollgate, admin, team):
+    job = create(tollgate.client(team.key))
+
+    def complete(_):
+        with tollgate.client(team.key) as client:
+            return client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"})
+
+    with ThreadPoolExecutor(30) as pool:
+        responses = list(pool.map(complete, range(30)))
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.text for r in responses}) == 1
+    assert admin.get_team(team.team_id)["credits_used"] == 1
+    assert len(admin.ok("GET", f"/admin/teams/{team.team_id}/ledger")) == 2  # allocation + one charge
+
+
+def test_30_jobs_completed_concurrently_cost_exactly_30_credits(tollgate, admin):
+    team = admin.team(credits=40)
+    client = tollgate.client(team.key)
+    jobs = [create(client)["job_id"] for _ in range(30)]
+
+    def complete(job_id):
+        with tollgate.client(team.key) as c:
+            return c.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).status_code
+
+    with ThreadPoolExecutor(30) as pool:
+        assert set(pool.map(complete, jobs)) == {200}
+    body = admin.get_team(team.team_id)
+    assert (body["credits_used"], body["credits_held"], body["credits_remaining"]) == (30, 0, 10)
+
+
+def test_completing_while_a_call_is_running_is_409(tollgate, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    url = f"{tollgate.url}/api/jobs/{job['job_id']}/llm-call-stream"
+    body = {"messages": [{"role": "user", "content": f"slow [chunks=20] [delay_ms=100] [tag={tag()}]"}]}
+    with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
+        lines = stream.iter_lines()  # one iterator: dropping it would close the connection
+        next(lines)
+        response = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"})
+        assert response.status_code == 409
+        assert "still running" in response.json()["detail"]
+        for _ in lines:
+            pass
+    assert client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).status_code == 200
+
+
+def test_team_jobs_are_listed_newest_first_with_costs_and_filters(tollgate, team):
+    client = tollgate.client(team.key)
+    ids = [create(client)["job_id"] for _ in range(3)]
+    client.post(f"/api/jobs/{ids[0]}/complete", json={"status": "failed"}).raise_for_status()
+    page = client.get(f"/api/teams/{team.team_id}/jobs").json()
+    assert [j["job_id"] for j in page["jobs"]] == ids[::-1]
+    assert all("costs" in j for j in page["jobs"])
+    failed = client.get(f"/api/teams/{team.team_id}/jobs", params={"status": "failed"}).json()
+    assert [j["job_id"] for j in failed["jobs"]] == [ids[0]]
+    second = client.get(f"/api/teams/{team.team_id}/jobs", params={"limit": 1, "offset": 1}).json()
+    assert [j["job_id"] for j in second["jobs"]] == [ids[1]] and second["total"] == 3
+
+
+def test_own_team_is_readable_with_the_documented_fields(tollgate, team):
+    body = tollgate.client(team.key).get(f"/api/teams/{team.team_id}").json()
+    assert set(body) >= {
+        "team_id", "organization_id", "status", "credits_allocated", "credits_used", "credits_remaining",
+        "credits_held", "credits_available", "model_groups", "default_model_group", "rpm_limit", "tpm_limit",
+    }
+
+
+def test_open_jobs_expire_and_release_their_holds(make_tollgate):
+    server = make_tollgate(jobs={"expire_after": "1s", "sweep_interval": "0.2s"})
+    admin = server.admin()
+    team = admin.team(credits=1)
+    client = server.client(team.key)
+    job = create(client)
+    assert admin.get_team(team.team_id)["credits_available"] == 0
+    assert wait_for(lambda: client.get(f"/api/jobs/{job['job_id']}").json()["status"] == "failed", timeout=5)
+    body = client.get(f"/api/jobs/{job['job_id']}").json()
+    assert body["error_message"].startswith("expired")
+    team_now = admin.get_team(team.team_id)
+    assert (team_now["credits_held"], team_now["credits_used"], team_now["credits_available"]) == (0, 0, 1)

@@ -1,0 +1,91 @@
+"""Virtual keys: shown once, stored only as SHA-256, refused at once when revoked or expired."""
+
+import hashlib
+import re
+import time
+
+from tests.support import Tollgate, wait_for
+
+INVALID = {"detail": "Invalid, expired or revoked API key"}
+
+
+def test_new_key_is_sk_plus_at_least_32_random_bytes(team):
+    assert re.fullmatch(r"sk-[A-Za-z0-9_-]{43,}", team.key)
+
+
+def test_new_key_works(tollgate, team):
+    assert tollgate.client(team.key).get(f"/api/teams/{team.team_id}").status_code == 200
+
+
+def test_only_the_sha256_of_a_key_is_stored(tollgate, team):
+    data = b"".join(p.read_bytes() for p in tollgate.database.parent.glob(tollgate.database.name + "*"))
+    assert team.key.encode() not in data
+    assert team.key[3:20].encode() not in data
+    assert hashlib.sha256(team.key.encode()).digest() in data
+
+
+def test_listed_keys_carry_no_secret(admin, team):
+    keys = admin.ok("GET", f"/admin/teams/{team.team_id}/keys")
+    assert [k["key_id"] for k in keys] == [team.key_id]
+    assert "key" not in keys[0] and team.key not in str(keys)
+
+
+def test_revoked_key_is_refused_at_once(tollgate, admin, team):
+    client = tollgate.client(team.key)
+    assert client.get(f"/api/teams/{team.team_id}").status_code == 200
+    admin.ok("DELETE", f"/admin/keys/{team.key_id}")
+    response = client.get(f"/api/teams/{team.team_id}")
+    assert response.status_code == 401
+    assert response.json() == INVALID
+
+
+def test_revoked_key_is_refused_within_a_second_by_another_process(tollgate, admin, team):
+    other = Tollgate(tollgate.workdir, "http://127.0.0.1:9", "unused", database_file=tollgate.database).start()
+    try:
+        client = other.client(team.key)
+        assert client.get(f"/api/teams/{team.team_id}").status_code == 200  # now cached there
+        admin.ok("DELETE", f"/admin/keys/{team.key_id}")
+        revoked_at = time.monotonic()
+        refused = wait_for(lambda: client.get(f"/api/teams/{team.team_id}").status_code == 401, timeout=3)
+        assert refused and time.monotonic() - revoked_at < 1.0
+    finally:
+        other.stop()
+
+
+def test_expired_key_is_refused(tollgate, admin):
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
+    team = admin.team(key={"name": "short-lived", "expires_at": expires})
+    client = tollgate.client(team.key)
+    assert client.get(f"/api/teams/{team.team_id}").status_code == 200
+    assert wait_for(lambda: client.get(f"/api/teams/{team.team_id}").status_code == 401, timeout=5)
+    assert client.get(f"/api/teams/{team.team_id}").json() == INVALID
+
+
+def test_expiry_in_the_past_is_refused_at_creation(admin, team):
+    response = admin.request("POST", f"/admin/teams/{team.team_id}/keys", json={"expires_at": "2001-01-01T00:00:00Z"})
+    assert response.status_code == 422
+    assert response.json() == {"detail": "expires_at: must be in the future"}
+
+
+def test_wrong_key_gets_the_same_answer_whatever_was_wrong(tollgate, team):
+    near_miss = team.key[:-1] + ("A" if team.key[-1] != "A" else "B")
+    for key in (near_miss, "sk-" + "x" * 43, "not-even-a-key", "sk-"):
+        response = tollgate.client(key).get(f"/api/teams/{team.team_id}")
+        assert (response.status_code, response.json()) == (401, INVALID), key
+
+
+def test_missing_authorization_is_401_with_a_hint(tollgate, team):
+    response = tollgate.client("x").get(f"/api/teams/{team.team_id}", headers={"Authorization": ""})
+    assert response.status_code == 401
+    assert "Bearer" in response.json()["detail"]
+
+
+def test_master_key_is_not_a_virtual_key(tollgate, team):
+    response = tollgate.client(tollgate.master_key).get(f"/api/teams/{team.team_id}")
+    assert (response.status_code, response.json()) == (401, INVALID)
+
+
+def test_keys_never_appear_in_the_log(tollgate, team):
+    tollgate.client(team.key).get(f"/api/teams/{team.team_id}")
+    tollgate.client(team.key + "x").get(f"/api/teams/{team.team_id}")
+    assert team.key not in tollgate.log()

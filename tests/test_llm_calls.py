@@ -1,0 +1,219 @@
+"""LLM calls through a real LiteLLM: answers, streams relayed unbuffered, fallbacks, accounting."""
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.support import PRICES, fake_log, sse_data, sse_json, tag, wait_for
+
+
+def new_job(client) -> str:
+    return client.post("/api/jobs/create", json={"job_type": "test"}).json()["job_id"]
+
+
+def say(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def calls_of(client, job_id: str) -> list[dict]:
+    return client.get(f"/api/jobs/{job_id}").json()["calls"]
+
+
+def price(model: str, prompt: int, completion: int) -> float:
+    return round(prompt * PRICES[model][0] + completion * PRICES[model][1], 12)
+
+
+def test_non_streaming_call_returns_content_and_metadata(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("one two three [chunks=4]")})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["response"] == {"content": "word1 word2 word3 word4 ", "role": "assistant", "finish_reason": "stop"}
+    meta = body["metadata"]
+    assert (meta["prompt_tokens"], meta["completion_tokens"], meta["tokens_used"]) == (4, 4, 8)
+    assert (meta["model_group"], meta["model"]) == ("Main", "primary")
+    assert meta["cost_usd"] == price("primary", 4, 4)
+    assert isinstance(meta["latency_ms"], int)
+    assert response.headers["x-job-id"] == job_id and response.headers["x-call-id"] == body["call_id"]
+
+
+def test_model_is_accepted_as_a_synonym_of_model_group(tollgate, admin):
+    team = admin.team(groups=("Main", "Backup"))
+    client = tollgate.client(team.key)
+    body = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"model": "Backup", "messages": say("hi")}).json()
+    assert body["metadata"]["model"] == "backup"
+
+
+def test_team_default_group_is_used_when_none_is_named(tollgate, admin):
+    team = admin.team(groups=("Main", "Backup"), default_model_group="Backup")
+    client = tollgate.client(team.key)
+    body = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say("hi")}).json()
+    assert body["metadata"]["model_group"] == "Backup"
+
+
+def test_tool_calls_come_back_with_empty_content(tollgate, team):
+    client = tollgate.client(team.key)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = client.post(
+        f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say("weather?"), "tools": tools}
+    ).json()
+    assert body["response"]["content"] == ""
+    assert body["response"]["finish_reason"] == "tool_calls"
+    assert body["response"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_upstream_request_names_team_job_and_call_and_presents_the_upstream_key(make_tollgate, fake_url):
+    # Pointed straight at the fake upstream, to see exactly what Tollgate sends.
+    server = make_tollgate(upstream_url=fake_url, upstream_key="sk-upstream-presented")
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = new_job(client)
+    label = tag()
+    body = {"messages": say(f"hi [tag={label}]"), "purpose": "p", "logit_bias": {"50256": -100}, "custom_knob": 3}
+    call_id = client.post(f"/api/jobs/{job_id}/llm-call", json=body).json()["call_id"]
+    (sent,) = fake_log(fake_url, label)
+    assert sent["headers"]["authorization"] == "Bearer sk-upstream-presented"
+    request = sent["body"]
+    assert request["model"] == "primary" and request["user"] == team.team_id and request["temperature"] == 0.7
+    assert request["logit_bias"] == {"50256": -100} and request["custom_knob"] == 3
+    assert "model_group" not in request and "purpose" not in request
+    tags = request["metadata"]["tags"]
+    assert {f"tollgate-team:{team.team_id}", f"tollgate-job:{job_id}", f"tollgate-call:{call_id}"} <= set(tags)
+    assert request["metadata"]["tollgate_call_id"] == call_id
+
+
+def test_client_user_is_kept_and_stream_always_asks_for_usage(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url)
+    team = server.admin().team()
+    client = server.client(team.key)
+    label = tag()
+    client.post(
+        f"/api/jobs/{new_job(client)}/llm-call-stream",
+        json={"messages": say(f"hi [tag={label}]"), "user": "end-user-7", "stream_options": {"include_usage": False}},
+    ).read()
+    (sent,) = fake_log(fake_url, label)
+    assert sent["body"]["user"] == "end-user-7"
+    assert sent["body"]["stream"] is True and sent["body"]["stream_options"] == {"include_usage": True}
+
+
+def test_stream_is_sse_with_the_documented_headers_ending_with_usage_and_done(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("one two [chunks=3]")})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache" and response.headers["x-accel-buffering"] == "no"
+    assert response.headers["x-job-id"] == job_id and response.headers["x-call-id"]
+    data = sse_data(response.text)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    assert text == "word1 word2 word3 "
+    assert chunks[-1]["usage"]["prompt_tokens"] == 3 and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_stream_bytes_are_litellms_bytes_unchanged(tollgate, team, litellm):
+    client = tollgate.client(team.key)
+    body = {"messages": say("same [chunks=3]")}
+    ours = client.post(f"/api/jobs/{new_job(client)}/llm-call-stream", json=body).content
+    theirs = httpx.post(
+        f"{litellm.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {litellm.master_key}"},
+        json={**body, "model": "primary", "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.7},
+    ).content
+
+    def normalise(raw: bytes) -> bytes:  # ids and timestamps differ per request, nothing else may
+        import re
+
+        return re.sub(rb'"(id|created)":\s*("[^"]*"|\d+)', b"", raw)
+
+    assert normalise(ours) == normalise(theirs)
+
+
+def test_stream_is_not_buffered(tollgate, team):
+    client = tollgate.client(team.key)
+    url = f"/api/jobs/{new_job(client)}/llm-call-stream"
+    arrivals = []
+    with client.stream("POST", url, json={"messages": say("slow [chunks=8] [delay_ms=150]")}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                arrivals.append(time.monotonic())
+    assert len(arrivals) == 8
+    assert arrivals[-1] - arrivals[0] > 0.8  # the upstream needs 7 × 150 ms
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert sum(gap > 0.08 for gap in gaps) >= 6, gaps
+
+
+def test_streamed_call_is_recorded_with_usage_and_time_to_first_token(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("a b c [chunks=6]")}).read()
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["streamed"], call["usage_estimated"]) == ("success", True, False)
+    assert (call["prompt_tokens"], call["completion_tokens"]) == (4, 6)
+    assert call["time_to_first_token_ms"] is not None and call["time_to_first_token_ms"] <= call["latency_ms"]
+
+
+def test_costs_hold_exact_token_sums_of_streamed_and_plain_calls(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    plan = [("llm-call", "a b [chunks=2]", 3, 2), ("llm-call-stream", "a b c d [chunks=7]", 5, 7), ("llm-call", "x [chunks=1]", 2, 1)]
+    for route, text, _, _ in plan:
+        client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say(text)}).read()
+    costs = client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).json()["costs"]
+    assert costs["prompt_tokens"] == sum(p for *_, p, _ in plan)
+    assert costs["completion_tokens"] == sum(c for *_, c in plan)
+    assert costs["total_tokens"] == costs["prompt_tokens"] + costs["completion_tokens"]
+    assert costs["total_cost_usd"] == pytest.approx(sum(price("primary", p, c) for *_, p, c in plan), rel=1e-9)
+
+
+def test_equal_usage_costs_the_same_streamed_or_not_and_more_than_zero(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    for route in ("llm-call", "llm-call-stream"):
+        client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("equal usage here [chunks=9]")}).read()
+    plain, streamed = calls_of(client, job_id)
+    assert (plain["prompt_tokens"], plain["completion_tokens"]) == (streamed["prompt_tokens"], streamed["completion_tokens"])
+    assert plain["cost_usd"] == streamed["cost_usd"] == price("primary", 4, 9) > 0
+
+
+def test_upstream_4xx_comes_back_as_400_with_its_message_without_fallback(tollgate, admin):
+    team = admin.team(groups=("Rejects",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("hi")})
+    assert response.status_code == 400
+    assert "fake upstream failure 400" in response.json()["detail"]
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("error", "fail-400", 1)
+
+
+def test_client_disconnect_closes_the_upstream_and_records_the_call(tollgate, team, fake_url):
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    label = tag()
+    body = {"messages": say(f"long story [chunks=200] [delay_ms=50] [tag={label}]")}
+    with client.stream("POST", f"/api/jobs/{job_id}/llm-call-stream", json=body) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    hung_up = time.time()
+    entries = wait_for(lambda: [e for e in fake_log(fake_url, label) if e["disconnected"]], timeout=5)
+    assert entries, "the fake upstream never saw its connection closed"
+    assert entries[0]["disconnected"] - hung_up < 1.0
+    call = wait_for(lambda: [c for c in calls_of(client, job_id) if c["status"] != "running"], timeout=5)[0]
+    assert call["status"] == "cancelled"
+    assert call["usage_estimated"] is True and call["completion_tokens"] > 0 and call["prompt_tokens"] > 0
+
+
+def test_models_litellm_does_not_price_use_the_prices_in_config_yaml(make_tollgate):
+    server = make_tollgate(pricing={"unpriced": {"input_cost_per_token": 0.5, "output_cost_per_token": 0.25}})
+    team = server.admin().team(groups=("Unpriced",))
+    client = server.client(team.key)
+    job_id = new_job(client)
+    for route in ("llm-call", "llm-call-stream"):
+        client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("two words [chunks=4]")}).read()
+    assert [c["cost_usd"] for c in calls_of(client, job_id)] == [3 * 0.5 + 4 * 0.25] * 2

@@ -1,0 +1,162 @@
+"""The OpenAI-compatible API, driven by the official openai SDK (sync and async)."""
+
+import asyncio
+
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+
+HELLO = [{"role": "user", "content": "hello there [chunks=3]"}]
+
+
+@pytest.fixture
+def sdk(tollgate, team) -> OpenAI:
+    return OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+
+
+def test_create_returns_content_usage_and_finish_reason(sdk):
+    reply = sdk.chat.completions.create(model="Main", messages=HELLO)
+    assert reply.choices[0].message.content == "word1 word2 word3 "
+    assert reply.choices[0].finish_reason == "stop"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3, 3)
+
+
+def test_async_client_works_the_same(tollgate, team):
+    async def run():
+        client = AsyncOpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+        reply = await client.chat.completions.create(model="Main", messages=HELLO)
+        chunks = [c async for c in await client.chat.completions.create(model="Main", messages=HELLO, stream=True)]
+        await client.close()
+        return reply, chunks
+
+    reply, chunks = asyncio.run(run())
+    assert reply.choices[0].message.content == "word1 word2 word3 "
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "word1 word2 word3 "
+
+
+def test_stream_without_include_usage_has_no_usage_only_chunk(sdk, tollgate, team):
+    chunks = list(sdk.chat.completions.create(model="Main", messages=HELLO, stream=True))
+    assert all(c.usage is None for c in chunks)
+    assert all(c.choices for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "word1 word2 word3 "
+    jobs = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()["jobs"]
+    assert jobs[0]["costs"]["prompt_tokens"] == 3 and jobs[0]["costs"]["completion_tokens"] == 3
+
+
+def test_stream_with_include_usage_ends_with_the_upstream_usage(sdk):
+    chunks = list(
+        sdk.chat.completions.create(model="Main", messages=HELLO, stream=True, stream_options={"include_usage": True})
+    )
+    usage = [c.usage for c in chunks if c.usage]
+    assert len(usage) == 1 and (usage[0].prompt_tokens, usage[0].completion_tokens) == (3, 3)
+
+
+def test_tool_calls_round_trip(sdk):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    reply = sdk.chat.completions.create(model="Main", messages=HELLO, tools=tools)
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Paris"}'
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_models_list_shows_the_teams_groups(tollgate, admin):
+    team = admin.team(groups=("Main", "Backup"))
+    client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key)
+    assert [m.id for m in client.models.list()] == ["Main", "Backup"]
+
+
+def test_call_without_job_header_is_its_own_job_completed_and_charged(sdk, tollgate, admin, team):
+    raw = sdk.chat.completions.with_raw_response.create(model="Main", messages=HELLO)
+    job_id = raw.headers["x-job-id"]
+    assert raw.headers["x-call-id"]
+    job = tollgate.client(team.key).get(f"/api/jobs/{job_id}").json()
+    assert job["status"] == "completed" and job["costs"]["credits_charged"] == 1
+    assert admin.get_team(team.team_id)["credits_used"] == 1
+
+
+def test_failed_implicit_job_is_failed_and_not_charged(tollgate, admin):
+    team = admin.team(groups=("AllFail",))
+    client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="AllFail", messages=HELLO)
+    assert info.value.status_code == 503
+    body = admin.get_team(team.team_id)
+    assert (body["credits_used"], body["credits_held"]) == (0, 0)
+
+
+def test_job_header_attaches_the_call_to_an_open_job(sdk, tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "mixed"}).json()["job_id"]
+    sdk.chat.completions.create(model="Main", messages=HELLO, extra_headers={"X-Job-Id": job_id})
+    list(sdk.chat.completions.create(model="Main", messages=HELLO, stream=True, extra_headers={"X-Job-Id": job_id}))
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["status"] == "in_progress" and job["costs"]["total_calls"] == 2
+
+
+def test_job_header_naming_an_unknown_or_finished_job(sdk, tollgate, team):
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="Main", messages=HELLO, extra_headers={"X-Job-Id": "not-a-job"})
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "done"}).json()["job_id"]
+    client.post(f"/api/jobs/{job_id}/complete", json={"status": "failed"}).raise_for_status()
+    with pytest.raises(openai.ConflictError):
+        sdk.chat.completions.create(model="Main", messages=HELLO, extra_headers={"X-Job-Id": job_id})
+
+
+def test_errors_raise_the_right_sdk_classes(tollgate, admin, team):
+    bad_key = OpenAI(base_url=f"{tollgate.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.chat.completions.create(model="Main", messages=HELLO)
+    client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="Backup", messages=HELLO)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="NoSuchGroup", messages=HELLO)
+    assert missing.value.body["message"] == "Model group 'NoSuchGroup' not found"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="Main", messages=[])
+    rejecting = admin.team(groups=("Rejects",))
+    with pytest.raises(openai.BadRequestError):  # the upstream refuses the request itself
+        OpenAI(base_url=f"{tollgate.url}/v1", api_key=rejecting.key, max_retries=0).chat.completions.create(
+            model="Rejects", messages=HELLO
+        )
+    limited = admin.team(groups=("AllLimited",))
+    with pytest.raises(openai.RateLimitError):
+        OpenAI(base_url=f"{tollgate.url}/v1", api_key=limited.key, max_retries=0).chat.completions.create(
+            model="AllLimited", messages=HELLO
+        )
+
+
+def test_no_credits_is_permission_denied(tollgate, admin):
+    team = admin.team(credits=0)
+    client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        client.chat.completions.create(model="Main", messages=HELLO)
+    assert "Insufficient credits" in info.value.message
+
+
+def test_error_shape_is_openais(tollgate, team):
+    response = tollgate.client(team.key).post("/v1/chat/completions", json={"model": "NoSuchGroup", "messages": HELLO})
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_malformed_json_on_v1_is_400_in_openais_shape(tollgate, team):
+    response = tollgate.client(team.key).post(
+        "/v1/chat/completions", content=b'{"model": "Main", "temperature": NaN}', headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert "NaN" in response.json()["error"]["message"]
+
+
+def test_an_empty_job_header_means_a_job_of_its_own(sdk, tollgate, team):
+    raw = sdk.chat.completions.with_raw_response.create(model="Main", messages=HELLO, extra_headers={"X-Job-Id": ""})
+    job = tollgate.client(team.key).get(f"/api/jobs/{raw.headers['x-job-id']}").json()
+    assert job["status"] == "completed" and job["job_type"] == "chat.completions"
+
+
+def test_a_call_refused_before_it_starts_opens_no_job(sdk, tollgate, admin, team):
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk.chat.completions.create(model="Backup", messages=HELLO)
+    assert tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()["total"] == 0
+    assert admin.get_team(team.team_id)["credits_held"] == 0

@@ -1,0 +1,262 @@
+"""Operations: /metrics (parsed, scraped by a real Prometheus), health endpoints, access logs."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.demo import stop_process, wait_until_up
+from tests.support import REPO, PYTHON, fake_upstream, free_port, start_process, tag, wait_for
+
+REQUIRED = {
+    "tollgate_requests": {"route", "method", "status"},
+    "tollgate_request_duration_seconds": {"route"},
+    "tollgate_llm_calls": {"team", "model_group", "model", "status", "stream"},
+    "tollgate_tokens": {"team", "model_group", "type"},
+    "tollgate_cost_usd": {"team", "model_group"},
+    "tollgate_upstream_latency_seconds": {"model_group"},
+    "tollgate_time_to_first_token_seconds": {"model_group"},
+    "tollgate_rate_limited": {"team", "limit"},
+    "tollgate_active_streams": set(),
+    "tollgate_fallbacks": {"model_group"},
+    "tollgate_jobs": {"team", "status"},
+    "tollgate_credits_remaining": {"team"},
+}
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-")
+SECRET_PROMPT = "the-secret-prompt-words-7f3a"
+
+
+def families(server) -> dict:
+    text = httpx.get(f"{server.url}/metrics").text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(fams: dict, family: str, suffix: str = "_total", **labels) -> float:
+    return sum(
+        s.value
+        for s in fams[family].samples
+        if s.name == family + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def exercise(server, team, fallback_team=None, limited_team=None) -> str:
+    """A known set of calls: plain, streamed, failing, fallback, rate limited."""
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "ops"}).json()["job_id"]
+    client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": [{"role": "user", "content": f"{SECRET_PROMPT} [chunks=3]"}]})
+    client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": [{"role": "user", "content": "a b [chunks=4]"}]}).read()
+    client.get("/api/no/such/route")
+    client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"})
+    if fallback_team:
+        c = server.client(fallback_team.key)
+        j = c.post("/api/jobs/create", json={"job_type": "ops"}).json()["job_id"]
+        c.post(f"/api/jobs/{j}/llm-call", json={"messages": [{"role": "user", "content": "hi"}]})
+    if limited_team:
+        c = server.client(limited_team.key)
+        j = c.post("/api/jobs/create", json={"job_type": "ops"}).json()["job_id"]
+        for _ in range(2):
+            c.post(f"/api/jobs/{j}/llm-call", json={"messages": [{"role": "user", "content": "hi"}]})
+    return job_id
+
+
+def test_metrics_parse_and_have_every_required_family_and_label(tollgate, admin):
+    team, fallback, limited = admin.team(), admin.team(groups=("Fallback500",)), admin.team(rpm_limit=1)
+    exercise(tollgate, team, fallback, limited)
+    fams = families(tollgate)
+    for name, labels in REQUIRED.items():
+        assert name in fams, name
+        sample_labels = {k for s in fams[name].samples for k in s.labels if k not in ("le",)}
+        assert labels <= sample_labels, (name, sample_labels)
+
+
+def test_route_label_is_the_template_and_no_label_holds_an_id_or_key(tollgate, team):
+    exercise(tollgate, team)
+    fams = families(tollgate)
+    routes = {s.labels["route"] for s in fams["tollgate_requests"].samples}
+    assert "/api/jobs/{job_id}/llm-call" in routes and "unmatched" in routes
+    assert "/api/no/such/route" not in routes
+    for family in fams.values():
+        for sample in family.samples:
+            for label in sample.labels.values():
+                assert not UUID.search(label) and not label.startswith("sk-"), (sample.name, label)
+
+
+def test_token_and_cost_counters_rise_by_exactly_the_recorded_usage(tollgate, team):
+    job_id = exercise(tollgate, team)
+    costs = tollgate.client(team.key).get(f"/api/jobs/{job_id}").json()["costs"]
+    fams = families(tollgate)
+    assert value(fams, "tollgate_tokens", team=team.team_id, type="prompt") == costs["prompt_tokens"]
+    assert value(fams, "tollgate_tokens", team=team.team_id, type="completion") == costs["completion_tokens"]
+    assert value(fams, "tollgate_cost_usd", team=team.team_id) == pytest.approx(costs["total_cost_usd"], rel=1e-9)
+    assert value(fams, "tollgate_llm_calls", team=team.team_id, stream="true", status="success") == 1
+    assert value(fams, "tollgate_jobs", team=team.team_id, status="completed") == 1
+    # Balances come from the store at scrape time, cached for a few seconds.
+    assert wait_for(lambda: value(families(tollgate), "tollgate_credits_remaining", "", team=team.team_id) == 9, 8)
+
+
+def test_team_label_can_be_switched_off(make_tollgate):
+    server = make_tollgate(metrics={"team_label": False})
+    exercise(server, server.admin().team())
+    fams = families(server)
+    assert all("team" not in s.labels for f in fams.values() for s in f.samples)
+    assert fams["tollgate_tokens"].samples
+
+
+def test_counters_of_two_workers_add_up_and_live_streams_are_not_double_counted(make_tollgate):
+    server = make_tollgate(workers=2)
+    team = server.admin().team(credits=100)
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "w"}).json()["job_id"]
+
+    def one_call(_):
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as c:
+            return c.post(f"/api/jobs/{job_id}/llm-call", json={"messages": [{"role": "user", "content": "x [chunks=2]"}]}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one_call, range(40))) == {200}
+    fams = families(server)
+    assert value(fams, "tollgate_requests", route="/api/jobs/{job_id}/llm-call", status="200") == 40
+    assert value(fams, "tollgate_tokens", team=team.team_id, type="completion") == 80
+
+    url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
+    slow = {"messages": [{"role": "user", "content": "slow [chunks=30] [delay_ms=100]"}]}
+    headers = {"Authorization": f"Bearer {team.key}"}
+    streams = [httpx.stream("POST", url, json=slow, headers=headers, timeout=30) for _ in range(3)]
+    opened = [s.__enter__() for s in streams]
+    try:
+        assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 3, timeout=5)
+    finally:
+        for stream in opened:
+            stream.close()
+    assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 0, timeout=5)
+
+
+def prometheus_binary() -> str:
+    """Debian's prometheus; .ci/run installs it, and so does this on a fresh machine of that kind."""
+    found = shutil.which("prometheus")
+    if not found and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "prometheus"],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, capture_output=True, timeout=600,
+        )
+        found = shutil.which("prometheus")
+    assert found, "this test needs Prometheus: apt-get install prometheus"
+    return found
+
+
+def test_a_real_prometheus_scrapes_the_token_counters(tollgate, team, tmp_path):
+    binary = prometheus_binary()
+    exercise(tollgate, team)
+    expected = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()["jobs"][0]["costs"]["total_tokens"]
+    port = free_port()
+    config = {
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "tollgate", "static_configs": [{"targets": [tollgate.url.removeprefix("http://")]}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    process = start_process(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        tmp_path / "prometheus.log",
+    )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/-/ready", 60, process)
+        query = f'sum(tollgate_tokens_total{{team="{team.team_id}"}})'
+
+        def scraped():
+            result = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}).json()["data"]["result"]
+            return result and float(result[0]["value"][1]) == expected
+
+        assert wait_for(scraped, timeout=30, interval=0.5)
+    finally:
+        stop_process(process)
+
+
+def test_every_metric_the_dashboard_queries_exists(tollgate, admin):
+    exercise(tollgate, admin.team(), admin.team(groups=("Fallback500",)), admin.team(rpm_limit=1))
+    dashboard = (REPO / "deploy" / "grafana" / "tollgate.json").read_text()
+    json.loads(dashboard)
+    queried = {re.sub(r"_(bucket|sum|count)$", "", m) for m in re.findall(r"tollgate_[a-z_]+", dashboard)}
+    text = httpx.get(f"{tollgate.url}/metrics").text
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    exported |= {re.sub(r"_(bucket|sum|count)$", "", n) for n in exported}
+    assert queried and queried <= exported, queried - exported
+
+
+def test_health_live_answers(tollgate):
+    assert httpx.get(f"{tollgate.url}/health/live").json() == {"status": "ok"}
+
+
+def test_ready_is_503_naming_the_upstream_while_it_is_down_and_200_once_back(tmp_path, make_tollgate):
+    port = free_port()
+    args = [PYTHON, str(REPO / "tests" / "fake_upstream.py"), "--port", str(port)]
+    upstream = start_process(args, tmp_path / "upstream.log")
+    wait_until_up(f"http://127.0.0.1:{port}/v1/models", 30, upstream)
+    server = make_tollgate(upstream_url=f"http://127.0.0.1:{port}")
+    ready = httpx.get(f"{server.url}/health/ready")
+    assert ready.status_code == 200 and ready.json()["components"] == {
+        "store": "ok", "upstream": "ok", "redis": "not configured",
+    }
+    stop_process(upstream)
+    down = httpx.get(f"{server.url}/health/ready")
+    assert down.status_code == 503 and down.json()["failing"] == ["upstream"]
+    upstream = start_process(args, tmp_path / "upstream-again.log")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/v1/models", 30, upstream)
+        assert httpx.get(f"{server.url}/health/ready").status_code == 200
+    finally:
+        stop_process(upstream)
+
+
+def test_litellm_refusing_the_upstream_key_is_503_fails_readiness_and_leaks_no_key(make_tollgate):
+    server = make_tollgate(upstream_key="sk-not-litellms-key-0123456789")
+    ready = httpx.get(f"{server.url}/health/ready")
+    assert ready.status_code == 503
+    assert "refuses" in ready.json()["components"]["upstream"]
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "k"}).json()["job_id"]
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 503
+    (call,) = client.get(f"/api/jobs/{job_id}").json()["calls"]
+    assert call["status"] == "error" and "sk-" not in call["error"]
+    assert "sk-" not in response.text
+    server.stop()
+    assert "0123456789" not in server.log() and "not-litellms" not in server.log()
+
+
+def test_one_access_log_line_per_request_with_the_call_fields(make_tollgate):
+    server = make_tollgate(logging={"access_log": "json"})
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "log"}).json()["job_id"]
+    call_id = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": [{"role": "user", "content": "x [chunks=2]"}]}).json()["call_id"]
+    line = wait_for(lambda: [l for l in server.log().splitlines() if call_id in l], timeout=5)
+    entry = json.loads(line[0].split("tollgate.access: ", 1)[1])
+    assert entry["route"] == "/api/jobs/{job_id}/llm-call" and entry["status"] == 200
+    assert (entry["team"], entry["job"], entry["call"], entry["model_group"], entry["model"]) == (
+        team.team_id, job_id, call_id, "Main", "primary",
+    )
+    assert entry["completion_tokens"] == 2 and entry["latency_ms"] >= 0
+
+
+def test_no_key_or_prompt_text_appears_in_the_logs(make_tollgate):
+    server = make_tollgate()
+    team = server.admin().team()
+    exercise(server, team)
+    server.client(team.key + "tampered").get(f"/api/teams/{team.team_id}")
+    server.client(team.key).post("/api/jobs/create", content=b"{" + SECRET_PROMPT.encode(), headers={"Content-Type": "application/json"})
+    server.stop()
+    log = server.log()
+    assert "tollgate.access" in log
+    assert team.key not in log and team.key[3:15] not in log
+    assert SECRET_PROMPT not in log

@@ -1,0 +1,184 @@
+"""Per-team and per-key RPM/TPM limits: exact across processes, OpenAI headers, Redis failures."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.support import RedisServer, Tollgate, wait_for
+
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def call(server: Tollgate, key: str, job_id: str, **body) -> httpx.Response:
+    with server.client(key) as client:
+        return client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": HELLO, **body})
+
+
+def open_job(server: Tollgate, key: str) -> str:
+    return server.client(key).post("/api/jobs/create", json={"job_type": "limits"}).json()["job_id"]
+
+
+def concurrently(n: int, fn) -> list:
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(fn, range(n)))
+
+
+def test_rpm_5_with_20_concurrent_calls_admits_exactly_5(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(rpm_limit=5)
+    job_id = open_job(server, team.key)
+    responses = concurrently(20, lambda _: call(server, team.key, job_id))
+    assert sorted(r.status_code for r in responses) == [200] * 5 + [429] * 15
+    for refused in (r for r in responses if r.status_code == 429):
+        assert int(refused.headers["retry-after"]) >= 1
+        assert refused.headers["x-ratelimit-limit-requests"] == "5"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        assert "5 requests per minute" in refused.json()["detail"]
+    # The refused calls counted against nothing.
+    assert redis_server.cli("ZCARD", f"tollgate:{{team:{team.team_id}}}:team:{team.team_id}:requests") == "5"
+
+
+def test_two_processes_sharing_redis_admit_exactly_the_limit(make_tollgate, redis_server, tmp_path):
+    first = make_tollgate(redis={"url": redis_server.url})
+    second = make_tollgate(redis={"url": redis_server.url}, database_file=first.database)
+    team = first.admin().team(rpm_limit=10)
+    job_id = open_job(first, team.key)
+    responses = concurrently(40, lambda i: call((first, second)[i % 2], team.key, job_id))
+    assert sum(r.status_code == 200 for r in responses) == 10
+    assert sum(r.status_code == 429 for r in responses) == 30
+
+
+def test_caller_is_admitted_again_as_soon_as_the_window_allows(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url}, rate_limits={"window": "2s"})
+    team = server.admin().team(rpm_limit=2)
+    job_id = open_job(server, team.key)
+    assert [call(server, team.key, job_id).status_code for _ in range(3)] == [200, 200, 429]
+    refused_at = time.monotonic()
+    assert wait_for(lambda: call(server, team.key, job_id).status_code == 200, timeout=4, interval=0.1)
+    assert time.monotonic() - refused_at < 2.5
+
+
+def test_success_responses_carry_the_openai_rate_limit_headers(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(rpm_limit=7, tpm_limit=5000)
+    job_id = open_job(server, team.key)
+    first = call(server, team.key, job_id, max_tokens=100)
+    second = call(server, team.key, job_id, max_tokens=100)
+    assert first.headers["x-ratelimit-limit-requests"] == "7"
+    assert first.headers["x-ratelimit-remaining-requests"] == "6"
+    assert second.headers["x-ratelimit-remaining-requests"] == "5"
+    assert first.headers["x-ratelimit-limit-tokens"] == "5000"
+    assert int(first.headers["x-ratelimit-remaining-tokens"]) == 5000 - 101  # estimate: 1 + max_tokens
+    assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+def test_tpm_refuses_the_third_concurrent_call_and_fits_new_ones_after_reconciliation(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(tpm_limit=1000)
+    job_id = open_job(server, team.key)
+    slow = {"messages": [{"role": "user", "content": "slow [chunks=5] [delay_ms=300]"}], "max_tokens": 390}
+    url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
+    headers = {"Authorization": f"Bearer {team.key}"}
+    with httpx.stream("POST", url, json=slow, headers=headers, timeout=30) as a, httpx.stream(
+        "POST", url, json=slow, headers=headers, timeout=30
+    ) as b:
+        assert (a.status_code, b.status_code) == (200, 200)  # ~398 tokens each are now held
+        third = call(server, team.key, job_id, max_tokens=390)
+        assert third.status_code == 429
+        assert "tokens per minute" in third.json()["detail"] and int(third.headers["retry-after"]) >= 1
+        a.read(), b.read()
+    # Both streams used about 10 tokens each: their estimates gave way to that.
+    assert call(server, team.key, job_id, max_tokens=390).status_code == 200
+    assert call(server, team.key, job_id, max_tokens=390).status_code == 200
+
+
+def test_call_that_can_never_fit_is_429_without_retry_after(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(tpm_limit=1000)
+    response = call(server, team.key, open_job(server, team.key), max_tokens=5000)
+    assert response.status_code == 429
+    assert "retry-after" not in response.headers
+    assert response.headers["x-should-retry"] == "false"
+    assert "can never fit" in response.json()["detail"]
+
+
+def test_key_limit_tighter_than_the_teams_wins(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(rpm_limit=10, key={"name": "tight", "rpm_limit": 2})
+    job_id = open_job(server, team.key)
+    responses = [call(server, team.key, job_id) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert f"key '{team.key_id}' allows 2 requests per minute" in responses[2].json()["detail"]
+    assert responses[0].headers["x-ratelimit-limit-requests"] == "2"
+
+
+def test_without_redis_the_in_process_limiter_is_exact_too(make_tollgate):
+    server = make_tollgate()
+    team = server.admin().team(rpm_limit=3)
+    job_id = open_job(server, team.key)
+    responses = concurrently(10, lambda _: call(server, team.key, job_id))
+    assert sorted(r.status_code for r in responses) == [200] * 3 + [429] * 7
+
+
+def test_limits_apply_to_the_openai_routes(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(credits=5, rpm_limit=1)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=team.key, max_retries=0)
+    client.chat.completions.create(model="Main", messages=HELLO)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="Main", messages=HELLO)
+    assert refused.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    # A call refused before it started opens no job and holds no credit.
+    assert server.admin().get_team(team.team_id)["credits_held"] == 0
+
+
+def test_job_create_and_reads_are_not_rate_limited(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(rpm_limit=1)
+    client = server.client(team.key)
+    for _ in range(3):
+        job_id = open_job(server, team.key)
+        assert client.get(f"/api/jobs/{job_id}").status_code == 200
+
+
+def test_redis_outage_under_local_keeps_serving_and_limits_return_with_redis(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url, "breaker_cooldown": "0.5s"})
+    team = server.admin().team(rpm_limit=3)
+    job_id = open_job(server, team.key)
+    assert call(server, team.key, job_id).status_code == 200
+    redis_server.stop()
+    for _ in range(2):
+        started = time.monotonic()
+        assert call(server, team.key, job_id).status_code == 200
+        assert time.monotonic() - started < 2
+    ready = httpx.get(f"{server.url}/health/ready")
+    assert ready.status_code == 200 and ready.json()["components"]["redis"].startswith("degraded")
+    redis_server.start()  # empty: it keeps nothing on disk
+    time.sleep(0.6)
+    statuses = [call(server, team.key, job_id).status_code for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+    assert httpx.get(f"{server.url}/health/ready").json()["components"]["redis"] == "ok"
+
+
+def test_redis_outage_under_deny_refuses_calls_quickly(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url}, rate_limits={"on_redis_error": "deny"})
+    team = server.admin().team()
+    job_id = open_job(server, team.key)
+    redis_server.stop()
+    for _ in range(3):
+        started = time.monotonic()
+        response = call(server, team.key, job_id)
+        assert response.status_code == 503 and time.monotonic() - started < 2
+        assert "Redis" in response.json()["detail"]
+    ready = httpx.get(f"{server.url}/health/ready")
+    assert ready.status_code == 503 and "redis" in ready.json()["failing"]

@@ -1,0 +1,96 @@
+"""The README opens with two commands that work on a fresh machine; the first brings
+up a gateway that answers the curl and the openai snippet it prints."""
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from proxy.demo import port_in_use
+from tests.support import PYTHON, REPO, free_port
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, re.S)
+    assert block and text.index(block.group(0)) < text.index("\n## "), "the commands open the README"
+    return block.group(1).strip().splitlines()
+
+
+def test_readme_opens_with_the_demo_and_the_test_command():
+    demo, tests = readme_commands()
+    assert demo.endswith("tollgate demo") and tests.endswith("pytest")
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "sed -n 2p" in ci  # CI runs the README's second command itself
+
+
+def fresh_copy(destination: Path) -> Path:
+    """The repository as a clone would have it: tracked files only, no venv."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    files = [f for f in listed.stdout.decode().split("\0") if f] if listed.returncode == 0 else []
+    if not files:
+        files = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file() and ".venv" not in p.parts]
+    for name in files:
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, target)
+    return destination
+
+
+def read_until(lines: "queue.Queue[str]", marker: str, timeout: float, seen: list[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        if marker in line:
+            return
+    raise AssertionError(f"{marker!r} did not appear; output so far:\n" + "".join(seen))
+
+
+def test_first_command_starts_a_gateway_that_answers_what_it_prints(tmp_path):
+    demo_command = readme_commands()[0]
+    checkout = fresh_copy(tmp_path / "tollgate")
+    port, litellm_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOLLGATE_", "VIRTUAL_ENV"))}
+    env.update(TOLLGATE_DEMO_PORT=str(port), TOLLGATE_DEMO_LITELLM_PORT=str(litellm_port))
+    process = subprocess.Popen(
+        ["bash", "-c", demo_command], cwd=checkout, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    seen: list[str] = []
+    try:
+        read_until(lines, "Tollgate is ready", 600, seen)
+        read_until(lines, "Press Ctrl-C to stop", 10, seen)
+        banner = "".join(seen)
+
+        curl = re.search(r"^  (curl -s .*?\}')$", banner, re.S | re.M).group(1).replace("\\\n", " ")
+        answer = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60)
+        assert '"content":"Hello from Tollgate' in answer.stdout, answer.stdout + answer.stderr
+
+        snippet = re.search(r"^  (from openai import OpenAI\n.*?print\(.*?\))$", banner, re.S | re.M).group(1)
+        code = "\n".join(line.removeprefix("  ") for line in snippet.splitlines())
+        result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
+        assert result.stdout.startswith("Hello from Tollgate"), result.stdout + result.stderr
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    assert process.returncode == 0, "".join(seen)
+    deadline = time.monotonic() + 15
+    while port_in_use(litellm_port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not port_in_use(litellm_port), "LiteLLM was left running"

@@ -1,0 +1,85 @@
+"""The SSE scanner finds every event, whatever the chunk boundaries, and keeps the bytes intact."""
+
+import random
+
+import pytest
+
+from proxy.sse import SSEScanner
+
+STREAM = (
+    b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
+    b": keep-alive comment\n\n"
+    b'data: {"choices": [{"delta": {"content": "lo"}}]}\r\n\r\n'
+    b"event: message\ndata: line one\ndata: line two\n\n"
+    b'data: {"usage": {"prompt_tokens": 3}}\r\r'
+    b"data: [DONE]\n\n"
+)
+EXPECTED_DATA = [
+    b'{"choices": [{"delta": {"content": "Hel"}}]}',
+    None,
+    b'{"choices": [{"delta": {"content": "lo"}}]}',
+    b"line one\nline two",
+    b'{"usage": {"prompt_tokens": 3}}',
+    b"[DONE]",
+]
+
+
+def scan(chunks: list[bytes]) -> list:
+    scanner = SSEScanner()
+    events = [event for chunk in chunks for event in scanner.feed(chunk)]
+    tail = scanner.flush()
+    return events + ([tail] if tail else [])
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = [0, *sorted(cuts), len(data)]
+    return [data[a:b] for a, b in zip(points, points[1:])]
+
+
+def test_whole_stream_in_one_chunk_yields_every_event():
+    assert [e.data for e in scan([STREAM])] == EXPECTED_DATA
+
+
+def test_raw_bytes_of_all_events_rebuild_the_stream_exactly():
+    assert b"".join(e.raw for e in scan([STREAM])) == STREAM
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_arbitrary_chunk_boundaries_give_the_same_events(seed):
+    rng = random.Random(seed)
+    chunks = split_at(STREAM, rng.sample(range(1, len(STREAM)), rng.randint(1, 40)))
+    events = scan(chunks)
+    assert [e.data for e in events] == EXPECTED_DATA
+    assert b"".join(e.raw for e in events) == STREAM
+
+
+def test_one_byte_at_a_time_gives_the_same_events():
+    events = scan([STREAM[i : i + 1] for i in range(len(STREAM))])
+    assert [e.data for e in events] == EXPECTED_DATA
+
+
+def test_crlf_split_between_chunks_is_one_line_end():
+    events = scan([b"data: a\r", b"\n\r", b"\ndata: b\r\n\r\n"])
+    assert [e.data for e in events] == [b"a", b"b"]
+
+
+def test_event_field_is_reported():
+    (event,) = scan([b"event: error\ndata: {}\n\n"])
+    assert event.event == "error"
+
+
+def test_unterminated_last_event_is_flushed_with_its_bytes():
+    events = scan([b"data: x\n\ndata: [DONE]"])
+    assert [e.data for e in events] == [b"x", b"[DONE]"]
+    assert events[-1].raw == b"data: [DONE]"
+
+
+def test_data_without_space_after_colon():
+    (event,) = scan([b"data:{}\n\n"])
+    assert event.data == b"{}"
+
+
+def test_nothing_is_emitted_before_an_event_is_complete():
+    scanner = SSEScanner()
+    assert scanner.feed(b'data: {"a": 1}\n') == []
+    assert [e.data for e in scanner.feed(b"\n")] == [b'{"a": 1}']
