@@ -1,0 +1,233 @@
+"""A deterministic OpenAI-compatible upstream for tests and benchmarks.
+
+LiteLLM sits in front of it, so Tollgate's tests exercise a real LiteLLM Proxy
+while every answer stays predictable:
+
+* prompt tokens = whitespace-separated words in all message contents;
+* completion tokens = number of content chunks (default 5, one word each);
+* the model name selects failures: ``fail-500*``, ``fail-503*``, ``fail-429*``
+  (with ``Retry-After: 7``), ``fail-400*``, ``hang*`` (no headers for 30 s),
+  ``abort*`` (stream breaks after two chunks), ``garbage*`` (malformed SSE/JSON);
+* directives in the messages tune one request: ``[chunks=N]``, ``[delay_ms=N]``
+  (between stream chunks), ``[first_byte_ms=N]`` (before any answer), and
+  ``[tag=NAME]`` labels it in the log, ``[stamp]`` puts each chunk's send time in it.
+
+Every request is logged; ``GET /_log?tag=NAME`` returns the log so tests can see
+what the upstream received and when a client connection was closed.
+
+Run: ``python tests/fake_upstream.py --port 9100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+DIRECTIVE = re.compile(r"\[(chunks|delay_ms|first_byte_ms)=(\d+)\]")
+TAG = re.compile(r"\[tag=([\w.-]+)\]")
+LOG: list[dict[str, Any]] = []
+LOG_LIMIT = 5000
+NO_LOG = False  # the benchmark switches the log off
+
+
+def _message_text(messages: list[dict[str, Any]]) -> str:
+    parts: list[str] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+    return " ".join(parts)
+
+
+def _directives(text: str) -> dict[str, int]:
+    return {name: int(value) for name, value in DIRECTIVE.findall(text)}
+
+
+def _words(count: int) -> list[str]:
+    return [f"word{i} " for i in range(1, count + 1)]
+
+
+def _chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None = None, stamp: bool = False) -> bytes:
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if stamp:
+        body["sent_at"] = time.time()  # lets a benchmark measure each chunk's delay
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _wants_tool_call(body: dict[str, Any]) -> bool:
+    return bool(body.get("tools")) and body.get("tool_choice") != "none"
+
+
+def _tool_call(body: dict[str, Any]) -> dict[str, Any]:
+    name = body["tools"][0].get("function", {}).get("name", "tool")
+    return {"id": "call_fake_1", "type": "function", "function": {"name": name, "arguments": '{"city": "Paris"}'}}
+
+
+async def chat_completions(request: Request) -> Response:
+    body = await request.json()
+    model = str(body.get("model", ""))
+    messages = body.get("messages") or []
+    text = _message_text(messages)
+    options = _directives(text)
+    prompt_tokens = len(text.split())
+    chunks = options.get("chunks", 5)
+    if isinstance(body.get("max_tokens"), int):
+        chunks = min(chunks, body["max_tokens"])
+    stream = bool(body.get("stream"))
+    entry: dict[str, Any] = {
+        "id": uuid.uuid4().hex,
+        "model": model,
+        "stream": stream,
+        "user": body.get("user"),
+        "tag": (TAG.findall(text) or [None])[0],
+        "body": body,
+        "headers": dict(request.headers),
+        "started": time.time(),
+        "finished": None,
+        "disconnected": None,
+    }
+    if not NO_LOG:
+        LOG.append(entry)
+        del LOG[:-LOG_LIMIT]
+
+    if options.get("first_byte_ms"):
+        await asyncio.sleep(options["first_byte_ms"] / 1000)
+    if model.startswith("hang"):
+        await asyncio.sleep(30)
+    for status in (500, 503, 429, 400):
+        if model.startswith(f"fail-{status}"):
+            entry["finished"] = time.time()
+            headers = {"Retry-After": "7"} if status == 429 else {}
+            error = {"message": f"fake upstream failure {status}", "type": "fake_error", "code": str(status)}
+            return JSONResponse({"error": error}, status_code=status, headers=headers)
+
+    rid = "chatcmpl-" + uuid.uuid4().hex[:12]
+    words = _words(chunks)
+    tool = _wants_tool_call(body)
+    completion_tokens = 1 if tool else len(words)
+    if not stream:
+        entry["finished"] = time.time()
+        if model.startswith("garbage"):
+            return Response(b'{"id": "x", "choices": [', media_type="application/json")
+        message: dict[str, Any] = {"role": "assistant", "content": None if tool else "".join(words)}
+        if tool:
+            message["tool_calls"] = [_tool_call(body)]
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
+                "usage": _usage(prompt_tokens, completion_tokens),
+            }
+        )
+
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    delay = options.get("delay_ms", 0) / 1000
+    stamp = "[stamp]" in text
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            if tool:
+                call = _tool_call(body)
+                yield _chunk(rid, model, {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **call}]})
+                yield _chunk(rid, model, {}, "tool_calls")
+            else:
+                for i, word in enumerate(words):
+                    if model.startswith("abort") and i == 2:
+                        # Let the first chunks reach LiteLLM before the connection drops:
+                        # an aiohttp reader that sees data and the drop in one read raises
+                        # at once, and the stream would fail before its first byte instead.
+                        await asyncio.sleep(0.2)
+                        raise ConnectionAbortedError("fake upstream aborts mid-stream")
+                    if model.startswith("garbage") and i == 2:
+                        yield b'data: {"id": "broken", "choices": [\n\n'
+                    delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
+                    yield _chunk(rid, model, delta, stamp=stamp)
+                    if delay:
+                        await asyncio.sleep(delay)
+                yield _chunk(rid, model, {}, "stop")
+            if include_usage:
+                usage_chunk = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(prompt_tokens, completion_tokens),
+                }
+                yield b"data: " + json.dumps(usage_chunk).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+            entry["finished"] = time.time()
+        finally:
+            if entry["finished"] is None:
+                entry["disconnected"] = time.time()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def get_log(request: Request) -> Response:
+    tag = request.query_params.get("tag")
+    entries = [e for e in LOG if tag is None or e["tag"] == tag]
+    return JSONResponse(entries)
+
+
+async def clear_log(request: Request) -> Response:
+    LOG.clear()
+    return JSONResponse({"ok": True})
+
+
+async def models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": []})
+
+
+def create_app() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models),
+            Route("/_log", get_log),
+            Route("/_log", clear_log, methods=["DELETE"]),
+        ]
+    )
+
+
+def main() -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--no-log", action="store_true", help="keep no request log (benchmarks)")
+    args = parser.parse_args()
+    global NO_LOG
+    NO_LOG = args.no_log
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
