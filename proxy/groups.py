@@ -6,7 +6,6 @@ import time
 from typing import Callable
 
 from .cache import ExpiringCache
-from .records import ModelGroup
 from .store import Store
 
 

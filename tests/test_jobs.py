@@ -1,7 +1,6 @@
 """Jobs: creation holds credits, completion charges exactly once, failure releases the hold."""
 
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx

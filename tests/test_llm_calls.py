@@ -6,7 +6,7 @@ import time
 import httpx
 import pytest
 
-from tests.support import PRICES, fake_log, sse_data, sse_json, tag, wait_for
+from tests.support import PRICES, fake_log, sse_data, tag, wait_for
 
 
 def new_job(client) -> str:

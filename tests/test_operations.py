@@ -5,9 +5,7 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +13,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import stop_process, wait_until_up
-from tests.support import REPO, PYTHON, fake_upstream, free_port, start_process, tag, wait_for
+from tests.support import REPO, PYTHON, free_port, start_process, wait_for
 
 REQUIRED = {
     "tollgate_requests": {"route", "method", "status"},

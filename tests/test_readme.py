@@ -1,6 +1,7 @@
 """The README opens with two commands that work on a fresh machine; the first brings
 up a gateway that answers the curl and the openai snippet it prints."""
 
+import contextlib
 import os
 import queue
 import re
@@ -43,12 +44,14 @@ def fresh_copy(destination: Path) -> Path:
     return destination
 
 
-def read_until(lines: "queue.Queue[str]", marker: str, timeout: float, seen: list[str]) -> None:
+def read_until(lines: "queue.Queue[str]", marker: str, timeout: float, seen: list[str], process: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             line = lines.get(timeout=1)
         except queue.Empty:
+            if process.poll() is not None:
+                raise AssertionError(f"the command exited ({process.returncode}); output:\n" + "".join(seen)) from None
             continue
         seen.append(line)
         if marker in line:
@@ -70,8 +73,8 @@ def test_first_command_starts_a_gateway_that_answers_what_it_prints(tmp_path):
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     seen: list[str] = []
     try:
-        read_until(lines, "Tollgate is ready", 600, seen)
-        read_until(lines, "Press Ctrl-C to stop", 10, seen)
+        read_until(lines, "Tollgate is ready", 600, seen, process)
+        read_until(lines, "Press Ctrl-C to stop", 10, seen, process)
         banner = "".join(seen)
 
         curl = re.search(r"^  (curl -s .*?\}')$", banner, re.S | re.M).group(1).replace("\\\n", " ")
@@ -83,7 +86,8 @@ def test_first_command_starts_a_gateway_that_answers_what_it_prints(tmp_path):
         result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
         assert result.stdout.startswith("Hello from Tollgate"), result.stdout + result.stderr
     finally:
-        os.killpg(process.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited already
+            os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(60)
         except subprocess.TimeoutExpired:

@@ -43,8 +43,11 @@ def test_100_disconnects_mid_stream_close_the_upstream_and_are_all_recorded(make
         return time.time()
 
     hung_up = asyncio.run(run())
-    closed = wait_for(lambda: [e for e in fake_log(fake_url, label) if e["disconnected"]], timeout=10)
-    assert len(closed) == STREAMS
+    def all_closed():
+        closed = [e for e in fake_log(fake_url, label) if e["disconnected"]]
+        return closed if len(closed) == STREAMS else None
+    closed = wait_for(all_closed, timeout=10)
+    assert closed is not None and len(closed) == STREAMS
     assert max(e["disconnected"] for e in closed) - hung_up < 1.0
 
     def recorded():
