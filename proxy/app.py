@@ -110,5 +110,3 @@ def app_from_environment() -> Starlette:
 
 def configure_logging(level: str = "info") -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every upstream request at INFO: far too chatty for a proxy's hot path.
-    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -13,10 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
-import httpx
-
 from .sse import SSEEvent, SSEScanner
-from .upstream import Upstream
+from .upstream import TransportError, Upstream, UpstreamResponse, UpstreamTimeout
 
 _ERROR_BODY_LIMIT = 64 * 1024
 
@@ -72,7 +70,7 @@ class Answer:
     attempts: int
     body: bytes
     data: dict[str, Any]
-    headers: httpx.Headers
+    headers: dict[str, str]
 
 
 @dataclass
@@ -81,7 +79,7 @@ class OpenStream:
 
     model: str
     attempts: int
-    response: httpx.Response
+    response: UpstreamResponse
     chunks: AsyncIterator[bytes]
     scanner: SSEScanner
     first_events: list[SSEEvent] = field(default_factory=list)
@@ -100,10 +98,10 @@ async def forward(
         try:
             async with asyncio.timeout_at(deadline):
                 result = await _attempt(upstream, model, number, body, stream)
-        except (httpx.TimeoutException, TimeoutError):
+        except (UpstreamTimeout, TimeoutError):
             attempts.append(Attempt(model, "timed out"))
             continue
-        except httpx.TransportError as exc:
+        except TransportError as exc:
             attempts.append(Attempt(model, f"connection failed: {type(exc).__name__}"))
             continue
         if isinstance(result, Attempt):
@@ -136,7 +134,7 @@ async def _attempt(upstream: Upstream, model: str, number: int, body: bytes, str
             await response.aclose()
 
 
-async def _first_event(response: httpx.Response, model: str, number: int) -> OpenStream | Attempt:
+async def _first_event(response: UpstreamResponse, model: str, number: int) -> OpenStream | Attempt:
     scanner = SSEScanner()
     chunks = response.aiter_raw()
     events: list[SSEEvent] = []
@@ -166,7 +164,7 @@ def _error_of(event: SSEEvent) -> str | None:
     return None
 
 
-async def _refusal(response: httpx.Response, model: str, number: int) -> Attempt:
+async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attempt:
     status = response.status_code
     content = b""
     async for chunk in response.aiter_raw():

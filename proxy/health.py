@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -13,7 +12,7 @@ from starlette.routing import Route
 from .limiter import RateLimiter
 from .metrics import CONTENT_TYPE, Metrics
 from .store import Store
-from .upstream import Upstream
+from .upstream import Upstream, UpstreamStatusError
 
 CHECK_TIMEOUT = 2.0
 
@@ -57,10 +56,10 @@ class Health:
         # /v1/models needs Tollgate's key: one request checks LiteLLM is up and accepts us.
         try:
             await asyncio.wait_for(self._upstream.get_json("/v1/models", CHECK_TIMEOUT), CHECK_TIMEOUT)
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code in (400, 401, 403):
+        except UpstreamStatusError as exc:
+            if exc.status_code in (400, 401, 403):
                 return "failing: LiteLLM refuses Tollgate's upstream key"
-            return f"failing: HTTP {exc.response.status_code}"
+            return f"failing: HTTP {exc.status_code}"
         except Exception as exc:
             return f"failing: {type(exc).__name__}"
         return "ok"

@@ -19,13 +19,13 @@ import json
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, Literal, Mapping
 
-import httpx
 from prometheus_client import Gauge
 from starlette.types import Receive, Scope, Send
 
 from .accounting import StreamTally
 from .forwarding import OpenStream
 from .sse import SSEEvent
+from .upstream import TransportError
 
 EndReason = Literal["finished", "client_disconnected", "upstream_failed", "shutdown"]
 SSE_HEADERS = {
@@ -127,7 +127,7 @@ class SSERelay:
                 await self._send(send, terminal)
         except TimeoutError:
             await self._fail(send, "The call took longer than the gateway allows", "upstream_timeout")
-        except httpx.TransportError as exc:
+        except TransportError as exc:
             await self._fail(send, f"The upstream connection failed: {type(exc).__name__}", "upstream_connection_lost")
         finally:
             with contextlib.suppress(Exception):

@@ -1,53 +1,381 @@
-"""The one HTTP client to the LiteLLM Proxy, shared by the whole process."""
+"""The one HTTP client to the LiteLLM Proxy, shared by the whole process.
+
+A small HTTP/1.1 client on asyncio and httptools (the parser uvicorn already
+uses), with a keep-alive pool. It replaced httpx on the hot path because
+httpx's request and response layers cost more CPU than the whole budget of a
+proxied call (bench/RESULTS.md has the numbers); Tollgate only ever needs two
+requests of it, a POST whose answer may stream and a GET of JSON, so the
+client is no bigger than that. The request head is built once at start-up.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import json
+import ssl
+from collections import deque
+from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
-import httpx
+import httptools
 
 from .config import Secret, UpstreamConfig
 
 CHAT_PATH = "/v1/chat/completions"
+KEEPALIVE_EXPIRY = 30.0
+_PAUSE_AT = 256 * 1024  # buffered, unread response bytes before the socket stops being read
+
+
+class TransportError(Exception):
+    """The request could not be sent or its answer could not be read."""
+
+
+class ConnectError(TransportError):
+    pass
+
+
+class ReadError(TransportError):
+    """The connection closed before the answer was complete."""
+
+
+class RemoteProtocolError(TransportError):
+    pass
+
+
+class UpstreamTimeout(TransportError):
+    pass
+
+
+class UpstreamStatusError(Exception):
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"HTTP {status_code}")
+        self.status_code = status_code
+
+
+class _Stale(Exception):
+    """A kept-alive connection died before answering: the request can go again."""
+
+
+class UpstreamResponse:
+    """One answer: status and headers are in; the body arrives through `aiter_raw`."""
+
+    def __init__(self, connection: "_Connection", read_timeout: float) -> None:
+        self._connection = connection
+        self._read_timeout = read_timeout
+        self.status_code = 0
+        self.headers: dict[str, str] = {}
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._complete = False
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    # --- fed by the connection --------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _body(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _PAUSE_AT:
+            self._connection.pause()
+        self._wake()
+
+    def _finished(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _failed(self, error: Exception) -> None:
+        if not self._complete:
+            self._error = error
+        self._wake()
+
+    # --- read by the caller -----------------------------------------------------------
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (chunked transfer coding removed)."""
+        chunks = self._chunks
+        while True:
+            if chunks:
+                data = chunks.popleft()
+                self._buffered -= len(data)
+                if self._buffered <= _PAUSE_AT:
+                    self._connection.resume()
+                yield data
+            elif self._complete:
+                return
+            elif self._error is not None:
+                raise self._error
+            else:
+                await self._wait()
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_raw()])
+
+    async def _wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(self._read_timeout, _expire, waiter, "no data from the upstream in time")
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def aclose(self) -> None:
+        """Give the connection back when the answer was read to its end; otherwise close
+        it, which is how the upstream learns that nobody is listening any more."""
+        if self._closed:
+            return
+        self._closed = True
+        self._connection.release(reusable=self._complete and not self._chunks)
+
+
+def _expire(waiter: asyncio.Future[Any], message: str) -> None:
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout(message))
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: "Upstream") -> None:
+        self._pool = pool
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.used = False  # has answered before: if it dies before answering again, it was stale
+        self.idle_since = 0.0
+        self._response: UpstreamResponse | None = None
+        self._head: asyncio.Future[UpstreamResponse] | None = None
+        self._headers: dict[str, str] = {}
+        self._paused = False
+        self._keep_alive = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._response is None:
+            self.close()  # nothing was asked: an idle connection must stay silent
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(RemoteProtocolError(f"malformed HTTP answer: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        response = self._response
+        if response is None:
+            return
+        if self._head is not None and not self._head.done():
+            self._fail(_Stale() if self.used else ReadError("the upstream closed the connection"))
+        elif not response._complete and not self._headers.get("content-length") and not self._chunked():
+            response._finished()  # an answer delimited by the end of the connection
+        else:
+            self._fail(ReadError("the upstream closed the connection mid-answer"))
+
+    # --- httptools callbacks ----------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        response = self._response
+        assert response is not None
+        response.status_code = self._parser.get_status_code()
+        response.headers = self._headers
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._head is not None and not self._head.done():
+            self._head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response._body(body)
+
+    def on_message_complete(self) -> None:
+        if self._response is not None:
+            self._response._finished()
+
+    # --- used by the pool and the response --------------------------------------------
+
+    def _chunked(self) -> bool:
+        return "chunked" in self._headers.get("transfer-encoding", "").lower()
+
+    def _fail(self, error: Exception) -> None:
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        if self._response is not None:
+            self._response._failed(error if not isinstance(error, _Stale) else ReadError("connection lost"))
+
+    async def request(self, head: bytes, body: bytes, read_timeout: float) -> UpstreamResponse:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self._headers = {}
+        self._response = UpstreamResponse(self, read_timeout)
+        self._head = head_future = loop.create_future()
+        self.transport.write(head + body)
+        timer = loop.call_later(read_timeout, _expire, head_future, "no answer from the upstream in time")
+        try:
+            return await head_future
+        finally:
+            timer.cancel()
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.lost:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def release(self, reusable: bool) -> None:
+        reusable = reusable and self._keep_alive and not self.lost and not self._paused
+        self._response = None
+        self._head = None
+        self.used = True
+        if not reusable:
+            self.close()
+        self._pool._release(self, reusable)
+
+    def close(self) -> None:
+        self.lost = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 class Upstream:
-    def __init__(
-        self, config: UpstreamConfig, key: Secret | None, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
-        timeouts = config.timeouts
-        self.timeouts = timeouts
+    def __init__(self, config: UpstreamConfig, key: Secret | None) -> None:
+        self.timeouts = config.timeouts
         self.url = config.url.rstrip("/")
-        headers = {
-            "Content-Type": "application/json",
-            # Bytes are relayed as they come: never let the upstream compress them.
-            "Accept-Encoding": "identity",
-        }
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream.url: not an http(s) URL: {config.url}")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._prefix = parts.path.rstrip("/")
+        host = parts.netloc.rsplit("@", 1)[-1]
+        # Everything but the length is the same for every call: built once.
+        common = f"Host: {host}\r\nAccept-Encoding: identity\r\n"  # bytes are relayed: never compressed
         if key is not None:
-            headers["Authorization"] = f"Bearer {key.value}"
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=timeouts.connect, read=timeouts.first_byte, write=timeouts.connect, pool=timeouts.connect
-            ),
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_keepalive_connections,
-                keepalive_expiry=30.0,
-            ),
-            transport=transport,
+            common += f"Authorization: Bearer {key.value}\r\n"
+        self._common = common.encode("latin-1")
+        self._chat_head = (
+            f"POST {self._prefix}{CHAT_PATH} HTTP/1.1\r\n".encode("latin-1")
+            + self._common
+            + b"Content-Type: application/json\r\nContent-Length: "
         )
+        self._max_connections = config.max_connections
+        self._max_idle = config.max_keepalive_connections
+        self._idle: list[_Connection] = []
+        self._open = 0  # connections counted against max_connections
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        self._closed = True
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
 
-    async def open_chat(self, body: bytes) -> httpx.Response:
+    async def open_chat(self, body: bytes) -> UpstreamResponse:
         """Send a chat request; return as soon as the response headers are in."""
-        request = self._client.build_request("POST", CHAT_PATH, content=body)
-        return await self._client.send(request, stream=True)
+        head = self._chat_head + str(len(body)).encode() + b"\r\n\r\n"
+        return await self._send(head, body, self.timeouts.first_byte)
 
     async def get_json(self, path: str, timeout: float) -> Any:
-        response = await self._client.get(path, timeout=timeout)
-        response.raise_for_status()
-        return response.json()
+        head = f"GET {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1") + self._common + b"\r\n"
+        response = await self._send(head, b"", timeout)
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        if not 200 <= response.status_code < 300:
+            raise UpstreamStatusError(response.status_code)
+        return json.loads(content)
+
+    async def _send(self, head: bytes, body: bytes, read_timeout: float) -> UpstreamResponse:
+        while True:
+            connection = await self._acquire()
+            try:
+                return await connection.request(head, body, read_timeout)
+            except _Stale:
+                # The upstream closed a kept-alive connection as the request went out; it
+                # never saw the request (a server only closes idle connections): send again.
+                connection.release(reusable=False)
+            except BaseException:
+                connection.release(reusable=False)
+                raise
+
+    # --- the pool -----------------------------------------------------------------------
+
+    async def _acquire(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            while self._idle:
+                connection = self._idle.pop()
+                if not connection.lost and now - connection.idle_since < KEEPALIVE_EXPIRY:
+                    return connection
+                connection.close()
+                self._open -= 1
+            if self._open < self._max_connections:
+                self._open += 1
+                try:
+                    return await self._connect()
+                except BaseException:
+                    self._open -= 1
+                    self._wake_waiter()
+                    raise
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            timer = loop.call_later(self.timeouts.connect, _expire, waiter, "no free upstream connection in time")
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeouts.connect):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self), self._host, self._port, ssl=self._ssl
+                )
+        except TimeoutError:
+            raise UpstreamTimeout("connecting to the upstream timed out") from None
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to the upstream: {exc.strerror or exc}") from None
+        return connection
+
+    def _release(self, connection: _Connection, reusable: bool) -> None:
+        if reusable and not self._closed and len(self._idle) < self._max_idle:
+            connection.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(connection)
+        else:
+            if reusable:
+                connection.close()
+            self._open -= 1
+        self._wake_waiter()
+
+    def _wake_waiter(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return

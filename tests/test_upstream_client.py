@@ -1,0 +1,249 @@
+"""Tollgate's own HTTP/1.1 client to LiteLLM (proxy/upstream.py), against the fake
+upstream and, for misbehaving servers, a few lines of raw asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Awaitable, Callable
+
+import pytest
+
+from proxy.config import Secret, UpstreamConfig, UpstreamTimeouts
+from proxy.upstream import ConnectError, ReadError, RemoteProtocolError, Upstream, UpstreamStatusError, UpstreamTimeout
+from tests.support import fake_log, free_port, tag
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def upstream(url: str, first_byte: float = 5.0, max_connections: int = 10, keepalive: int = 10) -> Upstream:
+    config = UpstreamConfig(
+        url=url,
+        timeouts=UpstreamTimeouts(connect=1.0, first_byte=first_byte, total=30.0),
+        max_connections=max_connections,
+        max_keepalive_connections=keepalive,
+    )
+    return Upstream(config, Secret("sk-upstream-test"))
+
+
+def chat(content: str, stream: bool = False, model: str = "primary") -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream}
+    return json.dumps(body).encode()
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+    return head + await reader.readexactly(length)
+
+
+async def serve(handler: Handler) -> tuple[asyncio.Server, str]:
+    port = free_port()
+    server = await asyncio.start_server(handler, "127.0.0.1", port)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def test_an_answer_is_read_whole_and_the_connection_kept_for_the_next_call(fake_url):
+    async def run() -> None:
+        client = upstream(fake_url)
+        for _ in range(3):
+            response = await client.open_chat(chat("hello [chunks=3]"))
+            body = json.loads(await response.aread())
+            await response.aclose()
+            assert response.status_code == 200 and body["usage"]["completion_tokens"] == 3
+        assert client.open_connections == 1
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_request_carries_the_upstream_key_and_the_body_as_given(fake_url):
+    label = tag()
+
+    async def run() -> None:
+        client = upstream(fake_url)
+        response = await client.open_chat(chat(f"hi [tag={label}]"))
+        await response.aread()
+        await response.aclose()
+        await client.aclose()
+
+    asyncio.run(run())
+    (entry,) = fake_log(fake_url, label)
+    assert entry["headers"]["authorization"] == "Bearer sk-upstream-test"
+    assert entry["body"]["messages"][0]["content"] == f"hi [tag={label}]"
+
+
+def test_a_stream_arrives_in_pieces_with_chunked_coding_removed(fake_url):
+    async def run() -> bytes:
+        client = upstream(fake_url)
+        response = await client.open_chat(chat("hi [chunks=4] [delay_ms=20]", stream=True))
+        pieces = [chunk async for chunk in response.aiter_raw()]
+        await response.aclose()
+        await client.aclose()
+        assert len(pieces) > 1
+        return b"".join(pieces)
+
+    text = asyncio.run(run()).decode()
+    assert text.startswith("data: {") and text.endswith("data: [DONE]\n\n")
+
+
+def test_closing_a_stream_early_closes_its_connection(fake_url):
+    label = tag()
+
+    async def run() -> None:
+        client = upstream(fake_url)
+        response = await client.open_chat(chat(f"long [chunks=200] [delay_ms=50] [tag={label}]", stream=True))
+        chunks = response.aiter_raw()
+        await anext(chunks)
+        await chunks.aclose()
+        await response.aclose()
+        assert client.open_connections == 0
+        await asyncio.sleep(0.5)
+        await client.aclose()
+
+    asyncio.run(run())
+    (entry,) = fake_log(fake_url, label)
+    assert entry["disconnected"] is not None
+
+
+def test_a_refused_connection_is_a_connect_error():
+    async def run() -> None:
+        client = upstream(f"http://127.0.0.1:{free_port()}")
+        with pytest.raises(ConnectError):
+            await client.open_chat(chat("hi"))
+        assert client.open_connections == 0
+
+    asyncio.run(run())
+
+
+def test_no_answer_before_the_first_byte_timeout_is_a_timeout():
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server, url = await serve(silent)
+        client = upstream(url, first_byte=0.3)
+        with pytest.raises(UpstreamTimeout):
+            await client.open_chat(chat("hi"))
+        assert client.open_connections == 0
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_kept_alive_connection_closed_by_the_server_is_replaced_without_an_error():
+    requests: list[bytes] = []
+
+    async def one_answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await read_request(reader))
+        # Claims keep-alive, then closes anyway: as a server whose idle timeout struck.
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(one_answer_then_close)
+        client = upstream(url)
+        for _ in range(2):
+            response = await client.open_chat(chat("hi"))
+            assert await response.aread() == b"{}"
+            await response.aclose()
+            await asyncio.sleep(0.2)
+        assert len(requests) == 2
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_request_racing_the_servers_idle_close_goes_again_on_a_new_connection():
+    connections: list[int] = []
+
+    async def idle_close_races_the_second_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        if len(connections) == 1:
+            await read_request(reader)  # arrived as the idle timeout struck: never answered
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(idle_close_races_the_second_request)
+        client = upstream(url)
+        for _ in range(2):
+            response = await client.open_chat(chat("hi"))
+            assert await response.aread() == b"{}"
+            await response.aclose()
+        assert len(connections) == 2
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_an_answer_cut_mid_body_is_a_read_error():
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"id\":")
+        await writer.drain()
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(cut)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        with pytest.raises(ReadError):
+            await response.aread()
+        await response.aclose()
+        assert client.open_connections == 0
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_malformed_answer_is_a_protocol_error():
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"THIS IS NOT HTTP\r\n\r\n")
+        await writer.drain()
+
+    async def run() -> None:
+        server, url = await serve(garbage)
+        client = upstream(url)
+        with pytest.raises(RemoteProtocolError):
+            await client.open_chat(chat("hi"))
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_calls_beyond_max_connections_wait_for_a_free_one(fake_url):
+    async def run() -> None:
+        client = upstream(fake_url, max_connections=2)
+
+        async def one() -> int:
+            response = await client.open_chat(chat("hi [chunks=3] [delay_ms=50]", stream=True))
+            await response.aread()
+            await response.aclose()
+            return response.status_code
+
+        assert await asyncio.gather(*(one() for _ in range(6))) == [200] * 6
+        assert client.open_connections <= 2
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_get_json_raises_on_an_error_status(fake_url):
+    async def run() -> None:
+        client = upstream(fake_url)
+        assert await client.get_json("/v1/models", timeout=5) == {"object": "list", "data": []}
+        with pytest.raises(UpstreamStatusError) as caught:
+            await client.get_json("/no-such-path", timeout=5)
+        assert caught.value.status_code == 404
+        await client.aclose()
+
+    asyncio.run(run())
