@@ -21,7 +21,6 @@ job that is also over its limit gets the 429.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import math
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from .config import RateLimitsConfig, RedisConfig
+from .resp import Redis, RedisError, Script
 
 log = logging.getLogger("tollgate.limiter")
 
@@ -338,28 +338,17 @@ class RedisUnavailable(Exception):
 
 class RedisLimiter:
     def __init__(self, config: RedisConfig, window: float) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         assert config.url is not None
         self._timeout = config.timeout
         self._prefix = config.key_prefix
         self._window_ms = int(window * 1000)
-        # No retries inside redis-py: a dead Redis must cost one short timeout, then the breaker.
-        self._redis = aioredis.Redis.from_url(
-            config.url,
-            socket_connect_timeout=config.connect_timeout,
-            socket_timeout=config.timeout,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
-        self._admit = self._redis.register_script(ADMIT_SCRIPT)
-        self._settle = self._redis.register_script(SETTLE_SCRIPT)
+        # No retries: a dead Redis must cost one short timeout, then the breaker.
+        self._redis = Redis(config.url, config.connect_timeout, config.timeout)
+        self._admit = Script(ADMIT_SCRIPT)
+        self._settle = Script(SETTLE_SCRIPT)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        await self._redis.close()
 
     def _keys(self, limits: Limits) -> list[str]:
         keys = []
@@ -368,20 +357,16 @@ class RedisLimiter:
             keys += [f"{base}:requests", f"{base}:tokens", f"{base}:amounts", f"{base}:total"]
         return keys
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        from redis.exceptions import RedisError
-
+    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await asyncio.wait_for(script(keys=keys, args=args), self._timeout * 3)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            return await self._redis.evalsha(script, keys, args)
+        except RedisError as exc:
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
 
     async def ping(self) -> None:
-        from redis.exceptions import RedisError
-
         try:
-            await asyncio.wait_for(self._redis.ping(), self._timeout * 3)
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            await self._redis.call("PING")
+        except RedisError as exc:
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
 
     async def admit(self, limits: Limits, call_id: str, estimate: int) -> Decision:

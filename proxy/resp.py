@@ -1,0 +1,224 @@
+"""A minimal Redis client: RESP2 over one pipelined connection.
+
+The limiter sends two scripts per call and nothing else, and redis-py's
+per-command machinery (pool checkout, command packing, response callbacks)
+cost more than the round trip itself (bench/RESULTS.md). One connection is
+enough because Redis answers in order: concurrent commands are written as they
+come and their replies matched first in, first out. A command that times out
+leaves the connection's state unknown, so the connection is dropped, every
+command waiting on it fails, and the next command connects afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections import deque
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+class RedisError(Exception):
+    """Redis could not be reached or did not answer in time."""
+
+
+class ReplyError(RedisError):
+    """Redis answered with an error."""
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def encode(args: tuple[Any, ...]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        else:
+            data = str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int]:
+    """One reply from `buffer` at `pos`: (value, position after it); _Incomplete if cut."""
+    end = buffer.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete
+    kind, line = buffer[pos : pos + 1], bytes(buffer[pos + 1 : end])
+    pos = end + 2
+    if kind == b":":
+        return int(line), pos
+    if kind == b"$":
+        length = int(line)
+        if length < 0:
+            return None, pos
+        if len(buffer) < pos + length + 2:
+            raise _Incomplete
+        return bytes(buffer[pos : pos + length]), pos + length + 2
+    if kind == b"*":
+        count = int(line)
+        if count < 0:
+            return None, pos
+        items = []
+        for _ in range(count):
+            item, pos = parse(buffer, pos)
+            items.append(item)
+        return items, pos
+    if kind == b"+":
+        return line.decode(), pos
+    if kind == b"-":
+        return ReplyError(line.decode("utf-8", "replace")), pos
+    raise RedisError(f"unexpected reply type {kind!r}")
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.lost = False
+        self._buffer = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        pos = 0
+        try:
+            while pos < len(buffer) and self.pending:
+                value, pos = parse(buffer, pos)
+                future = self.pending.popleft()
+                if not future.done():
+                    if isinstance(value, ReplyError):
+                        future.set_exception(value)
+                    else:
+                        future.set_result(value)
+        except _Incomplete:
+            pass
+        except (RedisError, ValueError) as exc:
+            self.fail(RedisError(f"unreadable reply: {exc}"))
+            return
+        del buffer[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisError("connection to Redis lost"))
+
+    def fail(self, error: RedisError) -> None:
+        self.lost = True
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
+
+    def send(self, payload: bytes, replies: int) -> list[asyncio.Future[Any]]:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(replies)]
+        self.pending.extend(futures)
+        self.transport.write(payload)
+        return futures
+
+
+class Redis:
+    def __init__(self, url: str, connect_timeout: float, timeout: float) -> None:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        self._unix = parts.path if parts.scheme == "unix" else None
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or 6379
+        self._ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
+        db = query.get("db", [""])[0] or (parts.path.strip("/") if parts.scheme != "unix" else "")
+        self._setup: list[tuple[Any, ...]] = []
+        if parts.password is not None:
+            user = unquote(parts.username) if parts.username else None
+            password = unquote(parts.password)
+            self._setup.append(("AUTH", user, password) if user else ("AUTH", password))
+        if db and db != "0":
+            self._setup.append(("SELECT", int(db)))
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            self._connection.fail(RedisError("client closed"))
+            self._connection = None
+
+    async def call(self, *args: Any) -> Any:
+        connection = await self._connected()
+        (future,) = connection.send(encode(args), 1)
+        return await self._wait(connection, future)
+
+    async def evalsha(self, script: "Script", keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self.call("EVAL", script.source, len(keys), *keys, *args)
+
+    async def _wait(self, connection: _Connection, future: asyncio.Future[Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self._timeout, _expire, connection, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    async def _connected(self) -> _Connection:
+        connection = self._connection
+        if connection is not None and not connection.lost:
+            return connection
+        if self._connecting is None:
+            # Concurrent callers share one attempt rather than racing to open several.
+            self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
+        try:
+            return await asyncio.shield(connecting)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                if self._unix is not None:
+                    _, connection = await loop.create_unix_connection(_Connection, self._unix)
+                else:
+                    _, connection = await loop.create_connection(_Connection, self._host, self._port, ssl=self._ssl)
+        except TimeoutError:
+            raise RedisError("connecting to Redis timed out") from None
+        except OSError as exc:
+            raise RedisError(f"cannot connect to Redis: {exc.strerror or exc}") from None
+        if self._setup:
+            payload = b"".join(encode(command) for command in self._setup)
+            try:
+                for future in connection.send(payload, len(self._setup)):
+                    await self._wait(connection, future)
+            except BaseException:
+                connection.fail(RedisError("Redis refused the connection's setup"))
+                raise
+        self._connection = connection
+        return connection
+
+
+def _expire(connection: _Connection, future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        # Its reply may still come and would be taken for the next command's: start over.
+        connection.fail(RedisError("Redis did not answer in time"))
+
+
+class Script:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()

@@ -1,0 +1,115 @@
+"""Tollgate's minimal Redis client (proxy/resp.py) against the machine's real Redis,
+and a silent server for what happens when Redis does not answer."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from proxy.resp import Redis, RedisError, ReplyError, Script, encode, parse
+from tests.support import free_port
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def client(url: str = REDIS_URL, timeout: float = 1.0) -> Redis:
+    return Redis(url, connect_timeout=1.0, timeout=timeout)
+
+
+def test_every_reply_type_parses_and_a_cut_reply_waits_for_more():
+    raw = b"*5\r\n:42\r\n$3\r\nabc\r\n$-1\r\n+OK\r\n*1\r\n$0\r\n\r\n"
+    assert parse(raw, 0) == ([42, b"abc", None, "OK", [b""]], len(raw))
+    with pytest.raises(Exception):
+        parse(raw[:-3], 0)
+    assert encode(("SET", "k", 5)) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n5\r\n"
+
+
+def test_concurrent_commands_share_one_connection_and_get_their_own_replies():
+    key = f"tollgate-test:{uuid.uuid4().hex}"
+
+    async def run() -> list[int]:
+        redis = client()
+        replies = await asyncio.gather(*(redis.call("INCR", key) for _ in range(200)))
+        await redis.call("DEL", key)
+        await redis.close()
+        return replies
+
+    assert sorted(asyncio.run(run())) == list(range(1, 201))
+
+
+def test_an_error_reply_raises_and_the_connection_stays_usable():
+    async def run() -> None:
+        redis = client()
+        with pytest.raises(ReplyError):
+            await redis.call("NO-SUCH-COMMAND")
+        assert await redis.call("PING") == "PONG"
+        await redis.close()
+
+    asyncio.run(run())
+
+
+def test_a_script_unknown_to_redis_is_sent_whole_and_then_known():
+    script = Script(f"return {{KEYS[1], ARGV[1], '{uuid.uuid4().hex}'}}")
+
+    async def run() -> None:
+        redis = client()
+        first = await redis.evalsha(script, ["k"], ["v"])
+        assert first[:2] == [b"k", b"v"]
+        assert await redis.call("SCRIPT", "EXISTS", script.sha) == [1]
+        assert await redis.evalsha(script, ["k"], ["v"]) == first
+        await redis.close()
+
+    asyncio.run(run())
+
+
+def test_an_unreachable_redis_is_an_error_not_a_hang():
+    async def run() -> None:
+        redis = client(f"redis://127.0.0.1:{free_port()}")
+        with pytest.raises(RedisError):
+            await redis.call("PING")
+
+    asyncio.run(run())
+
+
+def test_a_silent_redis_times_out_and_the_next_command_reconnects():
+    connections: list[int] = []
+
+    async def silent_then_real(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        await reader.read(100)
+        if len(connections) == 1:
+            await asyncio.sleep(5)  # never answers the first connection
+        else:
+            writer.write(b"+PONG\r\n")
+            await writer.drain()
+            await asyncio.sleep(1)
+
+    async def run() -> None:
+        port = free_port()
+        server = await asyncio.start_server(silent_then_real, "127.0.0.1", port)
+        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
+        with pytest.raises(RedisError):
+            await redis.call("PING")
+        assert await redis.call("PING") == "PONG"
+        assert len(connections) == 2
+        await redis.close()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_the_database_number_in_the_url_is_selected():
+    key = f"tollgate-test:{uuid.uuid4().hex}"
+
+    async def run() -> None:
+        db3, db0 = client("redis://127.0.0.1:6379/3"), client()
+        await db3.call("SET", key, "x", "EX", 10)
+        assert await db0.call("GET", key) is None
+        assert await db3.call("GET", key) == b"x"
+        await db3.call("DEL", key)
+        await db3.close()
+        await db0.close()
+
+    asyncio.run(run())
