@@ -1,10 +1,11 @@
-"""The SQLite store, through aiosqlite.
+"""The SQLite store.
 
-Two connections per process: one writer, whose transactions are serialised by
-an asyncio lock and begin with ``BEGIN IMMEDIATE`` (so writers in other
-processes queue on SQLite's busy timeout instead of failing half-way), and one
-reader, which WAL lets run beside any writer. Writes are shielded from
-cancellation: a client hanging up never leaves a half-recorded call or charge.
+Two connections per process: the writer, owned by one thread that group-commits
+(see writer.py; its transactions begin with ``BEGIN IMMEDIATE``, so writers in
+other processes queue on SQLite's busy timeout instead of failing half-way), and
+a reader through aiosqlite, which WAL lets run beside any writer. Writes are
+shielded from cancellation: a client hanging up never leaves a half-recorded
+call or charge.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sqlite3
 import time
 import uuid
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import aiosqlite
 
@@ -40,17 +41,12 @@ from . import (
     InsufficientCredits,
     JobClosed,
     NotFound,
-    StoreError,
     TeamSuspended,
 )
 from .schema import MIGRATIONS
+from .writer import StoreBusy, Work, Writer
 
 T = TypeVar("T")
-Work = Callable[[aiosqlite.Connection], Awaitable[T]]
-
-
-class StoreBusy(StoreError):
-    """The database stayed locked by another process for longer than the busy timeout."""
 
 
 _TEAM_COLUMNS = """
@@ -156,55 +152,62 @@ class SQLiteStore:
     def __init__(self, config: DatabaseConfig, clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._clock = clock
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self._config.sqlite_path))
         os.makedirs(directory, exist_ok=True)
-        self._writer = await self._connect()
+        self._writer = Writer(self._connect_writer)
+        await self._writer.start()
         await self._migrate()
-        self._reader = await self._connect()
+        self._reader = await aiosqlite.connect(
+            self._config.sqlite_path, isolation_level=None, timeout=self._config.busy_timeout
+        )
+        for pragma in self._pragmas():
+            await self._reader.execute(pragma)
 
     async def close(self) -> None:
-        # Wait for writes in flight (they are shielded from cancellation) before closing.
-        async with self._write_lock:
-            for connection in (self._reader, self._writer):
-                if connection is not None:
-                    await connection.close()
-            self._reader = self._writer = None
+        # Writes in flight (they are shielded from cancellation) are finished first.
+        if self._writer is not None:
+            await self._writer.stop()
+        if self._reader is not None:
+            await self._reader.close()
+        self._reader = self._writer = None
 
     async def ping(self) -> None:
         await self._read("SELECT 1")
 
-    async def _connect(self) -> aiosqlite.Connection:
-        connection = await aiosqlite.connect(
-            self._config.sqlite_path, isolation_level=None, timeout=self._config.busy_timeout
+    def _pragmas(self) -> list[str]:
+        return [
+            f"PRAGMA busy_timeout = {int(self._config.busy_timeout * 1000)}",
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA foreign_keys = ON",
+            f"PRAGMA synchronous = {self._config.synchronous.upper()}",
+        ]
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self._config.sqlite_path, isolation_level=None, timeout=self._config.busy_timeout, check_same_thread=False
         )
-        await connection.execute(f"PRAGMA busy_timeout = {int(self._config.busy_timeout * 1000)}")
-        await connection.execute("PRAGMA journal_mode = WAL")
-        await connection.execute("PRAGMA foreign_keys = ON")
-        await connection.execute(f"PRAGMA synchronous = {self._config.synchronous.upper()}")
+        for pragma in self._pragmas():
+            connection.execute(pragma)
         return connection
 
     async def _migrate(self) -> None:
-        async def migrate(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def migrate(db: sqlite3.Connection) -> None:
+            db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
             )
-            rows = await db.execute_fetchall("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-            current = rows[0][0]
+            current = _all(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0]
             for version, script in enumerate(MIGRATIONS, start=1):
                 if version <= current:
                     continue
                 for statement in _statements(script):
-                    await db.execute(statement)
-                await db.execute(
-                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, self._clock())
-                )
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, self._clock()))
 
         await self._write(migrate)
 
@@ -223,8 +226,11 @@ class SQLiteStore:
 
     async def _write(self, work: Work[T], transaction: bool = True) -> T:
         """Run a write to its end even if the caller is cancelled meanwhile; the caller's
-        cancellation is delivered once the write is done, so it can tell what happened."""
-        write = asyncio.ensure_future(self._locked(work, transaction))
+        cancellation is delivered once the write is done, so it can tell what happened.
+        Every write runs in a transaction of the writer thread's (`transaction` is kept
+        for callers that say a single statement needs none)."""
+        assert self._writer is not None, "store is not open"
+        write = self._writer.submit(work)
         try:
             return await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -232,36 +238,14 @@ class SQLiteStore:
                 await asyncio.shield(write)
             raise
 
-    async def _locked(self, work: Work[T], transaction: bool) -> T:
-        async with self._write_lock:
-            db = self._writer
-            assert db is not None, "store is not open"
-            try:
-                if not transaction:
-                    return await work(db)
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = await work(db)
-                    await db.execute("COMMIT")
-                    return result
-                except BaseException:
-                    # SQLite may have rolled back already (or left the transaction open after a
-                    # failed COMMIT): end it either way, so the next write can begin.
-                    if db.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            await db.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:
-                raise _busy_or(exc)
-
     # --- organizations and model groups --------------------------------------------------
 
     async def create_organization(self, organization_id: str, name: str) -> Organization:
         now = self._clock()
 
-        async def insert(db: aiosqlite.Connection) -> None:
+        def insert(db: sqlite3.Connection) -> None:
             try:
-                await db.execute(
+                db.execute(
                     "INSERT INTO organizations (organization_id, name, created_at) VALUES (?, ?, ?)",
                     (organization_id, name, now),
                 )
@@ -272,8 +256,8 @@ class SQLiteStore:
         return Organization(organization_id, name, now)
 
     async def ensure_organization(self, organization_id: str, name: str) -> Organization:
-        async def upsert(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT INTO organizations (organization_id, name, created_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (organization_id) DO UPDATE SET name = excluded.name",
                 (organization_id, name, self._clock()),
@@ -298,9 +282,9 @@ class SQLiteStore:
     async def create_model_group(self, name: str, models: list[str], description: str) -> ModelGroup:
         now = self._clock()
 
-        async def insert(db: aiosqlite.Connection) -> None:
+        def insert(db: sqlite3.Connection) -> None:
             try:
-                await db.execute(
+                db.execute(
                     "INSERT INTO model_groups (name, models, description, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
                     (name, json.dumps(models), description, now, now),
                 )
@@ -313,8 +297,8 @@ class SQLiteStore:
     async def put_model_group(self, name: str, models: list[str], description: str) -> ModelGroup:
         now = self._clock()
 
-        async def upsert(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT INTO model_groups (name, models, description, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET models = excluded.models, description = excluded.description, "
                 "updated_at = excluded.updated_at",
@@ -337,14 +321,14 @@ class SQLiteStore:
         return [_group(row) for row in rows]
 
     async def delete_model_group(self, name: str) -> None:
-        async def delete(db: aiosqlite.Connection) -> None:
-            users = await db.execute_fetchall(
+        def delete(db: sqlite3.Connection) -> None:
+            users = _all(db,
                 "SELECT team_id FROM team_model_groups WHERE model_group = ? ORDER BY team_id", (name,)
             )
             if users:
                 teams = ", ".join(row[0] for row in users)
                 raise Conflict(f"Model group '{name}' is granted to teams: {teams}; remove it from them first")
-            cursor = await db.execute("DELETE FROM model_groups WHERE name = ?", (name,))
+            cursor = db.execute("DELETE FROM model_groups WHERE name = ?", (name,))
             if cursor.rowcount == 0:
                 raise NotFound(f"Model group '{name}' not found")
 
@@ -353,9 +337,9 @@ class SQLiteStore:
     # --- teams, credits and keys -----------------------------------------------------------
 
     async def create_team(self, team: Team, reason: str) -> Team:
-        async def insert(db: aiosqlite.Connection) -> None:
+        def insert(db: sqlite3.Connection) -> None:
             try:
-                await db.execute(
+                db.execute(
                     "INSERT INTO teams (team_id, organization_id, status, credits_allocated, default_model_group, "
                     "rpm_limit, tpm_limit, credits_per_job, created_at, updated_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -376,9 +360,9 @@ class SQLiteStore:
                 if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
                     raise Conflict(f"Team '{team.team_id}' already exists") from None
                 raise NotFound(f"Organization '{team.organization_id}' not found") from None
-            await _grant_groups(db, team.team_id, team.model_groups)
+            _grant_groups(db, team.team_id, team.model_groups)
             if team.credits_allocated:
-                await _ledger_entry(db, team.team_id, None, team.credits_allocated, reason, team.created_at)
+                _ledger_entry(db, team.team_id, None, team.credits_allocated, reason, team.created_at)
 
         await self._write(insert)
         created = await self.get_team(team.team_id)
@@ -398,15 +382,15 @@ class SQLiteStore:
         assignments = {name: value for name, value in changes.items() if name in columns}
         groups = changes.get("model_groups")
 
-        async def update(db: aiosqlite.Connection) -> None:
+        def update(db: sqlite3.Connection) -> None:
             sets = ", ".join(f"{name} = ?" for name in assignments)
             sql = f"UPDATE teams SET {sets + ', ' if sets else ''}updated_at = ? WHERE team_id = ?"
-            cursor = await db.execute(sql, (*assignments.values(), self._clock(), team_id))
+            cursor = db.execute(sql, (*assignments.values(), self._clock(), team_id))
             if cursor.rowcount == 0:
                 raise NotFound(f"Team '{team_id}' not found")
             if groups is not None:
-                await db.execute("DELETE FROM team_model_groups WHERE team_id = ?", (team_id,))
-                await _grant_groups(db, team_id, groups)
+                db.execute("DELETE FROM team_model_groups WHERE team_id = ?", (team_id,))
+                _grant_groups(db, team_id, groups)
 
         await self._write(update)
         team = await self.get_team(team_id)
@@ -414,20 +398,20 @@ class SQLiteStore:
         return team
 
     async def add_credits(self, team_id: str, amount: int, reason: str) -> Team:
-        async def add(db: aiosqlite.Connection) -> None:
-            rows = await db.execute_fetchall(
+        def add(db: sqlite3.Connection) -> None:
+            rows = _all(db,
                 "UPDATE teams SET credits_allocated = credits_allocated + ?, updated_at = ? "
                 "WHERE team_id = ? AND credits_allocated + ? >= credits_used + credits_held "
                 "RETURNING credits_allocated - credits_used",
                 (amount, self._clock(), team_id, amount),
             )
             if not rows:
-                team = await _team_in(db, team_id)
+                team = _team_in(db, team_id)
                 raise Conflict(
                     f"Cannot remove {-amount} credits from team '{team_id}': only "
                     f"{team.credits_available} are neither used nor held"
                 )
-            await _ledger_entry(db, team_id, None, amount, reason, self._clock(), balance_after=rows[0][0])
+            _ledger_entry(db, team_id, None, amount, reason, self._clock(), balance_after=rows[0][0])
 
         await self._write(add)
         team = await self.get_team(team_id)
@@ -443,9 +427,9 @@ class SQLiteStore:
         return [LedgerEntry(*row) for row in rows]
 
     async def create_key(self, key: VirtualKey, key_hash: bytes) -> VirtualKey:
-        async def insert(db: aiosqlite.Connection) -> None:
+        def insert(db: sqlite3.Connection) -> None:
             try:
-                await db.execute(
+                db.execute(
                     "INSERT INTO virtual_keys (key_id, key_hash, team_id, name, created_at, expires_at, rpm_limit, "
                     "tpm_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -473,8 +457,8 @@ class SQLiteStore:
         return [_key(row) for row in rows]
 
     async def revoke_key(self, key_id: str) -> VirtualKey:
-        async def revoke(db: aiosqlite.Connection) -> VirtualKey:
-            rows = await db.execute_fetchall(
+        def revoke(db: sqlite3.Connection) -> VirtualKey:
+            rows = _all(db,
                 f"UPDATE virtual_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ? "
                 f"RETURNING {_KEY_COLUMNS.replace('k.', '')}",
                 (self._clock(), key_id),
@@ -510,8 +494,8 @@ class SQLiteStore:
         now = self._clock()
         metadata_json = json.dumps(metadata, allow_nan=False)
 
-        async def create(db: aiosqlite.Connection) -> int:
-            rows = await db.execute_fetchall(
+        def create(db: sqlite3.Connection) -> int:
+            rows = _all(db,
                 "UPDATE teams SET credits_held = credits_held + COALESCE(credits_per_job, :default) "
                 "WHERE team_id = :team AND status = 'active' "
                 "AND credits_allocated - credits_used - credits_held >= COALESCE(credits_per_job, :default) "
@@ -519,17 +503,17 @@ class SQLiteStore:
                 {"default": default_credits, "team": team_id},
             )
             if not rows:
-                team = await _team_in(db, team_id)
+                team = _team_in(db, team_id)
                 if team.status != "active":
                     raise TeamSuspended(f"Team '{team_id}' is suspended")
                 raise InsufficientCredits(team, team.credits_per_job if team.credits_per_job is not None else default_credits)
             held = rows[0][0]
-            await db.execute(
+            db.execute(
                 "INSERT INTO jobs (job_id, team_id, job_type, user_id, status, metadata, created_at, credits_held) "
                 "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
                 (job_id, team_id, job_type, user_id, metadata_json, now, held),
             )
-            await db.execute(
+            db.execute(
                 "INSERT INTO credit_holds (job_id, team_id, amount, created_at) VALUES (?, ?, ?, ?)",
                 (job_id, team_id, held, now),
             )
@@ -569,8 +553,8 @@ class SQLiteStore:
         return [_call(row) for row in rows]
 
     async def start_call(self, call: NewCall) -> None:
-        async def start(db: aiosqlite.Connection) -> None:
-            cursor = await db.execute(
+        def start(db: sqlite3.Connection) -> None:
+            cursor = db.execute(
                 "INSERT INTO llm_calls (call_id, job_id, team_id, key_id, model_group, purpose, streamed, status, "
                 "started_at) SELECT ?, job_id, team_id, ?, ?, ?, ?, 'running', ? FROM jobs "
                 "WHERE job_id = ? AND team_id = ? AND status IN ('pending', 'in_progress')",
@@ -586,19 +570,19 @@ class SQLiteStore:
                 ),
             )
             if cursor.rowcount == 0:
-                rows = await db.execute_fetchall("SELECT status, team_id FROM jobs WHERE job_id = ?", (call.job_id,))
+                rows = _all(db, "SELECT status, team_id FROM jobs WHERE job_id = ?", (call.job_id,))
                 if not rows:
                     raise NotFound(f"Job '{call.job_id}' not found")
                 if rows[0][1] != call.team_id:
                     raise Forbidden(f"Job '{call.job_id}' belongs to another team")
                 raise JobClosed(call.job_id, rows[0][0])
-            await db.execute("UPDATE jobs SET status = 'in_progress' WHERE job_id = ? AND status = 'pending'", (call.job_id,))
+            db.execute("UPDATE jobs SET status = 'in_progress' WHERE job_id = ? AND status = 'pending'", (call.job_id,))
 
         await self._write(start)
 
     async def finish_call(self, outcome: CallOutcome) -> None:
-        async def finish(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def finish(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE llm_calls SET status = ?, model = ?, prompt_tokens = ?, completion_tokens = ?, "
                 "usage_estimated = ?, cost_usd = ?, latency_ms = ?, ttft_ms = ?, attempts = ?, error = ?, "
                 "finished_at = ? WHERE call_id = ? AND status = 'running'",
@@ -626,8 +610,8 @@ class SQLiteStore:
         """Finish a job; returns it and whether this call changed it (False for a repeat)."""
         now = self._clock()
 
-        async def finish(db: aiosqlite.Connection) -> bool:
-            rows = await db.execute_fetchall(
+        def finish(db: sqlite3.Connection) -> bool:
+            rows = _all(db,
                 "SELECT status, team_id, metadata FROM jobs WHERE job_id = ?", (job_id,)
             )
             if not rows:
@@ -637,25 +621,25 @@ class SQLiteStore:
                 return False  # the same terminal status again: same result, no new charge
             if current in ("completed", "failed"):
                 raise JobClosed(job_id, current)
-            running = await db.execute_fetchall(
+            running = _all(db,
                 "SELECT 1 FROM llm_calls WHERE job_id = ? AND status = 'running' LIMIT 1", (job_id,)
             )
             if running:
                 raise CallInProgress(f"Job '{job_id}' has a call still running; complete it after the call ends")
-            held_rows = await db.execute_fetchall("DELETE FROM credit_holds WHERE job_id = ? RETURNING amount", (job_id,))
+            held_rows = _all(db, "DELETE FROM credit_holds WHERE job_id = ? RETURNING amount", (job_id,))
             held = held_rows[0][0] if held_rows else 0
             charged = held if status == "completed" else 0
-            remaining = await db.execute_fetchall(
+            remaining = _all(db,
                 "UPDATE teams SET credits_held = credits_held - ?, credits_used = credits_used + ?, updated_at = ? "
                 "WHERE team_id = ? RETURNING credits_allocated - credits_used",
                 (held, charged, now, team_id),
             )
             balance = remaining[0][0]
             if charged:
-                await _ledger_entry(db, team_id, job_id, -charged, f"job {job_id} completed", now, balance_after=balance)
+                _ledger_entry(db, team_id, job_id, -charged, f"job {job_id} completed", now, balance_after=balance)
             merged = json.loads(stored_metadata)
             merged.update(metadata or {})
-            await db.execute(
+            db.execute(
                 "UPDATE jobs SET status = ?, completed_at = ?, metadata = ?, error_message = ?, credits_charged = ?, "
                 "credits_remaining_after = ? WHERE job_id = ?",
                 (status, now, json.dumps(merged, allow_nan=False), error_message, charged, balance, job_id),
@@ -685,8 +669,8 @@ class SQLiteStore:
         return expired
 
     async def cancel_stale_calls(self, started_before: float) -> int:
-        async def cancel(db: aiosqlite.Connection) -> int:
-            cursor = await db.execute(
+        def cancel(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
                 "UPDATE llm_calls SET status = 'cancelled', error = 'interrupted: the process serving it stopped', "
                 "finished_at = ? WHERE status = 'running' AND started_at < ?",
                 (self._clock(), started_before),
@@ -710,17 +694,17 @@ def _group(row: sqlite3.Row | tuple) -> ModelGroup:
     return ModelGroup(row[0], tuple(json.loads(row[1])), row[2], row[3], row[4])
 
 
-async def _team_in(db: aiosqlite.Connection, team_id: str) -> Team:
-    rows = await db.execute_fetchall(f"SELECT {_TEAM_COLUMNS} FROM teams t WHERE t.team_id = ?", (team_id,))
+def _team_in(db: sqlite3.Connection, team_id: str) -> Team:
+    rows = _all(db, f"SELECT {_TEAM_COLUMNS} FROM teams t WHERE t.team_id = ?", (team_id,))
     if not rows:
         raise NotFound(f"Team '{team_id}' not found")
     return _team(rows[0])
 
 
-async def _grant_groups(db: aiosqlite.Connection, team_id: str, groups: Iterable[str]) -> None:
+def _grant_groups(db: sqlite3.Connection, team_id: str, groups: Iterable[str]) -> None:
     for position, group in enumerate(groups):
         try:
-            await db.execute(
+            db.execute(
                 "INSERT INTO team_model_groups (team_id, model_group, position) VALUES (?, ?, ?)",
                 (team_id, group, position),
             )
@@ -728,8 +712,8 @@ async def _grant_groups(db: aiosqlite.Connection, team_id: str, groups: Iterable
             raise NotFound(f"Model group '{group}' not found") from None
 
 
-async def _ledger_entry(
-    db: aiosqlite.Connection,
+def _ledger_entry(
+    db: sqlite3.Connection,
     team_id: str,
     job_id: str | None,
     amount: int,
@@ -738,11 +722,11 @@ async def _ledger_entry(
     balance_after: int | None = None,
 ) -> None:
     if balance_after is None:
-        rows = await db.execute_fetchall(
+        rows = _all(db,
             "SELECT credits_allocated - credits_used FROM teams WHERE team_id = ?", (team_id,)
         )
         balance_after = rows[0][0]
-    await db.execute(
+    db.execute(
         "INSERT INTO credit_ledger (team_id, job_id, amount, reason, balance_after, created_at) "
         "VALUES (?, ?, ?, ?, ?, ?)",
         (team_id, job_id, amount, reason, balance_after, now),
@@ -757,6 +741,10 @@ def _statements(script: str) -> list[str]:
             statements.append("\n".join(current).strip())
             current = []
     return [s for s in statements if s]
+
+
+def _all(db: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
+    return db.execute(sql, params).fetchall()
 
 
 def _busy_or(exc: sqlite3.OperationalError) -> Exception:

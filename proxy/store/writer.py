@@ -1,0 +1,153 @@
+"""One writer thread per process that owns SQLite's write connection and group-commits.
+
+Every write is a plain function of a `sqlite3.Connection`. The thread takes all the
+writes waiting in its queue, runs each inside its own savepoint of one
+`BEGIN IMMEDIATE` transaction, commits once (one fsync for the lot), and only then
+resolves their futures, in one hop back to the event loop. A write that raises is
+rolled back to its savepoint alone; the others still commit. Nobody hears "done"
+before the commit is durable, so a response never ends ahead of its record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+from . import StoreError
+
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], T]
+MAX_BATCH = 256
+
+
+@dataclass
+class _Job(Generic[T]):
+    work: Work[T]
+    future: asyncio.Future[T]
+    loop: asyncio.AbstractEventLoop
+
+
+class StoreBusy(StoreError):
+    """The database stayed locked by another process for longer than the busy timeout."""
+
+
+class Writer:
+    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+        self._connect = connect
+        self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tollgate-sqlite-writer", daemon=True)
+        self._thread.start()
+        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
+        if self._failure is not None:
+            raise self._failure
+
+    async def stop(self) -> None:
+        """Finish every write already submitted, then close the connection."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._thread = None
+
+    def submit(self, work: Work[T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(work, future, loop))
+        return future
+
+    # --- the thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            db = self._connect()
+        except BaseException as exc:
+            self._failure = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                batch = [job]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                        break
+                    batch.append(more)
+                self._deliver(batch, self._commit(db, batch))
+                if stop:
+                    return
+        finally:
+            db.close()
+
+    def _commit(self, db: sqlite3.Connection, batch: list[_Job[Any]]) -> list[tuple[bool, Any]]:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            return [(False, _busy_or(exc))] * len(batch)
+        results: list[tuple[bool, Any]] = []
+        try:
+            for job in batch:
+                db.execute("SAVEPOINT write")
+                try:
+                    result = job.work(db)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO write")
+                    db.execute("RELEASE write")
+                    results.append((False, _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc))
+                else:
+                    db.execute("RELEASE write")
+                    results.append((True, result))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # The transaction as a whole failed: nothing of it stands, so nobody succeeded.
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            failure = _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc
+            return [(False, failure)] * len(batch)
+        return results
+
+    def _deliver(self, batch: list[_Job[Any]], results: list[tuple[bool, Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for job, (ok, value) in zip(batch, results):
+            by_loop.setdefault(job.loop, []).append((job.future, ok, value))
+        for loop, outcomes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, outcomes)
+            except RuntimeError:
+                pass  # that loop is closed: nobody is waiting any more
+
+
+def _resolve(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in outcomes:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _busy_or(exc: sqlite3.OperationalError) -> Exception:
+    if "locked" in str(exc) or "busy" in str(exc):
+        return StoreBusy("The database is busy; try again shortly")
+    return exc
