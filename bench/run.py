@@ -273,6 +273,8 @@ def tollgate_target(name: str, server: Tollgate) -> Target:
 async def run(args: argparse.Namespace) -> None:
     seconds = 1.0 if args.smoke else args.seconds
     concurrencies = [1, 10] if args.smoke else [1, 10, 50]
+    if args.concurrency:
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
     open_streams = 50 if args.smoke else 1000
     chunks = 20
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp, services(Path(tmp)) as s:
@@ -286,21 +288,25 @@ async def run(args: argparse.Namespace) -> None:
                    litellm_pid(litellm)),
             tollgate_target("(d) Tollgate -> LiteLLM", s["behind"]),
         ]
+        measured = [t for t in targets if t.name[1] in args.targets]
         rows = []
-        for stream in (False, True):
+        for stream in [mode == "stream" for mode in args.modes.split(",")]:
             for concurrency in concurrencies:
-                for target in targets:
+                for target in measured:
                     m = await load(target, stream, concurrency, seconds, chunks)
                     rows.append((("stream" if stream else "plain"), concurrency, target.name, m))
                     print(f"  {rows[-1][0]:6} c={concurrency:<3} {target.name:26} {m['rps']:8.0f} req/s", file=sys.stderr)
+        if args.no_extras:
+            print(report(rows, None, None, open_streams, None, None, args))
+            return
         direct_delay = await chunk_delay(targets[0], 20)
         tollgate_delay = await chunk_delay(targets[1], 20)
         before, during = await memory_with_open_streams(targets[1], open_streams)
     print(report(rows, direct_delay, tollgate_delay, open_streams, before, during, args))
 
 
-def report(rows: list, direct_delay: float, tollgate_delay: float, streams: int, before: float, during: float,
-           args: argparse.Namespace) -> str:
+def report(rows: list, direct_delay: float | None, tollgate_delay: float | None, streams: int, before: float | None,
+           during: float | None, args: argparse.Namespace) -> str:
     lines = [
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell'}",
@@ -326,11 +332,13 @@ def report(rows: list, direct_delay: float, tollgate_delay: float, streams: int,
         a10, b10 = by.get((mode, 10, "(a) direct")), by.get((mode, 10, "(b) Tollgate -> upstream"))
         if a10 and b10:
             lines.append(f"- {mode}, concurrency 10: Tollgate adds {(b10['p99'] - a10['p99']) * 1000:.2f} ms at p99")
-    lines.append(
-        f"- per streamed chunk: {tollgate_delay * 1000:.3f} ms through Tollgate vs {direct_delay * 1000:.3f} ms direct "
-        f"(added {(tollgate_delay - direct_delay) * 1000:.3f} ms)"
-    )
-    lines.append(f"- Tollgate resident memory: {before:.0f} MB idle, {during:.0f} MB with {streams} open streams")
+    if tollgate_delay is not None and direct_delay is not None:
+        lines.append(
+            f"- per streamed chunk: {tollgate_delay * 1000:.3f} ms through Tollgate vs {direct_delay * 1000:.3f} ms "
+            f"direct (added {(tollgate_delay - direct_delay) * 1000:.3f} ms)"
+        )
+    if before is not None and during is not None:
+        lines.append(f"- Tollgate resident memory: {before:.0f} MB idle, {during:.0f} MB with {streams} open streams")
     return "\n".join(lines)
 
 
@@ -338,6 +346,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark Tollgate against a direct call and LiteLLM.")
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all: proves the benchmark works")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
+    parser.add_argument("--targets", default="abcd", help="which of (a)-(d) to measure, e.g. 'ab' while profiling")
+    parser.add_argument("--modes", default="plain,stream", help="'plain', 'stream' or both")
+    parser.add_argument("--concurrency", default=None, help="comma-separated, e.g. '1,10' (default 1,10,50)")
+    parser.add_argument("--no-extras", action="store_true", help="skip the per-chunk delay and memory measurements")
     asyncio.run(run(parser.parse_args()))
 
 
