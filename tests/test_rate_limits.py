@@ -182,3 +182,13 @@ def test_redis_outage_under_deny_refuses_calls_quickly(make_tollgate, redis_serv
         assert "Redis" in response.json()["detail"]
     ready = httpx.get(f"{server.url}/health/ready")
     assert ready.status_code == 503 and "redis" in ready.json()["failing"]
+
+
+def test_a_finished_calls_real_usage_reaches_redis_without_waiting_for_another_call(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(tpm_limit=5000)
+    response = call(server, team.key, open_job(server, team.key), max_tokens=100)
+    assert int(response.headers["x-ratelimit-remaining-tokens"]) == 5000 - 101  # admitted on its estimate
+    total = f"tollgate:{{team:{team.team_id}}}:team:{team.team_id}:total"
+    real = response.json()["metadata"]["tokens_used"]
+    assert wait_for(lambda: redis_server.cli("GET", total) == str(real), timeout=2, interval=0.02)
