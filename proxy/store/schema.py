@@ -119,4 +119,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX llm_calls_job ON llm_calls(job_id, started_at);
     CREATE INDEX llm_calls_running ON llm_calls(started_at) WHERE status = 'running';
     """,
+    # 2: a call's start is one statement: its insert moves a pending job to in_progress.
+    """
+    CREATE TRIGGER llm_calls_start_job AFTER INSERT ON llm_calls WHEN NEW.status = 'running'
+    BEGIN
+        UPDATE jobs SET status = 'in_progress' WHERE job_id = NEW.job_id AND status = 'pending';
+    END;
+    """,
 ]

@@ -227,10 +227,10 @@ class SQLiteStore:
     async def _write(self, work: Work[T], transaction: bool = True) -> T:
         """Run a write to its end even if the caller is cancelled meanwhile; the caller's
         cancellation is delivered once the write is done, so it can tell what happened.
-        Every write runs in a transaction of the writer thread's (`transaction` is kept
-        for callers that say a single statement needs none)."""
+        `transaction=False` says the write is one statement (reads aside): alone in its
+        batch, it then needs no transaction of its own."""
         assert self._writer is not None, "store is not open"
-        write = self._writer.submit(work)
+        write = self._writer.submit(work, atomic=transaction)
         try:
             return await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -576,9 +576,9 @@ class SQLiteStore:
                 if rows[0][1] != call.team_id:
                     raise Forbidden(f"Job '{call.job_id}' belongs to another team")
                 raise JobClosed(call.job_id, rows[0][0])
-            db.execute("UPDATE jobs SET status = 'in_progress' WHERE job_id = ? AND status = 'pending'", (call.job_id,))
+            # The insert's trigger (schema 2) moved a pending job to in_progress.
 
-        await self._write(start)
+        await self._write(start, transaction=False)
 
     async def finish_call(self, outcome: CallOutcome) -> None:
         def finish(db: sqlite3.Connection) -> None:

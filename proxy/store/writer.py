@@ -29,6 +29,7 @@ class _Job(Generic[T]):
     work: Work[T]
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
+    atomic: bool  # False: one statement, which needs no transaction of its own
 
 
 class StoreBusy(StoreError):
@@ -58,10 +59,10 @@ class Writer:
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._thread = None
 
-    def submit(self, work: Work[T]) -> asyncio.Future[T]:
+    def submit(self, work: Work[T], atomic: bool = True) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(work, future, loop))
+        self._queue.put(_Job(work, future, loop, atomic))
         return future
 
     # --- the thread ----------------------------------------------------------------------
@@ -97,6 +98,8 @@ class Writer:
             db.close()
 
     def _commit(self, db: sqlite3.Connection, batch: list[_Job[Any]]) -> list[tuple[bool, Any]]:
+        if len(batch) == 1:
+            return [self._alone(db, batch[0])]
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -125,6 +128,28 @@ class Writer:
             failure = _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc
             return [(False, failure)] * len(batch)
         return results
+
+    def _alone(self, db: sqlite3.Connection, job: _Job[Any]) -> tuple[bool, Any]:
+        """A write with nobody to share a commit with: every statement executed costs the
+        thread a turn at the GIL against a busy event loop, so no savepoint, and a single
+        statement runs as its own transaction."""
+        try:
+            if not job.atomic:
+                return True, job.work(db)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = job.work(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
+            return True, result
+        except Exception as exc:
+            return False, _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc
 
     def _deliver(self, batch: list[_Job[Any]], results: list[tuple[bool, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
