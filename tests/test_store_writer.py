@@ -54,7 +54,7 @@ def test_a_failing_write_is_rolled_back_alone_and_the_others_in_its_batch_commit
 def test_concurrent_writes_are_grouped_into_fewer_commits(tmp_path):
     path = tmp_path / "w.db"
     commits: list[int] = []
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def connect_counting() -> sqlite3.Connection:
         db = connect(path)
@@ -62,12 +62,14 @@ def test_concurrent_writes_are_grouped_into_fewer_commits(tmp_path):
         return db
 
     def blocker(db: sqlite3.Connection) -> None:
+        started.set()
         release.wait(5)  # holds the thread while the other writes queue up
 
     async def run() -> None:
         writer = Writer(connect_counting)
         await writer.start()
         first = writer.submit(blocker)
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
         futures = [writer.submit(insert(n)) for n in range(100)]
         release.set()
         await first
