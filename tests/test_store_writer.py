@@ -21,11 +21,34 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def insert(n: int):
-    def work(db: sqlite3.Connection) -> int:
+    def work(db: sqlite3.Connection) -> int:  # one statement
         db.execute("INSERT INTO t (n) VALUES (?)", (n,))
         return n
 
     return work
+
+
+def insert_both(n: int):
+    def work(db: sqlite3.Connection) -> int:  # two statements: all or nothing
+        db.execute("INSERT INTO t (n) VALUES (?)", (n + 1000,))
+        db.execute("INSERT INTO t (n) VALUES (?)", (n,))
+        return n
+
+    return work
+
+
+async def hold(writer: Writer) -> threading.Event:
+    """Keep the writer thread busy until the returned event is set, so that what is
+    submitted meanwhile makes one batch."""
+    started, release = threading.Event(), threading.Event()
+
+    def blocker(db: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(5)
+
+    writer.submit(blocker)
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+    return release
 
 
 def rows(path: Path) -> list[int]:
@@ -39,8 +62,12 @@ def test_a_failing_write_is_rolled_back_alone_and_the_others_in_its_batch_commit
     async def run() -> list:
         writer = Writer(lambda: connect(path))
         await writer.start()
-        # A duplicate key fails half-way through the batch these writes share.
-        futures = [writer.submit(insert(n)) for n in (1, 2, 2, 3)]
+        release = await hold(writer)
+        # A duplicate key fails half-way through the batch these writes share: as one
+        # statement, and as a write of several statements.
+        futures = [writer.submit(insert(n), atomic=False) for n in (1, 2, 2, 3)]
+        futures += [writer.submit(insert_both(n)) for n in (4, 5, 4, 6)]
+        release.set()
         results = await asyncio.gather(*futures, return_exceptions=True)
         await writer.stop()
         return results
@@ -48,31 +75,27 @@ def test_a_failing_write_is_rolled_back_alone_and_the_others_in_its_batch_commit
     results = asyncio.run(run())
     assert results[:2] == [1, 2] and results[3] == 3
     assert isinstance(results[2], sqlite3.IntegrityError)
-    assert rows(path) == [1, 2, 3]
+    assert results[4:6] == [4, 5] and results[7] == 6
+    assert isinstance(results[6], sqlite3.IntegrityError)
+    # The second insert of 4 went in before the first failed: rolled back with it.
+    assert rows(path) == [1, 2, 3, 4, 5, 6, 1004, 1005, 1006]
 
 
 def test_concurrent_writes_are_grouped_into_fewer_commits(tmp_path):
     path = tmp_path / "w.db"
     commits: list[int] = []
-    started, release = threading.Event(), threading.Event()
 
     def connect_counting() -> sqlite3.Connection:
         db = connect(path)
         db.set_trace_callback(lambda sql: commits.append(1) if sql == "COMMIT" else None)
         return db
 
-    def blocker(db: sqlite3.Connection) -> None:
-        started.set()
-        release.wait(5)  # holds the thread while the other writes queue up
-
     async def run() -> None:
         writer = Writer(connect_counting)
         await writer.start()
-        first = writer.submit(blocker)
-        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+        release = await hold(writer)
         futures = [writer.submit(insert(n)) for n in range(100)]
         release.set()
-        await first
         await asyncio.gather(*futures)
         await writer.stop()
 

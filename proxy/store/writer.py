@@ -107,6 +107,16 @@ class Writer:
         results: list[tuple[bool, Any]] = []
         try:
             for job in batch:
+                if not job.atomic:
+                    # One statement: SQLite undoes a failed statement by itself, so it needs
+                    # no savepoint, unless the failure ended the whole transaction.
+                    try:
+                        results.append((True, job.work(db)))
+                    except Exception as exc:
+                        if isinstance(exc, sqlite3.Error) and not db.in_transaction:
+                            raise
+                        results.append((False, _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc))
+                    continue
                 db.execute("SAVEPOINT write")
                 try:
                     result = job.work(db)
