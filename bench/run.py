@@ -249,6 +249,19 @@ def services(workdir: Path, **tollgate_config: dict) -> Iterator[dict]:
         redis.stop()
 
 
+def wait_until_quiet(pids: list[int | None], limit: float = 90.0) -> None:
+    """LiteLLM keeps a core busy for a while after it starts answering: measuring meanwhile
+    would take that CPU from whatever is being measured. Wait until every process is idle."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = [cpu_seconds(pid) for pid in pids if pid]
+        time.sleep(1.0)
+        after = [cpu_seconds(pid) for pid in pids if pid]
+        if all(b - a < 0.05 for a, b in zip(before, after)):
+            return
+    print(f"  (still busy after {limit:.0f} s: measuring anyway)", file=sys.stderr)
+
+
 def litellm_pid(litellm: LiteLLM) -> int | None:
     port = litellm.url.rsplit(":", 1)[1]
     for pid in os.listdir("/proc"):
@@ -288,6 +301,7 @@ async def run(args: argparse.Namespace) -> None:
                    litellm_pid(litellm)),
             tollgate_target("(d) Tollgate -> LiteLLM", s["behind"]),
         ]
+        wait_until_quiet([t.pid for t in targets])
         measured = [t for t in targets if t.name[1] in args.targets]
         rows = []
         for stream in [mode == "stream" for mode in args.modes.split(",")]:

@@ -1,0 +1,199 @@
+"""Where Tollgate's CPU goes: measure (b) Tollgate -> fake upstream with parts switched off.
+
+    .venv/bin/python bench/ablate.py                          # everything on
+    .venv/bin/python bench/ablate.py --off store,redis        # without those parts
+    .venv/bin/python bench/ablate.py --each --rounds 2        # one part off at a time, twice
+
+Parts: store (no call records), upstream (a canned answer, no HTTP), redis (the in-process
+limiter), log (no access log), metrics (no call/request metrics), keycache (every request
+looks its key up), uvloop (asyncio's loop and h11 instead of uvloop and httptools).
+One more switch is an experiment rather than a part: inline (store writes batched per
+event-loop iteration and committed on the loop itself instead of by the writer thread).
+A part switched off is replaced in the serving process before it starts; the numbers are
+that process's CPU per call (all threads, from /proc) under bench/run.py's load generator.
+This is a profiling tool: what it switches off, a real gateway needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+PARTS = ("store", "upstream", "redis", "log", "metrics", "keycache", "uvloop", "inline")
+
+
+def switch_off(parts: set[str]) -> None:
+    """Replace the named parts of Tollgate in this process (the serving one)."""
+    import proxy.auth as auth
+    import proxy.calls as calls
+    import proxy.forwarding as forwarding
+    import proxy.limiter as limiter
+    import proxy.metrics as metrics
+    import proxy.observe as observe
+    import proxy.store.sqlite as sqlite
+
+    async def nothing(*args: object, **kwargs: object) -> None:
+        return None
+
+    if "store" in parts:
+        sqlite.SQLiteStore.start_call = nothing  # type: ignore[method-assign]
+        sqlite.SQLiteStore.finish_call = nothing  # type: ignore[method-assign]
+    if "log" in parts:
+        observe.ObserveMiddleware._log = lambda *a, **k: None  # type: ignore[method-assign]
+    if "metrics" in parts:
+        metrics.Metrics.observe_call = lambda *a, **k: None  # type: ignore[method-assign]
+        metrics.Metrics.observe_request = lambda *a, **k: None  # type: ignore[method-assign]
+    if "redis" in parts:
+        async def admit(self, limits, call_id, estimate):  # type: ignore[no-untyped-def]
+            return self.local.admit(limits, call_id, estimate)
+
+        async def settle(self, decision, tokens, release=False):  # type: ignore[no-untyped-def]
+            self.local.settle(decision, tokens, release)
+
+        limiter.RateLimiter.admit = admit  # type: ignore[method-assign]
+        limiter.RateLimiter.settle = settle  # type: ignore[method-assign]
+    if "upstream" in parts:
+        body = json.dumps({
+            "id": "canned", "object": "chat.completion", "model": "primary",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10},
+        }).encode()
+
+        async def forward(upstream, models, payload, stream, deadline):  # type: ignore[no-untyped-def]
+            return forwarding.Answer("primary", 1, body, json.loads(body), {})
+
+        calls.forward = forward  # type: ignore[assignment]
+    if "keycache" in parts:
+        original = auth.KeyAuthenticator.__init__
+
+        def no_cache(self, store, cache_ttl, *args, **kwargs):  # type: ignore[no-untyped-def]
+            original(self, store, 0.0, *args, **kwargs)
+
+        auth.KeyAuthenticator.__init__ = no_cache  # type: ignore[method-assign]
+    if "inline" in parts:
+        import asyncio as aio
+        import proxy.store.writer as writer
+
+        def submit(self, work, atomic=True):  # type: ignore[no-untyped-def]
+            loop = aio.get_running_loop()
+            future = loop.create_future()
+            if not hasattr(self, "_inline_db"):
+                self._inline_db = self._connect()
+                self._inline_batch = []
+            self._inline_batch.append(writer._Job(work, future, loop, atomic))
+            if len(self._inline_batch) == 1:
+                def flush() -> None:
+                    batch, self._inline_batch = self._inline_batch, []
+                    for job, (ok, value) in zip(batch, self._commit(self._inline_db, batch)):
+                        job.future.set_result(value) if ok else job.future.set_exception(value)
+                loop.call_soon(flush)
+            return future
+
+        writer.Writer.submit = submit  # type: ignore[method-assign]
+    if "uvloop" in parts:
+        import uvicorn
+
+        run = uvicorn.run
+
+        def plain_asyncio(app, **options):  # type: ignore[no-untyped-def]
+            return run(app, **{**options, "loop": "asyncio", "http": "h11"})
+
+        uvicorn.run = plain_asyncio  # type: ignore[assignment]
+
+
+def serve(parts: set[str], args: list[str]) -> None:
+    switch_off(parts)
+    from proxy.cli import main
+
+    sys.argv = ["tollgate", *args]
+    main()
+
+
+def task_cpu(pid: int) -> dict[str, int]:
+    ticks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks[tid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def measure(parts: set[str], concurrencies: list[int], seconds: float) -> list[str]:
+    import run as bench
+    from proxy.demo import stop_process, wait_until_up
+    from tests.support import PYTHON, RedisServer, Tollgate, free_port, start_process
+
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="tollgate-ablate-") as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        fake = start_process([PYTHON, str(REPO / "tests" / "fake_upstream.py"), "--port", str(port), "--no-log"],
+                             workdir / "fake.log")
+        redis = RedisServer(workdir).start()
+        url = f"http://127.0.0.1:{port}"
+        server = Tollgate(workdir, url, "sk-fake", name="ablate", redis={"url": redis.url},
+                          upstream={"max_connections": 2000})
+        try:
+            wait_until_up(f"{url}/v1/models", 30, fake)
+            server.start()
+            server.stop()  # configured and migrated; now serve the same config with parts off
+            server.process = start_process(
+                [PYTHON, str(Path(__file__).resolve()), "--serve", ",".join(sorted(parts)), "--",
+                 "serve", "--config", str(server.config_path), "--port", str(server.port)],
+                workdir / "ablate.log", server.env,
+            )
+            wait_until_up(f"{server.url}/health/live", 30, server.process)
+            target = bench.tollgate_target("(b)", server)
+            pid = server.process.pid
+            for concurrency in concurrencies:
+                asyncio.run(bench.load(target, False, concurrency, 1.0, 20))  # warm up
+                before = task_cpu(pid)
+                m = asyncio.run(bench.load(target, False, concurrency, seconds, 20))
+                after = task_cpu(pid)
+                ticks = sum(after.values()) - sum(before.get(t, 0) for t in after)
+                cpu_ms = ticks / os.sysconf("SC_CLK_TCK") / m["n"] * 1000
+                off = ",".join(sorted(parts)) or "nothing"
+                lines.append(f"| {off} | {concurrency} | {m['rps']:.0f} | {m['p50'] * 1000:.2f} | {cpu_ms:.3f} |")
+                print(lines[-1], file=sys.stderr)
+        finally:
+            server.stop()
+            stop_process(fake)
+            redis.stop()
+    return lines
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--serve":
+        parts = set(filter(None, sys.argv[2].split(",")))
+        serve(parts, sys.argv[4:])
+        return
+    parser = argparse.ArgumentParser(description="Tollgate's CPU per call with parts switched off.")
+    parser.add_argument("--off", default="", help=f"comma-separated parts: {', '.join(PARTS)}")
+    parser.add_argument("--each", action="store_true", help="all on, then each part off in turn")
+    parser.add_argument("--concurrency", default="1,10")
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    chosen = set(filter(None, args.off.split(",")))
+    unknown = chosen - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    runs = [set()] + [{p} for p in PARTS] if args.each else [chosen]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    lines = ["| switched off | conc. | req/s | p50 ms | CPU ms/call |", "|---|---|---|---|---|"]
+    for _ in range(args.rounds):
+        for parts in runs:
+            lines += measure(parts, concurrencies, args.seconds)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
