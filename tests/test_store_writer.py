@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from proxy.store import StoreError
 from proxy.store.writer import Writer
 
 
@@ -141,3 +142,56 @@ def test_a_database_that_cannot_be_opened_fails_start(tmp_path):
             await Writer(broken).start()
 
     asyncio.run(run())
+
+
+def test_a_write_submitted_after_stop_is_refused_not_left_waiting(tmp_path):
+    async def run() -> None:
+        writer = Writer(lambda: connect(tmp_path / "w.db"))
+        await writer.start()
+        await writer.stop()
+        with pytest.raises(StoreError):
+            writer.submit(insert(1))
+
+    asyncio.run(run())
+
+
+def test_a_write_that_blows_up_fails_alone_and_the_writer_carries_on(tmp_path):
+    path = tmp_path / "w.db"
+
+    class Boom(BaseException):
+        pass
+
+    def explode(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t (n) VALUES (99)")
+        raise Boom()
+
+    def stop_iteration(db: sqlite3.Connection) -> None:
+        next(iter(()))
+
+    async def run() -> None:
+        writer = Writer(lambda: connect(path))
+        await writer.start()
+        with pytest.raises(StoreError):
+            await writer.submit(explode)
+        with pytest.raises(RuntimeError):
+            await writer.submit(stop_iteration)
+        assert await writer.submit(insert(1)) == 1
+        await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == [1]
+
+
+def test_a_write_of_several_statements_failing_alone_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "w.db"
+
+    async def run() -> None:
+        writer = Writer(lambda: connect(path))
+        await writer.start()
+        await writer.submit(insert(4))
+        with pytest.raises(sqlite3.IntegrityError):
+            await writer.submit(insert_both(4))  # 1004 goes in, then 4 clashes
+        await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == [4]

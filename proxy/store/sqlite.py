@@ -41,6 +41,7 @@ from . import (
     InsufficientCredits,
     JobClosed,
     NotFound,
+    StoreError,
     TeamSuspended,
 )
 from .schema import MIGRATIONS
@@ -229,7 +230,8 @@ class SQLiteStore:
         cancellation is delivered once the write is done, so it can tell what happened.
         `transaction=False` says the write is one statement (reads aside): alone in its
         batch, it then needs no transaction of its own."""
-        assert self._writer is not None, "store is not open"
+        if self._writer is None:
+            raise StoreError("The store is closed")
         write = self._writer.submit(work, atomic=transaction)
         try:
             return await asyncio.shield(write)

@@ -43,6 +43,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tollgate-sqlite-writer", daemon=True)
@@ -52,7 +53,9 @@ class Writer:
             raise self._failure
 
     async def stop(self) -> None:
-        """Finish every write already submitted, then close the connection."""
+        """Finish every write already submitted, then close the connection; a write
+        submitted from now on is refused rather than left waiting."""
+        self._closed = True
         if self._thread is None:
             return
         self._queue.put(None)
@@ -60,6 +63,8 @@ class Writer:
         self._thread = None
 
     def submit(self, work: Work[T], atomic: bool = True) -> asyncio.Future[T]:
+        if self._closed or self._failure is not None:
+            raise StoreError("The store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Job(work, future, loop, atomic))
@@ -91,13 +96,31 @@ class Writer:
                         stop = True
                         break
                     batch.append(more)
-                self._deliver(batch, self._commit(db, batch))
+                try:
+                    results = self._commit(db, batch)
+                except BaseException as exc:  # a write function gone badly wrong: its batch fails, the thread lives
+                    _end_transaction(db)
+                    results = [(False, StoreError(f"The write failed: {exc!r}"))] * len(batch)
+                self._deliver(batch, results)
                 if stop:
                     return
         finally:
+            self._closed = True
             db.close()
+            # Anything still queued (submitted as the writer stopped) hears so rather than waits.
+            left: list[_Job[Any]] = []
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    left.append(item)
+            self._deliver(left, [(False, StoreError("The store is closed"))] * len(left))
 
     def _commit(self, db: sqlite3.Connection, batch: list[_Job[Any]]) -> list[tuple[bool, Any]]:
+        if not batch:
+            return []
         if len(batch) == 1:
             return [self._alone(db, batch[0])]
         try:
@@ -106,35 +129,32 @@ class Writer:
             return [(False, _busy_or(exc))] * len(batch)
         results: list[tuple[bool, Any]] = []
         try:
-            for job in batch:
-                if not job.atomic:
-                    # One statement: SQLite undoes a failed statement by itself, so it needs
-                    # no savepoint, unless the failure ended the whole transaction.
-                    try:
-                        results.append((True, job.work(db)))
-                    except Exception as exc:
-                        if isinstance(exc, sqlite3.Error) and not db.in_transaction:
-                            raise
-                        results.append((False, _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc))
-                    continue
-                db.execute("SAVEPOINT write")
+            for index, job in enumerate(batch):
+                if job.atomic:
+                    db.execute("SAVEPOINT write")
                 try:
                     result = job.work(db)
                 except Exception as exc:
-                    db.execute("ROLLBACK TO write")
-                    db.execute("RELEASE write")
-                    results.append((False, _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc))
+                    error = _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc
+                    if not db.in_transaction:
+                        # The failure ended the whole transaction and undid the writes before it
+                        # as well: they go again without the one that failed.
+                        results = self._commit(db, batch[:index] + batch[index + 1 :])
+                        results.insert(index, (False, error))
+                        return results
+                    if job.atomic:
+                        db.execute("ROLLBACK TO write")
+                        db.execute("RELEASE write")
+                    # A single statement that failed was undone by SQLite itself.
+                    results.append((False, error))
                 else:
-                    db.execute("RELEASE write")
+                    if job.atomic:
+                        db.execute("RELEASE write")
                     results.append((True, result))
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             # The transaction as a whole failed: nothing of it stands, so nobody succeeded.
-            if db.in_transaction:
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            _end_transaction(db)
             failure = _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc
             return [(False, failure)] * len(batch)
         return results
@@ -151,11 +171,7 @@ class Writer:
                 result = job.work(db)
                 db.execute("COMMIT")
             except BaseException:
-                if db.in_transaction:
-                    try:
-                        db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
+                _end_transaction(db)
                 raise
             return True, result
         except Exception as exc:
@@ -178,8 +194,18 @@ def _resolve(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             continue
         if ok:
             future.set_result(value)
+        elif isinstance(value, StopIteration):  # a future cannot hold one
+            future.set_exception(RuntimeError(f"the write raised {value!r}"))
         else:
             future.set_exception(value)
+
+
+def _end_transaction(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def _busy_or(exc: sqlite3.OperationalError) -> Exception:
