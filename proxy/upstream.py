@@ -22,7 +22,12 @@ import httptools
 from .config import Secret, UpstreamConfig
 
 CHAT_PATH = "/v1/chat/completions"
-KEEPALIVE_EXPIRY = 30.0
+# Below uvicorn's default keep-alive timeout (5 s), which LiteLLM runs with: a connection is
+# dropped here before LiteLLM would close it under a request.
+KEEPALIVE_EXPIRY = 4.0
+# A reused connection that closes this soon after a request went out, before any answer,
+# was closed by the server as idle, not after working on the request: it may go again.
+STALE_WINDOW = 0.05
 _PAUSE_AT = 256 * 1024  # buffered, unread response bytes before the socket stops being read
 
 
@@ -153,6 +158,8 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._paused = False
         self._keep_alive = False
+        self._sent_at = 0.0
+        self._answered = False  # some of the current answer has arrived
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -163,6 +170,7 @@ class _Connection(asyncio.Protocol):
         if self._response is None:
             self.close()  # nothing was asked: an idle connection must stay silent
             return
+        self._answered = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -175,8 +183,9 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         if self._head is not None and not self._head.done():
-            self._fail(_Stale() if self.used else ReadError("the upstream closed the connection"))
-        elif not response._complete and not self._headers.get("content-length") and not self._chunked():
+            quick = asyncio.get_running_loop().time() - self._sent_at < STALE_WINDOW
+            self._fail(_Stale() if self.used and quick and not self._answered else ReadError("the upstream closed the connection"))
+        elif exc is None and not response._complete and not self._headers.get("content-length") and not self._chunked():
             response._finished()  # an answer delimited by the end of the connection
         else:
             self._fail(ReadError("the upstream closed the connection mid-answer"))
@@ -218,8 +227,10 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._headers = {}
+        self._answered = False
         self._response = UpstreamResponse(self, read_timeout)
         self._head = head_future = loop.create_future()
+        self._sent_at = loop.time()
         self.transport.write(head + body)
         timer = loop.call_later(read_timeout, _expire, head_future, "no answer from the upstream in time")
         try:
@@ -289,6 +300,7 @@ class Upstream:
         self._closed = True
         for connection in self._idle:
             connection.close()
+            self._open -= 1
         self._idle.clear()
 
     async def open_chat(self, body: bytes) -> UpstreamResponse:
@@ -325,6 +337,8 @@ class Upstream:
     async def _acquire(self) -> _Connection:
         loop = asyncio.get_running_loop()
         while True:
+            if self._closed:
+                raise TransportError("the upstream client is closed")
             now = loop.time()
             while self._idle:
                 connection = self._idle.pop()
@@ -345,6 +359,10 @@ class Upstream:
             timer = loop.call_later(self.timeouts.connect, _expire, waiter, "no free upstream connection in time")
             try:
                 await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake_waiter()  # woken, then cancelled: the connection is someone else's
+                raise
             finally:
                 timer.cancel()
                 if waiter in self._waiters:

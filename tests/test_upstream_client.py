@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from typing import Awaitable, Callable
 
 import pytest
@@ -245,5 +247,83 @@ def test_get_json_raises_on_an_error_status(fake_url):
             await client.get_json("/no-such-path", timeout=5)
         assert caught.value.status_code == 404
         await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_request_the_server_worked_on_before_dropping_it_is_not_sent_again():
+    requests: list[bytes] = []
+
+    async def answers_once_then_drops_a_slow_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        requests.append(await read_request(reader))
+        await asyncio.sleep(0.3)  # working on it, then gone: resending would run it twice
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(answers_once_then_drops_a_slow_one)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        await response.aread()
+        await response.aclose()
+        with pytest.raises(ReadError):
+            await client.open_chat(chat("hi again"))
+        assert len(requests) == 2
+        assert client.open_connections == 0
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_waiter_cancelled_as_it_is_woken_passes_the_free_connection_on(fake_url):
+    async def run() -> None:
+        client = upstream(fake_url, max_connections=1)
+        holder = await client.open_chat(chat("hi"))
+
+        async def one() -> int:
+            response = await client.open_chat(chat("hi"))
+            await response.aread()
+            await response.aclose()
+            return response.status_code
+
+        second, third = asyncio.create_task(one()), asyncio.create_task(one())
+        await asyncio.sleep(0.1)  # both wait for the one connection
+        await holder.aread()
+        await holder.aclose()  # wakes the second...
+        second.cancel()  # ...which goes away before it runs
+        assert await asyncio.wait_for(third, 0.5) == 200
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_an_answer_ended_by_close_is_complete_and_one_ended_by_a_reset_is_an_error():
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        text = (await read_request(reader)).decode()
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"whole\": ")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        if "reset" in text:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.write(b"true}")
+            writer.close()
+
+    async def run() -> None:
+        server, url = await serve(until_close)
+        client = upstream(url)
+        response = await client.open_chat(chat("close"))
+        assert json.loads(await response.aread()) == {"whole": True}
+        await response.aclose()
+        response = await client.open_chat(chat("reset"))
+        with pytest.raises(ReadError):
+            await response.aread()
+        await response.aclose()
+        assert client.open_connections == 0
+        server.close()
 
     asyncio.run(run())
