@@ -147,8 +147,12 @@ class Redis:
         self._timeout = timeout
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
+        self._closed = False
 
     async def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._connection is not None:
             self._connection.fail(RedisError("client closed"))
             self._connection = None
@@ -175,18 +179,27 @@ class Redis:
             timer.cancel()
 
     async def _connected(self) -> _Connection:
-        connection = self._connection
-        if connection is not None and not connection.lost:
-            return connection
-        if self._connecting is None:
-            # Concurrent callers share one attempt rather than racing to open several.
-            self._connecting = asyncio.ensure_future(self._connect())
-        connecting = self._connecting
-        try:
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
+        for _ in range(2):
+            if self._closed:
+                raise RedisError("client closed")
+            connection = self._connection
+            if connection is not None and not connection.lost:
+                return connection
+            if self._connecting is None:
+                # Concurrent callers share one attempt rather than racing to open several;
+                # the attempt outlives any of them being cancelled.
+                self._connecting = asyncio.ensure_future(self._connect())
+                self._connecting.add_done_callback(self._connect_done)
+            connection = await asyncio.shield(self._connecting)
+            if not connection.lost:
+                return connection
+        raise RedisError("the connection to Redis keeps closing")
+
+    def _connect_done(self, attempt: asyncio.Future[_Connection]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+        if not attempt.cancelled():
+            attempt.exception()  # whoever waited has it; nobody else should hear of it
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -208,6 +221,9 @@ class Redis:
             except BaseException:
                 connection.fail(RedisError("Redis refused the connection's setup"))
                 raise
+        if self._closed:
+            connection.fail(RedisError("client closed"))
+            raise RedisError("client closed")
         self._connection = connection
         return connection
 

@@ -113,3 +113,46 @@ def test_the_database_number_in_the_url_is_selected():
         await db0.close()
 
     asyncio.run(run())
+
+
+def test_a_connect_whose_callers_all_went_away_does_not_leave_a_dead_connection_behind():
+    async def run() -> None:
+        redis = client()
+        waiting = asyncio.create_task(redis.call("PING"))
+        await asyncio.sleep(0)  # the connect has started
+        waiting.cancel()
+        await asyncio.sleep(0.2)  # ...and finished, with nobody waiting for it
+        assert redis._connection is not None
+        redis._connection.transport.close()  # the connection is lost later
+        await asyncio.sleep(0.05)
+        assert await redis.call("PING") == "PONG"  # a new one, at once
+        await redis.close()
+
+    asyncio.run(run())
+
+
+def test_a_cancelled_caller_does_not_shift_the_next_callers_reply():
+    key = f"tollgate-test:{uuid.uuid4().hex}"
+
+    async def run() -> None:
+        redis = client()
+        await redis.call("SET", key, "first", "EX", 10)
+        slow = asyncio.create_task(redis.call("BLPOP", f"{key}:empty", "0.1"))  # answers nil in 100 ms
+        await asyncio.sleep(0.02)
+        slow.cancel()
+        assert await redis.call("GET", key) == b"first"
+        await redis.call("DEL", key)
+        await redis.close()
+
+    asyncio.run(run())
+
+
+def test_after_close_calls_fail_at_once():
+    async def run() -> None:
+        redis = client()
+        assert await redis.call("PING") == "PONG"
+        await redis.close()
+        with pytest.raises(RedisError):
+            await redis.call("PING")
+
+    asyncio.run(run())
