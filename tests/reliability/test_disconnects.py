@@ -25,7 +25,7 @@ def test_100_disconnects_mid_stream_close_the_upstream_and_are_all_recorded(make
     client = server.client(team.key)
     job_id = client.post("/api/jobs/create", json={"job_type": "hang-ups"}).json()["job_id"]
     label = tag()
-    body = {"messages": [{"role": "user", "content": f"long [chunks=400] [delay_ms=50] [tag={label}]"}]}
+    body = {"messages": [{"role": "user", "content": f"long [chunks=100] [delay_ms=200] [tag={label}]"}]}
 
     async def hang_up(http: httpx.AsyncClient) -> None:
         async with http.stream("POST", f"/api/jobs/{job_id}/llm-call-stream", json=body) as response:
@@ -43,11 +43,11 @@ def test_100_disconnects_mid_stream_close_the_upstream_and_are_all_recorded(make
         return time.time()
 
     hung_up = asyncio.run(run())
-    def all_closed():
-        closed = [e for e in fake_log(fake_url, label) if e["disconnected"]]
-        return closed if len(closed) == STREAMS else None
-    closed = wait_for(all_closed, timeout=10)
-    assert closed is not None and len(closed) == STREAMS
+    def closed_now():
+        return [e for e in fake_log(fake_url, label) if e["disconnected"]]
+    wait_for(lambda: len(closed_now()) == STREAMS, timeout=10)
+    closed = closed_now()
+    assert len(closed) == STREAMS, f"{len(closed)} of {STREAMS} upstream streams closed"
     assert max(e["disconnected"] for e in closed) - hung_up < 1.0
 
     def recorded():
