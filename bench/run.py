@@ -301,7 +301,7 @@ async def run(args: argparse.Namespace) -> None:
                    litellm_pid(litellm)),
             tollgate_target("(d) Tollgate -> LiteLLM", s["behind"]),
         ]
-        wait_until_quiet([t.pid for t in targets])
+        wait_until_quiet([t.pid for t in targets], limit=15.0 if args.smoke else 90.0)
         measured = [t for t in targets if t.name[1] in args.targets]
         rows = []
         for stream in [mode == "stream" for mode in args.modes.split(",")]:
