@@ -26,8 +26,7 @@ from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
 from .metrics import Metrics
 from .pricing import Pricing
 from .records import CallOutcome, CallStatus, ModelGroup, NewCall, Team
-from .store import Store
-from .store.sqlite import StoreBusy
+from .store import Store, StoreBusy
 from .streaming import RelayEnd, SSERelay
 from .upstream import Upstream
 from .validation import CallRequest

@@ -18,10 +18,10 @@ from .store import (
     InsufficientCredits,
     JobClosed,
     NotFound,
+    StoreBusy,
     StoreError,
     TeamSuspended,
 )
-from .store.sqlite import StoreBusy
 
 log = logging.getLogger("tollgate")
 

@@ -339,7 +339,6 @@ class RedisUnavailable(Exception):
 class RedisLimiter:
     def __init__(self, config: RedisConfig, window: float) -> None:
         assert config.url is not None
-        self._timeout = config.timeout
         self._prefix = config.key_prefix
         self._window_ms = int(window * 1000)
         # No retries: a dead Redis must cost one short timeout, then the breaker.

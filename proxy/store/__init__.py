@@ -63,6 +63,10 @@ class CallInProgress(StoreError):
     pass
 
 
+class StoreBusy(StoreError):
+    """The database stayed locked by another process for longer than the busy timeout."""
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...

@@ -45,7 +45,7 @@ from . import (
     TeamSuspended,
 )
 from .schema import MIGRATIONS
-from .writer import StoreBusy, Work, Writer
+from .writer import Work, Writer, busy_or
 
 T = TypeVar("T")
 
@@ -223,16 +223,16 @@ class SQLiteStore:
         try:
             return list(await self._reader.execute_fetchall(sql, tuple(params)))
         except sqlite3.OperationalError as exc:
-            raise _busy_or(exc)
+            raise busy_or(exc)
 
-    async def _write(self, work: Work[T], transaction: bool = True) -> T:
+    async def _write(self, work: Work[T], atomic: bool = True) -> T:
         """Run a write to its end even if the caller is cancelled meanwhile; the caller's
         cancellation is delivered once the write is done, so it can tell what happened.
-        `transaction=False` says the write is one statement (reads aside): alone in its
+        `atomic=False` says the write is one statement (reads aside): alone in its
         batch, it then needs no transaction of its own."""
         if self._writer is None:
             raise StoreError("The store is closed")
-        write = self._writer.submit(work, atomic=transaction)
+        write = self._writer.submit(work, atomic=atomic)
         try:
             return await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -254,7 +254,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError:
                 raise Conflict(f"Organization '{organization_id}' already exists") from None
 
-        await self._write(insert, transaction=False)
+        await self._write(insert, atomic=False)
         return Organization(organization_id, name, now)
 
     async def ensure_organization(self, organization_id: str, name: str) -> Organization:
@@ -265,7 +265,7 @@ class SQLiteStore:
                 (organization_id, name, self._clock()),
             )
 
-        await self._write(upsert, transaction=False)
+        await self._write(upsert, atomic=False)
         organization = await self.get_organization(organization_id)
         assert organization is not None
         return organization
@@ -293,7 +293,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError:
                 raise Conflict(f"Model group '{name}' already exists") from None
 
-        await self._write(insert, transaction=False)
+        await self._write(insert, atomic=False)
         return ModelGroup(name, tuple(models), description, now, now)
 
     async def put_model_group(self, name: str, models: list[str], description: str) -> ModelGroup:
@@ -307,7 +307,7 @@ class SQLiteStore:
                 (name, json.dumps(models), description, now, now),
             )
 
-        await self._write(upsert, transaction=False)
+        await self._write(upsert, atomic=False)
         group = await self.get_model_group(name)
         assert group is not None
         return group
@@ -448,7 +448,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError:
                 raise NotFound(f"Team '{key.team_id}' not found") from None
 
-        await self._write(insert, transaction=False)
+        await self._write(insert, atomic=False)
         return key
 
     async def list_keys(self, team_id: str) -> list[VirtualKey]:
@@ -469,7 +469,7 @@ class SQLiteStore:
                 raise NotFound(f"Key '{key_id}' not found")
             return _key(rows[0])
 
-        return await self._write(revoke, transaction=False)
+        return await self._write(revoke, atomic=False)
 
     async def lookup_key(self, key_hash: bytes) -> tuple[VirtualKey, Team] | None:
         rows = await self._read(
@@ -580,7 +580,7 @@ class SQLiteStore:
                 raise JobClosed(call.job_id, rows[0][0])
             # The insert's trigger (schema 2) moved a pending job to in_progress.
 
-        await self._write(start, transaction=False)
+        await self._write(start, atomic=False)
 
     async def finish_call(self, outcome: CallOutcome) -> None:
         def finish(db: sqlite3.Connection) -> None:
@@ -604,7 +604,7 @@ class SQLiteStore:
                 ),
             )
 
-        await self._write(finish, transaction=False)
+        await self._write(finish, atomic=False)
 
     async def finish_job(
         self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None
@@ -679,7 +679,7 @@ class SQLiteStore:
             )
             return cursor.rowcount
 
-        return await self._write(cancel, transaction=False)
+        return await self._write(cancel, atomic=False)
 
     # --- used by tests and operators -------------------------------------------------------
 
@@ -748,8 +748,3 @@ def _statements(script: str) -> list[str]:
 def _all(db: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
     return db.execute(sql, params).fetchall()
 
-
-def _busy_or(exc: sqlite3.OperationalError) -> Exception:
-    if "locked" in str(exc) or "busy" in str(exc):
-        return StoreBusy("The database is busy; try again shortly")
-    return exc

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
-from . import StoreError
+from . import StoreBusy, StoreError
 
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], T]
@@ -30,10 +30,6 @@ class _Job(Generic[T]):
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
     atomic: bool  # False: one statement, which needs no transaction of its own
-
-
-class StoreBusy(StoreError):
-    """The database stayed locked by another process for longer than the busy timeout."""
 
 
 class Writer:
@@ -126,7 +122,7 @@ class Writer:
         try:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            return [(False, _busy_or(exc))] * len(batch)
+            return [(False, busy_or(exc))] * len(batch)
         results: list[tuple[bool, Any]] = []
         try:
             for index, job in enumerate(batch):
@@ -135,7 +131,7 @@ class Writer:
                 try:
                     result = job.work(db)
                 except Exception as exc:
-                    error = _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc
+                    error = busy_or(exc)
                     if not db.in_transaction:
                         # The failure ended the whole transaction and undid the writes before it
                         # as well: they go again without the one that failed.
@@ -155,7 +151,7 @@ class Writer:
         except sqlite3.Error as exc:
             # The transaction as a whole failed: nothing of it stands, so nobody succeeded.
             _end_transaction(db)
-            failure = _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc
+            failure = busy_or(exc)
             return [(False, failure)] * len(batch)
         return results
 
@@ -175,7 +171,7 @@ class Writer:
                 raise
             return True, result
         except Exception as exc:
-            return False, _busy_or(exc) if isinstance(exc, sqlite3.OperationalError) else exc
+            return False, busy_or(exc)
 
     def _deliver(self, batch: list[_Job[Any]], results: list[tuple[bool, Any]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
@@ -208,7 +204,8 @@ def _end_transaction(db: sqlite3.Connection) -> None:
             pass
 
 
-def _busy_or(exc: sqlite3.OperationalError) -> Exception:
-    if "locked" in str(exc) or "busy" in str(exc):
+def busy_or(exc: Exception) -> Exception:
+    """SQLite's "database is locked" as the store's StoreBusy; anything else as it is."""
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
         return StoreBusy("The database is busy; try again shortly")
     return exc
