@@ -14,13 +14,14 @@ import asyncio
 import json
 import ssl
 from collections import deque
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, TypeVar
 from urllib.parse import urlsplit
 
 import httptools
 
 from .config import Secret, UpstreamConfig
 
+T = TypeVar("T")
 CHAT_PATH = "/v1/chat/completions"
 # Below uvicorn's default keep-alive timeout (5 s), which LiteLLM runs with: a connection is
 # dropped here before LiteLLM would close it under a request.
@@ -122,13 +123,10 @@ class UpstreamResponse:
         return b"".join([chunk async for chunk in self.aiter_raw()])
 
     async def _wait(self) -> None:
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(self._read_timeout, _expire, waiter, "no data from the upstream in time")
+        self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await waiter
+            await _within(self._waiter, self._read_timeout, "no data from the upstream in time")
         finally:
-            timer.cancel()
             self._waiter = None
 
     async def aclose(self) -> None:
@@ -138,6 +136,16 @@ class UpstreamResponse:
             return
         self._closed = True
         self._connection.release(reusable=self._complete and not self._chunks)
+
+
+async def _within(waiter: asyncio.Future[T], seconds: float, message: str) -> T:
+    """Await `waiter`, failing it with UpstreamTimeout(message) if it takes longer than
+    `seconds`: a timer handle costs less than asyncio.timeout() on the hot path."""
+    timer = asyncio.get_running_loop().call_later(seconds, _expire, waiter, message)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
 
 
 def _expire(waiter: asyncio.Future[Any], message: str) -> None:
@@ -232,11 +240,7 @@ class _Connection(asyncio.Protocol):
         self._head = head_future = loop.create_future()
         self._sent_at = loop.time()
         self.transport.write(head + body)
-        timer = loop.call_later(read_timeout, _expire, head_future, "no answer from the upstream in time")
-        try:
-            return await head_future
-        finally:
-            timer.cancel()
+        return await _within(head_future, read_timeout, "no answer from the upstream in time")
 
     def pause(self) -> None:
         if not self._paused and self.transport is not None:
@@ -356,15 +360,13 @@ class Upstream:
                     raise
             waiter = loop.create_future()
             self._waiters.append(waiter)
-            timer = loop.call_later(self.timeouts.connect, _expire, waiter, "no free upstream connection in time")
             try:
-                await waiter
+                await _within(waiter, self.timeouts.connect, "no free upstream connection in time")
             except BaseException:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._wake_waiter()  # woken, then cancelled: the connection is someone else's
                 raise
             finally:
-                timer.cancel()
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
 

@@ -39,6 +39,12 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+async def answer_keep_alive(writer: asyncio.StreamWriter) -> None:
+    """A complete answer that leaves the connection open for the next request."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    await writer.drain()
+
+
 async def serve(handler: Handler) -> tuple[asyncio.Server, str]:
     port = free_port()
     server = await asyncio.start_server(handler, "127.0.0.1", port)
@@ -140,8 +146,7 @@ def test_a_kept_alive_connection_closed_by_the_server_is_replaced_without_an_err
     async def one_answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         requests.append(await read_request(reader))
         # Claims keep-alive, then closes anyway: as a server whose idle timeout struck.
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-        await writer.drain()
+        await answer_keep_alive(writer)
         await asyncio.sleep(0.05)
         writer.close()
 
@@ -166,8 +171,7 @@ def test_a_request_racing_the_servers_idle_close_goes_again_on_a_new_connection(
     async def idle_close_races_the_second_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(1)
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-        await writer.drain()
+        await answer_keep_alive(writer)
         if len(connections) == 1:
             await read_request(reader)  # arrived as the idle timeout struck: never answered
         writer.close()
@@ -256,8 +260,7 @@ def test_a_request_the_server_worked_on_before_dropping_it_is_not_sent_again():
 
     async def answers_once_then_drops_a_slow_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         requests.append(await read_request(reader))
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-        await writer.drain()
+        await answer_keep_alive(writer)
         requests.append(await read_request(reader))
         await asyncio.sleep(0.3)  # working on it, then gone: resending would run it twice
         writer.close()
