@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-PARTS = ("store", "upstream", "redis", "log", "metrics", "keycache", "uvloop", "inline")
+PARTS = ("store", "upstream", "redis", "log", "metrics", "keycache", "uvloop", "inline", "trace")
 
 
 def switch_off(parts: set[str]) -> None:
@@ -60,7 +60,11 @@ def switch_off(parts: set[str]) -> None:
             self.local.settle(decision, tokens, release)
 
         limiter.RateLimiter.admit = admit  # type: ignore[method-assign]
+        def settle_soon(self, decision, tokens):  # type: ignore[no-untyped-def]
+            self.local.settle(decision, tokens)
+
         limiter.RateLimiter.settle = settle  # type: ignore[method-assign]
+        limiter.RateLimiter.settle_soon = settle_soon  # type: ignore[method-assign]
     if "upstream" in parts:
         body = json.dumps({
             "id": "canned", "object": "chat.completion", "model": "primary",
@@ -99,6 +103,8 @@ def switch_off(parts: set[str]) -> None:
             return future
 
         writer.Writer.submit = submit  # type: ignore[method-assign]
+    if "trace" in parts:
+        trace_waits()
     if "uvloop" in parts:
         import uvicorn
 
@@ -108,6 +114,40 @@ def switch_off(parts: set[str]) -> None:
             return run(app, **{**options, "loop": "asyncio", "http": "h11"})
 
         uvicorn.run = plain_asyncio  # type: ignore[assignment]
+
+
+def trace_waits() -> None:
+    """Not a part: time every await on the store, Redis and the upstream, printed at exit."""
+    import atexit
+    import time
+    import proxy.resp as resp
+    import proxy.store.sqlite as sqlite
+    import proxy.upstream as upstream
+
+    waits: dict[str, list[float]] = {}
+
+    def timed(name, original):  # type: ignore[no-untyped-def]
+        async def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                waits.setdefault(name, []).append(time.perf_counter() - started)
+        return wrapper
+
+    sqlite.SQLiteStore._write = timed("store write", sqlite.SQLiteStore._write)  # type: ignore[method-assign]
+    resp.Redis.call = timed("redis call", resp.Redis.call)  # type: ignore[method-assign]
+    upstream.Upstream.open_chat = timed("upstream open", upstream.Upstream.open_chat)  # type: ignore[method-assign]
+
+    def report() -> None:
+        with open(os.environ.get("TOLLGATE_TRACE_FILE", "/tmp/tollgate-trace.txt"), "w") as out:
+            for name, values in waits.items():
+                values.sort()
+                n = len(values)
+                out.write(f"{name}: n={n} p50={values[n // 2] * 1000:.3f} ms p90={values[n * 9 // 10] * 1000:.3f} "
+                          f"p99={values[n * 99 // 100] * 1000:.3f} ms mean={sum(values) / n * 1000:.3f} ms\n")
+
+    atexit.register(report)
 
 
 def serve(parts: set[str], args: list[str]) -> None:
@@ -186,7 +226,7 @@ def main() -> None:
     unknown = chosen - set(PARTS)
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
-    runs = [set()] + [{p} for p in PARTS] if args.each else [chosen]
+    runs = [set()] + [{p} for p in PARTS if p != "trace"] if args.each else [chosen]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     lines = ["| switched off | conc. | req/s | p50 ms | CPU ms/call |", "|---|---|---|---|---|"]
     for _ in range(args.rounds):

@@ -354,8 +354,9 @@ class CallPipeline:
             finished_at=time.time(),
         )
         await self._store_outcome(outcome)
-        # The estimate the limiter admitted the call on gives way to what it really used.
-        await self._limiter.settle(call.decision, usage.total_tokens)
+        # The estimate the limiter admitted the call on gives way to what it really used. Sent
+        # now and not waited for: it is ahead of any admit that follows this call's answer.
+        self._limiter.settle_soon(call.decision, usage.total_tokens)
         self._metrics.observe_call(
             call.principal.team.team_id,
             call.group.name,

@@ -21,6 +21,7 @@ job that is also over its limit gets the 429.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -405,6 +406,9 @@ class RedisLimiter:
     async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
         await self._run(self._settle, self._keys(decision.limits), [decision.call_id, tokens, 1 if release else 0])
 
+    def settle_soon(self, decision: Decision, tokens: int) -> asyncio.Future[Any]:
+        return self._redis.evalsha_soon(self._settle, self._keys(decision.limits), [decision.call_id, tokens, 0])
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -485,6 +489,19 @@ class RateLimiter:
                 await self.redis.settle(decision, tokens, release)
             except RedisUnavailable as error:
                 self._failed(error)
+
+    def settle_soon(self, decision: Decision, tokens: int) -> None:
+        """`settle` without waiting for Redis to answer: the command is on its way before this
+        returns, so an admit sent later is counted with the real usage, not the estimate."""
+        if decision.backend == "local":
+            self.local.settle(decision, tokens)
+        elif decision.backend == "redis" and self.redis is not None and self._may_ask_redis():
+            self.redis.settle_soon(decision, tokens).add_done_callback(self._settled)
+
+    def _settled(self, reply: asyncio.Future[Any]) -> None:
+        error = None if reply.cancelled() else reply.exception()
+        if error is not None:
+            self._failed(RedisUnavailable(f"{type(error).__name__}: {error}"))
 
     async def check(self) -> str:
         """For readiness: 'ok', 'not configured', or 'degraded: ...'."""

@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from typing import Any
+from typing import Any, Coroutine
 from urllib.parse import parse_qs, unquote, urlsplit
 
 
@@ -148,6 +148,7 @@ class Redis:
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
         self._closed = False
+        self._background: set[asyncio.Future[Any]] = set()
 
     async def close(self) -> None:
         self._closed = True
@@ -169,6 +170,38 @@ class Redis:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         return await self.call("EVAL", script.source, len(keys), *keys, *args)
+
+    def evalsha_soon(self, script: "Script", keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """The script's reply, to come. On a live connection the command is written at once,
+        so whatever is sent after it, on any connection, reaches Redis after it; the caller
+        need not wait for the reply to rely on that."""
+        connection = self._connection
+        if self._closed or connection is None or connection.lost:
+            return self._in_background(self.evalsha(script, keys, args))
+        loop = asyncio.get_running_loop()
+        (reply,) = connection.send(encode(("EVALSHA", script.sha, len(keys), *keys, *args)), 1)
+        timer = loop.call_later(self._timeout, _expire, connection, reply)
+        result: asyncio.Future[Any] = loop.create_future()
+
+        def replied(reply: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            error = None if reply.cancelled() else reply.exception()
+            if isinstance(error, ReplyError) and str(error).startswith("NOSCRIPT"):
+                # Redis lost its scripts (a restart): send it whole. Rare enough that this one
+                # command may land after others sent in the meantime.
+                retry = self._in_background(self.call("EVAL", script.source, len(keys), *keys, *args))
+                retry.add_done_callback(lambda done: _copy(done, result))
+            else:
+                _copy(reply, result)
+
+        reply.add_done_callback(replied)
+        return result
+
+    def _in_background(self, command: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(command)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _wait(self, connection: _Connection, future: asyncio.Future[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -226,6 +259,17 @@ class Redis:
             raise RedisError("client closed")
         self._connection = connection
         return connection
+
+
+def _copy(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
 
 
 def _expire(connection: _Connection, future: asyncio.Future[Any]) -> None:

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import RedisServer, Tollgate, wait_for
+from tests.support import RedisServer, Tollgate, fake_log, tag, wait_for
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -192,3 +192,22 @@ def test_a_finished_calls_real_usage_reaches_redis_without_waiting_for_another_c
     total = f"tollgate:{{team:{team.team_id}}}:team:{team.team_id}:total"
     real = response.json()["metadata"]["tokens_used"]
     assert wait_for(lambda: redis_server.cli("GET", total) == str(real), timeout=2, interval=0.02)
+
+
+def test_a_calls_answer_does_not_wait_for_redis_to_take_its_real_usage(make_tollgate, redis_server, fake_url):
+    server = make_tollgate(redis={"url": redis_server.url, "timeout": 10})  # patient: the settle is not lost
+    team = server.admin().team(tpm_limit=5000)
+    job_id = open_job(server, team.key)
+    label = tag()
+    body = {"messages": [{"role": "user", "content": f"hi [tag={label}] [first_byte_ms=1000]"}], "max_tokens": 100}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(lambda: call(server, team.key, job_id, **body))
+        assert wait_for(lambda: fake_log(fake_url, label), timeout=10)  # admitted: the upstream has it
+        redis_server.cli("CLIENT", "PAUSE", "3000", "WRITE")  # scripts wait from here on
+        paused = time.monotonic()
+        response = answer.result()
+    assert response.status_code == 200
+    assert time.monotonic() - paused < 2  # answered while Redis still held the settle back
+    total = f"tollgate:{{team:{team.team_id}}}:team:{team.team_id}:total"
+    real = response.json()["metadata"]["tokens_used"]
+    assert wait_for(lambda: redis_server.cli("GET", total) == str(real), timeout=10, interval=0.05)

@@ -64,6 +64,51 @@ def test_a_script_unknown_to_redis_is_sent_whole_and_then_known():
     asyncio.run(run())
 
 
+def test_a_script_sent_soon_is_written_before_the_next_command_without_being_awaited():
+    script = Script(f"redis.call('SET', KEYS[1], ARGV[1]) return '{uuid.uuid4().hex}'")
+    key = f"tollgate-test:{uuid.uuid4().hex}"
+
+    async def run() -> None:
+        redis = client()
+        await redis.evalsha(script, [key], ["warm"])  # connected, and the script known
+        reply = redis.evalsha_soon(script, [key], ["soon"])
+        assert await redis.call("GET", key) == b"soon"  # sent after it, so answered after it
+        assert isinstance(await reply, bytes)
+        await redis.call("DEL", key)
+        await redis.close()
+
+    asyncio.run(run())
+
+
+def test_a_script_sent_soon_that_redis_forgot_is_sent_whole():
+    script = Script(f"redis.call('SET', KEYS[1], ARGV[1]) return '{uuid.uuid4().hex}'")
+    key = f"tollgate-test:{uuid.uuid4().hex}"
+
+    async def run() -> None:
+        redis = client()
+        assert await redis.call("PING") == "PONG"  # connected; the script was never loaded
+        assert isinstance(await redis.evalsha_soon(script, [key], ["whole"]), bytes)
+        assert await redis.call("GET", key) == b"whole"
+        await redis.call("DEL", key)
+        await redis.close()
+
+    asyncio.run(run())
+
+
+def test_a_script_sent_soon_before_any_connection_still_runs():
+    script = Script(f"redis.call('SET', KEYS[1], ARGV[1]) return '{uuid.uuid4().hex}'")
+    key = f"tollgate-test:{uuid.uuid4().hex}"
+
+    async def run() -> None:
+        redis = client()
+        await redis.evalsha_soon(script, [key], ["first"])
+        assert await redis.call("GET", key) == b"first"
+        await redis.call("DEL", key)
+        await redis.close()
+
+    asyncio.run(run())
+
+
 def test_an_unreachable_redis_is_an_error_not_a_hang():
     async def run() -> None:
         redis = client(f"redis://127.0.0.1:{free_port()}")
