@@ -138,6 +138,13 @@ def trace_waits() -> None:
     sqlite.SQLiteStore._write = timed("store write", sqlite.SQLiteStore._write)  # type: ignore[method-assign]
     resp.Redis.call = timed("redis call", resp.Redis.call)  # type: ignore[method-assign]
     upstream.Upstream.open_chat = timed("upstream open", upstream.Upstream.open_chat)  # type: ignore[method-assign]
+    import proxy.calls as calls
+    import proxy.jobs_api as jobs_api
+
+    calls.CallPipeline.admit = timed("admit", calls.CallPipeline.admit)  # type: ignore[method-assign]
+    calls.CallPipeline.complete = timed("complete", calls.CallPipeline.complete)  # type: ignore[method-assign]
+    calls.CallPipeline._record = timed("record", calls.CallPipeline._record)  # type: ignore[method-assign]
+    jobs_api.JobsApi.llm_call = timed("handler", jobs_api.JobsApi.llm_call)  # type: ignore[method-assign]
 
     def report() -> None:
         with open(os.environ.get("TOLLGATE_TRACE_FILE", "/tmp/tollgate-trace.txt"), "w") as out:

@@ -1,0 +1,127 @@
+"""Tollgate's own Python per call, without the network: the ASGI app called directly.
+
+    .venv/bin/python bench/inproc.py                 # CPU per call, 20,000 calls
+    .venv/bin/python bench/inproc.py --profile       # and where it goes (cProfile)
+
+The store's call writes, the upstream and Redis are replaced (as `bench/ablate.py --off
+store,upstream,redis` does) and uvicorn is left out, so what is measured is Starlette, the
+middleware, auth, validation, the call's bookkeeping, metrics, the access log and JSON:
+the part of a call that is Tollgate's own code. No other process runs, so the figure is
+steadier than bench/run.py's and fit to compare small changes back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import logging
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+MASTER = "sk-master-inproc"
+
+
+async def request(app: Any, method: str, path: str, body: bytes = b"", key: str = MASTER) -> tuple[int, bytes]:
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"bench"), (b"authorization", f"Bearer {key}".encode()),
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "state": {},
+    }
+    sent = False
+    status = 0
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.Future()  # no disconnect: wait for ever, like a client that stays
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def measure(calls: int, profile: bool, sort: str = "tottime") -> None:
+    from ablate import switch_off
+
+    switch_off({"store", "upstream"})
+    from proxy.app import create_app
+    from proxy.config import load_config
+
+    with tempfile.TemporaryDirectory(prefix="tollgate-inproc-") as tmp:
+        config_path = Path(tmp) / "tollgate.yaml"
+        config_path.write_text(json.dumps({
+            "database": {"url": f"sqlite:///{tmp}/t.db"},
+            "model_groups": {"Main": {"models": ["primary"]}},
+            "rate_limits": {"rpm": 10**9, "tpm": 10**12},
+        }))
+        config = load_config(str(config_path), {"TOLLGATE_MASTER_KEY": MASTER, "TOLLGATE_UPSTREAM_URL": "http://127.0.0.1:9"})
+        app = create_app(config)
+        logging.getLogger("tollgate.access").addHandler(logging.NullHandler())
+        logging.getLogger("tollgate.access").propagate = False
+        logging.getLogger("tollgate.access").setLevel(logging.INFO)
+        async with app.router.lifespan_context(app):
+            await request(app, "POST", "/admin/organizations", b'{"organization_id": "bench"}')
+            await request(app, "POST", "/admin/teams", json.dumps({
+                "team_id": "bench", "organization_id": "bench", "credits_allocated": 10, "model_groups": ["Main"],
+            }).encode())
+            team_id = "bench"
+            _, key = await request(app, "POST", f"/admin/teams/{team_id}/keys", b"{}")
+            secret = json.loads(key)["key"]
+            _, job = await request(app, "POST", "/api/jobs/create", b'{"job_type": "bench"}', secret)
+            job_id = json.loads(job)["job_id"]
+            path = f"/api/jobs/{job_id}/llm-call"
+            body = json.dumps({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}).encode()
+            status, answer = await request(app, "POST", path, body, secret)
+            assert status == 200, answer
+            for _ in range(300):  # warm up
+                await request(app, "POST", path, body, secret)
+            profiler = cProfile.Profile() if profile else None
+            started = time.process_time()
+            if profiler:
+                profiler.enable()
+            for _ in range(calls):
+                await request(app, "POST", path, body, secret)
+            if profiler:
+                profiler.disable()
+            cpu = time.process_time() - started
+    print(f"{cpu / calls * 1e6:.1f} µs of CPU per call ({calls} calls, store, upstream and Redis replaced)")
+    if profiler:
+        pstats.Stats(profiler).sort_stats(sort).print_stats(40)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Tollgate's own CPU per call, in-process.")
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="cProfile order: tottime or cumulative")
+    args = parser.parse_args()
+    os.environ.setdefault("TOLLGATE_LOG_LEVEL", "warning")
+    import uvloop
+
+    uvloop.run(measure(args.calls, args.profile, args.sort))
+
+
+if __name__ == "__main__":
+    main()
