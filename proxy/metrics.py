@@ -70,14 +70,24 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
+        # Every call observes several labelled children; prometheus-client's labels() checks
+        # and locks each time, which cost more than the observations (bench/inproc.py).
+        self._requests = _Children(self.requests)
+        self._request_duration = _Children(self.request_duration)
+        self._llm_calls = _Children(self.llm_calls)
+        self._tokens = _Children(self.tokens)
+        self._cost = _Children(self.cost)
+        self._upstream_latency = _Children(self.upstream_latency)
+        self._ttft = _Children(self.ttft)
+
     def _team(self, team_id: str) -> tuple[str, ...]:
         return (team_id,) if self.team_label else ()
 
     # --- observations ----------------------------------------------------------------------
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_duration.labels(route).observe(seconds)
+        self._requests(route, method, str(status)).inc()
+        self._request_duration(route).observe(seconds)
 
     def observe_call(
         self,
@@ -94,16 +104,16 @@ class Metrics:
         attempts: int,
     ) -> None:
         team = self._team(team_id)
-        self.llm_calls.labels(*team, group, model or "none", status, "true" if stream else "false").inc()
+        self._llm_calls(*team, group, model or "none", status, "true" if stream else "false").inc()
         if prompt_tokens:
-            self.tokens.labels(*team, group, "prompt").inc(prompt_tokens)
+            self._tokens(*team, group, "prompt").inc(prompt_tokens)
         if completion_tokens:
-            self.tokens.labels(*team, group, "completion").inc(completion_tokens)
+            self._tokens(*team, group, "completion").inc(completion_tokens)
         if cost_usd:
-            self.cost.labels(*team, group).inc(cost_usd)
-        self.upstream_latency.labels(group).observe(seconds)
+            self._cost(*team, group).inc(cost_usd)
+        self._upstream_latency(group).observe(seconds)
         if ttft is not None:
-            self.ttft.labels(group).observe(ttft)
+            self._ttft(group).observe(ttft)
         if attempts > 1:
             self.fallbacks.labels(group).inc(attempts - 1)
 
@@ -132,6 +142,20 @@ class Metrics:
             values = await read()
             self._credits = (time.monotonic(), values)
         return values
+
+
+class _Children:
+    """A labelled metric's children, kept by their label values."""
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class _Balances:
