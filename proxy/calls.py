@@ -12,7 +12,6 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -22,6 +21,7 @@ from .errors import ApiError
 from .forwarding import Answer, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
 from .config import RateLimitsConfig
 from .groups import GroupCatalog
+from .ids import new_id
 from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
 from .metrics import Metrics
 from .pricing import Pricing
@@ -153,7 +153,7 @@ class CallPipeline:
         team = principal.team
         if group is None:
             group = await self.check(principal, request)
-        call_id = str(uuid.uuid4())
+        call_id = new_id()
         notes = {} if notes is None else notes
         notes.update(team=team.team_id, job=job_id, call=call_id, model_group=group.name)
         decision = await self._limit(principal, call_id, request)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from starlette.requests import Request
@@ -14,6 +13,7 @@ from .bodies import read_json_object
 from .calls import Call, CallPipeline, Completed
 from .config import Config
 from .errors import ApiError
+from .ids import canonical_uuid
 from .metrics import Metrics
 from .observe import notes
 from .records import Job, iso
@@ -24,10 +24,10 @@ from .views import job_json, jobs_page_json, team_json
 
 def canonical_job_id(raw: str) -> str:
     """The job id in its stored form; anything that is not a UUID is simply not found."""
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise ApiError(404, f"Job '{raw[:100]}' not found", code="job_not_found") from None
+    job_id = canonical_uuid(raw)
+    if job_id is None:
+        raise ApiError(404, f"Job '{raw[:100]}' not found", code="job_not_found")
+    return job_id
 
 
 def message_content(message: Any) -> str:
@@ -52,10 +52,10 @@ class JobsApi:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/api/jobs/create", self.create_job, methods=["POST"]),
-            Route("/api/jobs/{job_id}", self.get_job, methods=["GET"]),
             Route("/api/jobs/{job_id}/llm-call", self.llm_call, methods=["POST"]),
             Route("/api/jobs/{job_id}/llm-call-stream", self.llm_call_stream, methods=["POST"]),
+            Route("/api/jobs/create", self.create_job, methods=["POST"]),
+            Route("/api/jobs/{job_id}", self.get_job, methods=["GET"]),
             Route("/api/jobs/{job_id}/complete", self.complete_job, methods=["POST"]),
             Route("/api/teams/{team_id}", self.get_team, methods=["GET"]),
             Route("/api/teams/{team_id}/jobs", self.list_jobs, methods=["GET"]),

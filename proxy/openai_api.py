@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from typing import Awaitable, Callable
 
 from starlette.requests import Request
@@ -22,6 +21,7 @@ from .calls import CallPipeline
 from .config import Config
 from .errors import ApiError
 from .groups import GroupCatalog
+from .ids import new_id
 from .jobs_api import canonical_job_id
 from .metrics import Metrics
 from .observe import notes
@@ -67,7 +67,7 @@ class OpenAIApi:
         job_header = (request.headers.get("x-job-id") or "").strip()
         implicit = not job_header
         # The implicit job's id is chosen here, so it can be failed even if creating it is interrupted.
-        job_id = str(uuid.uuid4()) if implicit else canonical_job_id(job_header)
+        job_id = new_id() if implicit else canonical_job_id(job_header)
         finished = False
 
         async def finish_implicit(completed: bool, error: str | None = None) -> None:

@@ -1,0 +1,32 @@
+"""Ids of jobs and calls: random UUIDs, and the canonical form of one a client sent.
+
+Both are on every call's path; uuid.UUID builds and checks an object where a string
+is all that is needed, at several times the cost (bench/inproc.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def new_id() -> str:
+    """A random (version 4) UUID, in its canonical text form."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def canonical_uuid(text: str) -> str | None:
+    """`text` as a canonical (lower-case, hyphenated) UUID; None if it is not a UUID."""
+    if _CANONICAL.fullmatch(text):
+        return text
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        return None

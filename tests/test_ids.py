@@ -1,0 +1,27 @@
+"""Job and call ids: random version-4 UUIDs, and job ids accepted in any form a UUID takes."""
+
+import uuid
+
+from proxy.ids import canonical_uuid, new_id
+
+
+def test_new_ids_are_canonical_random_version_4_uuids():
+    ids = {new_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    for text in list(ids)[:500]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_a_uuid_in_another_form_is_read_as_its_canonical_form():
+    text = new_id()
+    assert canonical_uuid(text) == text
+    assert canonical_uuid(text.upper()) == text
+    assert canonical_uuid("{" + text + "}") == text
+    assert canonical_uuid(text.replace("-", "")) == text
+
+
+def test_anything_else_is_not_a_uuid():
+    for text in ("", "job-1", new_id()[:-1], new_id() + "0", "g" * 32):
+        assert canonical_uuid(text) is None
