@@ -50,10 +50,11 @@ def create_app(config: Config) -> Starlette:
         groups.invalidate()
 
     admin = AdminService(store, config, on_change=forget_cached)
+    # The router tries routes in order: the calls' routes first.
     routes = [
-        *Health(store, upstream, limiter, metrics).routes(),
         *JobsApi(store, auth, calls, metrics, config).routes(),
         *OpenAIApi(store, auth, calls, groups, metrics, config).routes(),
+        *Health(store, upstream, limiter, metrics).routes(),
         *AdminApi(admin, MasterKeyGuard(config.master_key), config).routes(),
     ]
 
