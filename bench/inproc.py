@@ -66,7 +66,7 @@ async def measure(calls: int, profile: bool, sort: str = "tottime") -> None:
     from ablate import switch_off
 
     switch_off({"store", "upstream"})
-    from proxy.app import create_app
+    from proxy.app import configure_logging, create_app
     from proxy.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="tollgate-inproc-") as tmp:
@@ -78,9 +78,11 @@ async def measure(calls: int, profile: bool, sort: str = "tottime") -> None:
         }))
         config = load_config(str(config_path), {"TOLLGATE_MASTER_KEY": MASTER, "TOLLGATE_UPSTREAM_URL": "http://127.0.0.1:9"})
         app = create_app(config)
-        logging.getLogger("tollgate.access").addHandler(logging.NullHandler())
-        logging.getLogger("tollgate.access").propagate = False
-        logging.getLogger("tollgate.access").setLevel(logging.INFO)
+        # Logging as `tollgate serve` sets it up, into /dev/null rather than the terminal.
+        configure_logging(config.logging.level)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(open(os.devnull, "w"))
         async with app.router.lifespan_context(app):
             await request(app, "POST", "/admin/organizations", b'{"organization_id": "bench"}')
             await request(app, "POST", "/admin/teams", json.dumps({
