@@ -59,8 +59,13 @@ class ObserveMiddleware:
                 self._log(template, scope["method"], status, seconds, scope[NOTES])
 
     def _log(self, route: str, method: str, status: int, seconds: float, fields: dict[str, Any]) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         entry = {"route": route, "method": method, "status": status, "latency_ms": round(seconds * 1000, 1), **fields}
         if self.log_format == "json":
-            access_log.info(json.dumps(entry, separators=(",", ":")))
+            line = json.dumps(entry, separators=(",", ":"))
         else:
-            access_log.info(" ".join(f"{k}={v}" for k, v in entry.items() if v is not None))
+            line = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
+        # The record is made here rather than by access_log.info(), which would first walk
+        # the stack to find the line that called it: the same for every request.
+        access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, None, None))
