@@ -12,7 +12,7 @@ import math
 import re
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import ApiError
 
@@ -45,11 +45,18 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
             raise ApiError(413, f"Request body is larger than {max_bytes} bytes")
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    # The ASGI messages themselves: Request.stream() wraps the same loop in an async generator.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
             raise ApiError(413, f"Request body is larger than {max_bytes} bytes")
         chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     return parse_json_object(b"".join(chunks))
 
 
