@@ -1,9 +1,11 @@
-"""The store's writer thread: concurrent writes share one commit, each succeeds or fails on
-its own, and none is answered before it is durable."""
+"""The store's writer: concurrent writes share one commit, each succeeds or fails on its own,
+and none is answered before it is durable; on the loop when they can be, on its thread when
+they must wait."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -195,3 +197,179 @@ def test_a_write_of_several_statements_failing_alone_leaves_nothing_behind(tmp_p
 
     asyncio.run(run())
     assert rows(path) == [4]
+
+
+# --- writes committed on the event loop ----------------------------------------------------
+
+
+class Fsyncs:
+    """Stands in for os.fdatasync: records what is synced, and can hold it up."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.allowed = threading.Event()
+        self.allowed.set()
+        self.error: OSError | None = None
+
+    def __call__(self, fd: int) -> None:
+        self.allowed.wait(10)
+        if self.error is not None:
+            raise self.error
+        self.paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        os.fdatasync(fd)
+
+
+def loop_writer(path: Path, fsyncs: Fsyncs | None = None, trace: list[str] | None = None) -> Writer:
+    def on_loop() -> sqlite3.Connection:
+        db = connect(path)
+        for pragma in ("PRAGMA busy_timeout = 0", "PRAGMA synchronous = NORMAL", "PRAGMA wal_autocheckpoint = 0"):
+            db.execute(pragma)
+        if trace is not None:
+            db.set_trace_callback(trace.append)
+        return db
+
+    return Writer(lambda: connect(path), on_loop, f"{path}-wal", fsyncs or Fsyncs())
+
+
+def test_writes_of_one_turn_of_the_loop_commit_together_on_the_loop_itself(tmp_path):
+    path = tmp_path / "w.db"
+    trace: list[str] = []
+    threads: set[int] = set()
+
+    def insert_noting_thread(n: int):
+        def work(db: sqlite3.Connection) -> int:
+            threads.add(threading.get_ident())
+            return insert(n)(db)
+
+        return work
+
+    async def run() -> None:
+        writer = loop_writer(path, trace=trace)
+        await writer.start()
+        await asyncio.gather(*(writer.submit(insert_noting_thread(n)) for n in range(100)))
+        await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == list(range(100))
+    assert threads == {threading.get_ident()}
+    assert trace.count("COMMIT") == 1
+
+
+def test_a_durable_write_is_answered_only_once_the_wal_is_on_disk(tmp_path):
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        fsyncs.allowed.clear()
+        write = writer.submit(insert(1))
+        await asyncio.sleep(0.2)
+        assert rows(path) == [1]  # committed...
+        assert not write.done()  # ...but not yet on disk: not answered
+        fsyncs.allowed.set()
+        assert await write == 1
+        await writer.stop()
+
+    asyncio.run(run())
+    assert fsyncs.paths == [f"{path}-wal"]
+
+
+def test_a_write_that_need_not_be_durable_is_answered_at_its_commit(tmp_path):
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        fsyncs.allowed.clear()
+        assert await asyncio.wait_for(writer.submit(insert(1), durable=False), 2) == 1
+        assert rows(path) == [1]
+        fsyncs.allowed.set()
+        await writer.stop()
+
+    asyncio.run(run())
+    assert fsyncs.paths == []
+
+
+def test_a_failed_fsync_fails_the_durable_writes_it_was_for(tmp_path):
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+    fsyncs.error = OSError(5, "Input/output error")
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        with pytest.raises(StoreError, match="saved to disk"):
+            await asyncio.wait_for(writer.submit(insert(1)), 5)
+        await writer.stop()
+
+    asyncio.run(run())
+
+
+def test_writes_wait_for_another_processs_lock_on_the_thread_while_the_loop_runs_on(tmp_path):
+    path = tmp_path / "w.db"
+    other = connect(path)
+    other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def run() -> None:
+        writer = loop_writer(path)
+        await writer.start()
+        ticker = asyncio.create_task(tick())
+        first = writer.submit(insert(1))
+        await asyncio.sleep(0.05)
+        later = [writer.submit(insert(n)) for n in range(2, 6)]  # queue behind the first
+        asyncio.get_running_loop().call_later(0.5, other.rollback)
+        assert await asyncio.wait_for(asyncio.gather(first, *later), 5) == [1, 2, 3, 4, 5]
+        ticker.cancel()
+        # and once the thread has no writes left, the loop commits again
+        await writer.submit(insert(6))
+        await writer.stop()
+
+    asyncio.run(run())
+    assert ticks >= 30  # the loop was never held up by the lock
+    assert rows(path) == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_keep_the_wal_from_growing(tmp_path, monkeypatch):
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 20)
+    path = tmp_path / "w.db"
+
+    def insert_page(n: int):
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("CREATE TABLE IF NOT EXISTS pages (n INTEGER PRIMARY KEY, filler BLOB)")
+            db.execute("INSERT INTO pages VALUES (?, ?)", (n, os.urandom(4000)))
+
+        return work
+
+    async def run() -> int:
+        writer = loop_writer(path)
+        await writer.start()
+        for n in range(600):  # one commit each: about 2.4 MB of WAL without checkpoints
+            await writer.submit(insert_page(n))
+        size = os.path.getsize(f"{path}-wal")
+        await writer.stop()
+        return size
+
+    assert asyncio.run(run()) < 600_000
+
+
+def test_stop_commits_the_writes_still_waiting_for_their_turn_on_the_loop(tmp_path):
+    path = tmp_path / "w.db"
+
+    async def run() -> list[int]:
+        writer = loop_writer(path)
+        await writer.start()
+        futures = [writer.submit(insert(n)) for n in range(20)]
+        await writer.stop()
+        return await asyncio.gather(*futures)
+
+    assert asyncio.run(run()) == list(range(20))
+    assert rows(path) == list(range(20))

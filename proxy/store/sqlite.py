@@ -1,11 +1,11 @@
 """The SQLite store.
 
-Two connections per process: the writer, owned by one thread that group-commits
-(see writer.py; its transactions begin with ``BEGIN IMMEDIATE``, so writers in
-other processes queue on SQLite's busy timeout instead of failing half-way), and
-a reader through aiosqlite, which WAL lets run beside any writer. Writes are
-shielded from cancellation: a client hanging up never leaves a half-recorded
-call or charge.
+Three connections per process, all in WAL mode: the event loop's and the writer thread's for
+writes (see writer.py: writes are group-committed on the loop, and go to the thread when they
+must wait for another process's lock; the thread also fsyncs and checkpoints; transactions
+begin with ``BEGIN IMMEDIATE``, so writers in other processes queue instead of failing
+half-way), and a reader through aiosqlite, which WAL lets run beside any writer. Writes are
+shielded from cancellation: a client hanging up never leaves a half-recorded call or charge.
 """
 
 from __future__ import annotations
@@ -161,7 +161,12 @@ class SQLiteStore:
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self._config.sqlite_path))
         os.makedirs(directory, exist_ok=True)
-        self._writer = Writer(self._connect_writer)
+        full = self._config.synchronous == "full"
+        self._writer = Writer(
+            self._connect_writer,
+            self._connect_on_loop,
+            os.path.abspath(self._config.sqlite_path) + "-wal" if full else None,
+        )
         await self._writer.start()
         await self._migrate()
         self._reader = await aiosqlite.connect(
@@ -197,6 +202,16 @@ class SQLiteStore:
             connection.execute(pragma)
         return connection
 
+    def _connect_on_loop(self) -> sqlite3.Connection:
+        """The event loop's write connection: it never waits for a lock (the writer thread
+        does) and never fsyncs (the thread fsyncs the WAL for it), nor checkpoints."""
+        connection = sqlite3.connect(self._config.sqlite_path, isolation_level=None, timeout=0, check_same_thread=False)
+        for pragma in self._pragmas():
+            connection.execute(pragma)
+        for pragma in ("PRAGMA busy_timeout = 0", "PRAGMA synchronous = NORMAL", "PRAGMA wal_autocheckpoint = 0"):
+            connection.execute(pragma)
+        return connection
+
     async def _migrate(self) -> None:
         def migrate(db: sqlite3.Connection) -> None:
             db.execute(
@@ -225,14 +240,15 @@ class SQLiteStore:
         except sqlite3.OperationalError as exc:
             raise busy_or(exc)
 
-    async def _write(self, work: Work[T], atomic: bool = True) -> T:
+    async def _write(self, work: Work[T], atomic: bool = True, durable: bool = True) -> T:
         """Run a write to its end even if the caller is cancelled meanwhile; the caller's
         cancellation is delivered once the write is done, so it can tell what happened.
         `atomic=False` says the write is one statement (reads aside): alone in its
-        batch, it then needs no transaction of its own."""
+        batch, it then needs no transaction of its own. `durable=False`: answered once
+        committed, before the commit is on disk (see writer.py)."""
         if self._writer is None:
             raise StoreError("The store is closed")
-        write = self._writer.submit(work, atomic=atomic)
+        write = self._writer.submit(work, atomic=atomic, durable=durable)
         try:
             return await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -580,7 +596,9 @@ class SQLiteStore:
                 raise JobClosed(call.job_id, rows[0][0])
             # The insert's trigger (schema 2) moved a pending job to in_progress.
 
-        await self._write(start, atomic=False)
+        # Not waiting for the disk: a start matters only with the call's end, whose write
+        # is durable and, the WAL being written in order, makes this one durable too.
+        await self._write(start, atomic=False, durable=False)
 
     async def finish_call(self, outcome: CallOutcome) -> None:
         def finish(db: sqlite3.Connection) -> None:

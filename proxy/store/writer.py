@@ -1,27 +1,45 @@
-"""One writer thread per process that owns SQLite's write connection and group-commits.
+"""Group-committed SQLite writes: on the event loop when they can be, on one writer thread
+when they must wait.
 
-Every write is a plain function of a `sqlite3.Connection`. The thread takes all the
-writes waiting in its queue, runs each inside its own savepoint of one
-`BEGIN IMMEDIATE` transaction, commits once (one fsync for the lot), and only then
-resolves their futures, in one hop back to the event loop. A write that raises is
-rolled back to its savepoint alone; the others still commit. Nobody hears "done"
-before the commit is durable, so a response never ends ahead of its record.
+Every write is a plain function of a `sqlite3.Connection`. The writes submitted during one
+turn of the event loop run together in one `BEGIN IMMEDIATE` transaction on the loop's own
+connection, each inside its own savepoint where it needs one, and commit once. A write that
+raises is rolled back alone; the others still commit. The statements take microseconds; what
+cost a call most was handing each write to a thread and back (bench/RESULTS.md).
+
+The thread does what must not stall the loop:
+- waiting for another process's write lock: a transaction that cannot start at once goes to
+  the thread, which waits on SQLite's busy timeout; while it holds writes, new ones queue
+  behind them;
+- the disk: the loop's connection commits without fsync (`synchronous = NORMAL`, which keeps
+  checkpoints safe) and the thread then fsyncs the WAL, once for all the commits made since
+  its last fsync. A durable write is answered only after that, so nobody hears "done" before
+  its record would survive a power cut. A write submitted with `durable=False` (a call's
+  start, which matters only together with its end) is answered at its commit: the fsync
+  after any later commit covers it as well, since the WAL is written in order;
+- checkpoints, which copy the WAL into the database file and fsync it.
+
+Without a loop connection every write runs on the thread, which group-commits the same way
+and fsyncs at each commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import sqlite3
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar, Union
 
 from . import StoreBusy, StoreError
 
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], T]
+Outcome = tuple[bool, Any]  # (succeeded, its result or its exception)
 MAX_BATCH = 256
+CHECKPOINT_EVERY = 250  # commits on the loop between checkpoints: about SQLite's 1,000 pages
 
 
 @dataclass
@@ -30,16 +48,48 @@ class _Job(Generic[T]):
     future: asyncio.Future[T]
     loop: asyncio.AbstractEventLoop
     atomic: bool  # False: one statement, which needs no transaction of its own
+    durable: bool = True  # False: may be answered before its commit is on disk
+
+
+@dataclass
+class _Sync:
+    """Writes committed on the loop, to be answered once the WAL is on disk."""
+
+    committed: list[tuple[_Job[Any], Any]]
+
+
+@dataclass
+class _Checkpoint:
+    loop: asyncio.AbstractEventLoop
+
+
+_Item = Union[_Job[Any], _Sync, _Checkpoint]
 
 
 class Writer:
-    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        connect_on_loop: Callable[[], sqlite3.Connection] | None = None,
+        wal_path: str | None = None,
+        fsync: Callable[[int], None] = os.fdatasync,
+    ) -> None:
+        """`connect` opens the thread's connection. `connect_on_loop`, if given, opens the
+        loop's, which must not wait for locks (busy timeout 0) nor sync its commits;
+        `wal_path` is then the file the thread fsyncs for it (None: nothing is fsynced)."""
         self._connect = connect
-        self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._connect_on_loop = connect_on_loop
+        self._wal_path = wal_path
+        self._fsync = fsync
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._closed = False
+        self._loop_db: sqlite3.Connection | None = None
+        self._waiting: list[_Job[Any]] = []  # for the next commit on the loop
+        self._on_thread = 0  # writes handed to the thread, not yet answered
+        self._commits = 0  # on the loop since the last checkpoint
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tollgate-sqlite-writer", daemon=True)
@@ -47,24 +97,77 @@ class Writer:
         await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
         if self._failure is not None:
             raise self._failure
+        if self._connect_on_loop is not None:
+            self._loop_db = self._connect_on_loop()
 
     async def stop(self) -> None:
-        """Finish every write already submitted, then close the connection; a write
+        """Finish every write already submitted, then close the connections; a write
         submitted from now on is refused rather than left waiting."""
         self._closed = True
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        self._thread = None
+        self._commit_waiting()
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+        if self._loop_db is not None:
+            self._loop_db.close()
+            self._loop_db = None
 
-    def submit(self, work: Work[T], atomic: bool = True) -> asyncio.Future[T]:
+    def submit(self, work: Work[T], atomic: bool = True, durable: bool = True) -> asyncio.Future[T]:
         if self._closed or self._failure is not None:
             raise StoreError("The store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Job(work, future, loop, atomic))
+        job = _Job(work, future, loop, atomic, durable)
+        if self._loop_db is None or self._on_thread:
+            self._to_thread(job)
+        else:
+            self._waiting.append(job)
+            if len(self._waiting) == 1:
+                loop.call_soon(self._commit_waiting)
         return future
+
+    # --- on the loop ---------------------------------------------------------------------
+
+    def _to_thread(self, job: _Job[Any]) -> None:
+        self._on_thread += 1
+        self._queue.put(job)
+
+    def _commit_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            return
+        if self._on_thread or self._loop_db is None:
+            for job in batch:
+                self._to_thread(job)  # behind the writes already waiting there
+            return
+        try:
+            results = self._commit(self._loop_db, batch)
+        except BaseException as exc:  # a write function gone badly wrong: its batch fails
+            _end_transaction(self._loop_db)
+            results = [(False, StoreError(f"The write failed: {exc!r}"))] * len(batch)
+        committed: list[tuple[_Job[Any], Any]] = []
+        for job, (ok, value) in zip(batch, results):
+            if not ok and isinstance(value, StoreBusy):
+                self._to_thread(job)  # nothing of it was written: the thread waits for the lock
+            elif ok and job.durable and self._wal_path is not None:
+                committed.append((job, value))
+            else:
+                _settle(job.future, ok, value)
+        if committed:
+            self._queue.put(_Sync(committed))
+        self._commits += 1
+        if self._commits >= CHECKPOINT_EVERY:
+            # Writes wait behind it on the thread, so that it copies the whole WAL and the
+            # next commit starts the file over, instead of growing it (and every fsync's cost).
+            self._commits = 0
+            self._on_thread += 1
+            self._queue.put(_Checkpoint(asyncio.get_running_loop()))
+
+    def _answered(self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]], from_thread: int) -> None:
+        self._on_thread -= from_thread
+        for future, ok, value in outcomes:
+            _settle(future, ok, value)
 
     # --- the thread ----------------------------------------------------------------------
 
@@ -76,14 +179,15 @@ class Writer:
             self._ready.set()
             return
         self._ready.set()
+        wal = _WalFile(self._wal_path, self._fsync) if self._wal_path is not None else None
         try:
             while True:
-                job = self._queue.get()
-                if job is None:
+                item = self._queue.get()
+                if item is None:
                     return
-                batch = [job]
+                items = [item]
                 stop = False
-                while len(batch) < MAX_BATCH:
+                while len(items) < MAX_BATCH:
                     try:
                         more = self._queue.get_nowait()
                     except queue.Empty:
@@ -91,28 +195,57 @@ class Writer:
                     if more is None:
                         stop = True
                         break
-                    batch.append(more)
-                try:
-                    results = self._commit(db, batch)
-                except BaseException as exc:  # a write function gone badly wrong: its batch fails, the thread lives
-                    _end_transaction(db)
-                    results = [(False, StoreError(f"The write failed: {exc!r}"))] * len(batch)
-                self._deliver(batch, results)
+                    items.append(more)
+                self._handle(db, wal, items)
                 if stop:
                     return
         finally:
             self._closed = True
             db.close()
+            if wal is not None:
+                wal.close()
             # Anything still queued (submitted as the writer stopped) hears so rather than waits.
-            left: list[_Job[Any]] = []
+            closed = (False, StoreError("The store is closed"))
             while True:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None:
-                    left.append(item)
-            self._deliver(left, [(False, StoreError("The store is closed"))] * len(left))
+                if isinstance(item, _Job):
+                    self._deliver([item], [closed])
+                elif isinstance(item, _Sync):
+                    self._deliver([job for job, _ in item.committed], [closed] * len(item.committed), 0)
+
+    def _handle(self, db: sqlite3.Connection, wal: _WalFile | None, items: list[_Item]) -> None:
+        """The thread's own writes in one transaction; then one fsync for every commit the
+        loop asked to have synced; then a checkpoint if one is due."""
+        jobs = [item for item in items if isinstance(item, _Job)]
+        if jobs:
+            try:
+                results = self._commit(db, jobs)
+            except BaseException as exc:  # a write function gone badly wrong: its batch fails, the thread lives
+                _end_transaction(db)
+                results = [(False, StoreError(f"The write failed: {exc!r}"))] * len(jobs)
+            self._deliver(jobs, results)
+        committed = [pair for item in items if isinstance(item, _Sync) for pair in item.committed]
+        if committed:
+            try:
+                assert wal is not None
+                wal.sync()
+                outcomes: list[Outcome] = [(True, value) for _, value in committed]
+            except OSError as exc:
+                outcomes = [(False, StoreError(f"A write could not be saved to disk: {exc}"))] * len(committed)
+            self._deliver([job for job, _ in committed], outcomes, 0)
+        for item in items:
+            if isinstance(item, _Checkpoint):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # the next one tries again
+                try:
+                    item.loop.call_soon_threadsafe(self._answered, [], 1)
+                except RuntimeError:
+                    pass
 
     def _commit(self, db: sqlite3.Connection, batch: list[_Job[Any]]) -> list[tuple[bool, Any]]:
         if not batch:
@@ -156,9 +289,8 @@ class Writer:
         return results
 
     def _alone(self, db: sqlite3.Connection, job: _Job[Any]) -> tuple[bool, Any]:
-        """A write with nobody to share a commit with: every statement executed costs the
-        thread a turn at the GIL against a busy event loop, so no savepoint, and a single
-        statement runs as its own transaction."""
+        """A write with nobody to share a commit with: no savepoint, and a single statement
+        runs as its own transaction."""
         try:
             if not job.atomic:
                 return True, job.work(db)
@@ -173,27 +305,63 @@ class Writer:
         except Exception as exc:
             return False, busy_or(exc)
 
-    def _deliver(self, batch: list[_Job[Any]], results: list[tuple[bool, Any]]) -> None:
+    def _deliver(self, jobs: list[_Job[Any]], results: list[Outcome], from_thread: int | None = None) -> None:
+        """Back to each job's loop in one hop. `from_thread`: how many of them were the
+        thread's own writes (all, unless said otherwise)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for job, (ok, value) in zip(batch, results):
+        for job, (ok, value) in zip(jobs, results):
             by_loop.setdefault(job.loop, []).append((job.future, ok, value))
         for loop, outcomes in by_loop.items():
+            count = len(outcomes) if from_thread is None else from_thread
             try:
-                loop.call_soon_threadsafe(_resolve, outcomes)
+                loop.call_soon_threadsafe(self._answered, outcomes, count)
             except RuntimeError:
                 pass  # that loop is closed: nobody is waiting any more
 
 
-def _resolve(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
-    for future, ok, value in outcomes:
-        if future.done():
-            continue
-        if ok:
-            future.set_result(value)
-        elif isinstance(value, StopIteration):  # a future cannot hold one
-            future.set_exception(RuntimeError(f"the write raised {value!r}"))
-        else:
-            future.set_exception(value)
+class _WalFile:
+    """The WAL that the loop's connection commits to, fsynced by the thread. An fsync
+    through any descriptor of a file flushes all of it; the descriptor is opened again
+    should SQLite ever replace the file."""
+
+    def __init__(self, path: str, fsync: Callable[[int], None]) -> None:
+        self._path = path
+        self._fsync = fsync
+        self._fd: int | None = None
+        self._inode: int | None = None
+
+    def sync(self) -> None:
+        try:
+            inode = os.stat(self._path).st_ino
+        except FileNotFoundError:
+            # No WAL: the last connection checkpointed it into the database file and removed it.
+            fd = os.open(self._path.removesuffix("-wal"), os.O_RDONLY)
+            try:
+                self._fsync(fd)
+            finally:
+                os.close(fd)
+            return
+        if inode != self._inode:
+            self.close()
+            self._fd, self._inode = os.open(self._path, os.O_RDONLY), inode
+        assert self._fd is not None
+        self._fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._inode = None
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    elif isinstance(value, StopIteration):  # a future cannot hold one
+        future.set_exception(RuntimeError(f"the write raised {value!r}"))
+    else:
+        future.set_exception(value)
 
 
 def _end_transaction(db: sqlite3.Connection) -> None:
