@@ -7,8 +7,8 @@
 Parts: store (no call records), upstream (a canned answer, no HTTP), redis (the in-process
 limiter), log (no access log), metrics (no call/request metrics), keycache (every request
 looks its key up), uvloop (asyncio's loop and h11 instead of uvloop and httptools).
-One more switch is an experiment rather than a part: inline (store writes batched per
-event-loop iteration and committed on the loop itself instead of by the writer thread).
+One more switch is not a part: trace times every await on the store, Redis and the
+upstream, and the call's stages, and writes them to /tmp/tollgate-trace.txt at exit.
 A part switched off is replaced in the serving process before it starts; the numbers are
 that process's CPU per call (all threads, from /proc) under bench/run.py's load generator.
 This is a profiling tool: what it switches off, a real gateway needs.
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-PARTS = ("store", "upstream", "redis", "log", "metrics", "keycache", "uvloop", "inline", "trace")
+PARTS = ("store", "upstream", "redis", "log", "metrics", "keycache", "uvloop", "trace")
 
 
 def switch_off(parts: set[str]) -> None:
@@ -83,26 +83,6 @@ def switch_off(parts: set[str]) -> None:
             original(self, store, 0.0, *args, **kwargs)
 
         auth.KeyAuthenticator.__init__ = no_cache  # type: ignore[method-assign]
-    if "inline" in parts:
-        import asyncio as aio
-        import proxy.store.writer as writer
-
-        def submit(self, work, atomic=True):  # type: ignore[no-untyped-def]
-            loop = aio.get_running_loop()
-            future = loop.create_future()
-            if not hasattr(self, "_inline_db"):
-                self._inline_db = self._connect()
-                self._inline_batch = []
-            self._inline_batch.append(writer._Job(work, future, loop, atomic))
-            if len(self._inline_batch) == 1:
-                def flush() -> None:
-                    batch, self._inline_batch = self._inline_batch, []
-                    for job, (ok, value) in zip(batch, self._commit(self._inline_db, batch)):
-                        job.future.set_result(value) if ok else job.future.set_exception(value)
-                loop.call_soon(flush)
-            return future
-
-        writer.Writer.submit = submit  # type: ignore[method-assign]
     if "trace" in parts:
         trace_waits()
     if "uvloop" in parts:

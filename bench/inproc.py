@@ -7,18 +7,21 @@ The store's call writes, the upstream and Redis are replaced (as `bench/ablate.p
 store,upstream,redis` does) and uvicorn is left out, so what is measured is Starlette, the
 middleware, auth, validation, the call's bookkeeping, metrics, the access log and JSON:
 the part of a call that is Tollgate's own code. No other process runs, so the figure is
-steadier than bench/run.py's and fit to compare small changes back to back.
+steadier than bench/run.py's and fit to compare small changes back to back. `--real
+store,redis,upstream` keeps those parts (the machine's Redis, a fake upstream process).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import json
 import logging
 import os
 import pstats
+import resource
 import sys
 import tempfile
 import time
@@ -30,6 +33,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 MASTER = "sk-master-inproc"
+PARTS = {"store", "upstream", "redis"}
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 async def request(app: Any, method: str, path: str, body: bytes = b"", key: str = MASTER) -> tuple[int, bytes]:
@@ -62,21 +67,28 @@ async def request(app: Any, method: str, path: str, body: bytes = b"", key: str 
     return status, b"".join(chunks)
 
 
-async def measure(calls: int, profile: bool, sort: str = "tottime") -> None:
+async def measure(calls: int, concurrency: int, profile: bool, sort: str, real: set[str]) -> None:
     from ablate import switch_off
 
-    switch_off({"store", "upstream"})
+    switch_off({"store", "upstream"} - real)
     from proxy.app import configure_logging, create_app
     from proxy.config import load_config
+    from tests.support import fake_upstream
 
-    with tempfile.TemporaryDirectory(prefix="tollgate-inproc-") as tmp:
-        config_path = Path(tmp) / "tollgate.yaml"
-        config_path.write_text(json.dumps({
+    with tempfile.TemporaryDirectory(prefix="tollgate-inproc-") as tmp, contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(fake_upstream(Path(tmp))) if "upstream" in real else "http://127.0.0.1:9"
+        settings: dict[str, Any] = {
             "database": {"url": f"sqlite:///{tmp}/t.db"},
             "model_groups": {"Main": {"models": ["primary"]}},
             "rate_limits": {"rpm": 10**9, "tpm": 10**12},
-        }))
-        config = load_config(str(config_path), {"TOLLGATE_MASTER_KEY": MASTER, "TOLLGATE_UPSTREAM_URL": "http://127.0.0.1:9"})
+            # Generous: under callgrind everything runs fifty times slower.
+            "upstream": {"timeouts": {"connect": 60, "first_byte": 600, "total": 600}},
+        }
+        if "redis" in real:
+            settings["redis"] = {"url": REDIS_URL, "key_prefix": f"tollgate-inproc-{os.getpid()}:", "timeout": 60}
+        config_path = Path(tmp) / "tollgate.yaml"
+        config_path.write_text(json.dumps(settings))
+        config = load_config(str(config_path), {"TOLLGATE_MASTER_KEY": MASTER, "TOLLGATE_UPSTREAM_URL": upstream})
         app = create_app(config)
         # Logging as `tollgate serve` sets it up, into /dev/null rather than the terminal.
         configure_logging(config.logging.level)
@@ -101,14 +113,22 @@ async def measure(calls: int, profile: bool, sort: str = "tottime") -> None:
                 await request(app, "POST", path, body, secret)
             profiler = cProfile.Profile() if profile else None
             started = time.process_time()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             if profiler:
                 profiler.enable()
-            for _ in range(calls):
-                await request(app, "POST", path, body, secret)
+            async def client(count: int) -> None:
+                for _ in range(count):
+                    await request(app, "POST", path, body, secret)
+
+            await asyncio.gather(*(client(calls // concurrency) for _ in range(concurrency)))
             if profiler:
                 profiler.disable()
             cpu = time.process_time() - started
-    print(f"{cpu / calls * 1e6:.1f} µs of CPU per call ({calls} calls, store, upstream and Redis replaced)")
+            after = resource.getrusage(resource.RUSAGE_SELF)
+    replaced = ", ".join(sorted(PARTS - real)) or "nothing"
+    user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
+    print(f"{cpu / calls * 1e6:.1f} µs of CPU per call ({user / calls * 1e6:.0f} user, {system / calls * 1e6:.0f} system;"
+          f" {calls} calls, {concurrency} at a time; replaced: {replaced})")
     if profiler:
         pstats.Stats(profiler).sort_stats(sort).print_stats(40)
 
@@ -116,13 +136,19 @@ async def measure(calls: int, profile: bool, sort: str = "tottime") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Tollgate's own CPU per call, in-process.")
     parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=1, help="calls in flight at once")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime", help="cProfile order: tottime or cumulative")
+    parser.add_argument("--real", default="", help=f"parts to keep real, comma-separated: {', '.join(sorted(PARTS))}"
+                        f" (Redis at {REDIS_URL}, a fake upstream process)")
     args = parser.parse_args()
+    real = set(filter(None, args.real.split(",")))
+    if real - PARTS:
+        parser.error(f"unknown parts: {', '.join(sorted(real - PARTS))}")
     os.environ.setdefault("TOLLGATE_LOG_LEVEL", "warning")
     import uvloop
 
-    uvloop.run(measure(args.calls, args.profile, args.sort))
+    uvloop.run(measure(args.calls, args.concurrency, args.profile, args.sort, real))
 
 
 if __name__ == "__main__":
