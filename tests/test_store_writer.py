@@ -228,7 +228,7 @@ def loop_writer(path: Path, fsyncs: Fsyncs | None = None, trace: list[str] | Non
             db.set_trace_callback(trace.append)
         return db
 
-    return Writer(lambda: connect(path), on_loop, f"{path}-wal", fsyncs or Fsyncs())
+    return Writer(lambda: connect(path), on_loop, sync_wal=True, fsync=fsyncs or Fsyncs())
 
 
 def test_writes_of_one_turn_of_the_loop_commit_together_on_the_loop_itself(tmp_path):
@@ -272,7 +272,7 @@ def test_a_durable_write_is_answered_only_once_the_wal_is_on_disk(tmp_path):
         await writer.stop()
 
     asyncio.run(run())
-    assert fsyncs.paths == [f"{path}-wal"]
+    assert fsyncs.paths == [f"{os.path.realpath(path)}-wal"]
 
 
 def test_a_write_that_need_not_be_durable_is_answered_at_its_commit(tmp_path):
@@ -292,7 +292,7 @@ def test_a_write_that_need_not_be_durable_is_answered_at_its_commit(tmp_path):
     assert fsyncs.paths == []
 
 
-def test_a_failed_fsync_fails_the_durable_writes_it_was_for(tmp_path):
+def test_a_failed_fsync_fails_the_writes_it_was_for_and_the_store_takes_no_more(tmp_path):
     path = tmp_path / "w.db"
     fsyncs = Fsyncs()
     fsyncs.error = OSError(5, "Input/output error")
@@ -300,9 +300,44 @@ def test_a_failed_fsync_fails_the_durable_writes_it_was_for(tmp_path):
     async def run() -> None:
         writer = loop_writer(path, fsyncs)
         await writer.start()
-        with pytest.raises(StoreError, match="saved to disk"):
+        with pytest.raises(StoreError, match="may not be on disk"):
             await asyncio.wait_for(writer.submit(insert(1)), 5)
+        # Linux marks the lost pages clean: a later fsync would succeed without them.
+        fsyncs.error = None
+        with pytest.raises(StoreError, match="no more writes"):
+            writer.submit(insert(2))
         await writer.stop()
+
+    asyncio.run(run())
+    assert fsyncs.paths == []
+    assert rows(path) == [1]  # committed: its caller was told it may not be on disk, not that it failed
+
+
+def test_the_wal_synced_is_the_one_sqlite_writes_when_the_path_is_a_symbolic_link(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    path = tmp_path / "link" / "w.db"
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        await writer.submit(insert(1))
+        await writer.stop()
+
+    asyncio.run(run())
+    assert fsyncs.paths == [str(tmp_path / "real" / "w.db-wal")]
+
+
+def test_a_loop_connection_that_cannot_be_opened_fails_start_and_stops_the_thread(tmp_path):
+    def broken() -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    async def run() -> None:
+        writer = Writer(lambda: connect(tmp_path / "w.db"), broken, sync_wal=True)
+        with pytest.raises(sqlite3.OperationalError):
+            await writer.start()
+        assert not any(t.name == "tollgate-sqlite-writer" for t in threading.enumerate())
 
     asyncio.run(run())
 
@@ -359,6 +394,38 @@ def test_checkpoints_keep_the_wal_from_growing(tmp_path, monkeypatch):
         return size
 
     assert asyncio.run(run()) < 600_000
+
+
+def test_once_the_lock_is_had_writes_return_to_the_loop_though_others_are_still_on_the_thread(tmp_path):
+    path = tmp_path / "w.db"
+    other = connect(path)
+    other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+    slow_started, slow_release = threading.Event(), threading.Event()
+
+    def slow(db: sqlite3.Connection) -> None:
+        slow_started.set()
+        slow_release.wait(10)
+        insert(2)(db)
+
+    async def run() -> None:
+        writer = loop_writer(path)
+        await writer.start()
+        first = writer.submit(insert(1))  # finds the lock taken: the thread waits for it
+        await asyncio.sleep(0.2)
+        second = writer.submit(slow, atomic=False)  # follows it to the thread; holds no lock while slow
+        other.rollback()
+        await asyncio.wait_for(first, 5)
+        await asyncio.get_running_loop().run_in_executor(None, slow_started.wait, 5)
+        # Under steady load there is always some write on the thread: the loop must not
+        # wait for all of them to be answered before it commits writes again.
+        assert await asyncio.wait_for(writer.submit(insert(3), durable=False), 2) == 3
+        assert not second.done()
+        slow_release.set()
+        await second
+        await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == [1, 2, 3]
 
 
 def test_stop_commits_the_writes_still_waiting_for_their_turn_on_the_loop(tmp_path):

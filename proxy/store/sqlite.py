@@ -161,12 +161,7 @@ class SQLiteStore:
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self._config.sqlite_path))
         os.makedirs(directory, exist_ok=True)
-        full = self._config.synchronous == "full"
-        self._writer = Writer(
-            self._connect_writer,
-            self._connect_on_loop,
-            os.path.abspath(self._config.sqlite_path) + "-wal" if full else None,
-        )
+        self._writer = Writer(self._connect_writer, self._connect_on_loop, sync_wal=self._config.synchronous == "full")
         await self._writer.start()
         await self._migrate()
         self._reader = await aiosqlite.connect(
@@ -204,11 +199,10 @@ class SQLiteStore:
 
     def _connect_on_loop(self) -> sqlite3.Connection:
         """The event loop's write connection: it never waits for a lock (the writer thread
-        does) and never fsyncs (the thread fsyncs the WAL for it), nor checkpoints."""
+        does) and never fsyncs (the thread fsyncs the WAL for it), nor checkpoints. The
+        thread's connection, opened first, has put the database in WAL mode for good."""
         connection = sqlite3.connect(self._config.sqlite_path, isolation_level=None, timeout=0, check_same_thread=False)
-        for pragma in self._pragmas():
-            connection.execute(pragma)
-        for pragma in ("PRAGMA busy_timeout = 0", "PRAGMA synchronous = NORMAL", "PRAGMA wal_autocheckpoint = 0"):
+        for pragma in ("PRAGMA foreign_keys = ON", "PRAGMA synchronous = NORMAL", "PRAGMA wal_autocheckpoint = 0"):
             connection.execute(pragma)
         return connection
 

@@ -14,9 +14,11 @@ The thread does what must not stall the loop:
 - the disk: the loop's connection commits without fsync (`synchronous = NORMAL`, which keeps
   checkpoints safe) and the thread then fsyncs the WAL, once for all the commits made since
   its last fsync. A durable write is answered only after that, so nobody hears "done" before
-  its record would survive a power cut. A write submitted with `durable=False` (a call's
-  start, which matters only together with its end) is answered at its commit: the fsync
-  after any later commit covers it as well, since the WAL is written in order;
+  its record would survive a power cut (other readers may see it a moment earlier). A write
+  submitted with `durable=False` (a call's start, which matters only together with its end)
+  is answered at its commit: the fsync after any later commit covers it as well, since the
+  WAL is written in order. A failed fsync stops the store taking writes: what it was for is
+  committed but perhaps not on disk, and Linux may not report the loss twice;
 - checkpoints, which copy the WAL into the database file and fsync it.
 
 Without a loop connection every write runs on the thread, which group-commits the same way
@@ -26,6 +28,7 @@ and fsyncs at each commit.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import sqlite3
@@ -35,6 +38,7 @@ from typing import Any, Callable, Generic, TypeVar, Union
 
 from . import StoreBusy, StoreError
 
+log = logging.getLogger("tollgate.store")
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], T]
 Outcome = tuple[bool, Any]  # (succeeded, its result or its exception)
@@ -49,6 +53,7 @@ class _Job(Generic[T]):
     loop: asyncio.AbstractEventLoop
     atomic: bool  # False: one statement, which needs no transaction of its own
     durable: bool = True  # False: may be answered before its commit is on disk
+    barrier: bool = False  # sent to the thread to wait for a lock: later writes follow it there
 
 
 @dataclass
@@ -71,24 +76,26 @@ class Writer:
         self,
         connect: Callable[[], sqlite3.Connection],
         connect_on_loop: Callable[[], sqlite3.Connection] | None = None,
-        wal_path: str | None = None,
+        sync_wal: bool = False,
         fsync: Callable[[int], None] = os.fdatasync,
     ) -> None:
-        """`connect` opens the thread's connection. `connect_on_loop`, if given, opens the
-        loop's, which must not wait for locks (busy timeout 0) nor sync its commits;
-        `wal_path` is then the file the thread fsyncs for it (None: nothing is fsynced)."""
+        """`connect` opens the thread's connection, in WAL mode. `connect_on_loop`, if given,
+        opens the loop's, which must not wait for locks (busy timeout 0) nor sync its commits;
+        `sync_wal`: the thread fsyncs the WAL for it before durable writes are answered."""
         self._connect = connect
         self._connect_on_loop = connect_on_loop
-        self._wal_path = wal_path
+        self._sync_wal = sync_wal
+        self._wal_path: str | None = None  # the file SQLite itself uses, symbolic links followed
+        self._wal: _WalFile | None = None  # the thread's
         self._fsync = fsync
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._failure: BaseException | None = None
+        self._failure: BaseException | None = None  # set: no more writes are taken
         self._closed = False
         self._loop_db: sqlite3.Connection | None = None
         self._waiting: list[_Job[Any]] = []  # for the next commit on the loop
-        self._on_thread = 0  # writes handed to the thread, not yet answered
+        self._barriers = 0  # lock waits and checkpoints on the thread: writes follow them there
         self._commits = 0  # on the loop since the last checkpoint
 
     async def start(self) -> None:
@@ -98,28 +105,42 @@ class Writer:
         if self._failure is not None:
             raise self._failure
         if self._connect_on_loop is not None:
-            self._loop_db = self._connect_on_loop()
+            try:
+                db = self._connect_on_loop()
+                if self._sync_wal:
+                    (main,) = [row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"]
+                    self._wal_path = main + "-wal"
+            except BaseException:
+                await self._stop_thread()
+                raise
+            self._loop_db = db
 
     async def stop(self) -> None:
         """Finish every write already submitted, then close the connections; a write
         submitted from now on is refused rather than left waiting."""
         self._closed = True
         self._commit_waiting()
-        if self._thread is not None:
-            self._queue.put(None)
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-            self._thread = None
+        await self._stop_thread()
         if self._loop_db is not None:
             self._loop_db.close()
             self._loop_db = None
 
+    async def _stop_thread(self) -> None:
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+
     def submit(self, work: Work[T], atomic: bool = True, durable: bool = True) -> asyncio.Future[T]:
-        if self._closed or self._failure is not None:
+        if self._failure is not None:
+            raise StoreError(f"The store takes no more writes: {self._failure}")
+        if self._closed:
             raise StoreError("The store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         job = _Job(work, future, loop, atomic, durable)
-        if self._loop_db is None or self._on_thread:
+        if self._loop_db is None or self._barriers:
             self._to_thread(job)
         else:
             self._waiting.append(job)
@@ -129,17 +150,23 @@ class Writer:
 
     # --- on the loop ---------------------------------------------------------------------
 
-    def _to_thread(self, job: _Job[Any]) -> None:
-        self._on_thread += 1
+    def _to_thread(self, job: _Job[Any], barrier: bool = False) -> None:
+        if barrier:
+            job.barrier = True
+            self._barriers += 1
         self._queue.put(job)
 
     def _commit_waiting(self) -> None:
         batch, self._waiting = self._waiting, []
         if not batch:
             return
-        if self._on_thread or self._loop_db is None:
+        if self._barriers or self._loop_db is None:
             for job in batch:
                 self._to_thread(job)  # behind the writes already waiting there
+            return
+        if self._failure is not None:
+            for job in batch:
+                _settle(job.future, False, StoreError(f"The store takes no more writes: {self._failure}"))
             return
         try:
             results = self._commit(self._loop_db, batch)
@@ -149,7 +176,9 @@ class Writer:
         committed: list[tuple[_Job[Any], Any]] = []
         for job, (ok, value) in zip(batch, results):
             if not ok and isinstance(value, StoreBusy):
-                self._to_thread(job)  # nothing of it was written: the thread waits for the lock
+                # Nothing of it was written: the thread waits for the lock, and until it has it,
+                # later writes go there too rather than find the lock taken again.
+                self._to_thread(job, barrier=True)
             elif ok and job.durable and self._wal_path is not None:
                 committed.append((job, value))
             else:
@@ -161,11 +190,11 @@ class Writer:
             # Writes wait behind it on the thread, so that it copies the whole WAL and the
             # next commit starts the file over, instead of growing it (and every fsync's cost).
             self._commits = 0
-            self._on_thread += 1
+            self._barriers += 1
             self._queue.put(_Checkpoint(asyncio.get_running_loop()))
 
-    def _answered(self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]], from_thread: int) -> None:
-        self._on_thread -= from_thread
+    def _answered(self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]], barriers: int) -> None:
+        self._barriers -= barriers
         for future, ok, value in outcomes:
             _settle(future, ok, value)
 
@@ -179,7 +208,6 @@ class Writer:
             self._ready.set()
             return
         self._ready.set()
-        wal = _WalFile(self._wal_path, self._fsync) if self._wal_path is not None else None
         try:
             while True:
                 item = self._queue.get()
@@ -196,16 +224,19 @@ class Writer:
                         stop = True
                         break
                     items.append(more)
-                self._handle(db, wal, items)
+                self._handle(db, items)
                 if stop:
                     return
         finally:
+            if not self._closed:
+                self._failure = StoreError("The store's writer thread stopped")
             self._closed = True
             db.close()
-            if wal is not None:
-                wal.close()
+            if self._wal is not None:
+                self._wal.close()
             # Anything still queued (submitted as the writer stopped) hears so rather than waits.
             closed = (False, StoreError("The store is closed"))
+            unsaved = (False, StoreError("The write was committed, but the store closed before it was on disk"))
             while True:
                 try:
                     item = self._queue.get_nowait()
@@ -214,38 +245,50 @@ class Writer:
                 if isinstance(item, _Job):
                     self._deliver([item], [closed])
                 elif isinstance(item, _Sync):
-                    self._deliver([job for job, _ in item.committed], [closed] * len(item.committed), 0)
+                    self._deliver([job for job, _ in item.committed], [unsaved] * len(item.committed))
+                elif isinstance(item, _Checkpoint):
+                    _call_soon(item.loop, self._answered, [], 1)
 
-    def _handle(self, db: sqlite3.Connection, wal: _WalFile | None, items: list[_Item]) -> None:
-        """The thread's own writes in one transaction; then one fsync for every commit the
-        loop asked to have synced; then a checkpoint if one is due."""
+    def _handle(self, db: sqlite3.Connection, items: list[_Item]) -> None:
+        """First one fsync for every commit the loop asked to have synced (they were made
+        before anything else here, which may wait for a lock); then the thread's own writes
+        in one transaction; then a checkpoint if one is due."""
+        committed = [pair for item in items if isinstance(item, _Sync) for pair in item.committed]
+        if committed:
+            self._deliver([job for job, _ in committed], self._sync(committed))
         jobs = [item for item in items if isinstance(item, _Job)]
-        if jobs:
+        if jobs and self._failure is not None:
+            self._deliver(jobs, [(False, StoreError(f"The store takes no more writes: {self._failure}"))] * len(jobs))
+        elif jobs:
             try:
                 results = self._commit(db, jobs)
             except BaseException as exc:  # a write function gone badly wrong: its batch fails, the thread lives
                 _end_transaction(db)
                 results = [(False, StoreError(f"The write failed: {exc!r}"))] * len(jobs)
             self._deliver(jobs, results)
-        committed = [pair for item in items if isinstance(item, _Sync) for pair in item.committed]
-        if committed:
-            try:
-                assert wal is not None
-                wal.sync()
-                outcomes: list[Outcome] = [(True, value) for _, value in committed]
-            except OSError as exc:
-                outcomes = [(False, StoreError(f"A write could not be saved to disk: {exc}"))] * len(committed)
-            self._deliver([job for job, _ in committed], outcomes, 0)
         for item in items:
             if isinstance(item, _Checkpoint):
                 try:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
                     pass  # the next one tries again
-                try:
-                    item.loop.call_soon_threadsafe(self._answered, [], 1)
-                except RuntimeError:
-                    pass
+                _call_soon(item.loop, self._answered, [], 1)
+
+    def _sync(self, committed: list[tuple[_Job[Any], Any]]) -> list[Outcome]:
+        """fsync the WAL for writes the loop committed; after a failure, never again: the
+        pages it lost are marked clean, so the next fsync would succeed without them."""
+        if self._failure is None:
+            try:
+                if self._wal is None:
+                    assert self._wal_path is not None
+                    self._wal = _WalFile(self._wal_path, self._fsync)
+                self._wal.sync()
+                return [(True, value) for _, value in committed]
+            except OSError as exc:
+                log.error("Saving the database to disk failed (%s): the store takes no more writes", exc)
+                self._failure = StoreError(f"saving to disk failed ({exc})")
+        unsaved = StoreError(f"The write was committed but may not be on disk: {self._failure}")
+        return [(False, unsaved)] * len(committed)
 
     def _commit(self, db: sqlite3.Connection, batch: list[_Job[Any]]) -> list[tuple[bool, Any]]:
         if not batch:
@@ -305,24 +348,28 @@ class Writer:
         except Exception as exc:
             return False, busy_or(exc)
 
-    def _deliver(self, jobs: list[_Job[Any]], results: list[Outcome], from_thread: int | None = None) -> None:
-        """Back to each job's loop in one hop. `from_thread`: how many of them were the
-        thread's own writes (all, unless said otherwise)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    def _deliver(self, jobs: list[_Job[Any]], results: list[Outcome]) -> None:
+        """Back to each job's loop in one hop."""
+        by_loop: dict[asyncio.AbstractEventLoop, tuple[list[tuple[asyncio.Future[Any], bool, Any]], list[int]]] = {}
         for job, (ok, value) in zip(jobs, results):
-            by_loop.setdefault(job.loop, []).append((job.future, ok, value))
-        for loop, outcomes in by_loop.items():
-            count = len(outcomes) if from_thread is None else from_thread
-            try:
-                loop.call_soon_threadsafe(self._answered, outcomes, count)
-            except RuntimeError:
-                pass  # that loop is closed: nobody is waiting any more
+            outcomes, barriers = by_loop.setdefault(job.loop, ([], [0]))
+            outcomes.append((job.future, ok, value))
+            barriers[0] += job.barrier
+        for loop, (outcomes, barriers) in by_loop.items():
+            _call_soon(loop, self._answered, outcomes, barriers[0])
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass  # that loop is closed: nobody is waiting any more
 
 
 class _WalFile:
     """The WAL that the loop's connection commits to, fsynced by the thread. An fsync
     through any descriptor of a file flushes all of it; the descriptor is opened again
-    should SQLite ever replace the file."""
+    should the file ever be replaced."""
 
     def __init__(self, path: str, fsync: Callable[[int], None]) -> None:
         self._path = path
@@ -331,16 +378,8 @@ class _WalFile:
         self._inode: int | None = None
 
     def sync(self) -> None:
-        try:
-            inode = os.stat(self._path).st_ino
-        except FileNotFoundError:
-            # No WAL: the last connection checkpointed it into the database file and removed it.
-            fd = os.open(self._path.removesuffix("-wal"), os.O_RDONLY)
-            try:
-                self._fsync(fd)
-            finally:
-                os.close(fd)
-            return
+        # While the loop's connection is open SQLite keeps the file: a missing one is an error.
+        inode = os.stat(self._path).st_ino
         if inode != self._inode:
             self.close()
             self._fd, self._inode = os.open(self._path, os.O_RDONLY), inode
