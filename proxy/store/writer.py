@@ -134,7 +134,7 @@ class Writer:
 
     def submit(self, work: Work[T], atomic: bool = True, durable: bool = True) -> asyncio.Future[T]:
         if self._failure is not None:
-            raise StoreError(f"The store takes no more writes: {self._failure}")
+            raise self._refusal()
         if self._closed:
             raise StoreError("The store is closed")
         loop = asyncio.get_running_loop()
@@ -166,13 +166,9 @@ class Writer:
             return
         if self._failure is not None:
             for job in batch:
-                _settle(job.future, False, StoreError(f"The store takes no more writes: {self._failure}"))
+                _settle(job.future, False, self._refusal())
             return
-        try:
-            results = self._commit(self._loop_db, batch)
-        except BaseException as exc:  # a write function gone badly wrong: its batch fails
-            _end_transaction(self._loop_db)
-            results = [(False, StoreError(f"The write failed: {exc!r}"))] * len(batch)
+        results = self._commit_batch(self._loop_db, batch)
         committed: list[tuple[_Job[Any], Any]] = []
         for job, (ok, value) in zip(batch, results):
             if not ok and isinstance(value, StoreBusy):
@@ -258,14 +254,9 @@ class Writer:
             self._deliver([job for job, _ in committed], self._sync(committed))
         jobs = [item for item in items if isinstance(item, _Job)]
         if jobs and self._failure is not None:
-            self._deliver(jobs, [(False, StoreError(f"The store takes no more writes: {self._failure}"))] * len(jobs))
+            self._deliver(jobs, [(False, self._refusal())] * len(jobs))
         elif jobs:
-            try:
-                results = self._commit(db, jobs)
-            except BaseException as exc:  # a write function gone badly wrong: its batch fails, the thread lives
-                _end_transaction(db)
-                results = [(False, StoreError(f"The write failed: {exc!r}"))] * len(jobs)
-            self._deliver(jobs, results)
+            self._deliver(jobs, self._commit_batch(db, jobs))
         for item in items:
             if isinstance(item, _Checkpoint):
                 try:
@@ -290,7 +281,19 @@ class Writer:
         unsaved = StoreError(f"The write was committed but may not be on disk: {self._failure}")
         return [(False, unsaved)] * len(committed)
 
-    def _commit(self, db: sqlite3.Connection, batch: list[_Job[Any]]) -> list[tuple[bool, Any]]:
+    def _refusal(self) -> StoreError:
+        return StoreError(f"The store takes no more writes: {self._failure}")
+
+    def _commit_batch(self, db: sqlite3.Connection, batch: list[_Job[Any]]) -> list[Outcome]:
+        """`_commit`, on the loop or the thread; a write function gone badly wrong fails its
+        batch, and whoever ran it carries on."""
+        try:
+            return self._commit(db, batch)
+        except BaseException as exc:
+            _end_transaction(db)
+            return [(False, StoreError(f"The write failed: {exc!r}"))] * len(batch)
+
+    def _commit(self, db: sqlite3.Connection, batch: list[_Job[Any]]) -> list[Outcome]:
         if not batch:
             return []
         if len(batch) == 1:
@@ -299,7 +302,7 @@ class Writer:
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             return [(False, busy_or(exc))] * len(batch)
-        results: list[tuple[bool, Any]] = []
+        results: list[Outcome] = []
         try:
             for index, job in enumerate(batch):
                 if job.atomic:
@@ -331,7 +334,7 @@ class Writer:
             return [(False, failure)] * len(batch)
         return results
 
-    def _alone(self, db: sqlite3.Connection, job: _Job[Any]) -> tuple[bool, Any]:
+    def _alone(self, db: sqlite3.Connection, job: _Job[Any]) -> Outcome:
         """A write with nobody to share a commit with: no savepoint, and a single statement
         runs as its own transaction."""
         try:
