@@ -164,12 +164,9 @@ class Redis:
         return await self._wait(connection, future)
 
     async def evalsha(self, script: "Script", keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
-        except ReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        return await self.call("EVAL", script.source, len(keys), *keys, *args)
+        connection = await self._connected()
+        reply = self._send_evalsha(connection, script, keys, args)
+        return await self._script_reply(connection, reply, script, keys, args)
 
     def evalsha_soon(self, script: "Script", keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
         """The script's reply, to come. On a live connection the command is written at once,
@@ -178,24 +175,25 @@ class Redis:
         connection = self._connection
         if self._closed or connection is None or connection.lost:
             return self._in_background(self.evalsha(script, keys, args))
-        loop = asyncio.get_running_loop()
+        reply = self._send_evalsha(connection, script, keys, args)
+        return self._in_background(self._script_reply(connection, reply, script, keys, args))
+
+    @staticmethod
+    def _send_evalsha(connection: _Connection, script: "Script", keys: list[str], args: list[Any]) -> asyncio.Future:
         (reply,) = connection.send(encode(("EVALSHA", script.sha, len(keys), *keys, *args)), 1)
-        timer = loop.call_later(self._timeout, _expire, connection, reply)
-        result: asyncio.Future[Any] = loop.create_future()
+        return reply
 
-        def replied(reply: asyncio.Future[Any]) -> None:
-            timer.cancel()
-            error = None if reply.cancelled() else reply.exception()
-            if isinstance(error, ReplyError) and str(error).startswith("NOSCRIPT"):
-                # Redis lost its scripts (a restart): send it whole. Rare enough that this one
-                # command may land after others sent in the meantime.
-                retry = self._in_background(self.call("EVAL", script.source, len(keys), *keys, *args))
-                retry.add_done_callback(lambda done: _copy(done, result))
-            else:
-                _copy(reply, result)
-
-        reply.add_done_callback(replied)
-        return result
+    async def _script_reply(
+        self, connection: _Connection, reply: asyncio.Future[Any], script: "Script", keys: list[str], args: list[Any]
+    ) -> Any:
+        try:
+            return await self._wait(connection, reply)
+        except ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        # Redis lost its scripts (a restart): send it whole. Rare enough that, sent soon,
+        # this one command may land after others sent in the meantime.
+        return await self.call("EVAL", script.source, len(keys), *keys, *args)
 
     def _in_background(self, command: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(command)
@@ -259,17 +257,6 @@ class Redis:
             raise RedisError("client closed")
         self._connection = connection
         return connection
-
-
-def _copy(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
-    if target.done():
-        return
-    if source.cancelled():
-        target.cancel()
-    elif source.exception() is not None:
-        target.set_exception(source.exception())  # type: ignore[arg-type]
-    else:
-        target.set_result(source.result())
 
 
 def _expire(connection: _Connection, future: asyncio.Future[Any]) -> None:
