@@ -4,7 +4,6 @@ names the field. Unknown chat parameters pass through to the upstream untouched.
 from __future__ import annotations
 
 import math
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,13 +84,6 @@ def _number_in(body: dict[str, Any], field: str, low: float, high: float) -> Non
         raise invalid(field, "must be a number")
     if not low <= value <= high:
         raise invalid(field, f"must be between {low:g} and {high:g}")
-
-
-def is_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except (ValueError, AttributeError):
-        return False
 
 
 @dataclass(frozen=True)

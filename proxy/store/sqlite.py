@@ -16,12 +16,12 @@ import json
 import os
 import sqlite3
 import time
-import uuid
 from typing import Any, Callable, Iterable, TypeVar
 
 import aiosqlite
 
 from ..config import DatabaseConfig
+from ..ids import new_id
 from ..records import (
     CallOutcome,
     CallSummary,
@@ -502,7 +502,7 @@ class SQLiteStore:
         default_credits: int,
         job_id: str | None = None,
     ) -> Job:
-        job_id = job_id or str(uuid.uuid4())
+        job_id = job_id or new_id()
         now = self._clock()
         metadata_json = json.dumps(metadata, allow_nan=False)
 
