@@ -126,6 +126,18 @@ def trace_waits() -> None:
     calls.CallPipeline._record = timed("record", calls.CallPipeline._record)  # type: ignore[method-assign]
     jobs_api.JobsApi.llm_call = timed("handler", jobs_api.JobsApi.llm_call)  # type: ignore[method-assign]
 
+    import gc
+
+    collecting: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:  # type: ignore[type-arg]
+        if phase == "start":
+            collecting.append(time.perf_counter())
+        elif collecting:
+            waits.setdefault(f"gc generation {info['generation']}", []).append(time.perf_counter() - collecting.pop())
+
+    gc.callbacks.append(on_gc)
+
     def report() -> None:
         with open(os.environ.get("TOLLGATE_TRACE_FILE", "/tmp/tollgate-trace.txt"), "w") as out:
             for name, values in waits.items():

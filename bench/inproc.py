@@ -130,7 +130,10 @@ async def measure(calls: int, concurrency: int, profile: bool, sort: str, real: 
     print(f"{cpu / calls * 1e6:.1f} µs of CPU per call ({user / calls * 1e6:.0f} user, {system / calls * 1e6:.0f} system;"
           f" {calls} calls, {concurrency} at a time; replaced: {replaced})")
     if profiler:
-        pstats.Stats(profiler).sort_stats(sort).print_stats(40)
+        stats = pstats.Stats(profiler)
+        if os.environ.get("TOLLGATE_PROFILE_FILE"):
+            stats.dump_stats(os.environ["TOLLGATE_PROFILE_FILE"])
+        stats.sort_stats(sort).print_stats(40)
 
 
 def main() -> None:
