@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from .config import RateLimitsConfig, RedisConfig
-from .resp import Redis, RedisError, Script
+from .resp import Keys, Redis, RedisError, Script
 
 log = logging.getLogger("tollgate.limiter")
 
@@ -337,6 +337,9 @@ class RedisUnavailable(Exception):
     pass
 
 
+MAX_KEYSETS = 10_000
+
+
 class RedisLimiter:
     def __init__(self, config: RedisConfig, window: float) -> None:
         assert config.url is not None
@@ -346,18 +349,26 @@ class RedisLimiter:
         self._redis = Redis(config.url, config.connect_timeout, config.timeout)
         self._admit = Script(ADMIT_SCRIPT)
         self._settle = Script(SETTLE_SCRIPT)
+        self._keysets: dict[tuple[str, str | None], Keys] = {}  # by team, and key if it has limits
 
     async def close(self) -> None:
         await self._redis.close()
 
-    def _keys(self, limits: Limits) -> list[str]:
-        keys = []
-        for scope, name, _, _ in limits.scopes():
-            base = f"{self._prefix}{{team:{limits.team_id}}}:{scope}:{name}"
-            keys += [f"{base}:requests", f"{base}:tokens", f"{base}:amounts", f"{base}:total"]
+    def _keys(self, limits: Limits) -> Keys:
+        scopes = limits.scopes()
+        which = (limits.team_id, limits.key_id if len(scopes) > 1 else None)
+        keys = self._keysets.get(which)
+        if keys is None:
+            names = []
+            for scope, name, _, _ in scopes:
+                base = f"{self._prefix}{{team:{limits.team_id}}}:{scope}:{name}"
+                names += [f"{base}:requests", f"{base}:tokens", f"{base}:amounts", f"{base}:total"]
+            if len(self._keysets) >= MAX_KEYSETS:
+                self._keysets.clear()  # a bound, not a cache policy: sets are cheap to build again
+            keys = self._keysets[which] = Keys(names)
         return keys
 
-    async def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
+    async def _run(self, script: Script, keys: Keys, args: list[Any]) -> Any:
         try:
             return await self._redis.evalsha(script, keys, args)
         except RedisError as exc:

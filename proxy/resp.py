@@ -31,8 +31,12 @@ class _Incomplete(Exception):
     pass
 
 
-def encode(args: tuple[Any, ...]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
+def encode(args: tuple[Any, ...] | list[Any]) -> bytes:
+    return b"*%d\r\n%s" % (len(args), _bulk_strings(args))
+
+
+def _bulk_strings(args: tuple[Any, ...] | list[Any]) -> bytes:
+    parts = []
     for arg in args:
         if isinstance(arg, bytes):
             data = arg
@@ -49,31 +53,44 @@ def parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int]:
     end = buffer.find(b"\r\n", pos)
     if end < 0:
         raise _Incomplete
-    kind, line = buffer[pos : pos + 1], bytes(buffer[pos + 1 : end])
-    pos = end + 2
-    if kind == b":":
-        return int(line), pos
-    if kind == b"$":
-        length = int(line)
+    kind = buffer[pos]
+    if kind == _INTEGER:
+        return int(buffer[pos + 1 : end]), end + 2
+    if kind == _BULK:
+        length = int(buffer[pos + 1 : end])
+        pos = end + 2
         if length < 0:
             return None, pos
         if len(buffer) < pos + length + 2:
             raise _Incomplete
         return bytes(buffer[pos : pos + length]), pos + length + 2
-    if kind == b"*":
-        count = int(line)
+    if kind == _ARRAY:
+        count = int(buffer[pos + 1 : end])
+        pos = end + 2
         if count < 0:
             return None, pos
         items = []
         for _ in range(count):
-            item, pos = parse(buffer, pos)
-            items.append(item)
+            # Integers, most of what the limiter's scripts answer, read here without a call each.
+            if buffer[pos : pos + 1] == b":":
+                end = buffer.find(b"\r\n", pos)
+                if end < 0:
+                    raise _Incomplete
+                items.append(int(buffer[pos + 1 : end]))
+                pos = end + 2
+            else:
+                item, pos = parse(buffer, pos)
+                items.append(item)
         return items, pos
-    if kind == b"+":
-        return line.decode(), pos
-    if kind == b"-":
-        return ReplyError(line.decode("utf-8", "replace")), pos
-    raise RedisError(f"unexpected reply type {kind!r}")
+    line = bytes(buffer[pos + 1 : end]).decode("utf-8", "replace")
+    if kind == _STATUS:
+        return line, end + 2
+    if kind == _ERROR:
+        return ReplyError(line), end + 2
+    raise RedisError(f"unexpected reply type {bytes(buffer[pos : pos + 1])!r}")
+
+
+_INTEGER, _BULK, _ARRAY, _STATUS, _ERROR = b":$*+-"
 
 
 class _Connection(asyncio.Protocol):
@@ -163,12 +180,12 @@ class Redis:
         (future,) = connection.send(encode(args), 1)
         return await self._wait(connection, future)
 
-    async def evalsha(self, script: "Script", keys: list[str], args: list[Any]) -> Any:
+    async def evalsha(self, script: "Script", keys: "Keys", args: list[Any]) -> Any:
         connection = await self._connected()
         reply = self._send_evalsha(connection, script, keys, args)
         return await self._script_reply(connection, reply, script, keys, args)
 
-    def evalsha_soon(self, script: "Script", keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+    def evalsha_soon(self, script: "Script", keys: "Keys", args: list[Any]) -> asyncio.Future[Any]:
         """The script's reply, to come. On a live connection the command is written at once,
         so whatever is sent after it, on any connection, reaches Redis after it; the caller
         need not wait for the reply to rely on that."""
@@ -179,12 +196,13 @@ class Redis:
         return self._in_background(self._script_reply(connection, reply, script, keys, args))
 
     @staticmethod
-    def _send_evalsha(connection: _Connection, script: "Script", keys: list[str], args: list[Any]) -> asyncio.Future:
-        (reply,) = connection.send(encode(("EVALSHA", script.sha, len(keys), *keys, *args)), 1)
+    def _send_evalsha(connection: _Connection, script: "Script", keys: "Keys", args: list[Any]) -> asyncio.Future:
+        count = 3 + len(keys.names) + len(args)
+        (reply,) = connection.send(b"*%d\r\n%s%s%s" % (count, script.wire, keys.wire, _bulk_strings(args)), 1)
         return reply
 
     async def _script_reply(
-        self, connection: _Connection, reply: asyncio.Future[Any], script: "Script", keys: list[str], args: list[Any]
+        self, connection: _Connection, reply: asyncio.Future[Any], script: "Script", keys: "Keys", args: list[Any]
     ) -> Any:
         try:
             return await self._wait(connection, reply)
@@ -193,7 +211,7 @@ class Redis:
                 raise
         # Redis lost its scripts (a restart): send it whole. Rare enough that, sent soon,
         # this one command may land after others sent in the meantime.
-        return await self.call("EVAL", script.source, len(keys), *keys, *args)
+        return await self.call("EVAL", script.source, len(keys.names), *keys.names, *args)
 
     def _in_background(self, command: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(command)
@@ -269,3 +287,15 @@ class Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        self.wire = _bulk_strings(("EVALSHA", self.sha))  # how every run of it starts
+
+
+class Keys:
+    """The keys a script runs on, encoded once: the limiter sends the same ones for every
+    call of a team, and encoding them was most of what a command cost to write."""
+
+    __slots__ = ("names", "wire")
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.wire = _bulk_strings((len(names), *names))

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from proxy.resp import Redis, RedisError, ReplyError, Script, encode, parse
+from proxy.resp import Keys, Redis, RedisError, ReplyError, Script, _Incomplete, encode, parse
 from tests.support import free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -24,6 +24,27 @@ def test_every_reply_type_parses_and_a_cut_reply_waits_for_more():
     with pytest.raises(Exception):
         parse(raw[:-3], 0)
     assert encode(("SET", "k", 5)) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n5\r\n"
+
+
+def test_an_array_of_integers_cut_anywhere_waits_for_the_rest():
+    raw = b"*4\r\n:1763795000123\r\n:0\r\n$5\r\ntoken\r\n:-7\r\n"
+    assert parse(raw, 0) == ([1763795000123, 0, b"token", -7], len(raw))
+    for cut in range(len(raw)):
+        with pytest.raises(_Incomplete):
+            parse(raw[:cut], 0)
+
+
+def test_a_script_run_on_encoded_keys_is_the_command_encoded_whole():
+    sent: list[bytes] = []
+
+    class Recording:
+        def send(self, payload: bytes, replies: int) -> list[None]:
+            sent.append(payload)
+            return [None]
+
+    script = Script("return 1")
+    Redis._send_evalsha(Recording(), script, Keys(["a", "{team:t}:b"]), ["call-1", 42, b"raw"])  # type: ignore[arg-type]
+    assert sent == [encode(("EVALSHA", script.sha, 2, "a", "{team:t}:b", "call-1", 42, b"raw"))]
 
 
 def test_concurrent_commands_share_one_connection_and_get_their_own_replies():
@@ -55,10 +76,10 @@ def test_a_script_unknown_to_redis_is_sent_whole_and_then_known():
 
     async def run() -> None:
         redis = client()
-        first = await redis.evalsha(script, ["k"], ["v"])
+        first = await redis.evalsha(script, Keys(["k"]), ["v"])
         assert first[:2] == [b"k", b"v"]
         assert await redis.call("SCRIPT", "EXISTS", script.sha) == [1]
-        assert await redis.evalsha(script, ["k"], ["v"]) == first
+        assert await redis.evalsha(script, Keys(["k"]), ["v"]) == first
         await redis.close()
 
     asyncio.run(run())
@@ -70,8 +91,8 @@ def test_a_script_sent_soon_is_written_before_the_next_command_without_being_awa
 
     async def run() -> None:
         redis = client()
-        await redis.evalsha(script, [key], ["warm"])  # connected, and the script known
-        reply = redis.evalsha_soon(script, [key], ["soon"])
+        await redis.evalsha(script, Keys([key]), ["warm"])  # connected, and the script known
+        reply = redis.evalsha_soon(script, Keys([key]), ["soon"])
         assert await redis.call("GET", key) == b"soon"  # sent after it, so answered after it
         assert isinstance(await reply, bytes)
         await redis.call("DEL", key)
@@ -87,7 +108,7 @@ def test_a_script_sent_soon_that_redis_forgot_is_sent_whole():
     async def run() -> None:
         redis = client()
         assert await redis.call("PING") == "PONG"  # connected; the script was never loaded
-        assert isinstance(await redis.evalsha_soon(script, [key], ["whole"]), bytes)
+        assert isinstance(await redis.evalsha_soon(script, Keys([key]), ["whole"]), bytes)
         assert await redis.call("GET", key) == b"whole"
         await redis.call("DEL", key)
         await redis.close()
@@ -101,7 +122,7 @@ def test_a_script_sent_soon_before_any_connection_still_runs():
 
     async def run() -> None:
         redis = client()
-        await redis.evalsha_soon(script, [key], ["first"])
+        await redis.evalsha_soon(script, Keys([key]), ["first"])
         assert await redis.call("GET", key) == b"first"
         await redis.call("DEL", key)
         await redis.close()
