@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from typing import AsyncIterator
 
@@ -106,7 +107,9 @@ def app_from_environment() -> Starlette:
     """The factory uvicorn's worker processes call: configuration from TOLLGATE_CONFIG."""
     config = load_config()
     configure_logging(config.logging.level)
-    return create_app(config)
+    app = create_app(config)
+    gc.freeze()  # as `tollgate serve` does with one worker (proxy/cli.py)
+    return app
 
 
 def configure_logging(level: str = "info") -> None:

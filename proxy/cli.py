@@ -7,6 +7,7 @@ print the same JSON as the admin API.
 from __future__ import annotations
 
 import argparse
+import gc
 import asyncio
 import json
 import os
@@ -63,7 +64,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # stop is a successful exit.
     signal.signal(signal.SIGTERM, _exit_successfully)
     if workers == 1:
-        uvicorn.run(create_app(config), **options)
+        app = create_app(config)
+        # What start-up made lives as long as the process: keep the collector from walking
+        # it again in every full collection, a pause of tens of milliseconds under load.
+        gc.freeze()
+        uvicorn.run(app, **options)
         return
     # Each worker builds its own app from the same file, and writes its metrics where
     # any worker answering a scrape can add them all up.
