@@ -15,6 +15,7 @@ from starlette.middleware import Middleware
 from .admin import AdminService
 from .admin_api import AdminApi
 from .auth import KeyAuthenticator, MasterKeyGuard
+from .call_routes import CallRoutes
 from .calls import CallPipeline
 from .config import Config, load_config
 from .declared import apply_declared
@@ -51,10 +52,14 @@ def create_app(config: Config) -> Starlette:
         groups.invalidate()
 
     admin = AdminService(store, config, on_change=forget_cached)
-    # The router tries routes in order: the calls' routes first.
+    jobs_api = JobsApi(store, auth, calls, metrics, config)
+    openai_api = OpenAIApi(store, auth, calls, groups, metrics, config)
+    # The router tries routes in order: the calls' routes first. CallRoutes takes their POSTs
+    # before the router; the router still answers their other methods (405).
+    call_routes = [*jobs_api.call_routes(), *openai_api.call_routes()]
     routes = [
-        *JobsApi(store, auth, calls, metrics, config).routes(),
-        *OpenAIApi(store, auth, calls, groups, metrics, config).routes(),
+        *jobs_api.routes(),
+        *openai_api.routes(),
         *Health(store, upstream, limiter, metrics).routes(),
         *AdminApi(admin, MasterKeyGuard(config.master_key), config).routes(),
     ]
@@ -97,7 +102,10 @@ def create_app(config: Config) -> Starlette:
 
     return Starlette(
         routes=routes,
-        middleware=[Middleware(ObserveMiddleware, metrics=metrics, log_format=config.logging.access_log)],
+        middleware=[
+            Middleware(ObserveMiddleware, metrics=metrics, log_format=config.logging.access_log),
+            Middleware(CallRoutes, routes=call_routes, handlers=EXCEPTION_HANDLERS),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

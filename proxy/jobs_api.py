@@ -50,10 +50,16 @@ class JobsApi:
         self._config = config
         self._max_body = config.server.max_body_bytes
 
-    def routes(self) -> list[Route]:
+    def call_routes(self) -> list[Route]:
+        """The routes of LLM calls, the hot path (proxy/call_routes.py)."""
         return [
             Route("/api/jobs/{job_id}/llm-call", self.llm_call, methods=["POST"]),
             Route("/api/jobs/{job_id}/llm-call-stream", self.llm_call_stream, methods=["POST"]),
+        ]
+
+    def routes(self) -> list[Route]:
+        return [
+            *self.call_routes(),
             Route("/api/jobs/create", self.create_job, methods=["POST"]),
             Route("/api/jobs/{job_id}", self.get_job, methods=["GET"]),
             Route("/api/jobs/{job_id}/complete", self.complete_job, methods=["POST"]),

@@ -51,9 +51,13 @@ class OpenAIApi:
         self._config = config
         self._max_body = config.server.max_body_bytes
 
+    def call_routes(self) -> list[Route]:
+        """The route of LLM calls, the hot path (proxy/call_routes.py)."""
+        return [Route("/v1/chat/completions", self.chat_completions, methods=["POST"])]
+
     def routes(self) -> list[Route]:
         return [
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            *self.call_routes(),
             Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/models/{model}", self.get_model, methods=["GET"]),
         ]

@@ -1,0 +1,84 @@
+"""The call routes' own dispatch (proxy/call_routes.py) answers exactly as Starlette's router
+and exception middleware would: the same app is built with and without it and asked alike."""
+
+from __future__ import annotations
+
+import pytest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from proxy.call_routes import CallRoutes
+from proxy.errors import EXCEPTION_HANDLERS, ApiError
+from proxy.store import JobClosed
+
+RAISED = {
+    "api-error": ApiError(429, "slow down", code="rate_limit_exceeded", headers={"Retry-After": "3"}),
+    "store-error": JobClosed("job-1", "completed"),
+    "http-exception": HTTPException(413, "too large"),
+    "unexpected": ZeroDivisionError("boom"),
+}
+
+
+async def call(request: Request) -> Response:
+    job_id = request.path_params["job_id"]
+    if job_id in RAISED:
+        raise RAISED[job_id]
+    route = request.scope["route"].path
+    return JSONResponse({"job": job_id, "route": route, "body": (await request.body()).decode()}, headers={"x-a": "1"})
+
+
+async def chat(request: Request) -> Response:
+    return JSONResponse({"chat": True})
+
+
+def app(with_call_routes: bool) -> Starlette:
+    call_routes = [Route("/api/jobs/{job_id}/llm-call", call, methods=["POST"]),
+                   Route("/v1/chat/completions", chat, methods=["POST"])]
+    middleware = [Middleware(CallRoutes, routes=call_routes, handlers=EXCEPTION_HANDLERS)] if with_call_routes else []
+    return Starlette(routes=call_routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
+
+
+def answers(method: str, path: str) -> list[tuple[int, dict[str, str], bytes]]:
+    seen = []
+    for with_call_routes in (True, False):
+        with TestClient(app(with_call_routes), raise_server_exceptions=False) as client:
+            response = client.request(method, path, content=b'{"x": 1}', follow_redirects=False)
+            headers = {k: v for k, v in response.headers.items() if k != "date"}
+            seen.append((response.status_code, headers, response.content))
+    return seen
+
+
+@pytest.mark.parametrize("path", ["/api/jobs/job-7/llm-call", "/v1/chat/completions"])
+def test_a_call_route_answers_as_through_starlette(path):
+    ours, starlettes = answers("POST", path)
+    assert ours == starlettes
+    assert ours[0] == 200
+
+
+def test_the_route_template_and_path_parameters_reach_the_handler():
+    ours, _ = answers("POST", "/api/jobs/job-7/llm-call")
+    assert ours[2] == b'{"job":"job-7","route":"/api/jobs/{job_id}/llm-call","body":"{\\"x\\": 1}"}'
+
+
+@pytest.mark.parametrize("raised", sorted(RAISED))
+def test_an_exception_in_a_call_route_answers_as_through_starlette(raised):
+    ours, starlettes = answers("POST", f"/api/jobs/{raised}/llm-call")
+    assert ours == starlettes
+    assert ours[0] >= 400 and b"detail" in ours[2]
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/jobs/job-7/llm-call"),
+    ("POST", "/api/jobs/job-7/llm-call/"),
+    ("POST", "/api/jobs/a/b/llm-call"),
+    ("PUT", "/v1/chat/completions"),
+])
+def test_anything_else_is_left_to_starlette(method, path):
+    ours, starlettes = answers(method, path)
+    assert ours == starlettes
+    assert ours[0] in (307, 404, 405)
