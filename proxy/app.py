@@ -25,7 +25,7 @@ from .health import Health
 from .jobs_api import JobsApi
 from .limiter import RateLimiter
 from .metrics import Metrics
-from .observe import ObserveMiddleware
+from .observe import LogFormatter, ObserveMiddleware
 from .openai_api import OpenAIApi
 from .pricing import Pricing
 from .store import open_store
@@ -121,4 +121,6 @@ def app_from_environment() -> Starlette:
 
 
 def configure_logging(level: str = "info") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])

@@ -8,6 +8,7 @@ Handlers note those through `notes(request)`; keys and prompts are never noted.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ class ObserveMiddleware:
         self.app = app
         self.metrics = metrics
         self.log_format = log_format
+        self._template: dict[str, Any] | None = None  # the access log's record, but for line and time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,6 +68,44 @@ class ObserveMiddleware:
             line = json.dumps(entry, separators=(",", ":"))
         else:
             line = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
-        # The record is made here rather than by access_log.info(), which would first walk
-        # the stack to find the line that called it: the same for every request.
-        access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, None, None))
+        access_log.handle(self._record(line))
+
+    def _record(self, line: str) -> logging.LogRecord:
+        """The line's log record, as `access_log.info(line)` would make it. Everything in it
+        but the line and the time is the same for every request (where it was logged, the
+        thread, the process), so it is made once and copied: `access_log.info()` would walk the
+        stack for the caller, and `LogRecord()` look up the thread and process, every time."""
+        if self._template is None:
+            self._template = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "", None, None).__dict__
+        template = self._template
+        record = logging.LogRecord.__new__(logging.LogRecord)
+        record.__dict__.update(template)
+        now = time.time()
+        record.msg = line
+        record.created = now
+        record.msecs = int((now - int(now)) * 1000) + 0.0
+        record.relativeCreated = template["relativeCreated"] + (now - template["created"]) * 1000
+        if "taskName" in template:  # Python 3.12 and later name the asyncio task that logs
+            task = asyncio.current_task() if getattr(logging, "logAsyncioTasks", True) else None
+            record.taskName = None if task is None else task.get_name()
+        return record
+
+
+class LogFormatter(logging.Formatter):
+    """logging's own formatter, with the date and time of its time stamps made once a second:
+    the access log writes a line for every request, and `time.strftime` was a third of
+    formatting one."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second: int | None = None
+        self._time = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:  # handlers format under their lock: one thread at a time
+            self._time = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return self.default_msec_format % (self._time, record.msecs)
