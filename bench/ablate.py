@@ -115,7 +115,11 @@ def trace_waits() -> None:
                 waits.setdefault(name, []).append(time.perf_counter() - started)
         return wrapper
 
-    sqlite.SQLiteStore._write = timed("store write", sqlite.SQLiteStore._write)  # type: ignore[method-assign]
+    sqlite.SQLiteStore.start_call = timed("store: call start", sqlite.SQLiteStore.start_call)  # type: ignore[method-assign]
+    sqlite.SQLiteStore.finish_call = timed("store: call end", sqlite.SQLiteStore.finish_call)  # type: ignore[method-assign]
+    import proxy.limiter as limiter
+
+    limiter.RedisLimiter.admit = timed("redis: admit", limiter.RedisLimiter.admit)  # type: ignore[method-assign]
     resp.Redis.call = timed("redis call", resp.Redis.call)  # type: ignore[method-assign]
     upstream.Upstream.open_chat = timed("upstream open", upstream.Upstream.open_chat)  # type: ignore[method-assign]
     import proxy.calls as calls
