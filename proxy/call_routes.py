@@ -5,8 +5,9 @@ middleware with its wrappers; every await of the call that suspends went back th
 frames as well. Together they were 7.5% of Tollgate's own code per call (bench/RESULTS.md).
 
 This middleware sits below ObserveMiddleware and above the rest of Starlette's stack. A POST
-that matches one of the call routes goes straight to its handler, and an exception the handler
-raises becomes the answer the app's exception handlers give, as Starlette would make it. Anything
+that matches one of the call routes goes straight to its handler, and an exception raised before
+the answer starts becomes the answer the app's exception handlers give, as Starlette would make
+it (after the start, as in Starlette, it goes up as a RuntimeError). Anything
 else, a call route with the wrong method included, goes on to Starlette unchanged. An exception
 with no handler (an unexpected error) goes up to Starlette's ServerErrorMiddleware, as it would
 from the router.
@@ -14,12 +15,13 @@ from the router.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -27,6 +29,13 @@ ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 class CallRoutes:
     def __init__(self, app: ASGIApp, routes: Sequence[Route], handlers: Mapping[Any, ExceptionHandler]) -> None:
         self.app = app
+        # What Starlette would add around these, this does not: a route of its own middleware,
+        # a body limit, a handler run in a thread, a handler for a status code.
+        for route in routes:
+            assert inspect.iscoroutinefunction(route.endpoint), route.path
+            assert inspect.isfunction(route.app), f"{route.path}: route middleware or a body limit"
+        for kind, handler in handlers.items():
+            assert isinstance(kind, type) and inspect.iscoroutinefunction(handler), kind
         self._routes = [(route, route.path_regex.match, route.endpoint) for route in routes]
         # As Starlette's ExceptionMiddleware holds them: the catch-all belongs to ServerErrorMiddleware.
         self._handlers = {kind: handler for kind, handler in handlers.items() if kind is not Exception}
@@ -50,16 +59,25 @@ class CallRoutes:
     async def _handle(self, endpoint: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive,
                       send: Send) -> None:
         request = Request(scope, receive, send)
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
             response = await endpoint(request)
+            await response(scope, receive, watched)
         except Exception as exc:
             handler = self._handler(exc)
             if handler is None:
                 raise
-            response = await handler(request, exc)
-        # What a response raises while it is sent (a stream's relay) has started the answer, or
-        # has no handler: either way it goes up, as it would from Starlette.
-        await response(scope, receive, send)
+            if started:
+                raise RuntimeError("Caught handled exception, but response already started.") from exc
+            await (await handler(request, exc))(scope, receive, send)
+            exc.__traceback__ = None  # one instance can fail several requests (a batch's store error)
 
     def _handler(self, exc: Exception) -> ExceptionHandler | None:
         for kind in type(exc).__mro__:

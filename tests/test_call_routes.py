@@ -8,7 +8,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
@@ -24,10 +24,28 @@ RAISED = {
 }
 
 
+class FailingResponse(Response):
+    """A response that raises while it is being sent: before its start, or after it."""
+
+    def __init__(self, exc: Exception, after_start: bool) -> None:
+        super().__init__()
+        self.exc, self.after_start = exc, after_start
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if self.after_start:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise self.exc
+
+
 async def call(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     if job_id in RAISED:
         raise RAISED[job_id]
+    if job_id.startswith("send-"):
+        _, kind, when = job_id.split("-", 2)
+        return FailingResponse(RAISED[kind.replace("_", "-")], after_start=when == "after")
+    if job_id == "stream":
+        return StreamingResponse(iter([b"data: 1\n\n", b"data: 2\n\n"]), media_type="text/event-stream")
     route = request.scope["route"].path
     return JSONResponse({"job": job_id, "route": route, "body": (await request.body()).decode()}, headers={"x-a": "1"})
 
@@ -82,3 +100,28 @@ def test_anything_else_is_left_to_starlette(method, path):
     ours, starlettes = answers(method, path)
     assert ours == starlettes
     assert ours[0] in (307, 404, 405)
+
+
+@pytest.mark.parametrize("kind", ["store_error", "api_error", "unexpected"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_exception_while_the_answer_is_sent_ends_as_through_starlette(kind, when):
+    ours, starlettes = answers("POST", f"/api/jobs/send-{kind}-{when}/llm-call")
+    assert ours == starlettes
+
+
+def test_a_streamed_answer_passes_as_through_starlette():
+    ours, starlettes = answers("POST", "/api/jobs/stream/llm-call")
+    assert ours == starlettes
+    assert ours[2] == b"data: 1\n\ndata: 2\n\n"
+
+
+def test_a_route_it_would_dispatch_differently_from_starlette_is_refused():
+    def sync_endpoint(request: Request) -> Response:
+        return Response()
+
+    async def endpoint(request: Request) -> Response:
+        return Response()
+
+    for route in (Route("/a", sync_endpoint, methods=["POST"]), Route("/a", endpoint, methods=["POST"], max_body_size=10)):
+        with pytest.raises(AssertionError):
+            CallRoutes(app(True), [route], EXCEPTION_HANDLERS)
