@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from typing import Any, Literal
 
@@ -72,12 +73,21 @@ class ObserveMiddleware:
 
     def _record(self, line: str) -> logging.LogRecord:
         """The line's log record, as `access_log.info(line)` would make it. Everything in it
-        but the line and the time is the same for every request (where it was logged, the
-        thread, the process), so it is made once and copied: `access_log.info()` would walk the
-        stack for the caller, and `LogRecord()` look up the thread and process, every time."""
-        if self._template is None:
-            self._template = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, "", None, None).__dict__
+        but the line and the time is the same for every request on the loop's thread (where it
+        was logged, the thread, the process), so it is made once and copied: `access_log.info()`
+        would walk the stack for the caller, and `LogRecord()` look up the thread and process,
+        every time. A record factory of someone else's (`logging.setLogRecordFactory`) may add
+        fields of its own to each record: then every record is made by it."""
         template = self._template
+        if (
+            template is None
+            or logging.getLogRecordFactory() is not logging.LogRecord
+            or template["thread"] != threading.get_ident()
+        ):
+            record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, None, None)
+            if type(record) is logging.LogRecord:
+                self._template = dict(record.__dict__)
+            return record
         record = logging.LogRecord.__new__(logging.LogRecord)
         record.__dict__.update(template)
         now = time.time()
@@ -98,14 +108,13 @@ class LogFormatter(logging.Formatter):
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
-        self._second: int | None = None
-        self._time = ""
+        self._cached: tuple[int, str] = (-1, "")  # one tuple, so threads never see half of it
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        if datefmt is not None:
+        if datefmt is not None or self.default_msec_format is None:
             return super().formatTime(record, datefmt)
-        second = int(record.created)
-        if second != self._second:  # handlers format under their lock: one thread at a time
-            self._time = time.strftime(self.default_time_format, self.converter(record.created))
-            self._second = second
-        return self.default_msec_format % (self._time, record.msecs)
+        second, text = self._cached
+        if int(record.created) != second:
+            text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._cached = (int(record.created), text)
+        return self.default_msec_format % (text, record.msecs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 from proxy import observe
@@ -53,3 +54,40 @@ def test_time_stamps_read_as_logging_formats_them_across_seconds():
         record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
         assert ours.format(record) == theirs.format(record)
         assert ours.formatTime(record, "%H:%M") == theirs.formatTime(record, "%H:%M")
+
+
+def test_a_record_factory_installed_by_the_application_makes_every_access_record():
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+    middleware._record("made before the factory")  # a template is kept from here on
+    counter = iter(range(1, 100))
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):  # type: ignore[no-untyped-def]
+        record = previous(*args, **kwargs)
+        record.request_number = next(counter)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        numbers = [middleware._record(line).request_number for line in ("a", "b")]  # type: ignore[attr-defined]
+    finally:
+        logging.setLogRecordFactory(previous)
+    assert numbers == [1, 2]
+
+
+def test_a_record_made_on_another_thread_names_that_thread():
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+    middleware._record("on this thread")
+    seen: list[logging.LogRecord] = []
+    other = threading.Thread(target=lambda: seen.append(middleware._record("on another")), name="other-thread")
+    other.start()
+    other.join()
+    assert seen[0].threadName == "other-thread" and seen[0].getMessage() == "on another"
+    assert middleware._record("back here").threadName == threading.current_thread().name
+
+
+def test_time_stamps_without_milliseconds_read_as_logging_formats_them():
+    ours, theirs = LogFormatter(FORMAT), logging.Formatter(FORMAT)
+    ours.default_msec_format = theirs.default_msec_format = None  # type: ignore[assignment]
+    record = logging.LogRecord("tollgate.access", logging.INFO, __file__, 1, "line", None, None)
+    assert ours.format(record) == theirs.format(record)
