@@ -7,6 +7,9 @@ import httpx
 import openai
 import pytest
 
+import proxy.limiter as limiter_module
+from proxy.config import RedisConfig
+from proxy.limiter import Limits, RedisLimiter
 from tests.support import RedisServer, Tollgate, fake_log, tag, wait_for
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -211,3 +214,22 @@ def test_a_calls_answer_does_not_wait_for_redis_to_take_its_real_usage(make_toll
     total = f"tollgate:{{team:{team.team_id}}}:team:{team.team_id}:total"
     real = response.json()["metadata"]["tokens_used"]
     assert wait_for(lambda: redis_server.cli("GET", total) == str(real), timeout=10, interval=0.05)
+
+
+def test_a_teams_redis_keys_are_built_once_and_a_limited_key_has_its_own():
+    limiter = RedisLimiter(RedisConfig(url="redis://127.0.0.1:1/0"), 60.0)
+    team_only = limiter._keys(Limits("t1", "key-a", 10, 1000))
+    assert limiter._keys(Limits("t1", "key-b", 20, 2000)) is team_only  # same team, no key limits
+    assert [name.rsplit(":", 1)[1] for name in team_only.names] == ["requests", "tokens", "amounts", "total"]
+    limited = limiter._keys(Limits("t1", "key-a", 10, 1000, key_rpm=5))
+    assert limited.names[:4] == team_only.names and len(limited.names) == 8
+    assert all(":key:key-a:" in name for name in limited.names[4:])
+    assert limiter._keys(Limits("t2", "key-a", 10, 1000)).names[0].startswith(f"{limiter._prefix}{{team:t2}}")
+
+
+def test_the_set_of_encoded_redis_keys_stays_bounded(monkeypatch):
+    monkeypatch.setattr(limiter_module, "MAX_KEYSETS", 3)
+    limiter = RedisLimiter(RedisConfig(url="redis://127.0.0.1:1/0"), 60.0)
+    for n in range(10):
+        limiter._keys(Limits(f"team-{n}", "k", 10, 1000))
+        assert len(limiter._keysets) <= 3

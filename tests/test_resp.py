@@ -27,11 +27,12 @@ def test_every_reply_type_parses_and_a_cut_reply_waits_for_more():
 
 
 def test_an_array_of_integers_cut_anywhere_waits_for_the_rest():
-    raw = b"*4\r\n:1763795000123\r\n:0\r\n$5\r\ntoken\r\n:-7\r\n"
-    assert parse(raw, 0) == ([1763795000123, 0, b"token", -7], len(raw))
-    for cut in range(len(raw)):
-        with pytest.raises(_Incomplete):
-            parse(raw[:cut], 0)
+    raw = b"*5\r\n:1763795000123\r\n*2\r\n:1\r\n+OK\r\n:0\r\n$5\r\ntoken\r\n:-7\r\n"
+    for buffer in (raw, bytearray(raw)):  # the connection parses from a bytearray
+        assert parse(buffer, 0) == ([1763795000123, [1, "OK"], 0, b"token", -7], len(raw))
+        for cut in range(len(raw)):
+            with pytest.raises(_Incomplete):
+                parse(buffer[:cut], 0)
 
 
 def test_a_script_run_on_encoded_keys_is_the_command_encoded_whole():
