@@ -115,8 +115,15 @@ def app_from_environment() -> Starlette:
     """The factory uvicorn's worker processes call: configuration from TOLLGATE_CONFIG."""
     config = load_config()
     configure_logging(config.logging.level)
+    return create_served_app(config)
+
+
+def create_served_app(config: Config) -> Starlette:
+    """The app for a process that does nothing but serve it (`tollgate serve`, one worker or
+    each of several). What start-up made lives as long as the process: frozen, the collector
+    no longer walks it in every full collection, a pause of tens of milliseconds under load."""
     app = create_app(config)
-    gc.freeze()  # as `tollgate serve` does with one worker (proxy/cli.py)
+    gc.freeze()
     return app
 
 

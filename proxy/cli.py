@@ -7,7 +7,6 @@ print the same JSON as the admin API.
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
 import json
 import os
@@ -44,7 +43,7 @@ def _load(args: argparse.Namespace, serving: bool = False) -> Config:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from .app import configure_logging, create_app
+    from .app import configure_logging, create_served_app
     from .metrics import MULTIPROC_ENV
 
     config = _load(args, serving=True)
@@ -64,11 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # stop is a successful exit.
     signal.signal(signal.SIGTERM, _exit_successfully)
     if workers == 1:
-        app = create_app(config)
-        # What start-up made lives as long as the process: keep the collector from walking
-        # it again in every full collection, a pause of tens of milliseconds under load.
-        gc.freeze()
-        uvicorn.run(app, **options)
+        uvicorn.run(create_served_app(config), **options)
         return
     # Each worker builds its own app from the same file, and writes its metrics where
     # any worker answering a scrape can add them all up.
