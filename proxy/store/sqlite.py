@@ -685,8 +685,11 @@ class SQLiteStore:
     async def cancel_stale_calls(self, started_before: float) -> int:
         def cancel(db: sqlite3.Connection) -> int:
             cursor = db.execute(
+                # A call runs only in an open job (finish_job refuses a job with one running),
+                # so the open jobs lead to every running call without an index of them.
                 "UPDATE llm_calls SET status = 'cancelled', error = 'interrupted: the process serving it stopped', "
-                "finished_at = ? WHERE status = 'running' AND started_at < ?",
+                "finished_at = ? WHERE status = 'running' AND started_at < ? "
+                "AND job_id IN (SELECT job_id FROM jobs WHERE status IN ('pending', 'in_progress'))",
                 (self._clock(), started_before),
             )
             return cursor.rowcount
