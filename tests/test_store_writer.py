@@ -9,10 +9,12 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from proxy.store import StoreError
+from proxy.store.aio_fsync import AioFsync
 from proxy.store.writer import Writer
 
 
@@ -219,7 +221,9 @@ class Fsyncs:
         os.fdatasync(fd)
 
 
-def loop_writer(path: Path, fsyncs: Fsyncs | None = None, trace: list[str] | None = None) -> Writer:
+def loop_writer(
+    path: Path, fsyncs: Fsyncs | None = None, trace: list[str] | None = None, kernel: Callable | None = None
+) -> Writer:
     def on_loop() -> sqlite3.Connection:
         db = connect(path)
         for pragma in ("PRAGMA busy_timeout = 0", "PRAGMA synchronous = NORMAL", "PRAGMA wal_autocheckpoint = 0"):
@@ -228,7 +232,7 @@ def loop_writer(path: Path, fsyncs: Fsyncs | None = None, trace: list[str] | Non
             db.set_trace_callback(trace.append)
         return db
 
-    return Writer(lambda: connect(path), on_loop, sync_wal=True, fsync=fsyncs or Fsyncs())
+    return Writer(lambda: connect(path), on_loop, sync_wal=True, fsync=fsyncs or Fsyncs(), fsync_from_loop=kernel)
 
 
 def test_writes_of_one_turn_of_the_loop_commit_together_on_the_loop_itself(tmp_path):
@@ -440,3 +444,194 @@ def test_stop_commits_the_writes_still_waiting_for_their_turn_on_the_loop(tmp_pa
 
     assert asyncio.run(run()) == list(range(20))
     assert rows(path) == list(range(20))
+
+
+# --- the WAL fsynced by the kernel (Linux AIO) ----------------------------------------------
+
+
+class KernelSyncs:
+    """Stands in for AioFsync: records what it syncs, and each sync runs until the test ends it."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.running: Callable[[OSError | None], None] | None = None
+        self.refusal: OSError | None = None
+        self.closed = False
+
+    def open(self, loop: asyncio.AbstractEventLoop) -> "KernelSyncs":
+        return self
+
+    @property
+    def busy(self) -> bool:
+        return self.running is not None
+
+    def start(self, fd: int, done: Callable[[OSError | None], None]) -> None:
+        if self.refusal is not None:
+            raise self.refusal
+        self.paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        self.running = done
+
+    def end(self, error: OSError | None = None) -> None:
+        done, self.running = self.running, None
+        assert done is not None
+        done(error)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def settled(future: asyncio.Future) -> bool:
+    await asyncio.sleep(0.05)
+    return future.done()
+
+
+def test_the_kernel_fsyncs_a_file_and_reports_on_the_loop(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 4096)
+
+    async def run() -> OSError | None:
+        loop = asyncio.get_running_loop()
+        aio = AioFsync.open(loop)
+        assert aio is not None  # Linux on x86_64 or aarch64: Linux AIO is there
+        fd = os.open(path, os.O_RDWR)
+        ended: asyncio.Future[OSError | None] = loop.create_future()
+        aio.start(fd, ended.set_result)
+        assert aio.busy
+        error = await asyncio.wait_for(ended, 5)
+        assert not aio.busy
+        aio.close()
+        os.close(fd)
+        return error
+
+    assert asyncio.run(run()) is None
+
+
+def test_the_kernel_refuses_a_sync_it_cannot_do_and_none_is_left_running():
+    async def run() -> None:
+        aio = AioFsync.open(asyncio.get_running_loop())
+        assert aio is not None
+        read, write = os.pipe()  # a pipe cannot be fsynced
+        with pytest.raises(OSError, match="Linux AIO refused"):
+            aio.start(read, lambda error: None)
+        assert not aio.busy
+        aio.close()
+        os.close(read)
+        os.close(write)
+
+    asyncio.run(run())
+
+
+def test_with_the_kernel_syncing_durable_writes_are_answered_and_the_thread_syncs_nothing(tmp_path):
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+    synced: list[str] = []
+
+    def recording(loop: asyncio.AbstractEventLoop) -> AioFsync | None:
+        aio = AioFsync.open(loop)
+        assert aio is not None
+        start = aio.start
+
+        def start_recorded(fd: int, done: Callable[[OSError | None], None]) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            start(fd, done)
+
+        aio.start = start_recorded  # type: ignore[method-assign]
+        return aio
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs, kernel=recording)
+        await writer.start()
+        assert await asyncio.wait_for(asyncio.gather(*(writer.submit(insert(n)) for n in range(10))), 5) == list(
+            range(10)
+        )
+        assert await asyncio.wait_for(writer.submit(insert(10)), 5) == 10
+        await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == list(range(11))
+    assert synced == [f"{os.path.realpath(path)}-wal"] * 2  # one sync per commit on the loop
+    assert fsyncs.paths == []
+
+
+def test_a_write_committed_while_the_kernel_syncs_waits_for_the_next_sync(tmp_path):
+    path = tmp_path / "w.db"
+    kernel = KernelSyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, kernel=kernel.open)
+        await writer.start()
+        first = writer.submit(insert(1))
+        await asyncio.sleep(0.05)
+        second = writer.submit(insert(2))  # committed after the running sync began
+        assert not await settled(first) and not await settled(second)
+        assert rows(path) == [1, 2] and len(kernel.paths) == 1
+        kernel.end()
+        assert await settled(first) and not await settled(second)
+        assert len(kernel.paths) == 2  # the next sync, for the second write
+        kernel.end()
+        assert await second == 2
+        await writer.stop()
+
+    asyncio.run(run())
+    assert kernel.closed
+
+
+def test_a_sync_the_kernel_failed_fails_its_writes_and_the_store_takes_no_more(tmp_path):
+    path = tmp_path / "w.db"
+    kernel = KernelSyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, kernel=kernel.open)
+        await writer.start()
+        first = writer.submit(insert(1))
+        await asyncio.sleep(0.05)
+        second = writer.submit(insert(2))
+        await asyncio.sleep(0.05)
+        kernel.end(OSError(5, "Input/output error"))
+        for write in (first, second):
+            with pytest.raises(StoreError, match="may not be on disk"):
+                await asyncio.wait_for(write, 5)
+        with pytest.raises(StoreError, match="no more writes"):
+            writer.submit(insert(3))
+        await writer.stop()
+
+    asyncio.run(run())
+    assert len(kernel.paths) == 1  # never synced again after the failure
+    assert rows(path) == [1, 2]
+
+
+def test_when_the_kernel_will_not_start_a_sync_the_thread_syncs_from_then_on(tmp_path):
+    path = tmp_path / "w.db"
+    kernel = KernelSyncs()
+    kernel.refusal = OSError(22, "Invalid argument")
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs, kernel=kernel.open)
+        await writer.start()
+        assert await asyncio.wait_for(writer.submit(insert(1)), 5) == 1
+        assert kernel.closed
+        assert await asyncio.wait_for(writer.submit(insert(2)), 5) == 2
+        await writer.stop()
+
+    asyncio.run(run())
+    assert fsyncs.paths == [f"{os.path.realpath(path)}-wal"] * 2
+    assert rows(path) == [1, 2]
+
+
+def test_stop_waits_for_the_sync_the_kernel_is_running(tmp_path):
+    path = tmp_path / "w.db"
+    kernel = KernelSyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, kernel=kernel.open)
+        await writer.start()
+        write = writer.submit(insert(1))
+        await asyncio.sleep(0.05)
+        stopping = asyncio.ensure_future(writer.stop())
+        assert not await settled(stopping) and not kernel.closed
+        kernel.end()
+        await asyncio.wait_for(stopping, 5)
+        assert await write == 1 and kernel.closed
+
+    asyncio.run(run())

@@ -44,6 +44,7 @@ from . import (
     StoreError,
     TeamSuspended,
 )
+from .aio_fsync import AioFsync
 from .schema import MIGRATIONS
 from .writer import Work, Writer, busy_or
 
@@ -161,7 +162,12 @@ class SQLiteStore:
     async def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self._config.sqlite_path))
         os.makedirs(directory, exist_ok=True)
-        self._writer = Writer(self._connect_writer, self._connect_on_loop, sync_wal=self._config.synchronous == "full")
+        self._writer = Writer(
+            self._connect_writer,
+            self._connect_on_loop,
+            sync_wal=self._config.synchronous == "full",
+            fsync_from_loop=AioFsync.open,
+        )
         await self._writer.start()
         await self._migrate()
         self._reader = await aiosqlite.connect(

@@ -12,9 +12,11 @@ The thread does what must not stall the loop:
   the thread, which waits on SQLite's busy timeout; while it holds writes, new ones queue
   behind them;
 - the disk: the loop's connection commits without fsync (`synchronous = NORMAL`, which keeps
-  checkpoints safe) and the thread then fsyncs the WAL, once for all the commits made since
-  its last fsync. A durable write is answered only after that, so nobody hears "done" before
-  its record would survive a power cut (other readers may see it a moment earlier). A write
+  checkpoints safe) and the WAL is then fsynced, once for all the commits made since the
+  last fsync began: by the kernel where Linux AIO takes it (`aio_fsync.py`: no thread, no
+  GIL, far less CPU), else by the thread. A durable write is answered only after that, so
+  nobody hears "done" before its record would survive a power cut (other readers may see it
+  a moment earlier). A write
   submitted with `durable=False` (a call's start, which matters only together with its end)
   is answered at its commit: the fsync after any later commit covers it as well, since the
   WAL is written in order. A failed fsync stops the store taking writes: what it was for is
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar, Union
 
 from . import StoreBusy, StoreError
+from .aio_fsync import AioFsync
 
 log = logging.getLogger("tollgate.store")
 T = TypeVar("T")
@@ -78,10 +81,13 @@ class Writer:
         connect_on_loop: Callable[[], sqlite3.Connection] | None = None,
         sync_wal: bool = False,
         fsync: Callable[[int], None] = os.fdatasync,
+        fsync_from_loop: Callable[[asyncio.AbstractEventLoop], AioFsync | None] | None = None,
     ) -> None:
         """`connect` opens the thread's connection, in WAL mode. `connect_on_loop`, if given,
         opens the loop's, which must not wait for locks (busy timeout 0) nor sync its commits;
-        `sync_wal`: the thread fsyncs the WAL for it before durable writes are answered."""
+        `sync_wal`: the WAL is fsynced for it before durable writes are answered, through
+        what `fsync_from_loop` opens (`AioFsync.open`) if it opens one, else by the thread
+        with `fsync`."""
         self._connect = connect
         self._connect_on_loop = connect_on_loop
         self._sync_wal = sync_wal
@@ -97,6 +103,12 @@ class Writer:
         self._waiting: list[_Job[Any]] = []  # for the next commit on the loop
         self._barriers = 0  # lock waits and checkpoints on the thread: writes follow them there
         self._commits = 0  # on the loop since the last checkpoint
+        self._fsync_from_loop = fsync_from_loop
+        self._aio: AioFsync | None = None
+        self._loop_wal: _WalFile | None = None  # the loop's descriptor of the WAL, for _aio
+        self._unsynced: list[tuple[_Job[Any], Any]] = []  # committed, for the next sync
+        self._syncing: list[tuple[_Job[Any], Any]] = []  # committed, for the sync running
+        self._all_synced: asyncio.Future[None] | None = None  # stop() waits on it
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tollgate-sqlite-writer", daemon=True)
@@ -110,16 +122,25 @@ class Writer:
                 if self._sync_wal:
                     (main,) = [row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"]
                     self._wal_path = main + "-wal"
+                    if self._fsync_from_loop is not None:
+                        self._aio = self._fsync_from_loop(asyncio.get_running_loop())
+                        self._loop_wal = _WalFile(self._wal_path, os.fdatasync)
             except BaseException:
+                self._close_aio()
                 await self._stop_thread()
                 raise
             self._loop_db = db
+        log.debug("the WAL is fsynced by %s", "the kernel (Linux AIO)" if self._aio else "the writer thread")
 
     async def stop(self) -> None:
         """Finish every write already submitted, then close the connections; a write
         submitted from now on is refused rather than left waiting."""
         self._closed = True
         self._commit_waiting()
+        if self._syncing or self._unsynced:
+            self._all_synced = asyncio.get_running_loop().create_future()
+            await self._all_synced
+        self._close_aio()
         await self._stop_thread()
         if self._loop_db is not None:
             self._loop_db.close()
@@ -180,7 +201,7 @@ class Writer:
             else:
                 _settle(job.future, ok, value)
         if committed:
-            self._queue.put(_Sync(committed))
+            self._sync_soon(committed)
         self._commits += 1
         if self._commits >= CHECKPOINT_EVERY:
             # Writes wait behind it on the thread, so that it copies the whole WAL and the
@@ -188,6 +209,54 @@ class Writer:
             self._commits = 0
             self._barriers += 1
             self._queue.put(_Checkpoint(asyncio.get_running_loop()))
+
+    def _sync_soon(self, committed: list[tuple[_Job[Any], Any]]) -> None:
+        if self._aio is None:
+            self._queue.put(_Sync(committed))
+            return
+        self._unsynced += committed
+        if not self._aio.busy:
+            self._start_sync()  # else the sync running began before these commits: the next one
+
+    def _start_sync(self) -> None:
+        assert self._aio is not None and self._loop_wal is not None
+        batch, self._unsynced = self._unsynced, []
+        try:
+            self._aio.start(self._loop_wal.descriptor(), self._synced)
+        except OSError as exc:
+            log.warning("Syncing the WAL through Linux AIO failed (%s): the writer thread syncs it from now on", exc)
+            self._close_aio()
+            self._queue.put(_Sync(batch))
+            return
+        self._syncing = batch
+
+    def _synced(self, error: OSError | None) -> None:
+        batch, self._syncing = self._syncing, []
+        if error is not None and self._failure is None:
+            # As on the thread: after a failed fsync never another, its lost pages being clean.
+            log.error("Saving the database to disk failed (%s): the store takes no more writes", error)
+            self._failure = StoreError(f"saving to disk failed ({error})")
+        if self._failure is not None:
+            unsaved = StoreError(f"The write was committed but may not be on disk: {self._failure}")
+            batch, self._unsynced = batch + self._unsynced, []
+            for job, _ in batch:
+                _settle(job.future, False, unsaved)
+        else:
+            for job, value in batch:
+                _settle(job.future, True, value)
+            if self._unsynced:
+                self._start_sync()
+        if not self._syncing and not self._unsynced and self._all_synced is not None:
+            self._all_synced.set_result(None)
+            self._all_synced = None
+
+    def _close_aio(self) -> None:
+        if self._aio is not None:
+            self._aio.close()
+            self._aio = None
+        if self._loop_wal is not None:
+            self._loop_wal.close()
+            self._loop_wal = None
 
     def _answered(self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]], barriers: int) -> None:
         self._barriers -= barriers
@@ -381,13 +450,16 @@ class _WalFile:
         self._inode: int | None = None
 
     def sync(self) -> None:
+        self._fsync(self.descriptor())
+
+    def descriptor(self) -> int:
         # While the loop's connection is open SQLite keeps the file: a missing one is an error.
         inode = os.stat(self._path).st_ino
         if inode != self._inode:
             self.close()
             self._fd, self._inode = os.open(self._path, os.O_RDONLY), inode
         assert self._fd is not None
-        self._fsync(self._fd)
+        return self._fd
 
     def close(self) -> None:
         if self._fd is not None:
