@@ -18,8 +18,8 @@ from proxy.store.aio_fsync import AioFsync
 from proxy.store.writer import Writer
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+def connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=factory)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY)")
     return db
@@ -222,7 +222,11 @@ class Fsyncs:
 
 
 def loop_writer(
-    path: Path, fsyncs: Fsyncs | None = None, trace: list[str] | None = None, kernel: Callable | None = None
+    path: Path,
+    fsyncs: Fsyncs | None = None,
+    trace: list[str] | None = None,
+    kernel: Callable | None = None,
+    thread_connection: type[sqlite3.Connection] = sqlite3.Connection,
 ) -> Writer:
     def on_loop() -> sqlite3.Connection:
         db = connect(path)
@@ -232,7 +236,17 @@ def loop_writer(
             db.set_trace_callback(trace.append)
         return db
 
-    return Writer(lambda: connect(path), on_loop, sync_wal=True, fsync=fsyncs or Fsyncs(), fsync_from_loop=kernel)
+    return Writer(
+        lambda: connect(path, thread_connection), on_loop, sync_wal=True, fsync=fsyncs or Fsyncs(), fsync_from_loop=kernel
+    )
+
+
+def insert_noting_thread(n: int, threads: set[int]):
+    def work(db: sqlite3.Connection) -> int:
+        threads.add(threading.get_ident())
+        return insert(n)(db)
+
+    return work
 
 
 def test_writes_of_one_turn_of_the_loop_commit_together_on_the_loop_itself(tmp_path):
@@ -240,17 +254,10 @@ def test_writes_of_one_turn_of_the_loop_commit_together_on_the_loop_itself(tmp_p
     trace: list[str] = []
     threads: set[int] = set()
 
-    def insert_noting_thread(n: int):
-        def work(db: sqlite3.Connection) -> int:
-            threads.add(threading.get_ident())
-            return insert(n)(db)
-
-        return work
-
     async def run() -> None:
         writer = loop_writer(path, trace=trace)
         await writer.start()
-        await asyncio.gather(*(writer.submit(insert_noting_thread(n)) for n in range(100)))
+        await asyncio.gather(*(writer.submit(insert_noting_thread(n, threads)) for n in range(100)))
         await writer.stop()
 
     asyncio.run(run())
@@ -398,6 +405,72 @@ def test_checkpoints_keep_the_wal_from_growing(tmp_path, monkeypatch):
         return size
 
     assert asyncio.run(run()) < 600_000
+
+
+class HeldCheckpoints(sqlite3.Connection):
+    """The thread's connection, its checkpoints held until the test lets them run."""
+
+    running = threading.Event()
+    release = threading.Event()
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.startswith("PRAGMA wal_checkpoint"):
+            HeldCheckpoints.running.set()
+            HeldCheckpoints.release.wait(10)
+        return super().execute(sql, *args)
+
+
+@pytest.fixture
+def held_checkpoints(monkeypatch):
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)  # one after every commit on the loop
+    HeldCheckpoints.running.clear()
+    HeldCheckpoints.release.clear()
+    yield HeldCheckpoints
+    HeldCheckpoints.release.set()
+
+
+def test_writes_made_while_a_checkpoint_runs_wait_for_it_and_then_commit_together_on_the_loop(
+    tmp_path, held_checkpoints
+):
+    path = tmp_path / "w.db"
+    trace: list[str] = []
+    threads: set[int] = set()
+
+    async def run() -> None:
+        writer = loop_writer(path, trace=trace, thread_connection=held_checkpoints)
+        await writer.start()
+        assert await writer.submit(insert_noting_thread(1, threads), atomic=False) == 1  # its commit starts a checkpoint
+        await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
+        later = [writer.submit(insert_noting_thread(n, threads)) for n in range(2, 6)]
+        assert not await settled(asyncio.gather(*later))
+        assert rows(path) == [1] and trace.count("COMMIT") == 0  # not committed anywhere yet
+        held_checkpoints.release.set()
+        assert await asyncio.wait_for(asyncio.gather(*later), 5) == [2, 3, 4, 5]
+        await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == [1, 2, 3, 4, 5]
+    assert threads == {threading.get_ident()}  # all on the loop, none on the thread
+    assert trace.count("COMMIT") == 1  # the four that waited, together
+
+
+def test_stop_waits_for_a_running_checkpoint_then_commits_what_waited_for_it(tmp_path, held_checkpoints):
+    path = tmp_path / "w.db"
+
+    async def run() -> int:
+        writer = loop_writer(path, thread_connection=held_checkpoints)
+        await writer.start()
+        await writer.submit(insert(1))
+        await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
+        waiting = writer.submit(insert(2))
+        stopping = asyncio.ensure_future(writer.stop())
+        assert not await settled(stopping)
+        held_checkpoints.release.set()
+        await asyncio.wait_for(stopping, 5)
+        return await waiting
+
+    assert asyncio.run(run()) == 2
+    assert rows(path) == [1, 2]
 
 
 def test_once_the_lock_is_had_writes_return_to_the_loop_though_others_are_still_on_the_thread(tmp_path):

@@ -21,7 +21,10 @@ The thread does what must not stall the loop:
   is answered at its commit: the fsync after any later commit covers it as well, since the
   WAL is written in order. A failed fsync stops the store taking writes: what it was for is
   committed but perhaps not on disk, and Linux may not report the loss twice;
-- checkpoints, which copy the WAL into the database file and fsync it.
+- checkpoints, which copy the WAL into the database file and fsync it. While one runs, new
+  writes wait on the loop for it to end and then commit there together: a write committed
+  during it would keep the next commit from starting the WAL over, and the file would grow
+  (and every fsync's cost with it).
 
 Without a loop connection every write runs on the thread, which group-commits the same way
 and fsyncs at each commit.
@@ -101,7 +104,9 @@ class Writer:
         self._closed = False
         self._loop_db: sqlite3.Connection | None = None
         self._waiting: list[_Job[Any]] = []  # for the next commit on the loop
-        self._barriers = 0  # lock waits and checkpoints on the thread: writes follow them there
+        self._barriers = 0  # lock waits on the thread: writes follow them there
+        self._checkpointing = False  # one runs on the thread: writes wait for it on the loop
+        self._checkpoint_over: asyncio.Future[None] | None = None  # stop() waits on it
         self._commits = 0  # on the loop since the last checkpoint
         self._fsync_from_loop = fsync_from_loop
         self._aio: AioFsync | None = None
@@ -136,6 +141,9 @@ class Writer:
         """Finish every write already submitted, then close the connections; a write
         submitted from now on is refused rather than left waiting."""
         self._closed = True
+        if self._checkpointing:
+            self._checkpoint_over = asyncio.get_running_loop().create_future()
+            await self._checkpoint_over
         self._commit_waiting()
         if self._syncing or self._unsynced:
             self._all_synced = asyncio.get_running_loop().create_future()
@@ -165,7 +173,7 @@ class Writer:
             self._to_thread(job)
         else:
             self._waiting.append(job)
-            if len(self._waiting) == 1:
+            if len(self._waiting) == 1 and not self._checkpointing:
                 loop.call_soon(self._commit_waiting)
         return future
 
@@ -178,6 +186,8 @@ class Writer:
         self._queue.put(job)
 
     def _commit_waiting(self) -> None:
+        if self._checkpointing and not self._barriers:
+            return  # _checkpointed() commits them
         batch, self._waiting = self._waiting, []
         if not batch:
             return
@@ -204,10 +214,8 @@ class Writer:
             self._sync_soon(committed)
         self._commits += 1
         if self._commits >= CHECKPOINT_EVERY:
-            # Writes wait behind it on the thread, so that it copies the whole WAL and the
-            # next commit starts the file over, instead of growing it (and every fsync's cost).
             self._commits = 0
-            self._barriers += 1
+            self._checkpointing = True
             self._queue.put(_Checkpoint(asyncio.get_running_loop()))
 
     def _sync_soon(self, committed: list[tuple[_Job[Any], Any]]) -> None:
@@ -257,6 +265,13 @@ class Writer:
         if self._loop_wal is not None:
             self._loop_wal.close()
             self._loop_wal = None
+
+    def _checkpointed(self) -> None:
+        self._checkpointing = False
+        if self._checkpoint_over is not None:
+            self._checkpoint_over.set_result(None)
+            self._checkpoint_over = None
+        self._commit_waiting()
 
     def _answered(self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]], barriers: int) -> None:
         self._barriers -= barriers
@@ -312,7 +327,7 @@ class Writer:
                 elif isinstance(item, _Sync):
                     self._deliver([job for job, _ in item.committed], [unsaved] * len(item.committed))
                 elif isinstance(item, _Checkpoint):
-                    _call_soon(item.loop, self._answered, [], 1)
+                    _call_soon(item.loop, self._checkpointed)
 
     def _handle(self, db: sqlite3.Connection, items: list[_Item]) -> None:
         """First one fsync for every commit the loop asked to have synced (they were made
@@ -332,7 +347,7 @@ class Writer:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
                     pass  # the next one tries again
-                _call_soon(item.loop, self._answered, [], 1)
+                _call_soon(item.loop, self._checkpointed)
 
     def _sync(self, committed: list[tuple[_Job[Any], Any]]) -> list[Outcome]:
         """fsync the WAL for writes the loop committed; after a failure, never again: the
