@@ -5,16 +5,22 @@ they must wait."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import os
+import platform
 import sqlite3
+import struct
 import threading
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
+from proxy.config import DatabaseConfig
 from proxy.store import StoreError
-from proxy.store.aio_fsync import AioFsync
+from proxy.store.sqlite import SQLiteStore
+from proxy.store.aio_fsync import _SYSCALLS, AioFsync
 from proxy.store.writer import Writer
 
 
@@ -532,6 +538,7 @@ class KernelSyncs:
         self.closed = False
 
     def open(self, loop: asyncio.AbstractEventLoop) -> "KernelSyncs":
+        self.loop = loop
         return self
 
     @property
@@ -708,3 +715,105 @@ def test_stop_waits_for_the_sync_the_kernel_is_running(tmp_path):
         assert await write == 1 and kernel.closed
 
     asyncio.run(run())
+
+
+def test_an_error_the_kernel_reports_for_a_sync_reaches_the_writer(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+
+    async def run() -> OSError | None:
+        loop = asyncio.get_running_loop()
+        aio = AioFsync.open(loop)
+        assert aio is not None
+        real = aio._syscall
+        getevents = _SYSCALLS[platform.machine()][2]
+
+        def failing_disk(number: ctypes.c_long, *args: object) -> int:
+            got = real(number, *args)
+            if number.value == getevents and got == 1:
+                # struct io_event as the kernel writes it: data, obj, then res = -EIO
+                data, obj = struct.unpack_from("<QQ", ctypes.string_at(ctypes.addressof(aio._event), 16))
+                ctypes.memmove(ctypes.addressof(aio._event), struct.pack("<QQqq", data, obj, -errno.EIO, 0), 32)
+            return got
+
+        aio._syscall = failing_disk  # type: ignore[method-assign]
+        fd = os.open(path, os.O_RDONLY)
+        ended: asyncio.Future[OSError | None] = loop.create_future()
+        aio.start(fd, ended.set_result)
+        error = await asyncio.wait_for(ended, 5)
+        aio.close()
+        os.close(fd)
+        return error
+
+    error = asyncio.run(run())
+    assert isinstance(error, OSError) and error.errno == errno.EIO
+
+
+def test_two_stops_at_once_both_return_and_a_stop_given_up_on_leaves_the_next_one_working(tmp_path):
+    path = tmp_path / "w.db"
+    kernel = KernelSyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, kernel=kernel.open)
+        await writer.start()
+        write = writer.submit(insert(1))
+        await asyncio.sleep(0.05)
+        given_up = asyncio.ensure_future(writer.stop())
+        await asyncio.sleep(0.05)
+        given_up.cancel()
+        stops = [asyncio.ensure_future(writer.stop()) for _ in range(2)]
+        assert not await settled(asyncio.gather(*stops))
+        kernel.end()
+        await asyncio.wait_for(asyncio.gather(*stops), 5)
+        assert await write == 1 and kernel.closed
+
+    asyncio.run(run())
+
+
+def test_a_durable_write_from_another_event_loop_is_answered_on_its_own_loop(tmp_path):
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+    other_loop = asyncio.new_event_loop()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs, kernel=AioFsync.open)
+        await writer.start()
+
+        async def from_the_other_loop() -> int:
+            return await asyncio.wait_for(writer.submit(insert(2)), 5)
+
+        assert await asyncio.wait_for(writer.submit(insert(1)), 5) == 1
+        answer = await asyncio.get_running_loop().run_in_executor(
+            None, other_loop.run_until_complete, from_the_other_loop()
+        )
+        assert answer == 2
+        await writer.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        other_loop.close()
+    assert rows(path) == [1, 2]
+    assert fsyncs.paths == [f"{os.path.realpath(path)}-wal"]  # the other loop's write, by the thread
+
+
+@pytest.mark.parametrize("aio_fsync", [True, False])
+def test_the_store_fsyncs_through_linux_aio_unless_configured_not_to(tmp_path, monkeypatch, aio_fsync):
+    opened: list[bool] = []
+    real_open = AioFsync.open
+
+    def noting_open(loop: asyncio.AbstractEventLoop) -> AioFsync | None:
+        aio = real_open(loop)
+        opened.append(aio is not None)
+        return aio
+
+    monkeypatch.setattr(AioFsync, "open", noting_open)
+
+    async def run() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 's.db'}", aio_fsync=aio_fsync))
+        await store.open()
+        await store.create_organization("org", "Org")
+        await store.close()
+
+    asyncio.run(run())
+    assert opened == ([True] if aio_fsync else [])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import os
 import platform
 import sys
@@ -72,8 +73,9 @@ class AioFsync:
 
     @classmethod
     def open(cls, loop: asyncio.AbstractEventLoop) -> AioFsync | None:
+        # The kernel's machine, and a 64-bit Python on it: a 32-bit one has other syscall numbers.
         numbers = _SYSCALLS.get(platform.machine()) if sys.platform == "linux" else None
-        if numbers is None:
+        if numbers is None or ctypes.sizeof(ctypes.c_void_p) != 8:
             return None
         try:
             syscall = ctypes.CDLL(None, use_errno=True).syscall
@@ -83,12 +85,19 @@ class AioFsync:
         context = ctypes.c_ulong(0)
         if syscall(ctypes.c_long(numbers[0]), ctypes.c_long(1), ctypes.byref(context)) != 0:
             return None  # ENOSYS, EPERM under seccomp, EAGAIN past aio-max-nr
+        eventfd = None
         try:
             eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        except OSError:
+            return cls(loop, syscall, numbers, context.value, eventfd)
+        except Exception:
             syscall(ctypes.c_long(numbers[1]), context)
+            if eventfd is not None:
+                os.close(eventfd)
             return None
-        return cls(loop, syscall, numbers, context.value, eventfd)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
     @property
     def busy(self) -> bool:
@@ -109,13 +118,21 @@ class AioFsync:
             os.eventfd_read(self._eventfd)
         except BlockingIOError:
             return
+        self._collect()
+
+    def _collect(self) -> None:
+        if self._done is None:
+            return
         got = self._syscall(ctypes.c_long(self._getevents), self._context, ctypes.c_long(0), ctypes.c_long(1),
                             ctypes.byref(self._event), ctypes.byref(self._no_wait))
-        if got == 0 or self._done is None:
+        error = ctypes.get_errno() if got < 0 else 0
+        if got == 0 or error == errno.EINTR:
+            # The kernel publishes the event before it signals the eventfd, so this should not
+            # happen; if it does, the eventfd will not say so again: look once more.
+            self._loop.call_soon(self._collect)
             return
         done, self._done = self._done, None
         if got < 0:
-            error = ctypes.get_errno()
             done(OSError(error, f"reading the sync's result failed: {os.strerror(error)}"))
         elif self._event.res < 0:
             done(OSError(-self._event.res, os.strerror(-self._event.res)))

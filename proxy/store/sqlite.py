@@ -166,7 +166,7 @@ class SQLiteStore:
             self._connect_writer,
             self._connect_on_loop,
             sync_wal=self._config.synchronous == "full",
-            fsync_from_loop=AioFsync.open,
+            fsync_from_loop=AioFsync.open if self._config.aio_fsync else None,
         )
         await self._writer.start()
         await self._migrate()

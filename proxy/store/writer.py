@@ -122,6 +122,7 @@ class Writer:
         if self._failure is not None:
             raise self._failure
         if self._connect_on_loop is not None:
+            db: sqlite3.Connection | None = None
             try:
                 db = self._connect_on_loop()
                 if self._sync_wal:
@@ -132,6 +133,8 @@ class Writer:
                         self._loop_wal = _WalFile(self._wal_path, os.fdatasync)
             except BaseException:
                 self._close_aio()
+                if db is not None:
+                    db.close()
                 await self._stop_thread()
                 raise
             self._loop_db = db
@@ -141,13 +144,16 @@ class Writer:
         """Finish every write already submitted, then close the connections; a write
         submitted from now on is refused rather than left waiting."""
         self._closed = True
+        loop = asyncio.get_running_loop()
         if self._checkpointing:
-            self._checkpoint_over = asyncio.get_running_loop().create_future()
-            await self._checkpoint_over
+            if self._checkpoint_over is None:
+                self._checkpoint_over = loop.create_future()
+            await asyncio.shield(self._checkpoint_over)  # a stop given up on leaves it to others
         self._commit_waiting()
         if self._syncing or self._unsynced:
-            self._all_synced = asyncio.get_running_loop().create_future()
-            await self._all_synced
+            if self._all_synced is None:
+                self._all_synced = loop.create_future()
+            await asyncio.shield(self._all_synced)
         self._close_aio()
         await self._stop_thread()
         if self._loop_db is not None:
@@ -219,8 +225,8 @@ class Writer:
             self._queue.put(_Checkpoint(asyncio.get_running_loop()))
 
     def _sync_soon(self, committed: list[tuple[_Job[Any], Any]]) -> None:
-        if self._aio is None:
-            self._queue.put(_Sync(committed))
+        if self._aio is None or self._aio.loop is not asyncio.get_running_loop():
+            self._queue.put(_Sync(committed))  # the thread answers each write on its own loop
             return
         self._unsynced += committed
         if not self._aio.busy:
@@ -232,7 +238,8 @@ class Writer:
         try:
             self._aio.start(self._loop_wal.descriptor(), self._synced)
         except OSError as exc:
-            log.warning("Syncing the WAL through Linux AIO failed (%s): the writer thread syncs it from now on", exc)
+            log.warning("Could not start the WAL's fsync through Linux AIO (%s): the writer thread fsyncs it "
+                        "from now on", exc)
             self._close_aio()
             self._queue.put(_Sync(batch))
             return
@@ -255,7 +262,8 @@ class Writer:
             if self._unsynced:
                 self._start_sync()
         if not self._syncing and not self._unsynced and self._all_synced is not None:
-            self._all_synced.set_result(None)
+            if not self._all_synced.done():
+                self._all_synced.set_result(None)
             self._all_synced = None
 
     def _close_aio(self) -> None:
@@ -269,7 +277,8 @@ class Writer:
     def _checkpointed(self) -> None:
         self._checkpointing = False
         if self._checkpoint_over is not None:
-            self._checkpoint_over.set_result(None)
+            if not self._checkpoint_over.done():
+                self._checkpoint_over.set_result(None)
             self._checkpoint_over = None
         self._commit_waiting()
 
