@@ -414,30 +414,57 @@ def test_checkpoints_keep_the_wal_from_growing(tmp_path, monkeypatch):
 
 
 class HeldCheckpoints(sqlite3.Connection):
-    """The thread's connection, its checkpoints held until the test lets them run."""
+    """The thread's connection, which holds the checkpoint passes numbered in `held` (from 1)
+    until the test lets them run."""
 
+    held: set[int] = set()
+    passes = 0
     running = threading.Event()
     release = threading.Event()
 
     def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
         if sql.startswith("PRAGMA wal_checkpoint"):
-            HeldCheckpoints.running.set()
-            HeldCheckpoints.release.wait(10)
+            HeldCheckpoints.passes += 1
+            if HeldCheckpoints.passes in HeldCheckpoints.held:
+                HeldCheckpoints.running.set()
+                HeldCheckpoints.release.wait(10)
         return super().execute(sql, *args)
 
 
 @pytest.fixture
 def held_checkpoints(monkeypatch):
     monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)  # one after every commit on the loop
+    HeldCheckpoints.passes = 0
     HeldCheckpoints.running.clear()
     HeldCheckpoints.release.clear()
     yield HeldCheckpoints
     HeldCheckpoints.release.set()
 
 
-def test_writes_made_while_a_checkpoint_runs_wait_for_it_and_then_commit_together_on_the_loop(
+def test_writes_made_while_a_checkpoint_makes_its_first_pass_commit_on_the_loop_at_once(tmp_path, held_checkpoints):
+    held_checkpoints.held = {1}
+    path = tmp_path / "w.db"
+
+    async def run() -> None:
+        writer = loop_writer(path, kernel=AioFsync.open, thread_connection=held_checkpoints)
+        await writer.start()
+        assert await writer.submit(insert(1)) == 1  # its commit starts a checkpoint
+        await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
+        # committed and synced (by the kernel) while the checkpoint's first pass is still held
+        assert await asyncio.wait_for(asyncio.gather(*(writer.submit(insert(n)) for n in range(2, 6))), 5) == [
+            2, 3, 4, 5
+        ]
+        held_checkpoints.release.set()
+        await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == [1, 2, 3, 4, 5]
+
+
+def test_writes_made_while_a_checkpoint_makes_its_closing_pass_wait_for_it_and_then_commit_together(
     tmp_path, held_checkpoints
 ):
+    held_checkpoints.held = {2}
     path = tmp_path / "w.db"
     trace: list[str] = []
     threads: set[int] = set()
@@ -445,7 +472,7 @@ def test_writes_made_while_a_checkpoint_runs_wait_for_it_and_then_commit_togethe
     async def run() -> None:
         writer = loop_writer(path, trace=trace, thread_connection=held_checkpoints)
         await writer.start()
-        assert await writer.submit(insert_noting_thread(1, threads), atomic=False) == 1  # its commit starts a checkpoint
+        assert await writer.submit(insert_noting_thread(1, threads), atomic=False) == 1  # starts a checkpoint
         await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
         later = [writer.submit(insert_noting_thread(n, threads)) for n in range(2, 6)]
         assert not await settled(asyncio.gather(*later))
@@ -461,6 +488,7 @@ def test_writes_made_while_a_checkpoint_runs_wait_for_it_and_then_commit_togethe
 
 
 def test_stop_waits_for_a_running_checkpoint_then_commits_what_waited_for_it(tmp_path, held_checkpoints):
+    held_checkpoints.held = {2}
     path = tmp_path / "w.db"
 
     async def run() -> int:

@@ -21,10 +21,11 @@ The thread does what must not stall the loop:
   is answered at its commit: the fsync after any later commit covers it as well, since the
   WAL is written in order. A failed fsync stops the store taking writes: what it was for is
   committed but perhaps not on disk, and Linux may not report the loss twice;
-- checkpoints, which copy the WAL into the database file and fsync it. While one runs, new
-  writes wait on the loop for it to end and then commit there together: a write committed
-  during it would keep the next commit from starting the WAL over, and the file would grow
-  (and every fsync's cost with it).
+- checkpoints, which copy the WAL into the database file and fsync it, in two passes. The
+  first copies what is there while the loop goes on committing; the second copies what was
+  committed meanwhile, a few pages, and new writes wait on the loop for it to end and then
+  commit there together: a write committed during it would keep the next commit from starting
+  the WAL over, and the file would grow (and every fsync's cost with it).
 
 Without a loop connection every write runs on the thread, which group-commits the same way
 and fsyncs at each commit.
@@ -72,6 +73,7 @@ class _Sync:
 @dataclass
 class _Checkpoint:
     loop: asyncio.AbstractEventLoop
+    closing: bool  # the second pass, which writes wait for
 
 
 _Item = Union[_Job[Any], _Sync, _Checkpoint]
@@ -105,7 +107,8 @@ class Writer:
         self._loop_db: sqlite3.Connection | None = None
         self._waiting: list[_Job[Any]] = []  # for the next commit on the loop
         self._barriers = 0  # lock waits on the thread: writes follow them there
-        self._checkpointing = False  # one runs on the thread: writes wait for it on the loop
+        self._checkpointing = False  # a closing pass runs on the thread: writes wait for it on the loop
+        self._checkpoint_running = False  # either pass
         self._checkpoint_over: asyncio.Future[None] | None = None  # stop() waits on it
         self._commits = 0  # on the loop since the last checkpoint
         self._fsync_from_loop = fsync_from_loop
@@ -219,10 +222,10 @@ class Writer:
         if committed:
             self._sync_soon(committed)
         self._commits += 1
-        if self._commits >= CHECKPOINT_EVERY:
+        if self._commits >= CHECKPOINT_EVERY and not self._checkpoint_running:
             self._commits = 0
-            self._checkpointing = True
-            self._queue.put(_Checkpoint(asyncio.get_running_loop()))
+            self._checkpoint_running = True
+            self._queue.put(_Checkpoint(asyncio.get_running_loop(), closing=False))
 
     def _sync_soon(self, committed: list[tuple[_Job[Any], Any]]) -> None:
         if self._aio is None or self._aio.loop is not asyncio.get_running_loop():
@@ -274,7 +277,12 @@ class Writer:
             self._loop_wal.close()
             self._loop_wal = None
 
-    def _checkpointed(self) -> None:
+    def _checkpointed(self, closing: bool) -> None:
+        if not closing and not self._closed:
+            self._checkpointing = True  # until the closing pass has copied the rest
+            self._queue.put(_Checkpoint(asyncio.get_running_loop(), closing=True))
+            return
+        self._checkpoint_running = False
         self._checkpointing = False
         if self._checkpoint_over is not None:
             if not self._checkpoint_over.done():
@@ -336,7 +344,7 @@ class Writer:
                 elif isinstance(item, _Sync):
                     self._deliver([job for job, _ in item.committed], [unsaved] * len(item.committed))
                 elif isinstance(item, _Checkpoint):
-                    _call_soon(item.loop, self._checkpointed)
+                    _call_soon(item.loop, self._checkpointed, True)
 
     def _handle(self, db: sqlite3.Connection, items: list[_Item]) -> None:
         """First one fsync for every commit the loop asked to have synced (they were made
@@ -356,7 +364,7 @@ class Writer:
                     db.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error:
                     pass  # the next one tries again
-                _call_soon(item.loop, self._checkpointed)
+                _call_soon(item.loop, self._checkpointed, item.closing)
 
     def _sync(self, committed: list[tuple[_Job[Any], Any]]) -> list[Outcome]:
         """fsync the WAL for writes the loop committed; after a failure, never again: the
