@@ -417,12 +417,8 @@ class RedisLimiter:
     async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
         await self._run(self._settle, self._keys(decision.limits), [decision.call_id, tokens, 1 if release else 0])
 
-    def settle_soon(self, decision: Decision, tokens: int) -> asyncio.Future[Any] | None:
-        """The settle's reply to come, or None if Redis was told to send none."""
-        keys, args = self._keys(decision.limits), [decision.call_id, tokens, 0]
-        if self._redis.eval_quietly(self._settle, keys, args):
-            return None
-        return self._redis.evalsha_soon(self._settle, keys, args)
+    def settle_soon(self, decision: Decision, tokens: int) -> asyncio.Future[Any]:
+        return self._redis.evalsha_soon(self._settle, self._keys(decision.limits), [decision.call_id, tokens, 0])
 
 
 def _text(value: Any) -> str:
@@ -507,15 +503,11 @@ class RateLimiter:
 
     def settle_soon(self, decision: Decision, tokens: int) -> None:
         """`settle` without waiting for Redis to answer: the command is on its way before this
-        returns, so an admit sent later is counted with the real usage, not the estimate.
-        Where Redis skips replies, none comes: a settle that fails goes unnoticed, and its call
-        keeps counting at its estimate until it leaves the window."""
+        returns, so an admit sent later is counted with the real usage, not the estimate."""
         if decision.backend == "local":
             self.local.settle(decision, tokens)
         elif decision.backend == "redis" and self.redis is not None and self._may_ask_redis():
-            reply = self.redis.settle_soon(decision, tokens)
-            if reply is not None:
-                reply.add_done_callback(self._settled)
+            self.redis.settle_soon(decision, tokens).add_done_callback(self._settled)
 
     def _settled(self, reply: asyncio.Future[Any]) -> None:
         error = None if reply.cancelled() else reply.exception()

@@ -7,10 +7,6 @@ enough because Redis answers in order: concurrent commands are written as they
 come and their replies matched first in, first out. A command that times out
 leaves the connection's state unknown, so the connection is dropped, every
 command waiting on it fails, and the next command connects afresh.
-
-A command whose answer nobody needs can be sent with `CLIENT REPLY SKIP` in front of it
-(`eval_quietly`): Redis then sends no reply, and the loop neither wakes up for one nor reads
-and matches it. Whether the server honours that is asked once per connection.
 """
 
 from __future__ import annotations
@@ -97,16 +93,11 @@ def parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int]:
 _INTEGER, _BULK, _ARRAY, _STATUS, _ERROR = b":$*+-"
 
 
-_SKIP_REPLY = encode(("CLIENT", "REPLY", "SKIP"))
-_PROBE = b"tollgate: does this server skip replies?"
-
-
 class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.lost = False
-        self.skips_replies = False  # honours CLIENT REPLY SKIP
         self._buffer = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -194,22 +185,6 @@ class Redis:
         reply = self._send_evalsha(connection, script, keys, args)
         return await self._script_reply(connection, reply, script, keys, args)
 
-    def eval_quietly(self, script: "Script", keys: "Keys", args: list[Any]) -> bool:
-        """Run the script with Redis told to send no reply: written at once, as `evalsha_soon`
-        writes, but nothing comes back to wake the loop. Sent whole (EVAL), since a NOSCRIPT
-        would go unheard; so would any other error, so only for what may fail unnoticed (what
-        breaks a connection shows in the commands that do wait for replies). False, and
-        nothing sent, when there is no live connection or its server does not skip replies."""
-        connection = self._connection
-        if self._closed or connection is None or connection.lost or not connection.skips_replies:
-            return False
-        assert connection.transport is not None
-        count = 3 + len(keys.names) + len(args)
-        connection.transport.write(
-            b"%s*%d\r\n%s%s%s" % (_SKIP_REPLY, count, script.eval_wire, keys.wire, _bulk_strings(args))
-        )
-        return True
-
     def evalsha_soon(self, script: "Script", keys: "Keys", args: list[Any]) -> asyncio.Future[Any]:
         """The script's reply, to come. On a live connection the command is written at once,
         so whatever is sent after it, on any connection, reaches Redis after it; the caller
@@ -295,37 +270,11 @@ class Redis:
             except BaseException:
                 connection.fail(RedisError("Redis refused the connection's setup"))
                 raise
-        connection.skips_replies = await self._skips_replies(connection)
         if self._closed:
             connection.fail(RedisError("client closed"))
             raise RedisError("client closed")
         self._connection = connection
         return connection
-
-    async def _skips_replies(self, connection: _Connection) -> bool:
-        """Whether the server honours CLIENT REPLY SKIP (Redis 3.2 and later, unless an ACL or
-        a proxy in between forbids it). If it does, neither that command nor the one after it
-        is answered, and the first reply is the second ECHO's; if not, the first is an error."""
-        replies = connection.send(_SKIP_REPLY + encode(("ECHO", b"skipped")) + encode(("ECHO", _PROBE)), 3)
-        try:
-            try:
-                first = await self._wait(connection, replies[0])
-            except ReplyError:
-                first = None
-            if first == _PROBE:
-                for unanswered in replies[1:]:
-                    connection.pending.remove(unanswered)
-                    unanswered.cancel()
-                return True
-            if await self._wait(connection, replies[2]) != _PROBE:
-                raise RedisError("Redis answered the connection's setup out of turn")
-            return False
-        except BaseException:
-            connection.fail(RedisError("Redis did not answer the connection's setup"))
-            for reply in replies:  # nobody else waits for them
-                if reply.done() and not reply.cancelled():
-                    reply.exception()
-            raise
 
 
 def _expire(connection: _Connection, future: asyncio.Future[Any]) -> None:
@@ -339,7 +288,6 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self.wire = _bulk_strings(("EVALSHA", self.sha))  # how every run of it starts
-        self.eval_wire = _bulk_strings(("EVAL", source))  # ... and every run sent whole
 
 
 class Keys:
