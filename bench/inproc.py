@@ -67,7 +67,7 @@ async def request(app: Any, method: str, path: str, body: bytes = b"", key: str 
     return status, b"".join(chunks)
 
 
-async def measure(calls: int, concurrency: int, profile: bool, sort: str, real: set[str]) -> None:
+async def measure(calls: int, concurrency: int, profile: bool, sort: str, real: set[str], stream: bool) -> None:
     from ablate import switch_off
 
     switch_off({"store", "upstream"} - real)
@@ -105,8 +105,10 @@ async def measure(calls: int, concurrency: int, profile: bool, sort: str, real: 
             secret = json.loads(key)["key"]
             _, job = await request(app, "POST", "/api/jobs/create", b'{"job_type": "bench"}', secret)
             job_id = json.loads(job)["job_id"]
-            path = f"/api/jobs/{job_id}/llm-call"
-            body = json.dumps({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}).encode()
+            path = f"/api/jobs/{job_id}/llm-call" + ("-stream" if stream else "")
+            # bench/run.py's calls: twenty chunks when streamed
+            content = "hello there [chunks=20]" if stream else "hello there"
+            body = json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 32 if stream else 16}).encode()
             status, answer = await request(app, "POST", path, body, secret)
             assert status == 200, answer
             for _ in range(300):  # warm up
@@ -127,7 +129,8 @@ async def measure(calls: int, concurrency: int, profile: bool, sort: str, real: 
             after = resource.getrusage(resource.RUSAGE_SELF)
     replaced = ", ".join(sorted(PARTS - real)) or "nothing"
     user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
-    print(f"{cpu / calls * 1e6:.1f} µs of CPU per call ({user / calls * 1e6:.0f} user, {system / calls * 1e6:.0f} system;"
+    kind = "streamed call" if stream else "call"
+    print(f"{cpu / calls * 1e6:.1f} µs of CPU per {kind} ({user / calls * 1e6:.0f} user, {system / calls * 1e6:.0f} system;"
           f" {calls} calls, {concurrency} at a time; replaced: {replaced})")
     if profiler:
         stats = pstats.Stats(profiler)
@@ -142,16 +145,19 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="calls in flight at once")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sort", default="tottime", help="cProfile order: tottime or cumulative")
+    parser.add_argument("--stream", action="store_true", help="streamed calls (needs --real upstream)")
     parser.add_argument("--real", default="", help=f"parts to keep real, comma-separated: {', '.join(sorted(PARTS))}"
                         f" (Redis at {REDIS_URL}, a fake upstream process)")
     args = parser.parse_args()
     real = set(filter(None, args.real.split(",")))
     if real - PARTS:
         parser.error(f"unknown parts: {', '.join(sorted(real - PARTS))}")
+    if args.stream and "upstream" not in real:
+        parser.error("--stream needs --real upstream: the canned upstream answers only plain calls")
     os.environ.setdefault("TOLLGATE_LOG_LEVEL", "warning")
     import uvloop
 
-    uvloop.run(measure(args.calls, args.concurrency, args.profile, args.sort, real))
+    uvloop.run(measure(args.calls, args.concurrency, args.profile, args.sort, real, args.stream))
 
 
 if __name__ == "__main__":
