@@ -27,9 +27,14 @@ class SSEScanner:
         self._event: str | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        if not self._buffer and self._is_single_event(chunk):
-            # The common case: one whole `data: ...\n\n` event per chunk.
-            return [SSEEvent(chunk, chunk[6:-2], None)]
+        if not self._buffer:
+            # The common cases: whole `data: ...\n\n` events, one per chunk or several
+            # (all that arrived while the relay was busy).
+            if self._is_single_event(chunk):
+                return [SSEEvent(chunk, chunk[6:-2], None)]
+            events = self._simple_events(chunk)
+            if events is not None:
+                return events
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SSEEvent] = []
         event_start = 0
@@ -77,6 +82,18 @@ class SSEScanner:
             and chunk.endswith(b"\n\n")
             and b"\r" not in chunk
         )
+
+    @staticmethod
+    def _simple_events(chunk: bytes) -> list[SSEEvent] | None:
+        """The events of a chunk made only of whole one-line `data: ` events with LF ends;
+        None for anything else, which the general scanner takes."""
+        if not chunk.endswith(b"\n\n") or b"\r" in chunk:
+            return None
+        lines = chunk[:-2].split(b"\n\n")
+        for line in lines:
+            if not line.startswith(b"data: ") or b"\n" in line:
+                return None
+        return [SSEEvent(line + b"\n\n", line[6:], None) for line in lines]
 
     def _joined_data(self) -> bytes | None:
         if not self._data:

@@ -103,11 +103,16 @@ class UpstreamResponse:
     # --- read by the caller -----------------------------------------------------------
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
-        """The body as it arrives (chunked transfer coding removed)."""
+        """The body as it arrives (chunked transfer coding removed): each piece is all that
+        had arrived, so a stream read behind its upstream goes on in one send, not one per chunk."""
         chunks = self._chunks
         while True:
             if chunks:
-                data = chunks.popleft()
+                if len(chunks) == 1:
+                    data = chunks.popleft()
+                else:
+                    data = b"".join(chunks)
+                    chunks.clear()
                 self._buffered -= len(data)
                 if self._buffered <= _PAUSE_AT:
                     self._connection.resume()

@@ -83,3 +83,41 @@ def test_nothing_is_emitted_before_an_event_is_complete():
     scanner = SSEScanner()
     assert scanner.feed(b'data: {"a": 1}\n') == []
     assert [e.data for e in scanner.feed(b"\n")] == [b'{"a": 1}']
+
+
+LF_STREAM = (
+    b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
+    b'data: {"choices": [{"delta": {"content": "lo"}}]}\n\n'
+    b"data: one\n\n\n"  # a blank line too many
+    b": comment\n\n"
+    b"event: message\ndata: two\n\n"
+    b"data:three\n\n"
+    b"data: [DONE]\n\n"
+)
+LF_EXPECTED = [
+    b'{"choices": [{"delta": {"content": "Hel"}}]}',
+    b'{"choices": [{"delta": {"content": "lo"}}]}',
+    b"one",
+    None,
+    None,
+    b"two",
+    b"three",
+    b"[DONE]",
+]
+
+
+def test_several_whole_events_in_one_chunk_keep_their_bytes():
+    chunk = b"data: a\n\ndata: {}\n\ndata: [DONE]\n\n"
+    events = scan([chunk])
+    assert [e.data for e in events] == [b"a", b"{}", b"[DONE]"]
+    assert [e.raw for e in events] == [b"data: a\n\n", b"data: {}\n\n", b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_lf_only_streams_cut_anywhere_give_the_same_events_as_byte_by_byte(seed):
+    rng = random.Random(seed)
+    chunks = split_at(LF_STREAM, rng.sample(range(1, len(LF_STREAM)), rng.randint(0, 6)))
+    events = scan(chunks)
+    assert [e.data for e in events] == LF_EXPECTED
+    assert [e.raw for e in events] == [e.raw for e in scan([LF_STREAM[i : i + 1] for i in range(len(LF_STREAM))])]
+    assert b"".join(e.raw for e in events) == LF_STREAM
