@@ -82,6 +82,12 @@ def completion_chars(message: Any) -> int:
     return chars
 
 
+# A stream's text is read only for an estimate, needed when no usage chunk comes: until then its
+# chunks wait unread, and are read in one go whenever this many bytes of them have gathered.
+PENDING_TEXT_BYTES = 8 * 1024
+_scan_once = json.JSONDecoder().scan_once  # what json.loads runs, without its wrapper
+
+
 class StreamTally:
     """Reads each relayed event: usage, errors, and generated text for estimates."""
 
@@ -89,7 +95,16 @@ class StreamTally:
         self.usage: Usage | None = None
         self.error: str | None = None
         self.done = False
-        self.completion_chars = 0
+        self._chars = 0
+        self._unread: list[bytes] = []
+        self._unread_bytes = 0
+
+    @property
+    def completion_chars(self) -> int:
+        """Characters of generated text so far."""
+        if self._unread:
+            self._read_unread()
+        return self._chars
 
     def observe(self, event: SSEEvent) -> bool:
         """Take in one event; True when it is a usage-only chunk (no output in it)."""
@@ -102,41 +117,79 @@ class StreamTally:
         if data == b"[DONE]":
             self.done = True
             return False
-        try:
-            chunk = json.loads(data)
-        except ValueError:
+        if b'"usage"' not in data and b'"error"' not in data and b"\\u" not in data:
+            # Neither key can be in it (not even escaped): only text, read if an estimate is needed.
+            self._unread.append(data)
+            self._unread_bytes += len(data)
+            if self._unread_bytes > PENDING_TEXT_BYTES:
+                self._read_unread()
             return False
-        if not isinstance(chunk, dict):
+        chunk = json_object(data)
+        if chunk is None:
             return False
         if chunk.get("error"):
             error = chunk["error"]
             self.error = str(error.get("message", error) if isinstance(error, dict) else error)[:2000]
             return False
-        carries = False
-        choices = chunk.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            if not isinstance(choice, dict):
-                continue
-            if choice.get("finish_reason"):
-                carries = True
-            delta = choice.get("delta")
-            if not isinstance(delta, dict):
-                continue
-            for key in ("content", "reasoning_content", "refusal"):
-                text = delta.get(key)
-                if isinstance(text, str) and text:
-                    self.completion_chars += len(text)
-                    carries = True
-            for call in delta.get("tool_calls") or ():
-                carries = True
-                function = call.get("function") if isinstance(call, dict) else None
-                arguments = function.get("arguments") if isinstance(function, dict) else None
-                if isinstance(arguments, str):
-                    self.completion_chars += len(arguments)
-            if delta.get("role"):
-                carries = True
+        chars, carries = _generated(chunk)
+        self._chars += chars
         usage = usage_from(chunk.get("usage"))
         if usage is not None:
             self.usage = usage
             return not carries
         return False
+
+    def _read_unread(self) -> None:
+        for data in self._unread:
+            chunk = json_object(data)
+            if chunk is not None:
+                self._chars += _generated(chunk)[0]
+        self._unread.clear()
+        self._unread_bytes = 0
+
+
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """`json.loads(data)` when that is an object, else None. The C scanner is called
+    directly when the data is plain UTF-8 JSON with nothing around it; anything else
+    (whitespace, a BOM, an error) goes through json.loads itself, so the result is the same."""
+    try:
+        text = data.decode()
+        value, end = _scan_once(text, 0)
+        if end != len(text):
+            raise ValueError
+    except (UnicodeDecodeError, StopIteration, ValueError):
+        try:
+            value = json.loads(data)
+        except ValueError:
+            return None
+    return value if isinstance(value, dict) else None
+
+
+def _generated(chunk: dict[str, Any]) -> tuple[int, bool]:
+    """A chunk's characters of generated text, and whether it carries any output at all."""
+    chars = 0
+    carries = False
+    choices = chunk.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason"):
+            carries = True
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            continue
+        for key in ("content", "reasoning_content", "refusal"):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                chars += len(text)
+                carries = True
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            carries = True
+            function = call.get("function") if isinstance(call, dict) else None
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if isinstance(arguments, str):
+                chars += len(arguments)
+        if delta.get("role"):
+            carries = True
+    return chars, carries

@@ -1,0 +1,107 @@
+"""The stream tally reads what a call's record needs from the relayed events: usage and errors at
+once, the generated text (for an estimate when no usage comes) whenever it is asked for."""
+
+import json
+
+import pytest
+
+from proxy.accounting import PENDING_TEXT_BYTES, StreamTally, json_object
+from proxy.sse import SSEEvent
+
+
+def event(body: object | bytes, kind: str | None = None) -> SSEEvent:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return SSEEvent(b"data: " + data + b"\n\n", data, kind)
+
+
+def content(text: str, **delta: object) -> dict:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text, **delta}}]}
+
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+
+
+def test_generated_text_is_counted_when_no_usage_arrives():
+    tally = StreamTally()
+    for text in ("Hel", "lo ", "wörld"):
+        assert tally.observe(event(content(text))) is False
+    assert tally.usage is None
+    assert tally.completion_chars == len("Hello wörld")
+
+
+def test_text_of_a_long_stream_is_counted_exactly_however_much_waits_unread():
+    tally = StreamTally()
+    texts = [f"word{i} " for i in range(3 * PENDING_TEXT_BYTES // 50)]
+    for text in texts:
+        tally.observe(event(content(text)))
+    assert tally.completion_chars == sum(map(len, texts))
+    tally.observe(event(content("more")))
+    assert tally.completion_chars == sum(map(len, texts)) + 4
+
+
+def test_text_of_reasoning_refusals_and_tool_call_arguments_counts_too():
+    tally = StreamTally()
+    tally.observe(event({"choices": [{"delta": {"reasoning_content": "think"}}]}))
+    tally.observe(event({"choices": [{"delta": {"refusal": "no"}}]}))
+    tally.observe(event({"choices": [{"delta": {"tool_calls": [{"function": {"arguments": '{"a":1}'}}]}}]}))
+    assert tally.completion_chars == len("think") + len("no") + len('{"a":1}')
+
+
+def test_usage_is_read_the_moment_its_chunk_arrives():
+    tally = StreamTally()
+    tally.observe(event(content("hi")))
+    assert tally.observe(event({"choices": [], "usage": USAGE})) is True
+    assert (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (7, 3)
+
+
+def test_usage_under_an_escaped_key_is_still_read():
+    tally = StreamTally()
+    tally.observe(event(b'{"choices": [], "\\u0075sage": {"prompt_tokens": 2, "completion_tokens": 5}}'))
+    assert (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (2, 5)
+
+
+def test_a_usage_chunk_that_carries_text_is_not_usage_only_and_its_text_counts():
+    tally = StreamTally()
+    assert tally.observe(event({**content("last"), "usage": USAGE})) is False
+    assert tally.completion_chars == 4
+
+
+def test_an_error_in_a_chunk_is_seen_at_once():
+    tally = StreamTally()
+    tally.observe(event({"error": {"message": "overloaded", "type": "server_error"}}))
+    assert tally.error == "overloaded"
+
+
+def test_an_error_event_is_seen_at_once():
+    tally = StreamTally()
+    tally.observe(event(b"upstream went away", "error"))
+    assert tally.error == "upstream went away"
+
+
+def test_done_ends_the_stream():
+    tally = StreamTally()
+    tally.observe(event(b"[DONE]"))
+    assert tally.done
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not json", b'{"choices": "many"}', b'{"choices": [{"delta": {"tool_calls": 5}}]}', b"[1, 2]", b'"text"'],
+)
+def test_malformed_chunks_count_no_text_and_break_nothing(data):
+    tally = StreamTally()
+    tally.observe(event(data))
+    tally.observe(event(content("ok")))
+    assert tally.completion_chars == 2 and tally.error is None and tally.usage is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"a": 1}', b' {"a": 1} ', b'\xef\xbb\xbf{"a": 1}', b'{"a": "\xc3\xa9"}', b"[1]", b"1", b"{", b'{"a": 1}x', b"\xff"],
+)
+def test_json_object_reads_what_json_loads_reads(data):
+    try:
+        expected = json.loads(data)
+    except ValueError:
+        expected = None
+    assert json_object(data) == (expected if isinstance(expected, dict) else None)
