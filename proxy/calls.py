@@ -353,10 +353,12 @@ class CallPipeline:
             error=error,
             finished_at=time.time(),
         )
-        await self._store_outcome(outcome)
-        # The estimate the limiter admitted the call on gives way to what it really used. Sent
-        # now and not waited for: it is ahead of any admit that follows this call's answer.
+        # The estimate the limiter admitted the call on gives way to what it really used: sent
+        # now and not waited for, so it is ahead of any admit that follows this call's answer,
+        # and its reply comes in while the record is written rather than wake an idle loop
+        # after the answer. The tokens were spent whether or not the record can be written.
         self._limiter.settle_soon(call.decision, usage.total_tokens)
+        await self._store_outcome(outcome)
         self._metrics.observe_call(
             call.principal.team.team_id,
             call.group.name,
