@@ -14,8 +14,11 @@ request from /proc, for:
     (c) LiteLLM -> fake upstream           (d) Tollgate -> LiteLLM -> fake upstream
 
 plus Tollgate's resident memory with 1,000 open streams and the delay it adds
-to each streamed chunk. The load comes from a small raw-socket HTTP/1.1 client
-so that the client costs as little CPU as possible on this shared machine.
+to each streamed chunk. Everything shares this machine's CPUs, so what is not
+being measured is kept light: the load comes from a small raw-socket HTTP/1.1
+client on uvloop, and the upstream is bench/upstream.py, the tests' fake
+upstream's answers from a bare protocol (`--upstream tests` runs the tests'
+own, Starlette on uvicorn, as the runs before session 14 did).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import uvloop
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -148,25 +152,30 @@ async def load(target: Target, stream: bool, concurrency: int, seconds: float, c
     path = target.path + ("-stream" if stream and not target.model else "")
     body = body_for(target, stream, chunks)
     results: list[Result] = []
-    deadline = time.perf_counter() + seconds
+    connections = [Connection(host, int(port)) for _ in range(concurrency)]
 
-    async def worker() -> None:
-        connection = Connection(host, int(port))
-        try:
-            while time.perf_counter() < deadline:
-                result = await connection.request(path, target.headers, body)
-                if result.status != 200:
-                    raise RuntimeError(f"{target.name}: HTTP {result.status}")
-                results.append(result)
-        finally:
-            await connection.close()
+    async def call(connection: Connection) -> Result:
+        result = await connection.request(path, target.headers, body)
+        if result.status != 200:
+            raise RuntimeError(f"{target.name}: HTTP {result.status}")
+        return result
 
-    # Warm up the connections and caches, then measure.
-    await asyncio.gather(*(Connection(host, int(port)).request(path, target.headers, body) for _ in range(2)))
-    cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
+    async def worker(connection: Connection) -> None:
+        while time.perf_counter() < deadline:
+            results.append(await call(connection))
+
+    try:
+        # Warm up every connection the measurement uses, and the target's caches (LiteLLM's
+        # first calls take a second), then measure for `seconds` from then on.
+        for _ in range(2):
+            await asyncio.gather(*(call(c) for c in connections))
+        cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(worker(c) for c in connections))
+        elapsed = time.perf_counter() - started
+    finally:
+        await asyncio.gather(*(c.close() for c in connections))
     cpu = (cpu_seconds(target.pid) - cpu_before) if target.pid else None
     latencies = sorted(r.total for r in results)
     ttfbs = sorted(r.ttfb for r in results)
@@ -223,12 +232,16 @@ async def memory_with_open_streams(target: Target, streams: int) -> tuple[float,
 # --- the run -------------------------------------------------------------------------------------
 
 
+UPSTREAMS = {
+    "lean": [str(REPO / "bench" / "upstream.py")],
+    "tests": [str(REPO / "tests" / "fake_upstream.py"), "--no-log"],
+}
+
+
 @contextlib.contextmanager
-def services(workdir: Path, **tollgate_config: dict) -> Iterator[dict]:
+def services(workdir: Path, upstream: str = "lean", **tollgate_config: dict) -> Iterator[dict]:
     fake_port = free_port()
-    fake = start_process(
-        [PYTHON, str(REPO / "tests" / "fake_upstream.py"), "--port", str(fake_port), "--no-log"], workdir / "fake.log"
-    )
+    fake = start_process([PYTHON, *UPSTREAMS[upstream], "--port", str(fake_port)], workdir / "fake.log")
     redis = RedisServer(workdir).start()
     try:
         fake_url = f"http://127.0.0.1:{fake_port}"
@@ -290,7 +303,7 @@ async def run(args: argparse.Namespace) -> None:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
     open_streams = 50 if args.smoke else 1000
     chunks = 20
-    with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp, services(Path(tmp)) as s:
+    with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp, services(Path(tmp), args.upstream) as s:
         fake_url, fake_pid = s["fake"]
         litellm: LiteLLM = s["litellm"]
         litellm_headers = f"Authorization: Bearer {litellm.master_key}\r\n".encode()
@@ -323,7 +336,7 @@ def report(rows: list, direct_delay: float | None, tollgate_delay: float | None,
            during: float | None, args: argparse.Namespace) -> str:
     lines = [
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell'}",
+        f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell'}, upstream: {args.upstream}",
         "",
         "| mode | conc. | target | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req (that process) |",
         "|---|---|---|---|---|---|---|---|",
@@ -364,7 +377,9 @@ def main() -> None:
     parser.add_argument("--modes", default="plain,stream", help="'plain', 'stream' or both")
     parser.add_argument("--concurrency", default=None, help="comma-separated, e.g. '1,10' (default 1,10,50)")
     parser.add_argument("--no-extras", action="store_true", help="skip the per-chunk delay and memory measurements")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="lean",
+                        help="bench/upstream.py (lean) or the tests' fake upstream")
+    uvloop.run(run(parser.parse_args()))
 
 
 if __name__ == "__main__":
