@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import uvloop
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
@@ -178,8 +180,7 @@ def measure(parts: set[str], concurrencies: list[int], seconds: float) -> list[s
     with tempfile.TemporaryDirectory(prefix="tollgate-ablate-") as tmp:
         workdir = Path(tmp)
         port = free_port()
-        fake = start_process([PYTHON, str(REPO / "tests" / "fake_upstream.py"), "--port", str(port), "--no-log"],
-                             workdir / "fake.log")
+        fake = start_process([PYTHON, *bench.UPSTREAMS["lean"], "--port", str(port)], workdir / "fake.log")
         redis = RedisServer(workdir).start()
         url = f"http://127.0.0.1:{port}"
         server = Tollgate(workdir, url, "sk-fake", name="ablate", redis={"url": redis.url},
@@ -197,9 +198,9 @@ def measure(parts: set[str], concurrencies: list[int], seconds: float) -> list[s
             target = bench.tollgate_target("(b)", server)
             pid = server.process.pid
             for concurrency in concurrencies:
-                asyncio.run(bench.load(target, False, concurrency, 1.0, 20))  # warm up
+                uvloop.run(bench.load(target, False, concurrency, 1.0, 20))  # warm up
                 before = task_cpu(pid)
-                m = asyncio.run(bench.load(target, False, concurrency, seconds, 20))
+                m = uvloop.run(bench.load(target, False, concurrency, seconds, 20))
                 after = task_cpu(pid)
                 ticks = sum(after.values()) - sum(before.get(t, 0) for t in after)
                 cpu_ms = ticks / os.sysconf("SC_CLK_TCK") / m["n"] * 1000
