@@ -1,17 +1,28 @@
-"""Job and call ids: random version-4 UUIDs, and job ids accepted in any form a UUID takes."""
+"""Job and call ids: time-ordered version-7 UUIDs, and job ids accepted in any form a UUID takes."""
 
+import time
 import uuid
 
 from proxy.ids import canonical_uuid, new_id
 
 
-def test_new_ids_are_canonical_random_version_4_uuids():
+def test_new_ids_are_unique_canonical_version_7_uuids():
     ids = {new_id() for _ in range(10_000)}
     assert len(ids) == 10_000
     for text in list(ids)[:500]:
         parsed = uuid.UUID(text)
         assert str(parsed) == text
-        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert parsed.version == 7 and parsed.variant == uuid.RFC_4122
+
+
+def test_new_ids_begin_with_the_time_they_were_made_so_later_ids_sort_later():
+    before = time.time_ns() // 1_000_000
+    first = new_id()
+    time.sleep(0.002)
+    second = new_id()
+    after = time.time_ns() // 1_000_000
+    assert before <= uuid.UUID(first).int >> 80 <= uuid.UUID(second).int >> 80 <= after
+    assert first < second
 
 
 def test_a_uuid_in_another_form_is_read_as_its_canonical_form():
