@@ -28,10 +28,8 @@ class SSEScanner:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not self._buffer:
-            # The common cases: whole `data: ...\n\n` events, one per chunk or several
+            # The common case: whole `data: ...\n\n` events, one per chunk or several
             # (all that arrived while the relay was busy).
-            if self._is_single_event(chunk):
-                return [SSEEvent(chunk, chunk[6:-2], None)]
             events = self._simple_events(chunk)
             if events is not None:
                 return events
@@ -75,20 +73,13 @@ class SSEScanner:
         return event
 
     @staticmethod
-    def _is_single_event(chunk: bytes) -> bool:
-        return (
-            chunk.startswith(b"data: ")
-            and chunk.find(b"\n") == len(chunk) - 2
-            and chunk.endswith(b"\n\n")
-            and b"\r" not in chunk
-        )
-
-    @staticmethod
     def _simple_events(chunk: bytes) -> list[SSEEvent] | None:
         """The events of a chunk made only of whole one-line `data: ` events with LF ends;
         None for anything else, which the general scanner takes."""
         if not chunk.endswith(b"\n\n") or b"\r" in chunk:
             return None
+        if chunk.find(b"\n") == len(chunk) - 2:  # a single event, as most chunks are
+            return [SSEEvent(chunk, chunk[6:-2], None)] if chunk.startswith(b"data: ") else None
         lines = chunk[:-2].split(b"\n\n")
         for line in lines:
             if not line.startswith(b"data: ") or b"\n" in line:
