@@ -132,6 +132,21 @@ def trace_waits() -> None:
     calls.CallPipeline._record = timed("record", calls.CallPipeline._record)  # type: ignore[method-assign]
     jobs_api.JobsApi.llm_call = timed("handler", jobs_api.JobsApi.llm_call)  # type: ignore[method-assign]
 
+    import proxy.store.aio_fsync as aio_fsync
+
+    start_sync = aio_fsync.AioFsync.start
+
+    def timed_sync(self, fd, done):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+
+        def timed_done(error):  # type: ignore[no-untyped-def]
+            waits.setdefault("store: WAL fsync (Linux AIO)", []).append(time.perf_counter() - started)
+            done(error)
+
+        start_sync(self, fd, timed_done)
+
+    aio_fsync.AioFsync.start = timed_sync  # type: ignore[method-assign]
+
     import gc
 
     collecting: list[float] = []
