@@ -106,6 +106,7 @@ class SSERelay:
 
     async def _relay(self, send: Send) -> None:
         stream = self._stream
+        last: list[bytes] = []  # the terminal event or an error: sent with the body's end, in one write
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
             terminal = await self._forward(send, stream.first_events)
@@ -120,20 +121,20 @@ class SSERelay:
                         if tail is not None:
                             terminal = await self._forward(send, [tail])
             if terminal is None:
-                await self._fail(send, "The upstream stream ended before it was complete", "upstream_incomplete")
+                last = await self._failed("The upstream stream ended before it was complete", "upstream_incomplete")
             else:
                 # Recorded before the client can see the end, outside the call's deadline.
                 await self._record("finished" if self._tally.error is None else "upstream_failed", self._tally.error)
-                await self._send(send, terminal)
+                last = terminal
         except TimeoutError:
-            await self._fail(send, "The call took longer than the gateway allows", "upstream_timeout")
+            last = await self._failed("The call took longer than the gateway allows", "upstream_timeout")
         except TransportError as exc:
-            await self._fail(send, f"The upstream connection failed: {type(exc).__name__}", "upstream_connection_lost")
+            last = await self._failed(f"The upstream connection failed: {type(exc).__name__}", "upstream_connection_lost")
         finally:
             with contextlib.suppress(Exception):
                 await stream.chunks.aclose()  # type: ignore[attr-defined]
             await stream.response.aclose()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send(send, last, more_body=False)
 
     async def _forward(self, send: Send, events: Iterable[SSEEvent]) -> list[bytes] | None:
         """Send what the client should get, up to the terminal event ([DONE] or an error):
@@ -151,16 +152,16 @@ class SSERelay:
         await self._send(send, kept)
         return None
 
-    async def _send(self, send: Send, chunks: list[bytes]) -> None:
-        if not chunks:
-            return
-        if self._first_event_at is None:
+    async def _send(self, send: Send, chunks: list[bytes], more_body: bool = True) -> None:
+        if chunks and self._first_event_at is None:
             self._first_event_at = asyncio.get_running_loop().time()
-        await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+        if chunks or not more_body:
+            await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": more_body})
 
-    async def _fail(self, send: Send, message: str, code: str) -> None:
+    async def _failed(self, message: str, code: str) -> list[bytes]:
+        """Record the call as failed; the error event the client gets last."""
         await self._record("upstream_failed", message)
-        await self._send(send, [error_event(message, "upstream_error", code)])
+        return [error_event(message, "upstream_error", code)]
 
     async def _record(self, reason: EndReason, error: str | None) -> None:
         if self._recorded:
