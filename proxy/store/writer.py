@@ -133,7 +133,7 @@ class Writer:
                     self._wal_path = main + "-wal"
                     if self._fsync_from_loop is not None:
                         self._aio = self._fsync_from_loop(asyncio.get_running_loop())
-                        self._loop_wal = _WalFile(self._wal_path, os.fdatasync)
+                        self._loop_wal = _WalFile(self._wal_path)
             except BaseException:
                 self._close_aio()
                 if db is not None:
@@ -250,12 +250,10 @@ class Writer:
 
     def _synced(self, error: OSError | None) -> None:
         batch, self._syncing = self._syncing, []
-        if error is not None and self._failure is None:
-            # As on the thread: after a failed fsync never another, its lost pages being clean.
-            log.error("Saving the database to disk failed (%s): the store takes no more writes", error)
-            self._failure = StoreError(f"saving to disk failed ({error})")
+        if error is not None:
+            self._sync_failed(error)
         if self._failure is not None:
-            unsaved = StoreError(f"The write was committed but may not be on disk: {self._failure}")
+            unsaved = self._unsaved()
             batch, self._unsynced = batch + self._unsynced, []
             for job, _ in batch:
                 _settle(job.future, False, unsaved)
@@ -367,20 +365,27 @@ class Writer:
                 _call_soon(item.loop, self._checkpointed, item.closing)
 
     def _sync(self, committed: list[tuple[_Job[Any], Any]]) -> list[Outcome]:
-        """fsync the WAL for writes the loop committed; after a failure, never again: the
-        pages it lost are marked clean, so the next fsync would succeed without them."""
+        """fsync the WAL for writes the loop committed (on the thread)."""
         if self._failure is None:
             try:
                 if self._wal is None:
                     assert self._wal_path is not None
-                    self._wal = _WalFile(self._wal_path, self._fsync)
-                self._wal.sync()
+                    self._wal = _WalFile(self._wal_path)
+                self._fsync(self._wal.descriptor())
                 return [(True, value) for _, value in committed]
             except OSError as exc:
-                log.error("Saving the database to disk failed (%s): the store takes no more writes", exc)
-                self._failure = StoreError(f"saving to disk failed ({exc})")
-        unsaved = StoreError(f"The write was committed but may not be on disk: {self._failure}")
-        return [(False, unsaved)] * len(committed)
+                self._sync_failed(exc)
+        return [(False, self._unsaved())] * len(committed)
+
+    def _sync_failed(self, error: OSError) -> None:
+        """After a failed fsync, never another, on the loop or the thread: the pages it lost
+        are marked clean, so the next fsync would succeed without them."""
+        if self._failure is None:
+            log.error("Saving the database to disk failed (%s): the store takes no more writes", error)
+            self._failure = StoreError(f"saving to disk failed ({error})")
+
+    def _unsaved(self) -> StoreError:
+        return StoreError(f"The write was committed but may not be on disk: {self._failure}")
 
     def _refusal(self) -> StoreError:
         return StoreError(f"The store takes no more writes: {self._failure}")
@@ -471,18 +476,14 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
 
 
 class _WalFile:
-    """The WAL that the loop's connection commits to, fsynced by the thread. An fsync
-    through any descriptor of a file flushes all of it; the descriptor is opened again
-    should the file ever be replaced."""
+    """A descriptor of the WAL that the loop's connection commits to, for its fsyncs. An
+    fsync through any descriptor of a file flushes all of it; the descriptor is opened
+    again should the file ever be replaced."""
 
-    def __init__(self, path: str, fsync: Callable[[int], None]) -> None:
+    def __init__(self, path: str) -> None:
         self._path = path
-        self._fsync = fsync
         self._fd: int | None = None
         self._inode: int | None = None
-
-    def sync(self) -> None:
-        self._fsync(self.descriptor())
 
     def descriptor(self) -> int:
         # While the loop's connection is open SQLite keeps the file: a missing one is an error.
