@@ -507,6 +507,39 @@ def test_stop_waits_for_a_running_checkpoint_then_commits_what_waited_for_it(tmp
     assert rows(path) == [1, 2]
 
 
+class BrokenCheckpoints(sqlite3.Connection):
+    """The thread's connection, whose closing checkpoint pass raises what no handler expects."""
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.startswith("PRAGMA wal_checkpoint"):
+            HeldCheckpoints.passes += 1
+            if HeldCheckpoints.passes == 2:
+                HeldCheckpoints.running.set()
+                HeldCheckpoints.release.wait(10)
+                raise RuntimeError("the checkpoint blew up")
+        return super().execute(sql, *args)
+
+
+def test_writes_waiting_for_a_closing_pass_that_blows_up_are_answered_not_left_waiting(tmp_path, held_checkpoints):
+    path = tmp_path / "w.db"
+
+    async def run() -> list:
+        writer = loop_writer(path, thread_connection=BrokenCheckpoints)
+        await writer.start()
+        await writer.submit(insert(1))  # starts a checkpoint
+        await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
+        waiting = [writer.submit(insert(n)) for n in range(2, 4)]
+        held_checkpoints.release.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(writer.submit(insert(9)), 5)  # the writer has stopped: refused
+        await asyncio.wait_for(writer.stop(), 5)
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(outcome, StoreError) for outcome in outcomes), outcomes
+
+
 def test_once_the_lock_is_had_writes_return_to_the_loop_though_others_are_still_on_the_thread(tmp_path):
     path = tmp_path / "w.db"
     other = connect(path)

@@ -200,13 +200,13 @@ class Writer:
         batch, self._waiting = self._waiting, []
         if not batch:
             return
+        if self._failure is not None:  # first: the thread may be gone
+            for job in batch:
+                _settle(job.future, False, self._refusal())
+            return
         if self._barriers or self._loop_db is None:
             for job in batch:
                 self._to_thread(job)  # behind the writes already waiting there
-            return
-        if self._failure is not None:
-            for job in batch:
-                _settle(job.future, False, self._refusal())
             return
         results = self._commit_batch(self._loop_db, batch)
         committed: list[tuple[_Job[Any], Any]] = []
@@ -303,6 +303,7 @@ class Writer:
             self._ready.set()
             return
         self._ready.set()
+        items: list[_Item] = []
         try:
             while True:
                 item = self._queue.get()
@@ -320,8 +321,11 @@ class Writer:
                         break
                     items.append(more)
                 self._handle(db, items)
+                items = []
                 if stop:
                     return
+        except Exception:
+            log.exception("The store's writer thread failed: the store takes no more writes")
         finally:
             if not self._closed:
                 self._failure = StoreError("The store's writer thread stopped")
@@ -329,20 +333,29 @@ class Writer:
             db.close()
             if self._wal is not None:
                 self._wal.close()
-            # Anything still queued (submitted as the writer stopped) hears so rather than waits.
-            closed = (False, StoreError("The store is closed"))
-            unsaved = (False, StoreError("The write was committed, but the store closed before it was on disk"))
+            # What was in hand when something blew up, and anything still queued (submitted
+            # as the writer stopped), hears so rather than waits: a checkpoint's end included,
+            # which writes on the loop may be waiting for.
             while True:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if isinstance(item, _Job):
-                    self._deliver([item], [closed])
-                elif isinstance(item, _Sync):
-                    self._deliver([job for job, _ in item.committed], [unsaved] * len(item.committed))
-                elif isinstance(item, _Checkpoint):
-                    _call_soon(item.loop, self._checkpointed, True)
+                if item is not None:
+                    items.append(item)
+            self._abandon(items)
+
+    def _abandon(self, items: list[_Item]) -> None:
+        """Answer items the stopped thread will never handle (one already answered stays so)."""
+        closed = (False, StoreError("The store is closed"))
+        unsaved = (False, StoreError("The write was committed, but the store closed before it was on disk"))
+        for item in items:
+            if isinstance(item, _Job):
+                self._deliver([item], [closed])
+            elif isinstance(item, _Sync):
+                self._deliver([job for job, _ in item.committed], [unsaved] * len(item.committed))
+            elif isinstance(item, _Checkpoint):
+                _call_soon(item.loop, self._checkpointed, True)
 
     def _handle(self, db: sqlite3.Connection, items: list[_Item]) -> None:
         """First one fsync for every commit the loop asked to have synced (they were made
