@@ -84,7 +84,7 @@ def completion_chars(message: Any) -> int:
 
 # A stream's text is read only for an estimate, needed when no usage chunk comes: until then its
 # chunks wait unread, and are read in one go whenever this many bytes of them have gathered.
-PENDING_TEXT_BYTES = 8 * 1024
+UNREAD_TEXT_BYTES = 8 * 1024
 _scan_once = json.JSONDecoder().scan_once  # what json.loads runs, without its wrapper
 
 
@@ -121,7 +121,7 @@ class StreamTally:
             # Neither key can be in it (not even escaped): only text, read if an estimate is needed.
             self._unread.append(data)
             self._unread_bytes += len(data)
-            if self._unread_bytes > PENDING_TEXT_BYTES:
+            if self._unread_bytes > UNREAD_TEXT_BYTES:
                 self._read_unread()
             return False
         chunk = json_object(data)

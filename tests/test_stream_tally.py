@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from proxy.accounting import PENDING_TEXT_BYTES, StreamTally, json_object
+from proxy.accounting import UNREAD_TEXT_BYTES, StreamTally, json_object
 from proxy.sse import SSEEvent
 
 
@@ -31,7 +31,7 @@ def test_generated_text_is_counted_when_no_usage_arrives():
 
 def test_text_of_a_long_stream_is_counted_exactly_however_much_waits_unread():
     tally = StreamTally()
-    texts = [f"word{i} " for i in range(3 * PENDING_TEXT_BYTES // 50)]
+    texts = [f"word{i} " for i in range(3 * UNREAD_TEXT_BYTES // 50)]
     for text in texts:
         tally.observe(event(content(text)))
     assert tally.completion_chars == sum(map(len, texts))
