@@ -21,7 +21,7 @@ from proxy.config import DatabaseConfig
 from proxy.store import StoreError
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.aio_fsync import _SYSCALLS, AioFsync
-from proxy.store.writer import Writer
+from proxy.store.writer import WAL_SIZE_LIMIT, Writer
 
 
 def connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
@@ -411,6 +411,78 @@ def test_checkpoints_keep_the_wal_from_growing(tmp_path, monkeypatch):
         return size
 
     assert asyncio.run(run()) < 600_000
+
+
+def test_readers_that_always_overlap_do_not_keep_the_wal_growing(tmp_path, monkeypatch):
+    # A passive checkpoint cannot copy what an open snapshot needs, nor can the WAL start over
+    # while anyone reads from it: with two readers taking turns, one is always reading.
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 20)
+    monkeypatch.setattr("proxy.store.writer.RESTART_AT_FRAMES", 200)
+    path = tmp_path / "w.db"
+    with connect(path) as db:
+        db.execute("CREATE TABLE pages (n INTEGER PRIMARY KEY, filler BLOB)")
+    stop = threading.Event()
+
+    def insert_page(n: int):
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO pages VALUES (?, ?)", (n, os.urandom(4000)))
+
+        return work
+
+    def report(start_after: float) -> None:
+        db = sqlite3.connect(path, isolation_level=None)
+        stop.wait(start_after)
+        while not stop.is_set():
+            db.execute("BEGIN")
+            db.execute("SELECT count(*) FROM pages").fetchall()
+            stop.wait(0.004)
+            db.execute("COMMIT")
+        db.close()
+
+    async def run() -> int:
+        writer = loop_writer(path)
+        await writer.start()
+        readers = [threading.Thread(target=report, args=(delay,)) for delay in (0, 0.002)]
+        for reader in readers:
+            reader.start()
+        try:
+            for n in range(1500):  # about 6 MB of pages, and 18 MB of WAL if it never starts over
+                await writer.submit(insert_page(n))
+                await asyncio.sleep(0.0005)
+            return os.path.getsize(f"{path}-wal")
+        finally:
+            stop.set()
+            for reader in readers:
+                reader.join()
+            await writer.stop()
+
+    assert asyncio.run(run()) < 3_000_000
+
+
+def test_a_wal_that_grew_is_cut_back_when_it_starts_over(tmp_path, monkeypatch):
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 10_000)  # none until the test asks
+    store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path}/t.db"))
+    wal = tmp_path / "t.db-wal"
+
+    async def run() -> tuple[int, int]:
+        await store.open()
+        try:
+            def grow(db: sqlite3.Connection) -> None:
+                db.execute("CREATE TABLE IF NOT EXISTS filler (b BLOB)")
+                db.execute("INSERT INTO filler VALUES (zeroblob(?))", (WAL_SIZE_LIMIT + 1_000_000,))
+
+            await store._writer.submit(grow)
+            grown = os.path.getsize(wal)
+            with sqlite3.connect(tmp_path / "t.db") as db:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            await store._writer.submit(lambda db: db.execute("INSERT INTO filler VALUES (x'00')"))  # starts it over
+            return grown, os.path.getsize(wal)
+        finally:
+            await store.close()
+
+    grown, after = asyncio.run(run())
+    assert grown > WAL_SIZE_LIMIT
+    assert after <= WAL_SIZE_LIMIT
 
 
 class HeldCheckpoints(sqlite3.Connection):

@@ -46,7 +46,7 @@ from . import (
 )
 from .aio_fsync import AioFsync
 from .schema import MIGRATIONS
-from .writer import Work, Writer, busy_or
+from .writer import WAL_SIZE_LIMIT, Work, Writer, busy_or
 
 T = TypeVar("T")
 
@@ -193,6 +193,7 @@ class SQLiteStore:
             "PRAGMA journal_mode = WAL",
             "PRAGMA foreign_keys = ON",
             f"PRAGMA synchronous = {self._config.synchronous.upper()}",
+            f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}",
         ]
 
     def _connect_writer(self) -> sqlite3.Connection:
@@ -208,7 +209,12 @@ class SQLiteStore:
         does) and never fsyncs (the thread fsyncs the WAL for it), nor checkpoints. The
         thread's connection, opened first, has put the database in WAL mode for good."""
         connection = sqlite3.connect(self._config.sqlite_path, isolation_level=None, timeout=0, check_same_thread=False)
-        for pragma in ("PRAGMA foreign_keys = ON", "PRAGMA synchronous = NORMAL", "PRAGMA wal_autocheckpoint = 0"):
+        for pragma in (
+            "PRAGMA foreign_keys = ON",
+            "PRAGMA synchronous = NORMAL",
+            "PRAGMA wal_autocheckpoint = 0",
+            f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}",  # its commits are the ones that start the WAL over
+        ):
             connection.execute(pragma)
         return connection
 

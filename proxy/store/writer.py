@@ -51,6 +51,9 @@ Work = Callable[[sqlite3.Connection], T]
 Outcome = tuple[bool, Any]  # (succeeded, its result or its exception)
 MAX_BATCH = 256
 CHECKPOINT_EVERY = 250  # commits on the loop between checkpoints: about SQLite's 1,000 pages
+RESTART_AT_FRAMES = 4096  # pages in the WAL (16 MiB of 4 KiB pages) past which a checkpoint waits for readers
+RESTART_WAIT = 0.2  # seconds it waits for them at most, writes held meanwhile
+WAL_SIZE_LIMIT = RESTART_AT_FRAMES * 4096  # bytes: a WAL that grew past it is cut back when it starts over
 
 
 @dataclass
@@ -111,6 +114,7 @@ class Writer:
         self._checkpoint_running = False  # either pass
         self._checkpoint_over: asyncio.Future[None] | None = None  # stop() waits on it
         self._commits = 0  # on the loop since the last checkpoint
+        self._wal_frames = 0  # in the WAL at the last checkpoint's first pass (the thread's)
         self._fsync_from_loop = fsync_from_loop
         self._aio: AioFsync | None = None
         self._loop_wal: _WalFile | None = None  # the loop's descriptor of the WAL, for _aio
@@ -371,11 +375,30 @@ class Writer:
             self._deliver(jobs, self._commit_batch(db, jobs))
         for item in items:
             if isinstance(item, _Checkpoint):
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:
-                    pass  # the next one tries again
+                self._checkpoint(db, item.closing)
                 _call_soon(item.loop, self._checkpointed, item.closing)
+
+    def _checkpoint(self, db: sqlite3.Connection, closing: bool) -> None:
+        """One pass of a checkpoint (on the thread). A passive one never waits, and so cannot
+        copy what a reader's snapshot still needs; nor can the WAL start over while a reader
+        reads from it. Readers whose transactions always overlap (a report polled from another
+        process) would keep it growing for ever: once it is past RESTART_AT_FRAMES, the closing
+        pass, which writes already wait for, waits a little (RESTART_WAIT) for the readers of
+        old snapshots to finish, so that the next commit starts the WAL over."""
+        try:
+            if closing and self._wal_frames >= RESTART_AT_FRAMES:
+                (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
+                db.execute(f"PRAGMA busy_timeout = {int(RESTART_WAIT * 1000)}")
+                try:
+                    _, self._wal_frames, _ = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                finally:
+                    db.execute(f"PRAGMA busy_timeout = {timeout}")
+            else:
+                _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if not closing:
+                    self._wal_frames = frames
+        except sqlite3.Error:
+            pass  # the next one tries again
 
     def _sync(self, committed: list[tuple[_Job[Any], Any]]) -> list[Outcome]:
         """fsync the WAL for writes the loop committed (on the thread)."""
