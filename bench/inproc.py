@@ -67,10 +67,12 @@ async def request(app: Any, method: str, path: str, body: bytes = b"", key: str 
     return status, b"".join(chunks)
 
 
-async def measure(calls: int, concurrency: int, profile: bool, sort: str, real: set[str], stream: bool) -> None:
+async def measure(
+    calls: int, concurrency: int, profile: bool, sort: str, real: set[str], stream: bool, off: set[str]
+) -> None:
     from ablate import switch_off
 
-    switch_off({"store", "upstream"} - real)
+    switch_off(({"store", "upstream"} - real) | off)
     from proxy.app import configure_logging, create_app
     from proxy.config import load_config
     from tests.support import fake_upstream
@@ -127,7 +129,7 @@ async def measure(calls: int, concurrency: int, profile: bool, sort: str, real: 
                 profiler.disable()
             cpu = time.process_time() - started
             after = resource.getrusage(resource.RUSAGE_SELF)
-    replaced = ", ".join(sorted(PARTS - real)) or "nothing"
+    replaced = ", ".join(sorted((PARTS - real) | off)) or "nothing"
     user, system = after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime
     kind = "streamed call" if stream else "call"
     print(f"{cpu / calls * 1e6:.1f} µs of CPU per {kind} ({user / calls * 1e6:.0f} user, {system / calls * 1e6:.0f} system;"
@@ -148,7 +150,9 @@ def main() -> None:
     parser.add_argument("--stream", action="store_true", help="streamed calls (needs --real upstream)")
     parser.add_argument("--real", default="", help=f"parts to keep real, comma-separated: {', '.join(sorted(PARTS))}"
                         f" (Redis at {REDIS_URL}, a fake upstream process)")
+    parser.add_argument("--off", default="", help="more of Tollgate to switch off, as bench/ablate.py --off (log,metrics)")
     args = parser.parse_args()
+    off = set(filter(None, args.off.split(",")))
     real = set(filter(None, args.real.split(",")))
     if real - PARTS:
         parser.error(f"unknown parts: {', '.join(sorted(real - PARTS))}")
@@ -157,7 +161,7 @@ def main() -> None:
     os.environ.setdefault("TOLLGATE_LOG_LEVEL", "warning")
     import uvloop
 
-    uvloop.run(measure(args.calls, args.concurrency, args.profile, args.sort, real, args.stream))
+    uvloop.run(measure(args.calls, args.concurrency, args.profile, args.sort, real, args.stream, off))
 
 
 if __name__ == "__main__":
