@@ -193,7 +193,30 @@ class Redis:
         if self._closed or connection is None or connection.lost:
             return self._in_background(self.evalsha(script, keys, args))
         reply = self._send_evalsha(connection, script, keys, args)
-        return self._in_background(self._script_reply(connection, reply, script, keys, args))
+        # Callbacks on the reply rather than a task awaiting it: a task is made, stepped and
+        # woken for every call's settle, for nothing but this.
+        loop = reply.get_loop()
+        result: asyncio.Future[Any] = loop.create_future()
+        timer = loop.call_later(self._timeout, _expire, connection, reply)
+
+        def replied(reply: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            if result.done():
+                return
+            if reply.cancelled():
+                result.cancel()
+                return
+            error = reply.exception()
+            if error is None:
+                result.set_result(reply.result())
+            elif isinstance(error, ReplyError) and str(error).startswith("NOSCRIPT"):
+                again = self._in_background(self._whole_script(script, keys, args))
+                again.add_done_callback(lambda again: _copy_outcome(again, result))
+            else:
+                result.set_exception(error)
+
+        reply.add_done_callback(replied)
+        return result
 
     @staticmethod
     def _send_evalsha(connection: _Connection, script: "Script", keys: "Keys", args: list[Any]) -> asyncio.Future:
@@ -209,6 +232,9 @@ class Redis:
         except ReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
+        return await self._whole_script(script, keys, args)
+
+    async def _whole_script(self, script: "Script", keys: "Keys", args: list[Any]) -> Any:
         # Redis lost its scripts (a restart): send it whole. Rare enough that, sent soon,
         # this one command may land after others sent in the meantime.
         return await self.call("EVAL", script.source, len(keys.names), *keys.names, *args)
@@ -275,6 +301,17 @@ class Redis:
             raise RedisError("client closed")
         self._connection = connection
         return connection
+
+
+def _copy_outcome(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
 
 
 def _expire(connection: _Connection, future: asyncio.Future[Any]) -> None:

@@ -167,6 +167,26 @@ def test_a_silent_redis_times_out_and_the_next_command_reconnects():
     asyncio.run(run())
 
 
+def test_a_script_sent_soon_to_a_redis_gone_silent_fails_in_time():
+    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"+PONG\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)  # and never again
+
+    async def run() -> None:
+        port = free_port()
+        server = await asyncio.start_server(answers_once, "127.0.0.1", port)
+        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
+        assert await redis.call("PING") == "PONG"  # connected: the script goes out at once
+        with pytest.raises(RedisError):
+            await asyncio.wait_for(redis.evalsha_soon(Script("return 1"), Keys(["k"]), []), 2)
+        await redis.close()
+        server.close()
+
+    asyncio.run(run())
+
+
 def test_the_database_number_in_the_url_is_selected():
     key = f"tollgate-test:{uuid.uuid4().hex}"
 
