@@ -4,10 +4,12 @@ they live in."""
 import asyncio
 import sqlite3
 
+import pytest
+
 from proxy.config import DatabaseConfig
 from proxy.records import CallOutcome, NewCall
-from proxy.store.schema import MIGRATIONS
-from proxy.store.sqlite import SQLiteStore, _statements
+from proxy.store.schema import MIGRATIONS, apply
+from proxy.store.sqlite import SQLiteStore
 from tests.test_store_concurrency import make_team
 
 
@@ -45,19 +47,24 @@ def test_the_sweep_closes_only_calls_still_running_that_started_before_the_cutof
     asyncio.run(check())
 
 
-def test_a_schema_2_database_upgrades_with_its_running_calls_still_swept(tmp_path):
-    path = tmp_path / "v2.db"
+def database_at(path, version: int) -> sqlite3.Connection:
+    """A database migrated as far as `version`, with a team in it."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-    for version, script in enumerate(MIGRATIONS[:2], start=1):
-        for statement in _statements(script):
-            db.execute(statement)
-        db.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version,))
+    for number, migration in enumerate(MIGRATIONS[:version], start=1):
+        apply(db, migration)
+        db.execute("INSERT INTO schema_migrations VALUES (?, 0)", (number,))
     db.execute("INSERT INTO organizations VALUES ('org', 'Org', 0)")
     db.execute(
         "INSERT INTO teams (team_id, organization_id, status, credits_allocated, credits_held, created_at, "
         "updated_at) VALUES ('team', 'org', 'active', 10, 1, 0, 0)"
     )
+    return db
+
+
+def test_a_schema_2_database_upgrades_with_its_running_calls_still_swept(tmp_path):
+    path = tmp_path / "v2.db"
+    db = database_at(path, 2)
     db.execute(
         "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) "
         "VALUES ('job', 'team', 't', 'in_progress', 0, 1)"
@@ -71,7 +78,7 @@ def test_a_schema_2_database_upgrades_with_its_running_calls_still_swept(tmp_pat
     async def check() -> None:
         store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
         await store.open()
-        assert await store.schema_version() == 3
+        assert await store.schema_version() == len(MIGRATIONS)
         assert await store.cancel_stale_calls(500.0) == 1
         assert await statuses(store, "job") == {"left-running": "cancelled"}
         await store.close()
@@ -79,3 +86,62 @@ def test_a_schema_2_database_upgrades_with_its_running_calls_still_swept(tmp_pat
     asyncio.run(check())
     indexes = {row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "llm_calls_running" not in indexes and "llm_calls_job" in indexes
+
+
+def test_a_schema_3_database_upgrades_with_every_call_kept_as_it_was(tmp_path):
+    path = tmp_path / "v3.db"
+    db = database_at(path, 3)
+    for job_id, status in (("done", "in_progress"), ("fresh", "pending")):
+        db.execute(
+            "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) "
+            "VALUES (?, 'team', 't', ?, 0, 0)", (job_id, status)
+        )
+    db.execute(
+        "INSERT INTO llm_calls VALUES ('finished', 'done', 'team', 'key', 'ChatAgent', 'gpt-4o-mini', 'plan', 1, "
+        "'success', 10, 5, 1, 0.25, 120, 40, 2, NULL, 100, 101)"
+    )
+    db.execute(
+        "INSERT INTO llm_calls (call_id, job_id, team_id, model_group, streamed, status, started_at) "
+        "VALUES ('running', 'done', 'team', 'ChatAgent', 0, 'running', 102)"
+    )
+    before = db.execute("SELECT * FROM llm_calls ORDER BY call_id").fetchall()
+    db.close()
+
+    async def upgrade() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        assert await store.schema_version() == len(MIGRATIONS)
+        await store.start_call(new_call("new", "fresh", 200.0))  # the trigger still opens a pending job
+        await store.close()
+
+    asyncio.run(upgrade())
+    db = sqlite3.connect(path, isolation_level=None)
+    assert db.execute("SELECT * FROM llm_calls WHERE call_id != 'new' ORDER BY call_id").fetchall() == before
+    assert db.execute("SELECT status FROM jobs WHERE job_id = 'fresh'").fetchone() == ("in_progress",)
+    assert {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'llm_calls'")} == {
+        "llm_calls", "sqlite_autoindex_llm_calls_1", "llm_calls_job", "llm_calls_start_job"
+    }
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        db.execute("UPDATE llm_calls SET status = 'lost' WHERE call_id = 'running'")
+
+
+def test_a_calls_status_is_checked_without_building_a_temporary_index_for_each_write(tmp_path):
+    # An IN list of more than two constants is checked through an index SQLite builds for
+    # every row written; a call writes its row twice. The connection that migrated the
+    # database writes the calls from then on: it must not keep the schema it read before.
+    def program(db: sqlite3.Connection) -> set[str]:
+        explained = db.execute("EXPLAIN UPDATE llm_calls SET status = ? WHERE call_id = ?", ("success", "c"))
+        return {row[1] for row in explained}
+
+    database_at(tmp_path / "s.db", 3).close()  # read by the store before it migrates it
+
+    async def writers_program() -> set[str]:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path}/s.db"))
+        await store.open()
+        try:
+            return await store._writer.submit(program)
+        finally:
+            await store.close()
+
+    assert "OpenEphemeral" not in asyncio.run(writers_program())
+    assert "OpenEphemeral" not in program(sqlite3.connect(tmp_path / "s.db"))

@@ -45,7 +45,7 @@ from . import (
     TeamSuspended,
 )
 from .aio_fsync import AioFsync
-from .schema import MIGRATIONS
+from .schema import MIGRATIONS, apply
 from .writer import WAL_SIZE_LIMIT, Work, Writer, busy_or
 
 T = TypeVar("T")
@@ -224,11 +224,10 @@ class SQLiteStore:
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
             )
             current = _all(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0]
-            for version, script in enumerate(MIGRATIONS, start=1):
+            for version, migration in enumerate(MIGRATIONS, start=1):
                 if version <= current:
                     continue
-                for statement in _statements(script):
-                    db.execute(statement)
+                apply(db, migration)
                 db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, self._clock()))
 
         await self._write(migrate)
@@ -760,16 +759,6 @@ def _ledger_entry(
         "VALUES (?, ?, ?, ?, ?, ?)",
         (team_id, job_id, amount, reason, balance_after, now),
     )
-
-
-def _statements(script: str) -> list[str]:
-    statements, current = [], []
-    for line in script.splitlines():
-        current.append(line)
-        if sqlite3.complete_statement("\n".join(current)):
-            statements.append("\n".join(current).strip())
-            current = []
-    return [s for s in statements if s]
 
 
 def _all(db: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
