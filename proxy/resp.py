@@ -209,7 +209,7 @@ class Redis:
             error = reply.exception()
             if error is None:
                 result.set_result(reply.result())
-            elif isinstance(error, ReplyError) and str(error).startswith("NOSCRIPT"):
+            elif _forgotten(error):
                 again = self._in_background(self._whole_script(script, keys, args))
                 again.add_done_callback(lambda again: _copy_outcome(again, result))
             else:
@@ -230,7 +230,7 @@ class Redis:
         try:
             return await self._wait(connection, reply)
         except ReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
+            if not _forgotten(exc):
                 raise
         return await self._whole_script(script, keys, args)
 
@@ -301,6 +301,11 @@ class Redis:
             raise RedisError("client closed")
         self._connection = connection
         return connection
+
+
+def _forgotten(error: BaseException) -> bool:
+    """Redis's answer to a script it does not know (it restarted, or its scripts were flushed)."""
+    return isinstance(error, ReplyError) and str(error).startswith("NOSCRIPT")
 
 
 def _copy_outcome(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:

@@ -114,7 +114,7 @@ class Writer:
         self._checkpoint_running = False  # either pass
         self._checkpoint_over: asyncio.Future[None] | None = None  # stop() waits on it
         self._commits = 0  # on the loop since the last checkpoint
-        self._wal_frames = 0  # in the WAL at the last checkpoint's first pass (the thread's)
+        self._wal_frames = 0  # in the WAL at the running checkpoint's first pass (the thread's)
         self._fsync_from_loop = fsync_from_loop
         self._aio: AioFsync | None = None
         self._loop_wal: _WalFile | None = None  # the loop's descriptor of the WAL, for _aio
@@ -390,7 +390,7 @@ class Writer:
                 (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
                 db.execute(f"PRAGMA busy_timeout = {int(RESTART_WAIT * 1000)}")
                 try:
-                    _, self._wal_frames, _ = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    db.execute("PRAGMA wal_checkpoint(RESTART)")
                 finally:
                     db.execute(f"PRAGMA busy_timeout = {timeout}")
             else:
