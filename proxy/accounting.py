@@ -8,11 +8,11 @@ costs exactly the same streamed or not.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from .json_codec import loads
 from .pricing import Pricing
 from .sse import SSEEvent
 
@@ -85,7 +85,6 @@ def completion_chars(message: Any) -> int:
 # A stream's text is read only for an estimate, needed when no usage chunk comes: until then its
 # chunks wait unread, and are read in one go whenever this many bytes of them have gathered.
 UNREAD_TEXT_BYTES = 8 * 1024
-_scan_once = json.JSONDecoder().scan_once  # what json.loads runs, without its wrapper
 
 
 class StreamTally:
@@ -149,19 +148,11 @@ class StreamTally:
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:
-    """`json.loads(data)` when that is an object, else None. The C scanner is called
-    directly when the data is plain UTF-8 JSON with nothing around it; anything else
-    (whitespace, a BOM, an error) goes through json.loads itself, so the result is the same."""
+    """`json.loads(data)` when that is an object, else None."""
     try:
-        text = data.decode()
-        value, end = _scan_once(text, 0)
-        if end != len(text):
-            raise ValueError
-    except (UnicodeDecodeError, StopIteration, ValueError):
-        try:
-            value = json.loads(data)
-        except ValueError:
-            return None
+        value = loads(data)
+    except ValueError:
+        return None
     return value if isinstance(value, dict) else None
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .admin import AdminService
 from .auth import MasterKeyGuard
 from .bodies import read_json_object
 from .config import Config
+from .json_codec import JSONResponse
 from .records import iso
 from .validation import parse_paging
 from .views import jobs_page_json, team_json

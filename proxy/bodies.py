@@ -15,6 +15,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 
 from .errors import ApiError
+from .json_codec import UNSURE, orjson_loads
 
 # A \uD800-\uDFFF escape: only then can a decoded string hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -63,6 +64,11 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
 def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise ApiError(400, "Request body is empty; expected a JSON object")
+    value = orjson_loads(body)  # what it refuses, the json module reads below, with the rules above
+    if value is not UNSURE:
+        if not isinstance(value, dict):
+            raise ApiError(422, "Request body must be a JSON object")
+        return value
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:

@@ -9,8 +9,9 @@ from typing import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from .json_codec import JSONResponse
 from .store import (
     CallInProgress,
     Conflict,

@@ -9,10 +9,10 @@ returned as such; a 401/403 means Tollgate's own upstream key is wrong.
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
+from .json_codec import dumps, loads
 from .sse import SSEEvent, SSEScanner
 from .upstream import TransportError, Upstream, UpstreamResponse, UpstreamTimeout
 
@@ -94,7 +94,7 @@ async def forward(
         if loop.time() >= deadline:
             raise UpstreamFailed(attempts, untried=len(models) - number + 1)
         payload["model"] = model
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        body = dumps(payload)
         try:
             async with asyncio.timeout_at(deadline):
                 result = await _attempt(upstream, model, number, body, stream)
@@ -120,7 +120,7 @@ async def _attempt(upstream: Upstream, model: str, number: int, body: bytes, str
         if not stream:
             content = await response.aread()
             try:
-                data = json.loads(content)
+                data = loads(content)
             except ValueError:
                 return Attempt(model, "malformed JSON answer", 200)
             if not _usable(data):
@@ -156,7 +156,7 @@ def _error_of(event: SSEEvent) -> str | None:
     if event.data is None or not event.data.startswith(b"{"):
         return None
     try:
-        data = json.loads(event.data)
+        data = loads(event.data)
     except ValueError:
         return None
     if isinstance(data, dict) and data.get("error"):
@@ -181,7 +181,7 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
 
 def _error_details(content: bytes, status: int) -> tuple[str, str | None]:
     try:
-        data = json.loads(content)
+        data = loads(content)
     except ValueError:
         return (content.decode("utf-8", "replace")[:500] or f"HTTP {status}"), None
     if isinstance(data, dict):

@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
+from .json_codec import JSONResponse
 from .limiter import RateLimiter
 from .metrics import CONTENT_TYPE, Metrics
 from .store import Store

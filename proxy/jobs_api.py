@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .auth import KeyAuthenticator, Principal
@@ -14,6 +14,7 @@ from .calls import Call, CallPipeline, Completed
 from .config import Config
 from .errors import ApiError
 from .ids import canonical_uuid
+from .json_codec import JSONResponse
 from .metrics import Metrics
 from .observe import notes
 from .records import Job, iso

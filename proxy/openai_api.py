@@ -12,7 +12,7 @@ import logging
 from typing import Awaitable, Callable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .auth import KeyAuthenticator
@@ -23,6 +23,7 @@ from .errors import ApiError
 from .groups import GroupCatalog
 from .ids import new_id
 from .jobs_api import canonical_job_id
+from .json_codec import JSONResponse
 from .metrics import Metrics
 from .observe import notes
 from .records import CallOutcome

@@ -85,6 +85,17 @@ def test_upstream_request_names_team_job_and_call_and_presents_the_upstream_key(
     assert request["metadata"]["tollgate_call_id"] == call_id
 
 
+def test_unknown_fields_reach_the_upstream_exactly_even_beyond_64_bits(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url)
+    client = server.client(server.admin().team().key)
+    label = tag()
+    knobs = {"big": 2**70, "negative": -(2**63) - 1, "ratio": 0.1 + 0.2, "text": "café ✓ 😀"}
+    body = {"messages": say(f"hi [tag={label}]"), "custom_knobs": knobs}
+    assert client.post(f"/api/jobs/{new_job(client)}/llm-call", json=body).status_code == 200
+    (sent,) = fake_log(fake_url, label)
+    assert sent["body"]["custom_knobs"] == knobs
+
+
 def test_client_user_is_kept_and_stream_always_asks_for_usage(make_tollgate, fake_url):
     server = make_tollgate(upstream_url=fake_url)
     team = server.admin().team()

@@ -1,0 +1,62 @@
+"""JSON on the request path: orjson wherever it gives what the json module would.
+
+A call parses its request and its upstream's answer and writes the upstream's body and its
+own response: through the json module's Python wrappers that was about a sixth of the
+instructions of a call (bench/instructions.sh); orjson does the same in C in a fraction.
+
+The results are the json module's. orjson refuses what json.loads may still take (NaN and
+Infinity, numbers out of a double's range, lone surrogates, another encoding than UTF-8):
+those, and any other text it refuses, go to json.loads itself, which gives its own value or
+its own error. The one thing orjson takes but reads differently is an integer outside 64 bits,
+which it turns into a float: a text with a run of 19 digits goes to json.loads too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+from starlette.responses import JSONResponse as _StarletteJSONResponse
+
+# Every byte to b" ", but ASCII digits to b"0": a run of digits is then found by `in`, a
+# byte search in C, where a regular expression would walk the text in several times the time.
+_DIGIT_MASK = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONGEST_EXACT = b"0" * 19  # a shorter integer fits in 64 bits, where orjson keeps it exact
+
+
+UNSURE: Any = object()
+
+
+def loads(data: bytes) -> Any:
+    """`json.loads(data)`: the same value, or the same error."""
+    value = orjson_loads(data)
+    return json.loads(data) if value is UNSURE else value
+
+
+def orjson_loads(data: bytes) -> Any:
+    """orjson's value of `data` where it is json.loads's value too; else `UNSURE`, for a
+    reader with rules of its own to take the text the json module's way."""
+    if _LONGEST_EXACT not in data.translate(_DIGIT_MASK):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return UNSURE
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON of `value`, as `json.dumps(value, ensure_ascii=False,
+    separators=(",", ":")).encode()` writes it but for how floats are spelled (1e16, not
+    1e+16) and non-finite floats (null, not NaN, which JSON cannot carry)."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:  # an integer outside 64 bits, a key that is not a string
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class JSONResponse(_StarletteJSONResponse):
+    """Starlette's JSONResponse, rendered by `dumps`."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)

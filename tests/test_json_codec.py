@@ -1,0 +1,80 @@
+"""Request-path JSON goes through orjson but means exactly what the json module would."""
+
+import json
+import random
+
+import pytest
+
+from proxy.json_codec import UNSURE, JSONResponse, dumps, loads, orjson_loads
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"n": 18446744073709551616}',  # 2**64: orjson would make it a float
+        b'{"n": -9223372036854775809}',  # one below -2**63
+        b'{"n": 1234567890123456789012345678901234567890}',
+        b'{"n": 9223372036854775807, "m": 18446744073709551615}',
+        b'{"x": NaN, "y": Infinity, "z": -Infinity}',
+        b'{"x": 1e999}',
+        b'{"s": "\\ud800"}',
+        b'"\xed\xa0\x80"',  # a lone surrogate written as UTF-8, which json.loads lets pass
+        b'\xef\xbb\xbf{"bom": true}',
+        '{"utf16": "\u00e9"}'.encode("utf-16"),
+        b'  {"spaced": [1, 2.5, "\xc3\xa9"]}  \n',
+        b'{"same": 1, "same": 2}',
+    ],
+)
+def test_loads_gives_the_json_modules_value(text):
+    expected = json.loads(text)
+    assert repr(loads(text)) == repr(expected)  # repr: NaN != NaN, and 1 == 1.0 would hide a float
+
+
+@pytest.mark.parametrize("text", [b"{not json", b'{"a": [', b"", b"\xff\xfe\x00", b'{"a": 1} x'])
+def test_loads_fails_where_the_json_module_fails(text):
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        loads(text)
+
+
+def test_integers_beyond_64_bits_stay_exact():
+    assert loads(b'{"seed": 123456789012345678901234567890}') == {"seed": 123456789012345678901234567890}
+    assert type(loads(b"[18446744073709551616]")[0]) is int
+
+
+def test_floats_read_as_the_json_module_reads_them():
+    rng = random.Random(7)
+    texts = [repr(rng.uniform(-1e6, 1e6)) for _ in range(2000)]
+    texts += [f"{rng.randrange(10**17)}.{rng.randrange(10**17)}e{rng.randrange(-300, 300)}" for _ in range(2000)]
+    data = ("[" + ",".join(texts) + "]").encode()
+    assert loads(data) == json.loads(data)
+
+
+def test_orjson_loads_leaves_to_the_caller_what_only_the_json_module_reads():
+    assert orjson_loads(b'{"x": NaN}') is UNSURE
+    assert orjson_loads(b'{"n": 12345678901234567890}') is UNSURE
+    assert orjson_loads(b'{"n": 123456789012345678}') == {"n": 123456789012345678}
+
+
+def test_dumps_writes_compact_utf8():
+    value = {"text": "héllo ✓ 😀", "n": [1, 2.5, None, True], "nested": {"a": "\"quoted\"\n"}}
+    assert dumps(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def test_dumps_writes_integers_beyond_64_bits_exactly():
+    assert dumps({"n": 2**70, "m": -(2**64)}) == b'{"n":1180591620717411303424,"m":-18446744073709551616}'
+
+
+def test_dumps_writes_non_string_keys_as_the_json_module_does():
+    assert dumps({1: "a", None: "b"}) == b'{"1":"a","null":"b"}'
+
+
+def test_dumps_writes_non_finite_floats_as_null():
+    assert dumps({"x": float("nan"), "y": float("inf")}) == b'{"x":null,"y":null}'
+
+
+def test_json_response_is_rendered_compact_utf8():
+    response = JSONResponse({"detail": "café", "n": 2**64})
+    assert response.body == '{"detail":"café","n":18446744073709551616}'.encode()
+    assert response.headers["content-type"] == "application/json"
