@@ -19,7 +19,7 @@ from .sse import SSEEvent
 COST_DECIMALS = 12
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class Usage:
     prompt_tokens: int
     completion_tokens: int

@@ -45,7 +45,7 @@ def bearer_token(authorization: str | None) -> str:
     return token
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class Principal:
     """An authenticated caller: the key used and its team, as of the lookup."""
 

@@ -41,7 +41,7 @@ _END_STATUS: dict[str, CallStatus] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class Call:
     """An admitted call: recorded as running, not yet answered."""
 
@@ -63,7 +63,7 @@ class Call:
         return {"x-job-id": self.job_id, "x-call-id": self.call_id, **self.decision.headers()}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class Completed:
     answer: Answer
     outcome: CallOutcome

@@ -39,7 +39,7 @@ Scope = Literal["team", "key"]
 Kind = Literal["requests", "tokens"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class Limits:
     """The limits that apply to one call."""
 
@@ -57,7 +57,7 @@ class Limits:
         return scopes
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class Usage:
     """Where one scope stands after the decision."""
 
@@ -70,7 +70,7 @@ class Usage:
     tokens_reset: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class Decision:
     admitted: bool
     call_id: str

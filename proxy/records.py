@@ -180,7 +180,7 @@ class CallSummary:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class NewCall:
     """A call admitted into a job, recorded as running before the upstream is asked."""
 
@@ -194,7 +194,7 @@ class NewCall:
     started_at: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class CallOutcome:
     """How a call ended: what the upstream used, cost and took."""
 

@@ -35,7 +35,7 @@ SSE_HEADERS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class RelayEnd:
     reason: EndReason
     error: str | None

@@ -86,7 +86,7 @@ def _number_in(body: dict[str, Any], field: str, low: float, high: float) -> Non
         raise invalid(field, f"must be between {low:g} and {high:g}")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class CallRequest:
     """A validated chat call: Tollgate's own fields apart, the rest to forward."""
 
