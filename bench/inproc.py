@@ -138,7 +138,7 @@ async def measure(
         stats = pstats.Stats(profiler)
         if os.environ.get("TOLLGATE_PROFILE_FILE"):
             stats.dump_stats(os.environ["TOLLGATE_PROFILE_FILE"])
-        stats.sort_stats(sort).print_stats(40)
+        stats.sort_stats(sort).print_stats(int(os.environ.get("PROFILE_ROWS", "40")))
 
 
 def main() -> None:
