@@ -64,11 +64,16 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
 def parse_json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise ApiError(400, "Request body is empty; expected a JSON object")
-    value = orjson_loads(body)  # what it refuses, the json module reads below, with the rules above
-    if value is not UNSURE:
-        if not isinstance(value, dict):
-            raise ApiError(422, "Request body must be a JSON object")
-        return value
+    value = orjson_loads(body)
+    if value is UNSURE:  # what orjson refuses or would read differently
+        value = _parse_strictly(body)
+    if not isinstance(value, dict):
+        raise ApiError(422, "Request body must be a JSON object")
+    return value
+
+
+def _parse_strictly(body: bytes) -> Any:
+    """The json module's value of `body`, or a 400 for what JSON does not allow but it would take."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -81,8 +86,6 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise ApiError(400, f"Malformed JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
         raise ApiError(400, "Malformed JSON: a string contains a lone UTF-16 surrogate")
-    if not isinstance(value, dict):
-        raise ApiError(422, "Request body must be a JSON object")
     return value
 
 
