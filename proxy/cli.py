@@ -45,6 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .app import configure_logging, create_served_app
     from .metrics import MULTIPROC_ENV
+    from .server import CoalescingHttpProtocol
 
     config = _load(args, serving=True)
     host = args.host or config.server.host
@@ -57,6 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log_level="info",
         access_log=False,
         server_header=False,
+        http=CoalescingHttpProtocol,
         timeout_graceful_shutdown=config.server.shutdown_grace,
     )
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: a graceful
