@@ -18,6 +18,8 @@ from collections import deque
 from typing import Any, Coroutine
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .coalesce import CoalescedWrites
+
 
 class RedisError(Exception):
     """Redis could not be reached or did not answer in time."""
@@ -99,9 +101,12 @@ class _Connection(asyncio.Protocol):
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.lost = False
         self._buffer = bytearray()
+        self._writes: CoalescedWrites | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # The commands of every call in this turn of the loop (admits, settles) leave in one write.
+        self._writes = CoalescedWrites(self.transport, asyncio.get_running_loop())
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -132,15 +137,17 @@ class _Connection(asyncio.Protocol):
             future = self.pending.popleft()
             if not future.done():
                 future.set_exception(error)
+        if self._writes is not None:
+            self._writes.discard()  # their futures have just failed: never sent, never answered
         if self.transport is not None:
             self.transport.close()
 
     def send(self, payload: bytes, replies: int) -> list[asyncio.Future[Any]]:
-        assert self.transport is not None
+        assert self._writes is not None
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in range(replies)]
         self.pending.extend(futures)
-        self.transport.write(payload)
+        self._writes.write(payload)
         return futures
 
 
@@ -186,9 +193,10 @@ class Redis:
         return await self._script_reply(connection, reply, script, keys, args)
 
     def evalsha_soon(self, script: "Script", keys: "Keys", args: list[Any]) -> asyncio.Future[Any]:
-        """The script's reply, to come. On a live connection the command is written at once,
-        so whatever is sent after it, on any connection, reaches Redis after it; the caller
-        need not wait for the reply to rely on that."""
+        """The script's reply, to come. On a live connection the command leaves with this
+        turn of the loop's writes (coalesce.py), before anything written in a later turn on any
+        connection, such as the answer of the call it settles: the caller need not wait for
+        the reply to rely on that."""
         connection = self._connection
         if self._closed or connection is None or connection.lost:
             return self._in_background(self.evalsha(script, keys, args))
