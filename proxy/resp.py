@@ -72,9 +72,10 @@ def parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int]:
         if count < 0:
             return None, pos
         items = []
+        size = len(buffer)
         for _ in range(count):
-            # Integers, most of what the limiter's scripts answer, read here without a call each.
-            if buffer[pos : pos + 1] == b":":
+            # Integers, all that the limiter's scripts answer, read here without a call each.
+            if pos < size and buffer[pos] == _INTEGER:
                 end = buffer.find(b"\r\n", pos)
                 if end < 0:
                     raise _Incomplete
