@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable
 
 from .accounting import StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
 from .auth import Principal
@@ -60,7 +60,12 @@ class Call:
     on_recorded: "RecordObserver | None" = None  # runs once the call is recorded
 
     def headers(self) -> dict[str, str]:
-        return {"x-job-id": self.job_id, "x-call-id": self.call_id, **self.decision.headers()}
+        """The call's own headers, for an error that answers it."""
+        return {name.decode(): value.decode() for name, value in self.raw_headers()}
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """`headers()` as ASGI carries them: what the call's answer sends."""
+        return [(b"x-job-id", self.job_id.encode()), (b"x-call-id", self.call_id.encode()), *self.decision.raw_headers()]
 
 
 @dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
@@ -260,7 +265,7 @@ class CallPipeline:
         outcome = await self._finish(call, "success", answer.model, usage, answer.attempts, None)
         return Completed(answer, outcome)
 
-    async def stream(self, call: Call, headers: Mapping[str, str], drop_usage_only: bool = False) -> SSERelay:
+    async def stream(self, call: Call, drop_usage_only: bool = False) -> SSERelay:
         """A streaming call: forward until the first event, then hand back the relay."""
         try:
             opened = await forward(self._upstream, call.group.models, self.payload(call), True, call.deadline)
@@ -274,7 +279,9 @@ class CallPipeline:
             error = end.error or ("cut short: the gateway shut down" if end.reason == "shutdown" else None)
             await self._finish(call, _END_STATUS[end.reason], opened.model, usage, opened.attempts, redact_opt(error), ttft)
 
-        return SSERelay(opened, tally, headers, call.deadline, on_end, drop_usage_only, self._metrics.active_streams)
+        return SSERelay(
+            opened, tally, call.raw_headers(), call.deadline, on_end, drop_usage_only, self._metrics.active_streams
+        )
 
     async def _failed(self, call: Call, exc: BaseException) -> BaseException:
         """Record a call that got no answer; return what the client should get."""

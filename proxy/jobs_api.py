@@ -120,11 +120,13 @@ class JobsApi:
     async def llm_call(self, request: Request) -> Response:
         call = await self._admit(request, stream=False)
         done = await self._calls.complete(call)
-        return JSONResponse(self._call_body(call, done), headers=call.headers())
+        response = JSONResponse(self._call_body(call, done))
+        response.raw_headers += call.raw_headers()
+        return response
 
     async def llm_call_stream(self, request: Request) -> Response:
         call = await self._admit(request, stream=True)
-        return await self._calls.stream(call, call.headers())
+        return await self._calls.stream(call)
 
     @staticmethod
     def _call_body(call: Call, done: Completed) -> dict[str, Any]:

@@ -85,18 +85,26 @@ class Decision:
 
     def headers(self) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers, for the scope closest to each of its limits."""
-        if not self.usage:
-            return {}
-        requests = min(self.usage, key=lambda u: u.rpm - u.requests)
-        tokens = min(self.usage, key=lambda u: u.tpm - u.tokens)
-        return {
-            "x-ratelimit-limit-requests": str(requests.rpm),
-            "x-ratelimit-remaining-requests": str(max(0, requests.rpm - requests.requests)),
-            "x-ratelimit-reset-requests": openai_duration(requests.requests_reset),
-            "x-ratelimit-limit-tokens": str(tokens.tpm),
-            "x-ratelimit-remaining-tokens": str(max(0, tokens.tpm - tokens.tokens)),
-            "x-ratelimit-reset-tokens": openai_duration(tokens.tokens_reset),
-        }
+        return {name.decode(): value.decode() for name, value in self.raw_headers()}
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """`headers()` as ASGI carries them: what every call's answer sends."""
+        usage = self.usage
+        if not usage:
+            return []
+        if len(usage) == 1:  # the team alone: no key limits
+            requests = tokens = usage[0]
+        else:
+            requests = min(usage, key=lambda u: u.rpm - u.requests)
+            tokens = min(usage, key=lambda u: u.tpm - u.tokens)
+        return [
+            (b"x-ratelimit-limit-requests", b"%d" % requests.rpm),
+            (b"x-ratelimit-remaining-requests", b"%d" % max(0, requests.rpm - requests.requests)),
+            (b"x-ratelimit-reset-requests", openai_duration(requests.requests_reset).encode()),
+            (b"x-ratelimit-limit-tokens", b"%d" % tokens.tpm),
+            (b"x-ratelimit-remaining-tokens", b"%d" % max(0, tokens.tpm - tokens.tokens)),
+            (b"x-ratelimit-reset-tokens", openai_duration(tokens.tokens_reset).encode()),
+        ]
 
     def refusal(self) -> tuple[str, dict[str, str]]:
         """The 429's message and headers."""

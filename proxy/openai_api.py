@@ -112,8 +112,10 @@ class OpenAIApi:
             raise
         if not call_request.stream:
             done = await self._calls.complete(call)
-            return Response(done.answer.body, media_type="application/json", headers=call.headers())
-        return await self._calls.stream(call, call.headers(), drop_usage_only=not call_request.client_wants_usage)
+            response = Response(done.answer.body, media_type="application/json")
+            response.raw_headers += call.raw_headers()
+            return response
+        return await self._calls.stream(call, drop_usage_only=not call_request.client_wants_usage)
 
     @staticmethod
     async def _fail_quietly(finish: Callable[[bool, str | None], Awaitable[None]], exc: BaseException) -> None:

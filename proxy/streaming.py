@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Literal, Mapping
+from typing import Awaitable, Callable, Iterable, Literal
 
 from prometheus_client import Gauge
 from starlette.types import Receive, Scope, Send
@@ -28,11 +28,11 @@ from .sse import SSEEvent
 from .upstream import TransportError
 
 EndReason = Literal["finished", "client_disconnected", "upstream_failed", "shutdown"]
-SSE_HEADERS = {
-    "content-type": "text/event-stream; charset=utf-8",
-    "cache-control": "no-cache",
-    "x-accel-buffering": "no",
-}
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 @dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
@@ -53,7 +53,7 @@ class SSERelay:
         self,
         stream: OpenStream,
         tally: StreamTally,
-        headers: Mapping[str, str],
+        headers: list[tuple[bytes, bytes]],  # the call's own, as ASGI carries them
         deadline: float,
         on_end: Callable[[RelayEnd], Awaitable[None]],
         drop_usage_only: bool = False,
@@ -61,7 +61,7 @@ class SSERelay:
     ) -> None:
         self._stream = stream
         self._tally = tally
-        self._raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in {**SSE_HEADERS, **headers}.items()]
+        self._raw_headers = SSE_HEADERS + headers
         self._deadline = deadline
         self._on_end = on_end
         self._drop_usage_only = drop_usage_only

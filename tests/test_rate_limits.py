@@ -9,7 +9,7 @@ import pytest
 
 import proxy.limiter as limiter_module
 from proxy.config import RedisConfig
-from proxy.limiter import Limits, RedisLimiter
+from proxy.limiter import Decision, Limits, RedisLimiter, Usage
 from tests.support import RedisServer, Tollgate, fake_log, tag, wait_for
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -83,6 +83,41 @@ def test_success_responses_carry_the_openai_rate_limit_headers(make_tollgate, re
     assert first.headers["x-ratelimit-limit-tokens"] == "5000"
     assert int(first.headers["x-ratelimit-remaining-tokens"]) == 5000 - 101  # estimate: 1 + max_tokens
     assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+def test_streamed_and_openai_answers_carry_the_rate_limit_headers_too(make_tollgate, redis_server):
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(rpm_limit=7, tpm_limit=5000)
+    job_id = open_job(server, team.key)
+    with server.client(team.key) as client:
+        streamed = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": HELLO, "max_tokens": 100})
+        plain_v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": HELLO, "max_tokens": 100})
+        streamed_v1 = client.post(
+            "/v1/chat/completions", json={"model": "Main", "messages": HELLO, "max_tokens": 100, "stream": True}
+        )
+    for number, response in enumerate((streamed, plain_v1, streamed_v1), start=1):
+        assert response.status_code == 200
+        assert response.headers["x-ratelimit-limit-requests"] == "7"
+        assert response.headers["x-ratelimit-remaining-requests"] == str(7 - number)
+        assert response.headers["x-ratelimit-limit-tokens"] == "5000"
+        assert response.headers["x-ratelimit-reset-tokens"].endswith("s")
+        assert response.headers["x-job-id"] and response.headers["x-call-id"]
+
+
+def test_the_rate_limit_headers_name_the_scope_closest_to_each_limit():
+    limits = Limits("t1", "key-a", 100, 10_000, key_rpm=5, key_tpm=1_000_000)
+    team = Usage("team", 100, 10, 30.0, 10_000, 9_000, 0.5)
+    key = Usage("key", 5, 4, 59.9, 1_000_000, 9_000, 61.0)
+    decision = Decision(True, "call-1", limits, 100, "redis", (team, key))
+    assert decision.headers() == {
+        "x-ratelimit-limit-requests": "5",  # the key has 1 request left, the team 90
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "1m0s",
+        "x-ratelimit-limit-tokens": "10000",  # the team has 1,000 tokens left, the key far more
+        "x-ratelimit-remaining-tokens": "1000",
+        "x-ratelimit-reset-tokens": "500ms",
+    }
+    assert decision.raw_headers() == [(k.encode(), v.encode()) for k, v in decision.headers().items()]
 
 
 def test_tpm_refuses_the_third_concurrent_call_and_fits_new_ones_after_reconciliation(make_tollgate, redis_server):
