@@ -6,12 +6,15 @@ cost more than the round trip itself (bench/RESULTS.md). One connection is
 enough because Redis answers in order: concurrent commands are written as they
 come and their replies matched first in, first out. A command that times out
 leaves the connection's state unknown, so the connection is dropped, every
-command waiting on it fails, and the next command connects afresh.
+command waiting on it fails, and the next command connects afresh. Since replies come in
+order, the oldest command waiting is the one to watch: one timer per connection does it,
+not one per command (a timer is a libuv handle under uvloop, ~2 µs made and cancelled).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ssl
 from collections import deque
@@ -97,12 +100,15 @@ _INTEGER, _BULK, _ARRAY, _STATUS, _ERROR = b":$*+-"
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.lost = False
         self._buffer = bytearray()
         self._writes: CoalescedWrites | None = None
+        self._timeout = timeout
+        self._sent_at: deque[float] = deque()  # loop time each pending reply's command was sent
+        self._watch: asyncio.TimerHandle | None = None  # due when the oldest of them is
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -117,6 +123,7 @@ class _Connection(asyncio.Protocol):
             while pos < len(buffer) and self.pending:
                 value, pos = parse(buffer, pos)
                 future = self.pending.popleft()
+                self._sent_at.popleft()
                 if not future.done():
                     if isinstance(value, ReplyError):
                         future.set_exception(value)
@@ -134,6 +141,10 @@ class _Connection(asyncio.Protocol):
 
     def fail(self, error: RedisError) -> None:
         self.lost = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._sent_at.clear()
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
@@ -146,10 +157,27 @@ class _Connection(asyncio.Protocol):
     def send(self, payload: bytes, replies: int) -> list[asyncio.Future[Any]]:
         assert self._writes is not None
         loop = asyncio.get_running_loop()
+        now = loop.time()
         futures = [loop.create_future() for _ in range(replies)]
         self.pending.extend(futures)
+        self._sent_at.extend([now] * replies)
+        if self._watch is None:
+            self._watch = loop.call_at(now + self._timeout, self._check_overdue)
         self._writes.write(payload)
         return futures
+
+    def _check_overdue(self) -> None:
+        """A reply overdue leaves the connection's state unknown (it may still come, and be
+        taken for the next command's): give up on the connection and all it waits for."""
+        self._watch = None
+        if self.lost or not self._sent_at:
+            return
+        due = self._sent_at[0] + self._timeout
+        loop = asyncio.get_running_loop()
+        if loop.time() >= due:
+            self.fail(RedisError("Redis did not answer in time"))
+        else:
+            self._watch = loop.call_at(due, self._check_overdue)
 
 
 class Redis:
@@ -186,12 +214,12 @@ class Redis:
     async def call(self, *args: Any) -> Any:
         connection = await self._connected()
         (future,) = connection.send(encode(args), 1)
-        return await self._wait(connection, future)
+        return await future
 
     async def evalsha(self, script: "Script", keys: "Keys", args: list[Any]) -> Any:
         connection = await self._connected()
         reply = self._send_evalsha(connection, script, keys, args)
-        return await self._script_reply(connection, reply, script, keys, args)
+        return await self._script_reply(reply, script, keys, args)
 
     def evalsha_soon(self, script: "Script", keys: "Keys", args: list[Any]) -> asyncio.Future[Any]:
         """The script's reply, to come. On a live connection the command leaves with this
@@ -204,12 +232,9 @@ class Redis:
         reply = self._send_evalsha(connection, script, keys, args)
         # Callbacks on the reply rather than a task awaiting it: a task is made, stepped and
         # woken for every call's settle, for nothing but this.
-        loop = reply.get_loop()
-        result: asyncio.Future[Any] = loop.create_future()
-        timer = loop.call_later(self._timeout, _expire, connection, reply)
+        result: asyncio.Future[Any] = reply.get_loop().create_future()
 
         def replied(reply: asyncio.Future[Any]) -> None:
-            timer.cancel()
             if result.done():
                 return
             if reply.cancelled():
@@ -233,11 +258,9 @@ class Redis:
         (reply,) = connection.send(b"*%d\r\n%s%s%s" % (count, script.wire, keys.wire, _bulk_strings(args)), 1)
         return reply
 
-    async def _script_reply(
-        self, connection: _Connection, reply: asyncio.Future[Any], script: "Script", keys: "Keys", args: list[Any]
-    ) -> Any:
+    async def _script_reply(self, reply: asyncio.Future[Any], script: "Script", keys: "Keys", args: list[Any]) -> Any:
         try:
-            return await self._wait(connection, reply)
+            return await reply
         except ReplyError as exc:
             if not _forgotten(exc):
                 raise
@@ -253,14 +276,6 @@ class Redis:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
-
-    async def _wait(self, connection: _Connection, future: asyncio.Future[Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self._timeout, _expire, connection, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
 
     async def _connected(self) -> _Connection:
         for _ in range(2):
@@ -287,12 +302,13 @@ class Redis:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        protocol = functools.partial(_Connection, self._timeout)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._unix is not None:
-                    _, connection = await loop.create_unix_connection(_Connection, self._unix)
+                    _, connection = await loop.create_unix_connection(protocol, self._unix)
                 else:
-                    _, connection = await loop.create_connection(_Connection, self._host, self._port, ssl=self._ssl)
+                    _, connection = await loop.create_connection(protocol, self._host, self._port, ssl=self._ssl)
         except TimeoutError:
             raise RedisError("connecting to Redis timed out") from None
         except OSError as exc:
@@ -301,7 +317,7 @@ class Redis:
             payload = b"".join(encode(command) for command in self._setup)
             try:
                 for future in connection.send(payload, len(self._setup)):
-                    await self._wait(connection, future)
+                    await future
             except BaseException:
                 connection.fail(RedisError("Redis refused the connection's setup"))
                 raise
@@ -326,12 +342,6 @@ def _copy_outcome(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> N
         target.set_exception(source.exception())  # type: ignore[arg-type]
     else:
         target.set_result(source.result())
-
-
-def _expire(connection: _Connection, future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        # Its reply may still come and would be taken for the next command's: start over.
-        connection.fail(RedisError("Redis did not answer in time"))
 
 
 class Script:

@@ -156,7 +156,7 @@ def test_tollgate_serve_runs_uvicorn_with_the_coalescing_protocol(monkeypatch, t
 
 def test_redis_commands_sent_in_one_turn_leave_in_one_write():
     async def run() -> list[bytes]:
-        connection = _Connection()
+        connection = _Connection(timeout=1.0)
         transport = RecordingTransport()
         connection.connection_made(transport)
         first = connection.send(b"*1\r\n$4\r\nPING\r\n", 1)
@@ -171,7 +171,7 @@ def test_redis_commands_sent_in_one_turn_leave_in_one_write():
 
 def test_a_failed_redis_connection_never_sends_what_it_held():
     async def run() -> list[tuple[str, Any]]:
-        connection = _Connection()
+        connection = _Connection(timeout=1.0)
         transport = RecordingTransport()
         connection.connection_made(transport)
         (reply,) = connection.send(b"*1\r\n$4\r\nPING\r\n", 1)

@@ -187,6 +187,46 @@ def test_a_script_sent_soon_to_a_redis_gone_silent_fails_in_time():
     asyncio.run(run())
 
 
+def test_commands_answered_in_time_never_trip_the_timeout_however_long_the_traffic_lasts():
+    async def answers_each_after_a_while(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"PING\r\n"):
+            await asyncio.sleep(0.05)  # a quarter of the timeout: late, never too late
+            writer.write(b"+PONG\r\n")
+
+    async def run() -> None:
+        port = free_port()
+        server = await asyncio.start_server(answers_each_after_a_while, "127.0.0.1", port)
+        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
+        started = asyncio.get_running_loop().time()
+        while asyncio.get_running_loop().time() - started < 0.8:  # four timeouts' worth, one connection
+            assert await redis.call("PING") == "PONG"
+        await redis.close()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_command_whose_caller_gave_up_still_counts_against_the_timeout():
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        port = free_port()
+        server = await asyncio.start_server(silent, "127.0.0.1", port)
+        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(redis.call("PING"), 0.05)  # its reply is still owed
+        later = asyncio.ensure_future(redis.call("PING"))
+        # The first command's reply is overdue 0.2 s after it was sent: the connection is given
+        # up then, and the command behind it with it, before its own 0.2 s are up.
+        with pytest.raises(RedisError, match="in time"):
+            await asyncio.wait_for(later, 0.19)
+        await redis.close()
+        server.close()
+
+    asyncio.run(run())
+
+
 def test_the_database_number_in_the_url_is_selected():
     key = f"tollgate-test:{uuid.uuid4().hex}"
 
