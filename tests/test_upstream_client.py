@@ -140,6 +140,53 @@ def test_no_answer_before_the_first_byte_timeout_is_a_timeout():
     asyncio.run(run())
 
 
+def test_a_silence_between_chunks_longer_than_the_timeout_is_a_timeout_after_waits_that_ended_in_time():
+    async def drips_then_stops(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(6):  # each gap a third of the timeout: 0.6 s of answers in all, twice the timeout
+            await asyncio.sleep(0.1)
+            writer.write(b"2\r\nok\r\n")
+        await asyncio.sleep(5)  # then silence
+
+    async def run() -> None:
+        server, url = await serve(drips_then_stops)
+        client = upstream(url, first_byte=0.3)
+        response = await client.open_chat(chat("hi"))
+        received = b""
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamTimeout, match="no data"):
+            async for chunk in response.aiter_raw():
+                received += chunk
+        assert received == b"ok" * 6
+        assert 0.8 <= asyncio.get_running_loop().time() - started < 1.5  # the silence, then 0.3 s
+        await response.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_requests_answered_in_time_on_one_connection_never_time_out_however_long_it_serves():
+    async def answers_each_after_a_while(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            await asyncio.sleep(0.1)  # a third of the timeout
+            await answer_keep_alive(writer)
+
+    async def run() -> None:
+        server, url = await serve(answers_each_after_a_while)
+        client = upstream(url, first_byte=0.3, max_connections=1)
+        for _ in range(8):  # 0.8 s on one connection: more than twice the timeout
+            response = await client.open_chat(chat("hi"))
+            assert await response.aread() == b"{}"
+            await response.aclose()
+        assert client.open_connections == 1
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
 def test_a_kept_alive_connection_closed_by_the_server_is_replaced_without_an_error():
     requests: list[bytes] = []
 
