@@ -292,6 +292,34 @@ def test_a_durable_write_is_answered_only_once_the_wal_is_on_disk(tmp_path):
     assert fsyncs.paths == [f"{os.path.realpath(path)}-wal"]
 
 
+def test_a_caller_cancelled_while_its_write_waits_hears_of_it_only_once_the_write_is_durable(tmp_path):
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        fsyncs.allowed.clear()
+        write = writer.submit(insert(1))
+        caller = asyncio.ensure_future(write_awaited(write))
+        await asyncio.sleep(0.2)
+        caller.cancel()
+        await asyncio.sleep(0.1)
+        assert not caller.done() and not write.cancelled()  # the cancellation waits for the write
+        fsyncs.allowed.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert write.result() == 1
+        await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == [1]
+
+
+async def write_awaited(write: asyncio.Future) -> object:
+    return await write
+
+
 def test_a_write_that_need_not_be_durable_is_answered_at_its_commit(tmp_path):
     path = tmp_path / "w.db"
     fsyncs = Fsyncs()

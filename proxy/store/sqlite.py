@@ -11,7 +11,6 @@ shielded from cancellation: a client hanging up never leaves a half-recorded cal
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sqlite3
@@ -255,10 +254,10 @@ class SQLiteStore:
             raise StoreError("The store is closed")
         write = self._writer.submit(work, atomic=atomic, durable=durable)
         try:
-            return await asyncio.shield(write)
+            return await write  # a WriteFuture: a cancellation waits for it (writer.py)
         except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(write)
+            if write.done():
+                write.exception()  # the write's own outcome, taken: only its caller was cancelled
             raise
 
     # --- organizations and model groups --------------------------------------------------
