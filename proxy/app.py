@@ -25,7 +25,7 @@ from .health import Health
 from .jobs_api import JobsApi
 from .limiter import RateLimiter
 from .metrics import Metrics
-from .observe import LogFormatter, ObserveMiddleware
+from .observe import LogHandler, ObserveMiddleware
 from .openai_api import OpenAIApi
 from .pricing import Pricing
 from .store import open_store
@@ -128,6 +128,4 @@ def create_served_app(config: Config) -> Starlette:
 
 
 def configure_logging(level: str = "info") -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.basicConfig(level=level.upper(), handlers=[LogHandler()])

@@ -1,5 +1,5 @@
-"""The access log's records and time stamps are what `logging` itself would make, only made
-with less work (proxy/observe.py)."""
+"""The access log's records, lines and time stamps are what `logging` itself would make, only
+made with less work, and written a turn of the loop at a time (proxy/observe.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import logging
 import threading
 import time
 
+import pytest
+
 from proxy import observe
+from proxy.app import configure_logging
 from proxy.observe import LogFormatter, ObserveMiddleware, access_log
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -91,3 +94,149 @@ def test_time_stamps_without_milliseconds_read_as_logging_formats_them():
     ours.default_msec_format = theirs.default_msec_format = None  # type: ignore[assignment]
     record = logging.LogRecord("tollgate.access", logging.INFO, __file__, 1, "line", None, None)
     assert ours.format(record) == theirs.format(record)
+
+
+class Stream:
+    """A stream that records each write it is given."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.fixture
+def tollgate_logging():
+    """Logging as `tollgate serve` sets it up (configure_logging), into a Stream; put back after.
+    Tests using it call `served_logging_only()` first."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers.clear()
+    configure_logging("info")
+    (handler,) = root.handlers
+    stream = Stream()
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    yield handler, stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
+def served_logging_only() -> None:
+    """pytest adds a handler of its own to the root logger as each test starts: take it away."""
+    root = logging.getLogger()
+    root.handlers[:] = [handler for handler in root.handlers if isinstance(handler, observe.LogHandler)]
+
+
+def test_an_access_line_written_directly_reads_as_logging_would_format_its_record():
+    formatter = LogFormatter(FORMAT)
+    start = int(time.time())
+    for created in (start + 0.001, start + 0.999, start + 1.0, start + 61.5):
+        record = logging.LogRecord("tollgate.access", logging.INFO, __file__, 1, "route=/x status=200", None, None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert formatter.access_line("route=/x status=200", created) == logging.Formatter(FORMAT).format(record)
+
+
+def test_served_logging_sends_the_access_log_straight_to_its_handler(tollgate_logging):
+    handler, _ = tollgate_logging
+    served_logging_only()
+    assert observe.sole_handler() is handler
+
+
+@pytest.mark.parametrize("change", ["filter on the logger", "second handler", "filter on the handler",
+                                    "another format", "record factory", "not propagated"])
+def test_any_other_logging_set_up_gets_the_access_log_through_logging(tollgate_logging, change):
+    handler, _ = tollgate_logging
+    served_logging_only()
+    seen: list[logging.LogRecord] = []
+    undo = []
+    if change == "filter on the logger":
+        access_log.addFilter(seen.append)
+        undo.append(lambda: access_log.removeFilter(seen.append))
+    elif change == "second handler":
+        other = logging.Handler()
+        other.emit = seen.append  # type: ignore[method-assign]
+        logging.getLogger("tollgate").addHandler(other)
+        undo.append(lambda: logging.getLogger("tollgate").removeHandler(other))
+    elif change == "filter on the handler":
+        handler.addFilter(seen.append)
+        undo.append(lambda: handler.removeFilter(seen.append))
+    elif change == "another format":
+        saved = handler.formatter
+        handler.setFormatter(LogFormatter("%(levelname)s %(message)s"))
+        undo.append(lambda: handler.setFormatter(saved))
+    elif change == "record factory":
+        previous = logging.getLogRecordFactory()
+        logging.setLogRecordFactory(lambda *a, **k: seen.append(previous(*a, **k)) or seen[-1])
+        undo.append(lambda: logging.setLogRecordFactory(previous))
+    else:
+        access_log.propagate = False
+        undo.append(lambda: setattr(access_log, "propagate", True))
+    try:
+        assert observe.sole_handler() is None
+        middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+        middleware._log("/x", "GET", 200, 0.001, {})
+        if change not in ("another format", "not propagated"):
+            assert [r.getMessage() for r in seen] == ["route=/x method=GET status=200 latency_ms=1.0"]
+    finally:
+        for step in undo:
+            step()
+
+
+def test_lines_logged_in_one_turn_of_the_loop_reach_the_stream_in_one_write_at_its_end(tollgate_logging):
+    handler, stream = tollgate_logging
+    served_logging_only()
+    assert observe.sole_handler() is handler  # the access lines go the direct way
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+
+    async def run() -> list[str]:
+        middleware._log("/a", "GET", 200, 0.001, {})
+        logging.getLogger("tollgate.calls").warning("a warning between them")
+        middleware._log("/b", "GET", 200, 0.001, {})
+        assert stream.writes == []  # held until the loop has run what was ready
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return stream.writes
+
+    (write,) = asyncio.run(run())
+    lines = write.splitlines()
+    assert write.endswith("\n") and len(lines) == 3
+    assert lines[0].endswith("INFO tollgate.access: route=/a method=GET status=200 latency_ms=1.0")
+    assert lines[1].endswith("WARNING tollgate.calls: a warning between them")
+    assert lines[2].endswith("route=/b method=GET status=200 latency_ms=1.0")
+
+
+def test_a_line_from_another_thread_goes_at_once_after_the_lines_the_loop_holds(tollgate_logging):
+    handler, stream = tollgate_logging
+    served_logging_only()
+
+    async def run() -> None:
+        logging.getLogger("tollgate.calls").warning("held by the loop")
+        other = threading.Thread(target=lambda: logging.getLogger("tollgate.store").error("from the writer thread"))
+        other.start()
+        other.join()
+
+    asyncio.run(run())
+    text = "".join(stream.writes)
+    assert text.index("held by the loop") < text.index("from the writer thread")
+    assert stream.writes[0].endswith("from the writer thread\n")  # both went in that one write
+
+
+def test_lines_held_when_logging_shuts_down_are_written(tollgate_logging):
+    handler, stream = tollgate_logging
+    served_logging_only()
+
+    def last_words() -> None:
+        logging.getLogger("tollgate").warning("the last words")
+        loop.stop()  # the turn that would send them never comes
+
+    loop = asyncio.new_event_loop()
+    loop.call_soon(last_words)
+    loop.run_forever()
+    loop.close()
+    assert stream.writes == []
+    handler.flush()  # what logging.shutdown() does at exit
+    assert stream.writes[0].endswith("WARNING tollgate: the last words\n")
