@@ -96,9 +96,8 @@ async def forward(
         payload["model"] = model
         body = dumps(payload)
         try:
-            async with asyncio.timeout_at(deadline):
-                result = await _attempt(upstream, model, number, body, stream)
-        except (UpstreamTimeout, TimeoutError):
+            result = await _attempt(upstream, model, number, body, stream, deadline)
+        except UpstreamTimeout:  # DeadlineExceeded too
             attempts.append(Attempt(model, "timed out"))
             continue
         except TransportError as exc:
@@ -111,8 +110,10 @@ async def forward(
     raise UpstreamFailed(attempts)
 
 
-async def _attempt(upstream: Upstream, model: str, number: int, body: bytes, stream: bool) -> Answer | OpenStream | Attempt:
-    response = await upstream.open_chat(body)
+async def _attempt(
+    upstream: Upstream, model: str, number: int, body: bytes, stream: bool, deadline: float
+) -> Answer | OpenStream | Attempt:
+    response = await upstream.open_chat(body, deadline)
     handed_over = False
     try:
         if response.status_code != 200:

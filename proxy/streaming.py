@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from .accounting import StreamTally
 from .forwarding import OpenStream
 from .sse import SSEEvent
-from .upstream import TransportError
+from .upstream import DeadlineExceeded, TransportError
 
 EndReason = Literal["finished", "client_disconnected", "upstream_failed", "shutdown"]
 SSE_HEADERS = [
@@ -126,7 +126,7 @@ class SSERelay:
                 # Recorded before the client can see the end, outside the call's deadline.
                 await self._record("finished" if self._tally.error is None else "upstream_failed", self._tally.error)
                 last = terminal
-        except TimeoutError:
+        except (TimeoutError, DeadlineExceeded):  # the relay's own timeout, or the upstream's waits'
             last = await self._failed("The call took longer than the gateway allows", "upstream_timeout")
         except TransportError as exc:
             last = await self._failed(f"The upstream connection failed: {type(exc).__name__}", "upstream_connection_lost")

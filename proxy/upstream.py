@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import ssl
 from collections import deque
 from typing import Any, AsyncIterator, TypeVar
@@ -52,6 +53,10 @@ class UpstreamTimeout(TransportError):
     pass
 
 
+class DeadlineExceeded(UpstreamTimeout):
+    """The call's own deadline (`upstream.timeouts.total`) came during a wait on the upstream."""
+
+
 class UpstreamStatusError(Exception):
     def __init__(self, status_code: int) -> None:
         super().__init__(f"HTTP {status_code}")
@@ -65,9 +70,10 @@ class _Stale(Exception):
 class UpstreamResponse:
     """One answer: status and headers are in; the body arrives through `aiter_raw`."""
 
-    def __init__(self, connection: "_Connection", read_timeout: float) -> None:
+    def __init__(self, connection: "_Connection", read_timeout: float, deadline: float) -> None:
         self._connection = connection
         self._read_timeout = read_timeout
+        self._deadline = deadline
         self.status_code = 0
         self.headers: dict[str, str] = {}
         self._chunks: deque[bytes] = deque()
@@ -130,7 +136,7 @@ class UpstreamResponse:
     async def _wait(self) -> None:
         self._waiter = waiter = asyncio.get_running_loop().create_future()
         try:
-            await self._connection.within(waiter, self._read_timeout, "no data from the upstream in time")
+            await self._connection.within(waiter, self._read_timeout, "no data from the upstream in time", self._deadline)
         finally:
             self._waiter = None
 
@@ -177,7 +183,7 @@ class _Connection(asyncio.Protocol):
         # and by when: one timer for them all, left armed from wait to wait (`within`).
         self._waiter: asyncio.Future[Any] | None = None
         self._due = 0.0
-        self._overdue = ""
+        self._overdue: TransportError = UpstreamTimeout()
         self._watch: asyncio.TimerHandle | None = None
         self._watch_at = 0.0
 
@@ -246,25 +252,30 @@ class _Connection(asyncio.Protocol):
         if self._response is not None:
             self._response._failed(error if not isinstance(error, _Stale) else ReadError("connection lost"))
 
-    async def request(self, head: bytes, body: bytes, read_timeout: float) -> UpstreamResponse:
+    async def request(self, head: bytes, body: bytes, read_timeout: float, deadline: float) -> UpstreamResponse:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._headers = {}
         self._answered = False
-        self._response = UpstreamResponse(self, read_timeout)
+        self._response = UpstreamResponse(self, read_timeout, deadline)
         self._head = head_future = loop.create_future()
         self._sent_at = loop.time()
         self.transport.write(head + body)
-        return await self.within(head_future, read_timeout, "no answer from the upstream in time")
+        return await self.within(head_future, read_timeout, "no answer from the upstream in time", deadline)
 
-    async def within(self, waiter: asyncio.Future[T], seconds: float, message: str) -> T:
+    async def within(self, waiter: asyncio.Future[T], seconds: float, message: str, deadline: float) -> T:
         """Await `waiter`, failing it with UpstreamTimeout(message) if it takes longer than
-        `seconds`. A timer per wait is a libuv handle made and cancelled under uvloop (~2 µs,
-        two or more a call): the connection keeps one, armed for the earliest wait it may have
-        to end, and when it fires it ends the wait running then or arms itself for that one's end."""
+        `seconds`, or with DeadlineExceeded at `deadline` (loop time) if that comes first. A
+        timer per wait is a libuv handle made and cancelled under uvloop (asyncio.timeout()
+        came to 26k instructions a call): the connection keeps one, armed for the earliest wait
+        it may have to end, and when it fires it ends the wait running then or arms itself for
+        that one's end."""
         loop = asyncio.get_running_loop()
         due = loop.time() + seconds
-        self._waiter, self._due, self._overdue = waiter, due, message
+        overdue: TransportError = UpstreamTimeout(message)
+        if deadline < due:
+            due, overdue = deadline, DeadlineExceeded("the call's time ran out")
+        self._waiter, self._due, self._overdue = waiter, due, overdue
         if self._watch is None or self._watch_at > due:
             if self._watch is not None:
                 self._watch.cancel()
@@ -281,7 +292,7 @@ class _Connection(asyncio.Protocol):
             return  # nothing is waited for: the next wait arms the timer again
         loop = asyncio.get_running_loop()
         if loop.time() >= self._due:
-            waiter.set_exception(UpstreamTimeout(self._overdue))
+            waiter.set_exception(self._overdue)
         else:
             self._watch, self._watch_at = loop.call_at(self._due, self._check_overdue), self._due
 
@@ -353,14 +364,17 @@ class Upstream:
             self._open -= 1
         self._idle.clear()
 
-    async def open_chat(self, body: bytes) -> UpstreamResponse:
-        """Send a chat request; return as soon as the response headers are in."""
+    async def open_chat(self, body: bytes, deadline: float = math.inf) -> UpstreamResponse:
+        """Send a chat request; return as soon as the response headers are in. Every wait for
+        it and its answer, a free connection's included, ends by `deadline` (loop time) at the
+        latest, with DeadlineExceeded (or UpstreamTimeout, connecting or waiting for a free
+        connection)."""
         head = self._chat_head + str(len(body)).encode() + b"\r\n\r\n"
-        return await self._send(head, body, self.timeouts.first_byte)
+        return await self._send(head, body, self.timeouts.first_byte, deadline)
 
     async def get_json(self, path: str, timeout: float) -> Any:
         head = f"GET {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1") + self._common + b"\r\n"
-        response = await self._send(head, b"", timeout)
+        response = await self._send(head, b"", timeout, math.inf)
         try:
             content = await response.aread()
         finally:
@@ -369,11 +383,11 @@ class Upstream:
             raise UpstreamStatusError(response.status_code)
         return json.loads(content)
 
-    async def _send(self, head: bytes, body: bytes, read_timeout: float) -> UpstreamResponse:
+    async def _send(self, head: bytes, body: bytes, read_timeout: float, deadline: float) -> UpstreamResponse:
         while True:
-            connection = await self._acquire()
+            connection = await self._acquire(deadline)
             try:
-                return await connection.request(head, body, read_timeout)
+                return await connection.request(head, body, read_timeout, deadline)
             except _Stale:
                 # The upstream closed a kept-alive connection as the request went out; it
                 # never saw the request (a server only closes idle connections): send again.
@@ -384,7 +398,7 @@ class Upstream:
 
     # --- the pool -----------------------------------------------------------------------
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self, deadline: float) -> _Connection:
         loop = asyncio.get_running_loop()
         while True:
             if self._closed:
@@ -399,7 +413,7 @@ class Upstream:
             if self._open < self._max_connections:
                 self._open += 1
                 try:
-                    return await self._connect()
+                    return await self._connect(min(self.timeouts.connect, deadline - now))
                 except BaseException:
                     self._open -= 1
                     self._wake_waiter()
@@ -407,7 +421,7 @@ class Upstream:
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await _within(waiter, self.timeouts.connect, "no free upstream connection in time")
+                await _within(waiter, min(self.timeouts.connect, deadline - now), "no free upstream connection in time")
             except BaseException:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._wake_waiter()  # woken, then cancelled: the connection is someone else's
@@ -416,10 +430,10 @@ class Upstream:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, timeout: float) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.timeouts.connect):
+            async with asyncio.timeout(timeout):
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self), self._host, self._port, ssl=self._ssl
                 )

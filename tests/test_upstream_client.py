@@ -12,7 +12,7 @@ from typing import Awaitable, Callable
 import pytest
 
 from proxy.config import Secret, UpstreamConfig, UpstreamTimeouts
-from proxy.upstream import ConnectError, ReadError, RemoteProtocolError, Upstream, UpstreamStatusError, UpstreamTimeout
+from proxy.upstream import ConnectError, DeadlineExceeded, ReadError, RemoteProtocolError, Upstream, UpstreamStatusError, UpstreamTimeout
 from tests.support import fake_log, free_port, tag
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -182,6 +182,36 @@ def test_requests_answered_in_time_on_one_connection_never_time_out_however_long
             await response.aclose()
         assert client.open_connections == 1
         await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_the_calls_deadline_ends_a_wait_before_its_own_timeout_would():
+    async def answers_slowly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        if not answered:
+            answered.append(1)
+            await asyncio.sleep(5)  # the first request: no answer before the deadline
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+        await asyncio.sleep(5)  # the second: its body never ends
+
+    answered: list[int] = []
+
+    async def run() -> None:
+        server, url = await serve(answers_slowly)
+        client = upstream(url, first_byte=5.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(DeadlineExceeded):
+            await client.open_chat(chat("hi"), deadline=started + 0.3)
+        assert loop.time() - started < 1.0
+        started = loop.time()
+        response = await client.open_chat(chat("hi"), deadline=started + 0.3)
+        with pytest.raises(DeadlineExceeded):
+            await response.aread()
+        assert loop.time() - started < 1.0
+        await response.aclose()
         server.close()
 
     asyncio.run(run())

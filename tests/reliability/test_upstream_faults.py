@@ -90,6 +90,21 @@ def test_a_whole_call_past_the_total_timeout_is_cut_with_one_error_event(make_to
     assert call["status"] == "error" and call["usage_estimated"] and call["completion_tokens"] > 0
 
 
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_a_call_whose_total_time_runs_out_before_any_answer_is_503_and_tries_no_more_models(make_tollgate, route):
+    server = make_tollgate(upstream={"timeouts": {"total": "1s", "first_byte": "30s"}})
+    team = server.admin().team(groups=("FallbackHang",))
+    client = server.client(team.key)
+    job_id = new_job(client)
+    started = time.monotonic()
+    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi")})
+    assert time.monotonic() - started < 5
+    assert response.status_code == 503
+    assert "hang: timed out" in response.json()["detail"] and "1 more not tried" in response.json()["detail"]
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["attempts"]) == ("error", 1)
+
+
 def test_malformed_json_answer_is_a_failure_that_falls_back_or_503s(tollgate, admin):
     team = admin.team(groups=("Garbage",))
     client = tollgate.client(team.key)
