@@ -1,4 +1,5 @@
-"""Reading request bodies: size limits, content type and strict JSON.
+"""Reading requests: their headers, and their bodies with size limits, content type and
+strict JSON.
 
 Python's json module accepts NaN, Infinity, numbers too large for a float (1e999)
 and lone UTF-16 surrogates; none of them can be stored or forwarded as valid
@@ -32,13 +33,23 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """The first value of the header `name` (lower case, as ASGI gives names), as Starlette's
+    `request.headers.get()` finds it, without the mapping built and the name encoded on the
+    way: every call reads three."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
-    content_type = request.headers.get("content-type")
+    content_type = header(request, b"content-type")
     if content_type is not None:
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise ApiError(415, f"Content-Type must be application/json, not '{media[:100]}'")
-    length = request.headers.get("content-length")
+    length = header(request, b"content-length")
     if length is not None:
         if not length.isdigit():
             raise ApiError(400, "Content-Length must be a number")

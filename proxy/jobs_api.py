@@ -9,7 +9,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .auth import KeyAuthenticator, Principal
-from .bodies import read_json_object
+from .bodies import header, read_json_object
 from .calls import Call, CallPipeline, Completed
 from .config import Config
 from .errors import ApiError
@@ -69,7 +69,7 @@ class JobsApi:
         ]
 
     async def _principal(self, request: Request) -> Principal:
-        principal = await self._auth.authenticate(request.headers.get("authorization"))
+        principal = await self._auth.authenticate(header(request, b"authorization"))
         notes(request)["team"] = principal.team.team_id
         return principal
 

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .auth import KeyAuthenticator
-from .bodies import read_json_object
+from .bodies import header, read_json_object
 from .calls import CallPipeline
 from .config import Config
 from .errors import ApiError
@@ -64,12 +64,12 @@ class OpenAIApi:
         ]
 
     async def chat_completions(self, request: Request) -> Response:
-        principal = await self._auth.authenticate(request.headers.get("authorization"))
+        principal = await self._auth.authenticate(header(request, b"authorization"))
         team_id = principal.team.team_id
         notes(request)["team"] = team_id
         call_request = parse_call(await read_json_object(request, self._max_body), openai=True)
         group = await self._calls.check(principal, call_request)
-        job_header = (request.headers.get("x-job-id") or "").strip()
+        job_header = (header(request, b"x-job-id") or "").strip()
         implicit = not job_header
         # The implicit job's id is chosen here, so it can be failed even if creating it is interrupted.
         job_id = new_id() if implicit else canonical_job_id(job_header)
@@ -128,7 +128,7 @@ class OpenAIApi:
             log.exception("could not fail the implicit job of a refused call")
 
     async def list_models(self, request: Request) -> Response:
-        principal = await self._auth.authenticate(request.headers.get("authorization"))
+        principal = await self._auth.authenticate(header(request, b"authorization"))
         data = []
         for name in principal.team.model_groups:
             group = await self._groups.get(name)
@@ -137,7 +137,7 @@ class OpenAIApi:
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
-        principal = await self._auth.authenticate(request.headers.get("authorization"))
+        principal = await self._auth.authenticate(header(request, b"authorization"))
         group = await self._calls.resolve_group(principal.team, request.path_params["model"])
         return JSONResponse(_model_json(group.name, group.created_at))
 

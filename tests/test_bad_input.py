@@ -177,3 +177,29 @@ def test_out_of_range_numbers_in_job_metadata_are_refused_not_stored(tollgate, t
 def test_bad_paging_parameters_are_422(tollgate, team, limit):
     response = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs", params={"limit": limit})
     assert response.status_code == 422
+
+
+def test_headers_are_read_as_starlette_reads_them_the_first_of_repeated_ones_included():
+    from starlette.requests import Request
+
+    from proxy.bodies import header
+
+    raw = [(b"content-type", b"application/json"), (b"authorization", b"Bearer sk-first"),
+           (b"authorization", b"Bearer sk-second"), (b"x-job-id", b"caf\xe9")]
+    request = Request({"type": "http", "headers": raw})
+    for name in ("authorization", "content-type", "x-job-id", "content-length"):
+        assert header(request, name.encode()) == request.headers.get(name)
+    assert header(request, b"authorization") == "Bearer sk-first"
+
+
+def test_a_repeated_authorization_header_is_judged_by_its_first_value(tollgate, team):
+    response = httpx.get(
+        f"{tollgate.url}/api/teams/{team.team_id}",
+        headers=[("Authorization", f"Bearer {team.key}"), ("Authorization", "Bearer sk-wrong")],
+    )
+    assert response.status_code == 200
+    response = httpx.get(
+        f"{tollgate.url}/api/teams/{team.team_id}",
+        headers=[("Authorization", "Bearer sk-wrong"), ("Authorization", f"Bearer {team.key}")],
+    )
+    assert response.status_code == 401
