@@ -111,26 +111,9 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
         model_group = optional_str(body, "model_group", 128) or optional_str(body, "model", 128)
     purpose = optional_str(body, "purpose")
     prompt_chars = _check_messages(body.get("messages"))
-
-    _number_in(body, "temperature", 0, 2)
-    _number_in(body, "top_p", 0, 1)
-    _number_in(body, "frequency_penalty", -2, 2)
-    _number_in(body, "presence_penalty", -2, 2)
-    max_tokens = optional_int(body, "max_tokens", minimum=1, maximum=MAX_TOKENS)
-    max_completion_tokens = optional_int(body, "max_completion_tokens", minimum=1, maximum=MAX_TOKENS)
-    optional_int(body, "n", minimum=1, maximum=128)
-    optional_int(body, "seed", minimum=-(2**63), maximum=2**63 - 1)
-    optional_int(body, "top_logprobs", minimum=0, maximum=20)
-    optional_str(body, "user", allow_empty=True)
-    _check_stop(body.get("stop"))
-    for field in ("response_format", "metadata", "logit_bias", "stream_options"):
-        optional_object(body, field)
-    tools = body.get("tools")
-    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-        raise invalid("tools", "must be a list of objects")
-    tool_choice = body.get("tool_choice")
-    if tool_choice is not None and not isinstance(tool_choice, (str, dict)):
-        raise invalid("tool_choice", "must be a string or an object")
+    max_tokens = max_completion_tokens = None
+    if not _PARAMETERS.isdisjoint(body):  # most calls send none of them: nothing more to check
+        max_tokens, max_completion_tokens = _check_parameters(body)
 
     stream = False
     client_wants_usage = False
@@ -153,6 +136,37 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
     )
 
 
+# The chat parameters checked, in the order their problems are reported.
+_NUMBERS = (("temperature", 0, 2), ("top_p", 0, 1), ("frequency_penalty", -2, 2), ("presence_penalty", -2, 2))
+_INTEGERS = (("n", 1, 128), ("seed", -(2**63), 2**63 - 1), ("top_logprobs", 0, 20))
+_OBJECTS = ("response_format", "metadata", "logit_bias", "stream_options")
+_PARAMETERS = frozenset(
+    [name for name, _, _ in _NUMBERS + _INTEGERS] + [*_OBJECTS, "max_tokens", "max_completion_tokens", "user", "stop",
+                                                      "tools", "tool_choice"]
+)
+
+
+def _check_parameters(body: dict[str, Any]) -> tuple[int | None, int | None]:
+    """The chat parameters of `body` that Tollgate checks; its max_tokens and max_completion_tokens."""
+    for field, low, high in _NUMBERS:
+        _number_in(body, field, low, high)
+    max_tokens = optional_int(body, "max_tokens", minimum=1, maximum=MAX_TOKENS)
+    max_completion_tokens = optional_int(body, "max_completion_tokens", minimum=1, maximum=MAX_TOKENS)
+    for field, low, high in _INTEGERS:
+        optional_int(body, field, minimum=low, maximum=high)
+    optional_str(body, "user", allow_empty=True)
+    _check_stop(body.get("stop"))
+    for field in _OBJECTS:
+        optional_object(body, field)
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise invalid("tools", "must be a list of objects")
+    tool_choice = body.get("tool_choice")
+    if tool_choice is not None and not isinstance(tool_choice, (str, dict)):
+        raise invalid("tool_choice", "must be a string or an object")
+    return max_tokens, max_completion_tokens
+
+
 def _check_messages(messages: Any) -> int:
     if messages is None:
         raise invalid("messages", "is required")
@@ -164,29 +178,28 @@ def _check_messages(messages: Any) -> int:
         raise invalid("messages", f"must hold at most {MAX_MESSAGES} messages")
     chars = 0
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise invalid(where, "must be an object with 'role' and 'content'")
+            raise invalid(f"messages[{i}]", "must be an object with 'role' and 'content'")
         role = message.get("role")
         if not isinstance(role, str):
-            raise invalid(f"{where}.role", "is required and must be a string")
+            raise invalid(f"messages[{i}].role", "is required and must be a string")
         if role not in ROLES:
-            raise invalid(f"{where}.role", "must be one of: " + ", ".join(ROLES))
+            raise invalid(f"messages[{i}].role", "must be one of: " + ", ".join(ROLES))
         content = message.get("content")
         if isinstance(content, str):
             chars += len(content)
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 if not isinstance(part, dict):
-                    raise invalid(f"{where}.content[{j}]", "must be an object")
+                    raise invalid(f"messages[{i}].content[{j}]", "must be an object")
                 text = part.get("text")
                 if isinstance(text, str):
                     chars += len(text)
         elif content is None:
             if role in ("system", "user", "developer"):
-                raise invalid(f"{where}.content", "is required for this role")
+                raise invalid(f"messages[{i}].content", "is required for this role")
         else:
-            raise invalid(f"{where}.content", "must be a string, a list of parts, or null")
+            raise invalid(f"messages[{i}].content", "must be a string, a list of parts, or null")
     return chars
 
 

@@ -203,3 +203,19 @@ def test_a_repeated_authorization_header_is_judged_by_its_first_value(tollgate, 
         headers=[("Authorization", "Bearer sk-wrong"), ("Authorization", f"Bearer {team.key}")],
     )
     assert response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    "field, bad",
+    [("temperature", 3), ("top_p", -1), ("frequency_penalty", 5), ("presence_penalty", "x"), ("max_tokens", 0),
+     ("max_completion_tokens", 0), ("n", 0), ("seed", 1.5), ("top_logprobs", 21), ("user", 5), ("stop", 7),
+     ("response_format", "json"), ("metadata", []), ("logit_bias", 1), ("stream_options", "yes"), ("tools", {}),
+     ("tool_choice", 3)],
+)
+def test_every_checked_chat_parameter_is_checked_when_it_is_the_only_one_sent(field, bad):
+    from proxy.errors import ApiError
+    from proxy.validation import parse_call
+
+    with pytest.raises(ApiError) as refused:
+        parse_call({**HELLO, field: bad}, openai=False)
+    assert refused.value.status == 422 and refused.value.message.startswith(f"{field}: ")
