@@ -147,7 +147,37 @@ def body_for(target: Target, stream: bool, chunks: int, extra: str = "") -> byte
     return json.dumps(payload).encode()
 
 
+@dataclass
+class Sample:
+    """What the measured part of one or more slices of a cell saw."""
+
+    results: list[Result]
+    elapsed: float
+    cpu: float | None  # seconds of the target process's CPU, if it has one
+
+    def merged(self, other: "Sample") -> "Sample":
+        cpu = None if self.cpu is None or other.cpu is None else self.cpu + other.cpu
+        return Sample(self.results + other.results, self.elapsed + other.elapsed, cpu)
+
+    def summary(self) -> dict:
+        latencies = sorted(r.total for r in self.results)
+        ttfbs = sorted(r.ttfb for r in self.results)
+        n = len(self.results)
+        return {
+            "rps": n / self.elapsed,
+            "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99),
+            "ttfb": percentile(ttfbs, 50),
+            "cpu_ms": (self.cpu / n * 1000) if self.cpu is not None and n else None,
+            "n": n,
+        }
+
+
 async def load(target: Target, stream: bool, concurrency: int, seconds: float, chunks: int) -> dict:
+    return (await measure(target, stream, concurrency, seconds, chunks)).summary()
+
+
+async def measure(target: Target, stream: bool, concurrency: int, seconds: float, chunks: int) -> Sample:
     host, port = target.url.removeprefix("http://").split(":")
     path = target.path + ("-stream" if stream and not target.model else "")
     body = body_for(target, stream, chunks)
@@ -177,16 +207,7 @@ async def load(target: Target, stream: bool, concurrency: int, seconds: float, c
     finally:
         await asyncio.gather(*(c.close() for c in connections))
     cpu = (cpu_seconds(target.pid) - cpu_before) if target.pid else None
-    latencies = sorted(r.total for r in results)
-    ttfbs = sorted(r.ttfb for r in results)
-    return {
-        "rps": len(results) / elapsed,
-        "p50": percentile(latencies, 50),
-        "p99": percentile(latencies, 99),
-        "ttfb": percentile(ttfbs, 50),
-        "cpu_ms": (cpu / len(results) * 1000) if cpu is not None and results else None,
-        "n": len(results),
-    }
+    return Sample(results, elapsed, cpu)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -298,6 +319,7 @@ def tollgate_target(name: str, server: Tollgate) -> Target:
 
 async def run(args: argparse.Namespace) -> None:
     seconds = 1.0 if args.smoke else args.seconds
+    slices = 1 if args.smoke else args.slices
     concurrencies = [1, 10] if args.smoke else [1, 10, 50]
     if args.concurrency:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -319,8 +341,16 @@ async def run(args: argparse.Namespace) -> None:
         rows = []
         for stream in [mode == "stream" for mode in args.modes.split(",")]:
             for concurrency in concurrencies:
+                # Each cell in slices taken in turn with the other targets' (a, b, c, d, a, b, ...):
+                # a burst of load from elsewhere on a shared VM then falls on every target alike,
+                # not on whichever cell happened to run through it.
+                samples: dict[str, Sample] = {}
+                for _ in range(slices):
+                    for target in measured:
+                        sample = await measure(target, stream, concurrency, seconds / slices, chunks)
+                        samples[target.name] = samples[target.name].merged(sample) if target.name in samples else sample
                 for target in measured:
-                    m = await load(target, stream, concurrency, seconds, chunks)
+                    m = samples[target.name].summary()
                     rows.append((("stream" if stream else "plain"), concurrency, target.name, m))
                     print(f"  {rows[-1][0]:6} c={concurrency:<3} {target.name:26} {m['rps']:8.0f} req/s", file=sys.stderr)
         if args.no_extras:
@@ -336,7 +366,8 @@ def report(rows: list, direct_delay: float | None, tollgate_delay: float | None,
            during: float | None, args: argparse.Namespace) -> str:
     lines = [
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell'}, upstream: {args.upstream}",
+        f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell in {args.slices} interleaved slices'}, "
+        f"upstream: {args.upstream}",
         "",
         "| mode | conc. | target | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req (that process) |",
         "|---|---|---|---|---|---|---|---|",
@@ -373,6 +404,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark Tollgate against a direct call and LiteLLM.")
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all: proves the benchmark works")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
+    parser.add_argument("--slices", type=int, default=3,
+                        help="each cell measured in this many slices, taken in turn with the other targets'")
     parser.add_argument("--targets", default="abcd", help="which of (a)-(d) to measure, e.g. 'ab' while profiling")
     parser.add_argument("--modes", default="plain,stream", help="'plain', 'stream' or both")
     parser.add_argument("--concurrency", default=None, help="comma-separated, e.g. '1,10' (default 1,10,50)")
