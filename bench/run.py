@@ -120,6 +120,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave to others while this VM's vCPUs wanted it (all CPUs):
+    a cell with much of it measured a machine slower than the others did."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / CLOCK_TICKS if len(fields) > 8 else 0.0
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -154,10 +161,11 @@ class Sample:
     results: list[Result]
     elapsed: float
     cpu: float | None  # seconds of the target process's CPU, if it has one
+    stolen: float = 0.0  # seconds of this VM's CPUs taken by the hypervisor meanwhile
 
     def merged(self, other: "Sample") -> "Sample":
         cpu = None if self.cpu is None or other.cpu is None else self.cpu + other.cpu
-        return Sample(self.results + other.results, self.elapsed + other.elapsed, cpu)
+        return Sample(self.results + other.results, self.elapsed + other.elapsed, cpu, self.stolen + other.stolen)
 
     def summary(self) -> dict:
         latencies = sorted(r.total for r in self.results)
@@ -169,6 +177,7 @@ class Sample:
             "p99": percentile(latencies, 99),
             "ttfb": percentile(ttfbs, 50),
             "cpu_ms": (self.cpu / n * 1000) if self.cpu is not None and n else None,
+            "stolen": self.stolen / (self.elapsed * (os.cpu_count() or 1)),
             "n": n,
         }
 
@@ -200,6 +209,7 @@ async def measure(target: Target, stream: bool, concurrency: int, seconds: float
         for _ in range(2):
             await asyncio.gather(*(call(c) for c in connections))
         cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
+        stolen_before = stolen_seconds()
         started = time.perf_counter()
         deadline = started + seconds
         await asyncio.gather(*(worker(c) for c in connections))
@@ -207,7 +217,7 @@ async def measure(target: Target, stream: bool, concurrency: int, seconds: float
     finally:
         await asyncio.gather(*(c.close() for c in connections))
     cpu = (cpu_seconds(target.pid) - cpu_before) if target.pid else None
-    return Sample(results, elapsed, cpu)
+    return Sample(results, elapsed, cpu, stolen_seconds() - stolen_before)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -369,14 +379,14 @@ def report(rows: list, direct_delay: float | None, tollgate_delay: float | None,
         f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell in {args.slices} interleaved slices'}, "
         f"upstream: {args.upstream}",
         "",
-        "| mode | conc. | target | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req (that process) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | conc. | target | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req (that process) | stolen |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, concurrency, name, m in rows:
         cpu = f"{m['cpu_ms']:.3f}" if m["cpu_ms"] is not None else "-"
         lines.append(
             f"| {mode} | {concurrency} | {name} | {m['rps']:.0f} | {m['p50'] * 1000:.2f} | {m['p99'] * 1000:.2f} | "
-            f"{m['ttfb'] * 1000:.2f} | {cpu} |"
+            f"{m['ttfb'] * 1000:.2f} | {cpu} | {m['stolen']:.0%} |"
         )
     by = {(mode, c, name): m for mode, c, name, m in rows}
     lines += ["", "Derived:"]
