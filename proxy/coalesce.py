@@ -5,7 +5,7 @@ write is dear: the writer's CPU runs the receiving side of the stack too and wak
 and under load the socket writes were the largest single cost left in a call, a sixth of
 Tollgate's CPU (bench/RESULTS.md, session 18). A plain answer was two of them under uvicorn
 (its head at `http.response.start`, its body after), and every call sent Redis two commands of
-its own (the admit, and the settle after the answer) while other calls' went out beside them.
+its own (its admit, and its settle as it ends) while other calls' went out beside them.
 
 `CoalescedWrites` holds what is written to a transport until the loop has run the callbacks
 that were ready with it, then sends it all at once: in the next turn, before the loop waits
