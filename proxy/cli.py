@@ -45,21 +45,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .app import configure_logging, create_served_app
     from .metrics import MULTIPROC_ENV
-    from .server import CoalescingHttpProtocol
+    from .server import uvicorn_options
 
     config = _load(args, serving=True)
-    host = args.host or config.server.host
-    port = args.port or config.server.port
     workers = args.workers or config.server.workers
     configure_logging(config.logging.level)
-    options: dict[str, Any] = dict(
-        host=host,
-        port=port,
-        log_level="info",
-        access_log=False,
-        server_header=False,
-        http=CoalescingHttpProtocol,
-        timeout_graceful_shutdown=config.server.shutdown_grace,
+    options = uvicorn_options(
+        args.host or config.server.host, args.port or config.server.port, "info", config.server.shutdown_grace
     )
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: a graceful
     # stop is a successful exit.

@@ -203,6 +203,7 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
 
     from .app import configure_logging, create_app
     from .config import load_config
+    from .server import uvicorn_options
 
     litellm_config = Path("litellm_config.yaml")
     if not litellm_config.exists():
@@ -226,9 +227,8 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
         try:
             key = asyncio.run(_prepare(config))
             configure_logging()
-            server = uvicorn.Server(
-                uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning", access_log=False)
-            )
+            options = uvicorn_options("127.0.0.1", port, "warning", config.server.shutdown_grace)
+            server = uvicorn.Server(uvicorn.Config(create_app(config), **options))
 
             async def serve() -> None:
                 task = asyncio.create_task(server.serve())

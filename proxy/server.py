@@ -1,9 +1,10 @@
-"""The HTTP server `tollgate serve` runs: uvicorn, with its httptools protocol writing through
-a `CoalescingTransport` (coalesce.py)."""
+"""The HTTP server `tollgate serve` (and the demo) runs: uvicorn, with its httptools protocol
+writing through a `CoalescingTransport` (coalesce.py)."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -17,3 +18,16 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
+
+
+def uvicorn_options(host: str, port: int, log_level: str, shutdown_grace: float) -> dict[str, Any]:
+    """How Tollgate runs uvicorn: its own access log and protocol, no `server` header."""
+    return dict(
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+        http=CoalescingHttpProtocol,
+        timeout_graceful_shutdown=shutdown_grace,
+    )
