@@ -183,7 +183,7 @@ class _Connection(asyncio.Protocol):
         # and by when: one timer for them all, left armed from wait to wait (`within`).
         self._waiter: asyncio.Future[Any] | None = None
         self._due = 0.0
-        self._overdue: TransportError = UpstreamTimeout()
+        self._overdue = ""  # the message of the wait's own timeout; "" when the deadline ends it
         self._watch: asyncio.TimerHandle | None = None
         self._watch_at = 0.0
 
@@ -272,10 +272,9 @@ class _Connection(asyncio.Protocol):
         that one's end."""
         loop = asyncio.get_running_loop()
         due = loop.time() + seconds
-        overdue: TransportError = UpstreamTimeout(message)
         if deadline < due:
-            due, overdue = deadline, DeadlineExceeded("the call's time ran out")
-        self._waiter, self._due, self._overdue = waiter, due, overdue
+            due, message = deadline, ""
+        self._waiter, self._due, self._overdue = waiter, due, message
         if self._watch is None or self._watch_at > due:
             if self._watch is not None:
                 self._watch.cancel()
@@ -292,7 +291,9 @@ class _Connection(asyncio.Protocol):
             return  # nothing is waited for: the next wait arms the timer again
         loop = asyncio.get_running_loop()
         if loop.time() >= self._due:
-            waiter.set_exception(self._overdue)
+            # Made only now, not for every wait: nearly every wait ends in time.
+            overdue = self._overdue
+            waiter.set_exception(UpstreamTimeout(overdue) if overdue else DeadlineExceeded("the call's time ran out"))
         else:
             self._watch, self._watch_at = loop.call_at(self._due, self._check_overdue), self._due
 
