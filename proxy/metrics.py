@@ -1,5 +1,6 @@
 """Prometheus metrics: what Tollgate measures, and how /metrics renders it.
 
+In one process the values are kept by `instruments.py` (a dict update per observation).
 With several worker processes (`tollgate serve --workers N`) prometheus-client's
 multiprocess mode is used: `serve` points PROMETHEUS_MULTIPROC_DIR at a fresh
 directory before the workers start, each worker writes its values there, and a
@@ -17,9 +18,12 @@ import os
 import time
 from typing import Any, Awaitable, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from . import instruments
+from .instruments import Instrument
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -38,47 +42,40 @@ class Metrics:
         self._credits: tuple[float, list[tuple[str, int]]] = (0.0, [])
         self.registry = CollectorRegistry(auto_describe=True)
         team = ("team",) if team_label else ()
+        registry, shared = self.registry, multiprocess_enabled()
 
-        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counter:
-            return Counter(name, doc, labels, registry=self.registry)
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Instrument:
+            return instruments.counter(name, doc, labels, registry, shared)
 
-        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Instrument:
+            return instruments.histogram(name, doc, labels, buckets, registry, shared)
 
-        self.requests = counter("tollgate_requests_total", "HTTP requests answered", ("route", "method", "status"))
-        self.request_duration = histogram(
+        self._requests = counter("tollgate_requests_total", "HTTP requests answered", ("route", "method", "status"))
+        self._request_duration = histogram(
             "tollgate_request_duration_seconds", "Time to answer an HTTP request (streams: to their end)",
             ("route",), LATENCY_BUCKETS,
         )
-        self.llm_calls = counter(
+        self._llm_calls = counter(
             "tollgate_llm_calls_total", "LLM calls by how they ended", (*team, "model_group", "model", "status", "stream")
         )
-        self.tokens = counter("tollgate_tokens_total", "Tokens used by LLM calls", (*team, "model_group", "type"))
-        self.cost = counter("tollgate_cost_usd_total", "Cost of LLM calls in USD", (*team, "model_group"))
-        self.upstream_latency = histogram(
+        self._tokens = counter("tollgate_tokens_total", "Tokens used by LLM calls", (*team, "model_group", "type"))
+        self._cost = counter("tollgate_cost_usd_total", "Cost of LLM calls in USD", (*team, "model_group"))
+        self._upstream_latency = histogram(
             "tollgate_upstream_latency_seconds", "LLM call duration, fallbacks included", ("model_group",),
             LATENCY_BUCKETS,
         )
-        self.ttft = histogram(
+        self._ttft = histogram(
             "tollgate_time_to_first_token_seconds", "Time to a stream's first event", ("model_group",), TTFT_BUCKETS
         )
-        self.rate_limited = counter("tollgate_rate_limited_total", "Calls refused by rate limits", (*team, "limit"))
-        self.fallbacks = counter("tollgate_fallbacks_total", "Models tried after a group's first failed", ("model_group",))
-        self.jobs = counter("tollgate_jobs_total", "Jobs created and finished", (*team, "status"))
+        self._rate_limited = counter("tollgate_rate_limited_total", "Calls refused by rate limits", (*team, "limit"))
+        self._fallbacks = counter(
+            "tollgate_fallbacks_total", "Models tried after a group's first failed", ("model_group",)
+        )
+        self._jobs = counter("tollgate_jobs_total", "Jobs created and finished", (*team, "status"))
         self.active_streams = Gauge(
             "tollgate_active_streams", "Streams being relayed now", registry=self.registry,
             multiprocess_mode="livesum",
         )
-
-        # Every call observes several labelled children; prometheus-client's labels() checks
-        # and locks each time, which cost more than the observations (bench/inproc.py).
-        self._requests = _Children(self.requests)
-        self._request_duration = _Children(self.request_duration)
-        self._llm_calls = _Children(self.llm_calls)
-        self._tokens = _Children(self.tokens)
-        self._cost = _Children(self.cost)
-        self._upstream_latency = _Children(self.upstream_latency)
-        self._ttft = _Children(self.ttft)
 
     def _team(self, team_id: str) -> tuple[str, ...]:
         return (team_id,) if self.team_label else ()
@@ -86,8 +83,8 @@ class Metrics:
     # --- observations ----------------------------------------------------------------------
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self._requests(route, method, str(status)).inc()
-        self._request_duration(route).observe(seconds)
+        self._requests.inc((route, method, str(status)))
+        self._request_duration.observe((route,), seconds)
 
     def observe_call(
         self,
@@ -104,24 +101,24 @@ class Metrics:
         attempts: int,
     ) -> None:
         team = self._team(team_id)
-        self._llm_calls(*team, group, model or "none", status, "true" if stream else "false").inc()
+        self._llm_calls.inc((*team, group, model or "none", status, "true" if stream else "false"))
         if prompt_tokens:
-            self._tokens(*team, group, "prompt").inc(prompt_tokens)
+            self._tokens.inc((*team, group, "prompt"), prompt_tokens)
         if completion_tokens:
-            self._tokens(*team, group, "completion").inc(completion_tokens)
+            self._tokens.inc((*team, group, "completion"), completion_tokens)
         if cost_usd:
-            self._cost(*team, group).inc(cost_usd)
-        self._upstream_latency(group).observe(seconds)
+            self._cost.inc((*team, group), cost_usd)
+        self._upstream_latency.observe((group,), seconds)
         if ttft is not None:
-            self._ttft(group).observe(ttft)
+            self._ttft.observe((group,), ttft)
         if attempts > 1:
-            self.fallbacks.labels(group).inc(attempts - 1)
+            self._fallbacks.inc((group,), attempts - 1)
 
     def observe_rate_limited(self, team_id: str, kind: str) -> None:
-        self.rate_limited.labels(*self._team(team_id), kind).inc()
+        self._rate_limited.inc((*self._team(team_id), kind))
 
     def observe_job(self, team_id: str, status: str) -> None:
-        self.jobs.labels(*self._team(team_id), status).inc()
+        self._jobs.inc((*self._team(team_id), status))
 
     # --- rendering ---------------------------------------------------------------------------
 
@@ -142,20 +139,6 @@ class Metrics:
             values = await read()
             self._credits = (time.monotonic(), values)
         return values
-
-
-class _Children:
-    """A labelled metric's children, kept by their label values."""
-
-    def __init__(self, metric: Counter | Histogram) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
 
 
 class _Balances:

@@ -1,0 +1,160 @@
+"""Labelled counters and histograms that an observation updates with a dict operation.
+
+prometheus-client's own take a lock, check the metric is observable and, for a histogram,
+walk its buckets in Python for every observation: a call observes six of them, which came
+to a tenth of Tollgate's own code per call (bench/RESULTS.md). These keep their values in
+plain dicts and lists, updated only from the event loop's thread, and render through
+prometheus-client at scrape time, sample for sample as its own Counter and Histogram do.
+
+With several worker processes (prometheus-client's multiprocess mode) the values must live
+in its shared files, so `Shared` puts its Counter or Histogram behind the same two calls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from bisect import bisect_left
+from typing import Iterator, Protocol
+
+import prometheus_client.metrics
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
+
+Labels = tuple[str, ...]
+
+
+class Instrument(Protocol):
+    def inc(self, labels: Labels, amount: float = 1.0) -> None: ...
+
+    def observe(self, labels: Labels, amount: float) -> None: ...
+
+
+def _created_series() -> bool:
+    """Whether `_created` samples are exported: prometheus-client's own switch
+    (PROMETHEUS_DISABLE_CREATED_SERIES, `disable_created_metrics()`)."""
+    return getattr(prometheus_client.metrics, "_use_created", True)
+
+
+class LocalCounter:
+    def __init__(self, name: str, documentation: str, labelnames: Labels, registry: CollectorRegistry) -> None:
+        self._name = name.removesuffix("_total")
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._values: dict[Labels, float] = {}
+        self._created: dict[Labels, float] = {}
+        registry.register(self)
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        values = self._values
+        if labels in values:
+            values[labels] += amount
+        else:
+            self._created[labels] = time.time()
+            values[labels] = amount
+
+    def observe(self, labels: Labels, amount: float) -> None:
+        raise TypeError("a counter is incremented, not observed")
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self._name, self._documentation, "counter")]
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self._name, self._documentation, "counter")
+        created = _created_series()
+        for labels, value in list(self._values.items()):
+            series = dict(zip(self._labelnames, labels))
+            metric.add_sample(self._name + "_total", series, value)
+            if created:
+                metric.add_sample(self._name + "_created", series, self._created[labels])
+        yield metric
+
+
+class LocalHistogram:
+    def __init__(
+        self, name: str, documentation: str, labelnames: Labels, buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        bounds = [float(bound) for bound in buckets]
+        if bounds != sorted(bounds):
+            raise ValueError("Buckets not in sorted order")
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self._bounds = tuple(bounds)
+        self._les = tuple(floatToGoString(bound) for bound in bounds)
+        # Per series: each bucket's own count (not yet cumulative), then the sum.
+        self._series: dict[Labels, list[float]] = {}
+        self._created: dict[Labels, float] = {}
+        registry.register(self)
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        raise TypeError("a histogram is observed, not incremented")
+
+    def observe(self, labels: Labels, amount: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            self._created[labels] = time.time()
+            series = self._series[labels] = [0.0] * (len(self._bounds) + 1)
+        # The first bucket whose bound is >= the amount, as `le` means.
+        series[bisect_left(self._bounds, amount)] += 1
+        series[-1] += amount
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self._name, self._documentation, "histogram")]
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self._name, self._documentation, "histogram")
+        created = _created_series()
+        for labels, values in list(self._series.items()):
+            series = dict(zip(self._labelnames, labels))
+            count = 0.0
+            for le, value in zip(self._les, values):
+                count += value
+                metric.add_sample(self._name + "_bucket", {**series, "le": le}, count)
+            metric.add_sample(self._name + "_count", series, count)
+            if self._bounds[0] >= 0:
+                metric.add_sample(self._name + "_sum", series, values[-1])
+            if created:
+                metric.add_sample(self._name + "_created", series, self._created[labels])
+        yield metric
+
+
+class Shared:
+    """prometheus-client's Counter or Histogram, its children kept by label values:
+    its `labels()` checks and locks each time."""
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self._metric = metric
+        self._children: dict[Labels, Counter | Histogram] = {}
+
+    def _child(self, labels: Labels) -> Counter | Histogram:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+    def inc(self, labels: Labels, amount: float = 1.0) -> None:
+        self._child(labels).inc(amount)  # type: ignore[union-attr]
+
+    def observe(self, labels: Labels, amount: float) -> None:
+        self._child(labels).observe(amount)  # type: ignore[union-attr]
+
+
+def counter(name: str, documentation: str, labelnames: Labels, registry: CollectorRegistry,
+            shared: bool) -> Instrument:
+    if shared:
+        return Shared(Counter(name, documentation, labelnames, registry=registry))
+    return LocalCounter(name, documentation, labelnames, registry)
+
+
+def histogram(name: str, documentation: str, labelnames: Labels, buckets: tuple[float, ...],
+              registry: CollectorRegistry, shared: bool) -> Instrument:
+    if shared:
+        return Shared(Histogram(name, documentation, labelnames, buckets=buckets, registry=registry))
+    return LocalHistogram(name, documentation, labelnames, buckets, registry)

@@ -1,0 +1,68 @@
+"""The in-process counters and histograms render exactly as prometheus-client's own would."""
+
+import re
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from proxy import instruments
+from proxy.metrics import LATENCY_BUCKETS
+
+CREATED = re.compile(rb"(_created\{[^}]*\}) [0-9.e+]+")
+
+
+def rendered(make, observations) -> bytes:
+    """The text of one metric made by `make(registry, shared)` after `observations`, both ways;
+    the creation times (a clock reading each) blanked."""
+    texts = []
+    for shared in (True, False):
+        registry = CollectorRegistry(auto_describe=True)
+        metric = make(registry, shared)
+        for method, labels, amount in observations:
+            getattr(metric, method)(labels, amount)
+        texts.append(CREATED.sub(rb"\1 T", generate_latest(registry)))
+    assert texts[0] == texts[1]
+    return texts[1]
+
+
+def test_a_local_counter_renders_as_prometheus_clients_counter():
+    def make(registry, shared):
+        return instruments.counter("t_tokens_total", "Tokens", ("team", "type"), registry, shared)
+
+    text = rendered(make, [
+        ("inc", ("acme", "prompt"), 12), ("inc", ("acme", "completion"), 3), ("inc", ("acme", "prompt"), 0.5),
+        ("inc", ("beta", "prompt"), 1),
+    ])
+    assert b't_tokens_total{team="acme",type="prompt"} 12.5' in text
+    assert b"_created" in text
+
+
+def test_a_local_histogram_renders_as_prometheus_clients_histogram():
+    def make(registry, shared):
+        return instruments.histogram("t_seconds", "Time", ("route",), LATENCY_BUCKETS, registry, shared)
+
+    # Below the first bound, exactly on bounds, between them, past the last, and zero.
+    amounts = [0.001, 0.005, 0.0051, 0.25, 1, 299.9, 300, 301, 1e9, 0.0]
+    text = rendered(make, [("observe", ("/a",), amount) for amount in amounts] + [("observe", ("/b",), 0.07)])
+    assert b't_seconds_bucket{le="+Inf",route="/a"} 10.0' in text
+    assert b't_seconds_bucket{le="0.005",route="/a"} 3.0' in text
+
+
+def test_counters_refuse_a_negative_amount_as_prometheus_clients_do():
+    registry = CollectorRegistry()
+    counter = instruments.counter("t_total", "T", ("a",), registry, shared=False)
+    with pytest.raises(ValueError):
+        counter.inc(("x",), -1)
+
+
+def test_no_created_series_when_prometheus_client_is_told_not_to_export_them():
+    from prometheus_client.metrics import disable_created_metrics, enable_created_metrics
+
+    def make(registry, shared):
+        return instruments.counter("t_calls_total", "Calls", ("a",), registry, shared)
+
+    disable_created_metrics()
+    try:
+        assert b"_created" not in rendered(make, [("inc", ("x",), 1)])
+    finally:
+        enable_created_metrics()
