@@ -223,7 +223,7 @@ def measure(parts: set[str], concurrencies: list[int], seconds: float) -> list[s
                 ticks = sum(after.values()) - sum(before.get(t, 0) for t in after)
                 cpu_ms = ticks / os.sysconf("SC_CLK_TCK") / m["n"] * 1000
                 off = ",".join(sorted(parts)) or "nothing"
-                lines.append(f"| {off} | {concurrency} | {m['rps']:.0f} | {m['p50'] * 1000:.2f} | {cpu_ms:.3f} |")
+                lines.append(f"| {off} | {concurrency} | {m['rps']:.0f} | {m['p50'] * 1000:.2f} | {m['p99'] * 1000:.2f} | {cpu_ms:.3f} |")
                 print(lines[-1], file=sys.stderr)
         finally:
             server.stop()
@@ -250,7 +250,7 @@ def main() -> None:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
     runs = [set()] + [{p} for p in PARTS if p != "trace"] if args.each else [chosen]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    lines = ["| switched off | conc. | req/s | p50 ms | CPU ms/call |", "|---|---|---|---|---|"]
+    lines = ["| switched off | conc. | req/s | p50 ms | p99 ms | CPU ms/call |", "|---|---|---|---|---|---|"]
     for _ in range(args.rounds):
         for parts in runs:
             lines += measure(parts, concurrencies, args.seconds)

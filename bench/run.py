@@ -115,9 +115,28 @@ class Connection:
 # --- measuring ---------------------------------------------------------------------------------
 
 
+def process_tree(pid: int) -> dict[int, list[str]]:
+    """/proc/<pid>/stat's fields (after the name) of the process and every live process below
+    it: `tollgate serve --workers N` serves from N children of a supervisor."""
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+    below: dict[int, list[int]] = {}
+    for child, fields in stats.items():
+        below.setdefault(int(fields[1]), []).append(child)
+    tree, todo = {}, [pid]
+    while todo:
+        current = todo.pop()
+        if current in stats:
+            tree[current] = stats[current]
+        todo += below.get(current, [])
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return sum(int(fields[11]) + int(fields[12]) for fields in process_tree(pid).values()) / CLOCK_TICKS  # utime + stime
 
 
 def stolen_seconds() -> float:
@@ -128,10 +147,13 @@ def stolen_seconds() -> float:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    total = 0
+    for child in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total / 1024
 
 
 @dataclass
@@ -270,7 +292,7 @@ UPSTREAMS = {
 
 
 @contextlib.contextmanager
-def services(workdir: Path, upstream: str = "lean", **tollgate_config: dict) -> Iterator[dict]:
+def services(workdir: Path, upstream: str = "lean", workers: int = 1, **tollgate_config: dict) -> Iterator[dict]:
     fake_port = free_port()
     fake = start_process([PYTHON, *UPSTREAMS[upstream], "--port", str(fake_port)], workdir / "fake.log")
     redis = RedisServer(workdir).start()
@@ -281,8 +303,9 @@ def services(workdir: Path, upstream: str = "lean", **tollgate_config: dict) -> 
             common = dict(redis={"url": redis.url}, upstream={"max_connections": 2000})
             for section, values in tollgate_config.items():
                 common[section] = {**common.get(section, {}), **values}
-            direct = Tollgate(workdir, fake_url, "sk-fake", name="tollgate-direct", **common).start()
-            behind = Tollgate(workdir, litellm.url, litellm.master_key, name="tollgate-litellm", **common).start()
+            direct = Tollgate(workdir, fake_url, "sk-fake", name="tollgate-direct", workers=workers, **common).start()
+            behind = Tollgate(workdir, litellm.url, litellm.master_key, name="tollgate-litellm", workers=workers,
+                              **common).start()
             try:
                 yield {"fake": (fake_url, fake.pid), "litellm": litellm, "direct": direct, "behind": behind}
             finally:
@@ -335,7 +358,7 @@ async def run(args: argparse.Namespace) -> None:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
     open_streams = 50 if args.smoke else 1000
     chunks = 20
-    with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp, services(Path(tmp), args.upstream) as s:
+    with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp, services(Path(tmp), args.upstream, args.workers) as s:
         fake_url, fake_pid = s["fake"]
         litellm: LiteLLM = s["litellm"]
         litellm_headers = f"Authorization: Bearer {litellm.master_key}\r\n".encode()
@@ -377,7 +400,7 @@ def report(rows: list, direct_delay: float | None, tollgate_delay: float | None,
     lines = [
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell in {args.slices} interleaved slices'}, "
-        f"upstream: {args.upstream}",
+        f"upstream: {args.upstream}" + (f", Tollgate workers: {args.workers}" if args.workers > 1 else ""),
         "",
         "| mode | conc. | target | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req (that process) | stolen |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -422,6 +445,7 @@ def main() -> None:
     parser.add_argument("--no-extras", action="store_true", help="skip the per-chunk delay and memory measurements")
     parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="lean",
                         help="bench/upstream.py (lean) or the tests' fake upstream")
+    parser.add_argument("--workers", type=int, default=1, help="Tollgate's worker processes (tollgate serve --workers)")
     uvloop.run(run(parser.parse_args()))
 
 
