@@ -1,6 +1,11 @@
 """The benchmark still works: its smoke mode runs end to end (timings are not asserted)."""
 
+import importlib.util
+import os
+import signal
 import subprocess
+import sys
+import time
 
 from tests.support import PYTHON, REPO
 
@@ -14,3 +19,28 @@ def test_benchmark_smoke_mode_produces_the_whole_table():
         assert target in result.stdout
     assert "| stream | 10 |" in result.stdout and "per streamed chunk" in result.stdout
     assert "open streams" in result.stdout
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cpu_counted_for_a_server_includes_its_worker_processes():
+    bench = load_bench()
+    # A supervisor that does nothing itself, and a worker that burns half a second, then waits.
+    worker = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\ntime.sleep(60)"
+    supervisor = subprocess.Popen([PYTHON, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {worker!r}])"])
+    try:
+        deadline = time.monotonic() + 20
+        while bench.cpu_seconds(supervisor.pid) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert bench.cpu_seconds(supervisor.pid) >= 0.5
+        assert len(bench.process_tree(supervisor.pid)) == 2
+    finally:
+        for pid in bench.process_tree(supervisor.pid):
+            os.kill(pid, signal.SIGKILL)
+        supervisor.wait()
