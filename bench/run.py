@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -230,6 +231,11 @@ async def measure(target: Target, stream: bool, concurrency: int, seconds: float
         # first calls take a second), then measure for `seconds` from then on.
         for _ in range(2):
             await asyncio.gather(*(call(c) for c in connections))
+        # The load generator's own collector must not pause it mid-measurement: with the
+        # results of earlier cells alive, its full collections took up to 0.1 s, counted
+        # into the latency of every request then in flight. Nothing measured makes cycles.
+        gc.collect()
+        gc.disable()
         cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
         stolen_before = stolen_seconds()
         started = time.perf_counter()
@@ -237,6 +243,7 @@ async def measure(target: Target, stream: bool, concurrency: int, seconds: float
         await asyncio.gather(*(worker(c) for c in connections))
         elapsed = time.perf_counter() - started
     finally:
+        gc.enable()
         await asyncio.gather(*(c.close() for c in connections))
     cpu = (cpu_seconds(target.pid) - cpu_before) if target.pid else None
     return Sample(results, elapsed, cpu, stolen_seconds() - stolen_before)
