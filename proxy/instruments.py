@@ -25,9 +25,11 @@ from prometheus_client.utils import floatToGoString
 Labels = tuple[str, ...]
 
 
-class Instrument(Protocol):
+class Counting(Protocol):
     def inc(self, labels: Labels, amount: float = 1.0) -> None: ...
 
+
+class Observing(Protocol):
     def observe(self, labels: Labels, amount: float) -> None: ...
 
 
@@ -55,9 +57,6 @@ class LocalCounter:
         else:
             self._created[labels] = time.time()
             values[labels] = amount
-
-    def observe(self, labels: Labels, amount: float) -> None:
-        raise TypeError("a counter is incremented, not observed")
 
     def describe(self) -> list[Metric]:
         return [Metric(self._name, self._documentation, "counter")]
@@ -92,9 +91,6 @@ class LocalHistogram:
         self._series: dict[Labels, list[float]] = {}
         self._created: dict[Labels, float] = {}
         registry.register(self)
-
-    def inc(self, labels: Labels, amount: float = 1.0) -> None:
-        raise TypeError("a histogram is observed, not incremented")
 
     def observe(self, labels: Labels, amount: float) -> None:
         series = self._series.get(labels)
@@ -147,14 +143,14 @@ class Shared:
 
 
 def counter(name: str, documentation: str, labelnames: Labels, registry: CollectorRegistry,
-            shared: bool) -> Instrument:
+            shared: bool) -> Counting:
     if shared:
         return Shared(Counter(name, documentation, labelnames, registry=registry))
     return LocalCounter(name, documentation, labelnames, registry)
 
 
 def histogram(name: str, documentation: str, labelnames: Labels, buckets: tuple[float, ...],
-              registry: CollectorRegistry, shared: bool) -> Instrument:
+              registry: CollectorRegistry, shared: bool) -> Observing:
     if shared:
         return Shared(Histogram(name, documentation, labelnames, buckets=buckets, registry=registry))
     return LocalHistogram(name, documentation, labelnames, buckets, registry)

@@ -23,7 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import instruments
-from .instruments import Instrument
+from .instruments import Counting, Observing
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -44,10 +44,10 @@ class Metrics:
         team = ("team",) if team_label else ()
         registry, shared = self.registry, multiprocess_enabled()
 
-        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Instrument:
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counting:
             return instruments.counter(name, doc, labels, registry, shared)
 
-        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Instrument:
+        def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Observing:
             return instruments.histogram(name, doc, labels, buckets, registry, shared)
 
         self._requests = counter("tollgate_requests_total", "HTTP requests answered", ("route", "method", "status"))
