@@ -48,6 +48,7 @@ from proxy.demo import stop_process, wait_until_up  # noqa: E402
 from tests.support import PYTHON, LiteLLM, RedisServer, Tollgate, free_port, litellm_proxy, start_process  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PROMPT = [{"role": "user", "content": "benchmark prompt with a few words [chunks=%d]%s"}]
 
 
@@ -148,13 +149,7 @@ def stolen_seconds() -> float:
 
 
 def rss_mb(pid: int) -> float:
-    total = 0
-    for child in process_tree(pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{child}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-    return total / 1024
+    return sum(int(fields[21]) for fields in process_tree(pid).values()) * PAGE_SIZE / 2**20  # rss, in pages
 
 
 @dataclass
