@@ -39,14 +39,29 @@ def _created_series() -> bool:
     return getattr(prometheus_client.metrics, "_use_created", True)
 
 
-class LocalCounter:
+class _Local:
+    """What a counter and a histogram of this process share: their name, help, label names,
+    each series' creation time, and their place in the registry."""
+
+    kind = ""
+
     def __init__(self, name: str, documentation: str, labelnames: Labels, registry: CollectorRegistry) -> None:
-        self._name = name.removesuffix("_total")
+        self._name = name
         self._documentation = documentation
         self._labelnames = labelnames
-        self._values: dict[Labels, float] = {}
         self._created: dict[Labels, float] = {}
         registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self._name, self._documentation, self.kind)]
+
+
+class LocalCounter(_Local):
+    kind = "counter"
+
+    def __init__(self, name: str, documentation: str, labelnames: Labels, registry: CollectorRegistry) -> None:
+        self._values: dict[Labels, float] = {}
+        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
 
     def inc(self, labels: Labels, amount: float = 1.0) -> None:
         if amount < 0:
@@ -58,11 +73,8 @@ class LocalCounter:
             self._created[labels] = time.time()
             values[labels] = amount
 
-    def describe(self) -> list[Metric]:
-        return [Metric(self._name, self._documentation, "counter")]
-
     def collect(self) -> Iterator[Metric]:
-        metric = Metric(self._name, self._documentation, "counter")
+        metric = Metric(self._name, self._documentation, self.kind)
         created = _created_series()
         for labels, value in list(self._values.items()):
             series = dict(zip(self._labelnames, labels))
@@ -72,14 +84,13 @@ class LocalCounter:
         yield metric
 
 
-class LocalHistogram:
+class LocalHistogram(_Local):
+    kind = "histogram"
+
     def __init__(
         self, name: str, documentation: str, labelnames: Labels, buckets: tuple[float, ...],
         registry: CollectorRegistry,
     ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = labelnames
         bounds = [float(bound) for bound in buckets]
         if bounds != sorted(bounds):
             raise ValueError("Buckets not in sorted order")
@@ -89,8 +100,7 @@ class LocalHistogram:
         self._les = tuple(floatToGoString(bound) for bound in bounds)
         # Per series: each bucket's own count (not yet cumulative), then the sum.
         self._series: dict[Labels, list[float]] = {}
-        self._created: dict[Labels, float] = {}
-        registry.register(self)
+        super().__init__(name, documentation, labelnames, registry)
 
     def observe(self, labels: Labels, amount: float) -> None:
         series = self._series.get(labels)
@@ -101,11 +111,8 @@ class LocalHistogram:
         series[bisect_left(self._bounds, amount)] += 1
         series[-1] += amount
 
-    def describe(self) -> list[Metric]:
-        return [Metric(self._name, self._documentation, "histogram")]
-
     def collect(self) -> Iterator[Metric]:
-        metric = Metric(self._name, self._documentation, "histogram")
+        metric = Metric(self._name, self._documentation, self.kind)
         created = _created_series()
         for labels, values in list(self._series.items()):
             series = dict(zip(self._labelnames, labels))
