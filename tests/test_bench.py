@@ -19,6 +19,7 @@ def test_benchmark_smoke_mode_produces_the_whole_table():
         assert target in result.stdout
     assert "| stream | 10 |" in result.stdout and "per streamed chunk" in result.stdout
     assert "open streams" in result.stdout
+    assert "kernel threads ms/req (whole VM)" in result.stdout
 
 
 def load_bench():
