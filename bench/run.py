@@ -152,11 +152,18 @@ def _kthreadd() -> int | None:
 KTHREADD = _kthreadd()
 
 
-def kernel_thread_seconds() -> float:
-    """CPU time of the kernel's own threads (kernel workers, softirq threads, the journal),
-    whole VM. Some of a server's work runs there and is not in its own count: the WAL's
-    fsyncs, which Tollgate starts through Linux AIO, run on a kernel worker."""
-    return cpu_seconds(KTHREADD) if KTHREADD is not None else 0.0
+def kernel_threads() -> dict[int, float]:
+    """CPU seconds of each of the kernel's own threads (kernel workers, softirq threads, the
+    journal), whole VM. Some of a server's work runs there and is not in its own count: the
+    WAL's fsyncs, which Tollgate starts through Linux AIO, run on a kernel worker."""
+    if KTHREADD is None:
+        return {}
+    return {pid: (int(f[11]) + int(f[12])) / CLOCK_TICKS for pid, f in process_tree(KTHREADD).items()}
+
+
+def kernel_seconds_since(before: dict[int, float]) -> float:
+    """Per thread, so that a kernel worker that exits meanwhile does not take its past with it."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in kernel_threads().items())
 
 
 def stolen_seconds() -> float:
@@ -254,7 +261,7 @@ async def measure(target: Target, stream: bool, concurrency: int, seconds: float
         gc.disable()
         cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
         stolen_before = stolen_seconds()
-        kernel_before = kernel_thread_seconds()
+        kernel_before = kernel_threads()
         started = time.perf_counter()
         deadline = started + seconds
         await asyncio.gather(*(worker(c) for c in connections))
@@ -263,7 +270,7 @@ async def measure(target: Target, stream: bool, concurrency: int, seconds: float
         gc.enable()
         await asyncio.gather(*(c.close() for c in connections))
     cpu = (cpu_seconds(target.pid) - cpu_before) if target.pid else None
-    return Sample(results, elapsed, cpu, stolen_seconds() - stolen_before, kernel_thread_seconds() - kernel_before)
+    return Sample(results, elapsed, cpu, stolen_seconds() - stolen_before, kernel_seconds_since(kernel_before))
 
 
 def percentile(values: list[float], p: float) -> float:
