@@ -137,8 +137,12 @@ def process_tree(pid: int) -> dict[int, list[str]]:
     return tree
 
 
+def cpu_of(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
 def cpu_seconds(pid: int) -> float:
-    return sum(int(fields[11]) + int(fields[12]) for fields in process_tree(pid).values()) / CLOCK_TICKS  # utime + stime
+    return sum(cpu_of(fields) for fields in process_tree(pid).values())
 
 
 def _kthreadd() -> int | None:
@@ -158,7 +162,7 @@ def kernel_threads() -> dict[int, float]:
     WAL's fsyncs, which Tollgate starts through Linux AIO, run on a kernel worker."""
     if KTHREADD is None:
         return {}
-    return {pid: (int(f[11]) + int(f[12])) / CLOCK_TICKS for pid, f in process_tree(KTHREADD).items()}
+    return {pid: cpu_of(fields) for pid, fields in process_tree(KTHREADD).items()}
 
 
 def kernel_seconds_since(before: dict[int, float]) -> float:

@@ -45,3 +45,10 @@ def test_the_cpu_counted_for_a_server_includes_its_worker_processes():
         for pid in bench.process_tree(supervisor.pid):
             os.kill(pid, signal.SIGKILL)
         supervisor.wait()
+
+
+def test_a_kernel_thread_that_exits_during_a_slice_takes_none_of_the_slice_with_it(monkeypatch):
+    bench = load_bench()
+    before = {10: 5.0, 11: 7.0}  # thread 11 exits during the slice, thread 12 starts in it
+    monkeypatch.setattr(bench, "kernel_threads", lambda: {10: 5.5, 12: 0.25})
+    assert bench.kernel_seconds_since(before) == 0.75
