@@ -18,7 +18,9 @@ to each streamed chunk. Everything shares this machine's CPUs, so what is not
 being measured is kept light: the load comes from a small raw-socket HTTP/1.1
 client on uvloop, and the upstream is bench/upstream.py, the tests' fake
 upstream's answers from a bare protocol (`--upstream tests` runs the tests'
-own, Starlette on uvicorn, as the runs before session 14 did).
+own, Starlette on uvicorn, as the runs before session 14 did). LiteLLM runs on
+the interpreter the benchmark runs on (a venv of its own if need be), so that
+the two gateways are compared on the same build of Python.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import uvloop
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.demo import stop_process, wait_until_up  # noqa: E402
+from proxy.demo import litellm_venv, stop_process, wait_until_up  # noqa: E402
 from tests.support import PYTHON, LiteLLM, RedisServer, Tollgate, free_port, litellm_proxy, start_process  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -351,6 +353,37 @@ def services(workdir: Path, upstream: str = "lean", workers: int = 1, **tollgate
         redis.stop()
 
 
+def interpreter() -> Path:
+    """The interpreter this process runs on, through any venv and symlink."""
+    return Path(sys._base_executable).resolve()  # type: ignore[attr-defined]
+
+
+def venv_interpreter(venv: Path) -> Path | None:
+    """The interpreter a venv was made from, as its pyvenv.cfg records it (None: no such venv yet)."""
+    with contextlib.suppress(OSError):
+        for line in (venv / "pyvenv.cfg").read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "executable":
+                return Path(value.strip()).resolve()
+    return None
+
+
+def litellm_on_this_interpreter() -> Path:
+    """Have LiteLLM run on the interpreter Tollgate runs on; return that interpreter.
+
+    The comparison is of two Python programs: on two builds of Python it would measure the builds
+    as well (a PGO+LTO build runs LiteLLM's calls a quarter faster and Tollgate's a tenth, against
+    pyenv's default build; bench/RESULTS.md, session 21). LiteLLM's usual venv, when it was made
+    from another interpreter, is left as it is, and one of the benchmark's own is used."""
+    ours = interpreter()
+    if "TOLLGATE_LITELLM_VENV" not in os.environ:
+        usual = litellm_venv()
+        if venv_interpreter(usual) not in (None, ours):
+            tag = "-".join(ours.parts[1:])
+            os.environ["TOLLGATE_LITELLM_VENV"] = str(usual.with_name(f"{usual.name}-{tag}"))
+    return venv_interpreter(litellm_venv()) or ours
+
+
 def wait_until_quiet(pids: list[int | None], limit: float = 90.0) -> None:
     """LiteLLM keeps a core busy for a while after it starts answering: measuring meanwhile
     would take that CPU from whatever is being measured. Wait until every process is idle."""
@@ -393,6 +426,7 @@ async def run(args: argparse.Namespace) -> None:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
     open_streams = 50 if args.smoke else 1000
     chunks = 20
+    args.litellm_python = litellm_on_this_interpreter()
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp, services(Path(tmp), args.upstream, args.workers) as s:
         fake_url, fake_pid = s["fake"]
         litellm: LiteLLM = s["litellm"]
@@ -430,10 +464,16 @@ async def run(args: argparse.Namespace) -> None:
     print(report(rows, direct_delay, tollgate_delay, open_streams, before, during, args))
 
 
+def python_note(args: argparse.Namespace) -> str:
+    litellm = getattr(args, "litellm_python", None)
+    return "" if litellm in (None, interpreter()) else f"; LiteLLM on {litellm}"
+
+
 def report(rows: list, direct_delay: float | None, tollgate_delay: float | None, streams: int, before: float | None,
            during: float | None, args: argparse.Namespace) -> str:
     lines = [
-        f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()} "
+        f"({interpreter()}{python_note(args)}), "
         f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell in {args.slices} interleaved slices'}, "
         f"upstream: {args.upstream}" + (f", Tollgate workers: {args.workers}" if args.workers > 1 else ""),
         "",

@@ -52,3 +52,39 @@ def test_a_kernel_thread_that_exits_during_a_slice_takes_none_of_the_slice_with_
     before = {10: 5.0, 11: 7.0}  # thread 11 exits during the slice, thread 12 starts in it
     monkeypatch.setattr(bench, "kernel_threads", lambda: {10: 5.5, 12: 0.25})
     assert bench.kernel_seconds_since(before) == 0.75
+
+
+def make_venv_record(venv, executable):
+    venv.mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text(f"home = {executable.parent}\nversion = 3.11\nexecutable = {executable}\n")
+
+
+def test_litellm_runs_on_the_benchmarks_interpreter_when_its_usual_venv_was_made_from_another(monkeypatch, tmp_path):
+    bench = load_bench()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    usual = bench.litellm_venv()
+    make_venv_record(usual, tmp_path / "other" / "python3.11")
+    monkeypatch.delenv("TOLLGATE_LITELLM_VENV", raising=False)
+    assert bench.litellm_on_this_interpreter() == bench.interpreter()  # the venv to be made
+    chosen = os.environ["TOLLGATE_LITELLM_VENV"]
+    assert chosen.startswith(str(usual) + "-") and not os.path.exists(chosen)
+    assert (usual / "pyvenv.cfg").exists()  # the usual venv is left as it is
+
+
+def test_litellm_keeps_its_usual_venv_when_it_was_made_from_the_benchmarks_interpreter(monkeypatch, tmp_path):
+    bench = load_bench()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    usual = bench.litellm_venv()
+    make_venv_record(usual, bench.interpreter())
+    monkeypatch.delenv("TOLLGATE_LITELLM_VENV", raising=False)
+    assert bench.litellm_on_this_interpreter() == bench.interpreter()
+    assert "TOLLGATE_LITELLM_VENV" not in os.environ
+
+
+def test_a_litellm_venv_chosen_by_the_user_is_kept_and_its_interpreter_reported(monkeypatch, tmp_path):
+    bench = load_bench()
+    chosen = tmp_path / "mine"
+    make_venv_record(chosen, tmp_path / "other" / "python3.11")
+    monkeypatch.setenv("TOLLGATE_LITELLM_VENV", str(chosen))
+    assert bench.litellm_on_this_interpreter() == (tmp_path / "other" / "python3.11").resolve()
+    assert os.environ["TOLLGATE_LITELLM_VENV"] == str(chosen)
