@@ -64,8 +64,10 @@ class CoalescingTransport(asyncio.Transport):
         self._transport = transport
         self._writes = CoalescedWrites(transport, loop)
 
-    def write(self, data: bytes) -> None:
-        self._writes.write(data)
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        # Held until the turn's end, so a buffer the caller may reuse at once is copied, as a
+        # transport's write would have sent or copied it by then.
+        self._writes.write(data if type(data) is bytes else bytes(data))
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:

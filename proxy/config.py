@@ -454,6 +454,6 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
             key = _parse_value(args[0], key, _join(path, str(key)))
             parsed[key] = _parse_value(args[1], item, _join(path, str(key)))
         return parsed
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _parse_dataclass(tp, value, path)
     raise TypeError(f"unsupported config type {tp!r} at {path}")  # a programming error, not user input

@@ -15,8 +15,8 @@ from .store import Conflict, NotFound, Store
 
 
 async def apply_declared(store: Store, config: Config) -> None:
-    for name, spec in config.model_groups.items():
-        await store.put_model_group(name, list(spec.models), spec.description)
+    for name, group in config.model_groups.items():
+        await store.put_model_group(name, list(group.models), group.description)
     for organization in config.organizations:
         await store.ensure_organization(organization.organization_id, organization.name or organization.organization_id)
     for index, spec in enumerate(config.teams):

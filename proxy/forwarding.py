@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Literal, Sequence, overload
 
 from .json_codec import dumps, loads
 from .sse import SSEEvent, SSEScanner
@@ -85,6 +85,14 @@ class OpenStream:
     first_events: list[SSEEvent] = field(default_factory=list)
 
 
+@overload
+async def forward(
+    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: Literal[False], deadline: float
+) -> Answer: ...
+@overload
+async def forward(
+    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: Literal[True], deadline: float
+) -> OpenStream: ...
 async def forward(
     upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float
 ) -> Answer | OpenStream:

@@ -6,9 +6,9 @@ import time
 from typing import Callable
 
 from .cache import ExpiringCache
-from .store import Store
+from .store import ModelGroup, Store
 
 
-class GroupCatalog(ExpiringCache[str, "ModelGroup | None"]):
+class GroupCatalog(ExpiringCache[str, ModelGroup | None]):
     def __init__(self, store: Store, ttl: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(store.get_model_group, ttl, clock)

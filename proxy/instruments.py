@@ -20,6 +20,7 @@ from typing import Iterator, Protocol
 import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 Labels = tuple[str, ...]
@@ -39,7 +40,7 @@ def _created_series() -> bool:
     return getattr(prometheus_client.metrics, "_use_created", True)
 
 
-class _Local:
+class _Local(Collector):
     """What a counter and a histogram of this process share: their name, help, label names,
     each series' creation time, and their place in the registry."""
 

@@ -18,6 +18,7 @@ from .json_codec import JSONResponse
 from .metrics import Metrics
 from .observe import notes
 from .records import Job, iso
+from .streaming import SSERelay
 from .store import Store
 from .validation import parse_call, parse_complete, parse_job_create, parse_paging
 from .views import job_json, jobs_page_json, team_json
@@ -124,7 +125,7 @@ class JobsApi:
         response.raw_headers += call.raw_headers()
         return response
 
-    async def llm_call_stream(self, request: Request) -> Response:
+    async def llm_call_stream(self, request: Request) -> SSERelay:
         call = await self._admit(request, stream=True)
         return await self._calls.stream(call)
 

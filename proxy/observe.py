@@ -89,7 +89,7 @@ class ObserveMiddleware:
             or logging.getLogRecordFactory() is not logging.LogRecord
             or template["thread"] != threading.get_ident()
         ):
-            record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, None, None)
+            record = access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, (), None)
             if type(record) is logging.LogRecord:
                 self._template = dict(record.__dict__)
             return record

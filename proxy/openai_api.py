@@ -28,6 +28,7 @@ from .metrics import Metrics
 from .observe import notes
 from .records import CallOutcome
 from .store import NotFound, Store
+from .streaming import SSERelay
 from .validation import parse_call
 
 IMPLICIT_JOB_TYPE = "chat.completions"
@@ -63,7 +64,7 @@ class OpenAIApi:
             Route("/v1/models/{model}", self.get_model, methods=["GET"]),
         ]
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def chat_completions(self, request: Request) -> Response | SSERelay:
         principal = await self._auth.authenticate(header(request, b"authorization"))
         team_id = principal.team.team_id
         notes(request)["team"] = team_id

@@ -38,9 +38,9 @@ class Pricing:
                 continue
             name = entry.get("model_name")
             info = entry.get("model_info") or {}
-            given = info.get("input_cost_per_token"), info.get("output_cost_per_token")
-            if isinstance(name, str) and all(isinstance(p, (int, float)) for p in given):
-                prices[name] = ModelPrice(float(given[0]), float(given[1]))
+            given_in, given_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
+            if isinstance(name, str) and isinstance(given_in, (int, float)) and isinstance(given_out, (int, float)):
+                prices[name] = ModelPrice(float(given_in), float(given_out))
         self._reported = prices
         return len(prices)
 

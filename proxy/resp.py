@@ -18,7 +18,7 @@ import functools
 import hashlib
 import ssl
 from collections import deque
-from typing import Any, Coroutine
+from typing import Any, Coroutine, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .coalesce import CoalescedWrites
@@ -113,7 +113,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         # The commands of every call in this turn of the loop (admits, settles) leave in one write.
-        self._writes = CoalescedWrites(self.transport, asyncio.get_running_loop())
+        self._writes = CoalescedWrites(cast(asyncio.WriteTransport, transport), asyncio.get_running_loop())
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer

@@ -30,9 +30,9 @@ class SSEScanner:
         if not self._buffer:
             # The common case: whole `data: ...\n\n` events, one per chunk or several
             # (all that arrived while the relay was busy).
-            events = self._simple_events(chunk)
-            if events is not None:
-                return events
+            simple = self._simple_events(chunk)
+            if simple is not None:
+                return simple
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SSEEvent] = []
         event_start = 0

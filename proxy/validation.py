@@ -105,6 +105,7 @@ class CallRequest:
 
 def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
     """Validate a call body. On /api the route decides streaming; on /v1 the body does."""
+    model_group: str | None
     if openai:
         model_group = required_str(body, "model", 128)
     else:

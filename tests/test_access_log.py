@@ -19,12 +19,13 @@ MADE_AT_EACH_CALL = {"msg", "created", "msecs", "relativeCreated", "taskName"}
 
 
 def records(lines: list[str]) -> list[tuple[logging.LogRecord, logging.LogRecord]]:
-    """For each line: (the middleware's record, the one `makeRecord` makes)."""
+    """For each line: (the middleware's record, the one `makeRecord` makes as `access_log.info(line)`
+    calls it: no arguments, so `args` is an empty tuple)."""
     middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
 
     async def pair(line: str) -> tuple[logging.LogRecord, logging.LogRecord]:
         ours = middleware._record(line)
-        return ours, access_log.makeRecord(access_log.name, logging.INFO, observe.__file__, 0, line, None, None)
+        return ours, access_log.makeRecord(access_log.name, logging.INFO, observe.__file__, 0, line, (), None)
 
     async def make() -> list[tuple[logging.LogRecord, logging.LogRecord]]:
         # Each in a task of its own, as requests are: on Python 3.12+ records name their task.

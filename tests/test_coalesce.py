@@ -118,6 +118,21 @@ def test_the_coalescing_transport_passes_everything_else_to_the_wrapped_one():
     asyncio.run(run())
 
 
+def test_a_buffer_the_writer_reuses_at_once_is_sent_as_it_was_when_written():
+    async def run() -> list[bytes]:
+        inner = RecordingTransport()
+        transport = CoalescingTransport(inner, asyncio.get_running_loop())
+        buffer = bytearray(b"first")
+        transport.write(buffer)
+        buffer[:] = b"reused"
+        transport.write(memoryview(buffer))
+        buffer[:] = b"gone"
+        await next_turn()
+        return inner.writes
+
+    assert asyncio.run(run()) == [b"firstreused"]
+
+
 async def answer(request: Any) -> JSONResponse:
     return JSONResponse({"answer": "hello"})
 

@@ -630,7 +630,7 @@ class SQLiteStore:
 
     async def finish_job(
         self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None
-    ) -> Job:
+    ) -> tuple[Job, bool]:
         """Finish a job; returns it and whether this call changed it (False for a repeat)."""
         now = self._clock()
 
