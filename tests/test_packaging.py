@@ -1,18 +1,57 @@
 """What `pip install .` (the Dockerfile's install) puts in place: the whole package."""
 
+import shutil
 import subprocess
 import zipfile
 
 from tests.support import PYTHON, REPO
 
 
-def test_the_built_wheel_holds_every_module_of_the_package(tmp_path):
+def build_wheel(into):
+    """Built from what the Dockerfile copies, in a directory of its own: a build directory left
+    in the source tree by an earlier build would otherwise be packaged as it is."""
+    source = into / "source"
+    source.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "proxy", source / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [PYTHON, "-m", "pip", "wheel", "--quiet", "--no-deps", "--disable-pip-version-check", "-w", str(tmp_path),
-         str(REPO)],
+        [PYTHON, "-m", "pip", "wheel", "--quiet", "--no-deps", "--disable-pip-version-check", "-w", str(into),
+         str(source)],
         check=True, capture_output=True, timeout=300,
     )
-    (wheel,) = tmp_path.glob("tollgate-*.whl")
+    (wheel,) = into.glob("tollgate-*.whl")
+    return wheel
+
+
+def test_the_built_wheel_holds_every_module_of_the_package(tmp_path):
+    wheel = build_wheel(tmp_path)
     packaged = {name for name in zipfile.ZipFile(wheel).namelist() if name.startswith("proxy/")}
     sources = {str(path.relative_to(REPO)) for path in (REPO / "proxy").rglob("*.py")}
     assert sources - packaged == set()
+
+
+def test_the_installed_package_imports_every_module_away_from_the_source_tree(tmp_path):
+    wheel = build_wheel(tmp_path / "wheel")
+    site = tmp_path / "site"
+    subprocess.run(
+        [PYTHON, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check", "--target", str(site),
+         str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )
+    modules = sorted(
+        ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        for path in (REPO / "proxy").rglob("*.py")
+        if path.name != "__main__.py"  # runs the command line
+    )
+    script = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    module = importlib.import_module(name)\n"
+        f"    assert module.__file__.startswith({str(site)!r}), module.__file__\n"
+        "print('imported', len(sys.modules))\n"
+    )
+    # From elsewhere, the installed copy first: the source tree's own (editable) one must not answer.
+    result = subprocess.run([PYTHON, "-c", script], cwd=tmp_path, env={"PYTHONPATH": str(site)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
