@@ -426,7 +426,7 @@ async def run(args: argparse.Namespace) -> None:
         concurrencies = [int(c) for c in args.concurrency.split(",")]
     open_streams = 50 if args.smoke else 1000
     chunks = 20
-    args.litellm_python = litellm_on_this_interpreter()
+    litellm_python = litellm_on_this_interpreter()
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp, services(Path(tmp), args.upstream, args.workers) as s:
         fake_url, fake_pid = s["fake"]
         litellm: LiteLLM = s["litellm"]
@@ -456,24 +456,20 @@ async def run(args: argparse.Namespace) -> None:
                     rows.append((("stream" if stream else "plain"), concurrency, target.name, m))
                     print(f"  {rows[-1][0]:6} c={concurrency:<3} {target.name:26} {m['rps']:8.0f} req/s", file=sys.stderr)
         if args.no_extras:
-            print(report(rows, None, None, open_streams, None, None, args))
+            print(report(rows, None, None, open_streams, None, None, args, litellm_python))
             return
         direct_delay = await chunk_delay(targets[0], 20)
         tollgate_delay = await chunk_delay(targets[1], 20)
         before, during = await memory_with_open_streams(targets[1], open_streams)
-    print(report(rows, direct_delay, tollgate_delay, open_streams, before, during, args))
-
-
-def python_note(args: argparse.Namespace) -> str:
-    litellm = getattr(args, "litellm_python", None)
-    return "" if litellm in (None, interpreter()) else f"; LiteLLM on {litellm}"
+    print(report(rows, direct_delay, tollgate_delay, open_streams, before, during, args, litellm_python))
 
 
 def report(rows: list, direct_delay: float | None, tollgate_delay: float | None, streams: int, before: float | None,
-           during: float | None, args: argparse.Namespace) -> str:
+           during: float | None, args: argparse.Namespace, litellm_python: Path) -> str:
+    ours = interpreter()
     lines = [
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()} "
-        f"({interpreter()}{python_note(args)}), "
+        f"({ours}{'' if litellm_python == ours else f'; LiteLLM on {litellm_python}'}), "
         f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell in {args.slices} interleaved slices'}, "
         f"upstream: {args.upstream}" + (f", Tollgate workers: {args.workers}" if args.workers > 1 else ""),
         "",
