@@ -21,6 +21,13 @@ from .json_codec import UNSURE, orjson_loads
 # A \uD800-\uDFFF escape: only then can a decoded string hold a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
+# Arrays and objects nested deeper than this are refused. What a body carries is written again
+# (a job's metadata into the store, a call's parameters to the upstream) and read back later,
+# and the writers give up long before the reader: orjson at 255 levels, the json module near a
+# thousand (a RecursionError). A value read but not writable would fail its request with a 500
+# or, stored, make its job unreadable. No chat request comes near this depth.
+MAX_DEPTH = 100
+
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
@@ -80,7 +87,22 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         value = _parse_strictly(body)
     if not isinstance(value, dict):
         raise ApiError(422, "Request body must be a JSON object")
+    # A body with fewer brackets than the limit cannot be nested that deep: only one that
+    # has more (brackets in strings included) is walked.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _nested_deeper_than(value, MAX_DEPTH):
+        raise ApiError(400, f"Malformed JSON: nested too deeply (more than {MAX_DEPTH} levels)")
     return value
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _parse_strictly(body: bytes) -> Any:

@@ -1,5 +1,6 @@
 """Bad input gets a clear 4xx with a message: never a 500, a hang or lost data."""
 
+import json
 import uuid
 
 import httpx
@@ -219,3 +220,40 @@ def test_every_checked_chat_parameter_is_checked_when_it_is_the_only_one_sent(fi
     with pytest.raises(ApiError) as refused:
         parse_call({**HELLO, field: bad}, openai=False)
     assert refused.value.status == 422 and refused.value.message.startswith(f"{field}: ")
+
+
+def nested_arrays(levels: int) -> bytes:
+    return b"[" * levels + b"1" + b"]" * levels
+
+
+@pytest.mark.parametrize("levels, status", [(98, 200), (99, 400), (990, 400)])
+def test_job_metadata_nested_deeper_than_100_levels_is_400_and_not_stored(tollgate, team, levels, status):
+    # The body itself is one level, the metadata object a second: 98 arrays make 100.
+    body = b'{"job_type": "t", "metadata": {"x": ' + nested_arrays(levels) + b"}}"
+    response = post_raw(tollgate, team.key, "/api/jobs/create", body)
+    assert response.status_code == status
+    jobs = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs")
+    assert jobs.status_code == 200 and jobs.json()["total"] == (1 if status == 200 else 0)
+    if status == 400:
+        assert "nested too deeply" in response.json()["detail"]
+    else:
+        job = tollgate.client(team.key).get(f"/api/jobs/{response.json()['job_id']}").json()
+        assert job["metadata"]["x"] == json.loads(nested_arrays(levels))
+
+
+def test_a_call_parameter_nested_too_deeply_is_400_and_no_call_is_recorded(tollgate, team, job_url):
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "extra": ' + nested_arrays(1000) + b"}"
+    response = post_raw(tollgate, team.key, job_url, body)
+    assert response.status_code == 400 and "nested too deeply" in response.json()["detail"]
+    job = tollgate.client(team.key).get(job_url.removesuffix("/llm-call")).json()
+    assert job["calls"] == []
+
+
+def test_complete_with_metadata_nested_too_deeply_is_400_and_leaves_the_job_open(tollgate, team, job_url):
+    job_path = job_url.removesuffix("/llm-call")
+    body = b'{"status": "completed", "metadata": {"x": ' + nested_arrays(975) + b"}}"
+    response = post_raw(tollgate, team.key, f"{job_path}/complete", body)
+    assert response.status_code == 400
+    job = tollgate.client(team.key).get(job_path)
+    assert job.status_code == 200 and job.json()["status"] == "pending"
+    assert tollgate.client(team.key).post(f"{job_path}/complete", json={"status": "completed"}).status_code == 200
