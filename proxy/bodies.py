@@ -13,9 +13,9 @@ import math
 import re
 from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
-from .errors import ApiError
+from .errors import ApiError, ClientClosed
 from .json_codec import UNSURE, orjson_loads
 
 # A \uD800-\uDFFF escape: only then can a decoded string hold a lone surrogate.
@@ -68,7 +68,7 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
+            raise ClientClosed()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:

@@ -15,10 +15,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from starlette.types import Receive
+
 from .accounting import StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
 from .auth import Principal
-from .errors import ApiError
-from .forwarding import Answer, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
+from .errors import ApiError, ClientClosed
+from .forwarding import Answer, OpenStream, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
 from .config import RateLimitsConfig
 from .groups import GroupCatalog
 from .ids import new_id
@@ -152,9 +154,12 @@ class CallPipeline:
         group: ModelGroup | None = None,
         notes: dict[str, Any] | None = None,
         on_recorded: RecordObserver | None = None,
+        before_start: Callable[[], Awaitable[None]] | None = None,
     ) -> Call:
         """Record the call as running in its job; `group` if `check` already ran;
-        `on_recorded` runs once the call's outcome is recorded, however it ends."""
+        `on_recorded` runs once the call's outcome is recorded, however it ends;
+        `before_start` once its limits admitted it, before it is recorded as running (the
+        /v1 API makes its implicit job there, so a call its limits refuse makes no job)."""
         team = principal.team
         if group is None:
             group = await self.check(principal, request)
@@ -162,6 +167,12 @@ class CallPipeline:
         notes = {} if notes is None else notes
         notes.update(team=team.team_id, job=job_id, call=call_id, model_group=group.name)
         decision = await self._limit(principal, call_id, request)
+        if before_start is not None:
+            try:
+                await before_start()
+            except BaseException:
+                await self._limiter.settle(decision, 0, release=True)  # it never started
+                raise
         now = asyncio.get_running_loop().time()
         call = Call(
             principal=principal,
@@ -251,10 +262,10 @@ class CallPipeline:
             payload["stream_options"] = {"include_usage": True}
         return payload
 
-    async def complete(self, call: Call) -> Completed:
+    async def complete(self, call: Call, receive: Receive) -> Completed:
         """A non-streaming call: forward, record, return the upstream's answer."""
         try:
-            answer = await forward(self._upstream, call.group.models, self.payload(call), False, call.deadline)
+            answer = await self._forward(call, receive)
         except BaseException as exc:
             raise await self._failed(call, exc) from None
         assert isinstance(answer, Answer)
@@ -265,12 +276,13 @@ class CallPipeline:
         outcome = await self._finish(call, "success", answer.model, usage, answer.attempts, None)
         return Completed(answer, outcome)
 
-    async def stream(self, call: Call, drop_usage_only: bool = False) -> SSERelay:
+    async def stream(self, call: Call, receive: Receive, drop_usage_only: bool = False) -> SSERelay:
         """A streaming call: forward until the first event, then hand back the relay."""
         try:
-            opened = await forward(self._upstream, call.group.models, self.payload(call), True, call.deadline)
+            opened = await self._forward(call, receive)
         except BaseException as exc:
             raise await self._failed(call, exc) from None
+        assert isinstance(opened, OpenStream)
         tally = StreamTally()
 
         async def on_end(end: RelayEnd) -> None:
@@ -283,9 +295,41 @@ class CallPipeline:
             opened, tally, call.raw_headers(), call.deadline, on_end, drop_usage_only, self._metrics.active_streams
         )
 
+    async def _forward(self, call: Call, receive: Receive) -> Answer | OpenStream:
+        """Forward the call (fallbacks included) while watching its client: a hang-up before
+        the answer, or before a stream's first event, cancels the upstream request at once,
+        and the call ends as cancelled rather than run on for nobody, holding its job open."""
+        task = asyncio.current_task()
+        assert task is not None
+        hung_up = False
+
+        async def watch() -> None:
+            nonlocal hung_up
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            hung_up = True
+            task.cancel()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            return await forward(self._upstream, call.group.models, self.payload(call), call.stream, call.deadline)
+        except asyncio.CancelledError:
+            if not hung_up:
+                raise
+            task.uncancel()
+            raise ClientClosed("The client closed the connection before the call was answered") from None
+        finally:
+            watcher.cancel()
+
     async def _failed(self, call: Call, exc: BaseException) -> BaseException:
         """Record a call that got no answer; return what the client should get."""
         none = Usage(0, 0)
+        if isinstance(exc, ClientClosed):
+            # The prompt went upstream, so it counts as spent, estimated, as after a hang-up
+            # mid-stream; nothing was generated for the client.
+            usage = estimated_usage(call.request.prompt_chars, 0)
+            await self._finish(call, "cancelled", None, usage, 0, "the client disconnected before the answer")
+            return exc
         if isinstance(exc, UpstreamFailed):
             model = exc.attempts[-1].model if exc.attempts else None
             await self._finish(call, "error", model, none, len(exc.attempts), redact(str(exc)))

@@ -67,6 +67,14 @@ class ApiError(Exception):
             self.headers.update(NO_RETRY)
 
 
+class ClientClosed(ApiError):
+    """The client closed its connection before it was answered. Nobody reads the answer:
+    its status, 499 (nginx's "client closed request"), is for the metrics and the access log."""
+
+    def __init__(self, message: str = "The client closed the connection before it was answered") -> None:
+        super().__init__(499, message, code="client_closed")
+
+
 def error_response(request: Request, error: ApiError) -> Response:
     if request.url.path.startswith("/v1/"):
         body: dict = {

@@ -93,6 +93,10 @@ async def forward(
 async def forward(
     upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: Literal[True], deadline: float
 ) -> OpenStream: ...
+@overload
+async def forward(
+    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float
+) -> Answer | OpenStream: ...
 async def forward(
     upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float
 ) -> Answer | OpenStream:

@@ -120,14 +120,14 @@ class JobsApi:
 
     async def llm_call(self, request: Request) -> Response:
         call = await self._admit(request, stream=False)
-        done = await self._calls.complete(call)
+        done = await self._calls.complete(call, request.receive)
         response = JSONResponse(self._call_body(call, done))
         response.raw_headers += call.raw_headers()
         return response
 
     async def llm_call_stream(self, request: Request) -> SSERelay:
         call = await self._admit(request, stream=True)
-        return await self._calls.stream(call)
+        return await self._calls.stream(call, request.receive)
 
     @staticmethod
     def _call_body(call: Call, done: Completed) -> dict[str, Any]:

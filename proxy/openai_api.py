@@ -92,12 +92,15 @@ class OpenAIApi:
             spent = outcome.status == "cancelled" and outcome.completion_tokens > 0
             await finish_implicit(outcome.status == "success" or spent, outcome.error)
 
+        async def create_implicit_job() -> None:
+            await self._store.create_job(
+                team_id, IMPLICIT_JOB_TYPE, None, {"implicit": True}, self._config.jobs.credits_per_job, job_id
+            )
+            self._metrics.observe_job(team_id, "created")
+
         try:
-            if implicit:
-                await self._store.create_job(
-                    team_id, IMPLICIT_JOB_TYPE, None, {"implicit": True}, self._config.jobs.credits_per_job, job_id
-                )
-                self._metrics.observe_job(team_id, "created")
+            # The implicit job is made once the call's limits admit it: a rate-limited call
+            # makes no job, and holds no credit a job of the team's own could need.
             call = await self._calls.admit(
                 principal,
                 job_id,
@@ -107,16 +110,17 @@ class OpenAIApi:
                 group=group,
                 notes=notes(request),
                 on_recorded=recorded,
+                before_start=create_implicit_job if implicit else None,
             )
         except BaseException as exc:
             await self._fail_quietly(finish_implicit, exc)
             raise
         if not call_request.stream:
-            done = await self._calls.complete(call)
+            done = await self._calls.complete(call, request.receive)
             response = Response(done.answer.body, media_type="application/json")
             response.raw_headers += call.raw_headers()
             return response
-        return await self._calls.stream(call, drop_usage_only=not call_request.client_wants_usage)
+        return await self._calls.stream(call, request.receive, drop_usage_only=not call_request.client_wants_usage)
 
     @staticmethod
     async def _fail_quietly(finish: Callable[[bool, str | None], Awaitable[None]], exc: BaseException) -> None:

@@ -113,7 +113,15 @@ async def chat_completions(request: Request) -> Response:
         del LOG[:-LOG_LIMIT]
 
     if options.get("first_byte_ms"):
-        await asyncio.sleep(options["first_byte_ms"] / 1000)
+        # Waiting for the client's hang-up rather than sleeping: the log then shows when the
+        # gateway gave up on this request, before any byte of it.
+        try:
+            await asyncio.wait_for(_hang_up(request), options["first_byte_ms"] / 1000)
+        except TimeoutError:
+            pass
+        else:
+            entry["disconnected"] = time.time()
+            return Response(status_code=499)
     if model.startswith("hang"):
         await asyncio.sleep(30)
     for status in (500, 503, 429, 400):
@@ -187,6 +195,11 @@ async def chat_completions(request: Request) -> Response:
                 entry["disconnected"] = time.time()
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _hang_up(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def get_log(request: Request) -> Response:

@@ -220,6 +220,24 @@ def test_client_disconnect_closes_the_upstream_and_records_the_call(tollgate, te
     assert call["usage_estimated"] is True and call["completion_tokens"] > 0 and call["prompt_tokens"] > 0
 
 
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_a_client_that_hangs_up_before_the_answer_cancels_the_upstream_request_at_once(make_tollgate, fake_url, route):
+    server = make_tollgate(upstream_url=fake_url)
+    client = server.client(server.admin().team().key)
+    job_id = new_job(client)
+    label = tag()
+    body = {"messages": say(f"slow to start [first_byte_ms=8000] [tag={label}]")}
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(f"/api/jobs/{job_id}/{route}", json=body, timeout=0.5)
+    hung_up = time.time()
+    entries = wait_for(lambda: [e for e in fake_log(fake_url, label) if e["disconnected"]], timeout=5)
+    assert entries, "the upstream request ran on after the client had gone"
+    assert entries[0]["disconnected"] - hung_up < 1.0
+    (call,) = wait_for(lambda: [c for c in calls_of(client, job_id) if c["status"] != "running"], timeout=5)
+    assert call["status"] == "cancelled" and call["completion_tokens"] == 0
+    assert client.post(f"/api/jobs/{job_id}/complete", json={"status": "failed"}).status_code == 200
+
+
 def test_models_litellm_does_not_price_use_the_prices_in_config_yaml(make_tollgate):
     server = make_tollgate(pricing={"unpriced": {"input_cost_per_token": 0.5, "output_cost_per_token": 0.25}})
     team = server.admin().team(groups=("Unpriced",))

@@ -6,6 +6,8 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from tests.support import wait_for
+
 
 HELLO = [{"role": "user", "content": "hello there [chunks=3]"}]
 
@@ -160,3 +162,34 @@ def test_a_call_refused_before_it_starts_opens_no_job(sdk, tollgate, admin, team
         sdk.chat.completions.create(model="Backup", messages=HELLO)
     assert tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()["total"] == 0
     assert admin.get_team(team.team_id)["credits_held"] == 0
+
+
+def test_a_rate_limited_call_opens_no_job_and_holds_no_credit(tollgate, admin):
+    team = admin.team(credits=1, rpm_limit=1)
+    client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+    client.chat.completions.create(model="Main", messages=HELLO)
+    admin.ok("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": 1, "reason": "one more job"})
+    for _ in range(3):
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="Main", messages=HELLO)
+    assert tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()["total"] == 1
+    body = admin.get_team(team.team_id)
+    assert (body["credits_used"], body["credits_held"], body["credits_available"]) == (1, 0, 1)
+
+
+def test_a_client_that_hangs_up_before_the_first_byte_fails_its_implicit_job_uncharged(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url)
+    team = server.admin().team()
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=team.key, max_retries=0, timeout=0.5)
+    slow = [{"role": "user", "content": "slow to start [first_byte_ms=8000]"}]
+    for stream in (False, True):
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(model="Main", messages=slow, stream=stream)
+    def statuses() -> list[str]:
+        jobs = server.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()["jobs"]
+        return [j["status"] for j in jobs]
+
+    assert wait_for(lambda: "in_progress" not in statuses(), timeout=3)
+    assert statuses() == ["failed", "failed"]
+    body = server.admin().get_team(team.team_id)
+    assert (body["credits_used"], body["credits_held"]) == (0, 0)
