@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from .auth import generate_key, hash_key
-from .config import GROUP_NAME, IDENTIFIER, Config
+from .config import GROUP_NAME, IDENTIFIER, MAX_INTEGER, Config
 from .errors import ApiError
-from .records import Job, LedgerEntry, ModelGroup, Organization, Team, VirtualKey
+from .records import Job, LedgerEntry, ModelGroup, Organization, Team, VirtualKey, iso
 from .store import NotFound, Store
 from .validation import invalid, optional_int, optional_str, required_str
 
@@ -44,9 +44,8 @@ def _group_names(body: dict[str, Any], field: str) -> list[str]:
     return value
 
 
-# Bounds that keep every stored integer far inside SQLite's 64 bits.
-MAX_CREDITS = 10**12
-MAX_LIMIT = 10**12
+# Bounds that keep every stored integer far inside SQLite's 64 bits; config.yaml has the same.
+MAX_CREDITS = MAX_LIMIT = MAX_INTEGER
 LATEST_EXPIRY = datetime(9999, 1, 1, tzinfo=timezone.utc).timestamp()
 
 
@@ -72,6 +71,20 @@ def _expiry(body: dict[str, Any], now: float) -> float | None:
     if expires >= LATEST_EXPIRY:
         raise invalid("expires_at", "must be before the year 9999")
     return expires
+
+
+def created_key_json(key: VirtualKey, plaintext: str) -> dict[str, Any]:
+    """A new key as the admin API and the CLI show it: the only time its plaintext is shown."""
+    return {
+        "key_id": key.key_id,
+        "key": plaintext,
+        "name": key.name,
+        "team_id": key.team_id,
+        "created_at": iso(key.created_at),
+        "expires_at": iso(key.expires_at),
+        "rpm_limit": key.rpm_limit,
+        "tpm_limit": key.tpm_limit,
+    }
 
 
 class AdminService:

@@ -8,12 +8,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .admin import AdminService
+from .admin import AdminService, created_key_json
 from .auth import MasterKeyGuard
 from .bodies import read_json_object
 from .config import Config
 from .json_codec import JSONResponse
-from .records import iso
 from .validation import parse_paging
 from .views import jobs_page_json, team_json
 
@@ -94,17 +93,7 @@ class AdminApi:
 
     async def create_key(self, request: Request) -> Response:
         key, plaintext = await self._admin.create_key(request.path_params["team_id"], await self._body(request))
-        body = {
-            "key_id": key.key_id,
-            "key": plaintext,
-            "name": key.name,
-            "team_id": key.team_id,
-            "created_at": iso(key.created_at),
-            "expires_at": iso(key.expires_at),
-            "rpm_limit": key.rpm_limit,
-            "tpm_limit": key.tpm_limit,
-        }
-        return JSONResponse(body, status_code=201, headers={"cache-control": "no-store"})
+        return JSONResponse(created_key_json(key, plaintext), status_code=201, headers={"cache-control": "no-store"})
 
     async def list_keys(self, request: Request) -> Response:
         return JSONResponse([k.to_json() for k in await self._admin.list_keys(request.path_params["team_id"])])

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import sys
 import tempfile
 from typing import Any, Awaitable, Callable
@@ -19,7 +20,7 @@ import yaml
 
 from .config import ENV_CONFIG, Config, ConfigError, describe, load_config, require_serving_secrets
 from .errors import ApiError, from_store_error
-from .store import StoreError
+from .store import Store, StoreError
 
 EXIT_CONFIG = 2
 
@@ -48,6 +49,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .server import uvicorn_options
 
     config = _load(args, serving=True)
+    # The database is opened (and the file's teams applied) once here, so that a database that
+    # cannot be opened is a one-line error, not a traceback from inside uvicorn's start-up.
+    _run(config)
     workers = args.workers or config.server.workers
     configure_logging(config.logging.level)
     options = uvicorn_options(
@@ -89,29 +93,41 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _admin(args: argparse.Namespace, operation: Callable[[Any], Awaitable[Any]]) -> None:
     from .admin import AdminService
+
+    config = _load(args)
+    result = _run(config, lambda store: operation(AdminService(store, config)))
+    print(json.dumps(result, indent=2))
+
+
+def _run(config: Config, operation: Callable[[Store], Awaitable[Any]] | None = None) -> Any:
+    """The operation's result on the configured database, the file's declarations applied
+    first; every refusal is one line on stderr and a non-zero exit."""
     from .declared import apply_declared
     from .store import open_store
 
-    config = _load(args)
-
     async def run() -> Any:
         store = open_store(config.database)
-        await store.open()
+        try:
+            await store.open()
+        except (OSError, sqlite3.Error) as exc:
+            await store.close()
+            # An OSError names its path, often a directory above the file that could not be made.
+            reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+            raise ConfigError(f"cannot open the database {config.database.sqlite_path}: {reason}") from None
         try:
             await apply_declared(store, config)
-            return await operation(AdminService(store, config))
+            return await operation(store) if operation else None
         finally:
             await store.close()
 
     try:
-        result = asyncio.run(run())
+        return asyncio.run(run())
     except ApiError as exc:
         _fail(exc.message)
     except StoreError as exc:
         _fail(from_store_error(exc).message)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    print(json.dumps(result, indent=2))
 
 
 def _csv(value: str) -> list[str]:
@@ -172,14 +188,12 @@ def cmd_team_update(args: argparse.Namespace) -> None:
 
 
 def cmd_key_create(args: argparse.Namespace) -> None:
-    from .records import iso
+    from .admin import created_key_json
 
     body = _drop_none(name=args.name, expires_at=args.expires_at, rpm_limit=args.rpm, tpm_limit=args.tpm)
 
     async def create(admin: Any) -> dict[str, Any]:
-        key, plaintext = await admin.create_key(args.team_id, body)
-        return {"key_id": key.key_id, "key": plaintext, "name": key.name, "team_id": key.team_id,
-                "created_at": iso(key.created_at), "expires_at": iso(key.expires_at)}
+        return created_key_json(*await admin.create_key(args.team_id, body))
 
     _admin(args, create)
 

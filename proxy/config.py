@@ -2,9 +2,10 @@
 
 Everything is validated once, at start-up. An error names its source (the file
 or an environment variable), the key path and the problem, for example
-``config.yaml: rate_limits.rpm: must be a positive integer``. Unknown keys are
-errors. Secrets (the master key and the key presented to LiteLLM) come only from
-the environment; a secret written into the file is refused.
+``config.yaml: rate_limits.rpm: must be a positive integer (at most 10^12)``.
+Unknown keys are errors. Secrets (the master key and the key presented to
+LiteLLM) come only from the environment; a secret written into the file is
+refused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -66,17 +68,24 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# \Z, not $: $ also matches before a trailing newline, which would let "acme\n" through.
+IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}\Z")
 
-PositiveInt = Annotated[int, Rule("a positive integer", lambda v: v > 0)]
-NonNegativeInt = Annotated[int, Rule("an integer of 0 or more", lambda v: v >= 0)]
+# The largest amount or limit, in this file and through the admin API alike: far inside
+# SQLite's 64-bit integers, so that sums of credits cannot overflow them either.
+MAX_INTEGER = 10**12
+
+PositiveInt = Annotated[int, Rule("a positive integer (at most 10^12)", lambda v: 0 < v <= MAX_INTEGER)]
+NonNegativeInt = Annotated[int, Rule("an integer of 0 or more (at most 10^12)", lambda v: 0 <= v <= MAX_INTEGER)]
 Port = Annotated[int, Rule("a port number (1-65535)", lambda v: 0 < v < 65536)]
 Seconds = Annotated[float, Rule("a positive duration (seconds, or e.g. '30s', '24h')", lambda v: v > 0, parse_duration)]
 NonNegativeFloat = Annotated[float, Rule("a number of 0 or more", lambda v: v >= 0)]
 Identifier = Annotated[str, Rule("an identifier (letters, digits, '.', '_', '-'; at most 64)", IDENTIFIER.match)]
 GroupName = Annotated[str, Rule("a model group name (letters, digits, '.', '_', ':', '-')", GROUP_NAME.match)]
-ModelList = Annotated[tuple[str, ...], Rule("a non-empty list of model names", lambda v: len(v) > 0)]
+ModelList = Annotated[
+    tuple[str, ...], Rule("a non-empty list of model names, none of them empty", lambda v: len(v) > 0 and all(v))
+]
 HttpUrl = Annotated[str, Rule("an http:// or https:// URL", lambda v: v.startswith(("http://", "https://")))]
 DatabaseUrl = Annotated[
     str,
@@ -320,6 +329,9 @@ def require_serving_secrets(config: Config) -> None:
 
 def _check_consistency(config: Config) -> None:
     for i, team in enumerate(config.teams):
+        twice = [group for n, group in enumerate(team.model_groups) if group in team.model_groups[:n]]
+        if twice:
+            raise ConfigError(f"{config.source}: teams[{i}].model_groups: must not name a group twice ('{twice[0]}')")
         if team.default_model_group and team.default_model_group not in team.model_groups:
             raise ConfigError(
                 f"{config.source}: teams[{i}].default_model_group: "
@@ -339,7 +351,25 @@ def describe(config: Config) -> dict[str, Any]:
         if f.metadata.get("env"):
             data[f.name] = "***" if getattr(config, f.name) is not None else None
     data["model_groups"] = {name: dataclasses.asdict(spec) for name, spec in config.model_groups.items()}
+    for section in ("upstream", "database", "redis"):
+        data[section]["url"] = _mask_url(data[section]["url"])
     return _plain(data)
+
+
+def _mask_url(url: str | None) -> str | None:
+    """The URL with its password, if it carries one, as ``***``: ``redis://user:***@host:6379``."""
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url  # not a URL that can carry a password
+    if password is None:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _plain(value: Any) -> Any:
@@ -421,6 +451,10 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
         return _Invalid(path, f"must be {description or default}")
 
     if origin is Literal:
+        # YAML 1.1 reads a bare off / on (or no / yes) as a boolean: take it as the word where
+        # the word is allowed (logging.access_log: off).
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            return "on" if value else "off"
         if value not in args:
             raise _Invalid(path, "must be one of: " + ", ".join(str(a) for a in args))
         return value
@@ -441,6 +475,8 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
             raise invalid("a string")
         return value
     if origin is tuple:
+        if value is None:
+            return ()  # a key left empty (`teams:`), like an empty mapping section
         if not isinstance(value, list):
             raise invalid("a list")
         return tuple(_parse_value(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))

@@ -1,8 +1,8 @@
 """Model groups, organizations and teams declared in config.yaml, applied at start-up.
 
-Groups, organizations and a team's groups, limits and status follow the file at
-every start; a team's credits are set only when it is first created (later
-changes go through the ledger).
+Groups, organizations and a team's organization, groups, limits and status follow
+the file at every start; a team's credits are set only when it is first created
+(later changes go through the ledger).
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ async def apply_declared(store: Store, config: Config) -> None:
             await store.update_team(
                 spec.team_id,
                 {
+                    # The file is the only place a team's organization is set after creation.
+                    "organization_id": spec.organization_id,
                     "status": spec.status,
                     "model_groups": spec.model_groups,
                     "default_model_group": spec.default_model_group,

@@ -1,10 +1,16 @@
 """The admin API, behind the master key, exactly as API.md's table."""
 
+import asyncio
+import time
 import uuid
 
 import httpx
 import pytest
 
+from proxy.config import DatabaseConfig
+from proxy.records import Team
+from proxy.store import Conflict
+from proxy.store.sqlite import SQLiteStore
 from tests.support import Tollgate
 
 
@@ -196,3 +202,42 @@ def test_organizations_and_teams_declared_in_config_follow_the_file_but_keep_the
         assert team["credits_allocated"] == 12  # set at creation, then moved only by the ledger
     finally:
         restarted.stop()
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/admin/organizations", {"organization_id": "acme\n"}),
+        ("/admin/teams", {"team_id": "acme-web\n", "organization_id": "acme"}),
+        ("/admin/model-groups", {"name": "Group\n", "models": ["primary"]}),
+    ],
+)
+def test_names_with_a_trailing_newline_are_422(admin, path, body):
+    response = admin.request("POST", path, json=body)
+    assert response.status_code == 422, response.text
+
+
+def test_put_model_group_refuses_a_name_with_a_trailing_newline(admin):
+    assert admin.request("PUT", "/admin/model-groups/Group%0A", json={"models": ["primary"]}).status_code == 422
+
+
+def test_the_store_reports_a_group_granted_twice_as_such(tmp_path):
+    async def grant_twice() -> str:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
+        await store.open()
+        try:
+            await store.create_organization("o", "O")
+            await store.put_model_group("X", ["primary"], "")
+            team = Team(
+                team_id="t", organization_id="o", status="active", credits_allocated=0, credits_used=0,
+                credits_held=0, model_groups=(), default_model_group=None, rpm_limit=None, tpm_limit=None,
+                credits_per_job=None, created_at=time.time(),
+            )
+            await store.create_team(team, reason="test")
+            with pytest.raises(Conflict) as info:
+                await store.update_team("t", {"model_groups": ["X", "X"]})
+            return str(info.value)
+        finally:
+            await store.close()
+
+    assert asyncio.run(grant_twice()) == "Model group 'X' is named twice"

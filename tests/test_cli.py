@@ -56,3 +56,41 @@ def test_cli_reports_refusals_without_a_traceback(tmp_path):
     assert result.stderr.strip() == "tollgate: Organization 'missing-org' not found"
     result = tollgate_cli(config, "credits", "add", "nobody", "5", "--reason", "x")
     assert result.stderr.strip() == "tollgate: Team 'nobody' not found"
+
+
+def declared_config(tmp_path: Path, organization: str = "o1", **team: object) -> Path:
+    config = tmp_path / "config.yaml"
+    declared = {
+        "organizations": [{"organization_id": "o1"}, {"organization_id": "o2"}],
+        "teams": [{"team_id": "t", "organization_id": organization, "model_groups": ["Main"], **team}],
+    }
+    config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", **declared)))
+    return config
+
+
+def test_key_create_prints_what_the_admin_api_returns(tmp_path):
+    key = ok(declared_config(tmp_path), "key", "create", "t", "--rpm", "5", "--tpm", "100")
+    assert list(key) == ["key_id", "key", "name", "team_id", "created_at", "expires_at", "rpm_limit", "tpm_limit"]
+    assert (key["rpm_limit"], key["tpm_limit"]) == (5, 100)
+
+
+def test_a_declared_team_moves_to_the_organization_the_file_names(tmp_path):
+    assert ok(declared_config(tmp_path, "o1"), "team", "show", "t")["organization_id"] == "o1"
+    assert ok(declared_config(tmp_path, "o2"), "team", "show", "t")["organization_id"] == "o2"
+
+
+def test_a_declared_team_cannot_move_to_an_unknown_organization(tmp_path):
+    ok(declared_config(tmp_path, "o1"), "team", "show", "t")
+    result = tollgate_cli(declared_config(tmp_path, "nowhere"), "team", "show", "t")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("config.yaml: teams[0]: Organization 'nowhere' not found")
+
+
+def test_cli_reports_a_file_that_is_not_a_database_in_one_line(tmp_path):
+    database = tmp_path / "not-a.db"
+    database.write_text("this is not a database\n" * 100)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tollgate_config(database)))
+    result = tollgate_cli(config, "org", "list")
+    assert result.returncode == 2
+    assert result.stderr == f"tollgate: cannot open the database {database}: file is not a database\n"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config, require_serving_secrets
+from proxy.config import MAX_INTEGER, ConfigError, load_config, require_serving_secrets
 from tests.support import PYTHON, REPO
 
 
@@ -32,7 +32,7 @@ def test_unknown_section_is_an_error(tmp_path):
 
 def test_wrong_type_names_the_key_path_and_the_expectation(tmp_path):
     assert error_for(tmp_path, "rate_limits:\n  rpm: lots\n").endswith(
-        "config.yaml: rate_limits.rpm: must be a positive integer"
+        "config.yaml: rate_limits.rpm: must be a positive integer (at most 10^12)"
     )
 
 
@@ -42,7 +42,9 @@ def test_out_of_range_value_is_an_error(tmp_path):
 
 def test_nested_list_items_are_named_by_index(tmp_path):
     text = "teams:\n  - team_id: a\n    organization_id: o\n    credits_allocated: -1\n"
-    assert error_for(tmp_path, text).endswith("teams[0].credits_allocated: must be an integer of 0 or more")
+    assert error_for(tmp_path, text).endswith(
+        "teams[0].credits_allocated: must be an integer of 0 or more (at most 10^12)"
+    )
 
 
 def test_durations_accept_units(tmp_path):
@@ -119,3 +121,89 @@ def test_serve_exits_non_zero_without_the_upstream_key(tmp_path):
     result = run_cli("serve", env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert result.returncode == 2
     assert "TOLLGATE_UPSTREAM_KEY: not set" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("jobs:\n  credits_per_job: 99999999999999999999\n",
+         "jobs.credits_per_job: must be an integer of 0 or more (at most 10^12)"),
+        ("rate_limits:\n  rpm: 1000000000001\n", "rate_limits.rpm: must be a positive integer (at most 10^12)"),
+        ("teams:\n  - {team_id: a, organization_id: o, credits_allocated: 9223372036854775807}\n",
+         "teams[0].credits_allocated: must be an integer of 0 or more (at most 10^12)"),
+    ],
+)
+def test_integers_above_the_admin_apis_bound_are_refused(tmp_path, text, message):
+    assert error_for(tmp_path, text).endswith(message)
+
+
+def test_integers_up_to_the_admin_apis_bound_are_accepted(tmp_path):
+    config = load_config(write(tmp_path, "jobs:\n  credits_per_job: 1000000000000\n"), {})
+    assert config.jobs.credits_per_job == MAX_INTEGER == 10**12
+
+
+def test_a_bare_off_is_the_word_off_where_off_is_allowed(tmp_path):
+    config = load_config(write(tmp_path, "logging:\n  access_log: off\n"), {})
+    assert config.logging.access_log == "off"
+
+
+def test_a_bare_off_is_refused_where_off_is_not_allowed(tmp_path):
+    message = error_for(tmp_path, "database:\n  synchronous: off\n")
+    assert message.endswith("database.synchronous: must be one of: full, normal")
+
+
+@pytest.mark.parametrize(
+    "text, path",
+    [
+        ('organizations:\n  - {organization_id: "acme\\n"}\n', "organizations[0].organization_id"),
+        ('teams:\n  - {team_id: "t\\n", organization_id: o}\n', "teams[0].team_id"),
+        ('model_groups:\n  "X\\n": {models: [a]}\n', "model_groups.X\n"),
+    ],
+)
+def test_names_with_a_trailing_newline_are_refused(tmp_path, text, path):
+    assert f": {path}: must be " in error_for(tmp_path, text)
+
+
+def test_a_team_naming_a_group_twice_is_refused(tmp_path):
+    text = "teams:\n  - {team_id: a, organization_id: o, model_groups: [X, X]}\n"
+    assert error_for(tmp_path, text).endswith("teams[0].model_groups: must not name a group twice ('X')")
+
+
+def test_empty_organizations_and_teams_mean_none(tmp_path):
+    config = load_config(write(tmp_path, "organizations:\nteams:\n"), {})
+    assert (config.organizations, config.teams) == ((), ())
+
+
+def test_an_empty_model_name_is_refused(tmp_path):
+    assert "model_groups.X.models: must be a non-empty list of model names" in error_for(
+        tmp_path, 'model_groups:\n  X: {models: [""]}\n'
+    )
+
+
+def test_check_config_masks_the_passwords_in_urls(tmp_path):
+    write(tmp_path, "")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TOLLGATE_UPSTREAM_KEY": "x",
+        "TOLLGATE_REDIS_URL": "redis://default:envsecret@h:1",
+        "TOLLGATE_UPSTREAM_URL": "http://litellm:upsecret@h:4000",
+    }
+    result = run_cli("check-config", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "url: redis://default:***@h:1" in result.stdout
+    assert "url: http://litellm:***@h:4000" in result.stdout
+    assert "secret" not in result.stdout + result.stderr
+
+
+def test_serve_exits_with_one_line_when_the_database_cannot_be_created(tmp_path):
+    write(tmp_path, "")
+    (tmp_path / "a-file").write_text("")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TOLLGATE_UPSTREAM_KEY": "x",
+        "TOLLGATE_DATABASE_URL": f"sqlite:///{tmp_path}/a-file/x.db",  # its directory cannot be made
+    }
+    result = run_cli("serve", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"tollgate: cannot open the database {tmp_path}/a-file/x.db: ")
+    assert result.stderr.count("\n") == 1, result.stderr

@@ -400,14 +400,21 @@ class SQLiteStore:
         return [_team(row) for row in rows]
 
     async def update_team(self, team_id: str, changes: dict[str, Any]) -> Team:
-        columns = {"status", "default_model_group", "rpm_limit", "tpm_limit", "credits_per_job"}
+        # organization_id: only config.yaml moves a team (the admin API cannot).
+        columns = {"organization_id", "status", "default_model_group", "rpm_limit", "tpm_limit", "credits_per_job"}
         assignments = {name: value for name, value in changes.items() if name in columns}
         groups = changes.get("model_groups")
 
         def update(db: sqlite3.Connection) -> None:
             sets = ", ".join(f"{name} = ?" for name in assignments)
             sql = f"UPDATE teams SET {sets + ', ' if sets else ''}updated_at = ? WHERE team_id = ?"
-            cursor = db.execute(sql, (*assignments.values(), self._clock(), team_id))
+            try:
+                cursor = db.execute(sql, (*assignments.values(), self._clock(), team_id))
+            except sqlite3.IntegrityError as exc:
+                # The one reference among the columns: a team moved to an organization that does not exist.
+                if "FOREIGN KEY" not in str(exc) or "organization_id" not in assignments:
+                    raise
+                raise NotFound(f"Organization '{assignments['organization_id']}' not found") from None
             if cursor.rowcount == 0:
                 raise NotFound(f"Team '{team_id}' not found")
             if groups is not None:
@@ -735,7 +742,10 @@ def _grant_groups(db: sqlite3.Connection, team_id: str, groups: Iterable[str]) -
                 "INSERT INTO team_model_groups (team_id, model_group, position) VALUES (?, ?, ?)",
                 (team_id, group, position),
             )
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as exc:
+            # The (team, group) key taken already: the list names the group twice.
+            if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
+                raise Conflict(f"Model group '{group}' is named twice") from None
             raise NotFound(f"Model group '{group}' not found") from None
 
 
