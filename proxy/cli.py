@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -18,7 +19,15 @@ from typing import Any, Awaitable, Callable
 
 import yaml
 
-from .config import ENV_CONFIG, Config, ConfigError, describe, load_config, require_serving_secrets
+from .config import (
+    ENV_CONFIG,
+    Config,
+    ConfigError,
+    describe,
+    load_config,
+    require_serving_secrets,
+    serving_warnings,
+)
 from .errors import ApiError, from_store_error
 from .store import Store, StoreError
 
@@ -54,6 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     _run(config)
     workers = args.workers or config.server.workers
     configure_logging(config.logging.level)
+    for warning in serving_warnings(config, workers):
+        logging.getLogger("tollgate").warning(warning)
     options = uvicorn_options(
         args.host or config.server.host, args.port or config.server.port, "info", config.server.shutdown_grace
     )

@@ -327,6 +327,17 @@ def require_serving_secrets(config: Config) -> None:
         )
 
 
+def serving_warnings(config: Config, workers: int) -> list[str]:
+    """What is allowed but probably not meant, for `serve` to say as it starts."""
+    warnings = []
+    if workers > 1 and config.redis.url is None:
+        warnings.append(
+            f"{workers} workers without Redis: each keeps its own rate-limit windows, so a team may be "
+            f"admitted up to {workers} times its limits; set TOLLGATE_REDIS_URL to share them"
+        )
+    return warnings
+
+
 def _check_consistency(config: Config) -> None:
     for i, team in enumerate(config.teams):
         twice = [group for n, group in enumerate(team.model_groups) if group in team.model_groups[:n]]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import MAX_INTEGER, ConfigError, load_config, require_serving_secrets
+from proxy.config import MAX_INTEGER, ConfigError, load_config, require_serving_secrets, serving_warnings
 from tests.support import PYTHON, REPO
 
 
@@ -207,3 +207,12 @@ def test_serve_exits_with_one_line_when_the_database_cannot_be_created(tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith(f"tollgate: cannot open the database {tmp_path}/a-file/x.db: ")
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_several_workers_without_redis_are_warned_that_each_limits_on_its_own(tmp_path):
+    config = load_config(write(tmp_path, ""), {})
+    (warning,) = serving_warnings(config, workers=2)
+    assert "2 workers without Redis" in warning and "TOLLGATE_REDIS_URL" in warning
+    assert serving_warnings(config, workers=1) == []
+    shared = load_config(write(tmp_path, ""), {"TOLLGATE_REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert serving_warnings(shared, workers=4) == []
