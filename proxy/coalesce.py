@@ -49,6 +49,8 @@ class CoalescedWrites:
             return
         self._pending = []
         self._size = 0
+        if self._transport.is_closing():
+            return  # the peer went away within the turn: uvloop would raise, and no one would read it
         self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def discard(self) -> None:

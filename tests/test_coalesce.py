@@ -89,6 +89,18 @@ def test_writes_past_the_flush_mark_go_at_once():
     assert asyncio.run(run()) == [b"a" + b"b" * FLUSH_AT]
 
 
+def test_writes_held_when_the_peer_hangs_up_are_dropped_not_sent_to_the_closed_transport():
+    async def run() -> list[bytes]:
+        transport = RecordingTransport()
+        writes = CoalescedWrites(transport, asyncio.get_running_loop())
+        writes.write(b"an answer nobody will read")
+        transport.closing = True  # the connection was lost before the turn's end
+        await next_turn()  # uvloop would raise from the write, and the loop log it as an error
+        return transport.writes
+
+    assert asyncio.run(run()) == []
+
+
 def test_closing_sends_what_was_written_first_and_aborting_drops_it():
     async def run() -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
         loop = asyncio.get_running_loop()
