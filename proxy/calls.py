@@ -301,6 +301,7 @@ class CallPipeline:
         and the call ends as cancelled rather than run on for nobody, holding its job open."""
         task = asyncio.current_task()
         assert task is not None
+        cancels_before = task.cancelling()
         hung_up = False
 
         async def watch() -> None:
@@ -314,9 +315,10 @@ class CallPipeline:
         try:
             return await forward(self._upstream, call.group.models, self.payload(call), call.stream, call.deadline)
         except asyncio.CancelledError:
-            if not hung_up:
+            # Only the watcher's own cancel is taken back: one from anyone else in the same
+            # turn (a shutdown's) still stands, though the task was thrown a single error.
+            if not hung_up or task.uncancel() > cancels_before:
                 raise
-            task.uncancel()
             raise ClientClosed("The client closed the connection before the call was answered") from None
         finally:
             watcher.cancel()
