@@ -92,7 +92,11 @@ class OpenAIApi:
             spent = outcome.status == "cancelled" and outcome.completion_tokens > 0
             await finish_implicit(outcome.status == "success" or spent, outcome.error)
 
+        job_begun = False  # until then there is no implicit job to fail
+
         async def create_implicit_job() -> None:
+            nonlocal job_begun
+            job_begun = True
             await self._store.create_job(
                 team_id, IMPLICIT_JOB_TYPE, None, {"implicit": True}, self._config.jobs.credits_per_job, job_id
             )
@@ -113,7 +117,8 @@ class OpenAIApi:
                 before_start=create_implicit_job if implicit else None,
             )
         except BaseException as exc:
-            await self._fail_quietly(finish_implicit, exc)
+            if job_begun:
+                await self._fail_quietly(finish_implicit, exc)
             raise
         if not call_request.stream:
             done = await self._calls.complete(call, request.receive)
