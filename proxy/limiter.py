@@ -13,7 +13,8 @@ trip on Redis's own clock, so all processes sharing the Redis share the limit
 exactly; keys carry the team as a hash tag, so Redis Cluster keeps a call's
 keys on one node. A rejected call records nothing. If Redis fails, a circuit
 breaker stops asking it for a while and `rate_limits.on_redis_error` decides:
-`local` (a per-process limiter of the same semantics), `allow`, or `deny`.
+`local` (a per-process limiter of the same semantics), `allow`, or `deny`. An
+admit given up on may still run in Redis once it recovers: it is released then.
 
 Limits are checked before the call is admitted into its job: a call to a closed
 job that is also over its limit gets the 429.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -179,13 +181,16 @@ class LocalLimiter:
             window = self._windows.setdefault((scope, name), _Window())
             window.trim(cutoff)
             windows.append((scope, window, rpm, tpm))
+            if estimate > tpm:
+                # Whatever else refused it, waiting would not help: the caller is told so.
+                if not never:
+                    refused, never, retry_after = (scope, "tokens"), True, None
+                continue
             if refused is not None:
                 continue
             if len(window.requests) >= rpm:
                 refused = (scope, "requests")
                 retry_after = window.requests[len(window.requests) - rpm][0] + self._window - now
-            elif estimate > tpm:
-                refused, never = (scope, "tokens"), True
             elif window.total + estimate > tpm:
                 refused = (scope, "tokens")
                 retry_after = self._tokens_free_at(window, window.total + estimate - tpm) - now
@@ -272,16 +277,19 @@ for s = 1, scopes do
     redis.call('ZREMRANGEBYSCORE', tokens, '-inf', cutoff)
     redis.call('DECRBY', total, freed)
   end
-  if refused == 0 then
-    local rpm, tpm = tonumber(ARGV[2 + s*2]), tonumber(ARGV[3 + s*2])
+  local rpm, tpm = tonumber(ARGV[2 + s*2]), tonumber(ARGV[3 + s*2])
+  if estimate > tpm then
+    -- Whatever else refused it, waiting would not help: the caller is told so.
+    if kind ~= 3 then
+      refused, kind, retry = s, 3, 0
+    end
+  elseif refused == 0 then
     local count = redis.call('ZCARD', requests)
     local used = tonumber(redis.call('GET', total) or '0')
     if count >= rpm then
       refused, kind = s, 1
       local entry = redis.call('ZRANGE', requests, count - rpm, count - rpm, 'WITHSCORES')
       retry = tonumber(entry[2]) + window - now
-    elseif estimate > tpm then
-      refused, kind = s, 3
     elseif used + estimate > tpm then
       refused, kind = s, 2
       local needed, freed = used + estimate - tpm, 0
@@ -347,6 +355,10 @@ class RedisUnavailable(Exception):
 
 
 MAX_KEYSETS = 10_000
+# Admits of unknown outcome kept for release. Their releases go ahead of one call's admit, which
+# a bound keeps well within Redis's timeout. So many pile up only when that many admits were in
+# flight as Redis failed; those dropped count until their window ends, as before.
+MAX_UNKNOWN = 1_000
 
 
 class RedisLimiter:
@@ -359,6 +371,12 @@ class RedisLimiter:
         self._admit = Script(ADMIT_SCRIPT)
         self._settle = Script(SETTLE_SCRIPT)
         self._keysets: dict[tuple[str, str | None], Keys] = {}  # by team, and key if it has limits
+        # Admits given up on (a timeout, a lost connection): Redis may have run them, or may run
+        # them yet (a command written waits in its socket while Redis is stalled), counting a
+        # call that was answered otherwise: refused, or admitted by the local limiter. Each is
+        # released once Redis answers again; a release finds nothing if it never ran, and also
+        # if the window has since let it go. Call id -> the keys its release runs on, oldest first.
+        self._unknown: dict[str, Keys] = {}
 
     async def close(self) -> None:
         await self._redis.close()
@@ -391,10 +409,17 @@ class RedisLimiter:
 
     async def admit(self, limits: Limits, call_id: str, estimate: int) -> Decision:
         scopes = limits.scopes()
+        keys = self._keys(limits)
         args: list[Any] = [self._window_ms, call_id, estimate]
         for _, _, rpm, tpm in scopes:
             args += [rpm, tpm]
-        result = await self._run(self._admit, self._keys(limits), args)
+        try:
+            if self._unknown:
+                await self._release_unknown()
+            result = await self._run(self._admit, keys, args)
+        except RedisUnavailable:
+            self._release_later(call_id, keys)
+            raise
         now, refused, kind, retry = result[0], result[1], _KINDS[result[2]], result[3]
         usage = []
         for i, (scope, _, rpm, tpm) in enumerate(scopes):
@@ -423,6 +448,36 @@ class RedisLimiter:
             retry_after=retry / 1000 if refused and kind != "never" else None,
         )
 
+    def release_later(self, decision: Decision) -> None:
+        """Release the call with the next admit that reaches Redis."""
+        self._release_later(decision.call_id, self._keys(decision.limits))
+
+    def _release_later(self, call_id: str, keys: Keys) -> None:
+        if len(self._unknown) >= MAX_UNKNOWN:
+            del self._unknown[next(iter(self._unknown))]
+        self._unknown[call_id] = keys
+
+    async def _release_unknown(self) -> None:
+        """Send the releases ahead of the admit that called, in the same write: that admit is
+        decided without the calls released. Redis reads a connection from the turn of its loop
+        after the one that accepted it, by when it has read what an older connection had
+        waiting, so an admit given up on runs before its release (unless the network held its
+        bytes back even longer; then the release finds nothing, and the call counts as before)."""
+        try:
+            await self._redis.connect()
+        except RedisError as exc:
+            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
+        unknown, self._unknown = self._unknown, {}
+        # Loaded first: a release that found the script unknown would be sent again after the admit.
+        self._redis.call_soon("SCRIPT", "LOAD", self._settle.source).add_done_callback(_outcome_told_elsewhere)
+        for call_id, keys in unknown.items():
+            reply = self._redis.evalsha_soon(self._settle, keys, [call_id, 0, 1])
+            reply.add_done_callback(functools.partial(self._released, call_id, keys))
+
+    def _released(self, call_id: str, keys: Keys, reply: asyncio.Future[Any]) -> None:
+        if reply.cancelled() or reply.exception() is not None:
+            self._release_later(call_id, keys)  # to be tried again: a release is idempotent
+
     async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
         await self._run(self._settle, self._keys(decision.limits), [decision.call_id, tokens, 1 if release else 0])
 
@@ -431,6 +486,11 @@ class RedisLimiter:
 
 
 _KINDS = ("", "requests", "tokens", "never")  # ADMIT_SCRIPT's refused kinds, by number
+
+
+def _outcome_told_elsewhere(reply: asyncio.Future[Any]) -> None:
+    if not reply.cancelled():
+        reply.exception()  # retrieved, so that asyncio does not log it: the replies after it tell
 
 
 # --- the limiter the gateway uses --------------------------------------------------------------
@@ -503,10 +563,16 @@ class RateLimiter:
     async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
         if decision.backend == "local":
             self.local.settle(decision, tokens, release)
-        elif decision.backend == "redis" and self.redis is not None and self._may_ask_redis():
+        elif decision.backend == "redis" and self.redis is not None:
+            if not self._may_ask_redis():
+                if release:  # a call that never started must not count until the window ends
+                    self.redis.release_later(decision)
+                return
             try:
                 await self.redis.settle(decision, tokens, release)
             except RedisUnavailable as error:
+                if release:
+                    self.redis.release_later(decision)
                 self._failed(error)
 
     def settle_soon(self, decision: Decision, tokens: int) -> None:

@@ -211,6 +211,10 @@ class Redis:
             self._connection.fail(RedisError("client closed"))
             self._connection = None
 
+    async def connect(self) -> None:
+        """Connected: what is sent from here to the next await leaves in one write, in order."""
+        await self._connected()
+
     async def call(self, *args: Any) -> Any:
         connection = await self._connected()
         (future,) = connection.send(encode(args), 1)
@@ -220,6 +224,15 @@ class Redis:
         connection = await self._connected()
         reply = self._send_evalsha(connection, script, keys, args)
         return await self._script_reply(reply, script, keys, args)
+
+    def call_soon(self, *args: Any) -> asyncio.Future[Any]:
+        """The command's reply, to come; on a live connection the command leaves with this
+        turn of the loop's writes, ahead of any sent after it (see `evalsha_soon`)."""
+        connection = self._connection
+        if self._closed or connection is None or connection.lost:
+            return self._in_background(self.call(*args))
+        (reply,) = connection.send(encode(args), 1)
+        return reply
 
     def evalsha_soon(self, script: "Script", keys: "Keys", args: list[Any]) -> asyncio.Future[Any]:
         """The script's reply, to come. On a live connection the command leaves with this

@@ -1,5 +1,9 @@
 """Per-team and per-key RPM/TPM limits: exact across processes, OpenAI headers, Redis failures."""
 
+import asyncio
+import contextlib
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,9 +12,9 @@ import openai
 import pytest
 
 import proxy.limiter as limiter_module
-from proxy.config import RedisConfig
-from proxy.limiter import Decision, Limits, RedisLimiter, Usage
-from tests.support import RedisServer, Tollgate, fake_log, tag, wait_for
+from proxy.config import RateLimitsConfig, RedisConfig
+from proxy.limiter import Decision, Limits, LocalLimiter, RateLimiter, RedisLimiter, RedisUnavailable, Usage
+from tests.support import RedisServer, Tollgate, fake_log, free_port, tag, wait_for
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -20,6 +24,31 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["local", "redis"])
+def admit(request):
+    """One limiter's `admit`, run to its decision: the in-process one, or Redis's script."""
+    if request.param == "local":
+        yield LocalLimiter(60.0).admit
+        return
+    server = request.getfixturevalue("redis_server")
+    loop = asyncio.new_event_loop()
+    limiter = RedisLimiter(RedisConfig(url=server.url), 60.0)
+    yield lambda limits, call_id, estimate: loop.run_until_complete(limiter.admit(limits, call_id, estimate))
+    loop.run_until_complete(limiter.close())
+    loop.close()
+
+
+@contextlib.contextmanager
+def paused(server: RedisServer):
+    """Redis stopped mid-flight: it reads nothing and answers nothing until it goes on."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
 
 
 def call(server: Tollgate, key: str, job_id: str, **body) -> httpx.Response:
@@ -150,6 +179,26 @@ def test_call_that_can_never_fit_is_429_without_retry_after(make_tollgate, redis
     assert "can never fit" in response.json()["detail"]
 
 
+def test_a_call_that_can_never_fit_is_told_so_even_while_the_requests_limit_is_full(admit):
+    limits = Limits(tag(), "key-a", team_rpm=1, team_tpm=500)
+    assert admit(limits, "small", 10).admitted
+    refused = admit(limits, "too-big", 602)  # the window has no request left, and 602 > 500 ever
+    assert refused.never_fits and (refused.refused_scope, refused.refused_kind) == ("team", "tokens")
+    message, headers = refused.refusal()
+    assert "can never fit" in message
+    assert "retry-after" not in headers and headers["x-should-retry"] == "false"
+
+
+def test_a_key_limit_that_can_never_fit_wins_over_the_teams_full_window(admit):
+    team_id = tag()
+    assert admit(Limits(team_id, "key-b", 100, 1000), "filler", 990).admitted  # another key of the team
+    refused = admit(Limits(team_id, "key-a", 100, 1000, key_tpm=300), "too-big", 402)
+    assert refused.never_fits and refused.refused_scope == "key"
+    message, headers = refused.refusal()
+    assert "key 'key-a'" in message and "can never fit" in message
+    assert "retry-after" not in headers and headers["x-should-retry"] == "false"
+
+
 def test_key_limit_tighter_than_the_teams_wins(make_tollgate, redis_server):
     server = make_tollgate(redis={"url": redis_server.url})
     team = server.admin().team(rpm_limit=10, key={"name": "tight", "rpm_limit": 2})
@@ -222,6 +271,19 @@ def test_redis_outage_under_deny_refuses_calls_quickly(make_tollgate, redis_serv
     assert ready.status_code == 503 and "redis" in ready.json()["failing"]
 
 
+def test_redis_outage_under_allow_admits_everything_with_this_processs_own_count_in_the_headers(
+    make_tollgate, redis_server
+):
+    server = make_tollgate(redis={"url": redis_server.url}, rate_limits={"on_redis_error": "allow"})
+    team = server.admin().team(rpm_limit=1)
+    job_id = open_job(server, team.key)
+    redis_server.stop()
+    responses = [call(server, team.key, job_id) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 200]  # over the limit: admitted all the same
+    assert [r.headers["x-ratelimit-remaining-requests"] for r in responses] == ["0", "0", "0"]
+    assert all(r.headers["x-ratelimit-limit-requests"] == "1" for r in responses)
+
+
 def test_a_finished_calls_real_usage_reaches_redis_without_waiting_for_another_call(make_tollgate, redis_server):
     server = make_tollgate(redis={"url": redis_server.url})
     team = server.admin().team(tpm_limit=5000)
@@ -268,3 +330,77 @@ def test_the_set_of_encoded_redis_keys_stays_bounded(monkeypatch):
     for n in range(10):
         limiter._keys(Limits(f"team-{n}", "k", 10, 1000))
         assert len(limiter._keysets) <= 3
+
+
+@pytest.mark.parametrize("policy", ["local", "deny"])
+def test_an_admit_redis_ran_after_it_timed_out_is_released_once_redis_answers_again(redis_server, policy):
+    limits = Limits(tag(), "key-a", team_rpm=2, team_tpm=100_000)
+    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
+
+    async def run() -> None:
+        config = RedisConfig(url=redis_server.url, breaker_cooldown=0.2)
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error=policy), config)
+        assert (await limiter.admit(limits, "before", 10)).backend == "redis"
+        with paused(redis_server):
+            if policy == "deny":
+                with pytest.raises(RedisUnavailable):  # the client is told its call was refused
+                    await limiter.admit(limits, "timed-out", 10)
+            else:
+                assert (await limiter.admit(limits, "timed-out", 10)).backend == "local"
+        # The admit was already written: Redis runs it on going on, though nobody waits for it.
+        assert wait_for(lambda: redis_server.cli("ZSCORE", requests, "timed-out"), timeout=5)
+        await asyncio.sleep(0.3)  # the breaker lets the next call ask Redis again
+        after = await limiter.admit(limits, "after", 10)
+        assert after.backend == "redis" and after.admitted  # decided without the timed-out call
+        assert redis_server.cli("ZRANGE", requests, "0", "-1").split() == ["before", "after"]
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_releasing_a_call_redis_never_recorded_changes_nothing(redis_server):
+    limits = Limits(tag(), "key-a", team_rpm=10, team_tpm=100_000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 60.0)
+        assert (await limiter.admit(limits, "recorded", 100)).admitted
+        await limiter.settle(Decision(False, "never-recorded", limits, 100, "redis"), 0, release=True)
+        await limiter.close()
+
+    asyncio.run(run())
+    assert redis_server.cli("ZRANGE", f"{base}:requests", "0", "-1") == "recorded"
+    assert redis_server.cli("HKEYS", f"{base}:amounts") == "recorded"
+    assert redis_server.cli("GET", f"{base}:total") == "100"
+
+
+def test_the_admits_left_to_release_stay_bounded(monkeypatch):
+    monkeypatch.setattr(limiter_module, "MAX_UNKNOWN", 3)
+    limiter = RedisLimiter(RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0"), 60.0)
+
+    async def run() -> None:
+        for n in range(10):
+            with pytest.raises(RedisUnavailable):
+                await limiter.admit(Limits("t1", "key-a", 10, 1000), f"call-{n}", 1)
+            assert len(limiter._unknown) <= 3
+        assert list(limiter._unknown) == ["call-7", "call-8", "call-9"]  # the oldest give way
+
+    asyncio.run(run())
+
+
+def test_a_release_skipped_while_redis_failed_is_done_once_it_answers_again(redis_server):
+    limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
+    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
+        never_started = await limiter.admit(limits, "never-started", 10)
+        with paused(redis_server):
+            assert (await limiter.admit(limits, "timed-out", 10)).backend == "local"  # the breaker opens
+        await limiter.settle(never_started, 0, release=True)  # Redis is not asked while the breaker is open
+        await asyncio.sleep(0.3)
+        assert (await limiter.admit(limits, "after", 10)).backend == "redis"
+        assert redis_server.cli("ZRANGE", requests, "0", "-1").split() == ["after"]
+        await limiter.close()
+
+    asyncio.run(run())

@@ -102,6 +102,21 @@ def test_a_script_sent_soon_is_written_before_the_next_command_without_being_awa
     asyncio.run(run())
 
 
+def test_a_command_sent_soon_once_connected_leaves_ahead_of_the_next_without_being_awaited():
+    key = f"tollgate-test:{uuid.uuid4().hex}"
+
+    async def run() -> None:
+        redis = client()
+        await redis.connect()
+        reply = redis.call_soon("SET", key, "soon", "EX", 10)
+        assert await redis.call("GET", key) == b"soon"  # sent after it, so answered after it
+        assert await reply == "OK"
+        await redis.call("DEL", key)
+        await redis.close()
+
+    asyncio.run(run())
+
+
 def test_a_script_sent_soon_that_redis_forgot_is_sent_whole():
     script = Script(f"redis.call('SET', KEYS[1], ARGV[1]) return '{uuid.uuid4().hex}'")
     key = f"tollgate-test:{uuid.uuid4().hex}"
