@@ -5,8 +5,9 @@ With several worker processes (`tollgate serve --workers N`) prometheus-client's
 multiprocess mode is used: `serve` points PROMETHEUS_MULTIPROC_DIR at a fresh
 directory before the workers start, each worker writes its values there, and a
 scrape (answered by any worker) adds them up. The live-streams gauge sums live
-processes only. Team balances are read from the store at scrape time, so they
-are right whichever worker answers.
+processes only: a scrape first drops the gauge files of workers that died without
+saying so (a kill -9 mid-stream). Team balances are read from the store at scrape
+time, so they are right whichever worker answers.
 
 Labels never hold ids, keys or free text: `route` is the route template, and
 `metrics.team_label: false` drops the team label for large fleets.
@@ -14,13 +15,15 @@ Labels never hold ids, keys or free text: `route` is the route template, and
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import time
 from typing import Any, Awaitable, Callable
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from . import instruments
 from .instruments import Counting, Observing
@@ -126,6 +129,7 @@ class Metrics:
         """The /metrics text; `balances` reads (team, credits_remaining) from the store."""
         registry = self.registry
         if multiprocess_enabled():
+            forget_dead_processes(os.environ[MULTIPROC_ENV])
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
         text = generate_latest(registry)
@@ -139,6 +143,22 @@ class Metrics:
             values = await read()
             self._credits = (time.monotonic(), values)
         return values
+
+
+def forget_dead_processes(directory: str) -> None:
+    """Drop the live gauges' files of processes that are gone. prometheus-client leaves that to
+    the server (gunicorn's child_exit hook); uvicorn's supervisor has no such hook, so without
+    this a stream open in a worker that was killed would count for ever. Counters' and
+    histograms' files stay: what a dead worker counted still happened."""
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        pid = int(path[:-3].rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):  # another worker's scrape was first
+                mark_process_dead(pid, directory)
+        except PermissionError:
+            pass  # alive, someone else's: the pid was used again
 
 
 class _Balances:

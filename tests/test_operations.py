@@ -4,12 +4,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import stop_process, wait_until_up
@@ -136,6 +139,43 @@ def test_counters_of_two_workers_add_up_and_live_streams_are_not_double_counted(
         for stream in opened:
             stream.close()
     assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 0, timeout=5)
+
+
+def workers_streaming(server) -> list[int]:
+    """The worker processes with a stream open, as their files in the metrics directory say."""
+    streaming = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        directory = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")), None)
+        if parent != server.process.pid or directory is None:
+            continue
+        live = Path(os.fsdecode(directory)) / f"gauge_livesum_{stat.parent.name}.db"
+        if live.exists() and any(
+            "tollgate_active_streams" in key and count > 0
+            for key, count, *_ in MmapedDict.read_all_values_from_file(str(live))
+        ):
+            streaming.append(int(stat.parent.name))
+    return streaming
+
+
+def test_streams_of_a_worker_killed_mid_stream_leave_the_live_streams_gauge(make_tollgate):
+    server = make_tollgate(workers=2)
+    team = server.admin().team(credits=100)
+    job_id = server.client(team.key).post("/api/jobs/create", json={"job_type": "w"}).json()["job_id"]
+    url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
+    slow = {"messages": [{"role": "user", "content": "slow [chunks=100] [delay_ms=100]"}]}
+    with httpx.stream("POST", url, json=slow, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
+        assert stream.status_code == 200
+        assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 1, timeout=5)
+        (worker,) = wait_for(lambda: workers_streaming(server), timeout=5)
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(httpx.HTTPError):
+            stream.read()
+    assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 0, timeout=10)
 
 
 def prometheus_binary() -> str:
