@@ -186,14 +186,18 @@ class LocalLimiter:
                 if not never:
                     refused, never, retry_after = (scope, "tokens"), True, None
                 continue
-            if refused is not None:
+            if never:
                 continue
+            # Every full limit is looked at, and the call told to come back when the last of
+            # them has room: sooner, it would be refused again.
             if len(window.requests) >= rpm:
-                refused = (scope, "requests")
-                retry_after = window.requests[len(window.requests) - rpm][0] + self._window - now
-            elif window.total + estimate > tpm:
-                refused = (scope, "tokens")
-                retry_after = self._tokens_free_at(window, window.total + estimate - tpm) - now
+                wait = window.requests[len(window.requests) - rpm][0] + self._window - now
+                if retry_after is None or wait > retry_after:
+                    refused, retry_after = (scope, "requests"), wait
+            if window.total + estimate > tpm:
+                wait = self._tokens_free_at(window, window.total + estimate - tpm) - now
+                if retry_after is None or wait > retry_after:
+                    refused, retry_after = (scope, "tokens"), wait
         if refused is None:
             for _, window, _, _ in windows:
                 window.requests.append((now, call_id))
@@ -283,24 +287,31 @@ for s = 1, scopes do
     if kind ~= 3 then
       refused, kind, retry = s, 3, 0
     end
-  elseif refused == 0 then
+  elseif kind ~= 3 then
+    -- Every full limit is looked at, and the call told to come back when the last of them
+    -- has room: sooner, it would be refused again.
     local count = redis.call('ZCARD', requests)
     local used = tonumber(redis.call('GET', total) or '0')
     if count >= rpm then
-      refused, kind = s, 1
       local entry = redis.call('ZRANGE', requests, count - rpm, count - rpm, 'WITHSCORES')
-      retry = tonumber(entry[2]) + window - now
-    elseif used + estimate > tpm then
-      refused, kind = s, 2
+      local wait = tonumber(entry[2]) + window - now
+      if refused == 0 or wait > retry then
+        refused, kind, retry = s, 1, wait
+      end
+    end
+    if used + estimate > tpm then
       local needed, freed = used + estimate - tpm, 0
       local entries = redis.call('ZRANGE', tokens, 0, -1, 'WITHSCORES')
-      retry = window
+      local wait = window
       for i = 1, #entries, 2 do
         freed = freed + tonumber(redis.call('HGET', amounts, entries[i]) or '0')
         if freed >= needed then
-          retry = tonumber(entries[i + 1]) + window - now
+          wait = tonumber(entries[i + 1]) + window - now
           break
         end
+      end
+      if refused == 0 or wait > retry then
+        refused, kind, retry = s, 2, wait
       end
     end
   end

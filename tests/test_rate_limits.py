@@ -199,6 +199,18 @@ def test_a_key_limit_that_can_never_fit_wins_over_the_teams_full_window(admit):
     assert "retry-after" not in headers and headers["x-should-retry"] == "false"
 
 
+def test_retry_after_waits_for_the_last_full_limit_not_the_first_found(admit):
+    team_id = tag()
+    assert admit(Limits(team_id, "key-b", 100, 1000), "filler", 990).admitted
+    time.sleep(1.0)
+    assert admit(Limits(team_id, "key-a", 100, 1000, key_rpm=1), "first", 5).admitted
+    # The team's tokens have room once the filler leaves, in 59 s; the key's one request
+    # a second later: retrying before then would be refused by the key.
+    refused = admit(Limits(team_id, "key-a", 100, 1000, key_rpm=1), "second", 20)
+    assert (refused.refused_scope, refused.refused_kind) == ("key", "requests")
+    assert refused.retry_after is not None and 59.5 < refused.retry_after <= 60.0
+
+
 def test_key_limit_tighter_than_the_teams_wins(make_tollgate, redis_server):
     server = make_tollgate(redis={"url": redis_server.url})
     team = server.admin().team(rpm_limit=10, key={"name": "tight", "rpm_limit": 2})
