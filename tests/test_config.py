@@ -4,8 +4,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from proxy.config import MAX_INTEGER, ConfigError, load_config, require_serving_secrets, serving_warnings
+from proxy.config import MAX_INTEGER, ConfigError, describe, load_config, require_serving_secrets, serving_warnings
 from tests.support import PYTHON, REPO
 
 
@@ -216,3 +217,26 @@ def test_several_workers_without_redis_are_warned_that_each_limits_on_its_own(tm
     assert serving_warnings(config, workers=1) == []
     shared = load_config(write(tmp_path, ""), {"TOLLGATE_REDIS_URL": "redis://127.0.0.1:6379/0"})
     assert serving_warnings(shared, workers=4) == []
+
+
+def test_bundled_config_lists_every_setting_with_its_default():
+    """README: the bundled config.yaml lists every key with its default."""
+    bundled = yaml.safe_load((REPO / "config.yaml").read_text())
+    defaults = describe(load_config(None, {}))
+
+    def leaves(data: dict, path: str = "") -> set[str]:
+        found = set()
+        for key, value in data.items():
+            if isinstance(value, dict) and value:
+                found |= leaves(value, f"{path}{key}.")
+            else:
+                found.add(f"{path}{key}")
+        return found
+
+    sections = {k: v for k, v in defaults.items() if isinstance(v, dict) and k not in ("model_groups", "pricing")}
+    missing = leaves(sections) - leaves({k: bundled.get(k) or {} for k in sections})
+    assert not missing, f"config.yaml does not list {sorted(missing)}"
+    for name in leaves(sections):
+        section, _, key = name.partition(".")
+        if "." not in key and key != "url":
+            assert bundled[section][key] == defaults[section][key] or isinstance(defaults[section][key], float), name
