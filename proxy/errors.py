@@ -21,6 +21,7 @@ from .store import (
     NotFound,
     StoreBusy,
     StoreError,
+    StoreUnavailable,
     TeamSuspended,
 )
 
@@ -28,6 +29,8 @@ log = logging.getLogger("tollgate")
 
 # Statuses a client must not retry: the OpenAI SDKs honour this header.
 NO_RETRY = {"x-should-retry": "false"}
+# A database that cannot be written (disk full, I/O errors) needs more than a moment.
+STORE_RETRY_AFTER = "10"
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -104,6 +107,8 @@ def from_store_error(error: StoreError) -> ApiError:
         return ApiError(409, str(error), code="conflict")
     if isinstance(error, StoreBusy):
         return ApiError(503, str(error), code="store_busy", headers={"Retry-After": "1"})
+    if isinstance(error, StoreUnavailable):
+        return ApiError(503, str(error), code="store_unavailable", headers={"Retry-After": STORE_RETRY_AFTER})
     return ApiError(500, "Internal error", code="internal_error")
 
 
@@ -114,6 +119,8 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
 
 async def handle_store_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StoreError)
+    if isinstance(exc, StoreUnavailable):
+        log.warning("%s %s: 503, the database cannot be written: %s", request.method, request.url.path, exc)
     return error_response(request, from_store_error(exc))
 
 

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from .json_codec import JSONResponse
 from .limiter import RateLimiter
 from .metrics import CONTENT_TYPE, Metrics
-from .store import Store
+from .store import Store, StoreUnavailable
 from .upstream import Upstream, UpstreamStatusError
 
 CHECK_TIMEOUT = 2.0
@@ -50,6 +50,8 @@ class Health:
         try:
             await asyncio.wait_for(self._store.ping(), CHECK_TIMEOUT)
             return "ok"
+        except StoreUnavailable as exc:
+            return f"failing: {exc}"  # why it takes no writes: the operator's first question
         except Exception as exc:
             return f"failing: {type(exc).__name__}"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import functools
 import os
 import platform
 import sqlite3
@@ -18,10 +19,11 @@ from typing import Callable
 import pytest
 
 from proxy.config import DatabaseConfig
-from proxy.store import StoreError
+from proxy.store import StoreBusy, StoreError, StoreUnavailable
+from proxy.store import sqlite as sqlite_store
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.aio_fsync import _SYSCALLS, AioFsync
-from proxy.store.writer import WAL_SIZE_LIMIT, Writer
+from proxy.store.writer import WAL_SIZE_LIMIT, Writer, busy_or
 
 
 def connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
@@ -356,6 +358,101 @@ def test_a_failed_fsync_fails_the_writes_it_was_for_and_the_store_takes_no_more(
     asyncio.run(run())
     assert fsyncs.paths == []
     assert rows(path) == [1]  # committed: its caller was told it may not be on disk, not that it failed
+
+
+def test_after_a_failed_fsync_the_writes_are_refused_as_store_unavailable(tmp_path):
+    fsyncs = Fsyncs()
+    fsyncs.error = OSError(5, "Input/output error")
+
+    async def run() -> None:
+        writer = loop_writer(tmp_path / "w.db", fsyncs)
+        await writer.start()
+        try:
+            with pytest.raises(StoreUnavailable, match="may not be on disk"):
+                await asyncio.wait_for(writer.submit(insert(1)), 5)
+            with pytest.raises(StoreUnavailable, match="no more writes.*Input/output error"):
+                writer.submit(insert(2))
+            with pytest.raises(StoreUnavailable, match="no more writes.*Input/output error"):
+                writer.check()
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+
+
+def test_a_full_disk_is_store_unavailable(tmp_path):
+    def fill(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA max_page_count = 1")  # as small as the file already is: a full disk
+        db.execute("WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s LIMIT 100000) "
+                   "INSERT INTO t SELECT n FROM s")
+
+    async def run() -> None:
+        writer = loop_writer(tmp_path / "w.db")
+        await writer.start()
+        with pytest.raises(StoreUnavailable, match="SQLITE_FULL"):
+            await writer.submit(fill)
+        await writer.stop()
+
+    asyncio.run(run())
+    assert rows(tmp_path / "w.db") == []
+
+
+def read_only(path: Path) -> sqlite3.Error:
+    connect(path).close()
+    try:
+        sqlite3.connect(f"file:{path}?mode=ro", uri=True).execute("INSERT INTO t VALUES (1)")
+    except sqlite3.Error as exc:
+        return exc
+    raise AssertionError("a read-only database took a write")
+
+
+def cannot_open(path: Path) -> sqlite3.Error:
+    try:
+        sqlite3.connect(path / "missing" / "w.db")
+    except sqlite3.Error as exc:
+        return exc
+    raise AssertionError("a database in a missing directory opened")
+
+
+def locked(path: Path) -> sqlite3.Error:
+    holder = connect(path)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        sqlite3.connect(path, timeout=0).execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        return exc
+    finally:
+        holder.close()
+    raise AssertionError("a locked database took a write")
+
+
+@pytest.mark.parametrize("error, expected", [
+    (read_only, StoreUnavailable),
+    (cannot_open, StoreUnavailable),
+    (locked, StoreBusy),
+])
+def test_sqlite_errors_that_mean_the_database_cannot_be_written_now_are_store_unavailable(tmp_path, error, expected):
+    assert isinstance(busy_or(error(tmp_path / "w.db")), expected)
+
+
+def test_the_ping_of_a_store_that_takes_no_more_writes_fails_saying_why(tmp_path, monkeypatch):
+    fsyncs = Fsyncs()
+    monkeypatch.setattr(sqlite_store, "Writer", functools.partial(Writer, fsync=fsyncs))
+
+    async def run() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 's.db'}", aio_fsync=False))
+        await store.open()
+        try:
+            await store.ping()
+            fsyncs.error = OSError(5, "Input/output error")
+            with pytest.raises(StoreUnavailable):
+                await store.create_organization("org", "Org")
+            with pytest.raises(StoreUnavailable, match="saving to disk failed.*Input/output error"):
+                await store.ping()
+        finally:
+            await store.close()
+
+    asyncio.run(run())
 
 
 def test_the_wal_synced_is_the_one_sqlite_writes_when_the_path_is_a_symbolic_link(tmp_path):

@@ -67,6 +67,11 @@ class StoreBusy(StoreError):
     """The database stayed locked by another process for longer than the busy timeout."""
 
 
+class StoreUnavailable(StoreError):
+    """The database cannot be written now: the disk is full, failing or read-only, or the
+    store took no more writes after a failed fsync. Not a lock: waiting a moment won't do."""
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...

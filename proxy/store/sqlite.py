@@ -184,6 +184,10 @@ class SQLiteStore:
         self._reader = self._writer = None
 
     async def ping(self) -> None:
+        """Fails if the store cannot be read, or takes no more writes (after a failed fsync)."""
+        if self._writer is None:
+            raise StoreError("The store is closed")
+        self._writer.check()
         await self._read("SELECT 1")
 
     def _pragmas(self) -> list[str]:

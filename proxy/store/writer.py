@@ -42,7 +42,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar, Union
 
-from . import StoreBusy, StoreError
+from . import StoreBusy, StoreError, StoreUnavailable
 from .aio_fsync import AioFsync
 
 log = logging.getLogger("tollgate.store")
@@ -186,6 +186,11 @@ class Writer:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
+
+    def check(self) -> None:
+        """Raise what a write would hear now if the store takes no more writes."""
+        if self._failure is not None:
+            raise self._refusal()
 
     def submit(self, work: Work[T], atomic: bool = True, durable: bool = True) -> WriteFuture:
         if self._failure is not None:
@@ -433,11 +438,11 @@ class Writer:
             log.error("Saving the database to disk failed (%s): the store takes no more writes", error)
             self._failure = StoreError(f"saving to disk failed ({error})")
 
-    def _unsaved(self) -> StoreError:
-        return StoreError(f"The write was committed but may not be on disk: {self._failure}")
+    def _unsaved(self) -> StoreUnavailable:
+        return StoreUnavailable(f"The write was committed but may not be on disk: {self._failure}")
 
-    def _refusal(self) -> StoreError:
-        return StoreError(f"The store takes no more writes: {self._failure}")
+    def _refusal(self) -> StoreUnavailable:
+        return StoreUnavailable(f"The store takes no more writes until Tollgate is restarted: {self._failure}")
 
     def _commit_batch(self, db: sqlite3.Connection, batch: list[_Job[Any]]) -> list[Outcome]:
         """`_commit`, on the loop or the thread; a write function gone badly wrong fails its
@@ -568,8 +573,18 @@ def _end_transaction(db: sqlite3.Connection) -> None:
             pass
 
 
+# SQLite's errors that mean the database cannot be written now, whatever is tried: the disk
+# is full, failing or read-only, or the file cannot be opened (extended codes included).
+_UNWRITABLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+
+
 def busy_or(exc: Exception) -> Exception:
-    """SQLite's "database is locked" as the store's StoreBusy; anything else as it is."""
+    """SQLite's "database is locked" as the store's StoreBusy, a database that cannot be
+    written now (disk full, I/O error, read-only) as StoreUnavailable; anything else as it is."""
     if isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc)):
         return StoreBusy("The database is busy; try again shortly")
+    if isinstance(exc, sqlite3.Error):
+        name = getattr(exc, "sqlite_errorname", None) or ""
+        if name.startswith(_UNWRITABLE):
+            return StoreUnavailable(f"The database cannot be written now: {exc} ({name})")
     return exc
