@@ -82,6 +82,7 @@ def create_app(config: Config) -> Starlette:
                         config.upstream.timeouts.total + config.jobs.stale_call_margin,
                         config.jobs.sweep_interval,
                         metrics,
+                        record_kept=calls.record_kept,
                     )
                 ),
             ]
@@ -89,9 +90,13 @@ def create_app(config: Config) -> Starlette:
                 yield
             finally:
                 # uvicorn has cancelled what outlived the grace period: let those calls be recorded.
-                unrecorded = await calls.drain(timeout=10.0)
+                unrecorded, kept = await calls.drain(timeout=10.0)
                 if unrecorded:
-                    log.error("%d calls were not recorded before shutdown; the sweeper will close them", unrecorded)
+                    log.error(
+                        "%d calls were not recorded before shutdown (%d of them because the store refused their "
+                        "records: their figures are in the log); the sweeper will close them as interrupted",
+                        unrecorded, kept,
+                    )
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)

@@ -28,7 +28,7 @@ from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
 from .metrics import Metrics
 from .pricing import Pricing
 from .records import CallOutcome, CallStatus, ModelGroup, NewCall, Team
-from .store import Store, StoreBusy
+from .store import Store, StoreBusy, StoreError, StoreUnavailable
 from .streaming import RelayEnd, SSERelay
 from .upstream import Upstream
 from .validation import CallRequest
@@ -111,14 +111,39 @@ class CallPipeline:
         self._metrics = metrics
         self._total_timeout = total_timeout
         self._running: set[str] = set()  # admitted calls not yet recorded
+        # Outcomes the store refused (disk full, I/O error, ...), by call id: written by
+        # `record_kept` once it takes writes again. Their rows stay 'running' meanwhile.
+        self._kept: dict[str, CallOutcome] = {}
 
-    async def drain(self, timeout: float) -> int:
-        """At shutdown: wait for calls still being recorded; return how many never were."""
+    async def drain(self, timeout: float) -> tuple[int, int]:
+        """At shutdown: wait for calls still being recorded, then try once more to write the
+        outcomes kept; return how many calls were never recorded, and how many of those are
+        kept outcomes (their figures are in the log)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._running and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        return len(self._running)
+        kept = await self.record_kept()
+        return len(self._running) + kept, kept
+
+    async def record_kept(self) -> int:
+        """Write the outcomes the store refused before, oldest first, stopping at the first it
+        refuses again; return how many are still kept. A retry is safe: finish_call changes
+        only a call still running."""
+        written = 0
+        for call_id, outcome in list(self._kept.items()):
+            try:
+                await self._store.finish_call(outcome)
+            except Exception as exc:
+                log.warning("%d call outcomes still wait for the store (%d written now): %s",
+                            len(self._kept), written, exc)
+                break
+            self._kept.pop(call_id, None)
+            written += 1
+        else:
+            if written:
+                log.warning("%d call outcomes the store had refused are now recorded", written)
+        return len(self._kept)
 
     async def resolve_group(self, team: Team, name: str | None) -> ModelGroup:
         name = name or team.effective_default_group
@@ -411,37 +436,54 @@ class CallPipeline:
         # and its reply comes in while the record is written rather than wake an idle loop
         # after the answer. The tokens were spent whether or not the record can be written.
         self._limiter.settle_soon(call.decision, usage.total_tokens)
-        await self._store_outcome(outcome)
-        self._metrics.observe_call(
-            call.principal.team.team_id,
-            call.group.name,
-            model,
-            status,
-            call.stream,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            outcome.cost_usd,
-            latency,
-            ttft,
-            attempts,
-        )
-        call.notes.update(
-            model=model,
-            call_status=status,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-        )
+        try:
+            await self._store_outcome(outcome)
+        finally:  # the call happened, whether or not its record could be written yet
+            self._metrics.observe_call(
+                call.principal.team.team_id,
+                call.group.name,
+                model,
+                status,
+                call.stream,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                outcome.cost_usd,
+                latency,
+                ttft,
+                attempts,
+            )
+            call.notes.update(
+                model=model,
+                call_status=status,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+            )
         return outcome
 
     async def _store_outcome(self, outcome: CallOutcome) -> None:
-        """Write the outcome, trying again while the database stays locked by another process."""
-        for attempt in range(1, RECORD_ATTEMPTS + 1):
+        """Write the outcome, trying again while the database stays locked by another process.
+        One the store refuses (disk full, I/O error, a lock that outlasts the retries) is kept
+        for `record_kept` and logged with every figure; the caller hears StoreUnavailable."""
+        attempt = 1
+        while True:
             try:
                 await self._store.finish_call(outcome)
                 return
-            except StoreBusy:
+            except StoreBusy as exc:
                 if attempt == RECORD_ATTEMPTS:
-                    # Leave every figure in the log: the sweeper will close the row as interrupted.
-                    log.error("could not record call %s after %d attempts: %r", outcome.call_id, attempt, outcome)
-                    raise
-                await asyncio.sleep(0.1 * attempt)
+                    failure: Exception = exc
+                    break
+            except Exception as exc:
+                failure = exc
+                break
+            await asyncio.sleep(0.1 * attempt)
+            attempt += 1
+        self._kept[outcome.call_id] = outcome
+        log.error("could not record call %s (%s): kept, to be written once the database takes writes again: %r",
+                  outcome.call_id, failure, outcome)
+        if isinstance(failure, StoreError):
+            raise StoreUnavailable(
+                f"The call's record could not be written ({failure}); "
+                "it will be recorded once the database takes writes again"
+            ) from failure
+        raise failure

@@ -8,7 +8,9 @@ up, the upstream response is closed at once, so LiteLLM stops generating.
 The call is recorded exactly once, shielded from cancellation, and before the
 client can see the stream end: the terminal event (`[DONE]`, or an error) is
 held back until the record is written, so a client that completes its job the
-moment its stream ends never finds the call still running.
+moment its stream ends never finds the call still running. A record the store
+refuses (kept by the call pipeline, written later) ends the stream with one
+error event saying so instead.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from .accounting import StreamTally
 from .forwarding import OpenStream
 from .sse import SSEEvent
+from .store import StoreUnavailable
 from .upstream import DeadlineExceeded, TransportError
 
 EndReason = Literal["finished", "client_disconnected", "upstream_failed", "shutdown"]
@@ -124,8 +127,10 @@ class SSERelay:
                 last = await self._failed("The upstream stream ended before it was complete", "upstream_incomplete")
             else:
                 # Recorded before the client can see the end, outside the call's deadline.
-                await self._record("finished" if self._tally.error is None else "upstream_failed", self._tally.error)
-                last = terminal
+                unrecorded = await self._record(
+                    "finished" if self._tally.error is None else "upstream_failed", self._tally.error
+                )
+                last = terminal if unrecorded is None else [unrecorded]
         except (TimeoutError, DeadlineExceeded):  # the relay's own timeout, or the upstream's waits'
             last = await self._failed("The call took longer than the gateway allows", "upstream_timeout")
         except TransportError as exc:
@@ -160,12 +165,19 @@ class SSERelay:
 
     async def _failed(self, message: str, code: str) -> list[bytes]:
         """Record the call as failed; the error event the client gets last."""
-        await self._record("upstream_failed", message)
+        if await self._record("upstream_failed", message) is not None:
+            message += "; the call will be recorded once the database takes writes again"
         return [error_event(message, "upstream_error", code)]
 
-    async def _record(self, reason: EndReason, error: str | None) -> None:
+    async def _record(self, reason: EndReason, error: str | None) -> bytes | None:
+        """Record the call (once); if the store refused the record, the error event that
+        tells the client so (the pipeline keeps the outcome and writes it later)."""
         if self._recorded:
-            return
+            return None
         self._recorded = True
         end = RelayEnd(reason, error, self._first_event_at, asyncio.get_running_loop().time())
-        await asyncio.shield(self._on_end(end))
+        try:
+            await asyncio.shield(self._on_end(end))
+        except StoreUnavailable as exc:
+            return error_event(str(exc), "service_unavailable", "store_unavailable")
+        return None

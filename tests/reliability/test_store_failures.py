@@ -1,0 +1,188 @@
+"""A database that cannot be written (a full disk, I/O errors, a failed fsync) is an outage,
+not a loss: requests get 503 with Retry-After, readiness names the store, and the outcome of a
+call that could not be recorded is kept and written once the database takes writes again.
+
+Tollgate runs in-process here (create_app under Starlette's TestClient, against the fake
+upstream), so that the store can be made to fail from inside."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+from starlette.testclient import TestClient
+
+from proxy.app import create_app
+from proxy.config import load_config
+from proxy.records import CallOutcome
+from proxy.store import StoreBusy, StoreUnavailable
+from proxy.store import sqlite as sqlite_store
+from proxy.store.sqlite import SQLiteStore
+from proxy.store.writer import Writer
+from proxy.sweeper import sweep_once
+from tests.support import sse_data, tollgate_config, wait_for
+
+MASTER = "sk-master-test"
+CALL = {"messages": [{"role": "user", "content": "hi [chunks=3]"}]}
+FULL = StoreUnavailable("The database cannot be written now: database or disk is full (SQLITE_FULL)")
+
+
+class Gateway:
+    """An in-process Tollgate with a team, its key and an open job."""
+
+    def __init__(self, client: TestClient, database: Path) -> None:
+        self.http = client
+        self.database = database
+        org, team = "org-" + uuid.uuid4().hex[:8], "team-" + uuid.uuid4().hex[:8]
+        self.admin("/admin/organizations", {"organization_id": org, "name": org})
+        self.admin("/admin/teams", {"team_id": team, "organization_id": org, "model_groups": ["Main"],
+                                    "credits_allocated": 10})
+        self.key = self.admin(f"/admin/teams/{team}/keys", {"name": "test"})["key"]
+        self.job_id = self.post("/api/jobs/create", {"job_type": "disk"}).json()["job_id"]
+
+    def admin(self, path: str, body: dict[str, Any]) -> Any:
+        response = self.http.post(path, json=body, headers={"Authorization": f"Bearer {MASTER}"})
+        assert response.status_code in (200, 201), response.text
+        return response.json()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.http.post(path, json=body, headers={"Authorization": f"Bearer {self.key}"})
+
+    def calls(self) -> list[tuple[str, int, int]]:
+        """The job's calls as the database holds them: status, prompt and completion tokens."""
+        with sqlite3.connect(self.database) as db:
+            return db.execute("SELECT status, prompt_tokens, completion_tokens FROM llm_calls WHERE job_id = ?",
+                              (self.job_id,)).fetchall()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, fake_url: str) -> Iterator[Any]:
+    started: list[TestClient] = []
+
+    def start(**sections: Any) -> Gateway:
+        database = tmp_path / "t.db"
+        config_path = tmp_path / "config.yaml"
+        config_path.write_text(yaml.safe_dump(tollgate_config(database, upstream={"url": fake_url}, **sections)))
+        config = load_config(str(config_path), env={"TOLLGATE_MASTER_KEY": MASTER, "TOLLGATE_UPSTREAM_KEY": "sk-up"})
+        client = TestClient(create_app(config), raise_server_exceptions=False)
+        client.__enter__()
+        started.append(client)
+        return Gateway(client, database)
+
+    yield start
+    for client in started:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def refusing(monkeypatch: pytest.MonkeyPatch) -> dict[str, Exception | None]:
+    """While `refusing["error"]` is set, the store refuses every call record with it."""
+    state: dict[str, Exception | None] = {"error": None}
+    finish_call = SQLiteStore.finish_call
+
+    async def refuse_or_finish(self: SQLiteStore, outcome: CallOutcome) -> None:
+        if state["error"] is not None:
+            raise state["error"]
+        await finish_call(self, outcome)
+
+    monkeypatch.setattr(SQLiteStore, "finish_call", refuse_or_finish)
+    return state
+
+
+@pytest.mark.parametrize("error", [FULL, StoreBusy("The database is busy; try again shortly")], ids=["full", "busy"])
+def test_a_call_whose_record_cannot_be_written_answers_503_and_is_recorded_once_the_store_takes_writes(
+    gateway, refusing, error
+):
+    server = gateway(jobs={"sweep_interval": "0.2s"})
+    refusing["error"] = error
+    response = server.post(f"/api/jobs/{server.job_id}/llm-call", CALL)
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert "will be recorded once the database takes writes again" in response.json()["detail"]
+    assert server.calls() == [("running", 0, 0)]
+    refusing["error"] = None
+    # The sweeper's next run writes it, with the tokens the call used.
+    assert wait_for(lambda: server.calls()[0][0] != "running", timeout=5)
+    assert server.calls() == [("success", server.calls()[0][1], 3)]
+    assert server.post(f"/api/jobs/{server.job_id}/complete", {"status": "completed"}).status_code == 200
+
+
+def test_a_stream_whose_record_cannot_be_written_ends_with_one_error_event_and_is_recorded_later(gateway, refusing):
+    server = gateway(jobs={"sweep_interval": "0.2s"})
+    refusing["error"] = FULL
+    response = server.post(f"/api/jobs/{server.job_id}/llm-call-stream", CALL)
+    assert response.status_code == 200
+    events = sse_data(response.text)
+    assert "[DONE]" not in events
+    errors = [json.loads(e)["error"] for e in events if "error" in json.loads(e)]
+    assert len(errors) == 1 and errors[0]["code"] == "store_unavailable"
+    assert "will be recorded once the database takes writes again" in errors[0]["message"]
+    refusing["error"] = None
+    assert wait_for(lambda: server.calls()[0][0] == "success", timeout=5)
+
+
+def test_shutdown_writes_the_outcomes_kept_once_more(gateway, refusing):
+    server = gateway(jobs={"sweep_interval": "1h"})
+    refusing["error"] = FULL
+    assert server.post(f"/api/jobs/{server.job_id}/llm-call", CALL).status_code == 503
+    refusing["error"] = None
+    server.http.__exit__(None, None, None)  # the lifespan's shutdown: no sweep ran meanwhile
+    assert server.calls()[0][0] == "success"
+
+
+def test_after_a_failed_fsync_writes_answer_503_and_ready_names_the_store_and_why(gateway, monkeypatch):
+    failing = {"now": False}
+
+    def fsync(fd: int) -> None:
+        if failing["now"]:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sqlite_store, "Writer", functools.partial(Writer, fsync=fsync))
+    server = gateway(database={"aio_fsync": False})
+    failing["now"] = True
+    response = server.post(f"/api/jobs/{server.job_id}/llm-call", CALL)
+    assert response.status_code == 503 and response.headers["retry-after"]
+    failing["now"] = False  # too late: what the failed fsync was for may be lost
+    response = server.post("/api/jobs/create", {"job_type": "after"})
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert "no more writes" in response.json()["detail"]
+    ready = server.http.get("/health/ready")
+    assert ready.status_code == 503
+    assert "store" in ready.json()["failing"]
+    assert "saving to disk failed" in ready.json()["components"]["store"]
+
+
+class SweptStore:
+    """What the sweeper asks of a store, noted."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def cancel_stale_calls(self, started_before: float) -> int:
+        self.asked.append("cancel_stale_calls")
+        return 0
+
+    async def expire_jobs(self, created_before: float, limit: int) -> list[Any]:
+        return []
+
+
+def test_the_sweeper_closes_no_call_as_interrupted_while_kept_outcomes_still_wait_to_be_written():
+    store = SweptStore()
+    left = {"count": 1}
+
+    async def record_kept() -> int:
+        store.asked.append("record_kept")
+        return left["count"]
+
+    asyncio.run(sweep_once(store, 60, 60, 1000.0, record_kept=record_kept))  # type: ignore[arg-type]
+    assert store.asked == ["record_kept"]
+    left["count"] = 0
+    asyncio.run(sweep_once(store, 60, 60, 1000.0, record_kept=record_kept))  # type: ignore[arg-type]
+    assert store.asked == ["record_kept", "record_kept", "cancel_stale_calls"]
