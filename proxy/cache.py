@@ -23,13 +23,17 @@ class ExpiringCache(Generic[K, V]):
         self._clock = clock
         self._limit = limit  # full means cleared whole: random keys cannot grow it without end
         self._entries: dict[K, tuple[float, V]] = {}
+        self._generation = 0  # how many times it was invalidated
 
     async def get(self, key: K) -> V:
         now = self._clock()
         cached = self._entries.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
+        generation = self._generation
         value = await self._load(key)
+        if generation != self._generation:
+            return value  # read before an invalidation that came while it was read: not kept
         if len(self._entries) >= self._limit:
             self._entries.clear()
         self._entries[key] = (now + self._ttl, value)
@@ -37,3 +41,4 @@ class ExpiringCache(Generic[K, V]):
 
     def invalidate(self) -> None:
         self._entries.clear()
+        self._generation += 1
