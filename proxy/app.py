@@ -17,6 +17,7 @@ from .admin_api import AdminApi
 from .auth import KeyAuthenticator, MasterKeyGuard
 from .call_routes import CallRoutes
 from .calls import CallPipeline
+from .changes import ChangeSignal
 from .config import Config, load_config
 from .declared import apply_declared
 from .errors import EXCEPTION_HANDLERS
@@ -39,19 +40,16 @@ def create_app(config: Config) -> Starlette:
     store = open_store(config.database)
     upstream = Upstream(config.upstream, config.upstream_key)
     pricing = Pricing(config.pricing)
-    groups = GroupCatalog(store)
-    auth = KeyAuthenticator(store, config.auth.cache_ttl)
+    changes = ChangeSignal.beside(config.database)
+    groups = GroupCatalog(store, changes)
+    auth = KeyAuthenticator(store, config.auth.cache_ttl, changes)
     limiter = RateLimiter(config.rate_limits, config.redis)
     metrics = Metrics(config.metrics.team_label, config.metrics.credits_cache)
     calls = CallPipeline(
         store, upstream, pricing, groups, limiter, config.rate_limits, metrics, config.upstream.timeouts.total
     )
 
-    def forget_cached() -> None:
-        auth.invalidate()
-        groups.invalidate()
-
-    admin = AdminService(store, config, on_change=forget_cached)
+    admin = AdminService(store, config, on_change=changes.bump)
     jobs_api = JobsApi(store, auth, calls, metrics, config)
     openai_api = OpenAIApi(store, auth, calls, groups, metrics, config)
     # The router tries routes in order: the calls' routes first. CallRoutes takes their POSTs
@@ -67,8 +65,10 @@ def create_app(config: Config) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
+        changes.open()
         try:
             await apply_declared(store, config)
+            changes.bump()  # the file may have changed a team or a group other processes cached
             if config.master_key is None:
                 log.warning("TOLLGATE_MASTER_KEY is not set: the admin API refuses every request")
             background = [
@@ -103,6 +103,7 @@ def create_app(config: Config) -> Starlette:
                 await upstream.aclose()
                 await limiter.close()
         finally:
+            changes.close()
             await store.close()
 
     return Starlette(

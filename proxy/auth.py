@@ -1,8 +1,8 @@
 """Who is calling: virtual keys for /api and /v1, the master key for /admin.
 
-Only a key's SHA-256 is stored. Lookups are cached for at most
-`auth.cache_ttl` (≤ 1 s), so a key revoked in any process stops working
-everywhere within a second, and at once in the process that revoked it.
+Only a key's SHA-256 is stored. Lookups are cached for at most `auth.cache_ttl`
+(≤ 1 s) and dropped at once when any process sharing the database changes a key
+or a team (changes.py): a revoked key stops working at once everywhere.
 Keys never appear in messages or logs: every refusal reads the same.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .cache import ExpiringCache
+from .changes import ChangeSignal
 from .config import Secret
 from .errors import ApiError
 from .records import Team, VirtualKey
@@ -58,12 +59,15 @@ class KeyAuthenticator:
         self,
         store: Store,
         cache_ttl: float,
+        changes: ChangeSignal,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._wall_clock = wall_clock
-        self._principals: ExpiringCache[bytes, Principal | None] = ExpiringCache(self._lookup, cache_ttl, clock)
+        self._principals: ExpiringCache[bytes, Principal | None] = ExpiringCache(
+            self._lookup, cache_ttl, changes, clock
+        )
 
     async def _lookup(self, key_hash: bytes) -> Principal | None:
         found = await self._store.lookup_key(key_hash)
@@ -77,10 +81,6 @@ class KeyAuthenticator:
         if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= self._wall_clock()):
             raise ApiError(401, INVALID_KEY, code="invalid_api_key")
         return principal
-
-    def invalidate(self) -> None:
-        """Forget every cached lookup (after a key or team changed in this process)."""
-        self._principals.invalidate()
 
 
 class MasterKeyGuard:

@@ -1,10 +1,13 @@
-"""Store lookups reused for a short time: fast on the hot path, yet a change made in
-any process is seen everywhere within `ttl` seconds (at once after `invalidate`)."""
+"""Store lookups reused for a short time: fast on the hot path. A change made in any process
+sharing the database is seen at once through its change signal (changes.py), and within `ttl`
+seconds should the signal fail."""
 
 from __future__ import annotations
 
 import time
 from typing import Awaitable, Callable, Generic, Hashable, TypeVar
+
+from .changes import ChangeSignal
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -15,30 +18,32 @@ class ExpiringCache(Generic[K, V]):
         self,
         load: Callable[[K], Awaitable[V]],
         ttl: float,
+        changes: ChangeSignal,
         clock: Callable[[], float] = time.monotonic,
         limit: int = 10_000,
     ) -> None:
         self._load = load
         self._ttl = ttl
+        self._changes = changes
         self._clock = clock
         self._limit = limit  # full means cleared whole: random keys cannot grow it without end
         self._entries: dict[K, tuple[float, V]] = {}
-        self._generation = 0  # how many times it was invalidated
+        self._stamp = changes.stamp()  # the change stamp the entries were read under
 
     async def get(self, key: K) -> V:
         now = self._clock()
-        cached = self._entries.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        generation = self._generation
+        stamp = self._changes.stamp()
+        if stamp != self._stamp:
+            self._entries.clear()
+            self._stamp = stamp
+        else:
+            cached = self._entries.get(key)
+            if cached is not None and cached[0] > now:
+                return cached[1]
         value = await self._load(key)
-        if generation != self._generation:
-            return value  # read before an invalidation that came while it was read: not kept
+        if self._changes.stamp() != stamp:
+            return value  # read before a change that came while it was read: not kept
         if len(self._entries) >= self._limit:
             self._entries.clear()
         self._entries[key] = (now + self._ttl, value)
         return value
-
-    def invalidate(self) -> None:
-        self._entries.clear()
-        self._generation += 1

@@ -28,6 +28,7 @@ from .config import (
     require_serving_secrets,
     serving_warnings,
 )
+from .changes import ChangeSignal
 from .errors import ApiError, from_store_error
 from .store import Store, StoreError
 
@@ -106,11 +107,12 @@ def _admin(args: argparse.Namespace, operation: Callable[[Any], Awaitable[Any]])
     from .admin import AdminService
 
     config = _load(args)
-    result = _run(config, lambda store: operation(AdminService(store, config)))
+    # A change here reaches running servers' caches at once through the change signal.
+    result = _run(config, lambda store, changes: operation(AdminService(store, config, on_change=changes.bump)))
     print(json.dumps(result, indent=2))
 
 
-def _run(config: Config, operation: Callable[[Store], Awaitable[Any]] | None = None) -> Any:
+def _run(config: Config, operation: Callable[[Store, ChangeSignal], Awaitable[Any]] | None = None) -> Any:
     """The operation's result on the configured database, the file's declarations applied
     first; every refusal is one line on stderr and a non-zero exit."""
     from .declared import apply_declared
@@ -126,8 +128,10 @@ def _run(config: Config, operation: Callable[[Store], Awaitable[Any]] | None = N
             reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
             raise ConfigError(f"cannot open the database {config.database.sqlite_path}: {reason}") from None
         try:
-            await apply_declared(store, config)
-            return await operation(store) if operation else None
+            with ChangeSignal.beside(config.database) as changes:
+                await apply_declared(store, config)
+                changes.bump()
+                return await operation(store, changes) if operation else None
         finally:
             await store.close()
 

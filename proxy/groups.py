@@ -1,4 +1,4 @@
-"""Model groups by name, cached briefly (see cache.py)."""
+"""Model groups by name, cached (see cache.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import time
 from typing import Callable
 
 from .cache import ExpiringCache
+from .changes import ChangeSignal
 from .store import ModelGroup, Store
 
 
 class GroupCatalog(ExpiringCache[str, ModelGroup | None]):
-    def __init__(self, store: Store, ttl: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(store.get_model_group, ttl, clock)
+    def __init__(
+        self, store: Store, changes: ChangeSignal, ttl: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__(store.get_model_group, ttl, changes, clock)

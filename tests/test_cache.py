@@ -1,10 +1,17 @@
-"""Store lookups reused for a short time (proxy/cache.py), and forgotten when told."""
+"""Store lookups reused for a short time (proxy/cache.py), and forgotten at once when any
+process sharing the database signals a change (proxy/changes.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import subprocess
+import sys
+from pathlib import Path
 
 from proxy.cache import ExpiringCache
+from proxy.changes import ChangeSignal
+from proxy.config import DatabaseConfig
 
 
 class Loads:
@@ -22,29 +29,78 @@ class Loads:
         return value
 
 
-def test_a_lookup_is_reused_until_invalidated():
+def test_a_lookup_is_reused_until_a_change_is_signalled():
     async def run() -> tuple[str, str, str, int]:
         loads = Loads()
-        cache: ExpiringCache[str, str] = ExpiringCache(loads, ttl=60)
+        changes = ChangeSignal()
+        cache: ExpiringCache[str, str] = ExpiringCache(loads, ttl=60, changes=changes)
         first, again = await cache.get("k"), await cache.get("k")
-        cache.invalidate()
+        changes.bump()
         return first, again, await cache.get("k"), loads.count
 
     assert asyncio.run(run()) == ("k as read 1", "k as read 1", "k as read 2", 2)
 
 
-def test_a_lookup_in_flight_when_the_cache_is_invalidated_is_not_kept():
+def test_a_lookup_in_flight_when_a_change_is_signalled_is_not_kept():
     # A key revoked while a request was reading it: that request may use what it read, but no
     # later one may find the old entry in the cache.
     async def run() -> tuple[str, str, int]:
         loads = Loads()
-        cache: ExpiringCache[str, str] = ExpiringCache(loads, ttl=60)
+        changes = ChangeSignal()
+        cache: ExpiringCache[str, str] = ExpiringCache(loads, ttl=60, changes=changes)
         loads.gate.clear()
         in_flight = asyncio.create_task(cache.get("k"))
         await asyncio.sleep(0)
-        cache.invalidate()
+        changes.bump()
         loads.gate.set()
         old = await in_flight
         return old, await cache.get("k"), loads.count
 
     assert asyncio.run(run()) == ("k as read 1", "k as read 2", 2)
+
+
+def cached_twice_then_again(cache: ExpiringCache[str, str], between) -> list[str]:
+    async def run() -> list[str]:
+        first = await cache.get("k")
+        between()
+        return [first, await cache.get("k")]
+
+    return asyncio.run(run())
+
+
+def test_a_change_signalled_by_another_process_drops_the_cache_at_once(tmp_path: Path):
+    database = DatabaseConfig(url=f"sqlite:///{tmp_path / 'tollgate.db'}")
+    bump_elsewhere = (
+        "import sys; from proxy.changes import ChangeSignal; from proxy.config import DatabaseConfig\n"
+        "with ChangeSignal.beside(DatabaseConfig(url=sys.argv[1])) as changes: changes.bump()"
+    )
+    with ChangeSignal.beside(database) as changes:
+        cache: ExpiringCache[str, str] = ExpiringCache(Loads(), ttl=60, changes=changes)
+        seen = cached_twice_then_again(
+            cache, lambda: subprocess.run([sys.executable, "-c", bump_elsewhere, database.url], check=True)
+        )
+    assert seen == ["k as read 1", "k as read 2"]
+
+
+def test_without_a_change_another_process_opening_the_signal_keeps_the_cache(tmp_path: Path):
+    database = DatabaseConfig(url=f"sqlite:///{tmp_path / 'tollgate.db'}")
+    with ChangeSignal.beside(database) as changes:
+        cache: ExpiringCache[str, str] = ExpiringCache(Loads(), ttl=60, changes=changes)
+        seen = cached_twice_then_again(cache, lambda: ChangeSignal.beside(database).open())
+    assert seen == ["k as read 1", "k as read 1"]
+
+
+def test_a_signal_that_cannot_share_its_file_says_so_and_still_works_in_its_process(tmp_path: Path, caplog):
+    database = DatabaseConfig(url=f"sqlite:///{tmp_path / 'missing-directory' / 'tollgate.db'}")
+    with caplog.at_level(logging.WARNING, logger="tollgate"), ChangeSignal.beside(database) as changes:
+        cache: ExpiringCache[str, str] = ExpiringCache(Loads(), ttl=60, changes=changes)
+        seen = cached_twice_then_again(cache, changes.bump)
+    assert seen == ["k as read 1", "k as read 2"]
+    assert "tollgate.db-changes" in caplog.text and "within auth.cache_ttl" in caplog.text
+
+
+def test_an_in_memory_database_shares_no_file(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with ChangeSignal.beside(DatabaseConfig(url="sqlite:///:memory:")) as changes:
+        changes.bump()
+    assert list(tmp_path.iterdir()) == []

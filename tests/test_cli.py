@@ -48,6 +48,21 @@ def test_cli_round_trip_with_a_running_server(tmp_path, litellm):
         server.stop()
 
 
+def test_a_key_revoked_with_the_cli_is_refused_at_once_by_a_running_server(tmp_path):
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused")
+    ok(server.config_path, "org", "create", "cli-org")
+    ok(server.config_path, "team", "create", "cli-team", "--org", "cli-org", "--groups", "Main")
+    key = ok(server.config_path, "key", "create", "cli-team")
+    server.start()
+    try:
+        client = server.client(key["key"])
+        assert client.get("/api/teams/cli-team").status_code == 200  # the key now cached in the server
+        ok(server.config_path, "key", "revoke", key["key_id"])
+        assert client.get("/api/teams/cli-team").status_code == 401
+    finally:
+        server.stop()
+
+
 def test_cli_reports_refusals_without_a_traceback(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db")))
