@@ -190,7 +190,10 @@ class CallPipeline:
             group = await self.check(principal, request)
         call_id = new_id()
         notes = {} if notes is None else notes
-        notes.update(team=team.team_id, job=job_id, call=call_id, model_group=group.name)
+        # The access log names only records that exist: the job once made, the call once started.
+        notes.update(team=team.team_id, model_group=group.name)
+        if before_start is None:
+            notes["job"] = job_id
         decision = await self._limit(principal, call_id, request)
         if before_start is not None:
             try:
@@ -198,6 +201,7 @@ class CallPipeline:
             except BaseException:
                 await self._limiter.settle(decision, 0, release=True)  # it never started
                 raise
+            notes["job"] = job_id
         now = asyncio.get_running_loop().time()
         call = Call(
             principal=principal,
@@ -222,6 +226,7 @@ class CallPipeline:
         except asyncio.CancelledError:
             # The store finished the insert before letting the cancellation through:
             # close the row (a no-op if it was never written) rather than leave it running.
+            notes["call"] = call_id
             await self._limiter.settle(decision, 0, release=True)
             self._running.add(call_id)
             await asyncio.shield(self._finish(call, "cancelled", None, Usage(0, 0), 0, "cancelled before it started"))
@@ -229,6 +234,7 @@ class CallPipeline:
         except BaseException:
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
             raise
+        notes["call"] = call_id
         self._running.add(call_id)
         return call
 

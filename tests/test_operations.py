@@ -287,6 +287,22 @@ def test_one_access_log_line_per_request_with_the_call_fields(make_tollgate):
     assert entry["completion_tokens"] == 2 and entry["latency_ms"] >= 0
 
 
+def test_a_refused_v1_call_names_no_job_or_call_in_the_access_log(make_tollgate):
+    # The /v1 call's own job is made only once its limits admit it: the log must not name one.
+    server = make_tollgate(logging={"access_log": "json"})
+    team = server.admin().team(rpm_limit=1)
+    client = server.client(team.key)
+    body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert client.post("/v1/chat/completions", json=body).status_code == 429
+    refused = wait_for(lambda: [
+        entry for line in server.log().splitlines() if "tollgate.access: " in line
+        for entry in [json.loads(line.split("tollgate.access: ", 1)[1])] if entry["status"] == 429
+    ], timeout=5)
+    assert refused[0]["team"] == team.team_id
+    assert refused[0].get("job") is None and refused[0].get("call") is None
+
+
 def test_no_key_or_prompt_text_appears_in_the_logs(make_tollgate):
     server = make_tollgate()
     team = server.admin().team()
