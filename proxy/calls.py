@@ -128,21 +128,27 @@ class CallPipeline:
 
     async def record_kept(self) -> int:
         """Write the outcomes the store refused before, oldest first, stopping at the first it
-        refuses again; return how many are still kept. A retry is safe: finish_call changes
-        only a call still running."""
-        written = 0
+        refuses again; return how many are still kept. Written over the call's row while it
+        is running, or closed as interrupted by the sweeper of another process, which could
+        not know the outcome was kept here; a retry is safe."""
+        written = finished = 0
         for call_id, outcome in list(self._kept.items()):
             try:
-                await self._store.finish_call(outcome)
+                if await self._store.finish_call(outcome, over_interrupted=True):
+                    written += 1
+                else:
+                    finished += 1
             except Exception as exc:
                 log.warning("%d call outcomes still wait for the store (%d written now): %s",
                             len(self._kept), written, exc)
                 break
             self._kept.pop(call_id, None)
-            written += 1
         else:
             if written:
                 log.warning("%d call outcomes the store had refused are now recorded", written)
+        if finished:
+            log.warning("%d call outcomes the store had refused were found recorded already: left as they are",
+                        finished)
         return len(self._kept)
 
     async def resolve_group(self, team: Team, name: str | None) -> ModelGroup:

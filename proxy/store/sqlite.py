@@ -149,6 +149,19 @@ def _call(row: sqlite3.Row | tuple) -> CallSummary:
     )
 
 
+# The error of a call a sweeper closed because the process serving it was gone.
+INTERRUPTED = "interrupted: the process serving it stopped"
+_FINISH_CALL = (
+    "UPDATE llm_calls SET status = ?, model = ?, prompt_tokens = ?, completion_tokens = ?, "
+    "usage_estimated = ?, cost_usd = ?, latency_ms = ?, ttft_ms = ?, attempts = ?, error = ?, "
+    "finished_at = ? WHERE call_id = ? AND "
+)
+_FINISH_RUNNING_CALL = _FINISH_CALL + "status = 'running'"
+_FINISH_RUNNING_OR_INTERRUPTED_CALL = (
+    _FINISH_CALL + "(status = 'running' OR (status = 'cancelled' AND error = '" + INTERRUPTED + "'))"
+)
+
+
 class SQLiteStore:
     def __init__(self, config: DatabaseConfig, clock: Callable[[], float] = time.time) -> None:
         self._config = config
@@ -615,12 +628,14 @@ class SQLiteStore:
         # is durable and, the WAL being written in order, makes this one durable too.
         await self._write(start, atomic=False, durable=False)
 
-    async def finish_call(self, outcome: CallOutcome) -> None:
-        def finish(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE llm_calls SET status = ?, model = ?, prompt_tokens = ?, completion_tokens = ?, "
-                "usage_estimated = ?, cost_usd = ?, latency_ms = ?, ttft_ms = ?, attempts = ?, error = ?, "
-                "finished_at = ? WHERE call_id = ? AND status = 'running'",
+    async def finish_call(self, outcome: CallOutcome, *, over_interrupted: bool = False) -> bool:
+        """Record a call's end; False if it was finished already. `over_interrupted`: also over
+        a sweeper's closing it as interrupted, for an outcome kept while the store refused
+        writes, which another process's sweeper may have closed meanwhile without its figures."""
+
+        def finish(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                _FINISH_RUNNING_OR_INTERRUPTED_CALL if over_interrupted else _FINISH_RUNNING_CALL,
                 (
                     outcome.status,
                     outcome.model,
@@ -636,8 +651,9 @@ class SQLiteStore:
                     outcome.call_id,
                 ),
             )
+            return cursor.rowcount > 0
 
-        await self._write(finish, atomic=False)
+        return await self._write(finish, atomic=False)
 
     async def finish_job(
         self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None
@@ -708,10 +724,10 @@ class SQLiteStore:
             cursor = db.execute(
                 # A call runs only in an open job (finish_job refuses a job with one running),
                 # so the open jobs lead to every running call without an index of them.
-                "UPDATE llm_calls SET status = 'cancelled', error = 'interrupted: the process serving it stopped', "
+                "UPDATE llm_calls SET status = 'cancelled', error = ?, "
                 "finished_at = ? WHERE status = 'running' AND started_at < ? "
                 "AND job_id IN (SELECT job_id FROM jobs WHERE status IN ('pending', 'in_progress'))",
-                (self._clock(), started_before),
+                (INTERRUPTED, self._clock(), started_before),
             )
             return cursor.rowcount
 

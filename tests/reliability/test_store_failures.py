@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,14 +21,15 @@ import yaml
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
-from proxy.config import load_config
-from proxy.records import CallOutcome
+from proxy.config import DatabaseConfig, load_config
+from proxy.records import CallOutcome, NewCall
 from proxy.store import StoreBusy, StoreUnavailable
 from proxy.store import sqlite as sqlite_store
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.writer import Writer
 from proxy.sweeper import sweep_once
 from tests.support import sse_data, tollgate_config, wait_for
+from tests.test_store_concurrency import make_team
 
 MASTER = "sk-master-test"
 CALL = {"messages": [{"role": "user", "content": "hi [chunks=3]"}]}
@@ -87,10 +89,10 @@ def refusing(monkeypatch: pytest.MonkeyPatch) -> dict[str, Exception | None]:
     state: dict[str, Exception | None] = {"error": None}
     finish_call = SQLiteStore.finish_call
 
-    async def refuse_or_finish(self: SQLiteStore, outcome: CallOutcome) -> None:
+    async def refuse_or_finish(self: SQLiteStore, outcome: CallOutcome, **kwargs: Any) -> bool:
         if state["error"] is not None:
             raise state["error"]
-        await finish_call(self, outcome)
+        return await finish_call(self, outcome, **kwargs)
 
     monkeypatch.setattr(SQLiteStore, "finish_call", refuse_or_finish)
     return state
@@ -135,6 +137,44 @@ def test_shutdown_writes_the_outcomes_kept_once_more(gateway, refusing):
     refusing["error"] = None
     server.http.__exit__(None, None, None)  # the lifespan's shutdown: no sweep ran meanwhile
     assert server.calls()[0][0] == "success"
+
+
+def test_a_kept_outcome_replaces_the_interrupted_close_another_process_swept_meanwhile(gateway, refusing):
+    # With several workers, another one's sweeper knows nothing of this process's kept outcome:
+    # once the store takes writes again it may close the call first, without its figures.
+    server = gateway(jobs={"sweep_interval": "1h"})
+    refusing["error"] = FULL
+    assert server.post(f"/api/jobs/{server.job_id}/llm-call", CALL).status_code == 503
+    refusing["error"] = None
+
+    async def sweep_in_another_process() -> int:
+        other = SQLiteStore(DatabaseConfig(url=f"sqlite:///{server.database}"))
+        await other.open()
+        try:
+            return await other.cancel_stale_calls(time.time() + 1)
+        finally:
+            await other.close()
+
+    assert asyncio.run(sweep_in_another_process()) == 1
+    assert server.calls() == [("cancelled", 0, 0)]
+    server.http.__exit__(None, None, None)  # the shutdown writes what it kept
+    assert server.calls() == [("success", server.calls()[0][1], 3)] and server.calls()[0][1] > 0
+
+
+def test_a_kept_outcome_never_overwrites_a_call_finished_otherwise(tmp_path):
+    async def check() -> tuple[bool, bool, str]:
+        store = await make_team(str(tmp_path / "kept.db"))
+        job = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(NewCall("c", job, "team", "key", "ChatAgent", None, False, 100.0))
+        cancelled = CallOutcome("c", "cancelled", None, 1, 0, True, 0.0, 5, None, 1, "client closed", 101.0)
+        assert await store.finish_call(cancelled)
+        late = CallOutcome("c", "success", "m", 10, 5, False, 0.0, 100, None, 1, None, 102.0)
+        again = await store.finish_call(late, over_interrupted=True)
+        (call,) = await store.job_calls(job)
+        await store.close()
+        return again, call.status == "cancelled", call.error
+
+    assert asyncio.run(check()) == (False, True, "client closed")
 
 
 def test_after_a_failed_fsync_writes_answer_503_and_ready_names_the_store_and_why(gateway, monkeypatch):
