@@ -41,6 +41,7 @@ from . import (
     JobClosed,
     NotFound,
     StoreError,
+    StoreUnavailable,
     TeamSuspended,
 )
 from .aio_fsync import AioFsync
@@ -149,6 +150,18 @@ def _call(row: sqlite3.Row | tuple) -> CallSummary:
     )
 
 
+def _probe_write(db: sqlite3.Connection) -> None:
+    """A write that needs room as a call's record does (a row, pages beyond one), and leaves
+    nothing behind. The id cannot be an organization's: ids are refused with a space."""
+    db.execute(
+        "INSERT INTO organizations (organization_id, name, created_at) VALUES (?, zeroblob(8192), 0)",
+        (PROBE_ID,),
+    )
+    db.execute("DELETE FROM organizations WHERE organization_id = ?", (PROBE_ID,))
+
+
+PROBE_ID = "readiness probe"
+
 # The error of a call a sweeper closed because the process serving it was gone.
 INTERRUPTED = "interrupted: the process serving it stopped"
 _FINISH_CALL = (
@@ -168,6 +181,9 @@ class SQLiteStore:
         self._clock = clock
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
+        # What the last write refused for want of disk said, until a probe succeeds: readiness
+        # then fails (a write that changes nothing can succeed on a full disk, a row cannot).
+        self._unwritable: StoreUnavailable | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -197,11 +213,15 @@ class SQLiteStore:
         self._reader = self._writer = None
 
     async def ping(self) -> None:
-        """Fails if the store cannot be read, or takes no more writes (after a failed fsync)."""
+        """Fails if the store cannot be read, takes no more writes (after a failed fsync), or
+        refused a write for want of disk (full, failing, read-only) and still does."""
         if self._writer is None:
             raise StoreError("The store is closed")
         self._writer.check()
         await self._read("SELECT 1")
+        if self._unwritable is not None:
+            await self._write(_probe_write)  # raises while the database still cannot be written
+            self._unwritable = None
 
     def _pragmas(self) -> list[str]:
         return [
@@ -272,6 +292,9 @@ class SQLiteStore:
         write = self._writer.submit(work, atomic=atomic, durable=durable)
         try:
             return await write  # a WriteFuture: a cancellation waits for it (writer.py)
+        except StoreUnavailable as exc:
+            self._unwritable = exc
+            raise
         except asyncio.CancelledError:
             if write.done():
                 write.exception()  # the write's own outcome, taken: only its caller was cancelled

@@ -177,6 +177,54 @@ def test_a_kept_outcome_never_overwrites_a_call_finished_otherwise(tmp_path):
     assert asyncio.run(check()) == (False, True, "client closed")
 
 
+@pytest.fixture
+def disk_full(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """While `disk_full["now"]`, every write the store makes fails as SQLite fails on a full
+    disk: even a write that changes nothing can succeed there, so none is let through."""
+    state = {"now": False}
+    submit = Writer.submit
+
+    def submit_or_fail(self: Writer, work: Any, atomic: bool = True, durable: bool = True) -> Any:
+        def run(db: sqlite3.Connection) -> Any:
+            if state["now"]:
+                error = sqlite3.OperationalError("database or disk is full")
+                error.sqlite_errorname = "SQLITE_FULL"
+                raise error
+            return work(db)
+
+        return submit(self, run, atomic, durable)
+
+    monkeypatch.setattr(Writer, "submit", submit_or_fail)
+    return state
+
+
+def test_ready_fails_naming_the_store_while_a_full_disk_refuses_writes_and_recovers_once_it_takes_them(
+    gateway, disk_full
+):
+    server = gateway()
+    assert server.http.get("/health/ready").status_code == 200
+    disk_full["now"] = True
+    assert server.post("/api/jobs/create", {"job_type": "full"}).status_code == 503
+    ready = server.http.get("/health/ready")
+    assert ready.status_code == 503 and "store" in ready.json()["failing"]
+    assert "SQLITE_FULL" in ready.json()["components"]["store"]
+    disk_full["now"] = False
+    # No request needs to write first: readiness tries a write of its own.
+    assert server.http.get("/health/ready").status_code == 200
+    assert server.post("/api/jobs/create", {"job_type": "room again"}).status_code == 200
+
+
+def test_the_readiness_probe_leaves_nothing_behind(gateway, disk_full):
+    server = gateway()
+    disk_full["now"] = True
+    assert server.post("/api/jobs/create", {"job_type": "full"}).status_code == 503
+    disk_full["now"] = False
+    assert server.http.get("/health/ready").status_code == 200
+    with sqlite3.connect(server.database) as db:
+        assert db.execute("SELECT COUNT(*) FROM organizations WHERE name = '' OR organization_id LIKE '% %'"
+                          ).fetchone() == (0,)
+
+
 def test_after_a_failed_fsync_writes_answer_503_and_ready_names_the_store_and_why(gateway, monkeypatch):
     failing = {"now": False}
 
