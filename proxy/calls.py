@@ -400,8 +400,19 @@ class CallPipeline:
             message = redact(exc.message)
             await self._finish(call, "error", exc.model, none, exc.attempts, message)
             return ApiError(400, message, code="upstream_rejected", headers=call.headers())
-        status: CallStatus = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
-        await self._finish(call, status, None, none, 0, f"{type(exc).__name__}")
+        if isinstance(exc, asyncio.CancelledError):
+            # Only a shutdown cancels a request (uvicorn's, once server.shutdown_grace is over; a
+            # hang-up is ClientClosed): the client gets a 503 rather than uvicorn's bare 500.
+            usage = estimated_usage(call.request.prompt_chars, 0)
+            await self._finish(call, "cancelled", None, usage, 0, "cut short: the gateway shut down")
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return ApiError(
+                503,
+                "The gateway is shutting down: the call was cut short before its answer",
+                code="shutting_down",
+                headers={**call.headers(), "Retry-After": "1"},
+            )
+        await self._finish(call, "error", None, none, 0, f"{type(exc).__name__}")
         return exc
 
     async def _finish(

@@ -89,8 +89,10 @@ class SSERelay:
         try:
             await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
+            # Only a shutdown cancels a request (uvicorn's, once server.shutdown_grace is over):
+            # the stream then ends with one error event, not a cut connection and a traceback.
             reason = "shutdown"
-            raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
         finally:
             relay.cancel()  # a no-op when it is done; otherwise the client is gone
             watcher.cancel()
@@ -102,6 +104,10 @@ class SSERelay:
                 raise
             finally:
                 await self._record(reason, None)
+        if reason == "shutdown":
+            cut = error_event("The gateway is shutting down: the stream was cut short", "service_unavailable", "shutting_down")
+            with contextlib.suppress(Exception):  # the relay may have ended it in the same turn
+                await self._send(send, [cut], more_body=False)
 
     async def _wait_for_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":

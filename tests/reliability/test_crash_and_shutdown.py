@@ -1,5 +1,6 @@
 """A gateway killed mid-stream leaves exact books once restarted; SIGTERM is graceful."""
 
+import json
 import signal
 import socket
 import sqlite3
@@ -107,3 +108,54 @@ def test_sigterm_cuts_streams_after_the_grace_period_and_records_them(tmp_path, 
     assert server.process.wait(15) == 0
     ((_, status, error),) = books(server.database)["calls"]
     assert status == "cancelled" and "shut down" in error
+
+
+def test_a_stream_cut_by_the_shutdown_ends_with_one_error_event(tmp_path, litellm):
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team()
+    job_id = server.client(team.key).post("/api/jobs/create", json={"job_type": "cut"}).json()["job_id"]
+    lines: list[str] = []
+    started = threading.Event()
+
+    def run() -> None:
+        url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
+        with httpx.stream("POST", url, json=SLOW, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as r:
+            for line in r.iter_lines():  # a cut connection would raise here
+                lines.append(line)
+                started.set()
+
+    reader = threading.Thread(target=run)
+    reader.start()
+    assert started.wait(10)
+    server.process.send_signal(signal.SIGTERM)
+    reader.join(15)
+    assert server.process.wait(15) == 0
+    events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "shutting_down"
+    assert sum("error" in json.loads(e) for e in events) == 1
+    assert "Exception in ASGI application" not in server.log()
+
+
+def test_a_call_awaiting_its_answer_when_the_grace_period_ends_gets_a_503_and_is_recorded_with_its_prompt(
+    tmp_path, litellm
+):
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "cut"}).json()["job_id"]
+    answers: list[httpx.Response] = []
+    body = {"messages": [{"role": "user", "content": "one two three [first_byte_ms=10000]"}]}
+    caller = threading.Thread(target=lambda: answers.append(client.post(f"/api/jobs/{job_id}/llm-call", json=body, timeout=30)))
+    caller.start()
+    assert wait_for(lambda: [c for c in books(server.database)["calls"] if c[1] == "running"], timeout=10)
+    server.process.send_signal(signal.SIGTERM)
+    caller.join(15)
+    assert server.process.wait(15) == 0
+    (answer,) = answers
+    assert answer.status_code == 503 and answer.headers["retry-after"]
+    assert answer.json() == {"detail": "The gateway is shutting down: the call was cut short before its answer"}
+    db = sqlite3.connect(server.database)
+    ((status, error, prompt_tokens),) = db.execute("SELECT status, error, prompt_tokens FROM llm_calls").fetchall()
+    assert status == "cancelled" and "shut down" in error and prompt_tokens > 0
+    assert "Exception in ASGI application" not in server.log()
