@@ -36,8 +36,9 @@ class ChangeSignal:
     @classmethod
     def beside(cls, database: DatabaseConfig) -> ChangeSignal:
         path = database.sqlite_path
-        # An in-memory database belongs to one connection: nothing to share.
-        return cls(None if path in ("", ":memory:") else path + "-changes")
+        # An in-memory database belongs to one connection: nothing to share. SQLite follows
+        # symbolic links to the database, so processes naming it differently share it: so here.
+        return cls(None if path in ("", ":memory:") else os.path.realpath(path) + "-changes")
 
     def open(self) -> None:
         if self._path is None or self._map is not None:

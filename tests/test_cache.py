@@ -104,3 +104,13 @@ def test_an_in_memory_database_shares_no_file(tmp_path: Path, monkeypatch):
     with ChangeSignal.beside(DatabaseConfig(url="sqlite:///:memory:")) as changes:
         changes.bump()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_processes_naming_the_database_through_a_symbolic_link_share_the_signal(tmp_path: Path):
+    (tmp_path / "tollgate.db").touch()
+    (tmp_path / "link.db").symlink_to(tmp_path / "tollgate.db")
+    with ChangeSignal.beside(DatabaseConfig(url=f"sqlite:///{tmp_path / 'tollgate.db'}")) as changes:
+        cache: ExpiringCache[str, str] = ExpiringCache(Loads(), ttl=60, changes=changes)
+        linked = ChangeSignal.beside(DatabaseConfig(url=f"sqlite:///{tmp_path / 'link.db'}"))
+        seen = cached_twice_then_again(cache, lambda: (linked.open(), linked.bump(), linked.close()))
+    assert seen == ["k as read 1", "k as read 2"]
