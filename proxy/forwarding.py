@@ -1,9 +1,11 @@
 """Forwarding a call to LiteLLM, trying a model group's models in order.
 
 The next model is tried while nothing has reached the client: on a connect
-error, a timeout, a 5xx, a 429, an unusable answer, or (for streams) an error
-arriving as the very first event. A 4xx is the caller's problem and is
-returned as such; a 401/403 means Tollgate's own upstream key is wrong.
+error, a timeout (ours, or LiteLLM's 408), a 5xx, a 429, a model's provider
+refusing LiteLLM's credentials for it, an unusable answer, or (for streams) an
+error arriving as the very first event. Any other 4xx is the caller's problem
+and is returned as such; LiteLLM refusing Tollgate's own key is Tollgate's
+misconfiguration.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ from .sse import SSEEvent, SSEScanner
 from .upstream import TransportError, Upstream, UpstreamResponse, UpstreamTimeout
 
 _ERROR_BODY_LIMIT = 64 * 1024
+# LiteLLM answers 408 when a deployment's own `timeout` ran out: the model timed out.
+_TIMEOUT = 408
+# The error types LiteLLM gives a provider's 401/403 (litellm.AuthenticationError and
+# PermissionDeniedError carry no type of their own, so the proxy names them after the
+# status). Its own refusals of Tollgate's key are typed by its auth layer instead:
+# auth_error, token_not_found_in_db, expired_key, no_db_connection (a 400) and the like.
+_PROVIDER_REFUSALS = ("authentication_error", "permission_error")
 
 
 @dataclass(frozen=True)
@@ -185,8 +194,11 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
         if len(content) > _ERROR_BODY_LIMIT:
             break
     message, error_type = _error_details(content, status)
-    if status == 429 or status >= 500:
+    if status == 429 or status >= 500 or status == _TIMEOUT:
         return Attempt(model, f"{status}: {message}", status, _retry_after(response.headers.get("retry-after")))
+    if status in (401, 403) and error_type in _PROVIDER_REFUSALS:
+        # This model's provider refused the key LiteLLM holds for it: another model may work.
+        return Attempt(model, f"{status}: {message}", status)
     if status in (401, 403) or error_type in ("auth_error", "no_db_connection"):
         raise UpstreamMisconfigured(status, message, model, number)
     raise UpstreamRejected(status, message, model, number)

@@ -8,6 +8,8 @@ while every answer stays predictable:
 * the model name selects failures: ``fail-500*``, ``fail-503*``, ``fail-429*``
   (with ``Retry-After: 7``), ``fail-400*``, ``hang*`` (no headers for 30 s),
   ``abort*`` (stream breaks after two chunks), ``garbage*`` (malformed SSE/JSON);
+* the API key ``wrong-provider-key`` is refused with OpenAI's 401, the answer of a
+  provider that does not know the key it was given;
 * directives in the messages tune one request: ``[chunks=N]``, ``[delay_ms=N]``
   (between stream chunks), ``[first_byte_ms=N]`` (before any answer), and
   ``[tag=NAME]`` labels it in the log, ``[stamp]`` puts each chunk's send time in it.
@@ -37,6 +39,7 @@ DIRECTIVE = re.compile(r"\[(chunks|delay_ms|first_byte_ms)=(\d+)\]")
 TAG = re.compile(r"\[tag=([\w.-]+)\]")
 LOG: list[dict[str, Any]] = []
 LOG_LIMIT = 5000
+REFUSED_KEY = "wrong-provider-key"
 NO_LOG = False  # the benchmark switches the log off
 
 
@@ -112,6 +115,15 @@ async def chat_completions(request: Request) -> Response:
         LOG.append(entry)
         del LOG[:-LOG_LIMIT]
 
+    if request.headers.get("authorization") == f"Bearer {REFUSED_KEY}":
+        entry["finished"] = time.time()
+        error = {
+            "message": "Incorrect API key provided: wrong-pr*****-key.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+        return JSONResponse({"error": error}, status_code=401)
     if options.get("first_byte_ms"):
         # Waiting for the client's hang-up rather than sleeping: the log then shows when the
         # gateway gave up on this request, before any byte of it.

@@ -32,8 +32,13 @@ PRICES = {
 }
 FAKE_MODELS = [
     "primary", "backup", "fail-500", "fail-503", "fail-429", "fail-429-b", "fail-400",
-    "abort", "garbage", "hang", "unpriced",
+    "abort", "garbage", "hang", "unpriced", "hang-timeout", "refused-key",
 ]
+# LiteLLM settings of a deployment beyond its model, base and key.
+DEPLOYMENT_PARAMS: dict[str, dict[str, Any]] = {
+    "hang-timeout": {"timeout": 2},  # LiteLLM gives up on the hanging fake: its 408
+    "refused-key": {"api_key": "wrong-provider-key"},  # the fake's 401 for an unknown key
+}
 
 # Model groups every test Tollgate declares.
 GROUPS = {
@@ -43,12 +48,16 @@ GROUPS = {
     "Fallback503": ["fail-503", "backup"],
     "Fallback429": ["fail-429", "backup"],
     "FallbackHang": ["hang", "backup"],
+    "FallbackTimeout": ["hang-timeout", "backup"],
+    "FallbackRefusedKey": ["refused-key", "backup"],
     "AllFail": ["fail-500", "fail-503"],
     "AllLimited": ["fail-429", "fail-429-b"],
     "Rejects": ["fail-400", "backup"],
     "Abort": ["abort"],
     "Garbage": ["garbage"],
     "Unpriced": ["unpriced"],
+    "TimesOut": ["hang-timeout"],
+    "RefusedKey": ["refused-key"],
     # The groups the client documentation's examples name.
     "ChatAgent": ["primary", "backup"],
     "AnalysisAgent": ["primary", "backup"],
@@ -82,7 +91,10 @@ def litellm_config(fake_url: str) -> dict[str, Any]:
     for name in FAKE_MODELS:
         entry: dict[str, Any] = {
             "model_name": name,
-            "litellm_params": {"model": f"openai/{name}", "api_base": f"{fake_url}/v1", "api_key": "fake-provider-key"},
+            "litellm_params": {
+                "model": f"openai/{name}", "api_base": f"{fake_url}/v1", "api_key": "fake-provider-key",
+                **DEPLOYMENT_PARAMS.get(name, {}),
+            },
         }
         if name in PRICES:
             entry["model_info"] = {"input_cost_per_token": PRICES[name][0], "output_cost_per_token": PRICES[name][1]}

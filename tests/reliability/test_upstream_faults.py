@@ -31,6 +31,52 @@ def test_timeout_before_the_first_byte_falls_back(make_tollgate):
     assert body["metadata"]["model"] == "backup" and time.monotonic() - started < 10
     assert calls_of(client, job_id)[0]["attempts"] == 2
 
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_a_timeout_litellm_reports_falls_back_to_the_next_model(tollgate, admin, route):
+    # The deployment's own `timeout` runs out in LiteLLM, which answers 408.
+    team = admin.team(groups=("FallbackTimeout",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
+    assert response.status_code == 200 and "word1" in response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
+
+
+def test_every_model_timing_out_in_litellm_is_503_with_retry_after(tollgate, admin):
+    team = admin.team(groups=("TimesOut",))
+    client = tollgate.client(team.key)
+    response = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say("hi")})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "hang-timeout: 408" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_a_provider_refusing_its_key_falls_back_to_the_next_model(tollgate, admin, route):
+    # The model's provider refuses the key LiteLLM holds for it: not Tollgate's key.
+    team = admin.team(groups=("FallbackRefusedKey",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
+    assert response.status_code == 200 and "word1" in response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
+
+
+def test_every_provider_refusing_its_key_is_503_with_the_upstreams_message(make_tollgate):
+    server = make_tollgate()  # a log of its own, to show what it says
+    team = server.admin().team(groups=("RefusedKey",))
+    client = server.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("hi")})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "refused-key: 401: litellm.AuthenticationError" in response.json()["detail"]
+    assert "Incorrect API key provided" in response.json()["detail"]
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"]) == ("error", "refused-key")
+    assert "TOLLGATE_UPSTREAM_KEY" not in server.log()
+
+
 def test_every_model_failing_is_503_with_retry_after_and_the_job_stays_completable(tollgate, admin):
     team = admin.team(groups=("AllFail",))
     client = tollgate.client(team.key)
