@@ -79,7 +79,8 @@ class ClientClosed(ApiError):
 
 
 def error_response(request: Request, error: ApiError) -> Response:
-    if request.url.path.startswith("/v1/"):
+    path = request.url.path
+    if path == "/v1" or path.startswith("/v1/"):
         body: dict = {
             "error": {
                 "message": error.message,

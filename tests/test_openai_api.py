@@ -143,6 +143,13 @@ def test_error_shape_is_openais(tollgate, team):
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_unknown_paths_under_v1_and_v1_itself_are_404_in_openais_shape(tollgate, team):
+    for path in ("/v1", "/v1/embeddings"):
+        response = tollgate.client(team.key).get(path)
+        assert response.status_code == 404
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}, path
+
+
 def test_malformed_json_on_v1_is_400_in_openais_shape(tollgate, team):
     response = tollgate.client(team.key).post(
         "/v1/chat/completions", content=b'{"model": "Main", "temperature": NaN}', headers={"Content-Type": "application/json"}
