@@ -60,6 +60,8 @@ class Call:
     decision: Decision
     notes: dict[str, Any]  # the request's access-log fields
     on_recorded: "RecordObserver | None" = None  # runs once the call is recorded
+    # The model last asked when the call was cut short: its prompt is priced at that model's rate.
+    cut_at_model: str | None = None
 
     def headers(self) -> dict[str, str]:
         """The call's own headers, for an error that answers it."""
@@ -349,9 +351,11 @@ class CallPipeline:
             task.cancel()
 
         watcher = asyncio.get_running_loop().create_task(watch())
+        payload = self.payload(call)
         try:
-            return await forward(self._upstream, call.group.models, self.payload(call), call.stream, call.deadline)
+            return await forward(self._upstream, call.group.models, payload, call.stream, call.deadline)
         except asyncio.CancelledError:
+            call.cut_at_model = payload.get("model")  # forward() names each model it asks there
             # Only the watcher's own cancel is taken back: one from anyone else in the same
             # turn (a shutdown's) still stands, though the task was thrown a single error.
             if not hung_up or task.uncancel() > cancels_before:
@@ -367,7 +371,7 @@ class CallPipeline:
             # The prompt went upstream, so it counts as spent, estimated, as after a hang-up
             # mid-stream; nothing was generated for the client.
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", None, usage, 0, "the client disconnected before the answer")
+            await self._finish(call, "cancelled", call.cut_at_model, usage, 0, "the client disconnected before the answer")
             return exc
         if isinstance(exc, UpstreamFailed):
             model = exc.attempts[-1].model if exc.attempts else None
@@ -404,7 +408,7 @@ class CallPipeline:
             # Only a shutdown cancels a request (uvicorn's, once server.shutdown_grace is over; a
             # hang-up is ClientClosed): the client gets a 503 rather than uvicorn's bare 500.
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", None, usage, 0, "cut short: the gateway shut down")
+            await self._finish(call, "cancelled", call.cut_at_model, usage, 0, "cut short: the gateway shut down")
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             return ApiError(
                 503,

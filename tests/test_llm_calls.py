@@ -238,6 +238,17 @@ def test_a_client_that_hangs_up_before_the_answer_cancels_the_upstream_request_a
     assert client.post(f"/api/jobs/{job_id}/complete", json={"status": "failed"}).status_code == 200
 
 
+def test_a_call_cut_before_its_answer_names_the_model_asked_and_prices_its_prompt(make_tollgate):
+    server = make_tollgate(pricing={"unpriced": {"input_cost_per_token": 0.5, "output_cost_per_token": 0.25}})
+    client = server.client(server.admin().team(groups=("Unpriced",)).key)
+    job_id = new_job(client)
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("slow [first_byte_ms=8000]")}, timeout=0.5)
+    (call,) = wait_for(lambda: [c for c in calls_of(client, job_id) if c["status"] != "running"], timeout=5)
+    assert (call["status"], call["model"]) == ("cancelled", "unpriced")
+    assert call["prompt_tokens"] > 0 and call["cost_usd"] == call["prompt_tokens"] * 0.5
+
+
 def test_models_litellm_does_not_price_use_the_prices_in_config_yaml(make_tollgate):
     server = make_tollgate(pricing={"unpriced": {"input_cost_per_token": 0.5, "output_cost_per_token": 0.25}})
     team = server.admin().team(groups=("Unpriced",))
