@@ -23,6 +23,7 @@ from .config import (
     ENV_CONFIG,
     Config,
     ConfigError,
+    check_key,
     describe,
     load_config,
     require_serving_secrets,
@@ -56,19 +57,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from .app import configure_logging, create_served_app
     from .metrics import MULTIPROC_ENV
-    from .server import uvicorn_options
 
     config = _load(args, serving=True)
     # The database is opened (and the file's teams applied) once here, so that a database that
     # cannot be opened is a one-line error, not a traceback from inside uvicorn's start-up.
     _run(config)
-    workers = args.workers or config.server.workers
+    workers = config.server.workers if args.workers is None else args.workers
     configure_logging(config.logging.level)
     for warning in serving_warnings(config, workers):
         logging.getLogger("tollgate").warning(warning)
-    options = uvicorn_options(
-        args.host or config.server.host, args.port or config.server.port, "info", config.server.shutdown_grace
-    )
+    options = serve_options(args, config)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: a graceful
     # stop is a successful exit.
     signal.signal(signal.SIGTERM, _exit_successfully)
@@ -82,6 +80,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="tollgate-metrics-") as metrics_dir:
         os.environ[MULTIPROC_ENV] = metrics_dir
         uvicorn.run("proxy.app:app_from_environment", factory=True, workers=workers, **options)
+
+
+def serve_options(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    """uvicorn's options for `serve`: the command line's host and port over the file's, and
+    the file's log level for uvicorn's own lines too."""
+    from .server import uvicorn_options
+
+    host = config.server.host if args.host is None else args.host
+    port = config.server.port if args.port is None else args.port
+    return uvicorn_options(host, port, config.logging.level, config.server.shutdown_grace)
 
 
 def _exit_successfully(signum: int, frame: Any) -> None:
@@ -248,6 +256,23 @@ async def _mapped(result: Awaitable[Any], view: Callable[[Any], Any]) -> Any:
     return view(await result)
 
 
+def _as_key(key: str) -> Callable[[str], Any]:
+    """An argparse type for an option that overrides the file's `key`: the key's own rule, so
+    that `--port 99999` is refused as `server.port: 99999` would be, in one line."""
+
+    def parse(text: str) -> Any:
+        try:
+            value: Any = int(text)
+        except ValueError:
+            value = text  # refused below, in the key's own words
+        try:
+            return check_key(key, value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollgate", description="An LLM gateway in front of LiteLLM.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -260,8 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command(commands, "serve", cmd_serve, "run the gateway")
     serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8003)")
-    serve.add_argument("--workers", type=int, help="worker processes (default 1)")
+    serve.add_argument("--port", type=_as_key("server.port"), help="port (default 8003)")
+    serve.add_argument("--workers", type=_as_key("server.workers"), help="worker processes (default 1)")
     command(commands, "check-config", cmd_check_config, "validate and print the effective configuration")
     demo = command(commands, "demo", cmd_demo, "run LiteLLM with offline models and Tollgate in front of it")
     demo.add_argument("--port", type=int, default=int(os.environ.get("TOLLGATE_DEMO_PORT", 8003)))

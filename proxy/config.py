@@ -14,9 +14,10 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Literal, Mapping, Union, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -47,6 +48,9 @@ class Rule:
     description: str
     check: Callable[[Any], bool] = lambda value: True
     convert: Callable[[Any], Any] | None = None
+    # What is still wrong with a value that passes `check`, said more precisely than the
+    # description can (a URL's port, say); None when nothing is.
+    problem: Callable[[Any], str | None] = lambda value: None
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -86,7 +90,70 @@ GroupName = Annotated[str, Rule("a model group name (letters, digits, '.', '_', 
 ModelList = Annotated[
     tuple[str, ...], Rule("a non-empty list of model names, none of them empty", lambda v: len(v) > 0 and all(v))
 ]
-HttpUrl = Annotated[str, Rule("an http:// or https:// URL", lambda v: v.startswith(("http://", "https://")))]
+
+
+# The URL checks below refuse what the clients that read these URLs (proxy/upstream.py,
+# proxy/resp.py) would fail on, or misread, later. Their messages never quote the URL: it may
+# hold a password.
+
+
+def _address_problem(url: str) -> str | None:
+    """What `urlsplit`, its `.port`, or resolving its host would fail on."""
+    # A password that is not percent-encoded may hold a '/', '?' or '#', which urlsplit takes
+    # for the end of the host; the user info runs to the last '@' (as `_mask_url` masks it).
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if any(c in userinfo for c in "/?#[]"):
+        return (
+            "a password or user name must have its '/', '?', '#', '[', ']' percent-encoded "
+            "(%2F, %3F, %23, %5B, %5D)"
+        )
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "the host is malformed (an IPv6 address goes in brackets: [::1])"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:  # 0 would be read as no port at all
+        return "the port must be a number from 1 to 65535"
+    try:
+        (parts.hostname or "").encode("idna")  # as the connection's name lookup encodes it
+    except UnicodeError:
+        return "the host name is malformed"
+    return None
+
+
+def _http_url_problem(url: str) -> str | None:
+    url = url.rstrip("/")  # as the upstream client reads it
+    if problem := _address_problem(url):
+        return problem
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return "must name a host: http://host:port"
+    # The host and path go into every request's head as they are.
+    if not (parts.netloc.rpartition("@")[2] + parts.path).isascii():
+        return "must be ASCII: a path percent-encoded, a host name in its xn-- form"
+    return None
+
+
+def _redis_url_problem(url: str) -> str | None:
+    if problem := _address_problem(url):
+        return problem
+    parts = urlsplit(url)
+    if parts.scheme == "unix" and not parts.path:
+        return "must name the socket: unix:///path/to/redis.sock"
+    # The database number, read as the Redis client reads it: ?db=, else the path (not a socket's).
+    db = parse_qs(parts.query).get("db", [""])[0] or (parts.path.strip("/") if parts.scheme != "unix" else "")
+    if db and not re.fullmatch(r"[0-9]+", db):
+        return "the database (the path, or ?db=) must be a number of 0 or more: redis://host:6379/0"
+    return None
+
+
+HttpUrl = Annotated[
+    str,
+    Rule("an http:// or https:// URL", lambda v: v.startswith(("http://", "https://")), problem=_http_url_problem),
+]
 DatabaseUrl = Annotated[
     str,
     Rule(
@@ -95,7 +162,12 @@ DatabaseUrl = Annotated[
     ),
 ]
 RedisUrl = Annotated[
-    str, Rule("a redis://, rediss:// or unix:// URL", lambda v: v.startswith(("redis://", "rediss://", "unix://")))
+    str,
+    Rule(
+        "a redis://, rediss:// or unix:// URL",
+        lambda v: v.startswith(("redis://", "rediss://", "unix://")),
+        problem=_redis_url_problem,
+    ),
 ]
 
 
@@ -273,13 +345,15 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         source = path
         try:
             with open(path, encoding="utf-8") as handle:
-                raw = yaml.safe_load(handle)
+                raw = yaml.load(handle, Loader=_Loader)
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise _yaml_error(path, exc) from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -316,6 +390,59 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     config = dataclasses.replace(config, source=source, **secrets)
     _check_consistency(config)
     return config
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML alone keeps
+    the last silently, so a second `server:` section would replace the first unnoticed."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._checked: set[yaml.MappingNode] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Checked here, before its first flattening, which puts the keys of `<<: *base` among
+        # the node's own: those may be overridden, the node's own keys may not repeat.
+        if node not in self._checked:
+            self._checked.add(node)
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if not isinstance(key, Hashable):
+                    continue  # construct_mapping says so
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (first at line {first[key]})", key_node.start_mark
+                    )
+                first[key] = key_node.start_mark.line + 1
+        super().flatten_mapping(node)
+
+
+def _yaml_error(path: str, exc: yaml.YAMLError) -> ConfigError:
+    """PyYAML's message, of several lines, as one: the file, where, what, and what it was reading."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None or exc.problem is None:
+        return ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}")
+    mark = exc.problem_mark
+    message = f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {exc.problem}"
+    if exc.context:
+        since = f" from line {exc.context_mark.line + 1}" if exc.context_mark else ""
+        message += f" ({exc.context}{since})"
+    return ConfigError(message)
+
+
+def check_key(key: str, value: Any) -> Any:
+    """`value` checked (and converted) as the key `key` (e.g. "server.port") of the file would
+    be, for a command-line option that overrides it; ValueError says what it must be."""
+    *sections, name = key.split(".")
+    cls: Any = Config
+    for section in sections:
+        cls = get_type_hints(cls)[section]
+    try:
+        return _parse_value(get_type_hints(cls, include_extras=True)[name], value, key)
+    except _Invalid as invalid:
+        raise ValueError(invalid.message) from None
 
 
 def require_serving_secrets(config: Config) -> None:
@@ -368,19 +495,20 @@ def describe(config: Config) -> dict[str, Any]:
 
 
 def _mask_url(url: str | None) -> str | None:
-    """The URL with its password, if it carries one, as ``***``: ``redis://user:***@host:6379``."""
+    """The URL with its password, if it carries one, as ``***``: ``redis://user:***@host:6379``.
+
+    Read by hand, not with urlsplit: a password that is not percent-encoded may hold a '/',
+    '?' or '#' that urlsplit takes for the end of the host, leaving the password in the clear.
+    The user info is everything after '://' up to the last '@', the password all of it after
+    the user name."""
     if url is None:
         return None
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url  # not a URL that can carry a password
-    if password is None:
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, address = rest.rpartition("@")
+    if not separator or not at or ":" not in userinfo:
         return url
-    userinfo, _, host = parts.netloc.rpartition("@")
     user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return f"{scheme}://{user}:***@{address}"
 
 
 def _plain(value: Any) -> Any:
@@ -454,6 +582,8 @@ def _parse_value(tp: Any, value: Any, path: str) -> Any:
     parsed = _parse_plain(tp, origin, args, value, path, description)
     if rule is not None and not rule.check(parsed):
         raise _Invalid(path, f"must be {rule.description}")
+    if rule is not None and (problem := rule.problem(parsed)):
+        raise _Invalid(path, problem)
     return parsed
 
 

@@ -5,8 +5,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
+from proxy.cli import build_parser, serve_options
+from proxy.config import Config, LoggingConfig
 from tests.support import PYTHON, REPO, Tollgate, tollgate_config, wait_for
 
 
@@ -109,3 +112,33 @@ def test_cli_reports_a_file_that_is_not_a_database_in_one_line(tmp_path):
     result = tollgate_cli(config, "org", "list")
     assert result.returncode == 2
     assert result.stderr == f"tollgate: cannot open the database {database}: file is not a database\n"
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--port", "99999", "must be a port number (1-65535)"),
+        ("--port", "0", "must be a port number (1-65535)"),
+        ("--port", "http", "must be a port number (1-65535)"),
+        ("--workers", "0", "must be a positive integer (at most 10^12)"),
+        ("--workers", "-1", "must be a positive integer (at most 10^12)"),
+    ],
+)
+def test_serve_refuses_a_port_or_worker_count_the_config_key_would_refuse(capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["serve", option, value])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"tollgate serve: error: argument {option}: {message}"
+
+
+def test_serve_listens_where_the_command_line_says_over_the_file():
+    config = Config()
+    options = serve_options(build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "18401"]), config)
+    assert (options["host"], options["port"]) == ("0.0.0.0", 18401)
+    defaults = serve_options(build_parser().parse_args(["serve"]), config)
+    assert (defaults["host"], defaults["port"]) == (config.server.host, config.server.port)
+
+
+def test_serve_gives_uvicorn_the_files_log_level():
+    config = Config(logging=LoggingConfig(level="warning"))
+    assert serve_options(build_parser().parse_args(["serve"]), config)["log_level"] == "warning"

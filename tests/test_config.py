@@ -6,7 +6,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.config import MAX_INTEGER, ConfigError, describe, load_config, require_serving_secrets, serving_warnings
+from proxy.config import (
+    MAX_INTEGER,
+    Config,
+    ConfigError,
+    RedisConfig,
+    UpstreamConfig,
+    describe,
+    load_config,
+    require_serving_secrets,
+    serving_warnings,
+)
+from proxy.resp import Redis
+from proxy.upstream import Upstream
 from tests.support import PYTHON, REPO
 
 
@@ -240,3 +252,120 @@ def test_bundled_config_lists_every_setting_with_its_default():
         section, _, key = name.partition(".")
         if "." not in key and key != "url":
             assert bundled[section][key] == defaults[section][key] or isinstance(defaults[section][key], float), name
+
+
+BAD_DB = "the database (the path, or ?db=) must be a number of 0 or more: redis://host:6379/0"
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("redis://:pw@127.0.0.1:99999/0", "the port must be a number from 1 to 65535"),
+        ("redis://h:0/0", "the port must be a number from 1 to 65535"),
+        ("redis://h:six/0", "the port must be a number from 1 to 65535"),
+        ("redis://h:6379/abc", BAD_DB),
+        ("redis://h:6379/0?db=x", BAD_DB),
+        ("redis://h:6379/-1", BAD_DB),
+        ("redis://[::1:6379/0", "the host is malformed (an IPv6 address goes in brackets: [::1])"),
+        ("redis://[zz]:6379/0", "the host is malformed (an IPv6 address goes in brackets: [::1])"),
+        ("redis://a..b:6379/0", "the host name is malformed"),
+        ("unix://", "must name the socket: unix:///path/to/redis.sock"),
+    ],
+)
+def test_a_redis_url_its_client_could_not_read_is_refused_naming_the_variable(tmp_path, url, message):
+    assert error_for(tmp_path, "", {"TOLLGATE_REDIS_URL": url}) == f"TOLLGATE_REDIS_URL: redis.url: {message}"
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("http://127.0.0.1:99999", "the port must be a number from 1 to 65535"),
+        ("http://", "must name a host: http://host:port"),
+        ("http://[::1:4000", "the host is malformed (an IPv6 address goes in brackets: [::1])"),
+        ("http://例え.jp:4000", "must be ASCII: a path percent-encoded, a host name in its xn-- form"),
+    ],
+)
+def test_an_upstream_url_its_client_could_not_read_is_refused_naming_the_variable(tmp_path, url, message):
+    assert error_for(tmp_path, "", {"TOLLGATE_UPSTREAM_URL": url}) == f"TOLLGATE_UPSTREAM_URL: upstream.url: {message}"
+
+
+def test_a_bad_url_in_the_file_is_refused_naming_the_file(tmp_path):
+    assert error_for(tmp_path, "redis:\n  url: redis://h:99999\n").endswith(
+        "config.yaml: redis.url: the port must be a number from 1 to 65535"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h",
+        "redis://:p@ss@h:1/2",
+        "rediss://user:p%2Fss@h:6380?db=3",
+        "redis://[::1]:6379/0",
+        "unix:///tmp/r.sock?db=1",
+    ],
+)
+def test_redis_urls_its_client_reads_are_accepted(tmp_path, url):
+    config = load_config(write(tmp_path, ""), {"TOLLGATE_REDIS_URL": url})
+    Redis(config.redis.url, 0.1, 0.1)  # reads it without an error
+
+
+@pytest.mark.parametrize("url", ["http://h", "https://u:p@h:4443/litellm/", "http://[::1]:4000"])
+def test_upstream_urls_its_client_reads_are_accepted(tmp_path, url):
+    config = load_config(write(tmp_path, ""), {"TOLLGATE_UPSTREAM_URL": url})
+    Upstream(config.upstream, None)  # reads it without an error
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:se#cret@h:1/0", "redis://:se/cret@h/0", "redis://u:se?cret@h", "redis://:se[cret@h"]
+)
+def test_a_password_that_is_not_percent_encoded_is_refused_without_showing_it(tmp_path, url):
+    message = error_for(tmp_path, "", {"TOLLGATE_REDIS_URL": url})
+    assert message.startswith("TOLLGATE_REDIS_URL: redis.url: a password or user name must have its '/', '?', '#'")
+    assert "cret" not in message
+
+
+@pytest.mark.parametrize(
+    "url, masked",
+    [
+        ("redis://:se#cret@h:1/0", "redis://:***@h:1/0"),
+        ("redis://user:se/cret@h/0", "redis://user:***@h/0"),
+        ("redis://:se@cr?et@h", "redis://:***@h"),
+        ("http://u:se[cret@h:4000", "http://u:***@h:4000"),
+    ],
+)
+def test_describe_masks_a_password_whatever_characters_it_holds(url, masked):
+    data = describe(Config(upstream=UpstreamConfig(url=url), redis=RedisConfig(url=url)))
+    assert data["redis"]["url"] == data["upstream"]["url"] == masked
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_line_and_column(tmp_path):
+    assert error_for(tmp_path, "server:\n  port: 8003\n  host: a: b\n") == (
+        f"{tmp_path}/config.yaml: line 3, column 10: not valid YAML: mapping values are not allowed here"
+    )
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"server:\n  host: caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), {})
+    assert str(info.value) == f"{path}: not UTF-8 text"
+
+
+def test_a_section_given_twice_is_refused_naming_it_and_its_line(tmp_path):
+    assert error_for(tmp_path, "server:\n  port: 8003\nserver:\n  workers: 2\n").endswith(
+        "config.yaml: line 3, column 1: not valid YAML: key 'server' given twice (first at line 1)"
+    )
+
+
+def test_a_key_given_twice_in_a_section_is_refused_naming_it_and_its_line(tmp_path):
+    assert error_for(tmp_path, "rate_limits:\n  rpm: 10\n  tpm: 100\n  rpm: 20\n").endswith(
+        "config.yaml: line 4, column 3: not valid YAML: key 'rpm' given twice (first at line 2)"
+    )
+
+
+def test_a_key_merged_from_an_anchor_may_be_overridden(tmp_path):
+    text = "model_groups:\n  A: &a {models: [x], description: d}\n  B: {<<: *a, models: [y]}\n"
+    group = load_config(write(tmp_path, text), {}).model_groups["B"]
+    assert (group.models, group.description) == (("y",), "d")
