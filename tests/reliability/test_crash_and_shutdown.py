@@ -125,11 +125,14 @@ def test_a_stream_cut_by_the_shutdown_ends_with_one_error_event(tmp_path, litell
                 started.set()
 
     reader = threading.Thread(target=run)
-    reader.start()
-    assert started.wait(10)
-    server.process.send_signal(signal.SIGTERM)
-    reader.join(15)
-    assert server.process.wait(15) == 0
+    try:
+        reader.start()
+        assert started.wait(10)
+        server.process.send_signal(signal.SIGTERM)
+        reader.join(15)
+        assert server.process.wait(15) == 0
+    finally:
+        server.stop()
     events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
     assert "[DONE]" not in events
     assert json.loads(events[-1])["error"]["code"] == "shutting_down"
@@ -147,11 +150,14 @@ def test_a_call_awaiting_its_answer_when_the_grace_period_ends_gets_a_503_and_is
     answers: list[httpx.Response] = []
     body = {"messages": [{"role": "user", "content": "one two three [first_byte_ms=10000]"}]}
     caller = threading.Thread(target=lambda: answers.append(client.post(f"/api/jobs/{job_id}/llm-call", json=body, timeout=30)))
-    caller.start()
-    assert wait_for(lambda: [c for c in books(server.database)["calls"] if c[1] == "running"], timeout=10)
-    server.process.send_signal(signal.SIGTERM)
-    caller.join(15)
-    assert server.process.wait(15) == 0
+    try:
+        caller.start()
+        assert wait_for(lambda: [c for c in books(server.database)["calls"] if c[1] == "running"], timeout=10)
+        server.process.send_signal(signal.SIGTERM)
+        caller.join(15)
+        assert server.process.wait(15) == 0
+    finally:
+        server.stop()
     (answer,) = answers
     assert answer.status_code == 503 and answer.headers["retry-after"]
     assert answer.json() == {"detail": "The gateway is shutting down: the call was cut short before its answer"}
