@@ -67,7 +67,9 @@ def create_app(config: Config) -> Starlette:
         await store.open()
         changes.open()
         try:
-            await apply_declared(store, config)
+            # `tollgate serve` made the file's declarations hold before starting this worker, and
+            # a worker uvicorn starts again after a crash must not undo the admin API's changes.
+            await apply_declared(store, config, follow_file=False)
             changes.bump()  # the file may have changed a team or a group other processes cached
             if config.master_key is None:
                 log.warning("TOLLGATE_MASTER_KEY is not set: the admin API refuses every request")

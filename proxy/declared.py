@@ -1,8 +1,10 @@
 """Model groups, organizations and teams declared in config.yaml, applied at start-up.
 
 Groups, organizations and a team's organization, groups, limits and status follow
-the file at every start; a team's credits are set only when it is first created
-(later changes go through the ledger).
+the file at every start of `tollgate serve` (and before every CLI command); a team's
+credits are set only when it is first created (later changes go through the ledger).
+A worker process only creates what is absent: `serve` applied the file before starting
+it, and one started again after a crash must not undo the admin API's changes since.
 """
 
 from __future__ import annotations
@@ -14,11 +16,18 @@ from .records import Team
 from .store import Conflict, NotFound, Store
 
 
-async def apply_declared(store: Store, config: Config) -> None:
+async def apply_declared(store: Store, config: Config, follow_file: bool = True) -> None:
+    """`follow_file=False`: only create what is absent, leaving what exists as it is (for a
+    worker that uvicorn starts again after a crash: no start of the gateway, it must not undo
+    what the admin API changed since)."""
     for name, group in config.model_groups.items():
-        await store.put_model_group(name, list(group.models), group.description)
+        if follow_file or await store.get_model_group(name) is None:
+            await store.put_model_group(name, list(group.models), group.description)
     for organization in config.organizations:
-        await store.ensure_organization(organization.organization_id, organization.name or organization.organization_id)
+        if follow_file or await store.get_organization(organization.organization_id) is None:
+            await store.ensure_organization(
+                organization.organization_id, organization.name or organization.organization_id
+            )
     for index, spec in enumerate(config.teams):
         team = Team(
             team_id=spec.team_id,
@@ -41,6 +50,8 @@ async def apply_declared(store: Store, config: Config) -> None:
                     continue
                 except Conflict:
                     pass  # another process created it a moment ago
+            if not follow_file:
+                continue
             await store.update_team(
                 spec.team_id,
                 {

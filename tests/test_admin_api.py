@@ -1,8 +1,11 @@
 """The admin API, behind the master key, exactly as API.md's table."""
 
 import asyncio
+import os
+import signal
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,7 +14,7 @@ from proxy.config import DatabaseConfig
 from proxy.records import Team
 from proxy.store import Conflict
 from proxy.store.sqlite import SQLiteStore
-from tests.support import Tollgate
+from tests.support import Tollgate, wait_for
 
 
 def uid(prefix: str) -> str:
@@ -202,6 +205,36 @@ def test_organizations_and_teams_declared_in_config_follow_the_file_but_keep_the
         assert team["credits_allocated"] == 12  # set at creation, then moved only by the ledger
     finally:
         restarted.stop()
+
+
+def uvicorn_workers(server: Tollgate) -> set[int]:
+    workers = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == server.process.pid and b"spawn_main" in command:
+            workers.add(int(stat.parent.name))
+    return workers
+
+
+def test_a_worker_started_again_after_a_crash_keeps_the_admin_apis_changes_to_a_declared_team(make_tollgate):
+    declared = {
+        "organizations": [{"organization_id": "yaml-org"}],
+        "teams": [{"team_id": "yaml-team", "organization_id": "yaml-org", "model_groups": ["Main"], "rpm_limit": 30}],
+    }
+    server = make_tollgate(workers=2, **declared)
+    admin = server.admin()
+    admin.ok("PATCH", "/admin/teams/yaml-team", json={"status": "suspended", "rpm_limit": 5})
+    first = wait_for(lambda: len(w := uvicorn_workers(server)) == 2 and w, timeout=10)
+    os.kill(min(first), signal.SIGKILL)
+    assert wait_for(lambda: len(w := uvicorn_workers(server)) == 2 and w != first, timeout=20), "no worker restarted"
+    assert wait_for(lambda: server.log().count("Application startup complete") == 3, timeout=20)
+    for _ in range(10):  # whichever worker answers
+        team = admin.get_team("yaml-team")
+        assert (team["status"], team["rpm_limit"]) == ("suspended", 5)
 
 
 @pytest.mark.parametrize(
