@@ -383,13 +383,24 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         raise ConfigError(f"{where}: {invalid.path}: {invalid.message}") from None
 
     secrets = {
-        f.name: Secret(env[f.metadata["env"]])
+        f.name: Secret(_secret(f.metadata["env"], env[f.metadata["env"]]))
         for f in dataclasses.fields(Config)
         if f.metadata.get("env") and env.get(f.metadata["env"])
     }
     config = dataclasses.replace(config, source=source, **secrets)
     _check_consistency(config)
     return config
+
+
+_KEY_CHARACTERS = re.compile(r"[\x21-\x7e]+")
+
+
+def _secret(name: str, value: str) -> str:
+    """A key as it travels in an Authorization header: printable ASCII, no spaces (a master key
+    with one could never be presented, an upstream key beyond ASCII could not be sent)."""
+    if not _KEY_CHARACTERS.fullmatch(value):
+        raise ConfigError(f"{name}: must be printable ASCII without spaces (it travels in an HTTP header)")
+    return value
 
 
 class _Loader(yaml.SafeLoader):

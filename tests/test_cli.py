@@ -142,3 +142,14 @@ def test_serve_listens_where_the_command_line_says_over_the_file():
 def test_serve_gives_uvicorn_the_files_log_level():
     config = Config(logging=LoggingConfig(level="warning"))
     assert serve_options(build_parser().parse_args(["serve"]), config)["log_level"] == "warning"
+
+
+def test_demo_refuses_a_port_it_could_not_listen_on_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    for args, extra in ((["--port", "99999"], {}), ([], {"TOLLGATE_DEMO_LITELLM_PORT": "four"})):
+        result = subprocess.run(
+            [PYTHON, "-m", "proxy", "demo", *args], env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("tollgate demo: error: argument --")

@@ -91,6 +91,14 @@ def test_bad_environment_value_names_the_variable(tmp_path):
     assert message.startswith("TOLLGATE_DATABASE_URL: database.url: must be a database URL")
 
 
+@pytest.mark.parametrize("name", ["TOLLGATE_MASTER_KEY", "TOLLGATE_UPSTREAM_KEY"])
+@pytest.mark.parametrize("value", ["sk-with space", "sk-ключ", "sk-tab\t"])
+def test_a_key_that_cannot_travel_in_a_header_is_refused_without_showing_it(tmp_path, name, value):
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, ""), {"TOLLGATE_MASTER_KEY": "m", "TOLLGATE_UPSTREAM_KEY": "u", name: value})
+    assert str(refused.value) == f"{name}: must be printable ASCII without spaces (it travels in an HTTP header)"
+
+
 def test_secrets_come_from_the_environment(tmp_path):
     config = load_config(write(tmp_path, ""), {"TOLLGATE_MASTER_KEY": "m", "TOLLGATE_UPSTREAM_KEY": "u"})
     assert config.master_key.value == "m" and config.upstream_key.value == "u"
