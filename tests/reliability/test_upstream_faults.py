@@ -31,6 +31,7 @@ def test_timeout_before_the_first_byte_falls_back(make_tollgate):
     assert body["metadata"]["model"] == "backup" and time.monotonic() - started < 10
     assert calls_of(client, job_id)[0]["attempts"] == 2
 
+
 @pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
 def test_a_timeout_litellm_reports_falls_back_to_the_next_model(tollgate, admin, route):
     # The deployment's own `timeout` runs out in LiteLLM, which answers 408.
@@ -89,12 +90,14 @@ def test_every_model_failing_is_503_with_retry_after_and_the_job_stays_completab
     assert [(c["status"], c["attempts"]) for c in calls_of(client, job_id)] == [("error", 2), ("error", 2)]
     assert client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).status_code == 200
 
+
 def test_every_model_rate_limited_is_429_with_retry_after(tollgate, admin):
     team = admin.team(groups=("AllLimited",))
     client = tollgate.client(team.key)
     response = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say("hi")})
     assert response.status_code == 429
     assert response.headers["retry-after"] == "1"
+
 
 @pytest.mark.parametrize("group", ["Abort", "Garbage"])
 def test_stream_failing_midway_ends_with_one_error_event_and_is_recorded(tollgate, admin, group):
