@@ -80,6 +80,8 @@ class Completed:
 
 RecordObserver = Callable[[CallOutcome], Awaitable[None]]
 RECORD_ATTEMPTS = 4
+# The error of a call the gateway's shutdown cut short: not the client's doing.
+SHUT_DOWN = "cut short: the gateway shut down"
 _SECRETISH = re.compile(r"sk-[A-Za-z0-9_\-.]{3,}")
 
 
@@ -327,7 +329,7 @@ class CallPipeline:
         async def on_end(end: RelayEnd) -> None:
             usage = tally.usage or estimated_usage(call.request.prompt_chars, tally.completion_chars)
             ttft = None if end.first_event_at is None else end.first_event_at - call.started
-            error = end.error or ("cut short: the gateway shut down" if end.reason == "shutdown" else None)
+            error = end.error or (SHUT_DOWN if end.reason == "shutdown" else None)
             await self._finish(call, _END_STATUS[end.reason], opened.model, usage, opened.attempts, redact_opt(error), ttft)
 
         return SSERelay(
@@ -408,7 +410,7 @@ class CallPipeline:
             # Only a shutdown cancels a request (uvicorn's, once server.shutdown_grace is over; a
             # hang-up is ClientClosed): the client gets a 503 rather than uvicorn's bare 500.
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", call.cut_at_model, usage, 0, "cut short: the gateway shut down")
+            await self._finish(call, "cancelled", call.cut_at_model, usage, 0, SHUT_DOWN)
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             return ApiError(
                 503,

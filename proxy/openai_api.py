@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from .auth import KeyAuthenticator
 from .bodies import header, read_json_object
-from .calls import CallPipeline
+from .calls import SHUT_DOWN, CallPipeline
 from .config import Config
 from .errors import ApiError
 from .groups import GroupCatalog
@@ -26,12 +26,11 @@ from .jobs_api import canonical_job_id
 from .json_codec import JSONResponse
 from .metrics import Metrics
 from .observe import notes
-from .records import CallOutcome
+from .records import IMPLICIT_JOB_TYPE, CallOutcome
 from .store import NotFound, Store
 from .streaming import SSERelay
 from .validation import parse_call
 
-IMPLICIT_JOB_TYPE = "chat.completions"
 log = logging.getLogger("tollgate.openai")
 
 
@@ -88,8 +87,8 @@ class OpenAIApi:
 
         async def recorded(outcome: CallOutcome) -> None:
             # The call's own job: charged when it succeeded, or when the client hung up after
-            # tokens were spent; failed (its hold released) otherwise.
-            spent = outcome.status == "cancelled" and outcome.completion_tokens > 0
+            # tokens were spent; failed (its hold released) otherwise, a shutdown's cut included.
+            spent = outcome.status == "cancelled" and outcome.completion_tokens > 0 and outcome.error != SHUT_DOWN
             await finish_implicit(outcome.status == "success" or spent, outcome.error)
 
         job_begun = False  # until then there is no implicit job to fail

@@ -10,6 +10,9 @@ JobStatus = Literal["pending", "in_progress", "completed", "failed"]
 CallStatus = Literal["running", "success", "error", "cancelled"]
 OPEN_JOB_STATUSES = ("pending", "in_progress")
 TERMINAL_JOB_STATUSES = ("completed", "failed")
+# A /v1 call without X-Job-Id is its own job, of this type and with {"implicit": true} in its
+# metadata: it takes no other call, since it is finished (and charged) when that call ends.
+IMPLICIT_JOB_TYPE = "chat.completions"
 
 
 def iso(timestamp: float | None) -> str | None:

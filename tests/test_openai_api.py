@@ -106,6 +106,24 @@ def test_job_header_naming_an_unknown_or_finished_job(sdk, tollgate, team):
         sdk.chat.completions.create(model="Main", messages=HELLO, extra_headers={"X-Job-Id": job_id})
 
 
+def test_the_own_job_of_a_call_without_job_header_takes_no_other_call_and_is_charged_once_it_ends(sdk, tollgate, team):
+    # Attached calls would keep it from being finished when its own call ends: it would stay open,
+    # holding its credit uncharged, until it expired.
+    stream = sdk.chat.completions.with_streaming_response.create(
+        model="Main", messages=[{"role": "user", "content": "a [chunks=5] [delay_ms=100]"}], stream=True
+    )
+    client = tollgate.client(team.key)
+    with stream as response:
+        job_id = response.headers["x-job-id"]
+        on_v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": HELLO}, headers={"X-Job-Id": job_id})
+        assert on_v1.status_code == 409 and "takes no other call" in on_v1.json()["error"]["message"]
+        on_api = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": HELLO})
+        assert on_api.status_code == 409 and "takes no other call" in on_api.json()["detail"]
+        list(response.iter_lines())
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert (job["status"], job["costs"]["credits_charged"], job["costs"]["total_calls"]) == ("completed", 1, 1)
+
+
 def test_errors_raise_the_right_sdk_classes(tollgate, admin, team):
     bad_key = OpenAI(base_url=f"{tollgate.url}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

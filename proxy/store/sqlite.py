@@ -22,6 +22,8 @@ import aiosqlite
 from ..config import DatabaseConfig
 from ..ids import new_id
 from ..records import (
+    IMPLICIT_JOB_TYPE,
+    OPEN_JOB_STATUSES,
     CallOutcome,
     CallSummary,
     Job,
@@ -161,6 +163,12 @@ def _probe_write(db: sqlite3.Connection) -> None:
 
 
 PROBE_ID = "readiness probe"
+
+# An implicit job (records.IMPLICIT_JOB_TYPE) that its own call has started: it takes no other.
+_TAKEN_IMPLICIT_JOB = (
+    f"(status = 'in_progress' AND job_type = '{IMPLICIT_JOB_TYPE}' AND json_extract(metadata, '$.implicit') IS 1)"
+)
+
 
 # The error of a call a sweeper closed because the process serving it was gone.
 INTERRUPTED = "interrupted: the process serving it stopped"
@@ -626,7 +634,8 @@ class SQLiteStore:
             cursor = db.execute(
                 "INSERT INTO llm_calls (call_id, job_id, team_id, key_id, model_group, purpose, streamed, status, "
                 "started_at) SELECT ?, job_id, team_id, ?, ?, ?, ?, 'running', ? FROM jobs "
-                "WHERE job_id = ? AND team_id = ? AND status IN ('pending', 'in_progress')",
+                "WHERE job_id = ? AND team_id = ? AND status IN ('pending', 'in_progress') "
+                f"AND NOT {_TAKEN_IMPLICIT_JOB}",
                 (
                     call.call_id,
                     call.key_id,
@@ -639,11 +648,17 @@ class SQLiteStore:
                 ),
             )
             if cursor.rowcount == 0:
-                rows = _all(db, "SELECT status, team_id FROM jobs WHERE job_id = ?", (call.job_id,))
+                rows = _all(
+                    db, f"SELECT status, team_id, {_TAKEN_IMPLICIT_JOB} FROM jobs WHERE job_id = ?", (call.job_id,)
+                )
                 if not rows:
                     raise NotFound(f"Job '{call.job_id}' not found")
                 if rows[0][1] != call.team_id:
                     raise Forbidden(f"Job '{call.job_id}' belongs to another team")
+                if rows[0][0] in OPEN_JOB_STATUSES and rows[0][2]:
+                    raise Conflict(
+                        f"Job '{call.job_id}' is the own job of a /v1 call made without X-Job-Id: it takes no other call"
+                    )
                 raise JobClosed(call.job_id, rows[0][0])
             # The insert's trigger (schema 2) moved a pending job to in_progress.
 

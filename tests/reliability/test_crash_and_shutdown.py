@@ -165,3 +165,30 @@ def test_a_call_awaiting_its_answer_when_the_grace_period_ends_gets_a_503_and_is
     ((status, error, prompt_tokens),) = db.execute("SELECT status, error, prompt_tokens FROM llm_calls").fetchall()
     assert status == "cancelled" and "shut down" in error and prompt_tokens > 0
     assert "Exception in ASGI application" not in server.log()
+
+
+def test_the_own_job_of_a_v1_stream_cut_by_the_shutdown_is_failed_not_charged(tmp_path, litellm):
+    # The client did not hang up: the gateway failed the call, as its deadline would have.
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team()
+    started = threading.Event()
+
+    def run() -> None:
+        body = {"model": "Main", "stream": True, "messages": SLOW["messages"]}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as response:
+            for _ in response.iter_lines():
+                started.set()
+
+    reader = threading.Thread(target=run)
+    try:
+        reader.start()
+        assert started.wait(10)
+        server.process.send_signal(signal.SIGTERM)
+        reader.join(15)
+        assert server.process.wait(15) == 0
+    finally:
+        server.stop()
+    settled = books(server.database)
+    assert list(settled["jobs"].values()) == ["failed"]
+    assert (settled["used"], settled["held"]) == (0, 0)
