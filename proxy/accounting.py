@@ -31,6 +31,10 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+# Beyond any real call, and far inside SQLite's 64-bit integers: a count above it is not usage.
+MAX_TOKENS = 10**12
+
+
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
@@ -52,7 +56,10 @@ def usage_from(usage: Any, reported_cost: Any = None) -> Usage | None:
     cost = _cost(reported_cost)
     if cost is None:
         cost = _cost(usage.get("cost"))
-    return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), cost)
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if prompt > MAX_TOKENS or completion > MAX_TOKENS:
+        return None  # the call is then estimated, as when no usage came
+    return Usage(prompt, completion, cost)
 
 
 def estimated_usage(prompt_chars: int, completion_chars: int) -> Usage:

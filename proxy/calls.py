@@ -507,12 +507,15 @@ class CallPipeline:
                 break
             await asyncio.sleep(0.1 * attempt)
             attempt += 1
+        if not isinstance(failure, StoreError):
+            # Not the database's state but this outcome: writing it again would fail again, and a
+            # kept outcome holds the sweeper back, so the sweeper closes the call as interrupted.
+            log.error("could not record call %s: %r", outcome.call_id, outcome, exc_info=failure)
+            raise failure
         self._kept[outcome.call_id] = outcome
         log.error("could not record call %s (%s): kept, to be written once the database takes writes again: %r",
                   outcome.call_id, failure, outcome)
-        if isinstance(failure, StoreError):
-            raise StoreUnavailable(
-                f"The call's record could not be written ({failure}); "
-                "it will be recorded once the database takes writes again"
-            ) from failure
-        raise failure
+        raise StoreUnavailable(
+            f"The call's record could not be written ({failure}); "
+            "it will be recorded once the database takes writes again"
+        ) from failure

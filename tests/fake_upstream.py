@@ -7,7 +7,8 @@ while every answer stays predictable:
 * completion tokens = number of content chunks (default 5, one word each);
 * the model name selects failures: ``fail-500*``, ``fail-503*``, ``fail-429*``
   (with ``Retry-After: 7``), ``fail-400*``, ``hang*`` (no headers for 30 s),
-  ``abort*`` (stream breaks after two chunks), ``garbage*`` (malformed SSE/JSON);
+  ``abort*`` (stream breaks after two chunks), ``garbage*`` (malformed SSE/JSON),
+  ``absurd-usage*`` (reports 10^20 prompt tokens);
 * the API key ``wrong-provider-key`` is refused with OpenAI's 401, the answer of a
   provider that does not know the key it was given;
 * directives in the messages tune one request: ``[chunks=N]``, ``[delay_ms=N]``
@@ -94,7 +95,7 @@ async def chat_completions(request: Request) -> Response:
     messages = body.get("messages") or []
     text = _message_text(messages)
     options = _directives(text)
-    prompt_tokens = len(text.split())
+    prompt_tokens = 10**20 if model.startswith("absurd-usage") else len(text.split())
     chunks = options.get("chunks", 5)
     if isinstance(body.get("max_tokens"), int):
         chunks = min(chunks, body["max_tokens"])

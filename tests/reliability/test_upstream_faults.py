@@ -173,3 +173,21 @@ def test_upstream_down_entirely_is_503_quickly_and_recorded(make_tollgate):
         response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi")})
         assert response.status_code == 503 and "connection failed" in response.json()["detail"]
     assert [c["status"] for c in calls_of(client, job_id)] == ["error", "error"]
+
+
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_usage_too_large_to_be_real_is_estimated_instead_and_the_call_recorded(make_tollgate, fake_url, route):
+    # 10^20 tokens: no call uses them, SQLite cannot store them, and the limits must not count them.
+    server = make_tollgate(upstream_url=fake_url)
+    admin = server.admin()
+    admin.ok("POST", "/admin/model-groups", json={"name": "Absurd", "models": ["absurd-usage"]})
+    team = admin.team(groups=("Absurd",))
+    client = server.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
+    assert response.status_code == 200 and "error" not in response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["usage_estimated"]) == ("success", True)
+    assert 0 < call["prompt_tokens"] < 100
+    again = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
+    assert again.status_code == 200
