@@ -28,7 +28,10 @@ from .accounting import StreamTally
 from .forwarding import OpenStream
 from .sse import SSEEvent
 from .store import StoreUnavailable
-from .upstream import DeadlineExceeded, TransportError
+from .upstream import DeadlineExceeded, TransportError, UpstreamTimeout
+
+# How long past the call's deadline a stream's last bytes may wait for a client that reads nothing.
+LAST_SEND_GRACE = 5.0
 
 EndReason = Literal["finished", "client_disconnected", "upstream_failed", "shutdown"]
 SSE_HEADERS = [
@@ -107,7 +110,8 @@ class SSERelay:
         if reason == "shutdown":
             cut = error_event("The gateway is shutting down: the stream was cut short", "service_unavailable", "shutting_down")
             with contextlib.suppress(Exception):  # the relay may have ended it in the same turn
-                await self._send(send, [cut], more_body=False)
+                async with asyncio.timeout(LAST_SEND_GRACE):
+                    await self._send(send, [cut], more_body=False)
 
     async def _wait_for_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -139,13 +143,21 @@ class SSERelay:
                 last = terminal if unrecorded is None else [unrecorded]
         except (TimeoutError, DeadlineExceeded):  # the relay's own timeout, or the upstream's waits'
             last = await self._failed("The call took longer than the gateway allows", "upstream_timeout")
+        except UpstreamTimeout:
+            last = await self._failed("The upstream went silent for longer than the gateway allows", "upstream_timeout")
         except TransportError as exc:
             last = await self._failed(f"The upstream connection failed: {type(exc).__name__}", "upstream_connection_lost")
         finally:
             with contextlib.suppress(Exception):
                 await stream.chunks.aclose()  # type: ignore[attr-defined]
             await stream.response.aclose()
-        await self._send(send, last, more_body=False)
+        try:
+            # A client that reads nothing more would hold the connection for good: past the
+            # call's deadline it gets a few seconds, then uvicorn closes the unfinished response.
+            async with asyncio.timeout_at(max(self._deadline, asyncio.get_running_loop().time()) + LAST_SEND_GRACE):
+                await self._send(send, last, more_body=False)
+        except TimeoutError:
+            pass
 
     async def _forward(self, send: Send, events: Iterable[SSEEvent]) -> list[bytes] | None:
         """Send what the client should get, up to the terminal event ([DONE] or an error):

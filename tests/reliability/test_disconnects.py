@@ -2,13 +2,16 @@
 no upstream connection is leaked, and the live-streams gauge returns to zero."""
 
 import asyncio
+import json
 import re
+import socket
 import subprocess
 import time
 
 import httpx
 
 from tests.support import fake_log, tag, wait_for
+from tests.test_operations import families, value
 
 STREAMS = 100
 
@@ -63,3 +66,22 @@ def test_100_disconnects_mid_stream_close_the_upstream_and_are_all_recorded(make
     # And the pool still works.
     answer = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": [{"role": "user", "content": "still there?"}]})
     assert answer.status_code == 200
+
+
+def test_a_client_that_stops_reading_is_let_go_soon_after_the_calls_deadline(make_tollgate, fake_url):
+    # It holds the connection, its send buffers full: the relay must not wait on it for good.
+    server = make_tollgate(upstream_url=fake_url, upstream={"timeouts": {"total": "2s"}})
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "stuck"}).json()["job_id"]
+    body = json.dumps({"messages": [{"role": "user", "content": "flood [chunks=200000]"}]}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(
+            f"POST /api/jobs/{job_id}/llm-call-stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        assert stuck.recv(100).startswith(b"HTTP/1.1 200")  # then it reads nothing more
+        assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 0, timeout=20)
+        (call,) = client.get(f"/api/jobs/{job_id}").json()["calls"]
+        assert call["status"] == "error"

@@ -191,3 +191,14 @@ def test_usage_too_large_to_be_real_is_estimated_instead_and_the_call_recorded(m
     assert 0 < call["prompt_tokens"] < 100
     again = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
     assert again.status_code == 200
+
+
+def test_an_upstream_silent_mid_stream_past_the_first_byte_timeout_ends_with_one_timeout_event(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url, upstream={"timeouts": {"first_byte": "1s"}})
+    client = server.client(server.admin().team().key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("hi [chunks=4] [delay_ms=3000]")})
+    events = sse_json(response.text)
+    assert [e for e in events if "error" in e] == [events[-1]]
+    assert events[-1]["error"]["code"] == "upstream_timeout"
+    assert "silent" in events[-1]["error"]["message"]
