@@ -25,9 +25,16 @@ class SSEScanner:
         self._scanned = 0  # bytes of _buffer already split into lines
         self._data: list[bytes] = []
         self._event: str | None = None
+        # An event ended by a CR at the very end of a read: an LF that comes next completes that
+        # CRLF, and must not be read as a blank line of its own.
+        self._lf_ends_crlf = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        if not self._buffer:
+        skip = 0
+        if self._lf_ends_crlf:
+            self._lf_ends_crlf = False
+            skip = 1 if chunk.startswith(b"\n") else 0
+        elif not self._buffer:
             # The common case: whole `data: ...\n\n` events, one per chunk or several
             # (all that arrived while the relay was busy).
             simple = self._simple_events(chunk)
@@ -36,15 +43,20 @@ class SSEScanner:
         buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SSEEvent] = []
         event_start = 0
-        pos = self._scanned
+        pos = self._scanned + skip  # the skipped LF stays in the next event's bytes
         size = len(buffer)
         while pos < size:
             lf = buffer.find(b"\n", pos)
             cr = buffer.find(b"\r", pos, lf if lf >= 0 else size)
             if cr >= 0:
-                if cr + 1 == size:
-                    break  # a CR at the very end may be the first half of a CRLF
-                end, pos_next = cr, (cr + 2 if buffer[cr + 1] == _LF else cr + 1)
+                if cr + 1 < size:
+                    end, pos_next = cr, (cr + 2 if buffer[cr + 1] == _LF else cr + 1)
+                elif cr == pos and (self._data or self._event is not None or pos > event_start):
+                    # A blank line: the event is complete now, whether or not an LF follows.
+                    end, pos_next = cr, cr + 1
+                    self._lf_ends_crlf = True
+                else:
+                    break  # a line's CR at the very end may be the first half of a CRLF
             elif lf >= 0:
                 end, pos_next = lf, lf + 1
             else:

@@ -121,3 +121,17 @@ def test_lf_only_streams_cut_anywhere_give_the_same_events_as_byte_by_byte(seed)
     assert [e.data for e in events] == LF_EXPECTED
     assert [e.raw for e in events] == [e.raw for e in scan([LF_STREAM[i : i + 1] for i in range(len(LF_STREAM))])]
     assert b"".join(e.raw for e in events) == LF_STREAM
+
+
+def test_an_event_ended_by_cr_cr_is_emitted_at_once_not_when_the_next_bytes_come():
+    # Holding it back would delay every event of a CR-only stream by one event.
+    scanner = SSEScanner()
+    assert [e.data for e in scanner.feed(b"data: a\r\r")] == [b"a"]
+    assert [e.data for e in scanner.feed(b": ping\r\r")] == [None]
+
+
+def test_an_lf_after_an_event_ended_by_cr_completes_its_crlf_and_stays_in_the_bytes():
+    chunks = [b"data: a\r\n\r", b"\n", b"data: b\r\n\r", b"\ndata: c\n\n"]
+    events = scan(chunks)
+    assert [e.data for e in events] == [b"a", b"b", b"c"]
+    assert b"".join(e.raw for e in events) == b"".join(chunks)
