@@ -284,8 +284,10 @@ class CallPipeline:
         # Name team, job and call to LiteLLM so its own logs attribute the spend.
         metadata = dict(payload.get("metadata") or {})
         tags = metadata.get("tags")
+        # The client's own tags are kept, but none that could pass for Tollgate's attribution.
+        own = [t for t in tags if not (isinstance(t, str) and t.startswith("tollgate-"))] if isinstance(tags, list) else []
         metadata["tags"] = [
-            *(tags if isinstance(tags, list) else []),
+            *own,
             f"tollgate-team:{team_id}",
             f"tollgate-job:{call.job_id}",
             f"tollgate-call:{call.call_id}",

@@ -115,6 +115,9 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
     max_tokens = max_completion_tokens = None
     if not _PARAMETERS.isdisjoint(body):  # most calls send none of them: nothing more to check
         max_tokens, max_completion_tokens = _check_parameters(body)
+    if not _LITELLM_CONTROLS.isdisjoint(body):
+        field = min(_LITELLM_CONTROLS.intersection(body))
+        raise invalid(field, "is LiteLLM's own and not accepted through the gateway: the model group decides the models")
 
     stream = False
     client_wants_usage = False
@@ -145,6 +148,22 @@ _PARAMETERS = frozenset(
     [name for name, _, _ in _NUMBERS + _INTEGERS] + [*_OBJECTS, "max_tokens", "max_completion_tokens", "user", "stop",
                                                       "tools", "tool_choice"]
 )
+
+
+# LiteLLM's own request parameters, which it honours from any caller: other models to fall back
+# to (outside the team's group), retries and timeouts, canned answers, prices, and where to
+# send the request. Passed on, they would let a call reach models its team was not granted, or
+# make its records (model, cost) wrong. LiteLLM refuses the credential ones itself.
+_LITELLM_CONTROLS = frozenset([
+    "fallbacks", "context_window_fallbacks", "content_policy_fallbacks", "model_list", "num_retries",
+    "max_retries", "timeout", "request_timeout", "stream_timeout", "mock_response", "mock_tool_calls",
+    "mock_timeout", "mock_delay", "mock_testing_fallbacks", "mock_testing_context_fallbacks",
+    "mock_testing_content_policy_fallbacks", "mock_testing_rate_limit_error", "api_key", "api_base",
+    "base_url", "api_version", "custom_llm_provider", "deployment_id", "input_cost_per_token",
+    "output_cost_per_token", "input_cost_per_second", "output_cost_per_second", "litellm_metadata",
+    "litellm_call_id", "litellm_trace_id", "litellm_session_id", "litellm_logging_obj", "proxy_server_request",
+    "model_info", "user_api_key", "secret_fields",
+])
 
 
 def _check_parameters(body: dict[str, Any]) -> tuple[int | None, int | None]:

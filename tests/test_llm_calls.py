@@ -85,6 +85,33 @@ def test_upstream_request_names_team_job_and_call_and_presents_the_upstream_key(
     assert request["metadata"]["tollgate_call_id"] == call_id
 
 
+def test_a_clients_tags_are_passed_on_but_never_one_that_passes_for_tollgates(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url)
+    team = server.admin().team()
+    client = server.client(team.key)
+    label = tag()
+    forged = ["tollgate-team:someone-else", "tollgate-job:00000000-0000-0000-0000-000000000000", "mine"]
+    body = {"messages": say(f"hi [tag={label}]"), "metadata": {"tags": forged}}
+    assert client.post(f"/api/jobs/{new_job(client)}/llm-call", json=body).status_code == 200
+    (sent,) = fake_log(fake_url, label)
+    tags = sent["body"]["metadata"]["tags"]
+    assert "mine" in tags and not set(forged[:2]) & set(tags)
+    assert [t for t in tags if t.startswith("tollgate-team:")] == [f"tollgate-team:{team.team_id}"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("fallbacks", ["backup"]), ("context_window_fallbacks", [{"primary": ["backup"]}]), ("num_retries", 50),
+    ("mock_response", "free"), ("input_cost_per_token", 0), ("timeout", 0.2),
+])
+def test_litellms_own_routing_and_pricing_parameters_are_refused_naming_them(tollgate, team, field, value):
+    # LiteLLM honours them from any caller: a team would reach models its groups do not grant.
+    client = tollgate.client(team.key)
+    on_api = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say("hi"), field: value})
+    assert on_api.status_code == 422 and field in on_api.json()["detail"]
+    on_v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": say("hi"), field: value})
+    assert on_v1.status_code == 422 and on_v1.json()["error"]["param"] == field
+
+
 def test_unknown_fields_reach_the_upstream_exactly_even_beyond_64_bits(make_tollgate, fake_url):
     server = make_tollgate(upstream_url=fake_url)
     client = server.client(server.admin().team().key)
