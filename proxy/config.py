@@ -191,6 +191,9 @@ class ServerConfig:
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
     # On SIGTERM: stop accepting, let open streams finish this long, then cut and record them.
     shutdown_grace: Seconds = 30.0
+    # A request (head and body) must arrive whole within this long: a slow client holds no
+    # connection for good.
+    read_timeout: Seconds = 30.0
 
 
 @dataclass(frozen=True)

@@ -227,7 +227,9 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
         try:
             key = asyncio.run(_prepare(config))
             configure_logging()
-            options = uvicorn_options("127.0.0.1", port, "warning", config.server.shutdown_grace)
+            options = uvicorn_options(
+                "127.0.0.1", port, "warning", config.server.shutdown_grace, config.server.read_timeout
+            )
             server = uvicorn.Server(uvicorn.Config(create_app(config), **options))
 
             async def serve() -> None:

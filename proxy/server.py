@@ -4,6 +4,9 @@ writing through a `CoalescingTransport` (coalesce.py)."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -11,16 +14,95 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .coalesce import CoalescingTransport
 
 
+# A request's head must fit in this many bytes, and the whole request arrive within
+# `server.read_timeout`: uvicorn bounds neither, so a client trickling its head or body, or
+# sending nothing, held a connection (and a file descriptor) for good, and one endless header
+# grew the process's memory.
+MAX_HEAD_BYTES = 64 * 1024
+
+
 class CoalescingHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol (what `tollgate serve` ran before), writing through a
     `CoalescingTransport`: a plain answer's head and body leave in one write, and a stream's
-    head with its first events."""
+    head with its first events. Requests are read within bounds of time and size; every
+    refusal at this level is JSON."""
+
+    def __init__(self, *args: Any, read_timeout: float = 30.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_timeout = read_timeout
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
+        self._reading = True  # a request is due: a connection opened to send nothing is closed too
+        self._head_bytes = 0
+        self._head_done = False
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._arm_read_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading and not self._head_done:
+            if self._head_bytes > MAX_HEAD_BYTES:  # counted over earlier reads: the last may carry a body too
+                self._refuse(431, f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB")
+                return
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # A request read whole in one go, as nearly all are, needs no timer.
+        if self._reading:
+            if self._read_timer is None:
+                self._arm_read_timer()
+        elif self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading, self._head_done, self._head_bytes = True, False, 0
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._reading = False
+        super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, msg)
+
+    def _arm_read_timer(self) -> None:
+        self._read_timer = self.loop.call_later(self._read_timeout, self._read_timed_out)
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if not self._reading or self.transport.is_closing():
+            return
+        if self._head_bytes == 0 and self.cycle is None:
+            self.transport.close()  # opened and never used: nothing to answer
+            return
+        self._refuse(408, f"The request did not arrive whole within {self._read_timeout:g} s")
+
+    def _refuse(self, status: int, message: str) -> None:
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # an answer is under way: it cannot be replaced
+            return
+        body = json.dumps({"detail": message}).encode()
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self.transport.close()
 
 
-def uvicorn_options(host: str, port: int, log_level: str, shutdown_grace: float) -> dict[str, Any]:
+def uvicorn_options(
+    host: str, port: int, log_level: str, shutdown_grace: float, read_timeout: float
+) -> dict[str, Any]:
     """How Tollgate runs uvicorn: its own access log and protocol, no `server` header."""
     return dict(
         host=host,
@@ -28,6 +110,7 @@ def uvicorn_options(host: str, port: int, log_level: str, shutdown_grace: float)
         log_level=log_level,
         access_log=False,
         server_header=False,
-        http=CoalescingHttpProtocol,
+        # A partial rather than a class made here: uvicorn hands it to its worker processes.
+        http=functools.partial(CoalescingHttpProtocol, read_timeout=read_timeout),
         timeout_graceful_shutdown=shutdown_grace,
     )

@@ -178,7 +178,8 @@ def test_tollgate_serve_runs_uvicorn_with_the_coalescing_protocol(monkeypatch, t
     config = tmp_path / "tollgate.yaml"
     config.write_text(f"database:\n  url: sqlite:///{tmp_path}/t.db\n")
     cli.main(["serve", "--config", str(config)])
-    assert seen["http"] is CoalescingHttpProtocol
+    assert seen["http"].func is CoalescingHttpProtocol
+    assert seen["http"].keywords == {"read_timeout": 30.0}
 
 
 def test_redis_commands_sent_in_one_turn_leave_in_one_write():

@@ -1,6 +1,9 @@
 """Hostile input: every request below gets a 4xx with a message, and the gateway stays healthy."""
 
+import contextlib
+import json
 import socket
+import time
 
 import httpx
 import pytest
@@ -157,6 +160,63 @@ def test_protocol_level_garbage_gets_a_400(target, request_bytes):
     reply = raw_exchange(server.port, request_bytes)
     status = int(reply.split(b" ", 2)[1])
     assert 400 <= status < 500, reply[:200]
+
+
+def test_protocol_level_refusals_are_json(target):
+    server, _, _ = target
+    reply = raw_exchange(server.port, b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    if not body:  # the body may come in a later read
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")
+            reply = b"".join(iter(lambda: sock.recv(65536), b""))
+        head, _, body = reply.partition(b"\r\n\r\n")
+    assert b" 400 " in head.split(b"\r\n", 1)[0] and b"application/json" in head.lower()
+    assert json.loads(body)["detail"]
+
+
+def read_all(sock: socket.socket) -> bytes:
+    return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(target):
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+        with contextlib.suppress(OSError):  # the server may close while this still sends
+            for _ in range(200):  # 20 MB of one header, never finished
+                sock.sendall(b"X-Big: " + b"a" * 100_000)
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 431 ")
+    assert "64 KiB" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+
+
+@pytest.mark.parametrize("part", ["body", "head"])
+def test_a_request_that_trickles_in_is_408_once_the_read_timeout_is_over(make_tollgate, part):
+    server = make_tollgate(server={"read_timeout": "1s"})
+    start = {
+        "body": f"POST /admin/organizations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.master_key}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{".encode(),
+        "head": b"GET /health/live HTTP/1.1\r\nX-Slow: ",
+    }[part]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(start)
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            for _ in range(5):  # a byte at a time, never the whole request
+                time.sleep(0.4)
+                sock.sendall(b"a")
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 10
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+
+
+def test_a_connection_that_sends_nothing_is_closed_once_the_read_timeout_is_over(make_tollgate):
+    server = make_tollgate(server={"read_timeout": "1s"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        started = time.monotonic()
+        assert read_all(sock) == b""
+    assert time.monotonic() - started < 10
 
 
 def test_injected_header_lines_are_not_reflected(target):
