@@ -108,7 +108,7 @@ def create_app(config: Config) -> Starlette:
             changes.close()
             await store.close()
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[
             Middleware(ObserveMiddleware, metrics=metrics, log_format=config.logging.access_log),
@@ -117,6 +117,10 @@ def create_app(config: Config) -> Starlette:
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    # A path with a trailing slash is a 404 like any other unknown path, not a redirect to an
+    # address built from the client's own Host header.
+    app.router.redirect_slashes = False
+    return app
 
 
 def app_from_environment() -> Starlette:

@@ -219,6 +219,15 @@ def test_a_connection_that_sends_nothing_is_closed_once_the_read_timeout_is_over
     assert time.monotonic() - started < 10
 
 
+def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(target):
+    server, team, job = target
+    response = httpx.get(
+        f"{server.url}/api/jobs/{job}/", headers={"Authorization": f"Bearer {team.key}", "Host": "evil.example"}
+    )
+    assert response.status_code == 404 and "location" not in response.headers
+    assert response.json()["detail"]
+
+
 def test_injected_header_lines_are_not_reflected(target):
     server, team, _ = target
     request = (
