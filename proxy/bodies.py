@@ -56,6 +56,11 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise ApiError(415, f"Content-Type must be application/json, not '{media[:100]}'")
+    encoding = header(request, b"content-encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":
+        # Read as it is, a compressed body would be refused as bad JSON, and a plain one
+        # labelled compressed accepted: neither says what is wrong.
+        raise ApiError(415, f"Content-Encoding '{encoding[:100]}' is not supported; send the body uncompressed")
     length = header(request, b"content-length")
     if length is not None:
         if not length.isdigit():

@@ -1,5 +1,6 @@
 """Bad input gets a clear 4xx with a message: never a 500, a hang or lost data."""
 
+import gzip
 import json
 import uuid
 
@@ -151,6 +152,15 @@ def test_wrong_content_type_is_415(tollgate, team, job_url):
     response = post_raw(tollgate, team.key, job_url, b'{"messages": []}', "text/plain")
     assert response.status_code == 415
     assert "application/json" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_a_compressed_body_is_415_naming_the_encoding(tollgate, team, job_url, encoding):
+    body = gzip.compress(b'{"messages": [{"role": "user", "content": "hi"}]}') if encoding == "gzip" else b"{}"
+    response = tollgate.client(team.key).post(
+        job_url, content=body, headers={"Content-Type": "application/json", "Content-Encoding": encoding}
+    )
+    assert response.status_code == 415 and encoding in response.json()["detail"]
 
 
 def test_unknown_route_and_wrong_method_answer_json(tollgate, team):
