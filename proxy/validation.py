@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ApiError
+from .json_codec import dumps
 
 ROLES = ("system", "user", "assistant", "tool", "function", "developer")
 MAX_MESSAGES = 10_000
@@ -243,12 +244,24 @@ class JobRequest:
     metadata: dict[str, Any]
 
 
+# A job's metadata is returned with it in every listing (up to 500 jobs a page): without a bound
+# of its own, 10 MiB bodies made a page of hundreds of MB for anyone listing the team's jobs.
+MAX_METADATA_BYTES = 64 * 1024
+
+
+def _job_metadata(body: dict[str, Any]) -> dict[str, Any] | None:
+    metadata = optional_object(body, "metadata")
+    if metadata is not None and len(dumps(metadata)) > MAX_METADATA_BYTES:
+        raise invalid("metadata", f"must be at most {MAX_METADATA_BYTES // 1024} KiB as JSON")
+    return metadata
+
+
 def parse_job_create(body: dict[str, Any]) -> JobRequest:
     return JobRequest(
         job_type=required_str(body, "job_type"),
         team_id=optional_str(body, "team_id"),
         user_id=optional_str(body, "user_id"),
-        metadata=optional_object(body, "metadata") or {},
+        metadata=_job_metadata(body) or {},
     )
 
 
@@ -265,7 +278,7 @@ def parse_complete(body: dict[str, Any]) -> CompleteRequest:
         raise invalid("status", "must be 'completed' or 'failed'")
     return CompleteRequest(
         status=status,
-        metadata=optional_object(body, "metadata"),
+        metadata=_job_metadata(body),
         error_message=optional_str(body, "error_message", 10_000, allow_empty=True),
     )
 

@@ -154,6 +154,17 @@ def test_wrong_content_type_is_415(tollgate, team, job_url):
     assert "application/json" in response.json()["detail"]
 
 
+def test_job_metadata_over_64_kib_is_422_at_create_and_complete(tollgate, team, job_url):
+    client = tollgate.client(team.key)
+    big = {"blob": "x" * (64 * 1024)}
+    created = client.post("/api/jobs/create", json={"job_type": "big", "metadata": big})
+    assert created.status_code == 422 and "64 KiB" in created.json()["detail"]
+    completed = client.post(job_url.replace("llm-call", "complete"), json={"status": "completed", "metadata": big})
+    assert completed.status_code == 422 and "64 KiB" in completed.json()["detail"]
+    fits = client.post("/api/jobs/create", json={"job_type": "fits", "metadata": {"blob": "x" * 60_000}})
+    assert fits.status_code == 200
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "br"])
 def test_a_compressed_body_is_415_naming_the_encoding(tollgate, team, job_url, encoding):
     body = gzip.compress(b'{"messages": [{"role": "user", "content": "hi"}]}') if encoding == "gzip" else b"{}"
