@@ -88,7 +88,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._refuse(408, f"The request did not arrive whole within {self._read_timeout:g} s")
 
     def _refuse(self, status: int, message: str) -> None:
-        if self.cycle is not None and self.cycle.response_started:
+        cycle = self.cycle  # on a kept-alive connection, the previous request's until a head is read
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
             self.transport.close()  # an answer is under way: it cannot be replaced
             return
         body = json.dumps({"detail": message}).encode()

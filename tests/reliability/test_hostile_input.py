@@ -191,6 +191,18 @@ def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(target):
     assert "64 KiB" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
 
 
+def test_an_oversized_head_on_a_kept_alive_connection_is_answered_431_too(target):
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+        with contextlib.suppress(OSError):
+            for _ in range(20):
+                sock.sendall(b"X-Big: " + b"a" * 100_000)
+        assert read_all(sock).startswith(b"HTTP/1.1 431 ")
+
+
 @pytest.mark.parametrize("part", ["body", "head"])
 def test_a_request_that_trickles_in_is_408_once_the_read_timeout_is_over(make_tollgate, part):
     server = make_tollgate(server={"read_timeout": "1s"})
