@@ -28,6 +28,9 @@ class SSEScanner:
         # An event ended by a CR at the very end of a read: an LF that comes next completes that
         # CRLF, and must not be read as a blank line of its own.
         self._lf_ends_crlf = False
+        # Reads that end no line, kept aside until one does: joined to the buffer on every read,
+        # a line of megabytes would be copied and searched again and again.
+        self._tail: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         skip = 0
@@ -40,7 +43,14 @@ class SSEScanner:
             simple = self._simple_events(chunk)
             if simple is not None:
                 return simple
-        buffer = self._buffer + chunk if self._buffer else chunk
+        elif b"\n" not in chunk and b"\r" not in chunk and (self._tail or not self._buffer.endswith(b"\r")):
+            self._tail.append(chunk)  # the unfinished line goes on: nothing to scan yet
+            return []
+        if self._tail:
+            buffer = b"".join([self._buffer, *self._tail, chunk])
+            self._tail = []
+        else:
+            buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SSEEvent] = []
         event_start = 0
         pos = self._scanned + skip  # the skipped LF stays in the next event's bytes
@@ -75,6 +85,9 @@ class SSEScanner:
 
     def flush(self) -> SSEEvent | None:
         """The unterminated event left at the end of the stream, if any."""
+        if self._tail:
+            self._buffer = b"".join([self._buffer, *self._tail])
+            self._tail = []
         if not self._buffer:
             return None
         tail = self._buffer[self._scanned :].rstrip(b"\r\n")

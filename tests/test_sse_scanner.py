@@ -135,3 +135,12 @@ def test_an_lf_after_an_event_ended_by_cr_completes_its_crlf_and_stays_in_the_by
     events = scan(chunks)
     assert [e.data for e in events] == [b"a", b"b", b"c"]
     assert b"".join(e.raw for e in events) == b"".join(chunks)
+
+
+def test_a_long_event_in_many_reads_that_end_no_line_is_one_event_with_its_bytes():
+    event = b'data: {"content": "' + b"x" * 300_000 + b'"}\r\n\r\n'
+    for size in (1000, 4096, 65536):
+        chunks = [b"data: a\n\n" + event[:size], *(event[i : i + size] for i in range(size, len(event), size))]
+        events = scan([*chunks, b"data: [DONE]\r"])
+        assert [e.data for e in events] == [b"a", event[6:-4], b"[DONE]"]
+        assert b"".join(e.raw for e in events) == b"".join(chunks) + b"data: [DONE]\r"
