@@ -110,16 +110,14 @@ def test_sigterm_cuts_streams_after_the_grace_period_and_records_them(tmp_path, 
     assert status == "cancelled" and "shut down" in error
 
 
-def test_a_stream_cut_by_the_shutdown_ends_with_one_error_event(tmp_path, litellm):
-    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
-    team = server.admin().team()
-    job_id = server.client(team.key).post("/api/jobs/create", json={"job_type": "cut"}).json()["job_id"]
+def stream_until_shutdown(server: Tollgate, key: str, path: str, body: dict) -> list[str]:
+    """The lines a client reads from a stream while the gateway gets SIGTERM mid-way (its grace
+    period short); the gateway has exited 0 when this returns."""
     lines: list[str] = []
     started = threading.Event()
 
     def run() -> None:
-        url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
-        with httpx.stream("POST", url, json=SLOW, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as r:
+        with httpx.stream("POST", server.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30) as r:
             for line in r.iter_lines():  # a cut connection would raise here
                 lines.append(line)
                 started.set()
@@ -133,6 +131,14 @@ def test_a_stream_cut_by_the_shutdown_ends_with_one_error_event(tmp_path, litell
         assert server.process.wait(15) == 0
     finally:
         server.stop()
+    return lines
+
+
+def test_a_stream_cut_by_the_shutdown_ends_with_one_error_event(tmp_path, litellm):
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team()
+    job_id = server.client(team.key).post("/api/jobs/create", json={"job_type": "cut"}).json()["job_id"]
+    lines = stream_until_shutdown(server, team.key, f"/api/jobs/{job_id}/llm-call-stream", SLOW)
     events = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
     assert "[DONE]" not in events
     assert json.loads(events[-1])["error"]["code"] == "shutting_down"
@@ -171,24 +177,7 @@ def test_the_own_job_of_a_v1_stream_cut_by_the_shutdown_is_failed_not_charged(tm
     # The client did not hang up: the gateway failed the call, as its deadline would have.
     server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
     team = server.admin().team()
-    started = threading.Event()
-
-    def run() -> None:
-        body = {"model": "Main", "stream": True, "messages": SLOW["messages"]}
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as response:
-            for _ in response.iter_lines():
-                started.set()
-
-    reader = threading.Thread(target=run)
-    try:
-        reader.start()
-        assert started.wait(10)
-        server.process.send_signal(signal.SIGTERM)
-        reader.join(15)
-        assert server.process.wait(15) == 0
-    finally:
-        server.stop()
+    stream_until_shutdown(server, team.key, "/v1/chat/completions", {"model": "Main", "stream": True, **SLOW})
     settled = books(server.database)
     assert list(settled["jobs"].values()) == ["failed"]
     assert (settled["used"], settled["held"]) == (0, 0)
