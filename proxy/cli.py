@@ -59,9 +59,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .metrics import MULTIPROC_ENV
 
     config = _load(args, serving=True)
-    # The database is opened (and the file's teams applied) once here, so that a database that
-    # cannot be opened is a one-line error, not a traceback from inside uvicorn's start-up.
-    _run(config)
+    # The database is opened (and the file's declarations applied) once here, so that a database
+    # that cannot be opened is a one-line error, not a traceback from inside uvicorn's start-up.
+    _run(config, follow_file=True)
     workers = config.server.workers if args.workers is None else args.workers
     configure_logging(config.logging.level)
     for warning in serving_warnings(config, workers):
@@ -104,6 +104,17 @@ def cmd_check_config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(describe(config), sort_keys=False), end="")
 
 
+def cmd_apply(args: argparse.Namespace) -> None:
+    config = _load(args)
+    _run(config, follow_file=True)
+    applied = {
+        "model_groups": list(config.model_groups),
+        "organizations": [organization.organization_id for organization in config.organizations],
+        "teams": [team.team_id for team in config.teams],
+    }
+    print(json.dumps(applied, indent=2))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -122,9 +133,16 @@ def _admin(args: argparse.Namespace, operation: Callable[[Any], Awaitable[Any]])
     print(json.dumps(result, indent=2))
 
 
-def _run(config: Config, operation: Callable[[Store, ChangeSignal], Awaitable[Any]] | None = None) -> Any:
-    """The operation's result on the configured database, the file's declarations applied
-    first; every refusal is one line on stderr and a non-zero exit."""
+def _run(
+    config: Config,
+    operation: Callable[[Store, ChangeSignal], Awaitable[Any]] | None = None,
+    follow_file: bool = False,
+) -> Any:
+    """The operation's result on the configured database; every refusal is one line on stderr
+    and a non-zero exit. What the file declares and the database lacks is created first, so
+    that a command works on a new database; `follow_file` also brings what exists back to
+    the file (a start of `serve`, `apply`): any other command doing so would silently undo
+    the admin API's changes to a declared team, such as a suspension."""
     from .declared import apply_declared
     from .store import open_store
 
@@ -139,7 +157,7 @@ def _run(config: Config, operation: Callable[[Store, ChangeSignal], Awaitable[An
             raise ConfigError(f"cannot open the database {config.database.sqlite_path}: {reason}") from None
         try:
             with ChangeSignal.beside(config.database) as changes:
-                await apply_declared(store, config)
+                await apply_declared(store, config, follow_file=follow_file)
                 changes.bump()
                 return await operation(store, changes) if operation else None
         finally:
@@ -290,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_as_key("server.port"), help="port (default 8003)")
     serve.add_argument("--workers", type=_as_key("server.workers"), help="worker processes (default 1)")
     command(commands, "check-config", cmd_check_config, "validate and print the effective configuration")
+    command(commands, "apply", cmd_apply, "bring the database's declared groups, organizations and teams to the file now, as a start of serve does")
     demo = command(commands, "demo", cmd_demo, "run LiteLLM with offline models and Tollgate in front of it")
     # String defaults go through `type` as typed values do: a bad variable is a one-line error too.
     port = _as_key("server.port")

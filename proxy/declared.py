@@ -1,10 +1,10 @@
 """Model groups, organizations and teams declared in config.yaml, applied at start-up.
 
 Groups, organizations and a team's organization, groups, limits and status follow
-the file at every start of `tollgate serve` (and before every CLI command); a team's
-credits are set only when it is first created (later changes go through the ledger).
-A worker process only creates what is absent: `serve` applied the file before starting
-it, and one started again after a crash must not undo the admin API's changes since.
+the file at every start of `tollgate serve` and on `tollgate apply`; a team's credits are
+set only when it is first created (later changes go through the ledger). Anything else
+(another CLI command, a worker process) only creates what is absent: `serve` applied the
+file before starting its workers, and neither may undo the admin API's changes since.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from .store import Conflict, NotFound, Store
 
 async def apply_declared(store: Store, config: Config, follow_file: bool = True) -> None:
     """`follow_file=False`: only create what is absent, leaving what exists as it is (for a
-    worker that uvicorn starts again after a crash: no start of the gateway, it must not undo
-    what the admin API changed since)."""
+    CLI command, or a worker that uvicorn starts again after a crash: no start of the gateway,
+    they must not undo what the admin API changed since)."""
     for name, group in config.model_groups.items():
         if follow_file or await store.get_model_group(name) is None:
             await store.put_model_group(name, list(group.models), group.description)

@@ -92,16 +92,38 @@ def test_key_create_prints_what_the_admin_api_returns(tmp_path):
     assert (key["rpm_limit"], key["tpm_limit"]) == (5, 100)
 
 
-def test_a_declared_team_moves_to_the_organization_the_file_names(tmp_path):
+def test_apply_moves_a_declared_team_to_the_organization_the_file_names(tmp_path):
+    applied = ok(declared_config(tmp_path, "o1"), "apply")
+    assert (applied["organizations"], applied["teams"]) == (["o1", "o2"], ["t"])
     assert ok(declared_config(tmp_path, "o1"), "team", "show", "t")["organization_id"] == "o1"
+    ok(declared_config(tmp_path, "o2"), "apply")
     assert ok(declared_config(tmp_path, "o2"), "team", "show", "t")["organization_id"] == "o2"
 
 
-def test_a_declared_team_cannot_move_to_an_unknown_organization(tmp_path):
-    ok(declared_config(tmp_path, "o1"), "team", "show", "t")
-    result = tollgate_cli(declared_config(tmp_path, "nowhere"), "team", "show", "t")
+def test_apply_cannot_move_a_declared_team_to_an_unknown_organization(tmp_path):
+    ok(declared_config(tmp_path, "o1"), "apply")
+    result = tollgate_cli(declared_config(tmp_path, "nowhere"), "apply")
     assert result.returncode == 2
     assert result.stderr.strip().endswith("config.yaml: teams[0]: Organization 'nowhere' not found")
+
+
+def test_a_cli_command_creates_a_declared_team_the_database_lacks(tmp_path):
+    assert ok(declared_config(tmp_path), "team", "show", "t")["status"] == "active"
+
+
+def test_a_cli_command_leaves_a_declared_team_as_the_admin_api_changed_it(tmp_path):
+    config = declared_config(tmp_path, "o1")
+    ok(config, "team", "update", "t", "--status", "suspended", "--rpm", "7")
+    ok(config, "credits", "add", "t", "5", "--reason", "top-up")  # any command: it once re-applied the file
+    team = ok(declared_config(tmp_path, "o2"), "team", "show", "t")
+    assert (team["status"], team["rpm_limit"], team["organization_id"]) == ("suspended", 7, "o1")
+
+
+def test_apply_brings_a_declared_team_back_to_the_file(tmp_path):
+    config = declared_config(tmp_path)
+    ok(config, "team", "update", "t", "--status", "suspended")
+    ok(config, "apply")
+    assert ok(config, "team", "show", "t")["status"] == "active"
 
 
 def test_cli_reports_a_file_that_is_not_a_database_in_one_line(tmp_path):
