@@ -188,6 +188,12 @@ def _generated(chunk: dict[str, Any]) -> tuple[int, bool]:
             arguments = function.get("arguments") if isinstance(function, dict) else None
             if isinstance(arguments, str):
                 chars += len(arguments)
+        function_call = delta.get("function_call")  # the legacy `functions` API's delta
+        if isinstance(function_call, dict):
+            carries = True
+            arguments = function_call.get("arguments")
+            if isinstance(arguments, str):
+                chars += len(arguments)
         if delta.get("role"):
             carries = True
     return chars, carries

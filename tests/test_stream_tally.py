@@ -105,3 +105,17 @@ def test_json_object_reads_what_json_loads_reads(data):
     except ValueError:
         expected = None
     assert json_object(data) == (expected if isinstance(expected, dict) else None)
+
+
+def test_a_chunk_carrying_a_legacy_function_call_delta_is_not_usage_only_even_with_usage():
+    # The relay drops usage-only chunks for /v1 clients that did not ask for usage: a chunk
+    # with function_call arguments in it is output, and dropping it loses them.
+    tally = StreamTally()
+    chunk = {"choices": [{"index": 0, "delta": {"function_call": {"arguments": '{"a": 1}'}}}], "usage": USAGE}
+    assert tally.observe(event(chunk)) is False
+
+
+def test_legacy_function_call_arguments_count_as_generated_text():
+    tally = StreamTally()
+    tally.observe(event({"choices": [{"delta": {"function_call": {"name": "f", "arguments": '{"a":1}'}}}]}))
+    assert tally.completion_chars == len('{"a":1}')
