@@ -84,6 +84,10 @@ PositiveInt = Annotated[int, Rule("a positive integer (at most 10^12)", lambda v
 NonNegativeInt = Annotated[int, Rule("an integer of 0 or more (at most 10^12)", lambda v: 0 <= v <= MAX_INTEGER)]
 Port = Annotated[int, Rule("a port number (1-65535)", lambda v: 0 < v < 65536)]
 Seconds = Annotated[float, Rule("a positive duration (seconds, or e.g. '30s', '24h')", lambda v: v > 0, parse_duration)]
+# The limiter's Redis script counts whole milliseconds: a shorter window would be none there.
+Window = Annotated[
+    float, Rule("a duration of at least 1 ms (seconds, or e.g. '60s', '1m')", lambda v: v >= 0.001, parse_duration)
+]
 NonNegativeFloat = Annotated[float, Rule("a number of 0 or more", lambda v: v >= 0)]
 Identifier = Annotated[str, Rule("an identifier (letters, digits, '.', '_', '-'; at most 64)", IDENTIFIER.match)]
 GroupName = Annotated[str, Rule("a model group name (letters, digits, '.', '_', ':', '-')", GROUP_NAME.match)]
@@ -246,7 +250,7 @@ class RateLimitsConfig:
     default_max_tokens: PositiveInt = 1024
     on_redis_error: Literal["local", "allow", "deny"] = "local"
     # The rolling window the limits count over (RPM and TPM are per this window).
-    window: Seconds = 60.0
+    window: Window = 60.0
 
 
 @dataclass(frozen=True)

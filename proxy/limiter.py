@@ -376,7 +376,7 @@ class RedisLimiter:
     def __init__(self, config: RedisConfig, window: float) -> None:
         assert config.url is not None
         self._prefix = config.key_prefix
-        self._window_ms = int(window * 1000)
+        self._window_ms = round(window * 1000)
         # No retries: a dead Redis must cost one short timeout, then the breaker.
         self._redis = Redis(config.url, config.connect_timeout, config.timeout)
         self._admit = Script(ADMIT_SCRIPT)
@@ -386,8 +386,10 @@ class RedisLimiter:
         # them yet (a command written waits in its socket while Redis is stalled), counting a
         # call that was answered otherwise: refused, or admitted by the local limiter. Each is
         # released once Redis answers again; a release finds nothing if it never ran, and also
-        # if the window has since let it go. Call id -> the keys its release runs on, oldest first.
-        self._unknown: dict[str, Keys] = {}
+        # if the window has since let it go. A call's real usage that could not be sent (the
+        # breaker open, or Redis failing as it was sent) waits here too, sent the same way: a
+        # settle is idempotent. Call id -> the keys and SETTLE_SCRIPT arguments, oldest first.
+        self._unknown: dict[str, tuple[Keys, list[Any]]] = {}
 
     async def close(self) -> None:
         await self._redis.close()
@@ -413,8 +415,10 @@ class RedisLimiter:
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
 
     async def ping(self) -> None:
+        """Whether Redis takes the limiter's writes: one that answers PING may still refuse
+        them all (a read-only replica after a failover, out of memory)."""
         try:
-            await self._redis.call("PING")
+            await self._redis.call("SET", f"{self._prefix}ready", "1", "PX", 60_000)
         except RedisError as exc:
             raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
 
@@ -463,10 +467,17 @@ class RedisLimiter:
         """Release the call with the next admit that reaches Redis."""
         self._release_later(decision.call_id, self._keys(decision.limits))
 
+    def settle_later(self, decision: Decision, tokens: int) -> None:
+        """Send the call's real usage with the next admit that reaches Redis."""
+        self._later(decision.call_id, self._keys(decision.limits), [decision.call_id, tokens, 0])
+
     def _release_later(self, call_id: str, keys: Keys) -> None:
-        if len(self._unknown) >= MAX_UNKNOWN:
+        self._later(call_id, keys, [call_id, 0, 1])
+
+    def _later(self, call_id: str, keys: Keys, args: list[Any]) -> None:
+        if call_id not in self._unknown and len(self._unknown) >= MAX_UNKNOWN:
             del self._unknown[next(iter(self._unknown))]
-        self._unknown[call_id] = keys
+        self._unknown[call_id] = (keys, args)
 
     async def _release_unknown(self) -> None:
         """Send the releases ahead of the admit that called, in the same write: that admit is
@@ -481,13 +492,13 @@ class RedisLimiter:
         unknown, self._unknown = self._unknown, {}
         # Loaded first: a release that found the script unknown would be sent again after the admit.
         self._redis.call_soon("SCRIPT", "LOAD", self._settle.source).add_done_callback(_outcome_told_elsewhere)
-        for call_id, keys in unknown.items():
-            reply = self._redis.evalsha_soon(self._settle, keys, [call_id, 0, 1])
-            reply.add_done_callback(functools.partial(self._released, call_id, keys))
+        for call_id, (keys, args) in unknown.items():
+            reply = self._redis.evalsha_soon(self._settle, keys, args)
+            reply.add_done_callback(functools.partial(self._released, call_id, keys, args))
 
-    def _released(self, call_id: str, keys: Keys, reply: asyncio.Future[Any]) -> None:
-        if reply.cancelled() or reply.exception() is not None:
-            self._release_later(call_id, keys)  # to be tried again: a release is idempotent
+    def _released(self, call_id: str, keys: Keys, args: list[Any], reply: asyncio.Future[Any]) -> None:
+        if (reply.cancelled() or reply.exception() is not None) and call_id not in self._unknown:
+            self._later(call_id, keys, args)  # to be tried again: a release or settle is idempotent
 
     async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
         await self._run(self._settle, self._keys(decision.limits), [decision.call_id, tokens, 1 if release else 0])
@@ -576,27 +587,39 @@ class RateLimiter:
             self.local.settle(decision, tokens, release)
         elif decision.backend == "redis" and self.redis is not None:
             if not self._may_ask_redis():
-                if release:  # a call that never started must not count until the window ends
-                    self.redis.release_later(decision)
+                # A call that never started must not count until the window ends, nor one that
+                # ended count its estimate rather than what it used: sent once Redis answers.
+                self._later(decision, tokens, release)
                 return
             try:
                 await self.redis.settle(decision, tokens, release)
             except RedisUnavailable as error:
-                if release:
-                    self.redis.release_later(decision)
+                self._later(decision, tokens, release)
                 self._failed(error)
+
+    def _later(self, decision: Decision, tokens: int, release: bool = False) -> None:
+        assert self.redis is not None
+        if release:
+            self.redis.release_later(decision)
+        else:
+            self.redis.settle_later(decision, tokens)
 
     def settle_soon(self, decision: Decision, tokens: int) -> None:
         """`settle` without waiting for Redis to answer: the command is on its way before this
         returns, so an admit sent later is counted with the real usage, not the estimate."""
         if decision.backend == "local":
             self.local.settle(decision, tokens)
-        elif decision.backend == "redis" and self.redis is not None and self._may_ask_redis():
-            self.redis.settle_soon(decision, tokens).add_done_callback(self._settled)
+        elif decision.backend == "redis" and self.redis is not None:
+            if not self._may_ask_redis():
+                self._later(decision, tokens)
+                return
+            reply = self.redis.settle_soon(decision, tokens)
+            reply.add_done_callback(functools.partial(self._settled, decision, tokens))
 
-    def _settled(self, reply: asyncio.Future[Any]) -> None:
+    def _settled(self, decision: Decision, tokens: int, reply: asyncio.Future[Any]) -> None:
         error = None if reply.cancelled() else reply.exception()
         if error is not None:
+            self._later(decision, tokens)  # it may have run, or not: sent again, it changes nothing
             self._failed(RedisUnavailable(f"{type(error).__name__}: {error}"))
 
     async def check(self) -> str:
@@ -607,6 +630,6 @@ class RateLimiter:
             await self.redis.ping()
         except RedisUnavailable as error:
             self._failed(error)  # the details go to the log; readiness is public
-            return f"degraded: unreachable (on_redis_error: {self.policy})"
+            return f"degraded: unreachable or refusing writes (on_redis_error: {self.policy})"
         self._recovered()
         return "ok"

@@ -377,3 +377,9 @@ def test_a_key_merged_from_an_anchor_may_be_overridden(tmp_path):
     text = "model_groups:\n  A: &a {models: [x], description: d}\n  B: {<<: *a, models: [y]}\n"
     group = load_config(write(tmp_path, text), {}).model_groups["B"]
     assert (group.models, group.description) == (("y",), "d")
+
+
+def test_a_rate_limit_window_shorter_than_redis_counts_is_refused(tmp_path):
+    # Redis's limiter counts whole milliseconds: a window of less than one would admit every call.
+    message = error_for(tmp_path, "rate_limits:\n  window: 0.5ms\n")
+    assert "rate_limits.window: must be" in message

@@ -416,3 +416,37 @@ def test_a_release_skipped_while_redis_failed_is_done_once_it_answers_again(redi
         await limiter.close()
 
     asyncio.run(run())
+
+
+def test_a_calls_real_usage_reaches_redis_even_when_it_ends_while_the_breaker_is_open(redis_server):
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
+        long_call = await limiter.admit(limits, "long-call", 1034)  # admitted by Redis on its estimate
+        with paused(redis_server):
+            assert (await limiter.admit(limits, "during-blip", 10)).backend == "local"  # the breaker opens
+        limiter.settle_soon(long_call, 5000)  # it ends now, having really used 5,000 tokens
+        await asyncio.sleep(0.3)
+        assert (await limiter.admit(limits, "after", 10)).backend == "redis"
+        await limiter.close()
+
+    asyncio.run(run())
+    assert redis_server.cli("HGET", f"{base}:amounts", "long-call") == "5000"
+    assert redis_server.cli("GET", f"{base}:total") == str(5000 + 10)
+
+
+def test_a_redis_that_refuses_the_limiters_writes_is_reported_degraded(redis_server):
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
+        assert (await limiter.admit(limits, "before", 10)).backend == "redis"
+        redis_server.cli("REPLICAOF", "127.0.0.1", str(free_port()))  # read-only, as after a failover
+        with pytest.raises(RedisUnavailable):  # every call is refused with a 503...
+            await limiter.admit(limits, "refused", 10)
+        assert (await limiter.check()).startswith("degraded")  # ...so readiness must not say "ok"
+        await limiter.close()
+
+    asyncio.run(run())
