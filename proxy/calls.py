@@ -19,7 +19,7 @@ from starlette.types import Receive
 
 from .accounting import StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
 from .auth import Principal
-from .errors import ApiError, ClientClosed
+from .errors import ApiError, ClientClosed, from_store_error
 from .forwarding import Answer, OpenStream, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
 from .config import RateLimitsConfig
 from .groups import GroupCatalog
@@ -62,6 +62,7 @@ class Call:
     on_recorded: "RecordObserver | None" = None  # runs once the call is recorded
     # The model last asked when the call was cut short: its prompt is priced at that model's rate.
     cut_at_model: str | None = None
+    cut_after_attempts: int = 0  # the models asked by then, that one included
 
     def headers(self) -> dict[str, str]:
         """The call's own headers, for an error that answers it."""
@@ -78,7 +79,9 @@ class Completed:
     outcome: CallOutcome
 
 
-RecordObserver = Callable[[CallOutcome], Awaitable[None]]
+# Given the outcome once it is recorded, and whether the client has had the answer: not when
+# a non-streaming call's record was refused, and the client got a 503 in its place.
+RecordObserver = Callable[[CallOutcome, bool], Awaitable[None]]
 RECORD_ATTEMPTS = 4
 # The error of a call the gateway's shutdown cut short: not the client's doing.
 SHUT_DOWN = "cut short: the gateway shut down"
@@ -115,9 +118,10 @@ class CallPipeline:
         self._metrics = metrics
         self._total_timeout = total_timeout
         self._running: set[str] = set()  # admitted calls not yet recorded
-        # Outcomes the store refused (disk full, I/O error, ...), by call id: written by
-        # `record_kept` once it takes writes again. Their rows stay 'running' meanwhile.
-        self._kept: dict[str, CallOutcome] = {}
+        # Outcomes the store refused (disk full, I/O error, ...), by call id, with what was to
+        # run once they were recorded: written by `record_kept` once it takes writes again.
+        # Their rows stay 'running' meanwhile.
+        self._kept: dict[str, tuple[CallOutcome, RecordObserver | None, bool]] = {}
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """At shutdown: wait for calls still being recorded, then try once more to write the
@@ -136,17 +140,24 @@ class CallPipeline:
         is running, or closed as interrupted by the sweeper of another process, which could
         not know the outcome was kept here; a retry is safe."""
         written = finished = 0
-        for call_id, outcome in list(self._kept.items()):
+        for call_id, (outcome, on_recorded, answered) in list(self._kept.items()):
             try:
-                if await self._store.finish_call(outcome, over_interrupted=True):
-                    written += 1
-                else:
-                    finished += 1
+                recorded = await self._store.finish_call(outcome, over_interrupted=True)
             except Exception as exc:
                 log.warning("%d call outcomes still wait for the store (%d written now): %s",
                             len(self._kept), written, exc)
                 break
             self._kept.pop(call_id, None)
+            if not recorded:
+                finished += 1
+                continue
+            written += 1
+            if on_recorded is not None:
+                # What the call's end was to set off (the /v1 call's own job finished) is due now.
+                try:
+                    await on_recorded(outcome, answered)
+                except Exception:
+                    log.exception("after recording call %s", call_id)
         else:
             if written:
                 log.warning("%d call outcomes the store had refused are now recorded", written)
@@ -316,7 +327,13 @@ class CallPipeline:
         usage = usage_from(answer.data.get("usage"), answer.headers.get("x-litellm-response-cost"))
         if usage is None:
             usage = estimated_usage(call.request.prompt_chars, completion_chars(message))
-        outcome = await self._finish(call, "success", answer.model, usage, answer.attempts, None)
+        try:
+            outcome = await self._finish(call, "success", answer.model, usage, answer.attempts, None)
+        except StoreUnavailable as exc:
+            # The record is kept and written later: the client hears which call and job it is.
+            refusal = from_store_error(exc)
+            raise ApiError(refusal.status, refusal.message, code=refusal.code,
+                           headers={**refusal.headers, **call.headers()}) from None
         return Completed(answer, outcome)
 
     async def stream(self, call: Call, receive: Receive, drop_usage_only: bool = False) -> SSERelay:
@@ -360,6 +377,8 @@ class CallPipeline:
             return await forward(self._upstream, call.group.models, payload, call.stream, call.deadline)
         except asyncio.CancelledError:
             call.cut_at_model = payload.get("model")  # forward() names each model it asks there
+            if call.cut_at_model in call.group.models:
+                call.cut_after_attempts = call.group.models.index(call.cut_at_model) + 1
             # Only the watcher's own cancel is taken back: one from anyone else in the same
             # turn (a shutdown's) still stands, though the task was thrown a single error.
             if not hung_up or task.uncancel() > cancels_before:
@@ -375,7 +394,8 @@ class CallPipeline:
             # The prompt went upstream, so it counts as spent, estimated, as after a hang-up
             # mid-stream; nothing was generated for the client.
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", call.cut_at_model, usage, 0, "the client disconnected before the answer")
+            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_after_attempts,
+                               "the client disconnected before the answer")
             return exc
         if isinstance(exc, UpstreamFailed):
             model = exc.attempts[-1].model if exc.attempts else None
@@ -412,7 +432,7 @@ class CallPipeline:
             # Only a shutdown cancels a request (uvicorn's, once server.shutdown_grace is over; a
             # hang-up is ClientClosed): the client gets a 503 rather than uvicorn's bare 500.
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", call.cut_at_model, usage, 0, SHUT_DOWN)
+            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_after_attempts, SHUT_DOWN)
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             return ApiError(
                 503,
@@ -438,7 +458,7 @@ class CallPipeline:
             outcome = await self._record(call, status, model, usage, attempts, error, ttft)
             if call.on_recorded is not None:
                 try:
-                    await call.on_recorded(outcome)
+                    await call.on_recorded(outcome, True)
                 except Exception:
                     log.exception("after recording call %s", call.call_id)
             return outcome
@@ -468,7 +488,9 @@ class CallPipeline:
         # after the answer. The tokens were spent whether or not the record can be written.
         self._limiter.settle_soon(call.decision, usage.total_tokens)
         try:
-            await self._store_outcome(outcome)
+            # A stream's client has had the answer by now; a non-streaming one gets it only
+            # once the record is written.
+            await self._store_outcome(outcome, call.on_recorded, answered=call.stream)
         finally:  # the call happened, whether or not its record could be written yet
             self._metrics.observe_call(
                 call.principal.team.team_id,
@@ -491,7 +513,9 @@ class CallPipeline:
             )
         return outcome
 
-    async def _store_outcome(self, outcome: CallOutcome) -> None:
+    async def _store_outcome(
+        self, outcome: CallOutcome, on_recorded: RecordObserver | None = None, answered: bool = True
+    ) -> None:
         """Write the outcome, trying again while the database stays locked by another process.
         One the store refuses (disk full, I/O error, a lock that outlasts the retries) is kept
         for `record_kept` and logged with every figure; the caller hears StoreUnavailable."""
@@ -514,7 +538,7 @@ class CallPipeline:
             # kept outcome holds the sweeper back, so the sweeper closes the call as interrupted.
             log.error("could not record call %s: %r", outcome.call_id, outcome, exc_info=failure)
             raise failure
-        self._kept[outcome.call_id] = outcome
+        self._kept[outcome.call_id] = (outcome, on_recorded, answered)
         log.error("could not record call %s (%s): kept, to be written once the database takes writes again: %r",
                   outcome.call_id, failure, outcome)
         raise StoreUnavailable(

@@ -32,6 +32,7 @@ from .streaming import SSERelay
 from .validation import parse_call
 
 log = logging.getLogger("tollgate.openai")
+UNANSWERED = "the answer never reached the client: the database refused its call's record (503)"
 
 
 class OpenAIApi:
@@ -85,9 +86,13 @@ class OpenAIApi:
             if changed:
                 self._metrics.observe_job(team_id, status)
 
-        async def recorded(outcome: CallOutcome) -> None:
+        async def recorded(outcome: CallOutcome, answered: bool) -> None:
             # The call's own job: charged when it succeeded, or when the client hung up after
-            # tokens were spent; failed (its hold released) otherwise, a shutdown's cut included.
+            # tokens were spent; failed (its hold released) otherwise, a shutdown's cut included,
+            # and so is one whose answer the client never had (a 503: its record was refused).
+            if not answered:
+                await finish_implicit(False, UNANSWERED)
+                return
             spent = outcome.status == "cancelled" and outcome.completion_tokens > 0 and outcome.error != SHUT_DOWN
             await finish_implicit(outcome.status == "success" or spent, outcome.error)
 

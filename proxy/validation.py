@@ -9,6 +9,7 @@ from typing import Any
 
 from .errors import ApiError
 from .json_codec import dumps
+from .records import IMPLICIT_JOB_TYPE
 
 ROLES = ("system", "user", "assistant", "tool", "function", "developer")
 MAX_MESSAGES = 10_000
@@ -257,11 +258,18 @@ def _job_metadata(body: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def parse_job_create(body: dict[str, Any]) -> JobRequest:
+    job_type = required_str(body, "job_type")
+    metadata = _job_metadata(body) or {}
+    if job_type == IMPLICIT_JOB_TYPE and metadata.get("implicit") is True:
+        # The mark of the job a /v1 call makes for itself, which takes no other call and which
+        # only the gateway finishes: a client's own job so marked could never be completed.
+        raise invalid("metadata", f"'implicit': true is reserved for the jobs Tollgate makes for /v1 calls "
+                      f"(job_type '{IMPLICIT_JOB_TYPE}')")
     return JobRequest(
-        job_type=required_str(body, "job_type"),
+        job_type=job_type,
         team_id=optional_str(body, "team_id"),
         user_id=optional_str(body, "user_id"),
-        metadata=_job_metadata(body) or {},
+        metadata=metadata,
     )
 
 

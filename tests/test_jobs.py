@@ -202,3 +202,12 @@ def test_open_jobs_expire_and_release_their_holds(make_tollgate):
     assert body["error_message"].startswith("expired")
     team_now = admin.get_team(team.team_id)
     assert (team_now["credits_held"], team_now["credits_used"], team_now["credits_available"]) == (0, 0, 1)
+
+
+def test_a_client_job_cannot_carry_the_mark_of_a_v1_calls_own_job(tollgate, team):
+    # Such a job would take one call only and could never be completed by its client.
+    client = tollgate.client(team.key)
+    response = client.post("/api/jobs/create", json={"job_type": "chat.completions", "metadata": {"implicit": True}})
+    assert response.status_code == 422
+    assert "reserved" in response.text
+    assert create(client, job_type="other", metadata={"implicit": True})["status"] == "pending"

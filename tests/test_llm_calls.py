@@ -284,3 +284,14 @@ def test_models_litellm_does_not_price_use_the_prices_in_config_yaml(make_tollga
     for route in ("llm-call", "llm-call-stream"):
         client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("two words [chunks=4]")}).read()
     assert [c["cost_usd"] for c in calls_of(client, job_id)] == [3 * 0.5 + 4 * 0.25] * 2
+
+
+def test_a_call_cut_before_its_answer_counts_the_attempts_it_made(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url)
+    client = server.client(server.admin().team().key)
+    job_id = new_job(client)
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("slow [first_byte_ms=8000]")}, timeout=0.5)
+    (call,) = wait_for(lambda: [c for c in calls_of(client, job_id) if c["status"] != "running"], timeout=5)
+    # The model it names was asked: one attempt, not none.
+    assert (call["status"], call["model"], call["attempts"]) == ("cancelled", "primary", 1)

@@ -218,3 +218,27 @@ def test_a_client_that_hangs_up_before_the_first_byte_fails_its_implicit_job_unc
     assert statuses() == ["failed", "failed"]
     body = server.admin().get_team(team.team_id)
     assert (body["credits_used"], body["credits_held"]) == (0, 0)
+
+
+def test_the_client_cannot_finish_the_own_job_of_a_v1_call_between_its_record_and_its_charge(make_tollgate, fake_url):
+    # The job of a call made without X-Job-Id is finished by the gateway once the call is
+    # recorded: the client completing it as failed in that moment would get the answer uncharged.
+    import sqlite3
+
+    server = make_tollgate(upstream_url=fake_url)
+    team = server.admin().team()
+    client = server.client(team.key)
+    body = {"model": "Main", "stream": True, "messages": [{"role": "user", "content": "a [chunks=5] [delay_ms=150]"}]}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        job_id = response.headers["x-job-id"]
+        lines = response.iter_lines()
+        next(lines)
+        # The moment after the call's record was written, before its job was finished and charged.
+        with sqlite3.connect(server.database, timeout=10) as db:
+            db.execute("UPDATE llm_calls SET status = 'success' WHERE job_id = ?", (job_id,))
+        refused = client.post(f"/api/jobs/{job_id}/complete", json={"status": "failed"})
+        assert refused.status_code == 409, refused.text
+        for _ in lines:
+            pass
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert (job["status"], job["costs"]["credits_charged"]) == ("completed", 1)

@@ -274,3 +274,40 @@ def test_the_sweeper_closes_no_call_as_interrupted_while_kept_outcomes_still_wai
     left["count"] = 0
     asyncio.run(sweep_once(store, 60, 60, 1000.0, record_kept=record_kept))  # type: ignore[arg-type]
     assert store.asked == ["record_kept", "record_kept", "cancel_stale_calls"]
+
+
+def test_the_own_job_of_a_v1_call_whose_record_was_kept_is_finished_once_the_record_is_written(gateway, refusing):
+    # Left open, it would hold its credit until it expired (a day by default), then fail
+    # uncharged though its call succeeded and the client had the whole answer.
+    server = gateway(jobs={"sweep_interval": "0.2s"})
+    refusing["error"] = FULL
+    response = server.http.post("/v1/chat/completions", json={"model": "Main", "stream": True, **CALL},
+                                headers={"Authorization": f"Bearer {server.key}"})
+    assert response.status_code == 200 and "store_unavailable" in response.text
+    job_id = response.headers["x-job-id"]
+    refusing["error"] = None
+
+    def job() -> Any:
+        return server.http.get(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {server.key}"}).json()
+
+    assert wait_for(lambda: job()["status"] != "in_progress", timeout=5)
+    assert (job()["status"], job()["costs"]["credits_charged"], job()["calls"][0]["status"]) == ("completed", 1, "success")
+
+
+def test_the_own_job_of_a_v1_call_answered_503_for_its_refused_record_is_failed_uncharged(gateway, refusing):
+    # The client never had the answer, only a 503: its job must not be charged once the record
+    # is written, though the call itself succeeded upstream and is recorded so.
+    server = gateway(jobs={"sweep_interval": "0.2s"})
+    refusing["error"] = FULL
+    response = server.http.post("/v1/chat/completions", json={"model": "Main", **CALL},
+                                headers={"Authorization": f"Bearer {server.key}"})
+    assert response.status_code == 503
+    job_id = response.headers["x-job-id"]
+    refusing["error"] = None
+
+    def job() -> Any:
+        return server.http.get(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {server.key}"}).json()
+
+    assert wait_for(lambda: job()["status"] != "in_progress", timeout=5)
+    assert (job()["status"], job()["costs"]["credits_charged"], job()["calls"][0]["status"]) == ("failed", 0, "success")
+    assert "never reached the client" in job()["error_message"]
