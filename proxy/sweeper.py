@@ -34,6 +34,10 @@ async def sweep_once(
         log.warning("sweeper: calls still wait for their records to be written; none is closed as interrupted")
     else:
         closed = await store.cancel_stale_calls(now - stale_call_after)
+    # Every pass, not only one that closed calls: another process's sweeper may have closed them.
+    for job in await store.fail_interrupted_implicit_jobs(BATCH):
+        if metrics is not None:
+            metrics.observe_job(job.team_id, "failed")
     expired = 0
     while True:
         batch = await store.expire_jobs(now - expire_after, BATCH)

@@ -7,9 +7,10 @@ import sqlite3
 import pytest
 
 from proxy.config import DatabaseConfig
-from proxy.records import CallOutcome, NewCall
+from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, NewCall
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store.sqlite import SQLiteStore
+from proxy.sweeper import sweep_once
 from tests.test_store_concurrency import make_team
 
 
@@ -145,3 +146,24 @@ def test_a_calls_status_is_checked_without_building_a_temporary_index_for_each_w
 
     assert "OpenEphemeral" not in asyncio.run(writers_program())
     assert "OpenEphemeral" not in program(sqlite3.connect(tmp_path / "s.db"))
+
+
+def test_the_sweep_fails_the_own_job_of_a_v1_call_it_closed_as_interrupted(tmp_path):
+    # Its client may know nothing of jobs: left open, it held its credit until it expired.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "implicit.db"))
+        own = (await store.create_job("team", IMPLICIT_JOB_TYPE, None, {"implicit": True}, 1)).job_id
+        answered = (await store.create_job("team", IMPLICIT_JOB_TYPE, None, {"implicit": True}, 1)).job_id
+        await store.start_call(new_call("cut-by-a-crash", own, 100.0))
+        await store.start_call(new_call("recorded-not-yet-charged", answered, 100.0))
+        await store.finish_call(outcome("recorded-not-yet-charged"))
+
+        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+
+        assert (await store.get_job(own)).status == "failed"
+        assert (await store.get_job(answered)).status == "in_progress"  # its own process charges it
+        team = await store.get_team("team")
+        assert team is not None and team.credits_held == 1
+        await store.close()
+
+    asyncio.run(check())

@@ -172,6 +172,7 @@ _TAKEN_IMPLICIT_JOB = (
 
 # The error of a call a sweeper closed because the process serving it was gone.
 INTERRUPTED = "interrupted: the process serving it stopped"
+INTERRUPTED_JOB = "interrupted: the process serving its call stopped"
 _FINISH_CALL = (
     "UPDATE llm_calls SET status = ?, model = ?, prompt_tokens = ?, completion_tokens = ?, "
     "usage_estimated = ?, cost_usd = ?, latency_ms = ?, ttft_ms = ?, attempts = ?, error = ?, "
@@ -756,6 +757,29 @@ class SQLiteStore:
             if changed:
                 expired.append(job)
         return expired
+
+    async def fail_interrupted_implicit_jobs(self, limit: int) -> list[Job]:
+        """Fail the own jobs of /v1 calls closed as interrupted: nobody else finishes them
+        (their client may not) and they would hold their credit until they expired. Only
+        calls the sweeper closed: a job whose call was recorded otherwise is its call's to
+        finish (a moment later, in the process that served it)."""
+        rows = await self._read(
+            # The first term names the open jobs' partial index: a scan of them, not of every job.
+            f"SELECT job_id FROM jobs j WHERE status IN ('pending', 'in_progress') AND {_TAKEN_IMPLICIT_JOB} "
+            "AND EXISTS (SELECT 1 FROM llm_calls c WHERE c.job_id = j.job_id AND c.error = ?) "
+            "AND NOT EXISTS (SELECT 1 FROM llm_calls c WHERE c.job_id = j.job_id AND c.status = 'running') "
+            "LIMIT ?",
+            (INTERRUPTED, limit),
+        )
+        failed = []
+        for (job_id,) in rows:
+            try:
+                job, changed = await self.finish_job(job_id, "failed", None, INTERRUPTED_JOB)
+            except (JobClosed, CallInProgress):
+                continue
+            if changed:
+                failed.append(job)
+        return failed
 
     async def cancel_stale_calls(self, started_before: float) -> int:
         def cancel(db: sqlite3.Connection) -> int:

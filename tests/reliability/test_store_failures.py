@@ -260,6 +260,9 @@ class SweptStore:
     async def expire_jobs(self, created_before: float, limit: int) -> list[Any]:
         return []
 
+    async def fail_interrupted_implicit_jobs(self, limit: int) -> list[Any]:
+        return []
+
 
 def test_the_sweeper_closes_no_call_as_interrupted_while_kept_outcomes_still_wait_to_be_written():
     store = SweptStore()
