@@ -4,6 +4,8 @@ A pure ASGI middleware (streams pass through untouched): it counts the request
 under its route template, times it, and writes one access-log line with what
 the handlers noted about it (team, job, call, model group, model, tokens).
 Handlers note those through `notes(request)`; keys and prompts are never noted.
+Requests the HTTP protocol refuses before the app sees them are observed here too,
+through the lifespan state (`REFUSALS`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,7 +25,16 @@ from .metrics import Metrics
 access_log = logging.getLogger("tollgate.access")
 NOTES = "tollgate.notes"
 UNMATCHED = "unmatched"
+# The status the HTTP protocol answered a request with while the app ran it (a 408 for a body that
+# never arrived whole): what the request is counted and logged with, whatever the app made of it.
+REFUSED = "tollgate.refused"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+# Where the middleware publishes, in the lifespan's state, how a request refused before the app
+# saw it is observed: uvicorn hands that state to every connection's protocol (`server.py`).
+REFUSALS = "tollgate.observe_refusal"
+RefusalObserver = Callable[[str, int, float], None]  # method, status, seconds
 
 
 def notes(request: Request) -> dict[str, Any]:
@@ -40,6 +51,8 @@ class ObserveMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan" and "state" in scope:
+                scope["state"][REFUSALS] = self.observe_refusal
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -58,9 +71,18 @@ class ObserveMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
             seconds = time.perf_counter() - started
-            self.metrics.observe_request(template, scope["method"], status, seconds)
-            if self.log_format != "off":
-                self._log(template, scope["method"], status, seconds, scope[NOTES])
+            self.observe(template, scope["method"], scope.get(REFUSED, status), seconds, scope[NOTES])
+
+    def observe_refusal(self, method: str, status: int, seconds: float) -> None:
+        """A request the HTTP protocol refused before the app saw it (a head over its bound or
+        unparsable, or one that never arrived whole): counted and logged as the app's are,
+        under the route of every unmatched path."""
+        self.observe(UNMATCHED, method, status, seconds, {})
+
+    def observe(self, route: str, method: str, status: int, seconds: float, fields: dict[str, Any]) -> None:
+        self.metrics.observe_request(route, method, status, seconds)
+        if self.log_format != "off":
+            self._log(route, method, status, seconds, fields)
 
     def _log(self, route: str, method: str, status: int, seconds: float, fields: dict[str, Any]) -> None:
         if not access_log.isEnabledFor(logging.INFO):

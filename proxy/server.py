@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .coalesce import CoalescingTransport
+from .observe import REFUSALS, REFUSED, RefusalObserver
 
 
 # A request's head must fit in this many bytes, and the whole request arrive within
@@ -19,6 +21,8 @@ from .coalesce import CoalescingTransport
 # sending nothing, held a connection (and a file descriptor) for good, and one endless header
 # grew the process's memory.
 MAX_HEAD_BYTES = 64 * 1024
+# Seconds a refused connection is kept open for the client to read the refusal.
+LINGER = 2.0
 
 
 class CoalescingHttpProtocol(HttpToolsProtocol):
@@ -36,10 +40,16 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._reading = True  # a request is due: a connection opened to send nothing is closed too
         self._head_bytes = 0
         self._head_done = False
+        self._message_begun = False  # a request's first bytes came: the connection is in use
+        self._message_started = time.perf_counter()
         self._read_timer: asyncio.TimerHandle | None = None
+        self._discarding = False  # refused: what the client still sends is dropped
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            return
         if self._reading and not self._head_done:
             if self._head_bytes > MAX_HEAD_BYTES:  # counted over earlier reads: the last may carry a body too
                 self._refuse(431, f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB")
@@ -57,6 +67,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._reading, self._head_done, self._head_bytes = True, False, 0
+        self._message_begun = True
+        self._message_started = time.perf_counter()
 
     def on_headers_complete(self) -> None:
         self._head_done = True
@@ -70,6 +82,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -82,7 +97,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._read_timer = None
         if not self._reading or self.transport.is_closing():
             return
-        if self._head_bytes == 0 and self.cycle is None:
+        if not self._message_begun and self.cycle is None:
             self.transport.close()  # opened and never used: nothing to answer
             return
         self._refuse(408, f"The request did not arrive whole within {self._read_timeout:g} s")
@@ -98,7 +113,43 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
         self.transport.write(head.encode() + body)
-        self.transport.close()
+        if cycle is None or cycle.response_complete:
+            self._close_once_read()
+        else:
+            self.transport.close()  # the app's receive() hears of it, and the client sent all it would
+        self._observe_refusal(status)
+
+    def _close_once_read(self) -> None:
+        """Close once the client has read the refusal, whatever else it still sends: a socket
+        closed with the client's bytes unread in it sends a reset, which may reach the client
+        before the refusal does and destroy it unread (a head over 64 KiB always leaves bytes
+        unread). The rest is read and dropped, for at most LINGER seconds."""
+        self._discarding = True
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()  # the client reads the refusal, then its end, and hangs up
+        self._linger_timer = self.loop.call_later(LINGER, self.transport.close)
+
+    def _observe_refusal(self, status: int) -> None:
+        """Count and log the refused request like any other: through the app's own observation
+        when the app runs it (its head was read), else here."""
+        cycle = self.cycle
+        if self._head_done and cycle is not None and not cycle.response_complete:
+            cycle.scope[REFUSED] = status  # type: ignore[literal-required]
+            return
+        method = "unknown"
+        if self._message_begun and self.url:  # the request line got as far as its target
+            try:
+                method = self.parser.get_method().decode("ascii")
+            except Exception:
+                pass
+        observe: RefusalObserver | None = self.app_state.get(REFUSALS)
+        if observe is not None:
+            observe(method, status, time.perf_counter() - self._message_started)
 
 
 def uvicorn_options(

@@ -1,10 +1,12 @@
 """Operations: /metrics (parsed, scraped by a real Prometheus), health endpoints, access logs."""
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -314,3 +316,72 @@ def test_no_key_or_prompt_text_appears_in_the_logs(make_tollgate):
     assert "tollgate.access" in log
     assert team.key not in log and team.key[3:15] not in log
     assert SECRET_PROMPT not in log
+
+
+def raw_refusal(port: int, request: bytes) -> bytes:
+    """Send `request` on a connection of its own, send nothing more, and read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        with contextlib.suppress(OSError):  # the server may close while this still sends
+            sock.sendall(request)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+OVERSIZED_HEAD = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n"
+REFUSED_BEFORE_THE_APP = {
+    431: lambda server: OVERSIZED_HEAD,
+    400: lambda server: b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+    # The head arrives, the body never does: 408 once the read timeout is over.
+    408: lambda server: (
+        f"POST /admin/organizations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.master_key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("status", sorted(REFUSED_BEFORE_THE_APP))
+def test_requests_refused_before_the_app_are_counted_in_requests_total(make_tollgate, status):
+    server = make_tollgate(server={"read_timeout": "1s"})
+    reply = raw_refusal(server.port, REFUSED_BEFORE_THE_APP[status](server))
+    assert reply.startswith(f"HTTP/1.1 {status} ".encode())
+    assert wait_for(lambda: value(families(server), "tollgate_requests", status=str(status)) == 1, timeout=5)
+
+
+def test_a_request_refused_before_the_app_has_its_access_log_line(make_tollgate):
+    server = make_tollgate(logging={"access_log": "json"})
+    assert raw_refusal(server.port, OVERSIZED_HEAD).startswith(b"HTTP/1.1 431 ")
+
+    def refused():
+        return [
+            entry for line in server.log().splitlines() if "tollgate.access: " in line
+            for entry in [json.loads(line.split("tollgate.access: ", 1)[1])] if entry["status"] == 431
+        ]
+
+    (entry,) = wait_for(refused, timeout=5)
+    assert entry["route"] == "unmatched" and entry["method"] == "GET" and entry["latency_ms"] >= 0
+
+
+def hang_up_after_a_fallback(make_tollgate):
+    """A call whose first model fails at once and whose second never answers, the client hanging
+    up meanwhile: (the server, the call's record)."""
+    server = make_tollgate()
+    admin = server.admin()
+    admin.ok("POST", "/admin/model-groups", json={"name": "FailThenHang", "models": ["fail-500", "hang"]})
+    team = admin.team(groups=("FailThenHang",))
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "f"}).json()["job_id"]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/api/jobs/{job_id}/llm-call", json={"messages": [{"role": "user", "content": "hi"}]},
+                   headers={"Authorization": f"Bearer {team.key}"}, timeout=2)
+    (call,) = wait_for(lambda: [c for c in client.get(f"/api/jobs/{job_id}").json()["calls"] if c["status"] != "running"])
+    assert (call["status"], call["model"]) == ("cancelled", "hang")
+    return server, call
+
+
+def test_a_fallback_tried_before_the_client_hung_up_counts_in_fallbacks_total(make_tollgate):
+    server, _ = hang_up_after_a_fallback(make_tollgate)
+    assert value(families(server), "tollgate_fallbacks", model_group="FailThenHang") == 1
+
+
+def test_a_call_the_client_hung_up_on_records_the_models_it_tried(make_tollgate):
+    _, call = hang_up_after_a_fallback(make_tollgate)
+    assert call["attempts"] == 2

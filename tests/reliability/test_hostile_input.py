@@ -257,3 +257,12 @@ def test_the_gateway_is_healthy_after_all_of_it(target):
         f"{server.url}/api/jobs/{job}/llm-call", json=call_body(), headers={"Authorization": f"Bearer {team.key}"}
     )
     assert response.status_code == 200
+
+
+def test_a_request_head_that_stops_half_way_is_408_once_the_read_timeout_is_over(make_tollgate):
+    server = make_tollgate(server={"read_timeout": "1s"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")  # in one piece, then nothing more
+        started = time.monotonic()
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 10
