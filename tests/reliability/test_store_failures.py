@@ -57,6 +57,19 @@ class Gateway:
     def post(self, path: str, body: dict[str, Any]) -> Any:
         return self.http.post(path, json=body, headers={"Authorization": f"Bearer {self.key}"})
 
+    def job(self, job_id: str) -> Any:
+        return self.http.get(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {self.key}"}).json()
+
+    def v1_call_while_refused(self, refusing: dict[str, Exception | None], **body: Any) -> tuple[Any, Any]:
+        """A /v1 call made while the store refuses its record, then the store taking writes
+        again: the call's response, and its own job once no longer in progress."""
+        refusing["error"] = FULL
+        response = self.post("/v1/chat/completions", {"model": "Main", **CALL, **body})
+        job_id = response.headers["x-job-id"]
+        refusing["error"] = None
+        assert wait_for(lambda: self.job(job_id)["status"] != "in_progress", timeout=5)
+        return response, self.job(job_id)
+
     def calls(self) -> list[tuple[str, int, int]]:
         """The job's calls as the database holds them: status, prompt and completion tokens."""
         with sqlite3.connect(self.database) as db:
@@ -283,34 +296,16 @@ def test_the_own_job_of_a_v1_call_whose_record_was_kept_is_finished_once_the_rec
     # Left open, it would hold its credit until it expired (a day by default), then fail
     # uncharged though its call succeeded and the client had the whole answer.
     server = gateway(jobs={"sweep_interval": "0.2s"})
-    refusing["error"] = FULL
-    response = server.http.post("/v1/chat/completions", json={"model": "Main", "stream": True, **CALL},
-                                headers={"Authorization": f"Bearer {server.key}"})
+    response, job = server.v1_call_while_refused(refusing, stream=True)
     assert response.status_code == 200 and "store_unavailable" in response.text
-    job_id = response.headers["x-job-id"]
-    refusing["error"] = None
-
-    def job() -> Any:
-        return server.http.get(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {server.key}"}).json()
-
-    assert wait_for(lambda: job()["status"] != "in_progress", timeout=5)
-    assert (job()["status"], job()["costs"]["credits_charged"], job()["calls"][0]["status"]) == ("completed", 1, "success")
+    assert (job["status"], job["costs"]["credits_charged"], job["calls"][0]["status"]) == ("completed", 1, "success")
 
 
 def test_the_own_job_of_a_v1_call_answered_503_for_its_refused_record_is_failed_uncharged(gateway, refusing):
     # The client never had the answer, only a 503: its job must not be charged once the record
     # is written, though the call itself succeeded upstream and is recorded so.
     server = gateway(jobs={"sweep_interval": "0.2s"})
-    refusing["error"] = FULL
-    response = server.http.post("/v1/chat/completions", json={"model": "Main", **CALL},
-                                headers={"Authorization": f"Bearer {server.key}"})
+    response, job = server.v1_call_while_refused(refusing)
     assert response.status_code == 503
-    job_id = response.headers["x-job-id"]
-    refusing["error"] = None
-
-    def job() -> Any:
-        return server.http.get(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {server.key}"}).json()
-
-    assert wait_for(lambda: job()["status"] != "in_progress", timeout=5)
-    assert (job()["status"], job()["costs"]["credits_charged"], job()["calls"][0]["status"]) == ("failed", 0, "success")
-    assert "never reached the client" in job()["error_message"]
+    assert (job["status"], job["costs"]["credits_charged"], job["calls"][0]["status"]) == ("failed", 0, "success")
+    assert "never reached the client" in job["error_message"]
