@@ -5,7 +5,7 @@ unexpected exceptions included."""
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Any, Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -79,9 +79,13 @@ class ClientClosed(ApiError):
 
 
 def error_response(request: Request, error: ApiError) -> Response:
-    path = request.url.path
+    return JSONResponse(error_body(request.url.path, error), status_code=error.status, headers=error.headers)
+
+
+def error_body(path: str, error: ApiError) -> dict[str, Any]:
+    """OpenAI's error shape under /v1, where its SDKs read it; `{"detail": ...}` elsewhere."""
     if path == "/v1" or path.startswith("/v1/"):
-        body: dict = {
+        return {
             "error": {
                 "message": error.message,
                 "type": _OPENAI_TYPES.get(error.status, "invalid_request_error"),
@@ -89,9 +93,7 @@ def error_response(request: Request, error: ApiError) -> Response:
                 "code": error.code,
             }
         }
-    else:
-        body = {"detail": error.message}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return {"detail": error.message}
 
 
 def from_store_error(error: StoreError) -> ApiError:

@@ -13,6 +13,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .coalesce import CoalescingTransport
+from .errors import ApiError, error_body
 from .observe import REFUSALS, REFUSED, RefusalObserver
 
 
@@ -107,7 +108,11 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.response_started and not cycle.response_complete:
             self.transport.close()  # an answer is under way: it cannot be replaced
             return
-        body = json.dumps({"detail": message}).encode()
+        # The target as far as it was read, for the error's shape: OpenAI's under /v1.
+        target = self.url if self._message_begun else b""
+        path = target.partition(b"?")[0].decode("latin-1")
+        code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+        body = json.dumps(error_body(path, ApiError(status, message, code=code))).encode()
         head = (
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"

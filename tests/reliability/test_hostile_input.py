@@ -179,6 +179,18 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
+def test_protocol_level_refusals_under_v1_are_in_openai_shape(target):
+    # What the OpenAI SDKs read an error from: {"error": {"message", "type", "code"}}.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n")
+        reply = read_all(sock)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b" 400 " in head.split(b"\r\n", 1)[0]
+    error = json.loads(body)["error"]
+    assert error["message"] and (error["type"], error["code"]) == ("invalid_request_error", "bad_request")
+
+
 def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(target):
     server, _, _ = target
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
