@@ -51,8 +51,12 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
-        if self._reading and not self._head_done:
-            if self._head_bytes > MAX_HEAD_BYTES:  # counted over earlier reads: the last may carry a body too
+        if not (self._reading and self._head_done):  # a head is being read, or is due
+            # Over earlier reads the count is of head bytes alone; a read that takes it past the
+            # bound must end the head within it (it may carry a body, or the next request, too).
+            if self._head_bytes > MAX_HEAD_BYTES or (
+                self._head_bytes + len(data) > MAX_HEAD_BYTES and not self._head_ends_within(data)
+            ):
                 self._refuse(431, f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB")
                 return
             self._head_bytes += len(data)
@@ -65,9 +69,17 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self._read_timer.cancel()
             self._read_timer = None
 
+    def _head_ends_within(self, data: bytes) -> bool:
+        left = MAX_HEAD_BYTES - self._head_bytes
+        if data.find(b"\r\n\r\n", 0, left + 4) >= 0:
+            return True
+        # The blank line may have begun at the end of the previous read.
+        return self._head_bytes > 0 and data.startswith((b"\n", b"\r\n"))
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._reading, self._head_done, self._head_bytes = True, False, 0
+        # Not the head's count: this read's bytes, counted before the parser took them, are its.
+        self._reading, self._head_done = True, False
         self._message_begun = True
         self._message_started = time.perf_counter()
 
@@ -76,7 +88,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._reading = False
+        self._reading, self._head_bytes = False, 0
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:

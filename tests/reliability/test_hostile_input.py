@@ -203,6 +203,23 @@ def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(target):
     assert "64 KiB" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
 
 
+def test_a_whole_head_over_64_kib_sent_at_once_is_431_too(target):
+    # One read may bring all of it, as a client's single sendall on loopback does.
+    server, _, _ = target
+    reply = raw_exchange(server.port, b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
+def test_a_head_under_64_kib_with_a_large_body_in_the_same_read_is_served(target):
+    server, team, job = target
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 200_000}]}).encode()
+    request = (
+        f"POST /api/jobs/{job}/llm-call HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    assert raw_exchange(server.port, request).startswith(b"HTTP/1.1 200 ")
+
+
 def test_an_oversized_head_on_a_kept_alive_connection_is_answered_431_too(target):
     server, _, _ = target
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
