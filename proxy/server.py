@@ -22,6 +22,8 @@ from .observe import REFUSALS, REFUSED, RefusalObserver
 # sending nothing, held a connection (and a file descriptor) for good, and one endless header
 # grew the process's memory.
 MAX_HEAD_BYTES = 64 * 1024
+# The methods a refused request is counted under by name; any other is 'unknown'.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Seconds a refused connection is kept open for the client to read the refusal.
 LINGER = 2.0
 
@@ -41,7 +43,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._reading = True  # a request is due: a connection opened to send nothing is closed too
         self._head_bytes = 0
         self._head_done = False
-        self._message_begun = False  # a request's first bytes came: the connection is in use
+        self._message_begun = False  # a request has begun and is not yet read whole
         self._message_started = time.perf_counter()
         self._read_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: what the client still sends is dropped
@@ -57,7 +59,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             if self._head_bytes > MAX_HEAD_BYTES or (
                 self._head_bytes + len(data) > MAX_HEAD_BYTES and not self._head_ends_within(data)
             ):
-                self._refuse(431, f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB")
+                # Refused before the parser saw this read: if it is the head's first, its request
+                # line is read here for the answer's shape and the request's count.
+                first = data if self._head_bytes == 0 else None
+                self._refuse(431, f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB", first)
                 return
             self._head_bytes += len(data)
         super().data_received(data)
@@ -88,7 +93,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._reading, self._head_bytes = False, 0
+        self._reading, self._head_bytes, self._message_begun = False, 0, False
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -115,13 +120,13 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             return
         self._refuse(408, f"The request did not arrive whole within {self._read_timeout:g} s")
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, status: int, message: str, unparsed: bytes | None = None) -> None:
         cycle = self.cycle  # on a kept-alive connection, the previous request's until a head is read
         if cycle is not None and cycle.response_started and not cycle.response_complete:
             self.transport.close()  # an answer is under way: it cannot be replaced
             return
         # The target as far as it was read, for the error's shape: OpenAI's under /v1.
-        target = self.url if self._message_begun else b""
+        method, target = self._request_line(unparsed)
         path = target.partition(b"?")[0].decode("latin-1")
         code = HTTPStatus(status).phrase.lower().replace(" ", "_")
         body = json.dumps(error_body(path, ApiError(status, message, code=code))).encode()
@@ -134,7 +139,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self._close_once_read()
         else:
             self.transport.close()  # the app's receive() hears of it, and the client sent all it would
-        self._observe_refusal(status)
+        self._observe_refusal(status, method)
 
     def _close_once_read(self) -> None:
         """Close once the client has read the refusal, whatever else it still sends: a socket
@@ -151,19 +156,31 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self.transport.write_eof()  # the client reads the refusal, then its end, and hangs up
         self._linger_timer = self.loop.call_later(LINGER, self.transport.close)
 
-    def _observe_refusal(self, status: int) -> None:
+    def _request_line(self, unparsed: bytes | None) -> tuple[str, bytes]:
+        """The refused request's method (one of a fixed few, for the metrics' labels, else
+        'unknown') and target (b"" if not known), from the parser or, for a request it never
+        saw, from its first bytes."""
+        if unparsed is not None:
+            method, space, rest = unparsed[:MAX_HEAD_BYTES].partition(b" ")
+            target = rest.partition(b" ")[0] if space else b""
+        elif self._message_begun:
+            target = self.url  # as far as it was read
+            try:
+                method = self.parser.get_method()
+            except Exception:  # httptools has not read the method yet
+                method = b""
+        else:
+            return "unknown", b""
+        name = method.decode("latin-1")
+        return (name if name in _METHODS else "unknown"), target
+
+    def _observe_refusal(self, status: int, method: str) -> None:
         """Count and log the refused request like any other: through the app's own observation
         when the app runs it (its head was read), else here."""
         cycle = self.cycle
         if self._head_done and cycle is not None and not cycle.response_complete:
             cycle.scope[REFUSED] = status  # type: ignore[literal-required]
             return
-        method = "unknown"
-        if self._message_begun and self.url:  # the request line got as far as its target
-            try:
-                method = self.parser.get_method().decode("ascii")
-            except Exception:
-                pass
         observe: RefusalObserver | None = self.app_state.get(REFUSALS)
         if observe is not None:
             observe(method, status, time.perf_counter() - self._message_started)
