@@ -79,7 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         os.environ[ENV_CONFIG] = os.path.abspath(config.source)
     with tempfile.TemporaryDirectory(prefix="tollgate-metrics-") as metrics_dir:
         os.environ[MULTIPROC_ENV] = metrics_dir
-        uvicorn.run("proxy.app:app_from_environment", factory=True, workers=workers, **options)
+        from .server import serve_workers
+
+        serve_workers("proxy.app:app_from_environment", workers, options)
 
 
 def serve_options(args: argparse.Namespace, config: Config) -> dict[str, Any]:

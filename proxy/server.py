@@ -10,7 +10,9 @@ import time
 from http import HTTPStatus
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.supervisors import Multiprocess
 
 from .coalesce import CoalescingTransport
 from .errors import ApiError, error_body
@@ -200,3 +202,39 @@ def uvicorn_options(
         http=functools.partial(CoalescingHttpProtocol, read_timeout=read_timeout),
         timeout_graceful_shutdown=shutdown_grace,
     )
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, which also stops listening once told to stop.
+    The listening socket is the supervisor's as well as each worker's: kept open, the kernel
+    would go on taking new connections on it after every worker had stopped accepting them,
+    and leave them unanswered until the workers had drained (up to `server.shutdown_grace`),
+    then reset them, where one process refuses them at once."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[Any]) -> None:
+        super().__init__(config, sockets)
+        self._listening = sockets
+
+    def _stop_listening(self) -> None:
+        for sock in self._listening:
+            sock.close()
+
+    def handle_int(self) -> None:
+        self._stop_listening()
+        super().handle_int()
+
+    def handle_term(self) -> None:
+        self._stop_listening()
+        super().handle_term()
+
+
+def serve_workers(app: str, workers: int, options: dict[str, Any]) -> None:
+    """`uvicorn.run(app, factory=True, workers=workers, **options)`, with `_Supervisor`."""
+    config = uvicorn.Config(app, factory=True, workers=workers, **options)
+    sock = config.bind_socket()
+    try:
+        _Supervisor(config, sockets=[sock]).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()

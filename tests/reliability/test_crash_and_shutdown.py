@@ -181,3 +181,31 @@ def test_the_own_job_of_a_v1_stream_cut_by_the_shutdown_is_failed_not_charged(tm
     settled = books(server.database)
     assert list(settled["jobs"].values()) == ["failed"]
     assert (settled["used"], settled["held"]) == (0, 0)
+
+
+def test_sigterm_with_several_workers_refuses_new_connections_while_an_open_stream_finishes(tmp_path, litellm):
+    # With --workers the listening socket is the supervisor's too: were it kept open, a new
+    # connection would be taken by the kernel and left unanswered until the workers had drained.
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, workers=2, server={"shutdown_grace": "20s"}).start()
+    team = server.admin().team()
+    job_id = server.client(team.key).post("/api/jobs/create", json={"job_type": "graceful"}).json()["job_id"]
+    url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
+    body = {"messages": [{"role": "user", "content": "finish me [chunks=30] [delay_ms=100]"}]}
+    try:
+        with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            server.process.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: not _accepts(server.port), timeout=2), "still accepting connections"
+            rest = list(lines)
+        assert "data: [DONE]" in rest
+        assert server.process.wait(15) == 0
+    finally:
+        server.stop()
+    ((_, status, _),) = books(server.database)["calls"]
+    assert status == "success"
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
