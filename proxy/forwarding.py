@@ -3,7 +3,8 @@
 The next model is tried while nothing has reached the client: on a connect
 error, a timeout (ours, or LiteLLM's 408), a 5xx, a 429, a model's provider
 refusing LiteLLM's credentials for it, an unusable answer, or (for streams) an
-error arriving as the very first event. Any other 4xx is the caller's problem
+error arriving as the very first event, or LiteLLM not knowing the model's
+name (the group's mistake, not the caller's). Any other 4xx is the caller's problem
 and is returned as such; LiteLLM refusing Tollgate's own key is Tollgate's
 misconfiguration.
 """
@@ -26,6 +27,8 @@ _TIMEOUT = 408
 # status). Its own refusals of Tollgate's key are typed by its auth layer instead:
 # auth_error, token_not_found_in_db, expired_key, no_db_connection (a 400) and the like.
 _PROVIDER_REFUSALS = ("authentication_error", "permission_error")
+# LiteLLM's words for a model name it does not serve (its ProxyModelNotFoundError, a 400).
+_UNKNOWN_MODEL = "Invalid model name passed in model="
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,9 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
     message, error_type = _error_details(content, status)
     if status == 429 or status >= 500 or status == _TIMEOUT:
         return Attempt(model, f"{status}: {message}", status, _retry_after(response.headers.get("retry-after")))
+    if status == 400 and _UNKNOWN_MODEL in message:
+        # LiteLLM serves no model of that name: the group names it, not the client's request.
+        return Attempt(model, f"{status}: {message}", status)
     if status in (401, 403) and error_type in _PROVIDER_REFUSALS:
         # This model's provider refused the key LiteLLM holds for it: another model may work.
         return Attempt(model, f"{status}: {message}", status)

@@ -50,6 +50,7 @@ GROUPS = {
     "FallbackHang": ["hang", "backup"],
     "FallbackTimeout": ["hang-timeout", "backup"],
     "FallbackRefusedKey": ["refused-key", "backup"],
+    "FallbackUnknownModel": ["no-such-model-in-litellm", "backup"],
     "AllFail": ["fail-500", "fail-503"],
     "AllLimited": ["fail-429", "fail-429-b"],
     "Rejects": ["fail-400", "backup"],

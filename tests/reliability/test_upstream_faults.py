@@ -10,7 +10,9 @@ from tests.support import sse_json
 from tests.test_llm_calls import calls_of, new_job, say
 
 
-@pytest.mark.parametrize("group", ["Fallback500", "Fallback503", "Fallback429"])
+# FallbackUnknownModel's first model is one LiteLLM does not serve: the group's mistake, which
+# LiteLLM answers with a 400, is not the caller's.
+@pytest.mark.parametrize("group", ["Fallback500", "Fallback503", "Fallback429", "FallbackUnknownModel"])
 @pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
 def test_failing_primary_falls_back_to_the_next_model(tollgate, admin, group, route):
     team = admin.team(groups=(group,))
