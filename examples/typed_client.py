@@ -11,8 +11,8 @@
         result = await client.complete_job(job_id, "completed")
         print(result.credits_remaining)
 
-It retries 429, 500 and 503 answers (honouring Retry-After) and nothing else.
-Only httpx is needed.
+It retries 429, 500 and 503 answers (honouring Retry-After) and nothing else, except
+those marked `x-should-retry: false`. Only httpx is needed.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class SaaSLLMClient:
     async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         for attempt in range(self.max_retries + 1):
             response = await self._http.post(path, json=body)
-            if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
+            if _retryable(response) and attempt < self.max_retries:
                 await asyncio.sleep(_retry_delay(response, attempt))
                 continue
             return _json_or_raise(response)
@@ -160,7 +160,7 @@ class SaaSLLMClient:
         body = _call_body(messages, model_group, purpose, params)
         for attempt in range(self.max_retries + 1):
             async with self._http.stream("POST", f"/jobs/{job_id}/llm-call-stream", json=body) as response:
-                if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                if _retryable(response) and attempt < self.max_retries:
                     await response.aread()
                     await asyncio.sleep(_retry_delay(response, attempt))
                     continue
@@ -208,6 +208,11 @@ class SaaSLLMClient:
 
     async def get_team(self) -> dict[str, Any]:
         return _json_or_raise(await self._http.get(f"/teams/{self.team_id}"))
+
+
+def _retryable(response: httpx.Response) -> bool:
+    # The gateway marks what a retry cannot change (a call that can never fit its limits).
+    return response.status_code in RETRY_STATUSES and response.headers.get("x-should-retry") != "false"
 
 
 def _call_body(
