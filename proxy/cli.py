@@ -159,8 +159,11 @@ def _run(
             raise ConfigError(f"cannot open the database {config.database.sqlite_path}: {reason}") from None
         try:
             with ChangeSignal.beside(config.database) as changes:
-                await apply_declared(store, config, follow_file=follow_file)
-                changes.bump()
+                try:
+                    await apply_declared(store, config, follow_file=follow_file)
+                finally:
+                    # Also when a declaration fails part way: those before it are committed.
+                    changes.bump()
                 return await operation(store, changes) if operation else None
         finally:
             await store.close()

@@ -274,3 +274,55 @@ def test_the_store_reports_a_group_granted_twice_as_such(tmp_path):
             await store.close()
 
     assert asyncio.run(grant_twice()) == "Model group 'X' is named twice"
+
+
+def test_concurrent_patches_never_leave_a_default_group_the_team_is_not_granted(tmp_path):
+    """Two PATCHes that each pass the check on their own (one sets the default, the other drops
+    that group) must not both land: the team would keep a default it may not call, and every
+    call naming no group would be refused with a 403."""
+    from proxy.admin import AdminService
+    from proxy.config import Config
+    from proxy.errors import ApiError
+
+    class BothReadFirst(SQLiteStore):
+        """Each PATCH's read of the team happens before either writes, as when two admins
+        (or two workers) answer at the same moment."""
+
+        readers = 0  # how many coming reads of a team wait for each other
+
+        async def get_team(self, team_id):
+            team = await super().get_team(team_id)
+            if self.readers:
+                self.readers -= 1
+                if self.readers:
+                    await self.both_read.wait()
+                else:
+                    self.both_read.set()
+            return team
+
+    async def race() -> Team:
+        store = BothReadFirst(DatabaseConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
+        await store.open()
+        try:
+            admin = AdminService(store, Config())
+            await store.create_organization("o", "O")
+            for group in ("Main", "Backup"):
+                await store.put_model_group(group, ["primary"], "")
+            await admin.create_team({"team_id": "t", "organization_id": "o", "model_groups": ["Main", "Backup"]})
+            store.readers, store.both_read = 2, asyncio.Event()
+            results = await asyncio.gather(
+                admin.update_team("t", {"default_model_group": "Backup"}),
+                admin.update_team("t", {"model_groups": ["Main"]}),
+                return_exceptions=True,
+            )
+            assert all(isinstance(r, (Team, ApiError, Conflict)) for r in results), results
+            team = await store.get_team("t")
+            assert team is not None
+            return team
+        finally:
+            await store.close()
+
+    team = asyncio.run(race())
+    assert team.default_model_group is None or team.default_model_group in team.model_groups, (
+        team.model_groups, team.default_model_group,
+    )

@@ -175,3 +175,28 @@ def test_demo_refuses_a_port_it_could_not_listen_on_in_one_line(tmp_path):
         )
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("tollgate demo: error: argument --")
+
+
+def test_an_apply_that_fails_part_way_still_tells_running_servers_what_it_changed(tmp_path):
+    """The teams a failing `apply` brought back to the file before it stopped stay changed: the
+    servers' caches must hear of it at once (here: a suspension), not only within the cache TTL."""
+    import sqlite3
+
+    config = declared_config(tmp_path)
+    ok(config, "apply")
+    stamp_file = tmp_path / "cli.db-changes"
+    before = stamp_file.read_bytes()
+    declared = {
+        "organizations": [{"organization_id": "o1"}],
+        "teams": [
+            {"team_id": "t", "organization_id": "o1", "model_groups": ["Main"], "status": "suspended"},
+            {"team_id": "u", "organization_id": "o1", "model_groups": ["NoSuchGroup"]},
+        ],
+    }
+    config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", **declared)))
+    result = tollgate_cli(config, "apply")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("teams[1]: Model group 'NoSuchGroup' not found")
+    with sqlite3.connect(tmp_path / "cli.db") as db:
+        assert db.execute("SELECT status FROM teams WHERE team_id = 't'").fetchone() == ("suspended",)
+    assert stamp_file.read_bytes() != before

@@ -469,6 +469,20 @@ class SQLiteStore:
             if groups is not None:
                 db.execute("DELETE FROM team_model_groups WHERE team_id = ?", (team_id,))
                 _grant_groups(db, team_id, groups)
+            # Checked here, in the write, not only by the caller before it: a change made
+            # meanwhile (another PATCH, another worker, the CLI) may have moved the other half.
+            if "default_model_group" in assignments or groups is not None:
+                stray = _all(db,
+                    "SELECT default_model_group FROM teams t WHERE team_id = ? AND default_model_group IS NOT NULL "
+                    "AND NOT EXISTS (SELECT 1 FROM team_model_groups g "
+                    "WHERE g.team_id = t.team_id AND g.model_group = t.default_model_group)",
+                    (team_id,),
+                )
+                if stray:
+                    raise Conflict(
+                        f"Team '{team_id}' changed meanwhile: its default model group '{stray[0][0]}' "
+                        "would not be one of its model groups"
+                    )
 
         await self._write(update)
         team = await self.get_team(team_id)
