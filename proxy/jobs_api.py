@@ -28,7 +28,7 @@ def canonical_job_id(raw: str) -> str:
     """The job id in its stored form; anything that is not a UUID is simply not found."""
     job_id = canonical_uuid(raw)
     if job_id is None:
-        raise ApiError(404, f"Job '{raw[:100]}' not found", code="job_not_found")
+        raise ApiError(404, f"Job '{raw[:100]}' not found", code="not_found")
     return job_id
 
 
@@ -77,7 +77,7 @@ class JobsApi:
     async def _own_job(self, principal: Principal, job_id: str, with_costs: bool = True) -> Job:
         job = await self._store.get_job(job_id, with_costs)
         if job is None:
-            raise ApiError(404, f"Job '{job_id}' not found", code="job_not_found")
+            raise ApiError(404, f"Job '{job_id}' not found", code="not_found")
         if job.team_id != principal.team.team_id:
             raise ApiError(403, f"Job '{job_id}' belongs to another team", code="forbidden")
         return job

@@ -242,3 +242,19 @@ def test_the_client_cannot_finish_the_own_job_of_a_v1_call_between_its_record_an
             pass
     job = client.get(f"/api/jobs/{job_id}").json()
     assert (job["status"], job["costs"]["credits_charged"]) == ("completed", 1)
+
+
+def test_an_unknown_job_in_the_job_header_has_one_error_code_whatever_the_id_looks_like(tollgate, team):
+    # "not-a-job" and a well-formed UUID no job has are the same mistake, reported the same
+    # way ("Job '...' not found", 404): a client branching on error.code must not need both.
+    import uuid
+
+    client = tollgate.client(team.key)
+    codes = set()
+    for job_id in ("not-a-job", str(uuid.uuid4())):
+        response = client.post(
+            "/v1/chat/completions", json={"model": "Main", "messages": HELLO}, headers={"X-Job-Id": job_id}
+        )
+        assert response.status_code == 404
+        codes.add(response.json()["error"]["code"])
+    assert codes == {"not_found"}
