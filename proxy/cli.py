@@ -317,8 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command(commands, "demo", cmd_demo, "run LiteLLM with offline models and Tollgate in front of it")
     # String defaults go through `type` as typed values do: a bad variable is a one-line error too.
     port = _as_key("server.port")
-    demo.add_argument("--port", type=port, default=os.environ.get("TOLLGATE_DEMO_PORT", "8003"))
-    demo.add_argument("--litellm-port", type=port, default=os.environ.get("TOLLGATE_DEMO_LITELLM_PORT", "4000"))
+    demo.add_argument("--port", type=port, default=os.environ.get("TOLLGATE_DEMO_PORT", "8003"),
+                      help="Tollgate's port (default: $TOLLGATE_DEMO_PORT, else 8003)")
+    demo.add_argument("--litellm-port", type=port, default=os.environ.get("TOLLGATE_DEMO_LITELLM_PORT", "4000"),
+                      help="LiteLLM's port (default: $TOLLGATE_DEMO_LITELLM_PORT, else 4000)")
 
     org = commands.add_parser("org", help="organizations").add_subparsers(dest="action", required=True)
     p = command(org, "create", cmd_org_create, "create an organization")
