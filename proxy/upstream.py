@@ -27,10 +27,10 @@ CHAT_PATH = "/v1/chat/completions"
 # Below uvicorn's default keep-alive timeout (5 s), which LiteLLM runs with: a connection is
 # dropped here before LiteLLM would close it under a request.
 KEEPALIVE_EXPIRY = 4.0
-# A reused connection that closes this soon after a request went out, before any answer,
-# was closed by the server as idle, not after working on the request: it may go again.
-STALE_WINDOW = 0.05
 _PAUSE_AT = 256 * 1024  # buffered, unread response bytes before the socket stops being read
+# The most bytes an answer's head (status line, headers, interim 1xx answers) may take: the
+# parser keeps all of it, so an upstream sending headers without end would fill the memory.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class TransportError(Exception):
@@ -61,10 +61,6 @@ class UpstreamStatusError(Exception):
     def __init__(self, status_code: int) -> None:
         super().__init__(f"HTTP {status_code}")
         self.status_code = status_code
-
-
-class _Stale(Exception):
-    """A kept-alive connection died before answering: the request can go again."""
 
 
 class UpstreamResponse:
@@ -170,15 +166,15 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.lost = False
-        self.used = False  # has answered before: if it dies before answering again, it was stale
         self.idle_since = 0.0
         self._response: UpstreamResponse | None = None
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._headers: dict[str, str] = {}
         self._paused = False
         self._keep_alive = False
-        self._sent_at = 0.0
         self._answered = False  # some of the current answer has arrived
+        self._head_bytes = 0  # bytes received while the current answer's head was not complete
+        self._interim = False  # the parser is in a 1xx interim answer, which is skipped
         # What a request or its response waits for from this connection, one thing at a time,
         # and by when: one timer for them all, left armed from wait to wait (`within`).
         self._waiter: asyncio.Future[Any] | None = None
@@ -197,10 +193,18 @@ class _Connection(asyncio.Protocol):
             self.close()  # nothing was asked: an idle connection must stay silent
             return
         self._answered = True
+        if self._head is not None and not self._head.done():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(RemoteProtocolError(f"the upstream's answer head is over {MAX_HEAD_BYTES} bytes"))
+                self.close()
+                return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(RemoteProtocolError(f"malformed HTTP answer: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # HttpParserCallbackError carries a RemoteProtocolError raised by a callback below.
+            cause = exc.__context__ if isinstance(exc.__context__, RemoteProtocolError) else exc
+            self._fail(RemoteProtocolError(f"malformed HTTP answer: {cause}"))
             self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -212,8 +216,9 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         if self._head is not None and not self._head.done():
-            quick = asyncio.get_running_loop().time() - self._sent_at < STALE_WINDOW
-            self._fail(_Stale() if self.used and quick and not self._answered else ReadError("the upstream closed the connection"))
+            # Never sent again: however soon the close came, the upstream may have read the
+            # request and started on it (a provider call that is charged). The caller falls back.
+            self._fail(ReadError("the upstream closed the connection"))
         elif exc is None and not response._complete and not self._headers.get("content-length") and not self._chunked():
             response._finished()  # an answer delimited by the end of the connection
         else:
@@ -221,13 +226,28 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks ----------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        response = self._response
+        if response is not None and response._complete:
+            # Bytes after the end of the answer: no request asked for them. Read on, they
+            # would become (part of) the next call's answer on this connection.
+            raise RemoteProtocolError("the upstream sent more than its answer")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         response = self._response
         assert response is not None
-        response.status_code = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise RemoteProtocolError("the upstream switched protocols unasked")
+            # 100 Continue, 103 Early Hints...: interim, the answer itself follows.
+            self._interim = True
+            self._headers = {}
+            return
+        response.status_code = status
         response.headers = self._headers
         self._keep_alive = self._parser.should_keep_alive()
         if self._head is not None and not self._head.done():
@@ -238,6 +258,9 @@ class _Connection(asyncio.Protocol):
             self._response._body(body)
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         if self._response is not None:
             self._response._finished()
 
@@ -250,16 +273,16 @@ class _Connection(asyncio.Protocol):
         if self._head is not None and not self._head.done():
             self._head.set_exception(error)
         if self._response is not None:
-            self._response._failed(error if not isinstance(error, _Stale) else ReadError("connection lost"))
+            self._response._failed(error)
 
     async def request(self, head: bytes, body: bytes, read_timeout: float, deadline: float) -> UpstreamResponse:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._headers = {}
         self._answered = False
+        self._head_bytes = 0
         self._response = UpstreamResponse(self, read_timeout, deadline)
         self._head = head_future = loop.create_future()
-        self._sent_at = loop.time()
         self.transport.write(head + body)
         return await self.within(head_future, read_timeout, "no answer from the upstream in time", deadline)
 
@@ -311,7 +334,6 @@ class _Connection(asyncio.Protocol):
         reusable = reusable and self._keep_alive and not self.lost and not self._paused
         self._response = None
         self._head = None
-        self.used = True
         if not reusable:
             self.close()
         self._pool._release(self, reusable)
@@ -385,17 +407,12 @@ class Upstream:
         return json.loads(content)
 
     async def _send(self, head: bytes, body: bytes, read_timeout: float, deadline: float) -> UpstreamResponse:
-        while True:
-            connection = await self._acquire(deadline)
-            try:
-                return await connection.request(head, body, read_timeout, deadline)
-            except _Stale:
-                # The upstream closed a kept-alive connection as the request went out; it
-                # never saw the request (a server only closes idle connections): send again.
-                connection.release(reusable=False)
-            except BaseException:
-                connection.release(reusable=False)
-                raise
+        connection = await self._acquire(deadline)
+        try:
+            return await connection.request(head, body, read_timeout, deadline)
+        except BaseException:
+            connection.release(reusable=False)
+            raise
 
     # --- the pool -----------------------------------------------------------------------
 

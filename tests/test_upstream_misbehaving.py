@@ -1,0 +1,165 @@
+"""Tollgate's upstream client against servers that answer in ways LiteLLM, a proxy in
+between or a broken network might: interim answers, bytes past the answer's end, heads
+without end, unasked protocol switches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from proxy.upstream import ReadError, RemoteProtocolError
+from tests.test_upstream_client import answer_keep_alive, chat, read_request, serve, upstream
+
+
+def test_an_interim_100_continue_is_skipped_and_the_final_answer_returned():
+    async def continue_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"first\":1}")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server, url = await serve(continue_then_answer)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        assert response.status_code == 200
+        assert json.loads(await response.aread()) == {"first": 1}
+        await response.aclose()
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_the_rest_of_an_answer_after_a_103_is_never_read_as_the_next_calls_answer():
+    answers = [
+        # The first call: early hints, and its answer a moment later.
+        [b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"first\":1}"],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{\"second\":2}"],
+    ]
+
+    async def hints_then_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for parts in answers:
+            await read_request(reader)
+            for part in parts:
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server, url = await serve(hints_then_answers)
+        client = upstream(url, max_connections=1)
+        bodies = []
+        for _ in range(2):
+            response = await client.open_chat(chat("hi"))
+            bodies.append((response.status_code, await response.aread()))
+            await response.aclose()
+        assert bodies == [(200, b'{"first":1}'), (200, b'{"second":2}')]
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_bytes_past_the_end_of_an_answer_close_the_connection_instead_of_answering_the_next_call():
+    requests: list[bytes] = []
+
+    async def answers_twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await read_request(reader))
+        if len(requests) == 1:
+            # A Content-Length shorter than what follows: the rest looks like an answer of its own.
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+                         b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n{\"stray\":true}")
+        else:
+            await answer_keep_alive(writer)
+        await writer.drain()
+        while True:
+            requests.append(await read_request(reader))
+            await answer_keep_alive(writer)
+
+    async def run() -> None:
+        server, url = await serve(answers_twice)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        assert (response.status_code, response.headers.get("content-length"), await response.aread()) == (200, "2", b"{}")
+        await response.aclose()
+        assert client.open_connections == 0  # not kept: its next bytes answer no request
+        response = await client.open_chat(chat("hi"))
+        assert await response.aread() == b"{}"
+        await response.aclose()
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_head_that_never_ends_is_a_protocol_error_not_unbounded_memory():
+    async def endless_headers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        try:
+            for number in range(100_000):  # 100 MB of headers
+                writer.write(b"X-Filler-%d: %s\r\n" % (number, b"a" * 1000))
+                if number % 100 == 0:
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(endless_headers)
+        client = upstream(url)
+        with pytest.raises(RemoteProtocolError, match="head"):
+            await client.open_chat(chat("hi"))
+        assert client.open_connections == 0
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_an_unasked_protocol_switch_is_a_protocol_error():
+    async def switches(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server, url = await serve(switches)
+        client = upstream(url)
+        with pytest.raises(RemoteProtocolError):
+            await client.open_chat(chat("hi"))
+        assert client.open_connections == 0
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_request_the_server_read_and_dropped_soon_after_is_not_sent_again():
+    requests: list[bytes] = []
+
+    async def answers_once_then_dies_on_the_next(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await read_request(reader))
+        await answer_keep_alive(writer)
+        requests.append(await read_request(reader))
+        await asyncio.sleep(0.02)  # 20 ms of work on it (LiteLLM may have called the provider), then gone
+        writer.transport.abort()
+
+    async def run() -> None:
+        server, url = await serve(answers_once_then_dies_on_the_next)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        await response.aread()
+        await response.aclose()
+        with pytest.raises(ReadError):
+            await client.open_chat(chat("charged once"))
+        assert sum(b"charged once" in request for request in requests) == 1
+        server.close()
+
+    asyncio.run(run())
