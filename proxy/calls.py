@@ -122,6 +122,9 @@ class CallPipeline:
         # run once they were recorded: written by `record_kept` once it takes writes again.
         # Their rows stay 'running' meanwhile.
         self._kept: dict[str, tuple[CallOutcome, RecordObserver | None, bool]] = {}
+        # What was to run once a call was recorded (a /v1 call's own job finished), refused by
+        # the store after the record itself was written: run again by `record_kept`.
+        self._due: dict[str, tuple[CallOutcome, RecordObserver, bool]] = {}
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """At shutdown: wait for calls still being recorded, then try once more to write the
@@ -154,17 +157,32 @@ class CallPipeline:
             written += 1
             if on_recorded is not None:
                 # What the call's end was to set off (the /v1 call's own job finished) is due now.
-                try:
-                    await on_recorded(outcome, answered)
-                except Exception:
-                    log.exception("after recording call %s", call_id)
+                await self._observe(call_id, outcome, on_recorded, answered)
         else:
             if written:
                 log.warning("%d call outcomes the store had refused are now recorded", written)
         if finished:
             log.warning("%d call outcomes the store had refused were found recorded already: left as they are",
                         finished)
+        for call_id, (outcome, on_recorded, answered) in list(self._due.items()):
+            if not await self._observe(call_id, outcome, on_recorded, answered):
+                break
         return len(self._kept)
+
+    async def _observe(self, call_id: str, outcome: CallOutcome, on_recorded: RecordObserver, answered: bool) -> bool:
+        """Run what a call's record sets off; one the store refuses (disk full, a lock that
+        outlasts its wait) is kept and run again by `record_kept`. False if it was kept."""
+        try:
+            await on_recorded(outcome, answered)
+        except (StoreBusy, StoreUnavailable) as exc:
+            self._due[call_id] = (outcome, on_recorded, answered)
+            log.error("after recording call %s, the store refused what was to follow (%s): kept, to be done once "
+                      "it takes writes again", call_id, exc)
+            return False
+        except Exception:
+            log.exception("after recording call %s", call_id)
+        self._due.pop(call_id, None)
+        return True
 
     async def resolve_group(self, team: Team, name: str | None) -> ModelGroup:
         name = name or team.effective_default_group
@@ -457,10 +475,7 @@ class CallPipeline:
         try:
             outcome = await self._record(call, status, model, usage, attempts, error, ttft)
             if call.on_recorded is not None:
-                try:
-                    await call.on_recorded(outcome, True)
-                except Exception:
-                    log.exception("after recording call %s", call.call_id)
+                await self._observe(call.call_id, outcome, call.on_recorded, True)
             return outcome
         finally:
             self._running.discard(call.call_id)  # only now may shutdown's drain stop waiting

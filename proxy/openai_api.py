@@ -80,9 +80,10 @@ class OpenAIApi:
             nonlocal finished
             if not implicit or finished:
                 return
-            finished = True
             status = "completed" if completed else "failed"
+            # Done only once the store took it: a refusal leaves it to be done again.
             _, changed = await self._store.finish_job(job_id, status, None, error)
+            finished = True
             if changed:
                 self._metrics.observe_job(team_id, status)
 

@@ -1075,3 +1075,51 @@ def test_the_store_fsyncs_through_linux_aio_unless_configured_not_to(tmp_path, m
 
     asyncio.run(run())
     assert opened == ([True] if aio_fsync else [])
+
+
+class DyingCheckpoints(sqlite3.Connection):
+    """The thread's connection, whose first checkpoint pass waits for the test's word and then
+    raises what no handler expects: the writer thread dies."""
+
+    running = threading.Event()
+    release = threading.Event()
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.startswith("PRAGMA wal_checkpoint"):
+            DyingCheckpoints.running.set()
+            DyingCheckpoints.release.wait(10)
+            raise RuntimeError("the writer thread blew up")
+        return super().execute(sql, *args)
+
+
+def test_a_write_committed_on_the_loop_as_the_writer_thread_dies_is_answered_not_left_waiting(tmp_path, monkeypatch):
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)
+    DyingCheckpoints.running.clear()
+    DyingCheckpoints.release.clear()
+    path = tmp_path / "w.db"
+
+    async def run() -> asyncio.Future:
+        writer = loop_writer(path, thread_connection=DyingCheckpoints)
+        await writer.start()
+        thread = writer._thread
+        assert await writer.submit(insert(1)) == 1  # its commit starts a checkpoint
+        await asyncio.get_running_loop().run_in_executor(None, DyingCheckpoints.running.wait, 5)
+
+        def meanwhile(db: sqlite3.Connection) -> int:
+            # Committed on the loop while the thread dies: the thread had not failed when the
+            # batch began, and has gone by the time the WAL is to be fsynced.
+            DyingCheckpoints.release.set()
+            thread.join(5)
+            return insert(2)(db)
+
+        write = writer.submit(meanwhile)
+        await asyncio.wait({write}, timeout=5)
+        try:
+            await asyncio.wait_for(writer.stop(), 5)
+        finally:
+            DyingCheckpoints.release.set()
+        return write
+
+    write = asyncio.run(run())
+    assert write.done(), "the write was never answered"
+    assert isinstance(write.exception(), StoreError)

@@ -119,6 +119,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None  # set: no more writes are taken
+        self._thread_gone = False  # set by the thread as it stops: what is queued later, the loop answers
         self._closed = False
         self._loop_db: sqlite3.Connection | None = None
         self._waiting: list[_Job[Any]] = []  # for the next commit on the loop
@@ -214,7 +215,14 @@ class Writer:
         if barrier:
             job.barrier = True
             self._barriers += 1
-        self._queue.put(job)
+        self._put(job)
+
+    def _put(self, item: _Item) -> None:
+        """Hand an item to the thread; if the thread has stopped meanwhile (it may have been
+        checked alive a moment ago, before a commit), answer it here instead."""
+        self._queue.put(item)
+        if self._thread_gone:
+            self._abandon(self._drain())
 
     def _commit_waiting(self) -> None:
         if self._checkpointing and not self._barriers:
@@ -247,11 +255,11 @@ class Writer:
         if self._commits >= CHECKPOINT_EVERY and not self._checkpoint_running:
             self._commits = 0
             self._checkpoint_running = True
-            self._queue.put(_Checkpoint(asyncio.get_running_loop(), closing=False))
+            self._put(_Checkpoint(asyncio.get_running_loop(), closing=False))
 
     def _sync_soon(self, committed: list[tuple[_Job[Any], Any]]) -> None:
         if self._aio is None or self._aio.loop is not asyncio.get_running_loop():
-            self._queue.put(_Sync(committed))  # the thread answers each write on its own loop
+            self._put(_Sync(committed))  # the thread answers each write on its own loop
             return
         self._unsynced += committed
         if not self._aio.busy:
@@ -266,7 +274,7 @@ class Writer:
             log.warning("Could not start the WAL's fsync through Linux AIO (%s): the writer thread fsyncs it "
                         "from now on", exc)
             self._close_aio()
-            self._queue.put(_Sync(batch))
+            self._put(_Sync(batch))
             return
         self._syncing = batch
 
@@ -300,7 +308,7 @@ class Writer:
     def _checkpointed(self, closing: bool) -> None:
         if not closing and not self._closed:
             self._checkpointing = True  # until the closing pass has copied the rest
-            self._queue.put(_Checkpoint(asyncio.get_running_loop(), closing=True))
+            self._put(_Checkpoint(asyncio.get_running_loop(), closing=True))
             return
         self._checkpoint_running = False
         self._checkpointing = False
@@ -357,15 +365,20 @@ class Writer:
                 self._wal.close()
             # What was in hand when something blew up, and anything still queued (submitted
             # as the writer stopped), hears so rather than waits: a checkpoint's end included,
-            # which writes on the loop may be waiting for.
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    items.append(item)
-            self._abandon(items)
+            # which writes on the loop may be waiting for. What is queued after this drain
+            # (the loop found the thread alive just before) is answered by `_put`.
+            self._thread_gone = True
+            self._abandon(items + self._drain())
+
+    def _drain(self) -> list[_Item]:
+        items: list[_Item] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return items
+            if item is not None:
+                items.append(item)
 
     def _abandon(self, items: list[_Item]) -> None:
         """Answer items the stopped thread will never handle (one already answered stays so)."""

@@ -309,3 +309,38 @@ def test_the_own_job_of_a_v1_call_answered_503_for_its_refused_record_is_failed_
     assert response.status_code == 503
     assert (job["status"], job["costs"]["credits_charged"], job["calls"][0]["status"]) == ("failed", 0, "success")
     assert "never reached the client" in job["error_message"]
+
+
+@pytest.fixture
+def refusing_job_finish(monkeypatch: pytest.MonkeyPatch) -> dict[str, Exception | None]:
+    """While `refusing_job_finish["error"]` is set, the store refuses to finish any job with it
+    (the call records themselves are written)."""
+    state: dict[str, Exception | None] = {"error": None}
+    finish_job = SQLiteStore.finish_job
+
+    async def refuse_or_finish(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
+        if state["error"] is not None:
+            raise state["error"]
+        return await finish_job(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLiteStore, "finish_job", refuse_or_finish)
+    return state
+
+
+@pytest.mark.parametrize("error", [FULL, StoreBusy("The database is busy; try again shortly")], ids=["full", "busy"])
+def test_the_own_job_of_a_v1_call_whose_finish_was_refused_after_its_record_is_finished_once_the_store_takes_writes(
+    gateway, refusing_job_finish, error
+):
+    # The call's record is written, the finish of its own job is not (the lock or the full disk
+    # came a moment later): the job must still be charged once the store takes writes again,
+    # not left to expire uncharged though the client had the whole answer.
+    server = gateway(jobs={"sweep_interval": "0.2s"})
+    refusing_job_finish["error"] = error
+    response = server.post("/v1/chat/completions", {"model": "Main", **CALL, "stream": True})
+    assert response.status_code == 200 and "[DONE]" in response.text
+    job_id = response.headers["x-job-id"]
+    assert server.job(job_id)["calls"][0]["status"] == "success"
+    refusing_job_finish["error"] = None
+    assert wait_for(lambda: server.job(job_id)["status"] != "in_progress", timeout=5)
+    job = server.job(job_id)
+    assert (job["status"], job["costs"]["credits_charged"]) == ("completed", 1)
