@@ -35,8 +35,11 @@ class Usage:
 MAX_TOKENS = 10**12
 
 
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+def _count(value: Any) -> int | None:
+    """A token count; None for what is none (null, negative, fractional, text, a boolean)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 12.0 is the JSON number 12
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _cost(value: Any) -> float | None:
@@ -57,8 +60,8 @@ def usage_from(usage: Any, reported_cost: Any = None) -> Usage | None:
     if cost is None:
         cost = _cost(usage.get("cost"))
     prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
-    if prompt > MAX_TOKENS or completion > MAX_TOKENS:
-        return None  # the call is then estimated, as when no usage came
+    if prompt is None or completion is None or prompt > MAX_TOKENS or completion > MAX_TOKENS:
+        return None  # not usage: the call is then estimated, as when no usage came
     return Usage(prompt, completion, cost)
 
 
@@ -139,11 +142,13 @@ class StreamTally:
             return False
         chars, carries = _generated(chunk)
         self._chars += chars
-        usage = usage_from(chunk.get("usage"))
+        reported = chunk.get("usage")
+        if not isinstance(reported, dict):
+            return False
+        usage = usage_from(reported)
         if usage is not None:
             self.usage = usage
-            return not carries
-        return False
+        return not carries
 
     def _read_unread(self) -> None:
         for data in self._unread:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 _LF = 10  # ord("\n")
+_BOM = b"\xef\xbb\xbf"  # a stream may start with one; it is no part of the first field's name
 
 
 class SSEEvent(NamedTuple):
@@ -31,8 +32,20 @@ class SSEScanner:
         # Reads that end no line, kept aside until one does: joined to the buffer on every read,
         # a line of megabytes would be copied and searched again and again.
         self._tail: list[bytes] = []
+        self._bom_checked = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if not self._bom_checked:
+            head = self._buffer + chunk
+            if len(head) < len(_BOM) and _BOM.startswith(head):
+                self._buffer = head  # maybe a BOM cut short: wait for the rest
+                return []
+            self._bom_checked = True
+            if head.startswith(_BOM):
+                # Kept in the first event's bytes, passed over when its lines are read.
+                self._buffer, self._scanned, chunk = _BOM, len(_BOM), head[len(_BOM) :]
+            else:
+                self._buffer, chunk = b"", head
         skip = 0
         if self._lf_ends_crlf:
             self._lf_ends_crlf = False

@@ -120,6 +120,7 @@ class SSERelay:
     async def _relay(self, send: Send) -> None:
         stream = self._stream
         last: list[bytes] = []  # the terminal event or an error: sent with the body's end, in one write
+        unterminated = False  # the client was sent an event whose lines the upstream never ended
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
             terminal = await self._forward(send, stream.first_events)
@@ -133,8 +134,13 @@ class SSERelay:
                         tail = stream.scanner.flush()
                         if tail is not None:
                             terminal = await self._forward(send, [tail])
+                            unterminated = terminal is None
             if terminal is None:
                 last = await self._failed("The upstream stream ended before it was complete", "upstream_incomplete")
+                if unterminated:
+                    # End the upstream's unfinished event first, or the error event would be read
+                    # as more lines of it and never reach the client as an event of its own.
+                    last.insert(0, b"\n\n")
             else:
                 # Recorded before the client can see the end, outside the call's deadline.
                 unrecorded = await self._record(

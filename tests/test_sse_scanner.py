@@ -144,3 +144,13 @@ def test_a_long_event_in_many_reads_that_end_no_line_is_one_event_with_its_bytes
         events = scan([*chunks, b"data: [DONE]\r"])
         assert [e.data for e in events] == [b"a", event[6:-4], b"[DONE]"]
         assert b"".join(e.raw for e in events) == b"".join(chunks) + b"data: [DONE]\r"
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5])
+def test_a_byte_order_mark_at_the_start_of_the_stream_is_not_part_of_the_first_field(cut):
+    # The first event is often the one with the role, or an error to fall back on: a BOM read as
+    # part of its field's name would make it an event without data.
+    stream = b'\xef\xbb\xbfdata: {"error": {"message": "x"}}\n\ndata: [DONE]\n\n'
+    events = scan([stream[:cut], stream[cut:]])
+    assert [e.data for e in events] == [b'{"error": {"message": "x"}}', b"[DONE]"]
+    assert b"".join(e.raw for e in events) == stream

@@ -1,0 +1,35 @@
+"""The figures a call's record takes from the upstream's usage: exact when the upstream gave
+them, an estimate (and said to be one) when what it gave is no token count."""
+
+import json
+
+import pytest
+
+from proxy.accounting import StreamTally, usage_from
+from proxy.sse import SSEEvent
+
+
+def event(body: dict) -> SSEEvent:
+    data = json.dumps(body).encode()
+    return SSEEvent(b"data: " + data + b"\n\n", data, None)
+
+
+def test_token_counts_written_as_whole_floats_are_read_exactly():
+    # 12.0 is the JSON number 12: read as no tokens, the call would be recorded as nearly free.
+    usage = usage_from({"prompt_tokens": 12.0, "completion_tokens": 3.0, "total_tokens": 15.0})
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (12, 3, False)
+
+
+@pytest.mark.parametrize("bad", [None, -5, "7", 2.5, True, float("inf")])
+def test_a_usage_whose_count_is_no_token_count_is_not_taken_as_zero_tokens(bad):
+    # Recorded as 0 tokens, the call would claim exact usage it never had: it is estimated instead.
+    assert usage_from({"prompt_tokens": bad, "completion_tokens": 3}) is None
+    assert usage_from({"prompt_tokens": 4, "completion_tokens": bad}) is None
+
+
+def test_a_stream_whose_usage_holds_no_token_count_is_estimated():
+    tally = StreamTally()
+    tally.observe(event({"choices": [{"index": 0, "delta": {"content": "hello"}}]}))
+    usage_only = tally.observe(event({"choices": [], "usage": {"prompt_tokens": None, "completion_tokens": 2}}))
+    assert tally.usage is None  # the call's record then estimates both counts, and says so
+    assert usage_only is True  # still no output: a client that did not ask for usage does not get it
