@@ -6,11 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any, Awaitable, Callable
 
 import pytest
 
-from proxy.upstream import ReadError, RemoteProtocolError
+from proxy.upstream import ReadError, RemoteProtocolError, Upstream
 from tests.test_upstream_client import answer_keep_alive, chat, read_request, serve, upstream
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def against(handler: Handler, check: Callable[[Upstream], Awaitable[None]], **options: Any) -> None:
+    """Run `check` with a client of Tollgate's to a server answering as `handler` does."""
+
+    async def run() -> None:
+        server, url = await serve(handler)
+        client = upstream(url, **options)
+        try:
+            await check(client)
+        finally:
+            await client.aclose()
+            server.close()
+
+    asyncio.run(run())
 
 
 def test_an_interim_100_continue_is_skipped_and_the_final_answer_returned():
@@ -23,17 +41,13 @@ def test_an_interim_100_continue_is_skipped_and_the_final_answer_returned():
         await writer.drain()
         await asyncio.sleep(5)
 
-    async def run() -> None:
-        server, url = await serve(continue_then_answer)
-        client = upstream(url)
+    async def check(client: Upstream) -> None:
         response = await client.open_chat(chat("hi"))
         assert response.status_code == 200
         assert json.loads(await response.aread()) == {"first": 1}
         await response.aclose()
-        await client.aclose()
-        server.close()
 
-    asyncio.run(run())
+    against(continue_then_answer, check)
 
 
 def test_the_rest_of_an_answer_after_a_103_is_never_read_as_the_next_calls_answer():
@@ -52,19 +66,15 @@ def test_the_rest_of_an_answer_after_a_103_is_never_read_as_the_next_calls_answe
                 await asyncio.sleep(0.1)
         await asyncio.sleep(5)
 
-    async def run() -> None:
-        server, url = await serve(hints_then_answers)
-        client = upstream(url, max_connections=1)
+    async def check(client: Upstream) -> None:
         bodies = []
         for _ in range(2):
             response = await client.open_chat(chat("hi"))
             bodies.append((response.status_code, await response.aread()))
             await response.aclose()
         assert bodies == [(200, b'{"first":1}'), (200, b'{"second":2}')]
-        await client.aclose()
-        server.close()
 
-    asyncio.run(run())
+    against(hints_then_answers, check, max_connections=1)
 
 
 def test_bytes_past_the_end_of_an_answer_close_the_connection_instead_of_answering_the_next_call():
@@ -83,9 +93,7 @@ def test_bytes_past_the_end_of_an_answer_close_the_connection_instead_of_answeri
             requests.append(await read_request(reader))
             await answer_keep_alive(writer)
 
-    async def run() -> None:
-        server, url = await serve(answers_twice)
-        client = upstream(url)
+    async def check(client: Upstream) -> None:
         response = await client.open_chat(chat("hi"))
         assert (response.status_code, response.headers.get("content-length"), await response.aread()) == (200, "2", b"{}")
         await response.aclose()
@@ -93,10 +101,8 @@ def test_bytes_past_the_end_of_an_answer_close_the_connection_instead_of_answeri
         response = await client.open_chat(chat("hi"))
         assert await response.aread() == b"{}"
         await response.aclose()
-        await client.aclose()
-        server.close()
 
-    asyncio.run(run())
+    against(answers_twice, check)
 
 
 def test_a_head_that_never_ends_is_a_protocol_error_not_unbounded_memory():
@@ -112,15 +118,12 @@ def test_a_head_that_never_ends_is_a_protocol_error_not_unbounded_memory():
             pass
         writer.close()
 
-    async def run() -> None:
-        server, url = await serve(endless_headers)
-        client = upstream(url)
+    async def check(client: Upstream) -> None:
         with pytest.raises(RemoteProtocolError, match="head"):
             await client.open_chat(chat("hi"))
         assert client.open_connections == 0
-        server.close()
 
-    asyncio.run(run())
+    against(endless_headers, check)
 
 
 def test_an_unasked_protocol_switch_is_a_protocol_error():
@@ -130,15 +133,12 @@ def test_an_unasked_protocol_switch_is_a_protocol_error():
         await writer.drain()
         await asyncio.sleep(5)
 
-    async def run() -> None:
-        server, url = await serve(switches)
-        client = upstream(url)
+    async def check(client: Upstream) -> None:
         with pytest.raises(RemoteProtocolError):
             await client.open_chat(chat("hi"))
         assert client.open_connections == 0
-        server.close()
 
-    asyncio.run(run())
+    against(switches, check)
 
 
 def test_a_request_the_server_read_and_dropped_soon_after_is_not_sent_again():
@@ -151,15 +151,12 @@ def test_a_request_the_server_read_and_dropped_soon_after_is_not_sent_again():
         await asyncio.sleep(0.02)  # 20 ms of work on it (LiteLLM may have called the provider), then gone
         writer.transport.abort()
 
-    async def run() -> None:
-        server, url = await serve(answers_once_then_dies_on_the_next)
-        client = upstream(url)
+    async def check(client: Upstream) -> None:
         response = await client.open_chat(chat("hi"))
         await response.aread()
         await response.aclose()
         with pytest.raises(ReadError):
             await client.open_chat(chat("charged once"))
         assert sum(b"charged once" in request for request in requests) == 1
-        server.close()
 
-    asyncio.run(run())
+    against(answers_once_then_dies_on_the_next, check)

@@ -99,15 +99,20 @@ def gateway(tmp_path: Path, fake_url: str) -> Iterator[Any]:
 @pytest.fixture
 def refusing(monkeypatch: pytest.MonkeyPatch) -> dict[str, Exception | None]:
     """While `refusing["error"]` is set, the store refuses every call record with it."""
-    state: dict[str, Exception | None] = {"error": None}
-    finish_call = SQLiteStore.finish_call
+    return refused(monkeypatch, "finish_call")
 
-    async def refuse_or_finish(self: SQLiteStore, outcome: CallOutcome, **kwargs: Any) -> bool:
+
+def refused(monkeypatch: pytest.MonkeyPatch, method: str) -> dict[str, Exception | None]:
+    """The store's `method` made to raise `state["error"]` while it is set."""
+    state: dict[str, Exception | None] = {"error": None}
+    original = getattr(SQLiteStore, method)
+
+    async def refuse_or_run(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
         if state["error"] is not None:
             raise state["error"]
-        return await finish_call(self, outcome, **kwargs)
+        return await original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SQLiteStore, "finish_call", refuse_or_finish)
+    monkeypatch.setattr(SQLiteStore, method, refuse_or_run)
     return state
 
 
@@ -315,16 +320,7 @@ def test_the_own_job_of_a_v1_call_answered_503_for_its_refused_record_is_failed_
 def refusing_job_finish(monkeypatch: pytest.MonkeyPatch) -> dict[str, Exception | None]:
     """While `refusing_job_finish["error"]` is set, the store refuses to finish any job with it
     (the call records themselves are written)."""
-    state: dict[str, Exception | None] = {"error": None}
-    finish_job = SQLiteStore.finish_job
-
-    async def refuse_or_finish(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
-        if state["error"] is not None:
-            raise state["error"]
-        return await finish_job(self, *args, **kwargs)
-
-    monkeypatch.setattr(SQLiteStore, "finish_job", refuse_or_finish)
-    return state
+    return refused(monkeypatch, "finish_job")
 
 
 @pytest.mark.parametrize("error", [FULL, StoreBusy("The database is busy; try again shortly")], ids=["full", "busy"])
