@@ -24,6 +24,9 @@ class Health:
         self._store = store
         self._upstream = upstream
         self._limiter = limiter
+        # The upstream check under way, which every readiness request arriving meanwhile shares:
+        # /health/ready needs no key, and each one was a request to LiteLLM with Tollgate's key.
+        self._upstream_check: asyncio.Future[str] | None = None
 
     def routes(self) -> list[Route]:
         return [Route("/health/live", self.live), Route("/health/ready", self.ready), Route("/metrics", self.metrics)]
@@ -56,6 +59,12 @@ class Health:
             return f"failing: {type(exc).__name__}"
 
     async def _check_upstream(self) -> str:
+        check = self._upstream_check
+        if check is None or check.done():
+            check = self._upstream_check = asyncio.ensure_future(self._ask_upstream())
+        return await asyncio.shield(check)
+
+    async def _ask_upstream(self) -> str:
         # /v1/models needs Tollgate's key: one request checks LiteLLM is up and accepts us.
         try:
             await asyncio.wait_for(self._upstream.get_json("/v1/models", CHECK_TIMEOUT), CHECK_TIMEOUT)

@@ -120,6 +120,8 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
     if not _LITELLM_CONTROLS.isdisjoint(body):
         field = min(_LITELLM_CONTROLS.intersection(body))
         raise invalid(field, "is LiteLLM's own and not accepted through the gateway: the model group decides the models")
+    if "extra_body" in body:
+        _check_extra_body(body["extra_body"])
 
     stream = False
     client_wants_usage = False
@@ -165,7 +167,29 @@ _LITELLM_CONTROLS = frozenset([
     "output_cost_per_token", "input_cost_per_second", "output_cost_per_second", "litellm_metadata",
     "litellm_call_id", "litellm_trace_id", "litellm_session_id", "litellm_logging_obj", "proxy_server_request",
     "model_info", "user_api_key", "secret_fields",
+    # Router settings LiteLLM's route_request takes from the body for one request: fallbacks to
+    # any model it serves, retries of each failure.
+    "router_settings_override", "model_group_retry_policy",
+    # HTTP headers LiteLLM sends the provider: the deployment's credentials replaced, or an
+    # OpenAI-Organization / OpenAI-Project choosing which of the operator's accounts pays.
+    "extra_headers", "headers",
 ])
+
+# What `extra_body` may not carry: LiteLLM merges it into the provider's request after routing,
+# so its `model` replaced the group's model there (a team reached any model the deployment's
+# key can call, priced as the group's), and the fields Tollgate checks or counts on would be
+# overridden behind its back.
+_EXTRA_BODY_REFUSED = _LITELLM_CONTROLS | _PARAMETERS | {"model", "messages", "stream", "stream_options", "extra_body"}
+
+
+def _check_extra_body(extra: Any) -> None:
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise invalid("extra_body", "must be an object")
+    if not _EXTRA_BODY_REFUSED.isdisjoint(extra):
+        field = min(_EXTRA_BODY_REFUSED.intersection(extra))
+        raise invalid(f"extra_body.{field}", "is not accepted inside extra_body: send chat parameters at the top level")
 
 
 def _check_parameters(body: dict[str, Any]) -> tuple[int | None, int | None]:

@@ -1,5 +1,6 @@
 """Operations: /metrics (parsed, scraped by a real Prometheus), health endpoints, access logs."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -8,7 +9,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -385,3 +389,39 @@ def test_a_fallback_tried_before_the_client_hung_up_counts_in_fallbacks_total(ma
 def test_a_call_the_client_hung_up_on_records_the_models_it_tried(make_tollgate):
     _, call = hang_up_after_a_fallback(make_tollgate)
     assert call["attempts"] == 2
+
+
+def test_concurrent_readiness_probes_share_one_upstream_check(make_tollgate):
+    # /health/ready needs no key; each probe was a GET /v1/models to LiteLLM with Tollgate's
+    # key, so anyone could load LiteLLM one-for-one with requests that cost them nothing.
+    seen = []
+
+    class Upstream(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(self.path)
+            time.sleep(0.2)  # LiteLLM under load
+            body = b'{"object": "list", "data": []}'
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        gateway = make_tollgate(upstream_url=f"http://127.0.0.1:{server.server_port}")
+        seen.clear()
+
+        async def probes() -> list[int]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                answers = await asyncio.gather(*[client.get(f"{gateway.url}/health/ready") for _ in range(50)])
+            return [a.status_code for a in answers]
+
+        assert asyncio.run(probes()) == [200] * 50
+        assert 1 <= len(seen) <= 5, len(seen)
+    finally:
+        server.shutdown()
