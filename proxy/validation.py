@@ -173,6 +173,9 @@ _LITELLM_CONTROLS = frozenset([
     # HTTP headers LiteLLM sends the provider: the deployment's credentials replaced, or an
     # OpenAI-Organization / OpenAI-Project choosing which of the operator's accounts pays.
     "extra_headers", "headers",
+    # Sent to the provider as OpenAI-Organization (the SDKs send it as a header, which the
+    # gateway does not pass on, never in the body).
+    "organization",
 ])
 
 # What `extra_body` may not carry: LiteLLM merges it into the provider's request after routing,

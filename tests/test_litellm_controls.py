@@ -71,3 +71,15 @@ def test_model_group_retry_policy_cannot_make_litellm_retry_a_call(tollgate, adm
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == "model_group_retry_policy"
     assert fake_log(fake_url, label) == []
+
+
+def test_a_call_cannot_choose_the_providers_organization(tollgate, team, fake_url):
+    # LiteLLM sends a body's `organization` to the provider as OpenAI-Organization: the account
+    # that pays. The OpenAI SDKs send theirs as a header, which the gateway does not pass on.
+    client = tollgate.client(team.key)
+    label = tag()
+    body = {"model": "Main", "messages": say(f"hi [tag={label}]"), "organization": "org-other"}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == "organization"
+    assert fake_log(fake_url, label) == []
