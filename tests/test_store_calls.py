@@ -167,3 +167,53 @@ def test_the_sweep_fails_the_own_job_of_a_v1_call_it_closed_as_interrupted(tmp_p
         await store.close()
 
     asyncio.run(check())
+
+
+def test_a_page_of_a_teams_jobs_costs_the_same_however_many_jobs_the_team_has(tmp_path):
+    # A listing asks for one page; summing and sorting every job the team ever had for it
+    # grew with the team's history, on the one reader every lookup waits behind.
+    db = database_at(tmp_path / "jobs.db", len(MIGRATIONS))
+    db.execute(
+        "INSERT INTO teams (team_id, organization_id, status, credits_allocated, created_at, updated_at) "
+        "VALUES ('big', 'org', 'active', 0, 0, 0)"
+    )
+    db.execute("BEGIN")
+    for team, count in (("team", 100), ("big", 4_000)):
+        for n in range(count):
+            job_id = f"{team}-{n:05}"
+            db.execute(
+                "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) "
+                "VALUES (?, ?, 't', 'completed', ?, 0)", (job_id, team, float(n))
+            )
+            for call in range(2):
+                db.execute(
+                    "INSERT INTO llm_calls (call_id, job_id, team_id, model_group, streamed, status, started_at) "
+                    "VALUES (?, ?, ?, 'ChatAgent', 0, 'success', ?)", (f"{job_id}-{call}", job_id, team, float(n))
+                )
+    db.execute("COMMIT")
+    db.close()
+
+    async def steps(store: SQLiteStore, team: str) -> int:
+        count = [0]
+
+        def step() -> int:
+            count[0] += 1
+            return 0
+
+        await store._reader.set_progress_handler(step, 100)  # every 100 SQLite instructions
+        jobs, total = await store.list_jobs(team, None, 20, 0)
+        await store._reader.set_progress_handler(None, 100)
+        assert len(jobs) == 20 and jobs[0].job_id == f"{team}-{total - 1:05}" and jobs[0].costs.total_calls == 2
+        return count[0]
+
+    async def check() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path}/jobs.db"))
+        await store.open()
+        try:
+            small, big = await steps(store, "team"), await steps(store, "big")
+        finally:
+            await store.close()
+        # Counting the team's jobs for the total reads each once; nothing else may grow with them.
+        assert big - small < 3_900 * 10 / 100
+
+    asyncio.run(check())

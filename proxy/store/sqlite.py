@@ -630,9 +630,12 @@ class SQLiteStore:
         if status:
             where += " AND j.status = ?"
             params.append(status)
+        # The page's jobs first, through the team's index, and only theirs joined to their calls:
+        # grouped before the limit, every job the team ever had was summed and sorted for each page.
         rows = await self._read(
-            f"SELECT {_JOB_COLUMNS}, {_COST_COLUMNS} FROM jobs j LEFT JOIN llm_calls c ON c.job_id = j.job_id "
-            f"WHERE {where} GROUP BY j.job_id ORDER BY j.created_at DESC, j.job_id LIMIT ? OFFSET ?",
+            f"SELECT {_JOB_COLUMNS}, {_COST_COLUMNS} FROM "
+            f"(SELECT * FROM jobs j WHERE {where} ORDER BY j.created_at DESC, j.job_id LIMIT ? OFFSET ?) j "
+            "LEFT JOIN llm_calls c ON c.job_id = j.job_id GROUP BY j.job_id ORDER BY j.created_at DESC, j.job_id",
             (*params, limit, offset),
         )
         total = await self._read(f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)
