@@ -150,6 +150,7 @@ class _Window:
     requests: deque = field(default_factory=deque)  # (admitted_at, call_id), oldest first
     tokens: OrderedDict = field(default_factory=OrderedDict)  # call_id -> (admitted_at, amount)
     total: int = 0
+    used_at: float = 0.0  # the last admit that looked at it: nothing in it is younger
 
     def trim(self, cutoff: float) -> None:
         while self.requests and self.requests[0][0] <= cutoff:
@@ -168,7 +169,10 @@ class LocalLimiter:
     def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._window = window
         self._clock = clock
-        self._windows: dict[tuple[Scope, str], _Window] = {}
+        # Least recently used first: a window unused for a whole window holds nothing that still
+        # counts, and is let go (teams and keys come and go; each window held up to its RPM in
+        # calls), so the windows kept are those of the last window's callers.
+        self._windows: OrderedDict[tuple[Scope, str], _Window] = OrderedDict()
 
     def admit(self, limits: Limits, call_id: str, estimate: int) -> Decision:
         now = self._clock()
@@ -177,8 +181,14 @@ class LocalLimiter:
         refused: tuple[Scope, Kind] | None = None
         never = False
         retry_after = None
+        self._forget_idle(cutoff)
         for scope, name, rpm, tpm in limits.scopes():
-            window = self._windows.setdefault((scope, name), _Window())
+            window = self._windows.get((scope, name))
+            if window is None:
+                window = self._windows[(scope, name)] = _Window()
+            else:
+                self._windows.move_to_end((scope, name))
+            window.used_at = now
             window.trim(cutoff)
             windows.append((scope, window, rpm, tpm))
             if estimate > tpm:
@@ -227,6 +237,14 @@ class LocalLimiter:
             never_fits=never,
             retry_after=retry_after,
         )
+
+    def _forget_idle(self, cutoff: float) -> None:
+        windows = self._windows
+        while windows:
+            oldest = next(iter(windows.values()))
+            if oldest.used_at > cutoff:
+                return
+            windows.popitem(last=False)
 
     def _tokens_free_at(self, window: _Window, needed: int) -> float:
         freed = 0

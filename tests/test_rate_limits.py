@@ -229,6 +229,33 @@ def test_without_redis_the_in_process_limiter_is_exact_too(make_tollgate):
     assert sorted(r.status_code for r in responses) == [200] * 3 + [429] * 7
 
 
+def test_the_in_process_limiter_forgets_teams_and_keys_idle_for_a_whole_window():
+    # Teams and keys come and go (a key rotated, a team gone quiet): a window none of their
+    # calls can still count in must not be kept, with its calls, for the life of the process.
+    now = [0.0]
+    limiter = LocalLimiter(60.0, clock=lambda: now[0])
+    for n in range(1_000):
+        for call_id in range(3):
+            limiter.admit(Limits(f"team-{n}", f"key-{n}", 60, 100_000, key_rpm=30), f"{n}-{call_id}", 10)
+    now[0] += 61.0
+    assert limiter.admit(Limits("team-new", "key-new", 60, 100_000), "new", 10).admitted
+    assert len(limiter._windows) == 1
+    assert sum(len(window.requests) for window in limiter._windows.values()) == 1
+
+
+def test_a_team_forgotten_by_the_in_process_limiter_is_limited_afresh():
+    now = [0.0]
+    limiter = LocalLimiter(60.0, clock=lambda: now[0])
+    limits = Limits("t1", "key-a", team_rpm=2, team_tpm=100_000)
+    assert [limiter.admit(limits, f"c{n}", 10).admitted for n in range(3)] == [True, True, False]
+    now[0] += 30.0
+    assert not limiter.admit(limits, "c3", 10).admitted  # still within the window: still full
+    limiter.admit(Limits("t2", "key-b", 2, 100_000), "other", 10)
+    assert ("team", "t1") in limiter._windows
+    now[0] += 31.0
+    assert [limiter.admit(limits, f"d{n}", 10).admitted for n in range(3)] == [True, True, False]
+
+
 def test_limits_apply_to_the_openai_routes(make_tollgate, redis_server):
     server = make_tollgate(redis={"url": redis_server.url})
     team = server.admin().team(credits=5, rpm_limit=1)
