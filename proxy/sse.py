@@ -32,6 +32,9 @@ class SSEScanner:
         # Reads that end no line, kept aside until one does: joined to the buffer on every read,
         # a line of megabytes would be copied and searched again and again.
         self._tail: list[bytes] = []
+        # The unfinished event's lines already read, kept aside likewise: an event of many lines
+        # (`data:` lines without the blank one) would otherwise be copied whole on every read.
+        self._lines: list[bytes] = []
         self._bom_checked = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
@@ -50,7 +53,7 @@ class SSEScanner:
         if self._lf_ends_crlf:
             self._lf_ends_crlf = False
             skip = 1 if chunk.startswith(b"\n") else 0
-        elif not self._buffer:
+        elif not self._buffer and not self._lines:
             # The common case: whole `data: ...\n\n` events, one per chunk or several
             # (all that arrived while the relay was busy).
             simple = self._simple_events(chunk)
@@ -74,7 +77,7 @@ class SSEScanner:
             if cr >= 0:
                 if cr + 1 < size:
                     end, pos_next = cr, (cr + 2 if buffer[cr + 1] == _LF else cr + 1)
-                elif cr == pos and (self._data or self._event is not None or pos > event_start):
+                elif cr == pos and (self._data or self._event is not None or pos > event_start or self._lines):
                     # A blank line: the event is complete now, whether or not an LF follows.
                     end, pos_next = cr, cr + 1
                     self._lf_ends_crlf = True
@@ -89,8 +92,16 @@ class SSEScanner:
             if line:
                 self._field(line)
                 continue
-            events.append(SSEEvent(buffer[event_start:pos], self._joined_data(), self._event))
+            raw = buffer[event_start:pos]
+            if self._lines:
+                raw = b"".join([*self._lines, raw])
+                self._lines = []
+            events.append(SSEEvent(raw, self._joined_data(), self._event))
             self._data, self._event = [], None
+            event_start = pos
+        if pos - event_start > len(buffer) - pos:
+            # More of the unfinished event is read than not: its lines read go aside.
+            self._lines.append(buffer[event_start:pos])
             event_start = pos
         self._buffer = buffer[event_start:]
         self._scanned = pos - event_start
@@ -101,6 +112,10 @@ class SSEScanner:
         if self._tail:
             self._buffer = b"".join([self._buffer, *self._tail])
             self._tail = []
+        if self._lines:
+            self._scanned += sum(map(len, self._lines))
+            self._buffer = b"".join([*self._lines, self._buffer])
+            self._lines = []
         if not self._buffer:
             return None
         tail = self._buffer[self._scanned :].rstrip(b"\r\n")

@@ -154,3 +154,28 @@ def test_a_byte_order_mark_at_the_start_of_the_stream_is_not_part_of_the_first_f
     events = scan([stream[:cut], stream[cut:]])
     assert [e.data for e in events] == [b'{"error": {"message": "x"}}', b"[DONE]"]
     assert b"".join(e.raw for e in events) == stream
+
+
+def test_an_event_of_many_lines_in_many_reads_is_not_held_whole_between_them():
+    # Each read of an unfinished event copied all of it read so far: an upstream event of many
+    # `data:` lines cost the event loop time growing with the square of its size.
+    scanner = SSEScanner()
+    line = b"data: " + b"x" * 90 + b"\n"
+    for _ in range(1_000):
+        assert scanner.feed(line * 40) == []
+        assert len(scanner._buffer) <= len(line) * 40
+    (event,) = scanner.feed(b"\n")
+    assert event.raw == line * 40_000 + b"\n"
+    assert event.data == b"\n".join([b"x" * 90] * 40_000)
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_events_of_many_lines_cut_anywhere_give_the_same_events(seed):
+    rng = random.Random(seed)
+    lines = [b"event: big\n", b": comment\r\n", *(b"data: %d\r" % n for n in range(30)), b"data: end\n"]
+    stream = b"".join(lines) + b"\r\n" + STREAM + b"".join(lines) + b"\n"
+    expected = [b"\n".join([*(b"%d" % n for n in range(30)), b"end"]), *EXPECTED_DATA]
+    expected.append(expected[0])
+    events = scan(split_at(stream, rng.sample(range(1, len(stream)), rng.randint(1, 80))))
+    assert [e.data for e in events] == expected
+    assert b"".join(e.raw for e in events) == stream
