@@ -193,12 +193,6 @@ class _Connection(asyncio.Protocol):
             self.close()  # nothing was asked: an idle connection must stay silent
             return
         self._answered = True
-        if self._head is not None and not self._head.done():
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._fail(RemoteProtocolError(f"the upstream's answer head is over {MAX_HEAD_BYTES} bytes"))
-                self.close()
-                return
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -206,6 +200,14 @@ class _Connection(asyncio.Protocol):
             cause = exc.__context__ if isinstance(exc.__context__, RemoteProtocolError) else exc
             self._fail(RemoteProtocolError(f"malformed HTTP answer: {cause}"))
             self.close()
+            return
+        # Counted once the parser has read them, and only while the head is still unfinished:
+        # a read that ends the head may carry much of the body too, which is not the head's.
+        if self._head is not None and not self._head.done():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(RemoteProtocolError(f"the upstream's answer head is over {MAX_HEAD_BYTES} bytes"))
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

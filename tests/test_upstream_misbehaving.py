@@ -160,3 +160,23 @@ def test_a_request_the_server_read_and_dropped_soon_after_is_not_sent_again():
         assert sum(b"charged once" in request for request in requests) == 1
 
     against(answers_once_then_dies_on_the_next, check)
+
+
+def test_an_answer_over_64_kib_sent_with_its_head_in_one_write_is_read_whole():
+    # The bound is on the head: a read that ends it may bring much of the body too.
+    body = json.dumps({"choices": [{"message": {"content": "x" * 200_000}}]}).encode()
+
+    async def one_write(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def check(client: Upstream) -> None:
+        response = await client.open_chat(chat("hi"))
+        assert response.status_code == 200
+        assert await response.aread() == body
+        await response.aclose()
+
+    against(one_write, check)
