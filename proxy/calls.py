@@ -135,6 +135,9 @@ class CallPipeline:
         while self._running and loop.time() < deadline:
             await asyncio.sleep(0.02)
         kept = await self.record_kept()
+        if self._due:
+            log.error("%d calls' follow-ups (their /v1 own jobs' finish) were refused by the store to the end: "
+                      "those jobs stay open until they expire (calls %s)", len(self._due), ", ".join(self._due))
         return len(self._running) + kept, kept
 
     async def record_kept(self) -> int:
