@@ -231,7 +231,8 @@ def test_a_worker_started_again_after_a_crash_keeps_the_admin_apis_changes_to_a_
     first = wait_for(lambda: len(w := uvicorn_workers(server)) == 2 and w, timeout=10)
     os.kill(min(first), signal.SIGKILL)
     assert wait_for(lambda: len(w := uvicorn_workers(server)) == 2 and w != first, timeout=20), "no worker restarted"
-    assert wait_for(lambda: server.log().count("Application startup complete") == 3, timeout=20)
+    # At least the restarted one: under load uvicorn may also replace a worker slow to answer its health check.
+    assert wait_for(lambda: server.log().count("Application startup complete") >= 3, timeout=20)
     for _ in range(10):  # whichever worker answers
         team = admin.get_team("yaml-team")
         assert (team["status"], team["rpm_limit"]) == ("suspended", 5)
