@@ -296,7 +296,7 @@ def test_concurrent_patches_never_leave_a_default_group_the_team_is_not_granted(
             if self.readers:
                 self.readers -= 1
                 if self.readers:
-                    await self.both_read.wait()
+                    await asyncio.wait_for(self.both_read.wait(), 10)  # a failure, not a hang
                 else:
                     self.both_read.set()
             return team

@@ -410,7 +410,7 @@ def test_concurrent_readiness_probes_share_one_upstream_check(make_tollgate):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Upstream)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)  # the kernel's free port: no race for it
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         gateway = make_tollgate(upstream_url=f"http://127.0.0.1:{server.server_port}")

