@@ -481,13 +481,9 @@ class RedisLimiter:
             retry_after=retry / 1000 if refused and kind != "never" else None,
         )
 
-    def release_later(self, decision: Decision) -> None:
-        """Release the call with the next admit that reaches Redis."""
-        self._release_later(decision.call_id, self._keys(decision.limits))
-
-    def settle_later(self, decision: Decision, tokens: int) -> None:
-        """Send the call's real usage with the next admit that reaches Redis."""
-        self._later(decision.call_id, self._keys(decision.limits), [decision.call_id, tokens, 0])
+    def settle_later(self, decision: Decision, tokens: int, release: bool = False) -> None:
+        """`settle`, sent with the next admit that reaches Redis."""
+        self._later(decision.call_id, self._keys(decision.limits), [decision.call_id, tokens, 1 if release else 0])
 
     def _release_later(self, call_id: str, keys: Keys) -> None:
         self._later(call_id, keys, [call_id, 0, 1])
@@ -607,20 +603,13 @@ class RateLimiter:
             if not self._may_ask_redis():
                 # A call that never started must not count until the window ends, nor one that
                 # ended count its estimate rather than what it used: sent once Redis answers.
-                self._later(decision, tokens, release)
+                self.redis.settle_later(decision, tokens, release)
                 return
             try:
                 await self.redis.settle(decision, tokens, release)
             except RedisUnavailable as error:
-                self._later(decision, tokens, release)
+                self.redis.settle_later(decision, tokens, release)
                 self._failed(error)
-
-    def _later(self, decision: Decision, tokens: int, release: bool = False) -> None:
-        assert self.redis is not None
-        if release:
-            self.redis.release_later(decision)
-        else:
-            self.redis.settle_later(decision, tokens)
 
     def settle_soon(self, decision: Decision, tokens: int) -> None:
         """`settle` without waiting for Redis to answer: the command is on its way before this
@@ -629,15 +618,15 @@ class RateLimiter:
             self.local.settle(decision, tokens)
         elif decision.backend == "redis" and self.redis is not None:
             if not self._may_ask_redis():
-                self._later(decision, tokens)
+                self.redis.settle_later(decision, tokens)
                 return
             reply = self.redis.settle_soon(decision, tokens)
-            reply.add_done_callback(functools.partial(self._settled, decision, tokens))
+            reply.add_done_callback(functools.partial(self._settled, self.redis, decision, tokens))
 
-    def _settled(self, decision: Decision, tokens: int, reply: asyncio.Future[Any]) -> None:
+    def _settled(self, redis: RedisLimiter, decision: Decision, tokens: int, reply: asyncio.Future[Any]) -> None:
         error = None if reply.cancelled() else reply.exception()
         if error is not None:
-            self._later(decision, tokens)  # it may have run, or not: sent again, it changes nothing
+            redis.settle_later(decision, tokens)  # it may have run, or not: sent again, it changes nothing
             self._failed(RedisUnavailable(f"{type(error).__name__}: {error}"))
 
     async def check(self) -> str:
