@@ -62,7 +62,11 @@ class Call:
     on_recorded: "RecordObserver | None" = None  # runs once the call is recorded
     # The model last asked when the call was cut short: its prompt is priced at that model's rate.
     cut_at_model: str | None = None
-    cut_after_attempts: int = 0  # the models asked by then, that one included
+
+    def cut_attempts(self) -> int:
+        """The models asked by the time the call was cut short, the one it was cut at included."""
+        models = self.group.models
+        return models.index(self.cut_at_model) + 1 if self.cut_at_model in models else 0
 
     def headers(self) -> dict[str, str]:
         """The call's own headers, for an error that answers it."""
@@ -353,8 +357,8 @@ class CallPipeline:
         except StoreUnavailable as exc:
             # The record is kept and written later: the client hears which call and job it is.
             refusal = from_store_error(exc)
-            raise ApiError(refusal.status, refusal.message, code=refusal.code,
-                           headers={**refusal.headers, **call.headers()}) from None
+            refusal.headers.update(call.headers())
+            raise refusal from None
         return Completed(answer, outcome)
 
     async def stream(self, call: Call, receive: Receive, drop_usage_only: bool = False) -> SSERelay:
@@ -398,8 +402,6 @@ class CallPipeline:
             return await forward(self._upstream, call.group.models, payload, call.stream, call.deadline)
         except asyncio.CancelledError:
             call.cut_at_model = payload.get("model")  # forward() names each model it asks there
-            if call.cut_at_model in call.group.models:
-                call.cut_after_attempts = call.group.models.index(call.cut_at_model) + 1
             # Only the watcher's own cancel is taken back: one from anyone else in the same
             # turn (a shutdown's) still stands, though the task was thrown a single error.
             if not hung_up or task.uncancel() > cancels_before:
@@ -415,7 +417,7 @@ class CallPipeline:
             # The prompt went upstream, so it counts as spent, estimated, as after a hang-up
             # mid-stream; nothing was generated for the client.
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_after_attempts,
+            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts(),
                                "the client disconnected before the answer")
             return exc
         if isinstance(exc, UpstreamFailed):
@@ -453,7 +455,7 @@ class CallPipeline:
             # Only a shutdown cancels a request (uvicorn's, once server.shutdown_grace is over; a
             # hang-up is ClientClosed): the client gets a 503 rather than uvicorn's bare 500.
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_after_attempts, SHUT_DOWN)
+            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts(), SHUT_DOWN)
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             return ApiError(
                 503,
