@@ -17,7 +17,7 @@ from .ids import canonical_uuid
 from .json_codec import JSONResponse
 from .metrics import Metrics
 from .observe import notes
-from .records import IMPLICIT_JOB_TYPE, Job, iso
+from .records import Job, is_implicit, iso
 from .streaming import SSERelay
 from .store import Store
 from .validation import parse_call, parse_complete, parse_job_create, parse_paging
@@ -162,7 +162,7 @@ class JobsApi:
         job_id = canonical_job_id(request.path_params["job_id"])
         body = parse_complete(await read_json_object(request, self._max_body))
         job = await self._own_job(principal, job_id, with_costs=False)
-        if job.status == "in_progress" and job.job_type == IMPLICIT_JOB_TYPE and job.metadata.get("implicit") is True:
+        if job.status == "in_progress" and is_implicit(job.job_type, job.metadata):
             # The own job of a /v1 call made without X-Job-Id: the gateway finishes (and charges)
             # it when that call ends; the client finishing it first would take the charge away.
             raise ApiError(

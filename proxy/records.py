@@ -15,6 +15,11 @@ TERMINAL_JOB_STATUSES = ("completed", "failed")
 IMPLICIT_JOB_TYPE = "chat.completions"
 
 
+def is_implicit(job_type: str, metadata: dict[str, Any]) -> bool:
+    """Whether a job carries that mark (the store reads it in SQL: `_TAKEN_IMPLICIT_JOB`)."""
+    return job_type == IMPLICIT_JOB_TYPE and metadata.get("implicit") is True
+
+
 def iso(timestamp: float | None) -> str | None:
     """ISO 8601 in UTC with a trailing Z, millisecond precision."""
     if timestamp is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import ApiError
 from .json_codec import dumps
-from .records import IMPLICIT_JOB_TYPE
+from .records import IMPLICIT_JOB_TYPE, is_implicit
 
 ROLES = ("system", "user", "assistant", "tool", "function", "developer")
 MAX_MESSAGES = 10_000
@@ -287,7 +287,7 @@ def _job_metadata(body: dict[str, Any]) -> dict[str, Any] | None:
 def parse_job_create(body: dict[str, Any]) -> JobRequest:
     job_type = required_str(body, "job_type")
     metadata = _job_metadata(body) or {}
-    if job_type == IMPLICIT_JOB_TYPE and metadata.get("implicit") is True:
+    if is_implicit(job_type, metadata):
         # The mark of the job a /v1 call makes for itself, which takes no other call and which
         # only the gateway finishes: a client's own job so marked could never be completed.
         raise invalid("metadata", f"'implicit': true is reserved for the jobs Tollgate makes for /v1 calls "
