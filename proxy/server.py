@@ -211,12 +211,8 @@ class _Supervisor(Multiprocess):
     and leave them unanswered until the workers had drained (up to `server.shutdown_grace`),
     then reset them, where one process refuses them at once."""
 
-    def __init__(self, config: uvicorn.Config, sockets: list[Any]) -> None:
-        super().__init__(config, sockets)
-        self._listening = sockets
-
     def _stop_listening(self) -> None:
-        for sock in self._listening:
+        for sock in self.sockets:
             sock.close()
 
     def handle_int(self) -> None:

@@ -172,7 +172,6 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._paused = False
         self._keep_alive = False
-        self._answered = False  # some of the current answer has arrived
         self._head_bytes = 0  # bytes received while the current answer's head was not complete
         self._interim = False  # the parser is in a 1xx interim answer, which is skipped
         # What a request or its response waits for from this connection, one thing at a time,
@@ -192,7 +191,6 @@ class _Connection(asyncio.Protocol):
         if self._response is None:
             self.close()  # nothing was asked: an idle connection must stay silent
             return
-        self._answered = True
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -281,7 +279,6 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         self._headers = {}
-        self._answered = False
         self._head_bytes = 0
         self._response = UpstreamResponse(self, read_timeout, deadline)
         self._head = head_future = loop.create_future()
