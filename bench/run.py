@@ -502,7 +502,50 @@ def report(rows: list, direct_delay: float | None, tollgate_delay: float | None,
         )
     if before is not None and during is not None:
         lines.append(f"- Tollgate resident memory: {before:.0f} MB idle, {during:.0f} MB with {streams} open streams")
+    added_delay = None if tollgate_delay is None or direct_delay is None else tollgate_delay - direct_delay
+    lines += ["", "Against the targets of issue 7 (what this run measured; a target it did not measure is left out):"]
+    lines += [f"- {'met' if met else 'NOT MET'}: {what}" for what, met in verdict(rows, added_delay, during, streams)]
     return "\n".join(lines)
+
+
+def verdict(rows: list, added_delay: float | None, during: float | None, streams: int) -> list[tuple[str, bool]]:
+    """Each of issue 7's targets this run measured, with its figures and whether they meet it.
+
+    The ratio of requests/s is a ratio of capacities: it is read at the highest concurrency
+    measured, where both gateways are saturated. At 1 it is a ratio of latencies, which no gateway
+    could bring to 20x LiteLLM's (the call would have to take a twentieth of LiteLLM's own 4-10 ms,
+    the upstream's round trip included), and at 10 Tollgate is not saturated: its requests/s there
+    is ten over its latency, not what it can serve. The other concurrencies' ratios are shown too.
+    """
+    by = {(mode, c, name): m for mode, c, name, m in rows}
+    tollgate, litellm, direct = "(b) Tollgate -> upstream", "(c) LiteLLM -> upstream", "(a) direct"
+    found: list[tuple[str, bool]] = []
+    cpus = [(c, m["cpu_ms"]) for (mode, c, name), m in sorted(by.items()) if mode == "plain" and name == tollgate]
+    if cpus:
+        worst = max(cpu for _, cpu in cpus)
+        figures = ", ".join(f"{cpu:.3f} at {c}" for c, cpu in cpus)
+        found.append((f"Tollgate's CPU <= 0.5 ms per non-streaming call, at every concurrency: {figures} ms", worst <= 0.5))
+    for mode in ("plain", "stream"):
+        ratios = [(c, by[(mode, c, tollgate)]["rps"] / by[(mode, c, litellm)]["rps"])
+                  for c in sorted({c for (m, c, _) in by if m == mode})
+                  if (mode, c, tollgate) in by and (mode, c, litellm) in by]
+        if ratios:
+            top, ratio = ratios[-1]
+            others = "".join(f"; {r:.1f}x at {c}" for c, r in ratios[:-1])
+            found.append((f"(b)'s requests/s >= 20x (c)'s, {mode}: {ratio:.1f}x at concurrency {top}{others}", ratio >= 20))
+    for mode in ("plain", "stream"):
+        if (mode, 1, direct) in by and (mode, 1, tollgate) in by:
+            added = (by[(mode, 1, tollgate)]["p50"] - by[(mode, 1, direct)]["p50"]) * 1000
+            found.append((f"added p50 <= 1 ms at concurrency 1, {mode}: {added:.2f} ms", added <= 1))
+    for mode in ("plain", "stream"):
+        if (mode, 10, direct) in by and (mode, 10, tollgate) in by:
+            added = (by[(mode, 10, tollgate)]["p99"] - by[(mode, 10, direct)]["p99"]) * 1000
+            found.append((f"added p99 <= 5 ms at concurrency 10, {mode}: {added:.2f} ms", added <= 5))
+    if added_delay is not None:
+        found.append((f"added delay per streamed chunk <= 1 ms: {added_delay * 1000:.3f} ms", added_delay <= 0.001))
+    if during is not None and streams >= 1000:
+        found.append((f"<= 150 MB resident with 1,000 open streams: {during:.0f} MB with {streams:,}", during <= 150))
+    return found
 
 
 def main() -> None:

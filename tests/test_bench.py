@@ -20,6 +20,7 @@ def test_benchmark_smoke_mode_produces_the_whole_table():
     assert "| stream | 10 |" in result.stdout and "per streamed chunk" in result.stdout
     assert "open streams" in result.stdout
     assert "kernel threads ms/req (whole VM)" in result.stdout
+    assert "Against the targets of issue 7" in result.stdout
 
 
 def load_bench():
@@ -88,3 +89,31 @@ def test_a_litellm_venv_chosen_by_the_user_is_kept_and_its_interpreter_reported(
     monkeypatch.setenv("TOLLGATE_LITELLM_VENV", str(chosen))
     assert bench.litellm_on_this_interpreter() == (tmp_path / "other" / "python3.11").resolve()
     assert os.environ["TOLLGATE_LITELLM_VENV"] == str(chosen)
+
+
+def row(mode, concurrency, name, rps=1000.0, p50=0.001, p99=0.002, cpu_ms=0.2):
+    return (mode, concurrency, name, {"rps": rps, "p50": p50, "p99": p99, "cpu_ms": cpu_ms})
+
+
+def test_the_verdict_reads_the_requests_ratio_at_the_highest_concurrency_measured():
+    bench = load_bench()
+    rows = [
+        row("plain", 10, "(b) Tollgate -> upstream", rps=4000), row("plain", 10, "(c) LiteLLM -> upstream", rps=250),
+        row("plain", 50, "(b) Tollgate -> upstream", rps=7000), row("plain", 50, "(c) LiteLLM -> upstream", rps=250),
+    ]
+    [(what, met)] = [v for v in bench.verdict(rows, None, None, 1000) if "20x" in v[0]]
+    assert met and "28.0x at concurrency 50; 16.0x at 10" in what
+
+
+def test_the_verdict_names_a_target_the_run_missed():
+    bench = load_bench()
+    rows = [row("plain", c, "(b) Tollgate -> upstream", cpu_ms=cpu) for c, cpu in ((1, 0.7), (10, 0.3))]
+    [(what, met)] = [v for v in bench.verdict(rows, None, None, 1000) if "CPU" in v[0]]
+    assert not met and "0.700 at 1, 0.300 at 10" in what
+
+
+def test_the_verdict_leaves_out_the_memory_target_when_fewer_streams_were_open():
+    bench = load_bench()
+    assert not [v for v in bench.verdict([], None, 60.0, 50) if "resident" in v[0]]
+    [(what, met)] = [v for v in bench.verdict([], None, 160.0, 1000) if "resident" in v[0]]
+    assert not met and "160 MB" in what
