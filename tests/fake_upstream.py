@@ -8,7 +8,9 @@ while every answer stays predictable:
 * the model name selects failures: ``fail-500*``, ``fail-503*``, ``fail-429*``
   (with ``Retry-After: 7``), ``fail-400*``, ``hang*`` (no headers for 30 s),
   ``abort*`` (stream breaks after two chunks), ``garbage*`` (malformed SSE/JSON),
-  ``absurd-usage*`` (reports 10^20 prompt tokens);
+  ``absurd-usage*`` (reports 10^20 prompt tokens), ``error-first*`` (a stream whose
+  first event is an error), ``error-later*`` (a stream sending an error event after two
+  chunks, then ending);
 * the API key ``wrong-provider-key`` is refused with OpenAI's 401, the answer of a
   provider that does not know the key it was given;
 * directives in the messages tune one request: ``[chunks=N]``, ``[delay_ms=N]``
@@ -74,6 +76,11 @@ def _chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None = Non
     if stamp:
         body["sent_at"] = time.time()  # lets a benchmark measure each chunk's delay
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def _error_event(model: str) -> bytes:
+    error = {"message": f"fake upstream error event from {model}", "type": "fake_error", "code": "fake_event"}
+    return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -172,6 +179,10 @@ async def chat_completions(request: Request) -> Response:
 
     async def events() -> AsyncIterator[bytes]:
         try:
+            if model.startswith("error-first"):
+                yield _error_event(model)
+                entry["finished"] = time.time()
+                return
             if tool:
                 call = _tool_call(body)
                 yield _chunk(rid, model, {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **call}]})
@@ -184,6 +195,10 @@ async def chat_completions(request: Request) -> Response:
                         # at once, and the stream would fail before its first byte instead.
                         await asyncio.sleep(0.2)
                         raise ConnectionAbortedError("fake upstream aborts mid-stream")
+                    if model.startswith("error-later") and i == 2:
+                        yield _error_event(model)
+                        entry["finished"] = time.time()
+                        return
                     if model.startswith("garbage") and i == 2:
                         yield b'data: {"id": "broken", "choices": [\n\n'
                     delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}

@@ -35,6 +35,17 @@ def test_create_job_holds_credits_per_job(tollgate, admin, team):
     assert (body["credits_held"], body["credits_available"], body["credits_remaining"]) == (1, 9, 10)
 
 
+def test_a_teams_own_credits_per_job_is_held_at_creation_and_charged_once_at_completion(tollgate, admin):
+    team = admin.team(credits=10, credits_per_job=3)
+    client = tollgate.client(team.key)
+    job = create(client)
+    assert admin.get_team(team.team_id)["credits_held"] == 3
+    costs = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).json()["costs"]
+    assert (costs["credits_charged"], costs["credits_remaining"]) == (3, 7)
+    after = admin.get_team(team.team_id)
+    assert (after["credits_used"], after["credits_held"], after["credits_available"]) == (3, 0, 7)
+
+
 def test_job_goes_in_progress_with_its_first_call(tollgate, team):
     client = tollgate.client(team.key)
     job = create(client)
@@ -110,6 +121,17 @@ def test_calls_on_a_finished_job_are_409(tollgate, team):
         response = client.post(f"/api/jobs/{job['job_id']}/{route}", json={"messages": HELLO})
         assert response.status_code == 409, route
         assert response.headers["x-should-retry"] == "false"
+
+
+def test_a_suspended_team_can_still_read_and_complete_its_jobs(tollgate, admin, team):
+    # README's decision: a suspension stops new jobs and calls, not the books of open jobs.
+    client = tollgate.client(team.key)
+    job = create(client)
+    admin.ok("PATCH", f"/admin/teams/{team.team_id}", json={"status": "suspended"})
+    assert client.get(f"/api/jobs/{job['job_id']}").status_code == 200
+    assert client.get(f"/api/teams/{team.team_id}").json()["status"] == "suspended"
+    done = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"})
+    assert done.status_code == 200 and done.json()["costs"]["credits_charged"] == 1
 
 
 def test_team_with_two_credits_can_open_two_jobs_not_three(tollgate, admin):

@@ -6,7 +6,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from tests.support import wait_for
+from tests.support import fake_log, tag, wait_for
 
 
 HELLO = [{"role": "user", "content": "hello there [chunks=3]"}]
@@ -60,6 +60,34 @@ def test_tool_calls_round_trip(sdk):
     call = reply.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Paris"}'
     assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_a_v1_call_is_sent_without_a_temperature_of_the_gateways(make_tollgate, fake_url):
+    # API.md: the job API's default temperature (0.7) is the job API's; on /v1 nothing is added.
+    server = make_tollgate(upstream_url=fake_url)
+    client = server.client(server.admin().team().key)
+    label = tag()
+    body = {"model": "Main", "messages": [{"role": "user", "content": f"hi [tag={label}]"}]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    (sent,) = fake_log(fake_url, label)
+    assert "temperature" not in sent["body"]
+
+
+def test_a_v1_request_names_team_job_and_call_to_litellm_and_the_team_as_user(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url)
+    team = server.admin().team()
+    client = server.client(team.key)
+    label = tag()
+    body = {"model": "Main", "messages": [{"role": "user", "content": f"hi [tag={label}]"}]}
+    response = client.post("/v1/chat/completions", json=body)
+    job_id, call_id = response.headers["x-job-id"], response.headers["x-call-id"]
+    (sent,) = fake_log(fake_url, label)
+    assert sent["body"]["user"] == team.team_id
+    metadata = sent["body"]["metadata"]
+    assert {f"tollgate-team:{team.team_id}", f"tollgate-job:{job_id}", f"tollgate-call:{call_id}"} <= set(metadata["tags"])
+    assert (metadata["tollgate_team_id"], metadata["tollgate_job_id"], metadata["tollgate_call_id"]) == (
+        team.team_id, job_id, call_id,
+    )
 
 
 def test_models_list_shows_the_teams_groups(tollgate, admin):
@@ -218,6 +246,20 @@ def test_a_client_that_hangs_up_before_the_first_byte_fails_its_implicit_job_unc
     assert statuses() == ["failed", "failed"]
     body = server.admin().get_team(team.team_id)
     assert (body["credits_used"], body["credits_held"]) == (0, 0)
+
+
+def test_a_client_that_hangs_up_mid_stream_has_its_implicit_job_completed_and_charged(tollgate, admin):
+    # API.md: a /v1 call's own job is charged when its client hung up after tokens were spent.
+    team = admin.team()
+    client = tollgate.client(team.key)
+    body = {"model": "Main", "stream": True, "messages": [{"role": "user", "content": "a [chunks=30] [delay_ms=100]"}]}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        job_id = response.headers["x-job-id"]
+        assert next(line for line in response.iter_lines() if line.startswith("data: "))
+    assert wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["status"] != "in_progress", timeout=5)
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert [call["status"] for call in job["calls"]] == ["cancelled"]
+    assert (job["status"], job["costs"]["credits_charged"]) == ("completed", 1)
 
 
 def test_the_client_cannot_finish_the_own_job_of_a_v1_call_between_its_record_and_its_charge(make_tollgate, fake_url):

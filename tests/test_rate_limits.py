@@ -169,6 +169,30 @@ def test_tpm_refuses_the_third_concurrent_call_and_fits_new_ones_after_reconcili
     assert call(server, team.key, job_id, max_tokens=390).status_code == 200
 
 
+def test_a_calls_token_estimate_is_its_text_rounded_up_once_plus_the_default_max_tokens(tollgate, admin):
+    # API.md: all message text's characters ÷ 4, rounded up once (6 characters: 2 tokens, not
+    # 1 per message), plus rate_limits.default_max_tokens (1,024) when the call sets no max_tokens.
+    team = admin.team(tpm_limit=5000)
+    messages = [
+        {"role": "system", "content": "ab"},
+        {"role": "user", "content": [{"type": "text", "text": "ab"}]},
+        {"role": "user", "content": "ab"},
+    ]
+    response = call(tollgate, team.key, open_job(tollgate, team.key), messages=messages)
+    assert response.status_code == 200
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(5000 - (2 + 1024))
+
+
+def test_a_call_counts_once_however_many_models_it_tried(tollgate, admin):
+    team = admin.team(groups=("Fallback500",), rpm_limit=2, tpm_limit=5000)
+    job_id = open_job(tollgate, team.key)
+    first = call(tollgate, team.key, job_id, max_tokens=100)
+    assert first.status_code == 200 and first.json()["metadata"]["attempts"] == 2
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(5000 - 101)
+    assert call(tollgate, team.key, job_id, max_tokens=100).status_code == 200
+
+
 def test_call_that_can_never_fit_is_429_without_retry_after(make_tollgate, redis_server):
     server = make_tollgate(redis={"url": redis_server.url})
     team = server.admin().team(tpm_limit=1000)

@@ -2,11 +2,12 @@
 The fallback answers whenever it can; otherwise the client gets a clear status, and every
 call is recorded either way."""
 
+import json
 import time
 
 import pytest
 
-from tests.support import sse_json
+from tests.support import sse_data, sse_json
 from tests.test_llm_calls import calls_of, new_job, say
 
 
@@ -114,6 +115,60 @@ def test_stream_failing_midway_ends_with_one_error_event_and_is_recorded(tollgat
     (call,) = calls_of(client, job_id)
     assert call["status"] == "error" and call["error"]
     assert call["completion_tokens"] > 0 and call["usage_estimated"] is True
+
+
+def straight_to_the_fake(make_tollgate, fake_url, **groups: list[str]):
+    """A Tollgate asking the fake upstream itself, for answers LiteLLM would not pass on as
+    the fake sends them, and a client of a team granted `groups`."""
+    server = make_tollgate(upstream_url=fake_url)
+    admin = server.admin()
+    for name, models in groups.items():
+        admin.ok("POST", "/admin/model-groups", json={"name": name, "models": models})
+    return server.client(admin.team(groups=tuple(groups)).key)
+
+
+def test_an_error_as_a_streams_first_event_falls_back_to_the_next_model(make_tollgate, fake_url):
+    client = straight_to_the_fake(make_tollgate, fake_url, ErrorFirst=["error-first", "backup"])
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("hi [chunks=2]")})
+    assert response.status_code == 200
+    assert "error" not in response.text and "word1" in response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
+
+
+def test_a_later_error_event_is_forwarded_unchanged_and_the_call_recorded_as_failed(make_tollgate, fake_url):
+    client = straight_to_the_fake(make_tollgate, fake_url, ErrorLater=["error-later", "backup"])
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("hi [chunks=4]")})
+    assert response.status_code == 200
+    events = sse_data(response.text)
+    sent = {"error": {"message": "fake upstream error event from error-later", "type": "fake_error", "code": "fake_event"}}
+    assert events[-1] == json.dumps(sent)  # the upstream's own bytes, and nothing after them
+    assert sum("error" in json.loads(event) for event in events) == 1
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("error", "error-later", 1)
+    assert call["error"] == "fake upstream error event from error-later"
+
+
+def test_a_broken_upstream_connection_ends_the_stream_with_one_error_event_of_the_gateways(make_tollgate, fake_url):
+    client = straight_to_the_fake(make_tollgate, fake_url, Breaks=["abort", "backup"])
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("hi [chunks=6]")})
+    assert response.status_code == 200 and "word2" in response.text  # no fallback once bytes went out
+    events = sse_json(response.text)
+    assert [e for e in events if "error" in e] == [events[-1]]
+    assert events[-1]["error"]["code"] == "upstream_connection_lost"
+    assert set(events[-1]["error"]) == {"message", "type", "code"}
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"]) == ("error", "abort")
+
+
+def test_every_model_rate_limited_passes_on_the_upstreams_retry_after(make_tollgate, fake_url):
+    client = straight_to_the_fake(make_tollgate, fake_url, Limited=["fail-429", "fail-429-b"])
+    response = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say("hi")})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"  # the fake's
 
 
 def test_streamed_timeout_before_the_first_event_falls_back(make_tollgate):
