@@ -12,6 +12,13 @@ from .json_codec import dumps
 from .records import IMPLICIT_JOB_TYPE, is_implicit
 
 ROLES = ("system", "user", "assistant", "tool", "function", "developer")
+# The content part types LiteLLM takes in a user message (its ValidUserMessageContentTypes). It
+# answers any other with a 500 of its own, which the gateway cannot tell from a model failing: the
+# call was tried on every model of its group and came back a 503 that clients retry.
+USER_PART_TYPES = (
+    "text", "image_url", "input_audio", "audio_url", "document", "guarded_text", "grounding_source", "query",
+    "video_url", "file",
+)
 MAX_MESSAGES = 10_000
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 1_000
@@ -147,7 +154,7 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
 # The chat parameters checked, in the order their problems are reported.
 _NUMBERS = (("temperature", 0, 2), ("top_p", 0, 1), ("frequency_penalty", -2, 2), ("presence_penalty", -2, 2))
 _INTEGERS = (("n", 1, 128), ("seed", -(2**63), 2**63 - 1), ("top_logprobs", 0, 20))
-_OBJECTS = ("response_format", "metadata", "logit_bias", "stream_options")
+_OBJECTS = ("response_format", "metadata", "logit_bias", "stream_options", "web_search_options")
 _PARAMETERS = frozenset(
     [name for name, _, _ in _NUMBERS + _INTEGERS] + [*_OBJECTS, "max_tokens", "max_completion_tokens", "user", "stop",
                                                       "tools", "tool_choice"]
@@ -210,10 +217,25 @@ def _check_parameters(body: dict[str, Any]) -> tuple[int | None, int | None]:
     tools = body.get("tools")
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise invalid("tools", "must be a list of objects")
-    tool_choice = body.get("tool_choice")
-    if tool_choice is not None and not isinstance(tool_choice, (str, dict)):
-        raise invalid("tool_choice", "must be a string or an object")
+    _check_tool_choice(body.get("tool_choice"))
     return max_tokens, max_completion_tokens
+
+
+def _check_tool_choice(tool_choice: Any) -> None:
+    # As LiteLLM reads an object (validate_chat_completion_tool_choice): what it refuses, it
+    # refuses with a 500, which would be tried on every model of the group.
+    if tool_choice is None or isinstance(tool_choice, str):
+        return
+    if not isinstance(tool_choice, dict):
+        raise invalid("tool_choice", "must be a string or an object")
+    kind = tool_choice.get("type")
+    if kind in ("auto", "none", "required") and "function" not in tool_choice:
+        return
+    if not isinstance(kind, str) or not isinstance(tool_choice.get("function"), dict):
+        raise invalid(
+            "tool_choice",
+            "an object must have a 'type' and, unless that is 'auto', 'none' or 'required', a 'function' object",
+        )
 
 
 def _check_messages(messages: Any) -> int:
@@ -241,6 +263,13 @@ def _check_messages(messages: Any) -> int:
             for j, part in enumerate(content):
                 if not isinstance(part, dict):
                     raise invalid(f"messages[{i}].content[{j}]", "must be an object")
+                kind = part.get("type")
+                if not isinstance(kind, str):
+                    raise invalid(f"messages[{i}].content[{j}].type", "is required and must be a string")
+                if role == "user" and kind not in USER_PART_TYPES:
+                    raise invalid(f"messages[{i}].content[{j}].type", "must be one of: " + ", ".join(USER_PART_TYPES))
+                if kind == "image_url" and part.get("image_url") is None:
+                    raise invalid(f"messages[{i}].content[{j}].image_url", "is required in an 'image_url' part")
                 text = part.get("text")
                 if isinstance(text, str):
                     chars += len(text)
@@ -249,6 +278,11 @@ def _check_messages(messages: Any) -> int:
                 raise invalid(f"messages[{i}].content", "is required for this role")
         else:
             raise invalid(f"messages[{i}].content", "must be a string, a list of parts, or null")
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None and (
+            not isinstance(tool_calls, list) or not all(isinstance(call, dict) for call in tool_calls)
+        ):
+            raise invalid(f"messages[{i}].tool_calls", "must be a list of objects")
     return chars
 
 

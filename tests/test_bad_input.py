@@ -87,6 +87,51 @@ def test_invalid_call_bodies_are_422_naming_the_field(tollgate, team, job_url, b
     assert response.json()["detail"].startswith(detail)
 
 
+# LiteLLM answers each of these with a 500 of its own, which the gateway took for the model
+# failing: the call was tried on every model of its group and came back as a 503, which clients retry.
+@pytest.mark.parametrize(
+    "body, detail",
+    [
+        ({**HELLO, "tool_choice": {}}, "tool_choice: an object must have a 'type'"),
+        ({**HELLO, "tool_choice": {"type": "function"}}, "tool_choice: an object must have a 'type'"),
+        ({**HELLO, "tool_choice": {"type": "auto", "function": None}}, "tool_choice: an object must have a 'type'"),
+        ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+         "messages[0].content[0].type: is required and must be a string"),
+        ({"messages": [{"role": "user", "content": [{"type": "bogus", "text": "hi"}]}]},
+         "messages[0].content[0].type: must be one of: text, image_url"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         "messages[0].content[0].image_url: is required"),
+        ({"messages": [*HELLO["messages"], {"role": "assistant", "content": None, "tool_calls": True}]},
+         "messages[1].tool_calls: must be a list of objects"),
+        ({**HELLO, "web_search_options": "on"}, "web_search_options: must be an object"),
+    ],
+)
+def test_call_bodies_litellm_would_fail_with_a_500_are_422_naming_the_field(tollgate, team, job_url, body, detail):
+    client = tollgate.client(team.key)
+    response = client.post(job_url, json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith(detail)
+    assert client.get(job_url.removesuffix("/llm-call")).json()["calls"] == []
+
+
+def test_the_openai_shapes_of_tool_choice_content_parts_and_tool_calls_are_accepted():
+    from proxy.validation import parse_call
+
+    tool_call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                     {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]},
+        {"role": "assistant", "content": None, "tool_calls": [tool_call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+        {"role": "assistant", "content": "done", "tool_calls": None},
+    ]
+    for tool_choice in ("auto", {"type": "auto"}, {"type": "none"}, {"type": "required"},
+                        {"type": "function", "function": {"name": "f"}}):
+        call = parse_call({"messages": messages, "tool_choice": tool_choice, "web_search_options": {}}, openai=False)
+        assert call.params["tool_choice"] == tool_choice and call.prompt_chars == len("be brief" "what is this?" "42" "done")
+
+
 def test_job_create_without_job_type_is_422(tollgate, team):
     response = tollgate.client(team.key).post("/api/jobs/create", json={})
     assert (response.status_code, response.json()) == (422, {"detail": "job_type: is required"})
@@ -232,7 +277,7 @@ def test_a_repeated_authorization_header_is_judged_by_its_first_value(tollgate, 
     [("temperature", 3), ("top_p", -1), ("frequency_penalty", 5), ("presence_penalty", "x"), ("max_tokens", 0),
      ("max_completion_tokens", 0), ("n", 0), ("seed", 1.5), ("top_logprobs", 21), ("user", 5), ("stop", 7),
      ("response_format", "json"), ("metadata", []), ("logit_bias", 1), ("stream_options", "yes"), ("tools", {}),
-     ("tool_choice", 3)],
+     ("tool_choice", 3), ("tool_choice", {"type": "function"}), ("web_search_options", "on")],
 )
 def test_every_checked_chat_parameter_is_checked_when_it_is_the_only_one_sent(field, bad):
     from proxy.errors import ApiError
