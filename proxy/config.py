@@ -61,12 +61,15 @@ def parse_duration(value: Any) -> float:
     """Seconds from a number or a string such as ``"500ms"``, ``"30s"``, ``"24h"``."""
     if isinstance(value, bool):
         raise ValueError(value)
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    else:
-        raise ValueError(value)
+    try:
+        if isinstance(value, (int, float)):
+            seconds = float(value)  # an integer past a float's range raises OverflowError
+        elif isinstance(value, str) and (match := _DURATION.match(value)):
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        else:
+            raise ValueError(value)
+    except OverflowError:
+        raise ValueError(value) from None
     if not math.isfinite(seconds):
         raise ValueError(value)
     return seconds
@@ -100,9 +103,14 @@ ModelList = Annotated[
 # proxy/resp.py) would fail on, or misread, later. Their messages never quote the URL: it may
 # hold a password.
 
+# What no request head and no host name may hold: spaces and control characters.
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")
+
 
 def _address_problem(url: str) -> str | None:
     """What `urlsplit`, its `.port`, or resolving its host would fail on."""
+    if "\x00" in url:  # no host name, socket path or password holds one
+        return "must not hold a NUL character"
     # A password that is not percent-encoded may hold a '/', '?' or '#', which urlsplit takes
     # for the end of the host; the user info runs to the last '@' (as `_mask_url` masks it).
     userinfo = url.partition("://")[2].rpartition("@")[0]
@@ -125,11 +133,17 @@ def _address_problem(url: str) -> str | None:
         (parts.hostname or "").encode("idna")  # as the connection's name lookup encodes it
     except UnicodeError:
         return "the host name is malformed"
+    if _UNSENDABLE.search(parts.hostname or ""):
+        return "the host name is malformed"
     return None
 
 
 def _http_url_problem(url: str) -> str | None:
     url = url.rstrip("/")  # as the upstream client reads it
+    # Its host and path go into every request's head: a space or a control character there
+    # makes a head LiteLLM refuses (every call a 400, and /health/ready blaming the key).
+    if _UNSENDABLE.search(url):
+        return "must not hold spaces or control characters (percent-encode them: %20)"
     if problem := _address_problem(url):
         return problem
     parts = urlsplit(url)
@@ -163,6 +177,8 @@ DatabaseUrl = Annotated[
     Rule(
         "a database URL: sqlite:///path/to/file.db (PostgreSQL is not supported yet)",
         lambda v: v.startswith("sqlite:///") and len(v) > len("sqlite:///"),
+        # No file name can hold one: opening it would fail with a ValueError, not an OSError.
+        problem=lambda v: "the path must not hold a NUL character" if "\x00" in v else None,
     ),
 ]
 RedisUrl = Annotated[
@@ -218,10 +234,22 @@ class UpstreamConfig:
     model_info_refresh: Seconds = 300.0
 
 
+# SQLite counts its busy timeout in whole milliseconds, in a 32-bit integer: outside 1 ms to
+# 2^31 - 1 ms it takes none at all, and a write that meets a lock fails at once.
+BusyTimeout = Annotated[
+    float,
+    Rule(
+        "a duration from 1 ms to 24 days (seconds, or e.g. '10s', '1m')",
+        lambda v: 0.001 <= v <= (2**31 - 1) / 1000,
+        parse_duration,
+    ),
+]
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
     url: DatabaseUrl = "sqlite:///tollgate.db"
-    busy_timeout: Seconds = 10.0
+    busy_timeout: BusyTimeout = 10.0
     synchronous: Literal["full", "normal"] = "full"
     # The WAL's fsyncs through Linux AIO where the kernel takes them; false: always by a thread
     # (for a seccomp profile that kills a process using io_setup rather than refusing it).
@@ -361,6 +389,8 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
             raise ConfigError(f"{path}: not UTF-8 text") from None
         except yaml.YAMLError as exc:
             raise _yaml_error(path, exc) from None
+        except RecursionError:  # PyYAML reads nested collections recursively
+            raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -417,6 +447,17 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._checked: set[yaml.MappingNode] = set()
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # What PyYAML reads but cannot make a value of (a date such as 2024-02-30, an integer
+        # of more digits than Python converts) raises a ValueError without a place in the file.
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as exc:
+            value = node.value[:40] if isinstance(node, yaml.ScalarNode) else node.tag
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {value!r}: {exc}", node.start_mark
+            ) from None
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         # Checked here, before its first flattening, which puts the keys of `<<: *base` among
@@ -493,6 +534,14 @@ def _check_consistency(config: Config) -> None:
                 f"{config.source}: teams[{i}].default_model_group: "
                 f"'{team.default_model_group}' is not in the team's model_groups"
             )
+    organizations: set[str] = set()
+    for i, organization in enumerate(config.organizations):
+        if organization.organization_id in organizations:
+            raise ConfigError(
+                f"{config.source}: organizations[{i}].organization_id: "
+                f"'{organization.organization_id}' is declared twice"
+            )
+        organizations.add(organization.organization_id)
     seen: set[str] = set()
     for i, team in enumerate(config.teams):
         if team.team_id in seen:
@@ -626,9 +675,15 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
             raise invalid("an integer")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise invalid("a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past a float's range
+            raise invalid("a number") from None
+        if not math.isfinite(number):
+            raise invalid("a number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise invalid("a string")

@@ -278,6 +278,8 @@ BAD_DB = "the database (the path, or ?db=) must be a number of 0 or more: redis:
         ("redis://[zz]:6379/0", "the host is malformed (an IPv6 address goes in brackets: [::1])"),
         ("redis://a..b:6379/0", "the host name is malformed"),
         ("unix://", "must name the socket: unix:///path/to/redis.sock"),
+        ("redis://h\x00:6379/0", "must not hold a NUL character"),
+        ("redis://red is:6379/0", "the host name is malformed"),
     ],
 )
 def test_a_redis_url_its_client_could_not_read_is_refused_naming_the_variable(tmp_path, url, message):
@@ -291,6 +293,9 @@ def test_a_redis_url_its_client_could_not_read_is_refused_naming_the_variable(tm
         ("http://", "must name a host: http://host:port"),
         ("http://[::1:4000", "the host is malformed (an IPv6 address goes in brackets: [::1])"),
         ("http://例え.jp:4000", "must be ASCII: a path percent-encoded, a host name in its xn-- form"),
+        ("http://h:4000/a b", "must not hold spaces or control characters (percent-encode them: %20)"),
+        ("http://h:4000/v1\r\nX-Injected: 1", "must not hold spaces or control characters (percent-encode them: %20)"),
+        ("http://127.0.0.1\x00:4000", "must not hold spaces or control characters (percent-encode them: %20)"),
     ],
 )
 def test_an_upstream_url_its_client_could_not_read_is_refused_naming_the_variable(tmp_path, url, message):
@@ -383,3 +388,62 @@ def test_a_rate_limit_window_shorter_than_redis_counts_is_refused(tmp_path):
     # Redis's limiter counts whole milliseconds: a window of less than one would admit every call.
     message = error_for(tmp_path, "rate_limits:\n  window: 0.5ms\n")
     assert "rate_limits.window: must be" in message
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (f"server:\n  read_timeout: 1{'0' * 400}\n", "server.read_timeout: must be a positive duration"),
+        (f"auth:\n  cache_ttl: 1{'0' * 400}\n", "auth.cache_ttl: must be a duration from 0 to 1 second"),
+        (f"pricing:\n  m: {{input_cost_per_token: 1{'0' * 400}, output_cost_per_token: 0}}\n",
+         "pricing.m.input_cost_per_token: must be a number of 0 or more"),
+    ],
+)
+def test_an_integer_past_a_floats_range_is_refused_in_one_line(tmp_path, text, message):
+    assert message in error_for(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("teams:\n  - {team_id: t, organization_id: 2024-02-30}\n",
+         "line 2, column 35: not valid YAML: cannot read '2024-02-30': day is out of range for month"),
+        (f"rate_limits:\n  rpm: 1{'0' * 5000}\n", "line 2, column 8: not valid YAML: cannot read '1000"),
+    ],
+)
+def test_a_value_yaml_cannot_make_is_one_line_naming_its_line(tmp_path, text, message):
+    assert error_for(tmp_path, text).startswith(f"{tmp_path}/config.yaml: {message}")
+
+
+def test_yaml_nested_too_deeply_is_one_line(tmp_path):
+    assert error_for(tmp_path, "server: " + "[" * 5000 + "]" * 5000 + "\n") == (
+        f"{tmp_path}/config.yaml: not valid YAML: nested too deeply"
+    )
+
+
+def test_an_organization_declared_twice_is_refused(tmp_path):
+    text = "organizations:\n  - {organization_id: acme, name: Acme}\n  - {organization_id: acme, name: Other}\n"
+    assert error_for(tmp_path, text).endswith("organizations[1].organization_id: 'acme' is declared twice")
+
+
+def test_a_database_path_holding_a_nul_is_refused(tmp_path):
+    assert error_for(tmp_path, 'database:\n  url: "sqlite:///a\\0b.db"\n').endswith(
+        "database.url: the path must not hold a NUL character"
+    )
+
+
+@pytest.mark.parametrize("value", ["25d", "0.0001", "1e+300"])
+def test_a_busy_timeout_sqlite_would_take_as_none_is_refused(tmp_path, value):
+    # Outside 1 ms to 2^31 - 1 ms, SQLite's busy timeout is 0: a write meeting a lock fails at once.
+    assert error_for(tmp_path, f"database:\n  busy_timeout: {value}\n").endswith(
+        "database.busy_timeout: must be a duration from 1 ms to 24 days (seconds, or e.g. '10s', '1m')"
+    )
+
+
+def test_a_busy_timeout_of_24_days_is_what_sqlite_takes(tmp_path):
+    import sqlite3
+
+    config = load_config(write(tmp_path, "database:\n  busy_timeout: 24d\n"), {})
+    connection = sqlite3.connect(":memory:")
+    connection.execute(f"PRAGMA busy_timeout = {int(config.database.busy_timeout * 1000)}")
+    assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == 24 * 86400 * 1000
