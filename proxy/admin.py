@@ -184,9 +184,13 @@ class AdminService:
         await self.get_team(team_id)
         return await self._store.ledger(team_id, limit, offset)
 
-    async def list_jobs(self, team_id: str, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+    async def list_jobs(
+        self, team_id: str, status: str | None, limit: int, offset: int
+    ) -> tuple[list[Job], int, int]:
+        """A page of the team's jobs, how many match, and the team's credits_remaining of the
+        same moment."""
         await self.get_team(team_id)
-        return await self._store.list_jobs(team_id, status, limit, offset)
+        return await self._store.team_jobs(team_id, status, limit, offset)
 
     # keys
     async def create_key(self, team_id: str, body: dict[str, Any]) -> tuple[VirtualKey, str]:

@@ -101,9 +101,8 @@ class AdminApi:
     async def list_jobs(self, request: Request) -> Response:
         team_id = request.path_params["team_id"]
         status, limit, offset = parse_paging(request.query_params)
-        jobs, total = await self._admin.list_jobs(team_id, status, limit, offset)
-        team = await self._admin.get_team(team_id)
-        return JSONResponse(jobs_page_json(team_id, jobs, total, limit, offset, team.credits_remaining))
+        jobs, total, remaining = await self._admin.list_jobs(team_id, status, limit, offset)
+        return JSONResponse(jobs_page_json(team_id, jobs, total, limit, offset, remaining))
 
     async def revoke_key(self, request: Request) -> Response:
         return JSONResponse((await self._admin.revoke_key(request.path_params["key_id"])).to_json())

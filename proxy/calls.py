@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Literal
 
 from starlette.types import Receive
 
@@ -27,7 +27,7 @@ from .ids import new_id
 from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
 from .metrics import Metrics
 from .pricing import Pricing
-from .records import CallOutcome, CallStatus, ModelGroup, NewCall, Team
+from .records import CallOutcome, CallStatus, JobEnd, ModelGroup, NewCall, Team
 from .store import Store, StoreBusy, StoreError, StoreUnavailable
 from .streaming import RelayEnd, SSERelay
 from .upstream import Upstream
@@ -59,7 +59,7 @@ class Call:
     deadline: float
     decision: Decision
     notes: dict[str, Any]  # the request's access-log fields
-    on_recorded: "RecordObserver | None" = None  # runs once the call is recorded
+    own_job: "OwnJob | None" = None  # the job is the call's own: made with its start, ended with its record
     # The model last asked when the call was cut short: its prompt is priced at that model's rate.
     cut_at_model: str | None = None
 
@@ -83,9 +83,19 @@ class Completed:
     outcome: CallOutcome
 
 
-# Given the outcome once it is recorded, and whether the client has had the answer: not when
-# a non-streaming call's record was refused, and the client got a 503 in its place.
-RecordObserver = Callable[[CallOutcome, bool], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class OwnJob:
+    """The job of a call that has one of its own (a /v1 call without X-Job-Id). It is made in
+    the same write as the call's start and ended in the same write as the call's record: two
+    writes would leave a window where a crash, or the store refusing the second, left the job
+    open holding its credit (a job without its call), or a recorded call's job uncharged."""
+
+    default_credits: int  # held (and charged) unless the team sets its own credits per job
+    # How the job ends, given the outcome and whether the client has had the answer: not when
+    # a non-streaming call's record was refused, and the client got a 503 in its place.
+    ends_as: Callable[[CallOutcome, bool], tuple[Literal["completed", "failed"], str | None]]
+
+
 RECORD_ATTEMPTS = 4
 # The error of a call the gateway's shutdown cut short: not the client's doing.
 SHUT_DOWN = "cut short: the gateway shut down"
@@ -122,13 +132,10 @@ class CallPipeline:
         self._metrics = metrics
         self._total_timeout = total_timeout
         self._running: set[str] = set()  # admitted calls not yet recorded
-        # Outcomes the store refused (disk full, I/O error, ...), by call id, with what was to
-        # run once they were recorded: written by `record_kept` once it takes writes again.
-        # Their rows stay 'running' meanwhile.
-        self._kept: dict[str, tuple[CallOutcome, RecordObserver | None, bool]] = {}
-        # What was to run once a call was recorded (a /v1 call's own job finished), refused by
-        # the store after the record itself was written: run again by `record_kept`.
-        self._due: dict[str, tuple[CallOutcome, RecordObserver, bool]] = {}
+        # Outcomes the store refused (disk full, I/O error, ...), by call id, with their call
+        # and whether its client had the answer: written by `record_kept` once it takes writes
+        # again. Their rows stay 'running' meanwhile.
+        self._kept: dict[str, tuple[CallOutcome, Call, bool]] = {}
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """At shutdown: wait for calls still being recorded, then try once more to write the
@@ -139,9 +146,6 @@ class CallPipeline:
         while self._running and loop.time() < deadline:
             await asyncio.sleep(0.02)
         kept = await self.record_kept()
-        if self._due:
-            log.error("%d calls' follow-ups (their /v1 own jobs' finish) were refused by the store to the end: "
-                      "those jobs stay open until they expire (calls %s)", len(self._due), ", ".join(self._due))
         return len(self._running) + kept, kept
 
     async def record_kept(self) -> int:
@@ -150,9 +154,9 @@ class CallPipeline:
         is running, or closed as interrupted by the sweeper of another process, which could
         not know the outcome was kept here; a retry is safe."""
         written = finished = 0
-        for call_id, (outcome, on_recorded, answered) in list(self._kept.items()):
+        for call_id, (outcome, call, answered) in list(self._kept.items()):
             try:
-                recorded = await self._store.finish_call(outcome, over_interrupted=True)
+                recorded = await self._write_outcome(call, outcome, answered, over_interrupted=True)
             except Exception as exc:
                 log.warning("%d call outcomes still wait for the store (%d written now): %s",
                             len(self._kept), written, exc)
@@ -162,34 +166,13 @@ class CallPipeline:
                 finished += 1
                 continue
             written += 1
-            if on_recorded is not None:
-                # What the call's end was to set off (the /v1 call's own job finished) is due now.
-                await self._observe(call_id, outcome, on_recorded, answered)
         else:
             if written:
                 log.warning("%d call outcomes the store had refused are now recorded", written)
         if finished:
             log.warning("%d call outcomes the store had refused were found recorded already: left as they are",
                         finished)
-        for call_id, (outcome, on_recorded, answered) in list(self._due.items()):
-            if not await self._observe(call_id, outcome, on_recorded, answered):
-                break
         return len(self._kept)
-
-    async def _observe(self, call_id: str, outcome: CallOutcome, on_recorded: RecordObserver, answered: bool) -> bool:
-        """Run what a call's record sets off; one the store refuses (disk full, a lock that
-        outlasts its wait) is kept and run again by `record_kept`. False if it was kept."""
-        try:
-            await on_recorded(outcome, answered)
-        except (StoreBusy, StoreUnavailable) as exc:
-            self._due[call_id] = (outcome, on_recorded, answered)
-            log.error("after recording call %s, the store refused what was to follow (%s): kept, to be done once "
-                      "it takes writes again", call_id, exc)
-            return False
-        except Exception:
-            log.exception("after recording call %s", call_id)
-        self._due.pop(call_id, None)
-        return True
 
     async def resolve_group(self, team: Team, name: str | None) -> ModelGroup:
         name = name or team.effective_default_group
@@ -224,13 +207,11 @@ class CallPipeline:
         jobs_api: bool,
         group: ModelGroup | None = None,
         notes: dict[str, Any] | None = None,
-        on_recorded: RecordObserver | None = None,
-        before_start: Callable[[], Awaitable[None]] | None = None,
+        own_job: OwnJob | None = None,
     ) -> Call:
-        """Record the call as running in its job; `group` if `check` already ran;
-        `on_recorded` runs once the call's outcome is recorded, however it ends;
-        `before_start` once its limits admitted it, before it is recorded as running (the
-        /v1 API makes its implicit job there, so a call its limits refuse makes no job)."""
+        """Record the call as running in its job; `group` if `check` already ran. With
+        `own_job`, the job `job_id` is the call's own, made as the call starts, once its limits
+        admitted it (a call its limits refuse makes no job, and holds no credit)."""
         team = principal.team
         if group is None:
             group = await self.check(principal, request)
@@ -238,16 +219,9 @@ class CallPipeline:
         notes = {} if notes is None else notes
         # The access log names only records that exist: the job once made, the call once started.
         notes.update(team=team.team_id, model_group=group.name)
-        if before_start is None:
+        if own_job is None:
             notes["job"] = job_id
         decision = await self._limit(principal, call_id, request)
-        if before_start is not None:
-            try:
-                await before_start()
-            except BaseException:
-                await self._limiter.settle(decision, 0, release=True)  # it never started
-                raise
-            notes["job"] = job_id
         now = asyncio.get_running_loop().time()
         call = Call(
             principal=principal,
@@ -262,17 +236,17 @@ class CallPipeline:
             deadline=now + self._total_timeout,
             decision=decision,
             notes=notes,
-            on_recorded=on_recorded,
+            own_job=own_job,
         )
         new_call = NewCall(
             call_id, job_id, team.team_id, principal.key.key_id, group.name, request.purpose, stream, call.started_wall
         )
         try:
-            await self._store.start_call(new_call)
+            await self._store.start_call(new_call, None if own_job is None else own_job.default_credits)
         except asyncio.CancelledError:
             # The store finished the insert before letting the cancellation through:
             # close the row (a no-op if it was never written) rather than leave it running.
-            notes["call"] = call_id
+            notes["job"], notes["call"] = job_id, call_id
             await self._limiter.settle(decision, 0, release=True)
             self._running.add(call_id)
             await asyncio.shield(self._finish(call, "cancelled", None, Usage(0, 0), 0, "cancelled before it started"))
@@ -280,7 +254,9 @@ class CallPipeline:
         except BaseException:
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
             raise
-        notes["call"] = call_id
+        notes["job"], notes["call"] = job_id, call_id
+        if own_job is not None:
+            self._metrics.observe_job(team.team_id, "created")
         self._running.add(call_id)
         return call
 
@@ -476,12 +452,9 @@ class CallPipeline:
         error: str | None,
         ttft: float | None = None,
     ) -> CallOutcome:
-        """Record how the call ended, then whatever the caller asked to run after that."""
+        """Record how the call ended (and its own job's end, if it has one)."""
         try:
-            outcome = await self._record(call, status, model, usage, attempts, error, ttft)
-            if call.on_recorded is not None:
-                await self._observe(call.call_id, outcome, call.on_recorded, True)
-            return outcome
+            return await self._record(call, status, model, usage, attempts, error, ttft)
         finally:
             self._running.discard(call.call_id)  # only now may shutdown's drain stop waiting
 
@@ -508,9 +481,7 @@ class CallPipeline:
         # after the answer. The tokens were spent whether or not the record can be written.
         self._limiter.settle_soon(call.decision, usage.total_tokens)
         try:
-            # A stream's client has had the answer by now; a non-streaming one gets it only
-            # once the record is written.
-            await self._store_outcome(outcome, call.on_recorded, answered=call.stream)
+            await self._store_outcome(call, outcome)
         finally:  # the call happened, whether or not its record could be written yet
             self._metrics.observe_call(
                 call.principal.team.team_id,
@@ -533,16 +504,14 @@ class CallPipeline:
             )
         return outcome
 
-    async def _store_outcome(
-        self, outcome: CallOutcome, on_recorded: RecordObserver | None = None, answered: bool = True
-    ) -> None:
+    async def _store_outcome(self, call: Call, outcome: CallOutcome) -> None:
         """Write the outcome, trying again while the database stays locked by another process.
         One the store refuses (disk full, I/O error, a lock that outlasts the retries) is kept
         for `record_kept` and logged with every figure; the caller hears StoreUnavailable."""
         attempt = 1
         while True:
             try:
-                await self._store.finish_call(outcome)
+                await self._write_outcome(call, outcome, answered=True)
                 return
             except StoreBusy as exc:
                 if attempt == RECORD_ATTEMPTS:
@@ -558,10 +527,27 @@ class CallPipeline:
             # kept outcome holds the sweeper back, so the sweeper closes the call as interrupted.
             log.error("could not record call %s: %r", outcome.call_id, outcome, exc_info=failure)
             raise failure
-        self._kept[outcome.call_id] = (outcome, on_recorded, answered)
+        # A stream's client has had the answer by now; a non-streaming one gets a 503 instead.
+        self._kept[outcome.call_id] = (outcome, call, call.stream)
         log.error("could not record call %s (%s): kept, to be written once the database takes writes again: %r",
                   outcome.call_id, failure, outcome)
         raise StoreUnavailable(
             f"The call's record could not be written ({failure}); "
             "it will be recorded once the database takes writes again"
         ) from failure
+
+    async def _write_outcome(
+        self, call: Call, outcome: CallOutcome, answered: bool, over_interrupted: bool = False
+    ) -> bool:
+        """Write the outcome, with the end of the call's own job if it has one; whether the call
+        was recorded now (see `Store.finish_call`)."""
+        own = call.own_job
+        if own is None:
+            return await self._store.finish_call(outcome, over_interrupted=over_interrupted)
+        status, error = own.ends_as(outcome, answered)
+        recorded, ended = await self._store.finish_call_and_job(
+            outcome, JobEnd(call.job_id, status, error), over_interrupted=over_interrupted
+        )
+        if ended:
+            self._metrics.observe_job(call.principal.team.team_id, status)
+        return recorded

@@ -74,22 +74,23 @@ class JobsApi:
         notes(request)["team"] = principal.team.team_id
         return principal
 
-    async def _own_job(self, principal: Principal, job_id: str, with_costs: bool = True) -> Job:
-        job = await self._store.get_job(job_id, with_costs)
+    async def _own_job(self, principal: Principal, job_id: str) -> Job:
+        job = await self._store.get_job(job_id, with_costs=False)
         if job is None:
             raise ApiError(404, f"Job '{job_id}' not found", code="not_found")
         if job.team_id != principal.team.team_id:
             raise ApiError(403, f"Job '{job_id}' belongs to another team", code="forbidden")
         return job
 
-    async def _remaining(self, team_id: str) -> int:
-        team = await self._store.get_team(team_id)
-        return team.credits_remaining if team else 0
-
-    async def _job_body(self, job: Job) -> dict[str, Any]:
-        calls = await self._store.job_calls(job.job_id)
-        # A finished job carries the balance it left; only an open one needs the team's now.
-        remaining = 0 if job.credits_remaining_after is not None else await self._remaining(job.team_id)
+    async def _job_body(self, principal: Principal, job_id: str) -> dict[str, Any]:
+        """The job with its costs, its calls and (for an open job) the team's balance, all of one
+        moment, so that they agree with each other."""
+        view = await self._store.job_view(job_id)
+        if view is None:
+            raise ApiError(404, f"Job '{job_id}' not found", code="not_found")
+        job, calls, remaining = view
+        if job.team_id != principal.team.team_id:
+            raise ApiError(403, f"Job '{job_id}' belongs to another team", code="forbidden")
         return job_json(job, remaining, calls)
 
     async def create_job(self, request: Request) -> Response:
@@ -107,8 +108,7 @@ class JobsApi:
 
     async def get_job(self, request: Request) -> Response:
         principal = await self._principal(request)
-        job = await self._own_job(principal, canonical_job_id(request.path_params["job_id"]))
-        return JSONResponse(await self._job_body(job))
+        return JSONResponse(await self._job_body(principal, canonical_job_id(request.path_params["job_id"])))
 
     async def _admit(self, request: Request, stream: bool) -> Call:
         principal = await self._principal(request)
@@ -161,7 +161,7 @@ class JobsApi:
         principal = await self._principal(request)
         job_id = canonical_job_id(request.path_params["job_id"])
         body = parse_complete(await read_json_object(request, self._max_body))
-        job = await self._own_job(principal, job_id, with_costs=False)
+        job = await self._own_job(principal, job_id)
         if job.status == "in_progress" and is_implicit(job.job_type, job.metadata):
             # The own job of a /v1 call made without X-Job-Id: the gateway finishes (and charges)
             # it when that call ends; the client finishing it first would take the charge away.
@@ -175,7 +175,7 @@ class JobsApi:
         job, changed = await self._store.finish_job(job_id, body.status, body.metadata, body.error_message)
         if changed:
             self._metrics.observe_job(job.team_id, job.status)
-        return JSONResponse(await self._job_body(job))
+        return JSONResponse(await self._job_body(principal, job_id))
 
     def _own_team(self, principal: Principal, team_id: str) -> None:
         if team_id != principal.team.team_id:
@@ -194,5 +194,5 @@ class JobsApi:
         team_id = request.path_params["team_id"]
         self._own_team(principal, team_id)
         status, limit, offset = parse_paging(request.query_params)
-        jobs, total = await self._store.list_jobs(team_id, status, limit, offset)
-        return JSONResponse(jobs_page_json(team_id, jobs, total, limit, offset, await self._remaining(team_id)))
+        jobs, total, remaining = await self._store.team_jobs(team_id, status, limit, offset)
+        return JSONResponse(jobs_page_json(team_id, jobs, total, limit, offset, remaining))

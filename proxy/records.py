@@ -220,6 +220,15 @@ class CallOutcome:
     finished_at: float
 
 
+@dataclass(slots=True)  # not frozen: made for every /v1 call without X-Job-Id
+class JobEnd:
+    """How a call's own job ends, written with the call's record (a /v1 call without X-Job-Id)."""
+
+    job_id: str
+    status: Literal["completed", "failed"]
+    error_message: str | None
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
     entry_id: int

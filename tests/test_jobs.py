@@ -1,6 +1,7 @@
 """Jobs: creation holds credits, completion charges exactly once, failure releases the hold."""
 
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -202,6 +203,70 @@ def test_team_jobs_are_listed_newest_first_with_costs_and_filters(tollgate, team
     assert [j["job_id"] for j in failed["jobs"]] == [ids[0]]
     second = client.get(f"/api/teams/{team.team_id}/jobs", params={"limit": 1, "offset": 1}).json()
     assert [j["job_id"] for j in second["jobs"]] == [ids[1]] and second["total"] == 3
+
+
+def read_while(work, read, readers: int = 3) -> list:
+    """Run `work` while `readers` threads call `read` over and over; what they returned."""
+    done, seen = threading.Event(), []
+
+    def keep_reading() -> None:
+        while not done.is_set():
+            seen.append(read())
+
+    threads = [threading.Thread(target=keep_reading) for _ in range(readers)]
+    for thread in threads:
+        thread.start()
+    try:
+        work()
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    return seen
+
+
+def test_a_job_read_while_its_calls_run_shows_costs_that_add_up_to_its_calls(tollgate, admin):
+    # The costs and the calls of one body are of one moment: a call ending between two reads
+    # showed in the calls but not in the costs.
+    team = admin.team(rpm_limit=100_000, tpm_limit=100_000_000)
+    job_id = create(tollgate.client(team.key))["job_id"]
+
+    def calls() -> None:
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(lambda _: tollgate.client(team.key).post(
+                f"/api/jobs/{job_id}/llm-call", json={"messages": HELLO}).raise_for_status(), range(120)))
+
+    def read() -> tuple:
+        body = tollgate.client(team.key).get(f"/api/jobs/{job_id}").json()
+        costs, listed = body["costs"], body["calls"]
+        return (
+            (costs["total_calls"], costs["successful_calls"], costs["total_tokens"]),
+            (len(listed), sum(c["status"] == "success" for c in listed), sum(c["total_tokens"] for c in listed)),
+        )
+
+    seen = read_while(calls, read)
+    assert seen and [pair for pair in seen if pair[0] != pair[1]] == []
+
+
+def test_a_page_of_the_teams_jobs_shows_the_balance_of_the_moment_its_jobs_were_read(tollgate, admin):
+    # An open job shows the team's credits_remaining now: read after the jobs, it already took
+    # the charge of a job the same page still showed open.
+    team = admin.team(credits=60)
+    client = tollgate.client(team.key)
+    jobs = [create(client)["job_id"] for _ in range(40)]
+
+    def completions() -> None:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda job_id: tollgate.client(team.key).post(
+                f"/api/jobs/{job_id}/complete", json={"status": "completed"}).raise_for_status(), jobs))
+
+    def read() -> tuple[int, set[int]]:
+        page = client.get(f"/api/teams/{team.team_id}/jobs", params={"limit": 100}).json()["jobs"]
+        charged = sum(job["costs"]["credits_charged"] for job in page)
+        return 60 - charged, {job["costs"]["credits_remaining"] for job in page if job["status"] == "pending"}
+
+    seen = read_while(completions, read)
+    assert seen and [(balance, open_jobs) for balance, open_jobs in seen if open_jobs - {balance}] == []
 
 
 def test_own_team_is_readable_with_the_documented_fields(tollgate, team):

@@ -1,10 +1,11 @@
 """The SQLite store.
 
-Three connections per process, all in WAL mode: the event loop's and the writer thread's for
+Four connections per process, all in WAL mode: the event loop's and the writer thread's for
 writes (see writer.py: writes are group-committed on the loop, and go to the thread when they
 must wait for another process's lock; the thread also fsyncs and checkpoints; transactions
 begin with ``BEGIN IMMEDIATE``, so writers in other processes queue instead of failing
-half-way), and a reader through aiosqlite, which WAL lets run beside any writer. Writes are
+half-way), a reader through aiosqlite, which WAL lets run beside any writer, and one for reads
+that must agree with each other, made in one transaction (`_read_together`). Writes are
 shielded from cancellation: a client hanging up never leaves a half-recorded call or charge.
 """
 
@@ -14,6 +15,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import threading
 import time
 from typing import Any, Callable, Iterable, TypeVar
 
@@ -28,6 +30,7 @@ from ..records import (
     CallSummary,
     Job,
     JobCosts,
+    JobEnd,
     LedgerEntry,
     ModelGroup,
     NewCall,
@@ -78,6 +81,12 @@ _CALL_COLUMNS = """
     call_id, purpose, model_group, model, status, streamed, prompt_tokens, completion_tokens,
     usage_estimated, cost_usd, latency_ms, ttft_ms, attempts, error, started_at
 """
+_JOB_WITH_COSTS = (
+    f"SELECT {_JOB_COLUMNS}, {_COST_COLUMNS} FROM jobs j LEFT JOIN llm_calls c ON c.job_id = j.job_id "
+    "WHERE j.job_id = ? GROUP BY j.job_id"
+)
+_JOB_ALONE = f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.job_id = ?"
+_JOB_CALLS = f"SELECT {_CALL_COLUMNS} FROM llm_calls WHERE job_id = ? ORDER BY started_at, call_id"
 
 
 def _team(row: sqlite3.Row | tuple, offset: int = 0) -> Team:
@@ -190,6 +199,9 @@ class SQLiteStore:
         self._clock = clock
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
+        # Reads that must agree with each other (see `_read_together`), one at a time.
+        self._together: sqlite3.Connection | None = None
+        self._together_lock = threading.Lock()
         # What the last write refused for want of disk said, until a probe succeeds: readiness
         # then fails (a write that changes nothing can succeed on a full disk, a row cannot).
         self._unwritable: StoreUnavailable | None = None
@@ -212,6 +224,7 @@ class SQLiteStore:
         )
         for pragma in self._pragmas():
             await self._reader.execute(pragma)
+        self._together = self._connect_writer()  # the same settings; it only reads
 
     async def close(self) -> None:
         # Writes in flight (they are shielded from cancellation) are finished first.
@@ -220,6 +233,10 @@ class SQLiteStore:
         if self._reader is not None:
             await self._reader.close()
         self._reader = self._writer = None
+        with self._together_lock:  # a read under way in its thread ends first
+            if self._together is not None:
+                self._together.close()
+            self._together = None
 
     async def ping(self) -> None:
         """Fails if the store cannot be read, takes no more writes (after a failed fsync), or
@@ -289,6 +306,29 @@ class SQLiteStore:
             return list(await self._reader.execute_fetchall(sql, tuple(params)))
         except sqlite3.OperationalError as exc:
             raise busy_or(exc)
+
+    async def _read_together(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Reads that must agree with each other, as of one moment: in one transaction, on a
+        connection of their own, in a thread. One by one on the reader, a write committed
+        between two of them showed in one and not the other (a call's end in a job's calls but
+        not in its costs; a job's charge in the balance beside the job still shown open)."""
+        if self._together is None:
+            raise StoreError("The store is closed")
+        return await asyncio.to_thread(self._run_together, read)
+
+    def _run_together(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        with self._together_lock:
+            db = self._together
+            if db is None:
+                raise StoreError("The store is closed")
+            try:
+                db.execute("BEGIN")  # the snapshot is taken by the first read, and kept to COMMIT
+                try:
+                    return read(db)
+                finally:
+                    db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                raise busy_or(exc) from None
 
     async def _write(self, work: Work[T], atomic: bool = True, durable: bool = True) -> T:
         """Run a write to its end even if the caller is cancelled meanwhile; the caller's
@@ -587,68 +627,70 @@ class SQLiteStore:
         metadata_json = json.dumps(metadata, allow_nan=False)
 
         def create(db: sqlite3.Connection) -> int:
-            rows = _all(db,
-                "UPDATE teams SET credits_held = credits_held + COALESCE(credits_per_job, :default) "
-                "WHERE team_id = :team AND status = 'active' "
-                "AND credits_allocated - credits_used - credits_held >= COALESCE(credits_per_job, :default) "
-                "RETURNING COALESCE(credits_per_job, :default)",
-                {"default": default_credits, "team": team_id},
-            )
-            if not rows:
-                team = _team_in(db, team_id)
-                if team.status != "active":
-                    raise TeamSuspended(f"Team '{team_id}' is suspended")
-                raise InsufficientCredits(team, team.credits_per_job if team.credits_per_job is not None else default_credits)
-            held = rows[0][0]
-            db.execute(
-                "INSERT INTO jobs (job_id, team_id, job_type, user_id, status, metadata, created_at, credits_held) "
-                "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-                (job_id, team_id, job_type, user_id, metadata_json, now, held),
-            )
-            db.execute(
-                "INSERT INTO credit_holds (job_id, team_id, amount, created_at) VALUES (?, ?, ?, ?)",
-                (job_id, team_id, held, now),
-            )
-            return held
+            return _open_job(db, job_id, team_id, job_type, user_id, metadata_json, default_credits, now)
 
         held = await self._write(create)
         return Job(job_id, team_id, job_type, user_id, "pending", metadata, None, now, None, held, 0, None)
 
     async def get_job(self, job_id: str, with_costs: bool = True) -> Job | None:
-        if with_costs:
-            sql = (
-                f"SELECT {_JOB_COLUMNS}, {_COST_COLUMNS} FROM jobs j LEFT JOIN llm_calls c ON c.job_id = j.job_id "
-                "WHERE j.job_id = ? GROUP BY j.job_id"
-            )
-        else:
-            sql = f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.job_id = ?"
-        rows = await self._read(sql, (job_id,))
+        rows = await self._read(_JOB_WITH_COSTS if with_costs else _JOB_ALONE, (job_id,))
         return _job(rows[0], with_costs) if rows else None
 
+    async def job_view(self, job_id: str) -> tuple[Job, list[CallSummary], int] | None:
+        """A job with its costs and calls, and its team's credits_remaining, all of one moment."""
+
+        def read(db: sqlite3.Connection) -> tuple[Job, list[CallSummary], int] | None:
+            rows = _all(db, _JOB_WITH_COSTS, (job_id,))
+            if not rows:
+                return None
+            job = _job(rows[0], True)
+            calls = [_call(row) for row in _all(db, _JOB_CALLS, (job_id,))]
+            return job, calls, _remaining_in(db, job.team_id)
+
+        return await self._read_together(read)
+
     async def list_jobs(self, team_id: str, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+        jobs, total, _ = await self.team_jobs(team_id, status, limit, offset)
+        return jobs, total
+
+    async def team_jobs(self, team_id: str, status: str | None, limit: int, offset: int) -> tuple[list[Job], int, int]:
+        """A page of the team's jobs, newest first, with their costs; how many jobs match; and
+        the team's credits_remaining: all of one moment."""
         where, params = "j.team_id = ?", [team_id]
         if status:
             where += " AND j.status = ?"
             params.append(status)
-        # The page's jobs first, through the team's index, and only theirs joined to their calls:
-        # grouped before the limit, every job the team ever had was summed and sorted for each page.
-        rows = await self._read(
-            f"SELECT {_JOB_COLUMNS}, {_COST_COLUMNS} FROM "
-            f"(SELECT * FROM jobs j WHERE {where} ORDER BY j.created_at DESC, j.job_id LIMIT ? OFFSET ?) j "
-            "LEFT JOIN llm_calls c ON c.job_id = j.job_id GROUP BY j.job_id ORDER BY j.created_at DESC, j.job_id",
-            (*params, limit, offset),
-        )
-        total = await self._read(f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)
-        return [_job(row, True) for row in rows], total[0][0]
+
+        def read(db: sqlite3.Connection) -> tuple[list[Job], int, int]:
+            # The page's jobs first, through the team's index, and only theirs joined to their calls:
+            # grouped before the limit, every job the team ever had was summed and sorted for each page.
+            rows = _all(
+                db,
+                f"SELECT {_JOB_COLUMNS}, {_COST_COLUMNS} FROM "
+                f"(SELECT * FROM jobs j WHERE {where} ORDER BY j.created_at DESC, j.job_id LIMIT ? OFFSET ?) j "
+                "LEFT JOIN llm_calls c ON c.job_id = j.job_id GROUP BY j.job_id ORDER BY j.created_at DESC, j.job_id",
+                (*params, limit, offset),
+            )
+            total = _all(db, f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)[0][0]
+            return [_job(row, True) for row in rows], total, _remaining_in(db, team_id)
+
+        return await self._read_together(read)
 
     async def job_calls(self, job_id: str) -> list[CallSummary]:
-        rows = await self._read(
-            f"SELECT {_CALL_COLUMNS} FROM llm_calls WHERE job_id = ? ORDER BY started_at, call_id", (job_id,)
-        )
+        rows = await self._read(_JOB_CALLS, (job_id,))
         return [_call(row) for row in rows]
 
-    async def start_call(self, call: NewCall) -> None:
+    async def start_call(self, call: NewCall, own_job_credits: int | None = None) -> None:
+        """Record the call as running in its job. `own_job_credits`: the job is the call's own
+        (a /v1 call without X-Job-Id), made in the same write, holding the team's credits per
+        job (this many unless the team sets its own): a job without its call never exists, nor
+        does a call refused at its start leave a job holding a credit."""
+        now = self._clock()
+
         def start(db: sqlite3.Connection) -> None:
+            if own_job_credits is not None:
+                _open_job(db, call.job_id, call.team_id, IMPLICIT_JOB_TYPE, None, _IMPLICIT_METADATA,
+                          own_job_credits, now)
             cursor = db.execute(
                 "INSERT INTO llm_calls (call_id, job_id, team_id, key_id, model_group, purpose, streamed, status, "
                 "started_at) SELECT ?, job_id, team_id, ?, ?, ?, ?, 'running', ? FROM jobs "
@@ -682,7 +724,7 @@ class SQLiteStore:
 
         # Not waiting for the disk: a start matters only with the call's end, whose write
         # is durable and, the WAL being written in order, makes this one durable too.
-        await self._write(start, atomic=False, durable=False)
+        await self._write(start, atomic=own_job_credits is not None, durable=False)
 
     async def finish_call(self, outcome: CallOutcome, *, over_interrupted: bool = False) -> bool:
         """Record a call's end; False if it was finished already. `over_interrupted`: also over
@@ -690,26 +732,32 @@ class SQLiteStore:
         writes, which another process's sweeper may have closed meanwhile without its figures."""
 
         def finish(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                _FINISH_RUNNING_OR_INTERRUPTED_CALL if over_interrupted else _FINISH_RUNNING_CALL,
-                (
-                    outcome.status,
-                    outcome.model,
-                    outcome.prompt_tokens,
-                    outcome.completion_tokens,
-                    int(outcome.usage_estimated),
-                    outcome.cost_usd,
-                    outcome.latency_ms,
-                    outcome.time_to_first_token_ms,
-                    outcome.attempts,
-                    outcome.error,
-                    outcome.finished_at,
-                    outcome.call_id,
-                ),
-            )
-            return cursor.rowcount > 0
+            return _finish_call_in(db, outcome, over_interrupted)
 
         return await self._write(finish, atomic=False)
+
+    async def finish_call_and_job(
+        self, outcome: CallOutcome, job_end: JobEnd, *, over_interrupted: bool = False
+    ) -> tuple[bool, bool]:
+        """Record a call's end and finish its own job in the same write, so that nothing (a
+        crash, a store refusing the second of two writes) can leave a recorded call's job open,
+        holding its credit, uncharged. Returns whether the call was recorded (see
+        `finish_call`) and whether its job was finished now. A job finished already (failed by
+        a sweep that found the call interrupted) is left as it is."""
+
+        now = self._clock()
+
+        def finish(db: sqlite3.Connection) -> tuple[bool, bool]:
+            recorded = _finish_call_in(db, outcome, over_interrupted)
+            try:
+                changed = _finish_job_in(db, job_end.job_id, job_end.status, None, job_end.error_message, now)
+            except (JobClosed, CallInProgress, NotFound):
+                # Refused before it wrote anything, and the call's record stands; NotFound: a
+                # start cut short by a cancellation may have made neither job nor call.
+                changed = False
+            return recorded, changed
+
+        return await self._write(finish)
 
     async def finish_job(
         self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None
@@ -718,40 +766,7 @@ class SQLiteStore:
         now = self._clock()
 
         def finish(db: sqlite3.Connection) -> bool:
-            rows = _all(db,
-                "SELECT status, team_id, metadata FROM jobs WHERE job_id = ?", (job_id,)
-            )
-            if not rows:
-                raise NotFound(f"Job '{job_id}' not found")
-            current, team_id, stored_metadata = rows[0]
-            if current == status:
-                return False  # the same terminal status again: same result, no new charge
-            if current in ("completed", "failed"):
-                raise JobClosed(job_id, current)
-            running = _all(db,
-                "SELECT 1 FROM llm_calls WHERE job_id = ? AND status = 'running' LIMIT 1", (job_id,)
-            )
-            if running:
-                raise CallInProgress(f"Job '{job_id}' has a call still running; complete it after the call ends")
-            held_rows = _all(db, "DELETE FROM credit_holds WHERE job_id = ? RETURNING amount", (job_id,))
-            held = held_rows[0][0] if held_rows else 0
-            charged = held if status == "completed" else 0
-            remaining = _all(db,
-                "UPDATE teams SET credits_held = credits_held - ?, credits_used = credits_used + ?, updated_at = ? "
-                "WHERE team_id = ? RETURNING credits_allocated - credits_used",
-                (held, charged, now, team_id),
-            )
-            balance = remaining[0][0]
-            if charged:
-                _ledger_entry(db, team_id, job_id, -charged, f"job {job_id} completed", now, balance_after=balance)
-            merged = json.loads(stored_metadata)
-            merged.update(metadata or {})
-            db.execute(
-                "UPDATE jobs SET status = ?, completed_at = ?, metadata = ?, error_message = ?, credits_charged = ?, "
-                "credits_remaining_after = ? WHERE job_id = ?",
-                (status, now, json.dumps(merged, allow_nan=False), error_message, charged, balance, job_id),
-            )
-            return True
+            return _finish_job_in(db, job_id, status, metadata, error_message, now)
 
         changed = await self._write(finish)
         job = await self.get_job(job_id)
@@ -823,6 +838,108 @@ class SQLiteStore:
         return rows[0][0]
 
 
+_IMPLICIT_METADATA = json.dumps({"implicit": True})
+
+
+def _open_job(
+    db: sqlite3.Connection,
+    job_id: str,
+    team_id: str,
+    job_type: str,
+    user_id: str | None,
+    metadata_json: str,
+    default_credits: int,
+    now: float,
+) -> int:
+    """Insert a pending job holding the team's credits per job; returns the credits held."""
+    rows = _all(db,
+        "UPDATE teams SET credits_held = credits_held + COALESCE(credits_per_job, :default) "
+        "WHERE team_id = :team AND status = 'active' "
+        "AND credits_allocated - credits_used - credits_held >= COALESCE(credits_per_job, :default) "
+        "RETURNING COALESCE(credits_per_job, :default)",
+        {"default": default_credits, "team": team_id},
+    )
+    if not rows:
+        team = _team_in(db, team_id)
+        if team.status != "active":
+            raise TeamSuspended(f"Team '{team_id}' is suspended")
+        raise InsufficientCredits(team, team.credits_per_job if team.credits_per_job is not None else default_credits)
+    held = rows[0][0]
+    db.execute(
+        "INSERT INTO jobs (job_id, team_id, job_type, user_id, status, metadata, created_at, credits_held) "
+        "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+        (job_id, team_id, job_type, user_id, metadata_json, now, held),
+    )
+    db.execute(
+        "INSERT INTO credit_holds (job_id, team_id, amount, created_at) VALUES (?, ?, ?, ?)",
+        (job_id, team_id, held, now),
+    )
+    return held
+
+
+def _finish_call_in(db: sqlite3.Connection, outcome: CallOutcome, over_interrupted: bool) -> bool:
+    cursor = db.execute(
+        _FINISH_RUNNING_OR_INTERRUPTED_CALL if over_interrupted else _FINISH_RUNNING_CALL,
+        (
+            outcome.status,
+            outcome.model,
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
+            int(outcome.usage_estimated),
+            outcome.cost_usd,
+            outcome.latency_ms,
+            outcome.time_to_first_token_ms,
+            outcome.attempts,
+            outcome.error,
+            outcome.finished_at,
+            outcome.call_id,
+        ),
+    )
+    return cursor.rowcount > 0
+
+
+def _finish_job_in(
+    db: sqlite3.Connection,
+    job_id: str,
+    status: str,
+    metadata: dict[str, Any] | None,
+    error_message: str | None,
+    now: float,
+) -> bool:
+    """Finish a job inside the caller's transaction: charge or release its hold. False for the
+    same terminal status again; JobClosed and CallInProgress are raised before any write."""
+    rows = _all(db, "SELECT status, team_id, metadata FROM jobs WHERE job_id = ?", (job_id,))
+    if not rows:
+        raise NotFound(f"Job '{job_id}' not found")
+    current, team_id, stored_metadata = rows[0]
+    if current == status:
+        return False  # the same terminal status again: same result, no new charge
+    if current in ("completed", "failed"):
+        raise JobClosed(job_id, current)
+    running = _all(db, "SELECT 1 FROM llm_calls WHERE job_id = ? AND status = 'running' LIMIT 1", (job_id,))
+    if running:
+        raise CallInProgress(f"Job '{job_id}' has a call still running; complete it after the call ends")
+    held_rows = _all(db, "DELETE FROM credit_holds WHERE job_id = ? RETURNING amount", (job_id,))
+    held = held_rows[0][0] if held_rows else 0
+    charged = held if status == "completed" else 0
+    remaining = _all(db,
+        "UPDATE teams SET credits_held = credits_held - ?, credits_used = credits_used + ?, updated_at = ? "
+        "WHERE team_id = ? RETURNING credits_allocated - credits_used",
+        (held, charged, now, team_id),
+    )
+    balance = remaining[0][0]
+    if charged:
+        _ledger_entry(db, team_id, job_id, -charged, f"job {job_id} completed", now, balance_after=balance)
+    merged = json.loads(stored_metadata)
+    merged.update(metadata or {})
+    db.execute(
+        "UPDATE jobs SET status = ?, completed_at = ?, metadata = ?, error_message = ?, credits_charged = ?, "
+        "credits_remaining_after = ? WHERE job_id = ?",
+        (status, now, json.dumps(merged, allow_nan=False), error_message, charged, balance, job_id),
+    )
+    return True
+
+
 def _group(row: sqlite3.Row | tuple) -> ModelGroup:
     return ModelGroup(row[0], tuple(json.loads(row[1])), row[2], row[3], row[4])
 
@@ -832,6 +949,12 @@ def _team_in(db: sqlite3.Connection, team_id: str) -> Team:
     if not rows:
         raise NotFound(f"Team '{team_id}' not found")
     return _team(rows[0])
+
+
+def _remaining_in(db: sqlite3.Connection, team_id: str) -> int:
+    """The team's credits_remaining (0 for a team that does not exist)."""
+    rows = _all(db, "SELECT credits_allocated - credits_used FROM teams WHERE team_id = ?", (team_id,))
+    return rows[0][0] if rows else 0
 
 
 def _grant_groups(db: sqlite3.Connection, team_id: str, groups: Iterable[str]) -> None:

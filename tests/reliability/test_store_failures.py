@@ -84,7 +84,8 @@ def gateway(tmp_path: Path, fake_url: str) -> Iterator[Any]:
     def start(**sections: Any) -> Gateway:
         database = tmp_path / "t.db"
         config_path = tmp_path / "config.yaml"
-        config_path.write_text(yaml.safe_dump(tollgate_config(database, upstream={"url": fake_url}, **sections)))
+        upstream = {"url": fake_url, **sections.pop("upstream", {})}
+        config_path.write_text(yaml.safe_dump(tollgate_config(database, upstream=upstream, **sections)))
         config = load_config(str(config_path), env={"TOLLGATE_MASTER_KEY": MASTER, "TOLLGATE_UPSTREAM_KEY": "sk-up"})
         client = TestClient(create_app(config), raise_server_exceptions=False)
         client.__enter__()
@@ -98,21 +99,23 @@ def gateway(tmp_path: Path, fake_url: str) -> Iterator[Any]:
 
 @pytest.fixture
 def refusing(monkeypatch: pytest.MonkeyPatch) -> dict[str, Exception | None]:
-    """While `refusing["error"]` is set, the store refuses every call record with it."""
-    return refused(monkeypatch, "finish_call")
+    """While `refusing["error"]` is set, the store refuses every call record with it (a /v1
+    call's own job is ended in the same write as its record)."""
+    return refused(monkeypatch, "finish_call", "finish_call_and_job")
 
 
-def refused(monkeypatch: pytest.MonkeyPatch, method: str) -> dict[str, Exception | None]:
-    """The store's `method` made to raise `state["error"]` while it is set."""
+def refused(monkeypatch: pytest.MonkeyPatch, *methods: str) -> dict[str, Exception | None]:
+    """The store's `methods` made to raise `state["error"]` while it is set."""
     state: dict[str, Exception | None] = {"error": None}
-    original = getattr(SQLiteStore, method)
+    for method in methods:
+        original = getattr(SQLiteStore, method)
 
-    async def refuse_or_run(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
-        if state["error"] is not None:
-            raise state["error"]
-        return await original(self, *args, **kwargs)
+        async def refuse_or_run(self: SQLiteStore, *args: Any, original: Any = original, **kwargs: Any) -> Any:
+            if state["error"] is not None:
+                raise state["error"]
+            return await original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SQLiteStore, method, refuse_or_run)
+        monkeypatch.setattr(SQLiteStore, method, refuse_or_run)
     return state
 
 
@@ -340,3 +343,76 @@ def test_the_own_job_of_a_v1_call_whose_finish_was_refused_after_its_record_is_f
     assert wait_for(lambda: server.job(job_id)["status"] != "in_progress", timeout=5)
     job = server.job(job_id)
     assert (job["status"], job["costs"]["credits_charged"]) == ("completed", 1)
+
+
+@pytest.fixture
+def disk_fills_after(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Once a write leaves the database where `disk_fills_after["query"]` finds a row, every
+    later write fails as SQLite fails on a full disk, until `disk_fills_after["full"]` is set
+    back to False."""
+    state: dict[str, Any] = {"query": None, "full": False}
+    submit = Writer.submit
+
+    def submit_then_fill(self: Writer, work: Any, atomic: bool = True, durable: bool = True) -> Any:
+        def run(db: sqlite3.Connection) -> Any:
+            if state["full"]:
+                error = sqlite3.OperationalError("database or disk is full")
+                error.sqlite_errorname = "SQLITE_FULL"
+                raise error
+            result = work(db)
+            if state["query"] is not None and db.execute(state["query"]).fetchone() is not None:
+                state["full"] = True  # this write still commits; none after it does
+            return result
+
+        return submit(self, run, atomic, durable)
+
+    monkeypatch.setattr(Writer, "submit", submit_then_fill)
+    return state
+
+
+def test_the_own_job_of_a_v1_call_is_charged_even_if_the_gateway_stops_while_the_store_refuses_writes_after_its_record(
+    gateway, disk_fills_after
+):
+    # The client had the whole answer and the call is recorded as a success: the job must be
+    # charged, not left open, holding its credit, to expire uncharged a day later.
+    server = gateway(jobs={"sweep_interval": "0.2s", "stale_call_margin": "0.1s"}, upstream={"timeouts": {"total": "1s"}})
+    disk_fills_after["query"] = "SELECT 1 FROM llm_calls WHERE status = 'success'"
+    response = server.post("/v1/chat/completions", {"model": "Main", **CALL, "stream": True})
+    assert response.status_code == 200 and "[DONE]" in response.text
+    job_id = response.headers["x-job-id"]
+    assert restarted_with_room_again(gateway, server, disk_fills_after, job_id) == ("completed", 1, 0, "success")
+
+
+def test_the_own_job_of_a_v1_call_holds_no_credit_after_the_gateway_stops_while_the_store_refuses_its_start(
+    gateway, disk_fills_after
+):
+    # Whatever the store refused once the job was made, a restarted gateway must not leave the
+    # job holding a credit (its client knows nothing of jobs) until it expires a day later.
+    server = gateway(jobs={"sweep_interval": "0.2s", "stale_call_margin": "0.1s"}, upstream={"timeouts": {"total": "1s"}})
+    disk_fills_after["query"] = "SELECT 1 FROM jobs WHERE job_type = 'chat.completions'"
+    assert server.post("/v1/chat/completions", {"model": "Main", **CALL}).status_code == 503
+    job_id = own_job_ids(server.database)[0]
+    status, charged, held, _ = restarted_with_room_again(gateway, server, disk_fills_after, job_id)
+    assert (status, charged, held) == ("failed", 0, 0)
+
+
+def own_job_ids(database: Path) -> list[str]:
+    with sqlite3.connect(database) as db:
+        return [row[0] for row in db.execute("SELECT job_id FROM jobs WHERE job_type = 'chat.completions'")]
+
+
+def restarted_with_room_again(
+    gateway: Any, server: Gateway, disk: dict[str, Any], job_id: str
+) -> tuple[str, int, int, str | None]:
+    """Stop the gateway while the store still refuses writes, start it again on the same
+    database once it takes them, let its sweeper run; the job's status, credits charged and
+    held, and its call's status."""
+    server.http.__exit__(None, None, None)
+    disk.update(query=None, full=False)
+    gateway(jobs={"sweep_interval": "0.2s", "stale_call_margin": "0.1s"}, upstream={"timeouts": {"total": "1s"}})
+    time.sleep(2.5)  # past the stale-call cutoff (1.1 s), and several sweeps
+    with sqlite3.connect(server.database) as db:
+        status, charged = db.execute("SELECT status, credits_charged FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        (held,) = db.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_holds WHERE job_id = ?", (job_id,)).fetchone()
+        call = db.execute("SELECT status FROM llm_calls WHERE job_id = ?", (job_id,)).fetchone()
+    return status, charged, held, call[0] if call else None
