@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Callable
 
+import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.supervisors import Multiprocess
 
 from .coalesce import CoalescingTransport
@@ -28,13 +30,22 @@ MAX_HEAD_BYTES = 64 * 1024
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Seconds a refused connection is kept open for the client to read the refusal.
 LINGER = 2.0
+_TOO_LARGE = f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB"
+# What a request line is made of before its target: a method, and the spaces after it.
+_METHOD_CHARACTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- "
+
+
+class _Refused(Exception):
+    """Raised by a parser callback that refused the request: it stops the parser, so nothing
+    after the refused head is read."""
 
 
 class CoalescingHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol (what `tollgate serve` ran before), writing through a
     `CoalescingTransport`: a plain answer's head and body leave in one write, and a stream's
     head with its first events. Requests are read within bounds of time and size; every
-    refusal at this level is JSON."""
+    refusal at this level is JSON, and a pipelined request's comes after the answers to the
+    requests sent before it."""
 
     def __init__(self, *args: Any, read_timeout: float = 30.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -43,6 +54,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
         self._reading = True  # a request is due: a connection opened to send nothing is closed too
+        # The head's bytes so far; -1 for one begun in the read that ended the request before it,
+        # until that read is parsed (on_message_begin).
         self._head_bytes = 0
         self._head_done = False
         self._message_begun = False  # a request has begun and is not yet read whole
@@ -50,6 +63,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._read_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: what the client still sends is dropped
         self._linger_timer: asyncio.TimerHandle | None = None
+        # The requests pipelined requests were queued behind: uvicorn keeps track of the latest
+        # request alone, and one of these may be the one running.
+        self._ahead: list[RequestResponseCycle] = []
         self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -64,12 +80,32 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 # Refused before the parser saw this read: if it is the head's first, its request
                 # line is read here for the answer's shape and the request's count.
                 first = data if self._head_bytes == 0 else None
-                self._refuse(431, f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB", first)
+                self._refuse(431, _TOO_LARGE, first)
                 return
             self._head_bytes += len(data)
-        super().data_received(data)
+        # uvicorn's own data_received, but for a refusal made in a parser callback.
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self._discarding:  # a callback refused the request, and stopped the parser
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
         # A request read whole in one go, as nearly all are, needs no timer.
         if self._reading:
+            if self._head_bytes < 0 and not self._head_done:
+                self._head_bytes = self._pipelined_head_bytes(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    self._refuse(431, _TOO_LARGE)
+                    return
             if self._read_timer is None:
                 self._arm_read_timer()
         elif self._read_timer is not None:
@@ -83,22 +119,81 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # The blank line may have begun at the end of the previous read.
         return self._head_bytes > 0 and data.startswith((b"\n", b"\r\n"))
 
+    def _pipelined_head_bytes(self, data: bytes) -> int:
+        """The bytes of `data` that are the head, unfinished, of a request begun in it after
+        the request before ended there. The parser does not say where that was: it is where
+        the request line is first found after the last blank line in `data` (an unfinished
+        head has none). A body before it that quotes that very line makes the count too large,
+        never too small."""
+        if not self.url:  # the read ended in the method, or the spaces after it
+            return len(data) - len(data.rstrip(_METHOD_CHARACTERS))
+        blank = data.rfind(b"\r\n\r\n")
+        start = 0 if blank < 0 else blank + 4
+        line = re.compile(re.escape(self.parser.get_method()) + rb" +" + re.escape(self.url))
+        found = line.search(data, start)
+        return len(data) - (start if found is None else found.start())
+
+    def _kept_head_bytes(self) -> int:
+        """The size of a head read whole, as the parser kept it: its request line and header
+        lines, less the spaces it skipped."""
+        size = len(self.parser.get_method()) + len(self.url) + len(" HTTP/1.1\r\n") + 1 + len("\r\n")
+        for name, value in self.headers:
+            size += len(name) + len(value) + len(":\r\n")
+        return size
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        # Not the head's count: this read's bytes, counted before the parser took them, are its.
+        # Not the head's count: this read's bytes, counted before the parser took them, are its,
+        # unless the request before ended in this read and zeroed the count (a pipelined request):
+        # then which of them are this one's is known once the read is parsed.
+        if self._head_bytes == 0:
+            self._head_bytes = -1
         self._reading, self._head_done = True, False
         self._message_begun = True
         self._message_started = time.perf_counter()
 
     def on_headers_complete(self) -> None:
+        if self._head_bytes < 0 and self._kept_head_bytes() > MAX_HEAD_BYTES:
+            # A pipelined head begun and ended in one read: the bound is checked here, before
+            # the request is queued.
+            self._refuse(431, _TOO_LARGE)
+            raise _Refused
         self._head_done = True
+        previous = self.cycle
         super().on_headers_complete()
+        if self.pipeline and self.cycle is not previous and self.pipeline[0][0] is self.cycle:
+            self._queued_behind(previous)
 
     def on_message_complete(self) -> None:
         self._reading, self._head_bytes, self._message_begun = False, 0, False
         super().on_message_complete()
 
+    def _queued_behind(self, previous: RequestResponseCycle) -> None:
+        """The request whose head was just read waits for `previous`'s answer: uvicorn queues
+        it and stops reading. Its read time starts again with its turn, for until then it cannot
+        be read; and `previous` must still hear of a hang-up, though uvicorn now tells only the
+        latest request of it."""
+        self._ahead = [cycle for cycle in self._ahead if not cycle.response_complete]
+        self._ahead.append(previous)
+        waiting = self.cycle
+
+        def its_turn() -> None:
+            if self.cycle is waiting and self._reading and not self._discarding and not self.transport.is_closing():
+                if self._read_timer is not None:
+                    self._read_timer.cancel()
+                self._arm_read_timer()
+
+        _after_answer(previous, its_turn)
+
+    def _waiting(self) -> bool:
+        """Whether the request being read, its head read, is queued behind another."""
+        return bool(self.pipeline) and self.pipeline[0][0] is self.cycle
+
     def connection_lost(self, exc: Exception | None) -> None:
+        for cycle in self._ahead:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
@@ -110,21 +205,32 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, msg)
 
+    def timeout_keep_alive_handler(self) -> None:
+        # uvicorn starts it as an answer ends, though the next, pipelined, request may be half
+        # read by then: that one has the read timeout instead.
+        if not self._message_begun:
+            super().timeout_keep_alive_handler()
+
     def _arm_read_timer(self) -> None:
         self._read_timer = self.loop.call_later(self._read_timeout, self._read_timed_out)
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
-        if not self._reading or self.transport.is_closing():
+        if not self._reading or self._discarding or self.transport.is_closing():
             return
+        if self._head_done and self._waiting():
+            return  # it cannot be read before its turn, which starts its time again
         if not self._message_begun and self.cycle is None:
             self.transport.close()  # opened and never used: nothing to answer
             return
         self._refuse(408, f"The request did not arrive whole within {self._read_timeout:g} s")
 
     def _refuse(self, status: int, message: str, unparsed: bytes | None = None) -> None:
-        cycle = self.cycle  # on a kept-alive connection, the previous request's until a head is read
-        if cycle is not None and cycle.response_started and not cycle.response_complete:
+        # The refused request's own cycle, if its head was read: uvicorn's `cycle` is otherwise
+        # the request's before it, on a kept-alive or pipelining connection.
+        own = self.cycle if self._reading and self._head_done else None
+        waiting = own is not None and self._waiting()
+        if own is not None and not waiting and own.response_started and not own.response_complete:
             self.transport.close()  # an answer is under way: it cannot be replaced
             return
         # The target as far as it was read, for the error's shape: OpenAI's under /v1.
@@ -136,12 +242,37 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
-        self.transport.write(head.encode() + body)
-        if cycle is None or cycle.response_complete:
+        answer = head.encode() + body
+        self._discarding = True
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        # Requests sent before it still being answered: the refusal comes after their answers.
+        if waiting:
+            self.pipeline.popleft()  # never run
+            before: RequestResponseCycle | None = self._ahead[-1]
+        elif own is None and self.cycle is not None and not self.cycle.response_complete:
+            before = self.cycle
+        else:
+            before = None
+        if before is not None:
+            _after_answer(before, lambda: self._answer_refusal(answer))
+            self._observe_refusal(status, method, None)
+            return
+        self.transport.write(answer)
+        if own is None or own.response_complete:
             self._close_once_read()
         else:
             self.transport.close()  # the app's receive() hears of it, and the client sent all it would
-        self._observe_refusal(status, method)
+        self._observe_refusal(status, method, own)
+
+    def _answer_refusal(self, answer: bytes) -> None:
+        """Send a refusal held until the answers before it were sent, and close."""
+        if self.transport.is_closing():  # the last of them closed the connection
+            return
+        self._unset_keepalive_if_required()
+        self.transport.write(answer)
+        self._close_once_read()
 
     def _close_once_read(self) -> None:
         """Close once the client has read the refusal, whatever else it still sends: a socket
@@ -176,16 +307,27 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         name = method.decode("latin-1")
         return (name if name in _METHODS else "unknown"), target
 
-    def _observe_refusal(self, status: int, method: str) -> None:
+    def _observe_refusal(self, status: int, method: str, own: RequestResponseCycle | None) -> None:
         """Count and log the refused request like any other: through the app's own observation
-        when the app runs it (its head was read), else here."""
-        cycle = self.cycle
-        if self._head_done and cycle is not None and not cycle.response_complete:
-            cycle.scope[REFUSED] = status  # type: ignore[literal-required]
+        when the app runs it (`own`, its head read), else here."""
+        if own is not None and not own.response_complete:
+            own.scope[REFUSED] = status  # type: ignore[literal-required]
             return
         observe: RefusalObserver | None = self.app_state.get(REFUSALS)
         if observe is not None:
             observe(method, status, time.perf_counter() - self._message_started)
+
+
+def _after_answer(cycle: RequestResponseCycle, then: Callable[[], None]) -> None:
+    """Run `then` once `cycle`'s answer is sent, after uvicorn's own bookkeeping of it (which
+    starts the request queued behind it). Not if the connection is lost first."""
+    done = cycle.on_response
+
+    def on_response() -> None:
+        done()
+        then()
+
+    cycle.on_response = on_response
 
 
 def uvicorn_options(
