@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -274,11 +275,13 @@ class CallPipeline:
         try:
             decision = await self._limiter.admit(limits, call_id, estimate)
         except RedisUnavailable:
+            # Sooner than the breaker asks Redis again, the retry would be refused the same way.
+            retry = max(1, math.ceil(self._limiter.reopens_in()))
             raise ApiError(
                 503,
                 "Rate limiting is unavailable (Redis is down and on_redis_error is 'deny'); retry shortly",
                 code="rate_limiter_unavailable",
-                headers={"Retry-After": "5"},
+                headers={"Retry-After": str(retry)},
             ) from None
         if not decision.admitted:
             self._metrics.observe_rate_limited(team.team_id, decision.refused_kind or "tokens")

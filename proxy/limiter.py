@@ -6,7 +6,9 @@ scope that applies (team, and key if it has limits), the calls of the last
 window number fewer than the RPM limit and their tokens plus this call's
 estimate fit the TPM limit. There are no window edges to burst across, and a
 caller is admitted again the moment the oldest call in its way leaves the
-window. After the call, its estimate is replaced by the tokens it really used.
+window. When the call ends, its estimate gives way to the tokens it really used,
+counted for a window from then: a call as long as the window would otherwise
+spend tokens no window ever counted.
 
 With Redis, one Lua script checks and records every scope in one atomic round
 trip on Redis's own clock, so all processes sharing the Redis share the limit
@@ -255,18 +257,28 @@ class LocalLimiter:
         return self._clock() + self._window
 
     def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
+        """The call's estimate gives way to its real usage, counted for a window from now (see
+        SETTLE_SCRIPT); or, on `release`, the call is forgotten."""
+        call_id = decision.call_id
+        now = self._clock()
         for scope, name, _, _ in decision.limits.scopes():
             window = self._windows.get((scope, name))
-            if window is None or decision.call_id not in window.tokens:
-                continue
-            admitted_at, amount = window.tokens[decision.call_id]
             if release:
-                del window.tokens[decision.call_id]
+                if window is None or call_id not in window.tokens:
+                    continue
+                _, amount = window.tokens.pop(call_id)
                 window.total -= amount
-                window.requests = deque(r for r in window.requests if r[1] != decision.call_id)
+                window.requests = deque(r for r in window.requests if r[1] != call_id)
+                continue
+            if window is None:
+                window = self._windows[(scope, name)] = _Window()
             else:
-                window.tokens[decision.call_id] = (admitted_at, tokens)
-                window.total += tokens - amount
+                self._windows.move_to_end((scope, name))
+            window.used_at = now
+            # Moved to the end: nothing in the window is younger, so it stays in time order.
+            _, amount = window.tokens.pop(call_id, (now, 0))
+            window.tokens[call_id] = (now, tokens)
+            window.total += tokens - amount
 
 
 # --- Redis -----------------------------------------------------------------------------------
@@ -357,21 +369,33 @@ end
 return result
 """
 
-# KEYS, four per scope as above. ARGV: call id, real tokens, release (1: forget the call).
+# KEYS, four per scope as above. ARGV: call id, real tokens, release (1: forget the call), window
+# (ms). A call's real usage counts for a window from when it is known, the call's end, whatever
+# is left of its admission's: a call longer than the window would otherwise never count it, and
+# one nearly as long would count it for a moment.
 SETTLE_SCRIPT = """
-local call, actual, release = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local call, actual, release, window = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', tonumber(ARGV[4])
+local now
 for s = 1, #KEYS / 4 do
   local requests, tokens, amounts, total = KEYS[s*4-3], KEYS[s*4-2], KEYS[s*4-1], KEYS[s*4]
   local old = redis.call('HGET', amounts, call)
-  if old then
-    if release then
+  if release then
+    if old then
       redis.call('ZREM', requests, call)
       redis.call('ZREM', tokens, call)
       redis.call('HDEL', amounts, call)
       redis.call('DECRBY', total, tonumber(old))
-    else
-      redis.call('HSET', amounts, call, actual)
-      redis.call('INCRBY', total, actual - tonumber(old))
+    end
+  else
+    if not now then
+      local clock = redis.call('TIME')
+      now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+    end
+    redis.call('ZADD', tokens, now, call)
+    redis.call('HSET', amounts, call, actual)
+    redis.call('INCRBY', total, actual - tonumber(old or '0'))
+    for _, key in ipairs({tokens, amounts, total}) do
+      redis.call('PEXPIRE', key, window + 1000)
     end
   end
 end
@@ -406,7 +430,8 @@ class RedisLimiter:
         # released once Redis answers again; a release finds nothing if it never ran, and also
         # if the window has since let it go. A call's real usage that could not be sent (the
         # breaker open, or Redis failing as it was sent) waits here too, sent the same way: a
-        # settle is idempotent. Call id -> the keys and SETTLE_SCRIPT arguments, oldest first.
+        # settle sent twice counts the usage once (from the later). Call id -> the keys and
+        # SETTLE_SCRIPT arguments, oldest first.
         self._unknown: dict[str, tuple[Keys, list[Any]]] = {}
 
     async def close(self) -> None:
@@ -483,10 +508,14 @@ class RedisLimiter:
 
     def settle_later(self, decision: Decision, tokens: int, release: bool = False) -> None:
         """`settle`, sent with the next admit that reaches Redis."""
-        self._later(decision.call_id, self._keys(decision.limits), [decision.call_id, tokens, 1 if release else 0])
+        args = self._settle_args(decision.call_id, tokens, release)
+        self._later(decision.call_id, self._keys(decision.limits), args)
 
     def _release_later(self, call_id: str, keys: Keys) -> None:
-        self._later(call_id, keys, [call_id, 0, 1])
+        self._later(call_id, keys, self._settle_args(call_id, 0, True))
+
+    def _settle_args(self, call_id: str, tokens: int, release: bool) -> list[Any]:
+        return [call_id, tokens, 1 if release else 0, self._window_ms]
 
     def _later(self, call_id: str, keys: Keys, args: list[Any]) -> None:
         if call_id not in self._unknown and len(self._unknown) >= MAX_UNKNOWN:
@@ -512,13 +541,15 @@ class RedisLimiter:
 
     def _released(self, call_id: str, keys: Keys, args: list[Any], reply: asyncio.Future[Any]) -> None:
         if (reply.cancelled() or reply.exception() is not None) and call_id not in self._unknown:
-            self._later(call_id, keys, args)  # to be tried again: a release or settle is idempotent
+            self._later(call_id, keys, args)  # to be tried again: sent twice, it still counts once
 
     async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
-        await self._run(self._settle, self._keys(decision.limits), [decision.call_id, tokens, 1 if release else 0])
+        args = self._settle_args(decision.call_id, tokens, release)
+        await self._run(self._settle, self._keys(decision.limits), args)
 
     def settle_soon(self, decision: Decision, tokens: int) -> asyncio.Future[Any]:
-        return self._redis.evalsha_soon(self._settle, self._keys(decision.limits), [decision.call_id, tokens, 0])
+        args = self._settle_args(decision.call_id, tokens, False)
+        return self._redis.evalsha_soon(self._settle, self._keys(decision.limits), args)
 
 
 _KINDS = ("", "requests", "tokens", "never")  # ADMIT_SCRIPT's refused kinds, by number
@@ -560,6 +591,10 @@ class RateLimiter:
 
     def _may_ask_redis(self) -> bool:
         return self._open_until <= self._clock()
+
+    def reopens_in(self) -> float:
+        """Seconds until the breaker lets a request ask Redis again (0 when it is closed)."""
+        return max(0.0, self._open_until - self._clock())
 
     def _failed(self, error: RedisUnavailable) -> None:
         if not self.degraded:
@@ -626,7 +661,7 @@ class RateLimiter:
     def _settled(self, redis: RedisLimiter, decision: Decision, tokens: int, reply: asyncio.Future[Any]) -> None:
         error = None if reply.cancelled() else reply.exception()
         if error is not None:
-            redis.settle_later(decision, tokens)  # it may have run, or not: sent again, it changes nothing
+            redis.settle_later(decision, tokens)  # it may have run, or not: sent again, it counts once
             self._failed(RedisUnavailable(f"{type(error).__name__}: {error}"))
 
     async def check(self) -> str:

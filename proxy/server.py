@@ -298,8 +298,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             target = rest.partition(b" ")[0] if space else b""
         elif self._message_begun:
             target = self.url  # as far as it was read
+            # Before the target begins the method may be cut short or no method at all, and the
+            # parser's is then its default (DELETE), not what the client sent.
             try:
-                method = self.parser.get_method()
+                method = self.parser.get_method() if target else b""
             except Exception:  # httptools has not read the method yet
                 method = b""
         else:

@@ -146,9 +146,9 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
 
     dropped = CALL_KEYS + (("model",) if not openai else ()) + ("stream", "stream_options")
     params = {key: value for key, value in body.items() if key not in dropped}
-    return CallRequest(
-        model_group, purpose, params, stream, client_wants_usage, prompt_chars, max_completion_tokens or max_tokens
-    )
+    # Both may be sent, and the upstream may honour either: the rate limits count the larger.
+    completion_limit = max(max_tokens or 0, max_completion_tokens or 0) or None
+    return CallRequest(model_group, purpose, params, stream, client_wants_usage, prompt_chars, completion_limit)
 
 
 # The chat parameters checked, in the order their problems are reported.

@@ -350,6 +350,29 @@ def test_requests_refused_before_the_app_are_counted_in_requests_total(make_toll
     assert wait_for(lambda: value(families(server), "tollgate_requests", status=str(status)) == 1, timeout=5)
 
 
+# Requests refused before their method was read whole: the parser's method is then its default
+# (DELETE), which no client sent.
+METHOD_NEVER_READ = {
+    400: b"XYZZY /health/live HTTP/1.1\r\nHost: x\r\n\r\n",  # no such method
+    408: b"GE",  # the method cut short, then nothing more
+}
+
+
+@pytest.mark.parametrize("status", sorted(METHOD_NEVER_READ))
+def test_a_request_refused_before_its_method_was_read_is_counted_under_method_unknown(make_tollgate, status):
+    server = make_tollgate(server={"read_timeout": "1s"})
+    assert raw_refusal(server.port, METHOD_NEVER_READ[status]).startswith(f"HTTP/1.1 {status} ".encode())
+    assert wait_for(lambda: value(families(server), "tollgate_requests", status=str(status)) == 1, timeout=5)
+    methods = {s.labels["method"] for s in families(server)["tollgate_requests"].samples if s.labels["status"] == str(status)}
+    assert methods == {"unknown"}
+
+
+def test_a_request_refused_after_its_method_was_read_is_counted_under_it(make_tollgate):
+    server = make_tollgate()
+    assert raw_refusal(server.port, REFUSED_BEFORE_THE_APP[400](server)).startswith(b"HTTP/1.1 400 ")
+    assert wait_for(lambda: value(families(server), "tollgate_requests", status="400", method="GET") == 1, timeout=5)
+
+
 def test_a_request_refused_before_the_app_has_its_access_log_line(make_tollgate):
     server = make_tollgate(logging={"access_log": "json"})
     assert raw_refusal(server.port, OVERSIZED_HEAD).startswith(b"HTTP/1.1 431 ")

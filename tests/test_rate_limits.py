@@ -169,6 +169,42 @@ def test_tpm_refuses_the_third_concurrent_call_and_fits_new_ones_after_reconcili
     assert call(server, team.key, job_id, max_tokens=390).status_code == 200
 
 
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_the_real_usage_of_a_call_that_outlived_the_window_still_counts(make_tollgate, request, backend):
+    # A stream longer than the window: its admission (and estimate) left the window before it
+    # ended. Its real usage must still count, or long calls would spend tokens no limit sees.
+    redis = {"url": request.getfixturevalue("redis_server").url} if backend == "redis" else {}
+    server = make_tollgate(redis=redis, rate_limits={"window": "2s", "default_max_tokens": 1})
+    team = server.admin().team(tpm_limit=100)
+    job_id = open_job(server, team.key)
+    long = {"messages": [{"role": "user", "content": "x [chunks=60] [delay_ms=50]"}]}  # 3 s
+    streamed = server.client(team.key).post(f"/api/jobs/{job_id}/llm-call-stream", json=long)
+    assert streamed.status_code == 200  # admitted on its estimate: 7 + 1 tokens; it used 63
+    refused = call(server, team.key, job_id, max_tokens=50)  # 1 + 50 more would make 114 of 100
+    assert refused.status_code == 429 and "tokens per minute" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_a_calls_real_usage_counts_for_a_whole_window_from_its_end(request, backend):
+    # Counted from its admission instead, a call ending near the end of its window would count
+    # its tokens for a moment only: calls lasting nearly a window would spend many times the TPM.
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(window=1.0), RedisConfig(url=url))
+        long_call = await limiter.admit(limits, "long-call", 10)
+        await asyncio.sleep(0.7)
+        limiter.settle_soon(long_call, 900)  # it ends, having used 900 tokens
+        await asyncio.sleep(0.5)  # its admission has left the window; its end has not
+        after = await limiter.admit(limits, "after", 200)
+        assert (after.backend, after.admitted, after.refused_kind) == (backend, False, "tokens")
+        assert after.retry_after is not None and 0.1 < after.retry_after <= 0.5
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 def test_a_calls_token_estimate_is_its_text_rounded_up_once_plus_the_default_max_tokens(tollgate, admin):
     # API.md: all message text's characters ÷ 4, rounded up once (6 characters: 2 tokens, not
     # 1 per message), plus rate_limits.default_max_tokens (1,024) when the call sets no max_tokens.
@@ -181,6 +217,16 @@ def test_a_calls_token_estimate_is_its_text_rounded_up_once_plus_the_default_max
     response = call(tollgate, team.key, open_job(tollgate, team.key), messages=messages)
     assert response.status_code == 200
     assert response.headers["x-ratelimit-remaining-tokens"] == str(5000 - (2 + 1024))
+
+
+def test_a_call_that_sets_both_max_tokens_and_max_completion_tokens_is_estimated_on_the_larger(tollgate, admin):
+    # API.md estimates on max_tokens; the upstream may honour either one (LiteLLM maps both to
+    # some providers' one limit), so a small max_completion_tokens must not hide a large max_tokens.
+    for max_tokens, max_completion_tokens in ((1000, 1), (1, 1000)):
+        team = admin.team(tpm_limit=5000)
+        response = call(tollgate, team.key, open_job(tollgate, team.key),
+                        max_tokens=max_tokens, max_completion_tokens=max_completion_tokens)
+        assert response.headers["x-ratelimit-remaining-tokens"] == str(5000 - (1 + 1000))
 
 
 def test_a_call_counts_once_however_many_models_it_tried(tollgate, admin):
@@ -332,6 +378,19 @@ def test_redis_outage_under_deny_refuses_calls_quickly(make_tollgate, redis_serv
         assert "Redis" in response.json()["detail"]
     ready = httpx.get(f"{server.url}/health/ready")
     assert ready.status_code == 503 and "redis" in ready.json()["failing"]
+
+
+def test_under_deny_retry_after_is_when_the_breaker_lets_redis_be_asked_again(make_tollgate, redis_server):
+    # Sooner, the retry meets the open breaker and is refused again.
+    server = make_tollgate(redis={"url": redis_server.url, "breaker_cooldown": "20s"},
+                           rate_limits={"on_redis_error": "deny"})
+    team = server.admin().team()
+    job_id = open_job(server, team.key)
+    redis_server.stop()
+    for _ in range(2):
+        response = call(server, team.key, job_id)
+        assert response.status_code == 503
+        assert 15 <= int(response.headers["retry-after"]) <= 20
 
 
 def test_redis_outage_under_allow_admits_everything_with_this_processs_own_count_in_the_headers(
