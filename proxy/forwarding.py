@@ -5,8 +5,8 @@ error, a timeout (ours, or LiteLLM's 408), a 5xx, a 429, a model's provider
 refusing LiteLLM's credentials for it, an unusable answer, or (for streams) an
 error arriving as the very first event, or LiteLLM not knowing the model's
 name (the group's mistake, not the caller's). Any other 4xx is the caller's problem
-and is returned as such; LiteLLM refusing Tollgate's own key is Tollgate's
-misconfiguration.
+and is returned as such, and so is LiteLLM refusing the request body itself, whatever
+status it gives that; LiteLLM refusing Tollgate's own key is Tollgate's misconfiguration.
 """
 
 from __future__ import annotations
@@ -29,6 +29,23 @@ _TIMEOUT = 408
 _PROVIDER_REFUSALS = ("authentication_error", "permission_error")
 # LiteLLM's words for a model name it does not serve (its ProxyModelNotFoundError, a 400).
 _UNKNOWN_MODEL = "Invalid model name passed in model="
+# LiteLLM refusing a request body before any model (auth_utils.is_request_body_safe: a credential,
+# an endpoint, an observability or pricing field, at the top or inside metadata or extra_body).
+# Its ValueError says "Rejected Request: <field> is not allowed in request body. <advice to the
+# operator>". With prisma importable (its Docker image) that comes as a 401 typed auth_error,
+# "Authentication Error, " in front; without (pip's litellm[proxy], which Tollgate installs), its
+# auth error handler fails importing prisma and the catch-all answers a bare 500 that hides it:
+# the body below, with no `code`, unlike any failure of a model (those pass through the route's
+# own handler, which gives each a code; nor Tollgate's key, which it always presents, LiteLLM
+# answering a wrong one with a 400 or 401 of its own). Either way every model would get the same.
+_REQUEST_REFUSED = "Rejected Request:"
+_AUTH_ERROR_PREFIX = "Authentication Error, "
+_UNHANDLED = {"message": "Internal server error", "type": "internal_server_error"}
+_UNHANDLED_REFUSAL = (
+    "LiteLLM refused the request before trying any model, without giving its reason (HTTP 500 "
+    "'Internal server error'): it answers so for a field it does not take in a request body, such as a "
+    "credential, an endpoint, or an observability or pricing setting (LiteLLM's log names it)"
+)
 
 
 @dataclass(frozen=True)
@@ -196,7 +213,12 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
         content += chunk
         if len(content) > _ERROR_BODY_LIMIT:
             break
-    message, error_type = _error_details(content, status)
+    message, error_type, unhandled = _error_details(content, status)
+    refused = _refused_body(message)
+    if refused is not None:
+        raise UpstreamRejected(status, refused, model, number)
+    if status == 500 and unhandled:
+        raise UpstreamRejected(status, _UNHANDLED_REFUSAL, model, number)
     if status == 429 or status >= 500 or status == _TIMEOUT:
         return Attempt(model, f"{status}: {message}", status, _retry_after(response.headers.get("retry-after")))
     if status == 400 and _UNKNOWN_MODEL in message:
@@ -210,16 +232,28 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
     raise UpstreamRejected(status, message, model, number)
 
 
-def _error_details(content: bytes, status: int) -> tuple[str, str | None]:
+def _error_details(content: bytes, status: int) -> tuple[str, str | None, bool]:
+    """The error's message and type, and whether it is LiteLLM's catch-all answer."""
     try:
         data = loads(content)
     except ValueError:
-        return (content.decode("utf-8", "replace")[:500] or f"HTTP {status}"), None
+        return (content.decode("utf-8", "replace")[:500] or f"HTTP {status}"), None, False
     if isinstance(data, dict):
         error = data.get("error", data.get("detail"))
         error_type = error.get("type") if isinstance(error, dict) else None
-        return _message(error if error is not None else data), error_type
-    return f"HTTP {status}", None
+        return _message(error if error is not None else data), error_type, error == _UNHANDLED
+    return f"HTTP {status}", None, False
+
+
+def _refused_body(message: str) -> str | None:
+    """LiteLLM's refusal of the request body, up to the advice meant for its operator; None
+    when the message is another. It must open the message: a provider's error never does,
+    LiteLLM puts its own exception name in front of those."""
+    message = message.removeprefix(_AUTH_ERROR_PREFIX)
+    if not message.startswith(_REQUEST_REFUSED):
+        return None
+    end = message.find(". ")
+    return message if end < 0 else message[: end + 1]
 
 
 def _message(error: Any) -> str:

@@ -164,7 +164,7 @@ _PARAMETERS = frozenset(
 # LiteLLM's own request parameters, which it honours from any caller: other models to fall back
 # to (outside the team's group), retries and timeouts, canned answers, prices, and where to
 # send the request. Passed on, they would let a call reach models its team was not granted, or
-# make its records (model, cost) wrong. LiteLLM refuses the credential ones itself.
+# make its records (model, cost) wrong.
 _LITELLM_CONTROLS = frozenset([
     "fallbacks", "context_window_fallbacks", "content_policy_fallbacks", "model_list", "num_retries",
     "max_retries", "timeout", "request_timeout", "stream_timeout", "mock_response", "mock_tool_calls",
@@ -183,6 +183,16 @@ _LITELLM_CONTROLS = frozenset([
     # Sent to the provider as OpenAI-Organization (the SDKs send it as a header, which the
     # gateway does not pass on, never in the body).
     "organization",
+    # The credentials, identities and endpoints LiteLLM bans from a body by name (the literal
+    # names of _BANNED_REQUEST_BODY_PARAMS, checked by auth_utils.is_request_body_safe; api_base,
+    # base_url and model_list are above). LiteLLM's refusal hides its reason behind a bare 500
+    # when it runs without prisma, as Tollgate installs it: named here, the client learns which.
+    # The observability and pricing fields it derives into that list, and whatever a later
+    # LiteLLM adds, are refused by LiteLLM and answered as its refusal (see forwarding.py).
+    "user_config", "aws_sts_endpoint", "aws_web_identity_token", "aws_role_name", "aws_profile_name",
+    "aws_session_name", "aws_external_id", "aws_session_tags", "vertex_credentials", "vertex_ai_credentials",
+    "azure_ad_token", "aws_bedrock_runtime_endpoint", "aws_bedrock_project_id", "bedrock_tags",
+    "s3_endpoint_url", "sagemaker_base_url", "deployment_url", "nvcf_function_id", "use_ssl", "rust",
 ])
 
 # What `extra_body` may not carry: LiteLLM merges it into the provider's request after routing,

@@ -13,6 +13,9 @@ while every answer stays predictable:
   chunks, then ending);
 * the API key ``wrong-provider-key`` is refused with OpenAI's 401, the answer of a
   provider that does not know the key it was given;
+* a body carrying ``langfuse_host``, a field LiteLLM bans from request bodies, is refused
+  with the 401 LiteLLM itself answers when it runs with a database (prisma importable): for
+  a gateway pointed here directly (behind a real LiteLLM, the fake never sees that field);
 * directives in the messages tune one request: ``[chunks=N]``, ``[delay_ms=N]``
   (between stream chunks), ``[first_byte_ms=N]`` (before any answer), and
   ``[tag=NAME]`` labels it in the log, ``[stamp]`` puts each chunk's send time in it.
@@ -43,6 +46,18 @@ TAG = re.compile(r"\[tag=([\w.-]+)\]")
 LOG: list[dict[str, Any]] = []
 LOG_LIMIT = 5000
 REFUSED_KEY = "wrong-provider-key"
+LITELLM_BANNED = "langfuse_host"
+# LiteLLM 1.102.4's answer, word for word, to a body carrying it (auth_utils.is_request_body_safe).
+LITELLM_BODY_REFUSAL = {
+    "message": f"Authentication Error, Rejected Request: {LITELLM_BANNED} is not allowed in request body. "
+    "Clientside passthrough requires explicit admin opt-in via either "
+    "`general_settings.allow_client_side_credentials = true` (proxy-wide) or "
+    "`configurable_clientside_auth_params` on the deployment in your proxy config.yaml. "
+    "Relevant Issue: https://huntr.com/bounties/4001e1a2-7b7a-4776-a3ae-e6692ec3d997",
+    "type": "auth_error",
+    "param": "None",
+    "code": "401",
+}
 NO_LOG = False  # the benchmark switches the log off
 
 
@@ -132,6 +147,9 @@ async def chat_completions(request: Request) -> Response:
             "code": "invalid_api_key",
         }
         return JSONResponse({"error": error}, status_code=401)
+    if LITELLM_BANNED in body:
+        entry["finished"] = time.time()
+        return JSONResponse({"error": LITELLM_BODY_REFUSAL}, status_code=401)
     if options.get("first_byte_ms"):
         # Waiting for the client's hang-up rather than sleeping: the log then shows when the
         # gateway gave up on this request, before any byte of it.

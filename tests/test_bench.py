@@ -65,7 +65,10 @@ def test_litellm_runs_on_the_benchmarks_interpreter_when_its_usual_venv_was_made
     monkeypatch.setenv("HOME", str(tmp_path))
     usual = bench.litellm_venv()
     make_venv_record(usual, tmp_path / "other" / "python3.11")
-    monkeypatch.delenv("TOLLGATE_LITELLM_VENV", raising=False)
+    # Set, then deleted: monkeypatch then undoes what bench sets in os.environ behind its back, which
+    # a delenv of an unset variable leaves for every later test (their LiteLLM venv moved to tmp_path).
+    monkeypatch.setenv("TOLLGATE_LITELLM_VENV", "")
+    monkeypatch.delenv("TOLLGATE_LITELLM_VENV")
     assert bench.litellm_on_this_interpreter() == bench.interpreter()  # the venv to be made
     chosen = os.environ["TOLLGATE_LITELLM_VENV"]
     assert chosen.startswith(str(usual) + "-") and not os.path.exists(chosen)
@@ -77,7 +80,10 @@ def test_litellm_keeps_its_usual_venv_when_it_was_made_from_the_benchmarks_inter
     monkeypatch.setenv("HOME", str(tmp_path))
     usual = bench.litellm_venv()
     make_venv_record(usual, bench.interpreter())
-    monkeypatch.delenv("TOLLGATE_LITELLM_VENV", raising=False)
+    # Set, then deleted: monkeypatch then undoes what bench sets in os.environ behind its back, which
+    # a delenv of an unset variable leaves for every later test (their LiteLLM venv moved to tmp_path).
+    monkeypatch.setenv("TOLLGATE_LITELLM_VENV", "")
+    monkeypatch.delenv("TOLLGATE_LITELLM_VENV")
     assert bench.litellm_on_this_interpreter() == bench.interpreter()
     assert "TOLLGATE_LITELLM_VENV" not in os.environ
 

@@ -1,10 +1,28 @@
 """What a team's key must not reach through a call's body: models outside its groups, LiteLLM's
 own routing and retries, the headers LiteLLM sends the provider."""
 
+import ast
+from pathlib import Path
+
 import pytest
 
+from proxy.demo import litellm_venv
+from proxy.errors import ApiError
+from proxy.validation import parse_call
 from tests.support import fake_log, tag
-from tests.test_llm_calls import new_job, say
+from tests.test_llm_calls import calls_of, new_job, say
+
+
+def litellm_banned_names() -> list[str]:
+    """The names LiteLLM's own source lists in _BANNED_REQUEST_BODY_PARAMS, which
+    is_request_body_safe refuses in a body (the observability and pricing fields it derives
+    into that list are not literals, and are left out)."""
+    (source,) = Path(litellm_venv()).glob("lib/python*/site-packages/litellm/proxy/auth/auth_utils.py")
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "_BANNED_REQUEST_BODY_PARAMS":
+            assert isinstance(node.value, ast.Tuple)
+            return [item.value for item in node.value.elts if isinstance(item, ast.Constant)]
+    raise AssertionError(f"no _BANNED_REQUEST_BODY_PARAMS in {source}")
 
 
 def test_extra_body_cannot_change_the_model_the_provider_is_asked_for_on_v1(tollgate, admin, fake_url):
@@ -83,3 +101,88 @@ def test_a_call_cannot_choose_the_providers_organization(tollgate, team, fake_ur
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == "organization"
     assert fake_log(fake_url, label) == []
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vertex_credentials", '{"type": "service_account"}'), ("azure_ad_token", "eyJ0eXAi.token"),
+    ("s3_endpoint_url", "https://collector.example"), ("user_config", {"model_list": []}),
+    ("aws_role_name", "arn:aws:iam::123456789012:role/other"),
+])
+def test_credentials_and_endpoints_litellm_bans_from_a_body_are_refused_naming_them(tollgate, team, fake_url, field,
+                                                                                 value):
+    # LiteLLM refuses them too, but as Tollgate installs it (without prisma) with a bare 500,
+    # which was taken for a failing model: every model tried, then a 503 that clients retry.
+    client = tollgate.client(team.key)
+    label = tag()
+    on_v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": say(f"hi [tag={label}]"), field: value})
+    assert on_v1.status_code == 422, on_v1.text
+    assert on_v1.json()["error"]["param"] == field
+    on_api = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say(f"hi [tag={label}]"), field: value})
+    assert on_api.status_code == 422 and field in on_api.json()["detail"]
+    assert fake_log(fake_url, label) == []
+
+
+def test_every_credential_and_endpoint_litellm_bans_by_name_is_refused_by_the_gateway(litellm):
+    # Read from the LiteLLM the tests run: one that bans more names fails here.
+    names = litellm_banned_names()
+    assert "vertex_credentials" in names and "api_base" in names
+    for field in names:
+        with pytest.raises(ApiError) as refused:
+            parse_call({"model": "Main", "messages": say("hi"), field: "x"}, openai=True)
+        assert (refused.value.status, refused.value.param) == (422, field)
+        with pytest.raises(ApiError) as refused:
+            parse_call({"model": "Main", "messages": say("hi"), "extra_body": {field: "x"}}, openai=True)
+        assert (refused.value.status, refused.value.param) == (422, f"extra_body.{field}")
+
+
+# Fields LiteLLM refuses in a body that the gateway does not name itself: an observability
+# destination, a price, a banned name inside metadata.
+LITELLM_REFUSED_BODIES = [
+    {"langfuse_host": "https://collector.example"},
+    {"cache_read_input_token_cost": 0},
+    {"metadata": {"api_base": "https://collector.example"}},
+]
+
+
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+@pytest.mark.parametrize("extra", LITELLM_REFUSED_BODIES, ids=lambda extra: next(iter(extra)))
+def test_a_body_litellm_refuses_is_a_400_asked_of_one_model_only(tollgate, team, fake_url, route, extra):
+    # LiteLLM without prisma hides its refusal behind a bare 500, the same for every model:
+    # falling back asked LiteLLM again for nothing, and the 503 made clients resend it forever.
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    label = tag()
+    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say(f"hi [tag={label}]"), **extra})
+    assert response.status_code == 400, response.text
+    assert "retry-after" not in response.headers
+    assert "LiteLLM refused the request before trying any model" in response.json()["detail"]
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("error", "primary", 1)
+    assert "LiteLLM refused the request" in call["error"]
+    assert fake_log(fake_url, label) == []
+
+
+def test_a_body_litellm_refuses_is_a_400_in_openais_shape_on_v1(tollgate, team):
+    client = tollgate.client(team.key)
+    body = {"model": "Main", "messages": say("hi"), "langfuse_host": "https://collector.example"}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "upstream_rejected" and "before trying any model" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call", "/api/jobs/{job}/llm-call-stream"])
+def test_litellm_refusing_a_body_with_its_401_is_the_callers_400_not_the_gateways_misconfiguration(make_tollgate,
+                                                                                                 fake_url, path):
+    # A LiteLLM with prisma (its Docker image) says why, as a 401 typed auth_error: that is not
+    # LiteLLM refusing Tollgate's key. The fake answers a body carrying langfuse_host as it does.
+    server = make_tollgate(upstream_url=fake_url)
+    client = server.client(server.admin().team().key)
+    label = tag()
+    body = {"model": "Main", "messages": say(f"hi [tag={label}]"), "langfuse_host": "https://collector.example"}
+    response = client.post(path.format(job=new_job(client)), json=body)
+    assert response.status_code == 400, response.text
+    assert "Rejected Request: langfuse_host is not allowed in request body." in response.text
+    assert "allow_client_side_credentials" not in response.text  # LiteLLM's advice is for its operator
+    assert [sent["model"] for sent in fake_log(fake_url, label)] == ["primary"]
+    assert "upstream key" not in server.log()
