@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .auth import generate_key, hash_key
 from .config import GROUP_NAME, IDENTIFIER, MAX_INTEGER, Config
@@ -94,6 +95,16 @@ class AdminService:
         # Caches of this process (key lookups, groups) are dropped after every change.
         self._on_change = on_change
 
+    @contextmanager
+    def _signalled(self) -> Iterator[None]:
+        """Signal a change once the write is over, however it ended: a write may commit and
+        still raise (cancelled at shutdown, its fsync failing), and a signal too many only
+        drops caches."""
+        try:
+            yield
+        finally:
+            self._on_change()
+
     # organizations
     async def create_organization(self, body: dict[str, Any]) -> Organization:
         _only(body, ("organization_id", "name"))
@@ -167,9 +178,8 @@ class AdminService:
             default = changes["default_model_group"] = optional_str(body, "default_model_group", 128)
         if default is not None and default not in groups:
             raise invalid("default_model_group", f"'{default}' is not one of the team's model_groups")
-        updated = await self._store.update_team(team_id, changes)
-        self._on_change()
-        return updated
+        with self._signalled():
+            return await self._store.update_team(team_id, changes)
 
     async def add_credits(self, team_id: str, body: dict[str, Any]) -> Team:
         _only(body, ("amount", "reason"))
@@ -216,9 +226,8 @@ class AdminService:
         return await self._store.list_keys(team_id)
 
     async def revoke_key(self, key_id: str) -> VirtualKey:
-        key = await self._store.revoke_key(key_id)
-        self._on_change()
-        return key
+        with self._signalled():
+            return await self._store.revoke_key(key_id)
 
     # model groups
     def _group_body(self, body: dict[str, Any]) -> tuple[list[str], str]:
@@ -237,9 +246,8 @@ class AdminService:
         _only(body, ("name", "models", "description"))
         name = self._group_name(body.get("name"))
         models, description = self._group_body(body)
-        group = await self._store.create_model_group(name, models, description)
-        self._on_change()
-        return group
+        with self._signalled():
+            return await self._store.create_model_group(name, models, description)
 
     async def put_model_group(self, name: str, body: dict[str, Any]) -> ModelGroup:
         _only(body, ("name", "models", "description"))
@@ -247,9 +255,8 @@ class AdminService:
         if body.get("name", name) != name:
             raise invalid("name", "must match the name in the path")
         models, description = self._group_body(body)
-        group = await self._store.put_model_group(name, models, description)
-        self._on_change()
-        return group
+        with self._signalled():
+            return await self._store.put_model_group(name, models, description)
 
     async def get_model_group(self, name: str) -> ModelGroup:
         group = await self._store.get_model_group(name)
@@ -261,5 +268,5 @@ class AdminService:
         return await self._store.list_model_groups()
 
     async def delete_model_group(self, name: str) -> None:
-        await self._store.delete_model_group(name)
-        self._on_change()
+        with self._signalled():
+            await self._store.delete_model_group(name)

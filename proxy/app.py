@@ -41,7 +41,8 @@ def create_app(config: Config) -> Starlette:
     upstream = Upstream(config.upstream, config.upstream_key)
     pricing = Pricing(config.pricing)
     changes = ChangeSignal.beside(config.database)
-    groups = GroupCatalog(store, changes)
+    # The same bound as keys: README's auth.cache_ttl covers a changed group too.
+    groups = GroupCatalog(store, changes, config.auth.cache_ttl)
     auth = KeyAuthenticator(store, config.auth.cache_ttl, changes)
     limiter = RateLimiter(config.rate_limits, config.redis)
     metrics = Metrics(config.metrics.team_label, config.metrics.credits_cache)

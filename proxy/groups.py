@@ -12,6 +12,6 @@ from .store import ModelGroup, Store
 
 class GroupCatalog(ExpiringCache[str, ModelGroup | None]):
     def __init__(
-        self, store: Store, changes: ChangeSignal, ttl: float = 1.0, clock: Callable[[], float] = time.monotonic
+        self, store: Store, changes: ChangeSignal, ttl: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         super().__init__(store.get_model_group, ttl, changes, clock)

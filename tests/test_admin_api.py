@@ -327,3 +327,53 @@ def test_concurrent_patches_never_leave_a_default_group_the_team_is_not_granted(
     assert team.default_model_group is None or team.default_model_group in team.model_groups, (
         team.model_groups, team.default_model_group,
     )
+
+
+def test_a_put_model_group_racing_its_delete_answers_what_it_wrote(tmp_path):
+    """A PUT whose group is deleted right after its write (another admin, another worker)
+    answers the group it wrote, not a 500 for the group gone by the time it was read back."""
+    from proxy.store import ModelGroup
+
+    async def race() -> list[object]:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
+        await store.open()
+        try:
+            await store.put_model_group("Racing", ["primary"], "")
+            return await asyncio.gather(
+                store.put_model_group("Racing", ["backup"], "new"), store.delete_model_group("Racing"),
+                return_exceptions=True,
+            )
+        finally:
+            await store.close()
+
+    put, deleted = asyncio.run(race())
+    assert deleted is None
+    assert isinstance(put, ModelGroup) and (put.name, put.models, put.description) == ("Racing", ("backup",), "new")
+
+
+def test_a_change_is_signalled_even_when_its_write_commits_and_then_raises(tmp_path: Path):
+    from proxy.admin import AdminService
+    from proxy.config import Config
+    from proxy.store import StoreUnavailable
+
+    class CommitsThenFails(SQLiteStore):
+        async def revoke_key(self, key_id):
+            await super().revoke_key(key_id)
+            raise StoreUnavailable("the fsync after the commit failed")
+
+    async def revoke() -> int:
+        store = CommitsThenFails(DatabaseConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
+        await store.open()
+        signals = []
+        try:
+            admin = AdminService(store, Config(), on_change=lambda: signals.append(1))
+            await store.create_organization("o", "O")
+            await admin.create_team({"team_id": "t", "organization_id": "o"})
+            key, _ = await admin.create_key("t", {})
+            with pytest.raises(StoreUnavailable):
+                await admin.revoke_key(key.key_id)
+            return len(signals)
+        finally:
+            await store.close()
+
+    assert asyncio.run(revoke()) == 1

@@ -12,6 +12,8 @@ from pathlib import Path
 from proxy.cache import ExpiringCache
 from proxy.changes import ChangeSignal
 from proxy.config import DatabaseConfig
+from proxy.store.sqlite import SQLiteStore
+from tests.support import Tollgate
 
 
 class Loads:
@@ -114,3 +116,29 @@ def test_processes_naming_the_database_through_a_symbolic_link_share_the_signal(
         linked = ChangeSignal.beside(DatabaseConfig(url=f"sqlite:///{tmp_path / 'link.db'}"))
         seen = cached_twice_then_again(cache, lambda: (linked.open(), linked.bump(), linked.close()))
     assert seen == ["k as read 1", "k as read 2"]
+
+
+def test_with_the_change_signal_unusable_a_model_group_is_seen_within_auth_cache_ttl(tmp_path: Path):
+    # The README bounds how late any change (a group's included) is seen by auth.cache_ttl
+    # should the signal's file be unusable; 0 reuses no lookup at all.
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", auth={"cache_ttl": 0})
+    (tmp_path / f"{server.database.name}-changes").mkdir()  # the signal's file cannot be made
+    server.start()
+    try:
+        team = server.admin().team()
+        client = server.client(team.key)
+        assert client.get("/v1/models/LateGroup").status_code == 404  # no such group, as read now
+
+        async def created_by_a_process_whose_signal_never_came() -> None:
+            store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{server.database}"))
+            await store.open()
+            try:
+                await store.put_model_group("LateGroup", ["primary"], "")
+            finally:
+                await store.close()
+
+        asyncio.run(created_by_a_process_whose_signal_never_came())
+        response = client.get("/v1/models/LateGroup")
+        assert response.status_code == 403, response.text  # it exists now; the team is not granted it
+    finally:
+        server.stop()

@@ -408,18 +408,18 @@ class SQLiteStore:
     async def put_model_group(self, name: str, models: list[str], description: str) -> ModelGroup:
         now = self._clock()
 
-        def upsert(db: sqlite3.Connection) -> None:
-            db.execute(
+        # The group as written, returned by the write itself: read back afterwards, it may be
+        # gone already (deleted by another admin or worker meanwhile).
+        def upsert(db: sqlite3.Connection) -> ModelGroup:
+            rows = _all(db,
                 "INSERT INTO model_groups (name, models, description, created_at, updated_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET models = excluded.models, description = excluded.description, "
-                "updated_at = excluded.updated_at",
+                "updated_at = excluded.updated_at RETURNING name, models, description, created_at, updated_at",
                 (name, json.dumps(models), description, now, now),
             )
+            return _group(rows[0])
 
-        await self._write(upsert, atomic=False)
-        group = await self.get_model_group(name)
-        assert group is not None
-        return group
+        return await self._write(upsert, atomic=False)
 
     async def get_model_group(self, name: str) -> ModelGroup | None:
         rows = await self._read(
