@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import time
 from typing import Any, Awaitable, Callable
@@ -27,7 +28,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from . import instruments
 from .instruments import Counting, Observing
+from .store import StoreError
 
+log = logging.getLogger("tollgate.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -134,13 +137,22 @@ class Metrics:
             MultiProcessCollector(registry)
         text = generate_latest(registry)
         if self.team_label:
-            text += generate_latest(_Balances(await self._balances(balances)))
+            values = await self._balances(balances)
+            if values is not None:
+                text += generate_latest(_Balances(values))
         return text
 
-    async def _balances(self, read: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[tuple[str, int]]:
+    async def _balances(self, read: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[tuple[str, int]] | None:
+        """The balances, read at most every `credits_ttl`; None if the store cannot be read. A
+        database in trouble is when the other metrics are wanted most: the scrape goes on
+        without the balances (absent rather than stale, so an alert on them notices)."""
         fetched_at, values = self._credits
         if time.monotonic() - fetched_at > self._credits_ttl:
-            values = await read()
+            try:
+                values = await read()
+            except StoreError as exc:
+                log.warning("/metrics without tollgate_credits_remaining: the store could not be read (%s)", exc)
+                return None
             self._credits = (time.monotonic(), values)
         return values
 

@@ -1,5 +1,6 @@
 """The in-process counters and histograms render exactly as prometheus-client's own would."""
 
+import asyncio
 import re
 
 import pytest
@@ -66,3 +67,17 @@ def test_no_created_series_when_prometheus_client_is_told_not_to_export_them():
         assert b"_created" not in rendered(make, [("inc", ("x",), 1)])
     finally:
         enable_created_metrics()
+
+
+def test_a_scrape_goes_on_without_the_balances_when_the_store_cannot_be_read():
+    from proxy.metrics import Metrics
+    from proxy.store import StoreUnavailable
+
+    async def unreadable() -> list[tuple[str, int]]:
+        raise StoreUnavailable("disk I/O error")
+
+    metrics = Metrics(team_label=True)
+    metrics.observe_job("t", "created")
+    text = asyncio.run(metrics.render(unreadable)).decode()
+    assert 'tollgate_jobs_total{status="created",team="t"} 1.0' in text
+    assert "tollgate_credits_remaining" not in text
