@@ -81,3 +81,9 @@ def test_a_scrape_goes_on_without_the_balances_when_the_store_cannot_be_read():
     text = asyncio.run(metrics.render(unreadable)).decode()
     assert 'tollgate_jobs_total{status="created",team="t"} 1.0' in text
     assert "tollgate_credits_remaining" not in text
+
+
+def test_the_latency_buckets_reach_the_longest_a_call_may_last_by_default():
+    from proxy.config import UpstreamTimeouts
+
+    assert LATENCY_BUCKETS[-1] >= UpstreamTimeouts().total
