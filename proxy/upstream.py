@@ -138,11 +138,13 @@ class UpstreamResponse:
 
     async def aclose(self) -> None:
         """Give the connection back when the answer was read to its end; otherwise close
-        it, which is how the upstream learns that nobody is listening any more."""
+        it, which is how the upstream learns that nobody is listening any more. Not after a
+        5xx either: a server in trouble may close it without saying so (LiteLLM after its
+        catch-all 500), and the next call sent on it would fail for nothing."""
         if self._closed:
             return
         self._closed = True
-        self._connection.release(reusable=self._complete and not self._chunks)
+        self._connection.release(reusable=self._complete and not self._chunks and self.status_code < 500)
 
 
 async def _within(waiter: asyncio.Future[T], seconds: float, message: str) -> T:

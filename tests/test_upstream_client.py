@@ -408,3 +408,35 @@ def test_an_answer_ended_by_close_is_complete_and_one_ended_by_a_reset_is_an_err
         server.close()
 
     asyncio.run(run())
+
+
+def test_a_connection_that_answered_a_5xx_is_not_used_again():
+    connections: list[int] = []
+
+    async def fails_then_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        await read_request(reader)
+        if len(connections) == 1:
+            # Claims keep-alive, and will close without a word (as LiteLLM after its catch-all 500).
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 2\r\n\r\n{}")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(fails_then_answers)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        assert response.status_code == 500 and await response.aread() == b"{}"
+        await response.aclose()
+        assert client.open_connections == 0
+        response = await client.open_chat(chat("hi"))
+        assert response.status_code == 200
+        await response.aclose()
+        assert len(connections) == 2
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
