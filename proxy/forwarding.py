@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Sequence, overload
 
 from .json_codec import dumps, loads
-from .sse import SSEEvent, SSEScanner
+from .sse import EventTooLarge, SSEEvent, SSEScanner
 from .upstream import TransportError, Upstream, UpstreamResponse, UpstreamTimeout
 
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -181,7 +181,10 @@ async def _first_event(response: UpstreamResponse, model: str, number: int) -> O
     chunks = response.aiter_raw()
     events: list[SSEEvent] = []
     async for chunk in chunks:
-        events.extend(scanner.feed(chunk))
+        try:
+            events.extend(scanner.feed(chunk))
+        except EventTooLarge as exc:
+            return Attempt(model, str(exc), 200)
         first = next((e for e in events if e.data is not None or e.event == "error"), None)
         if first is None:
             continue

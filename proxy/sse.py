@@ -3,7 +3,8 @@
 It cuts a byte stream into events whatever the chunk boundaries (LF, CRLF or
 CR line ends, multi-line `data:` fields) and hands back each event's exact raw
 bytes, so the relay can forward the upstream's bytes unchanged while reading
-what they say. Only the tail of an unfinished event is ever held back.
+what they say. Only the tail of an unfinished event is ever held back, and
+no more than MAX_EVENT_BYTES of it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ from typing import NamedTuple
 
 _LF = 10  # ord("\n")
 _BOM = b"\xef\xbb\xbf"  # a stream may start with one; it is no part of the first field's name
+# The most bytes an unfinished event may take. Everything of it is held until it ends, so an
+# upstream that never ended one would fill the memory; LiteLLM's chunks are a few hundred bytes
+# each, and even an image in one (base64) stays well below this.
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class EventTooLarge(ValueError):
+    """An event grew past MAX_EVENT_BYTES before it ended."""
 
 
 class SSEEvent(NamedTuple):
@@ -32,9 +41,11 @@ class SSEScanner:
         # Reads that end no line, kept aside until one does: joined to the buffer on every read,
         # a line of megabytes would be copied and searched again and again.
         self._tail: list[bytes] = []
+        self._tail_bytes = 0
         # The unfinished event's lines already read, kept aside likewise: an event of many lines
         # (`data:` lines without the blank one) would otherwise be copied whole on every read.
         self._lines: list[bytes] = []
+        self._lines_bytes = 0
         self._bom_checked = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
@@ -61,10 +72,13 @@ class SSEScanner:
                 return simple
         elif b"\n" not in chunk and b"\r" not in chunk and (self._tail or not self._buffer.endswith(b"\r")):
             self._tail.append(chunk)  # the unfinished line goes on: nothing to scan yet
+            self._tail_bytes += len(chunk)
+            self._check_size(len(self._buffer) + self._lines_bytes + self._tail_bytes)
             return []
         if self._tail:
             buffer = b"".join([self._buffer, *self._tail, chunk])
             self._tail = []
+            self._tail_bytes = 0
         else:
             buffer = self._buffer + chunk if self._buffer else chunk
         events: list[SSEEvent] = []
@@ -96,15 +110,18 @@ class SSEScanner:
             if self._lines:
                 raw = b"".join([*self._lines, raw])
                 self._lines = []
+                self._lines_bytes = 0
             events.append(SSEEvent(raw, self._joined_data(), self._event))
             self._data, self._event = [], None
             event_start = pos
         if pos - event_start > len(buffer) - pos:
             # More of the unfinished event is read than not: its lines read go aside.
             self._lines.append(buffer[event_start:pos])
+            self._lines_bytes += pos - event_start
             event_start = pos
         self._buffer = buffer[event_start:]
         self._scanned = pos - event_start
+        self._check_size(len(self._buffer) + self._lines_bytes)
         return events
 
     def flush(self) -> SSEEvent | None:
@@ -112,10 +129,12 @@ class SSEScanner:
         if self._tail:
             self._buffer = b"".join([self._buffer, *self._tail])
             self._tail = []
+            self._tail_bytes = 0
         if self._lines:
-            self._scanned += sum(map(len, self._lines))
+            self._scanned += self._lines_bytes
             self._buffer = b"".join([*self._lines, self._buffer])
             self._lines = []
+            self._lines_bytes = 0
         if not self._buffer:
             return None
         tail = self._buffer[self._scanned :].rstrip(b"\r\n")
@@ -124,6 +143,11 @@ class SSEScanner:
         event = SSEEvent(self._buffer, self._joined_data(), self._event)
         self._buffer, self._scanned, self._data, self._event = b"", 0, [], None
         return event
+
+    @staticmethod
+    def _check_size(unfinished: int) -> None:
+        if unfinished > MAX_EVENT_BYTES:
+            raise EventTooLarge(f"an upstream event grew past {MAX_EVENT_BYTES // (1024 * 1024)} MiB without ending")
 
     @staticmethod
     def _simple_events(chunk: bytes) -> list[SSEEvent] | None:

@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from .accounting import StreamTally
 from .forwarding import OpenStream
-from .sse import SSEEvent
+from .sse import MAX_EVENT_BYTES, EventTooLarge, SSEEvent
 from .store import StoreUnavailable
 from .upstream import DeadlineExceeded, TransportError, UpstreamTimeout
 
@@ -89,6 +89,7 @@ class SSERelay:
         relay = loop.create_task(self._relay(send))
         watcher = loop.create_task(self._wait_for_disconnect(receive))
         reason: EndReason = "client_disconnected"
+        cut = False
         try:
             await asyncio.wait((relay, watcher), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -96,8 +97,15 @@ class SSERelay:
             # the stream then ends with one error event, not a cut connection and a traceback.
             reason = "shutdown"
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            if self._recorded:
+                # Past the upstream's end, recording the call or sending its last event: cut now,
+                # the client would hear "cut short" of a call recorded as it ended (a /v1 call's
+                # own job charged), and might ask and pay again. It ends as recorded, or soon.
+                await asyncio.wait((relay,), timeout=LAST_SEND_GRACE)
+            else:
+                cut = True
         finally:
-            relay.cancel()  # a no-op when it is done; otherwise the client is gone
+            relay.cancel()  # a no-op when it is done; otherwise the client is gone, or the shutdown cuts it
             watcher.cancel()
             try:
                 with contextlib.suppress(asyncio.CancelledError):
@@ -107,11 +115,11 @@ class SSERelay:
                 raise
             finally:
                 await self._record(reason, None)
-        if reason == "shutdown":
-            cut = error_event("The gateway is shutting down: the stream was cut short", "service_unavailable", "shutting_down")
+        if cut:
+            cut_event = error_event("The gateway is shutting down: the stream was cut short", "service_unavailable", "shutting_down")
             with contextlib.suppress(Exception):  # the relay may have ended it in the same turn
                 async with asyncio.timeout(LAST_SEND_GRACE):
-                    await self._send(send, [cut], more_body=False)
+                    await self._send(send, [cut_event], more_body=False)
 
     async def _wait_for_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -122,10 +130,12 @@ class SSERelay:
         last: list[bytes] = []  # the terminal event or an error: sent with the body's end, in one write
         unterminated = False  # the client was sent an event whose lines the upstream never ended
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
-            terminal = await self._forward(send, stream.first_events)
-            if terminal is None:
-                async with asyncio.timeout_at(self._deadline):
+            # The head and the first events too: a client that left its previous answer on this
+            # connection unread has them wait on it, and would hold the call and its upstream.
+            async with asyncio.timeout_at(self._deadline):
+                await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
+                terminal = await self._forward(send, stream.first_events)
+                if terminal is None:
                     async for chunk in stream.chunks:
                         events = stream.scanner.feed(chunk)
                         if events and (terminal := await self._forward(send, events)) is not None:
@@ -153,6 +163,11 @@ class SSERelay:
             last = await self._failed("The upstream went silent for longer than the gateway allows", "upstream_timeout")
         except TransportError as exc:
             last = await self._failed(f"The upstream connection failed: {type(exc).__name__}", "upstream_connection_lost")
+        except EventTooLarge:  # none of it went out: the error event is an event of its own
+            last = await self._failed(
+                f"The upstream sent an event larger than {MAX_EVENT_BYTES // (1024 * 1024)} MiB",
+                "upstream_event_too_large",
+            )
         finally:
             with contextlib.suppress(Exception):
                 await stream.chunks.aclose()  # type: ignore[attr-defined]

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from proxy.sse import SSEScanner
+from proxy.sse import MAX_EVENT_BYTES, EventTooLarge, SSEScanner
 
 STREAM = (
     b'data: {"choices": [{"delta": {"content": "Hel"}}]}\n\n'
@@ -179,3 +179,26 @@ def test_events_of_many_lines_cut_anywhere_give_the_same_events(seed):
     events = scan(split_at(stream, rng.sample(range(1, len(stream)), rng.randint(1, 80))))
     assert [e.data for e in events] == expected
     assert b"".join(e.raw for e in events) == stream
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [b"x" * 65536, (b"data: " + b"x" * 90 + b"\n") * 700, (b"data: " + b"x" * 90 + b"\r") * 700],
+    ids=["one line without end", "data lines without the blank line", "lines ended by CR"],
+)
+def test_an_unfinished_event_that_outgrows_the_bound_is_refused_rather_than_held(piece):
+    # An upstream that never ends its event would otherwise have all of it held, without limit.
+    scanner = SSEScanner()
+    scanner.feed(b'data: {"choices": [{"delta": {"content": "hi"}}]}\n\ndata: ')
+    fed = 0
+    with pytest.raises(EventTooLarge):
+        while fed <= MAX_EVENT_BYTES + len(piece):
+            scanner.feed(piece)
+            fed += len(piece)
+    assert fed <= MAX_EVENT_BYTES + len(piece)
+
+
+def test_an_event_just_within_the_bound_is_one_event_with_its_bytes():
+    event = b"data: " + b"x" * (MAX_EVENT_BYTES - 8) + b"\n\n"
+    events = scan([event[i : i + 65536] for i in range(0, len(event), 65536)])
+    assert [e.raw for e in events] == [event]

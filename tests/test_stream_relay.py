@@ -6,7 +6,7 @@ import json
 
 from proxy.accounting import StreamTally
 from proxy.forwarding import OpenStream
-from proxy.sse import SSEScanner
+from proxy.sse import MAX_EVENT_BYTES, SSEScanner
 from proxy.streaming import SSERelay
 
 
@@ -85,3 +85,57 @@ def test_the_error_event_after_an_unterminated_last_event_is_an_event_of_its_own
     assert sent.startswith(body)
     last = json.loads(events_of(sent)[-1])
     assert last["error"]["code"] == "upstream_incomplete"
+
+
+def test_an_event_that_outgrows_the_bound_ends_the_stream_with_one_error_event_and_is_recorded():
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    filler = b"x" * 65536
+    endless = [first, b'data: {"choices":[{"index":0,"delta":{"content":"', *[filler] * (MAX_EVENT_BYTES // len(filler) + 2)]
+    sent, _, (end,) = relay(endless)
+    assert end.reason == "upstream_failed" and "larger than" in end.error
+    assert len(sent) < 64 * 1024  # none of the unfinished event reached the client
+    events = events_of(sent)
+    assert [json.loads(e)["error"]["code"] for e in events if "error" in e] == ["upstream_event_too_large"]
+    assert sent.startswith(first) and len(events) == 2
+
+
+def test_a_shutdown_while_the_finished_stream_is_recorded_lets_it_end_as_recorded():
+    # Cut there, the client would be told the stream was cut short while the call is recorded
+    # as answered (and a /v1 call's own job charged), so it might ask again and pay twice.
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+    async def run():
+        scanner = SSEScanner()
+        upstream = _chunks([body])
+        first = scanner.feed(await anext(upstream))
+        stream = OpenStream("primary", 1, _Response(), upstream, scanner, first)
+        ends, sent = [], []
+        recording = asyncio.Event()
+
+        async def on_end(end) -> None:
+            recording.set()
+            await asyncio.sleep(0.1)  # the store's write
+            ends.append(end)
+
+        async def send(message) -> None:
+            if message["type"] == "http.response.body":
+                sent.append(message["body"])
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        loop = asyncio.get_running_loop()
+        relay = SSERelay(stream, StreamTally(), [], loop.time() + 30, on_end)
+        task = asyncio.create_task(relay({"type": "http"}, receive, send))
+        await recording.wait()
+        task.cancel()  # uvicorn's, as server.shutdown_grace ends
+        await task
+        return b"".join(sent), ends
+
+    sent, ends = asyncio.run(run())
+    assert sent == body
+    assert [end.reason for end in ends] == ["finished"]

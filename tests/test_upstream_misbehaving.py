@@ -10,6 +10,8 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
+from proxy.forwarding import forward
+from proxy.sse import MAX_EVENT_BYTES
 from proxy.upstream import ReadError, RemoteProtocolError, Upstream
 from tests.test_upstream_client import answer_keep_alive, chat, read_request, serve, upstream
 
@@ -180,3 +182,39 @@ def test_an_answer_over_64_kib_sent_with_its_head_in_one_write_is_read_whole():
         await response.aclose()
 
     against(one_write, check)
+
+
+def test_a_first_event_that_never_ends_fails_that_model_and_the_next_answers():
+    # Its bytes would otherwise be held, without limit, while the first event was awaited.
+    closed: list[bool] = []
+
+    async def endless_then_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        if b'"endless"' not in request:
+            event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(5)
+            return
+        piece = b"x" * 65536
+        writer.write(b"%x\r\ndata: \r\n" % len(b"data: "))
+        try:
+            for _ in range(2 * MAX_EVENT_BYTES // len(piece)):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+        except ConnectionError:
+            closed.append(True)
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        opened = await forward(client, ["endless", "whole"], payload, True, loop.time() + 30)
+        assert (opened.model, opened.attempts) == ("whole", 2)
+        assert opened.first_events[0].data == b'{"choices":[{"index":0,"delta":{"content":"hi"}}]}'
+        await opened.response.aclose()
+        await asyncio.sleep(0.2)
+        assert closed == [True]  # the endless answer's connection was closed, not read to its end
+
+    against(endless_then_whole, check)

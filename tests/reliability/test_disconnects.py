@@ -85,3 +85,35 @@ def test_a_client_that_stops_reading_is_let_go_soon_after_the_calls_deadline(mak
         assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 0, timeout=20)
         (call,) = client.get(f"/api/jobs/{job_id}").json()["calls"]
         assert call["status"] == "error"
+
+
+def test_a_stream_whose_client_reads_nothing_from_its_start_is_cut_at_the_calls_deadline(make_tollgate, fake_url):
+    # The client sends its next request without reading the answer before it, which fills its
+    # connection's buffers: the stream's own head and first events then wait on that client, and
+    # must not hold the call (running, its job not completable) or its upstream past the deadline.
+    server = make_tollgate(upstream_url=fake_url, upstream={"timeouts": {"total": "3s"}})
+    team = server.admin().team(rpm_limit=1000, tpm_limit=100_000_000)
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "unread"}).json()["job_id"]
+    label = tag()
+    big = {"messages": [{"role": "user", "content": "a long answer [chunks=1500000]"}], "max_tokens": 1_500_000}
+    slow = {"messages": [{"role": "user", "content": f"slow [chunks=500] [delay_ms=20] [tag={label}]"}]}
+
+    def request(path: str, body: dict) -> bytes:
+        data = json.dumps(body).encode()
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        ).encode() + data
+
+    with socket.socket() as unread:
+        unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        unread.connect(("127.0.0.1", server.port))
+        unread.sendall(request(f"/api/jobs/{job_id}/llm-call", big) + request(f"/api/jobs/{job_id}/llm-call-stream", slow))
+        assert unread.recv(100).startswith(b"HTTP/1.1 200")  # then it reads nothing more
+        (upstream,) = wait_for(lambda: fake_log(fake_url, label), timeout=10)
+        closed = wait_for(lambda: fake_log(fake_url, label)[0]["disconnected"], timeout=10)
+        assert closed and closed - upstream["started"] < 4, "the upstream stream was held past the call's deadline"
+        calls = wait_for(lambda: (c := client.get(f"/api/jobs/{job_id}").json()["calls"]) and
+                         all(call["status"] != "running" for call in c) and c, timeout=5)
+        assert calls and [call["status"] for call in calls] == ["success", "error"]
