@@ -124,11 +124,16 @@ class _Connection(asyncio.Protocol):
                 value, pos = parse(buffer, pos)
                 future = self.pending.popleft()
                 self._sent_at.popleft()
-                if not future.done():
-                    if isinstance(value, ReplyError):
+                if isinstance(value, ReplyError):
+                    if not future.done():
                         future.set_exception(value)
-                    else:
-                        future.set_result(value)
+                    if str(value).startswith("READONLY"):
+                        # A primary demoted to replica keeps its clients and refuses their writes
+                        # for good; a new connection may find the new primary at the same address.
+                        self.fail(RedisError("Redis became a read-only replica"))
+                        return
+                elif not future.done():
+                    future.set_result(value)
         except _Incomplete:
             pass
         except (RedisError, ValueError) as exc:

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from proxy.resp import Keys, Redis, RedisError, ReplyError, Script, _Incomplete, encode, parse
-from tests.support import free_port
+from tests.support import RedisServer, free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -298,3 +298,42 @@ def test_after_close_calls_fail_at_once():
             await redis.call("PING")
 
     asyncio.run(run())
+
+
+def test_after_redis_became_a_replica_the_next_command_connects_again_to_whatever_now_answers(tmp_path):
+    """A failover that keeps the address (a DNS name, a virtual IP, a proxy) and leaves the old
+    primary running as a replica: it keeps its clients connected and refuses their writes for good."""
+    old, new = RedisServer(tmp_path).start(), RedisServer(tmp_path).start()
+    address = {"port": old.port}
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+        finally:
+            sink.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", address["port"])
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
+
+    async def run() -> None:
+        port = free_port()
+        server = await asyncio.start_server(forward, "127.0.0.1", port)
+        redis = client(f"redis://127.0.0.1:{port}")
+        try:
+            assert await redis.call("SET", "tollgate-test:k", "before") == "OK"
+            assert old.cli("REPLICAOF", "127.0.0.1", str(new.port)) == "OK"
+            address["port"] = new.port
+            with pytest.raises(ReplyError, match="READONLY"):
+                await redis.call("SET", "tollgate-test:k", "after")
+            assert await redis.call("SET", "tollgate-test:k", "after") == "OK"
+        finally:
+            await redis.close()
+            server.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        old.stop()
+        new.stop()

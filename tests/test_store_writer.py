@@ -1123,3 +1123,108 @@ def test_a_write_committed_on_the_loop_as_the_writer_thread_dies_is_answered_not
     write = asyncio.run(run())
     assert write.done(), "the write was never answered"
     assert isinstance(write.exception(), StoreError)
+
+
+# --- an fsync SQLite itself makes fails (fsyncgate) -------------------------------------------
+
+
+def sqlite_fsync_failure() -> sqlite3.OperationalError:
+    """What SQLite raises when an fsync of its own fails: a commit's on the thread (synchronous
+    = FULL), a checkpoint's, or the WAL header's as the WAL starts over."""
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorcode = 1034  # type: ignore[attr-defined]
+    error.sqlite_errorname = "SQLITE_IOERR_FSYNC"  # type: ignore[attr-defined]
+    return error
+
+
+class FirstCommitFsyncFails(sqlite3.Connection):
+    """The thread's connection, whose first commit's fsync fails: SQLite rolls the transaction
+    back and says so. Its next fsync succeeds, as Linux reports a lost page once."""
+
+    failed = False
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql == "COMMIT" and not FirstCommitFsyncFails.failed:
+            FirstCommitFsyncFails.failed = True
+            super().execute("ROLLBACK")
+            raise sqlite_fsync_failure()
+        return super().execute(sql, *args)
+
+
+def test_after_sqlite_fails_to_fsync_a_commit_on_the_thread_the_store_takes_no_more_writes(tmp_path):
+    FirstCommitFsyncFails.failed = False
+    path = tmp_path / "w.db"
+
+    async def run() -> None:
+        writer = Writer(lambda: connect(path, FirstCommitFsyncFails))  # every write on the thread
+        await writer.start()
+        try:
+            with pytest.raises(StoreUnavailable):
+                await writer.submit(insert(1))
+            # The pages that fsync lost are marked clean: a later commit's fsync would succeed
+            # without them, and a write after them said durable would not be.
+            with pytest.raises(StoreUnavailable, match="no more writes"):
+                await writer.submit(insert(2))
+            with pytest.raises(StoreUnavailable, match="saving to disk failed"):
+                writer.check()
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == []
+
+
+class CheckpointFsyncFails(sqlite3.Connection):
+    """The thread's connection, whose checkpoints fail to fsync."""
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.startswith("PRAGMA wal_checkpoint"):
+            raise sqlite_fsync_failure()
+        return super().execute(sql, *args)
+
+
+def test_a_checkpoint_whose_fsync_fails_stops_the_store_taking_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)  # one after every commit on the loop
+
+    async def run() -> None:
+        writer = loop_writer(tmp_path / "w.db", thread_connection=CheckpointFsyncFails)
+        await writer.start()
+        try:
+            assert await writer.submit(insert(1)) == 1  # its commit starts a checkpoint
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                try:
+                    writer.check()
+                except StoreUnavailable:
+                    break
+            with pytest.raises(StoreUnavailable, match="no more writes.*saving to disk failed"):
+                writer.submit(insert(2))
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+
+
+def test_writes_of_a_batch_in_which_sqlite_fails_an_fsync_are_not_answered_as_durable(tmp_path):
+    path = tmp_path / "w.db"
+
+    def starts_the_wal_over_and_its_header_fsync_fails(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t (n) VALUES (100)")
+        db.execute("ROLLBACK")  # SQLite rolls the whole transaction back on an I/O error
+        raise sqlite_fsync_failure()
+
+    async def run() -> list:
+        writer = Writer(lambda: connect(path))
+        await writer.start()
+        try:
+            release = await hold(writer)
+            # one batch on the thread: the others go again without the one that failed
+            batch = [writer.submit(insert(1)), writer.submit(starts_the_wal_over_and_its_header_fsync_fails),
+                     writer.submit(insert(3))]
+            release.set()
+            return await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 5)
+        finally:
+            await writer.stop()
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes), outcomes

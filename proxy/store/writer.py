@@ -19,8 +19,9 @@ The thread does what must not stall the loop:
   a moment earlier). A write
   submitted with `durable=False` (a call's start, which matters only together with its end)
   is answered at its commit: the fsync after any later commit covers it as well, since the
-  WAL is written in order. A failed fsync stops the store taking writes: what it was for is
-  committed but perhaps not on disk, and Linux may not report the loss twice;
+  WAL is written in order. A failed fsync (ours, or one SQLite makes: a commit's on the
+  thread, a checkpoint's) stops the store taking writes: what it was for is committed but
+  perhaps not on disk, and Linux may not report the loss twice;
 - checkpoints, which copy the WAL into the database file and fsync it, in two passes. The
   first copies what is there while the loop goes on committing; the second copies what was
   committed meanwhile, a few pages, and new writes wait on the loop for it to end and then
@@ -403,7 +404,10 @@ class Writer:
         if jobs and self._failure is not None:
             self._deliver(jobs, [(False, self._refusal())] * len(jobs))
         elif jobs:
-            self._deliver(jobs, self._commit_batch(db, jobs))
+            results = self._commit_batch(db, jobs)
+            if self._failure is not None:  # an fsync failed as they committed: none is known durable
+                results = [(False, self._unsaved()) if ok else (ok, value) for ok, value in results]
+            self._deliver(jobs, results)
         for item in items:
             if isinstance(item, _Checkpoint):
                 self._checkpoint(db, item.closing)
@@ -428,8 +432,8 @@ class Writer:
                 _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if not closing:
                     self._wal_frames = frames
-        except sqlite3.Error:
-            pass  # the next one tries again
+        except sqlite3.Error as exc:
+            self._failed(exc)  # else the next one tries again
 
     def _sync(self, committed: list[tuple[_Job[Any], Any]]) -> list[Outcome]:
         """fsync the WAL for writes the loop committed (on the thread)."""
@@ -444,7 +448,16 @@ class Writer:
                 self._sync_failed(exc)
         return [(False, self._unsaved())] * len(committed)
 
-    def _sync_failed(self, error: OSError) -> None:
+    def _failed(self, exc: Exception) -> Exception:
+        """What a write that raised `exc` hears (`busy_or`). An fsync of SQLite's own that failed
+        (a commit's on the thread, a checkpoint's, the WAL header's as the WAL starts over)
+        stops the store as one of ours does: the descriptor it was made through has had the
+        error, and SQLite's next fsync there would succeed without the pages lost."""
+        if getattr(exc, "sqlite_errorcode", None) in _FSYNC_FAILED:
+            self._sync_failed(exc)
+        return busy_or(exc)
+
+    def _sync_failed(self, error: Exception) -> None:
         """After a failed fsync, never another, on the loop or the thread: the pages it lost
         are marked clean, so the next fsync would succeed without them."""
         if self._failure is None:
@@ -483,7 +496,7 @@ class Writer:
                 try:
                     result = job.work(db)
                 except Exception as exc:
-                    error = busy_or(exc)
+                    error = self._failed(exc)
                     if not db.in_transaction:
                         # The failure ended the whole transaction and undid the writes before it
                         # as well: they go again without the one that failed.
@@ -503,7 +516,7 @@ class Writer:
         except sqlite3.Error as exc:
             # The transaction as a whole failed: nothing of it stands, so nobody succeeded.
             _end_transaction(db)
-            failure = busy_or(exc)
+            failure = self._failed(exc)
             return [(False, failure)] * len(batch)
         return results
 
@@ -522,7 +535,7 @@ class Writer:
                 raise
             return True, result
         except Exception as exc:
-            return False, busy_or(exc)
+            return False, self._failed(exc)
 
     def _deliver(self, jobs: list[_Job[Any]], results: list[Outcome]) -> None:
         """Back to each job's loop in one hop."""
@@ -589,6 +602,7 @@ def _end_transaction(db: sqlite3.Connection) -> None:
 # SQLite's errors that mean the database cannot be written now, whatever is tried: the disk
 # is full, failing or read-only, or the file cannot be opened (extended codes included).
 _UNWRITABLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+_FSYNC_FAILED = (1034, 1290)  # SQLITE_IOERR_FSYNC, SQLITE_IOERR_DIR_FSYNC
 
 
 def busy_or(exc: Exception) -> Exception:
