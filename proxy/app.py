@@ -52,7 +52,7 @@ def create_app(config: Config) -> Starlette:
 
     admin = AdminService(store, config, on_change=changes.bump)
     jobs_api = JobsApi(store, auth, calls, metrics, config)
-    openai_api = OpenAIApi(store, auth, calls, groups, metrics, config)
+    openai_api = OpenAIApi(auth, calls, groups, config)
     # The router tries routes in order: the calls' routes first. CallRoutes takes their POSTs
     # before the router; the router still answers their other methods (405).
     call_routes = [*jobs_api.call_routes(), *openai_api.call_routes()]

@@ -14,7 +14,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from starlette.types import Receive
 
@@ -28,7 +28,7 @@ from .ids import new_id
 from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
 from .metrics import Metrics
 from .pricing import Pricing
-from .records import CallOutcome, CallStatus, JobEnd, ModelGroup, NewCall, Team
+from .records import CallOutcome, CallStatus, JobEnd, ModelGroup, NewCall, Team, TerminalJobStatus
 from .store import Store, StoreBusy, StoreError, StoreUnavailable
 from .streaming import RelayEnd, SSERelay
 from .upstream import Upstream
@@ -60,7 +60,7 @@ class Call:
     deadline: float
     decision: Decision
     notes: dict[str, Any]  # the request's access-log fields
-    own_job: "OwnJob | None" = None  # the job is the call's own: made with its start, ended with its record
+    own_job: OwnJob | None = None  # the job is the call's own: made with its start, ended with its record
     # The model last asked when the call was cut short: its prompt is priced at that model's rate.
     cut_at_model: str | None = None
 
@@ -94,7 +94,7 @@ class OwnJob:
     default_credits: int  # held (and charged) unless the team sets its own credits per job
     # How the job ends, given the outcome and whether the client has had the answer: not when
     # a non-streaming call's record was refused, and the client got a 503 in its place.
-    ends_as: Callable[[CallOutcome, bool], tuple[Literal["completed", "failed"], str | None]]
+    ends_as: Callable[[CallOutcome, bool], tuple[TerminalJobStatus, str | None]]
 
 
 RECORD_ATTEMPTS = 4
@@ -133,10 +133,11 @@ class CallPipeline:
         self._metrics = metrics
         self._total_timeout = total_timeout
         self._running: set[str] = set()  # admitted calls not yet recorded
-        # Outcomes the store refused (disk full, I/O error, ...), by call id, with their call
-        # and whether its client had the answer: written by `record_kept` once it takes writes
-        # again. Their rows stay 'running' meanwhile.
-        self._kept: dict[str, tuple[CallOutcome, Call, bool]] = {}
+        # Outcomes the store refused (disk full, I/O error, ...), by call id, with how the call's
+        # own job ends (if it has one) and its team, not the whole call (whose request may be
+        # megabytes): written by `record_kept` once it takes writes again. Their rows stay
+        # 'running' meanwhile.
+        self._kept: dict[str, tuple[CallOutcome, JobEnd | None, str]] = {}
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """At shutdown: wait for calls still being recorded, then try once more to write the
@@ -155,9 +156,9 @@ class CallPipeline:
         is running, or closed as interrupted by the sweeper of another process, which could
         not know the outcome was kept here; a retry is safe."""
         written = finished = 0
-        for call_id, (outcome, call, answered) in list(self._kept.items()):
+        for call_id, (outcome, job_end, team_id) in list(self._kept.items()):
             try:
-                recorded = await self._write_outcome(call, outcome, answered, over_interrupted=True)
+                recorded = await self._write_outcome(outcome, job_end, team_id, over_interrupted=True)
             except Exception as exc:
                 log.warning("%d call outcomes still wait for the store (%d written now): %s",
                             len(self._kept), written, exc)
@@ -511,10 +512,12 @@ class CallPipeline:
         """Write the outcome, trying again while the database stays locked by another process.
         One the store refuses (disk full, I/O error, a lock that outlasts the retries) is kept
         for `record_kept` and logged with every figure; the caller hears StoreUnavailable."""
+        team_id = call.principal.team.team_id
+        job_end = _job_end(call, outcome, answered=True)
         attempt = 1
         while True:
             try:
-                await self._write_outcome(call, outcome, answered=True)
+                await self._write_outcome(outcome, job_end, team_id)
                 return
             except StoreBusy as exc:
                 if attempt == RECORD_ATTEMPTS:
@@ -531,7 +534,7 @@ class CallPipeline:
             log.error("could not record call %s: %r", outcome.call_id, outcome, exc_info=failure)
             raise failure
         # A stream's client has had the answer by now; a non-streaming one gets a 503 instead.
-        self._kept[outcome.call_id] = (outcome, call, call.stream)
+        self._kept[outcome.call_id] = (outcome, _job_end(call, outcome, answered=call.stream), team_id)
         log.error("could not record call %s (%s): kept, to be written once the database takes writes again: %r",
                   outcome.call_id, failure, outcome)
         raise StoreUnavailable(
@@ -540,17 +543,21 @@ class CallPipeline:
         ) from failure
 
     async def _write_outcome(
-        self, call: Call, outcome: CallOutcome, answered: bool, over_interrupted: bool = False
+        self, outcome: CallOutcome, job_end: JobEnd | None, team_id: str, over_interrupted: bool = False
     ) -> bool:
         """Write the outcome, with the end of the call's own job if it has one; whether the call
         was recorded now (see `Store.finish_call`)."""
-        own = call.own_job
-        if own is None:
+        if job_end is None:
             return await self._store.finish_call(outcome, over_interrupted=over_interrupted)
-        status, error = own.ends_as(outcome, answered)
-        recorded, ended = await self._store.finish_call_and_job(
-            outcome, JobEnd(call.job_id, status, error), over_interrupted=over_interrupted
-        )
+        recorded, ended = await self._store.finish_call_and_job(outcome, job_end, over_interrupted=over_interrupted)
         if ended:
-            self._metrics.observe_job(call.principal.team.team_id, status)
+            self._metrics.observe_job(team_id, job_end.status)
         return recorded
+
+
+def _job_end(call: Call, outcome: CallOutcome, answered: bool) -> JobEnd | None:
+    """How the call's own job ends, if it has one; `answered`: whether its client had the answer."""
+    if call.own_job is None:
+        return None
+    status, error = call.own_job.ends_as(outcome, answered)
+    return JobEnd(call.job_id, status, error)

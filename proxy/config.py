@@ -59,20 +59,25 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0
 
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string such as ``"500ms"``, ``"30s"``, ``"24h"``."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    try:
-        if isinstance(value, (int, float)):
-            seconds = float(value)  # an integer past a float's range raises OverflowError
-        elif isinstance(value, str) and (match := _DURATION.match(value)):
-            seconds = float(match.group(1)) * _UNITS[match.group(2)]
-        else:
-            raise ValueError(value)
-    except OverflowError:
-        raise ValueError(value) from None
+    if not (isinstance(value, str) and (match := _DURATION.match(value))):
+        return _finite_number(value)
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if not math.isfinite(seconds):
         raise ValueError(value)
     return seconds
+
+
+def _finite_number(value: Any) -> float:
+    """A number (not a boolean) as a finite float, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range
+        raise ValueError(value) from None
+    if not math.isfinite(number):
+        raise ValueError(value)
+    return number
 
 
 # \Z, not $: $ also matches before a trailing newline, which would let "acme\n" through.
@@ -675,15 +680,10 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
             raise invalid("an integer")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise invalid("a number")
         try:
-            number = float(value)
-        except OverflowError:  # an integer past a float's range
+            return _finite_number(value)
+        except ValueError:
             raise invalid("a number") from None
-        if not math.isfinite(number):
-            raise invalid("a number")
-        return number
     if tp is str:
         if not isinstance(value, str):
             raise invalid("a string")

@@ -75,7 +75,7 @@ class JobsApi:
         return principal
 
     async def _own_job(self, principal: Principal, job_id: str) -> Job:
-        job = await self._store.get_job(job_id, with_costs=False)
+        job = await self._store.get_job(job_id)
         if job is None:
             raise ApiError(404, f"Job '{job_id}' not found", code="not_found")
         if job.team_id != principal.team.team_id:

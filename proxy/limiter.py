@@ -12,8 +12,9 @@ spend tokens no window ever counted.
 
 With Redis, one Lua script checks and records every scope in one atomic round
 trip on Redis's own clock, so all processes sharing the Redis share the limit
-exactly; keys carry the team as a hash tag, so Redis Cluster keeps a call's
-keys on one node. A rejected call records nothing. If Redis fails, a circuit
+exactly; keys carry the team as a hash tag (one team's keys would share a
+Redis Cluster slot, though the client talks to one node: Cluster is not
+supported). A rejected call records nothing. If Redis fails, a circuit
 breaker stops asking it for a while and `rate_limits.on_redis_error` decides:
 `local` (a per-process limiter of the same semantics), `allow`, or `deny`. An
 admit given up on may still run in Redis once it recovers: it is released then.
@@ -150,16 +151,17 @@ def openai_duration(seconds: float) -> str:
 @dataclass
 class _Window:
     requests: deque = field(default_factory=deque)  # (admitted_at, call_id), oldest first
-    tokens: OrderedDict = field(default_factory=OrderedDict)  # call_id -> (admitted_at, amount)
+    # call_id -> (counted_from, amount), oldest first: from its admission, from its end once settled
+    tokens: OrderedDict = field(default_factory=OrderedDict)
     total: int = 0
-    used_at: float = 0.0  # the last admit that looked at it: nothing in it is younger
+    used_at: float = 0.0  # the last admit or settle that touched it: nothing in it is younger
 
     def trim(self, cutoff: float) -> None:
         while self.requests and self.requests[0][0] <= cutoff:
             self.requests.popleft()
         while self.tokens:
-            call_id, (admitted_at, amount) = next(iter(self.tokens.items()))
-            if admitted_at > cutoff:
+            call_id, (counted_from, amount) = next(iter(self.tokens.items()))
+            if counted_from > cutoff:
                 break
             self.tokens.popitem(last=False)
             self.total -= amount
@@ -185,12 +187,7 @@ class LocalLimiter:
         retry_after = None
         self._forget_idle(cutoff)
         for scope, name, rpm, tpm in limits.scopes():
-            window = self._windows.get((scope, name))
-            if window is None:
-                window = self._windows[(scope, name)] = _Window()
-            else:
-                self._windows.move_to_end((scope, name))
-            window.used_at = now
+            window = self._used((scope, name), now)
             window.trim(cutoff)
             windows.append((scope, window, rpm, tpm))
             if estimate > tpm:
@@ -240,6 +237,16 @@ class LocalLimiter:
             retry_after=retry_after,
         )
 
+    def _used(self, key: tuple[Scope, str], now: float) -> _Window:
+        """The scope's window, made if it has none, marked as the one most recently used."""
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _Window()
+        else:
+            self._windows.move_to_end(key)
+        window.used_at = now
+        return window
+
     def _forget_idle(self, cutoff: float) -> None:
         windows = self._windows
         while windows:
@@ -250,10 +257,10 @@ class LocalLimiter:
 
     def _tokens_free_at(self, window: _Window, needed: int) -> float:
         freed = 0
-        for admitted_at, amount in window.tokens.values():
+        for counted_from, amount in window.tokens.values():
             freed += amount
             if freed >= needed:
-                return admitted_at + self._window
+                return counted_from + self._window
         return self._clock() + self._window
 
     def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
@@ -262,20 +269,16 @@ class LocalLimiter:
         call_id = decision.call_id
         now = self._clock()
         for scope, name, _, _ in decision.limits.scopes():
-            window = self._windows.get((scope, name))
             if release:
+                window = self._windows.get((scope, name))
                 if window is None or call_id not in window.tokens:
                     continue
                 _, amount = window.tokens.pop(call_id)
                 window.total -= amount
                 window.requests = deque(r for r in window.requests if r[1] != call_id)
                 continue
-            if window is None:
-                window = self._windows[(scope, name)] = _Window()
-            else:
-                self._windows.move_to_end((scope, name))
-            window.used_at = now
-            # Moved to the end: nothing in the window is younger, so it stays in time order.
+            window = self._used((scope, name), now)
+            # Put back last: nothing in the window is younger, so its tokens stay in time order.
             _, amount = window.tokens.pop(call_id, (now, 0))
             window.tokens[call_id] = (now, tokens)
             window.total += tokens - amount

@@ -7,8 +7,6 @@ after tokens were spent; failed otherwise. Answers are the upstream's bytes.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -21,10 +19,8 @@ from .groups import GroupCatalog
 from .ids import new_id
 from .jobs_api import canonical_job_id
 from .json_codec import JSONResponse
-from .metrics import Metrics
 from .observe import notes
-from .records import CallOutcome
-from .store import Store
+from .records import CallOutcome, TerminalJobStatus
 from .streaming import SSERelay
 from .validation import parse_call
 
@@ -32,22 +28,13 @@ UNANSWERED = "the answer never reached the client: the database refused its call
 
 
 class OpenAIApi:
-    def __init__(
-        self,
-        store: Store,
-        auth: KeyAuthenticator,
-        calls: CallPipeline,
-        groups: GroupCatalog,
-        metrics: Metrics,
-        config: Config,
-    ) -> None:
-        self._store = store
+    def __init__(self, auth: KeyAuthenticator, calls: CallPipeline, groups: GroupCatalog, config: Config) -> None:
         self._auth = auth
         self._calls = calls
         self._groups = groups
-        self._metrics = metrics
-        self._config = config
         self._max_body = config.server.max_body_bytes
+        # How a call made without X-Job-Id makes and ends a job of its own: one for all such calls.
+        self._own_job = OwnJob(config.jobs.credits_per_job, _own_job_end)
 
     def call_routes(self) -> list[Route]:
         """The route of LLM calls, the hot path (proxy/call_routes.py)."""
@@ -62,13 +49,12 @@ class OpenAIApi:
 
     async def chat_completions(self, request: Request) -> Response | SSERelay:
         principal = await self._auth.authenticate(header(request, b"authorization"))
-        team_id = principal.team.team_id
-        notes(request)["team"] = team_id
+        notes(request)["team"] = principal.team.team_id
         call_request = parse_call(await read_json_object(request, self._max_body), openai=True)
         group = await self._calls.check(principal, call_request)
         job_header = (header(request, b"x-job-id") or "").strip()
         # Without X-Job-Id the call is a job of its own, made as the call starts.
-        own_job = None if job_header else OwnJob(self._config.jobs.credits_per_job, own_job_end)
+        own_job = None if job_header else self._own_job
         job_id = new_id() if own_job is not None else canonical_job_id(job_header)
         call = await self._calls.admit(
             principal,
@@ -102,7 +88,7 @@ class OpenAIApi:
         return JSONResponse(_model_json(group.name, group.created_at))
 
 
-def own_job_end(outcome: CallOutcome, answered: bool) -> tuple[Literal["completed", "failed"], str | None]:
+def _own_job_end(outcome: CallOutcome, answered: bool) -> tuple[TerminalJobStatus, str | None]:
     """How a call's own job ends: charged when the call succeeded, or when the client hung up
     after tokens were spent; failed (its hold released) otherwise, a shutdown's cut included,
     and so is one whose answer the client never had (a 503: its record was refused)."""

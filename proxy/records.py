@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 JobStatus = Literal["pending", "in_progress", "completed", "failed"]
+TerminalJobStatus = Literal["completed", "failed"]
 CallStatus = Literal["running", "success", "error", "cancelled"]
 OPEN_JOB_STATUSES = ("pending", "in_progress")
 TERMINAL_JOB_STATUSES = ("completed", "failed")
@@ -225,7 +226,7 @@ class JobEnd:
     """How a call's own job ends, written with the call's record (a /v1 call without X-Job-Id)."""
 
     job_id: str
-    status: Literal["completed", "failed"]
+    status: TerminalJobStatus
     error_message: str | None
 
 

@@ -136,10 +136,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     def _kept_head_bytes(self) -> int:
         """The size of a head read whole, as the parser kept it: its request line and header
         lines, less the spaces it skipped."""
-        size = len(self.parser.get_method()) + len(self.url) + len(" HTTP/1.1\r\n") + 1 + len("\r\n")
-        for name, value in self.headers:
-            size += len(name) + len(value) + len(":\r\n")
-        return size
+        request_line = len(self.parser.get_method()) + len(" ") + len(self.url) + len(" HTTP/1.1\r\n")
+        header_lines = sum(len(name) + len(":") + len(value) + len("\r\n") for name, value in self.headers)
+        return request_line + header_lines + len("\r\n")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -161,7 +160,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._head_done = True
         previous = self.cycle
         super().on_headers_complete()
-        if self.pipeline and self.cycle is not previous and self.pipeline[0][0] is self.cycle:
+        if self.cycle is not previous and self._waiting():
             self._queued_behind(previous)
 
     def on_message_complete(self) -> None:
@@ -229,8 +228,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # The refused request's own cycle, if its head was read: uvicorn's `cycle` is otherwise
         # the request's before it, on a kept-alive or pipelining connection.
         own = self.cycle if self._reading and self._head_done else None
-        waiting = own is not None and self._waiting()
-        if own is not None and not waiting and own.response_started and not own.response_complete:
+        if own is not None and own.response_started and not own.response_complete:
             self.transport.close()  # an answer is under way: it cannot be replaced
             return
         # The target as far as it was read, for the error's shape: OpenAI's under /v1.
@@ -248,7 +246,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self._read_timer.cancel()
             self._read_timer = None
         # Requests sent before it still being answered: the refusal comes after their answers.
-        if waiting:
+        if own is not None and self._waiting():
             self.pipeline.popleft()  # never run
             before: RequestResponseCycle | None = self._ahead[-1]
         elif own is None and self.cycle is not None and not self.cycle.response_complete:
@@ -278,11 +276,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         """Close once the client has read the refusal, whatever else it still sends: a socket
         closed with the client's bytes unread in it sends a reset, which may reach the client
         before the refusal does and destroy it unread (a head over 64 KiB always leaves bytes
-        unread). The rest is read and dropped, for at most LINGER seconds."""
-        self._discarding = True
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
+        unread). The rest is read and dropped (`_refuse` set it to be), for at most LINGER
+        seconds."""
         if not self.transport.can_write_eof():
             self.transport.close()
             return

@@ -60,15 +60,19 @@ def make_venv_record(venv, executable):
     (venv / "pyvenv.cfg").write_text(f"home = {executable.parent}\nversion = 3.11\nexecutable = {executable}\n")
 
 
+def unset_litellm_venv(monkeypatch) -> None:
+    # Set, then deleted: monkeypatch then undoes what bench sets in os.environ behind its back, which
+    # a delenv of an unset variable leaves for every later test (their LiteLLM venv moved to tmp_path).
+    monkeypatch.setenv("TOLLGATE_LITELLM_VENV", "")
+    monkeypatch.delenv("TOLLGATE_LITELLM_VENV")
+
+
 def test_litellm_runs_on_the_benchmarks_interpreter_when_its_usual_venv_was_made_from_another(monkeypatch, tmp_path):
     bench = load_bench()
     monkeypatch.setenv("HOME", str(tmp_path))
     usual = bench.litellm_venv()
     make_venv_record(usual, tmp_path / "other" / "python3.11")
-    # Set, then deleted: monkeypatch then undoes what bench sets in os.environ behind its back, which
-    # a delenv of an unset variable leaves for every later test (their LiteLLM venv moved to tmp_path).
-    monkeypatch.setenv("TOLLGATE_LITELLM_VENV", "")
-    monkeypatch.delenv("TOLLGATE_LITELLM_VENV")
+    unset_litellm_venv(monkeypatch)
     assert bench.litellm_on_this_interpreter() == bench.interpreter()  # the venv to be made
     chosen = os.environ["TOLLGATE_LITELLM_VENV"]
     assert chosen.startswith(str(usual) + "-") and not os.path.exists(chosen)
@@ -80,10 +84,7 @@ def test_litellm_keeps_its_usual_venv_when_it_was_made_from_the_benchmarks_inter
     monkeypatch.setenv("HOME", str(tmp_path))
     usual = bench.litellm_venv()
     make_venv_record(usual, bench.interpreter())
-    # Set, then deleted: monkeypatch then undoes what bench sets in os.environ behind its back, which
-    # a delenv of an unset variable leaves for every later test (their LiteLLM venv moved to tmp_path).
-    monkeypatch.setenv("TOLLGATE_LITELLM_VENV", "")
-    monkeypatch.delenv("TOLLGATE_LITELLM_VENV")
+    unset_litellm_venv(monkeypatch)
     assert bench.litellm_on_this_interpreter() == bench.interpreter()
     assert "TOLLGATE_LITELLM_VENV" not in os.environ
 

@@ -262,9 +262,9 @@ def test_a_client_that_hangs_up_mid_stream_has_its_implicit_job_completed_and_ch
     assert (job["status"], job["costs"]["credits_charged"]) == ("completed", 1)
 
 
-def test_the_client_cannot_finish_the_own_job_of_a_v1_call_between_its_record_and_its_charge(make_tollgate, fake_url):
-    # The job of a call made without X-Job-Id is finished by the gateway once the call is
-    # recorded: the client completing it as failed in that moment would get the answer uncharged.
+def test_the_client_cannot_finish_the_own_job_of_a_v1_call_even_while_no_call_of_it_runs(make_tollgate, fake_url):
+    # The job of a call made without X-Job-Id is the gateway's to end, in the write of the
+    # call's record: the client completing it as failed first would get the answer uncharged.
     import sqlite3
 
     server = make_tollgate(upstream_url=fake_url)
@@ -275,7 +275,7 @@ def test_the_client_cannot_finish_the_own_job_of_a_v1_call_between_its_record_an
         job_id = response.headers["x-job-id"]
         lines = response.iter_lines()
         next(lines)
-        # The moment after the call's record was written, before its job was finished and charged.
+        # Its call no longer running: only the job's being the call's own refuses the client.
         with sqlite3.connect(server.database, timeout=10) as db:
             db.execute("UPDATE llm_calls SET status = 'success' WHERE job_id = ?", (job_id,))
         refused = client.post(f"/api/jobs/{job_id}/complete", json={"status": "failed"})

@@ -23,7 +23,9 @@ def outcome(call_id: str) -> CallOutcome:
 
 
 async def statuses(store: SQLiteStore, job_id: str) -> dict[str, str]:
-    return {call.call_id: call.status for call in await store.job_calls(job_id)}
+    view = await store.job_view(job_id)
+    assert view is not None
+    return {call.call_id: call.status for call in view[1]}
 
 
 def test_the_sweep_closes_only_calls_still_running_that_started_before_the_cutoff(tmp_path):
@@ -172,7 +174,7 @@ def test_the_sweep_fails_the_own_job_of_a_v1_call_it_closed_as_interrupted(tmp_p
 
 def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
     # A listing asks for one page; summing and sorting every job the team ever had for it
-    # grew with the team's history, on the one reader every lookup waits behind.
+    # grew with the team's history, on the connection that job and page reads take one at a time.
     db = database_at(tmp_path / "jobs.db", len(MIGRATIONS))
     db.execute(
         "INSERT INTO teams (team_id, organization_id, status, credits_allocated, created_at, updated_at) "
@@ -201,9 +203,11 @@ def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
             count[0] += 1
             return 0
 
-        await store._reader.set_progress_handler(step, 100)  # every 100 SQLite instructions
-        jobs, total = await store.list_jobs(team, None, 20, 0)
-        await store._reader.set_progress_handler(None, 100)
+        # A page is read on the connection of reads that must agree (with the team's balance).
+        assert store._together is not None
+        store._together.set_progress_handler(step, 100)  # every 100 SQLite instructions
+        jobs, total, _ = await store.team_jobs(team, None, 20, 0)
+        store._together.set_progress_handler(None, 100)
         assert len(jobs) == 20 and jobs[0].job_id == f"{team}-{total - 1:05}" and jobs[0].costs.total_calls == 2
         return count[0]
 

@@ -26,6 +26,7 @@ from ..ids import new_id
 from ..records import (
     IMPLICIT_JOB_TYPE,
     OPEN_JOB_STATUSES,
+    TERMINAL_JOB_STATUSES,
     CallOutcome,
     CallSummary,
     Job,
@@ -620,9 +621,8 @@ class SQLiteStore:
         user_id: str | None,
         metadata: dict[str, Any],
         default_credits: int,
-        job_id: str | None = None,
     ) -> Job:
-        job_id = job_id or new_id()
+        job_id = new_id()
         now = self._clock()
         metadata_json = json.dumps(metadata, allow_nan=False)
 
@@ -632,9 +632,10 @@ class SQLiteStore:
         held = await self._write(create)
         return Job(job_id, team_id, job_type, user_id, "pending", metadata, None, now, None, held, 0, None)
 
-    async def get_job(self, job_id: str, with_costs: bool = True) -> Job | None:
-        rows = await self._read(_JOB_WITH_COSTS if with_costs else _JOB_ALONE, (job_id,))
-        return _job(rows[0], with_costs) if rows else None
+    async def get_job(self, job_id: str) -> Job | None:
+        """The job's own row: its costs are not summed from its calls (`job_view` has them)."""
+        rows = await self._read(_JOB_ALONE, (job_id,))
+        return _job(rows[0], False) if rows else None
 
     async def job_view(self, job_id: str) -> tuple[Job, list[CallSummary], int] | None:
         """A job with its costs and calls, and its team's credits_remaining, all of one moment."""
@@ -648,10 +649,6 @@ class SQLiteStore:
             return job, calls, _remaining_in(db, job.team_id)
 
         return await self._read_together(read)
-
-    async def list_jobs(self, team_id: str, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
-        jobs, total, _ = await self.team_jobs(team_id, status, limit, offset)
-        return jobs, total
 
     async def team_jobs(self, team_id: str, status: str | None, limit: int, offset: int) -> tuple[list[Job], int, int]:
         """A page of the team's jobs, newest first, with their costs; how many jobs match; and
@@ -676,21 +673,17 @@ class SQLiteStore:
 
         return await self._read_together(read)
 
-    async def job_calls(self, job_id: str) -> list[CallSummary]:
-        rows = await self._read(_JOB_CALLS, (job_id,))
-        return [_call(row) for row in rows]
-
-    async def start_call(self, call: NewCall, own_job_credits: int | None = None) -> None:
-        """Record the call as running in its job. `own_job_credits`: the job is the call's own
-        (a /v1 call without X-Job-Id), made in the same write, holding the team's credits per
-        job (this many unless the team sets its own): a job without its call never exists, nor
-        does a call refused at its start leave a job holding a credit."""
+    async def start_call(self, call: NewCall, own_job_default_credits: int | None = None) -> None:
+        """Record the call as running in its job. With `own_job_default_credits`, the job is the
+        call's own (a /v1 call without X-Job-Id), made in the same write, holding the team's
+        credits per job (this many unless the team sets its own): a job without its call never
+        exists, nor does a call refused at its start leave a job holding a credit."""
         now = self._clock()
 
         def start(db: sqlite3.Connection) -> None:
-            if own_job_credits is not None:
+            if own_job_default_credits is not None:
                 _open_job(db, call.job_id, call.team_id, IMPLICIT_JOB_TYPE, None, _IMPLICIT_METADATA,
-                          own_job_credits, now)
+                          own_job_default_credits, now)
             cursor = db.execute(
                 "INSERT INTO llm_calls (call_id, job_id, team_id, key_id, model_group, purpose, streamed, status, "
                 "started_at) SELECT ?, job_id, team_id, ?, ?, ?, ?, 'running', ? FROM jobs "
@@ -724,7 +717,7 @@ class SQLiteStore:
 
         # Not waiting for the disk: a start matters only with the call's end, whose write
         # is durable and, the WAL being written in order, makes this one durable too.
-        await self._write(start, atomic=own_job_credits is not None, durable=False)
+        await self._write(start, atomic=own_job_default_credits is not None, durable=False)
 
     async def finish_call(self, outcome: CallOutcome, *, over_interrupted: bool = False) -> bool:
         """Record a call's end; False if it was finished already. `over_interrupted`: also over
@@ -762,7 +755,8 @@ class SQLiteStore:
     async def finish_job(
         self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None
     ) -> tuple[Job, bool]:
-        """Finish a job; returns it and whether this call changed it (False for a repeat)."""
+        """Finish a job; returns it (as `get_job` reads it) and whether this call changed it (False
+        for a repeat)."""
         now = self._clock()
 
         def finish(db: sqlite3.Connection) -> bool:
@@ -914,7 +908,7 @@ def _finish_job_in(
     current, team_id, stored_metadata = rows[0]
     if current == status:
         return False  # the same terminal status again: same result, no new charge
-    if current in ("completed", "failed"):
+    if current in TERMINAL_JOB_STATUSES:
         raise JobClosed(job_id, current)
     running = _all(db, "SELECT 1 FROM llm_calls WHERE job_id = ? AND status = 'running' LIMIT 1", (job_id,))
     if running:

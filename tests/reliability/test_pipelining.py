@@ -104,6 +104,7 @@ def statuses(found: list[tuple[int, bytes]]) -> list[int]:
 def test_a_pipelined_head_over_64_kib_sent_with_the_request_before_is_431(server):
     # Both in one read: the second head was never counted.
     assert statuses(pipeline(server.port, LIVE + BIG_HEAD)) == [200, 431]
+    assert "Traceback" not in server.log()  # refused once: the parser it stopped refuses nothing more
 
 
 def test_a_pipelined_head_is_counted_from_where_it_began_not_from_the_next_read(server):
@@ -116,12 +117,13 @@ def test_a_pipelined_head_under_64_kib_sent_with_the_request_before_is_served(se
     assert statuses(pipeline(server.port, LIVE + head)) == [200, 200]
 
 
-def test_a_pipelined_head_after_a_large_body_is_not_charged_for_the_body(server, team):
+@pytest.mark.parametrize("begun", [20, 3], ids=["in-its-target", "in-its-method"])
+def test_a_pipelined_head_after_a_large_body_is_not_charged_for_the_body(server, team, begun):
     # The read where the next head begins holds 60 KB of the body before it, and the head,
-    # 40 KB, continues in the next read: the head alone counts.
+    # 40 KB, continues in the next read: the head alone counts, wherever that read ended in it.
     big = llm_call(team, new_job(server, team), "x" * 150_000)
     head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"
-    found = pipeline(server.port, big[:-60_000], big[-60_000:] + head[:20], head[20:])
+    found = pipeline(server.port, big[:-60_000], big[-60_000:] + head[:begun], head[begun:])
     assert statuses(found) == [200, 200]
 
 
@@ -217,3 +219,36 @@ def test_a_refused_connection_lingering_past_the_read_timeout_is_refused_once(ma
     time.sleep(0.3)
     assert value(families(server), "tollgate_requests", status="408") == 0
     assert "Traceback" not in server.log()
+
+
+def test_a_queued_request_whose_body_is_malformed_is_answered_400_after_the_one_before(server, team):
+    # Its head was read and queued; its chunked body is not HTTP: refused, it is never run, and
+    # its refusal waits for the answer before it, which is not cut short.
+    job = new_job(server, team)
+    malformed = b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nnot-a-size\r\n"
+    found = pipeline(server.port, llm_call(team, job, "slow [first_byte_ms=1000]") + malformed)
+    assert statuses(found) == [200, 400]
+    assert json.loads(found[0][1])["call_id"]
+
+
+def test_a_request_waiting_behind_a_slow_one_whose_body_never_comes_is_408_a_read_timeout_after_its_turn(server, team):
+    slow = llm_call(team, new_job(server, team), "slow [first_byte_ms=2500]")
+    waiting = (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 25\r\n\r\n{"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(slow + waiting)
+        reply = b""
+        while not answers(reply)[0] and (chunk := sock.recv(65536)):
+            reply += chunk
+        turn = time.monotonic()
+        reply += b"".join(iter(lambda: sock.recv(65536), b""))
+        waited = time.monotonic() - turn
+    found, rest = answers(reply)
+    assert statuses(found) == [200, 408] and not rest
+    assert 0.8 < waited < 5  # read_timeout is 1 s
+
+
+def test_a_request_pipelined_after_one_that_closes_the_connection_is_not_answered(server):
+    assert statuses(pipeline(server.port, LIVE_LAST + REFUSED[400])) == [200]

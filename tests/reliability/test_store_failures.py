@@ -191,7 +191,7 @@ def test_a_kept_outcome_never_overwrites_a_call_finished_otherwise(tmp_path):
         assert await store.finish_call(cancelled)
         late = CallOutcome("c", "success", "m", 10, 5, False, 0.0, 100, None, 1, None, 102.0)
         again = await store.finish_call(late, over_interrupted=True)
-        (call,) = await store.job_calls(job)
+        (call,) = (await store.job_view(job))[1]
         await store.close()
         return again, call.status == "cancelled", call.error
 
@@ -199,10 +199,12 @@ def test_a_kept_outcome_never_overwrites_a_call_finished_otherwise(tmp_path):
 
 
 @pytest.fixture
-def disk_full(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+def disk_full(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """While `disk_full["now"]`, every write the store makes fails as SQLite fails on a full
-    disk: even a write that changes nothing can succeed there, so none is let through."""
-    state = {"now": False}
+    disk: even a write that changes nothing can succeed there, so none is let through. With
+    `disk_full["after"]` a query, the disk fills once a write leaves the database where it
+    finds a row: that write still commits, none after it does."""
+    state: dict[str, Any] = {"now": False, "after": None}
     submit = Writer.submit
 
     def submit_or_fail(self: Writer, work: Any, atomic: bool = True, durable: bool = True) -> Any:
@@ -211,7 +213,10 @@ def disk_full(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
                 error = sqlite3.OperationalError("database or disk is full")
                 error.sqlite_errorname = "SQLITE_FULL"
                 raise error
-            return work(db)
+            result = work(db)
+            if state["after"] is not None and db.execute(state["after"]).fetchone() is not None:
+                state["now"] = True
+            return result
 
         return submit(self, run, atomic, durable)
 
@@ -326,73 +331,50 @@ def refusing_job_finish(monkeypatch: pytest.MonkeyPatch) -> dict[str, Exception 
     return refused(monkeypatch, "finish_job")
 
 
-@pytest.mark.parametrize("error", [FULL, StoreBusy("The database is busy; try again shortly")], ids=["full", "busy"])
-def test_the_own_job_of_a_v1_call_whose_finish_was_refused_after_its_record_is_finished_once_the_store_takes_writes(
-    gateway, refusing_job_finish, error
+def test_the_own_job_of_a_v1_call_is_ended_in_the_write_of_its_record_not_by_a_finish_of_its_own(
+    gateway, refusing_job_finish
 ):
-    # The call's record is written, the finish of its own job is not (the lock or the full disk
-    # came a moment later): the job must still be charged once the store takes writes again,
-    # not left to expire uncharged though the client had the whole answer.
+    # A finish of its own, after the record, could be refused (the lock or the full disk coming
+    # a moment later) and leave the job open, to expire uncharged though the client had the
+    # whole answer.
     server = gateway(jobs={"sweep_interval": "0.2s"})
-    refusing_job_finish["error"] = error
+    refusing_job_finish["error"] = FULL
     response = server.post("/v1/chat/completions", {"model": "Main", **CALL, "stream": True})
     assert response.status_code == 200 and "[DONE]" in response.text
     job_id = response.headers["x-job-id"]
-    assert server.job(job_id)["calls"][0]["status"] == "success"
-    refusing_job_finish["error"] = None
-    assert wait_for(lambda: server.job(job_id)["status"] != "in_progress", timeout=5)
+    assert wait_for(lambda: server.job(job_id)["status"] != "in_progress", timeout=5)  # still refusing
     job = server.job(job_id)
-    assert (job["status"], job["costs"]["credits_charged"]) == ("completed", 1)
+    assert (job["status"], job["costs"]["credits_charged"], job["calls"][0]["status"]) == ("completed", 1, "success")
 
 
-@pytest.fixture
-def disk_fills_after(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Once a write leaves the database where `disk_fills_after["query"]` finds a row, every
-    later write fails as SQLite fails on a full disk, until `disk_fills_after["full"]` is set
-    back to False."""
-    state: dict[str, Any] = {"query": None, "full": False}
-    submit = Writer.submit
-
-    def submit_then_fill(self: Writer, work: Any, atomic: bool = True, durable: bool = True) -> Any:
-        def run(db: sqlite3.Connection) -> Any:
-            if state["full"]:
-                error = sqlite3.OperationalError("database or disk is full")
-                error.sqlite_errorname = "SQLITE_FULL"
-                raise error
-            result = work(db)
-            if state["query"] is not None and db.execute(state["query"]).fetchone() is not None:
-                state["full"] = True  # this write still commits; none after it does
-            return result
-
-        return submit(self, run, atomic, durable)
-
-    monkeypatch.setattr(Writer, "submit", submit_then_fill)
-    return state
+# Sweeps often, and takes a call still running a second past its total timeout for one left by
+# a process that died.
+SWEEPING = {"jobs": {"sweep_interval": "0.2s", "stale_call_margin": "0.1s"}, "upstream": {"timeouts": {"total": "1s"}}}
 
 
 def test_the_own_job_of_a_v1_call_is_charged_even_if_the_gateway_stops_while_the_store_refuses_writes_after_its_record(
-    gateway, disk_fills_after
+    gateway, disk_full
 ):
     # The client had the whole answer and the call is recorded as a success: the job must be
     # charged, not left open, holding its credit, to expire uncharged a day later.
-    server = gateway(jobs={"sweep_interval": "0.2s", "stale_call_margin": "0.1s"}, upstream={"timeouts": {"total": "1s"}})
-    disk_fills_after["query"] = "SELECT 1 FROM llm_calls WHERE status = 'success'"
+    server = gateway(**SWEEPING)
+    disk_full["after"] = "SELECT 1 FROM llm_calls WHERE status = 'success'"
     response = server.post("/v1/chat/completions", {"model": "Main", **CALL, "stream": True})
     assert response.status_code == 200 and "[DONE]" in response.text
     job_id = response.headers["x-job-id"]
-    assert restarted_with_room_again(gateway, server, disk_fills_after, job_id) == ("completed", 1, 0, "success")
+    assert restarted_with_room_again(gateway, server, disk_full, job_id) == ("completed", 1, 0, "success")
 
 
 def test_the_own_job_of_a_v1_call_holds_no_credit_after_the_gateway_stops_while_the_store_refuses_its_start(
-    gateway, disk_fills_after
+    gateway, disk_full
 ):
     # Whatever the store refused once the job was made, a restarted gateway must not leave the
     # job holding a credit (its client knows nothing of jobs) until it expires a day later.
-    server = gateway(jobs={"sweep_interval": "0.2s", "stale_call_margin": "0.1s"}, upstream={"timeouts": {"total": "1s"}})
-    disk_fills_after["query"] = "SELECT 1 FROM jobs WHERE job_type = 'chat.completions'"
+    server = gateway(**SWEEPING)
+    disk_full["after"] = "SELECT 1 FROM jobs WHERE job_type = 'chat.completions'"
     assert server.post("/v1/chat/completions", {"model": "Main", **CALL}).status_code == 503
     job_id = own_job_ids(server.database)[0]
-    status, charged, held, _ = restarted_with_room_again(gateway, server, disk_fills_after, job_id)
+    status, charged, held, _ = restarted_with_room_again(gateway, server, disk_full, job_id)
     assert (status, charged, held) == ("failed", 0, 0)
 
 
@@ -408,8 +390,8 @@ def restarted_with_room_again(
     database once it takes them, let its sweeper run; the job's status, credits charged and
     held, and its call's status."""
     server.http.__exit__(None, None, None)
-    disk.update(query=None, full=False)
-    gateway(jobs={"sweep_interval": "0.2s", "stale_call_margin": "0.1s"}, upstream={"timeouts": {"total": "1s"}})
+    disk.update(now=False, after=None)
+    gateway(**SWEEPING)
     time.sleep(2.5)  # past the stale-call cutoff (1.1 s), and several sweeps
     with sqlite3.connect(server.database) as db:
         status, charged = db.execute("SELECT status, credits_charged FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
