@@ -228,8 +228,17 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # The refused request's own cycle, if its head was read: uvicorn's `cycle` is otherwise
         # the request's before it, on a kept-alive or pipelining connection.
         own = self.cycle if self._reading and self._head_done else None
-        if own is not None and own.response_started and not own.response_complete:
-            self.transport.close()  # an answer is under way: it cannot be replaced
+        if own is not None and own.response_started:
+            # Answered, or being answered, before its body was read whole (a wrong key, say): a
+            # second answer would be read as the answer to the client's next request.
+            self._discarding = True
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
+            if own.response_complete:
+                self._close_once_read()
+            else:
+                self.transport.close()  # an answer is under way: it cannot be replaced
             return
         # The target as far as it was read, for the error's shape: OpenAI's under /v1.
         method, target = self._request_line(unparsed)

@@ -294,3 +294,18 @@ def test_a_request_head_that_stops_half_way_is_408_once_the_read_timeout_is_over
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")  # in one piece, then nothing more
         reply = read_all(sock)
     assert reply.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_request_answered_before_its_body_arrived_gets_no_second_answer(make_tollgate):
+    # Refused on its head (a wrong key): the body it never finishes sending must not earn it a
+    # 408 as well, which a client would read as the answer to its next request.
+    server = make_tollgate(server={"read_timeout": "1s"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(
+            b"POST /admin/organizations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        started = time.monotonic()
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 401 ") and time.monotonic() - started < 10
+    assert reply.count(b"HTTP/1.1 ") == 1, reply
