@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Literal, Sequence, overload
 
 from .json_codec import dumps, loads
 from .sse import EventTooLarge, SSEEvent, SSEScanner
-from .upstream import TransportError, Upstream, UpstreamResponse, UpstreamTimeout
+from .upstream import AnswerTooLarge, TransportError, Upstream, UpstreamResponse, UpstreamTimeout
 
 _ERROR_BODY_LIMIT = 64 * 1024
 # LiteLLM answers 408 when a deployment's own `timeout` ran out: the model timed out.
@@ -140,6 +140,9 @@ async def forward(
             result = await _attempt(upstream, model, number, body, stream, deadline)
         except UpstreamTimeout:  # DeadlineExceeded too
             attempts.append(Attempt(model, "timed out"))
+            continue
+        except AnswerTooLarge as exc:
+            attempts.append(Attempt(model, str(exc), 200))
             continue
         except TransportError as exc:
             attempts.append(Attempt(model, f"connection failed: {type(exc).__name__}"))

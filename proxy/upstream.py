@@ -31,6 +31,10 @@ _PAUSE_AT = 256 * 1024  # buffered, unread response bytes before the socket stop
 # The most bytes an answer's head (status line, headers, interim 1xx answers) may take: the
 # parser keeps all of it, so an upstream sending headers without end would fill the memory.
 MAX_HEAD_BYTES = 64 * 1024
+# The most bytes a non-streaming answer may take: it is read whole before it is relayed, so an
+# upstream sending a body without end would fill the memory. Far above any chat completion's
+# (audio output included); a stream's events have their own bound (sse.MAX_EVENT_BYTES).
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 class TransportError(Exception):
@@ -47,6 +51,10 @@ class ReadError(TransportError):
 
 class RemoteProtocolError(TransportError):
     pass
+
+
+class AnswerTooLarge(RemoteProtocolError):
+    """An answer read whole grew past its bound."""
 
 
 class UpstreamTimeout(TransportError):
@@ -126,8 +134,15 @@ class UpstreamResponse:
             else:
                 await self._wait()
 
-    async def aread(self) -> bytes:
-        return b"".join([chunk async for chunk in self.aiter_raw()])
+    async def aread(self, limit: int = MAX_ANSWER_BYTES) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in self.aiter_raw():
+            size += len(chunk)
+            if size > limit:
+                raise AnswerTooLarge(f"the upstream's answer grew past {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _wait(self) -> None:
         self._waiter = waiter = asyncio.get_running_loop().create_future()

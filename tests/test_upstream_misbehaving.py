@@ -12,7 +12,7 @@ import pytest
 
 from proxy.forwarding import forward
 from proxy.sse import MAX_EVENT_BYTES
-from proxy.upstream import ReadError, RemoteProtocolError, Upstream
+from proxy.upstream import MAX_ANSWER_BYTES, ReadError, RemoteProtocolError, Upstream
 from tests.test_upstream_client import answer_keep_alive, chat, read_request, serve, upstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -214,6 +214,41 @@ def test_a_first_event_that_never_ends_fails_that_model_and_the_next_answers():
         assert (opened.model, opened.attempts) == ("whole", 2)
         assert opened.first_events[0].data == b'{"choices":[{"index":0,"delta":{"content":"hi"}}]}'
         await opened.response.aclose()
+        await asyncio.sleep(0.2)
+        assert closed == [True]  # the endless answer's connection was closed, not read to its end
+
+    against(endless_then_whole, check)
+
+
+def test_an_answer_that_never_ends_fails_that_model_and_the_next_answers():
+    # A non-streaming answer is read whole before it is relayed: without a bound, an upstream
+    # sending a body without end would fill the memory.
+    closed: list[bool] = []
+
+    async def endless_then_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        if b'"endless"' not in request:
+            answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(answer), answer))
+            await writer.drain()
+            await asyncio.sleep(5)
+            return
+        piece = b" " * 65536
+        try:
+            for _ in range(2 * MAX_ANSWER_BYTES // len(piece)):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+        except ConnectionError:
+            closed.append(True)
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answer = await forward(client, ["endless", "whole"], payload, False, loop.time() + 60)
+        assert (answer.model, answer.attempts) == ("whole", 2)
+        assert answer.data["choices"][0]["message"]["content"] == "hi"
         await asyncio.sleep(0.2)
         assert closed == [True]  # the endless answer's connection was closed, not read to its end
 
