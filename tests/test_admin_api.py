@@ -229,6 +229,8 @@ def test_a_worker_started_again_after_a_crash_keeps_the_admin_apis_changes_to_a_
     admin = server.admin()
     admin.ok("PATCH", "/admin/teams/yaml-team", json={"status": "suspended", "rpm_limit": 5})
     first = wait_for(lambda: len(w := uvicorn_workers(server)) == 2 and w, timeout=10)
+    # Both started, so that the one killed has logged its start and the count below is of restarts.
+    assert wait_for(lambda: server.log().count("Application startup complete") >= 2, timeout=20)
     os.kill(min(first), signal.SIGKILL)
     assert wait_for(lambda: len(w := uvicorn_workers(server)) == 2 and w != first, timeout=20), "no worker restarted"
     # At least the restarted one: under load uvicorn may also replace a worker slow to answer its health check.

@@ -48,8 +48,12 @@ def stream_in_background(server: Tollgate, key: str, job_id: str) -> threading.E
 def test_sigkill_mid_stream_then_restart_leaves_no_hold_and_balanced_books(tmp_path, litellm):
     server = Tollgate(
         tmp_path, litellm.url, litellm.master_key,
-        jobs={"expire_after": "3s", "sweep_interval": "0.3s", "stale_call_margin": "1s"},
-        upstream={"timeouts": {"total": "2s"}},
+        # Short, so that the restarted gateway settles soon; long enough that on a loaded machine
+        # the idle job is still open when the gateway is killed.
+        jobs={"expire_after": "10s", "sweep_interval": "0.3s", "stale_call_margin": "1s"},
+        # Short, so that the restarted gateway finds the call stale soon; long enough that it is
+        # still streaming when the gateway is killed.
+        upstream={"timeouts": {"total": "6s"}},
     ).start()
     team = server.admin().team(credits=5)
     client = server.client(team.key)
@@ -65,7 +69,7 @@ def test_sigkill_mid_stream_then_restart_leaves_no_hold_and_balanced_books(tmp_p
 
     server.start()
     try:
-        settled = wait_for(lambda: (b := books(server.database))["held"] == 0 and b, timeout=15)
+        settled = wait_for(lambda: (b := books(server.database))["held"] == 0 and b, timeout=30)
         assert settled, books(server.database)
         assert settled["jobs"] == {done: "completed", streaming: "failed", idle: "failed"}
         ((call_id, status, error),) = settled["calls"]  # one record, never duplicated
