@@ -122,7 +122,7 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
     purpose = optional_str(body, "purpose")
     prompt_chars = _check_messages(body.get("messages"))
     max_tokens = max_completion_tokens = None
-    if not _PARAMETERS.isdisjoint(body):  # most calls send none of them: nothing more to check
+    if not _CHECKED.isdisjoint(body):  # most calls send none of them: nothing more to check
         max_tokens, max_completion_tokens = _check_parameters(body)
     if not _LITELLM_CONTROLS.isdisjoint(body):
         field = min(_LITELLM_CONTROLS.intersection(body))
@@ -159,6 +159,14 @@ _PARAMETERS = frozenset(
     [name for name, _, _ in _NUMBERS + _INTEGERS] + [*_OBJECTS, "max_tokens", "max_completion_tokens", "user", "stop",
                                                       "tools", "tool_choice"]
 )
+# LiteLLM's own request parameters that a client may send, of the type LiteLLM reads them as. One
+# of another type failed inside LiteLLM with a 500 of its own (prompt_id: 5 in its prompt
+# registry), which the gateway cannot tell from a model failing: the call was tried on every
+# model of its group and came back a 503 that clients retry.
+_LITELLM_STRINGS = ("prompt_id", "prompt_label", "prompt_environment")
+_LITELLM_STRING_LISTS = ("tags", "additional_drop_params", "allowed_openai_params")
+_LITELLM_TYPED = frozenset([*_LITELLM_STRINGS, *_LITELLM_STRING_LISTS, "prompt_variables", "prompt_version"])
+_CHECKED = _PARAMETERS | _LITELLM_TYPED
 
 
 # LiteLLM's own request parameters, which it honours from any caller: other models to fall back
@@ -193,6 +201,30 @@ _LITELLM_CONTROLS = frozenset([
     "aws_session_name", "aws_external_id", "aws_session_tags", "vertex_credentials", "vertex_ai_credentials",
     "azure_ad_token", "aws_bedrock_runtime_endpoint", "aws_bedrock_project_id", "bedrock_tags",
     "s3_endpoint_url", "sagemaker_base_url", "deployment_url", "nvcf_function_id", "use_ssl", "rust",
+    # A deployment's provider settings, which LiteLLM lets a body override for one call (its router
+    # puts the body's fields over the deployment's litellm_params): the account, project, region,
+    # endpoint and credentials a call goes to, some of which the list above leaves out. They are
+    # LiteLLM's CredentialLiteLLMParams, the provider keys completion() reads from its kwargs
+    # (get_litellm_params.OPTIONAL_KWARGS_KEYS) and the fields it drops when a caller redirects
+    # api_base (clientside_credential_handler), each checked against its source by the tests.
+    "vertex_project", "vertex_location", "vertex_ai_project", "vertex_ai_location", "region_name",
+    "gcs_bucket_name", "bucket_name", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+    "aws_region_name", "aws_batch_role_arn", "s3_bucket_name", "s3_region_name", "s3_encryption_key_id",
+    "s3_output_bucket_name", "watsonx_region_name", "wx_credentials", "watsonx_credentials", "tenant_id",
+    "client_id", "client_secret", "azure_username", "azure_password", "azure_scope", "azure_ad_token_provider",
+    "api_type", "default_headers", "gigachat_scope", "gigachat_auth_url", "gigachat_access_token", "oci_signer",
+    "oci_user", "oci_fingerprint", "oci_tenancy", "oci_key", "oci_key_file", "predibase_tenant_id",
+    "litellm_credential_name",  # one of the credentials stored in LiteLLM, by name
+    "azure",  # true: the deployment's requests are sent as Azure's
+    "use_litellm_proxy",  # the call sent to the LiteLLM proxy named in LiteLLM's environment
+    "ssl_verify",  # the provider's TLS certificate left unchecked, or checked against a file of the body's choice
+    "provider_specific_header",  # more HTTP headers LiteLLM sends the provider, as extra_headers
+    "tpm", "rpm", "itpm", "otpm", "use_xai_oauth",  # the deployment's limits and xAI sign-in
+    "base_model",  # the model LiteLLM prices the call as
+    # LiteLLM's internal arguments, never a client's. It failed on them with a 500 (original_function,
+    # whatever its value) or a 429 "No deployments available" (_target_order, specific_deployment),
+    # which the gateway took for the model failing and tried on the next; `client` with a 400.
+    "client", "original_function", "specific_deployment", "_target_order",
 ])
 
 # What `extra_body` may not carry: LiteLLM merges it into the provider's request after routing,
@@ -228,7 +260,22 @@ def _check_parameters(body: dict[str, Any]) -> tuple[int | None, int | None]:
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise invalid("tools", "must be a list of objects")
     _check_tool_choice(body.get("tool_choice"))
+    if not _LITELLM_TYPED.isdisjoint(body):
+        _check_litellm_parameters(body)
     return max_tokens, max_completion_tokens
+
+
+def _check_litellm_parameters(body: dict[str, Any]) -> None:
+    for field in _LITELLM_STRINGS:
+        optional_str(body, field, 1_000, allow_empty=True)
+    optional_object(body, "prompt_variables")
+    version = body.get("prompt_version")
+    if version is not None and not (_is_int(version) or isinstance(version, str)):
+        raise invalid("prompt_version", "must be an integer or a string")
+    for field in _LITELLM_STRING_LISTS:
+        value = body.get(field)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(item, str) for item in value)):
+            raise invalid(field, "must be a list of strings")
 
 
 def _check_tool_choice(tool_choice: Any) -> None:

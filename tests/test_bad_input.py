@@ -7,6 +7,8 @@ import uuid
 import httpx
 import pytest
 
+from tests.support import fake_log, tag
+
 HELLO = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -112,6 +114,51 @@ def test_call_bodies_litellm_would_fail_with_a_500_are_422_naming_the_field(toll
     assert response.status_code == 422, response.text
     assert response.json()["detail"].startswith(detail)
     assert client.get(job_url.removesuffix("/llm-call")).json()["calls"] == []
+
+
+# LiteLLM reads its own parameters with a type in mind: another made it fail with a 500 of its own
+# (prompt_id: 5 in its prompt registry, a number where it iterates a list of parameter names),
+# which the gateway took for the model failing: every model of the group tried, then a 503.
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
+@pytest.mark.parametrize("field, bad", [("prompt_id", 5), ("additional_drop_params", 5),
+                                        ("allowed_openai_params", True)])
+def test_a_litellm_parameter_of_the_wrong_type_is_422_naming_it_without_a_fallback_or_a_charge(tollgate, team, fake_url,
+                                                                                            path, field, bad):
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    label = tag()
+    body = {"model": "Main", "messages": [{"role": "user", "content": f"hi [tag={label}]"}], field: bad}
+    response = client.post(path.format(job=job_id), json=body)
+    assert response.status_code == 422, response.text
+    if path.startswith("/v1"):
+        assert response.json()["error"]["param"] == field
+    else:
+        assert response.json()["detail"].startswith(f"{field}: ")
+    assert fake_log(fake_url, label) == []
+    # No call recorded, no job of its own made on /v1, nothing charged.
+    assert client.get(f"/api/teams/{team.team_id}/jobs").json()["total"] == 1
+    assert client.get(f"/api/jobs/{job_id}").json()["calls"] == []
+    assert client.get(f"/api/teams/{team.team_id}").json()["credits_used"] == 0
+
+
+def test_litellm_parameters_of_the_type_litellm_reads_are_passed_on():
+    from proxy.validation import parse_call
+
+    sent = {"prompt_id": "welcome", "prompt_label": "prod", "prompt_environment": "production",
+            "prompt_variables": {"name": "Ada"}, "prompt_version": 2, "tags": ["checkout"],
+            "additional_drop_params": ["seed"], "allowed_openai_params": ["reasoning_effort"]}
+    assert parse_call({**HELLO, **sent}, openai=False).params == {**HELLO, **sent}
+    assert parse_call({**HELLO, "prompt_version": "2"}, openai=False).params["prompt_version"] == "2"
+
+
+def test_a_litellm_parameter_of_the_right_type_reaches_litellm(tollgate, team, fake_url):
+    client = tollgate.client(team.key)
+    label = tag()
+    body = {"model": "Main", "messages": [{"role": "user", "content": f"hi [tag={label}]"}],
+            "prompt_id": "no-such-prompt", "allowed_openai_params": []}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert [sent["model"] for sent in fake_log(fake_url, label)] == ["primary"]
 
 
 def test_the_openai_shapes_of_tool_choice_content_parts_and_tool_calls_are_accepted():
@@ -277,7 +324,9 @@ def test_a_repeated_authorization_header_is_judged_by_its_first_value(tollgate, 
     [("temperature", 3), ("top_p", -1), ("frequency_penalty", 5), ("presence_penalty", "x"), ("max_tokens", 0),
      ("max_completion_tokens", 0), ("n", 0), ("seed", 1.5), ("top_logprobs", 21), ("user", 5), ("stop", 7),
      ("response_format", "json"), ("metadata", []), ("logit_bias", 1), ("stream_options", "yes"), ("tools", {}),
-     ("tool_choice", 3), ("tool_choice", {"type": "function"}), ("web_search_options", "on")],
+     ("tool_choice", 3), ("tool_choice", {"type": "function"}), ("web_search_options", "on"), ("prompt_id", 5),
+     ("prompt_label", 5), ("prompt_environment", []), ("prompt_variables", "x"), ("prompt_version", 1.5),
+     ("tags", "x"), ("tags", [1]), ("additional_drop_params", "x"), ("allowed_openai_params", [None])],
 )
 def test_every_checked_chat_parameter_is_checked_when_it_is_the_only_one_sent(field, bad):
     from proxy.errors import ApiError

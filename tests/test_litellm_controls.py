@@ -25,6 +25,35 @@ def litellm_banned_names() -> list[str]:
     raise AssertionError(f"no _BANNED_REQUEST_BODY_PARAMS in {source}")
 
 
+def litellm_source(module: str) -> ast.Module:
+    (source,) = Path(litellm_venv()).glob(f"lib/python*/site-packages/litellm/{module}")
+    return ast.parse(source.read_text())
+
+
+def string_constants(node: ast.AST) -> set[str]:
+    return {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+
+
+def litellm_provider_settings() -> set[str]:
+    """The provider settings LiteLLM takes from a request's kwargs over the deployment's own, as its
+    source lists them: the fields of CredentialLiteLLMParams, the keys completion() reads from its
+    kwargs for the provider (AWS_CREDENTIAL_KWARGS_KEYS, OPTIONAL_KWARGS_KEYS), and the kwargs-only
+    fields it drops when a caller redirects api_base (clientside_credential_handler)."""
+    names: set[str] = set()
+    for node in ast.walk(litellm_source("types/router.py")):
+        if isinstance(node, ast.ClassDef) and node.name == "CredentialLiteLLMParams":
+            names.update(item.target.id for item in node.body if isinstance(item, ast.AnnAssign))
+    for node in ast.walk(litellm_source("litellm_core_utils/get_litellm_params.py")):
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if getattr(target, "id", None) in ("AWS_CREDENTIAL_KWARGS_KEYS", "OPTIONAL_KWARGS_KEYS"):
+            names |= string_constants(node.value)
+    for node in ast.walk(litellm_source("router_utils/clientside_credential_handler.py")):
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "kwargs_only_fields":
+            names |= string_constants(node.value)
+    assert {"aws_region_name", "vertex_project", "aws_secret_access_key", "oci_key", "tenant_id"} <= names, names
+    return names - {"extra_body"}  # checked on its own: it may not carry any of them
+
+
 def test_extra_body_cannot_change_the_model_the_provider_is_asked_for_on_v1(tollgate, admin, fake_url):
     # LiteLLM merges extra_body into the provider's request after routing: its `model` replaced
     # the group's model there, so a team granted only 'Backup' was answered by 'primary'.
@@ -186,3 +215,49 @@ def test_litellm_refusing_a_body_with_its_401_is_the_callers_400_not_the_gateway
     assert "allow_client_side_credentials" not in response.text  # LiteLLM's advice is for its operator
     assert [sent["model"] for sent in fake_log(fake_url, label)] == ["primary"]
     assert "upstream key" not in server.log()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("aws_region_name", "ap-southeast-2"), ("vertex_project", "someone-elses-project"),
+    ("vertex_location", "asia-east1"),
+    ("aws_access_key_id", "AKIAIOSFODNN7EXAMPLE"), ("litellm_credential_name", "other-team-azure"),
+    ("tenant_id", "00000000-0000-0000-0000-000000000000"), ("use_litellm_proxy", True), ("ssl_verify", False),
+])
+def test_a_call_cannot_override_the_provider_settings_of_a_groups_models(tollgate, team, fake_url, field, value):
+    # LiteLLM's router puts a body's fields over the deployment's own: aws_region_name would send a
+    # Bedrock call to another region of the operator's AWS account, vertex_project bill another GCP
+    # project, litellm_credential_name use another of the credentials LiteLLM stores. They reached it.
+    client = tollgate.client(team.key)
+    label = tag()
+    on_v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": say(f"hi [tag={label}]"), field: value})
+    assert on_v1.status_code == 422, on_v1.text
+    assert on_v1.json()["error"]["param"] == field
+    on_api = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say(f"hi [tag={label}]"), field: value})
+    assert on_api.status_code == 422 and on_api.json()["detail"].startswith(f"{field}: ")
+    assert fake_log(fake_url, label) == []
+
+
+def test_every_provider_setting_litellm_lets_a_body_override_is_refused_by_the_gateway(litellm):
+    # Read from the LiteLLM the tests run: one that takes more from a body fails here.
+    for field in sorted(litellm_provider_settings()):
+        with pytest.raises(ApiError) as refused:
+            parse_call({"model": "Main", "messages": say("hi"), field: "x"}, openai=True)
+        assert (refused.value.status, refused.value.param) == (422, field)
+        with pytest.raises(ApiError) as refused:
+            parse_call({"model": "Main", "messages": say("hi"), "extra_body": {field: "x"}}, openai=True)
+        assert (refused.value.status, refused.value.param) == (422, f"extra_body.{field}")
+
+
+@pytest.mark.parametrize("field, value", [("original_function", 1), ("_target_order", 1), ("specific_deployment", True),
+                                          ("client", 1)])
+def test_litellm_internal_arguments_are_refused_not_tried_on_every_model(tollgate, team, fake_url, field, value):
+    # LiteLLM failed on them: a 500 (original_function, whatever its value) or a 429 "No deployments
+    # available" (_target_order, specific_deployment) that the gateway took for the model failing,
+    # so every model of the group was asked in vain; `client` a 400 that named no field.
+    client = tollgate.client(team.key)
+    label = tag()
+    body = {"model": "Main", "messages": say(f"hi [tag={label}]"), field: value}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["param"] == field
+    assert fake_log(fake_url, label) == []
