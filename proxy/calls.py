@@ -316,6 +316,8 @@ class CallPipeline:
             tollgate_model_group=call.group.name,
         )
         payload["metadata"] = metadata
+        if payload.get("tags"):  # strings (validation), which LiteLLM adds to the metadata's
+            payload["tags"] = [t for t in payload["tags"] if not t.startswith("tollgate-")]
         if call.stream:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}

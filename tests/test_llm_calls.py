@@ -99,6 +99,18 @@ def test_a_clients_tags_are_passed_on_but_never_one_that_passes_for_tollgates(ma
     assert [t for t in tags if t.startswith("tollgate-team:")] == [f"tollgate-team:{team.team_id}"]
 
 
+def test_a_clients_top_level_tags_never_pass_for_tollgates_either(make_tollgate, fake_url):
+    # LiteLLM adds a body's top-level `tags` to its metadata's, where its spend logs read them.
+    server = make_tollgate(upstream_url=fake_url)
+    team = server.admin().team()
+    client = server.client(team.key)
+    label = tag()
+    body = {"messages": say(f"hi [tag={label}]"), "tags": ["tollgate-team:someone-else", "mine"]}
+    assert client.post(f"/api/jobs/{new_job(client)}/llm-call", json=body).status_code == 200
+    (sent,) = fake_log(fake_url, label)
+    assert sent["body"]["tags"] == ["mine"]
+
+
 @pytest.mark.parametrize("field, value", [
     ("fallbacks", ["backup"]), ("context_window_fallbacks", [{"primary": ["backup"]}]), ("num_retries", 50),
     ("mock_response", "free"), ("input_cost_per_token", 0), ("timeout", 0.2),
@@ -295,3 +307,13 @@ def test_a_call_cut_before_its_answer_counts_the_attempts_it_made(make_tollgate,
     (call,) = wait_for(lambda: [c for c in calls_of(client, job_id) if c["status"] != "running"], timeout=5)
     # The model it names was asked: one attempt, not none.
     assert (call["status"], call["model"], call["attempts"]) == ("cancelled", "primary", 1)
+
+
+def test_null_top_level_tags_are_passed_on(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url)
+    client = server.client(server.admin().team().key)
+    label = tag()
+    body = {"messages": say(f"hi [tag={label}]"), "tags": None}
+    assert client.post(f"/api/jobs/{new_job(client)}/llm-call", json=body).status_code == 200
+    (sent,) = fake_log(fake_url, label)
+    assert sent["body"]["tags"] is None
