@@ -37,12 +37,16 @@ MAX_TOKENS = 10**12
 
 def _count(value: Any) -> int | None:
     """A token count; None for what is none (null, negative, fractional, text, a boolean)."""
+    if type(value) is int:  # what every upstream sends: the checks below, in one
+        return value if value >= 0 else None
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 12.0 is the JSON number 12
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _cost(value: Any) -> float | None:
+    if value is None:  # most answers: no cost reported
+        return None
     if isinstance(value, str):
         try:
             value = float(value)
@@ -77,7 +81,7 @@ def cost_of(usage: Usage, model: str | None, pricing: Pricing) -> float:
         priced = pricing.cost(model, usage.prompt_tokens, usage.completion_tokens)
         if priced is not None:
             cost = priced
-    return round(cost or 0.0, COST_DECIMALS)
+    return round(cost, COST_DECIMALS) if cost else 0.0  # no cost known: no rounding to do
 
 
 def completion_chars(message: Any) -> int:

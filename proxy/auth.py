@@ -74,7 +74,9 @@ class KeyAuthenticator:
         return Principal(*found) if found else None
 
     async def authenticate(self, authorization: str | None) -> Principal:
-        principal = await self._principals.get(hash_key(bearer_token(authorization)))
+        key_hash = hash_key(bearer_token(authorization))
+        kept = self._principals.fresh(key_hash)
+        principal = kept[1] if kept is not None else await self._principals.get(key_hash)
         if principal is None:
             raise ApiError(401, INVALID_KEY, code="invalid_api_key")
         key = principal.key

@@ -30,6 +30,15 @@ class ExpiringCache(Generic[K, V]):
         self._entries: dict[K, tuple[float, V]] = {}
         self._stamp = changes.stamp()  # the change stamp the entries were read under
 
+    def fresh(self, key: K) -> tuple[float, V] | None:
+        """The entry kept for `key`, (expires at, value), when `get` would answer with its value
+        without loading; else None, and `get` is to be awaited. For the hot path, where the
+        value is nearly always kept: a coroutine made and awaited for it costs more than this."""
+        if self._changes.stamp() != self._stamp:
+            return None
+        entry = self._entries.get(key)
+        return entry if entry is not None and entry[0] > self._clock() else None
+
     async def get(self, key: K) -> V:
         now = self._clock()
         stamp = self._changes.stamp()

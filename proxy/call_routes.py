@@ -24,6 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
+_PLAIN = Response.__call__  # what sends a Response whose class does not send it its own way
 
 
 class CallRoutes:
@@ -59,6 +60,26 @@ class CallRoutes:
     async def _handle(self, endpoint: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive,
                       send: Send) -> None:
         request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except Exception as exc:
+            handler = self._handler(exc)
+            if handler is None:
+                raise
+            await (await handler(request, exc))(scope, receive, send)
+            exc.__traceback__ = None  # one instance can fail several requests (a batch's store error)
+            return
+        if type(response).__call__ is _PLAIN:
+            # A plain answer (every call's but a stream's) sends its start before anything else:
+            # whatever it raises comes after the start, and is no answer's to give. Sent as it
+            # is, without the watch below, a coroutine more on each of its sends.
+            try:
+                await response(scope, receive, send)
+            except Exception as exc:
+                if self._handler(exc) is None:
+                    raise
+                raise RuntimeError("Caught handled exception, but response already started.") from exc
+            return
         started = False
 
         async def watched(message: Message) -> None:
@@ -68,7 +89,6 @@ class CallRoutes:
             await send(message)
 
         try:
-            response = await endpoint(request)
             await response(scope, receive, watched)
         except Exception as exc:
             handler = self._handler(exc)

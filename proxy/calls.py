@@ -180,7 +180,8 @@ class CallPipeline:
         name = name or team.effective_default_group
         if name is None:
             raise ApiError(403, f"Team '{team.team_id}' has no model group granted", code="no_model_group")
-        group = await self._groups.get(name)
+        kept = self._groups.fresh(name)
+        group = kept[1] if kept is not None else await self._groups.get(name)
         if group is None:
             raise ApiError(404, f"Model group '{name}' not found", code="model_group_not_found", param="model")
         if name not in team.model_groups:
@@ -220,26 +221,17 @@ class CallPipeline:
         call_id = new_id()
         notes = {} if notes is None else notes
         # The access log names only records that exist: the job once made, the call once started.
-        notes.update(team=team.team_id, model_group=group.name)
+        notes["team"] = team.team_id  # set one by one: `update(**fields)` makes a dict to copy
+        notes["model_group"] = group.name
         if own_job is None:
             notes["job"] = job_id
         decision = await self._limit(principal, call_id, request)
         now = asyncio.get_running_loop().time()
-        call = Call(
-            principal=principal,
-            job_id=job_id,
-            call_id=call_id,
-            group=group,
-            request=request,
-            stream=stream,
-            jobs_api=jobs_api,
-            started=now,
-            started_wall=time.time(),
-            deadline=now + self._total_timeout,
-            decision=decision,
-            notes=notes,
-            own_job=own_job,
-        )
+        # The per-call records are made with positional arguments: by keyword, each is matched by
+        # name on every call. Fields in order: principal, job_id, call_id, group, request, stream,
+        # jobs_api, started, started_wall, deadline, decision, notes, own_job.
+        call = Call(principal, job_id, call_id, group, request, stream, jobs_api,
+                    now, time.time(), now + self._total_timeout, decision, notes, own_job)
         new_call = NewCall(
             call_id, job_id, team.team_id, principal.key.key_id, group.name, request.purpose, stream, call.started_wall
         )
@@ -264,13 +256,13 @@ class CallPipeline:
 
     async def _limit(self, principal: Principal, call_id: str, request: CallRequest) -> Decision:
         team, key, defaults = principal.team, principal.key, self._rate_limits
-        limits = Limits(
-            team_id=team.team_id,
-            key_id=key.key_id,
-            team_rpm=team.rpm_limit if team.rpm_limit is not None else defaults.rpm,
-            team_tpm=team.tpm_limit if team.tpm_limit is not None else defaults.tpm,
-            key_rpm=key.rpm_limit,
-            key_tpm=key.tpm_limit,
+        limits = Limits(  # team_id, key_id, team_rpm, team_tpm, key_rpm, key_tpm
+            team.team_id,
+            key.key_id,
+            team.rpm_limit if team.rpm_limit is not None else defaults.rpm,
+            team.tpm_limit if team.tpm_limit is not None else defaults.tpm,
+            key.rpm_limit,
+            key.tpm_limit,
         )
         estimate = request.prompt_estimate + (request.max_tokens or defaults.default_max_tokens)
         try:
@@ -309,12 +301,10 @@ class CallPipeline:
             f"tollgate-call:{call.call_id}",
             f"tollgate-model-group:{call.group.name}",
         ]
-        metadata.update(
-            tollgate_team_id=team_id,
-            tollgate_job_id=call.job_id,
-            tollgate_call_id=call.call_id,
-            tollgate_model_group=call.group.name,
-        )
+        metadata["tollgate_team_id"] = team_id
+        metadata["tollgate_job_id"] = call.job_id
+        metadata["tollgate_call_id"] = call.call_id
+        metadata["tollgate_model_group"] = call.group.name
         payload["metadata"] = metadata
         if payload.get("tags"):  # strings (validation), which LiteLLM adds to the metadata's
             payload["tags"] = [t for t in payload["tags"] if not t.startswith("tollgate-")]
@@ -467,19 +457,19 @@ class CallPipeline:
     async def _record(self, call: Call, status: CallStatus, model: str | None, usage: Usage, attempts: int,
                       error: str | None, ttft: float | None) -> CallOutcome:
         latency = asyncio.get_running_loop().time() - call.started
-        outcome = CallOutcome(
-            call_id=call.call_id,
-            status=status,
-            model=model,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            usage_estimated=usage.estimated,
-            cost_usd=cost_of(usage, model, self._pricing),
-            latency_ms=round(latency * 1000),
-            time_to_first_token_ms=None if ttft is None else round(ttft * 1000),
-            attempts=attempts,
-            error=error,
-            finished_at=time.time(),
+        outcome = CallOutcome(  # positional, as the Call in `admit`: the fields in their order
+            call.call_id,
+            status,
+            model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.estimated,
+            cost_of(usage, model, self._pricing),
+            round(latency * 1000),
+            None if ttft is None else round(ttft * 1000),  # time_to_first_token_ms
+            attempts,
+            error,
+            time.time(),  # finished_at
         )
         # The estimate the limiter admitted the call on gives way to what it really used: sent
         # now and not waited for, so it is ahead of any admit that follows this call's answer,
@@ -502,12 +492,11 @@ class CallPipeline:
                 ttft,
                 attempts,
             )
-            call.notes.update(
-                model=model,
-                call_status=status,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-            )
+            notes = call.notes  # one by one, in the access log's order, as in `admit`
+            notes["model"] = model
+            notes["call_status"] = status
+            notes["prompt_tokens"] = usage.prompt_tokens
+            notes["completion_tokens"] = usage.completion_tokens
         return outcome
 
     async def _store_outcome(self, call: Call, outcome: CallOutcome) -> None:
@@ -519,7 +508,10 @@ class CallPipeline:
         attempt = 1
         while True:
             try:
-                await self._write_outcome(outcome, job_end, team_id)
+                if job_end is None:  # as `_write_outcome` writes it, without a coroutine more to await
+                    await self._store.finish_call(outcome)
+                else:
+                    await self._write_outcome(outcome, job_end, team_id)
                 return
             except StoreBusy as exc:
                 if attempt == RECORD_ATTEMPTS:

@@ -20,11 +20,15 @@ def new_id() -> str:
     call's entry in each index keyed by its id goes where the last one went, on a page already
     in the cache and about to be written anyway, not on a random page of an index that grows
     with every call ever made."""
-    raw = bytearray((time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10))
-    raw[6] = raw[6] & 0x0F | 0x70  # version 7
-    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
-    h = raw.hex()
+    # As one 128-bit integer: the 48 bits of time, then the random ones, with the version and
+    # variant bits set over the random ones (as setting them in its bytes did, in fewer steps).
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    h = "%032x" % (value & _VERSION_VARIANT_CLEARED | _VERSION_VARIANT)
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_VERSION_VARIANT = 0x7 << 76 | 0x2 << 62  # version 7; the RFC 4122 variant
+_VERSION_VARIANT_CLEARED = ~(0xF << 76 | 0x3 << 62)
 
 
 def canonical_uuid(text: str) -> str | None:

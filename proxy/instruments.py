@@ -68,11 +68,12 @@ class LocalCounter(_Local):
         if amount < 0:
             raise ValueError("Counters can only be incremented by non-negative amounts.")
         values = self._values
-        if labels in values:
-            values[labels] += amount
-        else:
+        value = values.get(labels)  # then one store: `in` and `+=` looked it up three times
+        if value is None:
             self._created[labels] = time.time()
             values[labels] = amount
+        else:
+            values[labels] = value + amount
 
     def collect(self) -> Iterator[Metric]:
         metric = Metric(self._name, self._documentation, self.kind)

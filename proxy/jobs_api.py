@@ -14,7 +14,7 @@ from .calls import Call, CallPipeline, Completed
 from .config import Config
 from .errors import ApiError
 from .ids import canonical_uuid
-from .json_codec import JSONResponse
+from .json_codec import JSONAnswer, JSONResponse, dumps
 from .metrics import Metrics
 from .observe import notes
 from .records import Job, is_implicit, iso
@@ -121,9 +121,7 @@ class JobsApi:
     async def llm_call(self, request: Request) -> Response:
         call = await self._admit(request, stream=False)
         done = await self._calls.complete(call, request.receive)
-        response = JSONResponse(self._call_body(call, done))
-        response.raw_headers += call.raw_headers()
-        return response
+        return JSONAnswer(dumps(self._call_body(call, done)), call.raw_headers())
 
     async def llm_call_stream(self, request: Request) -> SSERelay:
         call = await self._admit(request, stream=True)

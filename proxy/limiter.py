@@ -105,10 +105,10 @@ class Decision:
         return [
             (b"x-ratelimit-limit-requests", b"%d" % requests.rpm),
             (b"x-ratelimit-remaining-requests", b"%d" % max(0, requests.rpm - requests.requests)),
-            (b"x-ratelimit-reset-requests", openai_duration(requests.requests_reset).encode()),
+            (b"x-ratelimit-reset-requests", openai_duration(requests.requests_reset)),
             (b"x-ratelimit-limit-tokens", b"%d" % tokens.tpm),
             (b"x-ratelimit-remaining-tokens", b"%d" % max(0, tokens.tpm - tokens.tokens)),
-            (b"x-ratelimit-reset-tokens", openai_duration(tokens.tokens_reset).encode()),
+            (b"x-ratelimit-reset-tokens", openai_duration(tokens.tokens_reset)),
         ]
 
     def refusal(self) -> tuple[str, dict[str, str]]:
@@ -133,16 +133,17 @@ class Decision:
         return f"Rate limit exceeded: {who} allows {what}; retry in {retry} s", headers
 
 
-def openai_duration(seconds: float) -> str:
-    """Durations as OpenAI writes them in x-ratelimit-reset-*: 20ms, 1s, 6m0s."""
+def openai_duration(seconds: float) -> bytes:
+    """Durations as OpenAI writes them in x-ratelimit-reset-*: 20ms, 1s, 6m0s; as a header's
+    bytes, which is all they are made for."""
     if seconds <= 0:
-        return "0s"
+        return b"0s"
     if seconds < 1:
-        return f"{math.ceil(seconds * 1000)}ms"
+        return b"%dms" % math.ceil(seconds * 1000)
     whole = math.ceil(seconds)
     if whole < 60:
-        return f"{whole}s"
-    return f"{whole // 60}m{whole % 60}s"
+        return b"%ds" % whole
+    return b"%dm%ds" % (whole // 60, whole % 60)
 
 
 # --- the in-process limiter ----------------------------------------------------------------
@@ -212,7 +213,7 @@ class LocalLimiter:
                 window.requests.append((now, call_id))
                 window.tokens[call_id] = (now, estimate)
                 window.total += estimate
-        usage = tuple(
+        usage = tuple([  # a list made first: a generator is resumed once for each scope
             Usage(
                 scope,
                 rpm,
@@ -223,18 +224,18 @@ class LocalLimiter:
                 (next(iter(window.tokens.values()))[0] + self._window - now) if window.tokens else 0.0,
             )
             for scope, window, rpm, tpm in windows
-        )
-        return Decision(
-            admitted=refused is None,
-            call_id=call_id,
-            limits=limits,
-            estimate=estimate,
-            backend="local",
-            usage=usage,
-            refused_scope=refused[0] if refused else None,
-            refused_kind=refused[1] if refused else None,
-            never_fits=never,
-            retry_after=retry_after,
+        ])
+        return Decision(  # positional, as every per-call record is made (calls.py)
+            refused is None,  # admitted
+            call_id,
+            limits,
+            estimate,
+            "local",  # backend
+            usage,
+            refused[0] if refused else None,  # refused_scope
+            refused[1] if refused else None,  # refused_kind
+            never,  # never_fits
+            retry_after,
         )
 
     def _used(self, key: tuple[Scope, str], now: float) -> _Window:
@@ -441,10 +442,12 @@ class RedisLimiter:
         await self._redis.close()
 
     def _keys(self, limits: Limits) -> Keys:
-        scopes = limits.scopes()
-        which = (limits.team_id, limits.key_id if len(scopes) > 1 else None)
+        # Whether the key has a scope of its own, as `Limits.scopes` decides, without making them.
+        keyed = limits.key_rpm is not None or limits.key_tpm is not None
+        which = (limits.team_id, limits.key_id if keyed else None)
         keys = self._keysets.get(which)
         if keys is None:
+            scopes = limits.scopes()
             names = []
             for scope, name, _, _ in scopes:
                 base = f"{self._prefix}{{team:{limits.team_id}}}:{scope}:{name}"
@@ -477,7 +480,10 @@ class RedisLimiter:
         try:
             if self._unknown:
                 await self._release_unknown()
-            result = await self._run(self._admit, keys, args)
+            try:  # as `_run` does, without a coroutine more on every call's way
+                result = await self._redis.evalsha(self._admit, keys, args)
+            except RedisError as exc:
+                raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
         except RedisUnavailable:
             self._release_later(call_id, keys)
             raise
@@ -496,17 +502,17 @@ class RedisLimiter:
                     max(0, oldest_tokens + self._window_ms - now) / 1000 if tokens else 0.0,
                 )
             )
-        return Decision(
-            admitted=refused == 0,
-            call_id=call_id,
-            limits=limits,
-            estimate=estimate,
-            backend="redis",
-            usage=tuple(usage),
-            refused_scope=scopes[refused - 1][0] if refused else None,
-            refused_kind=("tokens" if kind == "never" else kind) if refused else None,  # type: ignore[arg-type]
-            never_fits=kind == "never",
-            retry_after=retry / 1000 if refused and kind != "never" else None,
+        return Decision(  # positional, as every per-call record is made (calls.py)
+            refused == 0,  # admitted
+            call_id,
+            limits,
+            estimate,
+            "redis",  # backend
+            tuple(usage),
+            scopes[refused - 1][0] if refused else None,  # refused_scope
+            ("tokens" if kind == "never" else kind) if refused else None,  # type: ignore[arg-type]  # refused_kind
+            kind == "never",  # never_fits
+            retry / 1000 if refused and kind != "never" else None,  # retry_after
         )
 
     def settle_later(self, decision: Decision, tokens: int, release: bool = False) -> None:

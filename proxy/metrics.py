@@ -20,7 +20,7 @@ import glob
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NamedTuple
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -36,6 +36,19 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Up to the default upstream.timeouts.total: a call may last that long.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+# Teams and groups come and go: the label values kept for them are let go past this many pairs.
+MAX_CACHED_LABELS = 10_000
+
+
+class _CallLabels(NamedTuple):
+    """A team and group's label values, as `observe_call` counts under them."""
+
+    team_group: tuple[str, ...]  # the team (unless metrics.team_label is off) and the group
+    prompt: tuple[str, ...]  # the tokens counter's, for prompt tokens
+    completion: tuple[str, ...]
+    group: tuple[str, ...]  # the group alone
 
 
 def multiprocess_enabled() -> bool:
@@ -79,6 +92,7 @@ class Metrics:
             "tollgate_fallbacks_total", "Models tried after a group's first failed", ("model_group",)
         )
         self._jobs = counter("tollgate_jobs_total", "Jobs created and finished", (*team, "status"))
+        self._call_label_cache: dict[tuple[str, str], _CallLabels] = {}
         self.active_streams = Gauge(
             "tollgate_active_streams", "Streams being relayed now", registry=self.registry,
             multiprocess_mode="livesum",
@@ -86,6 +100,18 @@ class Metrics:
 
     def _team(self, team_id: str) -> tuple[str, ...]:
         return (team_id,) if self.team_label else ()
+
+    def _call_labels(self, team_id: str, group: str) -> _CallLabels:
+        """The label values a call of this team and group is counted under, made once for each
+        pair rather than for every call."""
+        labels = self._call_label_cache.get((team_id, group))
+        if labels is None:
+            base = (*self._team(team_id), group)
+            labels = _CallLabels(base, (*base, "prompt"), (*base, "completion"), (group,))
+            if len(self._call_label_cache) >= MAX_CACHED_LABELS:
+                self._call_label_cache.clear()  # a bound, not a cache policy: cheap to make again
+            self._call_label_cache[(team_id, group)] = labels
+        return labels
 
     # --- observations ----------------------------------------------------------------------
 
@@ -107,19 +133,19 @@ class Metrics:
         ttft: float | None,
         attempts: int,
     ) -> None:
-        team = self._team(team_id)
-        self._llm_calls.inc((*team, group, model or "none", status, "true" if stream else "false"))
+        team_group, prompt, completion, group_only = self._call_labels(team_id, group)
+        self._llm_calls.inc((*team_group, model or "none", status, "true" if stream else "false"))
         if prompt_tokens:
-            self._tokens.inc((*team, group, "prompt"), prompt_tokens)
+            self._tokens.inc(prompt, prompt_tokens)
         if completion_tokens:
-            self._tokens.inc((*team, group, "completion"), completion_tokens)
+            self._tokens.inc(completion, completion_tokens)
         if cost_usd:
-            self._cost.inc((*team, group), cost_usd)
-        self._upstream_latency.observe((group,), seconds)
+            self._cost.inc(team_group, cost_usd)
+        self._upstream_latency.observe(group_only, seconds)
         if ttft is not None:
-            self._ttft.observe((group,), ttft)
+            self._ttft.observe(group_only, ttft)
         if attempts > 1:
-            self._fallbacks.inc((group,), attempts - 1)
+            self._fallbacks.inc(group_only, attempts - 1)
 
     def observe_rate_limited(self, team_id: str, kind: str) -> None:
         self._rate_limited.inc((*self._team(team_id), kind))

@@ -29,6 +29,8 @@ UNMATCHED = "unmatched"
 # never arrived whole): what the request is counted and logged with, whatever the app made of it.
 REFUSED = "tollgate.refused"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The fields every access-log line starts with; a handler's note of the same name takes its place.
+_OWN_FIELDS = frozenset(["route", "method", "status", "latency_ms"])
 
 
 # Where the middleware publishes, in the lifespan's state, how a request refused before the app
@@ -87,11 +89,18 @@ class ObserveMiddleware:
     def _log(self, route: str, method: str, status: int, seconds: float, fields: dict[str, Any]) -> None:
         if not access_log.isEnabledFor(logging.INFO):
             return
-        entry = {"route": route, "method": method, "status": status, "latency_ms": round(seconds * 1000, 1), **fields}
-        if self.log_format == "json":
-            line = json.dumps(entry, separators=(",", ":"))
+        latency_ms = round(seconds * 1000, 1)
+        if self.log_format == "plain" and _OWN_FIELDS.isdisjoint(fields):
+            # The line the entry below would give, written without making the entry first.
+            line = f"route={route} method={method} status={status} latency_ms={latency_ms}"
+            if fields:
+                line += "".join([f" {k}={v}" for k, v in fields.items() if v is not None])
         else:
-            line = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
+            entry = {"route": route, "method": method, "status": status, "latency_ms": latency_ms, **fields}
+            if self.log_format == "json":
+                line = json.dumps(entry, separators=(",", ":"))
+            else:
+                line = " ".join(f"{k}={v}" for k, v in entry.items() if v is not None)
         handler = sole_handler()
         if handler is not None:
             handler.write_access_line(line)

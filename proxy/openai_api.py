@@ -18,7 +18,7 @@ from .config import Config
 from .groups import GroupCatalog
 from .ids import new_id
 from .jobs_api import canonical_job_id
-from .json_codec import JSONResponse
+from .json_codec import JSONAnswer, JSONResponse
 from .observe import notes
 from .records import CallOutcome, TerminalJobStatus
 from .streaming import SSERelay
@@ -68,9 +68,7 @@ class OpenAIApi:
         )
         if not call_request.stream:
             done = await self._calls.complete(call, request.receive)
-            response = Response(done.answer.body, media_type="application/json")
-            response.raw_headers += call.raw_headers()
-            return response
+            return JSONAnswer(done.answer.body, call.raw_headers())  # the upstream's bytes, as they came
         return await self._calls.stream(call, request.receive, drop_usage_only=not call_request.client_wants_usage)
 
     async def list_models(self, request: Request) -> Response:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import re
 import ssl
 from collections import deque
 from typing import Any, Coroutine, cast
@@ -43,6 +44,9 @@ def encode(args: tuple[Any, ...] | list[Any]) -> bytes:
 def _bulk_strings(args: tuple[Any, ...] | list[Any]) -> bytes:
     parts = []
     for arg in args:
+        if type(arg) is int:  # not a bool, whose text is "True"
+            parts.append(_bulk_int(arg))
+            continue
         if isinstance(arg, bytes):
             data = arg
         elif isinstance(arg, str):
@@ -51,6 +55,14 @@ def _bulk_strings(args: tuple[Any, ...] | list[Any]) -> bytes:
             data = str(arg).encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=1024)
+def _bulk_int(value: int) -> bytes:
+    """An integer argument as a bulk string. The limiter's are mostly the same few (the window,
+    each team's limits, a call's estimate, 0 and 1), so their encodings are kept."""
+    data = b"%d" % value
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int]:
@@ -74,10 +86,15 @@ def parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int]:
         pos = end + 2
         if count < 0:
             return None, pos
+        # A short array of integers only, as the limiter's scripts answer: one regular expression
+        # reads it whole. Any other, or one not all in the buffer yet, is read item by item.
+        whole = _integers(count).match(buffer, pos) if count <= _INTEGERS_MATCHED else None
+        if whole is not None:
+            return [int(item) for item in whole.groups()], whole.end()
         items = []
         size = len(buffer)
         for _ in range(count):
-            # Integers, all that the limiter's scripts answer, read here without a call each.
+            # Integers read here without a call each.
             if pos < size and buffer[pos] == _INTEGER:
                 end = buffer.find(b"\r\n", pos)
                 if end < 0:
@@ -97,6 +114,16 @@ def parse(buffer: bytes | bytearray, pos: int) -> tuple[Any, int]:
 
 
 _INTEGER, _BULK, _ARRAY, _STATUS, _ERROR = b":$*+-"
+
+
+_INTEGERS_MATCHED = 64  # the longest array of integers read by a pattern: the limiter's have 8 or 12
+
+
+@functools.lru_cache(maxsize=_INTEGERS_MATCHED + 1)
+def _integers(count: int) -> re.Pattern[bytes]:
+    """`count` integer replies in a row, each a group: a script's reply has the same length
+    every time (one per number of scopes), so the few patterns are compiled once."""
+    return re.compile(rb":(-?\d+)\r\n" * count)
 
 
 class _Connection(asyncio.Protocol):
@@ -163,9 +190,14 @@ class _Connection(asyncio.Protocol):
         assert self._writes is not None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        futures = [loop.create_future() for _ in range(replies)]
-        self.pending.extend(futures)
-        self._sent_at.extend([now] * replies)
+        if replies == 1:  # every command but a connection's setup: no lists to make
+            futures = [loop.create_future()]
+            self.pending.append(futures[0])
+            self._sent_at.append(now)
+        else:
+            futures = [loop.create_future() for _ in range(replies)]
+            self.pending.extend(futures)
+            self._sent_at.extend([now] * replies)
         if self._watch is None:
             self._watch = loop.call_at(now + self._timeout, self._check_overdue)
         self._writes.write(payload)
@@ -226,9 +258,18 @@ class Redis:
         return await future
 
     async def evalsha(self, script: "Script", keys: "Keys", args: list[Any]) -> Any:
-        connection = await self._connected()
+        # The connection up, as nearly always: taken without a coroutine more to await, and the
+        # reply awaited here rather than in another (each await is resumed through every frame).
+        connection = self._connection
+        if self._closed or connection is None or connection.lost:
+            connection = await self._connected()
         reply = self._send_evalsha(connection, script, keys, args)
-        return await self._script_reply(reply, script, keys, args)
+        try:
+            return await reply
+        except ReplyError as exc:
+            if not _forgotten(exc):
+                raise
+        return await self._whole_script(script, keys, args)
 
     def call_soon(self, *args: Any) -> asyncio.Future[Any]:
         """The command's reply, to come; on a live connection the command leaves with this
@@ -275,14 +316,6 @@ class Redis:
         count = 3 + len(keys.names) + len(args)
         (reply,) = connection.send(b"*%d\r\n%s%s%s" % (count, script.wire, keys.wire, _bulk_strings(args)), 1)
         return reply
-
-    async def _script_reply(self, reply: asyncio.Future[Any], script: "Script", keys: "Keys", args: list[Any]) -> Any:
-        try:
-            return await reply
-        except ReplyError as exc:
-            if not _forgotten(exc):
-                raise
-        return await self._whole_script(script, keys, args)
 
     async def _whole_script(self, script: "Script", keys: "Keys", args: list[Any]) -> Any:
         # Redis lost its scripts (a restart): send it whole. Rare enough that, sent soon,

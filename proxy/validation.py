@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ApiError
 from .json_codec import dumps
@@ -144,29 +144,91 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
             raise invalid("stream_options.include_usage", "must be true or false")
         client_wants_usage = bool(include_usage)
 
-    dropped = CALL_KEYS + (("model",) if not openai else ()) + ("stream", "stream_options")
+    dropped = _DROPPED_OPENAI if openai else _DROPPED_JOBS
     params = {key: value for key, value in body.items() if key not in dropped}
     # Both may be sent, and the upstream may honour either: the rate limits count the larger.
     completion_limit = max(max_tokens or 0, max_completion_tokens or 0) or None
     return CallRequest(model_group, purpose, params, stream, client_wants_usage, prompt_chars, completion_limit)
 
 
+# The keys of a call body not forwarded as they are: Tollgate's own, and the streaming ones, which
+# the gateway sets itself. On /api `model` names the group (as `model_group`); on /v1 it is forwarded.
+_DROPPED_OPENAI = frozenset([*CALL_KEYS, "stream", "stream_options"])
+_DROPPED_JOBS = _DROPPED_OPENAI | {"model"}
+
 # The chat parameters checked, in the order their problems are reported.
 _NUMBERS = (("temperature", 0, 2), ("top_p", 0, 1), ("frequency_penalty", -2, 2), ("presence_penalty", -2, 2))
 _INTEGERS = (("n", 1, 128), ("seed", -(2**63), 2**63 - 1), ("top_logprobs", 0, 20))
 _OBJECTS = ("response_format", "metadata", "logit_bias", "stream_options", "web_search_options")
-_PARAMETERS = frozenset(
-    [name for name, _, _ in _NUMBERS + _INTEGERS] + [*_OBJECTS, "max_tokens", "max_completion_tokens", "user", "stop",
-                                                      "tools", "tool_choice"]
-)
+Check = Callable[[dict[str, Any], str], None]  # raises the parameter's 422, given the body and its name
+
+
+def _numbers(low: float, high: float) -> Check:
+    return lambda body, field: _number_in(body, field, low, high)
+
+
+def _integers(low: int, high: int) -> Check:
+    def check(body: dict[str, Any], field: str) -> None:
+        optional_int(body, field, minimum=low, maximum=high)
+    return check
+
+
+def _user(body: dict[str, Any], field: str) -> None:
+    optional_str(body, field, allow_empty=True)
+
+
+def _object(body: dict[str, Any], field: str) -> None:
+    optional_object(body, field)
+
+
+def _tools(body: dict[str, Any], field: str) -> None:
+    tools = body[field]
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise invalid(field, "must be a list of objects")
+
+
+def _short_string(body: dict[str, Any], field: str) -> None:
+    optional_str(body, field, 1_000, allow_empty=True)
+
+
+def _prompt_version(body: dict[str, Any], field: str) -> None:
+    version = body[field]
+    if version is not None and not (_is_int(version) or isinstance(version, str)):
+        raise invalid(field, "must be an integer or a string")
+
+
+def _strings(body: dict[str, Any], field: str) -> None:
+    value = body[field]
+    if value is not None and (not isinstance(value, list) or not all(isinstance(item, str) for item in value)):
+        raise invalid(field, "must be a list of strings")
+
+
+# Each checked parameter's check, in the order their problems are reported: made once, at import.
+_CHECKS: dict[str, Check] = {
+    **{field: _numbers(low, high) for field, low, high in _NUMBERS},
+    "max_tokens": _integers(1, MAX_TOKENS),
+    "max_completion_tokens": _integers(1, MAX_TOKENS),
+    **{field: _integers(low, high) for field, low, high in _INTEGERS},
+    "user": _user,
+    "stop": lambda body, field: _check_stop(body[field]),
+    **{field: _object for field in _OBJECTS},
+    "tools": _tools,
+    "tool_choice": lambda body, field: _check_tool_choice(body[field]),
+}
+# The chat parameters checked, which extra_body may not carry either.
+_PARAMETERS = frozenset(_CHECKS)
 # LiteLLM's own request parameters that a client may send, of the type LiteLLM reads them as. One
 # of another type failed inside LiteLLM with a 500 of its own (prompt_id: 5 in its prompt
 # registry), which the gateway cannot tell from a model failing: the call was tried on every
 # model of its group and came back a 503 that clients retry.
-_LITELLM_STRINGS = ("prompt_id", "prompt_label", "prompt_environment")
-_LITELLM_STRING_LISTS = ("tags", "additional_drop_params", "allowed_openai_params")
-_LITELLM_TYPED = frozenset([*_LITELLM_STRINGS, *_LITELLM_STRING_LISTS, "prompt_variables", "prompt_version"])
-_CHECKED = _PARAMETERS | _LITELLM_TYPED
+_CHECKS.update({
+    **{field: _short_string for field in ("prompt_id", "prompt_label", "prompt_environment")},
+    "prompt_variables": _object,
+    "prompt_version": _prompt_version,
+    **{field: _strings for field in ("tags", "additional_drop_params", "allowed_openai_params")},
+})
+_ORDER = {field: i for i, field in enumerate(_CHECKS)}
+_CHECKED = frozenset(_CHECKS)
 
 
 # LiteLLM's own request parameters, which it honours from any caller: other models to fall back
@@ -245,37 +307,13 @@ def _check_extra_body(extra: Any) -> None:
 
 
 def _check_parameters(body: dict[str, Any]) -> tuple[int | None, int | None]:
-    """The chat parameters of `body` that Tollgate checks; its max_tokens and max_completion_tokens."""
-    for field, low, high in _NUMBERS:
-        _number_in(body, field, low, high)
-    max_tokens = optional_int(body, "max_tokens", minimum=1, maximum=MAX_TOKENS)
-    max_completion_tokens = optional_int(body, "max_completion_tokens", minimum=1, maximum=MAX_TOKENS)
-    for field, low, high in _INTEGERS:
-        optional_int(body, field, minimum=low, maximum=high)
-    optional_str(body, "user", allow_empty=True)
-    _check_stop(body.get("stop"))
-    for field in _OBJECTS:
-        optional_object(body, field)
-    tools = body.get("tools")
-    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
-        raise invalid("tools", "must be a list of objects")
-    _check_tool_choice(body.get("tool_choice"))
-    if not _LITELLM_TYPED.isdisjoint(body):
-        _check_litellm_parameters(body)
-    return max_tokens, max_completion_tokens
-
-
-def _check_litellm_parameters(body: dict[str, Any]) -> None:
-    for field in _LITELLM_STRINGS:
-        optional_str(body, field, 1_000, allow_empty=True)
-    optional_object(body, "prompt_variables")
-    version = body.get("prompt_version")
-    if version is not None and not (_is_int(version) or isinstance(version, str)):
-        raise invalid("prompt_version", "must be an integer or a string")
-    for field in _LITELLM_STRING_LISTS:
-        value = body.get(field)
-        if value is not None and (not isinstance(value, list) or not all(isinstance(item, str) for item in value)):
-            raise invalid(field, "must be a list of strings")
+    """The chat parameters of `body` that Tollgate checks; its max_tokens and max_completion_tokens.
+    Only those the body has are looked at (a call sends one or two of the twenty), in the order
+    of `_CHECKS`, so that of several problems the same one is reported whichever order they came in."""
+    present = _CHECKED.intersection(body)
+    for field in sorted(present, key=_ORDER.__getitem__) if len(present) > 1 else present:
+        _CHECKS[field](body, field)
+    return body.get("max_tokens"), body.get("max_completion_tokens")  # checked above, if sent
 
 
 def _check_tool_choice(tool_choice: Any) -> None:

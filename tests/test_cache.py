@@ -142,3 +142,23 @@ def test_with_the_change_signal_unusable_a_model_group_is_seen_within_auth_cache
         assert response.status_code == 403, response.text  # it exists now; the team is not granted it
     finally:
         server.stop()
+
+
+def test_fresh_gives_what_get_would_answer_without_loading_and_nothing_else():
+    async def run() -> list[object]:
+        loads = Loads()
+        changes = ChangeSignal()
+        now = [100.0]
+        cache: ExpiringCache[str, str] = ExpiringCache(loads, ttl=1, changes=changes, clock=lambda: now[0])
+        seen: list[object] = [cache.fresh("k")]  # never read
+        value = await cache.get("k")
+        seen += [cache.fresh("k"), value]
+        changes.bump()
+        seen.append(cache.fresh("k"))  # a change signalled
+        await cache.get("k")
+        now[0] += 1
+        seen.append(cache.fresh("k"))  # expired
+        seen.append(loads.count)
+        return seen
+
+    assert asyncio.run(run()) == [None, (101.0, "k as read 1"), "k as read 1", None, None, 2]

@@ -3,6 +3,8 @@ and exception middleware would: the same app is built with and without it and as
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -125,3 +127,48 @@ def test_a_route_it_would_dispatch_differently_from_starlette_is_refused():
     for route in (Route("/a", sync_endpoint, methods=["POST"]), Route("/a", endpoint, methods=["POST"], max_body_size=10)):
         with pytest.raises(AssertionError):
             CallRoutes(app(True), [route], EXCEPTION_HANDLERS)
+
+
+def sent_with_failing_send(with_call_routes: bool, path: str, failing: int, raised: Exception
+                           ) -> tuple[list[dict], str]:
+    """The messages an app sent before the `failing`-th send raised `raised` (a transport
+    failing mid-answer), and what came out of the app."""
+    sent: list[dict] = []
+    received: list[dict] = []
+
+    async def receive() -> dict:
+        if received:
+            await asyncio.Future()  # a client that stays: no disconnect
+        received.append({"type": "http.request", "body": b'{"x": 1}', "more_body": False})
+        return received[0]
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if len(sent) == failing:
+            raise raised
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def run() -> str:
+        try:
+            await app(with_call_routes)(scope, receive, send)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc} (from {exc.__cause__!r})"
+        return "nothing raised"
+
+    return sent, asyncio.run(run())
+
+
+@pytest.mark.parametrize("path", ["/api/jobs/job-7/llm-call", "/api/jobs/stream/llm-call", "/v1/chat/completions"])
+@pytest.mark.parametrize("failing", [1, 2])
+@pytest.mark.parametrize("raised", [OSError("gone"), ApiError(400, "handled"), RAISED["store-error"]],
+                         ids=["unhandled", "api-error", "store-error"])
+def test_an_answer_whose_sending_fails_ends_as_through_starlette(path, failing, raised):
+    """A plain answer is sent without the watch over its start (call_routes.py): it still ends as
+    Starlette's would, whichever of its sends fails, with an exception that has a handler or not."""
+    ours = sent_with_failing_send(True, path, failing, raised)
+    starlettes = sent_with_failing_send(False, path, failing, raised)
+    assert ours == starlettes
+    assert "nothing raised" not in ours[1]

@@ -68,6 +68,10 @@ class AioFsync:
         self._iocbs = (ctypes.POINTER(_Iocb) * 1)(ctypes.pointer(self._iocb))
         self._event = _Event()
         self._no_wait = _Timespec(0, 0)
+        # Every sync passes the same arguments (the fd is in the iocb): made once, not per sync.
+        self._submit_args = (ctypes.c_long(self._submit), self._context, ctypes.c_long(1), self._iocbs)
+        self._getevents_args = (ctypes.c_long(self._getevents), self._context, ctypes.c_long(0), ctypes.c_long(1),
+                                ctypes.byref(self._event), ctypes.byref(self._no_wait))
         self._done: Done | None = None
         loop.add_reader(eventfd, self._reap)
 
@@ -108,7 +112,7 @@ class AioFsync:
         if self._done is not None:
             raise RuntimeError("a sync is already running")
         self._iocb.aio_fildes = fd
-        if self._syscall(ctypes.c_long(self._submit), self._context, ctypes.c_long(1), self._iocbs) != 1:
+        if self._syscall(*self._submit_args) != 1:
             error = ctypes.get_errno()
             raise OSError(error, f"Linux AIO refused the sync: {os.strerror(error)}")
         self._done = done
@@ -123,8 +127,7 @@ class AioFsync:
     def _collect(self) -> None:
         if self._done is None:
             return
-        got = self._syscall(ctypes.c_long(self._getevents), self._context, ctypes.c_long(0), ctypes.c_long(1),
-                            ctypes.byref(self._event), ctypes.byref(self._no_wait))
+        got = self._syscall(*self._getevents_args)
         error = ctypes.get_errno() if got < 0 else 0
         if got == 0 or error == errno.EINTR:
             # The kernel publishes the event before it signals the eventfd, so this should not
