@@ -34,6 +34,8 @@ from .sweeper import sweep_forever
 from .upstream import Upstream
 
 log = logging.getLogger("tollgate")
+# How long a start waits for LiteLLM's model prices before serving without them.
+PRICES_AT_START_TIMEOUT = 15.0
 
 
 def create_app(config: Config) -> Starlette:
@@ -74,8 +76,16 @@ def create_app(config: Config) -> Starlette:
             changes.bump()  # the file may have changed a team or a group other processes cached
             if config.master_key is None:
                 log.warning("TOLLGATE_MASTER_KEY is not set: the admin API refuses every request")
+            # LiteLLM's prices before the first call: one priced from them (a stream, whose usage
+            # carries no cost; an estimate) recorded before they came would cost nothing. Waited
+            # for a bounded time; prices LiteLLM cannot give yet are asked for again soon.
+            try:
+                fresh = await asyncio.wait_for(pricing.refresh(upstream), PRICES_AT_START_TIMEOUT)
+            except TimeoutError:
+                log.warning("LiteLLM's model prices did not come within %.0f s of the start", PRICES_AT_START_TIMEOUT)
+                fresh = False
             background = [
-                asyncio.create_task(pricing.keep_fresh(upstream, config.upstream.model_info_refresh)),
+                asyncio.create_task(pricing.keep_fresh(upstream, config.upstream.model_info_refresh, fresh)),
                 asyncio.create_task(
                     sweep_forever(
                         store,

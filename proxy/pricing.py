@@ -52,8 +52,12 @@ class Pricing:
             log.warning("could not read model prices from LiteLLM: %s", type(exc).__name__)
             return False
 
-    async def keep_fresh(self, upstream: Upstream, interval: float) -> None:
+    async def keep_fresh(self, upstream: Upstream, interval: float, fresh: bool | None = None) -> None:
+        """Refresh the prices every `interval`; `fresh`: how a refresh made just before went
+        (the one at start-up), None if none was."""
         while True:
-            fresh = await self.refresh(upstream)
+            if fresh is None:
+                fresh = await self.refresh(upstream)
             # LiteLLM may still be starting: ask again soon rather than a whole interval later.
             await asyncio.sleep(interval if fresh else min(interval, 5.0))
+            fresh = None

@@ -16,6 +16,10 @@ while every answer stays predictable:
 * a body carrying ``langfuse_host``, a field LiteLLM bans from request bodies, is refused
   with the 401 LiteLLM itself answers when it runs with a database (prisma importable): for
   a gateway pointed here directly (behind a real LiteLLM, the fake never sees that field);
+* ``--model-info-delay S`` serves LiteLLM's ``GET /model/info`` (prices for ``primary`` and
+  ``backup``) after S seconds, a LiteLLM slow to answer it; without it, that is a 404;
+* each log entry says what was sent: ``usage`` (the usage an answer or a stream's usage
+  chunk carried, else None) and ``chars_sent`` (characters of generated text sent so far);
 * directives in the messages tune one request: ``[chunks=N]``, ``[delay_ms=N]``
   (between stream chunks), ``[first_byte_ms=N]`` (before any answer), and
   ``[tag=NAME]`` labels it in the log, ``[stamp]`` puts each chunk's send time in it.
@@ -59,6 +63,10 @@ LITELLM_BODY_REFUSAL = {
     "code": "401",
 }
 NO_LOG = False  # the benchmark switches the log off
+# With --model-info-delay, GET /model/info answers as LiteLLM does, pricing these models, after
+# that many seconds (LiteLLM slow to answer it as the gateway starts); without, it is a 404.
+MODEL_INFO_PRICES = {"primary": (1e-06, 2e-06), "backup": (3e-06, 4e-06)}
+MODEL_INFO_DELAY: float | None = None
 
 
 def _message_text(messages: list[dict[str, Any]]) -> str:
@@ -133,6 +141,8 @@ async def chat_completions(request: Request) -> Response:
         "started": time.time(),
         "finished": None,
         "disconnected": None,
+        "usage": None,  # the usage it sent, in an answer or a stream's usage chunk
+        "chars_sent": 0,  # characters of generated text it sent (a stream's, chunk by chunk)
     }
     if not NO_LOG:
         LOG.append(entry)
@@ -180,6 +190,8 @@ async def chat_completions(request: Request) -> Response:
         message: dict[str, Any] = {"role": "assistant", "content": None if tool else "".join(words)}
         if tool:
             message["tool_calls"] = [_tool_call(body)]
+        entry["usage"] = _usage(prompt_tokens, completion_tokens)
+        entry["chars_sent"] = len(message["content"] or "")
         return JSONResponse(
             {
                 "id": rid,
@@ -221,6 +233,7 @@ async def chat_completions(request: Request) -> Response:
                         yield b'data: {"id": "broken", "choices": [\n\n'
                     delta = {"role": "assistant", "content": word} if i == 0 else {"content": word}
                     yield _chunk(rid, model, delta, stamp=stamp)
+                    entry["chars_sent"] += len(word)
                     if delay:
                         await asyncio.sleep(delay)
                 yield _chunk(rid, model, {}, "stop")
@@ -234,6 +247,7 @@ async def chat_completions(request: Request) -> Response:
                     "usage": _usage(prompt_tokens, completion_tokens),
                 }
                 yield b"data: " + json.dumps(usage_chunk).encode() + b"\n\n"
+                entry["usage"] = usage_chunk["usage"]
             yield b"data: [DONE]\n\n"
             entry["finished"] = time.time()
         finally:
@@ -263,12 +277,24 @@ async def models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": []})
 
 
+async def model_info(request: Request) -> Response:
+    if MODEL_INFO_DELAY is None:
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
+    await asyncio.sleep(MODEL_INFO_DELAY)
+    data = [
+        {"model_name": name, "model_info": {"input_cost_per_token": price[0], "output_cost_per_token": price[1]}}
+        for name, price in MODEL_INFO_PRICES.items()
+    ]
+    return JSONResponse({"data": data})
+
+
 def create_app() -> Starlette:
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models),
+            Route("/model/info", model_info),
             Route("/_log", get_log),
             Route("/_log", clear_log, methods=["DELETE"]),
         ]
@@ -282,9 +308,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--no-log", action="store_true", help="keep no request log (benchmarks)")
+    parser.add_argument("--model-info-delay", type=float, help="serve GET /model/info after this many seconds")
     args = parser.parse_args()
-    global NO_LOG
+    global NO_LOG, MODEL_INFO_DELAY
     NO_LOG = args.no_log
+    MODEL_INFO_DELAY = args.model_info_delay
     uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 

@@ -6,7 +6,8 @@ import time
 import httpx
 import pytest
 
-from tests.support import PRICES, fake_log, sse_data, tag, wait_for
+from proxy.demo import stop_process, wait_until_up
+from tests.support import PRICES, PYTHON, REPO, Tollgate, fake_log, free_port, sse_data, start_process, tag, wait_for
 
 
 def new_job(client) -> str:
@@ -317,3 +318,28 @@ def test_null_top_level_tags_are_passed_on(make_tollgate, fake_url):
     assert client.post(f"/api/jobs/{new_job(client)}/llm-call", json=body).status_code == 200
     (sent,) = fake_log(fake_url, label)
     assert sent["body"]["tags"] is None
+
+
+def test_a_call_right_after_start_is_priced_though_litellm_is_slow_to_give_its_prices(tmp_path):
+    # LiteLLM answers /model/info slowly (it is a heavy request, and a restarted gateway asks it
+    # under load); a stream's usage carries no cost, so the call is priced per token from those
+    # prices. The first calls after a start were recorded at cost 0 while they were still coming.
+    port = free_port()
+    args = [PYTHON, str(REPO / "tests" / "fake_upstream.py"), "--port", str(port), "--model-info-delay", "4"]
+    upstream = start_process(args, tmp_path / "upstream.log")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/v1/models", 30, upstream)
+        server = Tollgate(tmp_path, f"http://127.0.0.1:{port}", "sk-upstream").start()
+        try:
+            client = server.client(server.admin().team().key)
+            job_id = new_job(client)
+            response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("three words here")})
+            assert response.status_code == 200
+            (call,) = calls_of(client, job_id)
+            assert (call["model"], call["prompt_tokens"], call["completion_tokens"]) == ("primary", 3, 5)
+            assert not call["usage_estimated"]
+            assert call["cost_usd"] == price("primary", 3, 5)
+        finally:
+            server.stop()
+    finally:
+        stop_process(upstream)
