@@ -132,6 +132,18 @@ def test_a_call_cannot_choose_the_providers_organization(tollgate, team, fake_ur
     assert fake_log(fake_url, label) == []
 
 
+def assert_refused_on_both_routes(client, fake_url: str, field: str, value) -> None:
+    """A body carrying `field` is a 422 naming it on /v1 and on the job API, and never reaches
+    the upstream."""
+    label = tag()
+    on_v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": say(f"hi [tag={label}]"), field: value})
+    assert on_v1.status_code == 422, on_v1.text
+    assert on_v1.json()["error"]["param"] == field
+    on_api = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say(f"hi [tag={label}]"), field: value})
+    assert on_api.status_code == 422 and on_api.json()["detail"].startswith(f"{field}: ")
+    assert fake_log(fake_url, label) == []
+
+
 @pytest.mark.parametrize("field, value", [
     ("vertex_credentials", '{"type": "service_account"}'), ("azure_ad_token", "eyJ0eXAi.token"),
     ("s3_endpoint_url", "https://collector.example"), ("user_config", {"model_list": []}),
@@ -141,14 +153,7 @@ def test_credentials_and_endpoints_litellm_bans_from_a_body_are_refused_naming_t
                                                                                  value):
     # LiteLLM refuses them too, but as Tollgate installs it (without prisma) with a bare 500,
     # which was taken for a failing model: every model tried, then a 503 that clients retry.
-    client = tollgate.client(team.key)
-    label = tag()
-    on_v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": say(f"hi [tag={label}]"), field: value})
-    assert on_v1.status_code == 422, on_v1.text
-    assert on_v1.json()["error"]["param"] == field
-    on_api = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say(f"hi [tag={label}]"), field: value})
-    assert on_api.status_code == 422 and field in on_api.json()["detail"]
-    assert fake_log(fake_url, label) == []
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, field, value)
 
 
 def test_every_credential_and_endpoint_litellm_bans_by_name_is_refused_by_the_gateway(litellm):
@@ -227,14 +232,7 @@ def test_a_call_cannot_override_the_provider_settings_of_a_groups_models(tollgat
     # LiteLLM's router puts a body's fields over the deployment's own: aws_region_name would send a
     # Bedrock call to another region of the operator's AWS account, vertex_project bill another GCP
     # project, litellm_credential_name use another of the credentials LiteLLM stores. They reached it.
-    client = tollgate.client(team.key)
-    label = tag()
-    on_v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": say(f"hi [tag={label}]"), field: value})
-    assert on_v1.status_code == 422, on_v1.text
-    assert on_v1.json()["error"]["param"] == field
-    on_api = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say(f"hi [tag={label}]"), field: value})
-    assert on_api.status_code == 422 and on_api.json()["detail"].startswith(f"{field}: ")
-    assert fake_log(fake_url, label) == []
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, field, value)
 
 
 def test_every_provider_setting_litellm_lets_a_body_override_is_refused_by_the_gateway(litellm):
