@@ -156,17 +156,19 @@ def test_credentials_and_endpoints_litellm_bans_from_a_body_are_refused_naming_t
     assert_refused_on_both_routes(tollgate.client(team.key), fake_url, field, value)
 
 
+def assert_refused_at_the_top_and_in_extra_body(field: str) -> None:
+    for body, param in (({field: "x"}, field), ({"extra_body": {field: "x"}}, f"extra_body.{field}")):
+        with pytest.raises(ApiError) as refused:
+            parse_call({"model": "Main", "messages": say("hi"), **body}, openai=True)
+        assert (refused.value.status, refused.value.param) == (422, param)
+
+
 def test_every_credential_and_endpoint_litellm_bans_by_name_is_refused_by_the_gateway(litellm):
     # Read from the LiteLLM the tests run: one that bans more names fails here.
     names = litellm_banned_names()
     assert "vertex_credentials" in names and "api_base" in names
     for field in names:
-        with pytest.raises(ApiError) as refused:
-            parse_call({"model": "Main", "messages": say("hi"), field: "x"}, openai=True)
-        assert (refused.value.status, refused.value.param) == (422, field)
-        with pytest.raises(ApiError) as refused:
-            parse_call({"model": "Main", "messages": say("hi"), "extra_body": {field: "x"}}, openai=True)
-        assert (refused.value.status, refused.value.param) == (422, f"extra_body.{field}")
+        assert_refused_at_the_top_and_in_extra_body(field)
 
 
 # Fields LiteLLM refuses in a body that the gateway does not name itself: an observability
@@ -238,12 +240,7 @@ def test_a_call_cannot_override_the_provider_settings_of_a_groups_models(tollgat
 def test_every_provider_setting_litellm_lets_a_body_override_is_refused_by_the_gateway(litellm):
     # Read from the LiteLLM the tests run: one that takes more from a body fails here.
     for field in sorted(litellm_provider_settings()):
-        with pytest.raises(ApiError) as refused:
-            parse_call({"model": "Main", "messages": say("hi"), field: "x"}, openai=True)
-        assert (refused.value.status, refused.value.param) == (422, field)
-        with pytest.raises(ApiError) as refused:
-            parse_call({"model": "Main", "messages": say("hi"), "extra_body": {field: "x"}}, openai=True)
-        assert (refused.value.status, refused.value.param) == (422, f"extra_body.{field}")
+        assert_refused_at_the_top_and_in_extra_body(field)
 
 
 @pytest.mark.parametrize("field, value", [("original_function", 1), ("_target_order", 1), ("specific_deployment", True),
