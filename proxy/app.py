@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import gc
 import logging
-from typing import AsyncIterator
+import signal
+import threading
+from typing import Any, AsyncIterator, Iterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -79,11 +81,7 @@ def create_app(config: Config) -> Starlette:
             # LiteLLM's prices before the first call: one priced from them (a stream, whose usage
             # carries no cost; an estimate) recorded before they came would cost nothing. Waited
             # for a bounded time; prices LiteLLM cannot give yet are asked for again soon.
-            try:
-                fresh = await asyncio.wait_for(pricing.refresh(upstream), PRICES_AT_START_TIMEOUT)
-            except TimeoutError:
-                log.warning("LiteLLM's model prices did not come within %.0f s of the start", PRICES_AT_START_TIMEOUT)
-                fresh = False
+            fresh = await _prices_at_start(pricing, upstream)
             background = [
                 asyncio.create_task(pricing.keep_fresh(upstream, config.upstream.model_info_refresh, fresh)),
                 asyncio.create_task(
@@ -132,6 +130,56 @@ def create_app(config: Config) -> Starlette:
     # address built from the client's own Host header.
     app.router.redirect_slashes = False
     return app
+
+
+async def _prices_at_start(pricing: Pricing, upstream: Upstream) -> bool:
+    """Whether LiteLLM's prices came, waited for at most PRICES_AT_START_TIMEOUT. A stop asked
+    for meanwhile (SIGTERM, SIGINT) ends the wait: uvicorn only notes the signal during the
+    start, and would stop the process once the wait ran out, up to 15 s later (past
+    `docker stop`'s 10 s before its SIGKILL)."""
+    refresh = asyncio.ensure_future(asyncio.wait_for(pricing.refresh(upstream), PRICES_AT_START_TIMEOUT))
+    try:
+        with _cancelled_on_stop(refresh):
+            return await refresh
+    except TimeoutError:
+        log.warning("LiteLLM's model prices did not come within %.0f s of the start", PRICES_AT_START_TIMEOUT)
+        return False
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the start itself was cancelled
+        return False  # a stop was asked for: uvicorn stops once the start is over
+
+
+@contextlib.contextmanager
+def _cancelled_on_stop(future: asyncio.Future[Any]) -> Iterator[None]:
+    """`future` cancelled on SIGTERM or SIGINT while in the block; the handlers in place
+    (uvicorn's) still hear of the signal. Only where signals are handled: the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if None in previous.values():  # a handler not set from Python: not one to chain to
+        yield
+        return
+
+    def stop(sig: int, frame: Any) -> None:
+        loop.call_soon_threadsafe(future.cancel)
+        handler = previous[signal.Signals(sig)]
+        if callable(handler):
+            handler(sig, frame)
+        elif handler == signal.SIG_DFL:
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def app_from_environment() -> Starlette:

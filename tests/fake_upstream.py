@@ -280,6 +280,7 @@ async def models(request: Request) -> Response:
 async def model_info(request: Request) -> Response:
     if MODEL_INFO_DELAY is None:
         return JSONResponse({"detail": "Not Found"}, status_code=404)
+    print("GET /model/info: answering after", MODEL_INFO_DELAY, "s", flush=True)  # what a test waits for
     await asyncio.sleep(MODEL_INFO_DELAY)
     data = [
         {"model_name": name, "model_info": {"input_cost_per_token": price[0], "output_cost_per_token": price[1]}}

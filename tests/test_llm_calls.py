@@ -1,6 +1,7 @@
 """LLM calls through a real LiteLLM: answers, streams relayed unbuffered, fallbacks, accounting."""
 
 import json
+import signal
 import time
 
 import httpx
@@ -341,5 +342,31 @@ def test_a_call_right_after_start_is_priced_though_litellm_is_slow_to_give_its_p
             assert call["cost_usd"] == price("primary", 3, 5)
         finally:
             server.stop()
+    finally:
+        stop_process(upstream)
+
+
+def test_a_sigterm_while_the_start_waits_for_prices_stops_it_without_waiting_them_out(tmp_path):
+    # LiteLLM takes its time over /model/info; a stop asked for meanwhile (a deploy rolled back,
+    # `docker stop`, whose SIGKILL follows in 10 s) was only heard once the wait ran out.
+    port = free_port()
+    args = [PYTHON, str(REPO / "tests" / "fake_upstream.py"), "--port", str(port), "--model-info-delay", "600"]
+    upstream_log = tmp_path / "upstream.log"
+    upstream = start_process(args, upstream_log)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/v1/models", 30, upstream)
+        server = Tollgate(tmp_path, f"http://127.0.0.1:{port}", "sk-upstream")
+        command = [PYTHON, "-m", "proxy", "serve", "--config", str(server.config_path), "--port", str(server.port)]
+        process = start_process(command, server.log_path, server.env)
+        try:
+            assert wait_for(lambda: "GET /model/info" in upstream_log.read_text(), 30)  # the start is waiting
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) == 0
+        finally:
+            stop_process(process)
+        log = server.log()
+        assert "Application shutdown complete" in log
+        # It stopped waiting when told to stop, not when the wait for the prices gave up.
+        assert "could not read model prices" not in log and "did not come within" not in log
     finally:
         stop_process(upstream)
