@@ -203,8 +203,8 @@ def _strings(body: dict[str, Any], field: str) -> None:
         raise invalid(field, "must be a list of strings")
 
 
-# Each checked parameter's check, in the order their problems are reported: made once, at import.
-_CHECKS: dict[str, Check] = {
+# Each checked chat parameter's check, in the order their problems are reported: made once, at import.
+_CHAT_CHECKS: dict[str, Check] = {
     **{field: _numbers(low, high) for field, low, high in _NUMBERS},
     "max_tokens": _integers(1, MAX_TOKENS),
     "max_completion_tokens": _integers(1, MAX_TOKENS),
@@ -215,20 +215,21 @@ _CHECKS: dict[str, Check] = {
     "tools": _tools,
     "tool_choice": lambda body, field: _check_tool_choice(body[field]),
 }
-# The chat parameters checked, which extra_body may not carry either.
-_PARAMETERS = frozenset(_CHECKS)
 # LiteLLM's own request parameters that a client may send, of the type LiteLLM reads them as. One
 # of another type failed inside LiteLLM with a 500 of its own (prompt_id: 5 in its prompt
 # registry), which the gateway cannot tell from a model failing: the call was tried on every
-# model of its group and came back a 503 that clients retry.
-_CHECKS.update({
+# model of its group and came back a 503 that clients retry. Reported after the chat parameters.
+_LITELLM_CHECKS: dict[str, Check] = {
     **{field: _short_string for field in ("prompt_id", "prompt_label", "prompt_environment")},
     "prompt_variables": _object,
     "prompt_version": _prompt_version,
     **{field: _strings for field in ("tags", "additional_drop_params", "allowed_openai_params")},
-})
+}
+_CHECKS = {**_CHAT_CHECKS, **_LITELLM_CHECKS}
 _ORDER = {field: i for i, field in enumerate(_CHECKS)}
 _CHECKED = frozenset(_CHECKS)
+# The chat parameters checked, which extra_body may not carry either.
+_PARAMETERS = frozenset(_CHAT_CHECKS)
 
 
 # LiteLLM's own request parameters, which it honours from any caller: other models to fall back
