@@ -411,6 +411,11 @@ class RedisUnavailable(Exception):
     pass
 
 
+def _unavailable(error: BaseException) -> RedisUnavailable:
+    """What a Redis client error means to the limiter, naming the error."""
+    return RedisUnavailable(f"{type(error).__name__}: {error}")
+
+
 MAX_KEYSETS = 10_000
 # Admits of unknown outcome kept for release. Their releases go ahead of one call's admit, which
 # a bound keeps well within Redis's timeout. So many pile up only when that many admits were in
@@ -461,7 +466,7 @@ class RedisLimiter:
         try:
             return await self._redis.evalsha(script, keys, args)
         except RedisError as exc:
-            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
 
     async def ping(self) -> None:
         """Whether Redis takes the limiter's writes: one that answers PING may still refuse
@@ -469,7 +474,7 @@ class RedisLimiter:
         try:
             await self._redis.call("SET", f"{self._prefix}ready", "1", "PX", 60_000)
         except RedisError as exc:
-            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
 
     async def admit(self, limits: Limits, call_id: str, estimate: int) -> Decision:
         scopes = limits.scopes()
@@ -480,10 +485,10 @@ class RedisLimiter:
         try:
             if self._unknown:
                 await self._release_unknown()
-            try:  # as `_run` does, without a coroutine more on every call's way
+            try:  # as `_run`, without a coroutine more on every call's way
                 result = await self._redis.evalsha(self._admit, keys, args)
             except RedisError as exc:
-                raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
+                raise _unavailable(exc) from None
         except RedisUnavailable:
             self._release_later(call_id, keys)
             raise
@@ -540,7 +545,7 @@ class RedisLimiter:
         try:
             await self._redis.connect()
         except RedisError as exc:
-            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
         unknown, self._unknown = self._unknown, {}
         # Loaded first: a release that found the script unknown would be sent again after the admit.
         self._redis.call_soon("SCRIPT", "LOAD", self._settle.source).add_done_callback(_outcome_told_elsewhere)
@@ -671,7 +676,7 @@ class RateLimiter:
         error = None if reply.cancelled() else reply.exception()
         if error is not None:
             redis.settle_later(decision, tokens)  # it may have run, or not: sent again, it counts once
-            self._failed(RedisUnavailable(f"{type(error).__name__}: {error}"))
+            self._failed(_unavailable(error))
 
     async def check(self) -> str:
         """For readiness: 'ok', 'not configured', or 'degraded: ...'."""
