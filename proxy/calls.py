@@ -508,10 +508,7 @@ class CallPipeline:
         attempt = 1
         while True:
             try:
-                if job_end is None:  # as `_write_outcome` writes it, without a coroutine more to await
-                    await self._store.finish_call(outcome)
-                else:
-                    await self._write_outcome(outcome, job_end, team_id)
+                await self._write_outcome(outcome, job_end, team_id)
                 return
             except StoreBusy as exc:
                 if attempt == RECORD_ATTEMPTS:
