@@ -184,28 +184,39 @@ def test_an_answer_over_64_kib_sent_with_its_head_in_one_write_is_read_whole():
     against(one_write, check)
 
 
-def test_a_first_event_that_never_ends_fails_that_model_and_the_next_answers():
-    # Its bytes would otherwise be held, without limit, while the first event was awaited.
-    closed: list[bool] = []
+def endless_unless_whole(content_type: bytes, whole: bytes, start: bytes, filler: bytes, bound: int,
+                         closed: list[bool]) -> Handler:
+    """A server answering a request for the model "endless" with `start`, then `filler` without
+    end (twice `bound`, unless the client closes first, which `closed` records), and any other
+    with `whole`; both in chunked coding."""
 
-    async def endless_then_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % content_type)
         if b'"endless"' not in request:
-            event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole))
             await writer.drain()
             await asyncio.sleep(5)
             return
-        piece = b"x" * 65536
-        writer.write(b"%x\r\ndata: \r\n" % len(b"data: "))
+        if start:
+            writer.write(b"%x\r\n%s\r\n" % (len(start), start))
+        piece = filler * 65536
         try:
-            for _ in range(2 * MAX_EVENT_BYTES // len(piece)):
+            for _ in range(2 * bound // len(piece)):
                 writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 await writer.drain()
         except ConnectionError:
             closed.append(True)
         writer.close()
+
+    return handler
+
+
+def test_a_first_event_that_never_ends_fails_that_model_and_the_next_answers():
+    # Its bytes would otherwise be held, without limit, while the first event was awaited.
+    closed: list[bool] = []
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    server = endless_unless_whole(b"text/event-stream", event, b"data: ", b"x", MAX_EVENT_BYTES, closed)
 
     async def check(client: Upstream) -> None:
         payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -217,31 +228,15 @@ def test_a_first_event_that_never_ends_fails_that_model_and_the_next_answers():
         await asyncio.sleep(0.2)
         assert closed == [True]  # the endless answer's connection was closed, not read to its end
 
-    against(endless_then_whole, check)
+    against(server, check)
 
 
 def test_an_answer_that_never_ends_fails_that_model_and_the_next_answers():
     # A non-streaming answer is read whole before it is relayed: without a bound, an upstream
     # sending a body without end would fill the memory.
     closed: list[bool] = []
-
-    async def endless_then_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-        if b'"endless"' not in request:
-            answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
-            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(answer), answer))
-            await writer.drain()
-            await asyncio.sleep(5)
-            return
-        piece = b" " * 65536
-        try:
-            for _ in range(2 * MAX_ANSWER_BYTES // len(piece)):
-                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-                await writer.drain()
-        except ConnectionError:
-            closed.append(True)
-        writer.close()
+    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+    server = endless_unless_whole(b"application/json", answer, b"", b" ", MAX_ANSWER_BYTES, closed)
 
     async def check(client: Upstream) -> None:
         payload = {"messages": [{"role": "user", "content": "hi"}]}
@@ -252,4 +247,4 @@ def test_an_answer_that_never_ends_fails_that_model_and_the_next_answers():
         await asyncio.sleep(0.2)
         assert closed == [True]  # the endless answer's connection was closed, not read to its end
 
-    against(endless_then_whole, check)
+    against(server, check)
