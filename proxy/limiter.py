@@ -407,6 +407,14 @@ return 1
 """
 
 
+# KEYS: the readiness key. The limiter runs only scripts, and a Redis that takes writes may still
+# refuse those (scripting denied by an ACL, or switched off by a managed service).
+READY_SCRIPT = """
+redis.call('SET', KEYS[1], '1', 'PX', 60000)
+return 1
+"""
+
+
 class RedisUnavailable(Exception):
     pass
 
@@ -432,6 +440,8 @@ class RedisLimiter:
         self._redis = Redis(config.url, config.connect_timeout, config.timeout)
         self._admit = Script(ADMIT_SCRIPT)
         self._settle = Script(SETTLE_SCRIPT)
+        self._ready = Script(READY_SCRIPT)
+        self._ready_keys = Keys([f"{self._prefix}ready"])
         self._keysets: dict[tuple[str, str | None], Keys] = {}  # by team, and key if it has limits
         # Admits given up on (a timeout, a lost connection): Redis may have run them, or may run
         # them yet (a command written waits in its socket while Redis is stalled), counting a
@@ -469,12 +479,10 @@ class RedisLimiter:
             raise _unavailable(exc) from None
 
     async def ping(self) -> None:
-        """Whether Redis takes the limiter's writes: one that answers PING may still refuse
-        them all (a read-only replica after a failover, out of memory)."""
-        try:
-            await self._redis.call("SET", f"{self._prefix}ready", "1", "PX", 60_000)
-        except RedisError as exc:
-            raise _unavailable(exc) from None
+        """Whether Redis runs the limiter's scripts and takes their writes: one that answers
+        PING may still refuse them all (a read-only replica after a failover, out of memory,
+        scripting denied)."""
+        await self._run(self._ready, self._ready_keys, [])
 
     async def admit(self, limits: Limits, call_id: str, estimate: int) -> Decision:
         scopes = limits.scopes()

@@ -562,3 +562,24 @@ def test_a_redis_that_refuses_the_limiters_writes_is_reported_degraded(redis_ser
         await limiter.close()
 
     asyncio.run(run())
+
+
+def test_a_redis_that_refuses_the_limiters_scripts_is_reported_degraded(redis_server):
+    # Plain writes still succeed: only a check that runs a script, as every admit does, sees it.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
+        assert await limiter.check() == "ok"
+        redis_server.cli("ACL", "SETUSER", "default", "-@scripting")  # as a managed Redis may
+        try:
+            with pytest.raises(RedisUnavailable):
+                await limiter.admit(limits, "refused", 10)
+            assert (await limiter.check()).startswith("degraded")
+        finally:
+            redis_server.cli("ACL", "SETUSER", "default", "+@scripting")
+        await asyncio.sleep(limiter.reopens_in())
+        assert await limiter.check() == "ok"
+        await limiter.close()
+
+    asyncio.run(run())
