@@ -194,6 +194,9 @@ async def _first_event(response: UpstreamResponse, model: str, number: int) -> O
         error = _error_of(first)
         if error is not None:
             return Attempt(model, f"error event: {error}", 200)
+        if first.data == b"[DONE]":
+            # Nothing but its end: no more usable than an answer without choices.
+            return Attempt(model, "stream ended before its first event", 200)
         return OpenStream(model, number, response, chunks, scanner, events)
     return Attempt(model, "stream ended before its first event", 200)
 

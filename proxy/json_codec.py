@@ -30,9 +30,17 @@ UNSURE: Any = object()
 
 
 def loads(data: bytes) -> Any:
-    """`json.loads(data)`: the same value, or the same error."""
+    """`json.loads(data)`: the same value, or the same error; but a text nested too deep for the
+    json module (its RecursionError, past orjson's own limit of 1,024 levels) is a ValueError, as
+    any other text it cannot read: the upstream's answers and events are read here, and their
+    readers take a ValueError for an unreadable one."""
     value = orjson_loads(data)
-    return json.loads(data) if value is UNSURE else value
+    if value is not UNSURE:
+        return value
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to be read") from None
 
 
 def orjson_loads(data: bytes) -> Any:

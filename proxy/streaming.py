@@ -145,6 +145,11 @@ class SSERelay:
                         if tail is not None:
                             terminal = await self._forward(send, [tail])
                             unterminated = terminal is None
+                            if terminal is not None:
+                                # Its blank line never came: ended here, or the client's parser
+                                # never dispatches it (an error would go unseen, the answer taken
+                                # for a whole one).
+                                terminal.append(b"\n\n")
             if terminal is None:
                 last = await self._failed("The upstream stream ended before it was complete", "upstream_incomplete")
                 if unterminated:

@@ -139,3 +139,32 @@ def test_a_shutdown_while_the_finished_stream_is_recorded_lets_it_end_as_recorde
     sent, ends = asyncio.run(run())
     assert sent == body
     assert [end.reason for end in ends] == ["finished"]
+
+
+def test_a_chunk_nested_too_deep_to_read_is_relayed_and_the_stream_ends_as_usual():
+    # The json module gives up on such a chunk with a RecursionError, no ValueError: read as any
+    # other unreadable chunk (passed on, counting nothing), not a relay that dies mid-answer with
+    # the client's connection cut and no event saying why.
+    deep = b'data: {"usage":' + b"[" * 5000 + b"]" * 5000 + b"}\n\n"
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        + deep
+        + b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+        + b"data: [DONE]\n\n"
+    )
+    sent, tally, (end,) = relay([body[:60], body[60:]])
+    assert sent == body
+    assert end.reason == "finished"
+    assert (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (3, 1)
+
+
+def test_an_error_event_the_upstream_left_unterminated_at_its_end_still_reaches_the_client_as_an_event():
+    # Its blank line never came: relayed as it is, a client's SSE parser never dispatches it, and
+    # the client (the openai SDK included) takes the cut answer for a whole one, while the call is
+    # recorded as failed. It must end as an event, as the gateway's own error event would.
+    error = b'data: {"error":{"message":"boom","type":"x","code":"500"}}'
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n' + error
+    sent, _, (end,) = relay([body])
+    assert end.reason == "upstream_failed" and end.error == "boom"
+    assert sent.startswith(body)
+    assert [json.loads(e).get("error", {}).get("message") for e in events_of(sent)] == [None, "boom"]

@@ -119,3 +119,11 @@ def test_legacy_function_call_arguments_count_as_generated_text():
     tally = StreamTally()
     tally.observe(event({"choices": [{"delta": {"function_call": {"name": "f", "arguments": '{"a":1}'}}}]}))
     assert tally.completion_chars == len('{"a":1}')
+
+
+def test_a_chunk_nested_too_deep_for_the_json_module_counts_nothing_and_breaks_nothing():
+    tally = StreamTally()
+    assert tally.observe(event(b'{"usage":' + b"[" * 5000 + b"]" * 5000 + b"}")) is False
+    assert tally.observe(event(b'{"error":' + b"[" * 5000 + b"]" * 5000 + b"}")) is False
+    assert tally.usage is None and tally.error is None and tally.completion_chars == 0
+    assert json_object(b"[" * 5000 + b"]" * 5000) is None

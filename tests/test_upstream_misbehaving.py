@@ -5,6 +5,7 @@ without end, unasked protocol switches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any, Awaitable, Callable
 
@@ -248,3 +249,64 @@ def test_an_answer_that_never_ends_fails_that_model_and_the_next_answers():
         assert closed == [True]  # the endless answer's connection was closed, not read to its end
 
     against(server, check)
+
+
+def _deep_then_whole(deep: bytes, whole: bytes, content_type: bytes) -> Handler:
+    """A server answering a request for the model "deep" with `deep`, any other with `whole`."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:  # the connection may be kept for the next request
+                request = await read_request(reader)
+                body = deep if b'"deep"' in request else whole
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n" % (content_type, len(body))
+                writer.write(head + body)
+                await writer.drain()
+
+    return handler
+
+
+def test_an_answer_nested_too_deep_to_read_fails_that_model_and_the_next_answers():
+    # The json module refuses it with a RecursionError rather than a ValueError: an unusable
+    # answer like any malformed one, not an unexpected error answered 500 with no fallback.
+    deep = b'{"choices":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        opened = await forward(client, ["deep", "whole"], payload, False, loop.time() + 30)
+        assert (opened.model, opened.attempts) == ("whole", 2)
+
+    against(_deep_then_whole(deep, answer, b"application/json"), check)
+
+
+def test_a_first_event_nested_too_deep_to_read_does_not_fail_the_call():
+    deep = b'data: {"error":' + b"[" * 5000 + b"]" * 5000 + b"}\n\ndata: [DONE]\n\n"
+    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        opened = await forward(client, ["deep", "whole"], payload, True, loop.time() + 30)
+        assert opened.model == "deep"  # unreadable, so not an error event: relayed as it is
+        await opened.response.aclose()
+
+    against(_deep_then_whole(deep, whole, b"text/event-stream"), check)
+
+
+def test_a_stream_that_is_only_its_done_event_fails_that_model_and_the_next_answers():
+    # Nothing of it reached the client, and there is nothing in it: the stream's counterpart of
+    # an answer without choices (which falls back), not an empty answer recorded as a success
+    # and a /v1 call's own job charged for it.
+    empty = b"data: [DONE]\n\n"
+    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        opened = await forward(client, ["deep", "whole"], payload, True, loop.time() + 30)
+        assert (opened.model, opened.attempts) == ("whole", 2)
+        await opened.response.aclose()
+
+    against(_deep_then_whole(empty, whole, b"text/event-stream"), check)
