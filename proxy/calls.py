@@ -104,7 +104,11 @@ _SECRETISH = re.compile(r"sk-[A-Za-z0-9_\-.]{3,}")
 
 
 def redact(text: str) -> str:
-    """Upstream messages can quote keys (LiteLLM's 401 does): never pass one on."""
+    """Upstream messages can quote keys (LiteLLM's 401 does): never pass one on. Nor half of a
+    UTF-16 pair (JSON can escape one, as `\\ud83d`): the database cannot store it as text, and
+    the call's record would fail, leaving the call running and its job uncompletable."""
+    if not text.isascii():
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return _SECRETISH.sub("sk-***", text)
 
 

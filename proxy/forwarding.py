@@ -35,16 +35,19 @@ _UNKNOWN_MODEL = "Invalid model name passed in model="
 # operator>". With prisma importable (its Docker image) that comes as a 401 typed auth_error,
 # "Authentication Error, " in front; without (pip's litellm[proxy], which Tollgate installs), its
 # auth error handler fails importing prisma and the catch-all answers a bare 500 that hides it:
-# the body below, with no `code`, unlike any failure of a model (those pass through the route's
-# own handler, which gives each a code; nor Tollgate's key, which it always presents, LiteLLM
-# answering a wrong one with a 400 or 401 of its own). Either way every model would get the same.
+# the body below, with no `code`. A model's failure passes through the route's own handler, which
+# gives each a code, but an answer LiteLLM got and then failed to send (one quoting half of a
+# UTF-16 pair) reaches the catch-all too: so that bare 500 fails only its model, and is the
+# client's 400 once every model got it, as a refused body does. (Nor is it Tollgate's key, which
+# it always presents, LiteLLM answering a wrong one with a 400 or 401 of its own.)
 _REQUEST_REFUSED = "Rejected Request:"
 _AUTH_ERROR_PREFIX = "Authentication Error, "
 _UNHANDLED = {"message": "Internal server error", "type": "internal_server_error"}
 _UNHANDLED_REFUSAL = (
     "LiteLLM refused the request before trying any model, without giving its reason (HTTP 500 "
-    "'Internal server error'): it answers so for a field it does not take in a request body, such as a "
-    "credential, an endpoint, or an observability or pricing setting (LiteLLM's log names it)"
+    "'Internal server error', for every model of the group): it answers so for a field it does not take "
+    "in a request body, such as a credential, an endpoint, or an observability or pricing setting "
+    "(LiteLLM's log names it)"
 )
 
 
@@ -54,6 +57,7 @@ class Attempt:
     error: str
     status: int | None = None
     retry_after: int | None = None
+    unhandled: bool = False  # LiteLLM's bare 500 (see _UNHANDLED)
 
 
 class UpstreamFailed(Exception):
@@ -151,6 +155,8 @@ async def forward(
             attempts.append(result)
             continue
         return result
+    if attempts and all(a.unhandled for a in attempts):
+        raise UpstreamRejected(500, _UNHANDLED_REFUSAL, attempts[-1].model, len(attempts))
     raise UpstreamFailed(attempts)
 
 
@@ -227,7 +233,7 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
     if refused is not None:
         raise UpstreamRejected(status, refused, model, number)
     if status == 500 and unhandled:
-        raise UpstreamRejected(status, _UNHANDLED_REFUSAL, model, number)
+        return Attempt(model, f"{status}: LiteLLM's unexplained 'Internal server error'", status, unhandled=True)
     if status == 429 or status >= 500 or status == _TIMEOUT:
         return Attempt(model, f"{status}: {message}", status, _retry_after(response.headers.get("retry-after")))
     if status == 400 and _UNKNOWN_MODEL in message:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from starlette.requests import Request
@@ -19,9 +20,16 @@ from .metrics import Metrics
 from .observe import notes
 from .records import Job, is_implicit, iso
 from .streaming import SSERelay
-from .store import Store
+from .store import CallInProgress, Store
 from .validation import parse_call, parse_complete, parse_job_create, parse_paging
 from .views import job_json, jobs_page_json, team_json
+
+
+# How long a completion waits for a call of its job still running to end before answering 409.
+# A client that hangs up on a call and at once completes (or fails) its job, as a client timing
+# out does, reaches the gateway a moment before the hang-up's record: the call is about to be
+# recorded as cancelled, and the job, left open, would hold its credit until it expired.
+CALL_END_GRACE = 0.5
 
 
 def canonical_job_id(raw: str) -> str:
@@ -170,10 +178,26 @@ class JobsApi:
                 code="conflict",
             )
         notes(request)["job"] = job_id
-        job, changed = await self._store.finish_job(job_id, body.status, body.metadata, body.error_message)
+        job, changed = await self._finish_job(job_id, body.status, body.metadata, body.error_message)
         if changed:
             self._metrics.observe_job(job.team_id, job.status)
         return JSONResponse(await self._job_body(principal, job_id))
+
+    async def _finish_job(
+        self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None
+    ) -> tuple[Job, bool]:
+        """Finish the job, giving a call of it still running CALL_END_GRACE to end first."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CALL_END_GRACE
+        pause = 0.005
+        while True:
+            try:
+                return await self._store.finish_job(job_id, status, metadata, error_message)
+            except CallInProgress:
+                if loop.time() + pause > give_up:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def _own_team(self, principal: Principal, team_id: str) -> None:
         if team_id != principal.team.team_id:

@@ -61,7 +61,12 @@ def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:  # an integer outside 64 bits, a key that is not a string
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone UTF-16 surrogate (an upstream's answer may escape one): UTF-8 cannot carry
+            # it, JSON's escape can, as the upstream wrote it.
+            return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
 class JSONResponse(_StarletteJSONResponse):

@@ -10,7 +10,9 @@ while every answer stays predictable:
   ``abort*`` (stream breaks after two chunks), ``garbage*`` (malformed SSE/JSON),
   ``absurd-usage*`` (reports 10^20 prompt tokens), ``error-first*`` (a stream whose
   first event is an error), ``error-later*`` (a stream sending an error event after two
-  chunks, then ending);
+  chunks, then ending), ``surrogate-error*`` (a 400 whose message holds a lone UTF-16
+  surrogate, escaped), ``surrogate-answer*`` (an answer whose content holds one),
+  ``surrogate-later*`` (as ``error-later*``, the error's message holding one);
 * the API key ``wrong-provider-key`` is refused with OpenAI's 401, the answer of a
   provider that does not know the key it was given;
 * a body carrying ``langfuse_host``, a field LiteLLM bans from request bodies, is refused
@@ -103,6 +105,8 @@ def _chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None = Non
 
 def _error_event(model: str) -> bytes:
     error = {"message": f"fake upstream error event from {model}", "type": "fake_error", "code": "fake_event"}
+    if model.startswith("surrogate"):
+        error["message"] += " near \ud83d"  # half of a UTF-16 pair, which json.dumps escapes
     return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
@@ -172,6 +176,20 @@ async def chat_completions(request: Request) -> Response:
             return Response(status_code=499)
     if model.startswith("hang"):
         await asyncio.sleep(30)
+    if model.startswith("surrogate-error"):
+        # A 400 whose message quotes text cut in the middle of a UTF-16 pair, as a provider that
+        # truncates strings by UTF-16 units writes it: a lone surrogate, escaped.
+        entry["finished"] = time.time()
+        error = b'{"error": {"message": "prompt rejected near \\ud83d", "type": "invalid_request_error", "code": "400"}}'
+        return Response(error, status_code=400, media_type="application/json")
+    if model.startswith("surrogate-answer") and not stream:
+        entry["finished"] = time.time()
+        answer = (
+            b'{"id": "chatcmpl-s", "object": "chat.completion", "created": 1, "model": "surrogate-answer", '
+            b'"choices": [{"index": 0, "message": {"role": "assistant", "content": "smile \\ud83d"}, '
+            b'"finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}'
+        )
+        return Response(answer, media_type="application/json")
     for status in (500, 503, 429, 400):
         if model.startswith(f"fail-{status}"):
             entry["finished"] = time.time()
@@ -225,7 +243,7 @@ async def chat_completions(request: Request) -> Response:
                         # at once, and the stream would fail before its first byte instead.
                         await asyncio.sleep(0.2)
                         raise ConnectionAbortedError("fake upstream aborts mid-stream")
-                    if model.startswith("error-later") and i == 2:
+                    if model.startswith(("error-later", "surrogate-later")) and i == 2:
                         yield _error_event(model)
                         entry["finished"] = time.time()
                         return

@@ -5,6 +5,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import requests
 
 from tests.support import tag, wait_for
 
@@ -298,3 +299,35 @@ def test_a_client_job_cannot_carry_the_mark_of_a_v1_calls_own_job(tollgate, team
     assert response.status_code == 422
     assert "reserved" in response.text
     assert create(client, job_type="other", metadata={"implicit": True})["status"] == "pending"
+
+
+def test_a_client_job_whose_metadata_says_implicit_1_takes_more_than_one_call(tollgate, team):
+    # Only `"implicit": true` marks a /v1 call's own job (and is refused at creation); a 1 there
+    # is the client's own metadata, and its job takes as many calls as any other.
+    client = tollgate.client(team.key)
+    job = create(client, job_type="chat.completions", metadata={"implicit": 1})
+    for _ in range(2):
+        response = client.post(f"/api/jobs/{job['job_id']}/llm-call", json={"messages": HELLO})
+        assert response.status_code == 200, response.text
+    done = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"})
+    assert done.status_code == 200 and done.json()["costs"]["total_calls"] == 2
+
+
+def test_a_job_failed_the_moment_its_client_timed_out_on_a_stream_is_failed_not_409(tollgate, admin):
+    # The client documentation's error handling: a call that times out, then the job marked failed
+    # at once, the answer unread. The hang-up's record is a moment behind the completion: a 409
+    # there (not to be retried) left the job open, holding its credit until it expired.
+    team = admin.team(credits=100)
+    headers = {"Authorization": f"Bearer {team.key}"}
+    api = f"{tollgate.url}/api"
+    body = {"messages": [{"role": "user", "content": "slow [chunks=5] [delay_ms=1000]"}]}
+    with requests.Session() as session:
+        for _ in range(25):
+            job_id = session.post(f"{api}/jobs/create", headers=headers, json={"job_type": "t"}).json()["job_id"]
+            try:
+                requests.post(f"{api}/jobs/{job_id}/llm-call-stream", headers=headers, json=body, timeout=0.3)
+            except (requests.exceptions.Timeout, requests.exceptions.ConnectionError):
+                pass
+            failed = session.post(f"{api}/jobs/{job_id}/complete", headers=headers, json={"status": "failed"})
+            assert failed.status_code == 200, failed.text
+    assert admin.get_team(team.team_id)["credits_held"] == 0

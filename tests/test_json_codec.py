@@ -78,3 +78,9 @@ def test_json_response_is_rendered_compact_utf8():
     response = JSONResponse({"detail": "café", "n": 2**64})
     assert response.body == '{"detail":"café","n":18446744073709551616}'.encode()
     assert response.headers["content-type"] == "application/json"
+
+
+def test_dumps_writes_what_loads_read_back_a_lone_surrogate_included():
+    # json.loads takes "\ud800" (loads above gives its value); UTF-8 cannot carry it, JSON's escape can.
+    value = loads(b'{"s": "smile \\ud83d", "t": "\xc3\xa9"}')
+    assert json.loads(dumps(value)) == value

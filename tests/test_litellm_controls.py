@@ -182,9 +182,10 @@ LITELLM_REFUSED_BODIES = [
 
 @pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
 @pytest.mark.parametrize("extra", LITELLM_REFUSED_BODIES, ids=lambda extra: next(iter(extra)))
-def test_a_body_litellm_refuses_is_a_400_asked_of_one_model_only(tollgate, team, fake_url, route, extra):
-    # LiteLLM without prisma hides its refusal behind a bare 500, the same for every model:
-    # falling back asked LiteLLM again for nothing, and the 503 made clients resend it forever.
+def test_a_body_litellm_refuses_is_a_400_once_every_model_got_its_bare_500(tollgate, team, fake_url, route, extra):
+    # LiteLLM without prisma hides its refusal behind a bare 500, the same for every model: a 503
+    # made clients resend it forever. Each model is asked (the same 500 also answers a model's
+    # answer LiteLLM failed to send), none of their providers.
     client = tollgate.client(team.key)
     job_id = new_job(client)
     label = tag()
@@ -193,7 +194,7 @@ def test_a_body_litellm_refuses_is_a_400_asked_of_one_model_only(tollgate, team,
     assert "retry-after" not in response.headers
     assert "LiteLLM refused the request before trying any model" in response.json()["detail"]
     (call,) = calls_of(client, job_id)
-    assert (call["status"], call["model"], call["attempts"]) == ("error", "primary", 1)
+    assert (call["status"], call["model"], call["attempts"]) == ("error", "backup", 2)
     assert "LiteLLM refused the request" in call["error"]
     assert fake_log(fake_url, label) == []
 

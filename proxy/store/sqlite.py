@@ -176,7 +176,9 @@ PROBE_ID = "readiness probe"
 
 # An implicit job (records.IMPLICIT_JOB_TYPE) that its own call has started: it takes no other.
 _TAKEN_IMPLICIT_JOB = (
-    f"(status = 'in_progress' AND job_type = '{IMPLICIT_JOB_TYPE}' AND json_extract(metadata, '$.implicit') IS 1)"
+    # json_type, not json_extract: a JSON 1 (or 1.0) extracts as 1 too, and only `true` is the mark
+    # (records.is_implicit); a client's job of that type with {"implicit": 1} is its own.
+    f"(status = 'in_progress' AND job_type = '{IMPLICIT_JOB_TYPE}' AND json_type(metadata, '$.implicit') = 'true')"
 )
 
 

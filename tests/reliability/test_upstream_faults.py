@@ -259,3 +259,52 @@ def test_an_upstream_silent_mid_stream_past_the_first_byte_timeout_ends_with_one
     assert [e for e in events if "error" in e] == [events[-1]]
     assert events[-1]["error"]["code"] == "upstream_timeout"
     assert "silent" in events[-1]["error"]["message"]
+
+
+def test_an_upstream_refusal_quoting_a_lone_surrogate_is_400_and_the_call_recorded(make_tollgate, fake_url):
+    # JSON may escape half of a UTF-16 pair; the database cannot store it as text. The call must
+    # still be recorded (not left running, its job uncompletable) and the client get the 400.
+    client = straight_to_the_fake(make_tollgate, fake_url, Quotes=["surrogate-error"])
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"model_group": "Quotes", "messages": say("hi")})
+    assert response.status_code == 400, response.text
+    assert "prompt rejected near" in response.json()["detail"]
+    (call,) = calls_of(client, job_id)
+    assert call["status"] == "error" and "prompt rejected near" in call["error"]
+    assert client.post(f"/api/jobs/{job_id}/complete", json={"status": "failed"}).status_code == 200
+
+
+def test_an_answer_holding_a_lone_surrogate_comes_back_200_not_500(make_tollgate, fake_url):
+    client = straight_to_the_fake(make_tollgate, fake_url, Odd=["surrogate-answer"])
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"model_group": "Odd", "messages": say("hi")})
+    assert response.status_code == 200, response.text
+    assert response.json()["response"]["content"].startswith("smile ")
+
+
+def test_a_models_answer_litellm_fails_to_relay_falls_back_to_the_next_model(tollgate, admin):
+    # LiteLLM called the model, then failed writing its answer (a lone surrogate in it) with the
+    # bare 500 it also gives a body it refuses. The model's answer was unusable: the next model
+    # can answer, as for any other failing model. Today: 400 "LiteLLM refused the request before
+    # trying any model", and the group's second model is never asked.
+    admin.ok("POST", "/admin/model-groups", json={"name": "UnrelayableFirst", "models": ["surrogate-answer", "backup"]})
+    client = tollgate.client(admin.team(groups=("UnrelayableFirst",)).key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("hello [chunks=2]")})
+    assert response.status_code == 200, response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
+
+
+def test_a_later_error_event_quoting_a_lone_surrogate_is_recorded_and_its_job_completable(tollgate, admin):
+    # LiteLLM passes a provider's mid-stream error on with its message escaped as JSON escapes it,
+    # half of a UTF-16 pair included, which the database cannot store as text.
+    admin.ok("POST", "/admin/model-groups", json={"name": "SurrogateLater", "models": ["surrogate-later"]})
+    client = tollgate.client(admin.team(groups=("SurrogateLater",)).key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("hi [chunks=4]")})
+    assert response.status_code == 200
+    assert "error" in sse_json(response.text)[-1]
+    (call,) = calls_of(client, job_id)
+    assert call["status"] == "error" and "fake upstream error event" in call["error"]
+    assert client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).status_code == 200
