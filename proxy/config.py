@@ -173,6 +173,19 @@ def _redis_url_problem(url: str) -> str | None:
     return None
 
 
+def _database_url_problem(url: str) -> str | None:
+    path = url.removeprefix("sqlite:///")
+    # No file name can hold one: opening it would fail with a ValueError, not an OSError.
+    if "\x00" in path:
+        return "the path must not hold a NUL character"
+    # SQLite's name for a private in-memory database: each of the store's connections (the
+    # loop's and its thread's) would open a database of its own, and the WAL the store fsyncs
+    # has no file, so every write failed as a disk failure.
+    if path == ":memory:":
+        return "must name a database file (an in-memory database cannot be shared by the store's connections)"
+    return None
+
+
 HttpUrl = Annotated[
     str,
     Rule("an http:// or https:// URL", lambda v: v.startswith(("http://", "https://")), problem=_http_url_problem),
@@ -182,8 +195,7 @@ DatabaseUrl = Annotated[
     Rule(
         "a database URL: sqlite:///path/to/file.db (PostgreSQL is not supported yet)",
         lambda v: v.startswith("sqlite:///") and len(v) > len("sqlite:///"),
-        # No file name can hold one: opening it would fail with a ValueError, not an OSError.
-        problem=lambda v: "the path must not hold a NUL character" if "\x00" in v else None,
+        problem=_database_url_problem,
     ),
 ]
 RedisUrl = Annotated[
@@ -530,6 +542,15 @@ def serving_warnings(config: Config, workers: int) -> list[str]:
 
 
 def _check_consistency(config: Config) -> None:
+    limits = config.rate_limits
+    if limits.default_max_tokens >= limits.tpm:
+        # A call without max_tokens is estimated at its prompt plus default_max_tokens: on the
+        # default TPM, every one would be refused as one that can never fit.
+        raise ConfigError(
+            f"{config.source}: rate_limits.tpm: {limits.tpm} leaves no room for a call without max_tokens, "
+            f"estimated at its prompt plus rate_limits.default_max_tokens ({limits.default_max_tokens}); "
+            "raise it or lower default_max_tokens"
+        )
     for i, team in enumerate(config.teams):
         twice = [group for n, group in enumerate(team.model_groups) if group in team.model_groups[:n]]
         if twice:

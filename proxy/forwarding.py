@@ -278,8 +278,11 @@ def _message(error: Any) -> str:
 
 
 def _retry_after(value: str | None) -> int | None:
-    if value and value.strip().isdigit():
-        return max(1, int(value.strip()))
+    # ASCII digits only: str.isdigit() also takes '²' (a Latin-1 byte of a header), which int()
+    # refuses; and not too many of them: int() refuses past 4,300 digits (no hint is that long).
+    text = (value or "").strip()
+    if text.isascii() and text.isdigit() and len(text) <= 12:
+        return max(1, int(text))
     return None
 
 

@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 from .config import ModelPrice
 from .upstream import Upstream
 
 log = logging.getLogger("tollgate.pricing")
+
+
+def _price(value: Any) -> bool:
+    """Whether `value` is a price per token: a finite number of 0 or more, not a boolean."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and value >= 0
+    except OverflowError:  # an integer past a float's range
+        return False
 
 
 class Pricing:
@@ -39,7 +50,9 @@ class Pricing:
             name = entry.get("model_name")
             info = entry.get("model_info") or {}
             given_in, given_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
-            if isinstance(name, str) and isinstance(given_in, (int, float)) and isinstance(given_out, (int, float)):
+            # Only what config.yaml's `pricing` would take: a negative price made a negative cost,
+            # which the cost counter refuses after the call is recorded (a 500 for an answered call).
+            if isinstance(name, str) and _price(given_in) and _price(given_out):
                 prices[name] = ModelPrice(float(given_in), float(given_out))
         self._reported = prices
         return len(prices)

@@ -447,3 +447,27 @@ def test_a_busy_timeout_of_24_days_is_what_sqlite_takes(tmp_path):
     connection = sqlite3.connect(":memory:")
     connection.execute(f"PRAGMA busy_timeout = {int(config.database.busy_timeout * 1000)}")
     assert connection.execute("PRAGMA busy_timeout").fetchone()[0] == 24 * 86400 * 1000
+
+
+def test_an_in_memory_database_is_refused(tmp_path):
+    # Each of the store's connections would open a database of its own, and the WAL it fsyncs
+    # has no file: check-config passed it, and then every command failed on its first write
+    # with "The write was committed but may not be on disk".
+    assert error_for(tmp_path, 'database:\n  url: "sqlite:///:memory:"\n').endswith(
+        "database.url: must name a database file (an in-memory database cannot be shared by the store's connections)"
+    )
+
+
+def test_a_default_tpm_no_call_without_max_tokens_could_fit_is_refused(tmp_path):
+    # A call's estimate is its prompt plus default_max_tokens when it sets no max_tokens: with
+    # the default TPM at or below that, every such call of every team on the default (the
+    # client documentation's examples among them) was a 429 "can never fit", not to be retried.
+    assert error_for(tmp_path, "rate_limits:\n  tpm: 1000\n").endswith(
+        "rate_limits.tpm: 1000 leaves no room for a call without max_tokens, "
+        "estimated at its prompt plus rate_limits.default_max_tokens (1024); raise it or lower default_max_tokens"
+    )
+    assert error_for(tmp_path, "rate_limits:\n  tpm: 5000\n  default_max_tokens: 5000\n").endswith(
+        "rate_limits.tpm: 5000 leaves no room for a call without max_tokens, "
+        "estimated at its prompt plus rate_limits.default_max_tokens (5000); raise it or lower default_max_tokens"
+    )
+    assert load_config(write(tmp_path, "rate_limits:\n  tpm: 1025\n"), {}).rate_limits.tpm == 1025

@@ -310,3 +310,31 @@ def test_a_stream_that_is_only_its_done_event_fails_that_model_and_the_next_answ
         await opened.response.aclose()
 
     against(_deep_then_whole(empty, whole, b"text/event-stream"), check)
+
+
+# '²', '¹³' in Latin-1, which str.isdigit() takes for digits; more digits than int() reads.
+@pytest.mark.parametrize("hint", [b"\xb2", b"\xb9\xb3", b"9" * 5000])
+def test_a_429_whose_retry_after_only_looks_like_digits_still_falls_back(hint):
+    # int() raised ValueError on them: the call ended there, a 500 recorded as an error, the group's
+    # next model never tried.
+    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+
+    async def limited_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        if b'"limited"' in request:
+            body = b'{"error":{"message":"slow down"}}'
+            writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: %s\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (hint, len(body), body))
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answered = await forward(client, ["limited", "whole"], payload, False, loop.time() + 30)
+        assert (answered.model, answered.attempts) == ("whole", 2)
+
+    against(limited_then_answer, check)

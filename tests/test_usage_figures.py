@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from proxy.accounting import StreamTally, usage_from
+from proxy.accounting import StreamTally, Usage, cost_of, usage_from
+from proxy.metrics import Metrics
+from proxy.pricing import Pricing
 from proxy.sse import SSEEvent
 
 
@@ -33,3 +35,17 @@ def test_a_stream_whose_usage_holds_no_token_count_is_estimated():
     usage_only = tally.observe(event({"choices": [], "usage": {"prompt_tokens": None, "completion_tokens": 2}}))
     assert tally.usage is None  # the call's record then estimates both counts, and says so
     assert usage_only is True  # still no output: a client that did not ask for usage does not get it
+
+
+@pytest.mark.parametrize("bad", [-1e-06, True, float("nan"), float("inf")])
+def test_a_price_litellm_reports_that_config_yaml_would_refuse_is_not_used(bad):
+    # A negative price made a negative cost: the tokens counter refused it with a ValueError
+    # raised after the call was recorded (and, for a /v1 call, its own job charged), so the
+    # client got a 500 that its SDK retries, each retry charged again.
+    pricing = Pricing({})
+    info = {"input_cost_per_token": bad, "output_cost_per_token": 2e-06}
+    assert pricing.load_model_info({"data": [{"model_name": "m", "model_info": info}]}) == 0
+    assert pricing.price("m") is None
+    cost = cost_of(Usage(10, 5), "m", pricing)
+    assert cost == 0.0
+    Metrics().observe_call("team", "group", "m", "success", False, 10, 5, cost, 0.1, None, 1)
