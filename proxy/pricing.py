@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from .config import ModelPrice
 from .upstream import Upstream
@@ -17,7 +17,7 @@ from .upstream import Upstream
 log = logging.getLogger("tollgate.pricing")
 
 
-def _price(value: Any) -> bool:
+def _price(value: Any) -> TypeGuard[int | float]:
     """Whether `value` is a price per token: a finite number of 0 or more, not a boolean."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
