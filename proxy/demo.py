@@ -23,10 +23,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Callable, Iterator, NoReturn
 
 if TYPE_CHECKING:
     from .config import Config
+    from .records import Team
 
 LITELLM_VERSION = "1.102.4"
 DEMO_TEAM = "acme-corp"
@@ -142,8 +143,11 @@ def running_litellm(config_path: str | Path, port: int, master_key: str, log_pat
             stop_process(process)
 
 
-async def _prepare(config: "Config") -> str:
-    """Create the demo organization, team and key; return the key."""
+async def _prepare(config: "Config") -> tuple[str, "Team"]:
+    """Create the demo organization, team and key; return the key and the team.
+
+    The configuration may declare them itself (config.yaml's own commented example declares the
+    team `acme-corp`): what the file's declarations created is used as it is."""
     from .admin import AdminService
     from .declared import apply_declared
     from .store import open_store
@@ -153,28 +157,32 @@ async def _prepare(config: "Config") -> str:
     try:
         await apply_declared(store, config)
         admin = AdminService(store, config)
-        groups = [g for g in DEMO_GROUPS if await store.get_model_group(g) is not None]
-        await admin.create_organization({"organization_id": DEMO_TEAM, "name": "Acme Corp"})
-        await admin.create_team(
-            {
-                "team_id": DEMO_TEAM,
-                "organization_id": DEMO_TEAM,
-                "model_groups": groups,
-                "default_model_group": groups[0] if groups else None,
-                "credits_allocated": DEMO_CREDITS,
-            }
-        )
+        if await store.get_team(DEMO_TEAM) is None:
+            groups = [g for g in DEMO_GROUPS if await store.get_model_group(g) is not None]
+            if await store.get_organization(DEMO_TEAM) is None:
+                await admin.create_organization({"organization_id": DEMO_TEAM, "name": "Acme Corp"})
+            await admin.create_team(
+                {
+                    "team_id": DEMO_TEAM,
+                    "organization_id": DEMO_TEAM,
+                    "model_groups": groups,
+                    "default_model_group": groups[0] if groups else None,
+                    "credits_allocated": DEMO_CREDITS,
+                }
+            )
         _, key = await admin.create_key(DEMO_TEAM, {"name": "demo"})
-        return key
+        return key, await admin.get_team(DEMO_TEAM)
     finally:
         await store.close()
 
 
-def banner(port: int, key: str, master_key: str, workdir: str) -> str:
+def banner(port: int, key: str, master_key: str, workdir: str, team: "Team | None" = None) -> str:
     base = f"http://localhost:{port}"
+    credits = DEMO_CREDITS if team is None else team.credits_available
+    groups = DEMO_GROUPS if team is None else list(team.model_groups)
     return f"""
 Tollgate is ready on {base} (LiteLLM with offline models behind it).
-Team '{DEMO_TEAM}' has {DEMO_CREDITS} credits and the groups {", ".join(DEMO_GROUPS)}.
+Team '{DEMO_TEAM}' has {credits} credits and the groups {", ".join(groups)}.
 
   virtual key:  {key}
   master key:   {master_key}   (admin API, /admin/...)
@@ -202,13 +210,24 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
     import uvicorn
 
     from .app import configure_logging, create_app
-    from .config import load_config
+    from .config import ConfigError, load_config
     from .server import uvicorn_options
+
+    def refuse(message: str) -> NoReturn:
+        # One line and the exit status of `serve`'s refusals, never a traceback.
+        print(f"tollgate demo: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
     litellm_config = Path("litellm_config.yaml")
     if not litellm_config.exists():
         raise SystemExit("tollgate demo: run it from Tollgate's directory (litellm_config.yaml not found)")
-    ensure_litellm()
+    # Both ports are checked before anything is installed or started: a LiteLLM already
+    # listening on its default port (4000) is the likeliest collision.
+    if port == litellm_port:
+        refuse(f"Tollgate and LiteLLM cannot both listen on port {port} (--port, --litellm-port)")
+    for taken, how in ((port, "TOLLGATE_DEMO_PORT or --port"), (litellm_port, "TOLLGATE_DEMO_LITELLM_PORT or --litellm-port")):
+        if port_in_use(taken):
+            refuse(f"port {taken} is already in use (set {how})")
     workdir = tempfile.mkdtemp(prefix="tollgate-demo-")
     upstream_key = "sk-litellm-demo-" + secrets.token_urlsafe(16)
     master_key = "sk-master-demo-" + secrets.token_urlsafe(16)
@@ -219,13 +238,20 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
         TOLLGATE_UPSTREAM_KEY=upstream_key,
         TOLLGATE_MASTER_KEY=master_key,
     )
-    config = load_config(config_path, env)
-    print(f"Starting LiteLLM Proxy on 127.0.0.1:{litellm_port} (log: {workdir}/litellm.log)...", flush=True)
-    if port_in_use(port):
-        raise SystemExit(f"tollgate demo: port {port} is already in use (set TOLLGATE_DEMO_PORT or --port)")
-    with running_litellm(litellm_config, litellm_port, upstream_key, Path(workdir) / "litellm.log"):
+    try:
+        config = load_config(config_path, env)
+    except ConfigError as exc:
+        refuse(str(exc))
+    ensure_litellm()
+    log_path = Path(workdir) / "litellm.log"
+    print(f"Starting LiteLLM Proxy on 127.0.0.1:{litellm_port} (log: {log_path})...", flush=True)
+    with contextlib.ExitStack() as stack:
         try:
-            key = asyncio.run(_prepare(config))
+            stack.enter_context(running_litellm(litellm_config, litellm_port, upstream_key, log_path))
+        except RuntimeError as exc:  # the port taken meanwhile, or LiteLLM exited or never answered
+            refuse(f"LiteLLM did not start: {exc} (see {log_path})")
+        try:
+            key, team = asyncio.run(_prepare(config))
             configure_logging()
             options = uvicorn_options(
                 "127.0.0.1", port, "warning", config.server.shutdown_grace, config.server.read_timeout
@@ -237,7 +263,7 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
                 while not server.started and not task.done():
                     await asyncio.sleep(0.05)
                 if server.started:
-                    print(banner(port, key, master_key, workdir), flush=True)
+                    print(banner(port, key, master_key, workdir, team), flush=True)
                 await task
 
             with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled

@@ -1,7 +1,9 @@
 """The command line offers the admin operations, on the same database a server uses."""
 
+import asyncio
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -9,8 +11,9 @@ import pytest
 import yaml
 
 from proxy.cli import build_parser, serve_options
-from proxy.config import Config, LoggingConfig
-from tests.support import PYTHON, REPO, Tollgate, tollgate_config, wait_for
+from proxy.config import Config, LoggingConfig, load_config
+from proxy.demo import DEMO_TEAM, _prepare
+from tests.support import PYTHON, REPO, Tollgate, free_port, tollgate_config, wait_for
 
 
 def tollgate_cli(config: Path, *args: str) -> subprocess.CompletedProcess:
@@ -200,3 +203,48 @@ def test_an_apply_that_fails_part_way_still_tells_running_servers_what_it_change
     with sqlite3.connect(tmp_path / "cli.db") as db:
         assert db.execute("SELECT status FROM teams WHERE team_id = 't'").fetchone() == ("suspended",)
     assert stamp_file.read_bytes() != before
+
+
+def test_demo_prepares_its_team_when_the_config_declares_it_as_the_bundled_example_does(tmp_path):
+    # config.yaml's commented example declares the organization and team `acme-corp`, the demo's
+    # own: uncommented, `tollgate demo` stopped with a traceback (Organization 'acme-corp' already
+    # exists) instead of printing a key for the declared team.
+    bundled = yaml.safe_load((REPO / "config.yaml").read_text())
+    declared = {
+        "organizations": [{"organization_id": DEMO_TEAM, "name": "Acme Corp"}],
+        "teams": [{"team_id": DEMO_TEAM, "organization_id": DEMO_TEAM, "model_groups": ["ChatAgent", "AnalysisAgent"],
+                   "credits_allocated": 100}],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**bundled, **declared, "database": {"url": f"sqlite:///{tmp_path / 'demo.db'}"}}))
+    key, team = asyncio.run(_prepare(load_config(str(path), {})))
+    assert key.startswith("sk-")
+    assert (team.team_id, team.model_groups, team.credits_allocated) == (DEMO_TEAM, ("ChatAgent", "AnalysisAgent"), 100)
+
+
+def test_demo_refuses_a_taken_litellm_port_or_a_bad_config_in_one_line(tmp_path):
+    # A LiteLLM already running on its default port (4000) is the likeliest collision: it ended in
+    # a RuntimeError's traceback, as did a config.yaml (or TOLLGATE_* variable) `serve` refuses in one line.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        cases = (
+            (["--port", free(), "--litellm-port", busy], {}, f"tollgate demo: port {busy} is already in use"),
+            (["--port", free(), "--litellm-port", free(), "--config", str(tmp_path / "missing.yaml")], {},
+             f"tollgate demo: {tmp_path / 'missing.yaml'}: file not found"),
+            (["--port", free(), "--litellm-port", free()], {"TOLLGATE_REDIS_URL": "http://x"},
+             "tollgate demo: TOLLGATE_REDIS_URL: redis.url: must be a redis://, rediss:// or unix:// URL"),
+        )
+        for args, extra, message in cases:
+            result = subprocess.run(
+                [PYTHON, "-m", "proxy", "demo", *args], env={**env, **extra}, cwd=REPO, capture_output=True,
+                text=True, timeout=60,
+            )
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+            assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+
+
+def free() -> str:
+    return str(free_port())
