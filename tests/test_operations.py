@@ -188,6 +188,7 @@ def prometheus_binary() -> str:
     """Debian's prometheus; .ci/run installs it, and so does this on a fresh machine of that kind."""
     found = shutil.which("prometheus")
     if not found and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)  # a clean image has no lists
         subprocess.run(
             ["apt-get", "install", "-y", "-q", "prometheus"],
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, capture_output=True, timeout=600,

@@ -98,3 +98,11 @@ def test_first_command_starts_a_gateway_that_answers_what_it_prints(tmp_path):
     while port_in_use(litellm_port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not port_in_use(litellm_port), "LiteLLM was left running"
+
+
+def test_ci_installs_prometheus_after_updating_the_package_lists_if_it_must():
+    # On a clean Debian image (debian, python:3.11) /var/lib/apt/lists is empty: `apt-get install
+    # prometheus` alone fails with "Unable to locate package", and `set -e` ends the CI run.
+    lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    update = next(i for i, line in enumerate(lines) if line.startswith("apt-get update"))
+    assert any(line.startswith("DEBIAN_FRONTEND=noninteractive apt-get install") for line in lines[update + 1:])
