@@ -89,7 +89,8 @@ def completion_chars(message: Any) -> int:
     if not isinstance(message, dict):
         return 0
     chars = len(message["content"]) if isinstance(message.get("content"), str) else 0
-    for call in message.get("tool_calls") or []:
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():  # an upstream's odd answer is still recorded
         if isinstance(call, dict) and isinstance(call.get("function"), dict):
             arguments = call["function"].get("arguments")
             chars += len(arguments) if isinstance(arguments, str) else 0

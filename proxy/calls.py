@@ -510,19 +510,28 @@ class CallPipeline:
         team_id = call.principal.team.team_id
         job_end = _job_end(call, outcome, answered=True)
         attempt = 1
-        while True:
-            try:
-                await self._write_outcome(outcome, job_end, team_id)
-                return
-            except StoreBusy as exc:
-                if attempt == RECORD_ATTEMPTS:
-                    failure: Exception = exc
+        try:
+            while True:
+                try:
+                    await self._write_outcome(outcome, job_end, team_id)
+                    return
+                except StoreBusy as exc:
+                    if attempt == RECORD_ATTEMPTS:
+                        failure: Exception = exc
+                        break
+                except Exception as exc:
+                    failure = exc
                     break
-            except Exception as exc:
-                failure = exc
-                break
-            await asyncio.sleep(0.1 * attempt)
-            attempt += 1
+                await asyncio.sleep(0.1 * attempt)
+                attempt += 1
+        except asyncio.CancelledError:
+            # The shutdown cut the call (server.shutdown_grace is over) while its record waited
+            # for the database: kept, for the drain to write (a record the write it cut had
+            # committed already is found recorded then, and left as it is).
+            self._kept[outcome.call_id] = (outcome, _job_end(call, outcome, answered=call.stream), team_id)
+            log.error("call %s was cut by the shutdown while its record was being written: kept, to be written "
+                      "(if it is not already) before the gateway stops: %r", outcome.call_id, outcome)
+            raise
         if not isinstance(failure, StoreError):
             # Not the database's state but this outcome: writing it again would fail again, and a
             # kept outcome holds the sweeper back, so the sweeper closes the call as interrupted.

@@ -7,7 +7,8 @@ import sqlite3
 import pytest
 
 from proxy.config import DatabaseConfig
-from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, NewCall
+from proxy.ids import new_id
+from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, JobEnd, NewCall
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store.sqlite import SQLiteStore
 from proxy.sweeper import sweep_once
@@ -220,5 +221,60 @@ def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
             await store.close()
         # Counting the team's jobs for the total reads each once; nothing else may grow with them.
         assert big - small < 3_900 * 10 / 100
+
+    asyncio.run(check())
+
+
+def test_a_kept_stream_outcome_charges_its_own_job_though_another_processs_sweep_failed_it_as_interrupted(tmp_path):
+    # With several workers, another one's sweeper may close a call whose outcome this process
+    # kept (the store refused it) and, in the same pass, fail the call's own job uncharged. The
+    # kept outcome of a stream, whose client had the answer, ends its job charged: written over
+    # the interrupted close, it must charge the job too, not leave it failed for free.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "kept.db"))
+        job = new_id()
+        await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
+        try:
+            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)  # the other worker's
+            assert (await store.get_job(job)).status == "failed"
+
+            recorded, ended = await store.finish_call_and_job(
+                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+            )
+            assert (recorded, ended) == (True, True)
+            charged = await store.get_job(job)
+            assert (charged.status, charged.credits_charged, charged.error_message) == ("completed", 1, None)
+            team = await store.get_team("team")
+            assert (team.credits_used, team.credits_held) == (1, 0)
+            assert await store.ledger_sum("team") == team.credits_remaining
+            # Written again (the shutdown's second try), it charges nothing more.
+            assert await store.finish_call_and_job(
+                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+            ) == (False, False)
+            assert (await store.get_team("team")).credits_used == 1
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_kept_stream_outcome_leaves_its_interrupted_own_job_failed_when_the_team_cannot_pay_for_it_any_more(tmp_path):
+    # The sweep released the job's hold; the credits it freed may be held or used by now, and
+    # a balance is never spent twice (the teams table's check would refuse the write).
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "kept.db"))  # 1,000 credits
+        job = new_id()
+        await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
+        try:
+            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+            await store.create_job("team", "t", None, {}, 1000)  # holds all the team has
+            assert await store.finish_call_and_job(
+                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+            ) == (True, False)
+            assert (await store.get_job(job)).status == "failed"
+            team = await store.get_team("team")
+            assert (team.credits_used, team.credits_held) == (0, 1000)
+        finally:
+            await store.close()
 
     asyncio.run(check())

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from proxy.accounting import StreamTally, Usage, cost_of, usage_from
+from proxy.accounting import StreamTally, Usage, completion_chars, cost_of, usage_from
 from proxy.metrics import Metrics
 from proxy.pricing import Pricing
 from proxy.sse import SSEEvent
@@ -49,3 +49,11 @@ def test_a_price_litellm_reports_that_config_yaml_would_refuse_is_not_used(bad):
     cost = cost_of(Usage(10, 5), "m", pricing)
     assert cost == 0.0
     Metrics().observe_call("team", "group", "m", "success", False, 10, 5, cost, 0.1, None, 1)
+
+
+@pytest.mark.parametrize("tool_calls", [5, 2.5, True])
+def test_an_answer_whose_tool_calls_is_no_list_is_estimated_not_left_unrecorded(tool_calls):
+    # An answer without usage is estimated from its message; a TypeError here escaped before the
+    # call's record was written: the call stayed running (its job uncompletable, 409) until the
+    # sweeper closed it as interrupted, and the client got a bare 500.
+    assert completion_chars({"role": "assistant", "content": "hello", "tool_calls": tool_calls}) == len("hello")

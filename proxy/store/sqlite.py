@@ -737,8 +737,10 @@ class SQLiteStore:
         """Record a call's end and finish its own job in the same write, so that nothing (a
         crash, a store refusing the second of two writes) can leave a recorded call's job open,
         holding its credit, uncharged. Returns whether the call was recorded (see
-        `finish_call`) and whether its job was finished now. A job finished already (failed by
-        a sweep that found the call interrupted) is left as it is."""
+        `finish_call`) and whether its job was finished now. A job finished already is left as
+        it is, but for one a sweep failed as interrupted meanwhile (in another process, which
+        could not know this outcome was kept) that the outcome charges: it is charged now, if
+        the team's credits not used or held still pay for it."""
 
         now = self._clock()
 
@@ -746,9 +748,16 @@ class SQLiteStore:
             recorded = _finish_call_in(db, outcome, over_interrupted)
             try:
                 changed = _finish_job_in(db, job_end.job_id, job_end.status, None, job_end.error_message, now)
-            except (JobClosed, CallInProgress, NotFound):
-                # Refused before it wrote anything, and the call's record stands; NotFound: a
-                # start cut short by a cancellation may have made neither job nor call.
+            except JobClosed:
+                # Refused before it wrote anything, and the call's record stands. A kept outcome
+                # may find its job failed by another process's sweep, which closed the call as
+                # interrupted without knowing of it: the job then ends as the outcome says.
+                changed = (
+                    recorded and over_interrupted and job_end.status == "completed"
+                    and _charge_interrupted_job_in(db, job_end.job_id, job_end.error_message, now)
+                )
+            except (CallInProgress, NotFound):
+                # NotFound: a start cut short by a cancellation may have made neither job nor call.
                 changed = False
             return recorded, changed
 
@@ -932,6 +941,37 @@ def _finish_job_in(
         "UPDATE jobs SET status = ?, completed_at = ?, metadata = ?, error_message = ?, credits_charged = ?, "
         "credits_remaining_after = ? WHERE job_id = ?",
         (status, now, json.dumps(merged, allow_nan=False), error_message, charged, balance, job_id),
+    )
+    return True
+
+
+def _charge_interrupted_job_in(db: sqlite3.Connection, job_id: str, error_message: str | None, now: float) -> bool:
+    """Charge an own job that a sweep failed as interrupted (releasing its hold) while its
+    call's outcome, a charged one, waited in the process that served it; False if it is not
+    such a job, or if the team's credits are all used or held by now (it stays failed then)."""
+    rows = _all(db,
+        "SELECT team_id, credits_held FROM jobs WHERE job_id = ? AND status = 'failed' AND error_message = ? "
+        "AND credits_charged = 0",
+        (job_id, INTERRUPTED_JOB),
+    )
+    if not rows:
+        return False
+    team_id, amount = rows[0]
+    remaining = _all(db,
+        "UPDATE teams SET credits_used = credits_used + :amount, updated_at = :now "
+        "WHERE team_id = :team AND credits_allocated - credits_used - credits_held >= :amount "
+        "RETURNING credits_allocated - credits_used",
+        {"amount": amount, "now": now, "team": team_id},
+    )
+    if not remaining:
+        return False
+    balance = remaining[0][0]
+    if amount:
+        _ledger_entry(db, team_id, job_id, -amount, f"job {job_id} completed", now, balance_after=balance)
+    db.execute(
+        "UPDATE jobs SET status = 'completed', completed_at = ?, error_message = ?, credits_charged = ?, "
+        "credits_remaining_after = ? WHERE job_id = ?",
+        (now, error_message, amount, balance, job_id),
     )
     return True
 

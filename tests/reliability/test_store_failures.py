@@ -14,6 +14,7 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -21,6 +22,7 @@ import yaml
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
+from proxy.calls import CallPipeline
 from proxy.config import DatabaseConfig, load_config
 from proxy.records import CallOutcome, NewCall
 from proxy.store import StoreBusy, StoreUnavailable
@@ -398,3 +400,40 @@ def restarted_with_room_again(
         (held,) = db.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_holds WHERE job_id = ?", (job_id,)).fetchone()
         call = db.execute("SELECT status FROM llm_calls WHERE job_id = ?", (job_id,)).fetchone()
     return status, charged, held, call[0] if call else None
+
+
+class LockedStore:
+    """A store whose database another process keeps locked until `locked` is cleared."""
+
+    def __init__(self) -> None:
+        self.locked = True
+        self.recorded: list[str] = []
+
+    async def finish_call(self, outcome: CallOutcome, *, over_interrupted: bool = False) -> bool:
+        if self.locked:
+            raise StoreBusy("The database is busy; try again shortly")
+        self.recorded.append(outcome.call_id)
+        return True
+
+
+def test_an_outcome_waiting_on_a_locked_database_when_the_shutdown_cuts_its_call_is_kept_and_written_by_the_drain():
+    # uvicorn cancels what outlives server.shutdown_grace: a non-streaming call whose record was
+    # waiting to try the locked database again lost its outcome, neither kept nor logged, and
+    # stayed running until a sweeper closed it as interrupted without its figures.
+    store = LockedStore()
+    pipeline = CallPipeline(store, *[None] * 6, 60.0)  # type: ignore[arg-type]
+    call = SimpleNamespace(call_id="c", job_id="j", own_job=None, stream=False,
+                           principal=SimpleNamespace(team=SimpleNamespace(team_id="team")))
+    outcome = CallOutcome("c", "success", "m", 10, 5, False, 0.0, 100, None, 1, None, 1_000.0)
+
+    async def run() -> tuple[int, int]:
+        recording = asyncio.create_task(pipeline._store_outcome(call, outcome))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)  # refused once: waiting to try again
+        recording.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await recording
+        store.locked = False
+        return await pipeline.drain(timeout=0)
+
+    assert asyncio.run(run()) == (0, 0)
+    assert store.recorded == ["c"]
