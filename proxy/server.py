@@ -31,6 +31,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 # Seconds a refused connection is kept open for the client to read the refusal.
 LINGER = 2.0
 _TOO_LARGE = f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB"
+_TRAILERS_TOO_LARGE = f"The request's trailer fields are larger than {MAX_HEAD_BYTES // 1024} KiB"
 # What a request line is made of before its target: a method, and the spaces after it.
 _METHOD_CHARACTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- "
 
@@ -60,6 +61,13 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._head_done = False
         self._message_begun = False  # a request has begun and is not yet read whole
         self._message_started = time.perf_counter()
+        # A chunked body's trailer section, after its last chunk: its fields are not the request's
+        # headers (uvicorn added them to the scope's, where the app took them for the head's), and
+        # its bytes are bounded as a head's are (uvicorn kept every field, without bound).
+        self._after_chunk_header = False  # a chunk's size line read, and nothing after it yet
+        self._trailer_bytes = 0  # of the trailer section so far, in reads before this one
+        self._trailer_read_bytes = 0  # of the trailer fields read whole in this read
+        self._read_in_trailers = False  # this read began in a trailer section, not yet ended
         self._read_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: what the client still sends is dropped
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -83,22 +91,40 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 self._refuse(431, _TOO_LARGE, first)
                 return
             self._head_bytes += len(data)
+        # A read begun after a chunk's size line, which brings no chunk data, is all trailer.
+        self._read_in_trailers = self._reading and self._head_done and self._after_chunk_header
+        self._trailer_read_bytes = 0
         # uvicorn's own data_received, but for a refusal made in a parser callback.
         self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            if self._discarding:  # a callback refused the request, and stopped the parser
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                if self._discarding:  # a callback refused the request, and stopped the parser
+                    return
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
                 return
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
-            return
-        except httptools.HttpParserUpgrade:
-            if self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+            except httptools.HttpParserUpgrade as upgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:
+                    # Served as a plain request (a server may ignore Upgrade, RFC 9110, 7.8): the
+                    # parser stopped where the switch would have begun, and what the client sent
+                    # after it, its next request, is read on.
+                    self._unsupported_upgrade_warning()
+                    if len(data) > upgrade.args[0] and not self._discarding:
+                        data = data[upgrade.args[0]:]
+                        self._read_in_trailers = False
+                        continue
+            break
+        if self._reading and self._head_done:
+            whole = self._read_in_trailers and self._after_chunk_header
+            self._trailer_bytes += len(data) if whole else self._trailer_read_bytes
+            if self._trailer_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, _TRAILERS_TOO_LARGE)
+                return
         # A request read whole in one go, as nearly all are, needs no timer.
         if self._reading:
             if self._head_bytes < 0 and not self._head_done:
@@ -140,7 +166,26 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         header_lines = sum(len(name) + len(":") + len(value) + len("\r\n") for name, value in self.headers)
         return request_line + header_lines + len("\r\n")
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:  # a trailer field: counted, and dropped
+            self._trailer_read_bytes += len(name) + len(value) + len(": \r\n")
+            return
+        HttpToolsProtocol.on_header(self, name, value)  # not super(): a call per header, on every request
+
+    def on_chunk_header(self) -> None:
+        self._after_chunk_header = True
+
+    def on_chunk_complete(self) -> None:
+        self._after_chunk_header = False
+
+    def on_body(self, body: bytes) -> None:
+        self._after_chunk_header = False
+        HttpToolsProtocol.on_body(self, body)
+
     def on_message_begin(self) -> None:
+        # Not idle: a keep-alive timeout armed as the request before it ended in this very read
+        # (see on_message_complete) would close the connection under this one.
+        self._unset_keepalive_if_required()
         super().on_message_begin()
         # Not the head's count: this read's bytes, counted before the parser took them, are its,
         # unless the request before ended in this read and zeroed the count (a pipelined request):
@@ -157,15 +202,50 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             # the request is queued.
             self._refuse(431, _TOO_LARGE)
             raise _Refused
+        if self.parser.should_upgrade() and not self._should_upgrade() and self._has_body():
+            # The parser reads no body after a head asking to switch protocols (httptools tells
+            # it there is none): the body would be read as the client's next request.
+            self._refuse(400, "A request with a body may not ask for a protocol upgrade (Upgrade)")
+            raise _Refused
         self._head_done = True
         previous = self.cycle
-        super().on_headers_complete()
-        if self.cycle is not previous and self._waiting():
-            self._queued_behind(previous)
+        try:
+            super().on_headers_complete()
+        except Exception:
+            # A target uvicorn cannot read (`http://host`, with no path): refused as unparsable
+            # (a 400), as this request's own, not as the one before it, already answered.
+            self._head_done = False
+            raise
+        if self.cycle is not previous:
+            if self.cycle.waiting_for_100_continue:
+                _close_if_answered_unasked(self.cycle)
+            if self._waiting():
+                self._queued_behind(previous)
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """Nothing: a request asking for a protocol switch is served as a plain one (or refused,
+        with a body), not an event worth uvicorn's two warnings, one telling to install a
+        WebSocket library that Tollgate does not use."""
+
+    def _has_body(self) -> bool:
+        for name, value in self.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0")):
+                return True
+        return False
 
     def on_message_complete(self) -> None:
         self._reading, self._head_bytes, self._message_begun = False, 0, False
+        self._after_chunk_header, self._trailer_bytes, self._trailer_read_bytes = False, 0, 0
+        self._read_in_trailers = False  # what follows in this read is the next request's
         super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
+            # Answered before its body was read whole (a wrong key, a body too large): the answer's
+            # end armed uvicorn's keep-alive timeout, which every read of the body since cancelled.
+            # The connection is idle from now on, and would stay open for good.
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def _queued_behind(self, previous: RequestResponseCycle) -> None:
         """The request whose head was just read waits for `previous`'s answer: uvicorn queues
@@ -267,10 +347,12 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self._observe_refusal(status, method, None)
             return
         self.transport.write(answer)
-        if own is None or own.response_complete:
-            self._close_once_read()
-        else:
-            self.transport.close()  # the app's receive() hears of it, and the client sent all it would
+        if own is not None and not own.response_complete:
+            # The app's receive() hears of it at once. The client may still be sending (trailer
+            # fields without end): closed now, its unread bytes would reset the refusal away.
+            own.disconnected = True
+            own.message_event.set()
+        self._close_once_read()
         self._observe_refusal(status, method, own)
 
     def _answer_refusal(self, answer: bytes) -> None:
@@ -324,6 +406,21 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             observe(method, status, time.perf_counter() - self._message_started)
 
 
+def _close_if_answered_unasked(cycle: RequestResponseCycle) -> None:
+    """A request sent with `Expect: 100-continue` and answered before it was asked for its body
+    (a wrong key, a body too large): the client may send that body or not, and the connection
+    cannot tell a body from its next request. The answer says the connection closes, and it does
+    (RFC 9110, 10.1.1), rather than read the client's next request as the body."""
+    send = cycle.send
+
+    async def send_or_close(message: Any) -> None:
+        if not cycle.response_started and cycle.waiting_for_100_continue and cycle.more_body:
+            cycle.keep_alive = False
+        await send(message)
+
+    cycle.send = send_or_close  # type: ignore[method-assign]
+
+
 def _after_answer(cycle: RequestResponseCycle, then: Callable[[], None]) -> None:
     """Run `then` once `cycle`'s answer is sent, after uvicorn's own bookkeeping of it (which
     starts the request queued behind it). Not if the connection is lost first."""
@@ -346,6 +443,9 @@ def uvicorn_options(
         log_level=log_level,
         access_log=False,
         server_header=False,
+        # No WebSocket routes: a handshake is a plain request (answered in JSON, counted and
+        # logged), not a switch to uvicorn's WebSocket protocol, outside the bounds kept here.
+        ws="none",
         # A partial rather than a class made here: uvicorn hands it to its worker processes.
         http=functools.partial(CoalescingHttpProtocol, read_timeout=read_timeout),
         timeout_graceful_shutdown=shutdown_grace,

@@ -309,3 +309,137 @@ def test_a_request_answered_before_its_body_arrived_gets_no_second_answer(make_t
         reply = read_all(sock)
     assert reply.startswith(b"HTTP/1.1 401 ") and time.monotonic() - started < 10
     assert reply.count(b"HTTP/1.1 ") == 1, reply
+
+
+def chunked_job_create(team_key: str | None, trailer: bytes = b"") -> bytes:
+    body = b'{"job_type": "chunked"}'
+    auth = f"Authorization: Bearer {team_key}\r\n" if team_key else ""
+    return (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode() + b"%x\r\n" % len(body) + body + b"\r\n0\r\n" + trailer
+
+
+def test_a_chunked_bodys_trailer_fields_over_64_kib_are_431(target):
+    # uvicorn kept every trailer field, without bound: a few MB of short trailer lines grew the
+    # process by hundreds of MB, within the read timeout.
+    server, team, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(chunked_job_create(team.key))
+        with contextlib.suppress(OSError):  # the server may close while this still sends
+            for _ in range(100):
+                sock.sendall(b"X-T: a\r\n" * 1000)
+            sock.sendall(b"\r\n")
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert "64 KiB" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+
+
+def test_an_endless_trailer_field_is_431_without_waiting_for_the_read_timeout(target):
+    server, team, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(chunked_job_create(team.key, b"X-T: "))
+        with contextlib.suppress(OSError):
+            for _ in range(20):
+                sock.sendall(b"a" * 100_000)
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
+def test_a_trailer_field_is_not_read_as_a_request_header(target):
+    server, team, _ = target
+    reply = raw_exchange(server.port, chunked_job_create(None, f"Authorization: Bearer {team.key}\r\n\r\n".encode()))
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+
+
+def test_a_chunked_body_with_small_trailer_fields_is_served(target):
+    server, team, _ = target
+    reply = raw_exchange(server.port, chunked_job_create(team.key, b"X-T: 1\r\nX-U: 2\r\n\r\n"))
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+
+
+def test_a_connection_answered_before_the_body_came_is_closed_once_idle(target):
+    # The answer's end armed the keep-alive timeout (5 s), and the body's read cancelled it: the
+    # connection, idle once the body was in, stayed open for good.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(
+            b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        time.sleep(0.2)
+        sock.sendall(b"0123456789")
+        started = time.monotonic()
+        assert read_all(sock) == b""
+    assert time.monotonic() - started < 10
+
+
+def test_a_target_with_no_path_on_a_kept_alive_connection_is_400(target):
+    # uvicorn fails on `http://host` (a path of None) after the parser read the head: refused as
+    # the request before it, already answered, it got no answer at all.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET http://x HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+
+
+def test_a_request_expecting_100_continue_answered_before_its_body_closes_the_connection(target):
+    # The client, not asked for the body, may send its next request instead: read as the body,
+    # its first bytes were swallowed and the rest answered 400.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 20\r\nExpect: 100-continue\r\n\r\n"
+        )
+        started = time.monotonic()
+        reply = read_all(sock)
+    head = reply.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 401 ") and b"connection: close" in head
+    assert time.monotonic() - started < 5
+
+
+def test_a_body_sent_with_an_upgrade_header_is_not_read_as_the_next_request(target):
+    # httptools reads no body after a head asking for a protocol switch (curl --http2 on http://
+    # asks for h2c): the body, a request of its own here, was answered as the client's next.
+    server, team, _ = target
+    smuggled = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        f"Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: {len(smuggled)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        time.sleep(0.3)
+        with contextlib.suppress(OSError):
+            sock.sendall(smuggled)
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 400 ") and reply.count(b"HTTP/1.1 ") == 1, reply[:300]
+    assert "Upgrade" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+
+
+def test_a_request_pipelined_after_one_asking_for_an_upgrade_is_answered(target):
+    # The parser stops where the switch would begin: what came after it in the same read was dropped.
+    server, _, _ = target
+    upgrade = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    last = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(upgrade + last)
+        reply = read_all(sock)
+    assert reply.count(b"HTTP/1.1 200 ") == 2, reply[:400]
+
+
+def test_a_websocket_handshake_is_answered_as_a_plain_request_in_json(target):
+    # uvicorn took it to its WebSocket protocol: an empty 403 in plain text, neither counted nor logged.
+    server, team, _ = target
+    reply = raw_exchange(server.port, (
+        f"GET /api/teams/{team.team_id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ).encode())
+    assert reply.startswith(b"HTTP/1.1 200 ") and b"application/json" in reply.partition(b"\r\n\r\n")[0], reply[:300]

@@ -252,3 +252,15 @@ def test_a_request_waiting_behind_a_slow_one_whose_body_never_comes_is_408_a_rea
 
 def test_a_request_pipelined_after_one_that_closes_the_connection_is_not_answered(server):
     assert statuses(pipeline(server.port, LIVE_LAST + REFUSED[400])) == [200]
+
+
+def test_a_request_sent_with_the_end_of_an_answered_ones_body_outlives_the_keep_alive_timeout(server, team):
+    # The first is answered (a wrong key) before its body is in; the connection is idle once that
+    # body is, but not when the next request comes in the same read: it runs past the 5 s.
+    early = (
+        b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+    )
+    slow = llm_call(team, new_job(server, team), "slow [first_byte_ms=6000]", close=True)
+    found = pipeline(server.port, early, b"0123456789" + slow)
+    assert statuses(found) == [401, 200]
