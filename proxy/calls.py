@@ -22,7 +22,7 @@ from .accounting import StreamTally, Usage, completion_chars, cost_of, estimated
 from .auth import Principal
 from .errors import ApiError, ClientClosed, from_store_error
 from .forwarding import Answer, OpenStream, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
-from .config import RateLimitsConfig
+from .config import RECORD_ATTEMPTS, RateLimitsConfig
 from .groups import GroupCatalog
 from .ids import new_id
 from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
@@ -97,7 +97,6 @@ class OwnJob:
     ends_as: Callable[[CallOutcome, bool], tuple[TerminalJobStatus, str | None]]
 
 
-RECORD_ATTEMPTS = 4
 # The error of a call the gateway's shutdown cut short: not the client's doing.
 SHUT_DOWN = "cut short: the gateway shut down"
 _SECRETISH = re.compile(r"sk-[A-Za-z0-9_\-.]{3,}")

@@ -530,9 +530,23 @@ def require_serving_secrets(config: Config) -> None:
         )
 
 
+# How many times a call's record is tried on a database another process keeps locked, each try
+# waiting up to database.busy_timeout (calls.py).
+RECORD_ATTEMPTS = 4
+
+
 def serving_warnings(config: Config, workers: int) -> list[str]:
     """What is allowed but probably not meant, for `serve` to say as it starts."""
     warnings = []
+    record_wait = RECORD_ATTEMPTS * config.database.busy_timeout
+    if config.jobs.stale_call_margin <= record_wait:
+        # The sweeper (of any process) takes a call still running past upstream.timeouts.total plus
+        # the margin for one whose process died: a live call's record may be waiting that long yet.
+        warnings.append(
+            f"jobs.stale_call_margin ({config.jobs.stale_call_margin:g} s) is not longer than a call's record may "
+            f"wait on a locked database ({RECORD_ATTEMPTS} x database.busy_timeout = {record_wait:g} s): a sweeper "
+            "may close a call that is still being recorded as interrupted; raise the margin or lower busy_timeout"
+        )
     if workers > 1 and config.redis.url is None:
         warnings.append(
             f"{workers} workers without Redis: each keeps its own rate-limit windows, so a team may be "

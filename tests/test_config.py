@@ -239,6 +239,14 @@ def test_several_workers_without_redis_are_warned_that_each_limits_on_its_own(tm
     assert serving_warnings(shared, workers=4) == []
 
 
+def test_a_stale_call_margin_no_longer_than_a_records_wait_on_a_locked_database_is_warned_of(tmp_path):
+    config = load_config(write(tmp_path, "database:\n  busy_timeout: 30s\n"), {})
+    (warning,) = serving_warnings(config, workers=1)
+    assert warning.startswith("jobs.stale_call_margin (60 s) is not longer than a call's record may wait on a "
+                              "locked database (4 x database.busy_timeout = 120 s)")
+    assert serving_warnings(load_config(write(tmp_path, ""), {}), workers=1) == []  # 60 s against 40 s
+
+
 def test_bundled_config_lists_every_setting_with_its_default():
     """README: the bundled config.yaml lists every key with its default."""
     bundled = yaml.safe_load((REPO / "config.yaml").read_text())
