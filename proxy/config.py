@@ -60,14 +60,14 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string such as ``"500ms"``, ``"30s"``, ``"24h"``."""
     if not (isinstance(value, str) and (match := _DURATION.match(value))):
-        return _finite_number(value)
+        return finite_number(value)
     seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if not math.isfinite(seconds):
         raise ValueError(value)
     return seconds
 
 
-def _finite_number(value: Any) -> float:
+def finite_number(value: Any) -> float:
     """A number (not a boolean) as a finite float, else ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(value)
@@ -716,7 +716,7 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
         return value
     if tp is float:
         try:
-            return _finite_number(value)
+            return finite_number(value)
         except ValueError:
             raise invalid("a number") from None
     if tp is str:

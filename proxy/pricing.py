@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from typing import Any, TypeGuard
+from typing import Any
 
-from .config import ModelPrice
+from .config import ModelPrice, finite_number
 from .upstream import Upstream
 
 log = logging.getLogger("tollgate.pricing")
 
 
-def _price(value: Any) -> TypeGuard[int | float]:
-    """Whether `value` is a price per token: a finite number of 0 or more, not a boolean."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
+def _price(value: Any) -> float | None:
+    """A price per token as config.yaml's `pricing` takes one (a finite number of 0 or more,
+    not a boolean), else None."""
     try:
-        return math.isfinite(value) and value >= 0
-    except OverflowError:  # an integer past a float's range
-        return False
+        price = finite_number(value)
+    except ValueError:
+        return None
+    return price if price >= 0 else None
 
 
 class Pricing:
@@ -49,11 +48,11 @@ class Pricing:
                 continue
             name = entry.get("model_name")
             info = entry.get("model_info") or {}
-            given_in, given_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
             # Only what config.yaml's `pricing` would take: a negative price made a negative cost,
             # which the cost counter refuses after the call is recorded (a 500 for an answered call).
-            if isinstance(name, str) and _price(given_in) and _price(given_out):
-                prices[name] = ModelPrice(float(given_in), float(given_out))
+            given_in, given_out = _price(info.get("input_cost_per_token")), _price(info.get("output_cost_per_token"))
+            if isinstance(name, str) and given_in is not None and given_out is not None:
+                prices[name] = ModelPrice(given_in, given_out)
         self._reported = prices
         return len(prices)
 
