@@ -110,10 +110,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 if self._should_upgrade():
                     self.handle_websocket_upgrade()
                 else:
-                    # Served as a plain request (a server may ignore Upgrade, RFC 9110, 7.8): the
-                    # parser stopped where the switch would have begun, and what the client sent
-                    # after it, its next request, is read on.
-                    self._unsupported_upgrade_warning()
+                    # Served as a plain request (a server may ignore Upgrade, RFC 9110, 7.8), without
+                    # uvicorn's two warnings (one to install a WebSocket library Tollgate does not
+                    # use): the parser stopped where the switch would have begun, and what the
+                    # client sent after it, its next request, is read on.
                     if len(data) > upgrade.args[0] and not self._discarding:
                         data = data[upgrade.args[0]:]
                         self._read_in_trailers = False
@@ -221,11 +221,6 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 _close_if_answered_unasked(self.cycle)
             if self._waiting():
                 self._queued_behind(previous)
-
-    def _unsupported_upgrade_warning(self) -> None:
-        """Nothing: a request asking for a protocol switch is served as a plain one (or refused,
-        with a body), not an event worth uvicorn's two warnings, one telling to install a
-        WebSocket library that Tollgate does not use."""
 
     def _has_body(self) -> bool:
         for name, value in self.headers:
