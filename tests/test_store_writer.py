@@ -19,7 +19,7 @@ from typing import Callable
 import pytest
 
 from proxy.config import DatabaseConfig
-from proxy.store import StoreBusy, StoreError, StoreUnavailable
+from proxy.store import StoreBusy, StoreError, StoreUnavailable, Unsaved
 from proxy.store import sqlite as sqlite_store
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.aio_fsync import _SYSCALLS, AioFsync
@@ -360,6 +360,28 @@ def test_a_failed_fsync_fails_the_writes_it_was_for_and_the_store_takes_no_more(
     assert rows(path) == [1]  # committed: its caller was told it may not be on disk, not that it failed
 
 
+def test_a_write_whose_fsync_failed_is_told_so_with_what_it_returned(tmp_path):
+    # The store answers such a write as done (the database holds it): it needs the result.
+    fsyncs = Fsyncs()
+    fsyncs.error = OSError(5, "Input/output error")
+
+    def insert_and_count(db: sqlite3.Connection) -> int:
+        insert(7)(db)
+        return db.execute("SELECT COUNT(*) FROM t").fetchone()[0]
+
+    async def run() -> Unsaved:
+        writer = loop_writer(tmp_path / "w.db", fsyncs)
+        await writer.start()
+        try:
+            with pytest.raises(Unsaved) as raised:
+                await asyncio.wait_for(writer.submit(insert_and_count), 5)
+            return raised.value
+        finally:
+            await writer.stop()
+
+    assert asyncio.run(run()).value == 1
+
+
 def test_after_a_failed_fsync_the_writes_are_refused_as_store_unavailable(tmp_path):
     fsyncs = Fsyncs()
     fsyncs.error = OSError(5, "Input/output error")
@@ -445,8 +467,7 @@ def test_the_ping_of_a_store_that_takes_no_more_writes_fails_saying_why(tmp_path
         try:
             await store.ping()
             fsyncs.error = OSError(5, "Input/output error")
-            with pytest.raises(StoreUnavailable):
-                await store.create_organization("org", "Org")
+            await store.create_organization("org", "Org")  # committed, so answered; its fsync fails
             with pytest.raises(StoreUnavailable, match="saving to disk failed.*Input/output error"):
                 await store.ping()
         finally:

@@ -73,6 +73,15 @@ class StoreUnavailable(StoreError):
     store took no more writes after a failed fsync. Not a lock: waiting a moment won't do."""
 
 
+class Unsaved(StoreUnavailable):
+    """The write was committed, and then the fsync that was to put it on disk failed: every
+    reader sees it, a power cut may lose it. `value` is what the write returned."""
+
+    def __init__(self, message: str, value: Any) -> None:
+        super().__init__(message)
+        self.value = value
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...

@@ -49,6 +49,7 @@ from . import (
     StoreError,
     StoreUnavailable,
     TeamSuspended,
+    Unsaved,
 )
 from .aio_fsync import AioFsync
 from .schema import MIGRATIONS, apply
@@ -344,6 +345,12 @@ class SQLiteStore:
         write = self._writer.submit(work, atomic=atomic, durable=durable)
         try:
             return await write  # a WriteFuture: a cancellation waits for it (writer.py)
+        except Unsaved as exc:
+            # Committed, and then the fsync failed: every reader sees the write, and the store
+            # takes no more (readiness fails, the log says why). Answered as done, since the
+            # database holds it: a refusal would have the caller try again, charging a job or
+            # adding credits twice, while the answer it paid for was dropped.
+            return exc.value  # type: ignore[no-any-return]
         except StoreUnavailable as exc:
             self._unwritable = exc
             raise

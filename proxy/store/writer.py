@@ -21,7 +21,8 @@ The thread does what must not stall the loop:
   is answered at its commit: the fsync after any later commit covers it as well, since the
   WAL is written in order. A failed fsync (ours, or one SQLite makes: a commit's on the
   thread, a checkpoint's) stops the store taking writes: what it was for is committed but
-  perhaps not on disk, and Linux may not report the loss twice;
+  perhaps not on disk (`Unsaved`, with each write's result), and Linux may not report the
+  loss twice;
 - checkpoints, which copy the WAL into the database file and fsync it, in two passes. The
   first copies what is there while the loop goes on committing; the second copies what was
   committed meanwhile, a few pages, and new writes wait on the loop for it to end and then
@@ -43,7 +44,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar, Union
 
-from . import StoreBusy, StoreError, StoreUnavailable
+from . import StoreBusy, StoreError, StoreUnavailable, Unsaved
 from .aio_fsync import AioFsync
 
 log = logging.getLogger("tollgate.store")
@@ -284,10 +285,9 @@ class Writer:
         if error is not None:
             self._sync_failed(error)
         if self._failure is not None:
-            unsaved = self._unsaved()
             batch, self._unsynced = batch + self._unsynced, []
-            for job, _ in batch:
-                _settle(job.future, False, unsaved)
+            for job, value in batch:
+                _settle(job.future, False, self._unsaved(value))
         else:
             for job, value in batch:
                 _settle(job.future, True, value)
@@ -406,7 +406,7 @@ class Writer:
         elif jobs:
             results = self._commit_batch(db, jobs)
             if self._failure is not None:  # an fsync failed as they committed: none is known durable
-                results = [(False, self._unsaved()) if ok else (ok, value) for ok, value in results]
+                results = [(False, self._unsaved(value)) if ok else (ok, value) for ok, value in results]
             self._deliver(jobs, results)
         for item in items:
             if isinstance(item, _Checkpoint):
@@ -446,7 +446,7 @@ class Writer:
                 return [(True, value) for _, value in committed]
             except OSError as exc:
                 self._sync_failed(exc)
-        return [(False, self._unsaved())] * len(committed)
+        return [(False, self._unsaved(value)) for _, value in committed]
 
     def _failed(self, exc: Exception) -> Exception:
         """What a write that raised `exc` hears (`busy_or`). An fsync of SQLite's own that failed
@@ -464,8 +464,8 @@ class Writer:
             log.error("Saving the database to disk failed (%s): the store takes no more writes", error)
             self._failure = StoreError(f"saving to disk failed ({error})")
 
-    def _unsaved(self) -> StoreUnavailable:
-        return StoreUnavailable(f"The write was committed but may not be on disk: {self._failure}")
+    def _unsaved(self, value: Any) -> Unsaved:
+        return Unsaved(f"The write was committed but may not be on disk: {self._failure}", value)
 
     def _refusal(self) -> StoreUnavailable:
         return StoreUnavailable(f"The store takes no more writes until Tollgate is restarted: {self._failure}")

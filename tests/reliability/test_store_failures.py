@@ -45,6 +45,7 @@ class Gateway:
         self.http = client
         self.database = database
         org, team = "org-" + uuid.uuid4().hex[:8], "team-" + uuid.uuid4().hex[:8]
+        self.team_id = team
         self.admin("/admin/organizations", {"organization_id": org, "name": org})
         self.admin("/admin/teams", {"team_id": team, "organization_id": org, "model_groups": ["Main"],
                                     "credits_allocated": 10})
@@ -253,7 +254,10 @@ def test_the_readiness_probe_leaves_nothing_behind(gateway, disk_full):
                           ).fetchone() == (0,)
 
 
-def test_after_a_failed_fsync_writes_answer_503_and_ready_names_the_store_and_why(gateway, monkeypatch):
+@pytest.fixture
+def failing_fsync(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """While `failing_fsync["now"]` is set, the store's fsyncs of the WAL fail with EIO (on its
+    thread: start the gateway with `database={"aio_fsync": False}`)."""
     failing = {"now": False}
 
     def fsync(fd: int) -> None:
@@ -261,11 +265,50 @@ def test_after_a_failed_fsync_writes_answer_503_and_ready_names_the_store_and_wh
             raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(sqlite_store, "Writer", functools.partial(Writer, fsync=fsync))
+    return failing
+
+
+def test_a_v1_call_whose_records_fsync_fails_is_answered_and_its_own_job_charged_once(gateway, failing_fsync):
+    # The record and the own job's charge were committed before the fsync failed: a 503 would
+    # drop the answer the job was charged for, and the client's retry would pay again.
     server = gateway(database={"aio_fsync": False})
-    failing["now"] = True
+    failing_fsync["now"] = True
+    response = server.post("/v1/chat/completions", {"model": "Main", **CALL})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"]
+    with sqlite3.connect(server.database) as db:
+        job = db.execute("SELECT status, credits_charged FROM jobs WHERE job_id = ?",
+                         (response.headers["x-job-id"],)).fetchone()
+        call = db.execute("SELECT status FROM llm_calls WHERE call_id = ?",
+                          (response.headers["x-call-id"],)).fetchone()
+    assert (job, call) == (("completed", 1), ("success",))
+
+
+def test_a_stream_whose_records_fsync_fails_ends_as_any_other(gateway, failing_fsync):
+    # Its record was committed: an error event saying it would be recorded later was untrue.
+    server = gateway(database={"aio_fsync": False})
+    failing_fsync["now"] = True
+    response = server.post("/v1/chat/completions", {"model": "Main", **CALL, "stream": True})
+    assert response.status_code == 200
+    assert response.text.endswith("data: [DONE]\n\n") and '"error"' not in response.text
+
+
+def test_credits_added_as_the_fsync_fails_are_answered_as_added(gateway, failing_fsync):
+    # Committed: a 503 would have the administrator add them again.
+    server = gateway(database={"aio_fsync": False})
+    failing_fsync["now"] = True
+    response = server.http.post(f"/admin/teams/{server.team_id}/credits", json={"amount": 5, "reason": "top-up"},
+                                headers={"Authorization": f"Bearer {MASTER}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["credits_allocated"] == 15
+
+
+def test_after_a_failed_fsync_writes_answer_503_and_ready_names_the_store_and_why(gateway, failing_fsync):
+    server = gateway(database={"aio_fsync": False})
+    failing_fsync["now"] = True
     response = server.post(f"/api/jobs/{server.job_id}/llm-call", CALL)
-    assert response.status_code == 503 and response.headers["retry-after"]
-    failing["now"] = False  # too late: what the failed fsync was for may be lost
+    assert response.status_code == 200  # committed before its fsync failed (see above)
+    failing_fsync["now"] = False  # too late: what the failed fsync was for may be lost
     response = server.post("/api/jobs/create", {"job_type": "after"})
     assert response.status_code == 503 and response.headers["retry-after"]
     assert "no more writes" in response.json()["detail"]
