@@ -939,16 +939,11 @@ def _finish_job_in(
         "WHERE team_id = ? RETURNING credits_allocated - credits_used",
         (held, charged, now, team_id),
     )
-    balance = remaining[0][0]
-    if charged:
-        _ledger_entry(db, team_id, job_id, -charged, f"job {job_id} completed", now, balance_after=balance)
-    merged = json.loads(stored_metadata)
-    merged.update(metadata or {})
-    db.execute(
-        "UPDATE jobs SET status = ?, completed_at = ?, metadata = ?, error_message = ?, credits_charged = ?, "
-        "credits_remaining_after = ? WHERE job_id = ?",
-        (status, now, json.dumps(merged, allow_nan=False), error_message, charged, balance, job_id),
-    )
+    merged = None
+    if metadata:
+        merged = json.loads(stored_metadata)
+        merged.update(metadata)
+    _close_job_in(db, job_id, team_id, status, charged, remaining[0][0], error_message, merged, now)
     return True
 
 
@@ -972,15 +967,32 @@ def _charge_interrupted_job_in(db: sqlite3.Connection, job_id: str, error_messag
     )
     if not remaining:
         return False
-    balance = remaining[0][0]
-    if amount:
-        _ledger_entry(db, team_id, job_id, -amount, f"job {job_id} completed", now, balance_after=balance)
-    db.execute(
-        "UPDATE jobs SET status = 'completed', completed_at = ?, error_message = ?, credits_charged = ?, "
-        "credits_remaining_after = ? WHERE job_id = ?",
-        (now, error_message, amount, balance, job_id),
-    )
+    _close_job_in(db, job_id, team_id, "completed", amount, remaining[0][0], error_message, None, now)
     return True
+
+
+def _close_job_in(
+    db: sqlite3.Connection,
+    job_id: str,
+    team_id: str,
+    status: str,
+    charged: int,
+    balance: int,
+    error_message: str | None,
+    metadata: dict[str, Any] | None,
+    now: float,
+) -> None:
+    """A finish's last writes, once the team's credits are settled (`balance` is its
+    credits_remaining after them): the ledger's entry for the charge, and the job's row
+    (`metadata`, when given, replaces the job's)."""
+    if charged:
+        _ledger_entry(db, team_id, job_id, -charged, f"job {job_id} completed", now, balance_after=balance)
+    db.execute(
+        "UPDATE jobs SET status = ?, completed_at = ?, metadata = COALESCE(?, metadata), error_message = ?, "
+        "credits_charged = ?, credits_remaining_after = ? WHERE job_id = ?",
+        (status, now, None if metadata is None else json.dumps(metadata, allow_nan=False), error_message, charged,
+         balance, job_id),
+    )
 
 
 def _group(row: sqlite3.Row | tuple) -> ModelGroup:
