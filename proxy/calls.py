@@ -161,7 +161,7 @@ class CallPipeline:
         written = finished = 0
         for call_id, (outcome, job_end, team_id) in list(self._kept.items()):
             try:
-                recorded = await self._write_outcome(outcome, job_end, team_id, over_interrupted=True)
+                recorded = await self._write_outcome(outcome, job_end, team_id)
             except Exception as exc:
                 log.warning("%d call outcomes still wait for the store (%d written now): %s",
                             len(self._kept), written, exc)
@@ -505,14 +505,18 @@ class CallPipeline:
     async def _store_outcome(self, call: Call, outcome: CallOutcome) -> None:
         """Write the outcome, trying again while the database stays locked by another process.
         One the store refuses (disk full, I/O error, a lock that outlasts the retries) is kept
-        for `record_kept` and logged with every figure; the caller hears StoreUnavailable."""
+        for `record_kept` and logged with every figure; the caller hears StoreUnavailable.
+        Written over the call's closing as interrupted, as a kept one is: another process's
+        sweeper may have come first while this record waited on a locked database."""
         team_id = call.principal.team.team_id
         job_end = _job_end(call, outcome, answered=True)
         attempt = 1
         try:
             while True:
                 try:
-                    await self._write_outcome(outcome, job_end, team_id)
+                    if not await self._write_outcome(outcome, job_end, team_id):
+                        log.warning("call %s was found finished already: its outcome is not recorded: %r",
+                                    outcome.call_id, outcome)
                     return
                 except StoreBusy as exc:
                     if attempt == RECORD_ATTEMPTS:
@@ -545,14 +549,13 @@ class CallPipeline:
             "it will be recorded once the database takes writes again"
         ) from failure
 
-    async def _write_outcome(
-        self, outcome: CallOutcome, job_end: JobEnd | None, team_id: str, over_interrupted: bool = False
-    ) -> bool:
-        """Write the outcome, with the end of the call's own job if it has one; whether the call
-        was recorded now (see `Store.finish_call`)."""
+    async def _write_outcome(self, outcome: CallOutcome, job_end: JobEnd | None, team_id: str) -> bool:
+        """Write the outcome, with the end of the call's own job if it has one, over the call's
+        closing as interrupted by a sweeper that could not know of it; whether the call was
+        recorded now (see `Store.finish_call`)."""
         if job_end is None:
-            return await self._store.finish_call(outcome, over_interrupted=over_interrupted)
-        recorded, ended = await self._store.finish_call_and_job(outcome, job_end, over_interrupted=over_interrupted)
+            return await self._store.finish_call(outcome, over_interrupted=True)
+        recorded, ended = await self._store.finish_call_and_job(outcome, job_end, over_interrupted=True)
         if ended:
             self._metrics.observe_job(team_id, job_end.status)
         return recorded

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import sqlite3
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -183,6 +184,40 @@ def test_a_kept_outcome_replaces_the_interrupted_close_another_process_swept_mea
     assert server.calls() == [("cancelled", 0, 0)]
     server.http.__exit__(None, None, None)  # the shutdown writes what it kept
     assert server.calls() == [("success", server.calls()[0][1], 3)] and server.calls()[0][1] > 0
+
+
+def test_an_outcome_replaces_the_interrupted_close_another_process_swept_while_the_call_ran(gateway):
+    # Another worker's sweeper closes a call it finds running past its cutoff (a record slowed
+    # by a locked database can get there). The outcome arriving then was dropped without a word,
+    # and the own job stayed failed, uncharged, though its client had the answer.
+    server = gateway(jobs={"sweep_interval": "1h"})
+    swept: list[int] = []
+
+    def sweep_in_another_process() -> None:
+        async def sweep() -> int:
+            other = SQLiteStore(DatabaseConfig(url=f"sqlite:///{server.database}"))
+            await other.open()
+            try:
+                return (await other.cancel_stale_calls(time.time() + 1)
+                        + len(await other.fail_interrupted_implicit_jobs(10)))
+            finally:
+                await other.close()
+
+        assert wait_for(lambda: own_job_ids(server.database), timeout=5)
+        swept.append(asyncio.run(sweep()))
+
+    sweeper = threading.Thread(target=sweep_in_another_process)
+    sweeper.start()
+    response = server.post("/v1/chat/completions", {"model": "Main", **CALL,
+                                                     "messages": [{"role": "user", "content": "hi [first_byte_ms=800]"}]})
+    sweeper.join()
+    assert swept == [2] and response.status_code == 200
+    with sqlite3.connect(server.database) as db:
+        job = db.execute("SELECT status, credits_charged FROM jobs WHERE job_id = ?",
+                         (response.headers["x-job-id"],)).fetchone()
+        call = db.execute("SELECT status, completion_tokens > 0 FROM llm_calls WHERE call_id = ?",
+                          (response.headers["x-call-id"],)).fetchone()
+    assert (job, call) == (("completed", 1), ("success", 1))
 
 
 def test_a_kept_outcome_never_overwrites_a_call_finished_otherwise(tmp_path):
