@@ -515,8 +515,10 @@ class CallPipeline:
             while True:
                 try:
                     if not await self._write_outcome(outcome, job_end, team_id):
-                        log.warning("call %s was found finished already: its outcome is not recorded: %r",
-                                    outcome.call_id, outcome)
+                        # Finished otherwise (closed by a hang-up's own record, say), or never
+                        # written: a start the client's hang-up cut may have failed.
+                        log.warning("call %s was found finished already, or was never started: its outcome is "
+                                    "not recorded: %r", outcome.call_id, outcome)
                     return
                 except StoreBusy as exc:
                     if attempt == RECORD_ATTEMPTS:

@@ -14,7 +14,7 @@ import sqlite3
 import struct
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -468,6 +468,27 @@ def test_the_ping_of_a_store_that_takes_no_more_writes_fails_saying_why(tmp_path
             await store.ping()
             fsyncs.error = OSError(5, "Input/output error")
             await store.create_organization("org", "Org")  # committed, so answered; its fsync fails
+            with pytest.raises(StoreUnavailable, match="saving to disk failed.*Input/output error"):
+                await store.ping()
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_the_ping_whose_probe_write_is_committed_but_not_saved_fails(tmp_path, monkeypatch):
+    # A write committed before its fsync failed is answered as done; the probe must not be: a
+    # readiness probe that made the store stop taking writes would have said it was ready.
+    fsyncs = Fsyncs()
+    monkeypatch.setattr(sqlite_store, "Writer", functools.partial(Writer, fsync=fsyncs))
+
+    async def run() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 's.db'}", aio_fsync=False))
+        await store.open()
+        try:
+            # A write refused for want of disk earlier: the ping probes with a write of its own.
+            store._unwritable = StoreUnavailable("The database cannot be written now: database or disk is full")
+            fsyncs.error = OSError(5, "Input/output error")
             with pytest.raises(StoreUnavailable, match="saving to disk failed.*Input/output error"):
                 await store.ping()
         finally:
@@ -1113,11 +1134,11 @@ class DyingCheckpoints(sqlite3.Connection):
         return super().execute(sql, *args)
 
 
-def test_a_write_committed_on_the_loop_as_the_writer_thread_dies_is_answered_not_left_waiting(tmp_path, monkeypatch):
-    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)
+def write_committed_on_the_loop_as_the_writer_thread_dies(path: Path) -> asyncio.Future:
+    """A write (of 2) committed on the loop while the writer thread dies, as the writer
+    answered it; set CHECKPOINT_EVERY to 1 first."""
     DyingCheckpoints.running.clear()
     DyingCheckpoints.release.clear()
-    path = tmp_path / "w.db"
 
     async def run() -> asyncio.Future:
         writer = loop_writer(path, thread_connection=DyingCheckpoints)
@@ -1141,9 +1162,25 @@ def test_a_write_committed_on_the_loop_as_the_writer_thread_dies_is_answered_not
             DyingCheckpoints.release.set()
         return write
 
-    write = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_a_write_committed_on_the_loop_as_the_writer_thread_dies_is_answered_not_left_waiting(tmp_path, monkeypatch):
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)
+    write = write_committed_on_the_loop_as_the_writer_thread_dies(tmp_path / "w.db")
     assert write.done(), "the write was never answered"
     assert isinstance(write.exception(), StoreError)
+
+
+def test_a_write_committed_on_the_loop_as_the_writer_thread_dies_is_told_so_with_what_it_returned(
+    tmp_path, monkeypatch
+):
+    # Committed, but never fsynced: the store answers it as done, as one whose fsync failed
+    # (SQLiteStore._write), rather than have its caller try again, paying twice.
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)
+    write = write_committed_on_the_loop_as_the_writer_thread_dies(tmp_path / "w.db")
+    assert isinstance(write.exception(), Unsaved) and write.exception().value == 2
+    assert rows(tmp_path / "w.db") == [1, 2]
 
 
 # --- an fsync SQLite itself makes fails (fsyncgate) -------------------------------------------
@@ -1224,6 +1261,42 @@ def test_a_checkpoint_whose_fsync_fails_stops_the_store_taking_writes(tmp_path, 
             await writer.stop()
 
     asyncio.run(run())
+
+
+def test_writes_committed_on_the_loop_as_sqlite_fails_an_fsync_get_no_fsync_of_ours(tmp_path):
+    # The WAL starting over fsyncs its header: when that fails, the pages lost are marked clean,
+    # and an fsync of ours for the writes that did commit would succeed without them.
+    path = tmp_path / "w.db"
+    kernel = KernelSyncs()
+
+    def fsync_of_the_wal_header_fails(db: sqlite3.Connection) -> None:
+        raise sqlite_fsync_failure()
+
+    async def run() -> list:
+        writer = loop_writer(path, kernel=kernel.open)
+        await writer.start()
+        batch = [writer.submit(insert(1)), writer.submit(fsync_of_the_wal_header_fails), writer.submit(insert(3))]
+        answers = [await settled_soon(write) for write in batch]
+        if kernel.running is not None:
+            kernel.end()
+        await writer.stop()
+        return answers
+
+    first, failed, third = asyncio.run(run())
+    assert isinstance(first, Unsaved) and first.value == 1
+    assert isinstance(third, Unsaved) and third.value == 3
+    assert isinstance(failed, StoreUnavailable) and not isinstance(failed, Unsaved)
+    assert kernel.paths == []
+
+
+async def settled_soon(write: asyncio.Future) -> Any:
+    """What `write` came to within a second: its result or exception, or None."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(write), 1)
+    except asyncio.TimeoutError:
+        return None
+    except Exception as exc:
+        return exc
 
 
 def test_writes_of_a_batch_in_which_sqlite_fails_an_fsync_are_not_answered_as_durable(tmp_path):

@@ -251,6 +251,9 @@ class SQLiteStore:
         await self._read("SELECT 1")
         if self._unwritable is not None:
             await self._write(_probe_write)  # raises while the database still cannot be written
+            # A probe committed before its fsync failed is answered as done (`_write`), yet the
+            # store takes no more writes from then on: ready it is not.
+            self._writer.check()
             self._unwritable = None
 
     def _pragmas(self) -> list[str]:

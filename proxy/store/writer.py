@@ -260,6 +260,12 @@ class Writer:
             self._put(_Checkpoint(asyncio.get_running_loop(), closing=False))
 
     def _sync_soon(self, committed: list[tuple[_Job[Any], Any]]) -> None:
+        if self._failure is not None:
+            # An fsync of SQLite's failed as they committed (the WAL starting over): never
+            # another, since it would succeed without the pages lost.
+            for job, value in committed:
+                _settle(job.future, False, self._unsaved(value))
+            return
         if self._aio is None or self._aio.loop is not asyncio.get_running_loop():
             self._put(_Sync(committed))  # the thread answers each write on its own loop
             return
@@ -384,12 +390,17 @@ class Writer:
     def _abandon(self, items: list[_Item]) -> None:
         """Answer items the stopped thread will never handle (one already answered stays so)."""
         closed = (False, StoreError("The store is closed"))
-        unsaved = (False, StoreError("The write was committed, but the store closed before it was on disk"))
         for item in items:
             if isinstance(item, _Job):
                 self._deliver([item], [closed])
             elif isinstance(item, _Sync):
-                self._deliver([job for job, _ in item.committed], [unsaved] * len(item.committed))
+                # Committed on the loop, never fsynced: Unsaved, with each write's result, as
+                # after a failed fsync, since every reader sees them (SQLiteStore answers them).
+                unsaved: list[Outcome] = [
+                    (False, Unsaved("The write was committed, but the store closed before it was on disk", value))
+                    for _, value in item.committed
+                ]
+                self._deliver([job for job, _ in item.committed], unsaved)
             elif isinstance(item, _Checkpoint):
                 _call_soon(item.loop, self._checkpointed, True)
 
