@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +36,9 @@ _OWN_FIELDS = frozenset(["route", "method", "status", "latency_ms"])
 # Where the middleware publishes, in the lifespan's state, how a request refused before the app
 # saw it is observed: uvicorn hands that state to every connection's protocol (`server.py`).
 REFUSALS = "tollgate.observe_refusal"
+# What one write to a pipe is kept whole up to (Linux's PIPE_BUF): workers writing their held
+# lines to one pipe (a log collector's) must not interleave within a line.
+ATOMIC_WRITE = 4096
 RefusalObserver = Callable[[str, int, float], None]  # method, status, seconds
 
 
@@ -209,11 +212,41 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             held, self._held = self._held, []
-            if self.stream is not None:
+            if self.stream is None:
+                return
+            try:
                 if held:
-                    self.stream.write(self.terminator.join(held) + self.terminator)
+                    text = self.terminator.join(held) + self.terminator
+                    if len(text) <= ATOMIC_WRITE // 4:  # at most 4 bytes a character
+                        self.stream.write(text)
+                    else:
+                        for part in _whole_lines_within(held, self.terminator, ATOMIC_WRITE):
+                            self.stream.write(part)
+                            self.stream.flush()
                 if hasattr(self.stream, "flush"):
                     self.stream.flush()
+            except Exception:
+                # The lines are lost, as logging's own StreamHandler loses one it cannot write
+                # (a pipe whose reader is gone). Raised from the loop's callback, the error would
+                # be logged by asyncio through this handler, whose line would schedule another
+                # flush to fail in turn: the loop would never go idle again.
+                self.handleError(logging.makeLogRecord({"msg": f"{len(held)} log lines could not be written"}))
+
+
+def _whole_lines_within(lines: list[str], terminator: str, limit: int) -> Iterator[str]:
+    """`lines` in pieces of whole lines, each at most `limit` bytes in UTF-8 where a line
+    alone is not longer."""
+    part: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line.encode("utf-8", "surrogateescape")) + len(terminator)
+        if part and size + length > limit:
+            yield terminator.join(part) + terminator
+            part, size = [], 0
+        part.append(line)
+        size += length
+    if part:
+        yield terminator.join(part) + terminator
 
 
 def sole_handler() -> LogHandler | None:

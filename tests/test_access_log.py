@@ -241,3 +241,46 @@ def test_lines_held_when_logging_shuts_down_are_written(tollgate_logging):
     assert stream.writes == []
     handler.flush()  # what logging.shutdown() does at exit
     assert stream.writes[0].endswith("WARNING tollgate: the last words\n")
+
+
+class BrokenPipe(Stream):
+    """A stream whose reader is gone (a log shipper that died): every write fails."""
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_stream_that_cannot_be_written_does_not_keep_the_loop_busy(tollgate_logging):
+    # The failed flush, raised in a callback of the loop, was logged by asyncio through this
+    # same handler, whose line scheduled another flush that failed in turn: the loop never
+    # went idle, and a server whose stderr pipe broke spun at 100% CPU.
+    handler, _ = tollgate_logging
+    served_logging_only()
+    broken = BrokenPipe()
+    handler.setStream(broken)
+
+    async def run() -> None:
+        logging.getLogger("tollgate").warning("a line the pipe cannot take")
+        await asyncio.sleep(0.2)
+
+    asyncio.run(run())
+    assert len(broken.writes) == 1
+
+
+def test_lines_held_in_a_turn_reach_the_stream_in_writes_a_pipe_keeps_whole(tollgate_logging):
+    # Workers share their stderr pipe: a write of more than PIPE_BUF bytes may interleave with
+    # another worker's, within a line. A busy turn's lines go in pieces of whole lines.
+    handler, stream = tollgate_logging
+    served_logging_only()
+
+    async def run() -> None:
+        for n in range(200):
+            logging.getLogger("tollgate").warning("line %d é %s", n, "x" * 60)
+        await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert len(stream.writes) > 1
+    assert all(len(write.encode()) <= observe.ATOMIC_WRITE and write.endswith("\n") for write in stream.writes)
+    lines = "".join(stream.writes).splitlines()
+    assert [line.split("line ")[1].split(" ")[0] for line in lines] == [str(n) for n in range(200)]
