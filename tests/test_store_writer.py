@@ -457,6 +457,35 @@ def test_sqlite_errors_that_mean_the_database_cannot_be_written_now_are_store_un
     assert isinstance(busy_or(error(tmp_path / "w.db")), expected)
 
 
+def test_a_damaged_database_file_is_an_outage_not_a_fault_of_the_request(tmp_path):
+    # SQLite's "database disk image is malformed" is a DatabaseError, not an OperationalError:
+    # it escaped as itself, a 500 (a /metrics scrape too, which goes on without the balances
+    # when the store is unavailable).
+    path = tmp_path / "s.db"
+
+    async def run() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        try:
+            await store.create_organization("org", "Org")
+            for n in range(200):  # pages enough to damage one the reads need but not the schema's
+                await store.create_organization(f"org-{n}", "x" * 500)
+        finally:
+            await store.close()  # the WAL copied into the file
+        with open(path, "r+b") as file:  # a page of the table, overwritten with garbage
+            file.seek(4096 * 3)
+            file.write(b"\xff" * 4096)
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        try:
+            with pytest.raises(StoreUnavailable, match="SQLITE_CORRUPT"):
+                await store.list_organizations()
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
 def test_the_ping_of_a_store_that_takes_no_more_writes_fails_saying_why(tmp_path, monkeypatch):
     fsyncs = Fsyncs()
     monkeypatch.setattr(sqlite_store, "Writer", functools.partial(Writer, fsync=fsyncs))

@@ -311,7 +311,7 @@ class SQLiteStore:
         assert self._reader is not None, "store is not open"
         try:
             return list(await self._reader.execute_fetchall(sql, tuple(params)))
-        except sqlite3.OperationalError as exc:
+        except sqlite3.DatabaseError as exc:  # a damaged file's error is no OperationalError
             raise busy_or(exc)
 
     async def _read_together(self, read: Callable[[sqlite3.Connection], T]) -> T:
@@ -334,7 +334,7 @@ class SQLiteStore:
                     return read(db)
                 finally:
                     db.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
+            except sqlite3.DatabaseError as exc:
                 raise busy_or(exc) from None
 
     async def _write(self, work: Work[T], atomic: bool = True, durable: bool = True) -> T:

@@ -612,7 +612,8 @@ def _end_transaction(db: sqlite3.Connection) -> None:
 
 # SQLite's errors that mean the database cannot be written now, whatever is tried: the disk
 # is full, failing or read-only, or the file cannot be opened (extended codes included).
-_UNWRITABLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")
+# A damaged file (SQLITE_CORRUPT, SQLITE_NOTADB) is an outage too, not a fault of the request.
+_UNWRITABLE = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_CORRUPT", "SQLITE_NOTADB")
 _FSYNC_FAILED = (1034, 1290)  # SQLITE_IOERR_FSYNC, SQLITE_IOERR_DIR_FSYNC
 
 
