@@ -436,11 +436,14 @@ class RedisLimiter:
         assert config.url is not None
         self._prefix = config.key_prefix
         self._window_ms = round(window * 1000)
-        # No retries: a dead Redis must cost one short timeout, then the breaker.
-        self._redis = Redis(config.url, config.connect_timeout, config.timeout)
         self._admit = Script(ADMIT_SCRIPT)
         self._settle = Script(SETTLE_SCRIPT)
         self._ready = Script(READY_SCRIPT)
+        # No retries: a dead Redis must cost one short timeout, then the breaker. The scripts are
+        # loaded as each connection opens, so that after a restart a settle is not run after the
+        # admit sent behind it (see `Redis`).
+        scripts = (self._admit, self._settle, self._ready)
+        self._redis = Redis(config.url, config.connect_timeout, config.timeout, scripts)
         self._ready_keys = Keys([f"{self._prefix}ready"])
         self._keysets: dict[tuple[str, str | None], Keys] = {}  # by team, and key if it has limits
         # Admits given up on (a timeout, a lost connection): Redis may have run them, or may run

@@ -19,7 +19,7 @@ import hashlib
 import re
 import ssl
 from collections import deque
-from typing import Any, Coroutine, cast
+from typing import Any, Coroutine, Sequence, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .coalesce import CoalescedWrites
@@ -218,7 +218,7 @@ class _Connection(asyncio.Protocol):
 
 
 class Redis:
-    def __init__(self, url: str, connect_timeout: float, timeout: float) -> None:
+    def __init__(self, url: str, connect_timeout: float, timeout: float, scripts: Sequence["Script"] = ()) -> None:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         self._unix = parts.path if parts.scheme == "unix" else None
@@ -233,6 +233,11 @@ class Redis:
             self._setup.append(("AUTH", user, password) if user else ("AUTH", password))
         if db and db != "0":
             self._setup.append(("SELECT", int(db)))
+        # Loaded on every connection before anything else is sent on it: a Redis that restarted
+        # knows no scripts, and a script sent soon that it answered NOSCRIPT would be sent whole
+        # only after commands written behind it had run (a settle landing after the next admit).
+        for script in scripts:
+            self._setup.append(("SCRIPT", "LOAD", script.source))
         self._connect_timeout = connect_timeout
         self._timeout = timeout
         self._connection: _Connection | None = None
@@ -367,8 +372,14 @@ class Redis:
         if self._setup:
             payload = b"".join(encode(command) for command in self._setup)
             try:
-                for future in connection.send(payload, len(self._setup)):
-                    await future
+                for command, future in zip(self._setup, connection.send(payload, len(self._setup))):
+                    try:
+                        await future
+                    except ReplyError:
+                        # A proxy in front of Redis (Envoy's, twemproxy) may take EVAL and EVALSHA
+                        # but no SCRIPT: the scripts are then sent whole when found unknown.
+                        if command[0] != "SCRIPT":
+                            raise
             except BaseException:
                 connection.fail(RedisError("Redis refused the connection's setup"))
                 raise

@@ -583,3 +583,42 @@ def test_a_redis_that_refuses_the_limiters_scripts_is_reported_degraded(redis_se
         await limiter.close()
 
     asyncio.run(run())
+
+
+def test_a_calls_real_usage_counts_before_the_next_admit_on_a_redis_that_just_restarted(redis_server):
+    # A Redis that (re)started knows none of the limiter's scripts. The settle of the first call
+    # to end there must still reach it ahead of the admit of the call its client sends next, as
+    # every other settle does, not after a NOSCRIPT's round trip.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        first = await limiter.admit(limits, "first", 900)  # its estimate, 900 tokens, is held
+        limiter.settle_soon(first, 10)  # it ends, having used 10 tokens: its answer goes out
+        after = await limiter.admit(limits, "after", 900)  # the client's next call
+        assert (after.backend, after.admitted) == ("redis", True)
+        assert after.usage[0].tokens == 910
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_redis_behind_a_proxy_that_takes_no_script_command_still_limits(redis_server):
+    # Envoy's Redis proxy and twemproxy pass EVAL and EVALSHA on but not SCRIPT: loading the
+    # scripts as a connection opens must not make every connection fail.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    redis_server.cli("ACL", "SETUSER", "default", "-script")
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
+        try:
+            decision = await limiter.admit(limits, "first", 10)
+            assert (decision.backend, decision.admitted) == ("redis", True)
+            assert await limiter.check() == "ok"
+        finally:
+            await limiter.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        redis_server.cli("ACL", "SETUSER", "default", "+script")
