@@ -74,7 +74,8 @@ def create_app(config: Config) -> Starlette:
         try:
             # `tollgate serve` made the file's declarations hold before starting this worker, and
             # a worker uvicorn starts again after a crash must not undo the admin API's changes.
-            await apply_declared(store, config, follow_file=False)
+            for problem in await apply_declared(store, config, follow_file=False):
+                log.warning("%s (not created yet)", problem)
             changes.bump()  # the file may have changed a team or a group other processes cached
             if config.master_key is None:
                 log.warning("TOLLGATE_MASTER_KEY is not set: the admin API refuses every request")

@@ -31,7 +31,7 @@ from .config import (
 )
 from .changes import ChangeSignal
 from .errors import ApiError, from_store_error
-from .store import Store, StoreError
+from .store import SchemaTooNew, Store, StoreError
 
 EXIT_CONFIG = 2
 
@@ -142,7 +142,9 @@ def _run(
 ) -> Any:
     """The operation's result on the configured database; every refusal is one line on stderr
     and a non-zero exit. What the file declares and the database lacks is created first, so
-    that a command works on a new database; `follow_file` also brings what exists back to
+    that a command works on a new database (a declared team whose organization or groups do not
+    exist yet is passed over with a warning, and tried again after the operation, which may be
+    the one creating them); `follow_file` also brings what exists back to
     the file (a start of `serve`, `apply`): any other command doing so would silently undo
     the admin API's changes to a declared team, such as a suspension."""
     from .declared import apply_declared
@@ -152,7 +154,7 @@ def _run(
         store = open_store(config.database)
         try:
             await store.open()
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, SchemaTooNew) as exc:
             await store.close()
             # An OSError names its path, often a directory above the file that could not be made.
             reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
@@ -160,11 +162,22 @@ def _run(
         try:
             with ChangeSignal.beside(config.database) as changes:
                 try:
-                    await apply_declared(store, config, follow_file=follow_file)
+                    waiting = await apply_declared(store, config, follow_file=follow_file)
                 finally:
                     # Also when a declaration fails part way: those before it are committed.
                     changes.bump()
-                return await operation(store, changes) if operation else None
+                result = await operation(store, changes) if operation else None
+                if waiting:
+                    # The operation may have made what they waited for (`org create`, say).
+                    try:
+                        waiting = await apply_declared(store, config, follow_file=False)
+                    except (StoreError, ConfigError):
+                        pass  # the operation is done: its result (a key shown once) must be printed
+                    finally:
+                        changes.bump()
+                for problem in waiting:
+                    print(f"tollgate: warning: {problem} (not created yet)", file=sys.stderr)
+                return result
         finally:
             await store.close()
 

@@ -166,8 +166,16 @@ def _redis_url_problem(url: str) -> str | None:
     parts = urlsplit(url)
     if parts.scheme == "unix" and not parts.path:
         return "must name the socket: unix:///path/to/redis.sock"
+    query = parse_qs(parts.query, keep_blank_values=True)
+    # The client reads ?db= alone. Another parameter (redis-py's ?password=, ?ssl_cert_reqs=) was
+    # ignored without a word (no AUTH sent), and check-config printed its value unmasked.
+    if unread := [name for name in query if name != "db"]:
+        return (
+            f"the client reads no query parameter but ?db= (not '{unread[0][:40]}'); "
+            "a password goes before the host: redis://[user]:password@host:6379/0"
+        )
     # The database number, read as the Redis client reads it: ?db=, else the path (not a socket's).
-    db = parse_qs(parts.query).get("db", [""])[0] or (parts.path.strip("/") if parts.scheme != "unix" else "")
+    db = query.get("db", [""])[0] or (parts.path.strip("/") if parts.scheme != "unix" else "")
     if db and not re.fullmatch(r"[0-9]+", db):
         return "the database (the path, or ?db=) must be a number of 0 or more: redis://host:6379/0"
     return None

@@ -16,10 +16,14 @@ from .records import Team
 from .store import Conflict, NotFound, Store
 
 
-async def apply_declared(store: Store, config: Config, follow_file: bool = True) -> None:
+async def apply_declared(store: Store, config: Config, follow_file: bool = True) -> list[str]:
     """`follow_file=False`: only create what is absent, leaving what exists as it is (for a
     CLI command, or a worker that uvicorn starts again after a crash: no start of the gateway,
-    they must not undo what the admin API changed since)."""
+    they must not undo what the admin API changed since). A declared team it cannot create
+    for want of its organization or a group is then passed over and named in the list returned:
+    the CLI command being run may be the one that creates it (README: the organization may be
+    "created before"). Following the file, that is a ConfigError, as is a team it cannot update."""
+    waiting: list[str] = []
     for name, group in config.model_groups.items():
         if follow_file or await store.get_model_group(name) is None:
             await store.put_model_group(name, list(group.models), group.description)
@@ -50,6 +54,11 @@ async def apply_declared(store: Store, config: Config, follow_file: bool = True)
                     continue
                 except Conflict:
                     pass  # another process created it a moment ago
+                except NotFound as exc:
+                    if follow_file:
+                        raise
+                    waiting.append(f"{config.source}: teams[{index}]: {exc}")
+                    continue
             if not follow_file:
                 continue
             await store.update_team(
@@ -67,3 +76,4 @@ async def apply_declared(store: Store, config: Config, follow_file: bool = True)
             )
         except NotFound as exc:
             raise ConfigError(f"{config.source}: teams[{index}]: {exc}") from None
+    return waiting

@@ -211,7 +211,9 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
 
     from .app import configure_logging, create_app
     from .config import ConfigError, load_config
+    from .errors import ApiError, from_store_error
     from .server import uvicorn_options
+    from .store import StoreError
 
     def refuse(message: str) -> NoReturn:
         # One line and the exit status of `serve`'s refusals, never a traceback.
@@ -240,8 +242,16 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
     )
     try:
         config = load_config(config_path, env)
+        # The database first, LiteLLM after: what the file declares may be impossible (a team of
+        # an organization it does not declare, the database being new), and is said in one line
+        # before LiteLLM is installed or started for nothing.
+        key, team = asyncio.run(_prepare(config))
     except ConfigError as exc:
         refuse(str(exc))
+    except ApiError as exc:
+        refuse(exc.message)
+    except StoreError as exc:
+        refuse(from_store_error(exc).message)
     ensure_litellm()
     log_path = Path(workdir) / "litellm.log"
     print(f"Starting LiteLLM Proxy on 127.0.0.1:{litellm_port} (log: {log_path})...", flush=True)
@@ -251,7 +261,6 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
         except RuntimeError as exc:  # the port taken meanwhile, or LiteLLM exited or never answered
             refuse(f"LiteLLM did not start: {exc} (see {log_path})")
         try:
-            key, team = asyncio.run(_prepare(config))
             configure_logging()
             options = uvicorn_options(
                 "127.0.0.1", port, "warning", config.server.shutdown_grace, config.server.read_timeout

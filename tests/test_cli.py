@@ -248,3 +248,58 @@ def test_demo_refuses_a_taken_litellm_port_or_a_bad_config_in_one_line(tmp_path)
 
 def free() -> str:
     return str(free_port())
+
+
+def test_a_database_a_newer_tollgate_migrated_is_refused_in_one_line(tmp_path):
+    # Rolled back to an older release, Tollgate ran on a schema it does not know (columns, triggers
+    # and constraints it never writes or reads), and failed only later, on requests.
+    import sqlite3
+
+    from proxy.store.schema import MIGRATIONS
+
+    config = declared_config(tmp_path)
+    ok(config, "org", "list")
+    with sqlite3.connect(tmp_path / "cli.db") as db:
+        db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)", (len(MIGRATIONS) + 1,))
+    result = tollgate_cli(config, "org", "list")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"tollgate: cannot open the database {tmp_path / 'cli.db'}: its schema is version {len(MIGRATIONS) + 1}, "
+        f"newer than this Tollgate's ({len(MIGRATIONS)}): run the Tollgate release that migrated it, or a later one\n"
+    )
+
+
+def test_the_cli_creates_the_organization_a_declared_team_waits_for(tmp_path):
+    # README: a declared team's organization may be "created before" the file names it. Every CLI
+    # command first created the declared teams, and failed on this one: `org create` itself, the
+    # command that would make it valid, was refused.
+    config = tmp_path / "config.yaml"
+    declared = {"teams": [{"team_id": "t", "organization_id": "acme", "model_groups": ["Main"]}]}
+    config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", **declared)))
+    assert ok(config, "org", "create", "acme")["organization_id"] == "acme"
+    assert ok(config, "team", "show", "t")["organization_id"] == "acme"  # created once it could be
+
+
+def test_a_cli_command_says_which_declared_team_it_could_not_create_yet(tmp_path):
+    config = tmp_path / "config.yaml"
+    declared = {"teams": [{"team_id": "t", "organization_id": "acme", "model_groups": ["Main"]}]}
+    config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", **declared)))
+    result = tollgate_cli(config, "org", "list")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
+    assert result.stderr == f"tollgate: warning: {config}: teams[0]: Organization 'acme' not found (not created yet)\n"
+
+
+def test_demo_refuses_a_declared_team_it_cannot_create_in_one_line(tmp_path):
+    # The demo's database is new: a team the file declares in an organization it does not declare
+    # can never be created. That ended in a traceback, after LiteLLM had been started for nothing.
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"teams": [{"team_id": "x", "organization_id": "nowhere"}]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    result = subprocess.run(
+        [PYTHON, "-m", "proxy", "demo", "--port", free(), "--litellm-port", free(), "--config", str(config)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr == f"tollgate demo: {config}: teams[0]: Organization 'nowhere' not found\n"
+    assert "Starting LiteLLM" not in result.stdout

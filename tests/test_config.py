@@ -337,6 +337,15 @@ def test_upstream_urls_its_client_reads_are_accepted(tmp_path, url):
     Upstream(config.upstream, None)  # reads it without an error
 
 
+def test_a_redis_url_parameter_its_client_would_ignore_is_refused_without_showing_its_value(tmp_path):
+    # redis-py's spelling: the client sent no AUTH, and check-config printed the password.
+    message = error_for(tmp_path, "", {"TOLLGATE_REDIS_URL": "redis://h:6379/0?password=s3cret"})
+    assert message.startswith(
+        "TOLLGATE_REDIS_URL: redis.url: the client reads no query parameter but ?db= (not 'password')"
+    )
+    assert "s3cret" not in message
+
+
 @pytest.mark.parametrize(
     "url", ["redis://:se#cret@h:1/0", "redis://:se/cret@h/0", "redis://u:se?cret@h", "redis://:se[cret@h"]
 )

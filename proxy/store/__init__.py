@@ -73,6 +73,11 @@ class StoreUnavailable(StoreError):
     store took no more writes after a failed fsync. Not a lock: waiting a moment won't do."""
 
 
+class SchemaTooNew(StoreError):
+    """The database was migrated by a later Tollgate: its schema is one this release does not
+    know, so it is not opened (writing it could break what that release relies on)."""
+
+
 class Unsaved(StoreUnavailable):
     """The write was committed, and then the fsync that was to put it on disk failed: every
     reader sees it, a power cut may lose it. `value` is what the write returned."""

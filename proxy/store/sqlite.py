@@ -46,6 +46,7 @@ from . import (
     InsufficientCredits,
     JobClosed,
     NotFound,
+    SchemaTooNew,
     StoreError,
     StoreUnavailable,
     TeamSuspended,
@@ -293,6 +294,13 @@ class SQLiteStore:
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
             )
             current = _all(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0]
+            if current > len(MIGRATIONS):
+                # A rollback to an older release: its writes and reads would meet columns, triggers
+                # and constraints it does not know, and fail on requests, or corrupt the accounts.
+                raise SchemaTooNew(
+                    f"its schema is version {current}, newer than this Tollgate's ({len(MIGRATIONS)}): "
+                    "run the Tollgate release that migrated it, or a later one"
+                )
             for version, migration in enumerate(MIGRATIONS, start=1):
                 if version <= current:
                     continue
