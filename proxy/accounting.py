@@ -33,6 +33,10 @@ class Usage:
 
 # Beyond any real call, and far inside SQLite's 64-bit integers: a count above it is not usage.
 MAX_TOKENS = 10**12
+# Beyond any real call too: a cost above it is no cost. Taken as one, two such calls (1e308 is a
+# finite float) summed to infinity, and a job's total_cost_usd went out as null (JSON has no
+# infinity), as did the team's cost counter, for good.
+MAX_COST_USD = 1e9
 
 
 def _count(value: Any) -> int | None:
@@ -52,8 +56,8 @@ def _cost(value: Any) -> float | None:
             value = float(value)
         except ValueError:
             return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-        return float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_COST_USD:
+        return float(value)  # NaN fails the comparison, as infinity does
     return None
 
 
@@ -88,12 +92,20 @@ def completion_chars(message: Any) -> int:
     """Characters of generated text in a non-streaming message (for estimates)."""
     if not isinstance(message, dict):
         return 0
-    chars = len(message["content"]) if isinstance(message.get("content"), str) else 0
+    chars = 0
+    # The text a stream's tally counts (`_generated`), so that an answer estimates as its stream would.
+    for key in ("content", "reasoning_content", "refusal"):
+        text = message.get(key)
+        chars += len(text) if isinstance(text, str) else 0
     calls = message.get("tool_calls")
     for call in calls if isinstance(calls, list) else ():  # an upstream's odd answer is still recorded
         if isinstance(call, dict) and isinstance(call.get("function"), dict):
             arguments = call["function"].get("arguments")
             chars += len(arguments) if isinstance(arguments, str) else 0
+    function_call = message.get("function_call")  # the legacy `functions` API's
+    if isinstance(function_call, dict):
+        arguments = function_call.get("arguments")
+        chars += len(arguments) if isinstance(arguments, str) else 0
     return chars
 
 

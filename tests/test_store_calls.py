@@ -278,3 +278,27 @@ def test_a_kept_stream_outcome_leaves_its_interrupted_own_job_failed_when_the_te
             await store.close()
 
     asyncio.run(check())
+
+
+def test_a_jobs_total_cost_is_the_exact_sum_of_its_calls_costs_however_many_calls_it_has(tmp_path):
+    # Summed in plain floating point (SQLite before 3.43 adds without compensation), the error of
+    # each addition piled up: a thousand calls of $0.10 came to $99.999999999999, not $100, though
+    # costs are documented to be exact to 1e-12 USD.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "costs.db"))
+        try:
+            job = (await store.create_job("team", "t", None, {}, 1)).job_id
+            for n in range(1_000):
+                call_id = f"call-{n:04}"
+                await store.start_call(new_call(call_id, job, 100.0))
+                await store.finish_call(
+                    CallOutcome(call_id, "success", "m", 10, 5, False, 0.1, 100, None, 1, None, 1_000.0)
+                )
+            view = await store.job_view(job)
+            assert view is not None and view[0].costs.total_cost_usd == 100.0
+            jobs, _, _ = await store.team_jobs("team", None, 10, 0)
+            assert jobs[0].costs.total_cost_usd == 100.0
+        finally:
+            await store.close()
+
+    asyncio.run(check())

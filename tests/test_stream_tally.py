@@ -127,3 +127,13 @@ def test_a_chunk_nested_too_deep_for_the_json_module_counts_nothing_and_breaks_n
     assert tally.observe(event(b'{"error":' + b"[" * 5000 + b"]" * 5000 + b"}")) is False
     assert tally.usage is None and tally.error is None and tally.completion_chars == 0
     assert json_object(b"[" * 5000 + b"]" * 5000) is None
+
+
+def test_a_usage_chunk_whose_cost_is_an_integer_no_float_can_hold_is_read_without_its_cost():
+    # json.loads reads a 400-digit cost as an int that float() cannot take: the OverflowError
+    # escaped the tally and broke the relay mid-stream (and, for a plain answer, left the call
+    # running, its job uncompletable, and the client with a 500).
+    tally = StreamTally()
+    data = b'{"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "cost": 1' + b"0" * 400 + b"}}"
+    assert tally.observe(event(data)) is True
+    assert (tally.usage.prompt_tokens, tally.usage.completion_tokens, tally.usage.reported_cost) == (7, 3, None)

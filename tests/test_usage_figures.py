@@ -6,9 +6,13 @@ import json
 import pytest
 
 from proxy.accounting import StreamTally, Usage, completion_chars, cost_of, usage_from
+from proxy.config import ModelPrice
 from proxy.metrics import Metrics
 from proxy.pricing import Pricing
 from proxy.sse import SSEEvent
+
+
+USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 
 
 def event(body: dict) -> SSEEvent:
@@ -57,3 +61,29 @@ def test_an_answer_whose_tool_calls_is_no_list_is_estimated_not_left_unrecorded(
     # call's record was written: the call stayed running (its job uncompletable, 409) until the
     # sweeper closed it as interrupted, and the client got a bare 500.
     assert completion_chars({"role": "assistant", "content": "hello", "tool_calls": tool_calls}) == len("hello")
+
+
+@pytest.mark.parametrize("huge", [1e308, "1e308", 10**400])
+def test_a_reported_cost_beyond_any_real_call_is_no_cost_figure(huge):
+    # Taken as the call's cost, two such calls summed to infinity: the job's total_cost_usd went
+    # out as null, which the contract never allows, and the team's cost counter stayed infinite.
+    pricing = Pricing({"m": ModelPrice(1e-06, 2e-06)})
+    for usage in (usage_from(USAGE, huge), usage_from({**USAGE, "cost": huge})):
+        assert usage is not None and usage.reported_cost is None
+        assert cost_of(usage, "m", pricing) == pytest.approx(10 * 1e-06 + 5 * 2e-06)
+
+
+def test_an_answer_without_usage_estimates_the_same_text_as_its_stream_would():
+    # A stream's estimate counts reasoning, refusals and legacy function-call arguments; a plain
+    # answer counted only content and tool calls, so the same answer cost less unstreamed.
+    message = {
+        "role": "assistant",
+        "content": "answer",
+        "reasoning_content": "thinking",
+        "refusal": "no",
+        "function_call": {"name": "f", "arguments": '{"a":1}'},
+    }
+    tally = StreamTally()
+    for key in ("content", "reasoning_content", "refusal", "function_call"):
+        tally.observe(event({"choices": [{"index": 0, "delta": {key: message[key]}}]}))
+    assert completion_chars(message) == tally.completion_chars == len("answerthinkingno") + len('{"a":1}')

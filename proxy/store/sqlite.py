@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -77,7 +78,7 @@ _COST_COLUMNS = """
     COALESCE(SUM(c.status IN ('error', 'cancelled')), 0),
     COALESCE(SUM(c.prompt_tokens), 0),
     COALESCE(SUM(c.completion_tokens), 0),
-    COALESCE(SUM(c.cost_usd), 0.0),
+    COALESCE(exact_sum(c.cost_usd), 0.0),
     COALESCE(ROUND(AVG(c.latency_ms)), 0)
 """
 _CALL_COLUMNS = """
@@ -164,6 +165,25 @@ def _call(row: sqlite3.Row | tuple) -> CallSummary:
     )
 
 
+class _ExactSum:
+    """SQL's SUM of costs, correctly rounded (math.fsum): SQLite's own (before 3.43) adds in plain
+    floating point, and the error of each addition piles up, a thousand calls of $0.10 making
+    $99.999999999999, where a job's total is to be exact to 1e-12 USD (its calls' costs' unit)."""
+
+    def __init__(self) -> None:
+        self._values: list[float] = []
+
+    def step(self, value: float | None) -> None:
+        if value is not None:
+            self._values.append(value)
+
+    def finalize(self) -> float:
+        try:
+            return math.fsum(self._values)
+        except OverflowError:  # past the largest float on the way: what SUM gives then
+            return sum(self._values)
+
+
 def _probe_write(db: sqlite3.Connection) -> None:
     """A write that needs room as a call's record does (a row, pages beyond one), and leaves
     nothing behind. The id cannot be an organization's: ids are refused with a space."""
@@ -230,6 +250,9 @@ class SQLiteStore:
         for pragma in self._pragmas():
             await self._reader.execute(pragma)
         self._together = self._connect_writer()  # the same settings; it only reads
+        # The job views' costs (`_COST_COLUMNS`) are read on it, and only on it.
+        # (typeshed's protocol of an aggregate has it give an int; SQLite takes a float as well.)
+        self._together.create_aggregate("exact_sum", 1, _ExactSum)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         # Writes in flight (they are shielded from cancellation) are finished first.
