@@ -13,7 +13,7 @@ from .auth import MasterKeyGuard
 from .bodies import read_json_object
 from .config import Config
 from .json_codec import JSONResponse
-from .validation import parse_paging
+from .validation import parse_page, parse_paging
 from .views import jobs_page_json, team_json
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -87,7 +87,7 @@ class AdminApi:
         return self._team(await self._admin.add_credits(request.path_params["team_id"], await self._body(request)))
 
     async def ledger(self, request: Request) -> Response:
-        _, limit, offset = parse_paging(request.query_params, max_limit=1000)
+        limit, offset = parse_page(request.query_params, max_limit=1000)  # the ledger has no status
         entries = await self._admin.ledger(request.path_params["team_id"], limit, offset)
         return JSONResponse([entry.to_json() for entry in entries])
 

@@ -453,9 +453,12 @@ def parse_paging(query: Any, max_limit: int = 500) -> tuple[str | None, int, int
     status = query.get("status") or None
     if status is not None and status not in ("pending", "in_progress", "completed", "failed"):
         raise invalid("status", "must be one of: pending, in_progress, completed, failed")
-    limit = _query_int(query, "limit", 50, 1, max_limit)
-    offset = _query_int(query, "offset", 0, 0, 10**9)
-    return status, limit, offset
+    return (status, *parse_page(query, max_limit))
+
+
+def parse_page(query: Any, max_limit: int = 500) -> tuple[int, int]:
+    """`?limit=&offset=` of a list."""
+    return _query_int(query, "limit", 50, 1, max_limit), _query_int(query, "offset", 0, 0, 10**9)
 
 
 def _query_int(query: Any, name: str, default: int, low: int, high: int) -> int:

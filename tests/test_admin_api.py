@@ -122,6 +122,13 @@ def test_credits_are_ledger_entries_with_reason_and_balance(admin, team):
     ]
 
 
+def test_the_ledger_takes_no_job_status_filter(admin, team):
+    # The job lists' paging was read for it, status included: ?status=bogus was a 422 about job
+    # statuses, and ?status=completed was silently not applied.
+    ledger = admin.ok("GET", f"/admin/teams/{team.team_id}/ledger?status=bogus&limit=1")
+    assert [(e["amount"], e["reason"]) for e in ledger] == [(10, "initial allocation")]
+
+
 def test_credits_cannot_drop_below_used_plus_held(tollgate, admin, team):
     tollgate.client(team.key).post("/api/jobs/create", json={"job_type": "hold"}).raise_for_status()
     response = admin.request("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": -10, "reason": "x"})
