@@ -4,14 +4,16 @@ The next model is tried while nothing has reached the client: on a connect
 error, a timeout (ours, or LiteLLM's 408), a 5xx, a 429, a model's provider
 refusing LiteLLM's credentials for it, an unusable answer, or (for streams) an
 error arriving as the very first event, or LiteLLM not knowing the model's
-name (the group's mistake, not the caller's). Any other 4xx is the caller's problem
-and is returned as such, and so is LiteLLM refusing the request body itself, whatever
-status it gives that; LiteLLM refusing Tollgate's own key is Tollgate's misconfiguration.
+name or not granting it to Tollgate's key (the group's mistake, not the caller's).
+Any other 4xx is the caller's problem and is returned as such, and so is LiteLLM
+refusing the request body itself, whatever status it gives that; LiteLLM refusing
+Tollgate's own key is Tollgate's misconfiguration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Sequence, overload
 
@@ -29,6 +31,10 @@ _TIMEOUT = 408
 _PROVIDER_REFUSALS = ("authentication_error", "permission_error")
 # LiteLLM's words for a model name it does not serve (its ProxyModelNotFoundError, a 400).
 _UNKNOWN_MODEL = "Invalid model name passed in model="
+# The end of the type LiteLLM gives its refusal of a model the key it was sent may not use (a
+# 403: key_, team_, user_, org_ or project_model_access_denied, by whose list lacks it). That
+# key is Tollgate's, and accepted: the model is not granted to it, which another may be.
+_MODEL_NOT_GRANTED = "_model_access_denied"
 # LiteLLM refusing a request body before any model (auth_utils.is_request_body_safe: a credential,
 # an endpoint, an observability or pricing field, at the top or inside metadata or extra_body).
 # Its ValueError says "Rejected Request: <field> is not allowed in request body. <advice to the
@@ -186,6 +192,10 @@ async def _attempt(
 
 
 async def _first_event(response: UpstreamResponse, model: str, number: int) -> OpenStream | Attempt:
+    # `first_byte` bounds the wait for the first event, as it does the wait for the head: each
+    # silence's own timeout never runs out on an upstream keeping its stream alive with comments,
+    # which would hold the call to its total deadline, with no time left for the next model.
+    response.expect_by(response.head_due, "no first event from the upstream in time")
     scanner = SSEScanner()
     chunks = response.aiter_raw()
     events: list[SSEEvent] = []
@@ -203,6 +213,7 @@ async def _first_event(response: UpstreamResponse, model: str, number: int) -> O
         if first.data == b"[DONE]":
             # Nothing but its end: no more usable than an answer without choices.
             return Attempt(model, "stream ended before its first event", 200)
+        response.expect_by(math.inf, "")  # from here only each silence is bounded
         return OpenStream(model, number, response, chunks, scanner, events)
     return Attempt(model, "stream ended before its first event", 200)
 
@@ -241,6 +252,9 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
         return Attempt(model, f"{status}: {message}", status)
     if status in (401, 403) and error_type in _PROVIDER_REFUSALS:
         # This model's provider refused the key LiteLLM holds for it: another model may work.
+        return Attempt(model, f"{status}: {message}", status)
+    if status == 403 and isinstance(error_type, str) and error_type.endswith(_MODEL_NOT_GRANTED):
+        # As a model LiteLLM does not serve: the group's mistake, for this model only.
         return Attempt(model, f"{status}: {message}", status)
     if status in (401, 403) or error_type in ("auth_error", "no_db_connection"):
         raise UpstreamMisconfigured(status, message, model, number)

@@ -74,10 +74,14 @@ class UpstreamStatusError(Exception):
 class UpstreamResponse:
     """One answer: status and headers are in; the body arrives through `aiter_raw`."""
 
-    def __init__(self, connection: "_Connection", read_timeout: float, deadline: float) -> None:
+    def __init__(self, connection: "_Connection", read_timeout: float, deadline: float, head_due: float) -> None:
         self._connection = connection
         self._read_timeout = read_timeout
         self._deadline = deadline
+        self.head_due = head_due  # loop time by which the head was due: the read timeout after sending
+        # A bound on the waits for the body besides each silence's (`expect_by`), and its message.
+        self._by = math.inf
+        self._by_message = ""
         self.status_code = 0
         self.headers: dict[str, str] = {}
         self._chunks: deque[bytes] = deque()
@@ -144,10 +148,21 @@ class UpstreamResponse:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def expect_by(self, due: float, message: str) -> None:
+        """Have every wait for the body end by `due` (loop time) too, with UpstreamTimeout(message),
+        however often data arrives before then: the read timeout bounds only each silence, which
+        an upstream sending bytes of no use (a stream's comments) never lets run out. math.inf
+        lifts the bound."""
+        self._by, self._by_message = due, message
+
     async def _wait(self) -> None:
-        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        due, message = loop.time() + self._read_timeout, "no data from the upstream in time"
+        if self._by < due:
+            due, message = self._by, self._by_message
         try:
-            await self._connection.within(waiter, self._read_timeout, "no data from the upstream in time", self._deadline)
+            await self._connection.within(waiter, due, message, self._deadline)
         finally:
             self._waiter = None
 
@@ -183,6 +198,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self.reused = False  # it was kept alive after an answer, and taken again
         self.idle_since = 0.0
         self._response: UpstreamResponse | None = None
         self._head: asyncio.Future[UpstreamResponse] | None = None
@@ -278,10 +294,18 @@ class _Connection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
+        # The upstream's keep-alive timer starts as it ends its answer, not when the caller lets
+        # the answer go (a relay may do so seconds later): idle from here.
+        self.idle_since = asyncio.get_running_loop().time()
         if self._response is not None:
             self._response._finished()
 
     # --- used by the pool and the response --------------------------------------------
+
+    @property
+    def unanswered(self) -> bool:
+        """No byte of an answer to the current request has arrived."""
+        return self._head_bytes == 0
 
     def _chunked(self) -> bool:
         return "chunked" in self._headers.get("transfer-encoding", "").lower()
@@ -297,21 +321,20 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._headers = {}
         self._head_bytes = 0
-        self._response = UpstreamResponse(self, read_timeout, deadline)
+        due = loop.time() + read_timeout
+        self._response = UpstreamResponse(self, read_timeout, deadline, due)
         self._head = head_future = loop.create_future()
         self.transport.write(head + body)
-        return await self.within(head_future, read_timeout, "no answer from the upstream in time", deadline)
+        return await self.within(head_future, due, "no answer from the upstream in time", deadline)
 
-    async def within(self, waiter: asyncio.Future[T], seconds: float, message: str, deadline: float) -> T:
-        """Await `waiter`, failing it with UpstreamTimeout(message) if it takes longer than
-        `seconds`, or with DeadlineExceeded at `deadline` (loop time) if that comes first. A
-        timer per wait is a libuv handle made and cancelled under uvloop (asyncio.timeout()
-        came to 26k instructions a call): the connection keeps one, armed for the earliest wait
-        it may have to end, and when it fires it ends the wait running then or arms itself for
-        that one's end."""
+    async def within(self, waiter: asyncio.Future[T], due: float, message: str, deadline: float) -> T:
+        """Await `waiter`, failing it with UpstreamTimeout(message) at `due` (loop time), or
+        with DeadlineExceeded at `deadline` if that comes no later. A timer per wait is a libuv
+        handle made and cancelled under uvloop (asyncio.timeout() came to 26k instructions a
+        call): the connection keeps one, armed for the earliest wait it may have to end, and
+        when it fires it ends the wait running then or arms itself for that one's end."""
         loop = asyncio.get_running_loop()
-        due = loop.time() + seconds
-        if deadline < due:
+        if deadline <= due:
             due, message = deadline, ""
         self._waiter, self._due, self._overdue = waiter, due, message
         if self._watch is None or self._watch_at > due:
@@ -412,8 +435,10 @@ class Upstream:
         return await self._send(head, body, self.timeouts.first_byte, deadline)
 
     async def get_json(self, path: str, timeout: float) -> Any:
+        """GET `path`'s JSON within `timeout` seconds in all: each silence's own bound would not end
+        an answer that drips without end."""
         head = f"GET {self._prefix}{path} HTTP/1.1\r\n".encode("latin-1") + self._common + b"\r\n"
-        response = await self._send(head, b"", timeout, math.inf)
+        response = await self._send(head, b"", timeout, asyncio.get_running_loop().time() + timeout, safe=True)
         try:
             content = await response.aread()
         finally:
@@ -422,13 +447,24 @@ class Upstream:
             raise UpstreamStatusError(response.status_code)
         return json.loads(content)
 
-    async def _send(self, head: bytes, body: bytes, read_timeout: float, deadline: float) -> UpstreamResponse:
-        connection = await self._acquire(deadline)
-        try:
-            return await connection.request(head, body, read_timeout, deadline)
-        except BaseException:
-            connection.release(reusable=False)
-            raise
+    async def _send(
+        self, head: bytes, body: bytes, read_timeout: float, deadline: float, safe: bool = False
+    ) -> UpstreamResponse:
+        """`safe`: the request may be sent twice (a GET). One sent on a kept-alive connection that
+        the upstream closed before any byte of an answer most likely raced the upstream's idle
+        close, and is sent again on another connection; a call never is (README, "Own HTTP and
+        Redis clients"): the upstream may have read it and started on it."""
+        while True:
+            connection = await self._acquire(deadline)
+            try:
+                return await connection.request(head, body, read_timeout, deadline)
+            except ReadError:
+                connection.release(reusable=False)
+                if not (safe and connection.reused and connection.unanswered):
+                    raise
+            except BaseException:
+                connection.release(reusable=False)
+                raise
 
     # --- the pool -----------------------------------------------------------------------
 
@@ -441,6 +477,7 @@ class Upstream:
             while self._idle:
                 connection = self._idle.pop()
                 if not connection.lost and now - connection.idle_since < KEEPALIVE_EXPIRY:
+                    connection.reused = True
                     return connection
                 connection.close()
                 self._open -= 1
@@ -479,8 +516,7 @@ class Upstream:
 
     def _release(self, connection: _Connection, reusable: bool) -> None:
         if reusable and not self._closed and len(self._idle) < self._max_idle:
-            connection.idle_since = asyncio.get_running_loop().time()
-            self._idle.append(connection)
+            self._idle.append(connection)  # idle since its answer ended (on_message_complete)
         else:
             if reusable:
                 connection.close()

@@ -4,6 +4,7 @@ upstream and, for misbehaving servers, a few lines of raw asyncio."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
@@ -435,6 +436,96 @@ def test_a_connection_that_answered_a_5xx_is_not_used_again():
         response = await client.open_chat(chat("hi"))
         assert response.status_code == 200
         await response.aclose()
+        assert len(connections) == 2
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_connection_idles_from_the_end_of_its_answer_not_from_when_the_answer_was_let_go(monkeypatch):
+    # The upstream's keep-alive timer starts as it ends its answer; a relay may let the answer go
+    # much later (a slow client, the call's record waiting on the database). Counted from then,
+    # the connection was still taken for fresh when the upstream's idle close came.
+    monkeypatch.setattr("proxy.upstream.KEEPALIVE_EXPIRY", 0.5)
+    connections: list[int] = []
+
+    async def closes_connections_idle_past_its_timeout(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        loop = asyncio.get_running_loop()
+        answered_at = None
+        while True:
+            await read_request(reader)
+            if answered_at is not None and loop.time() - answered_at > 0.6:
+                writer.close()  # its keep-alive timeout struck as the request came: never answered
+                return
+            await answer_keep_alive(writer)
+            answered_at = loop.time()
+
+    async def run() -> None:
+        server, url = await serve(closes_connections_idle_past_its_timeout)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        assert await response.aread() == b"{}"
+        await asyncio.sleep(0.4)  # the answer is whole, but let go only now
+        await response.aclose()
+        await asyncio.sleep(0.3)  # 0.7 s after the answer's end, 0.3 s after it was let go
+        response = await client.open_chat(chat("hi"))
+        assert response.status_code == 200 and await response.aread() == b"{}"
+        await response.aclose()
+        assert len(connections) == 2
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_json_answer_that_drips_without_end_is_cut_at_its_timeout():
+    # The timeout bounds the whole request (LiteLLM's prices are re-read with it, in a loop no
+    # other timeout guards), not only each silence of an answer that never ends.
+    async def drips(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n[\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):  # a byte every third of the timeout
+                await asyncio.sleep(0.1)
+                writer.write(b"1\r\n \r\n")
+                await writer.drain()
+
+    async def run() -> None:
+        server, url = await serve(drips)
+        client = upstream(url)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await client.get_json("/model/info", timeout=0.3)
+        assert loop.time() - started < 1.0
+        assert client.open_connections == 0
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_get_on_a_kept_alive_connection_the_server_closed_unanswered_is_sent_again_on_a_new_one():
+    # A GET is safe to send twice (unlike a call, never resent): losing the race with the
+    # server's idle close must not fail a readiness check or a refresh of the prices.
+    connections: list[int] = []
+
+    async def one_answer_then_drops_the_next_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"data\":[]}")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)  # arrived as its idle timeout struck: closed unanswered
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(one_answer_then_drops_the_next_request)
+        client = upstream(url)
+        for _ in range(2):
+            assert await client.get_json("/v1/models", timeout=5) == {"data": []}
         assert len(connections) == 2
         server.close()
         await client.aclose()

@@ -338,3 +338,66 @@ def test_a_429_whose_retry_after_only_looks_like_digits_still_falls_back(hint):
         assert (answered.model, answered.attempts) == ("whole", 2)
 
     against(limited_then_answer, check)
+
+
+def test_a_stream_dripping_comments_past_the_first_byte_timeout_fails_that_model_and_the_next_answers():
+    # `first_byte` bounds the wait for a stream's first event, not only each silence before it:
+    # an upstream keeping its stream alive with comments held the call to its total deadline,
+    # and the group's next model was never tried.
+    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+    async def drips_then_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            request = await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            if b'"dripping"' not in request:
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole))
+                await writer.drain()
+                await asyncio.sleep(5)
+            for _ in range(100):  # a comment every third of the timeout, never an event
+                writer.write(b"8\r\n: ping\n\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        opened = await forward(client, ["dripping", "whole"], payload, True, started + 5)
+        assert (opened.model, opened.attempts) == ("whole", 2)
+        assert loop.time() - started < 1.0  # the timeout's 0.3 s, not the call's 5
+        await opened.response.aclose()
+
+    against(drips_then_whole, check, first_byte=0.3)
+
+
+# LiteLLM's refusal of a model its key, team, user, organization or project may not use
+# (auth_checks._can_object_call_model): Tollgate's key is accepted, that model is not granted to it.
+@pytest.mark.parametrize("holder", ["key", "team", "user", "org", "project"])
+def test_a_model_litellm_does_not_grant_the_gateways_key_fails_that_model_and_the_next_answers(holder):
+    # Taken for Tollgate's key refused, it ended the call with a 503 saying so (and a log line
+    # asking to check TOLLGATE_UPSTREAM_KEY, while readiness, whose request the key passes,
+    # stayed green), the group's next model never tried.
+    refusal = json.dumps({"error": {
+        "message": f"{holder} not allowed to access model. This {holder} can only access models=['whole']. "
+                   "Tried to access denied",
+        "type": f"{holder}_model_access_denied", "param": "model", "code": "403",
+    }}).encode()
+    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+
+    async def denies_one_model(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                request = await read_request(reader)
+                status, body = (b"403 Forbidden", refusal) if b'"denied"' in request else (b"200 OK", answer)
+                writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (status, len(body), body))
+                await writer.drain()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answered = await forward(client, ["denied", "whole"], payload, False, loop.time() + 30)
+        assert (answered.model, answered.attempts) == ("whole", 2)
+
+    against(denies_one_model, check)
