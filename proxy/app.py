@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
+import multiprocessing
+import os
 import signal
+import sys
 import threading
 from typing import Any, AsyncIterator, Iterator
 
@@ -185,9 +189,30 @@ def _cancelled_on_stop(future: asyncio.Future[Any]) -> Iterator[None]:
 
 def app_from_environment() -> Starlette:
     """The factory uvicorn's worker processes call: configuration from TOLLGATE_CONFIG."""
+    _stop_with_supervisor()
     config = load_config()
     configure_logging(config.logging.level)
     return create_served_app(config)
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _stop_with_supervisor() -> None:
+    """In a worker of `serve --workers N`: SIGTERM (a graceful stop) once the supervisor dies.
+    Killed alone (kill -9 of the process a process manager started), it left its workers
+    serving on, orphaned, holding the port: the restart could not bind it, and nothing would
+    ever stop them. Linux only (prctl); uvicorn starts workers from its main thread, whose end
+    is what the kernel watches."""
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot ask to be stopped with the supervisor (errno %d)", ctypes.get_errno())
+        return
+    if os.getppid() != parent.pid:  # it died before the request: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def create_served_app(config: Config) -> Starlette:

@@ -1,6 +1,7 @@
 """A gateway killed mid-stream leaves exact books once restarted; SIGTERM is graceful."""
 
 import json
+import os
 import signal
 import socket
 import sqlite3
@@ -208,6 +209,36 @@ def test_sigterm_with_several_workers_refuses_new_connections_while_an_open_stre
         server.stop()
     ((_, status, _),) = books(server.database)["calls"]
     assert status == "success"
+
+
+def test_the_workers_stop_gracefully_when_their_supervisor_is_killed_and_the_gateway_starts_again(tmp_path, litellm):
+    # A kill -9 of `serve --workers N` alone (a process manager signalling only the process it
+    # started) left the workers serving on, orphaned: the restart could not bind the port.
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, workers=2, server={"shutdown_grace": "20s"}).start()
+    team = server.admin().team()
+    job_id = server.client(team.key).post("/api/jobs/create", json={"job_type": "orphaned"}).json()["job_id"]
+    url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
+    body = {"messages": [{"role": "user", "content": "finish me [chunks=30] [delay_ms=100]"}]}
+    try:
+        with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            os.kill(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+            rest = list(lines)
+        assert "data: [DONE]" in rest  # the open stream finishes, as on SIGTERM
+        assert wait_for(lambda: not _accepts(server.port), timeout=15), "the workers still serve"
+    except BaseException:
+        server.stop(signal.SIGKILL)  # the whole group, orphans included
+        raise
+    server.process = None
+    ((_, status, _),) = books(server.database)["calls"]
+    assert status == "success"
+    server.start()  # on the same port
+    try:
+        assert server.admin().get_team(team.team_id)["credits_held"] == 1
+    finally:
+        server.stop()
 
 
 def _accepts(port: int) -> bool:
