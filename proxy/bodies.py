@@ -67,6 +67,13 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
             raise ApiError(400, "Content-Length must be a number")
         if int(length) > max_bytes:
             raise ApiError(413, f"Request body is larger than {max_bytes} bytes")
+    else:
+        # A chunked body (the parser refuses one with both headers). The parser undoes `chunked`
+        # alone: a coding before it (`gzip, chunked`) would be read as it is, as a body with
+        # Content-Encoding would.
+        transfer = header(request, b"transfer-encoding")
+        if transfer is not None and transfer.lower().replace(" ", "").replace("\t", "") != "chunked":
+            raise ApiError(415, f"Transfer-Encoding '{transfer[:100]}' is not supported; send the body chunked alone")
     chunks = []
     size = 0
     # The ASGI messages themselves: Request.stream() wraps the same loop in an async generator.

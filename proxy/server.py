@@ -34,6 +34,9 @@ _TOO_LARGE = f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB"
 _TRAILERS_TOO_LARGE = f"The request's trailer fields are larger than {MAX_HEAD_BYTES // 1024} KiB"
 # What a request line is made of before its target: a method, and the spaces after it.
 _METHOD_CHARACTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- "
+# What the client sends after a request queued behind another's answer is held, unparsed, up to this
+# many bytes before the connection is no longer read (see `CoalescingHttpProtocol._hold`).
+MAX_HELD_BYTES = 64 * 1024
 
 
 class _Refused(Exception):
@@ -74,10 +77,14 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # The requests pipelined requests were queued behind: uvicorn keeps track of the latest
         # request alone, and one of these may be the one running.
         self._ahead: list[RequestResponseCycle] = []
+        self._held = bytearray()  # read while a request was queued, parsed once none is (`_hold`)
         self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
+            return
+        if self.pipeline:  # a request waits for its turn
+            self._hold(data)
             return
         if not (self._reading and self._head_done):  # a head is being read, or is due
             # Over earlier reads the count is of head bytes alone; a read that takes it past the
@@ -221,6 +228,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 _close_if_answered_unasked(self.cycle)
             if self._waiting():
                 self._queued_behind(previous)
+                # uvicorn stops reading here; what comes next is held instead (`_hold`).
+                self.flow.resume_reading()
 
     def _has_body(self) -> bool:
         for name, value in self.headers:
@@ -258,6 +267,22 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 self._arm_read_timer()
 
         _after_answer(previous, its_turn)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep what the client sent while a request waits for its turn, to be parsed at that turn
+        (`on_response_complete`). uvicorn stopped reading the connection instead, and so never saw
+        the client hang up meanwhile: the request running was left to run on (a call to its end,
+        and charged) for nobody. Past MAX_HELD_BYTES, reading stops all the same."""
+        self._held += data
+        if len(self._held) > MAX_HELD_BYTES:
+            self.flow.pause_reading()
+
+    def on_response_complete(self) -> None:
+        HttpToolsProtocol.on_response_complete(self)  # starts the request queued next, if any
+        if self._held and not self.pipeline and not self.transport.is_closing():
+            held = bytes(self._held)
+            self._held.clear()
+            self.data_received(held)
 
     def _waiting(self) -> bool:
         """Whether the request being read, its head read, is queued behind another."""

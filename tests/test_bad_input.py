@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import socket
 import uuid
 
 import httpx
@@ -264,6 +265,23 @@ def test_a_compressed_body_is_415_naming_the_encoding(tollgate, team, job_url, e
         job_url, content=body, headers={"Content-Type": "application/json", "Content-Encoding": encoding}
     )
     assert response.status_code == 415 and encoding in response.json()["detail"]
+
+
+def test_a_body_with_a_transfer_coding_besides_chunked_is_415_naming_it(tollgate, team):
+    # The parser undoes `chunked` alone: what it hands on is still gzip, here a plain body so
+    # labelled, which was read and served as if it were not.
+    body = b'{"job_type": "coded"}'
+    request = (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        f"Content-Type: application/json\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n"
+        f"{len(body):x}\r\n"
+    ).encode() + body + b"\r\n0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", tollgate.port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 415 "), reply[:300]
+    assert "gzip" in json.loads(answer)["detail"]
 
 
 def test_unknown_route_and_wrong_method_answer_json(tollgate, team):

@@ -196,6 +196,36 @@ def test_a_client_hanging_up_with_a_request_queued_cancels_the_running_call(serv
     assert [c["status"] for c in calls] == ["cancelled"]
 
 
+def test_a_client_hanging_up_after_pipelining_a_request_behind_a_running_call_cancels_it(server, team):
+    # The request comes once the call is under way (uvicorn stopped reading as it queued it, and
+    # never saw the hang-up: the call ran to its end and was charged).
+    job = new_job(server, team)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(llm_call(team, job, "slow [first_byte_ms=3000]"))
+        time.sleep(0.5)
+        sock.sendall(LIVE)
+        time.sleep(0.5)
+    client = server.client(team.key)
+    calls = wait_for(lambda: [c for c in client.get(f"/api/jobs/{job}").json()["calls"] if c["status"] != "running"],
+                     timeout=10)
+    assert [c["status"] for c in calls] == ["cancelled"]
+
+
+@pytest.mark.parametrize("size", [10, 200_000], ids=["small", "over-64-kib"])
+def test_requests_pipelined_while_a_call_runs_are_answered_after_it_in_order(server, team, size):
+    # Sent in reads of their own once the call is under way, the second with a body of `size`.
+    job = new_job(server, team)
+    body = b'{"job_type": "pipelined"}' + b" " * size
+    create = (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    found = pipeline(server.port, llm_call(team, job, "slow [first_byte_ms=1500]"), LIVE, create[:100], create[100:],
+                     LIVE_LAST)
+    assert statuses(found) == [200, 200, 200, 200]
+    assert json.loads(found[0][1])["call_id"] and json.loads(found[2][1])["job_id"]
+
+
 def test_pipelined_requests_are_answered_in_the_order_sent(server, team):
     job = new_job(server, team)
     found = pipeline(server.port, llm_call(team, job, "slow [first_byte_ms=1000]") + LIVE + LIVE_LAST)
