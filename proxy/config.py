@@ -97,6 +97,11 @@ Window = Annotated[
     float, Rule("a duration of at least 1 ms (seconds, or e.g. '60s', '1m')", lambda v: v >= 0.001, parse_duration)
 ]
 NonNegativeFloat = Annotated[float, Rule("a number of 0 or more", lambda v: v >= 0)]
+# Far above any model's price per token, and low enough that no call's cost (tokens are at most
+# 10^12 each way) nor any sum of costs can reach infinity, which JSON cannot carry.
+MAX_PRICE_PER_TOKEN = 1000.0
+Price = Annotated[float, Rule(f"a number from 0 to {MAX_PRICE_PER_TOKEN:g} (USD per token)",
+                              lambda v: 0 <= v <= MAX_PRICE_PER_TOKEN)]
 Identifier = Annotated[str, Rule("an identifier (letters, digits, '.', '_', '-'; at most 64)", IDENTIFIER.match)]
 GroupName = Annotated[str, Rule("a model group name (letters, digits, '.', '_', ':', '-')", GROUP_NAME.match)]
 ModelList = Annotated[
@@ -339,8 +344,8 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class ModelPrice:
-    input_cost_per_token: NonNegativeFloat
-    output_cost_per_token: NonNegativeFloat
+    input_cost_per_token: Price
+    output_cost_per_token: Price
 
 
 @dataclass(frozen=True)

@@ -413,11 +413,19 @@ def test_a_rate_limit_window_shorter_than_redis_counts_is_refused(tmp_path):
         (f"server:\n  read_timeout: 1{'0' * 400}\n", "server.read_timeout: must be a positive duration"),
         (f"auth:\n  cache_ttl: 1{'0' * 400}\n", "auth.cache_ttl: must be a duration from 0 to 1 second"),
         (f"pricing:\n  m: {{input_cost_per_token: 1{'0' * 400}, output_cost_per_token: 0}}\n",
-         "pricing.m.input_cost_per_token: must be a number of 0 or more"),
+         "pricing.m.input_cost_per_token: must be a number from 0 to 1000 (USD per token)"),
     ],
 )
 def test_an_integer_past_a_floats_range_is_refused_in_one_line(tmp_path, text, message):
     assert message in error_for(tmp_path, text)
+
+
+def test_a_price_per_token_that_could_make_a_cost_infinite_is_refused(tmp_path):
+    # 1e300 per token is a finite number, and a call's cost or a job's total from it was not:
+    # JSON carries infinity as null, which the contract never allows for a cost.
+    assert error_for(tmp_path, "pricing:\n  m: {input_cost_per_token: 1.0e+300, output_cost_per_token: 0}\n").endswith(
+        "pricing.m.input_cost_per_token: must be a number from 0 to 1000 (USD per token)"
+    )
 
 
 @pytest.mark.parametrize(

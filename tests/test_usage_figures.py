@@ -41,7 +41,7 @@ def test_a_stream_whose_usage_holds_no_token_count_is_estimated():
     assert usage_only is True  # still no output: a client that did not ask for usage does not get it
 
 
-@pytest.mark.parametrize("bad", [-1e-06, True, float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [-1e-06, True, float("nan"), float("inf"), 1e300])
 def test_a_price_litellm_reports_that_config_yaml_would_refuse_is_not_used(bad):
     # A negative price made a negative cost: the tokens counter refused it with a ValueError
     # raised after the call was recorded (and, for a /v1 call, its own job charged), so the
