@@ -73,6 +73,7 @@ class SSERelay:
         self._drop_usage_only = drop_usage_only
         self._first_event_at: float | None = None
         self._recorded = False
+        self._started = False  # the head sent
         self._live = live
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -133,7 +134,7 @@ class SSERelay:
             # The head and the first events too: a client that left its previous answer on this
             # connection unread has them wait on it, and would hold the call and its upstream.
             async with asyncio.timeout_at(self._deadline):
-                await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
+                await self._start(send)
                 terminal = await self._forward(send, stream.first_events)
                 if terminal is None:
                     async for chunk in stream.chunks:
@@ -201,7 +202,15 @@ class SSERelay:
         await self._send(send, kept)
         return None
 
+    async def _start(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
+        self._started = True
+
     async def _send(self, send: Send, chunks: list[bytes], more_body: bool = True) -> None:
+        if not self._started:
+            # The deadline or a shutdown came while the head waited on a client that left its
+            # previous answer unread: a body without a head is uvicorn's plain-text 500.
+            await self._start(send)
         if chunks and self._first_event_at is None:
             self._first_event_at = asyncio.get_running_loop().time()
         if chunks or not more_body:

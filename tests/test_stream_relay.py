@@ -168,3 +168,39 @@ def test_an_error_event_the_upstream_left_unterminated_at_its_end_still_reaches_
     assert end.reason == "upstream_failed" and end.error == "boom"
     assert sent.startswith(body)
     assert [json.loads(e).get("error", {}).get("message") for e in events_of(sent)] == [None, "boom"]
+
+
+def test_a_stream_whose_head_waited_past_the_deadline_still_gets_its_head_before_its_error_event():
+    # The head waits on a client that left its previous answer unread; when the call's deadline
+    # came first, the error event went out as a body without a head: uvicorn's plain-text 500.
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def run():
+        scanner = SSEScanner()
+        upstream = _chunks([body, b"data: [DONE]\n\n"])
+        first = scanner.feed(await anext(upstream))
+        stream = OpenStream("primary", 1, _Response(), upstream, scanner, first)
+        messages, ends = [], []
+        blocked = {"head": True}
+
+        async def on_end(end) -> None:
+            ends.append(end)
+
+        async def send(message) -> None:
+            if message["type"] == "http.response.start" and blocked["head"]:
+                blocked["head"] = False  # the client reads again after this
+                await asyncio.sleep(3600)
+            messages.append(message)
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        loop = asyncio.get_running_loop()
+        relay = SSERelay(stream, StreamTally(), [], loop.time() + 0.1, on_end)
+        await relay({"type": "http"}, receive, send)
+        return messages, ends
+
+    messages, ends = asyncio.run(run())
+    assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
+    assert b"upstream_timeout" in messages[1]["body"] and messages[1]["more_body"] is False
+    assert [end.reason for end in ends] == ["upstream_failed"]
