@@ -92,9 +92,12 @@ PositiveInt = Annotated[int, Rule("a positive integer (at most 10^12)", lambda v
 NonNegativeInt = Annotated[int, Rule("an integer of 0 or more (at most 10^12)", lambda v: 0 <= v <= MAX_INTEGER)]
 Port = Annotated[int, Rule("a port number (1-65535)", lambda v: 0 < v < 65536)]
 Seconds = Annotated[float, Rule("a positive duration (seconds, or e.g. '30s', '24h')", lambda v: v > 0, parse_duration)]
-# The limiter's Redis script counts whole milliseconds: a shorter window would be none there.
+# The limiter's Redis script counts whole milliseconds: a shorter window would be none there. A
+# longer one than a day keeps every call's entry that long (a sliding log), and past about 10^13 s
+# its expiry overflows what Redis takes, so that every admit fails.
 Window = Annotated[
-    float, Rule("a duration of at least 1 ms (seconds, or e.g. '60s', '1m')", lambda v: v >= 0.001, parse_duration)
+    float,
+    Rule("a duration from 1 ms to 24 h (seconds, or e.g. '60s', '1m')", lambda v: 0.001 <= v <= 86400, parse_duration),
 ]
 NonNegativeFloat = Annotated[float, Rule("a number of 0 or more", lambda v: v >= 0)]
 # Far above any model's price per token, and low enough that no call's cost (tokens are at most

@@ -401,6 +401,14 @@ def test_a_key_merged_from_an_anchor_may_be_overridden(tmp_path):
     assert (group.models, group.description) == (("y",), "d")
 
 
+def test_a_rate_limit_window_longer_than_a_day_is_refused(tmp_path):
+    # Every call's entry is kept for a window (a sliding log); past about 10^13 s the expiry
+    # Redis is sent overflows, and every admit failed.
+    assert error_for(tmp_path, "rate_limits:\n  window: 2d\n").endswith(
+        "rate_limits.window: must be a duration from 1 ms to 24 h (seconds, or e.g. '60s', '1m')"
+    )
+
+
 def test_a_rate_limit_window_shorter_than_redis_counts_is_refused(tmp_path):
     # Redis's limiter counts whole milliseconds: a window of less than one would admit every call.
     message = error_for(tmp_path, "rate_limits:\n  window: 0.5ms\n")
