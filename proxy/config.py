@@ -103,8 +103,14 @@ NonNegativeFloat = Annotated[float, Rule("a number of 0 or more", lambda v: v >=
 # Far above any model's price per token, and low enough that no call's cost (tokens are at most
 # 10^12 each way) nor any sum of costs can reach infinity, which JSON cannot carry.
 MAX_PRICE_PER_TOKEN = 1000.0
-Price = Annotated[float, Rule(f"a number from 0 to {MAX_PRICE_PER_TOKEN:g} (USD per token)",
-                              lambda v: 0 <= v <= MAX_PRICE_PER_TOKEN)]
+
+
+def is_price(value: float) -> bool:
+    """Whether a number is a price per token config.yaml takes (pricing.py's test of LiteLLM's)."""
+    return 0 <= value <= MAX_PRICE_PER_TOKEN
+
+
+Price = Annotated[float, Rule(f"a number from 0 to {MAX_PRICE_PER_TOKEN:g} (USD per token)", is_price)]
 Identifier = Annotated[str, Rule("an identifier (letters, digits, '.', '_', '-'; at most 64)", IDENTIFIER.match)]
 GroupName = Annotated[str, Rule("a model group name (letters, digits, '.', '_', ':', '-')", GROUP_NAME.match)]
 ModelList = Annotated[

@@ -10,20 +10,20 @@ import asyncio
 import logging
 from typing import Any
 
-from .config import MAX_PRICE_PER_TOKEN, ModelPrice, finite_number
+from .config import ModelPrice, finite_number, is_price
 from .upstream import Upstream
 
 log = logging.getLogger("tollgate.pricing")
 
 
 def _price(value: Any) -> float | None:
-    """A price per token as config.yaml's `pricing` takes one (a number from 0 to
-    MAX_PRICE_PER_TOKEN, not a boolean), else None."""
+    """A price per token as config.yaml's `pricing` takes one (a number, not a boolean, that
+    `is_price`), else None."""
     try:
         price = finite_number(value)
     except ValueError:
         return None
-    return price if 0 <= price <= MAX_PRICE_PER_TOKEN else None
+    return price if is_price(price) else None
 
 
 class Pricing:

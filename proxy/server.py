@@ -253,9 +253,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
 
     def _queued_behind(self, previous: RequestResponseCycle) -> None:
         """The request whose head was just read waits for `previous`'s answer: uvicorn queues
-        it and stops reading. Its read time starts again with its turn, for until then it cannot
-        be read; and `previous` must still hear of a hang-up, though uvicorn now tells only the
-        latest request of it."""
+        it, and what the client sends meanwhile is held unparsed (`_hold`). Its read time starts
+        again with its turn, for until then its body cannot be read; and `previous` must still
+        hear of a hang-up, though uvicorn now tells only the latest request of it."""
         self._ahead = [cycle for cycle in self._ahead if not cycle.response_complete]
         self._ahead.append(previous)
         waiting = self.cycle

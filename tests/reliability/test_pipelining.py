@@ -155,8 +155,8 @@ def test_a_pipelined_request_refused_while_the_one_before_runs_is_counted_as_its
 
 
 def test_a_request_waiting_behind_a_slow_one_has_the_read_timeout_from_its_turn(server, team):
-    # Its head is in, its body not: it cannot be read while it waits (uvicorn stops reading), so
-    # its time starts with its turn.
+    # Its head is in, its body not: it cannot be read while it waits (what comes is held
+    # unparsed), so its time starts with its turn.
     slow = llm_call(team, new_job(server, team), "slow [first_byte_ms=2500]")
     body = b'{"job_type": "pipelined"}'
     waiting = (
