@@ -248,9 +248,12 @@ class CallPipeline:
             self._running.add(call_id)
             await asyncio.shield(self._finish(call, "cancelled", None, Usage(0, 0), 0, "cancelled before it started"))
             raise
-        except BaseException:
+        except BaseException as exc:
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
-            raise
+            refusal = _with_limit_headers(exc, decision)
+            if refusal is exc:
+                raise
+            raise refusal from exc
         notes["job"], notes["call"] = job_id, call_id
         if own_job is not None:
             self._metrics.observe_job(team.team_id, "created")
@@ -561,6 +564,22 @@ class CallPipeline:
         if ended:
             self._metrics.observe_job(team_id, job_end.status)
         return recorded
+
+
+def _with_limit_headers(exc: BaseException, decision: Decision) -> BaseException:
+    """A refusal of a call its limits had admitted (its job finished meanwhile, its credits or
+    the database failed it) answers with the rate-limit headers too, as every call's answer
+    does, showing the limits without it. A new error: one store error can fail a whole batch."""
+    if isinstance(exc, StoreError):
+        if isinstance(exc, StoreUnavailable):
+            log.warning("a call could not start: 503, the database cannot be written: %s", exc)
+        refusal = from_store_error(exc)
+    elif type(exc) is ApiError:
+        refusal = ApiError(exc.status, exc.message, code=exc.code, param=exc.param, headers=exc.headers)
+    else:
+        return exc
+    refusal.headers = {**decision.released().headers(), **refusal.headers}
+    return refusal
 
 
 def _job_end(call: Call, outcome: CallOutcome, answered: bool) -> JobEnd | None:

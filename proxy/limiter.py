@@ -111,6 +111,16 @@ class Decision:
             (b"x-ratelimit-reset-tokens", openai_duration(tokens.tokens_reset)),
         ]
 
+    def released(self) -> Decision:
+        """Where the scopes stand once this admitted call is forgotten again (its start was
+        refused after its admission): the headers of that refusal do not count it."""
+        usage = tuple(
+            Usage(u.scope, u.rpm, max(0, u.requests - 1), u.requests_reset, u.tpm, max(0, u.tokens - self.estimate),
+                  u.tokens_reset)
+            for u in self.usage
+        )
+        return Decision(self.admitted, self.call_id, self.limits, self.estimate, self.backend, usage)
+
     def refusal(self) -> tuple[str, dict[str, str]]:
         """The 429's message and headers."""
         scope = self.refused_scope or "team"

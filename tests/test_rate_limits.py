@@ -133,6 +133,37 @@ def test_streamed_and_openai_answers_carry_the_rate_limit_headers_too(make_tollg
         assert response.headers["x-job-id"] and response.headers["x-call-id"]
 
 
+def test_a_call_refused_after_its_admission_carries_the_rate_limit_headers_without_counting_itself(
+    make_tollgate, redis_server
+):
+    # The job's status is read as the call starts, after its limits admitted it: 409 then.
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(rpm_limit=7, tpm_limit=5000)
+    job_id = open_job(server, team.key)
+    assert call(server, team.key, job_id, max_tokens=100).status_code == 200
+    server.client(team.key).post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).raise_for_status()
+    refused = call(server, team.key, job_id, max_tokens=100)
+    assert refused.status_code == 409
+    assert refused.headers["x-should-retry"] == "false"
+    assert refused.headers["x-ratelimit-limit-requests"] == "7"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "6"  # the first call only
+    assert refused.headers["x-ratelimit-limit-tokens"] == "5000"
+    assert refused.headers["x-ratelimit-reset-tokens"].endswith("s")
+
+
+def test_an_own_job_refused_for_credits_after_admission_carries_the_rate_limit_headers(make_tollgate, redis_server):
+    # A /v1 call's own job holds its credit as the call starts, once its limits admitted it.
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(credits=0, rpm_limit=7, tpm_limit=5000)
+    with server.client(team.key) as client:
+        refused = client.post("/v1/chat/completions", json={"model": "Main", "messages": HELLO, "max_tokens": 100})
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "insufficient_credits"
+    assert refused.headers["x-ratelimit-limit-requests"] == "7"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "7"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "5000"
+
+
 def test_the_rate_limit_headers_name_the_scope_closest_to_each_limit():
     limits = Limits("t1", "key-a", 100, 10_000, key_rpm=5, key_tpm=1_000_000)
     team = Usage("team", 100, 10, 30.0, 10_000, 9_000, 0.5)
