@@ -195,6 +195,19 @@ def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+DEFAULT = "default"
+
+
+def _int_or_default(text: str) -> int | str:
+    """An integer, or `default`: back to config.yaml's value."""
+    if text == DEFAULT:
+        return DEFAULT
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or '{DEFAULT}', got {text!r}") from None
+
+
 def _drop_none(**fields: Any) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
@@ -236,14 +249,14 @@ def cmd_team_show(args: argparse.Namespace) -> None:
 
 
 def cmd_team_update(args: argparse.Namespace) -> None:
-    body = _drop_none(
-        status=args.status,
-        model_groups=_csv(args.groups) if args.groups else None,
-        default_model_group=args.default,
-        rpm_limit=args.rpm,
-        tpm_limit=args.tpm,
-        credits_per_job=args.credits_per_job,
-    )
+    # What the admin API's PATCH clears with null: --groups "" (none), --default "" (the first
+    # granted group), and `default` for a limit or credits per job (config.yaml's value).
+    body = _drop_none(status=args.status, model_groups=None if args.groups is None else _csv(args.groups))
+    if args.default is not None:
+        body["default_model_group"] = args.default or None
+    for field, value in (("rpm_limit", args.rpm), ("tpm_limit", args.tpm), ("credits_per_job", args.credits_per_job)):
+        if value is not None:
+            body[field] = None if value == DEFAULT else value
     view = _team_view(args)
     _admin(args, lambda admin: _mapped(admin.update_team(args.team_id, body), view))
 
@@ -356,11 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(team, "update", cmd_team_update, "change a team's status, groups or limits")
     p.add_argument("team_id")
     p.add_argument("--status", choices=["active", "suspended"])
-    p.add_argument("--groups")
-    p.add_argument("--default")
-    p.add_argument("--rpm", type=int)
-    p.add_argument("--tpm", type=int)
-    p.add_argument("--credits-per-job", type=int)
+    p.add_argument("--groups", help='comma-separated model groups the team may use ("" for none)')
+    p.add_argument("--default", help='default model group ("": the first of its groups)')
+    p.add_argument("--rpm", type=_int_or_default, help="requests per minute (default: config.yaml's)")
+    p.add_argument("--tpm", type=_int_or_default, help="tokens per minute (default: config.yaml's)")
+    p.add_argument("--credits-per-job", type=_int_or_default, help="credits per job (default: config.yaml's)")
 
     key = commands.add_parser("key", help="virtual keys").add_subparsers(dest="action", required=True)
     p = command(key, "create", cmd_key_create, "create a key (shown once)")

@@ -69,9 +69,14 @@ def test_a_key_revoked_with_the_cli_is_refused_at_once_by_a_running_server(tmp_p
         server.stop()
 
 
-def test_cli_reports_refusals_without_a_traceback(tmp_path):
+def plain_config(tmp_path: Path) -> Path:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db")))
+    return config
+
+
+def test_cli_reports_refusals_without_a_traceback(tmp_path):
+    config = plain_config(tmp_path)
     result = tollgate_cli(config, "team", "create", "t", "--org", "missing-org")
     assert result.returncode == 1
     assert result.stderr.strip() == "tollgate: Organization 'missing-org' not found"
@@ -120,6 +125,32 @@ def test_a_cli_command_leaves_a_declared_team_as_the_admin_api_changed_it(tmp_pa
     ok(config, "credits", "add", "t", "5", "--reason", "top-up")  # any command: it once re-applied the file
     team = ok(declared_config(tmp_path, "o2"), "team", "show", "t")
     assert (team["status"], team["rpm_limit"], team["organization_id"]) == ("suspended", 7, "o1")
+
+
+def test_team_update_takes_a_team_back_to_the_default_limits_and_group(tmp_path):
+    config = plain_config(tmp_path)
+    ok(config, "org", "create", "o")
+    ok(config, "team", "create", "t", "--org", "o", "--groups", "Main,Backup", "--default", "Backup",
+       "--rpm", "7", "--tpm", "700", "--credits-per-job", "3")
+    team = ok(config, "team", "update", "t", "--default", "", "--rpm", "default", "--tpm", "default",
+              "--credits-per-job", "default")
+    assert team["default_model_group"] == "Main"  # the first granted group
+    assert (team["rpm_limit"], team["tpm_limit"]) == (60, 60_000)  # config.yaml's defaults
+    assert ok(config, "team", "show", "t")["rpm_limit"] == 60
+
+
+def test_team_update_can_take_every_group_away(tmp_path):
+    config = plain_config(tmp_path)
+    ok(config, "org", "create", "o")
+    ok(config, "team", "create", "t", "--org", "o", "--groups", "Main")
+    team = ok(config, "team", "update", "t", "--groups", "")
+    assert (team["model_groups"], team["default_model_group"]) == ([], None)
+
+
+def test_team_update_refuses_a_limit_that_is_neither_a_number_nor_default(tmp_path):
+    result = tollgate_cli(plain_config(tmp_path), "team", "update", "t", "--rpm", "lots")
+    assert result.returncode == 2
+    assert "argument --rpm: expected an integer or 'default', got 'lots'" in result.stderr
 
 
 def test_apply_brings_a_declared_team_back_to_the_file(tmp_path):
