@@ -9,9 +9,16 @@ from __future__ import annotations
 import os
 import re
 import time
-import uuid
 
 _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# The other ways a UUID is written: any case, with or without its hyphens (all or none), in
+# braces or after `urn:uuid:`. Not uuid.UUID(), which also reads what is no UUID at all: hyphens
+# anywhere, braces and prefixes repeated, and whatever int() takes for 32 hex digits (a space
+# or an underscore among them, other scripts' digits), some of it as another job's id.
+_OTHER_FORMS = re.compile(
+    r"(?:urn:uuid:)?(\{)?(?P<hex>[0-9a-f]{8}(-?)[0-9a-f]{4}\3[0-9a-f]{4}\3[0-9a-f]{4}\3[0-9a-f]{12})(?(1)\})",
+    re.IGNORECASE | re.ASCII,
+)
 
 
 def new_id() -> str:
@@ -35,7 +42,8 @@ def canonical_uuid(text: str) -> str | None:
     """`text` as a canonical (lower-case, hyphenated) UUID; None if it is not a UUID."""
     if _CANONICAL.fullmatch(text):
         return text
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
+    match = _OTHER_FORMS.fullmatch(text)
+    if match is None:
         return None
+    h = match["hex"].replace("-", "").lower()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

@@ -78,6 +78,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # request alone, and one of these may be the one running.
         self._ahead: list[RequestResponseCycle] = []
         self._held = bytearray()  # read while a request was queued, parsed once none is (`_hold`)
+        # The bytes still due of the body of a request that asked for a protocol switch: the
+        # parser reads none of it (see on_headers_complete), so it is read here, past the parser.
+        self._upgrade_body_left = 0
         self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -103,6 +106,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._trailer_read_bytes = 0
         # uvicorn's own data_received, but for a refusal made in a parser callback.
         self._unset_keepalive_if_required()
+        if self._upgrade_body_left:
+            data = self._read_upgrade_body(data)
+            if not data:
+                return
         while True:
             try:
                 self.parser.feed_data(data)
@@ -120,9 +127,11 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                     # Served as a plain request (a server may ignore Upgrade, RFC 9110, 7.8), without
                     # uvicorn's two warnings (one to install a WebSocket library Tollgate does not
                     # use): the parser stopped where the switch would have begun, and what the
-                    # client sent after it, its next request, is read on.
-                    if len(data) > upgrade.args[0] and not self._discarding:
-                        data = data[upgrade.args[0]:]
+                    # client sent after it, its body and then its next request, is read on.
+                    data = data[upgrade.args[0]:]
+                    if self._upgrade_body_left and not self._discarding:
+                        data = self._read_upgrade_body(data)
+                    if data and not self._discarding:
                         self._read_in_trailers = False
                         continue
             break
@@ -211,9 +220,14 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             raise _Refused
         if self.parser.should_upgrade() and not self._should_upgrade() and self._has_body():
             # The parser reads no body after a head asking to switch protocols (httptools tells
-            # it there is none): the body would be read as the client's next request.
-            self._refuse(400, "A request with a body may not ask for a protocol upgrade (Upgrade)")
-            raise _Refused
+            # it there is none), and would read it as the client's next request: the body is read
+            # past the parser instead (`_read_upgrade_body`). curl --http2 asks for h2c so on
+            # http://, with its -d body. A chunked one is refused: its end is the parser's to find.
+            length = self._content_length()
+            if length is None:
+                self._refuse(400, "A chunked request body may not come with a protocol upgrade (Upgrade)")
+                raise _Refused
+            self._upgrade_body_left = length
         self._head_done = True
         previous = self.cycle
         try:
@@ -237,7 +251,31 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 return True
         return False
 
+    def _content_length(self) -> int | None:
+        """The request's Content-Length (the parser checked it), None for a chunked body."""
+        length = None
+        for name, value in self.headers:
+            if name == b"transfer-encoding":
+                return None
+            if name == b"content-length":
+                length = int(value)
+        return length
+
+    def _read_upgrade_body(self, data: bytes) -> bytes:
+        """Take the body due of a request that asked for a protocol switch from `data`, as the
+        parser would have (`on_body`, then `on_message_complete` at its end); return the rest,
+        the client's next request."""
+        body = data[: self._upgrade_body_left]
+        self._upgrade_body_left -= len(body)
+        if body:
+            self.on_body(body)
+        if not self._upgrade_body_left:
+            self.on_message_complete()
+        return data[len(body):]
+
     def on_message_complete(self) -> None:
+        if self._upgrade_body_left:
+            return  # the parser's end of a request whose body it did not read: read past it
         self._reading, self._head_bytes, self._message_begun = False, 0, False
         self._after_chunk_header, self._trailer_bytes, self._trailer_read_bytes = False, 0, 0
         self._read_in_trailers = False  # what follows in this read is the next request's

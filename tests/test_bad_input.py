@@ -199,6 +199,15 @@ def test_unknown_or_malformed_job_id_is_404(tollgate, team, job_id):
         assert response.json()["detail"]
 
 
+def test_a_jobs_own_id_spelt_in_no_uuid_form_is_404(tollgate, team, job_url):
+    client = tollgate.client(team.key)
+    digits = job_url.split("/")[3].replace("-", "")
+    for spelling in (" " + digits[1:], "\u0660" + digits[1:], "-" + digits + "-"):
+        response = client.get(f"/api/jobs/{spelling}")
+        assert response.status_code == 404, (spelling, response.text)
+        assert response.json()["detail"] == f"Job '{spelling}' not found"
+
+
 def test_another_teams_job_is_403(tollgate, admin, team, job_url):
     other = admin.team()
     client = tollgate.client(other.key)

@@ -36,3 +36,20 @@ def test_a_uuid_in_another_form_is_read_as_its_canonical_form():
 def test_anything_else_is_not_a_uuid():
     for text in ("", "job-1", new_id()[:-1], new_id() + "0", "g" * 32):
         assert canonical_uuid(text) is None
+
+
+def test_what_pythons_uuid_reads_but_no_uuid_form_is_is_not_a_uuid():
+    hex32 = new_id().replace("-", "")
+    for text in (
+        " " + hex32[1:],  # int() takes the space for nothing: 31 digits read as 32
+        "\u0660" + hex32[1:],  # an Arabic-Indic digit
+        hex32[:4] + "_" + hex32[5:],  # read as a UUID that is not this one
+        hex32[:8] + "-" * 10 + hex32[8:],
+        "-" + hex32 + "-",
+        "{{" + hex32 + "}}",
+        "urn:uuid:urn:" + hex32,
+        "{" + hex32,
+    ):
+        assert canonical_uuid(text) is None, text
+    assert canonical_uuid("URN:UUID:" + hex32.upper()) == canonical_uuid(hex32)
+    assert canonical_uuid("{" + hex32 + "}") == canonical_uuid(hex32)
