@@ -56,8 +56,9 @@ def orjson_loads(data: bytes) -> Any:
 
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON of `value`, as `json.dumps(value, ensure_ascii=False,
-    separators=(",", ":")).encode()` writes it but for how floats are spelled (1e16, not
-    1e+16) and non-finite floats (null, not NaN, which JSON cannot carry)."""
+    separators=(",", ":")).encode()` writes it but for how some floats are spelled (0.00001
+    and 1e-7, not 1e-05 and 1e-07) and non-finite floats (null, not NaN, which JSON cannot
+    carry)."""
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:  # an integer outside 64 bits, a key that is not a string

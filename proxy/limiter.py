@@ -144,7 +144,7 @@ class Decision:
 
 
 def openai_duration(seconds: float) -> bytes:
-    """Durations as OpenAI writes them in x-ratelimit-reset-*: 20ms, 1s, 6m0s; as a header's
+    """Durations as OpenAI writes them in x-ratelimit-reset-*: 20ms, 1s, 6m0s, 1h0m0s; as a header's
     bytes, which is all they are made for."""
     if seconds <= 0:
         return b"0s"
@@ -153,7 +153,9 @@ def openai_duration(seconds: float) -> bytes:
     whole = math.ceil(seconds)
     if whole < 60:
         return b"%ds" % whole
-    return b"%dm%ds" % (whole // 60, whole % 60)
+    if whole < 3600:
+        return b"%dm%ds" % (whole // 60, whole % 60)
+    return b"%dh%dm%ds" % (whole // 3600, whole % 3600 // 60, whole % 60)  # a window above an hour
 
 
 # --- the in-process limiter ----------------------------------------------------------------

@@ -13,7 +13,9 @@ import pytest
 
 import proxy.limiter as limiter_module
 from proxy.config import RateLimitsConfig, RedisConfig
-from proxy.limiter import Decision, Limits, LocalLimiter, RateLimiter, RedisLimiter, RedisUnavailable, Usage
+from proxy.limiter import (
+    Decision, Limits, LocalLimiter, RateLimiter, RedisLimiter, RedisUnavailable, Usage, openai_duration
+)
 from tests.support import RedisServer, Tollgate, fake_log, free_port, tag, wait_for
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -162,6 +164,13 @@ def test_an_own_job_refused_for_credits_after_admission_carries_the_rate_limit_h
     assert refused.headers["x-ratelimit-limit-requests"] == "7"
     assert refused.headers["x-ratelimit-remaining-requests"] == "7"
     assert refused.headers["x-ratelimit-remaining-tokens"] == "5000"
+
+
+def test_reset_durations_are_written_as_openai_writes_them_hours_included():
+    seconds = (0, 0.0201, 1, 59.2, 360, 3599, 3600, 86400)
+    assert [openai_duration(s) for s in seconds] == [
+        b"0s", b"21ms", b"1s", b"1m0s", b"6m0s", b"59m59s", b"1h0m0s", b"24h0m0s"
+    ]
 
 
 def test_the_rate_limit_headers_name_the_scope_closest_to_each_limit():
