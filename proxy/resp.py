@@ -371,8 +371,9 @@ class Redis:
             raise RedisError(f"cannot connect to Redis: {exc.strerror or exc}") from None
         if self._setup:
             payload = b"".join(encode(command) for command in self._setup)
+            replies = connection.send(payload, len(self._setup))
             try:
-                for command, future in zip(self._setup, connection.send(payload, len(self._setup))):
+                for command, future in zip(self._setup, replies):
                     try:
                         await future
                     except ReplyError:
@@ -382,6 +383,11 @@ class Redis:
                             raise
             except BaseException:
                 connection.fail(RedisError("Redis refused the connection's setup"))
+                # The first refusal is raised; the replies behind it (a wrong password's NOAUTH to
+                # each SCRIPT LOAD) are heard here, or asyncio logs each as an error never retrieved.
+                for reply in replies:
+                    if reply.done() and not reply.cancelled():
+                        reply.exception()
                 raise
         if self._closed:
             connection.fail(RedisError("client closed"))

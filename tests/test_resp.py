@@ -4,6 +4,7 @@ and a silent server for what happens when Redis does not answer."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 
 import pytest
@@ -337,3 +338,28 @@ def test_after_redis_became_a_replica_the_next_command_connects_again_to_whateve
     finally:
         old.stop()
         new.stop()
+
+
+def test_a_connection_whose_setup_redis_refused_leaves_no_reply_unheard(tmp_path):
+    # A wrong password: Redis refuses AUTH, then each command sent behind it (the limiter's
+    # SCRIPT LOADs) with NOAUTH. Those replies were never read: asyncio logged "Future exception
+    # was never retrieved" at ERROR for each of them, on every try to connect.
+    server = RedisServer(tmp_path).start()
+    server.cli("CONFIG", "SET", "requirepass", "right")
+    unheard: list[dict] = []
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unheard.append(context))
+        redis = Redis(f"redis://:wrong@127.0.0.1:{server.port}/0", connect_timeout=1.0, timeout=1.0,
+                      scripts=[Script("return 1"), Script("return 2")])
+        with pytest.raises(ReplyError, match="WRONGPASS"):
+            await redis.call("PING")
+        await redis.close()
+        gc.collect()
+        await asyncio.sleep(0)
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.stop()
+    assert unheard == []
