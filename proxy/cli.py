@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -73,15 +75,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if workers == 1:
         uvicorn.run(create_served_app(config), **options)
         return
-    # Each worker builds its own app from the same file, and writes its metrics where
-    # any worker answering a scrape can add them all up.
-    if config.source != "(defaults)":
-        os.environ[ENV_CONFIG] = os.path.abspath(config.source)
+    # Each worker builds its own app from a copy of the file as it was checked here, so that one
+    # uvicorn starts again after a crash serves as the others do, whatever became of the file
+    # since (a file edited into a mistake made each such worker die with a traceback, and be
+    # started again, twice a second, for good). Metrics go where any worker answering a scrape
+    # can add them all up.
     with tempfile.TemporaryDirectory(prefix="tollgate-metrics-") as metrics_dir:
-        os.environ[MULTIPROC_ENV] = metrics_dir
-        from .server import serve_workers
+        with tempfile.TemporaryDirectory(prefix="tollgate-config-") as config_dir:
+            os.environ[ENV_CONFIG] = _config_for_workers(config, config_dir)
+            os.environ[MULTIPROC_ENV] = metrics_dir
+            from .server import serve_workers
 
-        serve_workers("proxy.app:app_from_environment", workers, options)
+            serve_workers("proxy.app:app_from_environment", workers, options)
+
+
+def _config_for_workers(config: Config, directory: str) -> str:
+    """A copy of `config`'s file (an empty one for the defaults) in `directory`, checked to
+    give what `config` holds: the file may have changed since it was read."""
+    copy = os.path.join(directory, "config.yaml" if config.source == "(defaults)" else os.path.basename(config.source))
+    try:
+        if config.source == "(defaults)":
+            open(copy, "x").close()
+        else:
+            shutil.copyfile(config.source, copy)
+        copied = load_config(copy)
+    except (OSError, ConfigError) as exc:
+        _fail(f"{config.source}: changed or unreadable while the gateway started: {exc}", EXIT_CONFIG)
+    if dataclasses.replace(copied, source=config.source) != config:
+        _fail(f"{config.source}: changed while the gateway started; start it again", EXIT_CONFIG)
+    return copy
 
 
 def serve_options(args: argparse.Namespace, config: Config) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import socket
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
@@ -244,3 +245,33 @@ def test_the_workers_stop_gracefully_when_their_supervisor_is_killed_and_the_gat
 def _accepts(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _workers(server: Tollgate) -> set[int]:
+    """The live worker processes of `serve --workers N` (not multiprocessing's resource tracker)."""
+    assert server.process is not None
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[1]) == server.process.pid and fields[0] != "Z" and b"spawn_main" in command:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_a_worker_started_again_after_a_crash_serves_the_configuration_serve_started_with(make_tollgate):
+    # uvicorn starts a worker that died again; it read the file anew, so a file edited since into
+    # a mistake made it die with a traceback, and be started again, twice a second, for good.
+    server = make_tollgate(workers=2)
+    first = wait_for(lambda: _workers(server) if len(_workers(server)) == 2 else None, timeout=10)
+    assert first
+    server.config_path.write_text(server.config_path.read_text() + "no_such_section: 1\n")
+    crashed = min(first)
+    os.kill(crashed, signal.SIGKILL)
+    assert wait_for(lambda: len(_workers(server) - first) == 1, timeout=10)  # its replacement
+    time.sleep(3)  # a replacement that cannot start would have died and been replaced meanwhile
+    assert server.log().count("died") == 1 and "Traceback" not in server.log()
+    assert all(httpx.get(f"{server.url}/health/ready").status_code == 200 for _ in range(6))
