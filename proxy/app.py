@@ -42,6 +42,8 @@ from .upstream import Upstream
 log = logging.getLogger("tollgate")
 # How long a start waits for LiteLLM's model prices before serving without them.
 PRICES_AT_START_TIMEOUT = 15.0
+# How long a stop waits, after `server.shutdown_grace`, for the calls it cut to be recorded.
+DRAIN_TIMEOUT = 10.0
 
 
 def create_app(config: Config) -> Starlette:
@@ -106,7 +108,7 @@ def create_app(config: Config) -> Starlette:
                 yield
             finally:
                 # uvicorn has cancelled what outlived the grace period: let those calls be recorded.
-                unrecorded, kept = await calls.drain(timeout=10.0)
+                unrecorded, kept = await calls.drain(timeout=DRAIN_TIMEOUT)
                 if unrecorded:
                     log.error(
                         "%d calls were not recorded before shutdown (%d of them because the store refused their "

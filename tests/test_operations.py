@@ -449,3 +449,28 @@ def test_concurrent_readiness_probes_share_one_upstream_check(make_tollgate):
         assert 1 <= len(seen) <= 5, len(seen)
     finally:
         server.shutdown()
+
+
+def _deployment_stop_budget() -> float:
+    """The longest a graceful stop of the image's Tollgate may take: its config's grace for open
+    streams, then the wait for the calls it cut to be recorded."""
+    from proxy.app import DRAIN_TIMEOUT
+    from proxy.config import load_config
+
+    return load_config(str(REPO / "config.yaml"), env={}).server.shutdown_grace + DRAIN_TIMEOUT
+
+
+def test_the_compose_stack_lets_tollgate_finish_a_graceful_stop_before_docker_kills_it():
+    # Docker's default is 10 s between SIGTERM and SIGKILL: streams still within their grace
+    # would be cut unrecorded, and left for the sweeper to close as interrupted.
+    from proxy.config import parse_duration
+
+    service = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["tollgate"]
+    assert parse_duration(service.get("stop_grace_period", "10s")) > _deployment_stop_budget()
+
+
+def test_the_readmes_docker_run_lets_tollgate_finish_a_graceful_stop_before_docker_kills_it():
+    command = re.search(r"docker run .*?tollgate\n", (REPO / "README.md").read_text(), re.S)
+    assert command is not None
+    timeout = re.search(r"--stop-timeout[ =](\d+)", command.group())
+    assert timeout is not None and int(timeout.group(1)) > _deployment_stop_budget()
