@@ -426,7 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`tollgate key list t | head -1`): what it read is all it wanted.
+        # Python's own flush at exit would fail again and print a traceback: stdout goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

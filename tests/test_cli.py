@@ -75,6 +75,19 @@ def plain_config(tmp_path: Path) -> Path:
     return config
 
 
+def test_cli_output_to_a_reader_that_went_away_ends_without_a_traceback(tmp_path):
+    config = plain_config(tmp_path)
+    ok(config, "org", "create", "o")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `tollgate org list | head -0` does, before anything is written
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    result = subprocess.run([PYTHON, "-m", "proxy", "org", "list", "--config", str(config)], env=env, cwd=REPO,
+                            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr == ""
+
+
 def test_cli_reports_refusals_without_a_traceback(tmp_path):
     config = plain_config(tmp_path)
     result = tollgate_cli(config, "team", "create", "t", "--org", "missing-org")
