@@ -33,7 +33,7 @@ from .config import (
 )
 from .changes import ChangeSignal
 from .errors import ApiError, from_store_error
-from .store import SchemaTooNew, Store, StoreError
+from .store import SchemaTooNew, Store, StoreBusy, StoreError, StoreUnavailable
 
 EXIT_CONFIG = 2
 
@@ -207,6 +207,8 @@ def _run(
         return asyncio.run(run())
     except ApiError as exc:
         _fail(exc.message)
+    except (StoreBusy, StoreUnavailable) as exc:  # the database's state, not the command's: name it
+        _fail(f"the database {config.database.sqlite_path}: {from_store_error(exc).message}")
     except StoreError as exc:
         _fail(from_store_error(exc).message)
     except ConfigError as exc:

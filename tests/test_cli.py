@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -86,6 +87,24 @@ def test_cli_output_to_a_reader_that_went_away_ends_without_a_traceback(tmp_path
     os.close(write_end)
     assert result.returncode == 1
     assert result.stderr == ""
+
+
+def test_cli_names_the_database_another_process_holds_locked(tmp_path):
+    database = tmp_path / "cli.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tollgate_config(database, database={"busy_timeout": "200ms"})))
+    ok(config, "org", "create", "o")
+    ok(config, "team", "create", "t", "--org", "o")
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer, mid-transaction
+    try:
+        result = tollgate_cli(config, "credits", "add", "t", "5", "--reason", "top-up")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"tollgate: the database {database}: ")
+    assert "Traceback" not in result.stderr
 
 
 def test_cli_reports_refusals_without_a_traceback(tmp_path):
