@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -69,6 +70,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for warning in serving_warnings(config, workers):
         logging.getLogger("tollgate").warning(warning)
     options = serve_options(args, config)
+    try:
+        # uvicorn would find out only once the app has started, and not name the host.
+        socket.getaddrinfo(options["host"], options["port"], type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        _fail(f"cannot listen on {options['host']}:{options['port']}: {getattr(exc, 'strerror', None) or exc}",
+              EXIT_CONFIG)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: a graceful
     # stop is a successful exit.
     signal.signal(signal.SIGTERM, _exit_successfully)

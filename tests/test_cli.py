@@ -227,6 +227,19 @@ def test_serve_listens_where_the_command_line_says_over_the_file():
     assert (defaults["host"], defaults["port"]) == (config.server.host, config.server.port)
 
 
+def test_serve_refuses_a_host_it_cannot_resolve_in_one_line_before_starting(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env.update(TOLLGATE_MASTER_KEY="m", TOLLGATE_UPSTREAM_KEY="k", TOLLGATE_UPSTREAM_URL="http://127.0.0.1:9")
+    result = subprocess.run(
+        [PYTHON, "-m", "proxy", "serve", "--host", "no-such-host.invalid", "--port", "18402",
+         "--config", str(plain_config(tmp_path))],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("tollgate: cannot listen on no-such-host.invalid:18402: ")
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_serve_gives_uvicorn_the_files_log_level():
     config = Config(logging=LoggingConfig(level="warning"))
     assert serve_options(build_parser().parse_args(["serve"]), config)["log_level"] == "warning"
