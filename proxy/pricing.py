@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from .config import ModelPrice, finite_number, is_price
-from .upstream import Upstream
+from .upstream import Upstream, UpstreamStatusError
 
 log = logging.getLogger("tollgate.pricing")
 
@@ -61,7 +61,10 @@ class Pricing:
             self.load_model_info(await upstream.get_json("/model/info", timeout=10.0))
             return True
         except Exception as exc:  # prices are a fallback: never fail a request over them
-            log.warning("could not read model prices from LiteLLM: %s", type(exc).__name__)
+            # The class alone (an error's text may quote what LiteLLM said, keys included), but
+            # the status of a refusal, which says what to fix (401: the key; 404: not a LiteLLM).
+            detail = f" ({exc})" if isinstance(exc, UpstreamStatusError) else ""
+            log.warning("could not read model prices from LiteLLM: %s%s", type(exc).__name__, detail)
             return False
 
     async def keep_fresh(self, upstream: Upstream, interval: float, fresh: bool | None = None) -> None:

@@ -1,6 +1,7 @@
 """The figures a call's record takes from the upstream's usage: exact when the upstream gave
 them, an estimate (and said to be one) when what it gave is no token count."""
 
+import asyncio
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from proxy.config import ModelPrice
 from proxy.metrics import Metrics
 from proxy.pricing import Pricing
 from proxy.sse import SSEEvent
+from proxy.upstream import UpstreamStatusError
 
 
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
@@ -87,3 +89,12 @@ def test_an_answer_without_usage_estimates_the_same_text_as_its_stream_would():
     for key in ("content", "reasoning_content", "refusal", "function_call"):
         tally.observe(event({"choices": [{"index": 0, "delta": {key: message[key]}}]}))
     assert completion_chars(message) == tally.completion_chars == len("answerthinkingno") + len('{"a":1}')
+
+
+def test_prices_refused_by_litellm_are_logged_with_the_status(caplog):
+    class Refusing:
+        async def get_json(self, path: str, timeout: float) -> object:
+            raise UpstreamStatusError(401)
+
+    assert asyncio.run(Pricing({}).refresh(Refusing())) is False  # type: ignore[arg-type]
+    assert "could not read model prices from LiteLLM: UpstreamStatusError (HTTP 401)" in caplog.text
