@@ -29,7 +29,7 @@ from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
 from .metrics import Metrics
 from .pricing import Pricing
 from .records import CallOutcome, CallStatus, JobEnd, ModelGroup, NewCall, Team, TerminalJobStatus
-from .store import Store, StoreBusy, StoreError, StoreUnavailable
+from .store import Store, StoreBusy, StoreError, StoreUnavailable, WrittenThenCancelled
 from .streaming import RelayEnd, SSERelay
 from .upstream import Upstream
 from .validation import CallRequest
@@ -247,7 +247,15 @@ class CallPipeline:
             await self._limiter.settle(decision, 0, release=True)
             self._running.add(call_id)
             await asyncio.shield(self._finish(call, "cancelled", None, Usage(0, 0), 0, "cancelled before it started"))
-            raise
+            # Only a shutdown cancels a request (a hang-up does not): a 503 as for any call it
+            # cuts, not uvicorn's bare 500.
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            raise ApiError(
+                503,
+                "The gateway is shutting down: the call was cut short before it started",
+                code="shutting_down",
+                headers={**decision.released().headers(), "Retry-After": "1"},
+            ) from None
         except BaseException as exc:
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
             refusal = _with_limit_headers(exc, decision)
@@ -337,6 +345,8 @@ class CallPipeline:
             refusal = from_store_error(exc)
             refusal.headers.update(call.headers())
             raise refusal from None
+        except asyncio.CancelledError:
+            raise _cut_while_recording(call) from None
         return Completed(answer, outcome)
 
     async def stream(self, call: Call, receive: Receive, drop_usage_only: bool = False) -> SSERelay:
@@ -390,6 +400,12 @@ class CallPipeline:
 
     async def _failed(self, call: Call, exc: BaseException) -> BaseException:
         """Record a call that got no answer; return what the client should get."""
+        try:
+            return await self._record_failure(call, exc)
+        except asyncio.CancelledError:
+            return _cut_while_recording(call)
+
+    async def _record_failure(self, call: Call, exc: BaseException) -> BaseException:
         none = Usage(0, 0)
         if isinstance(exc, ClientClosed):
             # The prompt went upstream, so it counts as spent, estimated, as after a hang-up
@@ -532,6 +548,14 @@ class CallPipeline:
                     break
                 await asyncio.sleep(0.1 * attempt)
                 attempt += 1
+        except WrittenThenCancelled as cut:
+            # The shutdown cut the call while its record was being written, and it was: the call
+            # is recorded, its own job ended as answered (charged), so the answer still goes
+            # out. Refused, the client would get a 500 for an answer it was charged for.
+            if job_end is not None and cut.value[1]:
+                self._metrics.observe_job(team_id, job_end.status)
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            return
         except asyncio.CancelledError:
             # The shutdown cut the call (server.shutdown_grace is over) while its record waited
             # for the database: kept, for the drain to write (a record the write it cut had
@@ -580,6 +604,21 @@ def _with_limit_headers(exc: BaseException, decision: Decision) -> BaseException
         return exc
     refusal.headers = {**decision.released().headers(), **refusal.headers}
     return refusal
+
+
+def _cut_while_recording(call: Call) -> ApiError:
+    """What a non-streaming call's client gets when the shutdown cut the call (uvicorn's cancel,
+    once server.shutdown_grace is over) while its record waited on a locked database: a 503, as
+    for any call the shutdown cuts, not uvicorn's bare 500. Its outcome is kept (`_store_outcome`),
+    its own job to be failed as unanswered."""
+    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+    return ApiError(
+        503,
+        "The gateway is shutting down: the call's record could not be written before it stopped; "
+        "it will be recorded once the database takes writes again",
+        code="shutting_down",
+        headers={**call.headers(), "Retry-After": "1"},
+    )
 
 
 def _job_end(call: Call, outcome: CallOutcome, answered: bool) -> JobEnd | None:

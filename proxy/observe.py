@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Literal
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import ApiError, error_response
 from .metrics import Metrics
 
 access_log = logging.getLogger("tollgate.access")
@@ -42,6 +43,11 @@ ATOMIC_WRITE = 4096
 RefusalObserver = Callable[[str, int, float], None]  # method, status, seconds
 
 
+SHUTTING_DOWN = ApiError(
+    503, "The gateway is shutting down: the request was cut short", code="shutting_down", headers={"Retry-After": "1"}
+)
+
+
 def notes(request: Request) -> dict[str, Any]:
     """The access-log fields of this request, for handlers to fill in."""
     return request.scope.setdefault(NOTES, {})
@@ -61,7 +67,7 @@ class ObserveMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        status = 0  # none sent yet
         scope[NOTES] = {}
 
         async def send_and_watch(message: Message) -> None:
@@ -72,11 +78,19 @@ class ObserveMiddleware:
 
         try:
             await self.app(scope, receive, send_and_watch)
+        except asyncio.CancelledError:
+            # Only a shutdown cancels a request (uvicorn's, once server.shutdown_grace is over): one
+            # not answered yet gets a 503 to retry elsewhere, not uvicorn's bare 500 (which a client
+            # could not tell from a fault, nor from an answer that failed after its write was done).
+            if status:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            await error_response(Request(scope), SHUTTING_DOWN)(scope, receive, send_and_watch)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
             seconds = time.perf_counter() - started
-            self.observe(template, scope["method"], scope.get(REFUSED, status), seconds, scope[NOTES])
+            self.observe(template, scope["method"], scope.get(REFUSED, status or 500), seconds, scope[NOTES])
 
     def observe_refusal(self, method: str, status: int, seconds: float) -> None:
         """A request the HTTP protocol refused before the app saw it (a head over its bound or

@@ -7,6 +7,7 @@ provide. Every credit change happens inside the database in one transaction
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 from ..config import DatabaseConfig
@@ -62,6 +63,17 @@ class JobClosed(StoreError):
 
 class CallInProgress(StoreError):
     pass
+
+
+class WrittenThenCancelled(asyncio.CancelledError):
+    """The caller of a write was cancelled while it ran, and the write went through (writes
+    refuse cancellation, see writer.py): `value` is what it returned. A CancelledError still,
+    for every caller that only needs to know it was cancelled; one whose write must not be
+    taken for lost (a call's record, which charges its own job) reads `value`."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("cancelled once the write was done")
+        self.value = value
 
 
 class StoreBusy(StoreError):

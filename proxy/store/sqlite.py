@@ -52,6 +52,7 @@ from . import (
     StoreUnavailable,
     TeamSuspended,
     Unsaved,
+    WrittenThenCancelled,
 )
 from .aio_fsync import AioFsync
 from .schema import MIGRATIONS, apply
@@ -389,8 +390,14 @@ class SQLiteStore:
             self._unwritable = exc
             raise
         except asyncio.CancelledError:
-            if write.done():
-                write.exception()  # the write's own outcome, taken: only its caller was cancelled
+            if write.done() and not write.cancelled():
+                # Only its caller was cancelled: the write's own outcome is known, and one that
+                # went through is told, so that its caller does not take it for lost.
+                failure = write.exception()
+                if failure is None:
+                    raise WrittenThenCancelled(write.result()) from None
+                if isinstance(failure, Unsaved):
+                    raise WrittenThenCancelled(failure.value) from None
             raise
 
     # --- organizations and model groups --------------------------------------------------
@@ -589,7 +596,10 @@ class SQLiteStore:
                 )
             _ledger_entry(db, team_id, None, amount, reason, self._clock(), balance_after=rows[0][0])
 
-        await self._write(add)
+        try:
+            await self._write(add)
+        except WrittenThenCancelled as cut:
+            _finished_anyway(cut)
         team = await self.get_team(team_id)
         assert team is not None
         return team
@@ -672,7 +682,10 @@ class SQLiteStore:
         def create(db: sqlite3.Connection) -> int:
             return _open_job(db, job_id, team_id, job_type, user_id, metadata_json, default_credits, now)
 
-        held = await self._write(create)
+        try:
+            held = await self._write(create)
+        except WrittenThenCancelled as cut:
+            held = _finished_anyway(cut)
         return Job(job_id, team_id, job_type, user_id, "pending", metadata, None, now, None, held, 0, None)
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -885,6 +898,16 @@ class SQLiteStore:
 
 
 _IMPLICIT_METADATA = json.dumps({"implicit": True})
+
+
+def _finished_anyway(cut: WrittenThenCancelled) -> Any:
+    """What a write returned that its caller's cancellation came too late for: only a shutdown
+    cancels a request (uvicorn's, once server.shutdown_grace is over), and this one is done, so
+    it is answered as done, not with uvicorn's bare 500 after which the client would try again
+    (credits added twice; a second job made, the first holding its credit until it expired).
+    Only where nothing but a request writes: the sweeper's task must stay cancelled."""
+    asyncio.current_task().uncancel()  # type: ignore[union-attr]
+    return cut.value
 
 
 def _open_job(

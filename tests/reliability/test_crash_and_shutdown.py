@@ -5,6 +5,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -275,3 +277,188 @@ def test_a_worker_started_again_after_a_crash_serves_the_configuration_serve_sta
     time.sleep(3)  # a replacement that cannot start would have died and been replaced meanwhile
     assert server.log().count("died") == 1 and "Traceback" not in server.log()
     assert all(httpx.get(f"{server.url}/health/ready").status_code == 200 for _ in range(6))
+
+
+HOLD_LOCK = (
+    "import sqlite3, sys, time\n"
+    "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+    "db.execute('BEGIN IMMEDIATE')\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+    "db.execute('COMMIT')\n"
+)
+
+
+def v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(server: Tollgate, key: str, lock_seconds: float):
+    """A non-streaming /v1 call whose answer comes while another process holds the database,
+    SIGTERM sent meanwhile, the grace period (2 s) ending while its record waits: its answer
+    (or the error the client got), once the gateway has stopped."""
+    answers: list[httpx.Response] = []
+    # Answered 0.8 s after it reaches the upstream: while the database is locked, before the
+    # grace period (2 s) ends.
+    body = {"model": "Main", "messages": [{"role": "user", "content": "one two [first_byte_ms=800]"}]}
+    caller = threading.Thread(
+        target=lambda: answers.append(server.client(key).post("/v1/chat/completions", json=body, timeout=30))
+    )
+    locker = None
+    try:
+        caller.start()
+        assert wait_for(lambda: [c for c in books(server.database)["calls"] if c[1] == "running"], timeout=10)
+        started = time.monotonic()
+        locker = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(server.database), str(lock_seconds)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert locker.stdout.readline().strip() == "locked"
+        assert time.monotonic() - started < 0.7, "locked too late: the answer may have been recorded before"
+        server.process.send_signal(signal.SIGTERM)
+        caller.join(20)
+        assert server.process.wait(20) == 0
+    finally:
+        if locker is not None:
+            locker.wait(20)
+        server.stop()
+    (answer,) = answers
+    return answer
+
+
+def test_a_v1_answer_recorded_while_the_shutdown_cuts_its_call_still_reaches_the_client_it_was_charged_to(
+    tmp_path, litellm
+):
+    # The lock ends within the busy timeout: the record, under way when the grace period ended,
+    # is written (the call's own job charged), and the client got uvicorn's bare 500 instead of
+    # the answer it paid for (and would pay again, retrying).
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "2s"}).start()
+    team = server.admin().team()
+    answer = v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(server, team.key, lock_seconds=3.5)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] == "word1 word2 word3 word4 word5 "
+    settled = books(server.database)
+    assert [c[1] for c in settled["calls"]] == ["success"]
+    assert list(settled["jobs"].values()) == ["completed"] and settled["used"] == 1
+    assert "Exception in ASGI application" not in server.log()
+
+
+def test_a_v1_call_cut_by_the_shutdown_while_its_record_waits_out_a_lock_gets_a_503_and_is_not_charged(
+    tmp_path, litellm
+):
+    # The lock outlasts the record's tries: the outcome is kept, its own job to be failed as
+    # unanswered; the client got uvicorn's bare 500, not the JSON 503 of a call the shutdown cuts.
+    server = Tollgate(
+        tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "2s"}, database={"busy_timeout": "1s"}
+    ).start()
+    team = server.admin().team()
+    answer = v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(server, team.key, lock_seconds=8)
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+    assert answer.json()["error"]["code"] == "shutting_down"
+    assert answer.headers["x-job-id"] and answer.headers["x-call-id"]
+    assert books(server.database)["used"] == 0
+    assert "Exception in ASGI application" not in server.log()
+
+
+def test_a_call_whose_start_waits_on_a_locked_database_when_the_shutdown_cuts_it_gets_a_503(tmp_path, litellm):
+    # Its start, under way when the grace period ended, is written once the lock ends and the
+    # call closed at once (its own job failed, uncharged); the client got uvicorn's bare 500.
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team()
+    answers: list[httpx.Response] = []
+    body = {"model": "Main", "messages": [{"role": "user", "content": "one two"}]}
+    caller = threading.Thread(
+        target=lambda: answers.append(server.client(team.key).post("/v1/chat/completions", json=body, timeout=30))
+    )
+    locker = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(server.database), "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        caller.start()
+        time.sleep(0.3)  # its start waits for the lock
+        server.process.send_signal(signal.SIGTERM)
+        caller.join(20)
+        assert server.process.wait(20) == 0
+    finally:
+        locker.wait(20)
+        server.stop()
+    (answer,) = answers
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+    assert answer.json()["error"]["code"] == "shutting_down"
+    settled = books(server.database)
+    assert [c[1] for c in settled["calls"]] in ([], ["cancelled"])
+    assert set(settled["jobs"].values()) <= {"failed"} and (settled["used"], settled["held"]) == (0, 0)
+    assert "Exception in ASGI application" not in server.log()
+
+
+def request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(server: Tollgate, send, lock_seconds: float = 3):
+    """`send()`'s answer when its write waits on a database another process holds (3 s, within
+    the default busy timeout) and the shutdown's grace period (1 s) ends meanwhile."""
+    answers: list[httpx.Response] = []
+    caller = threading.Thread(target=lambda: answers.append(send()))
+    locker = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(server.database), str(lock_seconds)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        caller.start()
+        time.sleep(0.3)  # its write waits for the lock
+        server.process.send_signal(signal.SIGTERM)
+        caller.join(20)
+        assert server.process.wait(20) == 0
+    finally:
+        locker.wait(20)
+        server.stop()
+    (answer,) = answers
+    return answer
+
+
+def test_credits_added_as_the_shutdown_cuts_the_request_are_answered_as_added(tmp_path, litellm):
+    # The ledger had the entry while the admin got a bare 500, and would add the credits again.
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    admin = server.admin()
+    team = admin.team(credits=10)
+    answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
+        server, lambda: admin.request("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": 5, "reason": "invoice 7"})
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["credits_allocated"] == 15
+    assert books(server.database)["allocated"] == 15
+    assert "Exception in ASGI application" not in server.log()
+
+
+def test_a_job_created_as_the_shutdown_cuts_the_request_is_answered_as_created(tmp_path, litellm):
+    # The job held its credit while the client got a bare 500, and would make another.
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team(credits=10)
+    answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
+        server, lambda: server.client(team.key).post("/api/jobs/create", json={"job_type": "late"})
+    )
+    assert answer.status_code == 200, answer.text
+    settled = books(server.database)
+    assert settled["jobs"] == {answer.json()["job_id"]: "pending"} and settled["held"] == 1
+    assert "Exception in ASGI application" not in server.log()
+
+
+def test_a_job_completed_as_the_shutdown_cuts_the_request_is_answered_as_completed(tmp_path, litellm):
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team(credits=10)
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "late"}).json()["job_id"]
+    answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
+        server, lambda: client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"})
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "completed" and answer.json()["costs"]["credits_charged"] == 1
+    assert books(server.database)["used"] == 1
+    assert "Exception in ASGI application" not in server.log()
+
+
+def test_a_request_cut_by_the_shutdown_before_its_answer_gets_a_503_not_a_bare_500(tmp_path, litellm):
+    # Its write waits out a lock longer than the busy timeout: the write fails after the grace
+    # period ended, and nothing was done.
+    server = Tollgate(
+        tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}, database={"busy_timeout": "3s"}
+    ).start()
+    admin = server.admin()
+    team = admin.team(credits=10)
+    answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
+        server, lambda: server.client(team.key).post("/api/jobs/create", json={"job_type": "late"}), lock_seconds=6
+    )
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+    assert answer.json() == {"detail": "The gateway is shutting down: the request was cut short"}
+    assert books(server.database)["jobs"] == {}
+    assert "Exception in ASGI application" not in server.log()
