@@ -420,6 +420,21 @@ def test_credits_added_as_the_shutdown_cuts_the_request_are_answered_as_added(tm
     assert "Exception in ASGI application" not in server.log()
 
 
+def test_a_key_created_as_the_shutdown_cuts_the_request_is_answered_with_its_secret(tmp_path, litellm):
+    # The key was stored while the admin got a bare 500: its secret, shown only once, was lost.
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    admin = server.admin()
+    team = admin.team(credits=10)
+    answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
+        server, lambda: admin.request("POST", f"/admin/teams/{team.team_id}/keys", json={"name": "late"})
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["key"].startswith("sk-")
+    with sqlite3.connect(server.database) as db:
+        assert db.execute("SELECT count(*) FROM virtual_keys WHERE name = 'late'").fetchone() == (1,)
+    assert "Exception in ASGI application" not in server.log()
+
+
 def test_a_job_created_as_the_shutdown_cuts_the_request_is_answered_as_created(tmp_path, litellm):
     # The job held its credit while the client got a bare 500, and would make another.
     server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
