@@ -57,7 +57,8 @@ def create_app(config: Config) -> Starlette:
     limiter = RateLimiter(config.rate_limits, config.redis)
     metrics = Metrics(config.metrics.team_label, config.metrics.credits_cache)
     calls = CallPipeline(
-        store, upstream, pricing, groups, limiter, config.rate_limits, metrics, config.upstream.timeouts.total
+        store, upstream, pricing, groups, limiter, config.rate_limits, metrics, config.upstream.timeouts.total,
+        config.server.read_timeout,  # a stream's client that takes nothing for this long is cut off
     )
 
     admin = AdminService(store, config, on_change=changes.bump)

@@ -126,6 +126,7 @@ class CallPipeline:
         rate_limits: RateLimitsConfig,
         metrics: Metrics,
         total_timeout: float,
+        stall_timeout: float = 30.0,
     ) -> None:
         self._store = store
         self._upstream = upstream
@@ -135,6 +136,7 @@ class CallPipeline:
         self._rate_limits = rate_limits
         self._metrics = metrics
         self._total_timeout = total_timeout
+        self._stall_timeout = stall_timeout  # how long a stream may wait on a client reading nothing
         self._running: set[str] = set()  # admitted calls not yet recorded
         # Outcomes the store refused (disk full, I/O error, ...), by call id, with how the call's
         # own job ends (if it has one) and its team, not the whole call (whose request may be
@@ -365,7 +367,8 @@ class CallPipeline:
             await self._finish(call, _END_STATUS[end.reason], opened.model, usage, opened.attempts, redact_opt(error), ttft)
 
         return SSERelay(
-            opened, tally, call.raw_headers(), call.deadline, on_end, drop_usage_only, self._metrics.active_streams
+            opened, tally, call.raw_headers(), call.deadline, on_end, drop_usage_only, self._metrics.active_streams,
+            self._stall_timeout,
         )
 
     async def _forward(self, call: Call, receive: Receive) -> Answer | OpenStream:

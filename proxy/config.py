@@ -250,8 +250,8 @@ class ServerConfig:
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
     # On SIGTERM: stop accepting, let open streams finish this long, then cut and record them.
     shutdown_grace: Seconds = 30.0
-    # A request (head and body) must arrive whole within this long: a slow client holds no
-    # connection for good.
+    # A request (head and body) must arrive whole within this long, and a stream's client must
+    # take each write within it: a slow client holds no connection for good, nor an upstream's.
     read_timeout: Seconds = 30.0
 
 

@@ -32,6 +32,8 @@ from .upstream import DeadlineExceeded, TransportError, UpstreamTimeout
 
 # How long past the call's deadline a stream's last bytes may wait for a client that reads nothing.
 LAST_SEND_GRACE = 5.0
+# The error a stream whose client stopped reading is recorded with (`SSERelay`'s stall_timeout).
+CLIENT_STALLED = "the client took none of the stream for {:g} s: cut off"
 
 EndReason = Literal["finished", "client_disconnected", "upstream_failed", "shutdown"]
 SSE_HEADERS = [
@@ -64,6 +66,7 @@ class SSERelay:
         on_end: Callable[[RelayEnd], Awaitable[None]],
         drop_usage_only: bool = False,
         live: Gauge | None = None,
+        stall_timeout: float = 30.0,
     ) -> None:
         self._stream = stream
         self._tally = tally
@@ -75,6 +78,17 @@ class SSERelay:
         self._recorded = False
         self._started = False  # the head sent
         self._live = live
+        # A client that reads nothing held its call's upstream connection until the call's
+        # deadline (10 minutes by default), the relay waiting to write to it: one team could take
+        # every connection of the pool to LiteLLM, and every other team's calls, waiting for one,
+        # failed. A write the client leaves untaken for `stall_timeout` (server.read_timeout)
+        # ends the stream as a hang-up would. One timer a stream looks every `stall_timeout`;
+        # the writes only count themselves.
+        self._stall_timeout = stall_timeout
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._writes = 0  # the writes begun
+        self._writing = False  # the last of them not yet taken
+        self._stalled = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._live is not None:
@@ -89,6 +103,7 @@ class SSERelay:
         loop = asyncio.get_running_loop()
         relay = loop.create_task(self._relay(send))
         watcher = loop.create_task(self._wait_for_disconnect(receive))
+        self._stall_timer = loop.call_later(self._stall_timeout, self._watch_stall, relay, -1)
         reason: EndReason = "client_disconnected"
         cut = False
         try:
@@ -108,6 +123,8 @@ class SSERelay:
         finally:
             relay.cancel()  # a no-op when it is done; otherwise the client is gone, or the shutdown cuts it
             watcher.cancel()
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
             try:
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
@@ -115,12 +132,25 @@ class SSERelay:
                 await self._record("upstream_failed", f"relay failed: {type(exc).__name__}")
                 raise
             finally:
-                await self._record(reason, None)
+                await self._record(reason, CLIENT_STALLED.format(self._stall_timeout) if self._stalled else None)
         if cut:
             cut_event = error_event("The gateway is shutting down: the stream was cut short", "service_unavailable", "shutting_down")
             with contextlib.suppress(Exception):  # the relay may have ended it in the same turn
                 async with asyncio.timeout(LAST_SEND_GRACE):
                     await self._send(send, [cut_event], more_body=False)
+
+    def _watch_stall(self, relay: asyncio.Task[None], writing: int) -> None:
+        """Cut the relay off when the write in progress is the one that was in progress at the
+        last look, `stall_timeout` ago; else look again in `stall_timeout`. `writing`: the
+        number of the write then in progress, -1 for none."""
+        if self._writing and self._writes == writing:
+            self._stalled = True
+            relay.cancel()
+            return
+        now_writing = self._writes if self._writing else -1
+        self._stall_timer = asyncio.get_running_loop().call_later(
+            self._stall_timeout, self._watch_stall, relay, now_writing
+        )
 
     async def _wait_for_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -203,7 +233,10 @@ class SSERelay:
         return None
 
     async def _start(self, send: Send) -> None:
+        self._writes += 1
+        self._writing = True
         await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
+        self._writing = False
         self._started = True
 
     async def _send(self, send: Send, chunks: list[bytes], more_body: bool = True) -> None:
@@ -214,7 +247,10 @@ class SSERelay:
         if chunks and self._first_event_at is None:
             self._first_event_at = asyncio.get_running_loop().time()
         if chunks or not more_body:
+            self._writes += 1
+            self._writing = True
             await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": more_body})
+            self._writing = False
 
     async def _failed(self, message: str, code: str) -> list[bytes]:
         """Record the call as failed; the error event the client gets last."""

@@ -204,3 +204,71 @@ def test_a_stream_whose_head_waited_past_the_deadline_still_gets_its_head_before
     assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
     assert b"upstream_timeout" in messages[1]["body"] and messages[1]["more_body"] is False
     assert [end.reason for end in ends] == ["upstream_failed"]
+
+
+def test_a_client_that_takes_none_of_the_stream_is_cut_off_and_its_upstream_let_go():
+    # Left waiting on it until the call's deadline (10 minutes by default), the relay held the
+    # call's upstream connection: a team reading none of its streams took the whole pool to
+    # LiteLLM, and the other teams' calls failed waiting for a connection.
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def run():
+        scanner = SSEScanner()
+        upstream = _chunks([first] * 100)
+        events = scanner.feed(await anext(upstream))
+        closed = []
+
+        class Response(_Response):
+            async def aclose(self) -> None:
+                closed.append(True)
+
+        stream = OpenStream("primary", 1, Response(), upstream, scanner, events)
+        ends, sent = [], []
+
+        async def on_end(end) -> None:
+            ends.append(end)
+
+        async def send(message) -> None:
+            if message["type"] == "http.response.body" and sent:
+                await asyncio.sleep(3600)  # the client takes the first write, then nothing
+            sent.append(message)
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        loop = asyncio.get_running_loop()
+        relay = SSERelay(stream, StreamTally(), [], loop.time() + 600, on_end, stall_timeout=0.2)
+        await asyncio.wait_for(relay({"type": "http"}, receive, send), 5)
+        return ends, closed
+
+    ends, closed = asyncio.run(run())
+    assert [(end.reason, end.error) for end in ends] == [
+        ("client_disconnected", "the client took none of the stream for 0.2 s: cut off")
+    ]
+    assert closed
+
+
+def test_a_client_that_reads_slowly_is_not_cut_off():
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def run():
+        scanner = SSEScanner()
+        upstream = _chunks([body] * 10 + [b"data: [DONE]\n\n"])
+        stream = OpenStream("primary", 1, _Response(), upstream, scanner, scanner.feed(await anext(upstream)))
+        ends = []
+
+        async def on_end(end) -> None:
+            ends.append(end)
+
+        async def send(message) -> None:
+            await asyncio.sleep(0.05)  # each write taken well within the bound, the stream longer than it
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        loop = asyncio.get_running_loop()
+        relay = SSERelay(stream, StreamTally(), [], loop.time() + 30, on_end, stall_timeout=0.2)
+        await relay({"type": "http"}, receive, send)
+        return ends
+
+    assert [end.reason for end in asyncio.run(run())] == ["finished"]

@@ -117,3 +117,26 @@ def test_a_stream_whose_client_reads_nothing_from_its_start_is_cut_at_the_calls_
         calls = wait_for(lambda: (c := client.get(f"/api/jobs/{job_id}").json()["calls"]) and
                          all(call["status"] != "running" for call in c) and c, timeout=5)
         assert calls and [call["status"] for call in calls] == ["success", "error"]
+
+
+def test_a_client_that_takes_none_of_its_stream_does_not_hold_the_upstream_pool_from_other_teams(make_tollgate, fake_url):
+    # Held until the call's deadline (10 minutes by default), each such stream kept a connection
+    # of the pool to the upstream: one team could take them all, failing every other team's calls.
+    server = make_tollgate(upstream_url=fake_url, upstream={"max_connections": 1}, server={"read_timeout": "1s"})
+    stuck_team, other_team = server.admin().team(), server.admin().team()
+    body = json.dumps({"model": "Main", "stream": True, "messages": [{"role": "user", "content": "flood [chunks=200000]"}]})
+    with socket.create_connection(("127.0.0.1", server.port)) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {stuck_team.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body.encode()
+        )
+        head = stuck.recv(4096)  # then it reads nothing more
+        assert head.startswith(b"HTTP/1.1 200")
+        job_id = re.search(rb"x-job-id: ([0-9a-f-]+)", head).group(1).decode()
+        answer = server.client(other_team.key).post(
+            "/v1/chat/completions", json={"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert answer.status_code == 200
+        (call,) = server.client(stuck_team.key).get(f"/api/jobs/{job_id}").json()["calls"]
+        assert call["status"] == "cancelled" and "took none of the stream" in call["error"]
