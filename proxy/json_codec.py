@@ -20,6 +20,8 @@ import orjson
 from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import Response
 
+from .records import RawJSON
+
 # Every byte to b" ", but ASCII digits to b"0": a run of digits is then found by `in`, a
 # byte search in C, where a regular expression would walk the text in several times the time.
 _DIGIT_MASK = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
@@ -61,13 +63,33 @@ def dumps(value: Any) -> bytes:
     carry)."""
     try:
         return orjson.dumps(value)
-    except orjson.JSONEncodeError:  # an integer outside 64 bits, a key that is not a string
+    except orjson.JSONEncodeError:  # an integer outside 64 bits, a key that is not a string, RawJSON
+        pass
+    try:
+        # Not on the first try: a `default` costs every call's answer, and only pages of jobs
+        # hold RawJSON.
+        return orjson.dumps(value, default=_fragment)
+    except orjson.JSONEncodeError:
         try:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_decoded).encode("utf-8")
         except UnicodeEncodeError:
             # A lone UTF-16 surrogate (an upstream's answer may escape one): UTF-8 cannot carry
             # it, JSON's escape can, as the upstream wrote it.
-            return json.dumps(value, separators=(",", ":")).encode("ascii")
+            return json.dumps(value, separators=(",", ":"), default=_decoded).encode("ascii")
+
+
+def _fragment(value: Any) -> orjson.Fragment:
+    """JSON text (records.RawJSON) as orjson writes it: as it is."""
+    if type(value) is RawJSON:
+        return orjson.Fragment(value.text)
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+def _decoded(value: Any) -> Any:
+    """JSON text (records.RawJSON) for the json module, which cannot write it as it is."""
+    if type(value) is RawJSON:
+        return json.loads(value.text)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 class JSONResponse(_StarletteJSONResponse):

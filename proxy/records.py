@@ -16,9 +16,33 @@ TERMINAL_JOB_STATUSES = ("completed", "failed")
 IMPLICIT_JOB_TYPE = "chat.completions"
 
 
-def is_implicit(job_type: str, metadata: dict[str, Any]) -> bool:
+class RawJSON:
+    """JSON text, written into an answer as it is (json_codec.dumps). Not a dataclass: orjson
+    would write a dataclass as an object of its fields."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RawJSON) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+# A job's metadata; in a page of jobs (`Store.team_jobs`), the JSON text the store holds, written
+# into the answer as it is: a page is up to 500 jobs of up to 128 KiB each, and decoding them
+# (millions of small values, for a team that makes them so) and encoding them again took seconds
+# of CPU for every request, which a team could send as often as it liked, the other teams' requests
+# waiting meanwhile.
+JobMetadata = dict[str, Any] | RawJSON
+
+
+def is_implicit(job_type: str, metadata: JobMetadata) -> bool:
     """Whether a job carries that mark (the store reads it in SQL: `_TAKEN_IMPLICIT_JOB`)."""
-    return job_type == IMPLICIT_JOB_TYPE and metadata.get("implicit") is True
+    return job_type == IMPLICIT_JOB_TYPE and isinstance(metadata, dict) and metadata.get("implicit") is True
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -134,7 +158,7 @@ class Job:
     job_type: str
     user_id: str | None
     status: JobStatus
-    metadata: dict[str, Any]
+    metadata: JobMetadata
     error_message: str | None
     created_at: float
     completed_at: float | None

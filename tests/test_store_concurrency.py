@@ -85,3 +85,64 @@ def test_concurrent_job_creation_never_holds_more_than_the_balance(tmp_path):
         await store.close()
 
     asyncio.run(check())
+
+
+def test_one_teams_page_of_jobs_being_decoded_does_not_hold_another_teams_job_reads(tmp_path, monkeypatch):
+    # A page of 500 jobs is up to 64 MB of metadata: decoded while the consistent-read connection
+    # was held, it kept every other team's job reads and completions (which answer with the job)
+    # waiting for seconds, and a team asking for several pages at once for tens of seconds.
+    import threading
+
+    from proxy.store import sqlite
+
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "shared.db"))
+        await store.create_team(Team("other", "org", "active", 10, 0, 0, (), None, None, None, None, time.time()), "initial")
+        await store.create_job("team", "wide", None, {"wide": list(range(100))}, 1)
+        theirs = await store.create_job("other", "small", None, {}, 1)
+        decoding, decoded = threading.Event(), threading.Event()
+        job_record = sqlite._job
+
+        def slow_job(row, *args, **kwargs):
+            if row[1] == "team":  # its team: the big page's
+                decoding.set()
+                decoded.wait(10)
+            return job_record(row, *args, **kwargs)
+
+        monkeypatch.setattr(sqlite, "_job", slow_job)
+        page = asyncio.ensure_future(store.team_jobs("team", None, 500, 0))
+        assert await asyncio.to_thread(decoding.wait, 10)
+        try:
+            view = await asyncio.wait_for(store.job_view(theirs.job_id), 3)
+        finally:
+            decoded.set()
+        assert view is not None and view[0].job_id == theirs.job_id
+        jobs, total, _ = await page
+        assert total == 1 and jobs[0].job_type == "wide"
+        await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_page_of_jobs_carries_their_metadata_as_stored_without_decoding_it(tmp_path, monkeypatch):
+    # Up to 500 jobs of up to 128 KiB of metadata each, which a team may make millions of small
+    # values: decoded and encoded again, one page took seconds of CPU, and reads are not limited.
+    import json
+
+    from proxy.json_codec import dumps
+    from proxy.store import sqlite
+
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "shared.db"))
+        metadata = {"doc": 7, "exact": 123456789012345678901234567890, "text": "caf\u00e9", "list": [[], {}]}
+        for _ in range(3):
+            await store.create_job("team", "t", None, metadata, 1)
+        decoded = []
+        monkeypatch.setattr(sqlite.json, "loads", lambda text, *a, **k: decoded.append(text) or json.loads(text))
+        jobs, total, _ = await store.team_jobs("team", None, 500, 0)
+        monkeypatch.undo()
+        assert total == 3 and decoded == []
+        assert [json.loads(dumps({"metadata": job.metadata}))["metadata"] for job in jobs] == [metadata] * 3
+        await store.close()
+
+    asyncio.run(check())

@@ -37,6 +37,7 @@ from ..records import (
     ModelGroup,
     NewCall,
     Organization,
+    RawJSON,
     Team,
     VirtualKey,
 )
@@ -59,6 +60,7 @@ from .schema import MIGRATIONS, apply
 from .writer import WAL_SIZE_LIMIT, Work, Writer, busy_or
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 _TEAM_COLUMNS = """
@@ -116,7 +118,7 @@ def _key(row: sqlite3.Row | tuple) -> VirtualKey:
     return VirtualKey(*row[:8])
 
 
-def _job(row: sqlite3.Row | tuple, with_costs: bool) -> Job:
+def _job(row: sqlite3.Row | tuple, with_costs: bool, metadata_as_text: bool = False) -> Job:
     costs = JobCosts()
     if with_costs:
         c = row[12:19]
@@ -135,7 +137,7 @@ def _job(row: sqlite3.Row | tuple, with_costs: bool) -> Job:
         job_type=row[2],
         user_id=row[3],
         status=row[4],
-        metadata=json.loads(row[5]),
+        metadata=RawJSON(row[5]) if metadata_as_text else json.loads(row[5]),
         error_message=row[6],
         created_at=row[7],
         completed_at=row[8],
@@ -346,16 +348,19 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:  # a damaged file's error is no OperationalError
             raise busy_or(exc)
 
-    async def _read_together(self, read: Callable[[sqlite3.Connection], T]) -> T:
+    async def _read_together(self, read: Callable[[sqlite3.Connection], R], then: Callable[[R], T]) -> T:
         """Reads that must agree with each other, as of one moment: in one transaction, on a
         connection of their own, in a thread. One by one on the reader, a write committed
         between two of them showed in one and not the other (a call's end in a job's calls but
-        not in its costs; a job's charge in the balance beside the job still shown open)."""
+        not in its costs; a job's charge in the balance beside the job still shown open).
+        `read` takes the rows, `then` makes records of them, in the same thread but after the
+        connection is let go: a page of 500 jobs is up to 64 MB of metadata to decode, seconds
+        during which every other team's job reads and completions waited for the connection."""
         if self._together is None:
             raise StoreError("The store is closed")
-        return await asyncio.to_thread(self._run_together, read)
+        return await asyncio.to_thread(lambda: then(self._run_together(read)))
 
-    def _run_together(self, read: Callable[[sqlite3.Connection], T]) -> T:
+    def _run_together(self, read: Callable[[sqlite3.Connection], R]) -> R:
         with self._together_lock:
             db = self._together
             if db is None:
@@ -699,15 +704,19 @@ class SQLiteStore:
     async def job_view(self, job_id: str) -> tuple[Job, list[CallSummary], int] | None:
         """A job with its costs and calls, and its team's credits_remaining, all of one moment."""
 
-        def read(db: sqlite3.Connection) -> tuple[Job, list[CallSummary], int] | None:
+        def read(db: sqlite3.Connection) -> tuple[Any, list[Any], int] | None:
             rows = _all(db, _JOB_WITH_COSTS, (job_id,))
             if not rows:
                 return None
-            job = _job(rows[0], True)
-            calls = [_call(row) for row in _all(db, _JOB_CALLS, (job_id,))]
-            return job, calls, _remaining_in(db, job.team_id)
+            return rows[0], _all(db, _JOB_CALLS, (job_id,)), _remaining_in(db, rows[0][1])  # [1]: its team
 
-        return await self._read_together(read)
+        def records(rows: tuple[Any, list[Any], int] | None) -> tuple[Job, list[CallSummary], int] | None:
+            if rows is None:
+                return None
+            job, calls, remaining = rows
+            return _job(job, True), [_call(row) for row in calls], remaining
+
+        return await self._read_together(read, records)
 
     async def team_jobs(self, team_id: str, status: str | None, limit: int, offset: int) -> tuple[list[Job], int, int]:
         """A page of the team's jobs, newest first, with their costs; how many jobs match; and
@@ -717,7 +726,7 @@ class SQLiteStore:
             where += " AND j.status = ?"
             params.append(status)
 
-        def read(db: sqlite3.Connection) -> tuple[list[Job], int, int]:
+        def read(db: sqlite3.Connection) -> tuple[list[Any], int, int]:
             # The page's jobs first, through the team's index, and only theirs joined to their calls:
             # grouped before the limit, every job the team ever had was summed and sorted for each page.
             rows = _all(
@@ -728,9 +737,13 @@ class SQLiteStore:
                 (*params, limit, offset),
             )
             total = _all(db, f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)[0][0]
-            return [_job(row, True) for row in rows], total, _remaining_in(db, team_id)
+            return rows, total, _remaining_in(db, team_id)
 
-        return await self._read_together(read)
+        def records(page: tuple[list[Any], int, int]) -> tuple[list[Job], int, int]:
+            rows, total, remaining = page
+            return [_job(row, True, metadata_as_text=True) for row in rows], total, remaining
+
+        return await self._read_together(read, records)
 
     async def start_call(self, call: NewCall, own_job_default_credits: int | None = None) -> None:
         """Record the call as running in its job. With `own_job_default_credits`, the job is the
