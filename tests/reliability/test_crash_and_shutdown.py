@@ -359,23 +359,10 @@ def test_a_call_whose_start_waits_on_a_locked_database_when_the_shutdown_cuts_it
     # call closed at once (its own job failed, uncharged); the client got uvicorn's bare 500.
     server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
     team = server.admin().team()
-    answers: list[httpx.Response] = []
     body = {"model": "Main", "messages": [{"role": "user", "content": "one two"}]}
-    caller = threading.Thread(
-        target=lambda: answers.append(server.client(team.key).post("/v1/chat/completions", json=body, timeout=30))
+    answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
+        server, lambda: server.client(team.key).post("/v1/chat/completions", json=body, timeout=30)
     )
-    locker = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(server.database), "3"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert locker.stdout.readline().strip() == "locked"
-        caller.start()
-        time.sleep(0.3)  # its start waits for the lock
-        server.process.send_signal(signal.SIGTERM)
-        caller.join(20)
-        assert server.process.wait(20) == 0
-    finally:
-        locker.wait(20)
-        server.stop()
-    (answer,) = answers
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
     assert answer.json()["error"]["code"] == "shutting_down"
     settled = books(server.database)
