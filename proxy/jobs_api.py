@@ -20,7 +20,7 @@ from .metrics import Metrics
 from .observe import notes
 from .records import Job, is_implicit, iso
 from .streaming import SSERelay
-from .store import CallInProgress, Store, WrittenThenCancelled
+from .store import CallInProgress, Store
 from .validation import parse_call, parse_complete, parse_job_create, parse_paging
 from .views import job_json, jobs_page_json, team_json
 
@@ -192,14 +192,7 @@ class JobsApi:
         pause = 0.005
         while True:
             try:
-                return await self._store.finish_job(job_id, status, metadata, error_message)
-            except WrittenThenCancelled as cut:
-                # The shutdown cut the request once the job was finished: answered as finished,
-                # not with a 500 (only a shutdown cancels a request).
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                job = await self._store.get_job(job_id)
-                assert job is not None
-                return job, cut.value
+                return await self._store.finish_job(job_id, status, metadata, error_message, done_if_cut=True)
             except CallInProgress:
                 if loop.time() + pause > give_up:
                     raise

@@ -374,12 +374,17 @@ class SQLiteStore:
             except sqlite3.DatabaseError as exc:
                 raise busy_or(exc) from None
 
-    async def _write(self, work: Work[T], atomic: bool = True, durable: bool = True) -> T:
+    async def _write(self, work: Work[T], atomic: bool = True, durable: bool = True, done_if_cut: bool = False) -> T:
         """Run a write to its end even if the caller is cancelled meanwhile; the caller's
         cancellation is delivered once the write is done, so it can tell what happened.
         `atomic=False` says the write is one statement (reads aside): alone in its
         batch, it then needs no transaction of its own. `durable=False`: answered once
-        committed, before the commit is on disk (see writer.py)."""
+        committed, before the commit is on disk (see writer.py). `done_if_cut`: a write that
+        went through is answered as done though its caller was cancelled meanwhile (the
+        cancellation taken back), for a request's writes alone: only a shutdown cancels a
+        request (uvicorn's, once server.shutdown_grace is over), and a client told otherwise
+        would do it again (credits added twice; a second job made, the first holding its
+        credit until it expired). A sweeper's task must stay cancelled."""
         if self._writer is None:
             raise StoreError("The store is closed")
         write = self._writer.submit(work, atomic=atomic, durable=durable)
@@ -399,10 +404,12 @@ class SQLiteStore:
                 # Only its caller was cancelled: the write's own outcome is known, and one that
                 # went through is told, so that its caller does not take it for lost.
                 failure = write.exception()
-                if failure is None:
-                    raise WrittenThenCancelled(write.result()) from None
-                if isinstance(failure, Unsaved):
-                    raise WrittenThenCancelled(failure.value) from None
+                if failure is None or isinstance(failure, Unsaved):
+                    value = write.result() if failure is None else failure.value
+                    if done_if_cut:
+                        asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                        return value  # type: ignore[no-any-return]
+                    raise WrittenThenCancelled(value) from None
             raise
 
     # --- organizations and model groups --------------------------------------------------
@@ -601,10 +608,7 @@ class SQLiteStore:
                 )
             _ledger_entry(db, team_id, None, amount, reason, self._clock(), balance_after=rows[0][0])
 
-        try:
-            await self._write(add)
-        except WrittenThenCancelled as cut:
-            _finished_anyway(cut)
+        await self._write(add, done_if_cut=True)
         team = await self.get_team(team_id)
         assert team is not None
         return team
@@ -637,10 +641,7 @@ class SQLiteStore:
             except sqlite3.IntegrityError:
                 raise NotFound(f"Team '{key.team_id}' not found") from None
 
-        try:
-            await self._write(insert, atomic=False)
-        except WrittenThenCancelled as cut:
-            _finished_anyway(cut)  # its plaintext is shown only in this answer
+        await self._write(insert, atomic=False, done_if_cut=True)  # its secret is shown only in this answer
         return key
 
     async def list_keys(self, team_id: str) -> list[VirtualKey]:
@@ -690,10 +691,7 @@ class SQLiteStore:
         def create(db: sqlite3.Connection) -> int:
             return _open_job(db, job_id, team_id, job_type, user_id, metadata_json, default_credits, now)
 
-        try:
-            held = await self._write(create)
-        except WrittenThenCancelled as cut:
-            held = _finished_anyway(cut)
+        held = await self._write(create, done_if_cut=True)
         return Job(job_id, team_id, job_type, user_id, "pending", metadata, None, now, None, held, 0, None)
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -834,16 +832,17 @@ class SQLiteStore:
         return await self._write(finish)
 
     async def finish_job(
-        self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None
+        self, job_id: str, status: str, metadata: dict[str, Any] | None, error_message: str | None,
+        done_if_cut: bool = False,
     ) -> tuple[Job, bool]:
         """Finish a job; returns it (as `get_job` reads it) and whether this call changed it (False
-        for a repeat)."""
+        for a repeat). `done_if_cut`: a request's, answered as finished if it was (`_write`)."""
         now = self._clock()
 
         def finish(db: sqlite3.Connection) -> bool:
             return _finish_job_in(db, job_id, status, metadata, error_message, now)
 
-        changed = await self._write(finish)
+        changed = await self._write(finish, done_if_cut=done_if_cut)
         job = await self.get_job(job_id)
         assert job is not None
         return job, changed
@@ -914,16 +913,6 @@ class SQLiteStore:
 
 
 _IMPLICIT_METADATA = json.dumps({"implicit": True})
-
-
-def _finished_anyway(cut: WrittenThenCancelled) -> Any:
-    """What a write returned that its caller's cancellation came too late for: only a shutdown
-    cancels a request (uvicorn's, once server.shutdown_grace is over), and this one is done, so
-    it is answered as done, not with uvicorn's bare 500 after which the client would try again
-    (credits added twice; a second job made, the first holding its credit until it expired).
-    Only where nothing but a request writes: the sweeper's task must stay cancelled."""
-    asyncio.current_task().uncancel()  # type: ignore[union-attr]
-    return cut.value
 
 
 def _open_job(
