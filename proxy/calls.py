@@ -249,15 +249,7 @@ class CallPipeline:
             await self._limiter.settle(decision, 0, release=True)
             self._running.add(call_id)
             await asyncio.shield(self._finish(call, "cancelled", None, Usage(0, 0), 0, "cancelled before it started"))
-            # Only a shutdown cancels a request (a hang-up does not): a 503 as for any call it
-            # cuts, not uvicorn's bare 500.
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            raise ApiError(
-                503,
-                "The gateway is shutting down: the call was cut short before it started",
-                code="shutting_down",
-                headers={**decision.released().headers(), "Retry-After": "1"},
-            ) from None
+            raise _cut_by_shutdown("the call was cut short before it started", decision.released().headers()) from None
         except BaseException as exc:
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
             refusal = _with_limit_headers(exc, decision)
@@ -448,18 +440,10 @@ class CallPipeline:
             message = redact(exc.message)
             await self._finish(call, "error", exc.model, none, exc.attempts, message)
             return ApiError(400, message, code="upstream_rejected", headers=call.headers())
-        if isinstance(exc, asyncio.CancelledError):
-            # Only a shutdown cancels a request (uvicorn's, once server.shutdown_grace is over; a
-            # hang-up is ClientClosed): the client gets a 503 rather than uvicorn's bare 500.
+        if isinstance(exc, asyncio.CancelledError):  # the shutdown's (a hang-up is ClientClosed)
             usage = estimated_usage(call.request.prompt_chars, 0)
             await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts(), SHUT_DOWN)
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            return ApiError(
-                503,
-                "The gateway is shutting down: the call was cut short before its answer",
-                code="shutting_down",
-                headers={**call.headers(), "Retry-After": "1"},
-            )
+            return _cut_by_shutdown("the call was cut short before its answer", call.headers())
         await self._finish(call, "error", None, none, 0, f"{type(exc).__name__}")
         return exc
 
@@ -610,17 +594,23 @@ def _with_limit_headers(exc: BaseException, decision: Decision) -> BaseException
 
 
 def _cut_while_recording(call: Call) -> ApiError:
-    """What a non-streaming call's client gets when the shutdown cut the call (uvicorn's cancel,
-    once server.shutdown_grace is over) while its record waited on a locked database: a 503, as
-    for any call the shutdown cuts, not uvicorn's bare 500. Its outcome is kept (`_store_outcome`),
-    its own job to be failed as unanswered."""
+    """What a non-streaming call's client gets when the shutdown cut the call while its record
+    waited on a locked database. Its outcome is kept (`_store_outcome`), its own job to be
+    failed as unanswered."""
+    return _cut_by_shutdown(
+        "the call's record could not be written before it stopped; it will be recorded once the database takes "
+        "writes again",
+        call.headers(),
+    )
+
+
+def _cut_by_shutdown(what: str, headers: dict[str, str]) -> ApiError:
+    """What a call's client gets when the shutdown cut its request (only a shutdown cancels one:
+    uvicorn's, once server.shutdown_grace is over): a 503 to retry elsewhere, not uvicorn's bare
+    500. The cancellation is taken back, so that the answer can be sent."""
     asyncio.current_task().uncancel()  # type: ignore[union-attr]
     return ApiError(
-        503,
-        "The gateway is shutting down: the call's record could not be written before it stopped; "
-        "it will be recorded once the database takes writes again",
-        code="shutting_down",
-        headers={**call.headers(), "Retry-After": "1"},
+        503, f"The gateway is shutting down: {what}", code="shutting_down", headers={**headers, "Retry-After": "1"}
     )
 
 
