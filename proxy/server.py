@@ -218,12 +218,12 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             # the request is queued.
             self._refuse(431, _TOO_LARGE)
             raise _Refused
-        if self.parser.should_upgrade() and not self._should_upgrade() and self._has_body():
+        if self.parser.should_upgrade() and not self._should_upgrade():
             # The parser reads no body after a head asking to switch protocols (httptools tells
             # it there is none), and would read it as the client's next request: the body is read
             # past the parser instead (`_read_upgrade_body`). curl --http2 asks for h2c so on
             # http://, with its -d body. A chunked one is refused: its end is the parser's to find.
-            length = self._content_length()
+            length = self._body_length()
             if length is None:
                 self._refuse(400, "A chunked request body may not come with a protocol upgrade (Upgrade)")
                 raise _Refused
@@ -245,15 +245,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 # uvicorn stops reading here; what comes next is held instead (`_hold`).
                 self.flow.resume_reading()
 
-    def _has_body(self) -> bool:
-        for name, value in self.headers:
-            if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0")):
-                return True
-        return False
-
-    def _content_length(self) -> int | None:
-        """The request's Content-Length (the parser checked it), None for a chunked body."""
-        length = None
+    def _body_length(self) -> int | None:
+        """The body's length as the head gives it (the parser checked it): 0 for none, None for
+        a chunked one."""
+        length = 0
         for name, value in self.headers:
             if name == b"transfer-encoding":
                 return None

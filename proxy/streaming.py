@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, Literal
 
 from prometheus_client import Gauge
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from .accounting import StreamTally
 from .forwarding import OpenStream
@@ -233,10 +233,7 @@ class SSERelay:
         return None
 
     async def _start(self, send: Send) -> None:
-        self._writes += 1
-        self._writing = True
-        await send({"type": "http.response.start", "status": 200, "headers": self._raw_headers})
-        self._writing = False
+        await self._put(send, {"type": "http.response.start", "status": 200, "headers": self._raw_headers})
         self._started = True
 
     async def _send(self, send: Send, chunks: list[bytes], more_body: bool = True) -> None:
@@ -247,10 +244,14 @@ class SSERelay:
         if chunks and self._first_event_at is None:
             self._first_event_at = asyncio.get_running_loop().time()
         if chunks or not more_body:
-            self._writes += 1
-            self._writing = True
-            await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": more_body})
-            self._writing = False
+            await self._put(send, {"type": "http.response.body", "body": b"".join(chunks), "more_body": more_body})
+
+    async def _put(self, send: Send, message: Message) -> None:
+        """One write, counted for `_watch_stall`."""
+        self._writes += 1
+        self._writing = True
+        await send(message)
+        self._writing = False
 
     async def _failed(self, message: str, code: str) -> list[bytes]:
         """Record the call as failed; the error event the client gets last."""
