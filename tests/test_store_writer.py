@@ -14,7 +14,7 @@ import sqlite3
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import pytest
 
@@ -487,27 +487,29 @@ def test_a_damaged_database_file_is_an_outage_not_a_fault_of_the_request(tmp_pat
 
 
 def test_the_ping_of_a_store_that_takes_no_more_writes_fails_saying_why(tmp_path, monkeypatch):
-    fsyncs = Fsyncs()
-    monkeypatch.setattr(sqlite_store, "Writer", functools.partial(Writer, fsync=fsyncs))
+    async def stop_taking_writes(store: SQLiteStore, fsyncs: Fsyncs) -> None:
+        await store.ping()
+        fsyncs.error = OSError(5, "Input/output error")
+        await store.create_organization("org", "Org")  # committed, so answered; its fsync fails
 
-    async def run() -> None:
-        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 's.db'}", aio_fsync=False))
-        await store.open()
-        try:
-            await store.ping()
-            fsyncs.error = OSError(5, "Input/output error")
-            await store.create_organization("org", "Org")  # committed, so answered; its fsync fails
-            with pytest.raises(StoreUnavailable, match="saving to disk failed.*Input/output error"):
-                await store.ping()
-        finally:
-            await store.close()
-
-    asyncio.run(run())
+    _assert_the_ping_fails_for_want_of_saving(tmp_path, monkeypatch, stop_taking_writes)
 
 
 def test_the_ping_whose_probe_write_is_committed_but_not_saved_fails(tmp_path, monkeypatch):
     # A write committed before its fsync failed is answered as done; the probe must not be: a
     # readiness probe that made the store stop taking writes would have said it was ready.
+    async def fail_the_probes_fsync(store: SQLiteStore, fsyncs: Fsyncs) -> None:
+        # A write refused for want of disk earlier: the ping probes with a write of its own.
+        store._unwritable = StoreUnavailable("The database cannot be written now: database or disk is full")
+        fsyncs.error = OSError(5, "Input/output error")
+
+    _assert_the_ping_fails_for_want_of_saving(tmp_path, monkeypatch, fail_the_probes_fsync)
+
+
+def _assert_the_ping_fails_for_want_of_saving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: Callable[[SQLiteStore, Fsyncs], Awaitable[None]]
+) -> None:
+    """The ping of a store whose fsyncs fail on demand, after `before`, fails saying why."""
     fsyncs = Fsyncs()
     monkeypatch.setattr(sqlite_store, "Writer", functools.partial(Writer, fsync=fsyncs))
 
@@ -515,9 +517,7 @@ def test_the_ping_whose_probe_write_is_committed_but_not_saved_fails(tmp_path, m
         store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 's.db'}", aio_fsync=False))
         await store.open()
         try:
-            # A write refused for want of disk earlier: the ping probes with a write of its own.
-            store._unwritable = StoreUnavailable("The database cannot be written now: database or disk is full")
-            fsyncs.error = OSError(5, "Input/output error")
+            await before(store, fsyncs)
             with pytest.raises(StoreUnavailable, match="saving to disk failed.*Input/output error"):
                 await store.ping()
         finally:

@@ -1,5 +1,6 @@
 """A gateway killed mid-stream leaves exact books once restarted; SIGTERM is graceful."""
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -196,13 +198,8 @@ def test_sigterm_with_several_workers_refuses_new_connections_while_an_open_stre
     # connection would be taken by the kernel and left unanswered until the workers had drained.
     server = Tollgate(tmp_path, litellm.url, litellm.master_key, workers=2, server={"shutdown_grace": "20s"}).start()
     team = server.admin().team()
-    job_id = server.client(team.key).post("/api/jobs/create", json={"job_type": "graceful"}).json()["job_id"]
-    url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
-    body = {"messages": [{"role": "user", "content": "finish me [chunks=30] [delay_ms=100]"}]}
     try:
-        with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
-            lines = stream.iter_lines()
-            next(lines)
+        with _stream_begun(server, team.key, "graceful") as lines:
             server.process.send_signal(signal.SIGTERM)
             assert wait_for(lambda: not _accepts(server.port), timeout=2), "still accepting connections"
             rest = list(lines)
@@ -219,13 +216,8 @@ def test_the_workers_stop_gracefully_when_their_supervisor_is_killed_and_the_gat
     # started) left the workers serving on, orphaned: the restart could not bind the port.
     server = Tollgate(tmp_path, litellm.url, litellm.master_key, workers=2, server={"shutdown_grace": "20s"}).start()
     team = server.admin().team()
-    job_id = server.client(team.key).post("/api/jobs/create", json={"job_type": "orphaned"}).json()["job_id"]
-    url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
-    body = {"messages": [{"role": "user", "content": "finish me [chunks=30] [delay_ms=100]"}]}
     try:
-        with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
-            lines = stream.iter_lines()
-            next(lines)
+        with _stream_begun(server, team.key, "orphaned") as lines:
             os.kill(server.process.pid, signal.SIGKILL)
             server.process.wait()
             rest = list(lines)
@@ -242,6 +234,18 @@ def test_the_workers_stop_gracefully_when_their_supervisor_is_killed_and_the_gat
         assert server.admin().get_team(team.team_id)["credits_held"] == 1
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def _stream_begun(server: Tollgate, key: str, job_type: str) -> Iterator[Iterator[str]]:
+    """A stream of three seconds in a new job, its first line read: the rest is to come."""
+    job_id = server.client(key).post("/api/jobs/create", json={"job_type": job_type}).json()["job_id"]
+    body = {"messages": [{"role": "user", "content": "finish me [chunks=30] [delay_ms=100]"}]}
+    url = f"{server.url}/api/jobs/{job_id}/llm-call-stream"
+    with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30) as stream:
+        lines = stream.iter_lines()
+        next(lines)
+        yield lines
 
 
 def _accepts(port: int) -> bool:
