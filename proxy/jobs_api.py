@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -115,6 +116,10 @@ class JobsApi:
         return JSONResponse({"job_id": job.job_id, "status": job.status, "created_at": iso(job.created_at)})
 
     async def get_job(self, request: Request) -> Response:
+        if request.path_params["job_id"] == "create":
+            # No job id is "create" (they are UUIDs): the router matched the template where the
+            # client meant the create route with the wrong method.
+            raise HTTPException(405, headers={"Allow": "POST"})
         principal = await self._principal(request)
         return JSONResponse(await self._job_body(principal, canonical_job_id(request.path_params["job_id"])))
 

@@ -303,6 +303,14 @@ def test_unknown_route_and_wrong_method_answer_json(tollgate, team):
     assert method.status_code == 405 and method.json()["detail"]
 
 
+def test_get_on_the_create_route_is_405_allowing_post(tollgate, team):
+    # `/api/jobs/{job_id}` takes GET, but no job is called "create": the route meant is create's.
+    answer = tollgate.client(team.key).get("/api/jobs/create")
+    assert answer.status_code == 405, answer.text
+    assert answer.headers["allow"] == "POST"
+    assert "GET /api/jobs/create" in answer.json()["detail"]
+
+
 def test_server_stays_healthy_after_bad_input(tollgate):
     assert httpx.get(f"{tollgate.url}/health/live").json() == {"status": "ok"}
 
