@@ -132,7 +132,13 @@ class SSERelay:
                 await self._record("upstream_failed", f"relay failed: {type(exc).__name__}")
                 raise
             finally:
-                await self._record(reason, CLIENT_STALLED.format(self._stall_timeout) if self._stalled else None)
+                try:
+                    await self._record(reason, CLIENT_STALLED.format(self._stall_timeout) if self._stalled else None)
+                except asyncio.CancelledError:
+                    # The shutdown's, while the record waits (say on another process's lock): it
+                    # goes on, shielded, and the shutdown's drain waits for it; to uvicorn the
+                    # cancel would be an "Exception in ASGI application".
+                    asyncio.current_task().uncancel()  # type: ignore[union-attr]
         if cut:
             cut_event = error_event("The gateway is shutting down: the stream was cut short", "service_unavailable", "shutting_down")
             with contextlib.suppress(Exception):  # the relay may have ended it in the same turn

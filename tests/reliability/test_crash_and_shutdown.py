@@ -375,6 +375,32 @@ def test_a_call_whose_start_waits_on_a_locked_database_when_the_shutdown_cuts_it
     assert "Exception in ASGI application" not in server.log()
 
 
+def test_a_stream_whose_client_hung_up_cut_by_the_shutdown_while_its_record_waits_on_a_lock_ends_quietly(
+    tmp_path, litellm
+):
+    # The client is gone and the record goes on, shielded, for the drain to wait for: the
+    # shutdown's cancel reached uvicorn as "Exception in ASGI application" with a traceback.
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team()
+    locker = None
+    try:
+        with _stream_begun(server, team.key, "hung-up") as lines:
+            locker = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(server.database), "3"],
+                                      stdout=subprocess.PIPE, text=True)
+            assert locker.stdout.readline().strip() == "locked"
+            del lines  # the client hangs up: its call's record waits on the lock
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(20) == 0
+    finally:
+        if locker is not None:
+            locker.wait(20)
+        server.stop()
+    ((_, status, _),) = books(server.database)["calls"]
+    assert status == "cancelled"
+    assert "Exception in ASGI application" not in server.log() and "Traceback" not in server.log()
+
+
 def request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(server: Tollgate, send, lock_seconds: float = 3):
     """`send()`'s answer when its write waits on a database another process holds (3 s, within
     the default busy timeout) and the shutdown's grace period (1 s) ends meanwhile."""
