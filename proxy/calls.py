@@ -20,7 +20,7 @@ from starlette.types import Receive
 
 from .accounting import StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
 from .auth import Principal
-from .errors import ApiError, ClientClosed, from_store_error
+from .errors import ApiError, ClientClosed, from_store_error, shutting_down
 from .forwarding import Answer, OpenStream, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
 from .config import RECORD_ATTEMPTS, RateLimitsConfig
 from .groups import GroupCatalog
@@ -605,13 +605,9 @@ def _cut_while_recording(call: Call) -> ApiError:
 
 
 def _cut_by_shutdown(what: str, headers: dict[str, str]) -> ApiError:
-    """What a call's client gets when the shutdown cut its request (only a shutdown cancels one:
-    uvicorn's, once server.shutdown_grace is over): a 503 to retry elsewhere, not uvicorn's bare
-    500. The cancellation is taken back, so that the answer can be sent."""
+    """`errors.shutting_down`, the cancellation taken back so that the answer can be sent."""
     asyncio.current_task().uncancel()  # type: ignore[union-attr]
-    return ApiError(
-        503, f"The gateway is shutting down: {what}", code="shutting_down", headers={**headers, "Retry-After": "1"}
-    )
+    return shutting_down(what, headers)
 
 
 def _job_end(call: Call, outcome: CallOutcome, answered: bool) -> JobEnd | None:

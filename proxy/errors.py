@@ -78,6 +78,15 @@ class ClientClosed(ApiError):
         super().__init__(499, message, code="client_closed")
 
 
+def shutting_down(what: str, headers: Mapping[str, str] | None = None) -> ApiError:
+    """What a client gets when the shutdown cut its request (only a shutdown cancels one:
+    uvicorn's, once server.shutdown_grace is over): a 503 to retry elsewhere, not uvicorn's
+    bare 500."""
+    return ApiError(
+        503, f"The gateway is shutting down: {what}", code="shutting_down", headers={**(headers or {}), "Retry-After": "1"}
+    )
+
+
 def error_response(request: Request, error: ApiError) -> Response:
     return JSONResponse(error_body(request.url.path, error), status_code=error.status, headers=error.headers)
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Literal
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ApiError, error_response
+from .errors import error_response, shutting_down
 from .metrics import Metrics
 
 access_log = logging.getLogger("tollgate.access")
@@ -43,9 +43,7 @@ ATOMIC_WRITE = 4096
 RefusalObserver = Callable[[str, int, float], None]  # method, status, seconds
 
 
-SHUTTING_DOWN = ApiError(
-    503, "The gateway is shutting down: the request was cut short", code="shutting_down", headers={"Retry-After": "1"}
-)
+SHUTTING_DOWN = shutting_down("the request was cut short")
 
 
 def notes(request: Request) -> dict[str, Any]:
