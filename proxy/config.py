@@ -99,7 +99,6 @@ Window = Annotated[
     float,
     Rule("a duration from 1 ms to 24 h (seconds, or e.g. '60s', '1m')", lambda v: 0.001 <= v <= 86400, parse_duration),
 ]
-NonNegativeFloat = Annotated[float, Rule("a number of 0 or more", lambda v: v >= 0)]
 # Far above any model's price per token, and low enough that no call's cost (tokens are at most
 # 10^12 each way) nor any sum of costs can reach infinity, which JSON cannot carry.
 MAX_PRICE_PER_TOKEN = 1000.0

@@ -50,6 +50,15 @@ def message_content(message: Any) -> str:
     return ""
 
 
+def _owned(principal: Principal, job_id: str, job: Job | None) -> Job:
+    """The job, if it exists and is the caller's team's: else its 404 or 403."""
+    if job is None:
+        raise ApiError(404, f"Job '{job_id}' not found", code="not_found")
+    if job.team_id != principal.team.team_id:
+        raise ApiError(403, f"Job '{job_id}' belongs to another team", code="forbidden")
+    return job
+
+
 class JobsApi:
     def __init__(
         self, store: Store, auth: KeyAuthenticator, calls: CallPipeline, metrics: Metrics, config: Config
@@ -84,23 +93,14 @@ class JobsApi:
         return principal
 
     async def _own_job(self, principal: Principal, job_id: str) -> Job:
-        job = await self._store.get_job(job_id)
-        if job is None:
-            raise ApiError(404, f"Job '{job_id}' not found", code="not_found")
-        if job.team_id != principal.team.team_id:
-            raise ApiError(403, f"Job '{job_id}' belongs to another team", code="forbidden")
-        return job
+        return _owned(principal, job_id, await self._store.get_job(job_id))
 
     async def _job_body(self, principal: Principal, job_id: str) -> dict[str, Any]:
         """The job with its costs, its calls and (for an open job) the team's balance, all of one
         moment, so that they agree with each other."""
         view = await self._store.job_view(job_id)
-        if view is None:
-            raise ApiError(404, f"Job '{job_id}' not found", code="not_found")
-        job, calls, remaining = view
-        if job.team_id != principal.team.team_id:
-            raise ApiError(403, f"Job '{job_id}' belongs to another team", code="forbidden")
-        return job_json(job, remaining, calls)
+        job, calls, remaining = view if view is not None else (None, [], 0)
+        return job_json(_owned(principal, job_id, job), remaining, calls)
 
     async def create_job(self, request: Request) -> Response:
         principal = await self._principal(request)

@@ -48,7 +48,6 @@ class RelayEnd:
     reason: EndReason
     error: str | None
     first_event_at: float | None  # loop time the first event went out
-    ended_at: float
 
 
 def error_event(message: str, error_type: str, code: str) -> bytes:
@@ -271,7 +270,7 @@ class SSERelay:
         if self._recorded:
             return None
         self._recorded = True
-        end = RelayEnd(reason, error, self._first_event_at, asyncio.get_running_loop().time())
+        end = RelayEnd(reason, error, self._first_event_at)
         try:
             await asyncio.shield(self._on_end(end))
         except StoreUnavailable as exc:

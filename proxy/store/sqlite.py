@@ -854,15 +854,7 @@ class SQLiteStore:
             "ORDER BY created_at LIMIT ?",
             (created_before, limit),
         )
-        expired = []
-        for (job_id,) in rows:
-            try:
-                job, changed = await self.finish_job(job_id, "failed", None, "expired: the job stayed open too long")
-            except (JobClosed, CallInProgress):
-                continue  # finished or resumed by someone else meanwhile
-            if changed:
-                expired.append(job)
-        return expired
+        return await self._fail_jobs([job_id for (job_id,) in rows], "expired: the job stayed open too long")
 
     async def fail_interrupted_implicit_jobs(self, limit: int) -> list[Job]:
         """Fail the own jobs of /v1 calls closed as interrupted: nobody else finishes them
@@ -877,12 +869,16 @@ class SQLiteStore:
             "LIMIT ?",
             (INTERRUPTED, limit),
         )
+        return await self._fail_jobs([job_id for (job_id,) in rows], INTERRUPTED_JOB)
+
+    async def _fail_jobs(self, job_ids: list[str], error_message: str) -> list[Job]:
+        """Fail each job found open by a sweep; return those this failed."""
         failed = []
-        for (job_id,) in rows:
+        for job_id in job_ids:
             try:
-                job, changed = await self.finish_job(job_id, "failed", None, INTERRUPTED_JOB)
+                job, changed = await self.finish_job(job_id, "failed", None, error_message)
             except (JobClosed, CallInProgress):
-                continue
+                continue  # finished or resumed by someone else since the sweep read it
             if changed:
                 failed.append(job)
         return failed
