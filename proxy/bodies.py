@@ -70,9 +70,13 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
         raise ApiError(415, f"Content-Encoding '{encoding[:100]}' is not supported; send the body uncompressed")
     length = header(request, b"content-length")
     if length is not None:
-        if not length.isdigit():
+        # ASCII digits only, and not too many: str.isdigit() also takes '²', and int() refuses
+        # both that and more than 4,300 digits (uvicorn's parsers refuse such a header first;
+        # another ASGI server may not).
+        if not (length.isascii() and length.isdigit()):
             raise ApiError(400, "Content-Length must be a number")
-        if int(length) > max_bytes:
+        digits = length.lstrip("0")
+        if len(digits) > 18 or int(digits or "0") > max_bytes:
             raise ApiError(413, f"Request body is larger than {max_bytes} bytes")
     else:
         # A chunked body (the parser refuses one with both headers). The parser undoes `chunked`

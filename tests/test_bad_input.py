@@ -1,5 +1,6 @@
 """Bad input gets a clear 4xx with a message: never a 500, a hang or lost data."""
 
+import asyncio
 import gzip
 import json
 import socket
@@ -8,6 +9,10 @@ import uuid
 import httpx
 import pytest
 
+from starlette.requests import Request
+
+from proxy.bodies import read_json_object
+from proxy.errors import ApiError
 from tests.support import fake_log, tag
 
 HELLO = {"messages": [{"role": "user", "content": "hi"}]}
@@ -453,3 +458,23 @@ def test_the_depth_check_of_a_wide_body_makes_nothing_per_array_or_object():
     finally:
         tracemalloc.stop()
     assert peak < 300_000 * 16  # a reference or two to each array; no object of its own
+
+
+@pytest.mark.parametrize(
+    "length, status", [("²", 400), ("1" * 5000, 413), ("0" * 30 + "2", 200)], ids=["superscript", "huge", "zeros"]
+)
+def test_a_content_length_uvicorn_would_refuse_is_a_4xx_under_any_asgi_server(length, status):
+    # uvicorn's parsers refuse these heads; another ASGI server may hand them on, and int()
+    # raised on both the superscript digit and the 5,000 digits: a 500.
+    scope = {"type": "http", "method": "POST", "path": "/api/jobs/create",
+             "headers": [(b"content-length", length.encode("latin-1"))]}
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    try:
+        assert asyncio.run(read_json_object(Request(scope, receive), 1000)) == {}
+        answered = 200
+    except ApiError as refused:
+        answered = refused.status
+    assert answered == status
