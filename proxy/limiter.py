@@ -233,7 +233,8 @@ class LocalLimiter:
                 (window.requests[0][0] + self._window - now) if window.requests else 0.0,
                 tpm,
                 window.total,
-                (next(iter(window.tokens.values()))[0] + self._window - now) if window.tokens else 0.0,
+                # As Redis answers: no token counting (entries of 0 included), nothing to reset.
+                (next(iter(window.tokens.values()))[0] + self._window - now) if window.total else 0.0,
             )
             for scope, window, rpm, tpm in windows
         ])

@@ -247,6 +247,28 @@ def test_a_calls_real_usage_counts_for_a_whole_window_from_its_end(request, back
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_the_tokens_reset_header_is_0s_while_no_token_counts(request, backend):
+    # A failed call ends having used no token: the window's tokens are back to the full limit,
+    # so they reset in 0s, with Redis and in-process alike (not when its 0 tokens leave).
+    url = request.getfixturevalue("redis_server").url if backend == "redis" else None
+    limits = Limits(tag(), "key-a", team_rpm=1, team_tpm=1000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=url))
+        failed = await limiter.admit(limits, "failed", 10)
+        limiter.settle_soon(failed, 0)
+        await asyncio.sleep(0.1)
+        refused = await limiter.admit(limits, "next", 10)
+        assert (refused.backend, refused.admitted, refused.refused_kind) == (backend, False, "requests")
+        headers = refused.headers()
+        assert headers["x-ratelimit-remaining-tokens"] == "1000"
+        assert headers["x-ratelimit-reset-tokens"] == "0s"
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 def test_a_calls_token_estimate_is_its_text_rounded_up_once_plus_the_default_max_tokens(tollgate, admin):
     # API.md: all message text's characters ÷ 4, rounded up once (6 characters: 2 tokens, not
     # 1 per message), plus rate_limits.default_max_tokens (1,024) when the call sets no max_tokens.
