@@ -286,7 +286,7 @@ class CallPipeline:
             ) from None
         if not decision.admitted:
             self._metrics.observe_rate_limited(team.team_id, decision.refused_kind or "tokens")
-            message, headers = decision.refusal()
+            message, headers = decision.refusal(self._rate_limits.window)
             raise ApiError(429, message, code="rate_limit_exceeded", headers=headers)
         return decision
 

@@ -170,6 +170,9 @@ def _http_url_problem(url: str) -> str | None:
     # The host and path go into every request's head as they are.
     if not (parts.netloc.rpartition("@")[2] + parts.path).isascii():
         return "must be ASCII: a path percent-encoded, a host name in its xn-- form"
+    if parts.path.endswith("/v1"):
+        # As an OpenAI SDK's base_url would be written: every call would go to /v1/v1/...
+        return "is LiteLLM's address without /v1 (Tollgate adds /v1/chat/completions itself)"
     return None
 
 

@@ -121,8 +121,9 @@ class Decision:
         )
         return Decision(self.admitted, self.call_id, self.limits, self.estimate, self.backend, usage)
 
-    def refusal(self) -> tuple[str, dict[str, str]]:
-        """The 429's message and headers."""
+    def refusal(self, window: float = 60.0) -> tuple[str, dict[str, str]]:
+        """The 429's message and headers; `window`: the limits' (rate_limits.window)."""
+        per = "per minute" if window == 60.0 else f"per {window:g} s"
         scope = self.refused_scope or "team"
         who = f"team '{self.limits.team_id}'" if scope == "team" else f"key '{self.limits.key_id}'"
         usage = next(u for u in self.usage if u.scope == scope)
@@ -131,15 +132,15 @@ class Decision:
             headers["x-should-retry"] = "false"
             return (
                 f"Rate limit: this call's token estimate ({self.estimate}) exceeds the {who} limit of "
-                f"{usage.tpm} tokens per minute, so it can never fit; lower max_tokens or the prompt",
+                f"{usage.tpm} tokens {per}, so it can never fit; lower max_tokens or the prompt",
                 headers,
             )
         retry = max(1, math.ceil(self.retry_after or 0))
         headers["retry-after"] = str(retry)
         if self.refused_kind == "requests":
-            what = f"{usage.rpm} requests per minute"
+            what = f"{usage.rpm} requests {per}"
         else:
-            what = f"{usage.tpm} tokens per minute (this call needs about {self.estimate})"
+            what = f"{usage.tpm} tokens {per} (this call needs about {self.estimate})"
         return f"Rate limit exceeded: {who} allows {what}; retry in {retry} s", headers
 
 

@@ -304,6 +304,8 @@ def test_a_redis_url_its_client_could_not_read_is_refused_naming_the_variable(tm
         ("http://h:4000/a b", "must not hold spaces or control characters (percent-encode them: %20)"),
         ("http://h:4000/v1\r\nX-Injected: 1", "must not hold spaces or control characters (percent-encode them: %20)"),
         ("http://127.0.0.1\x00:4000", "must not hold spaces or control characters (percent-encode them: %20)"),
+        # An OpenAI SDK's base_url ends in /v1; LiteLLM's address does not (calls went to /v1/v1/...).
+        ("http://h:4000/v1/", "is LiteLLM's address without /v1 (Tollgate adds /v1/chat/completions itself)"),
     ],
 )
 def test_an_upstream_url_its_client_could_not_read_is_refused_naming_the_variable(tmp_path, url, message):

@@ -102,6 +102,15 @@ def test_caller_is_admitted_again_as_soon_as_the_window_allows(make_tollgate, re
     assert time.monotonic() - refused_at < 2.5
 
 
+def test_a_429_names_the_configured_window_not_a_minute(make_tollgate):
+    server = make_tollgate(rate_limits={"window": "10s"})
+    team = server.admin().team(rpm_limit=1)
+    job_id = open_job(server, team.key)
+    assert [call(server, team.key, job_id).status_code for _ in range(2)] == [200, 429]
+    refused = call(server, team.key, job_id)
+    assert "allows 1 requests per 10 s;" in refused.json()["detail"]
+
+
 def test_success_responses_carry_the_openai_rate_limit_headers(make_tollgate, redis_server):
     server = make_tollgate(redis={"url": redis_server.url})
     team = server.admin().team(rpm_limit=7, tpm_limit=5000)
