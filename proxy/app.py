@@ -59,6 +59,7 @@ def create_app(config: Config) -> Starlette:
     calls = CallPipeline(
         store, upstream, pricing, groups, limiter, config.rate_limits, metrics, config.upstream.timeouts.total,
         config.server.read_timeout,  # a stream's client that takes nothing for this long is cut off
+        config.jobs.stale_call_margin,
     )
 
     admin = AdminService(store, config, on_change=changes.bump)
@@ -97,7 +98,8 @@ def create_app(config: Config) -> Starlette:
                         store,
                         config.jobs.expire_after,
                         # A call runs no longer than the total timeout; one 'running' well after was
-                        # left behind by a process that died.
+                        # left behind by a process that died. Each call carries the bound its own
+                        # process set (`stale_at`); this one is for calls recorded without it.
                         config.upstream.timeouts.total + config.jobs.stale_call_margin,
                         config.jobs.sweep_interval,
                         metrics,

@@ -127,6 +127,7 @@ class CallPipeline:
         metrics: Metrics,
         total_timeout: float,
         stall_timeout: float = 30.0,
+        stale_margin: float = 60.0,
     ) -> None:
         self._store = store
         self._upstream = upstream
@@ -137,6 +138,10 @@ class CallPipeline:
         self._metrics = metrics
         self._total_timeout = total_timeout
         self._stall_timeout = stall_timeout  # how long a stream may wait on a client reading nothing
+        # How long after its start a call still running counts as left by a dead process
+        # (jobs.stale_call_margin past the total timeout): written with the call, for every
+        # process's sweeper, whatever its own configuration.
+        self._stale_after = total_timeout + stale_margin
         self._running: set[str] = set()  # admitted calls not yet recorded
         # Outcomes the store refused (disk full, I/O error, ...), by call id, with how the call's
         # own job ends (if it has one) and its team, not the whole call (whose request may be
@@ -238,7 +243,8 @@ class CallPipeline:
         call = Call(principal, job_id, call_id, group, request, stream, jobs_api,
                     now, time.time(), now + self._total_timeout, decision, notes, own_job)
         new_call = NewCall(
-            call_id, job_id, team.team_id, principal.key.key_id, group.name, request.purpose, stream, call.started_wall
+            call_id, job_id, team.team_id, principal.key.key_id, group.name, request.purpose, stream, call.started_wall,
+            call.started_wall + self._stale_after,
         )
         try:
             await self._store.start_call(new_call, None if own_job is None else own_job.default_credits)

@@ -225,6 +225,9 @@ class NewCall:
     purpose: str | None
     streamed: bool
     started_at: float
+    # When a sweeper may take the call, still running, for one a dead process left behind: the
+    # serving process's own bound, whatever the sweeping process's configuration says.
+    stale_at: float | None = None
 
 
 @dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"

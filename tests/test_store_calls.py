@@ -51,6 +51,24 @@ def test_the_sweep_closes_only_calls_still_running_that_started_before_the_cutof
     asyncio.run(check())
 
 
+def test_the_sweep_closes_a_call_at_the_bound_its_own_process_set_not_at_the_sweepers(tmp_path):
+    # Processes sharing the database may be configured apart (a rolling change of
+    # upstream.timeouts.total): the sweeper of the one with the shorter bound closed the other's
+    # live calls as interrupted.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "bound.db"))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(NewCall("long", job_id, "team", "key", "ChatAgent", None, True, 100.0, 800.0))
+        await store.start_call(NewCall("short", job_id, "team", "key", "ChatAgent", None, True, 100.0, 300.0))
+        assert await store.cancel_stale_calls(started_before=500.0, now=500.0) == 1
+        assert await statuses(store, job_id) == {"long": "running", "short": "cancelled"}
+        assert await store.cancel_stale_calls(started_before=900.0, now=900.0) == 1
+        assert await statuses(store, job_id) == {"long": "cancelled", "short": "cancelled"}
+        await store.close()
+
+    asyncio.run(check())
+
+
 def database_at(path, version: int) -> sqlite3.Connection:
     """A database migrated as far as `version`, with a team in it."""
     db = sqlite3.connect(path, isolation_level=None)
@@ -120,7 +138,8 @@ def test_a_schema_3_database_upgrades_with_every_call_kept_as_it_was(tmp_path):
 
     asyncio.run(upgrade())
     db = sqlite3.connect(path, isolation_level=None)
-    assert db.execute("SELECT * FROM llm_calls WHERE call_id != 'new' ORDER BY call_id").fetchall() == before
+    after = db.execute("SELECT * FROM llm_calls WHERE call_id != 'new' ORDER BY call_id").fetchall()
+    assert [row[:-1] for row in after] == before and [row[-1] for row in after] == [None, None]  # stale_at: schema 5
     assert db.execute("SELECT status FROM jobs WHERE job_id = 'fresh'").fetchone() == ("in_progress",)
     assert {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'llm_calls'")} == {
         "llm_calls", "sqlite_autoindex_llm_calls_1", "llm_calls_job", "llm_calls_start_job"

@@ -169,6 +169,12 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """,
     # 4: the status check of llm_calls as comparisons (see `_status_check_as_comparisons`).
     _status_check_as_comparisons,
+    # 5: when a running call counts as left behind by a process that died, as the process
+    # serving it judges (its upstream.timeouts.total plus its jobs.stale_call_margin): another
+    # process sharing the database, configured with a shorter timeout, closed live calls.
+    """
+    ALTER TABLE llm_calls ADD COLUMN stale_at REAL;
+    """,
 ]
 
 

@@ -756,7 +756,7 @@ class SQLiteStore:
                           own_job_default_credits, now)
             cursor = db.execute(
                 "INSERT INTO llm_calls (call_id, job_id, team_id, key_id, model_group, purpose, streamed, status, "
-                "started_at) SELECT ?, job_id, team_id, ?, ?, ?, ?, 'running', ? FROM jobs "
+                "started_at, stale_at) SELECT ?, job_id, team_id, ?, ?, ?, ?, 'running', ?, ? FROM jobs "
                 "WHERE job_id = ? AND team_id = ? AND status IN ('pending', 'in_progress') "
                 f"AND NOT {_TAKEN_IMPLICIT_JOB}",
                 (
@@ -766,6 +766,7 @@ class SQLiteStore:
                     call.purpose,
                     int(call.streamed),
                     call.started_at,
+                    call.stale_at,
                     call.job_id,
                     call.team_id,
                 ),
@@ -883,15 +884,21 @@ class SQLiteStore:
                 failed.append(job)
         return failed
 
-    async def cancel_stale_calls(self, started_before: float) -> int:
+    async def cancel_stale_calls(self, started_before: float, now: float | None = None) -> int:
+        """Close as interrupted the calls still running past the time their own process set
+        (`stale_at`, which `now` is compared with), or, for a call recorded without one (by an
+        earlier release), started before `started_before`."""
+        now = self._clock() if now is None else now
+
         def cancel(db: sqlite3.Connection) -> int:
             cursor = db.execute(
                 # A call runs only in an open job (finish_job refuses a job with one running),
                 # so the open jobs lead to every running call without an index of them.
                 "UPDATE llm_calls SET status = 'cancelled', error = ?, "
-                "finished_at = ? WHERE status = 'running' AND started_at < ? "
+                "finished_at = ? WHERE status = 'running' "
+                "AND (stale_at < ? OR (stale_at IS NULL AND started_at < ?)) "
                 "AND job_id IN (SELECT job_id FROM jobs WHERE status IN ('pending', 'in_progress'))",
-                (INTERRUPTED, self._clock(), started_before),
+                (INTERRUPTED, self._clock(), now, started_before),
             )
             return cursor.rowcount
 
