@@ -56,12 +56,24 @@ def _load(args: argparse.Namespace, serving: bool = False) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from .app import configure_logging, create_served_app
     from .metrics import MULTIPROC_ENV
+    from .server import listen, serve, serve_workers
 
     config = _load(args, serving=True)
+    options = serve_options(args, config)
+    where = f"{options['host']}:{options['port']}"
+    try:
+        # Before anything else: uvicorn would find out only once the app had started (the
+        # file's declarations applied to a database perhaps another gateway serves), and not
+        # name the host.
+        socket.getaddrinfo(options["host"], options["port"], type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        _fail(f"cannot listen on {where}: {getattr(exc, 'strerror', None) or exc}", EXIT_CONFIG)
+    try:
+        sock = listen(options["host"], options["port"])
+    except OSError as exc:
+        _fail(f"cannot listen on {where}: {exc.strerror or exc}")
     # The database is opened (and the file's declarations applied) once here, so that a database
     # that cannot be opened is a one-line error, not a traceback from inside uvicorn's start-up.
     _run(config, follow_file=True)
@@ -69,18 +81,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     configure_logging(config.logging.level)
     for warning in serving_warnings(config, workers):
         logging.getLogger("tollgate").warning(warning)
-    options = serve_options(args, config)
-    try:
-        # uvicorn would find out only once the app has started, and not name the host.
-        socket.getaddrinfo(options["host"], options["port"], type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        _fail(f"cannot listen on {options['host']}:{options['port']}: {getattr(exc, 'strerror', None) or exc}",
-              EXIT_CONFIG)
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: a graceful
     # stop is a successful exit.
     signal.signal(signal.SIGTERM, _exit_successfully)
     if workers == 1:
-        uvicorn.run(create_served_app(config), **options)
+        serve(create_served_app(config), options, sock)
         return
     # Each worker builds its own app from a copy of the file as it was checked here, so that one
     # uvicorn starts again after a crash serves as the others do, whatever became of the file
@@ -91,9 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(prefix="tollgate-config-") as config_dir:
             os.environ[ENV_CONFIG] = _config_for_workers(config, config_dir)
             os.environ[MULTIPROC_ENV] = metrics_dir
-            from .server import serve_workers
-
-            serve_workers("proxy.app:app_from_environment", workers, options)
+            serve_workers("proxy.app:app_from_environment", workers, options, sock)
 
 
 def _config_for_workers(config: Config, directory: str) -> str:

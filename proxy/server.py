@@ -7,6 +7,8 @@ import asyncio
 import functools
 import json
 import re
+import socket
+import sys
 import time
 from http import HTTPStatus
 from typing import Any, Callable
@@ -14,6 +16,7 @@ from typing import Any, Callable
 import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.main import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from .coalesce import CoalescingTransport
@@ -525,10 +528,37 @@ class _Supervisor(Multiprocess):
         super().handle_term()
 
 
-def serve_workers(app: str, workers: int, options: dict[str, Any]) -> None:
-    """`uvicorn.run(app, factory=True, workers=workers, **options)`, with `_Supervisor`."""
+def listen(host: str, port: int) -> socket.socket:
+    """The socket `serve` listens on, bound as uvicorn binds it, but before the gateway starts:
+    uvicorn binds only once the app has started, and a `serve` on a port taken (a second one
+    started by mistake) applied its file's declarations to the database first."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)  # for the workers of serve_workers
+    return sock
+
+
+def serve(app: Any, options: dict[str, Any], sock: socket.socket) -> None:
+    """`uvicorn.run(app, **options)` on `sock`."""
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # as uvicorn.run exits
+
+
+def serve_workers(app: str, workers: int, options: dict[str, Any], sock: socket.socket) -> None:
+    """`uvicorn.run(app, factory=True, workers=workers, **options)` on `sock`, with `_Supervisor`."""
     config = uvicorn.Config(app, factory=True, workers=workers, **options)
-    sock = config.bind_socket()
     try:
         _Supervisor(config, sockets=[sock]).run()
     except KeyboardInterrupt:

@@ -219,6 +219,31 @@ def test_serve_refuses_a_port_or_worker_count_the_config_key_would_refuse(capsys
     assert capsys.readouterr().err.splitlines()[-1] == f"tollgate serve: error: argument {option}: {message}"
 
 
+def test_serve_on_a_port_in_use_fails_in_one_line_before_applying_its_files_declarations(tmp_path):
+    # A second `serve` started by mistake on a running gateway's port (its file edited: a team
+    # suspended, say) changed what the running gateway served before uvicorn found the port taken.
+    data = tollgate_config(tmp_path / "shared.db")
+    data["organizations"] = [{"organization_id": "org", "name": "Org"}]
+    data["teams"] = [{"team_id": "declared", "organization_id": "org", "credits_allocated": 5, "model_groups": ["Main"]}]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env.update(TOLLGATE_MASTER_KEY="m", TOLLGATE_UPSTREAM_KEY="k")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [PYTHON, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(port), "--config", str(config)],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"tollgate: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    if (tmp_path / "shared.db").exists():
+        with sqlite3.connect(tmp_path / "shared.db") as db:
+            assert db.execute("SELECT name FROM sqlite_master WHERE name = 'teams'").fetchall() == []
+
+
 def test_serve_listens_where_the_command_line_says_over_the_file():
     config = Config()
     options = serve_options(build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "18401"]), config)
