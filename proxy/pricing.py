@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from .config import ModelPrice, finite_number, is_price
 from .upstream import Upstream, UpstreamStatusError
 
 log = logging.getLogger("tollgate.pricing")
+
+# While prices cannot be read (an upstream without /model/info, say), they are asked for every
+# 5 s: the warning is said again only this often, not every 5 s for as long as it lasts.
+WARN_AGAIN_AFTER = 300.0
 
 
 def _price(value: Any) -> float | None:
@@ -30,6 +35,7 @@ class Pricing:
     def __init__(self, configured: dict[str, ModelPrice]) -> None:
         self._configured = dict(configured)
         self._reported: dict[str, ModelPrice] = {}
+        self._warned_at: float | None = None  # monotonic; None while the last refresh succeeded
 
     def price(self, model: str) -> ModelPrice | None:
         return self._configured.get(model) or self._reported.get(model)
@@ -59,13 +65,19 @@ class Pricing:
     async def refresh(self, upstream: Upstream) -> bool:
         try:
             self.load_model_info(await upstream.get_json("/model/info", timeout=10.0))
-            return True
         except Exception as exc:  # prices are a fallback: never fail a request over them
-            # The class alone (an error's text may quote what LiteLLM said, keys included), but
-            # the status of a refusal, which says what to fix (401: the key; 404: not a LiteLLM).
-            detail = f" ({exc})" if isinstance(exc, UpstreamStatusError) else ""
-            log.warning("could not read model prices from LiteLLM: %s%s", type(exc).__name__, detail)
+            now = time.monotonic()
+            if self._warned_at is None or now - self._warned_at >= WARN_AGAIN_AFTER:
+                self._warned_at = now
+                # The class alone (an error's text may quote what LiteLLM said, keys included), but
+                # the status of a refusal, which says what to fix (401: the key; 404: not a LiteLLM).
+                detail = f" ({exc})" if isinstance(exc, UpstreamStatusError) else ""
+                log.warning("could not read model prices from LiteLLM: %s%s", type(exc).__name__, detail)
             return False
+        if self._warned_at is not None:
+            self._warned_at = None
+            log.info("model prices read from LiteLLM again")
+        return True
 
     async def keep_fresh(self, upstream: Upstream, interval: float, fresh: bool | None = None) -> None:
         """Refresh the prices every `interval`; `fresh`: how a refresh made just before went

@@ -98,3 +98,32 @@ def test_prices_refused_by_litellm_are_logged_with_the_status(caplog):
 
     assert asyncio.run(Pricing({}).refresh(Refusing())) is False  # type: ignore[arg-type]
     assert "could not read model prices from LiteLLM: UpstreamStatusError (HTTP 401)" in caplog.text
+
+
+def test_prices_that_cannot_be_read_are_warned_of_once_not_at_every_retry(caplog):
+    # Asked again every 5 s: an upstream without /model/info logged a warning every 5 s for good.
+    class Refusing:
+        refuse = True
+
+        async def get_json(self, path: str, timeout: float) -> object:
+            if self.refuse:
+                raise UpstreamStatusError(404)
+            return {"data": []}
+
+    async def run() -> None:
+        pricing, upstream = Pricing({}), Refusing()
+        for _ in range(3):
+            assert await pricing.refresh(upstream) is False  # type: ignore[arg-type]
+        upstream.refuse = False
+        assert await pricing.refresh(upstream) is True  # type: ignore[arg-type]
+        upstream.refuse = True
+        assert await pricing.refresh(upstream) is False  # type: ignore[arg-type]
+
+    caplog.set_level("INFO", logger="tollgate.pricing")
+    asyncio.run(run())
+    said = [record.getMessage() for record in caplog.records if record.name == "tollgate.pricing"]
+    assert said == [
+        "could not read model prices from LiteLLM: UpstreamStatusError (HTTP 404)",
+        "model prices read from LiteLLM again",
+        "could not read model prices from LiteLLM: UpstreamStatusError (HTTP 404)",
+    ]
