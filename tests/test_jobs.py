@@ -230,15 +230,16 @@ def test_a_job_read_while_its_calls_run_shows_costs_that_add_up_to_its_calls(tol
     # The costs and the calls of one body are of one moment: a call ending between two reads
     # showed in the calls but not in the costs.
     team = admin.team(rpm_limit=100_000, tpm_limit=100_000_000)
-    job_id = create(tollgate.client(team.key))["job_id"]
+    client = tollgate.client(team.key)  # one for every thread: a client each took more time than its call
+    job_id = create(client)["job_id"]
 
     def calls() -> None:
         with ThreadPoolExecutor(12) as pool:
-            list(pool.map(lambda _: tollgate.client(team.key).post(
+            list(pool.map(lambda _: client.post(
                 f"/api/jobs/{job_id}/llm-call", json={"messages": HELLO}).raise_for_status(), range(120)))
 
     def read() -> tuple:
-        body = tollgate.client(team.key).get(f"/api/jobs/{job_id}").json()
+        body = client.get(f"/api/jobs/{job_id}").json()
         costs, listed = body["costs"], body["calls"]
         return (
             (costs["total_calls"], costs["successful_calls"], costs["total_tokens"]),
@@ -258,7 +259,7 @@ def test_a_page_of_the_teams_jobs_shows_the_balance_of_the_moment_its_jobs_were_
 
     def completions() -> None:
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda job_id: tollgate.client(team.key).post(
+            list(pool.map(lambda job_id: client.post(
                 f"/api/jobs/{job_id}/complete", json={"status": "completed"}).raise_for_status(), jobs))
 
     def read() -> tuple[int, set[int]]:

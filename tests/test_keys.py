@@ -4,6 +4,8 @@ import hashlib
 import re
 import time
 
+import httpx
+
 from tests.support import Tollgate, wait_for
 
 INVALID = {"detail": "Invalid, expired or revoked API key"}
@@ -99,3 +101,10 @@ def test_keys_never_appear_in_the_log(tollgate, team):
     tollgate.client(team.key).get(f"/api/teams/{team.team_id}")
     tollgate.client(team.key + "x").get(f"/api/teams/{team.team_id}")
     assert team.key not in tollgate.log()
+
+
+def test_the_authorization_scheme_is_read_in_any_case(tollgate, team):
+    # RFC 9110 (11.1): the scheme is case-insensitive, and some clients write it `bearer`.
+    for scheme in ("bearer", "BEARER"):
+        response = httpx.get(f"{tollgate.url}/api/teams/{team.team_id}", headers={"Authorization": f"{scheme} {team.key}"})
+        assert response.status_code == 200, scheme

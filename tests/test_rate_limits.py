@@ -230,7 +230,7 @@ def test_the_real_usage_of_a_call_that_outlived_the_window_still_counts(make_tol
     streamed = server.client(team.key).post(f"/api/jobs/{job_id}/llm-call-stream", json=long)
     assert streamed.status_code == 200  # admitted on its estimate: 7 + 1 tokens; it used 63
     refused = call(server, team.key, job_id, max_tokens=50)  # 1 + 50 more would make 114 of 100
-    assert refused.status_code == 429 and "tokens per minute" in refused.json()["detail"]
+    assert refused.status_code == 429 and "tokens per 2 s" in refused.json()["detail"]
 
 
 @pytest.mark.parametrize("backend", ["local", "redis"])

@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from proxy.forwarding import forward
+from proxy.forwarding import UpstreamFailed, forward
 from proxy.sse import MAX_EVENT_BYTES
 from proxy.upstream import MAX_ANSWER_BYTES, ReadError, RemoteProtocolError, Upstream
 from tests.test_upstream_client import answer_keep_alive, chat, read_request, serve, upstream
@@ -401,3 +401,47 @@ def test_a_model_litellm_does_not_grant_the_gateways_key_fails_that_model_and_th
         assert (answered.model, answered.attempts) == ("whole", 2)
 
     against(denies_one_model, check)
+
+
+def test_a_group_whose_every_model_is_rate_limited_is_retried_after_the_longest_hint():
+    # Sooner, the retry would find the model with the longest hint still limited, and every model
+    # limited again.
+    async def limited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        hint = b"30" if b'"slow"' in request else b"7"
+        body = b'{"error":{"message":"slow down"}}'
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: %s\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (hint, len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        for models in (["fast", "slow"], ["slow", "fast"]):
+            with pytest.raises(UpstreamFailed) as failed:
+                await forward(client, models, payload, False, loop.time() + 30)
+            assert failed.value.all_rate_limited and failed.value.retry_after == 30
+
+    against(limited, check)
+
+
+def test_a_group_rate_limited_on_some_models_and_failing_on_others_is_unavailable_not_rate_limited():
+    # Told 429, the client would wait and retry a group whose failing model fails again.
+    async def limited_or_failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        head = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7" if b'"limited"' in request else b"HTTP/1.1 500 Oops"
+        body = b'{"error":{"message":"no"}}'
+        writer.write(head + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        for models in (["limited", "failing"], ["failing", "limited"]):
+            with pytest.raises(UpstreamFailed) as failed:
+                await forward(client, models, payload, False, loop.time() + 30)
+            assert len(failed.value.attempts) == 2 and not failed.value.all_rate_limited
+
+    against(limited_or_failing, check)

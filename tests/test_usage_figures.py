@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.accounting import StreamTally, Usage, completion_chars, cost_of, usage_from
+from proxy.accounting import StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
 from proxy.config import ModelPrice
 from proxy.metrics import Metrics
 from proxy.pricing import Pricing
@@ -127,3 +127,31 @@ def test_prices_that_cannot_be_read_are_warned_of_once_not_at_every_retry(caplog
         "model prices read from LiteLLM again",
         "could not read model prices from LiteLLM: UpstreamStatusError (HTTP 404)",
     ]
+
+
+def test_a_usage_of_zero_completion_tokens_is_exact_not_estimated():
+    # A call that generated nothing (a stop at once, a content filter) used no completion token:
+    # taken as no usage, it would be recorded as estimated, and charged for text it never had.
+    usage = usage_from({"prompt_tokens": 5, "completion_tokens": 0})
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (5, 0, False)
+
+
+def test_an_estimate_counts_a_token_per_four_characters_rounded_up():
+    usage = estimated_usage(9, 5)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (3, 2, True)
+
+
+def test_litellms_cost_header_wins_over_a_cost_in_the_usage():
+    # x-litellm-response-cost is LiteLLM's figure for the whole call (README, "Cost").
+    assert usage_from({**USAGE, "cost": 2.0}, "1.5").reported_cost == 1.5
+
+
+def test_a_reported_cost_of_zero_is_no_figure_and_the_tokens_are_priced():
+    # LiteLLM reports 0.0 for a model it has no price for: recorded as such, the call was free.
+    pricing = Pricing({"m": ModelPrice(0.5, 0.25)})
+    assert cost_of(Usage(3, 4, reported_cost=0.0), "m", pricing) == 3 * 0.5 + 4 * 0.25
+
+
+def test_a_cost_keeps_its_fractions_of_a_micro_dollar():
+    # Costs are rounded to 1e-12 USD: a cheap model's call costs well under a micro-dollar.
+    assert cost_of(Usage(3, 0, reported_cost=1.23456e-7), "m", Pricing({})) == 1.23456e-7

@@ -11,13 +11,17 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 
-from tests.support import Tollgate, wait_for
+from tests.support import Tollgate, fake_log, tag, wait_for
 
 SLOW = {"messages": [{"role": "user", "content": "a long answer [chunks=100] [delay_ms=100]"}]}
+
+
+def bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def books(database) -> dict:
@@ -291,48 +295,57 @@ HOLD_LOCK = (
     "time.sleep(float(sys.argv[2]))\n"
     "db.execute('COMMIT')\n"
 )
+# HOLD_LOCK started ahead: it locks once told to (a line on its stdin), without an interpreter's
+# start in the way, which on a loaded machine can take longer than a test's moment to lock.
+HOLD_LOCK_ON_CUE = HOLD_LOCK.replace("db.execute('BEGIN IMMEDIATE')", "sys.stdin.readline()\ndb.execute('BEGIN IMMEDIATE')")
 
 
-def v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(server: Tollgate, key: str, lock_seconds: float):
+def v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(
+    server: Tollgate, fake_url: str, key: str, lock_seconds: float
+) -> httpx.Response:
     """A non-streaming /v1 call whose answer comes while another process holds the database,
     SIGTERM sent meanwhile, the grace period (2 s) ending while its record waits: its answer
     (or the error the client got), once the gateway has stopped."""
     answers: list[httpx.Response] = []
     # Answered 0.8 s after it reaches the upstream: while the database is locked, before the
     # grace period (2 s) ends.
-    body = {"model": "Main", "messages": [{"role": "user", "content": "one two [first_byte_ms=800]"}]}
+    name = tag()
+    body = {"model": "Main", "messages": [{"role": "user", "content": f"one two [first_byte_ms=800] [tag={name}]"}]}
     caller = threading.Thread(
         target=lambda: answers.append(server.client(key).post("/v1/chat/completions", json=body, timeout=30))
     )
-    locker = None
+    locker = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_ON_CUE, str(server.database), str(lock_seconds)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         caller.start()
-        assert wait_for(lambda: [c for c in books(server.database)["calls"] if c[1] == "running"], timeout=10)
+        # Timed from the upstream's receipt: from the call's start, LiteLLM's own time (long on a
+        # loaded machine) came out of the grace period's 2 s, and the answer came after it.
+        assert wait_for(lambda: fake_log(fake_url, name), timeout=10)
         started = time.monotonic()
-        locker = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(server.database), str(lock_seconds)],
-                                  stdout=subprocess.PIPE, text=True)
+        locker.stdin.write("lock\n")
+        locker.stdin.flush()
         assert locker.stdout.readline().strip() == "locked"
         assert time.monotonic() - started < 0.7, "locked too late: the answer may have been recorded before"
         server.process.send_signal(signal.SIGTERM)
         caller.join(20)
         assert server.process.wait(20) == 0
     finally:
-        if locker is not None:
-            locker.wait(20)
+        locker.stdin.close()  # one never told to lock locks now, and lets go in its time
+        locker.wait(20)
         server.stop()
     (answer,) = answers
     return answer
 
 
 def test_a_v1_answer_recorded_while_the_shutdown_cuts_its_call_still_reaches_the_client_it_was_charged_to(
-    tmp_path, litellm
+    tmp_path, litellm, fake_url
 ):
     # The lock ends within the busy timeout: the record, under way when the grace period ended,
     # is written (the call's own job charged), and the client got uvicorn's bare 500 instead of
     # the answer it paid for (and would pay again, retrying).
     server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "2s"}).start()
     team = server.admin().team()
-    answer = v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(server, team.key, lock_seconds=3.5)
+    answer = v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(server, fake_url, team.key, lock_seconds=3.5)
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"] == "word1 word2 word3 word4 word5 "
     settled = books(server.database)
@@ -342,7 +355,7 @@ def test_a_v1_answer_recorded_while_the_shutdown_cuts_its_call_still_reaches_the
 
 
 def test_a_v1_call_cut_by_the_shutdown_while_its_record_waits_out_a_lock_gets_a_503_and_is_not_charged(
-    tmp_path, litellm
+    tmp_path, litellm, fake_url
 ):
     # The lock outlasts the record's tries: the outcome is kept, its own job to be failed as
     # unanswered; the client got uvicorn's bare 500, not the JSON 503 of a call the shutdown cuts.
@@ -350,7 +363,7 @@ def test_a_v1_call_cut_by_the_shutdown_while_its_record_waits_out_a_lock_gets_a_
         tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "2s"}, database={"busy_timeout": "1s"}
     ).start()
     team = server.admin().team()
-    answer = v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(server, team.key, lock_seconds=8)
+    answer = v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(server, fake_url, team.key, lock_seconds=8)
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
     assert answer.json()["error"]["code"] == "shutting_down"
     assert answer.headers["x-job-id"] and answer.headers["x-call-id"]
@@ -365,7 +378,7 @@ def test_a_call_whose_start_waits_on_a_locked_database_when_the_shutdown_cuts_it
     team = server.admin().team()
     body = {"model": "Main", "messages": [{"role": "user", "content": "one two"}]}
     answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
-        server, lambda: server.client(team.key).post("/v1/chat/completions", json=body, timeout=30)
+        server, lambda http: http.post("/v1/chat/completions", json=body, headers=bearer(team.key))
     )
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
     assert answer.json()["error"]["code"] == "shutting_down"
@@ -401,17 +414,25 @@ def test_a_stream_whose_client_hung_up_cut_by_the_shutdown_while_its_record_wait
     assert "Exception in ASGI application" not in server.log() and "Traceback" not in server.log()
 
 
-def request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(server: Tollgate, send, lock_seconds: float = 3):
-    """`send()`'s answer when its write waits on a database another process holds (3 s, within
-    the default busy timeout) and the shutdown's grace period (1 s) ends meanwhile."""
+def request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
+    server: Tollgate, send: Callable[[httpx.Client], httpx.Response], lock_seconds: float = 3
+) -> httpx.Response:
+    """`send(http)`'s answer when its write waits on a database another process holds (3 s,
+    within the default busy timeout) and the shutdown's grace period (1 s) ends meanwhile.
+    `http`: a client of the server, made beforehand."""
     answers: list[httpx.Response] = []
-    caller = threading.Thread(target=lambda: answers.append(send()))
+    sending = threading.Event()
+    http = httpx.Client(base_url=server.url, timeout=30, event_hooks={"request": [lambda _: sending.set()]})
+    caller = threading.Thread(target=lambda: answers.append(send(http)))
     locker = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(server.database), str(lock_seconds)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert locker.stdout.readline().strip() == "locked"
         caller.start()
+        # On a slow machine the client's thread may take longer than the pause below to send the
+        # request: the SIGTERM came first, and it was refused rather than cut.
+        assert sending.wait(10)
         time.sleep(0.3)  # its write waits for the lock
         server.process.send_signal(signal.SIGTERM)
         caller.join(20)
@@ -419,6 +440,7 @@ def request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(server: Tollgate
     finally:
         locker.wait(20)
         server.stop()
+        http.close()
     (answer,) = answers
     return answer
 
@@ -429,7 +451,9 @@ def test_credits_added_as_the_shutdown_cuts_the_request_are_answered_as_added(tm
     admin = server.admin()
     team = admin.team(credits=10)
     answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
-        server, lambda: admin.request("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": 5, "reason": "invoice 7"})
+        server,
+        lambda http: http.post(f"/admin/teams/{team.team_id}/credits", json={"amount": 5, "reason": "invoice 7"},
+                               headers=bearer(server.master_key)),
     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["credits_allocated"] == 15
@@ -443,7 +467,8 @@ def test_a_key_created_as_the_shutdown_cuts_the_request_is_answered_with_its_sec
     admin = server.admin()
     team = admin.team(credits=10)
     answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
-        server, lambda: admin.request("POST", f"/admin/teams/{team.team_id}/keys", json={"name": "late"})
+        server,
+        lambda http: http.post(f"/admin/teams/{team.team_id}/keys", json={"name": "late"}, headers=bearer(server.master_key)),
     )
     assert answer.status_code == 201, answer.text
     assert answer.json()["key"].startswith("sk-")
@@ -457,7 +482,7 @@ def test_a_job_created_as_the_shutdown_cuts_the_request_is_answered_as_created(t
     server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
     team = server.admin().team(credits=10)
     answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
-        server, lambda: server.client(team.key).post("/api/jobs/create", json={"job_type": "late"})
+        server, lambda http: http.post("/api/jobs/create", json={"job_type": "late"}, headers=bearer(team.key))
     )
     assert answer.status_code == 200, answer.text
     settled = books(server.database)
@@ -471,7 +496,7 @@ def test_a_job_completed_as_the_shutdown_cuts_the_request_is_answered_as_complet
     client = server.client(team.key)
     job_id = client.post("/api/jobs/create", json={"job_type": "late"}).json()["job_id"]
     answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
-        server, lambda: client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"})
+        server, lambda http: http.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}, headers=bearer(team.key))
     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["status"] == "completed" and answer.json()["costs"]["credits_charged"] == 1
@@ -488,7 +513,8 @@ def test_a_request_cut_by_the_shutdown_before_its_answer_gets_a_503_not_a_bare_5
     admin = server.admin()
     team = admin.team(credits=10)
     answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
-        server, lambda: server.client(team.key).post("/api/jobs/create", json={"job_type": "late"}), lock_seconds=6
+        server, lambda http: http.post("/api/jobs/create", json={"job_type": "late"}, headers=bearer(team.key)),
+        lock_seconds=6,
     )
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
     assert answer.json() == {"detail": "The gateway is shutting down: the request was cut short"}
