@@ -655,54 +655,6 @@ def test_readers_that_always_overlap_do_not_keep_the_wal_growing(tmp_path, monke
     assert asyncio.run(run()) < 3_000_000
 
 
-def test_readers_whose_snapshots_outlast_the_restart_wait_do_not_keep_the_wal_growing(tmp_path, monkeypatch):
-    # Reports of another process that each read for longer than RESTART_WAIT, in turns, one
-    # always reading: a RESTART that waits RESTART_WAIT never finds the old snapshots gone,
-    # and the WAL grew by every page written (855 MB in 3 minutes under load).
-    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 20)
-    monkeypatch.setattr("proxy.store.writer.RESTART_AT_FRAMES", 200)
-    monkeypatch.setattr("proxy.store.writer.RESTART_WAIT", 0.05)
-    path = tmp_path / "w.db"
-    with connect(path) as db:
-        db.execute("CREATE TABLE pages (n INTEGER PRIMARY KEY, filler BLOB)")
-    stop = threading.Event()
-
-    def insert_page(n: int):
-        def work(db: sqlite3.Connection) -> None:
-            db.execute("INSERT INTO pages VALUES (?, ?)", (n, os.urandom(4000)))
-
-        return work
-
-    def report(start_after: float) -> None:
-        db = sqlite3.connect(path, isolation_level=None)
-        stop.wait(start_after)
-        while not stop.is_set():
-            db.execute("BEGIN")
-            db.execute("SELECT count(*) FROM pages").fetchall()
-            stop.wait(0.1)  # twice RESTART_WAIT
-            db.execute("COMMIT")
-        db.close()
-
-    async def run() -> int:
-        writer = loop_writer(path)
-        await writer.start()
-        readers = [threading.Thread(target=report, args=(delay,)) for delay in (0, 0.05)]
-        for reader in readers:
-            reader.start()
-        try:
-            for n in range(1500):  # about 6 MB of pages, and 18 MB of WAL if it never starts over
-                await writer.submit(insert_page(n))
-                await asyncio.sleep(0.0005)
-            return os.path.getsize(f"{path}-wal")
-        finally:
-            stop.set()
-            for reader in readers:
-                reader.join()
-            await writer.stop()
-
-    assert asyncio.run(run()) < 3_000_000
-
-
 def test_a_wal_that_grew_is_cut_back_when_it_starts_over(tmp_path, monkeypatch):
     monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 10_000)  # none until the test asks
     store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path}/t.db"))

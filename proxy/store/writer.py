@@ -55,9 +55,6 @@ MAX_BATCH = 256
 CHECKPOINT_EVERY = 250  # commits on the loop between checkpoints: about SQLite's 1,000 pages
 RESTART_AT_FRAMES = 4096  # pages in the WAL (16 MiB of 4 KiB pages) past which a checkpoint waits for readers
 RESTART_WAIT = 0.2  # seconds it waits for them at most, writes held meanwhile
-# A RESTART that could not finish waits twice as long the next time, up to this: readers whose
-# snapshots each outlast the wait, in turns, never left it a moment, and the WAL grew for good.
-RESTART_WAIT_MAX = 3.2
 WAL_SIZE_LIMIT = RESTART_AT_FRAMES * 4096  # bytes: a WAL that grew past it is cut back when it starts over
 
 
@@ -134,7 +131,6 @@ class Writer:
         self._checkpoint_over: asyncio.Future[None] | None = None  # stop() waits on it
         self._commits = 0  # on the loop since the last checkpoint
         self._wal_frames = 0  # in the WAL at the running checkpoint's first pass (the thread's)
-        self._restart_wait = RESTART_WAIT  # how long the next RESTART waits for readers (the thread's)
         self._fsync_from_loop = fsync_from_loop
         self._aio: AioFsync | None = None
         self._loop_wal: _WalFile | None = None  # the loop's descriptor of the WAL, for _aio
@@ -434,17 +430,15 @@ class Writer:
         reads from it. Readers whose transactions always overlap (a report polled from another
         process) would keep it growing for ever: once it is past RESTART_AT_FRAMES, the closing
         pass, which writes already wait for, waits a little (RESTART_WAIT) for the readers of
-        old snapshots to finish, so that the next commit starts the WAL over; twice as long
-        after each time they did not (up to RESTART_WAIT_MAX), for readers that read longer."""
+        old snapshots to finish, so that the next commit starts the WAL over."""
         try:
             if closing and self._wal_frames >= RESTART_AT_FRAMES:
                 (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
-                db.execute(f"PRAGMA busy_timeout = {int(self._restart_wait * 1000)}")
+                db.execute(f"PRAGMA busy_timeout = {int(RESTART_WAIT * 1000)}")
                 try:
-                    (blocked, _, _) = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    db.execute("PRAGMA wal_checkpoint(RESTART)")
                 finally:
                     db.execute(f"PRAGMA busy_timeout = {timeout}")
-                self._restart_wait = min(self._restart_wait * 2, RESTART_WAIT_MAX) if blocked else RESTART_WAIT
             else:
                 _, frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if not closing:
