@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from typing import Any
 
 import uvicorn
@@ -12,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from proxy import cli
+from proxy import cli, server
 from proxy.coalesce import FLUSH_AT, CoalescedWrites, CoalescingTransport
 from proxy.resp import _Connection
 from proxy.server import CoalescingHttpProtocol
@@ -171,7 +172,8 @@ def test_uvicorn_sends_a_plain_answers_head_and_body_in_one_write():
 
 def test_tollgate_serve_runs_uvicorn_with_the_coalescing_protocol(monkeypatch, tmp_path):
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: seen.update(options))
+    monkeypatch.setattr(server, "listen", lambda host, port: socket.socket())  # no port of this machine's
+    monkeypatch.setattr(server, "serve", lambda app, options, sock: (seen.update(options), sock.close()))
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # serve's SIGTERM handler: not this process's
     monkeypatch.setenv("TOLLGATE_MASTER_KEY", "sk-master-test")
     monkeypatch.setenv("TOLLGATE_UPSTREAM_KEY", "sk-upstream-test")
