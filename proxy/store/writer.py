@@ -263,8 +263,7 @@ class Writer:
         if self._failure is not None:
             # An fsync of SQLite's failed as they committed (the WAL starting over): never
             # another, since it would succeed without the pages lost.
-            for job, value in committed:
-                _settle(job.future, False, self._unsaved(value))
+            self._answer_unsaved(committed)
             return
         if self._aio is None or self._aio.loop is not asyncio.get_running_loop():
             self._put(_Sync(committed))  # the thread answers each write on its own loop
@@ -292,8 +291,7 @@ class Writer:
             self._sync_failed(error)
         if self._failure is not None:
             batch, self._unsynced = batch + self._unsynced, []
-            for job, value in batch:
-                _settle(job.future, False, self._unsaved(value))
+            self._answer_unsaved(batch)
         else:
             for job, value in batch:
                 _settle(job.future, True, value)
@@ -474,6 +472,11 @@ class Writer:
         if self._failure is None:
             log.error("Saving the database to disk failed (%s): the store takes no more writes", error)
             self._failure = StoreError(f"saving to disk failed ({error})")
+
+    def _answer_unsaved(self, committed: list[tuple[_Job[Any], Any]]) -> None:
+        """Answer writes committed on the loop once an fsync has failed: perhaps not on disk."""
+        for job, value in committed:
+            _settle(job.future, False, self._unsaved(value))
 
     def _unsaved(self, value: Any) -> Unsaved:
         return Unsaved(f"The write was committed but may not be on disk: {self._failure}", value)
