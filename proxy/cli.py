@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except (socket.gaierror, UnicodeError) as exc:
         _fail(f"cannot listen on {where}: {getattr(exc, 'strerror', None) or exc}", EXIT_CONFIG)
     try:
-        sock = listen(options["host"], options["port"])
+        sockets = listen(options["host"], options["port"])
     except OSError as exc:
         _fail(f"cannot listen on {where}: {exc.strerror or exc}")
     # The database is opened (and the file's declarations applied) once here, so that a database
@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # stop is a successful exit.
     signal.signal(signal.SIGTERM, _exit_successfully)
     if workers == 1:
-        serve(create_served_app(config), options, sock)
+        serve(create_served_app(config), options, sockets)
         return
     # Each worker builds its own app from a copy of the file as it was checked here, so that one
     # uvicorn starts again after a crash serves as the others do, whatever became of the file
@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(prefix="tollgate-config-") as config_dir:
             os.environ[ENV_CONFIG] = _config_for_workers(config, config_dir)
             os.environ[MULTIPROC_ENV] = metrics_dir
-            serve_workers("proxy.app:app_from_environment", workers, options, sock)
+            serve_workers("proxy.app:app_from_environment", workers, options, sockets)
 
 
 def _config_for_workers(config: Config, directory: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import re
 import socket
 import sys
@@ -528,40 +529,75 @@ class _Supervisor(Multiprocess):
         super().handle_term()
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The socket `serve` listens on, bound as uvicorn binds it, but before the gateway starts:
-    uvicorn binds only once the app has started, and a `serve` on a port taken (a second one
-    started by mistake) applied its file's declarations to the database first."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+def listen(host: str, port: int) -> list[socket.socket]:
+    """The sockets `serve` listens on, bound as `uvicorn.run` binds them (asyncio's
+    create_server: one per address the host resolves to, an IPv6 one for IPv6 alone), but
+    before the gateway starts: uvicorn binds only once the app has started, and a `serve` on a
+    port taken (a second one started by mistake) applied its file's declarations to the
+    database first."""
+    sockets: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        seen = set()
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.set_inheritable(True)  # for the workers of serve_workers
     except BaseException:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    sock.set_inheritable(True)  # for the workers of serve_workers
-    return sock
+    return sockets
 
 
-def serve(app: Any, options: dict[str, Any], sock: socket.socket) -> None:
-    """`uvicorn.run(app, **options)` on `sock`."""
-    server = uvicorn.Server(uvicorn.Config(app, **options))
+def _say_listening(host: str, sockets: list[socket.socket]) -> None:
+    """uvicorn's line saying where it listens, which it leaves out for sockets it is given (it
+    expects `Config.bind_socket` to have said it)."""
+    where = f"[{host}]" if ":" in host else host
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", where, sockets[0].getsockname()[1]
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying where it listens once started, as with `uvicorn.run`."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if sockets and not self.should_exit:
+            _say_listening(self.config.host, sockets)
+
+
+def serve(app: Any, options: dict[str, Any], sockets: list[socket.socket]) -> None:
+    """`uvicorn.run(app, **options)` on `sockets`."""
+    server = _Server(uvicorn.Config(app, **options))
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()
     if not server.started:
         sys.exit(STARTUP_FAILURE)  # as uvicorn.run exits
 
 
-def serve_workers(app: str, workers: int, options: dict[str, Any], sock: socket.socket) -> None:
-    """`uvicorn.run(app, factory=True, workers=workers, **options)` on `sock`, with `_Supervisor`."""
+def serve_workers(app: str, workers: int, options: dict[str, Any], sockets: list[socket.socket]) -> None:
+    """`uvicorn.run(app, factory=True, workers=workers, **options)` on `sockets`, with `_Supervisor`."""
     config = uvicorn.Config(app, factory=True, workers=workers, **options)
+    _say_listening(config.host, sockets)  # before the workers start, as `Config.bind_socket` says it
     try:
-        _Supervisor(config, sockets=[sock]).run()
+        _Supervisor(config, sockets=sockets).run()
     except KeyboardInterrupt:
         pass
     finally:
-        sock.close()
+        for sock in sockets:
+            sock.close()

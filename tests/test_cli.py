@@ -404,3 +404,35 @@ def test_demo_refuses_a_declared_team_it_cannot_create_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr == f"tollgate demo: {config}: teams[0]: Organization 'nowhere' not found\n"
     assert "Starting LiteLLM" not in result.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_says_where_it_listens(tmp_path, workers):
+    # uvicorn.run logged it; a uvicorn given the socket bound before the app starts does not.
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=workers).start()
+    try:
+        assert wait_for(lambda: f"Uvicorn running on http://127.0.0.1:{server.port} (Press CTRL+C to quit)"
+                        in server.log(), timeout=10)
+    finally:
+        server.stop()
+
+
+def test_serve_listens_on_every_address_its_host_names_ipv6_ones_for_ipv6_alone(monkeypatch):
+    # As uvicorn.run (asyncio's create_server) bound them: `localhost` where it names both
+    # 127.0.0.1 and ::1, a socket for each; one socket of the first address took IPv4 alone.
+    from proxy.server import listen
+
+    port = free_port()
+    both = socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM) + socket.getaddrinfo(
+        "::1", port, type=socket.SOCK_STREAM
+    )
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: both)
+    sockets = listen("localhost", port)
+    try:
+        assert sorted(sock.family for sock in sockets) == sorted([socket.AF_INET, socket.AF_INET6])
+        (six,) = [sock for sock in sockets if sock.family == socket.AF_INET6]
+        assert six.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        assert all(sock.getsockname()[1] == port for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()

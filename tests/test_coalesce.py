@@ -172,8 +172,8 @@ def test_uvicorn_sends_a_plain_answers_head_and_body_in_one_write():
 
 def test_tollgate_serve_runs_uvicorn_with_the_coalescing_protocol(monkeypatch, tmp_path):
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(server, "listen", lambda host, port: socket.socket())  # no port of this machine's
-    monkeypatch.setattr(server, "serve", lambda app, options, sock: (seen.update(options), sock.close()))
+    monkeypatch.setattr(server, "listen", lambda host, port: [socket.socket()])  # no port of this machine's
+    monkeypatch.setattr(server, "serve", lambda app, options, sockets: (seen.update(options), sockets[0].close()))
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # serve's SIGTERM handler: not this process's
     monkeypatch.setenv("TOLLGATE_MASTER_KEY", "sk-master-test")
     monkeypatch.setenv("TOLLGATE_UPSTREAM_KEY", "sk-upstream-test")
