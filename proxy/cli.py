@@ -67,12 +67,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # Before anything else: uvicorn would find out only once the app had started (the
         # file's declarations applied to a database perhaps another gateway serves), and not
         # name the host.
-        socket.getaddrinfo(options["host"], options["port"], type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        _fail(f"cannot listen on {where}: {getattr(exc, 'strerror', None) or exc}", EXIT_CONFIG)
-    try:
         sockets = listen(options["host"], options["port"])
-    except OSError as exc:
+    except (socket.gaierror, UnicodeError) as exc:  # a host that does not resolve: the config's
+        _fail(f"cannot listen on {where}: {getattr(exc, 'strerror', None) or exc}", EXIT_CONFIG)
+    except OSError as exc:  # the port taken, the address not this machine's
         _fail(f"cannot listen on {where}: {exc.strerror or exc}")
     # The database is opened (and the file's declarations applied) once here, so that a database
     # that cannot be opened is a one-line error, not a traceback from inside uvicorn's start-up.
