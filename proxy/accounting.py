@@ -143,7 +143,9 @@ class StreamTally:
         if data == b"[DONE]":
             self.done = True
             return False
-        if b'"usage"' not in data and b'"error"' not in data and b"\\u" not in data:
+        # find(), not `in`: on Python 3.11 `bytes in bytes` first tries the needle as an integer
+        # and formats a TypeError, per event (bench/RESULTS.md, session 31).
+        if data.find(b'"usage"') < 0 and data.find(b'"error"') < 0 and data.find(b"\\u") < 0:
             # Neither key can be in it (not even escaped): only text, read if an estimate is needed.
             self._unread.append(data)
             self._unread_bytes += len(data)

@@ -70,7 +70,7 @@ class SSEScanner:
             simple = self._simple_events(chunk)
             if simple is not None:
                 return simple
-        elif b"\n" not in chunk and b"\r" not in chunk and (self._tail or not self._buffer.endswith(b"\r")):
+        elif chunk.find(b"\n") < 0 and chunk.find(b"\r") < 0 and (self._tail or not self._buffer.endswith(b"\r")):
             self._tail.append(chunk)  # the unfinished line goes on: nothing to scan yet
             self._tail_bytes += len(chunk)
             self._check_size(len(self._buffer) + self._lines_bytes + self._tail_bytes)
@@ -153,13 +153,16 @@ class SSEScanner:
     def _simple_events(chunk: bytes) -> list[SSEEvent] | None:
         """The events of a chunk made only of whole one-line `data: ` events with LF ends;
         None for anything else, which the general scanner takes."""
-        if not chunk.endswith(b"\n\n") or b"\r" in chunk:
+        # find() and count(), not `in`: see StreamTally.observe.
+        if not chunk.endswith(b"\n\n") or chunk.find(b"\r") >= 0:
             return None
         if chunk.find(b"\n") == len(chunk) - 2:  # a single event, as most chunks are
             return [SSEEvent(chunk, chunk[6:-2], None)] if chunk.startswith(b"data: ") else None
         lines = chunk[:-2].split(b"\n\n")
+        if chunk.count(b"\n") != 2 * len(lines):
+            return None  # an event of more than one line
         for line in lines:
-            if not line.startswith(b"data: ") or b"\n" in line:
+            if not line.startswith(b"data: "):
                 return None
         return [SSEEvent(line + b"\n\n", line[6:], None) for line in lines]
 

@@ -113,6 +113,15 @@ def test_several_whole_events_in_one_chunk_keep_their_bytes():
     assert [e.raw for e in events] == [b"data: a\n\n", b"data: {}\n\n", b"data: [DONE]\n\n"]
 
 
+@pytest.mark.parametrize("chunk", [
+    b"data: a\ndata: b\n\ndata: [DONE]\n\n",  # an event of two data lines, then another
+    b"data: a\n\ndata: b\ndata: c\n\n",  # ... the other way round
+    b"data: a\n\n\ndata: [DONE]\n\n",  # a blank line more between two events
+])
+def test_whole_lf_events_of_several_lines_in_one_chunk_are_read_line_by_line(chunk):
+    assert scan([chunk]) == scan([bytes([byte]) for byte in chunk])
+
+
 @pytest.mark.parametrize("seed", range(100))
 def test_lf_only_streams_cut_anywhere_give_the_same_events_as_byte_by_byte(seed):
     rng = random.Random(seed)
