@@ -19,6 +19,8 @@ COPY config.yaml ./
 USER tollgate
 VOLUME ["/data"]
 EXPOSE 8003
+# On the port Tollgate's own configuration names (server.port, 8003 unless changed): a mounted
+# config.yaml with another port must not make a healthy container unhealthy.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8003/health/live', timeout=2).status == 200 else 1)"
+  CMD python -c "import urllib.request; from proxy.config import load_config; urllib.request.urlopen(f'http://127.0.0.1:{load_config().server.port}/health/live', timeout=2)"
 CMD ["tollgate", "serve", "--host", "0.0.0.0"]

@@ -22,7 +22,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import stop_process, wait_until_up
-from tests.support import REPO, PYTHON, free_port, start_process, wait_for
+from tests.support import REPO, PYTHON, Tollgate, free_port, start_process, tollgate_config, wait_for
 
 REQUIRED = {
     "tollgate_requests": {"route", "method", "status"},
@@ -458,6 +458,30 @@ def _deployment_stop_budget() -> float:
     from proxy.config import load_config
 
     return load_config(str(REPO / "config.yaml"), env={}).server.shutdown_grace + DRAIN_TIMEOUT
+
+
+def _image_health_check() -> str:
+    dockerfile = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    match = re.search(r"^HEALTHCHECK .*? CMD (.*)$", dockerfile, re.M)
+    assert match is not None
+    return match.group(1)
+
+
+def test_the_images_health_check_asks_the_port_its_configuration_names(tmp_path, litellm):
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key)
+    server.config_path.write_text(yaml.safe_dump(tollgate_config(server.database, server={"port": server.port})))
+    server.start()
+    try:
+        # `python` as in the image: the one Tollgate is installed for.
+        path = f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        env = {**server.env, "TOLLGATE_CONFIG": str(server.config_path), "PATH": path}
+        check = subprocess.run(["sh", "-c", _image_health_check()], env=env, cwd=tmp_path, capture_output=True,
+                               timeout=30)
+        assert check.returncode == 0, check.stderr
+    finally:
+        server.stop()
+    check = subprocess.run(["sh", "-c", _image_health_check()], env=env, cwd=tmp_path, capture_output=True, timeout=30)
+    assert check.returncode != 0
 
 
 def test_the_compose_stack_lets_tollgate_finish_a_graceful_stop_before_docker_kills_it():
