@@ -324,7 +324,10 @@ class CallPipeline:
             payload["tags"] = [t for t in payload["tags"] if not t.startswith("tollgate-")]
         if call.stream:
             payload["stream"] = True
-            payload["stream_options"] = {"include_usage": True}
+            options = payload.get("stream_options")  # a /v1 client's own (validation: an object)
+            payload["stream_options"] = {**options, "include_usage": True} if options else {"include_usage": True}
+        elif "stream_options" in payload:
+            del payload["stream_options"]  # for streams only, and LiteLLM drops it from an answer's request
         return payload
 
     async def complete(self, call: Call, receive: Receive) -> Completed:

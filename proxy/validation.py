@@ -152,9 +152,11 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
 
 
 # The keys of a call body not forwarded as they are: Tollgate's own, and the streaming ones, which
-# the gateway sets itself. On /api `model` names the group (as `model_group`); on /v1 it is forwarded.
-_DROPPED_OPENAI = frozenset([*CALL_KEYS, "stream", "stream_options"])
-_DROPPED_JOBS = _DROPPED_OPENAI | {"model"}
+# the gateway sets itself. On /api `model` names the group (as `model_group`) and `stream_options`
+# is the gateway's; on /v1 `model` is forwarded, and so are a stream's own options beside the
+# usage the gateway asks for (calls.py), as LiteLLM passes them on: `include_obfuscation`.
+_DROPPED_OPENAI = frozenset([*CALL_KEYS, "stream"])
+_DROPPED_JOBS = _DROPPED_OPENAI | {"model", "stream_options"}
 
 # The chat parameters checked, in the order their problems are reported.
 _NUMBERS = (("temperature", 0, 2), ("top_p", 0, 1), ("frequency_penalty", -2, 2), ("presence_penalty", -2, 2))

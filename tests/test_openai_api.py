@@ -54,6 +54,17 @@ def test_stream_with_include_usage_ends_with_the_upstream_usage(sdk):
     assert len(usage) == 1 and (usage[0].prompt_tokens, usage[0].completion_tokens) == (3, 3)
 
 
+def test_a_streams_own_stream_options_reach_the_upstream_beside_the_usage_the_gateway_asks_for(sdk, fake_url):
+    # As LiteLLM passes them on: a client turning off OpenAI's stream obfuscation keeps it off.
+    label = tag()
+    messages = [{"role": "user", "content": f"hi [chunks=2] [tag={label}]"}]
+    options = {"include_usage": False, "include_obfuscation": False}
+    chunks = list(sdk.chat.completions.create(model="Main", messages=messages, stream=True, stream_options=options))
+    assert all(c.usage is None for c in chunks)
+    (sent,) = fake_log(fake_url, label)
+    assert sent["body"]["stream_options"] == {"include_usage": True, "include_obfuscation": False}
+
+
 def test_tool_calls_round_trip(sdk):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     reply = sdk.chat.completions.create(model="Main", messages=HELLO, tools=tools)
