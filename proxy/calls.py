@@ -246,6 +246,10 @@ class CallPipeline:
             call_id, job_id, team.team_id, principal.key.key_id, group.name, request.purpose, stream, call.started_wall,
             call.started_wall + self._stale_after,
         )
+        # Counted from its start's write on: a start waiting on another process's lock when the
+        # shutdown cuts it is written once the lock ends, and the store must still be open for
+        # the call's record then (shutdown's drain waits for the calls counted).
+        self._running.add(call_id)
         try:
             await self._store.start_call(new_call, None if own_job is None else own_job.default_credits)
         except asyncio.CancelledError:
@@ -253,10 +257,10 @@ class CallPipeline:
             # close the row (a no-op if it was never written) rather than leave it running.
             notes["job"], notes["call"] = job_id, call_id
             await self._limiter.settle(decision, 0, release=True)
-            self._running.add(call_id)
             await asyncio.shield(self._finish(call, "cancelled", None, Usage(0, 0), 0, "cancelled before it started"))
             raise _cut_by_shutdown("the call was cut short before it started", decision.released().headers()) from None
         except BaseException as exc:
+            self._running.discard(call_id)
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
             refusal = _with_limit_headers(exc, decision)
             if refusal is exc:
@@ -265,7 +269,6 @@ class CallPipeline:
         notes["job"], notes["call"] = job_id, call_id
         if own_job is not None:
             self._metrics.observe_job(team.team_id, "created")
-        self._running.add(call_id)
         return call
 
     async def _limit(self, principal: Principal, call_id: str, request: CallRequest) -> Decision:

@@ -374,7 +374,11 @@ def test_a_v1_call_cut_by_the_shutdown_while_its_record_waits_out_a_lock_gets_a_
 def test_a_call_whose_start_waits_on_a_locked_database_when_the_shutdown_cuts_it_gets_a_503(tmp_path, litellm):
     # Its start, under way when the grace period ended, is written once the lock ends and the
     # call closed at once (its own job failed, uncharged); the client got uvicorn's bare 500.
-    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    # No sweep under way, as between a process's sweeps: a sweep's write queued behind the start
+    # kept the store open for the call's record, which otherwise found it closed.
+    server = Tollgate(
+        tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}, jobs={"sweep_interval": "60s"}
+    ).start()
     team = server.admin().team()
     body = {"model": "Main", "messages": [{"role": "user", "content": "one two"}]}
     answer = request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(
