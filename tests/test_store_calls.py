@@ -3,6 +3,7 @@ they live in."""
 
 import asyncio
 import sqlite3
+import threading
 
 import pytest
 
@@ -223,11 +224,11 @@ def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
             count[0] += 1
             return 0
 
-        # A page is read on the connection of reads that must agree (with the team's balance).
-        assert store._together is not None
-        store._together.set_progress_handler(step, 100)  # every 100 SQLite instructions
+        # A page is read on its connection of reads that must agree (with the team's balance).
+        assert store._listing is not None
+        store._listing.set_progress_handler(step, 100)  # every 100 SQLite instructions
         jobs, total, _ = await store.team_jobs(team, None, 20, 0)
-        store._together.set_progress_handler(None, 100)
+        store._listing.set_progress_handler(None, 100)
         assert len(jobs) == 20 and jobs[0].job_id == f"{team}-{total - 1:05}" and jobs[0].costs.total_calls == 2
         return count[0]
 
@@ -240,6 +241,87 @@ def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
             await store.close()
         # Counting the team's jobs for the total reads each once; nothing else may grow with them.
         assert big - small < 3_900 * 10 / 100
+
+    asyncio.run(check())
+
+
+def test_a_job_view_does_not_wait_for_a_page_of_another_teams_jobs(tmp_path, monkeypatch):
+    # A page of a team with a million jobs reads for half a second or more (counting them,
+    # skipping to a deep page, filtering by status): on the connection job views were read on
+    # one at a time, every team's GET of a job and every completion waited behind it.
+    from proxy.store import sqlite as store_module
+
+    counting, release = threading.Event(), threading.Event()
+    read = store_module._all
+
+    def held_while_counting(db: sqlite3.Connection, sql: str, params=()):
+        if sql.startswith("SELECT COUNT(*) FROM jobs"):
+            counting.set()
+            release.wait(10)
+        return read(db, sql, params)
+
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "views.db"))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        monkeypatch.setattr(store_module, "_all", held_while_counting)
+        page = asyncio.ensure_future(store.team_jobs("team", None, 50, 0))
+        try:
+            assert await asyncio.to_thread(counting.wait, 10)
+            view = await asyncio.wait_for(store.job_view(job_id), 5)
+            assert view is not None and view[0].job_id == job_id
+        finally:
+            release.set()
+            await page
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_the_sweeps_write_does_not_read_the_finished_calls_of_open_jobs(tmp_path):
+    # Writes run on the event loop. Finding the running calls through the open jobs read every
+    # call those jobs ever made there: long jobs of a thousand calls each, a few hundred open,
+    # held the loop (every request and stream of the process) a quarter of a second a sweep.
+    db = database_at(tmp_path / "sweep.db", len(MIGRATIONS))
+    db.execute("BEGIN")
+    for job_id in ("quiet", "busy"):
+        db.execute(
+            "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) "
+            "VALUES (?, 'team', 't', 'in_progress', 0, 0)", (job_id,)
+        )
+        db.execute(
+            "INSERT INTO llm_calls (call_id, job_id, team_id, model_group, streamed, status, started_at) "
+            "VALUES (?, ?, 'team', 'ChatAgent', 0, 'running', 100)", (f"{job_id}-left-running", job_id)
+        )
+    for n in range(5_000):
+        db.execute(
+            "INSERT INTO llm_calls (call_id, job_id, team_id, model_group, streamed, status, started_at) "
+            "VALUES (?, 'busy', 'team', 'ChatAgent', 0, 'success', 50)", (f"busy-{n:05}",)
+        )
+    db.execute("COMMIT")
+    db.close()
+
+    async def check() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path}/sweep.db"))
+        await store.open()
+        count = [0]
+
+        def step() -> int:
+            count[0] += 1
+            return 0
+
+        loop_db = store._writer._loop_db
+        assert loop_db is not None
+        loop_db.set_progress_handler(step, 100)  # every 100 SQLite instructions
+        try:
+            assert await store.cancel_stale_calls(500.0) == 2
+            assert await statuses(store, "busy") == {
+                **{f"busy-{n:05}": "success" for n in range(5_000)}, "busy-left-running": "cancelled"
+            }
+        finally:
+            loop_db.set_progress_handler(None, 100)
+            await store.close()
+        # Reading the 5,000 finished calls takes several instructions each: fewer than one each in all.
+        assert count[0] * 100 < 5_000
 
     asyncio.run(check())
 

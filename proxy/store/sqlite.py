@@ -1,12 +1,13 @@
 """The SQLite store.
 
-Four connections per process, all in WAL mode: the event loop's and the writer thread's for
+Five connections per process, all in WAL mode: the event loop's and the writer thread's for
 writes (see writer.py: writes are group-committed on the loop, and go to the thread when they
 must wait for another process's lock; the thread also fsyncs and checkpoints; transactions
 begin with ``BEGIN IMMEDIATE``, so writers in other processes queue instead of failing
-half-way), a reader through aiosqlite, which WAL lets run beside any writer, and one for reads
-that must agree with each other, made in one transaction (`_read_together`). Writes are
-shielded from cancellation: a client hanging up never leaves a half-recorded call or charge.
+half-way), a reader through aiosqlite, which WAL lets run beside any writer, and two for reads
+that must agree with each other, made in one transaction (`_read_together`): a job's view on
+one, pages of a team's jobs on the other. Writes are shielded from cancellation: a client
+hanging up never leaves a half-recorded call or charge.
 """
 
 from __future__ import annotations
@@ -227,9 +228,12 @@ class SQLiteStore:
         self._clock = clock
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
-        # Reads that must agree with each other (see `_read_together`), one at a time.
+        # Reads that must agree with each other (see `_read_together`), one at a time: a job's
+        # view on one connection, a page of a team's jobs on another.
         self._together: sqlite3.Connection | None = None
         self._together_lock = threading.Lock()
+        self._listing: sqlite3.Connection | None = None
+        self._listing_lock = threading.Lock()
         # What the last write refused for want of disk said, until a probe succeeds: readiness
         # then fails (a write that changes nothing can succeed on a full disk, a row cannot).
         self._unwritable: StoreUnavailable | None = None
@@ -252,10 +256,8 @@ class SQLiteStore:
         )
         for pragma in self._pragmas():
             await self._reader.execute(pragma)
-        self._together = self._connect_writer()  # the same settings; it only reads
-        # The job views' costs (`_COST_COLUMNS`) are read on it, and only on it.
-        # (typeshed's protocol of an aggregate has it give an int; SQLite takes a float as well.)
-        self._together.create_aggregate("exact_sum", 1, _ExactSum)  # type: ignore[arg-type]
+        self._together = self._connect_together()
+        self._listing = self._connect_together()
 
     async def close(self) -> None:
         # Writes in flight (they are shielded from cancellation) are finished first.
@@ -268,6 +270,10 @@ class SQLiteStore:
             if self._together is not None:
                 self._together.close()
             self._together = None
+        with self._listing_lock:
+            if self._listing is not None:
+                self._listing.close()
+            self._listing = None
 
     async def ping(self) -> None:
         """Fails if the store cannot be read, takes no more writes (after a failed fsync), or
@@ -298,6 +304,13 @@ class SQLiteStore:
         )
         for pragma in self._pragmas():
             connection.execute(pragma)
+        return connection
+
+    def _connect_together(self) -> sqlite3.Connection:
+        connection = self._connect_writer()  # the same settings; it only reads
+        # The costs of job views and pages (`_COST_COLUMNS`) are read on it, and only on these.
+        # (typeshed's protocol of an aggregate has it give an int; SQLite takes a float as well.)
+        connection.create_aggregate("exact_sum", 1, _ExactSum)  # type: ignore[arg-type]
         return connection
 
     def _connect_on_loop(self) -> sqlite3.Connection:
@@ -348,21 +361,26 @@ class SQLiteStore:
         except sqlite3.DatabaseError as exc:  # a damaged file's error is no OperationalError
             raise busy_or(exc)
 
-    async def _read_together(self, read: Callable[[sqlite3.Connection], R], then: Callable[[R], T]) -> T:
+    async def _read_together(
+        self, read: Callable[[sqlite3.Connection], R], then: Callable[[R], T], listing: bool = False
+    ) -> T:
         """Reads that must agree with each other, as of one moment: in one transaction, on a
         connection of their own, in a thread. One by one on the reader, a write committed
         between two of them showed in one and not the other (a call's end in a job's calls but
         not in its costs; a job's charge in the balance beside the job still shown open).
         `read` takes the rows, `then` makes records of them, in the same thread but after the
         connection is let go: a page of 500 jobs is up to 64 MB of metadata to decode, seconds
-        during which every other team's job reads and completions waited for the connection."""
+        during which every other team's job reads and completions waited for the connection.
+        `listing`: a page of a team's jobs, on a connection of its own: it reads each job of the
+        team that it counts or skips (a million: half a second and more), and every team's job
+        views and completions waited behind it."""
         if self._together is None:
             raise StoreError("The store is closed")
-        return await asyncio.to_thread(lambda: then(self._run_together(read)))
+        return await asyncio.to_thread(lambda: then(self._run_together(read, listing)))
 
-    def _run_together(self, read: Callable[[sqlite3.Connection], R]) -> R:
-        with self._together_lock:
-            db = self._together
+    def _run_together(self, read: Callable[[sqlite3.Connection], R], listing: bool) -> R:
+        with self._listing_lock if listing else self._together_lock:
+            db = self._listing if listing else self._together
             if db is None:
                 raise StoreError("The store is closed")
             try:
@@ -741,7 +759,7 @@ class SQLiteStore:
             rows, total, remaining = page
             return [_job(row, True, metadata_as_text=True) for row in rows], total, remaining
 
-        return await self._read_together(read, records)
+        return await self._read_together(read, records, listing=True)
 
     async def start_call(self, call: NewCall, own_job_default_credits: int | None = None) -> None:
         """Record the call as running in its job. With `own_job_default_credits`, the job is the
@@ -889,16 +907,25 @@ class SQLiteStore:
         (`stale_at`, which `now` is compared with), or, for a call recorded without one (by an
         earlier release), started before `started_before`."""
         now = self._clock() if now is None else now
+        stale = "status = 'running' AND (stale_at < ? OR (stale_at IS NULL AND started_at < ?))"
+        # The open jobs lead to every running call without an index of them (a call runs only
+        # in an open job: finish_job refuses a job with one running), but through every call
+        # those jobs made: found on the reader, then closed by id, since writes run on the event
+        # loop (a few hundred open jobs of a thousand calls each held it a quarter of a second).
+        rows = await self._read(
+            f"SELECT call_id FROM llm_calls WHERE {stale} "
+            "AND job_id IN (SELECT job_id FROM jobs WHERE status IN ('pending', 'in_progress'))",
+            (now, started_before),
+        )
+        if not rows:
+            return 0
 
         def cancel(db: sqlite3.Connection) -> int:
             cursor = db.execute(
-                # A call runs only in an open job (finish_job refuses a job with one running),
-                # so the open jobs lead to every running call without an index of them.
-                "UPDATE llm_calls SET status = 'cancelled', error = ?, "
-                "finished_at = ? WHERE status = 'running' "
-                "AND (stale_at < ? OR (stale_at IS NULL AND started_at < ?)) "
-                "AND job_id IN (SELECT job_id FROM jobs WHERE status IN ('pending', 'in_progress'))",
-                (INTERRUPTED, self._clock(), now, started_before),
+                # Still running and stale: a call may have ended since it was read.
+                "UPDATE llm_calls SET status = 'cancelled', error = ?, finished_at = ? "
+                f"WHERE call_id IN (SELECT value FROM json_each(?)) AND {stale}",
+                (INTERRUPTED, self._clock(), json.dumps([call_id for (call_id,) in rows]), now, started_before),
             )
             return cursor.rowcount
 
