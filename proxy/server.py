@@ -16,12 +16,13 @@ from typing import Any, Callable
 
 import httptools
 import uvicorn
+from starlette.requests import Request
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.main import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from .coalesce import CoalescingTransport
-from .errors import ApiError, error_body
+from .errors import ApiError, error_body, error_response, shutting_down
 from .observe import REFUSALS, REFUSED, RefusalObserver
 
 
@@ -38,6 +39,8 @@ _TOO_LARGE = f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB"
 _TRAILERS_TOO_LARGE = f"The request's trailer fields are larger than {MAX_HEAD_BYTES // 1024} KiB"
 # What a request line is made of before its target: a method, and the spaces after it.
 _METHOD_CHARACTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- "
+# What a request queued behind another's answer gets when the shutdown begins before its turn.
+QUEUED_AT_SHUTDOWN = shutting_down("the request was queued behind another on its connection, and not started")
 # What the client sends after a request queued behind another's answer is held, unparsed, up to this
 # many bytes before the connection is no longer read (see `CoalescingHttpProtocol._hold`).
 MAX_HELD_BYTES = 64 * 1024
@@ -337,6 +340,23 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self._linger_timer.cancel()
             self._linger_timer = None
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        # uvicorn marks only its latest request to close the connection after its answer: with
+        # requests pipelined behind the one running, the last of those queued, and the running
+        # one's answer started the next. That ran after the grace period had cancelled every
+        # request running, while the gateway stopped: a call outliving the drain was left
+        # running, its own job holding its credit, after exit 0. A queued request is answered
+        # in its turn as the shutdown answers any other not answered yet, and not run.
+        for index, (cycle, _) in enumerate(self.pipeline):
+            self.pipeline[index] = (cycle, self._refused_by_shutdown)
+        super().shutdown()
+
+    async def _refused_by_shutdown(self, scope: Any, receive: Any, send: Any) -> None:
+        """What a request queued when the shutdown began runs instead of the app: its 503."""
+        await error_response(Request(scope), QUEUED_AT_SHUTDOWN)(scope, receive, send)
+        method = scope["method"]
+        self._observe_refusal(503, method if method in _METHODS else "unknown", None)
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, msg)

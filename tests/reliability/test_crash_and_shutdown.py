@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import httpx
 
+from tests.reliability.test_pipelining import answers
 from tests.support import Tollgate, fake_log, tag, wait_for
 
 SLOW = {"messages": [{"role": "user", "content": "a long answer [chunks=100] [delay_ms=100]"}]}
@@ -524,3 +525,39 @@ def test_a_request_cut_by_the_shutdown_before_its_answer_gets_a_503_not_a_bare_5
     assert answer.json() == {"detail": "The gateway is shutting down: the request was cut short"}
     assert books(server.database)["jobs"] == {}
     assert "Exception in ASGI application" not in server.log()
+
+
+def v1_request(key: str, content: str) -> bytes:
+    """A non-streaming /v1 call as raw HTTP/1.1, for pipelining."""
+    body = json.dumps({"model": "Main", "messages": [{"role": "user", "content": content}]}).encode()
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def test_a_request_pipelined_behind_a_call_the_shutdown_cuts_is_answered_503_and_never_run(tmp_path, fake_url):
+    # uvicorn's shutdown marked only the queued request to close the connection after its answer:
+    # the cut call's answer started it, after the grace period, while the gateway stopped. Its call
+    # outlived the drain and was left running, its own job holding its credit, after exit 0.
+    server = Tollgate(tmp_path, fake_url, "sk-upstream", server={"shutdown_grace": "1s"}).start()
+    team = server.admin().team()
+    queued = tag()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(v1_request(team.key, "cut [first_byte_ms=10000]")
+                         + v1_request(team.key, f"queued [first_byte_ms=12000] [tag={queued}]"))
+            assert wait_for(lambda: books(server.database)["calls"], timeout=10)
+            server.process.send_signal(signal.SIGTERM)
+            reply = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert server.process.wait(20) == 0
+    finally:
+        server.stop()
+    found, rest = answers(reply)
+    assert [(status, json.loads(body)["error"]["code"]) for status, body in found] == [
+        (503, "shutting_down"), (503, "shutting_down")
+    ]
+    assert not fake_log(fake_url, queued), "the queued request reached the upstream"
+    settled = books(server.database)
+    assert [c[1] for c in settled["calls"]] == ["cancelled"]
+    assert list(settled["jobs"].values()) == ["failed"] and settled["held"] == 0
