@@ -23,7 +23,8 @@ from proxy.store import StoreBusy, StoreError, StoreUnavailable, Unsaved
 from proxy.store import sqlite as sqlite_store
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.aio_fsync import _SYSCALLS, AioFsync
-from proxy.store.writer import WAL_SIZE_LIMIT, Writer, busy_or
+from proxy.store.writer import START_SYNC_AFTER, WAL_SIZE_LIMIT, Writer, busy_or
+from tests.support import wait_for
 
 
 def connect(path: Path, factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
@@ -337,6 +338,79 @@ def test_a_write_that_need_not_be_durable_is_answered_at_its_commit(tmp_path):
 
     asyncio.run(run())
     assert fsyncs.paths == []
+
+
+def test_a_write_answered_at_its_commit_is_fsynced_soon_though_no_durable_write_follows(tmp_path):
+    # A call's start, with no call ending after it: a stream runs for minutes, and a power cut
+    # meanwhile left no record of a call its client was seeing answered.
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        await writer.submit(insert(1), durable=False)
+        assert await asyncio.to_thread(wait_for, lambda: fsyncs.paths, START_SYNC_AFTER + 2)
+        await writer.stop()
+
+    asyncio.run(run())
+    assert fsyncs.paths == [f"{os.path.realpath(path)}-wal"]
+
+
+def test_a_write_answered_at_its_commit_is_synced_by_the_kernel_soon_though_no_durable_write_follows(tmp_path):
+    path = tmp_path / "w.db"
+    kernel = KernelSyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, kernel=kernel.open)
+        await writer.start()
+        await writer.submit(insert(1), durable=False)
+        await asyncio.sleep(START_SYNC_AFTER + 0.2)
+        assert kernel.paths == [f"{os.path.realpath(path)}-wal"]
+        kernel.end()
+        await writer.stop()
+
+    asyncio.run(run())
+
+
+def test_a_write_answered_at_its_commit_costs_no_fsync_of_its_own_when_a_durable_write_follows(tmp_path):
+    # The common case: a call's end comes within a moment of its start, and its fsync covers both.
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        await writer.submit(insert(1), durable=False)
+        await writer.submit(insert(2))
+        await asyncio.sleep(START_SYNC_AFTER + 0.2)
+        await writer.stop()
+
+    asyncio.run(run())
+    assert len(fsyncs.paths) == 1
+
+
+def test_writes_answered_at_their_commit_after_a_sync_began_get_one_of_their_own(tmp_path):
+    # A sync running when they committed began before them, and does not cover them.
+    path = tmp_path / "w.db"
+    kernel = KernelSyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, kernel=kernel.open)
+        await writer.start()
+        durable = writer.submit(insert(1))
+        await asyncio.sleep(0.01)
+        await writer.submit(insert(2), durable=False)
+        assert len(kernel.paths) == 1
+        await asyncio.sleep(START_SYNC_AFTER + 0.1)
+        kernel.end()  # the first write's
+        assert await durable == 1
+        await asyncio.sleep(START_SYNC_AFTER + 0.2)
+        assert len(kernel.paths) == 2
+        kernel.end()
+        await writer.stop()
+
+    asyncio.run(run())
 
 
 def test_a_failed_fsync_fails_the_writes_it_was_for_and_the_store_takes_no_more(tmp_path):

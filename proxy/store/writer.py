@@ -17,12 +17,13 @@ The thread does what must not stall the loop:
   GIL, far less CPU), else by the thread. A durable write is answered only after that, so
   nobody hears "done" before its record would survive a power cut (other readers may see it
   a moment earlier). A write
-  submitted with `durable=False` (a call's start, which matters only together with its end)
-  is answered at its commit: the fsync after any later commit covers it as well, since the
-  WAL is written in order. A failed fsync (ours, or one SQLite makes: a commit's on the
-  thread, a checkpoint's) stops the store taking writes: what it was for is committed but
-  perhaps not on disk (`Unsaved`, with each write's result), and Linux may not report the
-  loss twice;
+  submitted with `durable=False` (a call's start) is answered at its commit: the fsync after
+  any later commit covers it as well, since the WAL is written in order, and if none has begun
+  within START_SYNC_AFTER one is made for it (a stream runs for minutes, and a start lost to a
+  power cut would leave no record at all of a call its client saw answered). A failed fsync
+  (ours, or one SQLite makes: a commit's on the thread, a checkpoint's) stops the store taking
+  writes: what it was for is committed but perhaps not on disk (`Unsaved`, with each write's
+  result), and Linux may not report the loss twice;
 - checkpoints, which copy the WAL into the database file and fsync it, in two passes. The
   first copies what is there while the loop goes on committing; the second copies what was
   committed meanwhile, a few pages, and new writes wait on the loop for it to end and then
@@ -56,6 +57,9 @@ CHECKPOINT_EVERY = 250  # commits on the loop between checkpoints: about SQLite'
 RESTART_AT_FRAMES = 4096  # pages in the WAL (16 MiB of 4 KiB pages) past which a checkpoint waits for readers
 RESTART_WAIT = 0.2  # seconds it waits for them at most, writes held meanwhile
 WAL_SIZE_LIMIT = RESTART_AT_FRAMES * 4096  # bytes: a WAL that grew past it is cut back when it starts over
+# Seconds a write answered at its commit may wait for an fsync: its call's end (within it for
+# most calls) or any other durable write comes first and covers it at no cost of its own.
+START_SYNC_AFTER = 0.1
 
 
 class WriteFuture(asyncio.Future):  # type: ignore[type-arg]
@@ -137,6 +141,10 @@ class Writer:
         self._unsynced: list[tuple[_Job[Any], Any]] = []  # committed, for the next sync
         self._syncing: list[tuple[_Job[Any], Any]] = []  # committed, for the sync running
         self._all_synced: asyncio.Future[None] | None = None  # stop() waits on it
+        self._loop_commits = 0  # every commit on the loop so far
+        self._sync_began = 0  # _loop_commits when the last fsync began: it covers them all
+        self._answered_unsynced = 0  # the last commit on the loop of a write answered before its fsync
+        self._unsynced_timer: asyncio.TimerHandle | None = None  # for them: see START_SYNC_AFTER
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="tollgate-sqlite-writer", daemon=True)
@@ -168,6 +176,9 @@ class Writer:
         submitted from now on is refused rather than left waiting."""
         self._closed = True
         loop = asyncio.get_running_loop()
+        if self._unsynced_timer is not None:
+            self._unsynced_timer.cancel()
+            self._unsynced_timer = None
         if self._checkpointing:
             if self._checkpoint_over is None:
                 self._checkpoint_over = loop.create_future()
@@ -241,7 +252,9 @@ class Writer:
                 self._to_thread(job)  # behind the writes already waiting there
             return
         results = self._commit_batch(self._loop_db, batch)
+        self._loop_commits += 1
         committed: list[tuple[_Job[Any], Any]] = []
+        unsynced = False  # a write answered at its commit, before any fsync
         for job, (ok, value) in zip(batch, results):
             if not ok and isinstance(value, StoreBusy):
                 # Nothing of it was written: the thread waits for the lock, and until it has it,
@@ -250,9 +263,14 @@ class Writer:
             elif ok and job.durable and self._wal_path is not None:
                 committed.append((job, value))
             else:
+                unsynced = unsynced or (ok and self._wal_path is not None)
                 _settle(job.future, ok, value)
         if committed:
             self._sync_soon(committed)
+        elif unsynced:
+            self._answered_unsynced = self._loop_commits
+            if self._unsynced_timer is None:
+                self._unsynced_timer = asyncio.get_running_loop().call_later(START_SYNC_AFTER, self._sync_unsynced)
         self._commits += 1
         if self._commits >= CHECKPOINT_EVERY and not self._checkpoint_running:
             self._commits = 0
@@ -266,6 +284,7 @@ class Writer:
             self._answer_unsaved(committed)
             return
         if self._aio is None or self._aio.loop is not asyncio.get_running_loop():
+            self._sync_began = self._loop_commits
             self._put(_Sync(committed))  # the thread answers each write on its own loop
             return
         self._unsynced += committed
@@ -277,6 +296,7 @@ class Writer:
         batch, self._unsynced = self._unsynced, []
         try:
             self._aio.start(self._loop_wal.descriptor(), self._synced)
+            self._sync_began = self._loop_commits
         except OSError as exc:
             log.warning("Could not start the WAL's fsync through Linux AIO (%s): the writer thread fsyncs it "
                         "from now on", exc)
@@ -284,6 +304,16 @@ class Writer:
             self._put(_Sync(batch))
             return
         self._syncing = batch
+
+    def _sync_unsynced(self) -> None:
+        """An fsync for the writes answered at their commit, unless one has begun since."""
+        self._unsynced_timer = None
+        if self._sync_began >= self._answered_unsynced or self._closed or self._failure is not None:
+            return
+        if self._aio is not None and self._aio.busy:  # begun before them: look again after it
+            self._unsynced_timer = asyncio.get_running_loop().call_later(START_SYNC_AFTER, self._sync_unsynced)
+            return
+        self._sync_soon([])
 
     def _synced(self, error: OSError | None) -> None:
         batch, self._syncing = self._syncing, []
@@ -406,8 +436,9 @@ class Writer:
         """First one fsync for every commit the loop asked to have synced (they were made
         before anything else here, which may wait for a lock); then the thread's own writes
         in one transaction; then a checkpoint if one is due."""
-        committed = [pair for item in items if isinstance(item, _Sync) for pair in item.committed]
-        if committed:
+        syncs = [item for item in items if isinstance(item, _Sync)]
+        if syncs:  # one of no writes: for those answered at their commit
+            committed = [pair for item in syncs for pair in item.committed]
             self._deliver([job for job, _ in committed], self._sync(committed))
         jobs = [item for item in items if isinstance(item, _Job)]
         if jobs and self._failure is not None:
