@@ -106,3 +106,15 @@ def test_ci_installs_prometheus_after_updating_the_package_lists_if_it_must():
     lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     update = next(i for i, line in enumerate(lines) if line.startswith("apt-get update"))
     assert any(line.startswith("DEBIAN_FRONTEND=noninteractive apt-get install") for line in lines[update + 1:])
+
+
+def test_contents_lists_every_section_in_order():
+    # A newcomer reads the README through its Contents: a section left out, or listed out of
+    # its place, is one they do not find.
+    text = (REPO / "README.md").read_text()
+    sections = [title for title in re.findall(r"^## (.+)$", text, re.M) if title != "Contents"]
+    contents = text.split("\n## Contents\n", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^- \[(.+?)\]\(#([a-z0-9-]+)\)", contents, re.M)
+    assert [title for title, _ in listed] == sections
+    for title, anchor in listed:  # GitHub's anchor for a heading
+        assert anchor == re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-"), title
