@@ -318,6 +318,14 @@ local refused, kind, retry = 0, 0, 0
 
 for s = 1, scopes do
   local requests, tokens, amounts, total = KEYS[s*4-3], KEYS[s*4-2], KEYS[s*4-1], KEYS[s*4]
+  -- Entries ahead of now were logged on a clock since set back (a step of the wall clock of
+  -- Redis's host): counted from now, for one window, not until the clock catches up.
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', requests, now + 1, '+inf')) do
+    redis.call('ZADD', requests, now, member)
+  end
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', tokens, now + 1, '+inf')) do
+    redis.call('ZADD', tokens, now, member)
+  end
   redis.call('ZREMRANGEBYSCORE', requests, '-inf', cutoff)
   local expired = redis.call('ZRANGEBYSCORE', tokens, '-inf', cutoff)
   if #expired > 0 then

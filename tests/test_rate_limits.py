@@ -102,6 +102,31 @@ def test_caller_is_admitted_again_as_soon_as_the_window_allows(make_tollgate, re
     assert time.monotonic() - refused_at < 2.5
 
 
+def test_calls_logged_before_redis_clock_stepped_back_count_for_a_window_not_until_it_catches_up(redis_server):
+    # The admit script reads Redis's own clock (TIME, the wall clock of Redis's host). Stepped an
+    # hour back (an NTP correction), the calls of the window before were logged an hour ahead of
+    # it, and counted until it caught up: a team at its limit was refused for an hour, told to
+    # retry in 3601 s.
+    team_id = tag()
+    limits = Limits(team_id, "key-a", team_rpm=2, team_tpm=1000)
+    base = f"tollgate:{{team:{team_id}}}:team:{team_id}"
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 1.0)
+        assert [(await limiter.admit(limits, f"c{n}", 10)).admitted for n in range(2)] == [True, True]
+        for call_id in ("c0", "c1"):  # as if logged on a clock an hour ahead of Redis's now
+            for log in ("requests", "tokens"):
+                redis_server.cli("ZINCRBY", f"{base}:{log}", "3600000", call_id)
+        refused = await limiter.admit(limits, "c2", 10)
+        assert not refused.admitted
+        assert refused.retry_after is not None and refused.retry_after <= 1.0
+        await asyncio.sleep(1.1)
+        assert (await limiter.admit(limits, "c3", 10)).admitted
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 def test_a_429_names_the_configured_window_not_a_minute(make_tollgate):
     server = make_tollgate(rate_limits={"window": "10s"})
     team = server.admin().team(rpm_limit=1)
