@@ -12,7 +12,7 @@ from proxy.ids import new_id
 from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, JobEnd, NewCall
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store.sqlite import SQLiteStore
-from proxy.sweeper import sweep_once
+from proxy.sweeper import sweep_forever, sweep_once
 from tests.test_store_concurrency import make_team
 
 
@@ -400,6 +400,66 @@ def test_a_jobs_total_cost_is_the_exact_sum_of_its_calls_costs_however_many_call
             jobs, _, _ = await store.team_jobs("team", None, 10, 0)
             assert jobs[0].costs.total_cost_usd == 100.0
         finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_step_of_the_wall_clock_forward_does_not_make_the_sweeper_close_live_calls(tmp_path):
+    # A call's bound (stale_at) is wall time, set as it started. An NTP correction or a VM
+    # resumed steps the wall clock forward, not the loop's: calls running on made every
+    # sweeper take them for a dead process's, closed as interrupted while they ran (their job
+    # then completable, an own job failed).
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "step.db"))
+        loop = asyncio.get_running_loop()
+        stepped = [0.0]
+
+        def wall() -> float:
+            return 1_000_000.0 + loop.time() + stepped[0]
+
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(NewCall("live", job_id, "team", "key", "ChatAgent", None, True, wall(), wall() + 1.0))
+        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 1.0, 0.01, clock=wall))
+        try:
+            await asyncio.sleep(0.1)
+            stepped[0] = 3600.0  # the wall clock steps an hour forward
+            await asyncio.sleep(0.3)
+            assert await statuses(store, job_id) == {"live": "running"}
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_call_left_running_before_a_step_of_the_wall_clock_is_still_closed_once_past_its_bound(tmp_path):
+    # The step is discounted only for calls that may have started before it: a dead process's
+    # call is closed when the loop's clock, which the step did not move, shows it past its bound.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "step.db"))
+        loop = asyncio.get_running_loop()
+        stepped = [0.0]
+
+        def wall() -> float:
+            return 1_000_000.0 + loop.time() + stepped[0]
+
+        before = (await store.create_job("team", "t", None, {}, 1)).job_id
+        after = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(NewCall("dead", before, "team", "key", "ChatAgent", None, True, wall(), wall() + 0.5))
+        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 0.5, 0.01, clock=wall))
+        try:
+            await asyncio.sleep(0.1)
+            stepped[0] = 3600.0
+            await asyncio.sleep(0.05)
+            await store.start_call(NewCall("dead-too", after, "team", "key", "ChatAgent", None, True, wall(), wall() + 0.5))
+            await asyncio.sleep(1.0)
+            assert await statuses(store, before) == {"dead": "cancelled"}
+            assert await statuses(store, after) == {"dead-too": "cancelled"}
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
             await store.close()
 
     asyncio.run(check())
