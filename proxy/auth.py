@@ -52,6 +52,7 @@ class Principal:
 
     key: VirtualKey
     team: Team
+    stamp: bytes | bytearray = b""  # the change stamp (changes.py) read before the lookup
 
 
 class KeyAuthenticator:
@@ -64,14 +65,16 @@ class KeyAuthenticator:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._changes = changes
         self._wall_clock = wall_clock
         self._principals: ExpiringCache[bytes, Principal | None] = ExpiringCache(
             self._lookup, cache_ttl, changes, clock
         )
 
     async def _lookup(self, key_hash: bytes) -> Principal | None:
+        stamp = self._changes.stamp()
         found = await self._store.lookup_key(key_hash)
-        return Principal(*found) if found else None
+        return Principal(*found, stamp) if found else None
 
     async def authenticate(self, authorization: str | None) -> Principal:
         key_hash = hash_key(bearer_token(authorization))
@@ -83,6 +86,15 @@ class KeyAuthenticator:
         if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= self._wall_clock()):
             raise ApiError(401, INVALID_KEY, code="invalid_api_key")
         return principal
+
+    def unchanged(self, principal: Principal) -> bool:
+        """Whether `principal`, authenticated as a request's head arrived, still stands once its
+        body has: a body may take up to server.read_timeout, and a key revoked, a team suspended
+        or a group taken away meanwhile must not start a call or a job. False when anything
+        changed since it was read (a compare of the stamp) or its key has expired since: the
+        caller authenticates again. Not a coroutine: it is on every call's path."""
+        expires = principal.key.expires_at
+        return self._changes.stamp() == principal.stamp and (expires is None or expires > self._wall_clock())
 
 
 class MasterKeyGuard:

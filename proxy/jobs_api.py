@@ -103,8 +103,10 @@ class JobsApi:
         return job_json(_owned(principal, job_id, job), remaining, calls)
 
     async def create_job(self, request: Request) -> Response:
-        principal = await self._principal(request)
+        principal = await self._principal(request)  # before the body: a bad key's is never read
         body = parse_job_create(await read_json_object(request, self._max_body))
+        if not self._auth.unchanged(principal):  # as of the body's arrival
+            principal = await self._principal(request)
         team = principal.team
         if body.team_id is not None and body.team_id != team.team_id:
             raise ApiError(403, f"This key belongs to team '{team.team_id}', not '{body.team_id}'", code="forbidden")
@@ -127,6 +129,8 @@ class JobsApi:
         principal = await self._principal(request)
         job_id = canonical_job_id(request.path_params["job_id"])
         call_request = parse_call(await read_json_object(request, self._max_body), openai=False)
+        if not self._auth.unchanged(principal):  # as of the body's arrival: see create_job
+            principal = await self._principal(request)
         return await self._calls.admit(
             principal, job_id, call_request, stream=stream, jobs_api=True, notes=notes(request)
         )

@@ -51,6 +51,9 @@ class OpenAIApi:
         principal = await self._auth.authenticate(header(request, b"authorization"))
         notes(request)["team"] = principal.team.team_id
         call_request = parse_call(await read_json_object(request, self._max_body), openai=True)
+        if not self._auth.unchanged(principal):  # as of the body's arrival: a key revoked meanwhile starts no call
+            principal = await self._auth.authenticate(header(request, b"authorization"))
+            notes(request)["team"] = principal.team.team_id
         group = await self._calls.check(principal, call_request)
         job_header = (header(request, b"x-job-id") or "").strip()
         # Without X-Job-Id the call is a job of its own, made as the call starts.

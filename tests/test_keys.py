@@ -1,12 +1,15 @@
 """Virtual keys: shown once, stored only as SHA-256, refused at once when revoked or expired."""
 
 import hashlib
+import json
 import re
+import socket
 import time
+from typing import Callable
 
 import httpx
 
-from tests.support import Tollgate, wait_for
+from tests.support import Tollgate, fake_log, tag, wait_for
 
 INVALID = {"detail": "Invalid, expired or revoked API key"}
 
@@ -62,6 +65,74 @@ def test_suspended_team_is_refused_at_once_by_another_process(tollgate, admin, t
         assert (response.status_code, response.json()["detail"]) == (403, f"Team '{team.team_id}' is suspended")
     finally:
         other.stop()
+
+
+def answer_to_a_slow_body(tollgate, key: str, path: str, body: dict, meanwhile: Callable[[], None]) -> tuple[int, dict]:
+    """Send a request's head and the start of its body, call `meanwhile` once the gateway has
+    looked the key up, then send the rest: the answer's status and JSON (or what it was else)."""
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", tollgate.port), timeout=15) as sock:
+        sock.sendall(head + data[:5])
+        time.sleep(0.5)  # the key is looked up as the head arrives, before the body is read
+        meanwhile()
+        sock.sendall(data[5:])
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    return status, json.loads(answer) if b"application/json" in head.lower() else {"not json": answer[:200]}
+
+
+def test_a_key_revoked_while_a_calls_body_arrives_starts_no_call(tollgate, admin, team, fake_url):
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    marker = tag()
+    status, answer = answer_to_a_slow_body(
+        tollgate, team.key, f"/api/jobs/{job_id}/llm-call", {"messages": [{"role": "user", "content": f"[tag={marker}]"}]},
+        lambda: admin.ok("DELETE", f"/admin/keys/{team.key_id}"),
+    )
+    assert (status, answer) == (401, INVALID)
+    assert fake_log(fake_url, marker) == []
+    assert admin.ok("GET", f"/admin/teams/{team.team_id}/jobs")["jobs"][0]["costs"]["total_calls"] == 0
+
+
+def test_a_team_suspended_while_a_calls_body_arrives_starts_no_call(tollgate, admin, team, fake_url):
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    marker = tag()
+    status, answer = answer_to_a_slow_body(
+        tollgate, team.key, f"/api/jobs/{job_id}/llm-call-stream",
+        {"messages": [{"role": "user", "content": f"[tag={marker}]"}]},
+        lambda: admin.ok("PATCH", f"/admin/teams/{team.team_id}", json={"status": "suspended"}),
+    )
+    assert (status, answer) == (403, {"detail": f"Team '{team.team_id}' is suspended"})
+    assert fake_log(fake_url, marker) == []
+
+
+def test_a_group_taken_away_while_a_v1_calls_body_arrives_starts_no_call(tollgate, admin, fake_url):
+    team = admin.team(groups=("Main", "Backup"))
+    marker = tag()
+    status, answer = answer_to_a_slow_body(
+        tollgate, team.key, "/v1/chat/completions",
+        {"model": "Main", "messages": [{"role": "user", "content": f"[tag={marker}]"}]},
+        lambda: admin.ok("PATCH", f"/admin/teams/{team.team_id}", json={"model_groups": ["Backup"]}),
+    )
+    assert (status, answer["error"]["code"]) == (403, "model_group_not_allowed")
+    assert fake_log(fake_url, marker) == []
+    assert admin.ok("GET", f"/admin/teams/{team.team_id}/jobs")["jobs"] == []
+
+
+def test_a_key_revoked_while_a_job_creations_body_arrives_creates_no_job(tollgate, admin, team):
+    status, answer = answer_to_a_slow_body(
+        tollgate, team.key, "/api/jobs/create", {"job_type": "t"},
+        lambda: admin.ok("DELETE", f"/admin/keys/{team.key_id}"),
+    )
+    assert (status, answer) == (401, INVALID)
+    assert admin.ok("GET", f"/admin/teams/{team.team_id}/jobs")["jobs"] == []
+    assert admin.get_team(team.team_id)["credits_held"] == 0
 
 
 def test_expired_key_is_refused(tollgate, admin):
