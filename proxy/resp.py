@@ -376,10 +376,11 @@ class Redis:
                 for command, future in zip(self._setup, replies):
                     try:
                         await future
-                    except ReplyError:
+                    except ReplyError as exc:
                         # A proxy in front of Redis (Envoy's, twemproxy) may take EVAL and EVALSHA
-                        # but no SCRIPT: the scripts are then sent whole when found unknown.
-                        if command[0] != "SCRIPT":
+                        # but no SCRIPT: the scripts are then sent whole when found unknown. Not
+                        # so a Redis that wants a password the URL does not give: it refuses all.
+                        if command[0] != "SCRIPT" or str(exc).startswith("NOAUTH"):
                             raise
             except BaseException:
                 connection.fail(RedisError("Redis refused the connection's setup"))
