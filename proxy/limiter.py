@@ -301,12 +301,30 @@ class LocalLimiter:
 
 # --- Redis -----------------------------------------------------------------------------------
 
+# Both scripts run this on each scope before anything else touches it (a write would make a
+# missing total again). An evicting maxmemory policy (volatile-* too: all these keys expire) takes
+# keys one at a time, and what it leaves of a scope would count wrongly for as long as calls keep
+# it alive: tokens whose log entry or amount went never leave the total, and a total made again
+# from nothing goes below zero as the calls it held leave the window. A scope's tokens log and
+# amounts hold the same calls, and its total is 0 when they hold none: when not, the scope's
+# tokens count afresh, as if all of it had been evicted. (A requests log evicted alone forgets its
+# calls for what is left of their window: nothing tells it.)
+EVICTION_CHECK = """
+local function count_afresh_if_evicted(tokens, amounts, total)
+  local held, counted = redis.call('HLEN', amounts), redis.call('GET', total)
+  if held ~= redis.call('ZCARD', tokens) or (held > 0 and not counted)
+      or (held == 0 and counted and counted ~= '0') then
+    redis.call('DEL', tokens, amounts, total)
+  end
+end
+"""
+
 # KEYS, four per scope: the requests log, the tokens log, the token amounts, their total.
 # ARGV: window (ms), call id, estimate, then per scope its RPM and TPM limits.
 # Returns integers only, which the client reads fastest: now (ms), refused scope (0 =
 # admitted), refused kind (0 none, 1 requests, 2 tokens, 3 tokens that can never fit), retry
 # (ms), then per scope: requests, oldest request (ms), tokens, oldest token entry (ms).
-ADMIT_SCRIPT = """
+ADMIT_SCRIPT = EVICTION_CHECK + """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local window = tonumber(ARGV[1])
@@ -315,9 +333,15 @@ local estimate = tonumber(ARGV[3])
 local cutoff = now - window
 local scopes = #KEYS / 4
 local refused, kind, retry = 0, 0, 0
+-- Out of memory (maxmemory under noeviction), Redis refuses a script's first write if it adds
+-- data, and lets the rest through once one was made: the trims below would let every admit be
+-- recorded while the settles, adding first, were refused. This write adds nothing (XX: only a
+-- member already there, and the call is new), but is refused as one that adds would be.
+redis.call('ZADD', KEYS[1], 'XX', 0, call)
 
 for s = 1, scopes do
   local requests, tokens, amounts, total = KEYS[s*4-3], KEYS[s*4-2], KEYS[s*4-1], KEYS[s*4]
+  count_afresh_if_evicted(tokens, amounts, total)
   -- Entries ahead of now were logged on a clock since set back (a step of the wall clock of
   -- Redis's host): counted from now, for one window, not until the clock catches up.
   for _, member in ipairs(redis.call('ZRANGEBYSCORE', requests, now + 1, '+inf')) do
@@ -399,11 +423,12 @@ return result
 # (ms). A call's real usage counts for a window from when it is known, the call's end, whatever
 # is left of its admission's: a call longer than the window would otherwise never count it, and
 # one nearly as long would count it for a moment.
-SETTLE_SCRIPT = """
+SETTLE_SCRIPT = EVICTION_CHECK + """
 local call, actual, release, window = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', tonumber(ARGV[4])
 local now
 for s = 1, #KEYS / 4 do
   local requests, tokens, amounts, total = KEYS[s*4-3], KEYS[s*4-2], KEYS[s*4-1], KEYS[s*4]
+  count_afresh_if_evicted(tokens, amounts, total)
   local old = redis.call('HGET', amounts, call)
   if release then
     if old then

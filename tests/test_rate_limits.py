@@ -645,6 +645,84 @@ def test_a_calls_real_usage_reaches_redis_even_when_it_ends_while_the_breaker_is
     assert redis_server.cli("GET", f"{base}:total") == str(5000 + 10)
 
 
+@pytest.mark.parametrize("evicted", ["tokens", "amounts", "total"])
+def test_a_scopes_key_evicted_alone_leaves_its_tokens_counted_afresh_not_wrongly(redis_server, evicted):
+    # An evicting maxmemory policy takes keys one at a time (volatile-* too: all of these expire).
+    # What was left of the team's counts went on counting wrongly for as long as calls kept it
+    # alive: tokens that never left the window, or that left it twice.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 1.0)
+        assert (await limiter.admit(limits, "first", 600)).admitted
+        redis_server.cli("DEL", f"{base}:{evicted}")  # as the policy evicts it
+        await asyncio.sleep(0.5)
+        assert (await limiter.admit(limits, "second", 300)).admitted
+        await asyncio.sleep(0.6)  # "first" has left the window, "second" has not
+        third = await limiter.admit(limits, "third", 600)
+        assert (third.admitted, third.usage[0].tokens) == (True, 900)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("evicted", ["tokens", "amounts", "total"])
+def test_a_call_ending_after_a_key_of_its_scope_was_evicted_is_counted_afresh_not_wrongly(redis_server, evicted):
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 60.0)
+        first = await limiter.admit(limits, "first", 600)
+        assert (await limiter.admit(limits, "second", 300)).admitted
+        redis_server.cli("DEL", f"{base}:{evicted}")  # as the policy evicts it
+        await limiter.settle(first, 100)
+        third = await limiter.admit(limits, "third", 500)
+        # Counted afresh from the first call's end: what it used and the third's estimate. The
+        # second call went with what the eviction took.
+        assert (third.admitted, third.usage[0].tokens) == (True, 600)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_redis_that_wants_a_password_the_url_does_not_give_is_reported_as_such(redis_server):
+    # Redis refused the scripts loaded as the connection opened (NOAUTH), which passed for a proxy
+    # that takes no SCRIPT command: the admit sent next was refused as a protocol error
+    # ("unauthenticated multibulk length") and the connection closed, and the log named that.
+    redis_server.cli("CONFIG", "SET", "requirepass", "secret")
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 60.0)
+        with pytest.raises(RedisUnavailable, match="NOAUTH Authentication required"):
+            await limiter.admit(limits, "refused", 10)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_redis_out_of_memory_refuses_the_admits_as_it_refuses_the_settles(redis_server):
+    # maxmemory reached under noeviction: Redis refuses a script's first write if it adds data,
+    # and lets the rest through once one was made. An admit's first was a trim: admits went on
+    # being recorded while the settles were refused, so the breaker opened on each settle and
+    # closed on the next admit, the limits switching between Redis and on_redis_error.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 60.0)
+        first = await limiter.admit(limits, "first", 10)
+        redis_server.cli("CONFIG", "SET", "maxmemory", "1")
+        with pytest.raises(RedisUnavailable, match="OOM"):
+            await limiter.settle(first, 5)
+        with pytest.raises(RedisUnavailable, match="OOM"):
+            await limiter.admit(limits, "second", 10)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 def test_a_redis_that_refuses_the_limiters_writes_is_reported_degraded(redis_server):
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
 
