@@ -176,18 +176,27 @@ class Writer:
         submitted from now on is refused rather than left waiting."""
         self._closed = True
         loop = asyncio.get_running_loop()
-        if self._unsynced_timer is not None:
-            self._unsynced_timer.cancel()
-            self._unsynced_timer = None
         if self._checkpointing:
             if self._checkpoint_over is None:
                 self._checkpoint_over = loop.create_future()
             await asyncio.shield(self._checkpoint_over)  # a stop given up on leaves it to others
         self._commit_waiting()
-        if self._syncing or self._unsynced:
-            if self._all_synced is None:
-                self._all_synced = loop.create_future()
-            await asyncio.shield(self._all_synced)
+        if self._unsynced_timer is not None:
+            self._unsynced_timer.cancel()
+            self._unsynced_timer = None
+        while True:
+            # The kernel's sync may be one for no write (see _sync_unsynced): closing Linux AIO
+            # under it would block the loop until it ends.
+            if self._syncing or self._unsynced or (self._aio is not None and self._aio.busy):
+                if self._all_synced is None:
+                    self._all_synced = loop.create_future()
+                await asyncio.shield(self._all_synced)
+            elif self._failure is None and self._sync_began < self._answered_unsynced:
+                # Writes answered at their commit, their timer cancelled: SQLite's close fsyncs
+                # nothing while another process has the database open.
+                self._sync_soon([])
+            else:
+                break
         self._close_aio()
         await self._stop_thread()
         if self._loop_db is not None:
