@@ -4,6 +4,7 @@ they live in."""
 import asyncio
 import sqlite3
 import threading
+from typing import Callable
 
 import pytest
 
@@ -322,6 +323,47 @@ def test_the_sweeps_write_does_not_read_the_finished_calls_of_open_jobs(tmp_path
             await store.close()
         # Reading the 5,000 finished calls takes several instructions each: fewer than one each in all.
         assert count[0] * 100 < 5_000
+
+    asyncio.run(check())
+
+
+def test_a_key_lookup_does_not_wait_for_the_sweeps_search_for_stale_calls(tmp_path):
+    # The search reads every call of the open jobs (300 of 1,000 calls each: a quarter of a
+    # second): on the reader, every key lookup and readiness probe of the process waited behind it.
+    searching, release = threading.Event(), threading.Event()
+
+    def held_while_searching() -> tuple[Callable[[str], None], Callable[[], int]]:
+        """A connection's trace callback and progress handler that hold the search as it runs."""
+        statement = [""]
+
+        def progress() -> int:
+            if statement[0].startswith("SELECT call_id FROM llm_calls"):
+                searching.set()
+                release.wait(10)
+            return 0
+
+        return lambda sql: statement.__setitem__(0, sql), progress
+
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "search.db"))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("left-running", job_id, 100.0))
+        assert store._reader is not None and store._together is not None and store._listing is not None
+        trace, progress = held_while_searching()
+        await store._reader.set_trace_callback(trace)
+        await store._reader.set_progress_handler(progress, 10)
+        for db in (store._together, store._listing):
+            trace, progress = held_while_searching()
+            db.set_trace_callback(trace)
+            db.set_progress_handler(progress, 10)
+        sweep = asyncio.ensure_future(store.cancel_stale_calls(500.0))
+        try:
+            assert await asyncio.to_thread(searching.wait, 10)
+            assert await asyncio.wait_for(store.lookup_key(b"no such key"), 5) is None
+        finally:
+            release.set()
+            assert await sweep == 1
+            await store.close()
 
     asyncio.run(check())
 

@@ -6,8 +6,8 @@ must wait for another process's lock; the thread also fsyncs and checkpoints; tr
 begin with ``BEGIN IMMEDIATE``, so writers in other processes queue instead of failing
 half-way), a reader through aiosqlite, which WAL lets run beside any writer, and two for reads
 that must agree with each other, made in one transaction (`_read_together`): a job's view on
-one, pages of a team's jobs on the other. Writes are shielded from cancellation: a client
-hanging up never leaves a half-recorded call or charge.
+one, pages of a team's jobs (and the sweep's search for stale calls) on the other. Writes are
+shielded from cancellation: a client hanging up never leaves a half-recorded call or charge.
 """
 
 from __future__ import annotations
@@ -371,9 +371,10 @@ class SQLiteStore:
         `read` takes the rows, `then` makes records of them, in the same thread but after the
         connection is let go: a page of 500 jobs is up to 64 MB of metadata to decode, seconds
         during which every other team's job reads and completions waited for the connection.
-        `listing`: a page of a team's jobs, on a connection of its own: it reads each job of the
-        team that it counts or skips (a million: half a second and more), and every team's job
-        views and completions waited behind it."""
+        `listing`: a page of a team's jobs, or the sweep's search for stale calls, on a
+        connection of its own: a page reads each job of the team that it counts or skips (a
+        million: half a second and more), and every team's job views and completions waited
+        behind it."""
         if self._together is None:
             raise StoreError("The store is closed")
         return await asyncio.to_thread(lambda: then(self._run_together(read, listing)))
@@ -910,13 +911,15 @@ class SQLiteStore:
         stale = "status = 'running' AND (stale_at < ? OR (stale_at IS NULL AND started_at < ?))"
         # The open jobs lead to every running call without an index of them (a call runs only
         # in an open job: finish_job refuses a job with one running), but through every call
-        # those jobs made: found on the reader, then closed by id, since writes run on the event
-        # loop (a few hundred open jobs of a thousand calls each held it a quarter of a second).
-        rows = await self._read(
+        # those jobs made (a few hundred open jobs of a thousand calls each: a quarter of a
+        # second). So they are found on the connection of long reads, not on the event loop,
+        # where writes run, nor on the reader, where key lookups and readiness probes would wait
+        # behind it; then closed by id.
+        search = (
             f"SELECT call_id FROM llm_calls WHERE {stale} "
-            "AND job_id IN (SELECT job_id FROM jobs WHERE status IN ('pending', 'in_progress'))",
-            (now, started_before),
+            "AND job_id IN (SELECT job_id FROM jobs WHERE status IN ('pending', 'in_progress'))"
         )
+        rows = await self._read_together(lambda db: _all(db, search, (now, started_before)), _same, listing=True)
         if not rows:
             return 0
 
@@ -1142,3 +1145,6 @@ def _ledger_entry(
 def _all(db: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
     return db.execute(sql, params).fetchall()
 
+
+def _same(value: T) -> T:
+    return value
