@@ -39,6 +39,8 @@ _TOO_LARGE = f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB"
 _TRAILERS_TOO_LARGE = f"The request's trailer fields are larger than {MAX_HEAD_BYTES // 1024} KiB"
 # What a request line is made of before its target: a method, and the spaces after it.
 _METHOD_CHARACTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- "
+# An absolute-form target's authority, after its `scheme://`.
+_AUTHORITY = re.compile(rb"[^/?#]*")
 # What a request queued behind another's answer gets when the shutdown begins before its turn.
 QUEUED_AT_SHUTDOWN = shutting_down("the request was queued behind another on its connection, and not started")
 # What the client sends after a request queued behind another's answer is held, unparsed, up to this
@@ -247,6 +249,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         if self.cycle is not previous:
             if self.cycle.waiting_for_100_continue:
                 _close_if_answered_unasked(self.cycle)
+            if self.cycle.scope["http_version"] == "1.0":
+                _close_delimited(self.cycle)
             if self._waiting():
                 self._queued_behind(previous)
                 # uvicorn stops reading here; what comes next is held instead (`_hold`).
@@ -399,7 +403,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             return
         # The target as far as it was read, for the error's shape: OpenAI's under /v1.
         method, target = self._request_line(unparsed)
-        path = target.partition(b"?")[0].decode("latin-1")
+        path = _path_of(target).decode("latin-1")
         code = HTTPStatus(status).phrase.lower().replace(" ", "_")
         body = json.dumps(error_body(path, ApiError(status, message, code=code))).encode()
         head = (
@@ -483,6 +487,15 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             observe(method, status, time.perf_counter() - self._message_started)
 
 
+def _path_of(target: bytes) -> bytes:
+    """A request target's path, as uvicorn reads it: an absolute-form target's
+    (`http://host/v1/...`, which some proxies send) after its scheme and authority."""
+    scheme, colon_slashes, rest = target.partition(b"://")
+    if colon_slashes and b"/" not in scheme:
+        target = rest[_AUTHORITY.match(rest).end():]  # type: ignore[union-attr]
+    return target.partition(b"?")[0] or b"/"
+
+
 def _close_if_answered_unasked(cycle: RequestResponseCycle) -> None:
     """A request sent with `Expect: 100-continue` and answered before it was asked for its body
     (a wrong key, a body too large): the client may send that body or not, and the connection
@@ -496,6 +509,28 @@ def _close_if_answered_unasked(cycle: RequestResponseCycle) -> None:
         await send(message)
 
     cycle.send = send_or_close  # type: ignore[method-assign]
+
+
+def _close_delimited(cycle: RequestResponseCycle) -> None:
+    """An answer of no stated length (a stream) to an HTTP/1.0 request ends where its connection
+    closes, as uvicorn closes every HTTP/1.0 one after its answer. uvicorn sent it chunked all
+    the same, which an HTTP/1.0 client does not know (RFC 9112, 6.1: a server must not send it
+    one): the chunk sizes were read as the stream's own bytes, between and inside its events."""
+    send = cycle.send
+    unstated = False
+
+    async def send_close_delimited(message: Any) -> None:
+        nonlocal unstated
+        if message["type"] == "http.response.start":
+            unstated = all(name.lower() != b"content-length" for name, _ in message.get("headers", ()))
+            if unstated:
+                cycle.chunked_encoding = False  # uvicorn then adds no Transfer-Encoding
+        elif unstated and message["type"] == "http.response.body":
+            # What uvicorn checks a body it does not chunk against: each write is its own length.
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    cycle.send = send_close_delimited  # type: ignore[method-assign]
 
 
 def _after_answer(cycle: RequestResponseCycle, then: Callable[[], None]) -> None:

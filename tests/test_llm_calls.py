@@ -2,6 +2,7 @@
 
 import json
 import signal
+import socket
 import time
 
 import httpx
@@ -165,6 +166,27 @@ def test_stream_is_sse_with_the_documented_headers_ending_with_usage_and_done(to
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
     assert text == "word1 word2 word3 "
     assert chunks[-1]["usage"]["prompt_tokens"] == 3 and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_a_stream_to_an_http_1_0_client_is_not_chunked_and_ends_with_the_connection(tollgate, team):
+    # An HTTP/1.0 client does not know the chunked coding (RFC 9112, 6.1): it read the chunk
+    # sizes as bytes of the stream, in and between its events.
+    client = tollgate.client(team.key)
+    body = json.dumps({"messages": say("one two [chunks=3]")}).encode()
+    request = (
+        f"POST /api/jobs/{new_job(client)}/llm-call-stream HTTP/1.0\r\nHost: x\r\n"
+        f"Authorization: Bearer {team.key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", tollgate.port), timeout=30) as sock:
+        sock.sendall(request)
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    head, _, stream = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding" not in head.lower(), head
+    assert b"connection: close" in head.lower()
+    data = sse_data(stream.decode())
+    assert data[-1] == "[DONE]" and all(d == "[DONE]" or json.loads(d) for d in data)
+    assert stream.startswith(b"data: ") and stream.endswith(b"\n\n")
 
 
 def test_stream_bytes_are_litellms_bytes_unchanged(tollgate, team, litellm):

@@ -179,11 +179,13 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
-def test_a_protocol_level_refusal_under_v1_is_in_openai_shape(target):
-    # What the OpenAI SDKs read an error from: {"error": {"message", "type", "code"}}.
+@pytest.mark.parametrize("path", [b"/v1/chat/completions", b"http://x:8003/v1/chat/completions"])
+def test_a_protocol_level_refusal_under_v1_is_in_openai_shape(target, path):
+    # What the OpenAI SDKs read an error from: {"error": {"message", "type", "code"}}. A proxy may
+    # send the target in absolute form (the second), which uvicorn serves as its path.
     server, _, _ = target
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n")
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n")
         reply = read_all(sock)
     head, _, body = reply.partition(b"\r\n\r\n")
     assert b" 400 " in head.split(b"\r\n", 1)[0]
