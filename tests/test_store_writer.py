@@ -12,6 +12,8 @@ import os
 import platform
 import sqlite3
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -1466,3 +1468,27 @@ def test_writes_of_a_batch_in_which_sqlite_fails_an_fsync_are_not_answered_as_du
 
     outcomes = asyncio.run(run())
     assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes), outcomes
+
+
+def test_the_store_writes_where_the_system_has_no_fdatasync(tmp_path):
+    # macOS: os.fdatasync is missing, and the writer's default named it as the module loaded,
+    # so Tollgate could not even start there. fsync does the same and more.
+    script = f"""
+import asyncio, os, sys
+del os.fdatasync
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from proxy.config import DatabaseConfig
+from proxy.store.sqlite import SQLiteStore
+
+async def main():
+    store = SQLiteStore(DatabaseConfig(url="sqlite:///{tmp_path}/m.db", aio_fsync=False))
+    await store.open()
+    await store.create_organization("acme", "Acme")
+    await store.close()
+
+asyncio.run(main())
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    with sqlite3.connect(tmp_path / "m.db") as db:
+        assert db.execute("SELECT organization_id FROM organizations").fetchall() == [("acme",)]

@@ -57,6 +57,9 @@ CHECKPOINT_EVERY = 250  # commits on the loop between checkpoints: about SQLite'
 RESTART_AT_FRAMES = 4096  # pages in the WAL (16 MiB of 4 KiB pages) past which a checkpoint waits for readers
 RESTART_WAIT = 0.2  # seconds it waits for them at most, writes held meanwhile
 WAL_SIZE_LIMIT = RESTART_AT_FRAMES * 4096  # bytes: a WAL that grew past it is cut back when it starts over
+# macOS has no fdatasync (os.fdatasync is missing there, and Tollgate would not even start):
+# fsync, which also writes the file's metadata, does it there.
+DATA_SYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 # Seconds a write answered at its commit may wait for an fsync: its call's end (within it for
 # most calls) or any other durable write comes first and covers it at no cost of its own.
 START_SYNC_AFTER = 0.1
@@ -107,7 +110,7 @@ class Writer:
         connect: Callable[[], sqlite3.Connection],
         connect_on_loop: Callable[[], sqlite3.Connection] | None = None,
         sync_wal: bool = False,
-        fsync: Callable[[int], None] = os.fdatasync,
+        fsync: Callable[[int], None] = DATA_SYNC,
         fsync_from_loop: Callable[[asyncio.AbstractEventLoop], AioFsync | None] | None = None,
     ) -> None:
         """`connect` opens the thread's connection, in WAL mode. `connect_on_loop`, if given,
