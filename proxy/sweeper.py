@@ -7,8 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Sequence
 
 from .metrics import Metrics
 from .store import Store
@@ -30,16 +29,16 @@ async def sweep_once(
     now: float,
     metrics: Metrics | None = None,
     record_kept: RecordKept | None = None,
-    stepped: float = 0.0,
+    steps: Sequence[tuple[float, float]] = (),
 ) -> tuple[int, int]:
     """Returns (jobs expired, calls closed). Outcomes this process could not write before go
-    first: their calls are still 'running', and must not be closed as interrupted. `stepped`:
-    how far the wall clock stepped forward while calls still running may have started."""
+    first: their calls are still 'running', and must not be closed as interrupted. `steps`:
+    the wall clock's steps forward (see `Store.cancel_stale_calls`)."""
     closed = 0
     if record_kept is not None and await record_kept():
         log.warning("sweeper: calls still wait for their records to be written; none is closed as interrupted")
     else:
-        closed = await store.cancel_stale_calls(now - stepped - stale_call_after, now - stepped)
+        closed = await store.cancel_stale_calls(now - stale_call_after, now, steps)
     # Every pass, not only one that closed calls: another process's sweeper may have closed them.
     for job in await store.fail_interrupted_implicit_jobs(BATCH):
         if metrics is not None:
@@ -71,21 +70,23 @@ async def sweep_forever(
     # loop's: a call runs no longer than its deadline on the loop's clock. A step of the wall
     # clock forward (an NTP correction, a VM resumed) made live calls look that much older, and
     # every process's sweeper closed them as interrupted. So the wall clock's lead over the
-    # loop's is followed, and while a call may still run that started when the lead was
-    # smaller (less than `stale_call_after` ago), the difference is taken off. A step back is
-    # not: calls left by a dead process are closed that much later.
+    # loop's is followed, and each step forward is kept (for `expire_after`, longer than any
+    # process's calls run): a call started before it, by this process or another with bounds
+    # of its own, is judged that much earlier. A step back is not: calls left by a dead
+    # process are closed that much later.
     loop = asyncio.get_running_loop()
-    leads: deque[tuple[float, float]] = deque()  # (loop time, lead) where the lead moved, oldest first
+    lead: float | None = None
+    steps: list[tuple[float, float, float]] = []  # (loop time seen, calls started before, seconds)
     while True:
         try:
             now, at = clock(), loop.time()
+            if lead is not None and now - at - lead > CLOCK_STEP:
+                size = now - at - lead
+                steps.append((at, now - size, size))  # a call started before now - size began before it
             lead = now - at
-            if not leads or abs(lead - leads[-1][1]) > CLOCK_STEP:
-                leads.append((at, lead))
-            while len(leads) > 1 and leads[1][0] <= at - stale_call_after:
-                leads.popleft()  # every call started at the oldest lead is past its bound
-            stepped = max(0.0, lead - min(earlier for _, earlier in leads))
-            await sweep_once(store, expire_after, stale_call_after, now, metrics, record_kept, stepped)
+            steps = [step for step in steps if step[0] > at - expire_after]
+            await sweep_once(store, expire_after, stale_call_after, now, metrics, record_kept,
+                             [(before, size) for _, before, size in steps])
         except Exception:
             log.exception("sweeper run failed; trying again in %.0f s", interval)
         await asyncio.sleep(interval)

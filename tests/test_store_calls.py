@@ -505,3 +505,33 @@ def test_a_call_left_running_before_a_step_of_the_wall_clock_is_still_closed_onc
             await store.close()
 
     asyncio.run(check())
+
+
+def test_a_step_of_the_wall_clock_forward_spares_the_live_calls_of_a_process_with_longer_bounds(tmp_path):
+    # Another process sharing the database, configured with a longer upstream timeout (a rolling
+    # change): its call's bound is further off than this sweeper's own. The step was taken off
+    # only while a call of this sweeper's own bound could still run: past that, the other's
+    # live call was closed as interrupted.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "step.db"))
+        loop = asyncio.get_running_loop()
+        stepped = [0.0]
+
+        def wall() -> float:
+            return 1_000_000.0 + loop.time() + stepped[0]
+
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        # The other process's call: its bound 5 s off, this sweeper's 0.3 s.
+        await store.start_call(NewCall("long", job_id, "team", "key", "ChatAgent", None, True, wall(), wall() + 5.0))
+        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 0.3, 0.01, clock=wall))
+        try:
+            await asyncio.sleep(0.1)
+            stepped[0] = 3600.0
+            await asyncio.sleep(1.0)  # well past this sweeper's own bound
+            assert await statuses(store, job_id) == {"long": "running"}
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+            await store.close()
+
+    asyncio.run(check())

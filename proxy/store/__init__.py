@@ -8,7 +8,7 @@ provide. Every credit change happens inside the database in one transaction
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from ..config import DatabaseConfig
 from ..records import (
@@ -152,7 +152,9 @@ class Store(Protocol):
         done_if_cut: bool = False,
     ) -> tuple[Job, bool]: ...
     async def expire_jobs(self, created_before: float, limit: int) -> list[Job]: ...
-    async def cancel_stale_calls(self, started_before: float, now: float | None = None) -> int: ...
+    async def cancel_stale_calls(
+        self, started_before: float, now: float | None = None, steps: Sequence[tuple[float, float]] = ()
+    ) -> int: ...
     async def fail_interrupted_implicit_jobs(self, limit: int) -> list[Job]: ...
 
 

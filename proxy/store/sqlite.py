@@ -19,7 +19,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import aiosqlite
 
@@ -903,12 +903,19 @@ class SQLiteStore:
                 failed.append(job)
         return failed
 
-    async def cancel_stale_calls(self, started_before: float, now: float | None = None) -> int:
+    async def cancel_stale_calls(
+        self, started_before: float, now: float | None = None, steps: Sequence[tuple[float, float]] = ()
+    ) -> int:
         """Close as interrupted the calls still running past the time their own process set
         (`stale_at`, which `now` is compared with), or, for a call recorded without one (by an
-        earlier release), started before `started_before`."""
+        earlier release), started before `started_before`. `steps`: (started before, seconds)
+        of each step forward of the wall clock seen: a call started before one is judged that
+        many seconds earlier, since its bounds were written on the clock before the step."""
         now = self._clock() if now is None else now
-        stale = "status = 'running' AND (stale_at < ? OR (stale_at IS NULL AND started_at < ?))"
+        late = "".join(" - CASE WHEN started_at < ? THEN ? ELSE 0 END" for _ in steps)
+        late_params = [value for step in steps for value in step]
+        stale = f"status = 'running' AND (stale_at < ?{late} OR (stale_at IS NULL AND started_at < ?{late}))"
+        params = (now, *late_params, started_before, *late_params)
         # The open jobs lead to every running call without an index of them (a call runs only
         # in an open job: finish_job refuses a job with one running), but through every call
         # those jobs made (a few hundred open jobs of a thousand calls each: a quarter of a
@@ -919,7 +926,7 @@ class SQLiteStore:
             f"SELECT call_id FROM llm_calls WHERE {stale} "
             "AND job_id IN (SELECT job_id FROM jobs WHERE status IN ('pending', 'in_progress'))"
         )
-        rows = await self._read_together(lambda db: _all(db, search, (now, started_before)), _same, listing=True)
+        rows = await self._read_together(lambda db: _all(db, search, params), _same, listing=True)
         if not rows:
             return 0
 
@@ -928,7 +935,7 @@ class SQLiteStore:
                 # Still running and stale: a call may have ended since it was read.
                 "UPDATE llm_calls SET status = 'cancelled', error = ?, finished_at = ? "
                 f"WHERE call_id IN (SELECT value FROM json_each(?)) AND {stale}",
-                (INTERRUPTED, self._clock(), json.dumps([call_id for (call_id,) in rows]), now, started_before),
+                (INTERRUPTED, self._clock(), json.dumps([call_id for (call_id,) in rows]), *params),
             )
             return cursor.rowcount
 

@@ -360,7 +360,7 @@ class SweptStore:
     def __init__(self) -> None:
         self.asked: list[str] = []
 
-    async def cancel_stale_calls(self, started_before: float, now: float | None = None) -> int:
+    async def cancel_stale_calls(self, started_before: float, now: float | None = None, steps: Any = ()) -> int:
         self.asked.append("cancel_stale_calls")
         return 0
 
