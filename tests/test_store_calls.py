@@ -2,9 +2,10 @@
 they live in."""
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import pytest
 
@@ -447,31 +448,49 @@ def test_a_jobs_total_cost_is_the_exact_sum_of_its_calls_costs_however_many_call
     asyncio.run(check())
 
 
+class SteppedWall:
+    """A wall clock that follows the loop's until `stepped` moves it on (an NTP correction, a
+    VM resumed): what the sweeper reads in the tests of clock steps."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.stepped = 0.0
+
+    def __call__(self) -> float:
+        return 1_000_000.0 + self._loop.time() + self.stepped
+
+
+async def start_bounded(store: SQLiteStore, call_id: str, job_id: str, wall: SteppedWall, bound: float) -> None:
+    """Start a call whose process judges it stale `bound` seconds on."""
+    await store.start_call(NewCall(call_id, job_id, "team", "key", "ChatAgent", None, True, wall(), wall() + bound))
+
+
+@contextlib.asynccontextmanager
+async def sweeping(store: SQLiteStore, stale_call_after: float, wall: SteppedWall) -> AsyncIterator[None]:
+    """A sweeper on `wall`, every 10 ms; the store closed after it."""
+    sweeper = asyncio.create_task(sweep_forever(store, 86_400, stale_call_after, 0.01, clock=wall))
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        await store.close()
+
+
 def test_a_step_of_the_wall_clock_forward_does_not_make_the_sweeper_close_live_calls(tmp_path):
     # A call's bound (stale_at) is wall time, set as it started. An NTP correction or a VM
     # resumed steps the wall clock forward, not the loop's: calls running on made every
     # sweeper take them for a dead process's, closed as interrupted while they ran (their job
     # then completable, an own job failed).
     async def check() -> None:
-        store = await make_team(str(tmp_path / "step.db"))
-        loop = asyncio.get_running_loop()
-        stepped = [0.0]
-
-        def wall() -> float:
-            return 1_000_000.0 + loop.time() + stepped[0]
-
+        store, wall = await make_team(str(tmp_path / "step.db")), SteppedWall()
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
-        await store.start_call(NewCall("live", job_id, "team", "key", "ChatAgent", None, True, wall(), wall() + 1.0))
-        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 1.0, 0.01, clock=wall))
-        try:
+        await start_bounded(store, "live", job_id, wall, 1.0)
+        async with sweeping(store, 1.0, wall):
             await asyncio.sleep(0.1)
-            stepped[0] = 3600.0  # the wall clock steps an hour forward
+            wall.stepped = 3600.0  # the wall clock steps an hour forward
             await asyncio.sleep(0.3)
             assert await statuses(store, job_id) == {"live": "running"}
-        finally:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
-            await store.close()
 
     asyncio.run(check())
 
@@ -480,29 +499,18 @@ def test_a_call_left_running_before_a_step_of_the_wall_clock_is_still_closed_onc
     # The step is discounted only for calls that may have started before it: a dead process's
     # call is closed when the loop's clock, which the step did not move, shows it past its bound.
     async def check() -> None:
-        store = await make_team(str(tmp_path / "step.db"))
-        loop = asyncio.get_running_loop()
-        stepped = [0.0]
-
-        def wall() -> float:
-            return 1_000_000.0 + loop.time() + stepped[0]
-
+        store, wall = await make_team(str(tmp_path / "step.db")), SteppedWall()
         before = (await store.create_job("team", "t", None, {}, 1)).job_id
         after = (await store.create_job("team", "t", None, {}, 1)).job_id
-        await store.start_call(NewCall("dead", before, "team", "key", "ChatAgent", None, True, wall(), wall() + 0.5))
-        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 0.5, 0.01, clock=wall))
-        try:
+        await start_bounded(store, "dead", before, wall, 0.5)
+        async with sweeping(store, 0.5, wall):
             await asyncio.sleep(0.1)
-            stepped[0] = 3600.0
+            wall.stepped = 3600.0
             await asyncio.sleep(0.05)
-            await store.start_call(NewCall("dead-too", after, "team", "key", "ChatAgent", None, True, wall(), wall() + 0.5))
+            await start_bounded(store, "dead-too", after, wall, 0.5)
             await asyncio.sleep(1.0)
             assert await statuses(store, before) == {"dead": "cancelled"}
             assert await statuses(store, after) == {"dead-too": "cancelled"}
-        finally:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
-            await store.close()
 
     asyncio.run(check())
 
@@ -513,25 +521,13 @@ def test_a_step_of_the_wall_clock_forward_spares_the_live_calls_of_a_process_wit
     # only while a call of this sweeper's own bound could still run: past that, the other's
     # live call was closed as interrupted.
     async def check() -> None:
-        store = await make_team(str(tmp_path / "step.db"))
-        loop = asyncio.get_running_loop()
-        stepped = [0.0]
-
-        def wall() -> float:
-            return 1_000_000.0 + loop.time() + stepped[0]
-
+        store, wall = await make_team(str(tmp_path / "step.db")), SteppedWall()
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
-        # The other process's call: its bound 5 s off, this sweeper's 0.3 s.
-        await store.start_call(NewCall("long", job_id, "team", "key", "ChatAgent", None, True, wall(), wall() + 5.0))
-        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 0.3, 0.01, clock=wall))
-        try:
+        await start_bounded(store, "long", job_id, wall, 5.0)  # the other process's: this sweeper's is 0.3 s
+        async with sweeping(store, 0.3, wall):
             await asyncio.sleep(0.1)
-            stepped[0] = 3600.0
+            wall.stepped = 3600.0
             await asyncio.sleep(1.0)  # well past this sweeper's own bound
             assert await statuses(store, job_id) == {"long": "running"}
-        finally:
-            sweeper.cancel()
-            await asyncio.gather(sweeper, return_exceptions=True)
-            await store.close()
 
     asyncio.run(check())
