@@ -176,6 +176,10 @@ class JobsApi:
         principal = await self._principal(request)
         job_id = canonical_job_id(request.path_params["job_id"])
         body = parse_complete(await read_json_object(request, self._max_body))
+        if not self._auth.unchanged(principal):  # as of the body's arrival: see create_job
+            # A key revoked meanwhile finishes no job. A team suspended meanwhile still may
+            # (README's Decisions): authenticate() does not refuse a suspended team.
+            principal = await self._principal(request)
         job = await self._own_job(principal, job_id)
         if job.status == "in_progress" and is_implicit(job.job_type, job.metadata):
             # The own job of a /v1 call made without X-Job-Id: the gateway finishes (and charges)

@@ -135,6 +135,20 @@ def test_a_key_revoked_while_a_job_creations_body_arrives_creates_no_job(tollgat
     assert admin.get_team(team.team_id)["credits_held"] == 0
 
 
+def test_a_key_revoked_while_a_completions_body_arrives_finishes_no_job(tollgate, admin, team):
+    # As job creation and calls: a completion charges (or releases) credits, and a key revoked
+    # before its body was whole must not.
+    job_id = tollgate.client(team.key).post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    status, answer = answer_to_a_slow_body(
+        tollgate, team.key, f"/api/jobs/{job_id}/complete", {"status": "completed"},
+        lambda: admin.ok("DELETE", f"/admin/keys/{team.key_id}"),
+    )
+    assert (status, answer) == (401, INVALID)
+    assert admin.ok("GET", f"/admin/teams/{team.team_id}/jobs")["jobs"][0]["status"] == "pending"
+    body = admin.get_team(team.team_id)
+    assert (body["credits_used"], body["credits_held"]) == (0, 1)
+
+
 def test_expired_key_is_refused(tollgate, admin):
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
     team = admin.team(key={"name": "short-lived", "expires_at": expires})
