@@ -47,7 +47,7 @@ DRAIN_TIMEOUT = 10.0
 
 
 def create_app(config: Config) -> Starlette:
-    store = open_store(config.database)
+    store = open_store(config.database, config.jobs.expire_after)
     upstream = Upstream(config.upstream, config.upstream_key)
     pricing = Pricing(config.pricing)
     changes = ChangeSignal.beside(config.database)

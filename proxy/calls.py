@@ -29,7 +29,7 @@ from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
 from .metrics import Metrics
 from .pricing import Pricing
 from .records import CallOutcome, CallStatus, JobEnd, ModelGroup, NewCall, Team, TerminalJobStatus
-from .store import Store, StoreBusy, StoreError, StoreUnavailable, WrittenThenCancelled
+from .store import JobExpired, Store, StoreBusy, StoreError, StoreUnavailable, WrittenThenCancelled
 from .streaming import RelayEnd, SSERelay
 from .upstream import Upstream
 from .validation import CallRequest
@@ -262,6 +262,8 @@ class CallPipeline:
         except BaseException as exc:
             self._running.discard(call_id)
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
+            if isinstance(exc, JobExpired) and exc.failed_now:  # failed by this refusal, as a sweep would have
+                self._metrics.observe_job(team.team_id, "failed")
             refusal = _with_limit_headers(exc, decision)
             if refusal is exc:
                 raise

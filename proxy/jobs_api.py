@@ -21,7 +21,7 @@ from .metrics import Metrics
 from .observe import notes
 from .records import Job, is_implicit, iso
 from .streaming import SSERelay
-from .store import CallInProgress, Store
+from .store import CallInProgress, JobExpired, Store
 from .validation import parse_call, parse_complete, parse_job_create, parse_paging
 from .views import job_json, jobs_page_json, team_json
 
@@ -191,7 +191,11 @@ class JobsApi:
                 code="conflict",
             )
         notes(request)["job"] = job_id
-        job, changed = await self._finish_job(job_id, body.status, body.metadata, body.error_message)
+        try:
+            job, changed = await self._finish_job(job_id, body.status, body.metadata, body.error_message)
+        except JobExpired:  # failed now, past its expiry, as a sweep would have
+            self._metrics.observe_job(job.team_id, "failed")
+            raise
         if changed:
             self._metrics.observe_job(job.team_id, job.status)
         return JSONResponse(await self._job_body(principal, job_id))

@@ -2,6 +2,7 @@
 
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -291,6 +292,41 @@ def test_open_jobs_expire_and_release_their_holds(make_tollgate):
     assert body["error_message"].startswith("expired")
     team_now = admin.get_team(team.team_id)
     assert (team_now["credits_held"], team_now["credits_used"], team_now["credits_available"]) == (0, 0, 1)
+
+
+def past_its_expiry(make_tollgate):
+    """A team, its client and a job of it past jobs.expire_after, which no sweep has failed yet
+    (the sweeper ran at the start, and next runs an hour later)."""
+    server = make_tollgate(jobs={"expire_after": "1s", "sweep_interval": "1h"})
+    admin = server.admin()
+    team = admin.team(credits=1)
+    client = server.client(team.key)
+    job_id = create(client)["job_id"]
+    time.sleep(1.2)
+    return admin, team, client, job_id
+
+
+def test_a_call_on_a_job_past_its_expiry_is_409_before_any_sweep(make_tollgate):
+    # Whether it was refused, or ran on a job the next sweep would fail (uncharged), hung on
+    # when the sweep came: the job's expiry is its age, not the sweeper's round.
+    admin, team, client, job_id = past_its_expiry(make_tollgate)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": HELLO})
+    assert response.status_code == 409, response.text
+    assert "expired" in response.json()["detail"]
+    body = client.get(f"/api/jobs/{job_id}").json()
+    assert (body["status"], body["costs"]["total_calls"]) == ("failed", 0)
+    assert body["error_message"].startswith("expired")
+    assert admin.get_team(team.team_id)["credits_held"] == 0
+
+
+def test_completing_a_job_past_its_expiry_is_409_and_charges_nothing_before_any_sweep(make_tollgate):
+    admin, team, client, job_id = past_its_expiry(make_tollgate)
+    response = client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"})
+    assert response.status_code == 409, response.text
+    assert "expired" in response.json()["detail"]
+    assert client.get(f"/api/jobs/{job_id}").json()["error_message"].startswith("expired")
+    team_now = admin.get_team(team.team_id)
+    assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (0, 0, 1)
 
 
 def test_a_client_job_cannot_carry_the_mark_of_a_v1_calls_own_job(tollgate, team):

@@ -8,6 +8,7 @@ provide. Every credit change happens inside the database in one transaction
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any, Protocol, Sequence
 
 from ..config import DatabaseConfig
@@ -59,6 +60,17 @@ class JobClosed(StoreError):
     def __init__(self, job_id: str, status: str) -> None:
         super().__init__(f"Job '{job_id}' is already {status}")
         self.status = status
+
+
+class JobExpired(JobClosed):
+    """The job is past `jobs.expire_after`, though no sweep has failed it yet: it takes no call
+    and is not charged, as if the sweep had come. `failed_now`: the refusal failed it (released
+    its hold), as a sweep does; not while a call of it still runs (the sweep waits for that too)."""
+
+    def __init__(self, job_id: str, failed_now: bool) -> None:
+        StoreError.__init__(self, f"Job '{job_id}' has expired: it stayed open too long")
+        self.status = "failed"
+        self.failed_now = failed_now
 
 
 class CallInProgress(StoreError):
@@ -158,8 +170,9 @@ class Store(Protocol):
     async def fail_interrupted_implicit_jobs(self, limit: int) -> list[Job]: ...
 
 
-def open_store(config: DatabaseConfig) -> Store:
-    """The store for a database URL (not yet opened: call ``await store.open()``)."""
+def open_store(config: DatabaseConfig, expire_after: float = math.inf) -> Store:
+    """The store for a database URL (not yet opened: call ``await store.open()``).
+    `expire_after`: jobs.expire_after, past which a job takes no call and no charge."""
     from .sqlite import SQLiteStore
 
-    return SQLiteStore(config)
+    return SQLiteStore(config, expire_after=expire_after)

@@ -48,6 +48,7 @@ from . import (
     Forbidden,
     InsufficientCredits,
     JobClosed,
+    JobExpired,
     NotFound,
     SchemaTooNew,
     StoreError,
@@ -211,6 +212,7 @@ _TAKEN_IMPLICIT_JOB = (
 # The error of a call a sweeper closed because the process serving it was gone.
 INTERRUPTED = "interrupted: the process serving it stopped"
 INTERRUPTED_JOB = "interrupted: the process serving its call stopped"
+EXPIRED_JOB = "expired: the job stayed open too long"
 _FINISH_CALL = (
     "UPDATE llm_calls SET status = ?, model = ?, prompt_tokens = ?, completion_tokens = ?, "
     "usage_estimated = ?, cost_usd = ?, latency_ms = ?, ttft_ms = ?, attempts = ?, error = ?, "
@@ -223,9 +225,13 @@ _FINISH_RUNNING_OR_INTERRUPTED_CALL = (
 
 
 class SQLiteStore:
-    def __init__(self, config: DatabaseConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: DatabaseConfig, clock: Callable[[], float] = time.time, expire_after: float = math.inf
+    ) -> None:
         self._config = config
         self._clock = clock
+        # jobs.expire_after: a job older is expired, whether or not a sweep has failed it yet.
+        self._expire_after = expire_after
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
         # Reads that must agree with each other (see `_read_together`), one at a time: a job's
@@ -768,15 +774,17 @@ class SQLiteStore:
         credits per job (this many unless the team sets its own): a job without its call never
         exists, nor does a call refused at its start leave a job holding a credit."""
         now = self._clock()
+        expired_before = now - self._expire_after
 
-        def start(db: sqlite3.Connection) -> None:
+        def start(db: sqlite3.Connection) -> bool | None:
+            """None once the call is started; else whether its expired job was failed now."""
             if own_job_default_credits is not None:
                 _open_job(db, call.job_id, call.team_id, IMPLICIT_JOB_TYPE, None, _IMPLICIT_METADATA,
                           own_job_default_credits, now)
             cursor = db.execute(
                 "INSERT INTO llm_calls (call_id, job_id, team_id, key_id, model_group, purpose, streamed, status, "
                 "started_at, stale_at) SELECT ?, job_id, team_id, ?, ?, ?, ?, 'running', ?, ? FROM jobs "
-                "WHERE job_id = ? AND team_id = ? AND status IN ('pending', 'in_progress') "
+                "WHERE job_id = ? AND team_id = ? AND status IN ('pending', 'in_progress') AND created_at >= ? "
                 f"AND NOT {_TAKEN_IMPLICIT_JOB}",
                 (
                     call.call_id,
@@ -788,6 +796,7 @@ class SQLiteStore:
                     call.stale_at,
                     call.job_id,
                     call.team_id,
+                    expired_before,
                 ),
             )
             if cursor.rowcount == 0:
@@ -802,12 +811,17 @@ class SQLiteStore:
                     raise Conflict(
                         f"Job '{call.job_id}' is the own job of a /v1 call made without X-Job-Id: it takes no other call"
                     )
+                if rows[0][0] in OPEN_JOB_STATUSES:  # open, but past its expiry
+                    return _expire_job_in(db, call.job_id, now)
                 raise JobClosed(call.job_id, rows[0][0])
             # The insert's trigger (schema 2) moved a pending job to in_progress.
+            return None
 
         # Not waiting for the disk: a start matters only with the call's end, whose write
         # is durable and, the WAL being written in order, makes this one durable too.
-        await self._write(start, atomic=own_job_default_credits is not None, durable=False)
+        expired = await self._write(start, atomic=own_job_default_credits is not None, durable=False)
+        if expired is not None:  # raised once the write is done: raised in it, its expiry was undone
+            raise JobExpired(call.job_id, expired)
 
     async def finish_call(self, outcome: CallOutcome, *, over_interrupted: bool = False) -> bool:
         """Record a call's end; False if it was finished already. `over_interrupted`: also over
@@ -858,11 +872,24 @@ class SQLiteStore:
         """Finish a job; returns it (as `get_job` reads it) and whether this call changed it (False
         for a repeat). `done_if_cut`: a request's, answered as finished if it was (`_write`)."""
         now = self._clock()
+        expired_before = now - self._expire_after
 
-        def finish(db: sqlite3.Connection) -> bool:
+        def finish(db: sqlite3.Connection) -> bool | None:
+            """Whether the job was finished now; None if it was to be charged past its expiry,
+            and was failed instead (a failure is one either way)."""
+            if status == "completed" and _all(db,
+                "SELECT 1 FROM jobs WHERE job_id = ? AND status IN ('pending', 'in_progress') AND created_at < ?",
+                (job_id, expired_before),
+            ):
+                # While a call of it runs, CallInProgress (before any write), as for any job:
+                # the sweep waits for that call too.
+                _finish_job_in(db, job_id, "failed", None, EXPIRED_JOB, now)
+                return None
             return _finish_job_in(db, job_id, status, metadata, error_message, now)
 
         changed = await self._write(finish, done_if_cut=done_if_cut)
+        if changed is None:
+            raise JobExpired(job_id, failed_now=True)
         job = await self.get_job(job_id)
         assert job is not None
         return job, changed
@@ -874,7 +901,7 @@ class SQLiteStore:
             "ORDER BY created_at LIMIT ?",
             (created_before, limit),
         )
-        return await self._fail_jobs([job_id for (job_id,) in rows], "expired: the job stayed open too long")
+        return await self._fail_jobs([job_id for (job_id,) in rows], EXPIRED_JOB)
 
     async def fail_interrupted_implicit_jobs(self, limit: int) -> list[Job]:
         """Fail the own jobs of /v1 calls closed as interrupted: nobody else finishes them
@@ -1047,6 +1074,15 @@ def _finish_job_in(
         merged.update(metadata)
     _close_job_in(db, job_id, team_id, status, charged, remaining[0][0], error_message, merged, now)
     return True
+
+
+def _expire_job_in(db: sqlite3.Connection, job_id: str, now: float) -> bool:
+    """Fail an open job past its expiry, as the sweep does; False (nothing written) while a call
+    of it still runs, which the sweep waits for too."""
+    try:
+        return _finish_job_in(db, job_id, "failed", None, EXPIRED_JOB, now)
+    except CallInProgress:
+        return False
 
 
 def _charge_interrupted_job_in(db: sqlite3.Connection, job_id: str, error_message: str | None, now: float) -> bool:
