@@ -161,7 +161,7 @@ _DROPPED_JOBS = _DROPPED_OPENAI | {"model", "stream_options"}
 # The chat parameters checked, in the order their problems are reported.
 _NUMBERS = (("temperature", 0, 2), ("top_p", 0, 1), ("frequency_penalty", -2, 2), ("presence_penalty", -2, 2))
 _INTEGERS = (("n", 1, 128), ("seed", -(2**63), 2**63 - 1), ("top_logprobs", 0, 20))
-_OBJECTS = ("response_format", "metadata", "logit_bias", "stream_options", "web_search_options")
+_OBJECTS = ("response_format", "metadata", "logit_bias", "stream_options")
 Check = Callable[[dict[str, Any], str], None]  # raises the parameter's 422, given the body and its name
 
 
@@ -181,6 +181,14 @@ def _user(body: dict[str, Any], field: str) -> None:
 
 def _object(body: dict[str, Any], field: str) -> None:
     optional_object(body, field)
+
+
+def _web_search_options(body: dict[str, Any], field: str) -> None:
+    # LiteLLM reads the options as a mapping whenever the key is there (its cost tracking, before
+    # any model is asked): a null failed with a 500 of its own, which the gateway cannot tell from
+    # a model failing, so every model of the group was tried and the client got a 503 to retry.
+    if not isinstance(body[field], dict):
+        raise invalid(field, "must be an object (leave it out for none)")
 
 
 def _tools(body: dict[str, Any], field: str) -> None:
@@ -214,6 +222,7 @@ _CHAT_CHECKS: dict[str, Check] = {
     "user": _user,
     "stop": lambda body, field: _check_stop(body[field]),
     **{field: _object for field in _OBJECTS},
+    "web_search_options": _web_search_options,
     "tools": _tools,
     "tool_choice": lambda body, field: _check_tool_choice(body[field]),
 }
@@ -290,6 +299,7 @@ _LITELLM_CONTROLS = frozenset([
     # whatever its value) or a 429 "No deployments available" (_target_order, specific_deployment),
     # which the gateway took for the model failing and tried on the next; `client` with a 400.
     "client", "original_function", "specific_deployment", "_target_order",
+    "self",  # passed on as the body's other fields are, it is a second `self` to LiteLLM's router: a 500
 ])
 
 # What `extra_body` may not carry: LiteLLM merges it into the provider's request after routing,

@@ -112,6 +112,8 @@ def test_invalid_call_bodies_are_422_naming_the_field(tollgate, team, job_url, b
         ({"messages": [*HELLO["messages"], {"role": "assistant", "content": None, "tool_calls": True}]},
          "messages[1].tool_calls: must be a list of objects"),
         ({**HELLO, "web_search_options": "on"}, "web_search_options: must be an object"),
+        # LiteLLM reads the options as a mapping whenever the key is sent, null included.
+        ({**HELLO, "web_search_options": None}, "web_search_options: must be an object"),
     ],
 )
 def test_call_bodies_litellm_would_fail_with_a_500_are_422_naming_the_field(tollgate, team, job_url, body, detail):

@@ -245,11 +245,12 @@ def test_every_provider_setting_litellm_lets_a_body_override_is_refused_by_the_g
 
 
 @pytest.mark.parametrize("field, value", [("original_function", 1), ("_target_order", 1), ("specific_deployment", True),
-                                          ("client", 1)])
+                                          ("client", 1), ("self", 1)])
 def test_litellm_internal_arguments_are_refused_not_tried_on_every_model(tollgate, team, fake_url, field, value):
     # LiteLLM failed on them: a 500 (original_function, whatever its value) or a 429 "No deployments
     # available" (_target_order, specific_deployment) that the gateway took for the model failing,
-    # so every model of the group was asked in vain; `client` a 400 that named no field.
+    # so every model of the group was asked in vain; `client` a 400 that named no field; `self`, a
+    # second one to LiteLLM's router, a 500 whatever its value.
     client = tollgate.client(team.key)
     label = tag()
     body = {"model": "Main", "messages": say(f"hi [tag={label}]"), field: value}
