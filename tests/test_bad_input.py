@@ -53,6 +53,16 @@ def test_malformed_json_is_400_with_a_message(tollgate, team, job_url, raw, frag
     assert fragment in response.json()["detail"]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_a_utf16_or_utf32_body_is_400_saying_to_send_utf8(tollgate, team, job_url, encoding):
+    # Without a byte order mark, UTF-16 of ASCII text is valid UTF-8 with NULs between the
+    # characters: its refusal quoted json's "Expecting property name enclosed in double quotes".
+    body = json.dumps(HELLO).encode(encoding)
+    response = post_raw(tollgate, team.key, job_url, body, f"application/json; charset={encoding}")
+    assert response.status_code == 400
+    assert response.json()["detail"] == "Request body is UTF-16 or UTF-32; send JSON as UTF-8"
+
+
 def test_paired_surrogates_are_fine(tollgate, team, job_url):
     response = post_raw(tollgate, team.key, job_url, b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
     assert response.status_code == 200
