@@ -151,16 +151,27 @@ def _parse_strictly(body: bytes) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise ApiError(400, "Request body is not valid UTF-8") from None
+        raise ApiError(400, _WIDE if _is_wide(body) else "Request body is not valid UTF-8") from None
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise ApiError(400, "Malformed JSON: nested too deeply") from None
     except ValueError as exc:
-        raise ApiError(400, f"Malformed JSON: {exc}") from None
+        # UTF-16 of ASCII text is valid UTF-8 (every other byte a NUL): json.loads's own error
+        # ("Expecting property name enclosed in double quotes") did not say what was wrong.
+        raise ApiError(400, _WIDE if _is_wide(body) else f"Malformed JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
         raise ApiError(400, "Malformed JSON: a string contains a lone UTF-16 surrogate")
     return value
+
+
+_WIDE = "Request body is UTF-16 or UTF-32; send JSON as UTF-8"
+
+
+def _is_wide(body: bytes) -> bool:
+    """Whether the body reads as UTF-16 or UTF-32: a byte order mark of theirs, or a NUL among
+    the first four bytes, which no UTF-8 JSON text has (RFC 4627's own test of its encoding)."""
+    return body.startswith((b"\xff\xfe", b"\xfe\xff")) or body.find(b"\x00", 0, 4) >= 0
 
 
 def _has_lone_surrogate(value: Any) -> bool:

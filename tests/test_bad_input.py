@@ -284,6 +284,17 @@ def test_job_metadata_over_64_kib_is_422_at_create_and_complete(tollgate, team, 
     assert fits.status_code == 200
 
 
+def test_job_metadata_of_non_ascii_text_is_listed_within_its_64_kib_bound(tollgate, team):
+    # The bound is measured as compact UTF-8 so that a page of jobs stays within it: stored (and
+    # listed as stored) with json.dumps's escapes, twelve bytes for an emoji, it was three times that.
+    client = tollgate.client(team.key)
+    metadata = {"note": "\U0001F600\u00e9" * 10_000}  # 60,000 bytes as UTF-8
+    assert client.post("/api/jobs/create", json={"job_type": "t", "metadata": metadata}).status_code == 200
+    page = client.get(f"/api/teams/{team.team_id}/jobs")
+    assert page.json()["jobs"][0]["metadata"] == metadata
+    assert len(page.content) < 64 * 1024
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "br"])
 def test_a_compressed_body_is_415_naming_the_encoding(tollgate, team, job_url, encoding):
     body = gzip.compress(b'{"messages": [{"role": "user", "content": "hi"}]}') if encoding == "gzip" else b"{}"
