@@ -37,6 +37,10 @@ class _Incomplete(Exception):
     pass
 
 
+class _Closed(RedisError):
+    """The connection closed, with nothing said why."""
+
+
 def encode(args: tuple[Any, ...] | list[Any]) -> bytes:
     return b"*%d\r\n%s" % (len(args), _bulk_strings(args))
 
@@ -127,6 +131,9 @@ def _integers(count: int) -> re.Pattern[bytes]:
 
 
 class _Connection(asyncio.Protocol):
+    refused: "ReplyError | None" = None  # what Redis answered a SCRIPT LOAD of the set-up with, if it refused one
+    error: RedisError | None = None  # why the connection was lost
+
     def __init__(self, timeout: float) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: deque[asyncio.Future[Any]] = deque()
@@ -169,10 +176,22 @@ class _Connection(asyncio.Protocol):
         del buffer[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(RedisError("connection to Redis lost"))
+        self.fail(self._farewell() or _Closed("connection to Redis lost"))
+
+    def _farewell(self) -> RedisError | None:
+        """An error Redis wrote before closing with no command waiting for it (too many clients,
+        protected mode): it names why, where the closing alone says nothing."""
+        if self._buffer[:1] != b"-":
+            return None  # an answer cut short, or nothing left unread
+        try:
+            reply, _ = parse(self._buffer, 0)
+        except (_Incomplete, RedisError, ValueError):
+            return None
+        return RedisError(f"Redis closed the connection, answering: {reply}")
 
     def fail(self, error: RedisError) -> None:
         self.lost = True
+        self.error = self.error or error  # the first cause; closing the transport tells another
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -337,9 +356,9 @@ class Redis:
         for _ in range(2):
             if self._closed:
                 raise RedisError("client closed")
-            connection = self._connection
-            if connection is not None and not connection.lost:
-                return connection
+            current = self._connection
+            if current is not None and not current.lost:
+                return current
             if self._connecting is None:
                 # Concurrent callers share one attempt rather than racing to open several;
                 # the attempt outlives any of them being cancelled.
@@ -348,6 +367,11 @@ class Redis:
             connection = await asyncio.shield(self._connecting)
             if not connection.lost:
                 return connection
+        # Closed at once, twice: what Redis said last, if anything, is why.
+        if connection.error is not None and not isinstance(connection.error, _Closed):
+            raise connection.error
+        if connection.refused is not None:
+            raise RedisError(f"Redis closed the connection, answering: {connection.refused}")
         raise RedisError("the connection to Redis keeps closing")
 
     def _connect_done(self, attempt: asyncio.Future[_Connection]) -> None:
@@ -359,19 +383,38 @@ class Redis:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         protocol = functools.partial(_Connection, self._timeout)
+        transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(self._connect_timeout):
                 if self._unix is not None:
                     _, connection = await loop.create_unix_connection(protocol, self._unix)
                 else:
-                    _, connection = await loop.create_connection(protocol, self._host, self._port, ssl=self._ssl)
+                    transport, connection = await loop.create_connection(protocol, self._host, self._port)
+                    if self._ssl is not None:
+                        # Apart from the TCP connection, so that a failure of the handshake is
+                        # told as one: to a Redis without TLS it times out.
+                        tls = await loop.start_tls(
+                            cast(asyncio.WriteTransport, transport), connection, self._ssl, server_hostname=self._host
+                        )
+                        if tls is None:
+                            raise ConnectionResetError("the connection closed during the TLS handshake")
+                        transport = None
+                        connection.connection_made(tls)
         except TimeoutError:
+            if transport is not None:
+                transport.close()
+                raise RedisError(f"no TLS handshake with Redis within redis.connect_timeout{_NO_TLS}") from None
             raise RedisError("connecting to Redis timed out") from None
         except OSError as exc:
+            if transport is not None:
+                transport.close()
+                hint = "" if isinstance(exc, ssl.SSLCertVerificationError) else _NO_TLS
+                raise RedisError(f"TLS handshake with Redis failed: {exc.strerror or exc}{hint}") from None
             raise RedisError(f"cannot connect to Redis: {exc.strerror or exc}") from None
         if self._setup:
             payload = b"".join(encode(command) for command in self._setup)
             replies = connection.send(payload, len(self._setup))
+            refused: ReplyError | None = None
             try:
                 for command, future in zip(self._setup, replies):
                     try:
@@ -382,19 +425,42 @@ class Redis:
                         # so a Redis that wants a password the URL does not give: it refuses all.
                         if command[0] != "SCRIPT" or str(exc).startswith("NOAUTH"):
                             raise
-            except BaseException:
+                        refused = connection.refused = refused or exc
+            except BaseException as exc:
                 connection.fail(RedisError("Redis refused the connection's setup"))
                 # The first refusal is raised; the replies behind it (a wrong password's NOAUTH to
                 # each SCRIPT LOAD) are heard here, or asyncio logs each as an error never retrieved.
                 for reply in replies:
                     if reply.done() and not reply.cancelled():
                         reply.exception()
+                if isinstance(exc, _Closed):
+                    raise self._closed_in_setup(refused, replies[0] is future) from None
                 raise
         if self._closed:
             connection.fail(RedisError("client closed"))
             raise RedisError("client closed")
         self._connection = connection
         return connection
+
+    def _closed_in_setup(self, refused: ReplyError | None, unanswered: bool) -> RedisError:
+        """Why Redis closed a connection as it opened, as far as can be told."""
+        if refused is not None:
+            # A refusal of the whole connection (too many clients) came as the answer to a
+            # SCRIPT LOAD, and is no proxy's refusal of SCRIPT, since the connection closed.
+            return RedisError(f"Redis closed the connection, answering: {refused}")
+        if unanswered and self._ssl is None and self._unix is None:
+            return RedisError(
+                "Redis closed the connection before answering anything (a Redis that serves TLS "
+                "closes a plain connection: its URL is then rediss://)"
+            )
+        return RedisError("connection to Redis lost")
+
+
+# Told with a failed TLS handshake: what a Redis without TLS makes of one.
+_NO_TLS = (
+    " (rediss:// asks for TLS: a Redis that does not serve it at this address never completes the "
+    "handshake; its URL is then redis://)"
+)
 
 
 def _forgotten(error: BaseException) -> bool:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
+import subprocess
 import uuid
+from typing import Any
 
 import pytest
 
 from proxy.resp import Keys, Redis, RedisError, ReplyError, Script, _Incomplete, encode, parse
-from tests.support import RedisServer, free_port
+from tests.support import RedisServer, free_port, start_process, stop_process
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -363,3 +366,106 @@ def test_a_connection_whose_setup_redis_refused_leaves_no_reply_unheard(tmp_path
     finally:
         server.stop()
     assert unheard == []
+
+
+LIMITER_LIKE_SCRIPTS = [Script("return 1"), Script("return 2"), Script("return 3")]  # loaded as each connection opens
+
+
+def test_a_redis_refusing_a_connection_over_its_client_limit_is_named(tmp_path):
+    # Redis answers `-ERR max number of clients reached` and closes: the limiter logged only
+    # "connection to Redis lost", which sent the operator looking at the network.
+    server = RedisServer(tmp_path).start()
+    server.cli("CONFIG", "SET", "maxclients", "1")
+    holder = socket.create_connection(("127.0.0.1", server.port))  # the one client Redis takes
+
+    async def run() -> list[str]:
+        errors = []
+        for _ in range(10):  # Redis's answer may arrive before the set-up is sent, or after
+            redis = Redis(server.url, connect_timeout=1.0, timeout=1.0, scripts=LIMITER_LIKE_SCRIPTS)
+            with pytest.raises(RedisError) as caught:
+                await redis.call("PING")
+            errors.append(str(caught.value))
+            await redis.close()
+        return errors
+
+    try:
+        errors = asyncio.run(run())
+    finally:
+        holder.close()
+        server.stop()
+    assert all("max number of clients reached" in error for error in errors), errors
+
+
+def test_a_tls_url_to_a_redis_without_tls_is_named_a_tls_handshake_failure(tmp_path):
+    # rediss:// to a plain Redis: it takes the TLS hello for an inline command and waits for its
+    # end, so the handshake never ends; the log said "connecting to Redis timed out".
+    server = RedisServer(tmp_path).start()
+
+    async def run() -> str:
+        redis = Redis(server.url.replace("redis://", "rediss://"), connect_timeout=0.3, timeout=1.0)
+        with pytest.raises(RedisError) as caught:
+            await redis.call("PING")
+        await redis.close()
+        return str(caught.value)
+
+    try:
+        error = asyncio.run(run())
+    finally:
+        server.stop()
+    assert "TLS handshake" in error and "redis://" in error, error
+
+
+def test_a_redis_closing_a_new_connection_without_a_word_is_told_it_may_want_tls():
+    # As a Redis serving TLS does to a redis:// client: the log said "connection to Redis lost".
+    async def run() -> str:
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        port = free_port()
+        server = await asyncio.start_server(hang_up, "127.0.0.1", port)
+        redis = Redis(f"redis://127.0.0.1:{port}/0", connect_timeout=1.0, timeout=1.0, scripts=LIMITER_LIKE_SCRIPTS)
+        with pytest.raises(RedisError) as caught:
+            await redis.call("PING")
+        await redis.close()
+        server.close()
+        return str(caught.value)
+
+    assert "rediss://" in asyncio.run(run())
+
+
+def test_a_tls_url_talks_to_a_redis_serving_tls(tmp_path, monkeypatch):
+    # The handshake runs as a step of its own after the TCP connection (so that its failure is
+    # told as one): the commands must still go over TLS, verified against the server's certificate.
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+        check=True, capture_output=True,
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "cert.pem"))  # the default context's trust
+    port = free_port()
+    server = start_process(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-auth-clients", "no",
+         "--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file", str(tmp_path / "key.pem"), "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        tmp_path / "redis-tls.log",
+    )
+
+    async def run() -> list[Any]:
+        redis = Redis(f"rediss://127.0.0.1:{port}/0", connect_timeout=1.0, timeout=1.0, scripts=LIMITER_LIKE_SCRIPTS)
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            try:
+                await redis.call("PING")
+                break
+            except RedisError:
+                assert asyncio.get_running_loop().time() < deadline, "redis-server did not start"
+                await asyncio.sleep(0.05)
+        replies = [await redis.call("SET", "k", "v"), await redis.call("GET", "k"), await redis.evalsha(
+            LIMITER_LIKE_SCRIPTS[1], Keys([]), [])]
+        await redis.close()
+        return replies
+
+    try:
+        assert asyncio.run(run()) == ["OK", b"v", 2]
+    finally:
+        stop_process(server)
