@@ -18,6 +18,8 @@ supported). A rejected call records nothing. If Redis fails, a circuit
 breaker stops asking it for a while and `rate_limits.on_redis_error` decides:
 `local` (a per-process limiter of the same semantics), `allow`, or `deny`. An
 admit given up on may still run in Redis once it recovers: it is released then.
+A key of one scope holding what the limiter never writes there is no failure of
+Redis: it is repaired (REPAIR_SCRIPT) and the script sent again.
 
 Limits are checked before the call is admitted into its job: a call to a closed
 job that is also over its limit gets the 429.
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from .config import RateLimitsConfig, RedisConfig
-from .resp import Keys, Redis, RedisError, Script
+from .resp import Keys, Redis, RedisError, ReplyError, Script
 
 log = logging.getLogger("tollgate.limiter")
 
@@ -462,13 +464,71 @@ return 1
 """
 
 
+# KEYS, four per scope as above; sent only after a script failed on what a key holds. The keys
+# under key_prefix are Tollgate's own, and one holding what the limiter never writes there (a
+# string SET by hand, another program's data under the same prefix) failed every admit and settle
+# of its scope, on every process. Such a key is deleted: the scope then counts its tokens afresh,
+# or its requests from none, as after an eviction (see EVICTION_CHECK). Returns what it deleted.
+REPAIR_SCRIPT = """
+local kinds = {'zset', 'zset', 'hash', 'string'}
+local integer = '^%-?%d+$'
+local deleted = {}
+for i, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  local wrong = nil
+  if kind ~= 'none' and kind ~= kinds[(i - 1) % 4 + 1] then
+    wrong = 'a ' .. kind
+  elseif kind == 'string' and not string.match(redis.call('GET', key), integer) then
+    wrong = 'a string that is no integer'
+  elseif kind == 'hash' then
+    for _, amount in ipairs(redis.call('HVALS', key)) do
+      if not string.match(amount, integer) then
+        wrong = 'a hash with a value that is no integer'
+        break
+      end
+    end
+  end
+  if wrong then
+    redis.call('DEL', key)
+    table.insert(deleted, key .. ' (' .. wrong .. ')')
+  end
+end
+return deleted
+"""
+
+
 class RedisUnavailable(Exception):
     pass
+
+
+class DamagedKeys(RedisUnavailable):
+    """Redis refused a scope's keys for what they hold, even once repaired. Redis itself answers:
+    only the calls of that scope are concerned, not every team's."""
 
 
 def _unavailable(error: BaseException) -> RedisUnavailable:
     """What a Redis client error means to the limiter, naming the error."""
     return RedisUnavailable(f"{type(error).__name__}: {error}")
+
+
+def _damage(error: BaseException | None) -> bool:
+    """Whether a script's error may come from what one of its keys holds (the wrong type, a value
+    that is no number) rather than from Redis: it answered, and other keys are not concerned."""
+    if not isinstance(error, ReplyError):
+        return False
+    text = str(error)
+    return text.startswith("WRONGTYPE") or (text.startswith("ERR") and "user_script" in text)
+
+
+def _log_repair(reply: asyncio.Future[Any]) -> None:
+    if reply.cancelled() or reply.exception() is not None:
+        return  # the command sent again behind it tells how Redis fares
+    for deleted in reply.result():
+        log.warning(
+            "Redis key %s held what Tollgate never writes there: deleted, so its scope's limits count afresh "
+            "(something else writes under redis.key_prefix)",
+            deleted.decode(errors="replace"),
+        )
 
 
 MAX_KEYSETS = 10_000
@@ -502,6 +562,7 @@ class RedisLimiter:
         # settle sent twice counts the usage once (from the later). Call id -> the keys and
         # SETTLE_SCRIPT arguments, oldest first.
         self._unknown: dict[str, tuple[Keys, list[Any]]] = {}
+        self._unrepaired_logged: str | None = None
 
     async def close(self) -> None:
         await self._redis.close()
@@ -546,7 +607,9 @@ class RedisLimiter:
             try:  # as `_run`, without a coroutine more on every call's way
                 result = await self._redis.evalsha(self._admit, keys, args)
             except RedisError as exc:
-                raise _unavailable(exc) from None
+                result = await self._again_repaired(exc, self._admit, keys, args)
+        except DamagedKeys:
+            raise  # refused before it recorded anything: nothing to release
         except RedisUnavailable:
             self._release_later(call_id, keys)
             raise
@@ -612,12 +675,64 @@ class RedisLimiter:
             reply.add_done_callback(functools.partial(self._released, call_id, keys, args))
 
     def _released(self, call_id: str, keys: Keys, args: list[Any], reply: asyncio.Future[Any]) -> None:
-        if (reply.cancelled() or reply.exception() is not None) and call_id not in self._unknown:
+        error = None if reply.cancelled() else reply.exception()
+        if _damage(error):
+            self._resend_repaired(call_id, keys, args)
+        elif (reply.cancelled() or error is not None) and call_id not in self._unknown:
             self._later(call_id, keys, args)  # to be tried again: sent twice, it still counts once
 
     async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
         args = self._settle_args(decision.call_id, tokens, release)
-        await self._run(self._settle, self._keys(decision.limits), args)
+        keys = self._keys(decision.limits)
+        try:
+            await self._redis.evalsha(self._settle, keys, args)
+        except RedisError as exc:
+            await self._again_repaired(exc, self._settle, keys, args)
+
+    async def _again_repaired(self, error: RedisError, script: Script, keys: Keys, args: list[Any]) -> Any:
+        """`script`, which Redis refused with `error`, run again once its keys are repaired, if
+        what they hold may be why; only on that error's way. Both leave in one write, the repair
+        first (Redis runs a connection's commands in order): one round trip more. A script sent
+        twice counts once (the admit refused recorded nothing, a settle counts its usage once)."""
+        if not _damage(error):
+            raise _unavailable(error) from None
+        self._repair_soon(keys)
+        try:
+            return await self._redis.evalsha(script, keys, args)
+        except RedisError as exc:
+            if _damage(exc):
+                self._unrepaired(exc)
+                raise DamagedKeys(f"{type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
+
+    def _repair_soon(self, keys: Keys) -> None:
+        # Sent whole: rare, and one round trip, where a script unknown would cost two.
+        reply = self._redis.call_soon("EVAL", REPAIR_SCRIPT, len(keys.names), *keys.names)
+        reply.add_done_callback(_log_repair)
+
+    def settle_repaired(self, decision: Decision, tokens: int) -> None:
+        """`settle_soon` again, behind the repair of its keys: Redis refused it for what they hold."""
+        args = self._settle_args(decision.call_id, tokens, False)
+        self._resend_repaired(decision.call_id, self._keys(decision.limits), args)
+
+    def _resend_repaired(self, call_id: str, keys: Keys, args: list[Any]) -> None:
+        self._repair_soon(keys)
+        reply = self._redis.evalsha_soon(self._settle, keys, args)
+        reply.add_done_callback(functools.partial(self._resent, call_id, keys, args))
+
+    def _resent(self, call_id: str, keys: Keys, args: list[Any], reply: asyncio.Future[Any]) -> None:
+        error = None if reply.cancelled() else reply.exception()
+        if _damage(error):
+            self._unrepaired(error)  # type: ignore[arg-type]  # given up: its scope was counted afresh anyway
+        elif (reply.cancelled() or error is not None) and call_id not in self._unknown:
+            self._later(call_id, keys, args)  # Redis failed as a whole: sent with the next admit, as any
+
+    def _unrepaired(self, error: BaseException) -> None:
+        # Once per distinct error: a scope refused for good would otherwise log on every call.
+        if str(error) != self._unrepaired_logged:
+            self._unrepaired_logged = str(error)
+            log.warning("Redis refuses a scope's limiter keys even once repaired (%s): its calls follow "
+                        "on_redis_error", error)
 
     def settle_soon(self, decision: Decision, tokens: int) -> asyncio.Future[Any]:
         args = self._settle_args(decision.call_id, tokens, False)
@@ -652,6 +767,7 @@ class RateLimiter:
         self._open_until = 0.0  # the breaker: while open, Redis is not asked
         self._probing = False
         self.last_error: str | None = None
+        self._check_failure: str | None = None  # readiness's, as last logged
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -691,6 +807,8 @@ class RateLimiter:
                 decision = await self.redis.admit(limits, call_id, estimate)
                 self._recovered()
                 return decision
+            except DamagedKeys:
+                pass  # this call alone follows on_redis_error: Redis answers, and other teams' keys are sound
             except RedisUnavailable as error:
                 self._failed(error)
             finally:
@@ -714,6 +832,8 @@ class RateLimiter:
                 return
             try:
                 await self.redis.settle(decision, tokens, release)
+            except DamagedKeys:
+                pass  # given up: its scope was counted afresh anyway
             except RedisUnavailable as error:
                 self.redis.settle_later(decision, tokens, release)
                 self._failed(error)
@@ -732,18 +852,31 @@ class RateLimiter:
 
     def _settled(self, redis: RedisLimiter, decision: Decision, tokens: int, reply: asyncio.Future[Any]) -> None:
         error = None if reply.cancelled() else reply.exception()
-        if error is not None:
+        if error is None:
+            return
+        if _damage(error):  # Redis answers: its other keys are sound
+            redis.settle_repaired(decision, tokens)
+        else:
             redis.settle_later(decision, tokens)  # it may have run, or not: sent again, it counts once
             self._failed(_unavailable(error))
 
     async def check(self) -> str:
-        """For readiness: 'ok', 'not configured', or 'degraded: ...'."""
+        """For readiness: 'ok', 'not configured', or 'degraded: ...'. It looks and steers nothing:
+        the breaker opens and closes on the limiter's own commands, for which readiness's script
+        stands in only so far (Redis may take the one while refusing the other: an ACL on keys,
+        a team's key it cannot repair), and a breaker closed by readiness had the next calls pay
+        a failed round trip each time readiness was asked, one opened by it sent every call to
+        on_redis_error while the limiter's commands succeeded."""
         if self.redis is None:
             return "not configured"
+        if self.degraded:  # Redis is left alone for the cooldown, by readiness too
+            return f"degraded: the limiter's commands failed (on_redis_error: {self.policy})"
         try:
             await self.redis.ping()
         except RedisUnavailable as error:
-            self._failed(error)  # the details go to the log; readiness is public
+            if str(error) != self._check_failure:  # the details go to the log; readiness is public
+                log.warning("Readiness: Redis refuses the limiter's check (%s)", error)
+            self._check_failure = str(error)
             return f"degraded: unreachable or refusing writes (on_redis_error: {self.policy})"
-        self._recovered()
+        self._check_failure = None
         return "ok"

@@ -796,3 +796,106 @@ def test_a_redis_behind_a_proxy_that_takes_no_script_command_still_limits(redis_
         asyncio.run(run())
     finally:
         redis_server.cli("ACL", "SETUSER", "default", "+script")
+
+
+@pytest.mark.parametrize(("overwritten", "value"), [
+    ("requests", "a string"), ("tokens", "a string"), ("amounts", "a string"), ("total", "no number"),
+])
+def test_a_teams_limiter_key_overwritten_by_hand_is_repaired_and_the_call_decided_by_redis(
+    redis_server, overwritten, value
+):
+    # The keys under key_prefix are Tollgate's own. One holding what Tollgate never writes there
+    # (the wrong type, or a total that is no number) failed every admit of its team, and each
+    # failure opened the breaker for every team.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
+        assert (await limiter.admit(limits, "first", 10)).admitted
+        redis_server.cli("SET", f"{base}:{overwritten}", value)
+        decision = await limiter.admit(limits, "second", 10)
+        assert (decision.backend, decision.admitted, limiter.degraded) == ("redis", True, False)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_repaired_limiter_key_is_named_in_the_log(redis_server, caplog):
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
+    redis_server.cli("SET", requests, "a string")
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        assert (await limiter.admit(limits, "first", 10)).backend == "redis"
+        await limiter.close()
+
+    with caplog.at_level("WARNING", logger="tollgate.limiter"):
+        asyncio.run(run())
+    assert requests in caplog.text and "string" in caplog.text  # the operator can find who wrote it
+
+
+def test_a_calls_usage_meeting_an_overwritten_key_repairs_it_without_opening_the_breaker(redis_server):
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
+        first = await limiter.admit(limits, "first", 10)
+        redis_server.cli("SET", f"{base}:amounts", "a string")
+        limiter.settle_soon(first, 5)
+        await asyncio.sleep(0.3)  # not waited for: the call's answer has gone
+        assert not limiter.degraded
+        assert redis_server.cli("HGET", f"{base}:amounts", "first") == "5"
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_release_meeting_an_overwritten_key_repairs_it_without_opening_the_breaker(redis_server):
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
+        never_started = await limiter.admit(limits, "never-started", 10)
+        redis_server.cli("SET", f"{base}:requests", "a string")
+        await limiter.settle(never_started, 0, release=True)
+        assert not limiter.degraded
+        assert redis_server.cli("HLEN", f"{base}:amounts") == "0"  # released
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_readiness_leaves_a_breaker_opened_by_failing_admits_to_the_admits(redis_server):
+    # Readiness writes a key of its own: Redis may take that while refusing the limiter's (an ACL
+    # on keys, a key of the team's that cannot be repaired). Readiness closing the breaker made
+    # the next calls pay a failed round trip each time it was probed.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    redis_server.cli("ACL", "SETUSER", "default", "resetkeys", "~tollgate:ready")
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        assert (await limiter.admit(limits, "refused", 10)).backend == "local"  # the breaker opens
+        assert (await limiter.check()).startswith("degraded")
+        assert limiter.degraded
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_failing_readiness_check_leaves_the_calls_asking_redis(redis_server):
+    # The other way round: readiness refused where the admits are not must not send every call
+    # to on_redis_error.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    redis_server.cli("ACL", "SETUSER", "default", "resetkeys", "~tollgate:{*")
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        assert (await limiter.check()).startswith("degraded")
+        assert (await limiter.admit(limits, "first", 10)).backend == "redis"
+        await limiter.close()
+
+    asyncio.run(run())
