@@ -41,6 +41,30 @@ _TRAILERS_TOO_LARGE = f"The request's trailer fields are larger than {MAX_HEAD_B
 _METHOD_CHARACTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- "
 # An absolute-form target's authority, after its `scheme://`.
 _AUTHORITY = re.compile(rb"[^/?#]*")
+# Host must come once in an HTTP/1.1 request, and at most once in any (RFC 9112, 3.2); neither it
+# nor Authorization is a list, whose repeats could be read as one (RFC 9110, 5.3).
+_NO_HOST = "An HTTP/1.1 request must carry a Host header"
+_TWO_HOSTS = "The request has more than one Host header; send exactly one"
+_TWO_AUTHORIZATIONS = "The request has more than one Authorization header; send exactly one"
+_TWO_LENGTHS = "The request has more than one Content-Length header; send exactly one"
+_NOT_A_PATH = "The request target is not a path; send one such as /api/jobs/create"
+# What the HTTP parser's reasons for refusing a request are said as, where its own words would
+# not do; any other is given as it is (llhttp's fixed English, never the client's bytes).
+_PARSER_REASONS = {
+    # llhttp refuses a second Content-Length even when it repeats the first: RFC 9110, 8.6 lets
+    # a recipient refuse or merge identical ones, and refusing every repeat leaves no length
+    # for an intermediary in front to have read differently.
+    "Duplicate Content-Length": _TWO_LENGTHS,
+    "Invalid character in Content-Length": "Content-Length must be a single number",
+    "Transfer-Encoding can't be present with Content-Length": (
+        "The request has both Content-Length and Transfer-Encoding headers; send one of them"
+    ),
+    "Invalid method encountered": "The request's method is not an HTTP method",
+    # HTTP/2's connection preface (`PRI * HTTP/2.0`), sent without asking: curl --http2-prior-knowledge.
+    "Pause on PRI/Upgrade": "HTTP/2 is not served here; send HTTP/1.1",
+    # One of the protocol's callbacks failed (a refusal stops the parser with its own answer).
+    "User callback error": "Invalid HTTP request",
+}
 # What a request queued behind another's answer gets when the shutdown begins before its turn.
 QUEUED_AT_SHUTDOWN = shutting_down("the request was queued behind another on its connection, and not started")
 # What the client sends after a request queued behind another's answer is held, unparsed, up to this
@@ -72,6 +96,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_done = False
         self._message_begun = False  # a request has begun and is not yet read whole
+        # The Host and Authorization fields of the head being read (on_header).
+        self._hosts = self._authorizations = 0
         self._message_started = time.perf_counter()
         # A chunked body's trailer section, after its last chunk: its fields are not the request's
         # headers (uvicorn added them to the scope's, where the app took them for the head's), and
@@ -122,10 +148,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         while True:
             try:
                 self.parser.feed_data(data)
-            except httptools.HttpParserError:
+            except httptools.HttpParserError as error:
                 if self._discarding:  # a callback refused the request, and stopped the parser
                     return
-                msg = "Invalid HTTP request received."
+                msg = _parser_refusal(error)
                 self.logger.warning(msg)
                 self.send_400_response(msg)
                 return
@@ -195,7 +221,18 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         if self._head_done:  # a trailer field: counted, and dropped
             self._trailer_read_bytes += len(name) + len(value) + len(": \r\n")
             return
-        HttpToolsProtocol.on_header(self, name, value)  # not super(): a call per header, on every request
+        # uvicorn's own on_header (0.55's), inlined: a call per header, on every request. Host
+        # and Authorization are counted on the way, for `_repeated_field`, rather than looked
+        # for again in another walk of the head.
+        name = name.lower()
+        value = value.rstrip(b" \t")  # trailing whitespace is no part of a value (RFC 9110, 5.5)
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"authorization":
+            self._authorizations += 1
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_chunk_header(self) -> None:
         self._after_chunk_header = True
@@ -220,6 +257,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._reading, self._head_done = True, False
         self._message_begun = True
         self._message_started = time.perf_counter()
+        self._hosts = self._authorizations = 0
 
     def on_headers_complete(self) -> None:
         if self._head_bytes < 0 and self._kept_head_bytes() > MAX_HEAD_BYTES:
@@ -227,6 +265,11 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             # the request is queued.
             self._refuse(431, _TOO_LARGE)
             raise _Refused
+        if self._hosts != 1 or self._authorizations > 1:
+            problem = self._repeated_field()
+            if problem is not None:
+                self._refuse(400, problem)
+                raise _Refused
         if self.parser.should_upgrade() and not self._should_upgrade():
             # The parser reads no body after a head asking to switch protocols (httptools tells
             # it there is none), and would read it as the client's next request: the body is read
@@ -242,10 +285,13 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         try:
             super().on_headers_complete()
         except Exception:
-            # A target uvicorn cannot read (`http://host`, with no path): refused as unparsable
-            # (a 400), as this request's own, not as the one before it, already answered.
+            # A target uvicorn cannot read (`http://host`, with no path, or CONNECT's `host:port`):
+            # refused as this request's own, not as the one before it, already answered.
             self._head_done = False
-            raise
+            if self.cycle is not previous:  # failed past the target, which it had read
+                raise
+            self._refuse(400, _NOT_A_PATH)
+            raise _Refused from None
         if self.cycle is not previous:
             if self.cycle.waiting_for_100_continue:
                 _close_if_answered_unasked(self.cycle)
@@ -266,6 +312,19 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             if name == b"content-length":
                 length = int(value)
         return length
+
+    def _repeated_field(self) -> str | None:
+        """What is wrong with a head that has other than one Host or more than one Authorization
+        field, if anything: an HTTP/1.0 request may come without Host."""
+        if self._authorizations > 1:
+            # Two credentials are ambiguous (an intermediary may have added one): neither is
+            # taken, rather than whichever came first.
+            return _TWO_AUTHORIZATIONS
+        if self._hosts > 1:
+            return _TWO_HOSTS
+        if self.parser.get_http_version() in ("1.0", "0.9"):
+            return None
+        return _NO_HOST
 
     def _read_upgrade_body(self, data: bytes) -> bytes:
         """Take the body due of a request that asked for a protocol switch from `data`, as the
@@ -485,6 +544,15 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         observe: RefusalObserver | None = self.app_state.get(REFUSALS)
         if observe is not None:
             observe(method, status, time.perf_counter() - self._message_started)
+
+
+def _parser_refusal(error: httptools.HttpParserError) -> str:
+    """The message of the 400 for a request the HTTP parser refused, saying why."""
+    reason = str(error.args[0]) if error.args else ""
+    said = _PARSER_REASONS.get(reason)
+    if said is not None:
+        return said
+    return f"Invalid HTTP request: {reason}" if reason else "Invalid HTTP request"
 
 
 def _path_of(target: bytes) -> bytes:

@@ -290,6 +290,82 @@ def test_the_gateway_is_healthy_after_all_of_it(target):
     assert response.status_code == 200
 
 
+def refusal(port: int, request: bytes) -> tuple[int, dict]:
+    """The status and JSON body of the one answer to `request`, the connection closed after it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = read_all(sock)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)  # a second answer after it fails here
+
+
+def test_an_http_1_1_request_without_a_host_header_is_400_and_not_served(target):
+    # RFC 9112, 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host. It was served.
+    server, team, _ = target
+    body = b'{"job_type": "no-host"}'
+    status, answer = refusal(server.port, (
+        f"POST /api/jobs/create HTTP/1.1\r\nAuthorization: Bearer {team.key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body)
+    assert status == 400 and "Host" in answer["detail"], answer
+    jobs = httpx.get(f"{server.url}/api/teams/{team.team_id}/jobs", headers={"Authorization": f"Bearer {team.key}"})
+    assert [job["job_type"] for job in jobs.json()["jobs"] if job["job_type"] == "no-host"] == []
+
+
+def test_an_http_1_0_request_without_a_host_header_is_served(target):
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.0\r\n\r\n")
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+def test_a_request_with_two_host_headers_is_400_naming_them(target, version):
+    # RFC 9112, 3.2: more than one Host is a 400 whatever the version.
+    server, _, _ = target
+    status, answer = refusal(
+        server.port, b"GET /health/live HTTP/" + version + b"\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 400 and "Host" in answer["detail"], answer
+
+
+@pytest.mark.parametrize("second", ["2", "20"], ids=["identical", "conflicting"])
+def test_two_content_length_headers_are_400_naming_them(target, second):
+    # Two lengths are how requests are smuggled past an intermediary that reads the other one;
+    # the refusal said only "Invalid HTTP request received."
+    server, team, _ = target
+    status, answer = refusal(server.port, (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: 2\r\nContent-Length: {second}\r\n\r\n{{}}"
+    ).encode())
+    assert status == 400 and "more than one Content-Length" in answer["detail"], answer
+
+
+@pytest.mark.parametrize(
+    "request_bytes, named",
+    [
+        (b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+         "Transfer-Encoding"),
+        (b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+         "chunk size"),
+        (b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n", "Content-Length"),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP/2"),
+    ],
+    ids=["content-length and chunked", "bad chunk size", "content-length not a number", "http/2 preface"],
+)
+def test_a_request_the_http_parser_refuses_is_400_saying_what_is_wrong(target, request_bytes, named):
+    server, _, _ = target
+    status, answer = refusal(server.port, request_bytes)
+    assert status == 400 and named in answer["detail"], answer
+
+
+def test_a_target_that_is_not_a_path_is_400_saying_so(target):
+    server, _, _ = target
+    status, answer = refusal(server.port, b"GET http://x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 400 and "target" in answer["detail"], answer
+
+
 def test_a_request_head_that_stops_half_way_is_408_once_the_read_timeout_is_over(make_tollgate):
     server = make_tollgate(server={"read_timeout": "1s"})
     with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
