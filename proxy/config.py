@@ -109,7 +109,16 @@ def is_price(value: float) -> bool:
     return 0 <= value <= MAX_PRICE_PER_TOKEN
 
 
-Price = Annotated[float, Rule(f"a number from 0 to {MAX_PRICE_PER_TOKEN:g} (USD per token)", is_price)]
+# A number in e-notation that PyYAML (YAML 1.1: a dot and an exponent's sign required) leaves a
+# string: `1e-6`, `6E-7`, `2.5e2`, as prices per token are written (LiteLLM's config takes them).
+_E_NOTATION = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+\Z")
+
+
+def _e_notation(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _E_NOTATION.match(value) else value
+
+
+Price = Annotated[float, Rule(f"a number from 0 to {MAX_PRICE_PER_TOKEN:g} (USD per token)", is_price, _e_notation)]
 Identifier = Annotated[str, Rule("an identifier (letters, digits, '.', '_', '-'; at most 64)", IDENTIFIER.match)]
 GroupName = Annotated[str, Rule("a model group name (letters, digits, '.', '_', ':', '-')", GROUP_NAME.match)]
 ModelList = Annotated[

@@ -438,6 +438,16 @@ def test_a_price_per_token_that_could_make_a_cost_infinite_is_refused(tmp_path):
     )
 
 
+@pytest.mark.parametrize("written, price", [("1e-6", 1e-6), ("6E-7", 6e-7), ("2.5e2", 250.0), ("2e+0", 2.0)])
+def test_a_price_written_in_e_notation_is_that_number(tmp_path, written, price):
+    # PyYAML reads YAML 1.1, where `1e-6` (no dot, no exponent sign) is a string: the way prices
+    # per token are written, and LiteLLM's own config takes it, yet `serve` refused to start,
+    # saying the price "must be a number from 0 to 1000".
+    text = f"pricing:\n  m: {{input_cost_per_token: {written}, output_cost_per_token: {written}}}\n"
+    (prices,) = load_config(write(tmp_path, text), {}).pricing.values()
+    assert (prices.input_cost_per_token, prices.output_cost_per_token) == (price, price)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
