@@ -11,7 +11,7 @@ import pytest
 
 from proxy.config import DatabaseConfig
 from proxy.ids import new_id
-from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, JobEnd, NewCall
+from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, JobEnd, NewCall, Team
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store.sqlite import SQLiteStore
 from proxy.sweeper import sweep_forever, sweep_once
@@ -529,5 +529,36 @@ def test_a_step_of_the_wall_clock_forward_spares_the_live_calls_of_a_process_wit
             wall.stepped = 3600.0
             await asyncio.sleep(1.0)  # well past this sweeper's own bound
             assert await statuses(store, job_id) == {"long": "running"}
+
+    asyncio.run(check())
+
+
+def test_a_call_failing_its_expired_job_half_way_leaves_the_jobs_hold_as_it_was(tmp_path):
+    # A call's start is written without a transaction of its own (one statement); failing an
+    # expired job in that write committed each of its statements alone. One refused after the
+    # hold was deleted (the database busy with another process's write, a full disk) left the
+    # team's credit held for good: no hold was left for the sweep to release.
+    path = str(tmp_path / "expiry.db")
+
+    async def check() -> None:
+        now = [1_000.0]
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: now[0], expire_after=60.0)
+        await store.open()
+        try:
+            await store.create_organization("org", "Org")
+            await store.create_team(Team("team", "org", "active", 10, 0, 0, (), None, None, None, None, 0.0), "initial")
+            job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+            now[0] += 120.0  # past its expiry, before any sweep
+            db = sqlite3.connect(path, isolation_level=None)
+            db.execute("CREATE TRIGGER refuse BEFORE UPDATE ON teams BEGIN SELECT RAISE(ABORT, 'refused'); END")
+            with pytest.raises(sqlite3.IntegrityError, match="refused"):
+                await store.start_call(new_call("late", job_id, now[0]))
+            db.execute("DROP TRIGGER refuse")
+            db.close()
+            await sweep_once(store, expire_after=60.0, stale_call_after=60.0, now=now[0])
+            assert (await store.get_job(job_id)).status == "failed"
+            assert (await store.get_team("team")).credits_held == 0
+        finally:
+            await store.close()
 
     asyncio.run(check())

@@ -777,8 +777,8 @@ class SQLiteStore:
         now = self._clock()
         expired_before = now - self._expire_after
 
-        def start(db: sqlite3.Connection) -> bool | None:
-            """None once the call is started; else whether its expired job was failed now."""
+        def start(db: sqlite3.Connection) -> bool:
+            """False once the call is started; True for an open job past its expiry (nothing written)."""
             if own_job_default_credits is not None:
                 _open_job(db, call.job_id, call.team_id, IMPLICIT_JOB_TYPE, None, _IMPLICIT_METADATA,
                           own_job_default_credits, now)
@@ -813,16 +813,20 @@ class SQLiteStore:
                         f"Job '{call.job_id}' is the own job of a /v1 call made without X-Job-Id: it takes no other call"
                     )
                 if rows[0][0] in OPEN_JOB_STATUSES:  # open, but past its expiry
-                    return _expire_job_in(db, call.job_id, now)
+                    return True
                 raise JobClosed(call.job_id, rows[0][0])
             # The insert's trigger (schema 2) moved a pending job to in_progress.
-            return None
+            return False
 
         # Not waiting for the disk: a start matters only with the call's end, whose write
         # is durable and, the WAL being written in order, makes this one durable too.
-        expired = await self._write(start, atomic=own_job_default_credits is not None, durable=False)
-        if expired is not None:  # raised once the write is done: raised in it, its expiry was undone
-            raise JobExpired(call.job_id, expired)
+        if await self._write(start, atomic=own_job_default_credits is not None, durable=False):
+            # Failed in a transaction of its own, as the sweep fails it: the start's write has
+            # none (atomic=False, a single statement), so a failure's statements would commit
+            # one by one, and one refused after the hold was deleted (the database busy with
+            # another process, a full disk) would leave the team's credit held for good.
+            failed_now = await self._write(lambda db: _expire_job_in(db, call.job_id, now))
+            raise JobExpired(call.job_id, failed_now)
 
     async def finish_call(self, outcome: CallOutcome, *, over_interrupted: bool = False) -> bool:
         """Record a call's end; False if it was finished already. `over_interrupted`: also over
