@@ -520,6 +520,11 @@ def _damage(error: BaseException | None) -> bool:
     return text.startswith("WRONGTYPE") or (text.startswith("ERR") and "user_script" in text)
 
 
+def _found_damage(repair: asyncio.Future[Any]) -> bool:
+    """Whether the repair deleted a key: only then was a script's failure the keys' doing."""
+    return repair.done() and not repair.cancelled() and repair.exception() is None and bool(repair.result())
+
+
 def _log_repair(reply: asyncio.Future[Any]) -> None:
     if reply.cancelled() or reply.exception() is not None:
         return  # the command sent again behind it tells how Redis fares
@@ -696,19 +701,24 @@ class RedisLimiter:
         twice counts once (the admit refused recorded nothing, a settle counts its usage once)."""
         if not _damage(error):
             raise _unavailable(error) from None
-        self._repair_soon(keys)
+        repair = self._repair_soon(keys)
         try:
             return await self._redis.evalsha(script, keys, args)
         except RedisError as exc:
-            if _damage(exc):
+            # Answered in order, the repair has its reply by now. A script's runtime errors are
+            # worded alike whatever their cause (a bug of ours, a command the server lacks, and
+            # on Redis 6 out of memory too): unless a key was found damaged, the failure is
+            # Redis's, for every team, and opens the breaker.
+            if _damage(exc) and _found_damage(repair):
                 self._unrepaired(exc)
                 raise DamagedKeys(f"{type(exc).__name__}: {exc}") from None
             raise _unavailable(exc) from None
 
-    def _repair_soon(self, keys: Keys) -> None:
+    def _repair_soon(self, keys: Keys) -> asyncio.Future[Any]:
         # Sent whole: rare, and one round trip, where a script unknown would cost two.
         reply = self._redis.call_soon("EVAL", REPAIR_SCRIPT, len(keys.names), *keys.names)
         reply.add_done_callback(_log_repair)
+        return reply
 
     def settle_repaired(self, decision: Decision, tokens: int) -> None:
         """`settle_soon` again, behind the repair of its keys: Redis refused it for what they hold."""

@@ -16,6 +16,7 @@ from proxy.config import RateLimitsConfig, RedisConfig
 from proxy.limiter import (
     Decision, Limits, LocalLimiter, RateLimiter, RedisLimiter, RedisUnavailable, Usage, openai_duration
 )
+from proxy.resp import Script
 from tests.support import RedisServer, Tollgate, fake_log, free_port, tag, wait_for
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -896,6 +897,24 @@ def test_a_failing_readiness_check_leaves_the_calls_asking_redis(redis_server):
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
         assert (await limiter.check()).startswith("degraded")
         assert (await limiter.admit(limits, "first", 10)).backend == "redis"
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_script_failure_no_damaged_key_explains_opens_the_breaker(redis_server):
+    # Redis words every runtime error of a script alike, a key holding the wrong thing or not (a
+    # bug of the script's, a command the server lacks; Redis 6 words out of memory so too). Taken
+    # for damage, each call paid a repair and a second try, and followed on_redis_error with the
+    # breaker closed and readiness "ok", as if one team's keys alone were refused.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        assert limiter.redis is not None
+        limiter.redis._admit = Script("local broken = nil\nreturn broken + 1")
+        assert (await limiter.admit(limits, "first", 10)).backend == "local"
+        assert limiter.degraded
         await limiter.close()
 
     asyncio.run(run())
