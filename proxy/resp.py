@@ -37,7 +37,7 @@ class _Incomplete(Exception):
     pass
 
 
-class _Closed(RedisError):
+class ConnectionLost(RedisError):
     """The connection closed, with nothing said why."""
 
 
@@ -176,7 +176,7 @@ class _Connection(asyncio.Protocol):
         del buffer[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.fail(self._farewell() or _Closed("connection to Redis lost"))
+        self.fail(self._farewell() or ConnectionLost("connection to Redis lost"))
 
     def _farewell(self) -> RedisError | None:
         """An error Redis wrote before closing with no command waiting for it (too many clients,
@@ -368,7 +368,7 @@ class Redis:
             if not connection.lost:
                 return connection
         # Closed at once, twice: what Redis said last, if anything, is why.
-        if connection.error is not None and not isinstance(connection.error, _Closed):
+        if connection.error is not None and not isinstance(connection.error, ConnectionLost):
             raise connection.error
         if connection.refused is not None:
             raise RedisError(f"Redis closed the connection, answering: {connection.refused}")
@@ -433,7 +433,7 @@ class Redis:
                 for reply in replies:
                     if reply.done() and not reply.cancelled():
                         reply.exception()
-                if isinstance(exc, _Closed):
+                if isinstance(exc, ConnectionLost):
                     raise self._closed_in_setup(refused, replies[0] is future) from None
                 raise
         if self._closed:
