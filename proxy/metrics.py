@@ -6,8 +6,9 @@ multiprocess mode is used: `serve` points PROMETHEUS_MULTIPROC_DIR at a fresh
 directory before the workers start, each worker writes its values there, and a
 scrape (answered by any worker) adds them up. The live-streams gauge sums live
 processes only: a scrape first drops the gauge files of workers that died without
-saying so (a kill -9 mid-stream). Team balances are read from the store at scrape
-time, so they are right whichever worker answers.
+saying so (a kill -9 mid-stream). A family no process has a sample of yet is named
+all the same, as one process names it. Team balances are read from the store at
+scrape time, so they are right whichever worker answers.
 
 Labels never hold ids, keys or free text: `route` is the route template, and
 `metrics.team_label: false` drops the team label for large fleets.
@@ -24,6 +25,7 @@ from typing import Any, Awaitable, Callable, NamedTuple
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from . import instruments
@@ -97,6 +99,8 @@ class Metrics:
             "tollgate_active_streams", "Streams being relayed now", registry=self.registry,
             multiprocess_mode="livesum",
         )
+        # The families one process's scrape names, samples or not, in its order.
+        self._families = [(m.name, m.documentation, m.type) for m in self.registry.collect()]
 
     def _team(self, team_id: str) -> tuple[str, ...]:
         return (team_id,) if self.team_label else ()
@@ -161,7 +165,7 @@ class Metrics:
         if multiprocess_enabled():
             forget_dead_processes(os.environ[MULTIPROC_ENV])
             registry = CollectorRegistry()
-            MultiProcessCollector(registry)
+            registry.register(_Merged(os.environ[MULTIPROC_ENV], self._families))
         text = generate_latest(registry)
         if self.team_label:
             values = await self._balances(balances)
@@ -198,6 +202,23 @@ def forget_dead_processes(directory: str) -> None:
                 mark_process_dead(pid, directory)
         except PermissionError:
             pass  # alive, someone else's: the pid was used again
+
+
+class _Merged:
+    """The sum of every process's files, and an empty family for each of `families` that no
+    file holds yet: prometheus-client's own collector knows only what it reads, so a counter no
+    worker has incremented would be missing, HELP and TYPE too, where one process names it."""
+
+    def __init__(self, directory: str, families: list[tuple[str, str, str]]) -> None:
+        self._directory = directory
+        self._families = families
+
+    def collect(self) -> Any:
+        merged = {metric.name: metric for metric in MultiProcessCollector(None, self._directory).collect()}
+        for name, documentation, kind in self._families:
+            metric = merged.pop(name, None)
+            yield Metric(name, documentation, kind) if metric is None else metric
+        yield from merged.values()
 
 
 class _Balances:

@@ -87,3 +87,28 @@ def test_the_latency_buckets_reach_the_longest_a_call_may_last_by_default():
     from proxy.config import UpstreamTimeouts
 
     assert LATENCY_BUCKETS[-1] >= UpstreamTimeouts().total
+
+
+def test_a_scrape_of_several_workers_names_the_same_families_as_one_process_before_any_sample(
+    tmp_path, monkeypatch
+):
+    # prometheus-client's multiprocess mode renders only what some process's file holds: a counter
+    # nobody has incremented yet (no call rate limited so far) had no HELP/TYPE with --workers, as it
+    # has with one process.
+    from prometheus_client import values
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.metrics import MULTIPROC_ENV, Metrics
+
+    async def no_teams() -> list[tuple[str, int]]:
+        return []
+
+    def families(text: bytes) -> list[tuple[str, str, str]]:
+        return sorted((f.name, f.type, f.documentation) for f in text_string_to_metric_families(text.decode()))
+
+    one_process = families(asyncio.run(Metrics().render(no_teams)))
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    metrics = Metrics()
+    metrics.observe_request("/health/live", "GET", 200, 0.001)
+    assert families(asyncio.run(metrics.render(no_teams))) == one_process

@@ -147,24 +147,32 @@ def test_counters_of_two_workers_add_up_and_live_streams_are_not_double_counted(
     assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 0, timeout=5)
 
 
-def workers_streaming(server) -> list[int]:
-    """The worker processes with a stream open, as their files in the metrics directory say."""
-    streaming = []
+def worker_processes(server) -> dict[int, Path]:
+    """The worker processes (pid: their metrics directory): the children `serve` started with one."""
+    workers = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             environ = (stat.parent / "environ").read_bytes().split(b"\0")
+            command = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile, or not ours to read
         directory = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")), None)
-        if parent != server.process.pid or directory is None:
-            continue
-        live = Path(os.fsdecode(directory)) / f"gauge_livesum_{stat.parent.name}.db"
+        if parent == server.process.pid and directory is not None and b"spawn_main" in command:
+            workers[int(stat.parent.name)] = Path(os.fsdecode(directory))
+    return workers
+
+
+def workers_streaming(server) -> list[int]:
+    """The worker processes with a stream open, as their files in the metrics directory say."""
+    streaming = []
+    for pid, directory in worker_processes(server).items():
+        live = directory / f"gauge_livesum_{pid}.db"
         if live.exists() and any(
             "tollgate_active_streams" in key and count > 0
             for key, count, *_ in MmapedDict.read_all_values_from_file(str(live))
         ):
-            streaming.append(int(stat.parent.name))
+            streaming.append(pid)
     return streaming
 
 
@@ -182,6 +190,32 @@ def test_streams_of_a_worker_killed_mid_stream_leave_the_live_streams_gauge(make
         with pytest.raises(httpx.HTTPError):
             stream.read()
     assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 0, timeout=10)
+
+
+def test_counters_keep_what_a_killed_worker_counted_once_it_is_started_again(make_tollgate):
+    server = make_tollgate(workers=2)
+    team = server.admin().team(credits=100)
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "w"}).json()["job_id"]
+
+    def calls(count: int) -> None:
+        for _ in range(count):
+            response = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": [{"role": "user", "content": "x"}]})
+            assert response.status_code == 200
+
+    def counted() -> float:
+        return value(families(server), "tollgate_llm_calls", team=team.team_id)
+
+    calls(10)
+    assert counted() == 10
+    workers = wait_for(lambda: len(worker_processes(server)) == 2 and worker_processes(server), timeout=5)
+    counting = [pid for pid, directory in workers.items() if (directory / f"counter_{pid}.db").exists()]
+    os.kill(counting[0], signal.SIGKILL)
+    assert wait_for(lambda: len(set(worker_processes(server)) - set(workers)) == 1, timeout=10)
+    # Whichever worker answers: neither a reset (the dead one's file dropped) nor a double count.
+    assert [counted() for _ in range(6)] == [10] * 6
+    calls(10)
+    assert [counted() for _ in range(6)] == [20] * 6
 
 
 def prometheus_binary() -> str:
