@@ -4,7 +4,8 @@ It cuts a byte stream into events whatever the chunk boundaries (LF, CRLF or
 CR line ends, multi-line `data:` fields) and hands back each event's exact raw
 bytes, so the relay can forward the upstream's bytes unchanged while reading
 what they say. Only the tail of an unfinished event is ever held back, and
-no more than MAX_EVENT_BYTES of it.
+no more than MAX_EVENT_BYTES of it; and an event whose CRLF blank line is cut
+after its CR, until the LF arrives, so that its bytes go out whole.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 _LF = 10  # ord("\n")
+_CR = 13  # ord("\r")
 _BOM = b"\xef\xbb\xbf"  # a stream may start with one; it is no part of the first field's name
 # The most bytes an unfinished event may take. Everything of it is held until it ends, so an
 # upstream that never ended one would fill the memory; LiteLLM's chunks are a few hundred bytes
@@ -91,12 +93,21 @@ class SSEScanner:
             if cr >= 0:
                 if cr + 1 < size:
                     end, pos_next = cr, (cr + 2 if buffer[cr + 1] == _LF else cr + 1)
-                elif cr == pos and (self._data or self._event is not None or pos > event_start or self._lines):
+                elif (
+                    cr == pos
+                    and (self._data or self._event is not None or pos > event_start or self._lines)
+                    and not self._crlf_before(buffer, pos, event_start)
+                ):
                     # A blank line: the event is complete now, whether or not an LF follows.
                     end, pos_next = cr, cr + 1
                     self._lf_ends_crlf = True
                 else:
-                    break  # a line's CR at the very end may be the first half of a CRLF
+                    # A line's CR at the very end may be the first half of a CRLF; so may a blank
+                    # line's after a CRLF, and then an LF is all but sure to follow. Sent without
+                    # it, the event's LF went out only with the next event, and a client that
+                    # takes CRLF CRLF (not CRLF CR) for an event's end, as openai-python 1.x and
+                    # sseclient-py do, saw each such event one event late; a [DONE] lost its LF.
+                    break
             elif lf >= 0:
                 end, pos_next = lf, lf + 1
             else:
@@ -143,6 +154,13 @@ class SSEScanner:
         event = SSEEvent(self._buffer, self._joined_data(), self._event)
         self._buffer, self._scanned, self._data, self._event = b"", 0, [], None
         return event
+
+    def _crlf_before(self, buffer: bytes, pos: int, event_start: int) -> bool:
+        """Whether the event's line before `pos` ended with CRLF."""
+        if pos - event_start >= 2:
+            return buffer[pos - 2] == _CR and buffer[pos - 1] == _LF
+        # A CRLF is never split between the lines set aside and the buffer.
+        return pos == event_start and bool(self._lines) and self._lines[-1].endswith(b"\r\n")
 
     @staticmethod
     def _check_size(unfinished: int) -> None:

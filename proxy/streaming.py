@@ -180,8 +180,10 @@ class SSERelay:
                         tail = stream.scanner.flush()
                         if tail is not None:
                             terminal = await self._forward(send, [tail])
-                            unterminated = terminal is None
-                            if terminal is not None:
+                            # An event the scanner held for the LF of its blank line's CRLF, which
+                            # never came, did end: it goes out as it came.
+                            unterminated = not tail.raw.endswith(b"\r\n\r")
+                            if terminal is not None and unterminated:
                                 # Its blank line never came: ended here, or the client's parser
                                 # never dispatches it (an error would go unseen, the answer taken
                                 # for a whole one).

@@ -211,3 +211,20 @@ def test_an_event_just_within_the_bound_is_one_event_with_its_bytes():
     event = b"data: " + b"x" * (MAX_EVENT_BYTES - 8) + b"\n\n"
     events = scan([event[i : i + 65536] for i in range(0, len(event), 65536)])
     assert [e.raw for e in events] == [event]
+
+
+def test_an_event_whose_crlf_blank_line_is_cut_after_its_cr_keeps_its_lf_in_its_own_bytes():
+    # Sent with the next event instead, the LF reached the client only when that one ended: a
+    # client that takes CRLF CRLF (not CRLF CR) for an event's end, as openai-python 1.x and
+    # sseclient-py do, got every such event one event late, and a stream's last one never whole.
+    events = scan([b"data: a\r\n\r", b"\ndata: b\r\n\r", b"\n"])
+    assert [e.raw for e in events] == [b"data: a\r\n\r\n", b"data: b\r\n\r\n"]
+
+
+def test_crlf_events_cut_anywhere_each_come_out_with_their_whole_blank_line():
+    stream = b'data: {"a": 1}\r\n\r\n: ping\r\n\r\nevent: message\r\ndata: x\r\ndata: y\r\n\r\ndata: [DONE]\r\n\r\n'
+    for cuts in [(i,) for i in range(1, len(stream))] + [(i, i + 1) for i in range(1, len(stream) - 1)]:
+        events = scan(split_at(stream, list(cuts)))
+        assert [e.data for e in events] == [b'{"a": 1}', None, b"x\ny", b"[DONE]"], cuts
+        assert all(e.raw.endswith(b"\r\n\r\n") for e in events), cuts
+        assert b"".join(e.raw for e in events) == stream, cuts

@@ -272,3 +272,64 @@ def test_a_client_that_reads_slowly_is_not_cut_off():
         return ends
 
     assert [end.reason for end in asyncio.run(run())] == ["finished"]
+
+
+def test_a_crlf_events_lf_that_comes_in_the_next_read_reaches_the_client_at_once():
+    # It went out with the next event instead: openai-python 1.x's parser, which takes CRLF CRLF (not
+    # CRLF CR) for an event's end, then saw each event as late as the next one.
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\r\n\r\n'
+    second = b'data: {"choices":[{"index":0,"delta":{"content":"!"}}]}\r\n\r\n'
+
+    async def run():
+        reads: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def upstream():
+            while (chunk := await reads.get()) is not None:
+                yield chunk
+
+        scanner, chunks, sent = SSEScanner(), upstream(), []
+        reads.put_nowait(first)
+        stream = OpenStream("primary", 1, _Response(), chunks, scanner, scanner.feed(await anext(chunks)))
+
+        async def on_end(end) -> None:
+            pass
+
+        async def send(message) -> None:
+            if message["type"] == "http.response.body":
+                sent.append(message["body"])
+
+        async def receive():
+            await asyncio.sleep(3600)
+
+        loop = asyncio.get_running_loop()
+        relay = SSERelay(stream, StreamTally(), [], loop.time() + 30, on_end)
+        task = asyncio.create_task(relay({"type": "http"}, receive, send))
+        for read in (second[:-1], second[-1:] + b'data: {"choices":'):
+            reads.put_nowait(read)
+            await asyncio.sleep(0.01)
+        received = b"".join(sent)
+        reads.put_nowait(b'[]}\r\n\r\ndata: [DONE]\r\n\r\n')
+        reads.put_nowait(None)
+        await task
+        return received
+
+    assert asyncio.run(run()) == first + second
+
+
+def test_the_last_byte_of_a_crlf_done_that_comes_in_a_read_of_its_own_reaches_the_client():
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\r\n\r\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\r\n\r\n'
+        b"data: [DONE]\r\n\r\n"
+    )
+    sent, tally, (end,) = relay([body[:-1], body[-1:]])
+    assert sent == body
+    assert end.reason == "finished" and (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (3, 1)
+
+
+def test_a_crlf_done_whose_stream_ends_before_its_last_lf_is_relayed_as_sent():
+    # Its blank line came (CR, the LF never did): no blank line of the gateway's is added after it.
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\r\n\r\ndata: [DONE]\r\n\r'
+    sent, _, (end,) = relay([body])
+    assert sent == body
+    assert end.reason == "finished"
