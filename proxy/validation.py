@@ -387,11 +387,23 @@ def _check_messages(messages: Any) -> int:
         else:
             raise invalid(f"messages[{i}].content", "must be a string, a list of parts, or null")
         tool_calls = message.get("tool_calls")
-        if tool_calls is not None and (
-            not isinstance(tool_calls, list) or not all(isinstance(call, dict) for call in tool_calls)
-        ):
-            raise invalid(f"messages[{i}].tool_calls", "must be a list of objects")
+        if tool_calls is not None:
+            if not isinstance(tool_calls, list):
+                raise invalid(f"messages[{i}].tool_calls", "must be a list of objects")
+            # A tool round trip sends the model's calls back: their arguments are prompt text, as
+            # they were completion text in the answer that made them (accounting.completion_chars).
+            for call in tool_calls:
+                if not isinstance(call, dict):
+                    raise invalid(f"messages[{i}].tool_calls", "must be a list of objects")
+                chars += _arguments_chars(call.get("function"))
+        if role == "assistant":
+            chars += _arguments_chars(message.get("function_call"))  # the legacy functions API's
     return chars
+
+
+def _arguments_chars(function: Any) -> int:
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    return len(arguments) if isinstance(arguments, str) else 0
 
 
 def _check_stop(stop: Any) -> None:

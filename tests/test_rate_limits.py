@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 import time
@@ -316,6 +317,27 @@ def test_a_calls_token_estimate_is_its_text_rounded_up_once_plus_the_default_max
     response = call(tollgate, team.key, open_job(tollgate, team.key), messages=messages)
     assert response.status_code == 200
     assert response.headers["x-ratelimit-remaining-tokens"] == str(5000 - (2 + 1024))
+
+
+def test_a_tool_round_trip_is_estimated_on_the_arguments_of_the_calls_in_its_history_too(tollgate, admin):
+    # The model reads its own tool calls again on the next turn: their arguments are text of the
+    # prompt, as they were of the answer that made them (counted in its estimate). Left out, an
+    # agent whose tools take whole files as arguments was admitted on a fraction of its prompt.
+    team = admin.team(tpm_limit=5000)
+    arguments = '{"path": "a.txt", "text": "' + "x" * 3000 + '"}'
+    messages = [
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "write", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+        # The legacy functions API's round trip, as LiteLLM's tutorial makes it.
+        {"role": "assistant", "content": None, "function_call": {"name": "write", "arguments": "{}"}},
+        {"role": "function", "name": "write", "content": "ok"},
+    ]
+    response = call(tollgate, team.key, open_job(tollgate, team.key), messages=messages, max_tokens=1)
+    assert response.status_code == 200, response.text
+    text = "ab" + arguments + "ok" + "{}" + "ok"
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(5000 - (math.ceil(len(text) / 4) + 1))
 
 
 def test_a_call_that_sets_both_max_tokens_and_max_completion_tokens_is_estimated_on_the_larger(tollgate, admin):
