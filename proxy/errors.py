@@ -87,13 +87,19 @@ def shutting_down(what: str, headers: Mapping[str, str] | None = None) -> ApiErr
     )
 
 
+# The OpenAI routes Tollgate serves under /v1, as a client would ask for them without it.
+_OPENAI_PATHS = frozenset(["/chat/completions", "/models"])
+
+
 def error_response(request: Request, error: ApiError) -> Response:
     return JSONResponse(error_body(request.url.path, error), status_code=error.status, headers=error.headers)
 
 
 def error_body(path: str, error: ApiError) -> dict[str, Any]:
-    """OpenAI's error shape under /v1, where its SDKs read it; `{"detail": ...}` elsewhere."""
-    if path == "/v1" or path.startswith("/v1/"):
+    """OpenAI's error shape under /v1, where its SDKs read it, and at /v1's routes asked for
+    without it (an SDK whose base URL lacks /v1 shows only `error.message`); `{"detail": ...}`
+    elsewhere."""
+    if path == "/v1" or path.startswith("/v1/") or path.rstrip("/") in _OPENAI_PATHS:
         return {
             "error": {
                 "message": error.message,
@@ -141,6 +147,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     message = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
     if exc.status_code in (404, 405):
         message = f"{message}: {request.method} {request.url.path}"
+        if exc.status_code == 404 and request.url.path.rstrip("/") in _OPENAI_PATHS:
+            # LiteLLM's proxy serves these at its root too, and its documentation has SDKs pointed
+            # there: a client moved over unchanged would otherwise be told only "Not found".
+            base = str(request.base_url).rstrip("/")
+            message += f" (the OpenAI-compatible routes are under /v1: set the client's base URL to {base}/v1)"
     return error_response(request, ApiError(exc.status_code, message, headers=exc.headers))
 
 

@@ -207,6 +207,19 @@ def test_unknown_paths_under_v1_and_v1_itself_are_404_in_openais_shape(tollgate,
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}, path
 
 
+@pytest.mark.parametrize("call", ["chat", "models"])
+def test_a_client_pointed_at_the_root_rather_than_v1_is_told_where_the_routes_are(tollgate, team, call):
+    # LiteLLM's proxy answers at its root too, and its documentation points SDKs there: a
+    # client moved over unchanged got only "Not found: POST /chat/completions".
+    client = OpenAI(base_url=tollgate.url, api_key=team.key, max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        if call == "chat":
+            client.chat.completions.create(model="Main", messages=[{"role": "user", "content": "hi"}])
+        else:
+            client.models.list()
+    assert f"set the client's base URL to {tollgate.url}/v1" in str(caught.value)
+
+
 def test_malformed_json_on_v1_is_400_in_openais_shape(tollgate, team):
     response = tollgate.client(team.key).post(
         "/v1/chat/completions", content=b'{"model": "Main", "temperature": NaN}', headers={"Content-Type": "application/json"}
