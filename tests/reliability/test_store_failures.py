@@ -473,12 +473,18 @@ def restarted_with_room_again(
     server.http.__exit__(None, None, None)
     disk.update(now=False, after=None)
     gateway(**SWEEPING)
-    time.sleep(2.5)  # past the stale-call cutoff (1.1 s), and several sweeps
-    with sqlite3.connect(server.database) as db:
-        status, charged = db.execute("SELECT status, credits_charged FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        (held,) = db.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_holds WHERE job_id = ?", (job_id,)).fetchone()
-        call = db.execute("SELECT status FROM llm_calls WHERE job_id = ?", (job_id,)).fetchone()
-    return status, charged, held, call[0] if call else None
+
+    def books() -> tuple[str, int, int, str | None]:
+        with sqlite3.connect(server.database) as db:
+            status, charged = db.execute("SELECT status, credits_charged FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            (held,) = db.execute("SELECT COALESCE(SUM(amount), 0) FROM credit_holds WHERE job_id = ?", (job_id,)).fetchone()
+            call = db.execute("SELECT status FROM llm_calls WHERE job_id = ?", (job_id,)).fetchone()
+        return status, charged, held, call[0] if call else None
+
+    # The sweeps that settle it come only past the stale-call cutoff (1.1 s), however slow the
+    # machine: a fixed pause read a slow one's books before its first sweep.
+    wait_for(lambda: (b := books())[0] not in ("pending", "in_progress") and b[2] == 0 and b[3] != "running", timeout=20)
+    return books()
 
 
 class LockedStore:
