@@ -9,6 +9,11 @@ leaves the connection's state unknown, so the connection is dropped, every
 command waiting on it fails, and the next command connects afresh. Since replies come in
 order, the oldest command waiting is the one to watch: one timer per connection does it,
 not one per command (a timer is a libuv handle under uvloop, ~2 µs made and cancelled).
+
+A command's time starts when it is written, at the end of its turn of the loop, and it is
+called late only once the loop has looked for its reply after it fell due: a turn made long
+by a load spike is the loop's delay, not Redis's, and blaming Redis for it would open the
+limiter's breaker on a healthy server (uvloop even runs due timers before it reads sockets).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import hashlib
 import re
 import ssl
 from collections import deque
-from typing import Any, Coroutine, Sequence, cast
+from itertools import repeat
+from typing import Any, Callable, Coroutine, Sequence, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .coalesce import CoalescedWrites
@@ -139,15 +145,19 @@ class _Connection(asyncio.Protocol):
         self.pending: deque[asyncio.Future[Any]] = deque()
         self.lost = False
         self._buffer = bytearray()
-        self._writes: CoalescedWrites | None = None
+        self._writes: _TimedWrites | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timeout = timeout
-        self._sent_at: deque[float] = deque()  # loop time each pending reply's command was sent
+        self._held = 0  # replies owed to commands written this turn, not yet sent
+        self._sent_at: deque[float] = deque()  # loop time each sent command's reply is owed from
         self._watch: asyncio.TimerHandle | None = None  # due when the oldest of them is
+        self._suspect: asyncio.Future[Any] | None = None  # the oldest reply, found due, if read for since
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         # The commands of every call in this turn of the loop (admits, settles) leave in one write.
-        self._writes = CoalescedWrites(cast(asyncio.WriteTransport, transport), asyncio.get_running_loop())
+        self._writes = _TimedWrites(cast(asyncio.WriteTransport, transport), self._loop, self._sent)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -157,7 +167,10 @@ class _Connection(asyncio.Protocol):
             while pos < len(buffer) and self.pending:
                 value, pos = parse(buffer, pos)
                 future = self.pending.popleft()
-                self._sent_at.popleft()
+                if self._sent_at:
+                    self._sent_at.popleft()
+                else:  # Redis spoke first (max clients reached) while our commands were held
+                    self._held -= 1
                 if isinstance(value, ReplyError):
                     if not future.done():
                         future.set_exception(value)
@@ -196,6 +209,7 @@ class _Connection(asyncio.Protocol):
             self._watch.cancel()
             self._watch = None
         self._sent_at.clear()
+        self._held = 0
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
@@ -206,21 +220,29 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def send(self, payload: bytes, replies: int) -> list[asyncio.Future[Any]]:
-        assert self._writes is not None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        assert self._writes is not None and self._loop is not None
+        loop = self._loop
         if replies == 1:  # every command but a connection's setup: no lists to make
             futures = [loop.create_future()]
             self.pending.append(futures[0])
-            self._sent_at.append(now)
         else:
             futures = [loop.create_future() for _ in range(replies)]
             self.pending.extend(futures)
-            self._sent_at.extend([now] * replies)
-        if self._watch is None:
-            self._watch = loop.call_at(now + self._timeout, self._check_overdue)
+        self._held += replies  # before the write: past FLUSH_AT it is sent within it
         self._writes.write(payload)
         return futures
+
+    def _sent(self) -> None:
+        """The turn's commands have been written: their replies are owed from now."""
+        assert self._loop is not None
+        now = self._loop.time()
+        if self._held == 1:
+            self._sent_at.append(now)
+        else:
+            self._sent_at.extend(repeat(now, self._held))
+        self._held = 0
+        if self._watch is None:
+            self._watch = self._loop.call_at(now + self._timeout, self._check_overdue)
 
     def _check_overdue(self) -> None:
         """A reply overdue leaves the connection's state unknown (it may still come, and be
@@ -228,12 +250,39 @@ class _Connection(asyncio.Protocol):
         self._watch = None
         if self.lost or not self._sent_at:
             return
+        loop = cast(asyncio.AbstractEventLoop, self._loop)
         due = self._sent_at[0] + self._timeout
-        loop = asyncio.get_running_loop()
-        if loop.time() >= due:
-            self.fail(RedisError("Redis did not answer in time"))
-        else:
+        if loop.time() < due:
             self._watch = loop.call_at(due, self._check_overdue)
+            return
+        oldest = self.pending[0]
+        if self._suspect is oldest:
+            self.fail(RedisError("Redis did not answer in time"))
+            return
+        # Overdue by the clock, but the loop may not have read its socket since the reply fell
+        # due (a long callback ran meanwhile): look again once it has polled.
+        self._suspect = oldest
+        self._watch = loop.call_later(_LOOK_AGAIN, self._check_overdue)
+
+
+class _TimedWrites(CoalescedWrites):
+    """The turn's commands, written at its end, telling the connection when they have gone."""
+
+    __slots__ = ("_sent",)
+
+    def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop, sent: Callable[[], None]) -> None:
+        super().__init__(transport, loop)
+        self._sent = sent
+
+    def flush(self) -> None:
+        if self._pending:
+            super().flush()
+            self._sent()
+
+
+# A timer this far off fires only after the loop has polled its sockets at least once more
+# (libuv counts in milliseconds, and a timer made while timers run waits for the next turn).
+_LOOK_AGAIN = 0.001
 
 
 class Redis:

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import socket
 import subprocess
+import time
 import uuid
 from typing import Any
 
@@ -471,3 +472,70 @@ def test_a_tls_url_talks_to_a_redis_serving_tls(tmp_path, monkeypatch):
         assert asyncio.run(run()) == ["OK", b"v", 2]
     finally:
         stop_process(server)
+
+
+LOOPS = pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+
+
+def run_on(loop_name: str, coroutine: Any) -> Any:
+    import uvloop
+
+    factory = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coroutine)
+
+
+@LOOPS
+def test_a_command_whose_write_a_long_turn_of_the_loop_held_up_is_timed_from_its_write(loop_name):
+    # A busy loop (a load spike) holds the turn's writes until the turn ends: the command has
+    # not reached Redis yet, so its timeout cannot have started.
+    async def run() -> None:
+        redis = client(timeout=0.1)
+        await redis.connect()
+        reply = redis.call_soon("PING")
+        time.sleep(0.3)  # this turn of the loop runs three timeouts long before the write goes
+        assert await asyncio.wait_for(reply, 2) == "PONG"
+        await redis.close()
+
+    run_on(loop_name, run())
+
+
+@LOOPS
+def test_a_reply_that_arrived_while_another_socket_was_being_served_at_length_is_in_time(loop_name):
+    # uvloop runs due timers before it polls the sockets again: a reply that came in while a
+    # long I/O callback ran is unread when the timer fires, and still in time.
+    class Slow(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            time.sleep(0.3)  # a large body parsed, a slow hook: three timeouts long
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        redis = client(timeout=0.1)
+        await redis.connect()
+        ours, theirs = socket.socketpair()
+        await loop.connect_accepted_socket(Slow, ours)
+        reply = redis.call_soon("PING")  # leaves at the end of this turn
+        theirs.send(b"x")  # the slow socket is ready when the loop polls right after
+        assert await asyncio.wait_for(reply, 2) == "PONG"
+        await redis.close()
+        theirs.close()
+
+    run_on(loop_name, run())
+
+
+@LOOPS
+def test_a_silent_redis_still_times_out_on_either_loop(loop_name):
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        port = free_port()
+        server = await asyncio.start_server(silent, "127.0.0.1", port)
+        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
+        await redis.connect()
+        with pytest.raises(RedisError, match="in time"):
+            await asyncio.wait_for(redis.call("PING"), 2)
+        await redis.close()
+        server.close()
+
+    run_on(loop_name, run())
