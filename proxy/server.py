@@ -48,6 +48,9 @@ _TWO_HOSTS = "The request has more than one Host header; send exactly one"
 _TWO_AUTHORIZATIONS = "The request has more than one Authorization header; send exactly one"
 _TWO_LENGTHS = "The request has more than one Content-Length header; send exactly one"
 _NOT_A_PATH = "The request target is not a path; send one such as /api/jobs/create"
+# llhttp reads `HTTP/2.0` in a request line (the only version past 1.1 it takes), but HTTP/2 is
+# never spoken in HTTP/1's syntax: nothing such a request says can be taken as HTTP/1.1's.
+_HTTP_2_LINE = "HTTP/2 is not served here, and never in a request line; send HTTP/1.1"
 # What the HTTP parser's reasons for refusing a request are said as, where its own words would
 # not do; any other is given as it is (llhttp's fixed English, never the client's bytes).
 _PARSER_REASONS = {
@@ -264,6 +267,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             # A pipelined head begun and ended in one read: the bound is checked here, before
             # the request is queued.
             self._refuse(431, _TOO_LARGE)
+            raise _Refused
+        if self.parser.get_http_version() == "2.0":
+            self._refuse(505, _HTTP_2_LINE)
             raise _Refused
         if self._hosts != 1 or self._authorizations > 1:
             problem = self._repeated_field()

@@ -360,6 +360,15 @@ def test_a_request_the_http_parser_refuses_is_400_saying_what_is_wrong(target, r
     assert status == 400 and named in answer["detail"], answer
 
 
+@pytest.mark.parametrize("host", [b"Host: x\r\n", b""], ids=["with host", "without host"])
+def test_a_request_line_saying_http_2_is_505_saying_to_send_http_1_1(target, host):
+    # HTTP/2 is not spoken in HTTP/1's syntax: such a request was served as HTTP/1.1 with a
+    # Host, and told without one that an HTTP/1.1 request must carry a Host.
+    server, _, _ = target
+    status, answer = refusal(server.port, b"GET /health/live HTTP/2.0\r\n" + host + b"\r\n")
+    assert status == 505 and "send HTTP/1.1" in answer["detail"], answer
+
+
 def test_a_target_that_is_not_a_path_is_400_saying_so(target):
     server, _, _ = target
     status, answer = refusal(server.port, b"GET http://x HTTP/1.1\r\nHost: x\r\n\r\n")
