@@ -726,16 +726,20 @@ class RedisLimiter:
         self._resend_repaired(decision.call_id, self._keys(decision.limits), args)
 
     def _resend_repaired(self, call_id: str, keys: Keys, args: list[Any]) -> None:
-        self._repair_soon(keys)
+        repair = self._repair_soon(keys)
         reply = self._redis.evalsha_soon(self._settle, keys, args)
-        reply.add_done_callback(functools.partial(self._resent, call_id, keys, args))
+        reply.add_done_callback(functools.partial(self._resent, call_id, keys, args, repair))
 
-    def _resent(self, call_id: str, keys: Keys, args: list[Any], reply: asyncio.Future[Any]) -> None:
+    def _resent(
+        self, call_id: str, keys: Keys, args: list[Any], repair: asyncio.Future[Any], reply: asyncio.Future[Any]
+    ) -> None:
         error = None if reply.cancelled() else reply.exception()
-        if _damage(error):
+        if _damage(error) and _found_damage(repair):
             self._unrepaired(error)  # type: ignore[arg-type]  # given up: its scope was counted afresh anyway
         elif (reply.cancelled() or error is not None) and call_id not in self._unknown:
-            self._later(call_id, keys, args)  # Redis failed as a whole: sent with the next admit, as any
+            # Redis failed as a whole (a script error no damaged key explains is Redis's, as in
+            # `_again_repaired`): sent with the next admit, as any.
+            self._later(call_id, keys, args)
 
     def _unrepaired(self, error: BaseException) -> None:
         # Once per distinct error: a scope refused for good would otherwise log on every call.

@@ -900,6 +900,33 @@ def test_a_release_meeting_an_overwritten_key_repairs_it_without_opening_the_bre
     asyncio.run(run())
 
 
+def test_a_usage_correction_failing_with_no_damaged_key_is_kept_for_the_next_admit_not_blamed_on_keys(
+    redis_server, caplog
+):
+    # A settle sent without waiting, refused by a script error no repair explains (Redis 6's out
+    # of memory is worded so), was given up with a warning that a scope's keys were refused even
+    # once repaired: the call's estimate stood for its window instead of its usage.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        assert limiter.redis is not None
+        first = await limiter.admit(limits, "first", 900)
+        working, limiter.redis._settle = limiter.redis._settle, Script("local broken = nil\nreturn broken + 1")
+        limiter.settle_soon(first, 5)
+        given_up = lambda: limiter.redis is not None and limiter.redis._unknown  # noqa: E731
+        assert await asyncio.to_thread(wait_for, given_up, 10), "the correction was dropped"
+        limiter.redis._settle = working  # Redis is well again
+        assert (await limiter.admit(limits, "after", 10)).backend == "redis"
+        assert redis_server.cli("HGET", f"{base}:amounts", "first") == "5"
+        await limiter.close()
+
+    with caplog.at_level("WARNING", logger="tollgate.limiter"):
+        asyncio.run(run())
+    assert "even once repaired" not in caplog.text
+
+
 def test_readiness_leaves_a_breaker_opened_by_failing_admits_to_the_admits(redis_server):
     # Readiness writes a key of its own: Redis may take that while refusing the limiter's (an ACL
     # on keys, a key of the team's that cannot be repaired). Readiness closing the breaker made
