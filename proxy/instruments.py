@@ -8,14 +8,19 @@ prometheus-client at scrape time, sample for sample as its own Counter and Histo
 
 With several worker processes (prometheus-client's multiprocess mode) the values must live
 in its shared files, so `Shared` puts its Counter or Histogram behind the same two calls.
+
+A scrape renders a `snapshot()` of them in another thread (metrics.py): copied on the loop, as
+they stand between two observations, so that rendering never meets a dict or a histogram
+changing under it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from bisect import bisect_left
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Self
 
 import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -40,7 +45,7 @@ def _created_series() -> bool:
     return getattr(prometheus_client.metrics, "_use_created", True)
 
 
-class _Local(Collector):
+class LocalInstrument(Collector):
     """What a counter and a histogram of this process share: their name, help, label names,
     each series' creation time, and their place in the registry."""
 
@@ -56,8 +61,14 @@ class _Local(Collector):
     def describe(self) -> list[Metric]:
         return [Metric(self._name, self._documentation, self.kind)]
 
+    def snapshot(self) -> Self:
+        """A copy of this one's values as they are now, registered nowhere, to be collected."""
+        taken = copy.copy(self)
+        taken._created = self._created.copy()
+        return taken
 
-class LocalCounter(_Local):
+
+class LocalCounter(LocalInstrument):
     kind = "counter"
 
     def __init__(self, name: str, documentation: str, labelnames: Labels, registry: CollectorRegistry) -> None:
@@ -75,6 +86,11 @@ class LocalCounter(_Local):
         else:
             values[labels] = value + amount
 
+    def snapshot(self) -> Self:
+        taken = super().snapshot()
+        taken._values = self._values.copy()  # each value a float, replaced rather than changed
+        return taken
+
     def collect(self) -> Iterator[Metric]:
         metric = Metric(self._name, self._documentation, self.kind)
         created = _created_series()
@@ -86,7 +102,7 @@ class LocalCounter(_Local):
         yield metric
 
 
-class LocalHistogram(_Local):
+class LocalHistogram(LocalInstrument):
     kind = "histogram"
 
     def __init__(
@@ -112,6 +128,11 @@ class LocalHistogram(_Local):
         # The first bucket whose bound is >= the amount, as `le` means.
         series[bisect_left(self._bounds, amount)] += 1
         series[-1] += amount
+
+    def snapshot(self) -> Self:
+        taken = super().snapshot()
+        taken._series = {labels: values.copy() for labels, values in self._series.items()}
+        return taken
 
     def collect(self) -> Iterator[Metric]:
         metric = Metric(self._name, self._documentation, self.kind)

@@ -10,18 +10,23 @@ saying so (a kill -9 mid-stream). A family no process has a sample of yet is nam
 all the same, as one process names it. Team balances are read from the store at
 scrape time, so they are right whichever worker answers.
 
+A scrape is rendered in a thread of its own: a fleet of 10,000 teams comes to megabytes of
+text and seconds of work, which on the event loop held every request in flight that long
+once per scrape interval. Only the copy of the values is made on the loop.
+
 Labels never hold ids, keys or free text: `route` is the route template, and
 `metrics.team_label: false` drops the team label for large fleets.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable, NamedTuple
+from typing import Any, Awaitable, Callable, Iterable, Iterator, NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -29,7 +34,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from . import instruments
-from .instruments import Counting, Observing
+from .instruments import Counting, Observing, LocalInstrument
 from .store import StoreError
 
 log = logging.getLogger("tollgate.metrics")
@@ -65,12 +70,19 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         team = ("team",) if team_label else ()
         registry, shared = self.registry, multiprocess_enabled()
+        self._local: list[LocalInstrument] = []  # in the order they render, unless shared
 
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counting:
-            return instruments.counter(name, doc, labels, registry, shared)
+            made = instruments.counter(name, doc, labels, registry, shared)
+            if isinstance(made, LocalInstrument):
+                self._local.append(made)
+            return made
 
         def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Observing:
-            return instruments.histogram(name, doc, labels, buckets, registry, shared)
+            made = instruments.histogram(name, doc, labels, buckets, registry, shared)
+            if isinstance(made, LocalInstrument):
+                self._local.append(made)
+            return made
 
         self._requests = counter("tollgate_requests_total", "HTTP requests answered", ("route", "method", "status"))
         self._request_duration = histogram(
@@ -161,17 +173,13 @@ class Metrics:
 
     async def render(self, balances: Callable[[], Awaitable[list[tuple[str, int]]]]) -> bytes:
         """The /metrics text; `balances` reads (team, credits_remaining) from the store."""
-        registry = self.registry
+        collector: Collecting
         if multiprocess_enabled():
-            forget_dead_processes(os.environ[MULTIPROC_ENV])
-            registry = CollectorRegistry()
-            registry.register(_Merged(os.environ[MULTIPROC_ENV], self._families))
-        text = generate_latest(registry)
-        if self.team_label:
-            values = await self._balances(balances)
-            if values is not None:
-                text += generate_latest(_Balances(values))
-        return text
+            collector = _Merged(os.environ[MULTIPROC_ENV], self._families)
+        else:
+            collector = _Taken([*(local.snapshot() for local in self._local), self.active_streams])
+        values = await self._balances(balances) if self.team_label else None
+        return await asyncio.to_thread(_render, collector, values)
 
     async def _balances(self, read: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[tuple[str, int]] | None:
         """The balances, read at most every `credits_ttl`; None if the store cannot be read. A
@@ -204,17 +212,43 @@ def forget_dead_processes(directory: str) -> None:
             pass  # alive, someone else's: the pid was used again
 
 
+class Collecting(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
+
+
+def _render(collector: Collecting, balances: list[tuple[str, int]] | None) -> bytes:
+    """The scrape's text, in a thread of its own (it runs no code of the event loop's)."""
+    if isinstance(collector, _Merged):
+        forget_dead_processes(collector.directory)
+    text = generate_latest(collector)  # type: ignore[arg-type]  # it only calls collect()
+    if balances is not None:
+        text += generate_latest(_Balances(balances))  # type: ignore[arg-type]
+    return text
+
+
+class _Taken:
+    """This process's families as a scrape found them: its instruments' snapshots, and the
+    live-streams gauge (prometheus-client's own, which locks)."""
+
+    def __init__(self, collectors: list[Any]) -> None:
+        self._collectors = collectors
+
+    def collect(self) -> Iterator[Metric]:
+        for collector in self._collectors:
+            yield from collector.collect()
+
+
 class _Merged:
     """The sum of every process's files, and an empty family for each of `families` that no
     file holds yet: prometheus-client's own collector knows only what it reads, so a counter no
     worker has incremented would be missing, HELP and TYPE too, where one process names it."""
 
     def __init__(self, directory: str, families: list[tuple[str, str, str]]) -> None:
-        self._directory = directory
+        self.directory = directory
         self._families = families
 
     def collect(self) -> Any:
-        merged = {metric.name: metric for metric in MultiProcessCollector(None, self._directory).collect()}
+        merged = {metric.name: metric for metric in MultiProcessCollector(None, self.directory).collect()}
         for name, documentation, kind in self._families:
             metric = merged.pop(name, None)
             yield Metric(name, documentation, kind) if metric is None else metric

@@ -112,3 +112,59 @@ def test_a_scrape_of_several_workers_names_the_same_families_as_one_process_befo
     metrics = Metrics()
     metrics.observe_request("/health/live", "GET", 200, 0.001)
     assert families(asyncio.run(metrics.render(no_teams))) == one_process
+
+
+def many_teams(count: int):
+    from proxy.metrics import Metrics
+
+    metrics = Metrics(team_label=True)
+    for n in range(count):
+        metrics.observe_call(f"team-{n}", "fast", "m", "success", False, 10, 5, 0.001, 0.5, None, 1)
+    return metrics
+
+
+async def balances_of(count: int) -> list[tuple[str, int]]:
+    return [(f"team-{n}", 100) for n in range(count)]
+
+
+def test_the_event_loop_goes_on_while_a_large_scrape_is_rendered():
+    # A fleet of 10,000 teams renders to megabytes: on the event loop that held every request in
+    # flight for seconds, once per scrape interval.
+    metrics = many_teams(5000)
+
+    async def run() -> int:
+        rendering = asyncio.ensure_future(metrics.render(lambda: balances_of(5000)))
+        turns = 0
+        while not rendering.done():
+            turns += 1
+            await asyncio.sleep(0)
+        assert b'tollgate_llm_calls_total{model="m"' in await rendering
+        return turns
+
+    assert asyncio.run(run()) > 20  # on the loop, the scrape left it two turns: its awaits
+
+
+def test_series_added_while_a_scrape_is_rendered_leave_it_whole():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = many_teams(3000)
+
+    async def run() -> bytes:
+        rendering = asyncio.ensure_future(metrics.render(lambda: balances_of(3000)))
+        n = 3000
+        while not rendering.done():
+            metrics.observe_call(f"team-{n}", "fast", "m", "success", True, 10, 5, 0.001, 0.5, 0.1, 1)
+            metrics.observe_request("/v1/chat/completions", "POST", 200, 0.5)
+            n += 1
+            await asyncio.sleep(0)
+        return await rendering
+
+    text = asyncio.run(run()).decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    calls = [s for s in families["tollgate_llm_calls"].samples if s.name.endswith("_total")]
+    assert len(calls) >= 3000
+    for sample in families["tollgate_request_duration_seconds"].samples:
+        if sample.name.endswith("_count"):
+            infinite = [s for s in families["tollgate_request_duration_seconds"].samples
+                        if s.name.endswith("_bucket") and s.labels.get("le") == "+Inf"]
+            assert infinite[0].value == sample.value  # a histogram's buckets and count agree
