@@ -151,7 +151,7 @@ class _Connection(asyncio.Protocol):
         self._held = 0  # replies owed to commands written this turn, not yet sent
         self._sent_at: deque[float] = deque()  # loop time each sent command's reply is owed from
         self._watch: asyncio.TimerHandle | None = None  # due when the oldest of them is
-        self._suspect: asyncio.Future[Any] | None = None  # the oldest reply, found due, if read for since
+        self._looked = float("-inf")  # loop time the timer last found a reply overdue, then waited for a poll
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -252,16 +252,19 @@ class _Connection(asyncio.Protocol):
             return
         loop = cast(asyncio.AbstractEventLoop, self._loop)
         due = self._sent_at[0] + self._timeout
-        if loop.time() < due:
+        now = loop.time()
+        if now < due:
             self._watch = loop.call_at(due, self._check_overdue)
             return
-        oldest = self.pending[0]
-        if self._suspect is oldest:
+        if due <= self._looked:
+            # Due already when the timer last looked, and the loop has read its socket since:
+            # late. Whichever reply is the oldest now (a Redis falling behind answers one between
+            # any two looks, each later than the last), not only the one found overdue then.
             self.fail(RedisError("Redis did not answer in time"))
             return
         # Overdue by the clock, but the loop may not have read its socket since the reply fell
         # due (a long callback ran meanwhile): look again once it has polled.
-        self._suspect = oldest
+        self._looked = now
         self._watch = loop.call_later(_LOOK_AGAIN, self._check_overdue)
 
 
@@ -457,9 +460,17 @@ class Redis:
         except OSError as exc:
             if transport is not None:
                 transport.close()
+                if isinstance(exc, ConnectionResetError):  # closed by a Redis that does serve TLS
+                    raise RedisError(f"Redis closed the connection during the TLS handshake{_CLOSED_IN_TLS}") from None
                 hint = "" if isinstance(exc, ssl.SSLCertVerificationError) else _NO_TLS
                 raise RedisError(f"TLS handshake with Redis failed: {exc.strerror or exc}{hint}") from None
             raise RedisError(f"cannot connect to Redis: {exc.strerror or exc}") from None
+        if connection.lost:
+            # Closed before anything was sent on it: uvloop hands over a TLS connection that Redis
+            # closed as the handshake ended. The set-up sent on it would be neither answered nor
+            # failed, and every command would wait for this connect for good.
+            said = connection.error  # what Redis wrote before closing, if anything
+            raise said if said is not None and not isinstance(said, ConnectionLost) else self._closed_in_setup(None, True)
         if self._setup:
             payload = b"".join(encode(command) for command in self._setup)
             replies = connection.send(payload, len(self._setup))
@@ -497,6 +508,8 @@ class Redis:
             # A refusal of the whole connection (too many clients) came as the answer to a
             # SCRIPT LOAD, and is no proxy's refusal of SCRIPT, since the connection closed.
             return RedisError(f"Redis closed the connection, answering: {refused}")
+        if unanswered and self._ssl is not None:
+            return RedisError(f"Redis closed the connection before answering anything{_CLOSED_IN_TLS}")
         if unanswered and self._ssl is None and self._unix is None:
             return RedisError(
                 "Redis closed the connection before answering anything (a Redis that serves TLS "
@@ -510,6 +523,11 @@ _NO_TLS = (
     " (rediss:// asks for TLS: a Redis that does not serve it at this address never completes the "
     "handshake; its URL is then redis://)"
 )
+
+
+# Told with a TLS connection that Redis closed as it opened: its refusal (`max number of clients
+# reached`) cannot be read over TLS.
+_CLOSED_IN_TLS = " (a Redis serving TLS does so to a client past its maxclients: see its log)"
 
 
 def _forgotten(error: BaseException) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -436,9 +437,8 @@ def test_a_redis_closing_a_new_connection_without_a_word_is_told_it_may_want_tls
     assert "rediss://" in asyncio.run(run())
 
 
-def test_a_tls_url_talks_to_a_redis_serving_tls(tmp_path, monkeypatch):
-    # The handshake runs as a step of its own after the TCP connection (so that its failure is
-    # told as one): the commands must still go over TLS, verified against the server's certificate.
+def start_tls_redis(tmp_path, monkeypatch, *options: str) -> tuple[int, Any]:
+    """A redis-server serving TLS only, with a certificate the default context trusts."""
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
@@ -449,9 +449,16 @@ def test_a_tls_url_talks_to_a_redis_serving_tls(tmp_path, monkeypatch):
     server = start_process(
         ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--tls-auth-clients", "no",
          "--tls-cert-file", str(tmp_path / "cert.pem"), "--tls-key-file", str(tmp_path / "key.pem"), "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path)],
+         "--appendonly", "no", "--dir", str(tmp_path), *options],
         tmp_path / "redis-tls.log",
     )
+    return port, server
+
+
+def test_a_tls_url_talks_to_a_redis_serving_tls(tmp_path, monkeypatch):
+    # The handshake runs as a step of its own after the TCP connection (so that its failure is
+    # told as one): the commands must still go over TLS, verified against the server's certificate.
+    port, server = start_tls_redis(tmp_path, monkeypatch)
 
     async def run() -> list[Any]:
         redis = Redis(f"rediss://127.0.0.1:{port}/0", connect_timeout=1.0, timeout=1.0, scripts=LIMITER_LIKE_SCRIPTS)
@@ -539,3 +546,105 @@ def test_a_silent_redis_still_times_out_on_either_loop(loop_name):
         server.close()
 
     run_on(loop_name, run())
+
+
+def redis_falling_behind(every: float) -> tuple[int, Any]:
+    """A live Redis answering one PING every `every` seconds, however many wait: replies keep
+    coming while the wait for each grows. Returns its port and a function that stops it."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    size = len(encode(("PING",)))
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        connection.setblocking(False)
+        received = answered = 0
+        with connection:
+            while not stop.is_set():
+                try:
+                    data = connection.recv(65536)
+                    if not data:
+                        return
+                    received += len(data)
+                except BlockingIOError:
+                    pass
+                except OSError:  # the client gave the connection up
+                    return
+                if answered < received // size:
+                    try:
+                        connection.send(b"+PONG\r\n")
+                    except OSError:
+                        return
+                    answered += 1
+                time.sleep(every)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stopped() -> None:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+    return listener.getsockname()[1], stopped
+
+
+@LOOPS
+def test_replies_that_keep_coming_ever_later_still_fail_once_past_their_timeout(loop_name):
+    # A Redis falling behind answers the oldest command between any two looks of the timer, so
+    # the oldest is never the same twice; each reply is later than the last all the same, and
+    # the commands waiting beyond their timeout must fail then, not when Redis gets to them.
+    port, stop = redis_falling_behind(every=0.0003)
+
+    async def run() -> tuple[Any, float]:
+        loop = asyncio.get_running_loop()
+        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
+        await redis.connect()
+        written = loop.time()
+        replies = [redis.call_soon("PING") for _ in range(4000)]  # six timeouts' worth of answers, and more
+        outcomes = await asyncio.gather(*replies, return_exceptions=True)
+        took = loop.time() - written
+        await redis.close()
+        return outcomes[-1], took
+
+    try:
+        last, took = run_on(loop_name, run())
+    finally:
+        stop()
+    assert isinstance(last, RedisError) and "in time" in str(last), last
+    assert took < 0.8, took  # its timeout and a loaded machine's delay, not the time Redis took to get to it
+
+
+@LOOPS
+def test_a_tls_redis_at_its_client_limit_is_named_and_never_waited_for(loop_name, tmp_path, monkeypatch):
+    # Over TLS, Redis refuses a client past maxclients by closing the connection about the end of
+    # the handshake. uvloop may hand the connection over closed already: the set-up sent on it was
+    # then neither answered nor failed, and every later command waited for that connect for good.
+    port, server = start_tls_redis(tmp_path, monkeypatch, "--maxclients", "1")
+
+    async def run() -> list[str]:
+        deadline = time.monotonic() + 10
+        while True:  # the one client Redis takes, once it serves
+            try:
+                _, holder = await asyncio.open_connection("127.0.0.1", port, ssl=ssl.create_default_context())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                await asyncio.sleep(0.05)
+        errors = []
+        for _ in range(10):
+            redis = Redis(f"rediss://127.0.0.1:{port}/0", connect_timeout=1.0, timeout=1.0, scripts=LIMITER_LIKE_SCRIPTS)
+            with pytest.raises(RedisError) as caught:
+                await asyncio.wait_for(redis.call("PING"), 5)
+            errors.append(str(caught.value))
+            await redis.close()
+        holder.close()
+        return errors
+
+    try:
+        errors = run_on(loop_name, run())
+    finally:
+        stop_process(server)
+    assert all("maxclients" in error for error in errors), errors
