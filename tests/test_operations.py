@@ -313,6 +313,22 @@ def test_litellm_refusing_the_upstream_key_is_503_fails_readiness_and_leaks_no_k
     assert "0123456789" not in server.log() and "not-litellms" not in server.log()
 
 
+def test_litellm_refusing_the_upstream_key_is_logged_once_a_minute_not_once_a_call(make_tollgate):
+    # Every call of every client fails so while the key is wrong: at a few hundred calls a
+    # second, a line each buried the log (and whatever else it said) under thousands of them.
+    server = make_tollgate(upstream_key="sk-not-litellms-key-0123456789")
+    team = server.admin().team()
+    client = server.client(team.key)
+    body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: client.post("/v1/chat/completions", json=body).status_code, range(40)))
+    assert statuses == [503] * 40
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "refused Tollgate's upstream key" in line]
+    assert len(lines) == 1, lines
+    assert "TOLLGATE_UPSTREAM_KEY" in lines[0] and "once a minute" in lines[0]
+
+
 def test_one_access_log_line_per_request_with_the_call_fields(make_tollgate):
     server = make_tollgate(logging={"access_log": "json"})
     team = server.admin().team()
