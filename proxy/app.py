@@ -26,7 +26,7 @@ from .calls import CallPipeline
 from .changes import ChangeSignal
 from .config import Config, load_config
 from .declared import apply_declared
-from .errors import EXCEPTION_HANDLERS
+from .errors import exception_handlers
 from .groups import GroupCatalog
 from .health import Health
 from .jobs_api import JobsApi
@@ -127,13 +127,14 @@ def create_app(config: Config) -> Starlette:
             changes.close()
             await store.close()
 
+    handlers = exception_handlers()
     app = Starlette(
         routes=routes,
         middleware=[
             Middleware(ObserveMiddleware, metrics=metrics, log_format=config.logging.access_log),
-            Middleware(CallRoutes, routes=call_routes, handlers=EXCEPTION_HANDLERS),
+            Middleware(CallRoutes, routes=call_routes, handlers=handlers),
         ],
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers=handlers,
         lifespan=lifespan,
     )
     # A path with a trailing slash is a 404 like any other unknown path, not a redirect to an

@@ -27,6 +27,7 @@ from .groups import GroupCatalog
 from .ids import new_id
 from .limiter import Decision, Limits, RateLimiter, RedisUnavailable
 from .metrics import Metrics
+from .occasional import Occasional
 from .pricing import Pricing
 from .records import CallOutcome, CallStatus, JobEnd, ModelGroup, NewCall, Team, TerminalJobStatus
 from .store import JobExpired, Store, StoreBusy, StoreError, StoreUnavailable, WrittenThenCancelled
@@ -97,8 +98,6 @@ class OwnJob:
     ends_as: Callable[[CallOutcome, bool], tuple[TerminalJobStatus, str | None]]
 
 
-KEY_REFUSED_LOGGED_EVERY = 60.0  # seconds: LiteLLM refusing the gateway's key is logged no more often
-
 # The error of a call the gateway's shutdown cut short: not the client's doing.
 SHUT_DOWN = "cut short: the gateway shut down"
 _SECRETISH = re.compile(r"sk-[A-Za-z0-9_\-.]{3,}")
@@ -150,9 +149,7 @@ class CallPipeline:
         # megabytes): written by `record_kept` once it takes writes again. Their rows stay
         # 'running' meanwhile.
         self._kept: dict[str, tuple[CallOutcome, JobEnd | None, str]] = {}
-        # Calls LiteLLM refused Tollgate's key for since that was last logged, and when it was.
-        self._key_refused = 0
-        self._key_refused_logged = -math.inf
+        self._key_refused = Occasional(log, logging.ERROR)
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """At shutdown: wait for calls still being recorded, then try once more to write the
@@ -446,15 +443,8 @@ class CallPipeline:
             )
         if isinstance(exc, UpstreamMisconfigured):
             # Readiness finds this too: it asks LiteLLM with the same key.
-            # LiteLLM's message quotes the key it received: neither log nor store it. Every call
-            # fails so while it lasts: logged once a minute, not a line each.
-            self._key_refused += 1
-            if time.monotonic() - self._key_refused_logged >= KEY_REFUSED_LOGGED_EVERY:
-                self._key_refused_logged = time.monotonic()
-                log.error("LiteLLM refused Tollgate's upstream key (HTTP %s): check TOLLGATE_UPSTREAM_KEY "
-                          "(%d calls refused so since this was last logged, once a minute at most)",
-                          exc.status, self._key_refused)
-                self._key_refused = 0
+            # LiteLLM's message quotes the key it received: neither log nor store it.
+            self._key_refused("LiteLLM refused Tollgate's upstream key (HTTP %s): check TOLLGATE_UPSTREAM_KEY", exc.status)
             await self._finish(call, "error", exc.model, none, exc.attempts, "the upstream refused the gateway's key")
             return ApiError(
                 503,

@@ -5,13 +5,14 @@ unexpected exceptions included."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from .json_codec import JSONResponse
+from .occasional import Occasional
 from .store import (
     CallInProgress,
     Conflict,
@@ -135,11 +136,18 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc)
 
 
-async def handle_store_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StoreError)
-    if isinstance(exc, StoreUnavailable):
-        log.warning("%s %s: 503, the database cannot be written: %s", request.method, request.url.path, exc)
-    return error_response(request, from_store_error(exc))
+class StoreErrorHandler:
+    """A store error's answer; an unwritable database is logged, as it fails every write alike
+    while it lasts, once a minute at most."""
+
+    def __init__(self) -> None:
+        self._unwritable = Occasional(log, logging.WARNING)
+
+    async def handle(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StoreError)
+        if isinstance(exc, StoreUnavailable):
+            self._unwritable("%s %s: 503, the database cannot be written: %s", request.method, request.url.path, exc)
+        return error_response(request, from_store_error(exc))
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
@@ -160,9 +168,11 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(request, ApiError(500, "Internal server error", code="internal_error"))
 
 
-EXCEPTION_HANDLERS = {
-    ApiError: handle_api_error,
-    StoreError: handle_store_error,
-    HTTPException: handle_http_exception,
-    Exception: handle_unexpected,
-}
+def exception_handlers() -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
+    """An app's handlers, with log throttles of its own."""
+    return {
+        ApiError: handle_api_error,
+        StoreError: StoreErrorHandler().handle,
+        HTTPException: handle_http_exception,
+        Exception: handle_unexpected,
+    }

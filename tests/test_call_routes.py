@@ -15,7 +15,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from proxy.call_routes import CallRoutes
-from proxy.errors import EXCEPTION_HANDLERS, ApiError
+from proxy.errors import ApiError, exception_handlers
 from proxy.store import JobClosed
 
 RAISED = {
@@ -59,8 +59,9 @@ async def chat(request: Request) -> Response:
 def app(with_call_routes: bool) -> Starlette:
     call_routes = [Route("/api/jobs/{job_id}/llm-call", call, methods=["POST"]),
                    Route("/v1/chat/completions", chat, methods=["POST"])]
-    middleware = [Middleware(CallRoutes, routes=call_routes, handlers=EXCEPTION_HANDLERS)] if with_call_routes else []
-    return Starlette(routes=call_routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
+    handlers = exception_handlers()
+    middleware = [Middleware(CallRoutes, routes=call_routes, handlers=handlers)] if with_call_routes else []
+    return Starlette(routes=call_routes, middleware=middleware, exception_handlers=handlers)
 
 
 def answers(method: str, path: str) -> list[tuple[int, dict[str, str], bytes]]:
@@ -126,7 +127,7 @@ def test_a_route_it_would_dispatch_differently_from_starlette_is_refused():
 
     for route in (Route("/a", sync_endpoint, methods=["POST"]), Route("/a", endpoint, methods=["POST"], max_body_size=10)):
         with pytest.raises(AssertionError):
-            CallRoutes(app(True), [route], EXCEPTION_HANDLERS)
+            CallRoutes(app(True), [route], exception_handlers())
 
 
 def sent_with_failing_send(with_call_routes: bool, path: str, failing: int, raised: Exception

@@ -279,6 +279,18 @@ def test_ready_fails_naming_the_store_while_a_full_disk_refuses_writes_and_recov
     assert server.post("/api/jobs/create", {"job_type": "room again"}).status_code == 200
 
 
+def test_a_database_that_cannot_be_written_is_logged_once_a_minute_not_once_a_request(gateway, disk_full, caplog):
+    # A full disk fails every write alike while it lasts: a line each, at a few hundred calls a
+    # second, buried the log and whatever else it said.
+    server = gateway()
+    disk_full["now"] = True
+    with caplog.at_level("WARNING", logger="tollgate.errors"):
+        for _ in range(20):
+            assert server.post("/api/jobs/create", {"job_type": "full"}).status_code == 503
+    lines = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(lines) == 1 and "SQLITE_FULL" in lines[0] and "once a minute" in lines[0], lines
+
+
 def test_the_readiness_probe_leaves_nothing_behind(gateway, disk_full):
     server = gateway()
     disk_full["now"] = True

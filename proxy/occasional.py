@@ -1,0 +1,41 @@
+"""Log lines for a fault that fails every request while it lasts.
+
+A wrong upstream key or a full disk fails each call alike: a line each, at a few hundred calls
+a second, buries the log and whatever else it says. Such a line is said at most once per
+interval, with how many times it was due since it was last said.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+EVERY = 60.0  # seconds between two lines about the same fault, at least
+
+
+class Occasional:
+    """One fault's log line, said at most once per `every` seconds."""
+
+    def __init__(
+        self, log: logging.Logger, level: int, every: float = EVERY, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._log = log
+        self._level = level
+        self._every = every
+        self._clock = clock
+        self._said_at = -math.inf
+        self._due = 0  # times the line was due since it was last said
+
+    def __call__(self, message: str, *args: Any) -> None:
+        self._due += 1
+        now = self._clock()
+        if now - self._said_at < self._every:
+            return
+        self._said_at = now
+        self._log.log(
+            self._level, message + " (%d times since this was last logged, which is once a minute at most)",
+            *args, self._due,
+        )
+        self._due = 0
