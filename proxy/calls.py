@@ -150,6 +150,7 @@ class CallPipeline:
         # 'running' meanwhile.
         self._kept: dict[str, tuple[CallOutcome, JobEnd | None, str]] = {}
         self._key_refused = Occasional(log, logging.ERROR)
+        self._unreachable = Occasional(log, logging.WARNING)
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """At shutdown: wait for calls still being recorded, then try once more to write the
@@ -427,6 +428,10 @@ class CallPipeline:
             return exc
         if isinstance(exc, UpstreamFailed):
             model = exc.attempts[-1].model if exc.attempts else None
+            if exc.unreachable:
+                # Every call fails so while LiteLLM is down; a model failing is the call's own news.
+                self._unreachable("LiteLLM cannot be reached (%s): calls answer 503 until it is back",
+                                  exc.attempts[-1].error)
             await self._finish(call, "error", model, none, len(exc.attempts), redact(str(exc)))
             if exc.all_rate_limited:
                 return ApiError(

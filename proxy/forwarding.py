@@ -64,6 +64,7 @@ class Attempt:
     status: int | None = None
     retry_after: int | None = None
     unhandled: bool = False  # LiteLLM's bare 500 (see _UNHANDLED)
+    unreachable: bool = False  # no answer from LiteLLM at all: its connection failed
 
 
 class UpstreamFailed(Exception):
@@ -79,6 +80,11 @@ class UpstreamFailed(Exception):
     @property
     def all_rate_limited(self) -> bool:
         return bool(self.attempts) and all(a.status == 429 for a in self.attempts)
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether LiteLLM itself, rather than any model behind it, failed every attempt."""
+        return bool(self.attempts) and all(a.unreachable for a in self.attempts)
 
     @property
     def retry_after(self) -> int:
@@ -155,7 +161,7 @@ async def forward(
             attempts.append(Attempt(model, str(exc), 200))
             continue
         except TransportError as exc:
-            attempts.append(Attempt(model, f"connection failed: {type(exc).__name__}"))
+            attempts.append(Attempt(model, f"connection failed: {type(exc).__name__}", unreachable=True))
             continue
         if isinstance(result, Attempt):
             attempts.append(result)

@@ -329,6 +329,20 @@ def test_litellm_refusing_the_upstream_key_is_logged_once_a_minute_not_once_a_ca
     assert "TOLLGATE_UPSTREAM_KEY" in lines[0] and "once a minute" in lines[0]
 
 
+def test_litellm_unreachable_is_logged_once_a_minute_naming_it(make_tollgate):
+    # The access log said 503 for each call, and nothing said why: the cause was only in the
+    # answers' bodies and the call records.
+    server = make_tollgate(upstream_url=f"http://127.0.0.1:{free_port()}")
+    team = server.admin().team()
+    client = server.client(team.key)
+    body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+    statuses = [client.post("/v1/chat/completions", json=body).status_code for _ in range(10)]
+    assert statuses == [503] * 10
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "LiteLLM cannot be reached" in line]
+    assert len(lines) == 1 and "once a minute" in lines[0], lines
+
+
 def test_one_access_log_line_per_request_with_the_call_fields(make_tollgate):
     server = make_tollgate(logging={"access_log": "json"})
     team = server.admin().team()
