@@ -27,27 +27,33 @@ class AdminApi:
         self._max_body = config.server.max_body_bytes
 
     def routes(self) -> list[Route]:
-        def route(path: str, handler: Handler, method: str) -> Route:
-            return Route(path, self._guarded(handler), methods=[method])
-
+        table = [
+            ("/admin/organizations", "POST", self.create_organization),
+            ("/admin/organizations", "GET", self.list_organizations),
+            ("/admin/teams", "POST", self.create_team),
+            ("/admin/teams", "GET", self.list_teams),
+            ("/admin/teams/{team_id}", "GET", self.get_team),
+            ("/admin/teams/{team_id}", "PATCH", self.update_team),
+            ("/admin/teams/{team_id}/credits", "POST", self.add_credits),
+            ("/admin/teams/{team_id}/ledger", "GET", self.ledger),
+            ("/admin/teams/{team_id}/keys", "POST", self.create_key),
+            ("/admin/teams/{team_id}/keys", "GET", self.list_keys),
+            ("/admin/teams/{team_id}/jobs", "GET", self.list_jobs),
+            ("/admin/keys/{key_id}", "DELETE", self.revoke_key),
+            ("/admin/model-groups", "POST", self.create_model_group),
+            ("/admin/model-groups", "GET", self.list_model_groups),
+            ("/admin/model-groups/{name}", "GET", self.get_model_group),
+            ("/admin/model-groups/{name}", "PUT", self.put_model_group),
+            ("/admin/model-groups/{name}", "DELETE", self.delete_model_group),
+        ]
+        # One route per path with all its methods: Starlette's 405 allows the methods of the first
+        # route whose path matches, and a route per method told a PUT to a team GET alone.
+        by_path: dict[str, dict[str, Handler]] = {}
+        for path, method, handler in table:
+            by_path.setdefault(path, {})[method] = handler
         return [
-            route("/admin/organizations", self.create_organization, "POST"),
-            route("/admin/organizations", self.list_organizations, "GET"),
-            route("/admin/teams", self.create_team, "POST"),
-            route("/admin/teams", self.list_teams, "GET"),
-            route("/admin/teams/{team_id}", self.get_team, "GET"),
-            route("/admin/teams/{team_id}", self.update_team, "PATCH"),
-            route("/admin/teams/{team_id}/credits", self.add_credits, "POST"),
-            route("/admin/teams/{team_id}/ledger", self.ledger, "GET"),
-            route("/admin/teams/{team_id}/keys", self.create_key, "POST"),
-            route("/admin/teams/{team_id}/keys", self.list_keys, "GET"),
-            route("/admin/teams/{team_id}/jobs", self.list_jobs, "GET"),
-            route("/admin/keys/{key_id}", self.revoke_key, "DELETE"),
-            route("/admin/model-groups", self.create_model_group, "POST"),
-            route("/admin/model-groups", self.list_model_groups, "GET"),
-            route("/admin/model-groups/{name}", self.get_model_group, "GET"),
-            route("/admin/model-groups/{name}", self.put_model_group, "PUT"),
-            route("/admin/model-groups/{name}", self.delete_model_group, "DELETE"),
+            Route(path, self._guarded(_by_method(handlers)), methods=list(handlers))
+            for path, handlers in by_path.items()
         ]
 
     def _guarded(self, handler: Handler) -> Handler:
@@ -124,3 +130,16 @@ class AdminApi:
     async def delete_model_group(self, request: Request) -> Response:
         await self._admin.delete_model_group(request.path_params["name"])
         return JSONResponse({"deleted": request.path_params["name"]})
+
+
+def _by_method(handlers: dict[str, Handler]) -> Handler:
+    """The handler of a path that runs the handler of the request's method (GET's for HEAD)."""
+    if len(handlers) == 1:
+        return next(iter(handlers.values()))
+
+    async def by_method(request: Request) -> Response:
+        method = request.method
+        return await handlers["GET" if method == "HEAD" else method](request)
+
+    by_method.__name__ = "_or_".join(handler.__name__ for handler in handlers.values())
+    return by_method

@@ -171,6 +171,25 @@ def test_unknown_team_is_404(admin):
     assert admin.request("GET", "/admin/teams/no-such-team").status_code == 404
     assert admin.request("DELETE", "/admin/keys/key_nope").status_code == 404
 
+@pytest.mark.parametrize(
+    "method, path, allowed",
+    [
+        ("PUT", "/admin/teams/{team}", "GET, HEAD, PATCH"),
+        ("PATCH", "/admin/model-groups/Main", "DELETE, GET, HEAD, PUT"),
+        ("PUT", "/admin/teams", "GET, HEAD, POST"),
+        ("DELETE", "/admin/organizations", "GET, HEAD, POST"),
+        ("PUT", "/admin/teams/{team}/keys", "GET, HEAD, POST"),
+        ("GET", "/admin/keys/key_nope", "DELETE"),
+    ],
+)
+def test_a_wrong_method_is_405_allowing_every_method_of_the_path(admin, team, method, path, allowed):
+    # Each method of a path was a route of its own, and the 405 allowed only the first's: a PUT
+    # to a team was told GET alone, as if teams could not be changed (they take PATCH).
+    answer = admin.request(method, path.format(team=team.team_id))
+    assert answer.status_code == 405, answer.text
+    assert sorted(answer.headers["allow"].split(", ")) == allowed.split(", ")
+
+
 
 @pytest.mark.parametrize(
     "path_suffix, body",
