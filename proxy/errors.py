@@ -92,6 +92,13 @@ def shutting_down(what: str, headers: Mapping[str, str] | None = None) -> ApiErr
 _OPENAI_PATHS = frozenset(["/chat/completions", "/models"])
 
 
+# What a browser's CORS preflight is told (README's Decisions): its answer grants no origin.
+_NO_CORS = (
+    "a browser's CORS preflight: browsers are not served, since a key in a web page is anyone's to spend "
+    "the team's credits; call Tollgate from a server"
+)
+
+
 def error_response(request: Request, error: ApiError) -> Response:
     return JSONResponse(error_body(request.url.path, error), status_code=error.status, headers=error.headers)
 
@@ -155,6 +162,8 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     message = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, str(exc.detail))
     if exc.status_code in (404, 405):
         message = f"{message}: {request.method} {request.url.path}"
+        if exc.status_code == 405 and request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+            message += f" ({_NO_CORS})"
         if exc.status_code == 404 and request.url.path.rstrip("/") in _OPENAI_PATHS:
             # LiteLLM's proxy serves these at its root too, and its documentation has SDKs pointed
             # there: a client moved over unchanged would otherwise be told only "Not found".

@@ -341,6 +341,21 @@ def test_get_on_the_create_route_is_405_allowing_post(tollgate, team):
     assert "GET /api/jobs/create" in answer.json()["detail"]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/create", "/v1/models"])
+def test_a_browsers_cors_preflight_is_405_saying_browsers_are_not_served(tollgate, path):
+    # README's Decisions: no CORS. A key in a web page is anyone's key to spend the team's credits;
+    # the preflight's answer grants nothing, and says why rather than only "Method not allowed".
+    answer = httpx.options(f"{tollgate.url}{path}", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    })
+    assert answer.status_code == 405 and answer.headers["allow"]
+    assert not [name for name in answer.headers if name.lower().startswith("access-control-")]
+    body = answer.json()
+    message = body["error"]["message"] if path.startswith("/v1") else body["detail"]
+    assert "CORS" in message and "server" in message, message
+
+
 def test_server_stays_healthy_after_bad_input(tollgate):
     assert httpx.get(f"{tollgate.url}/health/live").json() == {"status": "ok"}
 
