@@ -122,7 +122,8 @@ def serve_options(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     host = config.server.host if args.host is None else args.host
     port = config.server.port if args.port is None else args.port
     return uvicorn_options(
-        host, port, config.logging.level, config.server.shutdown_grace, config.server.read_timeout
+        host, port, config.logging.level, config.server.shutdown_grace, config.server.read_timeout,
+        config.server.max_body_bytes,
     )
 
 

@@ -263,7 +263,8 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
         try:
             configure_logging()
             options = uvicorn_options(
-                "127.0.0.1", port, "warning", config.server.shutdown_grace, config.server.read_timeout
+                "127.0.0.1", port, "warning", config.server.shutdown_grace, config.server.read_timeout,
+                config.server.max_body_bytes,
             )
             server = uvicorn.Server(uvicorn.Config(create_app(config), **options))
 

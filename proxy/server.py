@@ -68,6 +68,12 @@ _PARSER_REASONS = {
     # One of the protocol's callbacks failed (a refusal stops the parser with its own answer).
     "User callback error": "Invalid HTTP request",
 }
+# A body's bytes as sent (chunk sizes, their extensions and trailer fields included) may be at most
+# this many times `server.max_body_bytes`, and MAX_HEAD_BYTES more: room for the framing of any
+# chunks but the tiniest. A chunk's extensions are no part of the body, so its limit never counted
+# them, and the rest of a body answered before it was read whole (a wrong key: a 401 from its head)
+# is read only to be dropped: either was read without end, a core busy, until the read timeout.
+BODY_WIRE_FACTOR = 2
 # What a request queued behind another's answer gets when the shutdown begins before its turn.
 QUEUED_AT_SHUTDOWN = shutting_down("the request was queued behind another on its connection, and not started")
 # What the client sends after a request queued behind another's answer is held, unparsed, up to this
@@ -87,9 +93,13 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     refusal at this level is JSON, and a pipelined request's comes after the answers to the
     requests sent before it."""
 
-    def __init__(self, *args: Any, read_timeout: float = 30.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, read_timeout: float = 30.0, max_body_bytes: int = 10 * 1024 * 1024, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._read_timeout = read_timeout
+        self._max_body_bytes = max_body_bytes
+        self._max_body_wire = BODY_WIRE_FACTOR * max_body_bytes + MAX_HEAD_BYTES
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
@@ -109,6 +119,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._trailer_bytes = 0  # of the trailer section so far, in reads before this one
         self._trailer_read_bytes = 0  # of the trailer fields read whole in this read
         self._read_in_trailers = False  # this read began in a trailer section, not yet ended
+        self._body_wire_bytes = 0  # of the body being read, as sent, in reads after its head's
         self._read_timer: asyncio.TimerHandle | None = None
         self._discarding = False  # refused: what the client still sends is dropped
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -139,6 +150,14 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 self._refuse(431, _TOO_LARGE, first)
                 return
             self._head_bytes += len(data)
+        if self._reading and self._head_done:  # the body (a request's whole but its first read's)
+            self._body_wire_bytes += len(data)
+            if self._body_wire_bytes > self._max_body_wire:
+                self._refuse(413, (
+                    f"Request body is larger than {self._max_body_bytes} bytes: more than {self._max_body_wire} "
+                    "bytes were sent for it, its chunk framing included"
+                ))
+                return
         # A read begun after a chunk's size line, which brings no chunk data, is all trailer.
         self._read_in_trailers = self._reading and self._head_done and self._after_chunk_header
         self._trailer_read_bytes = 0
@@ -156,7 +175,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                     return
                 msg = _parser_refusal(error)
                 self.logger.warning(msg)
-                self.send_400_response(msg)
+                # A target the parser refused was never given to on_url: the refusal's shape (OpenAI's
+                # under /v1) is read from this read's bytes, if the request began with them.
+                first = data if self._message_begun and not self.url and self._head_bytes == len(data) else None
+                self._refuse(400, msg, first)
                 return
             except httptools.HttpParserUpgrade as upgrade:
                 if self._should_upgrade():
@@ -258,6 +280,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         if self._head_bytes == 0:
             self._head_bytes = -1
         self._reading, self._head_done = True, False
+        self._body_wire_bytes = 0
         self._message_begun = True
         self._message_started = time.perf_counter()
         self._hosts = self._authorizations = 0
@@ -620,7 +643,7 @@ def _after_answer(cycle: RequestResponseCycle, then: Callable[[], None]) -> None
 
 
 def uvicorn_options(
-    host: str, port: int, log_level: str, shutdown_grace: float, read_timeout: float
+    host: str, port: int, log_level: str, shutdown_grace: float, read_timeout: float, max_body_bytes: int
 ) -> dict[str, Any]:
     """How Tollgate runs uvicorn: its own access log and protocol, no `server` header."""
     return dict(
@@ -633,7 +656,7 @@ def uvicorn_options(
         # logged), not a switch to uvicorn's WebSocket protocol, outside the bounds kept here.
         ws="none",
         # A partial rather than a class made here: uvicorn hands it to its worker processes.
-        http=functools.partial(CoalescingHttpProtocol, read_timeout=read_timeout),
+        http=functools.partial(CoalescingHttpProtocol, read_timeout=read_timeout, max_body_bytes=max_body_bytes),
         timeout_graceful_shutdown=shutdown_grace,
     )
 

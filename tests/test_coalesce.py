@@ -181,7 +181,7 @@ def test_tollgate_serve_runs_uvicorn_with_the_coalescing_protocol(monkeypatch, t
     config.write_text(f"database:\n  url: sqlite:///{tmp_path}/t.db\n")
     cli.main(["serve", "--config", str(config)])
     assert seen["http"].func is CoalescingHttpProtocol
-    assert seen["http"].keywords == {"read_timeout": 30.0}
+    assert seen["http"].keywords == {"read_timeout": 30.0, "max_body_bytes": 10 * 1024 * 1024}
 
 
 def test_redis_commands_sent_in_one_turn_leave_in_one_write():

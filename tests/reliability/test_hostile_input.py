@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from tests.support import Tollgate
+
 HI = [{"role": "user", "content": "hi"}]
 JSON = "application/json"
 BIG = 11 * 1024 * 1024
@@ -179,10 +181,14 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
-@pytest.mark.parametrize("path", [b"/v1/chat/completions", b"http://x:8003/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "path", [b"/v1/chat/completions", b"http://x:8003/v1/chat/completions", "/v1/models/Çhat".encode()],
+)
 def test_a_protocol_level_refusal_under_v1_is_in_openai_shape(target, path):
     # What the OpenAI SDKs read an error from: {"error": {"message", "type", "code"}}. A proxy may
-    # send the target in absolute form (the second), which uvicorn serves as its path.
+    # send the target in absolute form (the second), which uvicorn serves as its path. A target
+    # the parser refuses (the third: a byte no URL may hold, as curl sends a path typed in UTF-8)
+    # was never read, and the refusal was `{"detail": ...}`.
     server, _, _ = target
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n")
@@ -460,6 +466,70 @@ def test_a_connection_answered_before_the_body_came_is_closed_once_idle(target):
         started = time.monotonic()
         assert read_all(sock) == b""
     assert time.monotonic() - started < 10
+
+
+def flood(port: int, start: bytes, seconds: float = 8.0) -> tuple[bytes, float]:
+    """Send `start`, then bytes without end until the server stops taking them or `seconds`
+    pass: the server's reply, and how long it took them."""
+    with socket.create_connection(("127.0.0.1", port), timeout=40) as sock:
+        sock.sendall(start)
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # the server closed while this still sent
+            while time.monotonic() - started < seconds:
+                sock.sendall(b"a" * 65536)
+        taken = time.monotonic() - started
+        with contextlib.suppress(OSError):
+            return read_all(sock), taken
+    return b"", taken
+
+
+@pytest.fixture(scope="module")
+def small_bodies(tmp_path_factory, litellm):
+    # Bodies up to 64 KiB; the read timeout is the default 30 s, longer than any test here waits.
+    server = Tollgate(tmp_path_factory.mktemp("small-bodies"), litellm.url, litellm.master_key,
+                      server={"max_body_bytes": 65536}).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_request_answered_before_its_body_that_sends_on_without_end_is_cut_off(small_bodies, framing):
+    # A 401 (no key needed) or a 413, then gigabytes of body: uvicorn read on and dropped them until
+    # the read timeout, 30 s a connection, a core of the gateway busy and every other request slowed
+    # thirtyfold. Past twice the body limit it is cut off (once the client had time to read its answer).
+    length = "Content-Length: 100000000000" if framing == "content-length" else "Transfer-Encoding: chunked"
+    first = b"" if framing == "content-length" else b"fffffffffff\r\n"
+    reply, taken = flood(small_bodies.port, (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{length}\r\n\r\n"
+    ).encode() + first)
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+    assert taken < 6, f"the gateway took the body for {taken:.1f} s"
+
+
+def test_a_chunk_extension_without_end_is_413_without_waiting_for_the_read_timeout(small_bodies):
+    # Chunk extensions are no part of the body, so the body limit never counted them: one chunk's
+    # size line without end was read (a core busy) until the read timeout, then a 408.
+    admin = small_bodies.admin()
+    key = admin.team().key
+    reply, taken = flood(small_bodies.port, (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1;e="
+    ).encode())
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert taken < 6, f"the gateway took the chunk extension for {taken:.1f} s"
+
+
+def test_a_chunked_body_of_small_chunks_within_the_limit_is_served(small_bodies):
+    # The limit on the wire leaves room for the framing of any chunks but the tiniest.
+    admin = small_bodies.admin()
+    key = admin.team().key
+    body = json.dumps({"job_type": "small-chunks", "metadata": {"text": "x" * 60_000}}).encode()
+    chunks = b"".join(b"%x;n=1\r\n%s\r\n" % (len(body[i:i + 16]), body[i:i + 16]) for i in range(0, len(body), 16))
+    reply = raw_exchange(small_bodies.port, (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode() + chunks + b"0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
 
 
 def test_a_target_with_no_path_on_a_kept_alive_connection_is_400(target):
