@@ -422,11 +422,13 @@ return result
 """
 
 # KEYS, four per scope as above. ARGV: call id, real tokens, release (1: forget the call), window
-# (ms). A call's real usage counts for a window from when it is known, the call's end, whatever
-# is left of its admission's: a call longer than the window would otherwise never count it, and
-# one nearly as long would count it for a moment.
+# (ms), and for a settle that waited for Redis how long ago the call ended (ms; none: now). A
+# call's real usage counts for a window from when it is known, the call's end, whatever is left
+# of its admission's: a call longer than the window would otherwise never count it, and one
+# nearly as long would count it for a moment. One that ended a window ago or more counts no more.
 SETTLE_SCRIPT = EVICTION_CHECK + """
 local call, actual, release, window = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', tonumber(ARGV[4])
+local ago = tonumber(ARGV[5] or '0')
 local now
 for s = 1, #KEYS / 4 do
   local requests, tokens, amounts, total = KEYS[s*4-3], KEYS[s*4-2], KEYS[s*4-1], KEYS[s*4]
@@ -439,12 +441,20 @@ for s = 1, #KEYS / 4 do
       redis.call('HDEL', amounts, call)
       redis.call('DECRBY', total, tonumber(old))
     end
+  elseif ago >= window then
+    -- It ended a window ago or more (the settle waited for Redis): its usage has had its window,
+    -- and its estimate's began before.
+    if old then
+      redis.call('ZREM', tokens, call)
+      redis.call('HDEL', amounts, call)
+      redis.call('DECRBY', total, tonumber(old))
+    end
   else
     if not now then
       local clock = redis.call('TIME')
       now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
     end
-    redis.call('ZADD', tokens, now, call)
+    redis.call('ZADD', tokens, now - ago, call)
     redis.call('HSET', amounts, call, actual)
     redis.call('INCRBY', total, actual - tonumber(old or '0'))
     for _, key in ipairs({tokens, amounts, total}) do
@@ -544,8 +554,9 @@ MAX_UNKNOWN = 1_000
 
 
 class RedisLimiter:
-    def __init__(self, config: RedisConfig, window: float) -> None:
+    def __init__(self, config: RedisConfig, window: float, clock: Callable[[], float] = time.monotonic) -> None:
         assert config.url is not None
+        self._clock = clock
         self._prefix = config.key_prefix
         self._window_ms = round(window * 1000)
         self._admit = Script(ADMIT_SCRIPT)
@@ -564,9 +575,9 @@ class RedisLimiter:
         # released once Redis answers again; a release finds nothing if it never ran, and also
         # if the window has since let it go. A call's real usage that could not be sent (the
         # breaker open, or Redis failing as it was sent) waits here too, sent the same way: a
-        # settle sent twice counts the usage once (from the later). Call id -> the keys and
-        # SETTLE_SCRIPT arguments, oldest first.
-        self._unknown: dict[str, tuple[Keys, list[Any]]] = {}
+        # settle sent twice counts the usage once, for a window from the call's end (when it was
+        # queued, `clock`). Call id -> the keys, SETTLE_SCRIPT arguments and that time, oldest first.
+        self._unknown: dict[str, tuple[Keys, list[Any], float]] = {}
         self._unrepaired_logged: str | None = None
 
     async def close(self) -> None:
@@ -657,10 +668,18 @@ class RedisLimiter:
     def _settle_args(self, call_id: str, tokens: int, release: bool) -> list[Any]:
         return [call_id, tokens, 1 if release else 0, self._window_ms]
 
-    def _later(self, call_id: str, keys: Keys, args: list[Any]) -> None:
+    def _later(self, call_id: str, keys: Keys, args: list[Any], queued_at: float | None = None) -> None:
         if call_id not in self._unknown and len(self._unknown) >= MAX_UNKNOWN:
             del self._unknown[next(iter(self._unknown))]
-        self._unknown[call_id] = (keys, args)
+        self._unknown[call_id] = (keys, args, self._clock() if queued_at is None else queued_at)
+
+    def _aged(self, args: list[Any], queued_at: float | None) -> list[Any]:
+        """A settle's arguments as sent after waiting since `queued_at`, when its call ended: its
+        usage counts for a window from then, not from when Redis is back (after an outage longer
+        than the window, a whole window more)."""
+        if queued_at is None or args[2]:  # a release forgets the call whenever it comes
+            return args
+        return [*args, max(0, round((self._clock() - queued_at) * 1000))]
 
     async def _release_unknown(self) -> None:
         """Send the releases ahead of the admit that called, in the same write: that admit is
@@ -675,16 +694,18 @@ class RedisLimiter:
         unknown, self._unknown = self._unknown, {}
         # Loaded first: a release that found the script unknown would be sent again after the admit.
         self._redis.call_soon("SCRIPT", "LOAD", self._settle.source).add_done_callback(_outcome_told_elsewhere)
-        for call_id, (keys, args) in unknown.items():
-            reply = self._redis.evalsha_soon(self._settle, keys, args)
-            reply.add_done_callback(functools.partial(self._released, call_id, keys, args))
+        for call_id, (keys, args, queued_at) in unknown.items():
+            reply = self._redis.evalsha_soon(self._settle, keys, self._aged(args, queued_at))
+            reply.add_done_callback(functools.partial(self._released, call_id, keys, args, queued_at))
 
-    def _released(self, call_id: str, keys: Keys, args: list[Any], reply: asyncio.Future[Any]) -> None:
+    def _released(
+        self, call_id: str, keys: Keys, args: list[Any], queued_at: float, reply: asyncio.Future[Any]
+    ) -> None:
         error = None if reply.cancelled() else reply.exception()
         if _damage(error):
-            self._resend_repaired(call_id, keys, args)
+            self._resend_repaired(call_id, keys, args, queued_at)
         elif (reply.cancelled() or error is not None) and call_id not in self._unknown:
-            self._later(call_id, keys, args)  # to be tried again: sent twice, it still counts once
+            self._later(call_id, keys, args, queued_at)  # to be tried again: sent twice, it still counts once
 
     async def settle(self, decision: Decision, tokens: int, release: bool = False) -> None:
         args = self._settle_args(decision.call_id, tokens, release)
@@ -725,13 +746,19 @@ class RedisLimiter:
         args = self._settle_args(decision.call_id, tokens, False)
         self._resend_repaired(decision.call_id, self._keys(decision.limits), args)
 
-    def _resend_repaired(self, call_id: str, keys: Keys, args: list[Any]) -> None:
+    def _resend_repaired(self, call_id: str, keys: Keys, args: list[Any], queued_at: float | None = None) -> None:
         repair = self._repair_soon(keys)
-        reply = self._redis.evalsha_soon(self._settle, keys, args)
-        reply.add_done_callback(functools.partial(self._resent, call_id, keys, args, repair))
+        reply = self._redis.evalsha_soon(self._settle, keys, self._aged(args, queued_at))
+        reply.add_done_callback(functools.partial(self._resent, call_id, keys, args, queued_at, repair))
 
     def _resent(
-        self, call_id: str, keys: Keys, args: list[Any], repair: asyncio.Future[Any], reply: asyncio.Future[Any]
+        self,
+        call_id: str,
+        keys: Keys,
+        args: list[Any],
+        queued_at: float | None,
+        repair: asyncio.Future[Any],
+        reply: asyncio.Future[Any],
     ) -> None:
         error = None if reply.cancelled() else reply.exception()
         if _damage(error) and _found_damage(repair):
@@ -739,7 +766,7 @@ class RedisLimiter:
         elif (reply.cancelled() or error is not None) and call_id not in self._unknown:
             # Redis failed as a whole (a script error no damaged key explains is Redis's, as in
             # `_again_repaired`): sent with the next admit, as any.
-            self._later(call_id, keys, args)
+            self._later(call_id, keys, args, queued_at)
 
     def _unrepaired(self, error: BaseException) -> None:
         # Once per distinct error: a scope refused for good would otherwise log on every call.
@@ -775,7 +802,7 @@ class RateLimiter:
     ) -> None:
         self.policy = limits.on_redis_error
         self.local = LocalLimiter(limits.window, clock)
-        self.redis = RedisLimiter(redis, limits.window) if redis.url else None
+        self.redis = RedisLimiter(redis, limits.window, clock) if redis.url else None
         self._clock = clock
         self._cooldown = redis.breaker_cooldown
         self._open_until = 0.0  # the breaker: while open, Redis is not asked

@@ -675,6 +675,37 @@ def test_a_calls_real_usage_reaches_redis_even_when_it_ends_while_the_breaker_is
     assert redis_server.cli("GET", f"{base}:total") == str(5000 + 10)
 
 
+@pytest.mark.parametrize("outage", ["shorter", "longer"])
+def test_a_calls_usage_that_waited_for_redis_counts_for_a_window_from_its_end_not_from_its_sending(
+    redis_server, outage
+):
+    # A call that ended while the breaker was open had its usage counted for a window from when
+    # Redis was asked again: after an outage longer than the window, the tokens of the calls that
+    # ended during it were counted for a whole window more, and refused calls the limit admits.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+
+    async def run() -> None:
+        config = RedisConfig(url=redis_server.url, breaker_cooldown=0.3 if outage == "shorter" else 1.2)
+        limiter = RateLimiter(RateLimitsConfig(window=1.0), config)
+        long_call = await limiter.admit(limits, "long-call", 100)
+        with paused(redis_server):
+            assert (await limiter.admit(limits, "during-blip", 10)).backend == "local"  # the breaker opens
+        limiter.settle_soon(long_call, 900)  # it ends now, having used 900 tokens
+        if outage == "shorter":
+            await asyncio.sleep(0.4)
+            sends = await limiter.admit(limits, "sends-it", 10)  # the usage reaches Redis with it
+            assert (sends.backend, sends.admitted, sends.usage[0].tokens) == ("redis", True, 910)
+            await asyncio.sleep(0.65)  # a window since the call ended, not since Redis had its usage
+        else:
+            await asyncio.sleep(1.3)  # a window has passed since it ended; the breaker lets Redis be asked
+        after = await limiter.admit(limits, "after", 500)
+        assert (after.backend, after.admitted) == ("redis", True)
+        assert after.usage[0].tokens == (510 if outage == "shorter" else 500)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("evicted", ["tokens", "amounts", "total"])
 def test_a_scopes_key_evicted_alone_leaves_its_tokens_counted_afresh_not_wrongly(redis_server, evicted):
     # An evicting maxmemory policy takes keys one at a time (volatile-* too: all of these expire).
