@@ -496,9 +496,11 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         body = json.dumps(error_body(path, ApiError(status, message, code=code))).encode()
         head = (
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n"
         )
-        answer = head.encode() + body
+        # uvicorn's own (Date, which RFC 9110, 6.6.1 wants on every answer from a server with a clock).
+        defaults = b"".join(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)
+        answer = head.encode() + defaults + b"\r\n" + body
         self._discarding = True
         if self._read_timer is not None:
             self._read_timer.cancel()

@@ -375,6 +375,14 @@ def test_a_request_line_saying_http_2_is_505_saying_to_send_http_1_1(target, hos
     assert status == 505 and "send HTTP/1.1" in answer["detail"], answer
 
 
+def test_a_refusal_before_any_route_carries_a_date_as_every_answer_does(target):
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        head = read_all(sock).partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 400 ") and b"\r\ndate: " in head, head
+
+
 def test_a_target_that_is_not_a_path_is_400_saying_so(target):
     server, _, _ = target
     status, answer = refusal(server.port, b"GET http://x HTTP/1.1\r\nHost: x\r\n\r\n")
