@@ -47,6 +47,7 @@ _NO_HOST = "An HTTP/1.1 request must carry a Host header"
 _TWO_HOSTS = "The request has more than one Host header; send exactly one"
 _TWO_AUTHORIZATIONS = "The request has more than one Authorization header; send exactly one"
 _TWO_LENGTHS = "The request has more than one Content-Length header; send exactly one"
+_LENGTH_AND_CHUNKS = "The request has both Content-Length and Transfer-Encoding headers; send one of them"
 _NOT_A_PATH = "The request target is not a path; send one such as /api/jobs/create"
 # llhttp reads `HTTP/2.0` in a request line (the only version past 1.1 it takes), but HTTP/2 is
 # never spoken in HTTP/1's syntax: nothing such a request says can be taken as HTTP/1.1's.
@@ -59,9 +60,8 @@ _PARSER_REASONS = {
     # for an intermediary in front to have read differently.
     "Duplicate Content-Length": _TWO_LENGTHS,
     "Invalid character in Content-Length": "Content-Length must be a single number",
-    "Transfer-Encoding can't be present with Content-Length": (
-        "The request has both Content-Length and Transfer-Encoding headers; send one of them"
-    ),
+    "Transfer-Encoding can't be present with Content-Length": _LENGTH_AND_CHUNKS,
+    "Content-Length can't be present with Transfer-Encoding": _LENGTH_AND_CHUNKS,  # the other order
     "Invalid method encountered": "The request's method is not an HTTP method",
     # HTTP/2's connection preface (`PRI * HTTP/2.0`), sent without asking: curl --http2-prior-knowledge.
     "Pause on PRI/Upgrade": "HTTP/2 is not served here; send HTTP/1.1",

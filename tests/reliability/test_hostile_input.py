@@ -352,13 +352,15 @@ def test_two_content_length_headers_are_400_naming_them(target, second):
     "request_bytes, named",
     [
         (b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
-         "Transfer-Encoding"),
+         "both Content-Length and Transfer-Encoding"),
+        (b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}",
+         "both Content-Length and Transfer-Encoding"),
         (b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
          "chunk size"),
         (b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n", "Content-Length"),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP/2"),
     ],
-    ids=["content-length and chunked", "bad chunk size", "content-length not a number", "http/2 preface"],
+    ids=["content-length and chunked", "chunked and content-length", "bad chunk size", "content-length not a number", "http/2 preface"],
 )
 def test_a_request_the_http_parser_refuses_is_400_saying_what_is_wrong(target, request_bytes, named):
     server, _, _ = target
