@@ -135,12 +135,12 @@ class StreamTally:
     def observe(self, event: SSEEvent) -> bool:
         """Take in one event; True when it is a usage-only chunk (no output in it)."""
         data = event.data
+        if data is None:  # no data: no event to an SSE client (WHATWG), `event: error` or not
+            return False
         if event.event == "error":
-            self.error = (data or b"").decode("utf-8", "replace")[:2000] or "error event"
+            self.error = data.decode("utf-8", "replace")[:2000] or "error event"
             return False
-        if data is None:
-            return False
-        if data == b"[DONE]":
+        if data.startswith(b"[DONE]"):  # as the openai SDK reads it (`[DONE] ` too)
             self.done = True
             return False
         # find(), not `in`: on Python 3.11 `bytes in bytes` first tries the needle as an integer
@@ -159,65 +159,78 @@ class StreamTally:
             error = chunk["error"]
             self.error = str(error.get("message", error) if isinstance(error, dict) else error)[:2000]
             return False
-        chars, carries = _generated(chunk)
-        self._chars += chars
+        self._chars += _generated(chunk)
         reported = chunk.get("usage")
         if not isinstance(reported, dict):
             return False
         usage = usage_from(reported)
         if usage is not None:
             self.usage = usage
-        return not carries
+        return not _carries_output(chunk)
 
     def _read_unread(self) -> None:
         for data in self._unread:
             chunk = json_object(data)
             if chunk is not None:
-                self._chars += _generated(chunk)[0]
+                self._chars += _generated(chunk)
         self._unread.clear()
         self._unread_bytes = 0
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:
-    """`json.loads(data)` when that is an object, else None."""
+    """`json.loads(data)` when that is an object, else None; bytes that are not UTF-8 are read
+    as an SSE client decodes them (replacement characters), not refused with their usage."""
     try:
         value = loads(data)
+    except UnicodeDecodeError:
+        try:
+            value = loads(data.decode("utf-8", "replace").encode())
+        except ValueError:
+            return None
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
 
 
-def _generated(chunk: dict[str, Any]) -> tuple[int, bool]:
-    """A chunk's characters of generated text, and whether it carries any output at all."""
+def _generated(chunk: dict[str, Any]) -> int:
+    """A chunk's characters of generated text."""
     chars = 0
-    carries = False
     choices = chunk.get("choices")
     for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
             continue
-        if choice.get("finish_reason"):
-            carries = True
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             continue
         for key in ("content", "reasoning_content", "refusal"):
             text = delta.get(key)
-            if isinstance(text, str) and text:
+            if isinstance(text, str):
                 chars += len(text)
-                carries = True
         calls = delta.get("tool_calls")
         for call in calls if isinstance(calls, list) else ():
-            carries = True
             function = call.get("function") if isinstance(call, dict) else None
             arguments = function.get("arguments") if isinstance(function, dict) else None
             if isinstance(arguments, str):
                 chars += len(arguments)
         function_call = delta.get("function_call")  # the legacy `functions` API's delta
         if isinstance(function_call, dict):
-            carries = True
             arguments = function_call.get("arguments")
             if isinstance(arguments, str):
                 chars += len(arguments)
-        if delta.get("role"):
-            carries = True
-    return chars, carries
+    return chars
+
+
+def _carries_output(chunk: dict[str, Any]) -> bool:
+    """Whether a chunk carries any output besides its usage: a finish reason, logprobs, or
+    anything at all in a delta (text, tool calls, a role, audio...), where LiteLLM's own usage
+    chunk has an empty delta or one of nulls. Asked only of chunks with usage."""
+    choices = chunk.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason") or choice.get("logprobs"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(delta.values()):
+            return True
+    return False

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Sequence, overload
 
+from .accounting import json_object
 from .json_codec import dumps, loads
 from .sse import EventTooLarge, SSEEvent, SSEScanner
 from .upstream import AnswerTooLarge, TransportError, Upstream, UpstreamResponse, UpstreamTimeout
@@ -210,13 +211,14 @@ async def _first_event(response: UpstreamResponse, model: str, number: int) -> O
             events.extend(scanner.feed(chunk))
         except EventTooLarge as exc:
             return Attempt(model, str(exc), 200)
-        first = next((e for e in events if e.data is not None or e.event == "error"), None)
+        # An event without data is none to an SSE client, `event: error` or not.
+        first = next((e for e in events if e.data is not None), None)
         if first is None:
             continue
         error = _error_of(first)
         if error is not None:
             return Attempt(model, f"error event: {error}", 200)
-        if first.data == b"[DONE]":
+        if (first.data or b"").startswith(b"[DONE]"):  # as StreamTally reads it
             # Nothing but its end: no more usable than an answer without choices.
             return Attempt(model, "stream ended before its first event", 200)
         response.expect_by(math.inf, "")  # from here only each silence is bounded
@@ -225,15 +227,12 @@ async def _first_event(response: UpstreamResponse, model: str, number: int) -> O
 
 
 def _error_of(event: SSEEvent) -> str | None:
+    if event.data is None:
+        return None
     if event.event == "error":
-        return (event.data or b"").decode("utf-8", "replace")[:500]
-    if event.data is None or not event.data.startswith(b"{"):
-        return None
-    try:
-        data = loads(event.data)
-    except ValueError:
-        return None
-    if isinstance(data, dict) and data.get("error"):
+        return event.data.decode("utf-8", "replace")[:500]
+    data = json_object(event.data)  # as StreamTally reads it, or an error it fails the call on could not fall back
+    if data is not None and data.get("error"):
         return _message(data["error"])
     return None
 

@@ -333,3 +333,30 @@ def test_a_crlf_done_whose_stream_ends_before_its_last_lf_is_relayed_as_sent():
     sent, _, (end,) = relay([body])
     assert sent == body
     assert end.reason == "finished"
+
+
+def test_an_error_event_without_data_is_relayed_and_the_stream_goes_on():
+    # No SSE client dispatches an event without data: the stream was cut there and recorded as
+    # failed, its usage lost, while the client was left with a truncated answer and no error.
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        b"event: error\n\n"
+        b'data: {"choices":[{"index":0,"delta":{"content":"!"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    sent, tally, (end,) = relay([body[:60], body[60:]])
+    assert sent == body
+    assert end.reason == "finished" and end.error is None
+    assert (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (3, 2)
+
+
+def test_a_done_with_a_trailing_blank_ends_the_stream_as_sent():
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+        b"data: [DONE] \n\n"
+    )
+    sent, _, (end,) = relay([body])
+    assert sent == body
+    assert end.reason == "finished"

@@ -137,3 +137,58 @@ def test_a_usage_chunk_whose_cost_is_an_integer_no_float_can_hold_is_read_withou
     data = b'{"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "cost": 1' + b"0" * 400 + b"}}"
     assert tally.observe(event(data)) is True
     assert (tally.usage.prompt_tokens, tally.usage.completion_tokens, tally.usage.reported_cost) == (7, 3, None)
+
+
+def test_an_error_event_without_data_is_no_event_and_fails_nothing():
+    # An SSE client dispatches no event without data (WHATWG: an empty data buffer is no event),
+    # so the client reads on: taken for an error, the stream was cut there and the call recorded
+    # as failed while the upstream went on answering.
+    tally = StreamTally()
+    tally.observe(SSEEvent(b"event: error\n\n", None, "error"))
+    tally.observe(event({"choices": [], "usage": USAGE}))
+    assert tally.error is None and tally.usage is not None
+
+
+@pytest.mark.parametrize("data", [b"[DONE] ", b"[DONE]\t"])
+def test_a_done_with_trailing_blanks_ends_the_stream_as_clients_read_it(data):
+    # The openai SDK stops at any data starting with [DONE], the bundled client at [DONE] once
+    # stripped: taken for an unfinished stream, the call was recorded as failed (a /v1 call's own
+    # job failed, uncharged) after the client had its whole answer.
+    tally = StreamTally()
+    tally.observe(event(data))
+    assert tally.done
+
+
+def test_a_usage_chunk_with_bytes_that_are_not_utf8_is_still_read():
+    # An SSE client decodes the stream as UTF-8 with replacement characters: the upstream's usage
+    # is there for it, and was lost here (the call estimated) because json.loads refuses the bytes.
+    tally = StreamTally()
+    data = b'{"choices": [{"delta": {"content": "a\xe2\x82"}}], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}'
+    tally.observe(event(data))
+    assert (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (7, 3)
+    tally = StreamTally()
+    tally.observe(event(b'{"choices": [{"delta": {"content": "\xff\xfeab"}}]}'))
+    assert tally.completion_chars == len("\ufffd\ufffdab")
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        {"index": 0, "delta": {"audio": {"id": "a", "data": "UklGRg==", "transcript": ""}}},
+        {"index": 0, "delta": {}, "logprobs": {"content": [{"token": "a", "logprob": -0.1}]}},
+    ],
+    ids=["audio", "logprobs"],
+)
+def test_a_usage_chunk_that_carries_other_output_is_not_usage_only(choice):
+    # Taken for usage-only, it was dropped for a /v1 client that did not ask for usage, and the
+    # output in it (audio, logprobs) with it.
+    tally = StreamTally()
+    assert tally.observe(event({"choices": [choice], "usage": USAGE})) is False
+
+
+def test_a_usage_chunk_whose_choice_holds_only_nulls_is_usage_only():
+    # LiteLLM's own usage chunk, as its proxy writes it when it keeps the nulls.
+    delta = {"provider_specific_fields": None, "content": None, "role": None, "function_call": None, "tool_calls": None, "audio": None}
+    chunk = {"choices": [{"finish_reason": None, "index": 0, "delta": delta, "logprobs": None}], "usage": USAGE}
+    assert StreamTally().observe(event(chunk)) is True
+    assert StreamTally().observe(event({"choices": [{"index": 0, "delta": {}}], "usage": USAGE})) is True

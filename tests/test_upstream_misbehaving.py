@@ -312,6 +312,37 @@ def test_a_stream_that_is_only_its_done_event_fails_that_model_and_the_next_answ
     against(_deep_then_whole(empty, whole, b"text/event-stream"), check)
 
 
+@pytest.mark.parametrize("error", [b'data:  {"error": {"message": "overloaded"}}\n\n', b'data:\ndata: {"error": "overloaded"}\n\n'])
+def test_an_error_as_first_event_whose_json_does_not_open_the_data_still_falls_back(error):
+    # JSON may start with blanks (a space more after the colon, an empty first data line): the
+    # tally reads such an error, so the call failed once relayed, where it should fall back.
+    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        opened = await forward(client, ["deep", "whole"], payload, True, loop.time() + 30)
+        assert (opened.model, opened.attempts) == ("whole", 2)
+        await opened.response.aclose()
+
+    against(_deep_then_whole(error + b"data: [DONE]\n\n", whole, b"text/event-stream"), check)
+
+
+def test_an_error_event_without_data_before_the_first_event_does_not_fail_the_model():
+    # No SSE client dispatches it (no data): the answer after it is the model's, not to be thrown
+    # away for the next model's, paid for again.
+    stream = b'event: error\n\ndata: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        opened = await forward(client, ["deep", "whole"], payload, True, loop.time() + 30)
+        assert (opened.model, opened.attempts) == ("deep", 1)
+        await opened.response.aclose()
+
+    against(_deep_then_whole(stream, stream, b"text/event-stream"), check)
+
+
 # '²', '¹³' in Latin-1, which str.isdigit() takes for digits; more digits than int() reads.
 @pytest.mark.parametrize("hint", [b"\xb2", b"\xb9\xb3", b"9" * 5000])
 def test_a_429_whose_retry_after_only_looks_like_digits_still_falls_back(hint):
