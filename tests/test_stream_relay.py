@@ -21,29 +21,52 @@ async def _chunks(chunks: list[bytes]):
         yield chunk
 
 
+class Client:
+    """The relay's other side: what it sends the client, and what it tells the call's record.
+    The client never hangs up; a test overrides `send` or `on_end` where they are its point."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+        self.ends: list = []
+        self.tally = StreamTally()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m["body"] for m in self.messages if m["type"] == "http.response.body")
+
+    async def send(self, message) -> None:
+        self.messages.append(message)
+
+    async def receive(self):
+        await asyncio.sleep(3600)
+
+    async def on_end(self, end) -> None:
+        self.ends.append(end)
+
+    def relay(self, stream: OpenStream, seconds: float = 30, **options) -> SSERelay:
+        deadline = asyncio.get_running_loop().time() + seconds
+        return SSERelay(stream, self.tally, [], deadline, self.on_end, **options)
+
+    async def run(self, relay: SSERelay) -> None:
+        await relay({"type": "http"}, self.receive, self.send)
+
+
+async def opened(upstream, response: _Response | None = None) -> OpenStream:
+    """The stream as forwarding hands it over: its first read taken."""
+    scanner = SSEScanner()
+    return OpenStream("primary", 1, response or _Response(), upstream, scanner, scanner.feed(await anext(upstream)))
+
+
 async def _relay(chunks: list[bytes], drop_usage_only: bool = False):
     scanner, upstream, first = SSEScanner(), _chunks(chunks), []
     async for chunk in upstream:  # as forwarding._first_event: up to the first data event
         first.extend(scanner.feed(chunk))
         if any(e.data is not None for e in first):
             break
+    client = Client()
     stream = OpenStream("primary", 1, _Response(), upstream, scanner, first)
-    tally, ends, sent = StreamTally(), [], []
-
-    async def on_end(end) -> None:
-        ends.append(end)
-
-    async def send(message) -> None:
-        if message["type"] == "http.response.body":
-            sent.append(message["body"])
-
-    async def receive():
-        await asyncio.sleep(3600)
-
-    loop = asyncio.get_running_loop()
-    relay = SSERelay(stream, tally, [], loop.time() + 30, on_end, drop_usage_only)
-    await relay({"type": "http"}, receive, send)
-    return b"".join(sent), tally, ends
+    await client.run(client.relay(stream, drop_usage_only=drop_usage_only))
+    return client.body, client.tally, client.ends
 
 
 def relay(chunks: list[bytes], drop_usage_only: bool = False):
@@ -108,33 +131,21 @@ def test_a_shutdown_while_the_finished_stream_is_recorded_lets_it_end_as_recorde
         b"data: [DONE]\n\n"
     )
 
-    async def run():
-        scanner = SSEScanner()
-        upstream = _chunks([body])
-        first = scanner.feed(await anext(upstream))
-        stream = OpenStream("primary", 1, _Response(), upstream, scanner, first)
-        ends, sent = [], []
-        recording = asyncio.Event()
+    recording = asyncio.Event()
 
-        async def on_end(end) -> None:
+    class Recorded(Client):
+        async def on_end(self, end) -> None:
             recording.set()
             await asyncio.sleep(0.1)  # the store's write
-            ends.append(end)
+            self.ends.append(end)
 
-        async def send(message) -> None:
-            if message["type"] == "http.response.body":
-                sent.append(message["body"])
-
-        async def receive():
-            await asyncio.sleep(3600)
-
-        loop = asyncio.get_running_loop()
-        relay = SSERelay(stream, StreamTally(), [], loop.time() + 30, on_end)
-        task = asyncio.create_task(relay({"type": "http"}, receive, send))
+    async def run():
+        client = Recorded()
+        task = asyncio.create_task(client.run(client.relay(await opened(_chunks([body])))))
         await recording.wait()
         task.cancel()  # uvicorn's, as server.shutdown_grace ends
         await task
-        return b"".join(sent), ends
+        return client.body, client.ends
 
     sent, ends = asyncio.run(run())
     assert sent == body
@@ -175,30 +186,19 @@ def test_a_stream_whose_head_waited_past_the_deadline_still_gets_its_head_before
     # came first, the error event went out as a body without a head: uvicorn's plain-text 500.
     body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 
-    async def run():
-        scanner = SSEScanner()
-        upstream = _chunks([body, b"data: [DONE]\n\n"])
-        first = scanner.feed(await anext(upstream))
-        stream = OpenStream("primary", 1, _Response(), upstream, scanner, first)
-        messages, ends = [], []
-        blocked = {"head": True}
+    class ReadingNothingYet(Client):
+        blocked = True
 
-        async def on_end(end) -> None:
-            ends.append(end)
-
-        async def send(message) -> None:
-            if message["type"] == "http.response.start" and blocked["head"]:
-                blocked["head"] = False  # the client reads again after this
+        async def send(self, message) -> None:
+            if message["type"] == "http.response.start" and self.blocked:
+                self.blocked = False  # the client reads again after this
                 await asyncio.sleep(3600)
-            messages.append(message)
+            self.messages.append(message)
 
-        async def receive():
-            await asyncio.sleep(3600)
-
-        loop = asyncio.get_running_loop()
-        relay = SSERelay(stream, StreamTally(), [], loop.time() + 0.1, on_end)
-        await relay({"type": "http"}, receive, send)
-        return messages, ends
+    async def run():
+        client = ReadingNothingYet()
+        await client.run(client.relay(await opened(_chunks([body, b"data: [DONE]\n\n"])), seconds=0.1))
+        return client.messages, client.ends
 
     messages, ends = asyncio.run(run())
     assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
@@ -212,34 +212,23 @@ def test_a_client_that_takes_none_of_the_stream_is_cut_off_and_its_upstream_let_
     # LiteLLM, and the other teams' calls failed waiting for a connection.
     first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 
-    async def run():
-        scanner = SSEScanner()
-        upstream = _chunks([first] * 100)
-        events = scanner.feed(await anext(upstream))
-        closed = []
+    closed = []
 
-        class Response(_Response):
-            async def aclose(self) -> None:
-                closed.append(True)
+    class Response(_Response):
+        async def aclose(self) -> None:
+            closed.append(True)
 
-        stream = OpenStream("primary", 1, Response(), upstream, scanner, events)
-        ends, sent = [], []
-
-        async def on_end(end) -> None:
-            ends.append(end)
-
-        async def send(message) -> None:
-            if message["type"] == "http.response.body" and sent:
+    class TakingNothing(Client):
+        async def send(self, message) -> None:
+            if message["type"] == "http.response.body" and self.messages:
                 await asyncio.sleep(3600)  # the client takes the first write, then nothing
-            sent.append(message)
+            self.messages.append(message)
 
-        async def receive():
-            await asyncio.sleep(3600)
-
-        loop = asyncio.get_running_loop()
-        relay = SSERelay(stream, StreamTally(), [], loop.time() + 600, on_end, stall_timeout=0.2)
-        await asyncio.wait_for(relay({"type": "http"}, receive, send), 5)
-        return ends, closed
+    async def run():
+        client = TakingNothing()
+        stream = await opened(_chunks([first] * 100), Response())
+        await asyncio.wait_for(client.run(client.relay(stream, seconds=600, stall_timeout=0.2)), 5)
+        return client.ends, closed
 
     ends, closed = asyncio.run(run())
     assert [(end.reason, end.error) for end in ends] == [
@@ -251,25 +240,15 @@ def test_a_client_that_takes_none_of_the_stream_is_cut_off_and_its_upstream_let_
 def test_a_client_that_reads_slowly_is_not_cut_off():
     body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 
-    async def run():
-        scanner = SSEScanner()
-        upstream = _chunks([body] * 10 + [b"data: [DONE]\n\n"])
-        stream = OpenStream("primary", 1, _Response(), upstream, scanner, scanner.feed(await anext(upstream)))
-        ends = []
-
-        async def on_end(end) -> None:
-            ends.append(end)
-
-        async def send(message) -> None:
+    class ReadingSlowly(Client):
+        async def send(self, message) -> None:
             await asyncio.sleep(0.05)  # each write taken well within the bound, the stream longer than it
 
-        async def receive():
-            await asyncio.sleep(3600)
-
-        loop = asyncio.get_running_loop()
-        relay = SSERelay(stream, StreamTally(), [], loop.time() + 30, on_end, stall_timeout=0.2)
-        await relay({"type": "http"}, receive, send)
-        return ends
+    async def run():
+        client = ReadingSlowly()
+        stream = await opened(_chunks([body] * 10 + [b"data: [DONE]\n\n"]))
+        await client.run(client.relay(stream, stall_timeout=0.2))
+        return client.ends
 
     assert [end.reason for end in asyncio.run(run())] == ["finished"]
 
@@ -287,27 +266,13 @@ def test_a_crlf_events_lf_that_comes_in_the_next_read_reaches_the_client_at_once
             while (chunk := await reads.get()) is not None:
                 yield chunk
 
-        scanner, chunks, sent = SSEScanner(), upstream(), []
         reads.put_nowait(first)
-        stream = OpenStream("primary", 1, _Response(), chunks, scanner, scanner.feed(await anext(chunks)))
-
-        async def on_end(end) -> None:
-            pass
-
-        async def send(message) -> None:
-            if message["type"] == "http.response.body":
-                sent.append(message["body"])
-
-        async def receive():
-            await asyncio.sleep(3600)
-
-        loop = asyncio.get_running_loop()
-        relay = SSERelay(stream, StreamTally(), [], loop.time() + 30, on_end)
-        task = asyncio.create_task(relay({"type": "http"}, receive, send))
+        client = Client()
+        task = asyncio.create_task(client.run(client.relay(await opened(upstream()))))
         for read in (second[:-1], second[-1:] + b'data: {"choices":'):
             reads.put_nowait(read)
             await asyncio.sleep(0.01)
-        received = b"".join(sent)
+        received = client.body
         reads.put_nowait(b'[]}\r\n\r\ndata: [DONE]\r\n\r\n')
         reads.put_nowait(None)
         await task
