@@ -87,8 +87,12 @@ class SSEScanner:
         event_start = 0
         pos = self._scanned + skip  # the skipped LF stays in the next event's bytes
         size = len(buffer)
+        lf = buffer.find(b"\n", pos)
         while pos < size:
-            lf = buffer.find(b"\n", pos)
+            if 0 <= lf < pos:
+                # Looked for again only once passed: none found stays none, and a read of CR-only
+                # lines searched to its end for each of them.
+                lf = buffer.find(b"\n", pos)
             cr = buffer.find(b"\r", pos, lf if lf >= 0 else size)
             if cr >= 0:
                 if cr + 1 < size:
