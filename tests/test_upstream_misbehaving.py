@@ -266,6 +266,25 @@ def _deep_then_whole(deep: bytes, whole: bytes, content_type: bytes) -> Handler:
     return handler
 
 
+WHOLE_STREAM = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+
+def streamed_by(first: bytes, second: bytes = WHOLE_STREAM) -> tuple[str, int]:
+    """The model a streamed call of a group of two is answered by, and its attempts so far, when
+    the first model streams `first` and the second `second`."""
+    answered: list[tuple[str, int]] = []
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        opened = await forward(client, ["deep", "whole"], payload, True, loop.time() + 30)
+        answered.append((opened.model, opened.attempts))
+        await opened.response.aclose()
+
+    against(_deep_then_whole(first, second, b"text/event-stream"), check)
+    return answered[0]
+
+
 def test_an_answer_nested_too_deep_to_read_fails_that_model_and_the_next_answers():
     # The json module refuses it with a RecursionError rather than a ValueError: an unusable
     # answer like any malformed one, not an unexpected error answered 500 with no fallback.
@@ -299,48 +318,20 @@ def test_a_stream_that_is_only_its_done_event_fails_that_model_and_the_next_answ
     # Nothing of it reached the client, and there is nothing in it: the stream's counterpart of
     # an answer without choices (which falls back), not an empty answer recorded as a success
     # and a /v1 call's own job charged for it.
-    empty = b"data: [DONE]\n\n"
-    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-        loop = asyncio.get_running_loop()
-        opened = await forward(client, ["deep", "whole"], payload, True, loop.time() + 30)
-        assert (opened.model, opened.attempts) == ("whole", 2)
-        await opened.response.aclose()
-
-    against(_deep_then_whole(empty, whole, b"text/event-stream"), check)
+    assert streamed_by(b"data: [DONE]\n\n") == ("whole", 2)
 
 
 @pytest.mark.parametrize("error", [b'data:  {"error": {"message": "overloaded"}}\n\n', b'data:\ndata: {"error": "overloaded"}\n\n'])
 def test_an_error_as_first_event_whose_json_does_not_open_the_data_still_falls_back(error):
     # JSON may start with blanks (a space more after the colon, an empty first data line): the
     # tally reads such an error, so the call failed once relayed, where it should fall back.
-    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-        loop = asyncio.get_running_loop()
-        opened = await forward(client, ["deep", "whole"], payload, True, loop.time() + 30)
-        assert (opened.model, opened.attempts) == ("whole", 2)
-        await opened.response.aclose()
-
-    against(_deep_then_whole(error + b"data: [DONE]\n\n", whole, b"text/event-stream"), check)
+    assert streamed_by(error + b"data: [DONE]\n\n") == ("whole", 2)
 
 
 def test_an_error_event_without_data_before_the_first_event_does_not_fail_the_model():
     # No SSE client dispatches it (no data): the answer after it is the model's, not to be thrown
     # away for the next model's, paid for again.
-    stream = b'event: error\n\ndata: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-        loop = asyncio.get_running_loop()
-        opened = await forward(client, ["deep", "whole"], payload, True, loop.time() + 30)
-        assert (opened.model, opened.attempts) == ("deep", 1)
-        await opened.response.aclose()
-
-    against(_deep_then_whole(stream, stream, b"text/event-stream"), check)
+    assert streamed_by(b"event: error\n\n" + WHOLE_STREAM) == ("deep", 1)
 
 
 # '²', '¹³' in Latin-1, which str.isdigit() takes for digits; more digits than int() reads.
