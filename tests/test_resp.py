@@ -487,7 +487,7 @@ LOOPS = pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 def run_on(loop_name: str, coroutine: Any) -> Any:
     import uvloop
 
-    factory = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.new_event_loop
+    factory = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.SelectorEventLoop  # whatever the policy
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coroutine)
 
