@@ -4,6 +4,7 @@ and a silent server for what happens when Redis does not answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import ssl
@@ -495,16 +496,23 @@ def run_on(loop_name: str, coroutine: Any) -> Any:
 @LOOPS
 def test_a_command_whose_write_a_long_turn_of_the_loop_held_up_is_timed_from_its_write(loop_name):
     # A busy loop (a load spike) holds the turn's writes until the turn ends: the command has
-    # not reached Redis yet, so its timeout cannot have started.
+    # not reached Redis yet, so its timeout cannot have started. Redis answers in 20 ms, well
+    # within the timeout: a local one answered before the timer's second look, and the test
+    # passed with the command timed from its queueing.
+    port, stop = redis_answering_after(0.02)
+
     async def run() -> None:
-        redis = client(timeout=0.1)
+        redis = client(f"redis://127.0.0.1:{port}", timeout=0.1)
         await redis.connect()
         reply = redis.call_soon("PING")
         time.sleep(0.3)  # this turn of the loop runs three timeouts long before the write goes
         assert await asyncio.wait_for(reply, 2) == "PONG"
         await redis.close()
 
-    run_on(loop_name, run())
+    try:
+        run_on(loop_name, run())
+    finally:
+        stop()
 
 
 @LOOPS
@@ -515,19 +523,70 @@ def test_a_reply_that_arrived_while_another_socket_was_being_served_at_length_is
         def data_received(self, data: bytes) -> None:
             time.sleep(0.3)  # a large body parsed, a slow hook: three timeouts long
 
+    # Redis answers in 20 ms, so its reply comes while the slow callback runs: a local one
+    # answered within the poll that read the slow socket, and the test passed without the
+    # timer's second look.
+    port, stop = redis_answering_after(0.02)
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        redis = client(timeout=0.1)
+        redis = client(f"redis://127.0.0.1:{port}", timeout=0.1)
         await redis.connect()
         ours, theirs = socket.socketpair()
         await loop.connect_accepted_socket(Slow, ours)
         reply = redis.call_soon("PING")  # leaves at the end of this turn
-        theirs.send(b"x")  # the slow socket is ready when the loop polls right after
+        # The slow socket is ready once the command has left (sooner, uvloop reads it first).
+        loop.call_soon(theirs.send, b"x")
         assert await asyncio.wait_for(reply, 2) == "PONG"
         await redis.close()
         theirs.close()
 
-    run_on(loop_name, run())
+    try:
+        run_on(loop_name, run())
+    finally:
+        stop()
+
+
+def redis_answering_after(delay: float) -> tuple[int, Any]:
+    """A Redis answering each PING `delay` seconds after it came. Returns its port and a
+    function that stops it."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    size = len(encode(("PING",)))
+
+    def serve() -> None:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        received = answered = 0
+        with connection:
+            while True:
+                try:
+                    data = connection.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                received += len(data)
+                time.sleep(delay)
+                try:
+                    connection.sendall(b"+PONG\r\n" * (received // size - answered))
+                except OSError:
+                    return
+                answered = received // size
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stopped() -> None:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes an accept() still waiting
+        listener.close()
+        thread.join(5)
+
+    return listener.getsockname()[1], stopped
 
 
 @LOOPS
