@@ -67,6 +67,7 @@ class Metrics:
         self.team_label = team_label
         self._credits_ttl = credits_ttl
         self._credits: tuple[float, list[tuple[str, int]]] = (0.0, [])
+        self._rendering: asyncio.Future[bytes] | None = None  # the scrape being rendered, if any
         self.registry = CollectorRegistry(auto_describe=True)
         team = ("team",) if team_label else ()
         registry, shared = self.registry, multiprocess_enabled()
@@ -172,7 +173,22 @@ class Metrics:
     # --- rendering ---------------------------------------------------------------------------
 
     async def render(self, balances: Callable[[], Awaitable[list[tuple[str, int]]]]) -> bytes:
-        """The /metrics text; `balances` reads (team, credits_remaining) from the store."""
+        """The /metrics text; `balances` reads (team, credits_remaining) from the store. Scrapes
+        that come while one is rendered share its text: renders never pile up in the default
+        thread pool (a scraper retrying, a render longer than the interval), which the store's
+        reads use too."""
+        if self._rendering is None:
+            self._rendering = asyncio.ensure_future(self._render(balances))
+            self._rendering.add_done_callback(self._rendered)
+        return await asyncio.shield(self._rendering)
+
+    def _rendered(self, rendering: asyncio.Future[bytes]) -> None:
+        if self._rendering is rendering:
+            self._rendering = None
+        if not rendering.cancelled():
+            rendering.exception()  # told to whoever waited; none may have, all gone
+
+    async def _render(self, balances: Callable[[], Awaitable[list[tuple[str, int]]]]) -> bytes:
         collector: Collecting
         if multiprocess_enabled():
             collector = _Merged(os.environ[MULTIPROC_ENV], self._families)

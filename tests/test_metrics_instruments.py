@@ -168,3 +168,24 @@ def test_series_added_while_a_scrape_is_rendered_leave_it_whole():
             infinite = [s for s in families["tollgate_request_duration_seconds"].samples
                         if s.name.endswith("_bucket") and s.labels.get("le") == "+Inf"]
             assert infinite[0].value == sample.value  # a histogram's buckets and count agree
+
+
+def test_scrapes_that_come_while_one_is_rendered_share_its_text(monkeypatch):
+    # Each rendered in the thread pool of its own, a scraper retrying on a slow render piled
+    # renders up there, where the store's reads wait too.
+    import proxy.metrics
+
+    metrics, renders = many_teams(2000), []
+    render = proxy.metrics._render
+
+    def counted(*args):
+        renders.append(1)
+        return render(*args)
+
+    monkeypatch.setattr(proxy.metrics, "_render", counted)
+
+    async def run() -> list[bytes]:
+        return await asyncio.gather(*(metrics.render(lambda: balances_of(2000)) for _ in range(5)))
+
+    texts = asyncio.run(run())
+    assert len(renders) == 1 and len(set(texts)) == 1
