@@ -27,6 +27,8 @@ class Occasional:
         self._clock = clock
         self._said_at = -math.inf
         self._due = 0  # times the line was due since it was last said
+        per = "a minute" if every == 60 else f"every {every:g} s"
+        self._suffix = f" (times since last logged: %d; logged at most once {per})"
 
     def __call__(self, message: str, *args: Any) -> None:
         self._due += 1
@@ -34,8 +36,5 @@ class Occasional:
         if now - self._said_at < self._every:
             return
         self._said_at = now
-        self._log.log(
-            self._level, message + " (%d times since this was last logged, which is once a minute at most)",
-            *args, self._due,
-        )
+        self._log.log(self._level, message + self._suffix, *args, self._due)
         self._due = 0
