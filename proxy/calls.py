@@ -430,8 +430,10 @@ class CallPipeline:
             model = exc.attempts[-1].model if exc.attempts else None
             if exc.unreachable:
                 # Every call fails so while LiteLLM is down; a model failing is the call's own news.
-                self._unreachable("LiteLLM cannot be reached (%s): calls answer 503 until it is back",
-                                  exc.attempts[-1].error)
+                self._unreachable(
+                    "LiteLLM cannot be reached, or drops the connection (%s): calls answer 503 until it is back",
+                    exc.attempts[-1].error,
+                )
             await self._finish(call, "error", model, none, len(exc.attempts), redact(str(exc)))
             if exc.all_rate_limited:
                 return ApiError(

@@ -65,7 +65,7 @@ class Attempt:
     status: int | None = None
     retry_after: int | None = None
     unhandled: bool = False  # LiteLLM's bare 500 (see _UNHANDLED)
-    unreachable: bool = False  # no answer from LiteLLM at all: its connection failed
+    unreachable: bool = False  # no answer from LiteLLM at all: its connection failed or was dropped
 
 
 class UpstreamFailed(Exception):
