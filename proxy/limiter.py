@@ -669,7 +669,12 @@ class RedisLimiter:
         return [call_id, tokens, 1 if release else 0, self._window_ms]
 
     def _later(self, call_id: str, keys: Keys, args: list[Any], queued_at: float | None = None) -> None:
-        if call_id not in self._unknown and len(self._unknown) >= MAX_UNKNOWN:
+        queued = self._unknown.get(call_id)
+        if queued is not None and queued[1][2] and not args[2]:
+            # A release waiting stands: the call never started, and the settle of its record's
+            # end (no usage) would count its request for the rest of the window.
+            return
+        if queued is None and len(self._unknown) >= MAX_UNKNOWN:
             del self._unknown[next(iter(self._unknown))]
         self._unknown[call_id] = (keys, args, self._clock() if queued_at is None else queued_at)
 

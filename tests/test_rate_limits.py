@@ -656,6 +656,28 @@ def test_a_release_skipped_while_redis_failed_is_done_once_it_answers_again(redi
     asyncio.run(run())
 
 
+def test_a_release_skipped_while_redis_failed_stands_when_the_calls_zero_usage_follows_it(redis_server):
+    # A call the shutdown cuts before it starts is released, then finished with no usage: queued
+    # under the same call id, the settle replaced the release, and the call's request went on
+    # counting against the team's RPM for the rest of its window.
+    limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
+    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
+        cut = await limiter.admit(limits, "cut-before-it-started", 10)
+        with paused(redis_server):
+            assert (await limiter.admit(limits, "timed-out", 10)).backend == "local"  # the breaker opens
+        await limiter.settle(cut, 0, release=True)
+        limiter.settle_soon(cut, 0)  # its record's end, as for any call
+        await asyncio.sleep(0.3)
+        assert (await limiter.admit(limits, "after", 10)).backend == "redis"
+        assert redis_server.cli("ZRANGE", requests, "0", "-1").split() == ["after"]
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 def test_a_calls_real_usage_reaches_redis_even_when_it_ends_while_the_breaker_is_open(redis_server):
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
     base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
