@@ -89,24 +89,25 @@ def cost_of(usage: Usage, model: str | None, pricing: Pricing) -> float:
 
 
 def completion_chars(message: Any) -> int:
-    """Characters of generated text in a non-streaming message (for estimates)."""
+    """Characters of generated text in a non-streaming message, or in a stream's delta, which
+    has the same fields (for estimates: an answer estimates as its stream would)."""
     if not isinstance(message, dict):
         return 0
     chars = 0
-    # The text a stream's tally counts (`_generated`), so that an answer estimates as its stream would.
     for key in ("content", "reasoning_content", "refusal"):
         text = message.get(key)
         chars += len(text) if isinstance(text, str) else 0
     calls = message.get("tool_calls")
     for call in calls if isinstance(calls, list) else ():  # an upstream's odd answer is still recorded
-        if isinstance(call, dict) and isinstance(call.get("function"), dict):
-            arguments = call["function"].get("arguments")
-            chars += len(arguments) if isinstance(arguments, str) else 0
-    function_call = message.get("function_call")  # the legacy `functions` API's
-    if isinstance(function_call, dict):
-        arguments = function_call.get("arguments")
-        chars += len(arguments) if isinstance(arguments, str) else 0
-    return chars
+        if isinstance(call, dict):
+            chars += arguments_chars(call.get("function"))
+    return chars + arguments_chars(message.get("function_call"))  # the legacy `functions` API's
+
+
+def arguments_chars(function: Any) -> int:
+    """Characters of a function call's arguments: a tool call's `function`, or `function_call`."""
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    return len(arguments) if isinstance(arguments, str) else 0
 
 
 # A stream's text is read only for an estimate, needed when no usage chunk comes: until then its
@@ -197,26 +198,8 @@ def _generated(chunk: dict[str, Any]) -> int:
     chars = 0
     choices = chunk.get("choices")
     for choice in choices if isinstance(choices, list) else ():
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            continue
-        for key in ("content", "reasoning_content", "refusal"):
-            text = delta.get(key)
-            if isinstance(text, str):
-                chars += len(text)
-        calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            function = call.get("function") if isinstance(call, dict) else None
-            arguments = function.get("arguments") if isinstance(function, dict) else None
-            if isinstance(arguments, str):
-                chars += len(arguments)
-        function_call = delta.get("function_call")  # the legacy `functions` API's delta
-        if isinstance(function_call, dict):
-            arguments = function_call.get("arguments")
-            if isinstance(arguments, str):
-                chars += len(arguments)
+        if isinstance(choice, dict):
+            chars += completion_chars(choice.get("delta"))
     return chars
 
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .accounting import arguments_chars
 from .errors import ApiError
 from .json_codec import dumps
 from .records import IMPLICIT_JOB_TYPE, is_implicit
@@ -395,15 +396,10 @@ def _check_messages(messages: Any) -> int:
             for call in tool_calls:
                 if not isinstance(call, dict):
                     raise invalid(f"messages[{i}].tool_calls", "must be a list of objects")
-                chars += _arguments_chars(call.get("function"))
+                chars += arguments_chars(call.get("function"))
         if role == "assistant":
-            chars += _arguments_chars(message.get("function_call"))  # the legacy functions API's
+            chars += arguments_chars(message.get("function_call"))  # the legacy functions API's
     return chars
-
-
-def _arguments_chars(function: Any) -> int:
-    arguments = function.get("arguments") if isinstance(function, dict) else None
-    return len(arguments) if isinstance(arguments, str) else 0
 
 
 def _check_stop(stop: Any) -> None:
