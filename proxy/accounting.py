@@ -14,7 +14,7 @@ from typing import Any
 
 from .json_codec import loads
 from .pricing import Pricing
-from .sse import SSEEvent
+from .sse import SSEEvent, ends_stream
 
 COST_DECIMALS = 12
 
@@ -141,7 +141,7 @@ class StreamTally:
         if event.event == "error":
             self.error = data.decode("utf-8", "replace")[:2000] or "error event"
             return False
-        if data.startswith(b"[DONE]"):  # as the openai SDK reads it (`[DONE] ` too)
+        if ends_stream(data):
             self.done = True
             return False
         # find(), not `in`: on Python 3.11 `bytes in bytes` first tries the needle as an integer

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Literal, Sequence, overload
 
 from .accounting import json_object
 from .json_codec import dumps, loads
-from .sse import EventTooLarge, SSEEvent, SSEScanner
+from .sse import EventTooLarge, SSEEvent, SSEScanner, ends_stream
 from .upstream import AnswerTooLarge, TransportError, Upstream, UpstreamResponse, UpstreamTimeout
 
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -218,7 +218,7 @@ async def _first_event(response: UpstreamResponse, model: str, number: int) -> O
         error = _error_of(first)
         if error is not None:
             return Attempt(model, f"error event: {error}", 200)
-        if (first.data or b"").startswith(b"[DONE]"):  # as StreamTally reads it
+        if ends_stream(first.data or b""):  # it has data (picked so), which mypy cannot tell
             # Nothing but its end: no more usable than an answer without choices.
             return Attempt(model, "stream ended before its first event", 200)
         response.expect_by(math.inf, "")  # from here only each silence is bounded

@@ -31,6 +31,12 @@ class SSEEvent(NamedTuple):
     event: str | None  # its event field, if any
 
 
+def ends_stream(data: bytes) -> bool:
+    """Whether an event's data is OpenAI's end of a stream, as the openai SDK reads it (`[DONE] `
+    too): the gateway's reading must be the client's."""
+    return data.startswith(b"[DONE]")
+
+
 class SSEScanner:
     def __init__(self) -> None:
         self._buffer = b""
