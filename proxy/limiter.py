@@ -434,17 +434,13 @@ for s = 1, #KEYS / 4 do
   local requests, tokens, amounts, total = KEYS[s*4-3], KEYS[s*4-2], KEYS[s*4-1], KEYS[s*4]
   count_afresh_if_evicted(tokens, amounts, total)
   local old = redis.call('HGET', amounts, call)
-  if release then
+  if release or ago >= window then
+    -- Its tokens are forgotten: released, it never started; or it ended a window ago or more
+    -- (the settle waited for Redis), its usage has had its window and its estimate's began before.
     if old then
-      redis.call('ZREM', requests, call)
-      redis.call('ZREM', tokens, call)
-      redis.call('HDEL', amounts, call)
-      redis.call('DECRBY', total, tonumber(old))
-    end
-  elseif ago >= window then
-    -- It ended a window ago or more (the settle waited for Redis): its usage has had its window,
-    -- and its estimate's began before.
-    if old then
+      if release then
+        redis.call('ZREM', requests, call)
+      end
       redis.call('ZREM', tokens, call)
       redis.call('HDEL', amounts, call)
       redis.call('DECRBY', total, tonumber(old))
