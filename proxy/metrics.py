@@ -26,7 +26,7 @@ import glob
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable, Iterable, Iterator, NamedTuple, Protocol
+from typing import Any, Awaitable, Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -62,6 +62,9 @@ def multiprocess_enabled() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
 
 
+_Instrument = TypeVar("_Instrument", Counting, Observing)
+
+
 class Metrics:
     def __init__(self, team_label: bool = True, credits_ttl: float = 5.0) -> None:
         self.team_label = team_label
@@ -73,17 +76,16 @@ class Metrics:
         registry, shared = self.registry, multiprocess_enabled()
         self._local: list[LocalInstrument] = []  # in the order they render, unless shared
 
-        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counting:
-            made = instruments.counter(name, doc, labels, registry, shared)
+        def kept(made: _Instrument) -> _Instrument:
             if isinstance(made, LocalInstrument):
                 self._local.append(made)
             return made
 
+        def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counting:
+            return kept(instruments.counter(name, doc, labels, registry, shared))
+
         def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Observing:
-            made = instruments.histogram(name, doc, labels, buckets, registry, shared)
-            if isinstance(made, LocalInstrument):
-                self._local.append(made)
-            return made
+            return kept(instruments.histogram(name, doc, labels, buckets, registry, shared))
 
         self._requests = counter("tollgate_requests_total", "HTTP requests answered", ("route", "method", "status"))
         self._request_duration = histogram(
@@ -234,8 +236,6 @@ class Collecting(Protocol):
 
 def _render(collector: Collecting, balances: list[tuple[str, int]] | None) -> bytes:
     """The scrape's text, in a thread of its own (it runs no code of the event loop's)."""
-    if isinstance(collector, _Merged):
-        forget_dead_processes(collector.directory)
     text = generate_latest(collector)  # type: ignore[arg-type]  # it only calls collect()
     if balances is not None:
         text += generate_latest(_Balances(balances))  # type: ignore[arg-type]
@@ -260,11 +260,12 @@ class _Merged:
     worker has incremented would be missing, HELP and TYPE too, where one process names it."""
 
     def __init__(self, directory: str, families: list[tuple[str, str, str]]) -> None:
-        self.directory = directory
+        self._directory = directory
         self._families = families
 
     def collect(self) -> Any:
-        merged = {metric.name: metric for metric in MultiProcessCollector(None, self.directory).collect()}
+        forget_dead_processes(self._directory)
+        merged = {metric.name: metric for metric in MultiProcessCollector(None, self._directory).collect()}
         for name, documentation, kind in self._families:
             metric = merged.pop(name, None)
             yield Metric(name, documentation, kind) if metric is None else metric
