@@ -179,6 +179,33 @@ def stolen_seconds() -> float:
     return int(fields[8]) / CLOCK_TICKS if len(fields) > 8 else 0.0
 
 
+def disk_flush(directory: Path, samples: int) -> tuple[float, float]:
+    """p50 seconds of a 4 KiB overwrite's fdatasync in `directory` (where the store's WAL is):
+    back to back, and after a millisecond's sleep. A call at concurrency 1 waits for one such
+    fsync after the machine went idle; on a VM that can cost ten times a busy disk's (the
+    vCPU halted, the host's I/O thread asleep), and concurrency 1's latency follows."""
+    path = directory / "disk-probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"\0" * (64 * 4096), 0)
+        os.fsync(fd)
+        medians = []
+        for idle in (0.0, 0.001):
+            times = []
+            for i in range(samples):
+                os.pwrite(fd, os.urandom(4096), (i % 64) * 4096)
+                started = time.perf_counter()
+                os.fdatasync(fd)
+                times.append(time.perf_counter() - started)
+                if idle:
+                    time.sleep(idle)
+            medians.append(percentile(sorted(times), 50))
+        return medians[0], medians[1]
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def rss_mb(pid: int) -> float:
     return sum(int(fields[21]) for fields in process_tree(pid).values()) * PAGE_SIZE / 2**20  # rss, in pages
 
@@ -428,6 +455,7 @@ async def run(args: argparse.Namespace) -> None:
     chunks = 20
     litellm_python = litellm_on_this_interpreter()
     with tempfile.TemporaryDirectory(prefix="tollgate-bench-") as tmp, services(Path(tmp), args.upstream, args.workers) as s:
+        flush = disk_flush(Path(tmp), 50 if args.smoke else 400)
         fake_url, fake_pid = s["fake"]
         litellm: LiteLLM = s["litellm"]
         litellm_headers = f"Authorization: Bearer {litellm.master_key}\r\n".encode()
@@ -456,22 +484,24 @@ async def run(args: argparse.Namespace) -> None:
                     rows.append((("stream" if stream else "plain"), concurrency, target.name, m))
                     print(f"  {rows[-1][0]:6} c={concurrency:<3} {target.name:26} {m['rps']:8.0f} req/s", file=sys.stderr)
         if args.no_extras:
-            print(report(rows, None, None, open_streams, None, None, args, litellm_python))
+            print(report(rows, None, None, open_streams, None, None, args, litellm_python, flush))
             return
         direct_delay = await chunk_delay(targets[0], 20)
         tollgate_delay = await chunk_delay(targets[1], 20)
         before, during = await memory_with_open_streams(targets[1], open_streams)
-    print(report(rows, direct_delay, tollgate_delay, open_streams, before, during, args, litellm_python))
+    print(report(rows, direct_delay, tollgate_delay, open_streams, before, during, args, litellm_python, flush))
 
 
 def report(rows: list, direct_delay: float | None, tollgate_delay: float | None, streams: int, before: float | None,
-           during: float | None, args: argparse.Namespace, litellm_python: Path) -> str:
+           during: float | None, args: argparse.Namespace, litellm_python: Path, flush: tuple[float, float]) -> str:
     ours = interpreter()
     lines = [
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()} "
         f"({ours}{'' if litellm_python == ours else f'; LiteLLM on {litellm_python}'}), "
         f"{'smoke' if args.smoke else f'{args.seconds:g} s per cell in {args.slices} interleaved slices'}, "
         f"upstream: {args.upstream}" + (f", Tollgate workers: {args.workers}" if args.workers > 1 else ""),
+        f"Disk under the store: a 4 KiB fdatasync takes {flush[0] * 1000:.3f} ms back to back, "
+        f"{flush[1] * 1000:.3f} ms after 1 ms idle (p50; concurrency 1 waits for one of the latter per call)",
         "",
         "| mode | conc. | target | req/s | p50 ms | p99 ms | TTFB p50 ms | CPU ms/req (that process) "
         "| kernel threads ms/req (whole VM) | stolen |",

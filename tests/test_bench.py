@@ -20,6 +20,7 @@ def test_benchmark_smoke_mode_produces_the_whole_table():
     assert "| stream | 10 |" in result.stdout and "per streamed chunk" in result.stdout
     assert "open streams" in result.stdout
     assert "kernel threads ms/req (whole VM)" in result.stdout
+    assert "Disk under the store: a 4 KiB fdatasync takes" in result.stdout
     assert "Against the targets of issue 7" in result.stdout
 
 
@@ -53,6 +54,13 @@ def test_a_kernel_thread_that_exits_during_a_slice_takes_none_of_the_slice_with_
     before = {10: 5.0, 11: 7.0}  # thread 11 exits during the slice, thread 12 starts in it
     monkeypatch.setattr(bench, "kernel_threads", lambda: {10: 5.5, 12: 0.25})
     assert bench.kernel_seconds_since(before) == 0.75
+
+
+def test_the_disk_probe_times_flushes_where_the_store_is_and_leaves_nothing_behind(tmp_path):
+    bench = load_bench()
+    busy, idle = bench.disk_flush(tmp_path, 5)
+    assert 0 < busy < 10 and 0 < idle < 10
+    assert list(tmp_path.iterdir()) == []
 
 
 def make_venv_record(venv, executable):
