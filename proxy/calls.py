@@ -76,7 +76,11 @@ class Call:
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         """`headers()` as ASGI carries them: what the call's answer sends."""
-        return [(b"x-job-id", self.job_id.encode()), (b"x-call-id", self.call_id.encode()), *self.decision.raw_headers()]
+        call_id = self.call_id.encode()
+        # x-request-id too: the OpenAI SDKs show it as a response's `_request_id` and an error's
+        # `request_id`, the id a user quotes when asking about a call.
+        return [(b"x-job-id", self.job_id.encode()), (b"x-call-id", call_id), (b"x-request-id", call_id),
+                *self.decision.raw_headers()]
 
 
 @dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"

@@ -116,6 +116,23 @@ def test_call_without_job_header_is_its_own_job_completed_and_charged(sdk, tollg
     assert admin.get_team(team.team_id)["credits_used"] == 1
 
 
+def test_the_sdks_request_id_is_the_call_id(sdk):
+    raw = sdk.chat.completions.with_raw_response.create(model="Main", messages=HELLO)
+    assert raw.request_id == raw.headers["x-call-id"]
+    assert raw.parse()._request_id == raw.headers["x-call-id"]
+
+
+def test_a_failed_calls_error_names_the_call_as_its_request_id(tollgate, admin):
+    team = admin.team(groups=("AllFail",))
+    client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="AllFail", messages=HELLO)
+    call_id = info.value.response.headers["x-call-id"]
+    assert info.value.request_id == call_id
+    job = tollgate.client(team.key).get(f"/api/jobs/{info.value.response.headers['x-job-id']}").json()
+    assert [call["call_id"] for call in job["calls"]] == [call_id]
+
+
 def test_failed_implicit_job_is_failed_and_not_charged(tollgate, admin):
     team = admin.team(groups=("AllFail",))
     client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
