@@ -653,10 +653,11 @@ class RedisLimiter:
             retry / 1000 if refused and kind != "never" else None,  # retry_after
         )
 
-    def settle_later(self, decision: Decision, tokens: int, release: bool = False) -> None:
-        """`settle`, sent with the next admit that reaches Redis."""
+    def settle_later(self, decision: Decision, tokens: int, release: bool = False, ended: float | None = None) -> None:
+        """`settle`, sent with the next admit that reaches Redis; its usage counted from `ended`
+        (the clock's time when the call ended; none: now)."""
         args = self._settle_args(decision.call_id, tokens, release)
-        self._later(decision.call_id, self._keys(decision.limits), args)
+        self._later(decision.call_id, self._keys(decision.limits), args, ended)
 
     def _release_later(self, call_id: str, keys: Keys) -> None:
         self._later(call_id, keys, self._settle_args(call_id, 0, True))
@@ -742,10 +743,10 @@ class RedisLimiter:
         reply.add_done_callback(_log_repair)
         return reply
 
-    def settle_repaired(self, decision: Decision, tokens: int) -> None:
+    def settle_repaired(self, decision: Decision, tokens: int, ended: float | None = None) -> None:
         """`settle_soon` again, behind the repair of its keys: Redis refused it for what they hold."""
         args = self._settle_args(decision.call_id, tokens, False)
-        self._resend_repaired(decision.call_id, self._keys(decision.limits), args)
+        self._resend_repaired(decision.call_id, self._keys(decision.limits), args, ended)
 
     def _resend_repaired(self, call_id: str, keys: Keys, args: list[Any], queued_at: float | None = None) -> None:
         repair = self._repair_soon(keys)
@@ -872,12 +873,13 @@ class RateLimiter:
                 # ended count its estimate rather than what it used: sent once Redis answers.
                 self.redis.settle_later(decision, tokens, release)
                 return
+            ended = self._clock()  # not the failure's time, up to Redis's timeout later
             try:
                 await self.redis.settle(decision, tokens, release)
             except DamagedKeys:
                 pass  # given up: its scope was counted afresh anyway
             except RedisUnavailable as error:
-                self.redis.settle_later(decision, tokens, release)
+                self.redis.settle_later(decision, tokens, release, ended)
                 self._failed(error)
 
     def settle_soon(self, decision: Decision, tokens: int) -> None:
@@ -890,16 +892,19 @@ class RateLimiter:
                 self.redis.settle_later(decision, tokens)
                 return
             reply = self.redis.settle_soon(decision, tokens)
-            reply.add_done_callback(functools.partial(self._settled, self.redis, decision, tokens))
+            ended = self._clock()  # its usage counts from now, however late a failure is heard of
+            reply.add_done_callback(functools.partial(self._settled, self.redis, decision, tokens, ended))
 
-    def _settled(self, redis: RedisLimiter, decision: Decision, tokens: int, reply: asyncio.Future[Any]) -> None:
+    def _settled(
+        self, redis: RedisLimiter, decision: Decision, tokens: int, ended: float, reply: asyncio.Future[Any]
+    ) -> None:
         error = None if reply.cancelled() else reply.exception()
         if error is None:
             return
         if _damage(error):  # Redis answers: its other keys are sound
-            redis.settle_repaired(decision, tokens)
+            redis.settle_repaired(decision, tokens, ended)
         else:
-            redis.settle_later(decision, tokens)  # it may have run, or not: sent again, it counts once
+            redis.settle_later(decision, tokens, ended=ended)  # it may have run, or not: sent again, it counts once
             self._failed(_unavailable(error))
 
     async def check(self) -> str:

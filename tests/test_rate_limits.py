@@ -728,6 +728,32 @@ def test_a_calls_usage_that_waited_for_redis_counts_for_a_window_from_its_end_no
     asyncio.run(run())
 
 
+def test_a_calls_usage_whose_sending_failed_counts_for_a_window_from_its_end_not_from_the_failure(redis_server):
+    # The settle sent as the call ended waits out Redis's timeout before it is kept for later:
+    # kept from the failure, it counted up to that timeout longer than a window from its end.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+
+    async def run() -> None:
+        config = RedisConfig(url=redis_server.url, timeout=0.5, breaker_cooldown=0.1)
+        limiter = RateLimiter(RateLimitsConfig(window=1.0), config)
+        long_call = await limiter.admit(limits, "long-call", 100)
+        loop = asyncio.get_running_loop()
+        with paused(redis_server):
+            ended = loop.time()
+            limiter.settle_soon(long_call, 900)  # it ends now, having used 900 tokens; no reply comes
+            while not limiter.degraded:  # its reply has timed out
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(max(limiter.reopens_in(), ended + 0.8 - loop.time()))
+        sends = await limiter.admit(limits, "sends-it", 10)  # the usage reaches Redis with it
+        assert (sends.backend, sends.admitted, sends.usage[0].tokens) == ("redis", True, 910)
+        await asyncio.sleep(ended + 1.2 - loop.time())  # a window since the call ended, not since the failure
+        after = await limiter.admit(limits, "after", 500)
+        assert (after.backend, after.admitted, after.usage[0].tokens) == ("redis", True, 510)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("evicted", ["tokens", "amounts", "total"])
 def test_a_scopes_key_evicted_alone_leaves_its_tokens_counted_afresh_not_wrongly(redis_server, evicted):
     # An evicting maxmemory policy takes keys one at a time (volatile-* too: all of these expire).
