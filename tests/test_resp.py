@@ -11,7 +11,7 @@ import ssl
 import subprocess
 import time
 import uuid
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -23,6 +23,27 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 def client(url: str = REDIS_URL, timeout: float = 1.0) -> Redis:
     return Redis(url, connect_timeout=1.0, timeout=timeout)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def fake_redis(handler: Handler, timeout: float = 1.0) -> AsyncIterator[Redis]:
+    """A client of a server that is `handler` (asyncio.start_server's callback): a Redis
+    that answers as a test needs, or not at all."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    redis = client(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=timeout)
+    try:
+        yield redis
+    finally:
+        await redis.close()
+        server.close()
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A Redis that reads nothing and answers nothing (for longer than any test waits)."""
+    await asyncio.sleep(5)
 
 
 def test_every_reply_type_parses_and_a_cut_reply_waits_for_more():
@@ -176,15 +197,11 @@ def test_a_silent_redis_times_out_and_the_next_command_reconnects():
             await asyncio.sleep(1)
 
     async def run() -> None:
-        port = free_port()
-        server = await asyncio.start_server(silent_then_real, "127.0.0.1", port)
-        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
-        with pytest.raises(RedisError):
-            await redis.call("PING")
-        assert await redis.call("PING") == "PONG"
-        assert len(connections) == 2
-        await redis.close()
-        server.close()
+        async with fake_redis(silent_then_real, timeout=0.2) as redis:
+            with pytest.raises(RedisError):
+                await redis.call("PING")
+            assert await redis.call("PING") == "PONG"
+            assert len(connections) == 2
 
     asyncio.run(run())
 
@@ -197,14 +214,10 @@ def test_a_script_sent_soon_to_a_redis_gone_silent_fails_in_time():
         await asyncio.sleep(5)  # and never again
 
     async def run() -> None:
-        port = free_port()
-        server = await asyncio.start_server(answers_once, "127.0.0.1", port)
-        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
-        assert await redis.call("PING") == "PONG"  # connected: the script goes out at once
-        with pytest.raises(RedisError):
-            await asyncio.wait_for(redis.evalsha_soon(Script("return 1"), Keys(["k"]), []), 2)
-        await redis.close()
-        server.close()
+        async with fake_redis(answers_once, timeout=0.2) as redis:
+            assert await redis.call("PING") == "PONG"  # connected: the script goes out at once
+            with pytest.raises(RedisError):
+                await asyncio.wait_for(redis.evalsha_soon(Script("return 1"), Keys(["k"]), []), 2)
 
     asyncio.run(run())
 
@@ -216,37 +229,26 @@ def test_commands_answered_in_time_never_trip_the_timeout_however_long_the_traff
             writer.write(b"+PONG\r\n")
 
     async def run() -> None:
-        port = free_port()
-        server = await asyncio.start_server(answers_each_after_a_while, "127.0.0.1", port)
-        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
-        started = asyncio.get_running_loop().time()
-        while asyncio.get_running_loop().time() - started < 0.8:  # four timeouts' worth, one connection
-            assert await redis.call("PING") == "PONG"
-        await redis.close()
-        server.close()
+        async with fake_redis(answers_each_after_a_while, timeout=0.2) as redis:
+            started = asyncio.get_running_loop().time()
+            while asyncio.get_running_loop().time() - started < 0.8:  # four timeouts' worth, one connection
+                assert await redis.call("PING") == "PONG"
 
     asyncio.run(run())
 
 
 def test_a_command_whose_caller_gave_up_still_counts_against_the_timeout():
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(5)
-
     async def run() -> None:
-        port = free_port()
-        server = await asyncio.start_server(silent, "127.0.0.1", port)
-        redis = client(f"redis://127.0.0.1:{port}", timeout=1.0)
-        await redis.connect()
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(redis.call("PING"), 0.5)  # its reply is still owed
-        later = asyncio.ensure_future(redis.call("PING"))
-        # The first command's reply is overdue 1 s after it was sent: the connection is given
-        # up then, and the command behind it with it, half a second before its own 1 s are up.
-        # (Seconds, not tenths: a loaded machine's loop is late by tenths.)
-        with pytest.raises(RedisError, match="in time"):
-            await asyncio.wait_for(later, 0.9)
-        await redis.close()
-        server.close()
+        async with fake_redis(silent, timeout=1.0) as redis:
+            await redis.connect()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(redis.call("PING"), 0.5)  # its reply is still owed
+            later = asyncio.ensure_future(redis.call("PING"))
+            # The first command's reply is overdue 1 s after it was sent: the connection is given
+            # up then, and the command behind it with it, half a second before its own 1 s are up.
+            # (Seconds, not tenths: a loaded machine's loop is late by tenths.)
+            with pytest.raises(RedisError, match="in time"):
+                await asyncio.wait_for(later, 0.9)
 
     asyncio.run(run())
 
@@ -591,18 +593,11 @@ def redis_answering_after(delay: float) -> tuple[int, Any]:
 
 @LOOPS
 def test_a_silent_redis_still_times_out_on_either_loop(loop_name):
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(5)
-
     async def run() -> None:
-        port = free_port()
-        server = await asyncio.start_server(silent, "127.0.0.1", port)
-        redis = client(f"redis://127.0.0.1:{port}", timeout=0.2)
-        await redis.connect()
-        with pytest.raises(RedisError, match="in time"):
-            await asyncio.wait_for(redis.call("PING"), 2)
-        await redis.close()
-        server.close()
+        async with fake_redis(silent, timeout=0.2) as redis:
+            await redis.connect()
+            with pytest.raises(RedisError, match="in time"):
+                await asyncio.wait_for(redis.call("PING"), 2)
 
     run_on(loop_name, run())
 
