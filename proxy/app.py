@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .observe import LogHandler, ObserveMiddleware
 from .openai_api import OpenAIApi
 from .pricing import Pricing
+from .server_wide import ServerWide, served_methods
 from .store import open_store
 from .sweeper import sweep_forever
 from .upstream import Upstream
@@ -140,6 +141,9 @@ def create_app(config: Config) -> Starlette:
     # A path with a trailing slash is a 404 like any other unknown path, not a redirect to an
     # address built from the client's own Host header.
     app.router.redirect_slashes = False
+    # `OPTIONS *`, which no route can match (a route's path begins with /), is answered where the
+    # requests no route matched go: the requests routed do nothing more for it.
+    app.router.default = ServerWide(served_methods(app.router.routes), app.router.default)
     return app
 
 

@@ -35,10 +35,20 @@ MAX_HEAD_BYTES = 64 * 1024
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Seconds a refused connection is kept open for the client to read the refusal.
 LINGER = 2.0
+# RFC 9110's names of statuses Python names otherwise before 3.13 ("Request-URI Too Long"): a
+# refusal's reason phrase and its code (`uri_too_long`) are the same under any Python.
+_PHRASES = {414: "URI Too Long"}
 _TOO_LARGE = f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB"
+# A head whose request line alone does not fit: its target is what is too long (RFC 9112, 3: 414).
+_TARGET_TOO_LONG = (
+    f"The request target is too long: a request's head, its request line included, must fit in "
+    f"{MAX_HEAD_BYTES // 1024} KiB"
+)
 _TRAILERS_TOO_LARGE = f"The request's trailer fields are larger than {MAX_HEAD_BYTES // 1024} KiB"
 # What a request line is made of before its target: a method, and the spaces after it.
 _METHOD_CHARACTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ- "
+# The empty lines a request line may come after (RFC 9112, 2.2), which end no request line.
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 # An absolute-form target's authority, after its `scheme://`.
 _AUTHORITY = re.compile(rb"[^/?#]*")
 # Host must come once in an HTTP/1.1 request, and at most once in any (RFC 9112, 3.2); neither it
@@ -108,6 +118,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # until that read is parsed (on_message_begin).
         self._head_bytes = 0
         self._head_done = False
+        # Whether the request line of the head being read ended in one of its reads so far: set by
+        # each read that leaves a head unfinished (never by one that reads a head whole), and read
+        # only at a refusal, for 414 rather than 431.
+        self._line_ended = False
         self._message_begun = False  # a request has begun and is not yet read whole
         # The Host and Authorization fields of the head being read (on_header).
         self._hosts = self._authorizations = 0
@@ -147,7 +161,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 # Refused before the parser saw this read: if it is the head's first, its request
                 # line is read here for the answer's shape and the request's count.
                 first = data if self._head_bytes == 0 else None
-                self._refuse(431, _TOO_LARGE, first)
+                line_ended = (first is None and self._line_ended) or _line_ends(
+                    data, 0, MAX_HEAD_BYTES - self._head_bytes, first is not None
+                )
+                self._refuse_head(line_ended, first)
                 return
             self._head_bytes += len(data)
         if self._reading and self._head_done:  # the body (a request's whole but its first read's)
@@ -203,11 +220,19 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 return
         # A request read whole in one go, as nearly all are, needs no timer.
         if self._reading:
-            if self._head_bytes < 0 and not self._head_done:
-                self._head_bytes = self._pipelined_head_bytes(data)
-                if self._head_bytes > MAX_HEAD_BYTES:
-                    self._refuse(431, _TOO_LARGE)
-                    return
+            if not self._head_done:  # the head goes on in the next read
+                if self._head_bytes < 0:
+                    self._head_bytes = self._pipelined_head_bytes(data)
+                    # Where the count is too large (see _pipelined_head_bytes), a line end found in
+                    # it may be the body's before it: a target too long is then refused as a head too
+                    # large, 431 rather than 414, as it was before any 414.
+                    self._line_ended = _line_ends(data, len(data) - self._head_bytes, MAX_HEAD_BYTES, True)
+                    if self._head_bytes > MAX_HEAD_BYTES:
+                        self._refuse_head(self._line_ended)
+                        return
+                else:
+                    earlier = self._head_bytes > len(data)  # this head's reads before this one
+                    self._line_ended = (earlier and self._line_ended) or _line_ends(data, 0, len(data), not earlier)
             if self._read_timer is None:
                 self._arm_read_timer()
         elif self._read_timer is not None:
@@ -235,12 +260,23 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         found = line.search(data, start)
         return len(data) - (start if found is None else found.start())
 
+    def _kept_request_line_bytes(self) -> int:
+        """The size of the request line of a head read whole, as the parser kept it."""
+        return len(self.parser.get_method()) + len(" ") + len(self.url) + len(" HTTP/1.1\r\n")
+
     def _kept_head_bytes(self) -> int:
         """The size of a head read whole, as the parser kept it: its request line and header
         lines, less the spaces it skipped."""
-        request_line = len(self.parser.get_method()) + len(" ") + len(self.url) + len(" HTTP/1.1\r\n")
         header_lines = sum(len(name) + len(":") + len(value) + len("\r\n") for name, value in self.headers)
-        return request_line + header_lines + len("\r\n")
+        return self._kept_request_line_bytes() + header_lines + len("\r\n")
+
+    def _refuse_head(self, line_ended: bool, unparsed: bytes | None = None) -> None:
+        """Refuse a head over MAX_HEAD_BYTES: a 431 if its request line ended within the bound
+        (its header fields took it past), else a 414, its target being what is too long."""
+        if line_ended:
+            self._refuse(431, _TOO_LARGE, unparsed)
+        else:
+            self._refuse(414, _TARGET_TOO_LONG, unparsed)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:  # a trailer field: counted, and dropped
@@ -289,7 +325,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         if self._head_bytes < 0 and self._kept_head_bytes() > MAX_HEAD_BYTES:
             # A pipelined head begun and ended in one read: the bound is checked here, before
             # the request is queued.
-            self._refuse(431, _TOO_LARGE)
+            self._refuse_head(self._kept_request_line_bytes() <= MAX_HEAD_BYTES)
             raise _Refused
         if self.parser.get_http_version() == "2.0":
             self._refuse(505, _HTTP_2_LINE)
@@ -492,10 +528,11 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # The target as far as it was read, for the error's shape: OpenAI's under /v1.
         method, target = self._request_line(unparsed)
         path = _path_of(target).decode("latin-1")
-        code = HTTPStatus(status).phrase.lower().replace(" ", "_")
+        phrase = _PHRASES.get(status) or HTTPStatus(status).phrase
+        code = phrase.lower().replace(" ", "_")
         body = json.dumps(error_body(path, ApiError(status, message, code=code))).encode()
         head = (
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n"
         )
         # uvicorn's own (Date, which RFC 9110, 6.6.1 wants on every answer from a server with a clock).
@@ -575,6 +612,15 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         observe: RefusalObserver | None = self.app_state.get(REFUSALS)
         if observe is not None:
             observe(method, status, time.perf_counter() - self._message_started)
+
+
+def _line_ends(data: bytes, start: int, within: int, begins_head: bool) -> bool:
+    """Whether a request line ends (its LF) in the `within` bytes of `data` from `start`, a
+    head's; if they begin the head, after the empty lines a request line may follow."""
+    end = start + max(within, 0)
+    if begins_head:
+        start = _EMPTY_LINES.match(data, start).end()  # type: ignore[union-attr]
+    return data.find(b"\n", start, end) >= 0
 
 
 def _parser_refusal(error: httptools.HttpParserError) -> str:

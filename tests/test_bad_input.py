@@ -13,7 +13,8 @@ from starlette.requests import Request
 
 from proxy.bodies import read_json_object
 from proxy.errors import ApiError
-from tests.support import fake_log, tag
+from tests.support import fake_log, tag, wait_for
+from tests.test_operations import families, value
 
 HELLO = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -354,6 +355,43 @@ def test_a_browsers_cors_preflight_is_405_saying_browsers_are_not_served(tollgat
     body = answer.json()
     message = body["error"]["message"] if path.startswith("/v1") else body["detail"]
     assert "CORS" in message and "server" in message, message
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    """Send `request`, which asks to close the connection after its answer, and read that answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_options_asterisk_is_200_allowing_every_method_the_server_serves(tollgate):
+    # RFC 9110, 9.3.7: `OPTIONS *` asks about the server as a whole (a liveness probe of some
+    # proxies), and was a 404 for a path "/*" nobody asked for.
+    reply = exchange(tollgate.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    fields = {name.lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines[1:])}
+    assert lines[0] == b"HTTP/1.1 200 OK" and body == b"", reply
+    assert fields[b"content-length"] == b"0"
+    assert fields[b"allow"] == b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
+def test_options_asterisk_is_counted_under_the_route_asterisk(tollgate):
+    def counted() -> float:
+        return value(families(tollgate), "tollgate_requests", route="*", method="OPTIONS", status="200")
+
+    before = counted()
+    exchange(tollgate.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert wait_for(lambda: counted() == before + 1, timeout=5)
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST", b"DELETE"])
+def test_any_other_method_on_the_target_asterisk_is_400_saying_it_is_for_options(tollgate, method):
+    reply = exchange(tollgate.port, method + b" * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), reply
+    detail = json.loads(body)["detail"]
+    assert "OPTIONS" in detail and "path" in detail, detail
 
 
 def test_server_stays_healthy_after_bad_input(tollgate):

@@ -398,6 +398,7 @@ def raw_refusal(port: int, request: bytes) -> bytes:
 OVERSIZED_HEAD = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n"
 REFUSED_BEFORE_THE_APP = {
     431: lambda server: OVERSIZED_HEAD,
+    414: lambda server: b"GET /health/live?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
     400: lambda server: b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
     # The head arrives, the body never does: 408 once the read timeout is over.
     408: lambda server: (

@@ -240,6 +240,76 @@ def test_an_oversized_head_on_a_kept_alive_connection_is_answered_431_too(target
         assert read_all(sock).startswith(b"HTTP/1.1 431 ")
 
 
+def send_in_reads(port: int, *parts: bytes, pause: float = 0.3) -> bytes:
+    """Send `parts` on one connection, `pause` seconds apart (each its own read, as a rule), and
+    read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for i, part in enumerate(parts):
+            if i:
+                time.sleep(pause)
+            with contextlib.suppress(OSError):  # the server may close while this still sends
+                sock.sendall(part)
+        return read_all(sock)
+
+
+def test_a_request_target_over_64_kib_is_414_saying_so(target):
+    # RFC 9112, 3: a target longer than the server will parse is a 414, not a 431 about the
+    # header fields, which a client would look for in vain.
+    server, _, _ = target
+    reply = send_in_reads(server.port, b"GET /health/live?q=", *[b"a" * 30_000] * 4)
+    assert reply.startswith(b"HTTP/1.1 414 "), reply[:200]
+    detail = json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+    assert "target" in detail and "64 KiB" in detail, detail
+
+
+def test_a_whole_request_line_over_64_kib_sent_at_once_is_414_too(target):
+    server, _, _ = target
+    reply = raw_exchange(server.port, b"GET /health/live?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 414 "), reply[:200]
+
+
+def test_a_request_target_over_64_kib_after_empty_lines_is_414_too(target):
+    # RFC 9112, 2.2: a server should skip empty lines before a request line; they end no line.
+    server, _, _ = target
+    reply = send_in_reads(server.port, b"\r\n\r\nGET /health/live?q=", *[b"a" * 30_000] * 3)
+    assert reply.startswith(b"HTTP/1.1 414 "), reply[:200]
+
+
+def test_a_request_target_over_64_kib_under_v1_is_414_in_openai_shape(target):
+    server, _, _ = target
+    reply = send_in_reads(server.port, b"POST /v1/chat/completions?q=" + b"a" * 30_000, *[b"a" * 30_000] * 3)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 414 "), head
+    error = json.loads(body)["error"]
+    assert "target" in error["message"] and error["type"] == "invalid_request_error", error
+    assert error["code"] == "uri_too_long", error  # RFC 9110's name, whatever Python's version calls it
+
+
+def test_a_long_request_line_ending_within_64_kib_with_header_fields_past_it_is_431(target):
+    # The line (60 KB of it) ends in a read of its own, before the fields: they are what is too large.
+    server, _, _ = target
+    line = b"GET /health/live?q=" + b"a" * 60_000 + b" HTTP/1.1\r\n"
+    reply = send_in_reads(server.port, line[:40_000], line[40_000:] + b"Host: x\r\n", b"X-Big: " + b"a" * 10_000)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
+def test_a_request_line_ending_in_the_read_that_takes_the_head_past_64_kib_is_431(target):
+    server, _, _ = target
+    line = b"GET /health/live?q=" + b"a" * 60_000 + b" HTTP/1.1\r\n"
+    reply = send_in_reads(server.port, line[:40_000], line[40_000:] + b"Host: x\r\nX-Big: " + b"a" * 10_000)
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
+def test_a_request_target_over_64_kib_after_a_head_sent_in_two_reads_is_414(target):
+    # The request before's line ended in an earlier read than its head did: that is no part of
+    # what is known of the next one's.
+    server, _, _ = target
+    reply = send_in_reads(
+        server.port, b"GET /health/live HTTP/1.1\r\n", b"Host: x\r\n\r\n", b"GET /health/live?q=", b"a" * 70_000
+    )
+    assert reply.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 414 " in reply, reply[:400]
+
+
 @pytest.mark.parametrize("part", ["body", "head"])
 def test_a_request_that_trickles_in_is_408_once_the_read_timeout_is_over(make_tollgate, part):
     server = make_tollgate(server={"read_timeout": "1s"})

@@ -17,8 +17,10 @@ from tests.test_operations import families, value
 LIVE = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
 LIVE_LAST = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 BIG_HEAD = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+LONG_TARGET = b"GET /health/live?q=" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
 # Requests refused before the app, by the status they are refused with.
 REFUSED = {
+    414: LONG_TARGET,
     431: BIG_HEAD,
     400: b"GET /health/live HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
     408: b"GET /health/live HTTP/1.1\r\nHost: x\r\n",  # the head's end never comes
@@ -110,6 +112,20 @@ def test_a_pipelined_head_over_64_kib_sent_with_the_request_before_is_431(server
 def test_a_pipelined_head_is_counted_from_where_it_began_not_from_the_next_read(server):
     head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
     assert statuses(pipeline(server.port, LIVE + head[:60_000], head[60_000:])) == [200, 431]
+
+
+def test_a_pipelined_request_target_over_64_kib_sent_with_the_request_before_is_414(server):
+    # Its head read whole in the read the request before ended in.
+    assert statuses(pipeline(server.port, LIVE + LONG_TARGET)) == [200, 414]
+
+
+def test_a_pipelined_request_target_over_64_kib_never_ended_is_414(server):
+    # The read the request before ended in takes the next one's target past 64 KiB.
+    assert statuses(pipeline(server.port, LIVE + b"GET /health/live?q=" + b"a" * 100_000)) == [200, 414]
+
+
+def test_a_pipelined_request_target_is_judged_from_where_it_began_not_from_the_next_read(server):
+    assert statuses(pipeline(server.port, LIVE + LONG_TARGET[:60_000], LONG_TARGET[60_000:])) == [200, 414]
 
 
 def test_a_pipelined_head_under_64_kib_sent_with_the_request_before_is_served(server):
