@@ -23,6 +23,10 @@ from proxy.demo import start_litellm, stop_process, wait_until_up
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# Arrays nested this deep are past what the json module reads (it raises RecursionError) on every
+# Python Tollgate runs on. Its bound is the recursion limit on 3.11 (about 1,000 levels) and the
+# C recursion limit from 3.12 on: about 1,500 levels there, 10,000 on 3.13, which reads 5,000.
+TOO_DEEP_FOR_JSON = 100_000
 
 # Models the test LiteLLM serves, all backed by the fake upstream; the name
 # picks the fake's behaviour (see fake_upstream.py).

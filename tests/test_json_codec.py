@@ -6,6 +6,7 @@ import random
 import pytest
 
 from proxy.json_codec import UNSURE, JSONResponse, dumps, loads, orjson_loads
+from tests.support import TOO_DEEP_FOR_JSON
 
 
 @pytest.mark.parametrize(
@@ -36,6 +37,19 @@ def test_loads_fails_where_the_json_module_fails(text):
         json.loads(text)
     with pytest.raises(ValueError):
         loads(text)
+
+
+def test_too_deep_for_json_is_past_what_the_json_module_reads_on_this_python():
+    # The tests of texts nested too deep to read rest on it: 5,000 levels were, until Python 3.13
+    # read them (and those tests then tested texts that were read).
+    deep = b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON
+    with pytest.raises(RecursionError):
+        json.loads(deep)
+
+
+def test_loads_fails_with_a_value_error_on_a_text_nested_too_deep_for_the_json_module():
+    with pytest.raises(ValueError, match="nested too deeply"):
+        loads(b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON)
 
 
 def test_integers_beyond_64_bits_stay_exact():

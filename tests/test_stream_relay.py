@@ -8,6 +8,7 @@ from proxy.accounting import StreamTally
 from proxy.forwarding import OpenStream
 from proxy.sse import MAX_EVENT_BYTES, SSEScanner
 from proxy.streaming import SSERelay
+from tests.support import TOO_DEEP_FOR_JSON
 
 
 class _Response:
@@ -156,7 +157,7 @@ def test_a_chunk_nested_too_deep_to_read_is_relayed_and_the_stream_ends_as_usual
     # The json module gives up on such a chunk with a RecursionError, no ValueError: read as any
     # other unreadable chunk (passed on, counting nothing), not a relay that dies mid-answer with
     # the client's connection cut and no event saying why.
-    deep = b'data: {"usage":' + b"[" * 5000 + b"]" * 5000 + b"}\n\n"
+    deep = b'data: {"usage":' + b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON + b"}\n\n"
     body = (
         b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
         + deep

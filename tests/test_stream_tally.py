@@ -7,6 +7,7 @@ import pytest
 
 from proxy.accounting import UNREAD_TEXT_BYTES, StreamTally, json_object
 from proxy.sse import SSEEvent
+from tests.support import TOO_DEEP_FOR_JSON
 
 
 def event(body: object | bytes, kind: str | None = None) -> SSEEvent:
@@ -123,10 +124,10 @@ def test_legacy_function_call_arguments_count_as_generated_text():
 
 def test_a_chunk_nested_too_deep_for_the_json_module_counts_nothing_and_breaks_nothing():
     tally = StreamTally()
-    assert tally.observe(event(b'{"usage":' + b"[" * 5000 + b"]" * 5000 + b"}")) is False
-    assert tally.observe(event(b'{"error":' + b"[" * 5000 + b"]" * 5000 + b"}")) is False
+    assert tally.observe(event(b'{"usage":' + b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON + b"}")) is False
+    assert tally.observe(event(b'{"error":' + b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON + b"}")) is False
     assert tally.usage is None and tally.error is None and tally.completion_chars == 0
-    assert json_object(b"[" * 5000 + b"]" * 5000) is None
+    assert json_object(b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON) is None
 
 
 def test_a_usage_chunk_whose_cost_is_an_integer_no_float_can_hold_is_read_without_its_cost():

@@ -14,6 +14,7 @@ import pytest
 from proxy.forwarding import UpstreamFailed, forward
 from proxy.sse import MAX_EVENT_BYTES
 from proxy.upstream import MAX_ANSWER_BYTES, ReadError, RemoteProtocolError, Upstream
+from tests.support import TOO_DEEP_FOR_JSON
 from tests.test_upstream_client import answer_keep_alive, chat, read_request, serve, upstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -288,7 +289,7 @@ def streamed_by(first: bytes, second: bytes = WHOLE_STREAM) -> tuple[str, int]:
 def test_an_answer_nested_too_deep_to_read_fails_that_model_and_the_next_answers():
     # The json module refuses it with a RecursionError rather than a ValueError: an unusable
     # answer like any malformed one, not an unexpected error answered 500 with no fallback.
-    deep = b'{"choices":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    deep = b'{"choices":' + b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON + b"}"
     answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
 
     async def check(client: Upstream) -> None:
@@ -301,7 +302,7 @@ def test_an_answer_nested_too_deep_to_read_fails_that_model_and_the_next_answers
 
 
 def test_a_first_event_nested_too_deep_to_read_does_not_fail_the_call():
-    deep = b'data: {"error":' + b"[" * 5000 + b"]" * 5000 + b"}\n\ndata: [DONE]\n\n"
+    deep = b'data: {"error":' + b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON + b"}\n\ndata: [DONE]\n\n"
     whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
 
     async def check(client: Upstream) -> None:
