@@ -32,7 +32,7 @@ from .health import Health
 from .jobs_api import JobsApi
 from .limiter import RateLimiter
 from .metrics import Metrics
-from .observe import LogHandler, ObserveMiddleware
+from .observe import LogHandler, ObserveMiddleware, RunningRequests
 from .openai_api import OpenAIApi
 from .pricing import Pricing
 from .server_wide import ServerWide, served_methods
@@ -57,6 +57,7 @@ def create_app(config: Config) -> Starlette:
     auth = KeyAuthenticator(store, config.auth.cache_ttl, changes)
     limiter = RateLimiter(config.rate_limits, config.redis)
     metrics = Metrics(config.metrics.team_label, config.metrics.credits_cache)
+    running = RunningRequests()
     calls = CallPipeline(
         store, upstream, pricing, groups, limiter, config.rate_limits, metrics, config.upstream.timeouts.total,
         config.server.read_timeout,  # a stream's client that takes nothing for this long is cut off
@@ -111,8 +112,13 @@ def create_app(config: Config) -> Starlette:
             try:
                 yield
             finally:
-                # uvicorn has cancelled what outlived the grace period: let those calls be recorded.
-                unrecorded, kept = await calls.drain(timeout=DRAIN_TIMEOUT)
+                # uvicorn has cancelled what outlived the grace period: let those requests end (one
+                # whose write went through as it was cut still reads its answer from the store) and
+                # those calls be recorded, within the one DRAIN_TIMEOUT.
+                loop = asyncio.get_running_loop()
+                drained_by = loop.time() + DRAIN_TIMEOUT
+                await running.drain(DRAIN_TIMEOUT)
+                unrecorded, kept = await calls.drain(timeout=max(0.0, drained_by - loop.time()))
                 if unrecorded:
                     log.error(
                         "%d calls were not recorded before shutdown (%d of them because the store refused their "
@@ -132,7 +138,7 @@ def create_app(config: Config) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[
-            Middleware(ObserveMiddleware, metrics=metrics, log_format=config.logging.access_log),
+            Middleware(ObserveMiddleware, metrics=metrics, log_format=config.logging.access_log, running=running),
             Middleware(CallRoutes, routes=call_routes, handlers=handlers),
         ],
         exception_handlers=handlers,

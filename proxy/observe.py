@@ -51,11 +51,34 @@ def notes(request: Request) -> dict[str, Any]:
     return request.scope.setdefault(NOTES, {})
 
 
+class RunningRequests:
+    """How many requests the app is running. A request the shutdown cut may still use the store
+    (one whose write went through as it was cut reads the answer it is then given), so the
+    lifespan waits for them before it closes the store (`drain`)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the requests still running to end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.count and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+
 class ObserveMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, log_format: Literal["plain", "json", "off"]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        log_format: Literal["plain", "json", "off"],
+        running: RunningRequests | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.log_format = log_format
+        self.running = running if running is not None else RunningRequests()
         self._template: dict[str, Any] | None = None  # the access log's record, but for line and time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -67,6 +90,7 @@ class ObserveMiddleware:
         started = time.perf_counter()
         status = 0  # none sent yet
         scope[NOTES] = {}
+        self.running.count += 1
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
@@ -85,6 +109,7 @@ class ObserveMiddleware:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             await error_response(Request(scope), SHUTTING_DOWN)(scope, receive, send_and_watch)
         finally:
+            self.running.count -= 1
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
             seconds = time.perf_counter() - started
