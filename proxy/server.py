@@ -35,9 +35,10 @@ MAX_HEAD_BYTES = 64 * 1024
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Seconds a refused connection is kept open for the client to read the refusal.
 LINGER = 2.0
-# RFC 9110's names of statuses Python names otherwise before 3.13 ("Request-URI Too Long"): a
-# refusal's reason phrase and its code (`uri_too_long`) are the same under any Python.
-_PHRASES = {414: "URI Too Long"}
+# RFC 9110's names of statuses Python names otherwise before 3.13 ("Request-URI Too Long",
+# "Request Entity Too Large"): a refusal's reason phrase and its code (`uri_too_long`,
+# `content_too_large`) are the same under any Python.
+_PHRASES = {413: "Content Too Large", 414: "URI Too Long"}
 _TOO_LARGE = f"The request's head is larger than {MAX_HEAD_BYTES // 1024} KiB"
 # A head whose request line alone does not fit: its target is what is too long (RFC 9112, 3: 414).
 _TARGET_TOO_LONG = (

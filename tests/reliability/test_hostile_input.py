@@ -599,6 +599,18 @@ def test_a_chunk_extension_without_end_is_413_without_waiting_for_the_read_timeo
     assert taken < 6, f"the gateway took the chunk extension for {taken:.1f} s"
 
 
+def test_a_413_from_the_http_layer_is_named_as_rfc_9110_names_it_under_any_python(small_bodies):
+    # Python named 413 "Request Entity Too Large" until 3.13: the status line and OpenAI's error
+    # code (request_entity_too_large, then content_too_large) changed with the interpreter.
+    key = small_bodies.admin().team().key
+    reply, _ = flood(small_bodies.port, (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1;e="
+    ).encode())
+    assert reply.startswith(b"HTTP/1.1 413 Content Too Large\r\n"), reply[:200]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "content_too_large"
+
+
 def test_a_chunked_body_of_small_chunks_within_the_limit_is_served(small_bodies):
     # The limit on the wire leaves room for the framing of any chunks but the tiniest.
     admin = small_bodies.admin()
