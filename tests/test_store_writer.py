@@ -159,6 +159,27 @@ def test_a_database_that_cannot_be_opened_fails_start(tmp_path):
     asyncio.run(run())
 
 
+def test_a_store_whose_file_is_not_a_database_fails_to_open_and_leaves_no_connection_open(tmp_path, monkeypatch):
+    # Its settings failed on a connection that was then left to the garbage collector: Python 3.13
+    # warns of each (ResourceWarning), a line more after `tollgate org list`'s one line of error.
+    database = tmp_path / "not-a.db"
+    database.write_text("this is not a database\n" * 100)
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def noting(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        opened.append(connect(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(sqlite3, "connect", noting)
+    with pytest.raises(sqlite3.DatabaseError, match="file is not a database"):
+        asyncio.run(SQLiteStore(DatabaseConfig(url=f"sqlite:///{database}")).open())
+    assert opened
+    for connection in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            connection.execute("SELECT 1")
+
+
 def test_a_write_submitted_after_stop_is_refused_not_left_waiting(tmp_path):
     async def run() -> None:
         writer = Writer(lambda: connect(tmp_path / "w.db"))

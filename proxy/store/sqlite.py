@@ -309,9 +309,7 @@ class SQLiteStore:
         connection = sqlite3.connect(
             self._config.sqlite_path, isolation_level=None, timeout=self._config.busy_timeout, check_same_thread=False
         )
-        for pragma in self._pragmas():
-            connection.execute(pragma)
-        return connection
+        return _set_up(connection, self._pragmas())
 
     def _connect_together(self) -> sqlite3.Connection:
         connection = self._connect_writer()  # the same settings; it only reads
@@ -325,14 +323,12 @@ class SQLiteStore:
         does) and never fsyncs (the thread fsyncs the WAL for it), nor checkpoints. The
         thread's connection, opened first, has put the database in WAL mode for good."""
         connection = sqlite3.connect(self._config.sqlite_path, isolation_level=None, timeout=0, check_same_thread=False)
-        for pragma in (
+        return _set_up(connection, [
             "PRAGMA foreign_keys = ON",
             "PRAGMA synchronous = NORMAL",
             "PRAGMA wal_autocheckpoint = 0",
             f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}",  # its commits are the ones that start the WAL over
-        ):
-            connection.execute(pragma)
-        return connection
+        ])
 
     async def _migrate(self) -> None:
         def migrate(db: sqlite3.Connection) -> None:
@@ -1196,6 +1192,18 @@ def _ledger_entry(
         "VALUES (?, ?, ?, ?, ?, ?)",
         (team_id, job_id, amount, reason, balance_after, now),
     )
+
+
+def _set_up(connection: sqlite3.Connection, pragmas: Iterable[str]) -> sqlite3.Connection:
+    """The connection with its pragmas run; closed if one fails (a file that is not a database
+    fails the first), not left to the garbage collector, which Python 3.13 warns of."""
+    try:
+        for pragma in pragmas:
+            connection.execute(pragma)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
 
 
 def _all(db: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
