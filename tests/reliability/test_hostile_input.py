@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 
+from tests.reliability.test_pipelining import send_in_reads
 from tests.support import Tollgate
 
 HI = [{"role": "user", "content": "hi"}]
@@ -238,18 +239,6 @@ def test_an_oversized_head_on_a_kept_alive_connection_is_answered_431_too(target
             for _ in range(20):
                 sock.sendall(b"X-Big: " + b"a" * 100_000)
         assert read_all(sock).startswith(b"HTTP/1.1 431 ")
-
-
-def send_in_reads(port: int, *parts: bytes, pause: float = 0.3) -> bytes:
-    """Send `parts` on one connection, `pause` seconds apart (each its own read, as a rule), and
-    read until the server closes it."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        for i, part in enumerate(parts):
-            if i:
-                time.sleep(pause)
-            with contextlib.suppress(OSError):  # the server may close while this still sends
-                sock.sendall(part)
-        return read_all(sock)
 
 
 def test_a_request_target_over_64_kib_is_414_saying_so(target):

@@ -84,17 +84,22 @@ def answers(reply: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
         reply = rest
 
 
-def pipeline(port: int, *parts: bytes, pause: float = 0.3) -> list[tuple[int, bytes]]:
-    """Send `parts` on one connection, `pause` seconds apart, answers or not; then read every
-    answer until the server closes the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+def send_in_reads(port: int, *parts: bytes, pause: float = 0.3, timeout: float = 10) -> bytes:
+    """Send `parts` on one connection, `pause` seconds apart (each its own read, as a rule),
+    answered or not; then read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         for i, part in enumerate(parts):
             if i:
                 time.sleep(pause)
             with contextlib.suppress(OSError):  # the server may close while this still sends
                 sock.sendall(part)
-        reply = b"".join(iter(lambda: sock.recv(65536), b""))
-    found, rest = answers(reply)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def pipeline(port: int, *parts: bytes, pause: float = 0.3) -> list[tuple[int, bytes]]:
+    """Send `parts` as `send_in_reads` does; then every answer, read until the server closes
+    the connection."""
+    found, rest = answers(send_in_reads(port, *parts, pause=pause, timeout=20))
     assert not rest, rest[:200]
     return found
 
