@@ -14,6 +14,7 @@ which it turns into a float: a text with a run of 19 digits goes to json.loads t
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import orjson
@@ -29,6 +30,10 @@ _LONGEST_EXACT = b"0" * 19  # a shorter integer fits in 64 bits, where orjson ke
 
 
 UNSURE: Any = object()
+# Levels past the recursion limit a value `loads` read may be nested: orjson reads 1,024 (a
+# deeper text goes to json.loads, which stops at the limit itself), and a few levels more for
+# the answer holding it.
+_DEEPEST_READ = 1_100
 
 
 def loads(data: bytes) -> Any:
@@ -69,13 +74,31 @@ def dumps(value: Any) -> bytes:
         # Not on the first try: a `default` costs every call's answer, and only pages of jobs
         # hold RawJSON.
         return orjson.dumps(value, default=_fragment)
-    except orjson.JSONEncodeError:
-        try:
-            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_decoded).encode("utf-8")
-        except UnicodeEncodeError:
-            # A lone UTF-16 surrogate (an upstream's answer may escape one): UTF-8 cannot carry
-            # it, JSON's escape can, as the upstream wrote it.
-            return json.dumps(value, separators=(",", ":"), default=_decoded).encode("ascii")
+    except orjson.JSONEncodeError:  # as above, or nested past orjson's 255 levels
+        pass
+    try:
+        return _json_dumps(value)
+    except RecursionError:
+        pass
+    # Nested past the recursion limit, which bounds the json module's writer on Python 3.11
+    # (about 1,000 levels): `loads` gives values up to orjson's 1,024 levels (an upstream's tool
+    # call, say, which the jobs API writes back). The limit is raised for this one write only;
+    # the writer's own C stack takes that depth with room to spare.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + _DEEPEST_READ)
+    try:
+        return _json_dumps(value)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _json_dumps(value: Any) -> bytes:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_decoded).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone UTF-16 surrogate (an upstream's answer may escape one): UTF-8 cannot carry
+        # it, JSON's escape can, as the upstream wrote it.
+        return json.dumps(value, separators=(",", ":"), default=_decoded).encode("ascii")
 
 
 def _fragment(value: Any) -> orjson.Fragment:

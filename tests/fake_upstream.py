@@ -12,7 +12,8 @@ while every answer stays predictable:
   first event is an error), ``error-later*`` (a stream sending an error event after two
   chunks, then ending), ``surrogate-error*`` (a 400 whose message holds a lone UTF-16
   surrogate, escaped), ``surrogate-answer*`` (an answer whose content holds one),
-  ``surrogate-later*`` (as ``error-later*``, the error's message holding one);
+  ``surrogate-later*`` (as ``error-later*``, the error's message holding one),
+  ``deep-tool-call*`` (an answer whose tool call holds a value nested DEEP_TOOL_CALL levels);
 * the API key ``wrong-provider-key`` is refused with OpenAI's 401, the answer of a
   provider that does not know the key it was given;
 * a body carrying ``langfuse_host``, a field LiteLLM bans from request bodies, is refused
@@ -67,6 +68,9 @@ LITELLM_BODY_REFUSAL = {
 NO_LOG = False  # the benchmark switches the log off
 # With --model-info-delay, GET /model/info answers as LiteLLM does, pricing these models, after
 # that many seconds (LiteLLM slow to answer it as the gateway starts); without, it is a 404.
+# Deeper than the json module writes on Python 3.11 (its recursion limit, about 1,000 levels),
+# not deeper than orjson reads (1,024 levels): a value Tollgate can read from an answer.
+DEEP_TOOL_CALL = 1000
 MODEL_INFO_PRICES = {"primary": (1e-06, 2e-06), "backup": (3e-06, 4e-06)}
 MODEL_INFO_DELAY: float | None = None
 
@@ -208,18 +212,23 @@ async def chat_completions(request: Request) -> Response:
         message: dict[str, Any] = {"role": "assistant", "content": None if tool else "".join(words)}
         if tool:
             message["tool_calls"] = [_tool_call(body)]
+        if model.startswith("deep-tool-call"):
+            message["tool_calls"] = [{**_tool_call(body), "deep": "DEEP"}]
         entry["usage"] = _usage(prompt_tokens, completion_tokens)
         entry["chars_sent"] = len(message["content"] or "")
-        return JSONResponse(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": model,
-                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
-                "usage": _usage(prompt_tokens, completion_tokens),
-            }
-        )
+        answer = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
+            "usage": _usage(prompt_tokens, completion_tokens),
+        }
+        if model.startswith("deep-tool-call"):
+            # Written by hand: the json module (behind JSONResponse) cannot write it on 3.11.
+            deep = b"[" * DEEP_TOOL_CALL + b"]" * DEEP_TOOL_CALL
+            return Response(json.dumps(answer).encode().replace(b'"DEEP"', deep), media_type="application/json")
+        return JSONResponse(answer)
 
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     delay = options.get("delay_ms", 0) / 1000

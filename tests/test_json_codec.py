@@ -2,6 +2,7 @@
 
 import json
 import random
+import sys
 
 import pytest
 
@@ -50,6 +51,15 @@ def test_too_deep_for_json_is_past_what_the_json_module_reads_on_this_python():
 def test_loads_fails_with_a_value_error_on_a_text_nested_too_deep_for_the_json_module():
     with pytest.raises(ValueError, match="nested too deeply"):
         loads(b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON)
+
+
+def test_dumps_writes_back_a_value_as_deep_as_loads_reads_and_leaves_the_recursion_limit_as_it_was():
+    # orjson reads 1,024 levels and writes 255; the json module writes to the recursion limit,
+    # about 1,000 levels on Python 3.11. Within a value, as an answer's tool call holds one.
+    deep = b"[" * 1023 + b"]" * 1023
+    limit = sys.getrecursionlimit()
+    assert dumps({"tool_calls": [{"deep": loads(deep)}]}) == b'{"tool_calls":[{"deep":' + deep + b"}]}"
+    assert sys.getrecursionlimit() == limit
 
 
 def test_integers_beyond_64_bits_stay_exact():

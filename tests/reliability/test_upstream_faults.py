@@ -5,8 +5,10 @@ call is recorded either way."""
 import json
 import time
 
+import orjson
 import pytest
 
+from tests.fake_upstream import DEEP_TOOL_CALL
 from tests.support import sse_data, sse_json
 from tests.test_llm_calls import calls_of, new_job, say
 
@@ -280,6 +282,21 @@ def test_an_answer_holding_a_lone_surrogate_comes_back_200_not_500(make_tollgate
     response = client.post(f"/api/jobs/{job_id}/llm-call", json={"model_group": "Odd", "messages": say("hi")})
     assert response.status_code == 200, response.text
     assert response.json()["response"]["content"].startswith("smile ")
+
+
+def test_a_tool_call_nested_as_deep_as_an_answer_can_be_read_comes_back_200_not_500(make_tollgate, fake_url):
+    # Read by orjson (to 1,024 levels), written back in the jobs API's own answer: the json
+    # module, which writes what orjson cannot (past 255 levels), stops at about 1,000 on 3.11.
+    client = straight_to_the_fake(make_tollgate, fake_url, Deep=["deep-tool-call"])
+    job_id = new_job(client)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {"model_group": "Deep", "messages": say("weather?"), "tools": tools}
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json=body)
+    assert response.status_code == 200, response.text[:300]
+    # Read by orjson: json.loads, and even comparing the values, stop at the recursion limit.
+    (tool_call,) = orjson.loads(response.content)["response"]["tool_calls"]
+    assert tool_call["function"]["name"] == "get_weather"
+    assert b'"deep":' + b"[" * DEEP_TOOL_CALL + b"]" * DEEP_TOOL_CALL in response.content
 
 
 def test_a_models_answer_litellm_fails_to_relay_falls_back_to_the_next_model(tollgate, admin):
