@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .json_codec import loads
+from .json_codec import dumps, loads
 from .pricing import Pricing
 from .sse import SSEEvent, ends_stream
 
@@ -157,8 +157,7 @@ class StreamTally:
         if chunk is None:
             return False
         if chunk.get("error"):
-            error = chunk["error"]
-            self.error = str(error.get("message", error) if isinstance(error, dict) else error)[:2000]
+            self.error = error_text(chunk["error"])
             return False
         self._chars += _generated(chunk)
         reported = chunk.get("usage")
@@ -176,6 +175,19 @@ class StreamTally:
                 self._chars += _generated(chunk)
         self._unread.clear()
         self._unread_bytes = 0
+
+
+def error_text(error: Any) -> str:
+    """An upstream's error as a message: its `message` if it has one, else all of it; at most
+    2,000 characters."""
+    if isinstance(error, dict):
+        error = error.get("message", error)
+    try:
+        return str(error)[:2000]
+    except RecursionError:
+        # A value nested past the recursion limit, which str() stops at on Python 3.11 and
+        # orjson reads (to 1,024 levels): written as JSON, which dumps writes to that depth.
+        return dumps(error).decode("utf-8", "replace")[:2000]
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:

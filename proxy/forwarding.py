@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Sequence, overload
 
-from .accounting import json_object
+from .accounting import error_text, json_object
 from .json_codec import dumps, loads
 from .sse import EventTooLarge, SSEEvent, SSEScanner, ends_stream
 from .upstream import AnswerTooLarge, TransportError, Upstream, UpstreamResponse, UpstreamTimeout
@@ -233,7 +233,7 @@ def _error_of(event: SSEEvent) -> str | None:
         return event.data.decode("utf-8", "replace")[:500]
     data = json_object(event.data)  # as StreamTally reads it, or an error it fails the call on could not fall back
     if data is not None and data.get("error"):
-        return _message(data["error"])
+        return error_text(data["error"])
     return None
 
 
@@ -275,7 +275,7 @@ def _error_details(content: bytes, status: int) -> tuple[str, str | None, bool]:
     if isinstance(data, dict):
         error = data.get("error", data.get("detail"))
         error_type = error.get("type") if isinstance(error, dict) else None
-        return _message(error if error is not None else data), error_type, error == _UNHANDLED
+        return error_text(error if error is not None else data), error_type, error == _UNHANDLED
     return f"HTTP {status}", None, False
 
 
@@ -288,12 +288,6 @@ def _refused_body(message: str) -> str | None:
         return None
     end = message.find(". ")
     return message if end < 0 else message[: end + 1]
-
-
-def _message(error: Any) -> str:
-    if isinstance(error, dict):
-        error = error.get("message", error)
-    return str(error)[:2000]
 
 
 def _retry_after(value: str | None) -> int | None:

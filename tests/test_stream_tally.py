@@ -130,6 +130,15 @@ def test_a_chunk_nested_too_deep_for_the_json_module_counts_nothing_and_breaks_n
     assert json_object(b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON) is None
 
 
+def test_an_error_nested_as_deep_as_a_chunk_can_be_read_is_recorded_as_text():
+    # orjson reads 1,024 levels; str() of such a value stops at the recursion limit on 3.11,
+    # and its RecursionError broke the relay mid-stream.
+    deep = b"[" * 1000 + b"]" * 1000
+    tally = StreamTally()
+    assert tally.observe(event(b'{"error":{"message":' + deep + b"}}")) is False
+    assert tally.error == "[" * 1000 + "]" * 1000
+
+
 def test_a_usage_chunk_whose_cost_is_an_integer_no_float_can_hold_is_read_without_its_cost():
     # json.loads reads a 400-digit cost as an int that float() cannot take: the OverflowError
     # escaped the tally and broke the relay mid-stream (and, for a plain answer, left the call

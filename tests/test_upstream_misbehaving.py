@@ -329,6 +329,34 @@ def test_an_error_as_first_event_whose_json_does_not_open_the_data_still_falls_b
     assert streamed_by(error + b"data: [DONE]\n\n") == ("whole", 2)
 
 
+def test_a_first_event_whose_error_is_nested_as_deep_as_can_be_read_still_falls_back():
+    # Read (orjson takes 1,024 levels), but its message's str() stopped at the recursion limit on
+    # 3.11: the RecursionError escaped forward() as a 500, the next model never tried.
+    deep = b"[" * 1000 + b"]" * 1000
+    assert streamed_by(b'data: {"error":' + deep + b"}\n\ndata: [DONE]\n\n") == ("whole", 2)
+
+
+def test_a_refusal_whose_error_is_nested_as_deep_as_can_be_read_still_falls_back():
+    body = b'{"error":{"message":' + b"[" * 1000 + b"]" * 1000 + b"}}"
+    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+
+    async def failing_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        status, content = (b"503 Service Unavailable", body) if b'"failing"' in request else (b"200 OK", answer)
+        writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (status, len(content), content))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answered = await forward(client, ["failing", "whole"], payload, False, loop.time() + 30)
+        assert (answered.model, answered.attempts) == ("whole", 2)
+
+    against(failing_then_answer, check)
+
+
 def test_an_error_event_without_data_before_the_first_event_does_not_fail_the_model():
     # No SSE client dispatches it (no data): the answer after it is the model's, not to be thrown
     # away for the next model's, paid for again.
