@@ -180,6 +180,40 @@ def test_a_store_whose_file_is_not_a_database_fails_to_open_and_leaves_no_connec
             connection.execute("SELECT 1")
 
 
+def test_a_store_refusing_a_newer_schema_leaves_no_connection_or_writer_thread_behind(tmp_path, monkeypatch):
+    # The refusal comes after the writer has started (its thread and its connections open): they
+    # were left running, closed only by the garbage collector, which Python 3.13 warns of.
+    from proxy.store.schema import MIGRATIONS
+
+    database = tmp_path / "newer.db"
+    config = DatabaseConfig(url=f"sqlite:///{database}")
+
+    async def opened_and_closed() -> None:
+        store = SQLiteStore(config)
+        await store.open()
+        await store.close()
+
+    asyncio.run(opened_and_closed())
+    with sqlite3.connect(database) as db:
+        db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)", (len(MIGRATIONS) + 1,))
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def noting(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        opened.append(connect(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(sqlite3, "connect", noting)
+    threads_before = set(threading.enumerate())
+    with pytest.raises(sqlite_store.SchemaTooNew):
+        asyncio.run(SQLiteStore(config).open())
+    assert opened
+    for connection in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            connection.execute("SELECT 1")
+    assert wait_for(lambda: set(threading.enumerate()) <= threads_before, timeout=5)
+
+
 def test_a_write_submitted_after_stop_is_refused_not_left_waiting(tmp_path):
     async def run() -> None:
         writer = Writer(lambda: connect(tmp_path / "w.db"))

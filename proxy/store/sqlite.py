@@ -256,15 +256,21 @@ class SQLiteStore:
             sync_wal=self._config.synchronous == "full",
             fsync_from_loop=AioFsync.open if self._config.aio_fsync else None,
         )
-        await self._writer.start()
-        await self._migrate()
-        self._reader = await aiosqlite.connect(
-            self._config.sqlite_path, isolation_level=None, timeout=self._config.busy_timeout
-        )
-        for pragma in self._pragmas():
-            await self._reader.execute(pragma)
-        self._together = self._connect_together()
-        self._listing = self._connect_together()
+        try:
+            await self._writer.start()
+            await self._migrate()
+            self._reader = await aiosqlite.connect(
+                self._config.sqlite_path, isolation_level=None, timeout=self._config.busy_timeout
+            )
+            for pragma in self._pragmas():
+                await self._reader.execute(pragma)
+            self._together = self._connect_together()
+            self._listing = self._connect_together()
+        except BaseException:
+            # A schema too new, a file that is not a database: what opened is closed now, not
+            # left running to the garbage collector (which Python 3.13 warns of).
+            await self.close()
+            raise
 
     async def close(self) -> None:
         # Writes in flight (they are shielded from cancellation) are finished first.
