@@ -1,10 +1,11 @@
 """Forwarding a call to LiteLLM, trying a model group's models in order.
 
 The next model is tried while nothing has reached the client: on a connect
-error, a timeout (ours, or LiteLLM's 408), a 5xx, a 429, a model's provider
-refusing LiteLLM's credentials for it, an unusable answer, or (for streams) an
-error arriving as the very first event, or LiteLLM not knowing the model's
-name or not granting it to Tollgate's key (the group's mistake, not the caller's).
+error, a timeout (ours, or LiteLLM's 408), a 5xx, a 429, any other status but
+200 and 4xx (a redirect, say), a model's provider refusing LiteLLM's
+credentials for it, an unusable answer, or (for streams) an error arriving
+as the very first event, or LiteLLM not knowing the model's name or not
+granting it to Tollgate's key (the group's mistake, not the caller's).
 Any other 4xx is the caller's problem and is returned as such, and so is LiteLLM
 refusing the request body itself, whatever status it gives that; LiteLLM refusing
 Tollgate's own key is Tollgate's misconfiguration.
@@ -188,7 +189,7 @@ async def _attempt(
             except ValueError:
                 return Attempt(model, "malformed JSON answer", 200)
             if not _usable(data):
-                return Attempt(model, "answer without choices", 200)
+                return Attempt(model, "answer without a choice holding a message", 200)
             return Answer(model, number, content, data, response.headers)
         opened = await _first_event(response, model, number)
         handed_over = isinstance(opened, OpenStream)  # the relay owns the response from here
@@ -250,7 +251,9 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
         raise UpstreamRejected(status, refused, model, number)
     if status == 500 and unhandled:
         return Attempt(model, f"{status}: LiteLLM's unexplained 'Internal server error'", status, unhandled=True)
-    if status == 429 or status >= 500 or status == _TIMEOUT:
+    if status == 429 or status >= 500 or status == _TIMEOUT or status < 400:
+        # Below 400: neither the answer (a 200) nor a refusal of the request (a redirect, a
+        # 204): a fault of the upstream's for this model, not the caller's.
         return Attempt(model, f"{status}: {message}", status, _retry_after(response.headers.get("retry-after")))
     if status == 400 and _UNKNOWN_MODEL in message:
         # LiteLLM serves no model of that name: the group names it, not the client's request.
@@ -303,4 +306,6 @@ def _usable(data: Any) -> bool:
     if not isinstance(data, dict):
         return False
     choices = data.get("choices")
-    return isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict)
+    # A first choice with no message object is no answer: read as one, its text was lost.
+    return (isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict)
+            and isinstance(choices[0].get("message"), dict))

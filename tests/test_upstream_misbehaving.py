@@ -496,3 +496,50 @@ def test_a_group_rate_limited_on_some_models_and_failing_on_others_is_unavailabl
             assert len(failed.value.attempts) == 2 and not failed.value.all_rate_limited
 
     against(limited_or_failing, check)
+
+
+@pytest.mark.parametrize("status", [b"302 Found", b"307 Temporary Redirect", b"204 No Content", b"201 Created"])
+def test_an_answer_neither_200_nor_4xx_fails_that_model_and_the_next_answers(status):
+    # Not the caller's request refused (a 4xx): taken for one, it came back as a 400
+    # upstream_rejected (which clients do not retry) and the group's next model was never asked.
+    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+
+    async def odd_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        if b'"odd"' in request:
+            writer.write(b"HTTP/1.1 %s\r\nLocation: https://elsewhere/\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n" % status)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(answer), answer))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        loop = asyncio.get_running_loop()
+        for stream in (False, True):
+            payload = {"messages": [{"role": "user", "content": "hi"}], "stream": stream}
+            with pytest.raises(UpstreamFailed) as failed:
+                await forward(client, ["odd"], payload, stream, loop.time() + 30)
+            assert failed.value.attempts[0].error.startswith(status[:3].decode())
+        answered = await forward(client, ["odd", "whole"], {"messages": [{"role": "user", "content": "hi"}]}, False,
+                                 loop.time() + 30)
+        assert (answered.model, answered.attempts) == ("whole", 2)
+
+    against(odd_then_answer, check)
+
+
+@pytest.mark.parametrize("message", [b'"hi"', b'[{"type":"text","text":"hi"}]', b"null"])
+def test_an_answer_whose_message_is_no_object_fails_that_model_and_the_next_answers(message):
+    # An unusable answer, as one without choices: the jobs API answered it as an empty success
+    # (its content "", the text lost) and a /v1 call's own job was charged for it.
+    odd = b'{"choices":[{"index":0,"message":%s,"finish_reason":"stop"}]}' % message
+    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answered = await forward(client, ["deep", "whole"], payload, False, loop.time() + 30)
+        assert (answered.model, answered.attempts) == ("whole", 2)
+
+    against(_deep_then_whole(odd, answer, b"application/json"), check)
