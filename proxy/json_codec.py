@@ -14,6 +14,7 @@ which it turns into a float: a text with a run of 19 digits goes to json.loads t
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -94,11 +95,42 @@ def dumps(value: Any) -> bytes:
 
 def _json_dumps(value: Any) -> bytes:
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_decoded).encode("utf-8")
+        return _json_module_dumps(value)
+    except ValueError:
+        # A non-finite float (json.loads reads NaN and Infinity), which the json module would
+        # write as NaN or Infinity, no JSON at all: null, as orjson writes it.
+        return _json_module_dumps(_finite(value))
+
+
+def _json_module_dumps(value: Any) -> bytes:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=_decoded,
+                          allow_nan=False).encode("utf-8")
     except UnicodeEncodeError:
         # A lone UTF-16 surrogate (an upstream's answer may escape one): UTF-8 cannot carry
         # it, JSON's escape can, as the upstream wrote it.
-        return json.dumps(value, separators=(",", ":"), default=_decoded).encode("ascii")
+        return json.dumps(value, separators=(",", ":"), default=_decoded, allow_nan=False).encode("ascii")
+
+
+def _finite(value: Any) -> Any:
+    """A copy of `value` with None for its non-finite floats; walked with a stack of its own,
+    not recursion, as it may be nested past the recursion limit (see `dumps`). A container met
+    twice is copied once: a circular value stays circular, for the json module to refuse."""
+    top = [value]
+    todo: list[tuple[Any, Any]] = [(top, 0)]
+    copies: dict[int, Any] = {}
+    while todo:
+        container, key = todo.pop()
+        item = container[key]
+        if isinstance(item, float) and not math.isfinite(item):
+            container[key] = None
+        elif isinstance(item, (dict, list, tuple)):
+            copy = copies.get(id(item))
+            if copy is None:
+                copy = copies[id(item)] = dict(item) if isinstance(item, dict) else list(item)
+                todo.extend((copy, k) for k in (copy if isinstance(copy, dict) else range(len(copy))))
+            container[key] = copy
+    return top[0]
 
 
 def _fragment(value: Any) -> orjson.Fragment:

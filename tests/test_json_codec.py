@@ -98,6 +98,16 @@ def test_dumps_writes_non_finite_floats_as_null():
     assert dumps({"x": float("nan"), "y": float("inf")}) == b'{"x":null,"y":null}'
 
 
+@pytest.mark.parametrize("other", [2**70, "smile \ud83d"], ids=["integer beyond 64 bits", "lone surrogate"])
+def test_dumps_writes_non_finite_floats_as_null_beside_what_only_the_json_module_writes(other):
+    # An upstream's tool call holding NaN (json.loads reads it) beside what orjson cannot write
+    # went to the json module, which writes NaN: the jobs API answered a body no JSON parser takes.
+    written = dumps(loads(b'{"x": NaN, "y": -Infinity, "z": [Infinity], "o": %s}' % json.dumps(other).encode()))
+    assert json.loads(written, parse_constant=lambda name: pytest.fail(f"{name} written")) == {
+        "x": None, "y": None, "z": [None], "o": other
+    }
+
+
 def test_json_response_is_rendered_compact_utf8():
     response = JSONResponse({"detail": "café", "n": 2**64})
     assert response.body == '{"detail":"café","n":18446744073709551616}'.encode()
