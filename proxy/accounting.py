@@ -93,8 +93,14 @@ def completion_chars(message: Any) -> int:
     has the same fields (for estimates: an answer estimates as its stream would)."""
     if not isinstance(message, dict):
         return 0
-    chars = 0
-    for key in ("content", "reasoning_content", "refusal"):
+    content = message.get("content")
+    if isinstance(content, str):
+        chars = len(content)
+    elif isinstance(content, list):  # parts: their text, as the jobs API answers it (message_content)
+        chars = sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    else:
+        chars = 0
+    for key in ("reasoning_content", "refusal"):
         text = message.get(key)
         chars += len(text) if isinstance(text, str) else 0
     calls = message.get("tool_calls")

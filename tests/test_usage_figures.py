@@ -91,6 +91,15 @@ def test_an_answer_without_usage_estimates_the_same_text_as_its_stream_would():
     assert completion_chars(message) == tally.completion_chars == len("answerthinkingno") + len('{"a":1}')
 
 
+def test_an_answer_whose_content_is_a_list_of_parts_estimates_their_text():
+    # The jobs API answers with the parts' text (message_content); the estimate counted none of
+    # it, so such an answer without usage was recorded, priced and rate-limited as 0 tokens.
+    parts = [{"type": "text", "text": "hello"}, {"type": "thinking", "text": "hmm"}, {"type": "image_url"}, "odd", 5]
+    tally = StreamTally()
+    tally.observe(event({"choices": [{"index": 0, "delta": {"content": parts}}]}))
+    assert completion_chars({"role": "assistant", "content": parts}) == tally.completion_chars == len("hellohmm")
+
+
 def test_prices_refused_by_litellm_are_logged_with_the_status(caplog):
     class Refusing:
         async def get_json(self, path: str, timeout: float) -> object:
