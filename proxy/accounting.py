@@ -88,18 +88,23 @@ def cost_of(usage: Usage, model: str | None, pricing: Pricing) -> float:
     return round(cost, COST_DECIMALS) if cost else 0.0  # no cost known: no rounding to do
 
 
+def message_content(message: Any) -> str:
+    """A message's text: its content, or the text of its content's parts (the jobs API answers
+    with it, and estimates count it)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
 def completion_chars(message: Any) -> int:
     """Characters of generated text in a non-streaming message, or in a stream's delta, which
     has the same fields (for estimates: an answer estimates as its stream would)."""
     if not isinstance(message, dict):
         return 0
-    content = message.get("content")
-    if isinstance(content, str):
-        chars = len(content)
-    elif isinstance(content, list):  # parts: their text, as the jobs API answers it (message_content)
-        chars = sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    else:
-        chars = 0
+    chars = len(message_content(message))
     for key in ("reasoning_content", "refusal"):
         text = message.get(key)
         chars += len(text) if isinstance(text, str) else 0

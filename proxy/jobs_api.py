@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .accounting import message_content
 from .auth import KeyAuthenticator, Principal
 from .bodies import header, read_json_object
 from .calls import Call, CallPipeline, Completed
@@ -39,15 +40,6 @@ def canonical_job_id(raw: str) -> str:
     if job_id is None:
         raise ApiError(404, f"Job '{raw[:100]}' not found", code="not_found")
     return job_id
-
-
-def message_content(message: Any) -> str:
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def _owned(principal: Principal, job_id: str, job: Job | None) -> Job:
