@@ -18,6 +18,8 @@ from tests.support import TOO_DEEP_FOR_JSON
 from tests.test_upstream_client import answer_keep_alive, chat, read_request, serve, upstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+ANSWER = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+JSON = b"Content-Type: application/json\r\n"
 
 
 def against(handler: Handler, check: Callable[[Upstream], Awaitable[None]], **options: Any) -> None:
@@ -237,8 +239,7 @@ def test_an_answer_that_never_ends_fails_that_model_and_the_next_answers():
     # A non-streaming answer is read whole before it is relayed: without a bound, an upstream
     # sending a body without end would fill the memory.
     closed: list[bool] = []
-    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
-    server = endless_unless_whole(b"application/json", answer, b"", b" ", MAX_ANSWER_BYTES, closed)
+    server = endless_unless_whole(b"application/json", ANSWER, b"", b" ", MAX_ANSWER_BYTES, closed)
 
     async def check(client: Upstream) -> None:
         payload = {"messages": [{"role": "user", "content": "hi"}]}
@@ -286,11 +287,36 @@ def streamed_by(first: bytes, second: bytes = WHOLE_STREAM) -> tuple[str, int]:
     return answered[0]
 
 
+def http_answer(status: bytes, body: bytes, headers: bytes = b"") -> bytes:
+    """An HTTP/1.1 answer, whole, that closes its connection."""
+    return b"HTTP/1.1 %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, headers, len(body), body)
+
+
+def answered_by(first: bytes) -> tuple[str, int]:
+    """The model a plain call of a group of two is answered by, and its attempts so far, when the
+    first model answers `first` (an `http_answer`) and the second with ANSWER."""
+    answered: list[tuple[str, int]] = []
+
+    async def first_then_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        writer.write(first if b'"first"' in request else http_answer(b"200 OK", ANSWER, JSON))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answer = await forward(client, ["first", "whole"], payload, False, loop.time() + 30)
+        answered.append((answer.model, answer.attempts))
+
+    against(first_then_whole, check)
+    return answered[0]
+
+
 def test_an_answer_nested_too_deep_to_read_fails_that_model_and_the_next_answers():
     # The json module refuses it with a RecursionError rather than a ValueError: an unusable
     # answer like any malformed one, not an unexpected error answered 500 with no fallback.
     deep = b'{"choices":' + b"[" * TOO_DEEP_FOR_JSON + b"]" * TOO_DEEP_FOR_JSON + b"}"
-    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
 
     async def check(client: Upstream) -> None:
         payload = {"messages": [{"role": "user", "content": "hi"}]}
@@ -298,7 +324,7 @@ def test_an_answer_nested_too_deep_to_read_fails_that_model_and_the_next_answers
         opened = await forward(client, ["deep", "whole"], payload, False, loop.time() + 30)
         assert (opened.model, opened.attempts) == ("whole", 2)
 
-    against(_deep_then_whole(deep, answer, b"application/json"), check)
+    against(_deep_then_whole(deep, ANSWER, b"application/json"), check)
 
 
 def test_a_first_event_nested_too_deep_to_read_does_not_fail_the_call():
@@ -338,23 +364,7 @@ def test_a_first_event_whose_error_is_nested_as_deep_as_can_be_read_still_falls_
 
 def test_a_refusal_whose_error_is_nested_as_deep_as_can_be_read_still_falls_back():
     body = b'{"error":{"message":' + b"[" * 1000 + b"]" * 1000 + b"}}"
-    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
-
-    async def failing_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await read_request(reader)
-        status, content = (b"503 Service Unavailable", body) if b'"failing"' in request else (b"200 OK", answer)
-        writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                     b"Connection: close\r\n\r\n%s" % (status, len(content), content))
-        await writer.drain()
-        writer.close()
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}]}
-        loop = asyncio.get_running_loop()
-        answered = await forward(client, ["failing", "whole"], payload, False, loop.time() + 30)
-        assert (answered.model, answered.attempts) == ("whole", 2)
-
-    against(failing_then_answer, check)
+    assert answered_by(http_answer(b"503 Service Unavailable", body, JSON)) == ("whole", 2)
 
 
 def test_an_error_event_without_data_before_the_first_event_does_not_fail_the_model():
@@ -368,27 +378,8 @@ def test_an_error_event_without_data_before_the_first_event_does_not_fail_the_mo
 def test_a_429_whose_retry_after_only_looks_like_digits_still_falls_back(hint):
     # int() raised ValueError on them: the call ended there, a 500 recorded as an error, the group's
     # next model never tried.
-    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
-
-    async def limited_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await read_request(reader)
-        if b'"limited"' in request:
-            body = b'{"error":{"message":"slow down"}}'
-            writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: %s\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n%s" % (hint, len(body), body))
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n%s" % (len(answer), answer))
-        await writer.drain()
-        writer.close()
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}]}
-        loop = asyncio.get_running_loop()
-        answered = await forward(client, ["limited", "whole"], payload, False, loop.time() + 30)
-        assert (answered.model, answered.attempts) == ("whole", 2)
-
-    against(limited_then_answer, check)
+    limited = http_answer(b"429 Too Many Requests", b'{"error":{"message":"slow down"}}', b"Retry-After: %s\r\n" % hint)
+    assert answered_by(limited) == ("whole", 2)
 
 
 def test_a_stream_dripping_comments_past_the_first_byte_timeout_fails_that_model_and_the_next_answers():
@@ -434,13 +425,12 @@ def test_a_model_litellm_does_not_grant_the_gateways_key_fails_that_model_and_th
                    "Tried to access denied",
         "type": f"{holder}_model_access_denied", "param": "model", "code": "403",
     }}).encode()
-    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
 
     async def denies_one_model(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 request = await read_request(reader)
-                status, body = (b"403 Forbidden", refusal) if b'"denied"' in request else (b"200 OK", answer)
+                status, body = (b"403 Forbidden", refusal) if b'"denied"' in request else (b"200 OK", ANSWER)
                 writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                              % (status, len(body), body))
                 await writer.drain()
@@ -502,31 +492,7 @@ def test_a_group_rate_limited_on_some_models_and_failing_on_others_is_unavailabl
 def test_an_answer_neither_200_nor_4xx_fails_that_model_and_the_next_answers(status):
     # Not the caller's request refused (a 4xx): taken for one, it came back as a 400
     # upstream_rejected (which clients do not retry) and the group's next model was never asked.
-    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
-
-    async def odd_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await read_request(reader)
-        if b'"odd"' in request:
-            writer.write(b"HTTP/1.1 %s\r\nLocation: https://elsewhere/\r\nContent-Length: 0\r\n"
-                         b"Connection: close\r\n\r\n" % status)
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                         b"Connection: close\r\n\r\n%s" % (len(answer), answer))
-        await writer.drain()
-        writer.close()
-
-    async def check(client: Upstream) -> None:
-        loop = asyncio.get_running_loop()
-        for stream in (False, True):
-            payload = {"messages": [{"role": "user", "content": "hi"}], "stream": stream}
-            with pytest.raises(UpstreamFailed) as failed:
-                await forward(client, ["odd"], payload, stream, loop.time() + 30)
-            assert failed.value.attempts[0].error.startswith(status[:3].decode())
-        answered = await forward(client, ["odd", "whole"], {"messages": [{"role": "user", "content": "hi"}]}, False,
-                                 loop.time() + 30)
-        assert (answered.model, answered.attempts) == ("whole", 2)
-
-    against(odd_then_answer, check)
+    assert answered_by(http_answer(status, b"", b"Location: https://elsewhere/\r\n")) == ("whole", 2)
 
 
 @pytest.mark.parametrize("message", [b'"hi"', b'[{"type":"text","text":"hi"}]', b"null"])
@@ -534,7 +500,6 @@ def test_an_answer_whose_message_is_no_object_fails_that_model_and_the_next_answ
     # An unusable answer, as one without choices: the jobs API answered it as an empty success
     # (its content "", the text lost) and a /v1 call's own job was charged for it.
     odd = b'{"choices":[{"index":0,"message":%s,"finish_reason":"stop"}]}' % message
-    answer = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
 
     async def check(client: Upstream) -> None:
         payload = {"messages": [{"role": "user", "content": "hi"}]}
@@ -542,4 +507,4 @@ def test_an_answer_whose_message_is_no_object_fails_that_model_and_the_next_answ
         answered = await forward(client, ["deep", "whole"], payload, False, loop.time() + 30)
         assert (answered.model, answered.attempts) == ("whole", 2)
 
-    against(_deep_then_whole(odd, answer, b"application/json"), check)
+    against(_deep_then_whole(odd, ANSWER, b"application/json"), check)
