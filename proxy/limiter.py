@@ -28,6 +28,7 @@ job that is also over its limit gets the 429.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -579,6 +580,15 @@ class RedisLimiter:
     async def close(self) -> None:
         await self._redis.close()
 
+    async def flush(self) -> None:
+        """Send what waits for the next admit (releases, real usage kept while Redis was not
+        asked) and wait for Redis to have run it, within its timeout: as the process stops no
+        admit will carry it, and the estimates and the calls that never started would count
+        for the rest of their window."""
+        if self._unknown:
+            await self._release_unknown()
+            await self._redis.call("PING")  # answered after the scripts sent before it
+
     def _keys(self, limits: Limits) -> Keys:
         # Whether the key has a scope of its own, as `Limits.scopes` decides, without making them.
         keyed = limits.key_rpm is not None or limits.key_tpm is not None
@@ -814,6 +824,9 @@ class RateLimiter:
 
     async def close(self) -> None:
         if self.redis is not None:
+            # Whatever the breaker says: one short try costs the shutdown Redis's timeout at most.
+            with contextlib.suppress(RedisUnavailable, RedisError):
+                await self.redis.flush()
             await self.redis.close()
 
     @property

@@ -697,6 +697,29 @@ def test_a_calls_real_usage_reaches_redis_even_when_it_ends_while_the_breaker_is
     assert redis_server.cli("GET", f"{base}:total") == str(5000 + 10)
 
 
+def test_a_calls_real_usage_kept_while_the_breaker_was_open_reaches_redis_when_the_gateway_stops(redis_server):
+    # No admit follows it in this process (a rolling restart): its estimate, and the request of
+    # a call that never started, stood for the rest of the window.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
+        long_call = await limiter.admit(limits, "long-call", 1034)  # admitted by Redis on its estimate
+        never_started = await limiter.admit(limits, "never-started", 1034)
+        with paused(redis_server):
+            assert (await limiter.admit(limits, "during-blip", 10)).backend == "local"  # the breaker opens
+        limiter.settle_soon(long_call, 5000)  # it ends now, having really used 5,000 tokens
+        await limiter.settle(never_started, 0, release=True)
+        await asyncio.sleep(0.3)  # Redis is back; no call comes before the shutdown
+        await limiter.close()
+
+    asyncio.run(run())
+    assert redis_server.cli("HGET", f"{base}:amounts", "long-call") == "5000"
+    assert redis_server.cli("ZRANGE", f"{base}:requests", "0", "-1").split() == ["long-call"]
+    assert redis_server.cli("GET", f"{base}:total") == "5000"
+
+
 @pytest.mark.parametrize("outage", ["shorter", "longer"])
 def test_a_calls_usage_that_waited_for_redis_counts_for_a_window_from_its_end_not_from_its_sending(
     redis_server, outage
