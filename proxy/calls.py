@@ -466,7 +466,7 @@ class CallPipeline:
         if isinstance(exc, UpstreamRejected):
             message = redact(exc.message)
             await self._finish(call, "error", exc.model, none, exc.attempts, message)
-            return ApiError(400, message, code="upstream_rejected", headers=call.headers())
+            return ApiError(400, message, code="upstream_rejected", param=exc.param, headers=call.headers())
         if isinstance(exc, asyncio.CancelledError):  # the shutdown's (a hang-up is ClientClosed)
             usage = estimated_usage(call.request.prompt_chars, 0)
             await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts(), SHUT_DOWN)

@@ -97,12 +97,13 @@ class UpstreamFailed(Exception):
 class UpstreamRejected(Exception):
     """The upstream refused the request itself (a 4xx): no fallback helps."""
 
-    def __init__(self, status: int, message: str, model: str, attempts: int) -> None:
+    def __init__(self, status: int, message: str, model: str, attempts: int, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.model = model
         self.attempts = attempts
+        self.param = param  # the request field the upstream's error names, as LiteLLM passes it on
 
 
 class UpstreamMisconfigured(UpstreamRejected):
@@ -245,7 +246,7 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
         content += chunk
         if len(content) > _ERROR_BODY_LIMIT:
             break
-    message, error_type, unhandled = _error_details(content, status)
+    message, error_type, unhandled, param = _error_details(content, status)
     refused = _refused_body(message)
     if refused is not None:
         raise UpstreamRejected(status, refused, model, number)
@@ -266,20 +267,24 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
         return Attempt(model, f"{status}: {message}", status)
     if status in (401, 403) or error_type in ("auth_error", "no_db_connection"):
         raise UpstreamMisconfigured(status, message, model, number)
-    raise UpstreamRejected(status, message, model, number)
+    raise UpstreamRejected(status, message, model, number, param)
 
 
-def _error_details(content: bytes, status: int) -> tuple[str, str | None, bool]:
-    """The error's message and type, and whether it is LiteLLM's catch-all answer."""
+def _error_details(content: bytes, status: int) -> tuple[str, str | None, bool, str | None]:
+    """The error's message and type, whether it is LiteLLM's catch-all answer, and the request
+    field it names (`param`: LiteLLM writes a provider's that way, or None, or "None")."""
     try:
         data = loads(content)
     except ValueError:
-        return (content.decode("utf-8", "replace")[:500] or f"HTTP {status}"), None, False
+        return (content.decode("utf-8", "replace")[:500] or f"HTTP {status}"), None, False, None
     if isinstance(data, dict):
         error = data.get("error", data.get("detail"))
         error_type = error.get("type") if isinstance(error, dict) else None
-        return error_text(error if error is not None else data), error_type, error == _UNHANDLED
-    return f"HTTP {status}", None, False
+        param = error.get("param") if isinstance(error, dict) else None
+        if not isinstance(param, str) or param in ("", "None") or len(param) > 256:
+            param = None
+        return error_text(error if error is not None else data), error_type, error == _UNHANDLED, param
+    return f"HTTP {status}", None, False, None
 
 
 def _refused_body(message: str) -> str | None:

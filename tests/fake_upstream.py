@@ -6,7 +6,7 @@ while every answer stays predictable:
 * prompt tokens = whitespace-separated words in all message contents;
 * completion tokens = number of content chunks (default 5, one word each);
 * the model name selects failures: ``fail-500*``, ``fail-503*``, ``fail-429*``
-  (with ``Retry-After: 7``), ``fail-400*``, ``hang*`` (no headers for 30 s),
+  (with ``Retry-After: 7``), ``fail-400*`` (OpenAI's ``invalid_request_error`` naming ``param: messages``), ``hang*`` (no headers for 30 s),
   ``abort*`` (stream breaks after two chunks), ``garbage*`` (malformed SSE/JSON),
   ``absurd-usage*`` (reports 10^20 prompt tokens), ``error-first*`` (a stream whose
   first event is an error), ``error-later*`` (a stream sending an error event after two
@@ -199,6 +199,8 @@ async def chat_completions(request: Request) -> Response:
             entry["finished"] = time.time()
             headers = {"Retry-After": "7"} if status == 429 else {}
             error = {"message": f"fake upstream failure {status}", "type": "fake_error", "code": str(status)}
+            if status == 400:  # as OpenAI refuses a request: its type, and the parameter at fault
+                error.update(type="invalid_request_error", param="messages")
             return JSONResponse({"error": error}, status_code=status, headers=headers)
 
     rid = "chatcmpl-" + uuid.uuid4().hex[:12]

@@ -204,6 +204,16 @@ def test_errors_raise_the_right_sdk_classes(tollgate, admin, team):
         )
 
 
+def test_an_upstream_refusal_keeps_the_parameter_it_names(tollgate, admin):
+    # LiteLLM passes on the provider's `param` (the SDK's error.param): which field to fix.
+    team = admin.team(groups=("Rejects",))
+    client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="Rejects", messages=HELLO, stream=stream)
+        assert (refused.value.param, refused.value.code) == ("messages", "upstream_rejected")
+
+
 def test_no_credits_is_permission_denied(tollgate, admin):
     team = admin.team(credits=0)
     client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
