@@ -95,6 +95,8 @@ def test_paired_surrogates_are_fine(tollgate, team, job_url):
         ({**HELLO, "stop": ["x" * 5000]}, "stop: sequences must be at most 1000 characters"),
         ({**HELLO, "model_group": 12}, "model_group: must be a string"),
         ({**HELLO, "purpose": ["a"]}, "purpose: must be a string"),
+        ({**HELLO, "purpose": "p" * 257}, "purpose: must be at most 256 characters"),
+        ({**HELLO, "user": "u" * 257}, "user: must be at most 256 characters"),
         ({**HELLO, "tools": "all"}, "tools: must be a list of objects"),
         ({**HELLO, "response_format": "json"}, "response_format: must be an object"),
         ([1, 2], "Request body must be a JSON object"),
