@@ -196,6 +196,20 @@ def _tools(body: dict[str, Any], field: str) -> None:
     tools = body[field]
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
         raise invalid(field, "must be a list of objects")
+    for i, tool in enumerate(tools or ()):
+        # LiteLLM runs the tools of the MCP servers it serves that an `mcp` tool names, for any
+        # caller (Tollgate's key may use every server), then asks the model again with their answers.
+        if tool.get("type") == "mcp":
+            raise invalid(
+                f"{field}[{i}].type", "'mcp' tools are LiteLLM's MCP servers, which are not called through the gateway"
+            )
+        # LiteLLM searches the vector stores a tool names (a file_search tool) for any caller, as
+        # it does the body's vector_store_ids: another team's documents in this call's prompt.
+        if "vector_store_ids" in tool:
+            raise invalid(
+                f"{field}[{i}].vector_store_ids",
+                "names LiteLLM's vector stores, which are not searched through the gateway",
+            )
 
 
 def _short_string(body: dict[str, Any], field: str) -> None:
@@ -301,6 +315,18 @@ _LITELLM_CONTROLS = frozenset([
     # which the gateway took for the model failing and tried on the next; `client` with a 400.
     "client", "original_function", "specific_deployment", "_target_order",
     "self",  # passed on as the body's other fields are, it is a second `self` to LiteLLM's router: a 500
+    # Where LiteLLM's response cache reads and writes the call's answer, used as it is given: with
+    # caching on, a team read any answer cached under a key it named, and stored its own answer
+    # under another team's key, which that team was then served for its own question.
+    "cache_key",
+    # The operator's logging callbacks (all but LiteLLM's own spend tracking) skipped for the call.
+    "no-log",
+    # The call's place in LiteLLM's request queue (lower first): ahead of every other team's calls
+    # when the deployments are busy. The operator sets the queue's order (router default_priority).
+    "priority",
+    # LiteLLM's vector stores searched for the call and their documents put into its prompt: any
+    # store registered in LiteLLM, Tollgate's key being allowed them all (so too in a tool, below).
+    "vector_store_ids",
 ])
 
 # What `extra_body` may not carry: LiteLLM merges it into the provider's request after routing,

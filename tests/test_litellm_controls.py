@@ -258,3 +258,75 @@ def test_litellm_internal_arguments_are_refused_not_tried_on_every_model(tollgat
     assert response.status_code == 422, response.text
     assert response.json()["error"]["param"] == field
     assert fake_log(fake_url, label) == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
+def test_a_call_cannot_name_the_key_litellm_caches_its_answer_under(tollgate, team, fake_url, path):
+    # LiteLLM reads and writes its response cache under a body's cache_key as given: with caching
+    # on, a team was served another team's cached answer by naming its key, and stored its own
+    # answer under another team's key, which that team then got for its own question.
+    assert_refused_on_path(tollgate.client(team.key), fake_url, path, "cache_key", "0" * 64)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
+def test_a_call_cannot_turn_off_the_operators_logging(tollgate, team, fake_url, path):
+    # "no-log": true made LiteLLM skip every logging callback the operator configured (all but its
+    # own spend tracking) for the call.
+    assert_refused_on_path(tollgate.client(team.key), fake_url, path, "no-log", True)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
+def test_a_call_cannot_choose_its_place_in_litellms_request_queue(tollgate, team, fake_url, path):
+    # A body's priority sent the call through LiteLLM's scheduler at that place (lower first):
+    # ahead of every other team's calls while the deployments are busy.
+    assert_refused_on_path(tollgate.client(team.key), fake_url, path, "priority", -100)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
+def test_a_call_cannot_search_litellms_vector_stores(tollgate, team, fake_url, path):
+    # LiteLLM searched any vector store registered with it (Tollgate's key may use them all) and
+    # put the documents it found into the call's prompt: another team's knowledge base.
+    assert_refused_on_path(tollgate.client(team.key), fake_url, path, "vector_store_ids", ["vs_other_team"])
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
+def test_a_tool_cannot_search_litellms_vector_stores(tollgate, team, fake_url, path):
+    # A file_search tool naming vector stores is searched by LiteLLM as vector_store_ids are.
+    client = tollgate.client(team.key)
+    label = tag()
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}},
+             {"type": "file_search", "vector_store_ids": ["vs_other_team"]}]
+    body = {"model": "Main", "messages": say(f"hi [tag={label}]"), "tools": tools}
+    response = client.post(path.format(job=new_job(client)), json=body)
+    assert response.status_code == 422, response.text
+    assert "tools[1].vector_store_ids" in response.text
+    assert fake_log(fake_url, label) == []
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
+def test_a_call_cannot_run_the_tools_of_litellms_mcp_servers(tollgate, team, fake_url, path):
+    # LiteLLM listed the named MCP server's tools for the model, ran the one it called (every
+    # server is open to Tollgate's key) and asked the model again with its answer: the operator's
+    # internal tools reached, and two model calls made for the one the gateway counted.
+    client = tollgate.client(team.key)
+    label = tag()
+    tools = [{"type": "mcp", "server_label": "internal", "server_url": "litellm_proxy/mcp/internal",
+              "require_approval": "never"}]
+    body = {"model": "Main", "messages": say(f"hi [tag={label}]"), "tools": tools}
+    response = client.post(path.format(job=new_job(client)), json=body)
+    assert response.status_code == 422, response.text
+    assert "tools[0].type" in response.text
+    assert fake_log(fake_url, label) == []
+
+
+def assert_refused_on_path(client, fake_url: str, path: str, field: str, value) -> None:
+    """A body carrying `field` is a 422 naming it on `path`, and never reaches the upstream."""
+    label = tag()
+    body = {"model": "Main", "messages": say(f"hi [tag={label}]"), field: value}
+    response = client.post(path.format(job=new_job(client)), json=body)
+    assert response.status_code == 422, response.text
+    if path.startswith("/v1"):
+        assert response.json()["error"]["param"] == field
+    else:
+        assert response.json()["detail"].startswith(f"{field}: ")
+    assert fake_log(fake_url, label) == []
