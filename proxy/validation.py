@@ -127,7 +127,7 @@ def parse_call(body: dict[str, Any], *, openai: bool) -> CallRequest:
         max_tokens, max_completion_tokens = _check_parameters(body)
     if not _LITELLM_CONTROLS.isdisjoint(body):
         field = min(_LITELLM_CONTROLS.intersection(body))
-        raise invalid(field, "is LiteLLM's own and not accepted through the gateway: the model group decides the models")
+        raise invalid(field, "is LiteLLM's own and not accepted through the gateway: what it controls is the operator's")
     if "extra_body" in body:
         _check_extra_body(body["extra_body"])
 
