@@ -132,15 +132,16 @@ def test_a_call_cannot_choose_the_providers_organization(tollgate, team, fake_ur
     assert fake_log(fake_url, label) == []
 
 
-def assert_refused_on_both_routes(client, fake_url: str, field: str, value) -> None:
-    """A body carrying `field` is a 422 naming it on /v1 and on the job API, and never reaches
-    the upstream."""
+def assert_refused_on_both_routes(client, fake_url: str, field: str, value, named: str | None = None) -> None:
+    """A body carrying `field` is a 422 naming it (or `named`, a part of its value) on /v1 and on
+    the job API, and never reaches the upstream."""
+    named = named or field
     label = tag()
     on_v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": say(f"hi [tag={label}]"), field: value})
     assert on_v1.status_code == 422, on_v1.text
-    assert on_v1.json()["error"]["param"] == field
+    assert on_v1.json()["error"]["param"] == named
     on_api = client.post(f"/api/jobs/{new_job(client)}/llm-call", json={"messages": say(f"hi [tag={label}]"), field: value})
-    assert on_api.status_code == 422 and on_api.json()["detail"].startswith(f"{field}: ")
+    assert on_api.status_code == 422 and on_api.json()["detail"].startswith(f"{named}: ")
     assert fake_log(fake_url, label) == []
 
 
@@ -260,73 +261,42 @@ def test_litellm_internal_arguments_are_refused_not_tried_on_every_model(tollgat
     assert fake_log(fake_url, label) == []
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
-def test_a_call_cannot_name_the_key_litellm_caches_its_answer_under(tollgate, team, fake_url, path):
+def test_a_call_cannot_name_the_key_litellm_caches_its_answer_under(tollgate, team, fake_url):
     # LiteLLM reads and writes its response cache under a body's cache_key as given: with caching
     # on, a team was served another team's cached answer by naming its key, and stored its own
     # answer under another team's key, which that team then got for its own question.
-    assert_refused_on_path(tollgate.client(team.key), fake_url, path, "cache_key", "0" * 64)
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "cache_key", "0" * 64)
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
-def test_a_call_cannot_turn_off_the_operators_logging(tollgate, team, fake_url, path):
+def test_a_call_cannot_turn_off_the_operators_logging(tollgate, team, fake_url):
     # "no-log": true made LiteLLM skip every logging callback the operator configured (all but its
     # own spend tracking) for the call.
-    assert_refused_on_path(tollgate.client(team.key), fake_url, path, "no-log", True)
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "no-log", True)
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
-def test_a_call_cannot_choose_its_place_in_litellms_request_queue(tollgate, team, fake_url, path):
+def test_a_call_cannot_choose_its_place_in_litellms_request_queue(tollgate, team, fake_url):
     # A body's priority sent the call through LiteLLM's scheduler at that place (lower first):
     # ahead of every other team's calls while the deployments are busy.
-    assert_refused_on_path(tollgate.client(team.key), fake_url, path, "priority", -100)
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "priority", -100)
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
-def test_a_call_cannot_search_litellms_vector_stores(tollgate, team, fake_url, path):
+def test_a_call_cannot_search_litellms_vector_stores(tollgate, team, fake_url):
     # LiteLLM searched any vector store registered with it (Tollgate's key may use them all) and
     # put the documents it found into the call's prompt: another team's knowledge base.
-    assert_refused_on_path(tollgate.client(team.key), fake_url, path, "vector_store_ids", ["vs_other_team"])
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "vector_store_ids", ["vs_other_team"])
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
-def test_a_tool_cannot_search_litellms_vector_stores(tollgate, team, fake_url, path):
+def test_a_tool_cannot_search_litellms_vector_stores(tollgate, team, fake_url):
     # A file_search tool naming vector stores is searched by LiteLLM as vector_store_ids are.
-    client = tollgate.client(team.key)
-    label = tag()
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}},
              {"type": "file_search", "vector_store_ids": ["vs_other_team"]}]
-    body = {"model": "Main", "messages": say(f"hi [tag={label}]"), "tools": tools}
-    response = client.post(path.format(job=new_job(client)), json=body)
-    assert response.status_code == 422, response.text
-    assert "tools[1].vector_store_ids" in response.text
-    assert fake_log(fake_url, label) == []
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "tools", tools, "tools[1].vector_store_ids")
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call"])
-def test_a_call_cannot_run_the_tools_of_litellms_mcp_servers(tollgate, team, fake_url, path):
+def test_a_call_cannot_run_the_tools_of_litellms_mcp_servers(tollgate, team, fake_url):
     # LiteLLM listed the named MCP server's tools for the model, ran the one it called (every
     # server is open to Tollgate's key) and asked the model again with its answer: the operator's
     # internal tools reached, and two model calls made for the one the gateway counted.
-    client = tollgate.client(team.key)
-    label = tag()
     tools = [{"type": "mcp", "server_label": "internal", "server_url": "litellm_proxy/mcp/internal",
               "require_approval": "never"}]
-    body = {"model": "Main", "messages": say(f"hi [tag={label}]"), "tools": tools}
-    response = client.post(path.format(job=new_job(client)), json=body)
-    assert response.status_code == 422, response.text
-    assert "tools[0].type" in response.text
-    assert fake_log(fake_url, label) == []
-
-
-def assert_refused_on_path(client, fake_url: str, path: str, field: str, value) -> None:
-    """A body carrying `field` is a 422 naming it on `path`, and never reaches the upstream."""
-    label = tag()
-    body = {"model": "Main", "messages": say(f"hi [tag={label}]"), field: value}
-    response = client.post(path.format(job=new_job(client)), json=body)
-    assert response.status_code == 422, response.text
-    if path.startswith("/v1"):
-        assert response.json()["error"]["param"] == field
-    else:
-        assert response.json()["detail"].startswith(f"{field}: ")
-    assert fake_log(fake_url, label) == []
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "tools", tools, "tools[0].type")
