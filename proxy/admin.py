@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 from .auth import generate_key, hash_key
-from .config import GROUP_NAME, IDENTIFIER, MAX_INTEGER, Config
+from .config import GROUP_NAME, IDENTIFIER, MAX_INTEGER, MODEL_LIST_RULE, Config, is_model_list
 from .errors import ApiError
 from .records import Job, LedgerEntry, ModelGroup, Organization, Team, VirtualKey, iso
 from .store import NotFound, Store
@@ -232,8 +232,8 @@ class AdminService:
     # model groups
     def _group_body(self, body: dict[str, Any]) -> tuple[list[str], str]:
         models = body.get("models")
-        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
-            raise invalid("models", "must be a non-empty list of model names, primary first")
+        if not isinstance(models, list) or not is_model_list(models):
+            raise invalid("models", f"must be {MODEL_LIST_RULE}")
         return models, optional_str(body, "description", 1000, allow_empty=True) or ""
 
     @staticmethod

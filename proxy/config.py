@@ -121,9 +121,29 @@ def _e_notation(value: Any) -> Any:
 Price = Annotated[float, Rule(f"a number from 0 to {MAX_PRICE_PER_TOKEN:g} (USD per token)", is_price, _e_notation)]
 Identifier = Annotated[str, Rule("an identifier (letters, digits, '.', '_', '-'; at most 64)", IDENTIFIER.match)]
 GroupName = Annotated[str, Rule("a model group name (letters, digits, '.', '_', ':', '-')", GROUP_NAME.match)]
-ModelList = Annotated[
-    tuple[str, ...], Rule("a non-empty list of model names, none of them empty", lambda v: len(v) > 0 and all(v))
-]
+# A group's models are tried in turn, each to its own timeouts: bounded so that a group cannot
+# hold a call for as long as an endless list would (repeats are allowed: a retry of a model).
+# A name goes into every call's body, the logs and the metrics' labels: LiteLLM's names are short
+# and never hold control characters.
+MAX_GROUP_MODELS = 32
+MAX_MODEL_NAME = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MODEL_LIST_RULE = (
+    f"a list of 1 to {MAX_GROUP_MODELS} model names, primary first, each 1 to {MAX_MODEL_NAME} characters "
+    "without control characters"
+)
+
+
+def is_model_list(models: Any) -> bool:
+    """Whether a value is a group's models as config.yaml and the admin API take them."""
+    return (
+        isinstance(models, (list, tuple))
+        and 0 < len(models) <= MAX_GROUP_MODELS
+        and all(isinstance(m, str) and 0 < len(m) <= MAX_MODEL_NAME and not _CONTROL.search(m) for m in models)
+    )
+
+
+ModelList = Annotated[tuple[str, ...], Rule(MODEL_LIST_RULE, is_model_list)]
 
 
 # The URL checks below refuse what the clients that read these URLs (proxy/upstream.py,

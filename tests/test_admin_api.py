@@ -153,6 +153,28 @@ def test_model_group_lifecycle(admin):
     assert admin.request("GET", f"/admin/model-groups/{name}").status_code == 404
 
 
+@pytest.mark.parametrize(
+    "models",
+    [["m"] * 33, ["m" * 257], ["gpt-4o\n"], ["gpt\x00"], [], [""], "primary", [1]],
+    ids=["33 models", "a name of 257 characters", "a newline", "a NUL", "none", "an empty name", "a string",
+         "a number"],
+)
+def test_a_model_group_refuses_models_outside_the_bounds_on_create_and_put(admin, models):
+    name = uid("Group")
+    for method, path, body in [("POST", "/admin/model-groups", {"name": name, "models": models}),
+                               ("PUT", f"/admin/model-groups/{name}", {"models": models})]:
+        response = admin.request(method, path, json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"].startswith("models: must be a list of 1 to 32 model names")
+    assert admin.request("GET", f"/admin/model-groups/{name}").status_code == 404
+
+
+def test_a_model_group_takes_32_models_of_256_characters(admin):
+    name, models = uid("Group"), ["m" * 256] * 31 + ["backup model"]
+    created = admin.request("POST", "/admin/model-groups", json={"name": name, "models": models})
+    assert created.status_code == 201 and created.json()["models"] == models
+
+
 def test_model_group_in_use_cannot_be_deleted(admin, team):
     response = admin.request("DELETE", "/admin/model-groups/Main")
     assert response.status_code == 409

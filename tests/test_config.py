@@ -196,9 +196,30 @@ def test_empty_organizations_and_teams_mean_none(tmp_path):
 
 
 def test_an_empty_model_name_is_refused(tmp_path):
-    assert "model_groups.X.models: must be a non-empty list of model names" in error_for(
+    assert "model_groups.X.models: must be a list of 1 to 32 model names" in error_for(
         tmp_path, 'model_groups:\n  X: {models: [""]}\n'
     )
+
+
+def test_a_group_of_more_than_32_models_is_refused(tmp_path):
+    models = ", ".join(["m"] * 33)
+    assert "model_groups.X.models: must be a list of 1 to 32 model names" in error_for(
+        tmp_path, f"model_groups:\n  X: {{models: [{models}]}}\n"
+    )
+
+
+def test_a_group_of_32_models_repeats_included_is_taken(tmp_path):
+    models = ", ".join(["m"] * 31 + ["backup"])
+    config = load_config(write(tmp_path, f"model_groups:\n  X: {{models: [{models}]}}\n"), {})
+    assert len(config.model_groups["X"].models) == 32
+
+
+def test_a_model_name_over_256_characters_is_refused(tmp_path):
+    assert "each 1 to 256 characters" in error_for(tmp_path, f"model_groups:\n  X: {{models: [{'m' * 257}]}}\n")
+
+
+def test_a_model_name_holding_a_control_character_is_refused(tmp_path):
+    assert "without control characters" in error_for(tmp_path, 'model_groups:\n  X: {models: ["gpt\\n4o"]}\n')
 
 
 def test_check_config_masks_the_passwords_in_urls(tmp_path):
