@@ -212,6 +212,29 @@ def _tools(body: dict[str, Any], field: str) -> None:
             )
 
 
+def _guardrail_names(value: Any, field: str) -> None:
+    # A guardrail of the operator's that a call asks for by name only adds checks. An object
+    # naming one carries `extra_body`, which LiteLLM (Enterprise) sends that guardrail's API over
+    # the operator's own settings: its thresholds or policy changed for the team's calls.
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise invalid(field, "must be a list of guardrail names")
+    for i, name in enumerate(value):
+        if not isinstance(name, str):
+            raise invalid(f"{field}[{i}]", "must be a guardrail's name: its settings are the operator's")
+
+
+def _guardrails(body: dict[str, Any], field: str) -> None:
+    _guardrail_names(body[field], field)
+
+
+def _metadata(body: dict[str, Any], field: str) -> None:
+    metadata = optional_object(body, field)
+    if metadata is not None and "guardrails" in metadata:  # LiteLLM reads them there as well
+        _guardrail_names(metadata["guardrails"], f"{field}.guardrails")
+
+
 def _short_string(body: dict[str, Any], field: str) -> None:
     optional_str(body, field, 1_000, allow_empty=True)
 
@@ -236,7 +259,7 @@ _CHAT_CHECKS: dict[str, Check] = {
     **{field: _integers(low, high) for field, low, high in _INTEGERS},
     "user": _user,
     "stop": lambda body, field: _check_stop(body[field]),
-    **{field: _object for field in _OBJECTS},
+    **{field: _metadata if field == "metadata" else _object for field in _OBJECTS},
     "web_search_options": _web_search_options,
     "tools": _tools,
     "tool_choice": lambda body, field: _check_tool_choice(body[field]),
@@ -250,6 +273,7 @@ _LITELLM_CHECKS: dict[str, Check] = {
     "prompt_variables": _object,
     "prompt_version": _prompt_version,
     **{field: _strings for field in ("tags", "additional_drop_params", "allowed_openai_params")},
+    "guardrails": _guardrails,
 }
 _CHECKS = {**_CHAT_CHECKS, **_LITELLM_CHECKS}
 _ORDER = {field: i for i, field in enumerate(_CHECKS)}

@@ -300,3 +300,26 @@ def test_a_call_cannot_run_the_tools_of_litellms_mcp_servers(tollgate, team, fak
     tools = [{"type": "mcp", "server_label": "internal", "server_url": "litellm_proxy/mcp/internal",
               "require_approval": "never"}]
     assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "tools", tools, "tools[0].type")
+
+
+@pytest.mark.parametrize("where, named", [("top", "guardrails[1]"), ("metadata", "metadata.guardrails[1]")])
+def test_a_call_cannot_set_the_parameters_of_the_operators_guardrails(tollgate, team, fake_url, where, named):
+    # An object naming a guardrail carries `extra_body`, which LiteLLM (Enterprise) sends the
+    # guardrail's API over the operator's settings: its thresholds turned off for the team's calls.
+    guardrails = ["pii-mask", {"lakera-guard": {"extra_body": {"breakdown": False, "payload": False}}}]
+    field, value = ("guardrails", guardrails) if where == "top" else ("metadata", {"guardrails": guardrails})
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, field, value, named)
+
+
+@pytest.mark.parametrize("value", ["pii-mask", {"pii-mask": {}}])
+def test_guardrails_that_are_not_a_list_are_refused_naming_them(value):
+    with pytest.raises(ApiError) as refused:
+        parse_call({"model": "Main", "messages": say("hi"), "guardrails": value}, openai=True)
+    assert (refused.value.status, refused.value.param) == (422, "guardrails")
+
+
+def test_guardrails_named_by_the_call_are_passed_on():
+    request = parse_call({"model": "Main", "messages": say("hi"), "guardrails": ["pii-mask"],
+                          "metadata": {"guardrails": ["toxicity"], "run": 7}}, openai=True)
+    assert request.params["guardrails"] == ["pii-mask"]
+    assert request.params["metadata"] == {"guardrails": ["toxicity"], "run": 7}
