@@ -2,9 +2,11 @@
 up a gateway that answers the curl and the openai snippet it prints."""
 
 import contextlib
+import dataclasses
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -12,7 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+from proxy import app, jobs_api, occasional, sse, upstream, validation
+from proxy.cli import build_parser
+from proxy.config import MAX_GROUP_MODELS, MAX_MODEL_NAME, Config, parse_duration
 from proxy.demo import port_in_use
+from proxy.store import writer
 from tests.support import PYTHON, REPO, free_port
 
 
@@ -118,3 +124,119 @@ def test_contents_lists_every_section_in_order():
     assert [title for title, _ in listed] == sections
     for title, anchor in listed:  # GitHub's anchor for a heading
         assert anchor == re.sub(r"[^a-z0-9 -]", "", title.lower()).replace(" ", "-"), title
+
+
+def readme_table(first_header: str) -> list[list[str]]:
+    """The rows of the README's table whose first column is headed `first_header`, as cells."""
+    text = (REPO / "README.md").read_text()
+    lines = text.split(f"\n| {first_header} |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+
+
+UNITS = {"ms": 0.001, "s": 1, "h": 3600, "MiB": 1024 * 1024}
+
+
+def readme_default(text: str) -> object:
+    """A default as the configuration table writes it: `8003`, 60,000, 100 ms, 10 MiB, unset."""
+    text = text.strip("`")
+    if text in ("unset", "none"):
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    number = re.fullmatch(r"([\d,]+(?:\.\d+)?)(?: (ms|s|h|MiB))?", text)
+    if not number:
+        return text
+    value = float(number.group(1).replace(",", "")) * UNITS.get(number.group(2) or "", 1)
+    return int(value) if value.is_integer() else value
+
+
+def readme_config_defaults() -> dict[str, object]:
+    """Each key of the configuration table with the default it gives; `a.b` / `.c` is `a.c`."""
+    defaults: dict[str, object] = {}
+    for keys_cell, defaults_cell, _ in readme_table("Key"):
+        keys = re.findall(r"`([^`]+)`", keys_cell)
+        keys = [keys[0].rsplit(".", 1)[0] + key if key.startswith(".") else key for key in keys]
+        values = re.split(r", (?! )| / ", re.sub(r" \(.*?\)", "", defaults_cell))
+        if len(values) == 1:
+            values *= len(keys)
+        assert len(values) == len(keys), keys_cell
+        defaults.update(zip(keys, map(readme_default, values)))
+    return defaults
+
+
+def test_configuration_table_gives_every_key_with_its_default():
+    # A default the README misstates is one an operator relies on without setting it.
+    def leaves(value: object, path: str) -> dict[str, object]:
+        if not dataclasses.is_dataclass(value):
+            return {path: value}
+        found: dict[str, object] = {}
+        for field in dataclasses.fields(value):
+            if field.metadata.get("yaml", True):
+                found |= leaves(getattr(value, field.name), f"{path}.{field.name}".lstrip("."))
+        return found
+
+    actual = leaves(Config(), "")
+    table = readme_config_defaults()
+    listed = {key.split(".<", 1)[0]: value for key, value in table.items()}
+    assert sorted(listed) == sorted(actual)
+    for key, value in actual.items():
+        empty = isinstance(value, (dict, tuple)) and not value  # pricing, model_groups, ...: none
+        assert listed[key] == (None if empty else value), key
+
+
+def test_module_table_names_every_module():
+    # The table is where a newcomer finds which module owns what: one left out is one they miss.
+    named = {name for row in readme_table("Module") for name in re.findall(r"`([\w/]+(?:\.py)?)`", row[0])}
+    modules = {p.name for p in (REPO / "proxy").glob("*.py") if p.stem not in ("__init__", "__main__")}
+    assert modules | {"store/"} == named
+
+
+def test_durations_take_the_units_the_readme_names():
+    line = re.search(r"^Durations take seconds or units: (.*)\.$", (REPO / "README.md").read_text(), re.M).group(1)
+    seconds = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    for example in re.findall(r"`([^`]+)`", line):
+        number, unit = re.fullmatch(r"(\d+)([a-z]+)", example).groups()
+        assert parse_duration(example) == int(number) * seconds[unit], example
+
+
+def test_cli_commands_the_readme_shows_parse(monkeypatch):
+    # A newcomer copies these lines: an option renamed in cli.py would fail them at their first try.
+    text = (REPO / "README.md").read_text()
+    block = text.split("The CLI does the same", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].replace("[", "").replace("]", "") for line in block.splitlines()]
+    assert len(lines) > 5
+    for line in lines:
+        build_parser().parse_args(shlex.split(line)[1:])  # an unknown option or command exits
+    port, litellm_port = re.search(r"`tollgate demo --port (\d+) --litellm-port (\d+)`", text).groups()
+    demo = build_parser().parse_args(["demo", "--port", port, "--litellm-port", litellm_port])
+    assert (demo.port, demo.litellm_port) == (int(port), int(litellm_port))
+    monkeypatch.setenv("TOLLGATE_DEMO_PORT", port)  # "or TOLLGATE_DEMO_PORT and TOLLGATE_DEMO_LITELLM_PORT"
+    monkeypatch.setenv("TOLLGATE_DEMO_LITELLM_PORT", litellm_port)
+    demo = build_parser().parse_args(["demo"])
+    assert (demo.port, demo.litellm_port) == (int(port), int(litellm_port))
+
+
+def test_figures_the_readme_gives_are_the_codes():
+    # Each bound the README states, beside the constant that sets it: a constant changed without
+    # the README (or the other way round) fails here, not in an operator's surprise.
+    text = " ".join((REPO / "README.md").read_text().split())
+    mib = 1024 * 1024
+    stated = [
+        f"`stop`** takes at most {validation.MAX_STOP_SEQUENCES} sequences of at most "
+        f"{validation.MAX_STOP_LENGTH:,} characters",
+        f"`max_tokens` at most {validation.MAX_TOKENS:,}; `messages` at most {validation.MAX_MESSAGES:,};",
+        f"`job_type` and `user_id` at most {validation.MAX_LABEL} characters",
+        f"at most {validation.MAX_METADATA_BYTES // 1024} KiB as JSON",
+        f"A model group lists 1 to {MAX_GROUP_MODELS} models",
+        f"each name 1 to {MAX_MODEL_NAME} characters",
+        f"let go after {upstream.KEEPALIVE_EXPIRY:g} s idle",
+        f"only up to {sse.MAX_EVENT_BYTES // mib} MiB",
+        f"at {upstream.MAX_ANSWER_BYTES // mib} MiB",
+        f"A start waits (up to {app.PRICES_AT_START_TIMEOUT:g} s)",
+        f"once it is past {writer.WAL_SIZE_LIMIT // mib} MiB, a checkpoint waits up to {writer.RESTART_WAIT:g} s",
+        f"if none has begun within {writer.START_SYNC_AFTER:g} s",
+    ]
+    assert jobs_api.CALL_END_GRACE == 0.5 and "waits up to half a second" in text
+    assert occasional.EVERY == 60 and "once a minute at most" in text
+    missing = [phrase for phrase in stated if phrase not in text]
+    assert not missing, missing
