@@ -101,7 +101,7 @@ class SSERelay:
     async def _run(self, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         relay = loop.create_task(self._relay(send))
-        watcher = loop.create_task(self._wait_for_disconnect(receive))
+        watcher = loop.create_task(self._wait_for_disconnect(receive, relay))
         self._stall_timer = loop.call_later(self._stall_timeout, self._watch_stall, relay, -1)
         reason: EndReason = "client_disconnected"
         cut = False
@@ -157,9 +157,13 @@ class SSERelay:
             self._stall_timeout, self._watch_stall, relay, now_writing
         )
 
-    async def _wait_for_disconnect(self, receive: Receive) -> None:
+    async def _wait_for_disconnect(self, receive: Receive, relay: asyncio.Task[None]) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        # Here, not once `_run` hears of it two turns later: uvicorn wakes a write waiting on the
+        # client as it wakes this, and the write returns as if sent, so the relay would read on
+        # all the upstream had buffered, and more, for nobody.
+        relay.cancel()
 
     async def _relay(self, send: Send) -> None:
         stream = self._stream

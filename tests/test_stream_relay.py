@@ -254,6 +254,62 @@ def test_a_client_that_reads_slowly_is_not_cut_off():
     assert [end.reason for end in asyncio.run(run())] == ["finished"]
 
 
+def test_a_client_that_hangs_up_while_a_write_waits_on_it_has_the_upstream_read_no_further():
+    # uvicorn wakes a write waiting on a client that reads nothing as it wakes the relay's watch,
+    # when that client hangs up, and the write returns as if sent: the relay read on, as fast as
+    # it could, all the upstream had buffered and sent since, until the watch's cancel came two
+    # turns later. 200 stalled streams hung up at once took 4 s of CPU to let LiteLLM go.
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    taken_after_hang_up = []
+
+    class Stalled(Client):
+        """Takes the head and the first write, then nothing, until it hangs up (uvicorn's way)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.waiting = False
+            self.gone = False
+            self._writable = asyncio.Event()
+            self._message = asyncio.Event()
+
+        async def send(self, message) -> None:
+            if len(self.messages) >= 2:
+                self.waiting = True
+                await self._writable.wait()
+            if not self.gone:
+                self.messages.append(message)
+
+        async def receive(self):
+            await self._message.wait()
+            return {"type": "http.disconnect"}
+
+        def hang_up(self) -> None:  # uvicorn's connection_lost: the request's event, then the writes'
+            self.gone = True
+            self._message.set()
+            self._writable.set()
+
+    async def upstream(client: Stalled):
+        while True:
+            for _ in range(100):  # what the upstream client has buffered: taken without a wait
+                if client.gone:
+                    taken_after_hang_up.append(event)
+                yield event
+            await asyncio.sleep(0)
+
+    async def run():
+        client = Stalled()
+        stream = await opened(upstream(client))
+        task = asyncio.ensure_future(client.run(client.relay(stream, seconds=600)))
+        while not client.waiting:
+            await asyncio.sleep(0.01)
+        client.hang_up()
+        await asyncio.wait_for(task, 5)
+        return client.ends
+
+    assert [end.reason for end in asyncio.run(run())] == ["client_disconnected"]
+    assert taken_after_hang_up == []
+
+
 def test_a_crlf_events_lf_that_comes_in_the_next_read_reaches_the_client_at_once():
     # It went out with the next event instead: openai-python 1.x's parser, which takes CRLF CRLF (not
     # CRLF CR) for an event's end, then saw each event as late as the next one.
