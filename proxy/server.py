@@ -4,6 +4,7 @@ writing through a `CoalescingTransport` (coalesce.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -35,6 +36,11 @@ MAX_HEAD_BYTES = 64 * 1024
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Seconds a refused connection is kept open for the client to read the refusal.
 LINGER = 2.0
+# A connection whose client takes none of what is sent to it is dropped by the kernel after twice
+# `server.read_timeout` and this many seconds (TCP_USER_TIMEOUT, which counts a zero window from
+# Linux 5.11 on): later than a stream's own cut for it (streaming.py), which says why in its record.
+_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)  # None but on Linux
+UNREAD_MARGIN = 5.0
 # RFC 9110's names of statuses Python names otherwise before 3.13 ("Request-URI Too Long",
 # "Request Entity Too Large"): a refusal's reason phrase and its code (`uri_too_long`,
 # `content_too_large`) are the same under any Python.
@@ -114,6 +120,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
+        self._drop_when_unread(transport)
         self._reading = True  # a request is due: a connection opened to send nothing is closed too
         # The head's bytes so far; -1 for one begun in the read that ended the request before it,
         # until that read is parsed (on_message_begin).
@@ -146,6 +153,17 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # parser reads none of it (see on_headers_complete), so it is read here, past the parser.
         self._upgrade_body_left = 0
         self._arm_read_timer()
+
+    def _drop_when_unread(self, transport: asyncio.Transport) -> None:
+        """Have the kernel drop the connection once its client has taken none of what was sent for
+        twice the read timeout and UNREAD_MARGIN. uvicorn bounds no write: an answer to a client
+        that reads nothing (a stream cut for it, a large answer) stayed in the process, closing
+        until its client read it, that is for good, and so did the connection."""
+        sock = transport.get_extra_info("socket")
+        if _TCP_USER_TIMEOUT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            milliseconds = int((2 * self._read_timeout + UNREAD_MARGIN) * 1000)
+            with contextlib.suppress(OSError):  # a connection already reset: nothing is left to hold
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, milliseconds)
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:

@@ -140,3 +140,31 @@ def test_a_client_that_takes_none_of_its_stream_does_not_hold_the_upstream_pool_
         assert answer.status_code == 200
         (call,) = server.client(stuck_team.key).get(f"/api/jobs/{job_id}").json()["calls"]
         assert call["status"] == "cancelled" and "took none of the stream" in call["error"]
+
+
+def connections_from(pid: int, port: int, client_port: int) -> int:
+    """Established TCP connections of process `pid`, listening on `port`, to a client's `client_port`."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} and dport = :{client_port} )"],
+        capture_output=True, text=True,
+    ).stdout
+    return sum(f"pid={pid}," in line for line in out.splitlines())
+
+
+def test_the_connection_of_a_client_that_takes_none_of_its_answer_is_dropped_not_kept_for_good(make_tollgate, fake_url):
+    # uvicorn bounds no write, and closes a connection only once what was written to it is sent:
+    # an answer its client never read was kept in the process for good, with the connection (a
+    # 50 MB answer, 47 MB of memory; a stream cut for its client, its buffers and a socket).
+    server = make_tollgate(upstream_url=fake_url, server={"read_timeout": "1s"})
+    team = server.admin().team(rpm_limit=1000, tpm_limit=100_000_000)
+    body = json.dumps({"model": "Main", "messages": [{"role": "user", "content": "a long answer [chunks=1000000]"}]})
+    with socket.socket() as unread:
+        unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        unread.connect(("127.0.0.1", server.port))
+        unread.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body.encode()
+        )
+        assert unread.recv(100).startswith(b"HTTP/1.1 200")  # then it reads nothing more
+        client_port = unread.getsockname()[1]
+        assert wait_for(lambda: connections_from(server.process.pid, server.port, client_port) == 0, timeout=30)
