@@ -25,6 +25,7 @@ from uvicorn.supervisors import Multiprocess
 from .coalesce import CoalescingTransport
 from .errors import ApiError, error_body, error_response, shutting_down
 from .observe import REFUSALS, REFUSED, RefusalObserver
+from .streaming import ABORT
 
 
 # A request's head must fit in this many bytes, and the whole request arrive within
@@ -38,7 +39,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 LINGER = 2.0
 # A connection whose client takes none of what is sent to it is dropped by the kernel after twice
 # `server.read_timeout` and this many seconds (TCP_USER_TIMEOUT, which counts a zero window from
-# Linux 5.11 on): later than a stream's own cut for it (streaming.py), which says why in its record.
+# Linux 5.11 on): an answer it never reads. A stream is cut before that, its connection dropped
+# at once (streaming.py's ABORT), and its record says why.
 _TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)  # None but on Linux
 UNREAD_MARGIN = 5.0
 # RFC 9110's names of statuses Python names otherwise before 3.13 ("Request-URI Too Long",
@@ -157,8 +159,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     def _drop_when_unread(self, transport: asyncio.Transport) -> None:
         """Have the kernel drop the connection once its client has taken none of what was sent for
         twice the read timeout and UNREAD_MARGIN. uvicorn bounds no write: an answer to a client
-        that reads nothing (a stream cut for it, a large answer) stayed in the process, closing
-        until its client read it, that is for good, and so did the connection."""
+        that reads nothing (a large one) stayed in the process, closing until its client read
+        it, that is for good, and so did the connection."""
         sock = transport.get_extra_info("socket")
         if _TCP_USER_TIMEOUT is not None and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             milliseconds = int((2 * self._read_timeout + UNREAD_MARGIN) * 1000)
@@ -377,6 +379,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self._refuse(400, _NOT_A_PATH)
             raise _Refused from None
         if self.cycle is not previous:
+            self.cycle.scope[ABORT] = self.transport.abort  # type: ignore[literal-required]
             if self.cycle.waiting_for_100_continue:
                 _close_if_answered_unasked(self.cycle)
             if self.cycle.scope["http_version"] == "1.0":

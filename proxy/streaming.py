@@ -34,6 +34,8 @@ from .upstream import DeadlineExceeded, TransportError, UpstreamTimeout
 LAST_SEND_GRACE = 5.0
 # The error a stream whose client stopped reading is recorded with (`SSERelay`'s stall_timeout).
 CLIENT_STALLED = "the client took none of the stream for {:g} s: cut off"
+# The scope's key of what drops the request's connection at once (server.py sets it).
+ABORT = "tollgate.abort"
 
 EndReason = Literal["finished", "client_disconnected", "upstream_failed", "shutdown"]
 SSE_HEADERS = [
@@ -93,12 +95,12 @@ class SSERelay:
         if self._live is not None:
             self._live.inc()
         try:
-            await self._run(receive, send)
+            await self._run(receive, send, scope.get(ABORT))
         finally:
             if self._live is not None:
                 self._live.dec()
 
-    async def _run(self, receive: Receive, send: Send) -> None:
+    async def _run(self, receive: Receive, send: Send, abort: Callable[[], None] | None) -> None:
         loop = asyncio.get_running_loop()
         relay = loop.create_task(self._relay(send))
         watcher = loop.create_task(self._wait_for_disconnect(receive, relay))
@@ -127,6 +129,12 @@ class SSERelay:
             try:
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
+                if self._stalled and abort is not None:
+                    # Cut off: what was written and not taken goes with the connection now,
+                    # rather than wait in the process for a client that reads nothing (until
+                    # the kernel gives up on it, server.py), and uvicorn hears of a hang-up,
+                    # not of an answer its app left unfinished (an ERROR line each time).
+                    abort()
             except Exception as exc:
                 await self._record("upstream_failed", f"relay failed: {type(exc).__name__}")
                 raise

@@ -168,3 +168,29 @@ def test_the_connection_of_a_client_that_takes_none_of_its_answer_is_dropped_not
         assert unread.recv(100).startswith(b"HTTP/1.1 200")  # then it reads nothing more
         client_port = unread.getsockname()[1]
         assert wait_for(lambda: connections_from(server.process.pid, server.port, client_port) == 0, timeout=30)
+
+
+def test_a_stream_cut_for_a_client_that_takes_none_of_it_drops_its_connection_without_an_error_logged(make_tollgate,
+                                                                                                     fake_url):
+    # The cut stream's unsent rest stayed in the process with the connection until the kernel gave
+    # up on the client (TCP_USER_TIMEOUT, 7 s here), and uvicorn logged "ASGI callable returned
+    # without completing response" at ERROR for each such cut, an expected event.
+    server = make_tollgate(upstream_url=fake_url, server={"read_timeout": "1s"})
+    team = server.admin().team()
+    body = json.dumps({"model": "Main", "stream": True, "messages": [{"role": "user", "content": "flood [chunks=200000]"}]})
+    with socket.create_connection(("127.0.0.1", server.port)) as stuck:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body.encode()
+        )
+        head = stuck.recv(4096)  # then it reads nothing more
+        assert head.startswith(b"HTTP/1.1 200")
+        job_id = re.search(rb"x-job-id: ([0-9a-f-]+)", head).group(1).decode()
+        client_port = stuck.getsockname()[1]
+        calls = wait_for(lambda: [c for c in server.client(team.key).get(f"/api/jobs/{job_id}").json()["calls"]
+                                  if c["status"] != "running"], timeout=10)
+        assert calls and "took none of the stream" in calls[0]["error"]
+        # Dropped as the stream was cut: before the kernel would have given up on the client.
+        assert connections_from(server.process.pid, server.port, client_port) == 0
+    assert "without completing response" not in server.log_path.read_text()
