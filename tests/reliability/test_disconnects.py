@@ -2,11 +2,13 @@
 no upstream connection is leaked, and the live-streams gauge returns to zero."""
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
 import subprocess
 import time
+from typing import Iterator
 
 import httpx
 
@@ -119,27 +121,20 @@ def test_a_stream_whose_client_reads_nothing_from_its_start_is_cut_at_the_calls_
         assert calls and [call["status"] for call in calls] == ["success", "error"]
 
 
-def test_a_client_that_takes_none_of_its_stream_does_not_hold_the_upstream_pool_from_other_teams(make_tollgate, fake_url):
-    # Held until the call's deadline (10 minutes by default), each such stream kept a connection
-    # of the pool to the upstream: one team could take them all, failing every other team's calls.
-    server = make_tollgate(upstream_url=fake_url, upstream={"max_connections": 1}, server={"read_timeout": "1s"})
-    stuck_team, other_team = server.admin().team(), server.admin().team()
-    body = json.dumps({"model": "Main", "stream": True, "messages": [{"role": "user", "content": "flood [chunks=200000]"}]})
-    with socket.create_connection(("127.0.0.1", server.port)) as stuck:
-        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.sendall(
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {stuck_team.key}\r\n"
+@contextlib.contextmanager
+def unread_call(server, key: str, content: str, stream: bool) -> Iterator[tuple[socket.socket, str]]:
+    """A /v1 call whose client takes its answer's head, then nothing more: the socket, the job's id."""
+    body = json.dumps({"model": "Main", "stream": stream, "messages": [{"role": "user", "content": content}]})
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window it offers
+        client.connect(("127.0.0.1", server.port))
+        client.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body.encode()
         )
-        head = stuck.recv(4096)  # then it reads nothing more
+        head = client.recv(4096)
         assert head.startswith(b"HTTP/1.1 200")
-        job_id = re.search(rb"x-job-id: ([0-9a-f-]+)", head).group(1).decode()
-        answer = server.client(other_team.key).post(
-            "/v1/chat/completions", json={"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
-        )
-        assert answer.status_code == 200
-        (call,) = server.client(stuck_team.key).get(f"/api/jobs/{job_id}").json()["calls"]
-        assert call["status"] == "cancelled" and "took none of the stream" in call["error"]
+        yield client, re.search(rb"x-job-id: ([0-9a-f-]+)", head).group(1).decode()
 
 
 def connections_from(pid: int, port: int, client_port: int) -> int:
@@ -151,21 +146,27 @@ def connections_from(pid: int, port: int, client_port: int) -> int:
     return sum(f"pid={pid}," in line for line in out.splitlines())
 
 
+def test_a_client_that_takes_none_of_its_stream_does_not_hold_the_upstream_pool_from_other_teams(make_tollgate, fake_url):
+    # Held until the call's deadline (10 minutes by default), each such stream kept a connection
+    # of the pool to the upstream: one team could take them all, failing every other team's calls.
+    server = make_tollgate(upstream_url=fake_url, upstream={"max_connections": 1}, server={"read_timeout": "1s"})
+    stuck_team, other_team = server.admin().team(), server.admin().team()
+    with unread_call(server, stuck_team.key, "flood [chunks=200000]", stream=True) as (_, job_id):
+        answer = server.client(other_team.key).post(
+            "/v1/chat/completions", json={"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert answer.status_code == 200
+        (call,) = server.client(stuck_team.key).get(f"/api/jobs/{job_id}").json()["calls"]
+        assert call["status"] == "cancelled" and "took none of the stream" in call["error"]
+
+
 def test_the_connection_of_a_client_that_takes_none_of_its_answer_is_dropped_not_kept_for_good(make_tollgate, fake_url):
     # uvicorn bounds no write, and closes a connection only once what was written to it is sent:
     # an answer its client never read was kept in the process for good, with the connection (a
-    # 50 MB answer, 47 MB of memory; a stream cut for its client, its buffers and a socket).
+    # 50 MB answer, 47 MB of memory).
     server = make_tollgate(upstream_url=fake_url, server={"read_timeout": "1s"})
     team = server.admin().team(rpm_limit=1000, tpm_limit=100_000_000)
-    body = json.dumps({"model": "Main", "messages": [{"role": "user", "content": "a long answer [chunks=1000000]"}]})
-    with socket.socket() as unread:
-        unread.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        unread.connect(("127.0.0.1", server.port))
-        unread.sendall(
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body.encode()
-        )
-        assert unread.recv(100).startswith(b"HTTP/1.1 200")  # then it reads nothing more
+    with unread_call(server, team.key, "a long answer [chunks=1000000]", stream=False) as (unread, _):
         client_port = unread.getsockname()[1]
         assert wait_for(lambda: connections_from(server.process.pid, server.port, client_port) == 0, timeout=30)
 
@@ -177,16 +178,7 @@ def test_a_stream_cut_for_a_client_that_takes_none_of_it_drops_its_connection_wi
     # without completing response" at ERROR for each such cut, an expected event.
     server = make_tollgate(upstream_url=fake_url, server={"read_timeout": "1s"})
     team = server.admin().team()
-    body = json.dumps({"model": "Main", "stream": True, "messages": [{"role": "user", "content": "flood [chunks=200000]"}]})
-    with socket.create_connection(("127.0.0.1", server.port)) as stuck:
-        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.sendall(
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body.encode()
-        )
-        head = stuck.recv(4096)  # then it reads nothing more
-        assert head.startswith(b"HTTP/1.1 200")
-        job_id = re.search(rb"x-job-id: ([0-9a-f-]+)", head).group(1).decode()
+    with unread_call(server, team.key, "flood [chunks=200000]", stream=True) as (stuck, job_id):
         client_port = stuck.getsockname()[1]
         calls = wait_for(lambda: [c for c in server.client(team.key).get(f"/api/jobs/{job_id}").json()["calls"]
                                   if c["status"] != "running"], timeout=10)
