@@ -55,6 +55,12 @@ def paused(server: RedisServer):
         os.kill(server.process.pid, signal.SIGCONT)
 
 
+async def open_the_breaker(limiter: RateLimiter, limits: Limits, redis: RedisServer, call_id: str) -> None:
+    """An admit while Redis is paused: it times out, the call is admitted locally, the breaker opens."""
+    with paused(redis):
+        assert (await limiter.admit(limits, call_id, 10)).backend == "local"
+
+
 def call(server: Tollgate, key: str, job_id: str, **body) -> httpx.Response:
     with server.client(key) as client:
         return client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": HELLO, **body})
@@ -645,8 +651,7 @@ def test_a_release_skipped_while_redis_failed_is_done_once_it_answers_again(redi
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
         never_started = await limiter.admit(limits, "never-started", 10)
-        with paused(redis_server):
-            assert (await limiter.admit(limits, "timed-out", 10)).backend == "local"  # the breaker opens
+        await open_the_breaker(limiter, limits, redis_server, "timed-out")
         await limiter.settle(never_started, 0, release=True)  # Redis is not asked while the breaker is open
         await asyncio.sleep(0.3)
         assert (await limiter.admit(limits, "after", 10)).backend == "redis"
@@ -666,8 +671,7 @@ def test_a_release_skipped_while_redis_failed_stands_when_the_calls_zero_usage_f
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
         cut = await limiter.admit(limits, "cut-before-it-started", 10)
-        with paused(redis_server):
-            assert (await limiter.admit(limits, "timed-out", 10)).backend == "local"  # the breaker opens
+        await open_the_breaker(limiter, limits, redis_server, "timed-out")
         await limiter.settle(cut, 0, release=True)
         limiter.settle_soon(cut, 0)  # its record's end, as for any call
         await asyncio.sleep(0.3)
@@ -685,8 +689,7 @@ def test_a_calls_real_usage_reaches_redis_even_when_it_ends_while_the_breaker_is
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
         long_call = await limiter.admit(limits, "long-call", 1034)  # admitted by Redis on its estimate
-        with paused(redis_server):
-            assert (await limiter.admit(limits, "during-blip", 10)).backend == "local"  # the breaker opens
+        await open_the_breaker(limiter, limits, redis_server, "during-blip")
         limiter.settle_soon(long_call, 5000)  # it ends now, having really used 5,000 tokens
         await asyncio.sleep(0.3)
         assert (await limiter.admit(limits, "after", 10)).backend == "redis"
@@ -707,8 +710,7 @@ def test_a_calls_real_usage_kept_while_the_breaker_was_open_reaches_redis_when_t
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
         long_call = await limiter.admit(limits, "long-call", 1034)  # admitted by Redis on its estimate
         never_started = await limiter.admit(limits, "never-started", 1034)
-        with paused(redis_server):
-            assert (await limiter.admit(limits, "during-blip", 10)).backend == "local"  # the breaker opens
+        await open_the_breaker(limiter, limits, redis_server, "during-blip")
         limiter.settle_soon(long_call, 5000)  # it ends now, having really used 5,000 tokens
         await limiter.settle(never_started, 0, release=True)
         await asyncio.sleep(0.3)  # Redis is back; no call comes before the shutdown
@@ -733,8 +735,7 @@ def test_a_calls_usage_that_waited_for_redis_counts_for_a_window_from_its_end_no
         config = RedisConfig(url=redis_server.url, breaker_cooldown=0.3 if outage == "shorter" else 1.2)
         limiter = RateLimiter(RateLimitsConfig(window=1.0), config)
         long_call = await limiter.admit(limits, "long-call", 100)
-        with paused(redis_server):
-            assert (await limiter.admit(limits, "during-blip", 10)).backend == "local"  # the breaker opens
+        await open_the_breaker(limiter, limits, redis_server, "during-blip")
         limiter.settle_soon(long_call, 900)  # it ends now, having used 900 tokens
         if outage == "shorter":
             await asyncio.sleep(0.4)
