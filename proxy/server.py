@@ -24,6 +24,7 @@ from uvicorn.supervisors import Multiprocess
 
 from .coalesce import CoalescingTransport
 from .errors import ApiError, error_body, error_response, shutting_down
+from .metrics import METHODS
 from .observe import REFUSALS, REFUSED, RefusalObserver
 from .streaming import ABORT
 
@@ -33,8 +34,6 @@ from .streaming import ABORT
 # sending nothing, held a connection (and a file descriptor) for good, and one endless header
 # grew the process's memory.
 MAX_HEAD_BYTES = 64 * 1024
-# The methods a refused request is counted under by name; any other is 'unknown'.
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Seconds a refused connection is kept open for the client to read the refusal.
 LINGER = 2.0
 # A connection whose client takes none of what is sent to it is dropped by the kernel after twice
@@ -506,7 +505,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         """What a request queued when the shutdown began runs instead of the app: its 503."""
         await error_response(Request(scope), QUEUED_AT_SHUTDOWN)(scope, receive, send)
         method = scope["method"]
-        self._observe_refusal(503, method if method in _METHODS else "unknown", None)
+        self._observe_refusal(503, method if method in METHODS else "unknown", None)
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, msg)
@@ -623,7 +622,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         else:
             return "unknown", b""
         name = method.decode("latin-1")
-        return (name if name in _METHODS else "unknown"), target
+        return (name if name in METHODS else "unknown"), target
 
     def _observe_refusal(self, status: int, method: str, own: RequestResponseCycle | None) -> None:
         """Count and log the refused request like any other: through the app's own observation

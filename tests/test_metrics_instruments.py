@@ -189,3 +189,48 @@ def test_scrapes_that_come_while_one_is_rendered_share_its_text(monkeypatch):
 
     texts = asyncio.run(run())
     assert len(renders) == 1 and len(set(texts)) == 1
+
+
+def rendered_families(metrics) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def no_teams() -> list[tuple[str, int]]:
+        return []
+
+    text = asyncio.run(metrics.render(no_teams)).decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def test_the_request_latency_buckets_tell_an_answer_under_a_millisecond_from_one_of_a_few():
+    # Most answers but the calls' (a key refused, a job read, a limit hit, a health probe) take
+    # well under a millisecond: with 5 ms as the first bound every one of them fell in it, and a
+    # quantile of them read as a few milliseconds whatever they really took.
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_request("/api/jobs/{job_id}", "GET", 200, 0.0003)
+    metrics.observe_request("/api/jobs/{job_id}", "GET", 200, 0.004)
+    family = rendered_families(metrics)["tollgate_request_duration_seconds"]
+    counts = [s.value for s in family.samples if s.name.endswith("_bucket")]
+    assert 1.0 in counts  # a bound that holds the first answer and not the second
+
+
+def test_the_time_to_first_token_buckets_reach_the_longest_a_call_may_last_by_default():
+    # A stream's first event may come as late as upstream.timeouts.first_byte after the request
+    # (120 s; a reasoning model's first token often takes minutes), and after the models the
+    # group tried before it: past the last bound, histogram_quantile reads it as that bound.
+    from proxy.config import UpstreamTimeouts
+    from proxy.metrics import TTFT_BUCKETS
+
+    assert TTFT_BUCKETS[-1] >= UpstreamTimeouts().total
+
+
+def test_a_method_outside_the_usual_few_is_counted_as_unknown():
+    # As the HTTP layer counts the requests it refuses: a client choosing among the dozens of
+    # methods the parser knows (PROPFIND, MKCALENDAR, ...) made a series of each on every route.
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_request("/health/live", "PROPFIND", 405, 0.001)
+    samples = rendered_families(metrics)["tollgate_requests"].samples
+    assert {s.labels["method"] for s in samples} == {"unknown"}
