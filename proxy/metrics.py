@@ -171,6 +171,12 @@ class Metrics:
         if attempts > 1:
             self._fallbacks.inc(group_only, attempts - 1)
 
+    def observe_interrupted_call(self, team_id: str, group: str, stream: bool) -> None:
+        """A call a sweep closed as interrupted: counted here, since the process that served it
+        died before it ended (with its count). Its model is not known; nothing else of it is."""
+        team_group = self._call_labels(team_id, group).team_group
+        self._llm_calls.inc((*team_group, "none", "cancelled", "true" if stream else "false"))
+
     def observe_rate_limited(self, team_id: str, kind: str) -> None:
         self._rate_limited.inc((*self._team(team_id), kind))
 

@@ -213,6 +213,16 @@ class CallSummary:
         }
 
 
+@dataclass(frozen=True)
+class InterruptedCall:
+    """A call a sweep closed as interrupted, as the metrics count it: the process that served
+    it died before it ended, and with it any count of it."""
+
+    team_id: str
+    model_group: str
+    streamed: bool
+
+
 @dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class NewCall:
     """A call admitted into a job, recorded as running before the upstream is asked."""

@@ -38,7 +38,11 @@ async def sweep_once(
     if record_kept is not None and await record_kept():
         log.warning("sweeper: calls still wait for their records to be written; none is closed as interrupted")
     else:
-        closed = await store.cancel_stale_calls(now - stale_call_after, now, steps)
+        interrupted = await store.cancel_stale_calls(now - stale_call_after, now, steps)
+        closed = len(interrupted)
+        if metrics is not None:
+            for call in interrupted:
+                metrics.observe_interrupted_call(call.team_id, call.model_group, call.streamed)
     # Every pass, not only one that closed calls: another process's sweeper may have closed them.
     for job in await store.fail_interrupted_implicit_jobs(BATCH):
         if metrics is not None:

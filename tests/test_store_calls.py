@@ -8,9 +8,11 @@ import threading
 from typing import AsyncIterator, Callable
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import DatabaseConfig
 from proxy.ids import new_id
+from proxy.metrics import Metrics
 from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, JobEnd, NewCall, Team
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store.sqlite import SQLiteStore
@@ -52,7 +54,7 @@ def test_the_sweep_closes_only_calls_still_running_that_started_before_the_cutof
         await store.start_call(new_call("new-running", first, 900.0))
         await store.start_call(new_call("other-job", second, 200.0))
 
-        assert await store.cancel_stale_calls(500.0) == 2
+        assert len(await store.cancel_stale_calls(500.0)) == 2
 
         assert await statuses(store, first) == {
             "old-running": "cancelled", "old-finished": "success", "new-running": "running"
@@ -72,9 +74,9 @@ def test_the_sweep_closes_a_call_at_the_bound_its_own_process_set_not_at_the_swe
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
         await store.start_call(NewCall("long", job_id, "team", "key", "ChatAgent", None, True, 100.0, 800.0))
         await store.start_call(NewCall("short", job_id, "team", "key", "ChatAgent", None, True, 100.0, 300.0))
-        assert await store.cancel_stale_calls(started_before=500.0, now=500.0) == 1
+        assert len(await store.cancel_stale_calls(started_before=500.0, now=500.0)) == 1
         assert await statuses(store, job_id) == {"long": "running", "short": "cancelled"}
-        assert await store.cancel_stale_calls(started_before=900.0, now=900.0) == 1
+        assert len(await store.cancel_stale_calls(started_before=900.0, now=900.0)) == 1
         assert await statuses(store, job_id) == {"long": "cancelled", "short": "cancelled"}
         await store.close()
 
@@ -113,7 +115,7 @@ def test_a_schema_2_database_upgrades_with_its_running_calls_still_swept(tmp_pat
         store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
         await store.open()
         assert await store.schema_version() == len(MIGRATIONS)
-        assert await store.cancel_stale_calls(500.0) == 1
+        assert len(await store.cancel_stale_calls(500.0)) == 1
         assert await statuses(store, "job") == {"left-running": "cancelled"}
         await store.close()
 
@@ -202,6 +204,29 @@ def test_the_sweep_fails_the_own_job_of_a_v1_call_it_closed_as_interrupted(tmp_p
             await store.close()  # left open, its writer thread keeps the test process alive
 
     asyncio.run(check())
+
+
+def test_the_sweep_counts_the_calls_it_closes_as_interrupted_among_the_calls_metric(tmp_path):
+    # The process that served them died before they ended, and its counts of them with it:
+    # tollgate_llm_calls_total fell short of the calls recorded after every crash.
+    async def check() -> dict[tuple[str, ...], float]:
+        store = await make_team(str(tmp_path / "counted.db"))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("cut-by-a-crash", job_id, 100.0))
+        await store.start_call(new_call("still-running", job_id, 900.0))
+        metrics = Metrics()
+        try:
+            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0, metrics=metrics)
+            text = (await metrics.render(store.team_balances)).decode()
+        finally:
+            await store.close()
+        (family,) = [f for f in text_string_to_metric_families(text) if f.name == "tollgate_llm_calls"]
+        return {
+            tuple(s.labels[name] for name in ("team", "model_group", "model", "status", "stream")): s.value
+            for s in family.samples if s.name == "tollgate_llm_calls_total"
+        }
+
+    assert asyncio.run(check()) == {("team", "ChatAgent", "none", "cancelled", "false"): 1.0}
 
 
 def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
@@ -324,7 +349,7 @@ def test_the_sweeps_write_does_not_read_the_finished_calls_of_open_jobs(tmp_path
         assert loop_db is not None
         loop_db.set_progress_handler(step, 100)  # every 100 SQLite instructions
         try:
-            assert await store.cancel_stale_calls(500.0) == 2
+            assert len(await store.cancel_stale_calls(500.0)) == 2
             assert await statuses(store, "busy") == {
                 **{f"busy-{n:05}": "success" for n in range(5_000)}, "busy-left-running": "cancelled"
             }
@@ -372,7 +397,7 @@ def test_a_key_lookup_does_not_wait_for_the_sweeps_search_for_stale_calls(tmp_pa
             assert await asyncio.wait_for(store.lookup_key(b"no such key"), 5) is None
         finally:
             release.set()
-            assert await sweep == 1
+            assert len(await sweep) == 1
             await store.close()
 
     asyncio.run(check())

@@ -15,6 +15,7 @@ from ..config import DatabaseConfig
 from ..records import (
     CallOutcome,
     CallSummary,
+    InterruptedCall,
     Job,
     JobEnd,
     LedgerEntry,
@@ -166,7 +167,7 @@ class Store(Protocol):
     async def expire_jobs(self, created_before: float, limit: int) -> list[Job]: ...
     async def cancel_stale_calls(
         self, started_before: float, now: float | None = None, steps: Sequence[tuple[float, float]] = ()
-    ) -> int: ...
+    ) -> list[InterruptedCall]: ...
     async def fail_interrupted_implicit_jobs(self, limit: int) -> list[Job]: ...
 
 

@@ -32,6 +32,7 @@ from ..records import (
     TERMINAL_JOB_STATUSES,
     CallOutcome,
     CallSummary,
+    InterruptedCall,
     Job,
     JobCosts,
     JobEnd,
@@ -939,7 +940,7 @@ class SQLiteStore:
 
     async def cancel_stale_calls(
         self, started_before: float, now: float | None = None, steps: Sequence[tuple[float, float]] = ()
-    ) -> int:
+    ) -> list[InterruptedCall]:
         """Close as interrupted the calls still running past the time their own process set
         (`stale_at`, which `now` is compared with), or, for a call recorded without one (by an
         earlier release), started before `started_before`. `steps`: (started before, seconds)
@@ -962,16 +963,17 @@ class SQLiteStore:
         )
         rows = await self._read_together(lambda db: _all(db, search, params), _same, listing=True)
         if not rows:
-            return 0
+            return []
 
-        def cancel(db: sqlite3.Connection) -> int:
-            cursor = db.execute(
+        def cancel(db: sqlite3.Connection) -> list[InterruptedCall]:
+            closed = _all(db,
                 # Still running and stale: a call may have ended since it was read.
                 "UPDATE llm_calls SET status = 'cancelled', error = ?, finished_at = ? "
-                f"WHERE call_id IN (SELECT value FROM json_each(?)) AND {stale}",
+                f"WHERE call_id IN (SELECT value FROM json_each(?)) AND {stale} "
+                "RETURNING team_id, model_group, streamed",
                 (INTERRUPTED, self._clock(), json.dumps([call_id for (call_id,) in rows]), *params),
             )
-            return cursor.rowcount
+            return [InterruptedCall(team_id, group, bool(streamed)) for team_id, group, streamed in closed]
 
         return await self._write(cancel, atomic=False)
 

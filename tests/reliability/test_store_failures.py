@@ -177,7 +177,7 @@ def test_a_kept_outcome_replaces_the_interrupted_close_another_process_swept_mea
         other = SQLiteStore(DatabaseConfig(url=f"sqlite:///{server.database}"))
         await other.open()
         try:
-            return await other.cancel_stale_calls(time.time() + 1, math.inf)  # past every call's own bound
+            return len(await other.cancel_stale_calls(time.time() + 1, math.inf))  # past every call's own bound
         finally:
             await other.close()
 
@@ -199,7 +199,7 @@ def test_an_outcome_replaces_the_interrupted_close_another_process_swept_while_t
             other = SQLiteStore(DatabaseConfig(url=f"sqlite:///{server.database}"))
             await other.open()
             try:
-                return (await other.cancel_stale_calls(time.time() + 1, math.inf)  # past every call's own bound
+                return (len(await other.cancel_stale_calls(time.time() + 1, math.inf))  # past every call's own bound
                         + len(await other.fail_interrupted_implicit_jobs(10)))
             finally:
                 await other.close()
@@ -372,9 +372,9 @@ class SweptStore:
     def __init__(self) -> None:
         self.asked: list[str] = []
 
-    async def cancel_stale_calls(self, started_before: float, now: float | None = None, steps: Any = ()) -> int:
+    async def cancel_stale_calls(self, started_before: float, now: float | None = None, steps: Any = ()) -> list[Any]:
         self.asked.append("cancel_stale_calls")
-        return 0
+        return []
 
     async def expire_jobs(self, created_before: float, limit: int) -> list[Any]:
         return []
