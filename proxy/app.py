@@ -56,7 +56,7 @@ def create_app(config: Config) -> Starlette:
     groups = GroupCatalog(store, changes, config.auth.cache_ttl)
     auth = KeyAuthenticator(store, config.auth.cache_ttl, changes)
     limiter = RateLimiter(config.rate_limits, config.redis)
-    metrics = Metrics(config.metrics.team_label, config.metrics.credits_cache)
+    metrics = Metrics(config.metrics.team_label, config.metrics.credits_cache, config.upstream.timeouts.total)
     running = RunningRequests()
     calls = CallPipeline(
         store, upstream, pricing, groups, limiter, config.rate_limits, metrics, config.upstream.timeouts.total,

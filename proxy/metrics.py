@@ -41,7 +41,8 @@ log = logging.getLogger("tollgate.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # From under a millisecond (most answers but the calls') up to the default upstream.timeouts.total:
-# a call may last that long, and its first token come that late (after the models tried before).
+# a call may last that long, and its first token come that late (after the models tried before);
+# a longer total configured is added as the last bound.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
 )
@@ -71,7 +72,9 @@ _Instrument = TypeVar("_Instrument", Counting, Observing)
 
 
 class Metrics:
-    def __init__(self, team_label: bool = True, credits_ttl: float = 5.0) -> None:
+    def __init__(self, team_label: bool = True, credits_ttl: float = 5.0, longest_call: float = 600.0) -> None:
+        """`longest_call`: upstream.timeouts.total, the longest a call may last: the duration
+        buckets reach it, so that no call's time is read as a smaller bound's."""
         self.team_label = team_label
         self._credits_ttl = credits_ttl
         self._credits: tuple[float, list[tuple[str, int]]] = (0.0, [])
@@ -92,10 +95,12 @@ class Metrics:
         def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Observing:
             return kept(instruments.histogram(name, doc, labels, buckets, registry, shared))
 
+        reaching = (longest_call,) if longest_call > LATENCY_BUCKETS[-1] else ()
+        latency, ttft = LATENCY_BUCKETS + reaching, TTFT_BUCKETS + reaching
         self._requests = counter("tollgate_requests_total", "HTTP requests answered", ("route", "method", "status"))
         self._request_duration = histogram(
             "tollgate_request_duration_seconds", "Time to answer an HTTP request (streams: to their end)",
-            ("route",), LATENCY_BUCKETS,
+            ("route",), latency,
         )
         self._llm_calls = counter(
             "tollgate_llm_calls_total", "LLM calls by how they ended", (*team, "model_group", "model", "status", "stream")
@@ -103,11 +108,10 @@ class Metrics:
         self._tokens = counter("tollgate_tokens_total", "Tokens used by LLM calls", (*team, "model_group", "type"))
         self._cost = counter("tollgate_cost_usd_total", "Cost of LLM calls in USD", (*team, "model_group"))
         self._upstream_latency = histogram(
-            "tollgate_upstream_latency_seconds", "LLM call duration, fallbacks included", ("model_group",),
-            LATENCY_BUCKETS,
+            "tollgate_upstream_latency_seconds", "LLM call duration, fallbacks included", ("model_group",), latency
         )
         self._ttft = histogram(
-            "tollgate_time_to_first_token_seconds", "Time to a stream's first event", ("model_group",), TTFT_BUCKETS
+            "tollgate_time_to_first_token_seconds", "Time to a stream's first event", ("model_group",), ttft
         )
         self._rate_limited = counter("tollgate_rate_limited_total", "Calls refused by rate limits", (*team, "limit"))
         self._fallbacks = counter(

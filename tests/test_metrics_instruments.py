@@ -234,3 +234,16 @@ def test_a_method_outside_the_usual_few_is_counted_as_unknown():
     metrics.observe_request("/health/live", "PROPFIND", 405, 0.001)
     samples = rendered_families(metrics)["tollgate_requests"].samples
     assert {s.labels["method"] for s in samples} == {"unknown"}
+
+
+def test_the_duration_buckets_reach_a_longer_call_total_configured():
+    # upstream.timeouts.total of half an hour (long reasoning calls): a call of 20 minutes fell in
+    # +Inf alone, and histogram_quantile read it as the 600 s bound.
+    from proxy.metrics import Metrics
+
+    metrics = Metrics(longest_call=1800.0)
+    metrics.observe_call("t", "ChatAgent", "m", "success", True, 1, 1, 0.0, 1200.0, 1200.0, 1)
+    families = rendered_families(metrics)
+    for name in ("tollgate_upstream_latency_seconds", "tollgate_time_to_first_token_seconds"):
+        buckets = {s.labels["le"]: s.value for s in families[name].samples if s.name.endswith("_bucket")}
+        assert buckets["1800.0"] == 1.0 and buckets["600.0"] == 0.0
