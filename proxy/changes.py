@@ -14,6 +14,7 @@ or the file be unusable (then every process keeps its own stamp, and says so at 
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -48,6 +49,16 @@ class ChangeSignal:
             try:
                 if os.fstat(fd).st_size < SIZE:
                     os.ftruncate(fd, SIZE)  # two processes doing this at once do the same thing
+                if hasattr(os, "posix_fallocate"):
+                    # The file's page is given its room on disk now: a page of a sparse file
+                    # written through the map on a full disk kills the process (SIGBUS), where
+                    # this is an OSError. It changes no byte already there.
+                    try:
+                        os.posix_fallocate(fd, 0, SIZE)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        # A filesystem that allocates nothing ahead: the map as before.
                 self._map = mmap.mmap(fd, SIZE)
             finally:
                 os.close(fd)

@@ -162,3 +162,47 @@ def test_fresh_gives_what_get_would_answer_without_loading_and_nothing_else():
         return seen
 
     assert asyncio.run(run()) == [None, (101.0, "k as read 1"), "k as read 1", None, None, 2]
+
+
+def on_a_full_filesystem(tmp_path: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """`code` run by Python in a directory (argv[1]) on a filesystem of its own, full before it
+    runs: a tmpfs in a mount namespace of its own (unprivileged, through a user namespace)."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    directory = tmp_path / "full"
+    directory.mkdir()
+    fill = (
+        "import os, sys\n"
+        "fd = os.open(os.path.join(sys.argv[1], 'filler'), os.O_WRONLY | os.O_CREAT)\n"
+        "try:\n"
+        "    while True: os.write(fd, bytes(4096))\n"
+        "except OSError: pass\n"
+    )
+    script = f'mount -t tmpfs -o size=64k tmpfs "$1" && exec "$2" -c "$3" "$1"'
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no unprivileged mount namespaces here")
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", str(directory), sys.executable, fill + code],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_a_signal_whose_file_finds_the_disk_full_says_so_rather_than_killing_its_process(tmp_path: Path):
+    # The file was made by ftruncate alone, a page with no room on disk yet: its first stamp,
+    # written through the map on a full disk, killed the process with SIGBUS (`serve` on a
+    # full disk died so, with no word of why).
+    done = on_a_full_filesystem(tmp_path, (
+        "from proxy.changes import ChangeSignal\n"
+        "from proxy.config import DatabaseConfig\n"
+        "with ChangeSignal.beside(DatabaseConfig(url='sqlite:///' + sys.argv[1] + '/tollgate.db')) as changes:\n"
+        "    before = changes.stamp(); changes.bump(); assert changes.stamp() != before\n"
+        "print('bumped')\n"
+    ))
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout == "bumped\n"
+    assert "tollgate.db-changes: No space left on device" in done.stderr and "within auth.cache_ttl" in done.stderr
