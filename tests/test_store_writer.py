@@ -1550,3 +1550,79 @@ asyncio.run(main())
     assert run.returncode == 0, run.stderr
     with sqlite3.connect(tmp_path / "m.db") as db:
         assert db.execute("SELECT organization_id FROM organizations").fetchall() == [("acme",)]
+
+
+def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_ping_says_why(tmp_path):
+    # A restore made while Tollgate served (a backup moved over the database): the store went on
+    # committing into the file it had open, which no later process opens, answered every write
+    # as done and stayed ready; at the next start the old file's WAL was read into the new one.
+    path = tmp_path / "s.db"
+
+    async def run() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        try:
+            await store.create_organization("before", "Before")
+            backup = sqlite3.connect(path)
+            backup.execute(f"VACUUM INTO '{tmp_path / 'backup.db'}'")
+            backup.close()
+            os.replace(tmp_path / "backup.db", path)
+            try:
+                await store.create_organization("after", "After")  # committed before it is found out
+            except StoreUnavailable:
+                pass
+            with pytest.raises(StoreUnavailable, match=f"no more writes.*{path} was replaced or removed"):
+                await store.create_organization("later", "Later")
+            with pytest.raises(StoreUnavailable, match=f"{path} was replaced or removed"):
+                await store.ping()
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_wal_replaced_under_the_writer_is_not_fsynced_in_place_of_the_one_sqlite_writes(tmp_path):
+    # The WAL a connection writes stays the file it opened; a new file at its path (another
+    # process made one after it was deleted) was fsynced instead, and the writes answered as on
+    # disk though their WAL never was.
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        try:
+            await writer.submit(insert(1))
+            wal = Path(f"{path}-wal")
+            os.unlink(wal)
+            wal.write_bytes(b"")
+            with pytest.raises(Unsaved):
+                await asyncio.wait_for(writer.submit(insert(2)), 5)
+            with pytest.raises(StoreUnavailable, match="was replaced or removed"):
+                writer.check()
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+    assert fsyncs.paths == [f"{path}-wal"]
+
+
+def test_a_writer_whose_shared_memory_index_is_deleted_takes_no_more_writes(tmp_path):
+    # Another process opening the database then makes an index of its own, and the two write
+    # over each other's commits in the WAL: a CLI command's credits, answered as added, vanished.
+    path = tmp_path / "w.db"
+
+    async def run() -> None:
+        writer = loop_writer(path)
+        await writer.start()
+        try:
+            await writer.submit(insert(1))
+            os.unlink(f"{path}-shm")
+            with pytest.raises(Unsaved):
+                await asyncio.wait_for(writer.submit(insert(2)), 5)
+            with pytest.raises(StoreUnavailable, match=f"{path}-shm was replaced or removed"):
+                writer.check()
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())

@@ -290,8 +290,9 @@ class SQLiteStore:
             self._listing = None
 
     async def ping(self) -> None:
-        """Fails if the store cannot be read, takes no more writes (after a failed fsync), or
-        refused a write for want of disk (full, failing, read-only) and still does."""
+        """Fails if the store cannot be read, takes no more writes (after a failed fsync, or
+        its database file replaced underneath it: `Writer.check`), or refused a write for want
+        of disk (full, failing, read-only) and still does."""
         if self._writer is None:
             raise StoreError("The store is closed")
         self._writer.check()

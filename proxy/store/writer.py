@@ -123,6 +123,7 @@ class Writer:
         self._sync_wal = sync_wal
         self._wal_path: str | None = None  # the file SQLite itself uses, symbolic links followed
         self._wal: _WalFile | None = None  # the thread's
+        self._files: _OpenedFiles | None = None  # the database's files, checked before each fsync
         self._fsync = fsync
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -162,9 +163,10 @@ class Writer:
                 if self._sync_wal:
                     (main,) = [row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"]
                     self._wal_path = main + "-wal"
+                    self._files = _OpenedFiles(main, self._wal_path, main + "-shm")
                     if self._fsync_from_loop is not None:
                         self._aio = self._fsync_from_loop(asyncio.get_running_loop())
-                        self._loop_wal = _WalFile(self._wal_path)
+                        self._loop_wal = _WalFile(self._wal_path, self._files)
             except BaseException:
                 self._close_aio()
                 if db is not None:
@@ -214,7 +216,14 @@ class Writer:
             self._thread = None
 
     def check(self) -> None:
-        """Raise what a write would hear now if the store takes no more writes."""
+        """Raise what a write would hear now if the store takes no more writes; a file of the
+        database replaced or removed since the last fsync stops it now (no write may come to
+        find out)."""
+        if self._failure is None and self._files is not None:
+            try:
+                self._files.check()
+            except FileReplaced as exc:
+                self._sync_failed(exc)
         if self._failure is not None:
             raise self._refusal()
 
@@ -309,6 +318,10 @@ class Writer:
         try:
             self._aio.start(self._loop_wal.descriptor(), self._synced)
             self._sync_began = self._loop_commits
+        except FileReplaced as exc:  # no fsync by the thread can help
+            self._syncing = batch
+            self._synced(exc)
+            return
         except OSError as exc:
             log.warning("Could not start the WAL's fsync through Linux AIO (%s): the writer thread fsyncs it "
                         "from now on", exc)
@@ -492,8 +505,8 @@ class Writer:
         if self._failure is None:
             try:
                 if self._wal is None:
-                    assert self._wal_path is not None
-                    self._wal = _WalFile(self._wal_path)
+                    assert self._wal_path is not None and self._files is not None
+                    self._wal = _WalFile(self._wal_path, self._files)
                 self._fsync(self._wal.descriptor())
                 return [(True, value) for _, value in committed]
             except OSError as exc:
@@ -612,29 +625,56 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
         pass  # that loop is closed: nobody is waiting any more
 
 
+class FileReplaced(OSError):
+    """The database or its WAL is no longer, at its path, the file SQLite has open."""
+
+
+class _OpenedFiles:
+    """The database, its WAL and its shared-memory index as SQLite opened them. SQLite keeps
+    them open, and never replaces them, while the loop's connection is open: a path that names
+    another file, or none, means the file was replaced or removed underneath (a restore made
+    while Tollgate ran, a WAL deleted), and commits go where no process opening the database
+    will look (or, the index replaced, where another process's commits overwrite them)."""
+
+    def __init__(self, *paths: str) -> None:
+        self._paths = paths
+        self._files: list[tuple[int, int]] | None = None  # as first seen, at the first fsync
+
+    def check(self) -> None:
+        files = []
+        for path in self._paths:
+            try:
+                status = os.stat(path)
+            except FileNotFoundError:
+                raise FileReplaced(f"{path} was replaced or removed while the store had it open") from None
+            files.append((status.st_dev, status.st_ino))
+        if self._files is None:
+            self._files = files
+        for path, now, opened in zip(self._paths, files, self._files):
+            if now != opened:
+                raise FileReplaced(f"{path} was replaced or removed while the store had it open")
+
+
 class _WalFile:
     """A descriptor of the WAL that the loop's connection commits to, for its fsyncs. An
-    fsync through any descriptor of a file flushes all of it; the descriptor is opened
-    again should the file ever be replaced."""
+    fsync through any descriptor of a file flushes all of it; the file is checked to be the
+    one SQLite writes (`_OpenedFiles`) before each, never opened again in its place."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, files: _OpenedFiles) -> None:
         self._path = path
+        self._files = files
         self._fd: int | None = None
-        self._inode: int | None = None
 
     def descriptor(self) -> int:
-        # While the loop's connection is open SQLite keeps the file: a missing one is an error.
-        inode = os.stat(self._path).st_ino
-        if inode != self._inode:
-            self.close()
-            self._fd, self._inode = os.open(self._path, os.O_RDONLY), inode
-        assert self._fd is not None
+        self._files.check()
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDONLY)
         return self._fd
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
-            self._fd = self._inode = None
+            self._fd = None
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
