@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -23,6 +24,7 @@ import pytest
 from proxy.config import DatabaseConfig
 from proxy.store import StoreBusy, StoreError, StoreUnavailable, Unsaved
 from proxy.store import sqlite as sqlite_store
+from proxy.store import writer as writer_module
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.aio_fsync import _SYSCALLS, AioFsync
 from proxy.store.writer import START_SYNC_AFTER, WAL_SIZE_LIMIT, Writer, busy_or
@@ -1552,10 +1554,11 @@ asyncio.run(main())
         assert db.execute("SELECT organization_id FROM organizations").fetchall() == [("acme",)]
 
 
-def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_ping_says_why(tmp_path):
+def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_ping_says_why(tmp_path, monkeypatch):
     # A restore made while Tollgate served (a backup moved over the database): the store went on
     # committing into the file it had open, which no later process opens, answered every write
     # as done and stayed ready; at the next start the old file's WAL was read into the new one.
+    monkeypatch.setattr(writer_module, "FILES_CHECK_EVERY", 0.0)  # at every fsync, not once a second
     path = tmp_path / "s.db"
 
     async def run() -> None:
@@ -1581,10 +1584,11 @@ def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_pi
     asyncio.run(run())
 
 
-def test_a_wal_replaced_under_the_writer_is_not_fsynced_in_place_of_the_one_sqlite_writes(tmp_path):
+def test_a_wal_replaced_under_the_writer_is_not_fsynced_in_place_of_the_one_sqlite_writes(tmp_path, monkeypatch):
     # The WAL a connection writes stays the file it opened; a new file at its path (another
     # process made one after it was deleted) was fsynced instead, and the writes answered as on
     # disk though their WAL never was.
+    monkeypatch.setattr(writer_module, "FILES_CHECK_EVERY", 0.0)  # at every fsync, not once a second
     path = tmp_path / "w.db"
     fsyncs = Fsyncs()
 
@@ -1607,9 +1611,10 @@ def test_a_wal_replaced_under_the_writer_is_not_fsynced_in_place_of_the_one_sqli
     assert fsyncs.paths == [f"{path}-wal"]
 
 
-def test_a_writer_whose_shared_memory_index_is_deleted_takes_no_more_writes(tmp_path):
+def test_a_writer_whose_shared_memory_index_is_deleted_takes_no_more_writes(tmp_path, monkeypatch):
     # Another process opening the database then makes an index of its own, and the two write
     # over each other's commits in the WAL: a CLI command's credits, answered as added, vanished.
+    monkeypatch.setattr(writer_module, "FILES_CHECK_EVERY", 0.0)  # at every fsync, not once a second
     path = tmp_path / "w.db"
 
     async def run() -> None:
@@ -1624,5 +1629,38 @@ def test_a_writer_whose_shared_memory_index_is_deleted_takes_no_more_writes(tmp_
                 writer.check()
         finally:
             await writer.stop()
+
+    asyncio.run(run())
+
+
+def test_the_files_are_looked_at_by_an_fsync_once_a_second_and_by_a_readiness_probe_at_once(tmp_path, monkeypatch):
+    # Three stat results at every fsync were 5% of a call's instructions. Between two looks an
+    # fsync is still of the file SQLite writes (its descriptor is never opened again).
+    clock = [1000.0]
+    monkeypatch.setattr(writer_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    path = tmp_path / "w.db"
+
+    async def run() -> None:
+        writer = loop_writer(path)
+        await writer.start()
+        try:
+            await writer.submit(insert(1))  # the first fsync: the first look
+            os.unlink(f"{path}-shm")
+            await writer.submit(insert(2))  # within the second
+            clock[0] += writer_module.FILES_CHECK_EVERY
+            with pytest.raises(Unsaved):
+                await asyncio.wait_for(writer.submit(insert(3)), 5)
+        finally:
+            await writer.stop()
+
+        second = loop_writer(tmp_path / "p.db")
+        await second.start()
+        try:
+            await second.submit(insert(1))
+            os.unlink(f"{tmp_path / 'p.db'}-shm")
+            with pytest.raises(StoreUnavailable, match="-shm was replaced or removed"):
+                second.check()
+        finally:
+            await second.stop()
 
     asyncio.run(run())

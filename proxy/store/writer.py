@@ -42,6 +42,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar, Union
 
@@ -60,6 +61,9 @@ WAL_SIZE_LIMIT = RESTART_AT_FRAMES * 4096  # bytes: a WAL that grew past it is c
 # macOS has no fdatasync (os.fdatasync is missing there, and Tollgate would not even start):
 # fsync, which also writes the file's metadata, does it there.
 DATA_SYNC: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+# Seconds between two checks, at an fsync, that the database's files are still those SQLite
+# opened (`_OpenedFiles`); a readiness probe checks at once.
+FILES_CHECK_EVERY = 1.0
 # Seconds a write answered at its commit may wait for an fsync: its call's end (within it for
 # most calls) or any other durable write comes first and covers it at no cost of its own.
 START_SYNC_AFTER = 0.1
@@ -123,7 +127,7 @@ class Writer:
         self._sync_wal = sync_wal
         self._wal_path: str | None = None  # the file SQLite itself uses, symbolic links followed
         self._wal: _WalFile | None = None  # the thread's
-        self._files: _OpenedFiles | None = None  # the database's files, checked before each fsync
+        self._files: _OpenedFiles | None = None  # the database's files, checked at fsyncs (FILES_CHECK_EVERY)
         self._fsync = fsync
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -639,8 +643,17 @@ class _OpenedFiles:
     def __init__(self, *paths: str) -> None:
         self._paths = paths
         self._files: list[tuple[int, int]] | None = None  # as first seen, at the first fsync
+        self._next_glance = 0.0  # time.monotonic() from which a glance checks again
+
+    def glance(self) -> None:
+        """`check`, at most once every FILES_CHECK_EVERY seconds: three stat results a call
+        were 5% of its instructions. An fsync between two checks is of the right file still
+        (see `_WalFile`); a replacement is found out within that second."""
+        if time.monotonic() >= self._next_glance:
+            self.check()
 
     def check(self) -> None:
+        self._next_glance = time.monotonic() + FILES_CHECK_EVERY
         files = []
         for path in self._paths:
             try:
@@ -657,8 +670,9 @@ class _OpenedFiles:
 
 class _WalFile:
     """A descriptor of the WAL that the loop's connection commits to, for its fsyncs. An
-    fsync through any descriptor of a file flushes all of it; the file is checked to be the
-    one SQLite writes (`_OpenedFiles`) before each, never opened again in its place."""
+    fsync through any descriptor of a file flushes all of it. Opened once, after the files
+    are first checked, and never again: it stays the file SQLite writes, whatever is put at
+    its path later (`_OpenedFiles` finds that out)."""
 
     def __init__(self, path: str, files: _OpenedFiles) -> None:
         self._path = path
@@ -666,9 +680,11 @@ class _WalFile:
         self._fd: int | None = None
 
     def descriptor(self) -> int:
-        self._files.check()
         if self._fd is None:
+            self._files.check()
             self._fd = os.open(self._path, os.O_RDONLY)
+        else:
+            self._files.glance()
         return self._fd
 
     def close(self) -> None:
