@@ -2,11 +2,13 @@
 
 import asyncio
 import subprocess
+import sqlite3
 import textwrap
 import time
 
 from proxy.config import DatabaseConfig
 from proxy.records import Team
+from proxy.store.schema import MIGRATIONS
 from proxy.store.sqlite import SQLiteStore
 from tests.support import PYTHON, REPO
 
@@ -68,6 +70,30 @@ def test_schema_version_is_recorded_and_migration_is_idempotent(tmp_path):
             await store.open()
             assert await store.schema_version() == 5
             await store.close()
+
+    asyncio.run(check())
+
+
+def test_opening_a_database_already_migrated_waits_for_no_other_processs_write(tmp_path):
+    # Every start took the write lock to migrate, whether or not there was anything to do: a
+    # worker uvicorn started again after a crash, finding another process's long write, gave up
+    # after database.busy_timeout, and uvicorn then stopped the healthy worker with it.
+    path = str(tmp_path / "m.db")
+
+    async def check() -> None:
+        first = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await first.open()
+        await first.close()
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's write, still going on
+        try:
+            store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}", busy_timeout=0.2))
+            await store.open()
+            assert await store.schema_version() == len(MIGRATIONS)
+            await store.close()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
 
     asyncio.run(check())
 

@@ -339,18 +339,17 @@ class SQLiteStore:
         ])
 
     async def _migrate(self) -> None:
+        # Read first, without the write lock: a database already migrated (any start but the
+        # first of a release: a worker started again, a CLI command) then waits for no other
+        # process's write, which could outlast database.busy_timeout and fail the start.
+        if _schema_checked(await asyncio.to_thread(self._schema_version_read)) == len(MIGRATIONS):
+            return
+
         def migrate(db: sqlite3.Connection) -> None:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
             )
-            current = _all(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0]
-            if current > len(MIGRATIONS):
-                # A rollback to an older release: its writes and reads would meet columns, triggers
-                # and constraints it does not know, and fail on requests, or corrupt the accounts.
-                raise SchemaTooNew(
-                    f"its schema is version {current}, newer than this Tollgate's ({len(MIGRATIONS)}): "
-                    "run the Tollgate release that migrated it, or a later one"
-                )
+            current = _schema_checked(_all(db, "SELECT COALESCE(MAX(version), 0) FROM schema_migrations")[0][0])
             for version, migration in enumerate(MIGRATIONS, start=1):
                 if version <= current:
                     continue
@@ -358,6 +357,19 @@ class SQLiteStore:
                 db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)", (version, self._clock()))
 
         await self._write(migrate)
+
+    def _schema_version_read(self) -> int:
+        """The schema's version, 0 for a database without one (new), read on a connection of its
+        own: the store's are not open yet."""
+        db = sqlite3.connect(self._config.sqlite_path, timeout=self._config.busy_timeout)
+        try:
+            return int(db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return 0
+            raise
+        finally:
+            db.close()
 
     async def schema_version(self) -> int:
         rows = await self._read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
@@ -987,6 +999,18 @@ class SQLiteStore:
     async def ledger_sum(self, team_id: str) -> int:
         rows = await self._read("SELECT COALESCE(SUM(amount), 0) FROM credit_ledger WHERE team_id = ?", (team_id,))
         return rows[0][0]
+
+
+def _schema_checked(current: int) -> int:
+    """The schema's version, refused if it is newer than this release's: a rollback to an older
+    release, whose writes and reads would meet columns, triggers and constraints it does not
+    know, and fail on requests, or corrupt the accounts."""
+    if current > len(MIGRATIONS):
+        raise SchemaTooNew(
+            f"its schema is version {current}, newer than this Tollgate's ({len(MIGRATIONS)}): "
+            "run the Tollgate release that migrated it, or a later one"
+        )
+    return current
 
 
 _IMPLICIT_METADATA = json.dumps({"implicit": True})
