@@ -79,6 +79,7 @@ async def sweep_forever(
     # of its own, is judged that much earlier. A step back is not: calls left by a dead
     # process are closed that much later.
     loop = asyncio.get_running_loop()
+    failure: str | None = None  # the last run's, whose traceback is logged once however often it repeats
     lead: float | None = None
     steps: list[tuple[float, float, float]] = []  # (loop time seen, calls started before, seconds)
     while True:
@@ -91,6 +92,13 @@ async def sweep_forever(
             steps = [step for step in steps if step[0] > at - expire_after]
             await sweep_once(store, expire_after, stale_call_after, now, metrics, record_kept,
                              [(before, size) for _, before, size in steps])
-        except Exception:
-            log.exception("sweeper run failed; trying again in %.0f s", interval)
+        except Exception as exc:
+            seen = f"{type(exc).__name__}: {exc}"
+            if seen == failure:
+                log.warning("sweeper run failed again (%s); trying again in %.0f s", seen, interval)
+            else:
+                log.exception("sweeper run failed; trying again in %.0f s", interval)
+            failure = seen
+        else:
+            failure = None
         await asyncio.sleep(interval)

@@ -3,6 +3,7 @@ they live in."""
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import threading
 from typing import AsyncIterator, Callable
@@ -14,6 +15,7 @@ from proxy.config import DatabaseConfig
 from proxy.ids import new_id
 from proxy.metrics import Metrics
 from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, JobEnd, NewCall, Team
+from proxy.store import StoreUnavailable
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store.sqlite import SQLiteStore
 from proxy.sweeper import sweep_forever, sweep_once
@@ -597,3 +599,30 @@ def test_a_call_failing_its_expired_job_half_way_leaves_the_jobs_hold_as_it_was(
             await store.close()
 
     asyncio.run(check())
+
+
+def test_a_sweep_failing_the_same_way_run_after_run_logs_its_traceback_once(caplog):
+    # A damaged database file failed every run alike: a full traceback every sweep_interval.
+    class Unreadable:
+        def __init__(self) -> None:
+            self.runs = 0
+
+        async def cancel_stale_calls(self, *args: object) -> list[object]:
+            self.runs += 1
+            if self.runs == 4:
+                raise StoreUnavailable("disk I/O error (another)")
+            raise StoreUnavailable("database disk image is malformed")
+
+    async def run() -> None:
+        store = Unreadable()
+        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 60, 0.001))  # type: ignore[arg-type]
+        while store.runs < 5:
+            await asyncio.sleep(0.001)
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+
+    with caplog.at_level(logging.WARNING, logger="tollgate.sweeper"):
+        asyncio.run(run())
+    failures = [record for record in caplog.records if "sweeper" in record.getMessage()]
+    assert [record.exc_info is not None for record in failures[:5]] == [True, False, False, True, True]
+    assert "malformed" in failures[1].getMessage()
