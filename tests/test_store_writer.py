@@ -1600,7 +1600,7 @@ def test_a_wal_replaced_under_the_writer_is_not_fsynced_in_place_of_the_one_sqli
             wal = Path(f"{path}-wal")
             os.unlink(wal)
             wal.write_bytes(b"")
-            with pytest.raises(Unsaved):
+            with pytest.raises(StoreUnavailable):  # committed into the WAL deleted: lost, not Unsaved
                 await asyncio.wait_for(writer.submit(insert(2)), 5)
             with pytest.raises(StoreUnavailable, match="was replaced or removed"):
                 writer.check()
@@ -1633,7 +1633,7 @@ def test_a_writer_whose_shared_memory_index_is_deleted_takes_no_more_writes(tmp_
     asyncio.run(run())
 
 
-def test_the_files_are_looked_at_by_an_fsync_once_a_second_and_by_a_readiness_probe_at_once(tmp_path, monkeypatch):
+def test_the_files_are_looked_at_by_an_fsync_once_a_second(tmp_path, monkeypatch):
     # Three stat results at every fsync were 5% of a call's instructions. Between two looks an
     # fsync is still of the file SQLite writes (its descriptor is never opened again).
     clock = [1000.0]
@@ -1653,14 +1653,73 @@ def test_the_files_are_looked_at_by_an_fsync_once_a_second_and_by_a_readiness_pr
         finally:
             await writer.stop()
 
-        second = loop_writer(tmp_path / "p.db")
-        await second.start()
+    asyncio.run(run())
+
+
+def test_a_readiness_probe_looks_at_the_files_at_once_within_the_second_of_an_fsyncs_look(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer_module, "time", types.SimpleNamespace(monotonic=lambda: 1000.0))
+    path = tmp_path / "p.db"
+
+    async def run() -> None:
+        writer = loop_writer(path)
+        await writer.start()
         try:
-            await second.submit(insert(1))
-            os.unlink(f"{tmp_path / 'p.db'}-shm")
+            await writer.submit(insert(1))  # the fsync's look: the next in a second
+            os.unlink(f"{path}-shm")
             with pytest.raises(StoreUnavailable, match="-shm was replaced or removed"):
-                second.check()
+                writer.check()
         finally:
-            await second.stop()
+            await writer.stop()
+
+    asyncio.run(run())
+
+
+def replace_with_a_backup(path: Path) -> None:
+    """A restore made while the store runs: a copy of the database moved over it."""
+    backup = sqlite3.connect(path)
+    backup.execute(f"VACUUM INTO '{path}.backup'")
+    backup.close()
+    os.replace(f"{path}.backup", path)
+
+
+def test_a_write_committed_after_its_database_file_was_replaced_is_refused_not_answered_as_done(tmp_path, monkeypatch):
+    # Its commit went into the file the store had open, which no later opening of the database
+    # reads as its own: answered as done (as after a failed fsync, where the database does hold
+    # it), credits added so were lost all the same, and the client was told it need not try again.
+    monkeypatch.setattr(writer_module, "FILES_CHECK_EVERY", 0.0)  # at every fsync, not once a second
+    path = tmp_path / "s.db"
+
+    async def run() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        try:
+            await store.create_organization("before", "Before")
+            replace_with_a_backup(path)
+            with pytest.raises(StoreUnavailable, match=f"{path} was replaced or removed"):
+                await store.create_organization("after", "After")
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_database_file_replaced_before_the_stores_first_write_is_found_out(tmp_path):
+    # A start on a database already migrated writes nothing as it opens: the files were first
+    # looked at by the first fsync or readiness probe, which took a restore made before it for
+    # the files SQLite opened, and the store went on committing into the old ones for good.
+    path = tmp_path / "s.db"
+
+    async def run() -> None:
+        first = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await first.open()
+        await first.close()
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        try:
+            replace_with_a_backup(path)
+            with pytest.raises(StoreUnavailable, match=f"{path} was replaced or removed"):
+                await store.ping()
+        finally:
+            await store.close()
 
     asyncio.run(run())

@@ -267,6 +267,9 @@ class SQLiteStore:
                 await self._reader.execute(pragma)
             self._together = self._connect_together()
             self._listing = self._connect_together()
+            # The database's files as SQLite opened them, looked at now: a start that migrates
+            # nothing writes nothing, and a file replaced before the first fsync went unnoticed.
+            self._writer.check()
         except BaseException:
             # A schema too new, a file that is not a database: what opened is closed now, not
             # left running to the garbage collector (which Python 3.13 warns of).
@@ -360,7 +363,7 @@ class SQLiteStore:
 
     def _schema_version_read(self) -> int:
         """The schema's version, 0 for a database without one (new), read on a connection of its
-        own: the store's are not open yet."""
+        own: the store's reader is not open yet, and the writer's connections take no reads."""
         db = sqlite3.connect(self._config.sqlite_path, timeout=self._config.busy_timeout)
         try:
             return int(db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])

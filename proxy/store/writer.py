@@ -133,6 +133,9 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._failure: BaseException | None = None  # set: no more writes are taken
+        # The failure was the database or its WAL replaced: what is committed is in no file the
+        # database's next opening reads as its own, so not answered as done (see `_unsaved`).
+        self._lost = False
         self._thread_gone = False  # set by the thread as it stops: what is queued later, the loop answers
         self._closed = False
         self._loop_db: sqlite3.Connection | None = None
@@ -531,6 +534,7 @@ class Writer:
         are marked clean, so the next fsync would succeed without them."""
         if self._failure is None:
             log.error("Saving the database to disk failed (%s): the store takes no more writes", error)
+            self._lost = isinstance(error, FileReplaced) and error.lost
             self._failure = StoreError(f"saving to disk failed ({error})")
 
     def _answer_unsaved(self, committed: list[tuple[_Job[Any], Any]]) -> None:
@@ -538,7 +542,9 @@ class Writer:
         for job, value in committed:
             _settle(job.future, False, self._unsaved(value))
 
-    def _unsaved(self, value: Any) -> Unsaved:
+    def _unsaved(self, value: Any) -> StoreUnavailable:
+        if self._lost:  # committed into a file that is no longer the database's: refused
+            return self._refusal()
         return Unsaved(f"The write was committed but may not be on disk: {self._failure}", value)
 
     def _refusal(self) -> StoreUnavailable:
@@ -630,7 +636,11 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *
 
 
 class FileReplaced(OSError):
-    """The database or its WAL is no longer, at its path, the file SQLite has open."""
+    """The database, its WAL or its index is no longer, at its path, the file SQLite has open.
+    `lost`: the database or its WAL, so that what is committed from then on is lost (the index
+    alone: the commits are in the database, at risk only from another process's)."""
+
+    lost = True
 
 
 class _OpenedFiles:
@@ -642,7 +652,7 @@ class _OpenedFiles:
 
     def __init__(self, *paths: str) -> None:
         self._paths = paths
-        self._files: list[tuple[int, int]] | None = None  # as first seen, at the first fsync
+        self._files: list[tuple[int, int]] | None = None  # as first seen (SQLiteStore.open looks at once)
         self._next_glance = 0.0  # time.monotonic() from which a glance checks again
 
     def glance(self) -> None:
@@ -659,13 +669,19 @@ class _OpenedFiles:
             try:
                 status = os.stat(path)
             except FileNotFoundError:
-                raise FileReplaced(f"{path} was replaced or removed while the store had it open") from None
+                raise _replaced(path) from None
             files.append((status.st_dev, status.st_ino))
         if self._files is None:
             self._files = files
         for path, now, opened in zip(self._paths, files, self._files):
             if now != opened:
-                raise FileReplaced(f"{path} was replaced or removed while the store had it open")
+                raise _replaced(path)
+
+
+def _replaced(path: str) -> FileReplaced:
+    error = FileReplaced(f"{path} was replaced or removed while the store had it open")
+    error.lost = not path.endswith("-shm")
+    return error
 
 
 class _WalFile:
