@@ -1554,11 +1554,18 @@ asyncio.run(main())
         assert db.execute("SELECT organization_id FROM organizations").fetchall() == [("acme",)]
 
 
-def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_ping_says_why(tmp_path, monkeypatch):
+def replace_with_a_backup(path: Path) -> None:
+    """A restore made while the store runs: a copy of the database moved over it."""
+    backup = sqlite3.connect(path)
+    backup.execute(f"VACUUM INTO '{path}.backup'")
+    backup.close()
+    os.replace(f"{path}.backup", path)
+
+
+def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_ping_says_why(tmp_path):
     # A restore made while Tollgate served (a backup moved over the database): the store went on
     # committing into the file it had open, which no later process opens, answered every write
     # as done and stayed ready; at the next start the old file's WAL was read into the new one.
-    monkeypatch.setattr(writer_module, "FILES_CHECK_EVERY", 0.0)  # at every fsync, not once a second
     path = tmp_path / "s.db"
 
     async def run() -> None:
@@ -1566,18 +1573,11 @@ def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_pi
         await store.open()
         try:
             await store.create_organization("before", "Before")
-            backup = sqlite3.connect(path)
-            backup.execute(f"VACUUM INTO '{tmp_path / 'backup.db'}'")
-            backup.close()
-            os.replace(tmp_path / "backup.db", path)
-            try:
-                await store.create_organization("after", "After")  # committed before it is found out
-            except StoreUnavailable:
-                pass
-            with pytest.raises(StoreUnavailable, match=f"no more writes.*{path} was replaced or removed"):
-                await store.create_organization("later", "Later")
+            replace_with_a_backup(path)
             with pytest.raises(StoreUnavailable, match=f"{path} was replaced or removed"):
                 await store.ping()
+            with pytest.raises(StoreUnavailable, match=f"no more writes.*{path} was replaced or removed"):
+                await store.create_organization("later", "Later")
         finally:
             await store.close()
 
@@ -1672,14 +1672,6 @@ def test_a_readiness_probe_looks_at_the_files_at_once_within_the_second_of_an_fs
             await writer.stop()
 
     asyncio.run(run())
-
-
-def replace_with_a_backup(path: Path) -> None:
-    """A restore made while the store runs: a copy of the database moved over it."""
-    backup = sqlite3.connect(path)
-    backup.execute(f"VACUUM INTO '{path}.backup'")
-    backup.close()
-    os.replace(f"{path}.backup", path)
 
 
 def test_a_write_committed_after_its_database_file_was_replaced_is_refused_not_answered_as_done(tmp_path, monkeypatch):
