@@ -27,7 +27,10 @@ CHAT_PATH = "/v1/chat/completions"
 # Below uvicorn's default keep-alive timeout (5 s), which LiteLLM runs with: a connection is
 # dropped here before LiteLLM would close it under a request.
 KEEPALIVE_EXPIRY = 4.0
-_PAUSE_AT = 256 * 1024  # buffered, unread response bytes before the socket stops being read
+# Buffered, unread response bytes before the socket stops being read. A stream whose client
+# reads nothing holds this much besides one such piece written toward it: 256 KiB made that
+# ~680 KB of memory per stalled stream, 64 KiB ~440 KB (bench/RESULTS.md, session 37).
+_PAUSE_AT = 64 * 1024
 # The most bytes an answer's head (status line, headers, interim 1xx answers) may take: the
 # parser keeps all of it, so an upstream sending headers without end would fill the memory.
 MAX_HEAD_BYTES = 64 * 1024
