@@ -5,6 +5,7 @@ they must wait."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import functools
@@ -17,7 +18,7 @@ import sys
 import threading
 import types
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -1562,6 +1563,19 @@ def replace_with_a_backup(path: Path) -> None:
     os.replace(f"{path}.backup", path)
 
 
+@contextlib.asynccontextmanager
+async def store_whose_file_was_replaced(path: Path) -> AsyncIterator[SQLiteStore]:
+    """An open store that has written once, its database then replaced by a backup of it."""
+    store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+    await store.open()
+    try:
+        await store.create_organization("before", "Before")
+        replace_with_a_backup(path)
+        yield store
+    finally:
+        await store.close()
+
+
 def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_ping_says_why(tmp_path):
     # A restore made while Tollgate served (a backup moved over the database): the store went on
     # committing into the file it had open, which no later process opens, answered every write
@@ -1569,17 +1583,11 @@ def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_pi
     path = tmp_path / "s.db"
 
     async def run() -> None:
-        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
-        await store.open()
-        try:
-            await store.create_organization("before", "Before")
-            replace_with_a_backup(path)
+        async with store_whose_file_was_replaced(path) as store:
             with pytest.raises(StoreUnavailable, match=f"{path} was replaced or removed"):
                 await store.ping()
             with pytest.raises(StoreUnavailable, match=f"no more writes.*{path} was replaced or removed"):
                 await store.create_organization("later", "Later")
-        finally:
-            await store.close()
 
     asyncio.run(run())
 
@@ -1682,15 +1690,9 @@ def test_a_write_committed_after_its_database_file_was_replaced_is_refused_not_a
     path = tmp_path / "s.db"
 
     async def run() -> None:
-        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
-        await store.open()
-        try:
-            await store.create_organization("before", "Before")
-            replace_with_a_backup(path)
+        async with store_whose_file_was_replaced(path) as store:
             with pytest.raises(StoreUnavailable, match=f"{path} was replaced or removed"):
                 await store.create_organization("after", "After")
-        finally:
-            await store.close()
 
     asyncio.run(run())
 
