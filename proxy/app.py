@@ -31,7 +31,7 @@ from .groups import GroupCatalog
 from .health import Health
 from .jobs_api import JobsApi
 from .limiter import RateLimiter
-from .metrics import Metrics
+from .metrics import MULTIPROC_ENV, Metrics, forget_namesake, multiprocess_enabled
 from .observe import LogHandler, ObserveMiddleware, RunningRequests
 from .openai_api import OpenAIApi
 from .pricing import Pricing
@@ -206,6 +206,8 @@ def _cancelled_on_stop(future: asyncio.Future[Any]) -> Iterator[None]:
 def app_from_environment() -> Starlette:
     """The factory uvicorn's worker processes call: configuration from TOLLGATE_CONFIG."""
     _stop_with_supervisor()
+    if multiprocess_enabled():
+        forget_namesake(os.environ[MULTIPROC_ENV])
     config = load_config()
     configure_logging(config.logging.level)
     return create_served_app(config)

@@ -229,6 +229,13 @@ class Metrics:
         return values
 
 
+def forget_namesake(directory: str) -> None:
+    """Drop the live gauges' files under this process's pid, before it makes its own: any there
+    are a dead worker's that had the same pid (pids are used again), and prometheus-client
+    would carry on from its values (a stream open for ever)."""
+    mark_process_dead(os.getpid(), directory)
+
+
 def forget_dead_processes(directory: str) -> None:
     """Drop the live gauges' files of processes that are gone. prometheus-client leaves that to
     the server (gunicorn's child_exit hook); uvicorn's supervisor has no such hook, so without

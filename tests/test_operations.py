@@ -192,6 +192,34 @@ def test_streams_of_a_worker_killed_mid_stream_leave_the_live_streams_gauge(make
     assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 0, timeout=10)
 
 
+def test_a_worker_given_a_dead_workers_pid_starts_with_no_live_streams(tmp_path):
+    # Pids are used again: the dead worker's live-gauge file under the new worker's pid was
+    # carried on from, a stream counted as open for good (the scrape's sweep of dead pids
+    # cannot tell, the pid being alive). The worker below plays both: the dead one's file first.
+    (tmp_path / "tollgate.yaml").write_text(f"database: {{url: 'sqlite:///{tmp_path / 'db.sqlite3'}'}}\n")
+    worker = """
+import os, sys
+from prometheus_client import CollectorRegistry
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
+directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+dead = MmapedDict(os.path.join(directory, f"gauge_livesum_{os.getpid()}.db"))
+name = "tollgate_active_streams"
+dead.write_value(mmap_key(name, name, (), (), "Streams being relayed now"), 2.0, 0.0)
+dead.close()
+from proxy.app import app_from_environment
+app_from_environment()
+registry = CollectorRegistry()
+MultiProcessCollector(registry, directory)
+print(registry.get_sample_value(name))
+"""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "TOLLGATE_CONFIG": str(tmp_path / "tollgate.yaml"),
+           "TOLLGATE_MASTER_KEY": "sk-master-test-key-0123456789"}
+    done = subprocess.run([PYTHON, "-c", worker], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0.0"
+
+
 def test_counters_keep_what_a_killed_worker_counted_once_it_is_started_again(make_tollgate):
     server = make_tollgate(workers=2)
     team = server.admin().team(credits=100)
