@@ -640,7 +640,9 @@ class FileReplaced(OSError):
     `lost`: the database or its WAL, so that what is committed from then on is lost (the index
     alone: the commits are in the database, at risk only from another process's)."""
 
-    lost = True
+    def __init__(self, path: str) -> None:
+        super().__init__(f"{path} was replaced or removed while the store had it open")
+        self.lost = not path.endswith("-shm")
 
 
 class _OpenedFiles:
@@ -669,19 +671,13 @@ class _OpenedFiles:
             try:
                 status = os.stat(path)
             except FileNotFoundError:
-                raise _replaced(path) from None
+                raise FileReplaced(path) from None
             files.append((status.st_dev, status.st_ino))
         if self._files is None:
             self._files = files
         for path, now, opened in zip(self._paths, files, self._files):
             if now != opened:
-                raise _replaced(path)
-
-
-def _replaced(path: str) -> FileReplaced:
-    error = FileReplaced(f"{path} was replaced or removed while the store had it open")
-    error.lost = not path.endswith("-shm")
-    return error
+                raise FileReplaced(path)
 
 
 class _WalFile:
