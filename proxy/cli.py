@@ -368,9 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     serve = command(commands, "serve", cmd_serve, "run the gateway")
-    serve.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=_as_key("server.port"), help="port (default 8003)")
-    serve.add_argument("--workers", type=_as_key("server.workers"), help="worker processes (default 1)")
+    # Each overrides its key of the file: the default is the file's (8003 only if it sets none).
+    serve.add_argument("--host", help="interface to listen on (default: server.host, 127.0.0.1 unless set)")
+    serve.add_argument("--port", type=_as_key("server.port"), help="port (default: server.port, 8003 unless set)")
+    serve.add_argument("--workers", type=_as_key("server.workers"),
+                       help="worker processes (default: server.workers, 1 unless set)")
     command(commands, "check-config", cmd_check_config, "validate and print the effective configuration")
     command(commands, "apply", cmd_apply, "bring the database's declared groups, organizations and teams to the file now, as a start of serve does")
     demo = command(commands, "demo", cmd_demo, "run LiteLLM with offline models and Tollgate in front of it")

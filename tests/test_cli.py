@@ -252,6 +252,17 @@ def test_serve_listens_where_the_command_line_says_over_the_file():
     assert (defaults["host"], defaults["port"]) == (config.server.host, config.server.port)
 
 
+def test_serve_help_gives_the_files_keys_as_the_defaults_of_host_port_and_workers(capsys):
+    # The options override server.host, .port and .workers: a help saying "default 8003" would
+    # send an operator whose file says 9000 looking for the gateway on 8003.
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    server = Config().server
+    for option, key in (("--host HOST", "host"), ("--port PORT", "port"), ("--workers WORKERS", "workers")):
+        assert f"(default: server.{key}, {getattr(server, key)} unless set)" in text.split(option, 2)[2], option
+
+
 def test_serve_refuses_a_host_it_cannot_resolve_in_one_line_before_starting(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
     env.update(TOLLGATE_MASTER_KEY="m", TOLLGATE_UPSTREAM_KEY="k", TOLLGATE_UPSTREAM_URL="http://127.0.0.1:9")
