@@ -1,5 +1,6 @@
 """config.yaml is validated at start-up: errors name the file, the key path and the problem."""
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from proxy.config import (
     Config,
     ConfigError,
     RedisConfig,
+    TeamSpec,
     UpstreamConfig,
     describe,
     load_config,
@@ -289,6 +291,25 @@ def test_bundled_config_lists_every_setting_with_its_default():
         section, _, key = name.partition(".")
         if "." not in key and key != "url":
             assert bundled[section][key] == defaults[section][key] or isinstance(defaults[section][key], float), name
+
+
+def test_bundled_config_loads_to_the_defaults_but_for_its_example_groups():
+    # "the values below are the defaults": the test above skips durations and nested keys, so a
+    # duration written there (`first_byte: 120s`) could drift from the code's unnoticed.
+    bundled = load_config(str(REPO / "config.yaml"), {})
+    assert dataclasses.replace(bundled, model_groups={}, source=Config().source) == Config()
+
+
+def test_bundled_configs_commented_team_example_loads_and_shows_every_team_key(tmp_path):
+    # The example is where an operator learns what a declared team takes: uncommented, it must
+    # load, and name every key a team may set.
+    text = (REPO / "config.yaml").read_text()
+    example = text.split("# Organizations and teams may be declared here too", 1)[1].split("\n", 1)[1]
+    uncommented = "\n".join(line.removeprefix("# ") for line in example.splitlines())
+    config = load_config(write(tmp_path, text + uncommented), {})
+    declared = yaml.safe_load(uncommented)["teams"][0]
+    assert config.teams[0].team_id == declared["team_id"]
+    assert sorted(declared) == sorted(f.name for f in dataclasses.fields(TeamSpec))
 
 
 BAD_DB = "the database (the path, or ?db=) must be a number of 0 or more: redis://host:6379/0"

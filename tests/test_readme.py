@@ -1,6 +1,7 @@
 """The README opens with two commands that work on a fresh machine; the first brings
 up a gateway that answers the curl and the openai snippet it prints."""
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -14,10 +15,14 @@ import threading
 import time
 from pathlib import Path
 
-from proxy import app, jobs_api, occasional, sse, upstream, validation
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import app, health, jobs_api, occasional, server, sse, upstream, validation
+from proxy.app import create_app
 from proxy.cli import build_parser
-from proxy.config import MAX_GROUP_MODELS, MAX_MODEL_NAME, Config, parse_duration
+from proxy.config import MAX_GROUP_MODELS, MAX_MODEL_NAME, Config, OrganizationSpec, TeamSpec, parse_duration
 from proxy.demo import port_in_use
+from proxy.metrics import Metrics
 from proxy.store import writer
 from tests.support import PYTHON, REPO, free_port
 
@@ -235,8 +240,79 @@ def test_figures_the_readme_gives_are_the_codes():
         f"A start waits (up to {app.PRICES_AT_START_TIMEOUT:g} s)",
         f"once it is past {writer.WAL_SIZE_LIMIT // mib} MiB, a checkpoint waits up to {writer.RESTART_WAIT:g} s",
         f"if none has begun within {writer.START_SYNC_AFTER:g} s",
+        f"each with a {health.CHECK_TIMEOUT:g}-second timeout",
+        f"by the {app.DRAIN_TIMEOUT:g} s in which the requests it cut end",
+        f"its head must fit in {server.MAX_HEAD_BYTES // 1024} KiB",
+        f"for twice this long and {server.UNREAD_MARGIN:g} s more",
     ]
     assert jobs_api.CALL_END_GRACE == 0.5 and "waits up to half a second" in text
     assert occasional.EVERY == 60 and "once a minute at most" in text
     missing = [phrase for phrase in stated if phrase not in text]
     assert not missing, missing
+
+
+# How the OpenAI SDKs call each /v1 route: the README names the SDK's calls, not the paths.
+OPENAI_SDK_CALLS = {
+    ("POST", "/v1/chat/completions"): "chat.completions.create",
+    ("GET", "/v1/models"): "models.list",
+    ("GET", "/v1/models/{model}"): "models.retrieve",
+}
+
+
+def served_routes(prefix: str) -> set[tuple[str, str]]:
+    """(method, path template) of every route the app serves under `prefix`, HEAD aside."""
+    routes = create_app(Config()).routes  # built, not started: nothing is opened
+    return {(method, route.path) for route in routes if route.path.startswith(prefix) for method in route.methods - {"HEAD"}}
+
+
+def test_the_drop_in_names_every_v1_route_by_its_sdk_call():
+    # "... and no other endpoint": a route served but not named (GET /v1/models/{model} was) is
+    # one a user is told is not there.
+    assert served_routes("/v1/") == set(OPENAI_SDK_CALLS)
+    text = " ".join((REPO / "README.md").read_text().split())
+    bullet = text.split("- OpenAI drop-in:", 1)[1].split(" - ", 1)[0]
+    missing = [call for call in OPENAI_SDK_CALLS.values() if f"`{call}`" not in bullet]
+    assert not missing, missing
+
+
+def test_the_readme_lists_every_job_api_route():
+    text = " ".join((REPO / "README.md").read_text().split())
+    listed = text.split("## Using it", 1)[1].split("## Configuration", 1)[0]
+    for method, path in served_routes("/api/"):
+        written = re.sub(r"{\w+}", "{id}", path)  # /api/jobs/{job_id} as /api/jobs/{id}
+        assert f"`{method} {written}" in listed, (method, path)
+
+
+def test_configuration_table_names_every_key_of_a_declared_organization_and_team():
+    # The table's test above stops at `organizations` and `teams`: their entries' keys are keys
+    # of the file too, refused when misspelt, so an operator must find them listed.
+    (row,) = [row for row in readme_table("Key") if row[0] == "`organizations`, `teams`"]
+    named = set(re.findall(r"`(\w+)`", row[2]))
+    for spec in (OrganizationSpec, TeamSpec):
+        missing = {f.name for f in dataclasses.fields(spec)} - named
+        assert not missing, (spec.__name__, missing)
+
+
+def test_metrics_the_readme_names_are_those_served_with_their_labels():
+    # A family renamed, or a label added or dropped, changes every dashboard and alert built on it.
+    metrics = Metrics()
+    metrics.observe_request("/api/jobs/create", "POST", 200, 0.01)
+    metrics.observe_call("t", "G", "m", "success", True, 1, 2, 0.5, 1.0, 0.1, 2)
+    metrics.observe_rate_limited("t", "requests")
+    metrics.observe_job("t", "created")
+
+    async def balances() -> list[tuple[str, int]]:
+        return [("t", 5)]
+
+    served = {}
+    for family in text_string_to_metric_families(asyncio.run(metrics.render(balances)).decode()):
+        if family.name.endswith("_created"):  # a counter's creation times, a family of their own here
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        served[name] = {label for sample in family.samples for label in sample.labels if label != "le"}
+    operations = (REPO / "README.md").read_text().split("\n## Operations\n", 1)[1].split("\n## ", 1)[0]
+    named = {
+        name: set(labels.split(",")) if labels else set()
+        for name, labels in re.findall(r"`(tollgate_\w+)(?:\{([\w,]+)\})?`", operations)
+    }
+    assert named == served
