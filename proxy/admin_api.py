@@ -125,7 +125,8 @@ class AdminApi:
 
     async def put_model_group(self, request: Request) -> Response:
         group = await self._admin.put_model_group(request.path_params["name"], await self._body(request))
-        return JSONResponse(group.to_json())
+        # The write stamps both times alike only when it inserted the row: 201, as HTTP's PUT.
+        return JSONResponse(group.to_json(), status_code=201 if group.created_at == group.updated_at else 200)
 
     async def delete_model_group(self, request: Request) -> Response:
         await self._admin.delete_model_group(request.path_params["name"])

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import signal
 import time
 import uuid
@@ -122,6 +123,21 @@ def test_credits_are_ledger_entries_with_reason_and_balance(admin, team):
     ]
 
 
+def test_a_ledger_entry_has_the_documented_fields_and_a_charge_names_its_job(tollgate, admin, team):
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).raise_for_status()
+    charge, allocation = admin.ok("GET", f"/admin/teams/{team.team_id}/ledger")
+    for entry in (charge, allocation):
+        assert set(entry) == {"entry_id", "team_id", "job_id", "amount", "reason", "balance_after", "created_at"}
+        assert entry["team_id"] == team.team_id and entry["reason"]
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", entry["created_at"])
+    assert charge["entry_id"] > allocation["entry_id"]  # newest first
+    assert (charge["job_id"], charge["amount"], charge["balance_after"]) == (job_id, -1, 9)
+    assert (allocation["job_id"], allocation["amount"], allocation["balance_after"]) == (None, 10, 10)
+    assert admin.get_team(team.team_id)["credits_remaining"] == charge["balance_after"]
+
+
 def test_the_ledger_takes_no_job_status_filter(admin, team):
     # The job lists' paging was read for it, status included: ?status=bogus was a 422 about job
     # statuses, and ?status=completed was silently not applied.
@@ -134,6 +150,17 @@ def test_credits_cannot_drop_below_used_plus_held(tollgate, admin, team):
     response = admin.request("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": -10, "reason": "x"})
     assert response.status_code == 409
     assert admin.get_team(team.team_id)["credits_allocated"] == 10
+
+
+def test_credits_may_drop_to_exactly_what_is_used_plus_held(tollgate, admin, team):
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).raise_for_status()
+    client.post("/api/jobs/create", json={"job_type": "hold"}).raise_for_status()
+    body = admin.ok("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": -8, "reason": "down to the floor"})
+    assert (body["credits_allocated"], body["credits_used"], body["credits_held"], body["credits_available"]) == (2, 1, 1, 0)
+    assert admin.request("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": -1, "reason": "x"}).status_code == 409
+    assert client.post("/api/jobs/create", json={"job_type": "t"}).status_code == 403
 
 
 def test_credits_need_a_reason_and_a_non_zero_amount(admin, team):
@@ -175,6 +202,36 @@ def test_a_model_group_takes_32_models_of_256_characters(admin):
     assert created.status_code == 201 and created.json()["models"] == models
 
 
+def test_a_team_created_without_groups_can_make_no_call_until_one_is_granted(tollgate, admin):
+    org, team_id = uid("org"), uid("team")
+    admin.ok("POST", "/admin/organizations", json={"organization_id": org})
+    created = admin.request("POST", "/admin/teams", json={"team_id": team_id, "organization_id": org, "credits_allocated": 1})
+    assert created.status_code == 201
+    assert (created.json()["model_groups"], created.json()["default_model_group"]) == ([], None)
+    client = tollgate.client(admin.ok("POST", f"/admin/teams/{team_id}/keys", json={})["key"])
+    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    call = {"messages": [{"role": "user", "content": "hi"}]}
+    assert client.post(f"/api/jobs/{job_id}/llm-call", json=call).status_code == 403
+    admin.ok("PATCH", f"/admin/teams/{team_id}", json={"model_groups": ["Main"]})
+    assert client.post(f"/api/jobs/{job_id}/llm-call", json=call).status_code == 200
+
+
+def test_a_put_of_a_model_group_that_does_not_exist_creates_it_with_201(admin):
+    # HTTP's PUT: 201 when it created the resource, 200 when it replaced one, so that a client
+    # (or a script declaring groups) can tell a typo'd name from the group it meant to change.
+    name = uid("Group")
+    response = admin.request("PUT", f"/admin/model-groups/{name}", json={"models": ["primary"], "description": "d"})
+    assert response.status_code == 201
+    assert admin.ok("GET", f"/admin/model-groups/{name}")["models"] == ["primary"]
+
+
+def test_a_put_of_an_existing_model_group_replaces_it_with_200(admin):
+    name = uid("Group")
+    assert admin.request("PUT", f"/admin/model-groups/{name}", json={"models": ["primary"]}).status_code == 201
+    response = admin.request("PUT", f"/admin/model-groups/{name}", json={"models": ["backup"]})
+    assert response.status_code == 200 and response.json()["models"] == ["backup"]
+
+
 def test_model_group_in_use_cannot_be_deleted(admin, team):
     response = admin.request("DELETE", "/admin/model-groups/Main")
     assert response.status_code == 409
@@ -187,6 +244,48 @@ def test_admin_lists_a_teams_jobs_newest_first(tollgate, admin, team):
     page = admin.ok("GET", f"/admin/teams/{team.team_id}/jobs?limit=2")
     assert [j["job_id"] for j in page["jobs"]] == [ids[2], ids[1]]
     assert page["total"] == 3
+    client.post(f"/api/jobs/{ids[0]}/complete", json={"status": "failed"}).raise_for_status()
+    failed = admin.ok("GET", f"/admin/teams/{team.team_id}/jobs?status=failed")
+    assert ([j["job_id"] for j in failed["jobs"]], failed["total"]) == ([ids[0]], 1)
+    assert all("costs" in j for j in page["jobs"])
+
+
+def test_create_key_is_201_showing_the_key_once(tollgate, admin, team):
+    response = admin.request(
+        "POST", f"/admin/teams/{team.team_id}/keys", json={"name": "ci", "expires_at": "2999-01-01T00:00:00Z"}
+    )
+    assert response.status_code == 201
+    body = response.json()
+    assert set(body) >= {"key_id", "key", "name", "team_id", "created_at", "expires_at"}
+    assert (body["name"], body["team_id"], body["expires_at"]) == ("ci", team.team_id, "2999-01-01T00:00:00.000Z")
+    assert tollgate.client(body["key"]).get(f"/api/teams/{team.team_id}").status_code == 200
+    listed = [k for k in admin.ok("GET", f"/admin/teams/{team.team_id}/keys") if k["key_id"] == body["key_id"]]
+    assert len(listed) == 1 and "key" not in listed[0]
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("PATCH", "/admin/teams/no-such-team", {"status": "active"}),
+        ("POST", "/admin/teams/no-such-team/credits", {"amount": 1, "reason": "x"}),
+        ("GET", "/admin/teams/no-such-team/ledger", None),
+        ("POST", "/admin/teams/no-such-team/keys", {}),
+        ("GET", "/admin/teams/no-such-team/keys", None),
+        ("GET", "/admin/teams/no-such-team/jobs", None),
+        ("DELETE", "/admin/model-groups/NoSuchGroup", None),
+    ],
+)
+def test_every_admin_route_naming_an_unknown_team_or_group_is_404(admin, method, path, body):
+    response = admin.request(method, path, json=body) if body is not None else admin.request(method, path)
+    assert response.status_code == 404, response.text
+    assert response.json()["detail"] in ("Team 'no-such-team' not found", "Model group 'NoSuchGroup' not found")
+
+
+def test_admin_errors_are_json_with_a_detail_unknown_routes_and_wrong_methods_included(admin):
+    # API.md: errors on /admin as on /api.
+    for response in (admin.request("GET", "/admin/nothing-here"), admin.request("PUT", "/admin/organizations")):
+        assert response.status_code in (404, 405)
+        assert list(response.json()) == ["detail"] and response.json()["detail"]
 
 
 def test_unknown_team_is_404(admin):
