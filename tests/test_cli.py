@@ -317,6 +317,23 @@ def test_an_apply_that_fails_part_way_still_tells_running_servers_what_it_change
     assert stamp_file.read_bytes() != before
 
 
+def test_the_demo_creates_what_the_client_documentation_assumes(tmp_path):
+    # API.md: the organization and team acme-corp, the five groups the seeds name on the offline
+    # models of litellm_config.yaml, a default group, credits and a key.
+    bundled = yaml.safe_load((REPO / "config.yaml").read_text())
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**bundled, "database": {"url": f"sqlite:///{tmp_path / 'demo.db'}"}}))
+    config = load_config(str(path), {})
+    key, team = asyncio.run(_prepare(config))
+    assert key.startswith("sk-")
+    assert (team.team_id, team.organization_id) == (DEMO_TEAM, DEMO_TEAM) == ("acme-corp", "acme-corp")
+    groups = ("ChatAgent", "ResumeAgent", "AnalysisAgent", "SummaryAgent", "WritingAgent")
+    assert team.model_groups == groups and team.effective_default_group == "ChatAgent"
+    assert team.status == "active" and team.credits_available > 0
+    offline = {m["model_name"] for m in yaml.safe_load((REPO / "litellm_config.yaml").read_text())["model_list"]}
+    assert all(set(config.model_groups[group].models) <= offline for group in groups)
+
+
 def test_demo_prepares_its_team_when_the_config_declares_it_as_the_bundled_example_does(tmp_path):
     # config.yaml's commented example declares the organization and team `acme-corp`, the demo's
     # own: uncommented, `tollgate demo` stopped with a traceback (Organization 'acme-corp' already

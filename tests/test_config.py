@@ -112,6 +112,26 @@ def test_default_group_must_be_granted(tmp_path):
     assert "teams[0].default_model_group: 'B' is not in the team's model_groups" in error_for(tmp_path, text)
 
 
+def test_without_a_file_the_defaults_are_the_contracts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no config.yaml here
+    config = load_config(None, {})
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8003)
+    assert config.upstream.url == "http://127.0.0.1:4000" and config.database.url.startswith("sqlite:///")
+    assert config.redis.url is None  # the in-process limiter
+    limits = config.rate_limits
+    assert (limits.rpm, limits.tpm, limits.default_max_tokens, limits.on_redis_error) == (60, 60_000, 1024, "local")
+    assert config.jobs.credits_per_job == 1
+
+
+def test_the_config_file_is_read_from_tollgate_config_else_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "rate_limits:\n  rpm: 7\n")
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text("rate_limits:\n  rpm: 9\n")
+    assert load_config(None, {}).rate_limits.rpm == 7
+    assert load_config(None, {"TOLLGATE_CONFIG": str(elsewhere)}).rate_limits.rpm == 9
+
+
 def test_bundled_config_is_valid():
     config = load_config(str(REPO / "config.yaml"), {})
     assert set(config.model_groups) >= {"ChatAgent", "ResumeAgent", "AnalysisAgent", "SummaryAgent", "WritingAgent"}

@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 import requests
 
 from tests.support import tag, wait_for
@@ -84,6 +85,82 @@ def test_complete_charges_once_and_reports_costs(tollgate, admin, team):
     assert [(e["amount"], e["job_id"], e["balance_after"]) for e in ledger][0] == (-1, job["job_id"], 9)
 
 
+def test_the_completion_answers_the_documented_job_costs_and_calls(tollgate, team):
+    # API.md's complete response: the job, its costs and its calls, every figure a number.
+    client = tollgate.client(team.key)
+    job = create(client)
+    call = client.post(f"/api/jobs/{job['job_id']}/llm-call", json={"messages": HELLO, "purpose": "p1"}).json()
+    body = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).json()
+    assert set(body) >= {"job_id", "status", "created_at", "completed_at", "costs", "calls"}
+    costs = body["costs"]
+    assert set(costs) >= {
+        "total_calls", "successful_calls", "failed_calls", "prompt_tokens", "completion_tokens", "total_tokens",
+        "total_cost_usd", "avg_latency_ms", "credit_applied", "credits_charged", "credits_remaining",
+    }
+    assert all(value is not None for value in costs.values())
+    assert costs["total_tokens"] == costs["prompt_tokens"] + costs["completion_tokens"] == call["metadata"]["tokens_used"]
+    (listed,) = body["calls"]
+    assert set(listed) >= {
+        "call_id", "purpose", "model_group", "model", "total_tokens", "cost_usd", "latency_ms", "status", "error",
+    }
+    assert (listed["call_id"], listed["purpose"], listed["model_group"], listed["model"]) == (
+        call["call_id"], "p1", "Main", "primary",
+    )
+    assert (listed["status"], listed["error"], listed["cost_usd"]) == ("success", None, call["metadata"]["cost_usd"])
+
+
+def test_a_job_without_calls_reports_zeros_not_nulls(tollgate, team):
+    # API.md: the numbers the client documentation formats or adds are never null.
+    client = tollgate.client(team.key)
+    job = create(client)
+    for body in (client.get(f"/api/jobs/{job['job_id']}").json(),
+                 client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).json()):
+        costs = body["costs"]
+        assert (costs["total_calls"], costs["total_tokens"], costs["total_cost_usd"], costs["avg_latency_ms"]) == (0, 0, 0, 0)
+        assert body["calls"] == []
+
+
+def test_a_job_belongs_to_its_team_not_to_the_key_that_created_it(tollgate, admin, team):
+    # API.md: jobs belong to the team. Another key of the team reads, calls and completes it,
+    # the key that created it revoked meanwhile.
+    job = create(tollgate.client(team.key))
+    other = admin.ok("POST", f"/admin/teams/{team.team_id}/keys", json={"name": "second"})["key"]
+    admin.ok("DELETE", f"/admin/keys/{team.key_id}")
+    client = tollgate.client(other)
+    assert client.post(f"/api/jobs/{job['job_id']}/llm-call", json={"messages": HELLO}).status_code == 200
+    assert client.get(f"/api/jobs/{job['job_id']}").json()["costs"]["total_calls"] == 1
+    done = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"})
+    assert done.status_code == 200 and done.json()["costs"]["credits_charged"] == 1
+
+
+def test_a_job_is_charged_the_credits_it_held_though_credits_per_job_changed_meanwhile(tollgate, admin):
+    # The hold is what creating the job set aside for it (README's Decisions): the team's new
+    # credits_per_job applies to the jobs created after the change.
+    team = admin.team(credits=10)
+    client = tollgate.client(team.key)
+    before = create(client)
+    admin.ok("PATCH", f"/admin/teams/{team.team_id}", json={"credits_per_job": 3})
+    after = create(client)
+    assert admin.get_team(team.team_id)["credits_held"] == 1 + 3
+    charged = [
+        client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).json()["costs"]["credits_charged"]
+        for job in (before, after)
+    ]
+    assert charged == [1, 3]
+    body = admin.get_team(team.team_id)
+    assert (body["credits_used"], body["credits_held"], body["credits_remaining"]) == (4, 0, 6)
+
+
+def test_a_team_whose_credits_per_job_is_0_holds_and_pays_nothing(tollgate, admin):
+    team = admin.team(credits=0, credits_per_job=0)
+    client = tollgate.client(team.key)
+    job = create(client)
+    assert admin.get_team(team.team_id)["credits_held"] == 0
+    costs = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).json()["costs"]
+    assert (costs["credit_applied"], costs["credits_charged"], costs["credits_remaining"]) == (False, 0, 0)
+    assert [e["amount"] for e in admin.ok("GET", f"/admin/teams/{team.team_id}/ledger")] == []
+
+
 def test_repeating_the_same_completion_returns_the_same_body_without_charging(tollgate, admin, team):
     client = tollgate.client(team.key)
     job = create(client)
@@ -94,14 +171,27 @@ def test_repeating_the_same_completion_returns_the_same_body_without_charging(to
     assert admin.get_team(team.team_id)["credits_used"] == 1
 
 
-def test_the_other_terminal_status_afterwards_is_409(tollgate, team):
+@pytest.mark.parametrize("first, then", [("completed", "failed"), ("failed", "completed")])
+def test_the_other_terminal_status_afterwards_is_409(tollgate, admin, team, first, then):
     client = tollgate.client(team.key)
     job = create(client)
-    client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).raise_for_status()
-    response = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "failed"})
+    client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": first}).raise_for_status()
+    response = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": then})
     assert response.status_code == 409
     assert response.headers["x-should-retry"] == "false"
-    assert "already completed" in response.json()["detail"]
+    assert f"already {first}" in response.json()["detail"]
+    # A failed job is not charged by the completion refused afterwards.
+    assert admin.get_team(team.team_id)["credits_used"] == (1 if first == "completed" else 0)
+
+
+def test_repeating_a_failure_returns_the_same_body_and_charges_nothing(tollgate, admin, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    first = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "failed", "error_message": "x"})
+    second = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "failed", "error_message": "y"})
+    assert (first.status_code, second.status_code) == (200, 200) and second.json() == first.json()
+    team_now = admin.get_team(team.team_id)
+    assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (0, 0, 10)
 
 
 def test_failed_job_releases_its_hold_and_charges_nothing(tollgate, admin, team):
@@ -116,10 +206,11 @@ def test_failed_job_releases_its_hold_and_charges_nothing(tollgate, admin, team)
     assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (0, 0, 10)
 
 
-def test_calls_on_a_finished_job_are_409(tollgate, team):
+@pytest.mark.parametrize("status", ["completed", "failed"])
+def test_calls_on_a_finished_job_are_409(tollgate, team, status):
     client = tollgate.client(team.key)
     job = create(client)
-    client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "failed"}).raise_for_status()
+    client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": status}).raise_for_status()
     for route in ("llm-call", "llm-call-stream"):
         response = client.post(f"/api/jobs/{job['job_id']}/{route}", json={"messages": HELLO})
         assert response.status_code == 409, route

@@ -168,6 +168,36 @@ def test_stream_is_sse_with_the_documented_headers_ending_with_usage_and_done(to
     assert chunks[-1]["usage"]["prompt_tokens"] == 3 and chunks[-1]["usage"]["completion_tokens"] == 3
 
 
+@pytest.mark.parametrize(
+    "refusal, status",
+    [
+        ({"model_group": "NoSuchGroup"}, 404),
+        ({"model_group": "Backup"}, 403),  # not granted
+        ({"temperature": 9}, 422),
+        ("suspended", 403),
+        ("rate limited", 429),
+    ],
+)
+def test_a_stream_refused_before_its_first_byte_answers_a_plain_json_error(tollgate, admin, refusal, status):
+    # API.md: a stream's checks happen before its first byte, and fail with a normal status and
+    # a JSON body, not as an event stream.
+    team = admin.team(rpm_limit=1)
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    body = {"messages": say("hi [chunks=2]")}
+    if refusal == "suspended":
+        admin.ok("PATCH", f"/admin/teams/{team.team_id}", json={"status": "suspended"})
+    elif refusal == "rate limited":
+        assert client.post(f"/api/jobs/{job_id}/llm-call-stream", json=body).status_code == 200
+    else:
+        body.update(refusal)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json=body)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert list(response.json()) == ["detail"] and response.json()["detail"]
+    assert [c["status"] for c in calls_of(client, job_id)] == (["success"] if refusal == "rate limited" else [])
+
+
 def test_a_stream_to_an_http_1_0_client_is_not_chunked_and_ends_with_the_connection(tollgate, team):
     # An HTTP/1.0 client does not know the chunked coding (RFC 9112, 6.1): it read the chunk
     # sizes as bytes of the stream, in and between its events.

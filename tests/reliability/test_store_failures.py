@@ -534,3 +534,24 @@ def test_an_outcome_waiting_on_a_locked_database_when_the_shutdown_cuts_its_call
 
     assert asyncio.run(run()) == (0, 0)
     assert store.recorded == ["c"]
+
+
+def test_an_unexpected_failure_is_a_500_in_json_on_every_api(gateway, monkeypatch):
+    # API.md: every error is JSON, unexpected failures (500) included: `{"detail": ...}` on /api
+    # and /admin, OpenAI's shape on /v1.
+    server = gateway()
+
+    async def blow_up(self: SQLiteStore, *args: Any) -> Any:
+        raise RuntimeError("not a store error: a fault of the gateway's own")
+
+    for method in ("get_team", "list_organizations", "start_call"):
+        monkeypatch.setattr(SQLiteStore, method, blow_up)
+    key = {"Authorization": f"Bearer {server.key}"}
+    for path, headers in ((f"/api/teams/{server.team_id}", key), ("/admin/organizations", {"Authorization": f"Bearer {MASTER}"})):
+        response = server.http.get(path, headers=headers)
+        assert (response.status_code, response.json()) == (500, {"detail": "Internal server error"}), path
+    response = server.http.post("/v1/chat/completions", json={"model": "Main", **CALL}, headers=key)
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {"message": "Internal server error", "type": "server_error", "param": None, "code": "internal_error"}
+    }
