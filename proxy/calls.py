@@ -349,10 +349,12 @@ class CallPipeline:
         except BaseException as exc:
             raise await self._failed(call, exc) from None
         assert isinstance(answer, Answer)
-        message = answer.data["choices"][0].get("message")
         usage = usage_from(answer.data.get("usage"), answer.headers.get("x-litellm-response-cost"))
         if usage is None:
-            usage = estimated_usage(call.request.prompt_chars, completion_chars(message))
+            # Every choice's text (`n` > 1), as a stream's estimate counts every choice's deltas.
+            generated = sum(completion_chars(choice.get("message")) for choice in answer.data["choices"]
+                            if isinstance(choice, dict))
+            usage = estimated_usage(call.request.prompt_chars, generated)
         try:
             outcome = await self._finish(call, "success", answer.model, usage, answer.attempts, None)
         except StoreUnavailable as exc:

@@ -13,7 +13,10 @@ while every answer stays predictable:
   chunks, then ending), ``surrogate-error*`` (a 400 whose message holds a lone UTF-16
   surrogate, escaped), ``surrogate-answer*`` (an answer whose content holds one),
   ``surrogate-later*`` (as ``error-later*``, the error's message holding one),
-  ``deep-tool-call*`` (an answer whose tool call holds a value nested DEEP_TOOL_CALL levels);
+  ``deep-tool-call*`` (an answer whose tool call holds a value nested DEEP_TOOL_CALL levels),
+  ``no-usage*`` (an answer, of ``n`` choices, or a stream without usage), ``reported-cost*``
+  (LiteLLM's own cost figure, REPORTED_COST: an answer's ``x-litellm-response-cost`` header, a
+  stream's ``usage.cost``);
 * the API key ``wrong-provider-key`` is refused with OpenAI's 401, the answer of a
   provider that does not know the key it was given;
 * a body carrying ``langfuse_host``, a field LiteLLM bans from request bodies, is refused
@@ -71,6 +74,7 @@ NO_LOG = False  # the benchmark switches the log off
 # Deeper than the json module writes on Python 3.11 (its recursion limit, about 1,000 levels),
 # not deeper than orjson reads (1,024 levels): a value Tollgate can read from an answer.
 DEEP_TOOL_CALL = 1000
+REPORTED_COST = 0.125  # USD: what no per-token price of these models makes
 MODEL_INFO_PRICES = {"primary": (1e-06, 2e-06), "backup": (3e-06, 4e-06)}
 MODEL_INFO_DELAY: float | None = None
 
@@ -226,6 +230,13 @@ async def chat_completions(request: Request) -> Response:
             "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
             "usage": _usage(prompt_tokens, completion_tokens),
         }
+        if model.startswith("no-usage"):
+            del answer["usage"]
+            entry["usage"] = None
+            choices = body.get("n") if isinstance(body.get("n"), int) else 1
+            answer["choices"] = [{**answer["choices"][0], "index": i} for i in range(choices)]
+        if model.startswith("reported-cost"):
+            return JSONResponse(answer, headers={"x-litellm-response-cost": str(REPORTED_COST)})
         if model.startswith("deep-tool-call"):
             # Written by hand: the json module (behind JSONResponse) cannot write it on 3.11.
             deep = b"[" * DEEP_TOOL_CALL + b"]" * DEEP_TOOL_CALL
@@ -266,7 +277,7 @@ async def chat_completions(request: Request) -> Response:
                     if delay:
                         await asyncio.sleep(delay)
                 yield _chunk(rid, model, {}, "stop")
-            if include_usage:
+            if include_usage and not model.startswith("no-usage"):
                 usage_chunk = {
                     "id": rid,
                     "object": "chat.completion.chunk",
@@ -275,6 +286,8 @@ async def chat_completions(request: Request) -> Response:
                     "choices": [],
                     "usage": _usage(prompt_tokens, completion_tokens),
                 }
+                if model.startswith("reported-cost"):
+                    usage_chunk["usage"]["cost"] = REPORTED_COST
                 yield b"data: " + json.dumps(usage_chunk).encode() + b"\n\n"
                 entry["usage"] = usage_chunk["usage"]
             yield b"data: [DONE]\n\n"

@@ -352,6 +352,36 @@ def test_models_litellm_does_not_price_use_the_prices_in_config_yaml(make_tollga
     assert [c["cost_usd"] for c in calls_of(client, job_id)] == [3 * 0.5 + 4 * 0.25] * 2
 
 
+def test_litellms_own_cost_figure_is_the_calls_cost_streamed_or_not(make_tollgate, fake_url):
+    # README, "Cost": the x-litellm-response-cost header of an answer, `usage.cost` in a stream's
+    # usage chunk. The model has no per-token price here: without LiteLLM's figure it cost 0.
+    server = make_tollgate(upstream_url=fake_url)
+    admin = server.admin()
+    admin.ok("POST", "/admin/model-groups", json={"name": "Reported", "models": ["reported-cost"]})
+    client = server.client(admin.team(groups=("Reported",)).key)
+    job_id = new_job(client)
+    for route in ("llm-call", "llm-call-stream"):
+        assert client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")}).status_code == 200
+    assert [(c["cost_usd"], c["usage_estimated"]) for c in calls_of(client, job_id)] == [(0.125, False)] * 2
+
+
+def test_an_answer_without_usage_is_estimated_from_the_text_of_every_choice(make_tollgate, fake_url):
+    # README, "Estimates": completion tokens are the forwarded text's characters / 4, and an
+    # answer estimates as its stream would, which counts every choice's text. With n=2 only the
+    # first choice's was counted: the call recorded, priced and rate-limited at half its text.
+    server = make_tollgate(upstream_url=fake_url)
+    admin = server.admin()
+    admin.ok("POST", "/admin/model-groups", json={"name": "NoUsage", "models": ["no-usage"]})
+    client = server.client(admin.team(groups=("NoUsage",)).key)
+    job_id = new_job(client)
+    for n in (1, 2):
+        body = {"messages": say("hi [chunks=4]"), "n": n}
+        assert client.post(f"/api/jobs/{job_id}/llm-call", json=body).status_code == 200
+    text = len("word1 word2 word3 word4 ")  # each choice's content
+    calls = calls_of(client, job_id)
+    assert [(c["usage_estimated"], c["completion_tokens"]) for c in calls] == [(True, text // 4), (True, 2 * text // 4)]
+
+
 def test_a_call_cut_before_its_answer_counts_the_attempts_it_made(make_tollgate, fake_url):
     server = make_tollgate(upstream_url=fake_url)
     client = server.client(server.admin().team().key)
