@@ -65,6 +65,39 @@ def test_a_streams_own_stream_options_reach_the_upstream_beside_the_usage_the_ga
     assert sent["body"]["stream_options"] == {"include_usage": True, "include_obfuscation": False}
 
 
+def test_a_stream_whose_client_turned_usage_off_still_asks_the_upstream_for_it_and_is_recorded_by_it(
+    make_tollgate, fake_url
+):
+    # Pointed at the upstream itself (LiteLLM asks its providers for usage whatever it is sent):
+    # the client's own include_usage false must not replace the gateway's, or the call has no
+    # usage to record and is estimated.
+    server = make_tollgate(upstream_url=fake_url)
+    team = server.admin().team()
+    sdk = OpenAI(base_url=f"{server.url}/v1", api_key=team.key, max_retries=0)
+    label = tag()
+    messages = [{"role": "user", "content": f"hi [chunks=2] [tag={label}]"}]
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="Main", messages=messages, stream=True, stream_options={"include_usage": False}
+    )
+    assert all(c.usage is None for c in raw.parse())
+    (sent,) = fake_log(fake_url, label)
+    assert sent["body"]["stream_options"] == {"include_usage": True}
+    (call,) = server.client(team.key).get(f"/api/jobs/{raw.headers['x-job-id']}").json()["calls"]
+    assert (call["usage_estimated"], call["completion_tokens"]) == (False, 2)
+
+
+def test_a_plain_calls_stream_options_are_not_sent_upstream(make_tollgate, fake_url):
+    # For streams only: OpenAI refuses them on a plain request.
+    server = make_tollgate(upstream_url=fake_url)
+    client = server.client(server.admin().team().key)
+    label = tag()
+    messages = [{"role": "user", "content": f"hi [tag={label}]"}]
+    body = {"model": "Main", "messages": messages, "stream_options": {"include_usage": True}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    (sent,) = fake_log(fake_url, label)
+    assert "stream_options" not in sent["body"]
+
+
 def test_tool_calls_round_trip(sdk):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     reply = sdk.chat.completions.create(model="Main", messages=HELLO, tools=tools)

@@ -228,3 +228,42 @@ def test_crlf_events_cut_anywhere_each_come_out_with_their_whole_blank_line():
         assert [e.data for e in events] == [b'{"a": 1}', None, b"x\ny", b"[DONE]"], cuts
         assert all(e.raw.endswith(b"\r\n\r\n") for e in events), cuts
         assert b"".join(e.raw for e in events) == stream, cuts
+
+
+def test_the_data_lines_of_one_event_in_reads_of_their_own_make_one_event():
+    # The first read's line is set aside whole; the second read, a whole `data: ...\n\n` on its
+    # own, is still the rest of that event, not an event of its own.
+    scanner = SSEScanner()
+    assert scanner.feed(b"data: a\n") == []
+    (event,) = scanner.feed(b"data: b\n\n")
+    assert (event.data, event.raw) == (b"a\nb", b"data: a\ndata: b\n\n")
+
+
+def test_an_event_whose_blank_line_is_a_lone_cr_after_a_crlf_goes_out_when_the_next_read_brings_no_lf():
+    # The CR is held as the possible first half of a CRLF; a next read that starts with anything
+    # but an LF ends the event then, not once a later read brings a line end.
+    scanner = SSEScanner()
+    assert scanner.feed(b"data: a\r\n\r") == []
+    assert [(e.data, e.raw) for e in scanner.feed(b"data: b")] == [(b"a", b"data: a\r\n\r")]
+    assert [e.data for e in scanner.feed(b"\n\n")] == [b"b"]
+
+
+def test_an_unterminated_last_event_whose_lines_were_read_apart_is_flushed_with_each_line_once():
+    # The stream ends without the event's blank line (an upstream cut short): its data is what an
+    # SSE client makes of those lines, none of them read twice.
+    scanner = SSEScanner()
+    assert scanner.feed(b"data: a\n") == [] and scanner.feed(b"data: b") == []
+    event = scanner.flush()
+    assert event is not None and (event.data, event.raw) == (b"a\nb", b"data: a\ndata: b")
+
+
+def test_events_of_mixed_line_ends_cut_at_any_two_points_each_come_out_with_their_whole_blank_line():
+    # A line ended by CR at the very end of a read waits for the next read: taken at once, its LF
+    # to come was skipped as half of a CRLF, and the event's own blank line (CRLF) was cut after
+    # its CR, its LF sent with the next event.
+    stream = b"data: a\ndata: b\r\n\r\n: ping\r\n\r\nevent: m\rdata: x\r\n\r\ndata: [DONE]\r\n\r\n"
+    for i in range(1, len(stream)):
+        for j in range(i + 1, len(stream)):
+            events = scan(split_at(stream, [i, j]))
+            assert [e.data for e in events] == [b"a\nb", None, b"x", b"[DONE]"], (i, j)
+            assert all(e.raw.endswith(b"\r\n\r\n") for e in events), (i, j)

@@ -4,6 +4,8 @@ record is told, without any server in between."""
 import asyncio
 import json
 
+import pytest
+
 from proxy.accounting import StreamTally
 from proxy.forwarding import OpenStream
 from proxy.sse import MAX_EVENT_BYTES, SSEScanner
@@ -382,3 +384,70 @@ def test_a_done_with_a_trailing_blank_ends_the_stream_as_sent():
     sent, _, (end,) = relay([body])
     assert sent == body
     assert end.reason == "finished"
+
+
+USAGE_ONLY = b'data: {"choices":[{"index":0,"delta":{}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+
+
+def test_a_client_that_did_not_ask_for_usage_gets_all_but_the_usage_only_chunk_and_the_usage_is_still_read():
+    # API.md: a /v1 client that did not ask for stream_options.include_usage is not sent the
+    # usage-only chunk; the gateway asked for it all the same, and records the call by it.
+    head = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    )
+    body = head + USAGE_ONLY + b"data: [DONE]\n\n"
+    for cuts in ([body], [body[:60], body[60:]]):
+        sent, tally, (end,) = relay(cuts, drop_usage_only=True)
+        assert sent == head + b"data: [DONE]\n\n"
+        assert end.reason == "finished" and (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (3, 1)
+        assert relay(cuts)[0] == body  # one that asked gets it
+
+
+def test_a_relay_that_fails_unexpectedly_records_the_call_as_failed_naming_the_failure():
+    # Any failure of the relay's own (not the upstream's, not the client's hang-up) still records
+    # the call exactly once, and not as a success the client never saw the end of.
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    class Failing(Client):
+        async def send(self, message) -> None:
+            if message["type"] == "http.response.body" and self.messages[1:]:
+                raise RuntimeError("boom")
+            self.messages.append(message)
+
+    async def run():
+        client = Failing()
+        with pytest.raises(RuntimeError):
+            await client.run(client.relay(await opened(_chunks([body] * 3 + [b"data: [DONE]\n\n"]))))
+        return client.ends
+
+    assert [(end.reason, end.error) for end in asyncio.run(run())] == [("upstream_failed", "relay failed: RuntimeError")]
+
+
+def test_the_time_of_a_streams_first_event_is_when_its_first_event_went_out():
+    # The call's time to first token: taken at each write, it was the time of the last event.
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def upstream():
+        for chunk in [body] * 4 + [b"data: [DONE]\n\n"]:
+            await asyncio.sleep(0.05)
+            yield chunk
+
+    class Timing(Client):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body_times: list[float] = []
+
+        async def send(self, message) -> None:
+            if message["type"] == "http.response.body" and message["body"]:
+                self.body_times.append(asyncio.get_running_loop().time())
+            self.messages.append(message)
+
+    async def run():
+        client = Timing()
+        await client.run(client.relay(await opened(upstream())))
+        return client.body_times, client.ends
+
+    times, (end,) = asyncio.run(run())
+    assert end.reason == "finished" and len(times) == 5
+    assert times[0] - 0.01 <= end.first_event_at <= times[0]

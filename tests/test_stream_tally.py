@@ -186,8 +186,9 @@ def test_a_usage_chunk_with_bytes_that_are_not_utf8_is_still_read():
     [
         {"index": 0, "delta": {"audio": {"id": "a", "data": "UklGRg==", "transcript": ""}}},
         {"index": 0, "delta": {}, "logprobs": {"content": [{"token": "a", "logprob": -0.1}]}},
+        {"index": 0, "delta": {}, "finish_reason": "stop"},  # as providers that end with usage send it
     ],
-    ids=["audio", "logprobs"],
+    ids=["audio", "logprobs", "finish reason"],
 )
 def test_a_usage_chunk_that_carries_other_output_is_not_usage_only(choice):
     # Taken for usage-only, it was dropped for a /v1 client that did not ask for usage, and the
@@ -202,3 +203,39 @@ def test_a_usage_chunk_whose_choice_holds_only_nulls_is_usage_only():
     chunk = {"choices": [{"finish_reason": None, "index": 0, "delta": delta, "logprobs": None}], "usage": USAGE}
     assert StreamTally().observe(event(chunk)) is True
     assert StreamTally().observe(event({"choices": [{"index": 0, "delta": {}}], "usage": USAGE})) is True
+
+
+def test_a_chunk_whose_usage_is_null_is_not_usage_only():
+    # OpenAI writes `"usage": null` in every chunk but the last when usage is asked for: such a
+    # chunk is no usage chunk, and one with nothing in its delta is still relayed to every client.
+    for chunk in ({"choices": [{"index": 0, "delta": {"content": ""}}], "usage": None}, {"choices": [], "usage": None}):
+        assert StreamTally().observe(event(chunk)) is False
+
+
+def test_a_usage_chunk_whose_output_follows_a_choice_of_another_shape_is_not_usage_only():
+    tally = StreamTally()
+    assert tally.observe(event({"choices": ["odd", {"index": 0, "delta": {"content": "hi"}}], "usage": USAGE})) is False
+    assert tally.completion_chars == 2
+
+
+def test_a_chunk_whose_error_is_null_is_read_as_output_not_as_an_error():
+    # The openai SDK raises on a chunk's error only when it is set: taken for one, the stream was cut
+    # there and the call recorded as failed while the client read on.
+    tally = StreamTally()
+    tally.observe(event({**content("hi"), "error": None}))
+    assert tally.error is None and tally.completion_chars == 2
+
+
+def test_an_error_event_whose_data_is_empty_is_recorded_with_a_message():
+    # `data:` with nothing after it is an event with empty data, dispatched as any other: the call
+    # ends as failed, and its record says so rather than carry an empty error.
+    tally = StreamTally()
+    tally.observe(SSEEvent(b"event: error\ndata:\n\n", b"", "error"))
+    assert tally.error == "error event"
+
+
+def test_a_later_usage_that_holds_no_token_count_keeps_the_usage_read_before():
+    tally = StreamTally()
+    tally.observe(event({"choices": [], "usage": USAGE}))
+    tally.observe(event({"choices": [], "usage": {"prompt_tokens": None, "completion_tokens": 1}}))
+    assert tally.usage is not None and (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (7, 3)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.accounting import StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
+from proxy.accounting import MAX_TOKENS, StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
 from proxy.config import ModelPrice
 from proxy.metrics import Metrics
 from proxy.pricing import Pricing
@@ -164,3 +164,116 @@ def test_a_reported_cost_of_zero_is_no_figure_and_the_tokens_are_priced():
 def test_a_cost_keeps_its_fractions_of_a_micro_dollar():
     # Costs are rounded to 1e-12 USD: a cheap model's call costs well under a micro-dollar.
     assert cost_of(Usage(3, 0, reported_cost=1.23456e-7), "m", Pricing({})) == 1.23456e-7
+
+
+def test_a_token_count_beyond_any_real_call_is_no_usage_in_either_field():
+    # Each count is bounded on its own: either past the bound, taken as usage, the call would be
+    # recorded, priced and rate-limited on tokens no call uses (it is estimated instead).
+    assert usage_from({"prompt_tokens": MAX_TOKENS + 1, "completion_tokens": 3}) is None
+    assert usage_from({"prompt_tokens": 4, "completion_tokens": MAX_TOKENS + 1}) is None
+
+
+@pytest.mark.parametrize("negative", [-0.5, "-0.5"], ids=["number", "text"])
+def test_a_negative_reported_cost_is_no_cost_figure_and_the_tokens_are_priced(negative):
+    # Taken as the call's cost it was recorded below zero, which the cost counter refuses after the
+    # call is recorded (a 500 for an answered call, its own job charged).
+    pricing = Pricing({"m": ModelPrice(1e-06, 2e-06)})
+    for usage in (usage_from(USAGE, negative), usage_from({**USAGE, "cost": negative})):
+        assert usage is not None and usage.reported_cost is None
+        assert cost_of(usage, "m", pricing) == pytest.approx(10 * 1e-06 + 5 * 2e-06)
+
+
+def test_a_cost_in_a_streams_usage_is_litellms_figure_for_the_call():
+    # README, "Cost": `usage.cost` in a stream's final chunk, where no header can carry it.
+    tally = StreamTally()
+    tally.observe(event({"choices": [], "usage": {**USAGE, "cost": 0.25}}))
+    assert tally.usage is not None and tally.usage.reported_cost == 0.25
+    assert cost_of(tally.usage, "m", Pricing({"m": ModelPrice(1.0, 1.0)})) == 0.25
+
+
+def test_equal_usage_costs_exactly_the_same_reported_or_priced_per_token():
+    # 1 * 0.1 + 2 * 0.1 is 0.30000000000000004 in floats: unrounded, a call priced per token and
+    # the same call whose cost LiteLLM reported (0.3) cost different amounts.
+    pricing = Pricing({"m": ModelPrice(0.1, 0.1)})
+    assert cost_of(Usage(1, 2), "m", pricing) == cost_of(Usage(1, 2, reported_cost=0.3), "m", pricing) == 0.3
+
+
+def test_prices_in_config_yaml_win_over_the_prices_litellm_reports():
+    pricing = Pricing({"m": ModelPrice(1e-06, 2e-06)})
+    info = {"input_cost_per_token": 5e-06, "output_cost_per_token": 9e-06}
+    assert pricing.load_model_info({"data": [{"model_name": "m", "model_info": info}]}) == 1
+    assert pricing.price("m") == ModelPrice(1e-06, 2e-06)
+
+
+def test_a_model_litellm_no_longer_prices_loses_the_price_it_reported_before():
+    # Each refresh is LiteLLM's whole list: a price it has taken back is not kept from an older one.
+    pricing = Pricing({})
+    info = {"input_cost_per_token": 5e-06, "output_cost_per_token": 9e-06}
+    pricing.load_model_info({"data": [{"model_name": "m", "model_info": info}, {"model_name": "n", "model_info": info}]})
+    pricing.load_model_info({"data": [{"model_name": "n", "model_info": info}]})
+    assert pricing.price("m") is None and pricing.price("n") == ModelPrice(5e-06, 9e-06)
+
+
+class _PricesUpstream:
+    """An upstream whose /model/info refuses while `refuse` is set; counts the times it is asked."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse = refuse
+        self.asked = 0
+
+    async def get_json(self, path: str, timeout: float) -> object:
+        self.asked += 1
+        if self.refuse:
+            raise UpstreamStatusError(503)
+        return {"data": []}
+
+
+def _keep_fresh_sleeps(
+    monkeypatch, upstream: _PricesUpstream, interval: float, fresh: bool | None, sleeps: int
+) -> list[float]:
+    """The sleeps `keep_fresh` takes between its first `sleeps` turns (asyncio.sleep replaced)."""
+    taken: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        taken.append(seconds)
+        if len(taken) == sleeps:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+
+    async def run() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await Pricing({}).keep_fresh(upstream, interval, fresh)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    return taken
+
+
+def test_prices_that_could_not_be_read_are_asked_for_again_soon_not_an_interval_later(monkeypatch):
+    # LiteLLM may still be starting: an hour's wait would record its calls unpriced for an hour.
+    upstream = _PricesUpstream(refuse=True)
+    assert _keep_fresh_sleeps(monkeypatch, upstream, 3600.0, False, 2) == [5.0, 5.0]
+    assert upstream.asked == 1
+    upstream.refuse = False
+    assert _keep_fresh_sleeps(monkeypatch, upstream, 3600.0, None, 2) == [3600.0, 3600.0]
+
+
+def test_prices_are_read_again_at_every_interval_after_the_start_read_them(monkeypatch):
+    upstream = _PricesUpstream(refuse=False)
+    assert _keep_fresh_sleeps(monkeypatch, upstream, 60.0, True, 3) == [60.0, 60.0, 60.0]
+    assert upstream.asked == 2  # not at the start (the start's own read), then before each later sleep
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"content": [{"type": "text", "text": 5}, {"type": "text", "text": "hello"}]},
+        {"content": "hello", "refusal": True, "reasoning_content": 5},
+        {"content": "hello", "tool_calls": [5, {"function": {"arguments": {"city": "Paris"}}}]},
+        {"content": "hello", "function_call": {"arguments": 7}},
+    ],
+    ids=["part text", "refusal and reasoning", "tool call arguments", "function call arguments"],
+)
+def test_an_answer_whose_text_fields_hold_no_text_is_estimated_on_its_text_alone(fields):
+    # As for tool_calls that is no list: an error here escaped before the call's record was written.
+    assert completion_chars({"role": "assistant", **fields}) == len("hello")
