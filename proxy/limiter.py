@@ -117,12 +117,14 @@ class Decision:
     def released(self) -> Decision:
         """Where the scopes stand once this admitted call is forgotten again (its start was
         refused after its admission): the headers of that refusal do not count it."""
-        usage = tuple(
-            Usage(u.scope, u.rpm, max(0, u.requests - 1), u.requests_reset, u.tpm, max(0, u.tokens - self.estimate),
-                  u.tokens_reset)
-            for u in self.usage
-        )
-        return Decision(self.admitted, self.call_id, self.limits, self.estimate, self.backend, usage)
+        # The call is the newest: the oldest it leaves behind resets as before, and a scope it
+        # leaves empty resets in 0s, as both limiters answer for a scope that holds nothing.
+        usage = []
+        for u in self.usage:
+            requests, tokens = max(0, u.requests - 1), max(0, u.tokens - self.estimate)
+            usage.append(Usage(u.scope, u.rpm, requests, u.requests_reset if requests else 0.0, u.tpm, tokens,
+                               u.tokens_reset if tokens else 0.0))
+        return Decision(self.admitted, self.call_id, self.limits, self.estimate, self.backend, tuple(usage))
 
     def refusal(self, window: float = 60.0) -> tuple[str, dict[str, str]]:
         """The 429's message and headers; `window`: the limits' (rate_limits.window)."""

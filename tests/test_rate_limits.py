@@ -142,6 +142,28 @@ def test_calls_logged_before_redis_clock_stepped_back_count_for_a_window_not_unt
     asyncio.run(run())
 
 
+def test_tokens_logged_before_redis_clock_stepped_back_count_for_a_window_not_until_it_catches_up(redis_server):
+    # As the requests above: a team whose tokens were full as the clock stepped an hour back must
+    # not be refused for an hour, told to retry in 3601 s.
+    team_id = tag()
+    limits = Limits(team_id, "key-a", team_rpm=100, team_tpm=100)
+    base = f"tollgate:{{team:{team_id}}}:team:{team_id}"
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 1.0)
+        assert (await limiter.admit(limits, "c0", 100)).admitted
+        for log in ("requests", "tokens"):  # as if logged on a clock an hour ahead of Redis's now
+            redis_server.cli("ZINCRBY", f"{base}:{log}", "3600000", "c0")
+        refused = await limiter.admit(limits, "c1", 100)
+        assert (refused.admitted, refused.refused_kind) == (False, "tokens")
+        assert refused.retry_after is not None and refused.retry_after <= 1.0
+        await asyncio.sleep(1.1)
+        assert (await limiter.admit(limits, "c2", 100)).admitted
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 def test_a_429_names_the_configured_window_not_a_minute(make_tollgate):
     server = make_tollgate(rate_limits={"window": "10s"})
     team = server.admin().team(rpm_limit=1)
@@ -149,6 +171,14 @@ def test_a_429_names_the_configured_window_not_a_minute(make_tollgate):
     assert [call(server, team.key, job_id).status_code for _ in range(2)] == [200, 429]
     refused = call(server, team.key, job_id)
     assert "allows 1 requests per 10 s;" in refused.json()["detail"]
+
+
+def test_a_429_names_a_window_longer_than_a_minute_in_seconds():
+    limiter = LocalLimiter(120.0)
+    limits = Limits("t1", "key-a", team_rpm=1, team_tpm=100_000)
+    limiter.admit(limits, "first", 10)
+    message, _ = limiter.admit(limits, "second", 10).refusal(120.0)
+    assert "allows 1 requests per 120 s;" in message
 
 
 def test_success_responses_carry_the_openai_rate_limit_headers(make_tollgate, redis_server):
@@ -213,6 +243,8 @@ def test_an_own_job_refused_for_credits_after_admission_carries_the_rate_limit_h
     assert refused.headers["x-ratelimit-limit-requests"] == "7"
     assert refused.headers["x-ratelimit-remaining-requests"] == "7"
     assert refused.headers["x-ratelimit-remaining-tokens"] == "5000"
+    # Without the call, nothing counts: nothing to reset, as a window that never held it says.
+    assert (refused.headers["x-ratelimit-reset-requests"], refused.headers["x-ratelimit-reset-tokens"]) == ("0s", "0s")
 
 
 def test_reset_durations_are_written_as_openai_writes_them_hours_included():
@@ -236,6 +268,44 @@ def test_the_rate_limit_headers_name_the_scope_closest_to_each_limit():
         "x-ratelimit-reset-tokens": "500ms",
     }
     assert decision.raw_headers() == [(k.encode(), v.encode()) for k, v in decision.headers().items()]
+
+
+def test_the_reset_headers_count_from_the_oldest_call_in_the_window(admit):
+    # They say when the first call in the way leaves, not the last.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    assert admit(limits, "c0", 10).admitted
+    time.sleep(0.5)
+    usage = admit(limits, "c1", 10).usage[0]
+    assert usage.requests_reset <= 59.75 and usage.tokens_reset <= 59.75  # c0's (59.5), not c1's (60)
+
+
+def test_the_reset_headers_are_0s_while_nothing_counts(admit):
+    # A call that can never fit, on a window that holds nothing: both limits are whole, and reset in
+    # 0s, with Redis and in-process alike.
+    refused = admit(Limits(tag(), "key-a", team_rpm=10, team_tpm=100), "too-big", 101)
+    assert refused.never_fits and refused.retry_after is None
+    headers = refused.headers()
+    assert (headers["x-ratelimit-reset-requests"], headers["x-ratelimit-reset-tokens"]) == ("0s", "0s")
+
+
+def test_the_headers_of_a_call_refused_after_its_admission_say_0s_to_reset_when_it_was_all_the_window_held(admit):
+    # Counted without the call, which never started, the window holds nothing: its limits are
+    # whole and reset in 0s, as a window that never held it says; not in a minute.
+    admitted = admit(Limits(tag(), "key-a", team_rpm=10, team_tpm=1000), "never-started", 100)
+    headers = admitted.released().headers()
+    assert (headers["x-ratelimit-remaining-requests"], headers["x-ratelimit-remaining-tokens"]) == ("10", "1000")
+    assert (headers["x-ratelimit-reset-requests"], headers["x-ratelimit-reset-tokens"]) == ("0s", "0s")
+
+
+def test_a_tpm_limit_overrun_by_real_usage_shows_no_tokens_remaining_not_fewer_than_none():
+    # A call's real usage may exceed its estimate, and the limit: the window then holds more tokens
+    # than the limit, and x-ratelimit-remaining-tokens says 0, as OpenAI never says less.
+    limiter = LocalLimiter(60.0)
+    limits = Limits("t1", "key-a", team_rpm=100, team_tpm=1000)
+    limiter.settle(limiter.admit(limits, "long", 10), 5000)
+    refused = limiter.admit(limits, "next", 10)
+    assert (refused.admitted, refused.refused_kind) == (False, "tokens")
+    assert refused.headers()["x-ratelimit-remaining-tokens"] == "0"
 
 
 def test_tpm_refuses_the_third_concurrent_call_and_fits_new_ones_after_reconciliation(make_tollgate, redis_server):
@@ -403,6 +473,20 @@ def test_a_key_limit_that_can_never_fit_wins_over_the_teams_full_window(admit):
     assert "retry-after" not in headers and headers["x-should-retry"] == "false"
 
 
+def test_a_team_limit_that_can_never_fit_wins_over_the_keys_full_window_and_its_limit_that_can_neither(admit):
+    # The scopes are looked at team first: once one is found that the call can never fit, neither
+    # a full window nor a tighter limit of the key's changes what the caller is told.
+    team_id = tag()
+    assert admit(Limits(team_id, "key-a", 100, 300, key_rpm=1), "filler", 10).admitted
+    refused = admit(Limits(team_id, "key-a", 100, 300, key_rpm=1), "too-big", 402)
+    assert refused.never_fits and (refused.refused_scope, refused.refused_kind, refused.retry_after) == (
+        "team", "tokens", None
+    )
+    refused = admit(Limits(tag(), "key-b", 100, 300, key_tpm=200), "too-big", 402)
+    assert refused.never_fits and refused.refused_scope == "team"
+    assert "team '" in refused.refusal()[0]
+
+
 def test_retry_after_waits_for_the_last_full_limit_not_the_first_found(admit):
     team_id = tag()
     assert admit(Limits(team_id, "key-b", 100, 1000), "filler", 990).admitted
@@ -413,6 +497,83 @@ def test_retry_after_waits_for_the_last_full_limit_not_the_first_found(admit):
     refused = admit(Limits(team_id, "key-a", 100, 1000, key_rpm=1), "second", 20)
     assert (refused.refused_scope, refused.refused_kind) == ("key", "requests")
     assert refused.retry_after is not None and 59.5 < refused.retry_after <= 60.0
+
+
+def test_retry_after_waits_for_the_tokens_when_they_have_room_after_the_requests(admit):
+    # Both limits full: a request leaves with the oldest call, 10 tokens with it are not enough.
+    limits = Limits(tag(), "key-a", team_rpm=2, team_tpm=1000)
+    assert admit(limits, "c0", 10).admitted
+    time.sleep(0.5)
+    assert admit(limits, "c1", 990).admitted
+    refused = admit(limits, "c2", 20)
+    assert (refused.refused_scope, refused.refused_kind) == ("team", "tokens")
+    assert refused.retry_after is not None and 59.75 < refused.retry_after <= 60.0  # c1's, not c0's (59.5)
+
+
+def test_retry_after_for_tokens_is_when_just_enough_of_them_has_left(admit):
+    # 600 tokens counted (two calls, half a second apart), the limit 1,000 and a call of 700:
+    # 300 must leave, and the oldest call's leaving frees exactly that.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+    assert admit(limits, "c0", 300).admitted
+    time.sleep(0.5)
+    assert admit(limits, "c1", 300).admitted
+    refused = admit(limits, "c2", 700)
+    assert (refused.admitted, refused.refused_kind) == (False, "tokens")
+    assert refused.retry_after is not None and refused.retry_after <= 59.75  # c0's (59.5), not c1's (60)
+
+
+def test_a_lowered_rpm_limit_waits_for_enough_calls_to_leave_and_shows_none_remaining(admit):
+    # Three calls counted, and the team's limit lowered to 2: two must leave the window before a
+    # call fits, so the retry is when the second oldest leaves, not the oldest; and the headers say
+    # no request remains, not -1.
+    team_id = tag()
+    assert admit(Limits(team_id, "key-a", 3, 100_000), "c0", 10).admitted
+    time.sleep(0.5)
+    assert admit(Limits(team_id, "key-a", 3, 100_000), "c1", 10).admitted
+    assert admit(Limits(team_id, "key-a", 3, 100_000), "c2", 10).admitted
+    refused = admit(Limits(team_id, "key-a", 2, 100_000), "c3", 10)
+    assert (refused.admitted, refused.refused_kind) == (False, "requests")
+    assert refused.retry_after is not None and 59.75 < refused.retry_after <= 60.0  # c1's, not c0's (59.5)
+    assert refused.headers()["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_a_caller_retrying_when_a_429_said_is_admitted():
+    # Retry-After is the whole seconds until the call in the way leaves the window (rounded up,
+    # never down: sooner, the retry is refused again), and a call that leaves at that very
+    # moment no longer counts.
+    now = [0.0]
+    limiter = LocalLimiter(60.0, clock=lambda: now[0])
+    by_requests = Limits("t1", "key-a", team_rpm=1, team_tpm=100_000)
+    by_tokens = Limits("t2", "key-b", team_rpm=100, team_tpm=100)
+    assert limiter.admit(by_requests, "first", 10).admitted
+    assert limiter.admit(by_tokens, "first", 100).admitted
+    now[0] = 10.75
+    for limits in (by_requests, by_tokens):
+        refused = limiter.admit(limits, "early", 10)
+        assert not refused.admitted and refused.retry_after == 60.0 - 10.75
+        assert refused.refusal()[1]["retry-after"] == "50"
+    now[0] = 60.0  # "first" leaves the window
+    assert limiter.admit(by_requests, "on-time", 10).admitted
+    assert limiter.admit(by_tokens, "on-time", 10).admitted
+
+
+def test_the_tpm_limit_admits_calls_up_to_exactly_its_tokens(admit):
+    # "fit the TPM limit": a window's tokens may reach the limit, not only stay below it.
+    alone = Limits(tag(), "key-a", team_rpm=10, team_tpm=500)
+    assert admit(alone, "all-of-it", 500).admitted  # an estimate of the whole limit fits an empty window
+    shared = Limits(tag(), "key-a", team_rpm=10, team_tpm=500)
+    assert [admit(shared, call_id, estimate).admitted for call_id, estimate in (("a", 300), ("b", 200))] == [True, True]
+    refused = admit(shared, "c", 1)
+    assert (refused.admitted, refused.refused_kind, refused.never_fits) == (False, "tokens", False)
+
+
+def test_a_call_still_counts_seconds_after_its_admission(admit):
+    # Redis's keys expire a second after the window: a minute's calls are still there later on.
+    limits = Limits(tag(), "key-a", team_rpm=1, team_tpm=100_000)
+    assert admit(limits, "first", 10).admitted
+    time.sleep(1.5)
+    refused = admit(limits, "second", 10)
+    assert (refused.admitted, refused.refused_kind) == (False, "requests")
 
 
 def test_key_limit_tighter_than_the_teams_wins(make_tollgate, redis_server):
@@ -460,6 +621,38 @@ def test_a_team_forgotten_by_the_in_process_limiter_is_limited_afresh():
     assert [limiter.admit(limits, f"d{n}", 10).admitted for n in range(3)] == [True, True, False]
 
 
+def test_the_in_process_limiter_forgets_an_idle_team_behind_one_still_in_use():
+    now = [0.0]
+    limiter = LocalLimiter(60.0, clock=lambda: now[0])
+    busy, idle = Limits("busy", "key-a", 60, 100_000), Limits("idle", "key-b", 60, 100_000)
+    limiter.admit(busy, "b0", 10)
+    limiter.admit(idle, "i0", 10)
+    now[0] = 50.0
+    limiter.admit(busy, "b1", 10)
+    now[0] = 100.0  # "idle" has not called for a whole window, "busy" has
+    limiter.admit(Limits("new", "key-c", 60, 100_000), "n0", 10)
+    assert set(limiter._windows) == {("team", "busy"), ("team", "new")}
+
+
+def test_the_in_process_limiter_keeps_a_team_whose_calls_still_count():
+    now = [0.0]
+    limiter = LocalLimiter(60.0, clock=lambda: now[0])
+    limits = Limits("t1", "key-a", team_rpm=2, team_tpm=100_000)
+    assert limiter.admit(limits, "c0", 10).admitted
+    now[0] = 50.0
+    assert limiter.admit(limits, "c1", 10).admitted
+    now[0] = 70.0  # c0 has left the window, c1 has not
+    assert [limiter.admit(limits, f"d{n}", 10).admitted for n in range(2)] == [True, False]
+
+
+def test_a_call_released_by_the_in_process_limiter_counts_for_nothing():
+    limiter = LocalLimiter(60.0)
+    limits = Limits("t1", "key-a", team_rpm=1, team_tpm=100)
+    limiter.settle(limiter.admit(limits, "never-started", 100), 0, release=True)
+    after = limiter.admit(limits, "after", 100)
+    assert after.admitted and (after.usage[0].requests, after.usage[0].tokens) == (1, 100)
+
+
 def test_limits_apply_to_the_openai_routes(make_tollgate, redis_server):
     server = make_tollgate(redis={"url": redis_server.url})
     team = server.admin().team(credits=5, rpm_limit=1)
@@ -498,6 +691,35 @@ def test_redis_outage_under_local_keeps_serving_and_limits_return_with_redis(mak
     statuses = [call(server, team.key, job_id).status_code for _ in range(5)]
     assert statuses == [200, 200, 200, 429, 429]
     assert httpx.get(f"{server.url}/health/ready").json()["components"]["redis"] == "ok"
+
+
+def test_one_call_at_a_time_finds_out_whether_redis_is_back_and_then_every_call_asks_it(redis_server):
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
+        assert limiter.redis is not None
+        asked: list[str] = []
+        admit = limiter.redis.admit
+
+        async def counted(limits: Limits, call_id: str, estimate: int) -> Decision:
+            asked.append(call_id)
+            return await admit(limits, call_id, estimate)
+
+        limiter.redis.admit = counted  # type: ignore[method-assign]
+        await open_the_breaker(limiter, limits, redis_server, "opens-it")
+        await asyncio.sleep(0.3)  # the cooldown is over; Redis is still away
+        with paused(redis_server):
+            decisions = await asyncio.gather(*(limiter.admit(limits, f"away-{n}", 10) for n in range(3)))
+        assert [d.backend for d in decisions] == ["local"] * 3
+        assert asked == ["opens-it", "away-0"]  # the others did not wait for Redis's timeout too
+        await asyncio.sleep(0.3)
+        assert (await limiter.admit(limits, "probe", 10)).backend == "redis"  # Redis is back
+        decisions = await asyncio.gather(*(limiter.admit(limits, f"back-{n}", 10) for n in range(3)))
+        assert [d.backend for d in decisions] == ["redis"] * 3
+        await limiter.close()
+
+    asyncio.run(run())
 
 
 def test_redis_outage_under_deny_refuses_calls_quickly(make_tollgate, redis_server):
@@ -682,6 +904,49 @@ def test_a_release_skipped_while_redis_failed_stands_when_the_calls_zero_usage_f
     asyncio.run(run())
 
 
+def test_a_release_lost_with_its_connection_is_sent_again_with_the_next_admit(redis_server):
+    # Sent ahead of an admit that timed out, a release may never have reached Redis: it is kept,
+    # and a call that never started does not count for the rest of its window.
+    limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
+    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
+        never_started = await limiter.admit(limits, "never-started", 10)
+        await open_the_breaker(limiter, limits, redis_server, "timed-out")
+        await limiter.settle(never_started, 0, release=True)  # kept while the breaker is open
+        await asyncio.sleep(0.3)
+        # Scripts wait, and are dropped with the connection that gives up on them.
+        redis_server.cli("CLIENT", "PAUSE", "1000", "WRITE")
+        assert (await limiter.admit(limits, "probe", 10)).backend == "local"  # the releases went ahead of it
+        await asyncio.sleep(1.3)
+        assert (await limiter.admit(limits, "after", 10)).backend == "redis"
+        assert redis_server.cli("ZRANGE", requests, "0", "-1").split() == ["after"]
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_release_while_the_breaker_is_open_does_not_wait_for_redis(redis_server):
+    # The release of a call that never started is awaited on its refusal's way (a job not found,
+    # finished...): Redis, away, must not hold that answer up for its timeout.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        config = RedisConfig(url=redis_server.url, connect_timeout=1.0, timeout=1.0, breaker_cooldown=5.0)
+        limiter = RateLimiter(RateLimitsConfig(), config)
+        never_started = await limiter.admit(limits, "never-started", 10)
+        loop = asyncio.get_running_loop()
+        with paused(redis_server):
+            assert (await limiter.admit(limits, "opens-it", 10)).backend == "local"
+            started = loop.time()
+            await limiter.settle(never_started, 0, release=True)
+            assert loop.time() - started < 0.5
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 def test_a_calls_real_usage_reaches_redis_even_when_it_ends_while_the_breaker_is_open(redis_server):
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
     base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
@@ -778,6 +1043,24 @@ def test_a_calls_usage_whose_sending_failed_counts_for_a_window_from_its_end_not
     asyncio.run(run())
 
 
+def test_a_calls_real_usage_counts_for_a_whole_window_from_its_end_after_its_admission_is_gone(redis_server):
+    # The admission sets its scope's keys to expire a window (and a second) later: the usage of a
+    # call ending after that must move their expiry, or it is forgotten before its window is out.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 1.0)
+        long_call = await limiter.admit(limits, "long-call", 10)  # its keys: a window and a second from now
+        await asyncio.sleep(1.5)
+        await limiter.settle(long_call, 900)  # it ends, having used 900 tokens, counted for a window
+        await asyncio.sleep(0.8)  # past the keys' first expiry, within the usage's window
+        after = await limiter.admit(limits, "after", 200)
+        assert (after.admitted, after.refused_kind) == (False, "tokens")
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("evicted", ["tokens", "amounts", "total"])
 def test_a_scopes_key_evicted_alone_leaves_its_tokens_counted_afresh_not_wrongly(redis_server, evicted):
     # An evicting maxmemory policy takes keys one at a time (volatile-* too: all of these expire).
@@ -815,6 +1098,23 @@ def test_a_call_ending_after_a_key_of_its_scope_was_evicted_is_counted_afresh_no
         # Counted afresh from the first call's end: what it used and the third's estimate. The
         # second call went with what the eviction took.
         assert (third.admitted, third.usage[0].tokens) == (True, 600)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_scopes_token_log_and_amounts_evicted_together_leave_no_total_counting(redis_server):
+    # The total left alone by the eviction of both would count its tokens for as long as calls kept
+    # it alive: nothing is left in the log to take them out of it as they leave the window.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 60.0)
+        assert (await limiter.admit(limits, "first", 600)).admitted
+        redis_server.cli("DEL", f"{base}:tokens", f"{base}:amounts")  # as the policy evicts them
+        second = await limiter.admit(limits, "second", 300)
+        assert (second.admitted, second.usage[0].tokens) == (True, 300)
         await limiter.close()
 
     asyncio.run(run())
@@ -933,6 +1233,7 @@ def test_a_redis_behind_a_proxy_that_takes_no_script_command_still_limits(redis_
 
 @pytest.mark.parametrize(("overwritten", "value"), [
     ("requests", "a string"), ("tokens", "a string"), ("amounts", "a string"), ("total", "no number"),
+    ("total", "12 apples"),  # a number at its start is no integer still
 ])
 def test_a_teams_limiter_key_overwritten_by_hand_is_repaired_and_the_call_decided_by_redis(
     redis_server, overwritten, value
@@ -948,6 +1249,23 @@ def test_a_teams_limiter_key_overwritten_by_hand_is_repaired_and_the_call_decide
         assert (await limiter.admit(limits, "first", 10)).admitted
         redis_server.cli("SET", f"{base}:{overwritten}", value)
         decision = await limiter.admit(limits, "second", 10)
+        assert (decision.backend, decision.admitted, limiter.degraded) == ("redis", True, False)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_teams_token_amount_overwritten_by_hand_is_repaired_and_the_call_decided_by_redis(redis_server):
+    # A hash of amounts holding what is no number fails every admit that adds them up (a team at
+    # its TPM limit) until it is repaired; unrepaired, each failure would open the breaker for all.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
+        assert (await limiter.admit(limits, "first", 90)).admitted
+        redis_server.cli("HSET", f"{base}:amounts", "first", "lots")
+        decision = await limiter.admit(limits, "second", 20)
         assert (decision.backend, decision.admitted, limiter.degraded) == ("redis", True, False)
         await limiter.close()
 
@@ -1075,6 +1393,26 @@ def test_a_script_failure_no_damaged_key_explains_opens_the_breaker(redis_server
         limiter.redis._admit = Script("local broken = nil\nreturn broken + 1")
         assert (await limiter.admit(limits, "first", 10)).backend == "local"
         assert limiter.degraded
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_scope_redis_refuses_even_once_repaired_leaves_the_breaker_closed_for_the_others(redis_server):
+    # Redis answers, and refuses that scope's keys alone: its calls follow on_redis_error, and the
+    # other teams' calls still ask Redis.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        assert limiter.redis is not None
+        redis_server.cli("SET", f"{base}:total", "no number")
+        # A script failing on every run, as on a key that something writes again as soon as it is
+        # repaired: the repair finds the total damaged the first time.
+        limiter.redis._admit = Script("redis.call('GET', KEYS[4])\nreturn nil + 1")
+        assert (await limiter.admit(limits, "refused", 10)).backend == "local"
+        assert not limiter.degraded
         await limiter.close()
 
     asyncio.run(run())

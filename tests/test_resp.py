@@ -63,6 +63,16 @@ def test_an_array_of_integers_cut_anywhere_waits_for_the_rest():
                 parse(buffer[:cut], 0)
 
 
+def test_an_array_of_strings_cut_anywhere_waits_for_the_rest():
+    # As the limiter's repair answers (the keys it deleted): a string whose text has come but not
+    # its line's end is no reply yet, or that end is read as the next reply.
+    raw = b"*2\r\n$3\r\nabc\r\n$5\r\ntoken\r\n"
+    assert parse(raw, 0) == ([b"abc", b"token"], len(raw))
+    for cut in range(len(raw)):
+        with pytest.raises(_Incomplete):
+            parse(raw[:cut], 0)
+
+
 def test_a_script_run_on_encoded_keys_is_the_command_encoded_whole():
     sent: list[bytes] = []
 
