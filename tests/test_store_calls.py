@@ -6,6 +6,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 import pytest
@@ -626,3 +627,232 @@ def test_a_sweep_failing_the_same_way_run_after_run_logs_its_traceback_once(capl
     failures = [record for record in caplog.records if "sweeper" in record.getMessage()]
     assert [record.exc_info is not None for record in failures[:5]] == [True, False, False, True, True]
     assert "malformed" in failures[1].getMessage()
+
+
+def cancelled(call_id: str, error: str) -> CallOutcome:
+    return CallOutcome(call_id, "cancelled", "gpt-4o-mini", 10, 0, True, 0.0, 100, None, 1, error, 1_000.0)
+
+
+def test_an_outcome_written_again_over_a_call_found_recorded_already_leaves_its_own_job_as_it_was(tmp_path):
+    # The shutdown writes a kept outcome once more (over a sweeper's closing it as interrupted);
+    # the call was recorded by then, and its own job left failed, the team unable to pay for it.
+    # A write that records nothing must not charge the job later, once the team can pay again.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "kept.db"))  # 1,000 credits
+        job = new_id()
+        await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
+        try:
+            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+            holder = (await store.create_job("team", "t", None, {}, 1000)).job_id  # all the team has
+            assert await store.finish_call_and_job(
+                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+            ) == (True, False)
+            await store.finish_job(holder, "failed", None, None)  # its credits free again
+            assert await store.finish_call_and_job(
+                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+            ) == (False, False)
+            assert (await store.get_job(job)).status == "failed"
+            team = await store.get_team("team")
+            assert (team.credits_used, team.credits_held) == (0, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_kept_stream_outcome_charges_its_interrupted_own_job_with_the_teams_last_free_credit(tmp_path):
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "kept.db"))  # 1,000 credits
+        job = new_id()
+        await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
+        try:
+            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+            await store.create_job("team", "t", None, {}, 999)  # leaves exactly the one credit the job held
+            assert await store.finish_call_and_job(
+                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+            ) == (True, True)
+            team = await store.get_team("team")
+            assert (team.credits_used, team.credits_held, team.credits_available) == (1, 999, 0)
+            assert await store.ledger_sum("team") == team.credits_remaining
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_kept_stream_outcome_does_not_charge_its_own_job_once_it_was_failed_as_expired(tmp_path):
+    # Only a job failed as interrupted (by a sweep that could not know of the kept outcome) is
+    # charged when the outcome is written at last: an expired job is failed uncharged for good.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "kept.db"))
+        job = new_id()
+        await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
+        try:
+            assert len(await store.cancel_stale_calls(500.0, now=500.0)) == 1
+            assert [j.job_id for j in await store.expire_jobs(time.time() + 60, 10)] == [job]
+            assert await store.finish_call_and_job(
+                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+            ) == (True, False)
+            failed = await store.get_job(job)
+            assert (failed.status, failed.credits_charged) == ("failed", 0)
+            assert failed.error_message.startswith("expired")
+            team = await store.get_team("team")
+            assert (team.credits_used, team.credits_held) == (0, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_an_outcome_is_not_written_over_a_call_its_client_cancelled(tmp_path):
+    # Outcomes are written over a sweeper's closing a call as interrupted (which knew nothing of
+    # them), and over nothing else: a hang-up's record is the call's own end.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "cancelled.db"))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("hung-up", job_id, 100.0))
+        try:
+            assert await store.finish_call(cancelled("hung-up", "client disconnected"), over_interrupted=True)
+            assert not await store.finish_call(outcome("hung-up"), over_interrupted=True)
+            view = await store.job_view(job_id)
+            assert [(c.status, c.error, c.completion_tokens) for c in view[1]] == [
+                ("cancelled", "client disconnected", 0)
+            ]
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_call_that_ends_between_the_sweeps_search_and_its_write_keeps_its_record(tmp_path):
+    # The sweep finds stale calls on one connection and closes them in a later write: one
+    # recorded meanwhile (its record slowed by a locked database) is not closed as interrupted.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "race.db"))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("late", job_id, 100.0))
+        search = store._read_together
+
+        async def search_then_record(*args, **kwargs):
+            store._read_together = search  # once
+            found = await search(*args, **kwargs)
+            assert await store.finish_call(outcome("late"))
+            return found
+
+        store._read_together = search_then_record
+        try:
+            assert await store.cancel_stale_calls(500.0, now=500.0) == []
+            assert await statuses(store, job_id) == {"late": "success"}
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_the_sweep_leaves_an_api_job_whose_call_it_closed_as_interrupted_open_for_its_client(tmp_path):
+    # Only a /v1 call's own job is failed with its interrupted call: a job of /api is its
+    # client's to complete (and is charged then), or it expires.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "api.db"))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("cut-by-a-crash", job_id, 100.0))
+        try:
+            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+            assert await statuses(store, job_id) == {"cut-by-a-crash": "cancelled"}
+            assert (await store.get_job(job_id)).status == "in_progress"
+            job, changed = await store.finish_job(job_id, "completed", None, None)
+            assert (job.status, job.credits_charged, changed) == ("completed", 1, True)
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_open_jobs_expire_whether_a_call_started_them_or_not(tmp_path):
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "expire.db"))
+        pending = (await store.create_job("team", "t", None, {}, 1)).job_id
+        started = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("done", started, 100.0))
+        await store.finish_call(outcome("done"))
+        try:
+            assert (await store.get_job(started)).status == "in_progress"
+            expired = await store.expire_jobs(time.time() + 60, 10)
+            assert sorted(j.job_id for j in expired) == sorted([pending, started])
+            assert {(await store.get_job(j)).status for j in (pending, started)} == {"failed"}
+            assert (await store.get_team("team")).credits_held == 0
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_sweeps_batch_of_expired_jobs_is_not_taken_up_by_jobs_finished_already(tmp_path):
+    # The sweep fails expired jobs a batch at a time, oldest first, and stops at a batch that
+    # is not full: jobs finished long ago must not fill it, or open ones would never expire.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "batch.db"))
+        finished = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.finish_job(finished, "failed", None, None)
+        still_open = (await store.create_job("team", "t", None, {}, 1)).job_id
+        try:
+            assert [j.job_id for j in await store.expire_jobs(time.time() + 60, 1)] == [still_open]
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_job_finished_between_the_sweeps_search_and_its_write_is_not_counted_as_failed_by_it(tmp_path):
+    # The jobs a sweep returns are counted in tollgate_jobs_total{status="failed"}: one its client
+    # (or another process's sweep) finished meanwhile was counted there twice.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "counted.db"))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        read = store._read
+
+        async def read_then_fail(*args, **kwargs):
+            store._read = read  # once
+            found = await read(*args, **kwargs)
+            await store.finish_job(job_id, "failed", None, "the client gave up")
+            return found
+
+        store._read = read_then_fail
+        try:
+            assert await store.expire_jobs(time.time() + 60, 10) == []
+            assert (await store.get_job(job_id)).error_message == "the client gave up"
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE teams SET credits_used = credits_allocated, credits_held = 1",  # spent and held at once
+        "UPDATE teams SET credits_held = -1",
+        "UPDATE teams SET credits_used = -1",
+        "INSERT INTO credit_ledger (team_id, job_id, amount, reason, balance_after, created_at) "
+        "SELECT team_id, job_id, -1, 'charged again', 0, 0 FROM credit_ledger WHERE job_id IS NOT NULL",
+    ],
+)
+def test_the_database_itself_refuses_to_spend_a_balance_twice_or_charge_a_job_twice(tmp_path, statement):
+    # README's "What Tollgate guarantees": the constraints hold whatever the code above them does.
+    path = tmp_path / "guards.db"
+
+    async def setup() -> None:
+        store = await make_team(str(path))
+        try:
+            job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+            await store.finish_job(job_id, "completed", None, None)
+        finally:
+            await store.close()
+
+    asyncio.run(setup())
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute(statement)
+    finally:
+        db.close()
