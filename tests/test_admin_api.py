@@ -123,6 +123,15 @@ def test_credits_are_ledger_entries_with_reason_and_balance(admin, team):
     ]
 
 
+def test_a_credit_change_while_jobs_hold_credits_records_the_balance_remaining_after_it(tollgate, admin, team):
+    # balance_after is credits_remaining (allocated - used): what open jobs hold is not taken off it.
+    tollgate.client(team.key).post("/api/jobs/create", json={"job_type": "hold"}).raise_for_status()
+    body = admin.ok("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": 5, "reason": "top-up"})
+    assert (body["credits_remaining"], body["credits_held"], body["credits_available"]) == (15, 1, 14)
+    (entry,) = admin.ok("GET", f"/admin/teams/{team.team_id}/ledger?limit=1")
+    assert (entry["amount"], entry["reason"], entry["balance_after"]) == (5, "top-up", 15)
+
+
 def test_a_ledger_entry_has_the_documented_fields_and_a_charge_names_its_job(tollgate, admin, team):
     client = tollgate.client(team.key)
     job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
@@ -329,6 +338,38 @@ def test_out_of_range_admin_values_are_422(admin, team, path_suffix, body):
 def test_huge_team_limits_are_422(admin, team):
     response = admin.request("PATCH", f"/admin/teams/{team.team_id}", json={"credits_per_job": 2**70})
     assert response.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/admin/teams", {"credits_allocated": -5}),
+        ("POST", "/admin/teams", {"credits_per_job": -1}),
+        ("PATCH", "/admin/teams/{team}", {"credits_per_job": -1}),
+    ],
+)
+def test_negative_credits_of_a_team_are_422(admin, team, method, path, body):
+    # Left to the database, a negative allocation would fail its check as "organization not found",
+    # and a negative price would make every job of the team a 500 (its hold below zero).
+    team_id = team.team_id
+    if method == "POST":
+        team_id = uid("team")
+        body = {**body, "team_id": team_id, "organization_id": team.organization_id, "model_groups": ["Main"]}
+    response = admin.request(method, path.format(team=team_id), json=body)
+    assert response.status_code == 422, response.text
+    if method == "POST":
+        assert admin.request("GET", f"/admin/teams/{team_id}").status_code == 404
+    else:
+        assert admin.get_team(team_id)["credits_per_job"] == 1
+
+
+def test_a_teams_credits_per_job_can_be_changed_to_0(tollgate, admin, team):
+    body = admin.ok("PATCH", f"/admin/teams/{team.team_id}", json={"credits_per_job": 0})
+    assert body["credits_per_job"] == 0
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "free"}).json()["job_id"]
+    done = client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).json()
+    assert (done["costs"]["credits_charged"], done["costs"]["credits_remaining"]) == (0, 10)
 
 
 def test_organizations_and_teams_declared_in_config_follow_the_file_but_keep_their_credits(tmp_path, litellm):

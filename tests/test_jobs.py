@@ -50,6 +50,17 @@ def test_a_teams_own_credits_per_job_is_held_at_creation_and_charged_once_at_com
     assert (after["credits_used"], after["credits_held"], after["credits_available"]) == (3, 0, 7)
 
 
+def test_a_team_without_its_own_credits_per_job_holds_the_configured_default(make_tollgate):
+    server = make_tollgate(jobs={"credits_per_job": 3})
+    admin = server.admin()
+    team = admin.team(credits=10)
+    client = server.client(team.key)
+    job = create(client)
+    assert admin.get_team(team.team_id)["credits_held"] == 3
+    done = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).json()
+    assert (done["costs"]["credits_charged"], done["costs"]["credits_remaining"]) == (3, 7)
+
+
 def test_job_goes_in_progress_with_its_first_call(tollgate, team):
     client = tollgate.client(team.key)
     job = create(client)
@@ -165,10 +176,13 @@ def test_repeating_the_same_completion_returns_the_same_body_without_charging(to
     client = tollgate.client(team.key)
     job = create(client)
     first = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"})
-    create(tollgate.client(team.key))  # the balance moves on meanwhile
+    other = create(tollgate.client(team.key))
+    # The balance moves on meanwhile (a hold alone leaves credits_remaining as it was).
+    client.post(f"/api/jobs/{other['job_id']}/complete", json={"status": "completed"}).raise_for_status()
     second = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"})
     assert second.status_code == 200 and second.json() == first.json()
-    assert admin.get_team(team.team_id)["credits_used"] == 1
+    assert first.json()["costs"]["credits_remaining"] == 9
+    assert admin.get_team(team.team_id)["credits_used"] == 2
 
 
 @pytest.mark.parametrize("first, then", [("completed", "failed"), ("failed", "completed")])
@@ -237,6 +251,16 @@ def test_team_with_two_credits_can_open_two_jobs_not_three(tollgate, admin):
     assert third.json()["detail"].startswith("Insufficient credits")
     client.post(f"/api/jobs/{first['job_id']}/complete", json={"status": "failed"}).raise_for_status()
     assert client.post("/api/jobs/create", json={"job_type": "t"}).status_code == 200
+
+
+def test_a_team_that_cannot_pay_for_a_job_is_told_what_its_jobs_need(tollgate, admin):
+    team = admin.team(credits=2, credits_per_job=3)
+    response = tollgate.client(team.key).post("/api/jobs/create", json={"job_type": "t"})
+    assert response.status_code == 403
+    assert response.json()["detail"] == (
+        f"Insufficient credits: team '{team.team_id}' has 2 available (2 remaining, 0 held by open jobs); "
+        "a job needs 3"
+    )
 
 
 def test_30_concurrent_completions_of_one_job_charge_once(tollgate, admin, team):
@@ -418,6 +442,30 @@ def test_completing_a_job_past_its_expiry_is_409_and_charges_nothing_before_any_
     assert client.get(f"/api/jobs/{job_id}").json()["error_message"].startswith("expired")
     team_now = admin.get_team(team.team_id)
     assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (0, 0, 1)
+
+
+def test_failing_a_job_past_its_expiry_before_any_sweep_fails_it_as_asked(make_tollgate):
+    # Only a `completed` completion past the expiry is refused (it would charge what the sweep
+    # would not): a failure is what the sweep would have done, with the client's own message.
+    admin, team, client, job_id = past_its_expiry(make_tollgate)
+    response = client.post(f"/api/jobs/{job_id}/complete", json={"status": "failed", "error_message": "gave up"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["status"], body["error_message"], body["costs"]["credits_charged"]) == ("failed", "gave up", 0)
+    team_now = admin.get_team(team.team_id)
+    assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (0, 0, 1)
+
+
+def test_metadata_given_at_completion_is_merged_into_the_jobs(tollgate, team):
+    client = tollgate.client(team.key)
+    job = create(client, metadata={"doc": 7, "stage": "draft"})
+    done = client.post(
+        f"/api/jobs/{job['job_id']}/complete", json={"status": "completed", "metadata": {"stage": "final", "pages": 3}}
+    )
+    assert done.status_code == 200, done.text
+    merged = {"doc": 7, "stage": "final", "pages": 3}
+    assert done.json()["metadata"] == merged
+    assert client.get(f"/api/jobs/{job['job_id']}").json()["metadata"] == merged
 
 
 def test_a_client_job_cannot_carry_the_mark_of_a_v1_calls_own_job(tollgate, team):

@@ -110,6 +110,26 @@ def test_token_and_cost_counters_rise_by_exactly_the_recorded_usage(tollgate, te
     assert wait_for(lambda: value(families(tollgate), "tollgate_credits_remaining", "", team=team.team_id) == 9, 8)
 
 
+def test_a_job_completed_again_and_again_is_counted_once_in_jobs_total(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "ops"}).json()["job_id"]
+    for _ in range(3):
+        client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).raise_for_status()
+    assert value(families(tollgate), "tollgate_jobs", team=team.team_id, status="completed") == 1
+
+
+def test_a_job_its_completion_fails_as_expired_is_counted_among_failed_jobs(make_tollgate):
+    server = make_tollgate(jobs={"expire_after": "1s", "sweep_interval": "1h"})  # no sweep comes first
+    team = server.admin().team(credits=1)
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "ops"}).json()["job_id"]
+    time.sleep(1.2)
+    assert client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).status_code == 409
+    fams = families(server)
+    assert value(fams, "tollgate_jobs", team=team.team_id, status="failed") == 1
+    assert value(fams, "tollgate_jobs", team=team.team_id, status="completed") == 0
+
+
 def test_team_label_can_be_switched_off(make_tollgate):
     server = make_tollgate(metrics={"team_label": False})
     exercise(server, server.admin().team())
