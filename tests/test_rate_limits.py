@@ -61,6 +61,25 @@ async def open_the_breaker(limiter: RateLimiter, limits: Limits, redis: RedisSer
         assert (await limiter.admit(limits, call_id, 10)).backend == "local"
 
 
+async def released_while_the_breaker_is_open(redis: RedisServer, call_id: str) -> tuple[RateLimiter, Limits, Decision]:
+    """A call admitted by Redis, then the breaker opened and the call released: the release
+    waits for Redis to come back. The breaker closes 0.2 s on."""
+    limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
+    limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis.url, breaker_cooldown=0.2))
+    decision = await limiter.admit(limits, call_id, 10)
+    await open_the_breaker(limiter, limits, redis, "timed-out")
+    await limiter.settle(decision, 0, release=True)  # Redis is not asked while the breaker is open
+    return limiter, limits, decision
+
+
+async def only_the_next_call_counts(limiter: RateLimiter, limits: Limits, redis: RedisServer) -> None:
+    """Redis admits the next call, and the team's requests in its window are that call alone."""
+    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
+    assert (await limiter.admit(limits, "after", 10)).backend == "redis"
+    assert redis.cli("ZRANGE", requests, "0", "-1").split() == ["after"]
+    await limiter.close()
+
+
 def call(server: Tollgate, key: str, job_id: str, **body) -> httpx.Response:
     with server.client(key) as client:
         return client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": HELLO, **body})
@@ -867,18 +886,10 @@ def test_the_admits_left_to_release_stay_bounded(monkeypatch):
 
 
 def test_a_release_skipped_while_redis_failed_is_done_once_it_answers_again(redis_server):
-    limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
-    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
-
     async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
-        never_started = await limiter.admit(limits, "never-started", 10)
-        await open_the_breaker(limiter, limits, redis_server, "timed-out")
-        await limiter.settle(never_started, 0, release=True)  # Redis is not asked while the breaker is open
+        limiter, limits, _ = await released_while_the_breaker_is_open(redis_server, "never-started")
         await asyncio.sleep(0.3)
-        assert (await limiter.admit(limits, "after", 10)).backend == "redis"
-        assert redis_server.cli("ZRANGE", requests, "0", "-1").split() == ["after"]
-        await limiter.close()
+        await only_the_next_call_counts(limiter, limits, redis_server)
 
     asyncio.run(run())
 
@@ -887,19 +898,11 @@ def test_a_release_skipped_while_redis_failed_stands_when_the_calls_zero_usage_f
     # A call the shutdown cuts before it starts is released, then finished with no usage: queued
     # under the same call id, the settle replaced the release, and the call's request went on
     # counting against the team's RPM for the rest of its window.
-    limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
-    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
-
     async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
-        cut = await limiter.admit(limits, "cut-before-it-started", 10)
-        await open_the_breaker(limiter, limits, redis_server, "timed-out")
-        await limiter.settle(cut, 0, release=True)
+        limiter, limits, cut = await released_while_the_breaker_is_open(redis_server, "cut-before-it-started")
         limiter.settle_soon(cut, 0)  # its record's end, as for any call
         await asyncio.sleep(0.3)
-        assert (await limiter.admit(limits, "after", 10)).backend == "redis"
-        assert redis_server.cli("ZRANGE", requests, "0", "-1").split() == ["after"]
-        await limiter.close()
+        await only_the_next_call_counts(limiter, limits, redis_server)
 
     asyncio.run(run())
 
@@ -907,22 +910,14 @@ def test_a_release_skipped_while_redis_failed_stands_when_the_calls_zero_usage_f
 def test_a_release_lost_with_its_connection_is_sent_again_with_the_next_admit(redis_server):
     # Sent ahead of an admit that timed out, a release may never have reached Redis: it is kept,
     # and a call that never started does not count for the rest of its window.
-    limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
-    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
-
     async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
-        never_started = await limiter.admit(limits, "never-started", 10)
-        await open_the_breaker(limiter, limits, redis_server, "timed-out")
-        await limiter.settle(never_started, 0, release=True)  # kept while the breaker is open
+        limiter, limits, _ = await released_while_the_breaker_is_open(redis_server, "never-started")
         await asyncio.sleep(0.3)
         # Scripts wait, and are dropped with the connection that gives up on them.
         redis_server.cli("CLIENT", "PAUSE", "1000", "WRITE")
         assert (await limiter.admit(limits, "probe", 10)).backend == "local"  # the releases went ahead of it
         await asyncio.sleep(1.3)
-        assert (await limiter.admit(limits, "after", 10)).backend == "redis"
-        assert redis_server.cli("ZRANGE", requests, "0", "-1").split() == ["after"]
-        await limiter.close()
+        await only_the_next_call_counts(limiter, limits, redis_server)
 
     asyncio.run(run())
 
