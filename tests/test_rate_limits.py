@@ -146,7 +146,7 @@ def test_calls_logged_before_redis_clock_stepped_back_count_for_a_window_not_unt
     base = f"tollgate:{{team:{team_id}}}:team:{team_id}"
 
     async def run() -> None:
-        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 1.0)
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 1.0)
         assert [(await limiter.admit(limits, f"c{n}", 10)).admitted for n in range(2)] == [True, True]
         for call_id in ("c0", "c1"):  # as if logged on a clock an hour ahead of Redis's now
             for log in ("requests", "tokens"):
@@ -169,7 +169,7 @@ def test_tokens_logged_before_redis_clock_stepped_back_count_for_a_window_not_un
     base = f"tollgate:{{team:{team_id}}}:team:{team_id}"
 
     async def run() -> None:
-        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 1.0)
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 1.0)
         assert (await limiter.admit(limits, "c0", 100)).admitted
         for log in ("requests", "tokens"):  # as if logged on a clock an hour ahead of Redis's now
             redis_server.cli("ZINCRBY", f"{base}:{log}", "3600000", "c0")
@@ -370,7 +370,7 @@ def test_a_calls_real_usage_counts_for_a_whole_window_from_its_end(request, back
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
 
     async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(window=1.0), RedisConfig(url=url))
+        limiter = RateLimiter(RateLimitsConfig(window=1.0), RedisConfig(url=url, connect_timeout=5, timeout=5))
         long_call = await limiter.admit(limits, "long-call", 10)
         await asyncio.sleep(0.7)
         limiter.settle_soon(long_call, 900)  # it ends, having used 900 tokens
@@ -393,7 +393,7 @@ def test_the_tokens_reset_header_is_0s_while_no_token_counts(request, backend):
     limits = Limits(tag(), "key-a", team_rpm=1, team_tpm=1000)
 
     async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=url))
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=url, connect_timeout=5, timeout=5))
         failed = await limiter.admit(limits, "failed", 10)
         limiter.settle_soon(failed, 0)
         await asyncio.sleep(0.1)
@@ -1044,7 +1044,7 @@ def test_a_calls_real_usage_counts_for_a_whole_window_from_its_end_after_its_adm
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
 
     async def run() -> None:
-        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 1.0)
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 1.0)
         long_call = await limiter.admit(limits, "long-call", 10)  # its keys: a window and a second from now
         await asyncio.sleep(1.5)
         await limiter.settle(long_call, 900)  # it ends, having used 900 tokens, counted for a window
@@ -1065,7 +1065,7 @@ def test_a_scopes_key_evicted_alone_leaves_its_tokens_counted_afresh_not_wrongly
     base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
 
     async def run() -> None:
-        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 1.0)
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 1.0)
         assert (await limiter.admit(limits, "first", 600)).admitted
         redis_server.cli("DEL", f"{base}:{evicted}")  # as the policy evicts it
         await asyncio.sleep(0.5)
@@ -1084,7 +1084,7 @@ def test_a_call_ending_after_a_key_of_its_scope_was_evicted_is_counted_afresh_no
     base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
 
     async def run() -> None:
-        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 60.0)
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 60.0)
         first = await limiter.admit(limits, "first", 600)
         assert (await limiter.admit(limits, "second", 300)).admitted
         redis_server.cli("DEL", f"{base}:{evicted}")  # as the policy evicts it
@@ -1105,7 +1105,7 @@ def test_a_scopes_token_log_and_amounts_evicted_together_leave_no_total_counting
     base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
 
     async def run() -> None:
-        limiter = RedisLimiter(RedisConfig(url=redis_server.url), 60.0)
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 60.0)
         assert (await limiter.admit(limits, "first", 600)).admitted
         redis_server.cli("DEL", f"{base}:tokens", f"{base}:amounts")  # as the policy evicts them
         second = await limiter.admit(limits, "second", 300)
