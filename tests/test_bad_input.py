@@ -413,6 +413,11 @@ def test_bad_paging_parameters_are_422(tollgate, team, limit):
     assert response.status_code == 422
 
 
+def test_an_unknown_status_to_list_jobs_by_is_422(tollgate, team):
+    response = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs", params={"status": "done"})
+    assert response.status_code == 422
+
+
 def test_headers_are_read_as_starlette_reads_them_the_first_of_repeated_ones_included():
     from starlette.requests import Request
 

@@ -4,7 +4,9 @@ process sharing the database signals a change (proxy/changes.py)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +45,41 @@ def test_a_lookup_is_reused_until_a_change_is_signalled():
     assert asyncio.run(run()) == ("k as read 1", "k as read 1", "k as read 2", 2)
 
 
+def test_a_change_signalled_drops_every_lookup_kept_not_only_the_one_read_next():
+    async def run() -> str:
+        changes = ChangeSignal()
+        cache: ExpiringCache[str, str] = ExpiringCache(Loads(), ttl=60, changes=changes)
+        await cache.get("a")
+        await cache.get("b")
+        changes.bump()
+        await cache.get("a")
+        return await cache.get("b")
+
+    assert asyncio.run(run()) == "b as read 4"
+
+
+def test_a_full_cache_is_emptied_rather_than_grown():
+    # Random keys sent by anyone are looked up too: the cache must not grow without end.
+    async def run() -> tuple[int, int]:
+        loads = Loads()
+        cache: ExpiringCache[str, str] = ExpiringCache(loads, ttl=60, changes=ChangeSignal(), limit=2)
+        for key in ("a", "b", "c", "a"):
+            await cache.get(key)
+        return loads.count, len(cache._entries)
+
+    assert asyncio.run(run()) == (4, 2)
+
+
+def test_every_change_signalled_gives_a_stamp_never_seen_before():
+    # Two changes must not bring back an earlier stamp: a lookup read under it would be kept.
+    changes = ChangeSignal()
+    seen = [changes.stamp()]
+    for _ in range(3):
+        changes.bump()
+        seen.append(changes.stamp())
+    assert len(set(map(bytes, seen))) == 4
+
+
 def test_a_lookup_in_flight_when_a_change_is_signalled_is_not_kept():
     # A key revoked while a request was reading it: that request may use what it read, but no
     # later one may find the old entry in the cache.
@@ -59,6 +96,43 @@ def test_a_lookup_in_flight_when_a_change_is_signalled_is_not_kept():
         return old, await cache.get("k"), loads.count
 
     assert asyncio.run(run()) == ("k as read 1", "k as read 2", 2)
+
+
+def test_a_lookup_in_flight_when_a_change_is_signalled_does_not_replace_one_read_after_it():
+    # A key revoked while a request was reading it, and read again (revoked) by another request
+    # meanwhile: the first lookup, ending last, must not put the key back as it was.
+    async def run() -> tuple[str, str, str]:
+        first_read_may_end = asyncio.Event()
+        reads = 0
+
+        async def load(key: str) -> str:
+            nonlocal reads
+            reads += 1
+            value = f"{key} as read {reads}"
+            if reads == 1:
+                await first_read_may_end.wait()
+            return value
+
+        changes = ChangeSignal()
+        cache: ExpiringCache[str, str] = ExpiringCache(load, ttl=60, changes=changes)
+        in_flight = asyncio.create_task(cache.get("k"))
+        await asyncio.sleep(0)
+        changes.bump()
+        after_the_change = await cache.get("k")
+        first_read_may_end.set()
+        return await in_flight, after_the_change, await cache.get("k")
+
+    assert asyncio.run(run()) == ("k as read 1", "k as read 2", "k as read 2")
+
+
+def test_closing_the_signal_keeps_the_stamp_it_had(tmp_path: Path):
+    # What was read under it stays good: a process shutting down does not drop its lookups.
+    changes = ChangeSignal.beside(DatabaseConfig(url=f"sqlite:///{tmp_path / 'tollgate.db'}"))
+    changes.open()
+    changes.bump()
+    stamp = changes.stamp()
+    changes.close()
+    assert changes.stamp() == stamp
 
 
 def cached_twice_then_again(cache: ExpiringCache[str, str], between) -> list[str]:
@@ -99,6 +173,18 @@ def test_a_signal_that_cannot_share_its_file_says_so_and_still_works_in_its_proc
         seen = cached_twice_then_again(cache, changes.bump)
     assert seen == ["k as read 1", "k as read 2"]
     assert "tollgate.db-changes" in caplog.text and "within auth.cache_ttl" in caplog.text
+
+
+def test_a_signal_on_a_filesystem_that_allocates_nothing_ahead_is_still_shared(tmp_path: Path, monkeypatch):
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported, raising=False)
+    database = DatabaseConfig(url=f"sqlite:///{tmp_path / 'tollgate.db'}")
+    with ChangeSignal.beside(database) as one, ChangeSignal.beside(database) as other:
+        before = other.stamp()
+        one.bump()
+        assert other.stamp() != before
 
 
 def test_an_in_memory_database_shares_no_file(tmp_path: Path, monkeypatch):

@@ -1,14 +1,18 @@
 """Jobs: creation holds credits, completion charges exactly once, failure releases the hold."""
 
+import asyncio
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import requests
 
+from proxy import jobs_api
+from proxy.store import CallInProgress
 from tests.support import tag, wait_for
 
 ISO = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$"
@@ -26,6 +30,12 @@ def test_create_job_returns_id_status_and_timestamp(tollgate, team):
     assert set(job) == {"job_id", "status", "created_at"}
     assert job["status"] == "pending"
     assert re.match(ISO, job["created_at"])
+
+
+def test_a_job_is_read_with_the_user_id_it_was_created_with(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = create(client, user_id="u1")["job_id"]
+    assert client.get(f"/api/jobs/{job_id}").json()["user_id"] == "u1"
 
 
 def test_create_job_for_another_team_is_403(tollgate, team):
@@ -94,6 +104,14 @@ def test_complete_charges_once_and_reports_costs(tollgate, admin, team):
     assert (team_now["credits_used"], team_now["credits_held"]) == (1, 0)
     ledger = admin.ok("GET", f"/admin/teams/{team.team_id}/ledger")
     assert [(e["amount"], e["job_id"], e["balance_after"]) for e in ledger][0] == (-1, job["job_id"], 9)
+
+
+def test_a_jobs_costs_show_its_hold_while_it_is_open_and_none_once_finished(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = create(client)["job_id"]
+    assert client.get(f"/api/jobs/{job_id}").json()["costs"]["credits_held"] == 1
+    finished = client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).json()
+    assert finished["costs"]["credits_held"] == 0
 
 
 def test_the_completion_answers_the_documented_job_costs_and_calls(tollgate, team):
@@ -208,6 +226,13 @@ def test_repeating_a_failure_returns_the_same_body_and_charges_nothing(tollgate,
     assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (0, 0, 10)
 
 
+def test_a_job_can_be_failed_with_an_empty_error_message(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = create(client)["job_id"]
+    response = client.post(f"/api/jobs/{job_id}/complete", json={"status": "failed", "error_message": ""})
+    assert (response.status_code, response.json()["status"]) == (200, "failed")
+
+
 def test_failed_job_releases_its_hold_and_charges_nothing(tollgate, admin, team):
     client = tollgate.client(team.key)
     job = create(client)
@@ -320,6 +345,44 @@ def test_team_jobs_are_listed_newest_first_with_costs_and_filters(tollgate, team
     assert [j["job_id"] for j in failed["jobs"]] == [ids[0]]
     second = client.get(f"/api/teams/{team.team_id}/jobs", params={"limit": 1, "offset": 1}).json()
     assert [j["job_id"] for j in second["jobs"]] == [ids[1]] and second["total"] == 3
+
+
+def test_a_page_of_the_teams_jobs_names_the_limit_and_offset_it_was_read_with(tollgate, team):
+    client = tollgate.client(team.key)
+    for _ in range(3):
+        create(client)
+    page = client.get(f"/api/teams/{team.team_id}/jobs", params={"limit": 2, "offset": 1}).json()
+    assert (page["limit"], page["offset"], len(page["jobs"]), page["total"]) == (2, 1, 2, 3)
+
+
+def test_a_page_of_the_teams_jobs_holds_50_jobs_unless_told_otherwise(tollgate, admin):
+    team = admin.team(credits=51)
+    client = tollgate.client(team.key)
+    for _ in range(51):
+        create(client)
+    page = client.get(f"/api/teams/{team.team_id}/jobs").json()
+    assert (len(page["jobs"]), page["limit"], page["total"]) == (50, 50, 51)
+
+
+def test_a_page_of_the_teams_jobs_takes_a_limit_of_up_to_500(tollgate, team):
+    client = tollgate.client(team.key)
+    assert client.get(f"/api/teams/{team.team_id}/jobs", params={"limit": 500}).json()["limit"] == 500
+    assert client.get(f"/api/teams/{team.team_id}/jobs", params={"limit": 501}).status_code == 422
+
+
+def test_a_page_far_past_the_teams_last_job_is_empty(tollgate, team):
+    client = tollgate.client(team.key)
+    create(client)
+    page = client.get(f"/api/teams/{team.team_id}/jobs", params={"offset": 10**9}).json()
+    assert (page["jobs"], page["offset"], page["total"]) == ([], 10**9, 1)
+
+
+def test_team_jobs_can_be_listed_in_progress_only(tollgate, team):
+    client = tollgate.client(team.key)
+    started, _ = create(client)["job_id"], create(client)["job_id"]
+    client.post(f"/api/jobs/{started}/llm-call", json={"messages": HELLO}).raise_for_status()
+    page = client.get(f"/api/teams/{team.team_id}/jobs", params={"status": "in_progress"}).json()
+    assert [j["job_id"] for j in page["jobs"]] == [started]
 
 
 def read_while(work, read, readers: int = 3) -> list:
@@ -507,3 +570,23 @@ def test_a_job_failed_the_moment_its_client_timed_out_on_a_stream_is_failed_not_
             failed = session.post(f"{api}/jobs/{job_id}/complete", headers=headers, json={"status": "failed"})
             assert failed.status_code == 200, failed.text
     assert admin.get_team(team.team_id)["credits_held"] == 0
+
+
+def test_a_completion_waits_the_whole_grace_for_a_call_of_its_job_to_end():
+    # The retries back off, but not past the grace: a call ending late in it is still waited for.
+    class CallEndingLate:
+        def __init__(self, ends_at: float) -> None:
+            self.ends_at = ends_at
+
+        async def finish_job(self, *args: object, **kwargs: object) -> tuple[str, bool]:
+            if asyncio.get_running_loop().time() < self.ends_at:
+                raise CallInProgress("a call of the job is running")
+            return "finished", True
+
+    async def complete() -> object:
+        ends_at = asyncio.get_running_loop().time() + 0.8 * jobs_api.CALL_END_GRACE
+        config = SimpleNamespace(server=SimpleNamespace(max_body_bytes=1))
+        api = jobs_api.JobsApi(CallEndingLate(ends_at), None, None, None, config)  # type: ignore[arg-type]
+        return await api._finish_job("job", "completed", None, None)
+
+    assert asyncio.run(complete()) == ("finished", True)

@@ -1,5 +1,6 @@
 """Virtual keys: shown once, stored only as SHA-256, refused at once when revoked or expired."""
 
+import asyncio
 import hashlib
 import json
 import re
@@ -8,7 +9,12 @@ import time
 from typing import Callable
 
 import httpx
+import pytest
 
+from proxy.auth import KeyAuthenticator, bearer_token
+from proxy.changes import ChangeSignal
+from proxy.errors import ApiError
+from proxy.records import Team, VirtualKey
 from tests.support import Tollgate, fake_log, tag, wait_for
 
 INVALID = {"detail": "Invalid, expired or revoked API key"}
@@ -149,6 +155,17 @@ def test_a_key_revoked_while_a_completions_body_arrives_finishes_no_job(tollgate
     assert (body["credits_used"], body["credits_held"]) == (0, 1)
 
 
+def test_a_key_expiring_while_a_job_creations_body_arrives_creates_no_job(tollgate, admin):
+    expires = int(time.time()) + 3
+    team = admin.team(key={"name": "short-lived", "expires_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))})
+    status, answer = answer_to_a_slow_body(
+        tollgate, team.key, "/api/jobs/create", {"job_type": "t"},
+        lambda: time.sleep(max(0.0, expires + 0.2 - time.time())),
+    )
+    assert (status, answer) == (401, INVALID)
+    assert admin.ok("GET", f"/admin/teams/{team.team_id}/jobs")["jobs"] == []
+
+
 def test_expired_key_is_refused(tollgate, admin):
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
     team = admin.team(key={"name": "short-lived", "expires_at": expires})
@@ -177,6 +194,11 @@ def test_missing_authorization_is_401_with_a_hint(tollgate, team):
     assert "Bearer" in response.json()["detail"]
 
 
+def test_an_empty_authorization_header_is_reported_as_missing(tollgate, team):
+    response = tollgate.client("x").post("/v1/chat/completions", headers={"Authorization": ""}, json={})
+    assert (response.status_code, response.json()["error"]["code"]) == (401, "missing_api_key")
+
+
 def test_master_key_is_not_a_virtual_key(tollgate, team):
     response = tollgate.client(tollgate.master_key).get(f"/api/teams/{team.team_id}")
     assert (response.status_code, response.json()) == (401, INVALID)
@@ -193,3 +215,50 @@ def test_the_authorization_scheme_is_read_in_any_case(tollgate, team):
     for scheme in ("bearer", "BEARER"):
         response = httpx.get(f"{tollgate.url}/api/teams/{team.team_id}", headers={"Authorization": f"{scheme} {team.key}"})
         assert response.status_code == 200, scheme
+
+
+class OneKey:
+    """A store holding one key; `meanwhile` runs as each lookup reads it."""
+
+    def __init__(self, meanwhile: Callable[[], None] = lambda: None, expires_at: float | None = None) -> None:
+        self.meanwhile = meanwhile
+        self.expires_at = expires_at
+        self.lookups = 0
+
+    async def lookup_key(self, key_hash: bytes) -> tuple[VirtualKey, Team]:
+        self.lookups += 1
+        self.meanwhile()
+        key = VirtualKey("key", "team", None, 0.0, self.expires_at, None, None, None)
+        return key, Team("team", "org", "active", 10, 0, 0, ("Main",), None, None, None, None, 0.0)
+
+
+def test_a_key_changed_while_it_was_looked_up_is_read_again_once_the_body_arrives():
+    # The change stamp is read before the lookup: a revocation committed while the row was read
+    # makes what was read stale, though the stamp has not moved since the lookup ended.
+    changes = ChangeSignal()
+    auth = KeyAuthenticator(OneKey(meanwhile=changes.bump), 60, changes)  # type: ignore[arg-type]
+    principal = asyncio.run(auth.authenticate("Bearer sk-key"))
+    assert not auth.unchanged(principal)
+
+
+def test_a_key_is_looked_up_once_while_nothing_changes():
+    store = OneKey()
+    auth = KeyAuthenticator(store, 60, ChangeSignal())  # type: ignore[arg-type]
+
+    async def twice() -> None:
+        await auth.authenticate("Bearer sk-key")
+        await auth.authenticate("Bearer sk-key")
+
+    asyncio.run(twice())
+    assert store.lookups == 1
+
+
+def test_the_key_is_read_past_any_spaces_after_the_scheme():
+    assert bearer_token("Bearer   sk-key ") == "sk-key"
+
+
+def test_a_key_is_refused_from_the_instant_it_expires():
+    auth = KeyAuthenticator(OneKey(expires_at=100.0), 60, ChangeSignal(), wall_clock=lambda: 100.0)  # type: ignore[arg-type]
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(auth.authenticate("Bearer sk-key"))
+    assert (refused.value.status, refused.value.message) == (401, INVALID["detail"])

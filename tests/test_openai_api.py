@@ -370,6 +370,17 @@ def test_the_client_cannot_finish_the_own_job_of_a_v1_call_even_while_no_call_of
     assert (job["status"], job["costs"]["credits_charged"]) == ("completed", 1)
 
 
+def test_the_own_job_of_a_v1_call_once_finished_answers_a_repeated_completion_without_charging_again(sdk, tollgate, admin, team):
+    # Only while its call runs is it the gateway's alone to end: once ended, asking again for the
+    # status it ended with is the same answer as for any finished job, with no new charge.
+    job_id = sdk.chat.completions.with_raw_response.create(model="Main", messages=HELLO).headers["x-job-id"]
+    client = tollgate.client(team.key)
+    response = client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"})
+    assert response.status_code == 200, response.text
+    assert (response.json()["status"], response.json()["costs"]["credits_charged"]) == ("completed", 1)
+    assert admin.get_team(team.team_id)["credits_used"] == 1
+
+
 def test_an_unknown_job_in_the_job_header_has_one_error_code_whatever_the_id_looks_like(tollgate, team):
     # "not-a-job" and a well-formed UUID no job has are the same mistake, reported the same
     # way ("Job '...' not found", 404): a client branching on error.code must not need both.

@@ -110,6 +110,11 @@ def test_token_and_cost_counters_rise_by_exactly_the_recorded_usage(tollgate, te
     assert wait_for(lambda: value(families(tollgate), "tollgate_credits_remaining", "", team=team.team_id) == 9, 8)
 
 
+def test_a_created_job_is_counted_in_jobs_total(tollgate, team):
+    tollgate.client(team.key).post("/api/jobs/create", json={"job_type": "ops"}).raise_for_status()
+    assert value(families(tollgate), "tollgate_jobs", team=team.team_id, status="created") == 1
+
+
 def test_a_job_completed_again_and_again_is_counted_once_in_jobs_total(tollgate, team):
     client = tollgate.client(team.key)
     job_id = client.post("/api/jobs/create", json={"job_type": "ops"}).json()["job_id"]
@@ -404,6 +409,23 @@ def test_one_access_log_line_per_request_with_the_call_fields(make_tollgate):
         team.team_id, job_id, call_id, "Main", "primary",
     )
     assert entry["completion_tokens"] == 2 and entry["latency_ms"] >= 0
+
+
+def test_the_access_log_names_the_job_a_request_created_or_completed(make_tollgate):
+    server = make_tollgate(logging={"access_log": "json"})
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "log"}).json()["job_id"]
+    client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).raise_for_status()
+    routes = ("/api/jobs/create", "/api/jobs/{job_id}/complete")
+
+    def job_entries() -> list[dict]:
+        entries = [json.loads(line.split("tollgate.access: ", 1)[1]) for line in server.log().splitlines()
+                   if "tollgate.access: " in line]
+        return [entry for entry in entries if entry["route"] in routes]
+
+    entries = wait_for(lambda: len(job_entries()) == 2 and job_entries(), timeout=5)
+    assert [(entry["route"], entry.get("job")) for entry in entries] == [(route, job_id) for route in routes]
 
 
 def test_a_refused_v1_call_names_no_job_or_call_in_the_access_log(make_tollgate):

@@ -12,6 +12,7 @@ from typing import AsyncIterator, Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import sweeper as sweeper_module
 from proxy.config import DatabaseConfig
 from proxy.ids import new_id
 from proxy.metrics import Metrics
@@ -64,6 +65,22 @@ def test_the_sweep_closes_only_calls_still_running_that_started_before_the_cutof
         }
         assert await statuses(store, second) == {"other-job": "cancelled"}
         await store.close()
+
+    asyncio.run(check())
+
+
+def test_the_sweep_closes_a_call_recorded_without_a_bound_only_once_stale_call_after_has_passed(tmp_path):
+    # Calls written by an earlier release carry no bound of their own: the sweeper's applies.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "unbounded.db"))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("stale", job_id, 430.0))
+        await store.start_call(new_call("recent", job_id, 450.0))
+        try:
+            assert await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0) == (0, 1)
+            assert await statuses(store, job_id) == {"stale": "cancelled", "recent": "running"}
+        finally:
+            await store.close()
 
     asyncio.run(check())
 
@@ -209,6 +226,23 @@ def test_the_sweep_fails_the_own_job_of_a_v1_call_it_closed_as_interrupted(tmp_p
     asyncio.run(check())
 
 
+def test_the_sweep_fails_the_own_job_of_a_v1_call_another_processs_sweep_closed_as_interrupted(tmp_path):
+    # That sweeper may have stopped (its process ended) between closing the call and failing
+    # the job: every sweep looks for such jobs, not only one that closed calls itself.
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "implicit.db"))
+        own = (await store.create_job("team", IMPLICIT_JOB_TYPE, None, {"implicit": True}, 1)).job_id
+        await store.start_call(new_call("cut-by-a-crash", own, 100.0))
+        try:
+            assert len(await store.cancel_stale_calls(500.0)) == 1  # the other process's sweep, no further
+            assert await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0) == (0, 0)
+            assert (await store.get_job(own)).status == "failed"
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
 def test_the_sweep_counts_the_calls_it_closes_as_interrupted_among_the_calls_metric(tmp_path):
     # The process that served them died before they ended, and its counts of them with it:
     # tollgate_llm_calls_total fell short of the calls recorded after every crash.
@@ -230,6 +264,22 @@ def test_the_sweep_counts_the_calls_it_closes_as_interrupted_among_the_calls_met
         }
 
     assert asyncio.run(check()) == {("team", "ChatAgent", "none", "cancelled", "false"): 1.0}
+
+
+def test_the_sweep_counts_the_jobs_it_fails_as_expired_among_failed_jobs(tmp_path):
+    async def check() -> dict[tuple[str, ...], float]:
+        store = await make_team(str(tmp_path / "expired.db"))
+        await store.create_job("team", "t", None, {}, 1)
+        metrics = Metrics()
+        try:
+            await sweep_once(store, expire_after=60, stale_call_after=60, now=time.time() + 120, metrics=metrics)
+            text = (await metrics.render(store.team_balances)).decode()
+        finally:
+            await store.close()
+        (family,) = [f for f in text_string_to_metric_families(text) if f.name == "tollgate_jobs"]
+        return {(s.labels["team"], s.labels["status"]): s.value for s in family.samples if s.name == "tollgate_jobs_total"}
+
+    assert asyncio.run(check()) == {("team", "failed"): 1.0}
 
 
 def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
@@ -553,6 +603,26 @@ def test_a_call_left_running_before_a_step_of_the_wall_clock_is_still_closed_onc
     asyncio.run(check())
 
 
+def test_a_call_started_after_a_step_of_the_wall_clock_but_before_the_sweeper_saw_it_is_closed_at_its_bound(tmp_path):
+    # Its bound was written on the stepped clock already: only calls started before the step
+    # are judged earlier, though the sweeper learns of the step only at its next run.
+    async def check() -> None:
+        store, wall = await make_team(str(tmp_path / "step.db")), SteppedWall()
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 0.1, 0.3, clock=wall))
+        try:
+            await asyncio.sleep(0.1)  # the first run is over; the next comes in 0.2 s
+            wall.stepped = 3600.0
+            await start_bounded(store, "dead", job_id, wall, 0.1)
+            assert await statuses_once(store, job_id, {"dead": "cancelled"}, timeout=3) == {"dead": "cancelled"}
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+            await store.close()
+
+    asyncio.run(check())
+
+
 def test_a_step_of_the_wall_clock_forward_spares_the_live_calls_of_a_process_with_longer_bounds(tmp_path):
     # Another process sharing the database, configured with a longer upstream timeout (a rolling
     # change): its call's bound is further off than this sweeper's own. The step was taken off
@@ -566,6 +636,22 @@ def test_a_step_of_the_wall_clock_forward_spares_the_live_calls_of_a_process_wit
             await asyncio.sleep(0.1)
             wall.stepped = 3600.0
             await asyncio.sleep(1.0)  # well past this sweeper's own bound
+            assert await statuses(store, job_id) == {"long": "running"}
+
+    asyncio.run(check())
+
+
+def test_a_step_of_the_wall_clock_forward_is_still_taken_off_seconds_after_it(tmp_path):
+    # A call started before the step may run as long as the longest bound of any process (up to
+    # jobs.expire_after): the step is remembered that long, not only for a moment.
+    async def check() -> None:
+        store, wall = await make_team(str(tmp_path / "step.db")), SteppedWall()
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await start_bounded(store, "long", job_id, wall, 10.0)
+        async with sweeping(store, 0.3, wall):
+            await asyncio.sleep(0.1)
+            wall.stepped = 3600.0
+            await asyncio.sleep(2.0)
             assert await statuses(store, job_id) == {"long": "running"}
 
     asyncio.run(check())
@@ -602,6 +688,21 @@ def test_a_call_failing_its_expired_job_half_way_leaves_the_jobs_hold_as_it_was(
     asyncio.run(check())
 
 
+def sweeper_failures_logged(store, runs: int, caplog) -> list[logging.LogRecord]:
+    """What the sweeper logs of its failures over `runs` runs (counted by the store) in a row."""
+
+    async def run() -> None:
+        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 60, 0.001))
+        while store.runs < runs:
+            await asyncio.sleep(0.001)
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+
+    with caplog.at_level(logging.WARNING, logger="tollgate.sweeper"):
+        asyncio.run(run())
+    return [record for record in caplog.records if "sweeper" in record.getMessage()]
+
+
 def test_a_sweep_failing_the_same_way_run_after_run_logs_its_traceback_once(caplog):
     # A damaged database file failed every run alike: a full traceback every sweep_interval.
     class Unreadable:
@@ -614,19 +715,31 @@ def test_a_sweep_failing_the_same_way_run_after_run_logs_its_traceback_once(capl
                 raise StoreUnavailable("disk I/O error (another)")
             raise StoreUnavailable("database disk image is malformed")
 
-    async def run() -> None:
-        store = Unreadable()
-        sweeper = asyncio.create_task(sweep_forever(store, 86_400, 60, 0.001))  # type: ignore[arg-type]
-        while store.runs < 5:
-            await asyncio.sleep(0.001)
-        sweeper.cancel()
-        await asyncio.gather(sweeper, return_exceptions=True)
-
-    with caplog.at_level(logging.WARNING, logger="tollgate.sweeper"):
-        asyncio.run(run())
-    failures = [record for record in caplog.records if "sweeper" in record.getMessage()]
+    failures = sweeper_failures_logged(Unreadable(), 5, caplog)
     assert [record.exc_info is not None for record in failures[:5]] == [True, False, False, True, True]
     assert "malformed" in failures[1].getMessage()
+
+
+def test_a_sweep_failing_again_after_a_run_that_succeeded_logs_its_traceback_again(caplog):
+    # Once runs succeed again, a failure is news again, though it reads as the last one did.
+    class FailsThenRecovers:
+        def __init__(self) -> None:
+            self.runs = 0
+
+        async def cancel_stale_calls(self, *args: object) -> list[object]:
+            self.runs += 1
+            if self.runs in (1, 3):
+                raise StoreUnavailable("database is locked")
+            return []
+
+        async def fail_interrupted_implicit_jobs(self, *args: object) -> list[object]:
+            return []
+
+        async def expire_jobs(self, *args: object) -> list[object]:
+            return []
+
+    failures = sweeper_failures_logged(FailsThenRecovers(), 4, caplog)
+    assert [record.exc_info is not None for record in failures] == [True, True]
 
 
 def cancelled(call_id: str, error: str) -> CallOutcome:
@@ -781,6 +894,22 @@ def test_open_jobs_expire_whether_a_call_started_them_or_not(tmp_path):
             assert sorted(j.job_id for j in expired) == sorted([pending, started])
             assert {(await store.get_job(j)).status for j in (pending, started)} == {"failed"}
             assert (await store.get_team("team")).credits_held == 0
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_sweep_fails_every_expired_job_batch_after_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweeper_module, "BATCH", 2)
+
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "batches.db"))
+        jobs = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(5)]
+        try:
+            expired, _ = await sweep_once(store, expire_after=60, stale_call_after=60, now=time.time() + 120)
+            assert expired == 5
+            assert {(await store.get_job(job_id)).status for job_id in jobs} == {"failed"}
         finally:
             await store.close()
 
