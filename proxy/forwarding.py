@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Literal, Sequence, overload
 from .accounting import error_text, json_object
 from .json_codec import dumps, loads
 from .sse import EventTooLarge, SSEEvent, SSEScanner, ends_stream
-from .upstream import AnswerTooLarge, TransportError, Upstream, UpstreamResponse, UpstreamTimeout
+from .upstream import AnswerTooLarge, ConnectTimeout, TransportError, Upstream, UpstreamResponse, UpstreamTimeout
 
 _ERROR_BODY_LIMIT = 64 * 1024
 # LiteLLM answers 408 when a deployment's own `timeout` ran out: the model timed out.
@@ -157,6 +157,9 @@ async def forward(
         body = dumps(payload)
         try:
             result = await _attempt(upstream, model, number, body, stream, deadline)
+        except ConnectTimeout:  # as a connection refused: no answer from LiteLLM at all
+            attempts.append(Attempt(model, "timed out connecting", unreachable=True))
+            continue
         except UpstreamTimeout:  # DeadlineExceeded too
             attempts.append(Attempt(model, "timed out"))
             continue

@@ -64,6 +64,10 @@ class UpstreamTimeout(TransportError):
     pass
 
 
+class ConnectTimeout(UpstreamTimeout):
+    """No connection to the upstream within `upstream.timeouts.connect`: it cannot be reached."""
+
+
 class DeadlineExceeded(UpstreamTimeout):
     """The call's own deadline (`upstream.timeouts.total`) came during a wait on the upstream."""
 
@@ -487,7 +491,7 @@ class Upstream:
             if self._open < self._max_connections:
                 self._open += 1
                 try:
-                    return await self._connect(min(self.timeouts.connect, deadline - now))
+                    return await self._connect(self.timeouts.connect, deadline - now)
                 except BaseException:
                     self._open -= 1
                     self._wake_waiter()
@@ -504,15 +508,18 @@ class Upstream:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
 
-    async def _connect(self, timeout: float) -> _Connection:
+    async def _connect(self, timeout: float, remaining: float) -> _Connection:
+        """Connect within `timeout`, or the `remaining` seconds of the call if fewer."""
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(min(timeout, remaining)):
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self), self._host, self._port, ssl=self._ssl
                 )
         except TimeoutError:
-            raise UpstreamTimeout("connecting to the upstream timed out") from None
+            if remaining < timeout:
+                raise DeadlineExceeded("the call's time ran out") from None
+            raise ConnectTimeout("connecting to the upstream timed out") from None
         except OSError as exc:
             raise ConnectError(f"cannot connect to the upstream: {exc.strerror or exc}") from None
         return connection

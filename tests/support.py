@@ -76,6 +76,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.contextmanager
+def never_connecting() -> Iterator[str]:
+    """The URL of a listener whose backlog is full: connecting to it hangs, as to a host that
+    drops the connection's first packets (down, or firewalled)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        with socket.create_connection(listener.getsockname()):  # fills the backlog
+            yield "http://%s:%d" % listener.getsockname()
+
+
 def start_process(args: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)

@@ -15,7 +15,7 @@ import pytest
 
 from proxy.config import Secret, UpstreamConfig, UpstreamTimeouts
 from proxy.upstream import ConnectError, DeadlineExceeded, ReadError, RemoteProtocolError, Upstream, UpstreamStatusError, UpstreamTimeout
-from tests.support import fake_log, free_port, tag, wait_for
+from tests.support import fake_log, free_port, never_connecting, tag, wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -558,3 +558,230 @@ def test_an_answer_read_behind_its_upstream_stops_its_socket_being_read_past_64_
     assert not connection.paused
     response._body(bytes(8 * 1024))
     assert connection.paused
+
+
+def test_an_answer_on_a_kept_alive_connection_has_only_its_own_headers():
+    # LiteLLM names a call's cost in a header it leaves out when it has no figure: the answer before
+    # it on the same connection must not lend it one.
+    async def priced_then_not(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Litellm-Response-Cost: 0.5\r\nContent-Length: 2\r\n\r\n{}")
+        await read_request(reader)
+        await answer_keep_alive(writer)
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server, url = await serve(priced_then_not)
+        client = upstream(url, max_connections=1)
+        costs = []
+        for _ in range(2):
+            response = await client.open_chat(chat("hi"))
+            await response.aread()
+            await response.aclose()
+            costs.append(response.headers.get("x-litellm-response-cost"))
+        assert costs == ["0.5", None]
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_get_on_a_new_connection_the_server_closed_unanswered_is_not_sent_again():
+    # Only a kept-alive connection races the server's idle close: on a new one the server itself
+    # dropped the request, and would drop it again however often it was sent.
+    requests: list[bytes] = []
+
+    async def drops_every_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            requests.append(await read_request(reader))
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(drops_every_request)
+        client = upstream(url)
+        with pytest.raises(ReadError):
+            await client.get_json("/v1/models", timeout=2)
+        assert len(requests) == 1
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_headers_of_an_interim_answer_are_not_the_answers():
+    async def hints_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server, url = await serve(hints_then_answer)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        assert await response.aread() == b"{}"
+        assert response.headers == {"content-length": "2"}
+        await response.aclose()
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_the_calls_deadline_ends_a_wait_to_connect_before_the_connect_timeout_would():
+    async def run(url: str) -> None:
+        client = upstream(url)  # connect timeout 1 s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(DeadlineExceeded):
+            await client.open_chat(chat("hi"), deadline=started + 0.2)
+        assert loop.time() - started < 0.6
+        await client.aclose()
+
+    with never_connecting() as url:
+        asyncio.run(run(url))
+
+
+def test_a_connection_beyond_max_keepalive_connections_is_closed_once_its_answer_was_read():
+    closed: list[int] = []
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await read_request(reader)
+                await asyncio.sleep(0.1)
+                await answer_keep_alive(writer)
+        closed.append(1)
+
+    async def run() -> None:
+        server, url = await serve(answers)
+        client = upstream(url, keepalive=1)
+
+        async def one() -> None:
+            response = await client.open_chat(chat("hi"))
+            await response.aread()
+            await response.aclose()
+
+        await asyncio.gather(one(), one())  # two connections at once, one kept
+        await asyncio.sleep(0.2)
+        assert (client.open_connections, len(closed)) == (1, 1)
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_an_idle_connection_the_server_sends_bytes_on_is_not_used_again():
+    # Nothing was asked: its bytes would be (part of) the next call's answer.
+    connections: list[int] = []
+
+    async def answers_then_chatters(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)
+            await answer_keep_alive(writer)
+            await asyncio.sleep(0.1)
+            writer.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            while True:
+                await read_request(reader)
+                await answer_keep_alive(writer)
+
+    async def run() -> None:
+        server, url = await serve(answers_then_chatters)
+        client = upstream(url)
+        for _ in range(2):
+            response = await client.open_chat(chat("hi"))
+            assert await response.aread() == b"{}"
+            await response.aclose()
+            await asyncio.sleep(0.3)
+        assert len(connections) == 2
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_call_waiting_for_a_connection_takes_the_place_of_one_that_failed_to_connect():
+    async def run() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        queued = socket.create_connection(listener.getsockname())  # the backlog full: connects hang
+        client = upstream("http://%s:%d" % listener.getsockname(), max_connections=1)
+        loop = asyncio.get_running_loop()
+        connecting = asyncio.ensure_future(client.open_chat(chat("hi"), deadline=loop.time() + 0.3))
+        await asyncio.sleep(0.1)
+        waiting = asyncio.ensure_future(client.open_chat(chat("hi")))  # no free connection: waits
+        await asyncio.sleep(0.1)
+
+        async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                await read_request(reader)
+                await answer_keep_alive(writer)
+
+        server = await asyncio.start_server(answers, sock=listener)  # connects go through from now
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await connecting
+        response = await waiting  # at once, not once its own wait for a free connection ran out
+        assert response.status_code == 200 and loop.time() - started < 0.5
+        await response.aclose()
+        await client.aclose()
+        queued.close()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_get_on_a_kept_alive_connection_closed_partway_through_its_answer_is_not_sent_again():
+    # Part of an answer came: no race with the server's idle close, which would be over before
+    # any byte of one, but the server failing on this request; sent again, it fails again.
+    connections: list[int] = []
+
+    async def answers_then_breaks_off(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"data\":[]}")
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-")
+            await writer.drain()
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(answers_then_breaks_off)
+        client = upstream(url)
+        assert await client.get_json("/v1/models", timeout=5) == {"data": []}
+        with pytest.raises(ReadError):
+            await client.get_json("/v1/models", timeout=5)
+        assert len(connections) == 1
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_silence_after_a_head_that_came_halfway_through_its_timeout_is_a_timeout():
+    # The connection's one timer, armed for the head's due time, fires while the wait for the
+    # body is on and not yet due: it must arm itself again for that wait, or the wait never ends.
+    async def head_then_silence(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(0.15)  # half the timeout: the head in time, the body's wait due after the head's
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server, url = await serve(head_then_silence)
+        client = upstream(url, first_byte=0.3)
+        response = await client.open_chat(chat("hi"))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamTimeout, match="no data"):
+            await asyncio.wait_for(response.aread(), 3)
+        assert asyncio.get_running_loop().time() - started < 1.0
+        await response.aclose()
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())

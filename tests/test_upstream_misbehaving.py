@@ -11,10 +11,10 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from proxy.forwarding import UpstreamFailed, forward
+from proxy.forwarding import UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
 from proxy.sse import MAX_EVENT_BYTES
 from proxy.upstream import MAX_ANSWER_BYTES, ReadError, RemoteProtocolError, Upstream
-from tests.support import TOO_DEEP_FOR_JSON
+from tests.support import TOO_DEEP_FOR_JSON, never_connecting
 from tests.test_upstream_client import answer_keep_alive, chat, read_request, serve, upstream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -467,25 +467,41 @@ def test_a_group_whose_every_model_is_rate_limited_is_retried_after_the_longest_
     against(limited, check)
 
 
-def test_a_group_rate_limited_on_some_models_and_failing_on_others_is_unavailable_not_rate_limited():
-    # Told 429, the client would wait and retry a group whose failing model fails again.
-    async def limited_or_failing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def failing_by_model(model: bytes, its_answer: tuple[bytes, bytes], the_others: tuple[bytes, bytes]) -> Handler:
+    """An upstream answering each request with a status line and body: `its_answer` for `model`."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await read_request(reader)
-        head = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7" if b'"limited"' in request else b"HTTP/1.1 500 Oops"
-        body = b'{"error":{"message":"no"}}'
+        head, body = its_answer if b'"%s"' % model in request else the_others
         writer.write(head + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
         await writer.drain()
         writer.close()
 
+    return serve
+
+
+def failures_in_either_order(server: Handler, first: str, second: str) -> list[UpstreamFailed]:
+    """How a group of the two models fails against `server`, in one order and then the other."""
+    failures: list[UpstreamFailed] = []
+
     async def check(client: Upstream) -> None:
         payload = {"messages": [{"role": "user", "content": "hi"}]}
         loop = asyncio.get_running_loop()
-        for models in (["limited", "failing"], ["failing", "limited"]):
+        for models in ([first, second], [second, first]):
             with pytest.raises(UpstreamFailed) as failed:
                 await forward(client, models, payload, False, loop.time() + 30)
-            assert len(failed.value.attempts) == 2 and not failed.value.all_rate_limited
+            failures.append(failed.value)
 
-    against(limited_or_failing, check)
+    against(server, check)
+    return failures
+
+
+def test_a_group_rate_limited_on_some_models_and_failing_on_others_is_unavailable_not_rate_limited():
+    # Told 429, the client would wait and retry a group whose failing model fails again.
+    no = b'{"error":{"message":"no"}}'
+    server = failing_by_model(b"limited", (b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7", no), (b"HTTP/1.1 500 Oops", no))
+    for failed in failures_in_either_order(server, "limited", "failing"):
+        assert len(failed.attempts) == 2 and not failed.all_rate_limited
 
 
 @pytest.mark.parametrize("status", [b"302 Found", b"307 Temporary Redirect", b"204 No Content", b"201 Created"])
@@ -508,3 +524,185 @@ def test_an_answer_whose_message_is_no_object_fails_that_model_and_the_next_answ
         assert (answered.model, answered.attempts) == ("whole", 2)
 
     against(_deep_then_whole(odd, ANSWER, b"application/json"), check)
+
+
+def test_an_answer_too_large_on_every_model_is_no_sign_that_litellm_is_unreachable():
+    # LiteLLM answered, at length: taken for a dropped connection, every such call logged that
+    # LiteLLM could not be reached while it was up.
+    closed: list[bool] = []
+    server = endless_unless_whole(b"application/json", ANSWER, b"", b" ", MAX_ANSWER_BYTES, closed)
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        with pytest.raises(UpstreamFailed) as failed:
+            await forward(client, ["endless"], payload, False, loop.time() + 60)
+        assert len(failed.value.attempts) == 1 and not failed.value.unreachable
+
+    against(server, check)
+
+
+def test_litellms_bare_500_from_only_some_models_of_a_group_is_unavailable_not_a_refused_body():
+    # A body LiteLLM refuses gets its bare 500 from every model; a model whose answer LiteLLM failed
+    # to send gets it alone. Taken for a refused body, the call was a 400 that clients do not retry.
+    bare = b'{"error":{"message":"Internal server error","type":"internal_server_error"}}'
+    overloaded = b'{"error":{"message":"overloaded","code":"503"}}'
+    server = failing_by_model(
+        b"bare", (b"HTTP/1.1 500 Internal Server Error", bare), (b"HTTP/1.1 503 Service Unavailable", overloaded)
+    )
+    for failed in failures_in_either_order(server, "bare", "failing"):
+        assert len(failed.attempts) == 2
+
+
+def test_an_answer_with_no_choices_fails_that_model_and_the_next_answers():
+    # Nothing to relay: an unusable answer, not an error escaping the fallbacks as a 500.
+    empty = b'{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":0}}'
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answered = await forward(client, ["deep", "whole"], payload, False, loop.time() + 30)
+        assert (answered.model, answered.attempts) == ("whole", 2)
+
+    against(_deep_then_whole(empty, ANSWER, b"application/json"), check)
+
+
+@pytest.mark.parametrize("status", [b"201 Created", b"203 Non-Authoritative Information"])
+def test_an_answer_with_a_2xx_status_other_than_200_fails_that_model_even_holding_a_usable_answer(status):
+    # LiteLLM answers a chat completion with a 200: another 2xx is not its answer (a proxy in
+    # between, say), whatever its body looks like.
+    assert answered_by(http_answer(status, ANSWER, JSON)) == ("whole", 2)
+
+
+def test_a_stream_whose_first_event_came_in_time_may_go_on_past_the_first_byte_timeout():
+    # The first event's bound is lifted once it came: from there only each silence is bounded.
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def steady(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(10):  # an event every third of the timeout, for three times as long
+                writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            done = b"data: [DONE]\n\n"
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+            await writer.drain()
+            await asyncio.sleep(5)
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        opened = await forward(client, ["steady"], payload, True, loop.time() + 30)
+        rest = b"".join([chunk async for chunk in opened.chunks])
+        assert rest.count(b"data: {") + len(opened.first_events) == 10 and rest.endswith(b"data: [DONE]\n\n")
+        await opened.response.aclose()
+
+    against(steady, check, first_byte=0.3)
+
+
+def test_an_error_event_whose_data_is_no_json_as_first_event_falls_back():
+    # `event: error` is an error whatever its data says: relayed, the client got an error for an
+    # answer, where the group's next model could still have answered.
+    assert streamed_by(b"event: error\ndata: upstream overloaded\n\n" + b"data: [DONE]\n\n") == ("whole", 2)
+
+
+def test_a_first_event_whose_error_is_null_is_the_answer_not_an_error():
+    # As the tally reads it: no error. Taken for one, the model's answer was thrown away and the
+    # next model asked (and paid) for another.
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}],"error":null}\n\ndata: [DONE]\n\n'
+    assert streamed_by(first) == ("deep", 1)
+
+
+def test_a_refusal_whose_body_never_ends_fails_that_model_without_being_read_to_its_end():
+    # Its message is read up to 64 KiB: an upstream sending an error body without end would
+    # otherwise hold the call until its deadline, the group's next model never asked.
+    closed: list[bool] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await read_request(reader)
+        if b'"endless"' not in request:
+            writer.write(http_answer(b"200 OK", ANSWER, JSON))
+            await writer.drain()
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"x" * 65536
+        try:
+            for _ in range(256):  # 16 MiB, more than any socket buffers
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+        except ConnectionError:
+            closed.append(True)
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answer = await forward(client, ["endless", "whole"], payload, False, loop.time() + 30)
+        assert (answer.model, answer.attempts) == ("whole", 2)
+        await asyncio.sleep(0.2)
+        assert closed == [True]  # closed once enough of it was read, not read to its end
+
+    against(handler, check)
+
+
+def test_litellm_without_a_database_refusing_the_gateways_key_is_a_misconfiguration_not_a_refused_request():
+    # LiteLLM run without a database answers any key but its master key so, with a 400: taken for
+    # the caller's request refused, every call was a 400 and nothing said the gateway's key is wrong.
+    refusal = b'{"error":{"message":"No connected db.","type":"no_db_connection","param":"None","code":"400"}}'
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        with pytest.raises(UpstreamMisconfigured):
+            await forward(client, ["first", "whole"], payload, False, loop.time() + 30)
+
+    async def no_database(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(http_answer(b"400 Bad Request", refusal, JSON))
+        await writer.drain()
+        writer.close()
+
+    against(no_database, check)
+
+
+def test_litellm_that_cannot_be_connected_to_in_time_is_unreachable():
+    # A host that is down or firewalled drops the connection's first packets: connecting times out
+    # rather than being refused. LiteLLM was unreachable all the same, and nothing logged it so.
+    async def run(url: str) -> None:
+        client = upstream(url)
+        try:
+            payload = {"messages": [{"role": "user", "content": "hi"}]}
+            loop = asyncio.get_running_loop()
+            with pytest.raises(UpstreamFailed) as failed:
+                await forward(client, ["primary"], payload, False, loop.time() + 30)
+            assert [a.error for a in failed.value.attempts] == ["timed out connecting"]
+            assert failed.value.unreachable
+        finally:
+            await client.aclose()
+
+    with never_connecting() as url:
+        asyncio.run(run(url))
+
+
+def test_a_refusal_written_as_fastapis_detail_is_passed_on_with_its_message():
+    # LiteLLM's own HTTPExceptions answer {"detail": ...}: the caller gets what it says, not the
+    # whole body's repr.
+    refusal = b'{"detail":"prompt or messages or contents must be provided"}'
+
+    async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(http_answer(b"400 Bad Request", refusal, JSON))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        with pytest.raises(UpstreamRejected) as refused:
+            await forward(client, ["first", "whole"], payload, False, loop.time() + 30)
+        assert (refused.value.status, refused.value.message) == (400, "prompt or messages or contents must be provided")
+
+    against(refuses, check)
