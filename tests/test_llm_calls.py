@@ -261,6 +261,17 @@ def test_streamed_call_is_recorded_with_usage_and_time_to_first_token(tollgate, 
     assert call["time_to_first_token_ms"] is not None and call["time_to_first_token_ms"] <= call["latency_ms"]
 
 
+def test_a_streams_time_to_first_token_counts_the_wait_for_its_first_event(tollgate, team):
+    # Measured from the call's start on the same clock as its latency: the upstream's 300 ms before
+    # its first event are in it, and the rest of the stream is not.
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    body = {"messages": say("a b c [chunks=4] [first_byte_ms=300] [delay_ms=200]")}
+    client.post(f"/api/jobs/{job_id}/llm-call-stream", json=body).read()
+    (call,) = calls_of(client, job_id)
+    assert 300 <= call["time_to_first_token_ms"] <= call["latency_ms"] - 600
+
+
 def test_costs_hold_exact_token_sums_of_streamed_and_plain_calls(tollgate, team):
     client = tollgate.client(team.key)
     job_id = new_job(client)

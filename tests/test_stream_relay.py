@@ -6,9 +6,11 @@ import json
 
 import pytest
 
+from proxy import streaming
 from proxy.accounting import StreamTally
 from proxy.forwarding import OpenStream
 from proxy.sse import MAX_EVENT_BYTES, SSEScanner
+from proxy.store import StoreUnavailable
 from proxy.streaming import SSERelay
 from tests.support import TOO_DEEP_FOR_JSON
 
@@ -451,3 +453,87 @@ def test_the_time_of_a_streams_first_event_is_when_its_first_event_went_out():
     times, (end,) = asyncio.run(run())
     assert end.reason == "finished" and len(times) == 5
     assert times[0] - 0.01 <= end.first_event_at <= times[0]
+
+
+def test_a_stream_cut_at_its_deadline_whose_record_outlasted_the_grace_still_gets_its_error_event(monkeypatch):
+    # The grace for the last write runs from the end of the record, not from the call's deadline:
+    # a record that waited past it (on another process's lock, say) left no time for the error
+    # event, and a client taking its bytes at an ordinary pace saw its stream end unfinished.
+    monkeypatch.setattr(streaming, "LAST_SEND_GRACE", 0.2)
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def silent_after_first():
+        yield first
+        await asyncio.sleep(3600)
+        yield b"data: [DONE]\n\n"
+
+    class SlowRecordAndPacedClient(Client):
+        async def send(self, message) -> None:
+            await asyncio.sleep(0.01)  # each write taken, not at once
+            self.messages.append(message)
+
+        async def on_end(self, end) -> None:
+            await asyncio.sleep(0.5)  # the record waits on a locked database, past deadline and grace
+            self.ends.append(end)
+
+    async def run():
+        client = SlowRecordAndPacedClient()
+        await client.run(client.relay(await opened(silent_after_first()), seconds=0.1))
+        return client.messages, client.ends
+
+    messages, ends = asyncio.run(run())
+    assert [end.reason for end in ends] == ["upstream_failed"]
+    assert messages[-1]["more_body"] is False
+    assert [json.loads(e).get("error", {}).get("code") for e in events_of(messages[-1]["body"])] == ["upstream_timeout"]
+
+
+def test_a_hang_up_while_the_finished_stream_is_recorded_does_not_cut_its_record():
+    # The client's hang-up cancels the relay at once (the upstream let go); a record it cut
+    # waited in memory for a later write, the call left running and its job uncompletable.
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    recording, written = asyncio.Event(), asyncio.Event()
+
+    class HangingUpWhileRecorded(Client):
+        async def receive(self):
+            await recording.wait()
+            return {"type": "http.disconnect"}
+
+        async def on_end(self, end) -> None:
+            recording.set()
+            await asyncio.sleep(0.1)  # the store's write
+            self.ends.append(end)
+            written.set()
+
+    async def run():
+        client = HangingUpWhileRecorded()
+        await client.run(client.relay(await opened(_chunks([body]))))
+        await asyncio.wait_for(written.wait(), 1)
+        return client.ends
+
+    assert [end.reason for end in asyncio.run(run())] == ["finished"]
+
+
+def test_a_broken_stream_whose_record_is_refused_ends_with_one_error_event_saying_so():
+    # The store refusing the record (disk full, say) is the client's news too: the call's
+    # failure is kept and recorded later, which its one error event must say.
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: {"choices":[{"index":0'
+
+    class Refusing(Client):
+        async def on_end(self, end) -> None:
+            self.ends.append(end)
+            raise StoreUnavailable("the disk is full")
+
+    async def run():
+        client = Refusing()
+        await client.run(client.relay(await opened(_chunks([body]))))
+        return client.body, client.ends
+
+    sent, ends = asyncio.run(run())
+    assert [end.reason for end in ends] == ["upstream_failed"]
+    (error,) = [json.loads(e)["error"] for e in events_of(sent) if "error" in e]
+    assert error["code"] == "upstream_incomplete"
+    assert "will be recorded once the database takes writes again" in error["message"]

@@ -303,7 +303,7 @@ HOLD_LOCK_ON_CUE = HOLD_LOCK.replace("db.execute('BEGIN IMMEDIATE')", "sys.stdin
 
 
 def v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(
-    server: Tollgate, fake_url: str, key: str, lock_seconds: float
+    server: Tollgate, fake_url: str, key: str, lock_seconds: float, group: str = "Main"
 ) -> httpx.Response:
     """A non-streaming /v1 call whose answer comes while another process holds the database,
     SIGTERM sent meanwhile, the grace period (2 s) ending while its record waits: its answer
@@ -312,7 +312,7 @@ def v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(
     # Answered 0.8 s after it reaches the upstream: while the database is locked, before the
     # grace period (2 s) ends.
     name = tag()
-    body = {"model": "Main", "messages": [{"role": "user", "content": f"one two [first_byte_ms=800] [tag={name}]"}]}
+    body = {"model": group, "messages": [{"role": "user", "content": f"one two [first_byte_ms=800] [tag={name}]"}]}
     caller = threading.Thread(
         target=lambda: answers.append(server.client(key).post("/v1/chat/completions", json=body, timeout=30))
     )
@@ -373,6 +373,24 @@ def test_a_v1_call_cut_by_the_shutdown_while_its_record_waits_out_a_lock_gets_a_
     assert "Exception in ASGI application" not in server.log()
 
 
+def test_a_failed_call_cut_by_the_shutdown_while_its_record_waits_out_a_lock_gets_a_503_naming_its_call(
+    tmp_path, litellm, fake_url
+):
+    # As an answered call's: the upstream's refusal came, and its record waited on the lock until
+    # the grace period ended. The client gets the 503 of a call the shutdown cut, naming the call
+    # and its job (whose outcome is kept, for the drain to write), not an anonymous one.
+    server = Tollgate(
+        tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "2s"}, database={"busy_timeout": "1s"}
+    ).start()
+    team = server.admin().team(groups=("Rejects",))
+    answer = v1_call_cut_by_the_shutdown_while_its_record_waits_on_a_lock(
+        server, fake_url, team.key, lock_seconds=8, group="Rejects"
+    )
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down", answer.text
+    assert answer.headers["x-job-id"] and answer.headers["x-call-id"]
+    assert "Exception in ASGI application" not in server.log()
+
+
 def test_a_call_whose_start_waits_on_a_locked_database_when_the_shutdown_cuts_it_gets_a_503(tmp_path, litellm):
     # Its start, under way when the grace period ended, is written once the lock ends and the
     # call closed at once (its own job failed, uncharged); the client got uvicorn's bare 500.
@@ -394,17 +412,14 @@ def test_a_call_whose_start_waits_on_a_locked_database_when_the_shutdown_cuts_it
     assert "Exception in ASGI application" not in server.log()
 
 
-def test_a_stream_whose_client_hung_up_cut_by_the_shutdown_while_its_record_waits_on_a_lock_ends_quietly(
-    tmp_path, litellm
-):
-    # The client is gone and the record goes on, shielded, for the drain to wait for: the
-    # shutdown's cancel reached uvicorn as "Exception in ASGI application" with a traceback.
-    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+def stop_as_a_hung_up_streams_record_waits_on_a_lock(server: Tollgate, lock_seconds: float) -> None:
+    """A stream's client hangs up while another process holds the database's write lock for
+    `lock_seconds`; the gateway is sent SIGTERM as the call's record waits on it, and exits 0."""
     team = server.admin().team()
     locker = None
     try:
         with _stream_begun(server, team.key, "hung-up") as lines:
-            locker = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(server.database), "3"],
+            locker = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(server.database), str(lock_seconds)],
                                       stdout=subprocess.PIPE, text=True)
             assert locker.stdout.readline().strip() == "locked"
             del lines  # the client hangs up: its call's record waits on the lock
@@ -415,9 +430,31 @@ def test_a_stream_whose_client_hung_up_cut_by_the_shutdown_while_its_record_wait
         if locker is not None:
             locker.wait(20)
         server.stop()
+
+
+def test_a_stream_whose_client_hung_up_cut_by_the_shutdown_while_its_record_waits_on_a_lock_ends_quietly(
+    tmp_path, litellm
+):
+    # The client is gone and the record goes on, shielded, for the drain to wait for: the
+    # shutdown's cancel reached uvicorn as "Exception in ASGI application" with a traceback.
+    server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
+    stop_as_a_hung_up_streams_record_waits_on_a_lock(server, lock_seconds=3)
     ((_, status, _),) = books(server.database)["calls"]
     assert status == "cancelled"
     assert "Exception in ASGI application" not in server.log() and "Traceback" not in server.log()
+
+
+def test_a_stream_record_retried_past_a_lock_as_the_gateway_stops_is_written_before_the_store_closes(
+    tmp_path, litellm
+):
+    # The lock outlasts one write's busy timeout: the record, shielded, tries again. The shutdown's
+    # drain must wait for it, or the store closed under it and the call was left running.
+    server = Tollgate(
+        tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}, database={"busy_timeout": "1s"}
+    ).start()
+    stop_as_a_hung_up_streams_record_waits_on_a_lock(server, lock_seconds=2.5)  # the record tries again
+    ((_, status, _),) = books(server.database)["calls"]
+    assert status == "cancelled"
 
 
 def request_cut_by_the_shutdown_while_its_write_waits_on_a_lock(

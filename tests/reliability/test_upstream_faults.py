@@ -96,6 +96,17 @@ def test_every_model_failing_is_503_with_retry_after_and_the_job_stays_completab
     assert client.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).status_code == 200
 
 
+def test_a_call_every_model_failed_is_recorded_with_the_last_model_it_asked(tollgate, admin):
+    # The model a failed call names is the one it ended at, as a call cut short names the model
+    # it was cut at: its error is that model's.
+    team = admin.team(groups=("AllFail",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    for route in ("llm-call", "llm-call-stream"):
+        assert client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi")}).status_code == 503
+    assert [(c["status"], c["model"]) for c in calls_of(client, job_id)] == [("error", "fail-503")] * 2
+
+
 def test_every_model_rate_limited_is_429_with_retry_after(tollgate, admin):
     team = admin.team(groups=("AllLimited",))
     client = tollgate.client(team.key)
