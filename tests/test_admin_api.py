@@ -6,12 +6,15 @@ import re
 import signal
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import pytest
 
-from proxy.config import DatabaseConfig
+from proxy.admin import AdminService
+from proxy.config import Config, DatabaseConfig
+from proxy.errors import ApiError
 from proxy.records import Team
 from proxy.store import Conflict
 from proxy.store.sqlite import SQLiteStore
@@ -471,9 +474,6 @@ def test_concurrent_patches_never_leave_a_default_group_the_team_is_not_granted(
     """Two PATCHes that each pass the check on their own (one sets the default, the other drops
     that group) must not both land: the team would keep a default it may not call, and every
     call naming no group would be refused with a 403."""
-    from proxy.admin import AdminService
-    from proxy.config import Config
-    from proxy.errors import ApiError
 
     class BothReadFirst(SQLiteStore):
         """Each PATCH's read of the team happens before either writes, as when two admins
@@ -542,8 +542,6 @@ def test_a_put_model_group_racing_its_delete_answers_what_it_wrote(tmp_path):
 
 
 def test_a_change_is_signalled_even_when_its_write_commits_and_then_raises(tmp_path: Path):
-    from proxy.admin import AdminService
-    from proxy.config import Config
     from proxy.store import StoreUnavailable
 
     class CommitsThenFails(SQLiteStore):
@@ -567,3 +565,111 @@ def test_a_change_is_signalled_even_when_its_write_commits_and_then_raises(tmp_p
             await store.close()
 
     assert asyncio.run(revoke()) == 1
+
+
+def with_admin(tmp_path: Path, action):
+    """What `action(admin)` returns, run against a store of its own holding organization 'o',
+    team 't' and the model groups 'Main' and 'Backup'."""
+
+    async def run():
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
+        await store.open()
+        try:
+            admin = AdminService(store, Config())
+            await store.create_organization("o", "O")
+            for group in ("Main", "Backup"):
+                await store.put_model_group(group, ["primary"], "")
+            await admin.create_team({"team_id": "t", "organization_id": "o", "model_groups": ["Main"]})
+            return await action(admin)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def refusal(tmp_path: Path, action) -> tuple[int, str]:
+    async def refused(admin):
+        with pytest.raises(ApiError) as info:
+            await action(admin)
+        return info.value.status, info.value.message
+
+    return with_admin(tmp_path, refused)
+
+
+def test_an_organization_created_without_a_name_is_named_by_its_id(tmp_path):
+    async def create(admin):
+        return await admin.create_organization({"organization_id": "acme"})
+
+    assert with_admin(tmp_path, create).name == "acme"
+
+
+@pytest.mark.parametrize("change", ["create", "patch"])
+def test_a_team_status_other_than_active_or_suspended_is_422(tmp_path, change):
+    async def set_status(admin):
+        if change == "create":
+            return await admin.create_team({"team_id": "t2", "organization_id": "o", "status": "paused"})
+        return await admin.update_team("t", {"status": "paused"})
+
+    assert refusal(tmp_path, set_status) == (422, "status: must be 'active' or 'suspended'")
+
+
+@pytest.mark.parametrize("groups", [["Main", "Main"], ["Main", ""]], ids=["a group twice", "an empty name"])
+def test_model_groups_naming_a_group_twice_or_an_empty_name_are_422(tmp_path, groups):
+    async def grant(admin):
+        return await admin.update_team("t", {"model_groups": groups})
+
+    assert refusal(tmp_path, grant)[0] == 422
+
+
+def test_a_key_expiry_with_a_lowercase_z_is_read_as_utc(tmp_path):
+    async def create(admin):
+        key, _ = await admin.create_key("t", {"expires_at": "2999-01-01t00:00:00z"})
+        return key.expires_at
+
+    assert with_admin(tmp_path, create) == datetime(2999, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
+def test_a_put_model_group_whose_body_names_another_group_is_422(tmp_path):
+    async def put(admin):
+        return await admin.put_model_group("Main", {"name": "Backup", "models": ["backup"]})
+
+    assert refusal(tmp_path, put) == (422, "name: must match the name in the path")
+
+
+def test_a_model_groups_description_may_be_empty(tmp_path):
+    async def create(admin):
+        return await admin.create_model_group({"name": "Plain", "models": ["primary"], "description": ""})
+
+    assert with_admin(tmp_path, create).description == ""
+
+
+def test_an_unknown_field_of_an_admin_body_is_422_naming_it(tmp_path):
+    async def create(admin):
+        return await admin.create_organization({"organization_id": "acme", "credits": 5})
+
+    status, message = refusal(tmp_path, create)
+    assert (status, message.split(":")[0]) == (422, "credits")
+
+
+def test_a_team_created_with_a_default_outside_its_groups_is_422(tmp_path):
+    async def create(admin):
+        return await admin.create_team(
+            {"team_id": "t2", "organization_id": "o", "model_groups": ["Main"], "default_model_group": "Backup"}
+        )
+
+    assert refusal(tmp_path, create) == (422, "default_model_group: 'Backup' is not one of the team's model_groups")
+
+
+def test_a_team_may_be_created_with_credits_per_job_0(tmp_path):
+    async def create(admin):
+        return await admin.create_team({"team_id": "t2", "organization_id": "o", "credits_per_job": 0})
+
+    assert with_admin(tmp_path, create).credits_per_job == 0
+
+
+def test_taking_away_a_teams_default_group_without_naming_another_is_422(tmp_path):
+    async def regrant(admin):
+        await admin.update_team("t", {"default_model_group": "Main"})
+        return await admin.update_team("t", {"model_groups": ["Backup"]})
+
+    assert refusal(tmp_path, regrant) == (422, "default_model_group: 'Main' is not one of the team's model_groups")

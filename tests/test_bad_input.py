@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from proxy.bodies import read_json_object
 from proxy.errors import ApiError
+from proxy.validation import parse_call, parse_complete, parse_job_create, parse_paging
 from tests.support import fake_log, tag, wait_for
 from tests.test_operations import families, value
 
@@ -163,8 +164,6 @@ def test_a_litellm_parameter_of_the_wrong_type_is_422_naming_it_without_a_fallba
 
 
 def test_litellm_parameters_of_the_type_litellm_reads_are_passed_on():
-    from proxy.validation import parse_call
-
     sent = {"prompt_id": "welcome", "prompt_label": "prod", "prompt_environment": "production",
             "prompt_variables": {"name": "Ada"}, "prompt_version": 2, "tags": ["checkout"],
             "additional_drop_params": ["seed"], "allowed_openai_params": ["reasoning_effort"]}
@@ -183,8 +182,6 @@ def test_a_litellm_parameter_of_the_right_type_reaches_litellm(tollgate, team, f
 
 
 def test_the_openai_shapes_of_tool_choice_content_parts_and_tool_calls_are_accepted():
-    from proxy.validation import parse_call
-
     tool_call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [
         {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
@@ -202,9 +199,31 @@ def test_the_openai_shapes_of_tool_choice_content_parts_and_tool_calls_are_accep
         assert call.prompt_chars == len("be brief" "what is this?" "{}" "42" "done")
 
 
+def test_a_developer_message_needs_content_as_a_system_message_does():
+    for role in ("system", "developer"):
+        with pytest.raises(ApiError) as refused:
+            parse_call({"messages": [{"role": role, "content": None}, *HELLO["messages"]]}, openai=False)
+        assert (refused.value.status, refused.value.message) == (422, "messages[0].content: is required for this role")
+
+
+def test_a_v1_body_with_null_stream_and_include_usage_is_a_plain_call_without_usage():
+    body = {"model": "Main", **HELLO, "stream": None, "stream_options": {"include_usage": None}}
+    call = parse_call(body, openai=True)
+    assert (call.stream, call.client_wants_usage) == (False, False)
+
+
 def test_job_create_without_job_type_is_422(tollgate, team):
     response = tollgate.client(team.key).post("/api/jobs/create", json={})
     assert (response.status_code, response.json()) == (422, {"detail": "job_type: is required"})
+
+
+def test_an_empty_job_type_or_purpose_is_422_saying_it_must_not_be_empty():
+    with pytest.raises(ApiError) as refused:
+        parse_job_create({"job_type": ""})
+    assert (refused.value.status, refused.value.message) == (422, "job_type: must not be empty")
+    with pytest.raises(ApiError) as refused:
+        parse_call({**HELLO, "purpose": ""}, openai=False)
+    assert (refused.value.status, refused.value.message) == (422, "purpose: must not be empty")
 
 
 def test_complete_with_an_unknown_status_is_422(tollgate, team, job_url):
@@ -458,11 +477,86 @@ def test_a_repeated_authorization_header_is_400_whichever_comes_first(tollgate, 
 )
 def test_every_checked_chat_parameter_is_checked_when_it_is_the_only_one_sent(field, bad):
     from proxy.errors import ApiError
-    from proxy.validation import parse_call
-
     with pytest.raises(ApiError) as refused:
         parse_call({**HELLO, field: bad}, openai=False)
     assert refused.value.status == 422 and refused.value.message.startswith(f"{field}: ")
+
+
+@pytest.mark.parametrize(
+    "field, edge",
+    [("temperature", 0), ("temperature", 2), ("top_p", 0), ("top_p", 1), ("frequency_penalty", -2),
+     ("presence_penalty", 2), ("max_tokens", 1), ("max_completion_tokens", 10_000_000), ("n", 1), ("n", 128),
+     ("top_logprobs", 0), ("top_logprobs", 20), ("seed", -(2**63)), ("seed", 2**63 - 1), ("user", ""),
+     ("stop", ["s" * 1000] * 16), ("purpose", "p" * 256)],
+)
+def test_a_chat_parameter_at_the_edge_of_its_range_is_accepted(field, edge):
+    assert parse_call({**HELLO, field: edge}, openai=False).params.get(field, edge) == edge
+
+
+@pytest.mark.parametrize(
+    "field, past",
+    [("n", 129), ("seed", 2**63), ("seed", -(2**63) - 1), ("max_completion_tokens", 10_000_001),
+     ("stop", ["s" * 1001]), ("messages", HELLO["messages"] * 10_001)],
+)
+def test_a_chat_parameter_just_past_the_edge_of_its_range_is_422(field, past):
+    with pytest.raises(ApiError) as refused:
+        parse_call({**HELLO, field: past}, openai=False)
+    assert refused.value.status == 422 and refused.value.message.startswith(f"{field}: ")
+
+
+def test_model_names_the_group_of_an_api_call_and_is_not_forwarded():
+    call = parse_call({**HELLO, "model": "Backup"}, openai=False)
+    assert call.model_group == "Backup" and "model" not in call.params
+    assert parse_call({**HELLO, "model_group": "Main", "model": "Backup"}, openai=False).model_group == "Main"
+
+
+def test_an_api_calls_stream_and_stream_options_are_the_gateways_and_not_forwarded():
+    call = parse_call({**HELLO, "stream": True, "stream_options": {"include_usage": False}}, openai=False)
+    assert "stream" not in call.params and "stream_options" not in call.params
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [({"model": "gpt-4o"}, "extra_body.model"), ({"temperature": 9}, "extra_body.temperature"),
+     ("gpt-4o", "extra_body")],
+)
+def test_extra_body_carrying_the_model_or_a_checked_parameter_is_422(extra, named):
+    with pytest.raises(ApiError) as refused:
+        parse_call({**HELLO, "extra_body": extra}, openai=False)
+    assert (refused.value.status, refused.value.param) == (422, named)
+
+
+def test_of_several_bad_parameters_the_same_one_is_reported_whatever_their_order():
+    bad = {"guardrails": "x", "tags": "x", "prompt_id": 5, "tool_choice": 3, "tools": {}, "logit_bias": 1,
+           "stop": 7, "user": 5, "top_logprobs": 21, "n": 0, "max_tokens": 0, "presence_penalty": "x",
+           "top_p": -1, "temperature": 9}
+    for body in ({**HELLO, **bad}, {**HELLO, **dict(reversed(bad.items()))}):
+        with pytest.raises(ApiError) as refused:
+            parse_call(body, openai=False)
+        assert refused.value.param == "temperature"
+
+
+def test_content_parts_outside_a_user_message_are_not_held_to_the_user_part_types():
+    messages = [*HELLO["messages"], {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}]
+    assert parse_call({"messages": messages}, openai=False).params["messages"] == messages
+
+
+def test_a_job_body_carrying_the_mark_of_a_v1_calls_own_job_is_422_naming_its_metadata():
+    with pytest.raises(ApiError) as refused:
+        parse_job_create({"job_type": "chat.completions", "metadata": {"implicit": True}})
+    assert (refused.value.status, refused.value.param) == (422, "metadata")
+    assert parse_job_create({"job_type": "chat.completions", "metadata": {"implicit": False}}).metadata == {
+        "implicit": False
+    }
+
+
+def test_a_job_may_be_completed_with_an_empty_error_message():
+    assert parse_complete({"status": "failed", "error_message": ""}).error_message == ""
+
+
+def test_job_lists_page_50_from_the_start_and_an_empty_status_means_any():
+    assert parse_paging({}) == (None, 50, 0)
+    assert parse_paging({"status": "", "limit": "", "offset": ""}) == (None, 50, 0)
 
 
 def nested_arrays(levels: int) -> bytes:
@@ -546,6 +640,38 @@ def test_the_depth_check_of_a_wide_body_makes_nothing_per_array_or_object():
     finally:
         tracemalloc.stop()
     assert peak < 300_000 * 16  # a reference or two to each array; no object of its own
+
+
+def read_with_headers(headers: dict[str, str], body: bytes = b'{"job_type": "t"}') -> dict:
+    scope = {"type": "http", "method": "POST", "path": "/api/jobs/create",
+             "headers": [(name.encode(), value.encode()) for name, value in headers.items()]}
+    chunks = [body[:10], body[10:]]
+
+    async def receive():
+        return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+    return asyncio.run(read_json_object(Request(scope, receive), 1000))
+
+
+def test_a_chunked_body_is_read_up_to_the_limit_and_413_past_it():
+    # Without a Content-Length, only the bytes read can tell the body is too large.
+    fits = b'{"job_type": "' + b"t" * (1000 - 16) + b'"}'
+    assert read_with_headers({"transfer-encoding": "chunked"}, fits) == {"job_type": "t" * 984}
+    with pytest.raises(ApiError) as refused:
+        read_with_headers({"transfer-encoding": "chunked"}, fits + b" ")
+    assert refused.value.status == 413
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/merge-patch+json", "Application/JSON; charset=utf-8"]
+)
+def test_a_json_media_type_is_read_whatever_its_suffix_case_or_parameters(content_type):
+    assert read_with_headers({"content-type": content_type}) == {"job_type": "t"}
+
+
+def test_a_body_labelled_with_the_identity_encoding_is_read_as_it_is():
+    headers = {"content-type": "application/json", "content-encoding": " Identity "}
+    assert read_with_headers(headers) == {"job_type": "t"}
 
 
 @pytest.mark.parametrize(
