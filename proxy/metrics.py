@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import glob
 import logging
+import math
 import os
 import time
 from typing import Any, Awaitable, Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
@@ -77,7 +78,9 @@ class Metrics:
         buckets reach it, so that no call's time is read as a smaller bound's."""
         self.team_label = team_label
         self._credits_ttl = credits_ttl
-        self._credits: tuple[float, list[tuple[str, int]]] = (0.0, [])
+        # When the balances were read (never yet: time.monotonic() counts from boot, so 0 would
+        # read as just now on a machine up for less than `credits_ttl`), and what they were.
+        self._credits: tuple[float, list[tuple[str, int]]] = (-math.inf, [])
         self._rendering: asyncio.Future[bytes] | None = None  # the scrape being rendered, if any
         self.registry = CollectorRegistry(auto_describe=True)
         team = ("team",) if team_label else ()

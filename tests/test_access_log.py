@@ -12,6 +12,7 @@ import pytest
 
 from proxy import observe
 from proxy.app import configure_logging
+from proxy.metrics import Metrics
 from proxy.observe import LogFormatter, ObserveMiddleware, access_log
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -290,3 +291,31 @@ def test_lines_held_in_a_turn_reach_the_stream_in_writes_a_pipe_keeps_whole(toll
     assert all(len(write.encode()) <= observe.ATOMIC_WRITE and write.endswith("\n") for write in stream.writes)
     lines = "".join(stream.writes).splitlines()
     assert [line.split("line ")[1].split(" ")[0] for line in lines] == [str(n) for n in range(200)]
+
+
+def test_no_access_line_is_written_when_the_access_log_is_off(tollgate_logging):
+    handler, stream = tollgate_logging
+    served_logging_only()
+    middleware = ObserveMiddleware(app=None, metrics=Metrics(), log_format="off")  # type: ignore[arg-type]
+    middleware.observe("/x", "GET", 200, 0.001, {"team": "t"})
+    handler.flush()
+    assert stream.writes == []
+
+
+def test_a_field_noted_as_none_is_left_out_of_a_plain_line(tollgate_logging):
+    handler, stream = tollgate_logging
+    served_logging_only()
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+    middleware._log("/x", "GET", 429, 0.001, {"team": "t", "job": None})
+    handler.flush()
+    assert stream.writes[0].endswith("tollgate.access: route=/x method=GET status=429 latency_ms=1.0 team=t\n")
+
+
+def test_a_handler_set_above_info_writes_no_access_line(tollgate_logging):
+    handler, stream = tollgate_logging
+    served_logging_only()
+    handler.setLevel(logging.WARNING)
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+    middleware._log("/x", "GET", 200, 0.001, {})
+    handler.flush()
+    assert stream.writes == []

@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -247,3 +248,187 @@ def test_the_duration_buckets_reach_a_longer_call_total_configured():
     for name in ("tollgate_upstream_latency_seconds", "tollgate_time_to_first_token_seconds"):
         buckets = {s.labels["le"]: s.value for s in families[name].samples if s.name.endswith("_bucket")}
         assert buckets["1800.0"] == 1.0 and buckets["600.0"] == 0.0
+
+
+def test_the_time_to_first_token_histogram_holds_the_first_tokens_time_not_the_calls():
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_call("t", "ChatAgent", "m", "success", True, 1, 1, 0.0, 20.0, 0.25, 1)
+    samples = rendered_families(metrics)["tollgate_time_to_first_token_seconds"].samples
+    assert [s.value for s in samples if s.name.endswith("_sum")] == [0.25]
+
+
+def test_the_latency_and_fallback_series_are_labelled_with_the_model_group_alone():
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_call("team-a", "ChatAgent", "m", "success", True, 1, 1, 0.0, 2.0, 0.25, 2)
+    families = rendered_families(metrics)
+    for name in ("tollgate_upstream_latency_seconds", "tollgate_time_to_first_token_seconds", "tollgate_fallbacks"):
+        assert {s.labels["model_group"] for s in families[name].samples} == {"ChatAgent"}, name
+
+
+def test_calls_of_two_teams_in_one_group_are_counted_under_each_team():
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    for team in ("team-a", "team-b"):
+        metrics.observe_call(team, "ChatAgent", "m", "success", False, 3, 2, 0.01, 1.0, None, 1)
+    families = rendered_families(metrics)
+    for name in ("tollgate_llm_calls", "tollgate_tokens", "tollgate_cost_usd"):
+        teams = {s.labels["team"]: s.value for s in families[name].samples if s.name == name + "_total"}
+        assert set(teams) == {"team-a", "team-b"}, name
+
+
+def test_each_duration_bound_is_named_once_when_the_longest_call_is_the_last_bound():
+    # upstream.timeouts.total of 600 s, the default, is already the last bound: named twice, the
+    # bucket was two series of one name and labels, a sample Prometheus refuses.
+    from proxy.metrics import LATENCY_BUCKETS, Metrics
+
+    metrics = Metrics(longest_call=LATENCY_BUCKETS[-1])
+    metrics.observe_request("/health/live", "GET", 200, 0.001)
+    metrics.observe_call("t", "ChatAgent", "m", "success", True, 1, 1, 0.0, 1.0, 0.5, 1)
+    families = rendered_families(metrics)
+    for name in ("tollgate_request_duration_seconds", "tollgate_upstream_latency_seconds",
+                 "tollgate_time_to_first_token_seconds"):
+        bounds = [s.labels["le"] for s in families[name].samples if s.name.endswith("_bucket")]
+        assert len(bounds) == len(set(bounds)), name
+
+
+def test_the_balances_are_read_from_the_store_once_within_the_credits_cache():
+    from proxy.metrics import Metrics
+
+    reads = []
+
+    async def balances() -> list[tuple[str, int]]:
+        reads.append(1)
+        return [("t", 5)]
+
+    async def scrape_twice() -> None:
+        metrics = Metrics(credits_ttl=60.0)
+        for _ in range(2):
+            assert b'tollgate_credits_remaining{team="t"} 5.0' in await metrics.render(balances)
+
+    asyncio.run(scrape_twice())
+    assert len(reads) == 1
+
+
+@pytest.mark.parametrize("method", ["inc", "observe"])
+def test_a_series_keeps_the_creation_time_of_its_first_observation(method):
+    # A `_created` that moved with every observation reads as a counter reset each time.
+    registry = CollectorRegistry()
+    if method == "inc":
+        metric = instruments.counter("t_calls_total", "Calls", ("a",), registry, shared=False)
+    else:
+        metric = instruments.histogram("t_seconds", "Time", ("a",), LATENCY_BUCKETS, registry, shared=False)
+
+    def created() -> bytes:
+        return re.findall(rb"_created\{[^}]*\} (\S+)", generate_latest(registry))
+
+    getattr(metric, method)(("x",), 1)
+    first = created()
+    time.sleep(0.05)
+    getattr(metric, method)(("x",), 1)
+    assert created() == first
+
+
+def test_a_request_the_app_fails_before_answering_is_counted_as_a_500():
+    from proxy.metrics import Metrics
+    from proxy.observe import ObserveMiddleware
+
+    async def failing(scope, receive, send):
+        raise RuntimeError("a fault before any answer")
+
+    metrics = Metrics()
+    middleware = ObserveMiddleware(failing, metrics, log_format="off")
+    with pytest.raises(RuntimeError):
+        asyncio.run(middleware({"type": "http", "method": "GET", "path": "/x"}, None, None))
+    samples = rendered_families(metrics)["tollgate_requests"].samples
+    assert {s.labels["status"] for s in samples if s.name == "tollgate_requests_total"} == {"500"}
+
+
+def test_a_request_the_app_failed_no_longer_counts_as_running():
+    # The shutdown waits for the requests still running before it closes the store.
+    from proxy.metrics import Metrics
+    from proxy.observe import ObserveMiddleware
+
+    async def failing(scope, receive, send):
+        raise RuntimeError("a fault before any answer")
+
+    middleware = ObserveMiddleware(failing, Metrics(), log_format="off")
+    with pytest.raises(RuntimeError):
+        asyncio.run(middleware({"type": "http", "method": "GET", "path": "/x"}, None, None))
+    assert middleware.running.count == 0
+
+
+def test_a_streamed_call_is_counted_under_stream_true_and_a_plain_one_under_false():
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_call("t", "ChatAgent", "m", "success", True, 1, 1, 0.0, 1.0, 0.5, 1)
+    metrics.observe_call("t", "ChatAgent", "m", "success", False, 1, 1, 0.0, 1.0, None, 1)
+    metrics.observe_call("t", "ChatAgent", "m", "success", False, 1, 1, 0.0, 1.0, None, 1)
+    samples = rendered_families(metrics)["tollgate_llm_calls"].samples
+    assert {s.labels["stream"]: s.value for s in samples if s.name == "tollgate_llm_calls_total"} == {
+        "true": 1.0, "false": 2.0,
+    }
+
+
+def test_a_call_that_reached_no_model_is_counted_under_model_none():
+    # As the sweep counts an interrupted call: an empty label value reads as no label at all.
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_call("t", "ChatAgent", None, "failed", False, 0, 0, 0.0, 0.1, None, 1)
+    samples = rendered_families(metrics)["tollgate_llm_calls"].samples
+    assert {s.labels["model"] for s in samples if s.name == "tollgate_llm_calls_total"} == {"none"}
+
+
+def test_a_histograms_snapshot_keeps_the_values_it_was_taken_with():
+    # A scrape renders its snapshot in another thread while the loop goes on observing.
+    registry = CollectorRegistry()
+    histogram = instruments.histogram("t_seconds", "Time", ("a",), LATENCY_BUCKETS, registry, shared=False)
+    histogram.observe(("x",), 1.0)
+    taken = histogram.snapshot()  # type: ignore[attr-defined]
+    histogram.observe(("x",), 2.0)
+    (metric,) = taken.collect()
+    assert [(s.name, s.value) for s in metric.samples if s.name in ("t_seconds_count", "t_seconds_sum")] == [
+        ("t_seconds_count", 1.0), ("t_seconds_sum", 1.0),
+    ]
+
+
+def test_a_refusal_is_counted_under_the_limit_that_refused_it():
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_rate_limited("t", "tokens")
+    samples = rendered_families(metrics)["tollgate_rate_limited"].samples
+    assert {s.labels["limit"] for s in samples if s.name == "tollgate_rate_limited_total"} == {"tokens"}
+
+
+def test_each_of_the_usual_methods_is_counted_by_its_name():
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    usual = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    for method in usual:
+        metrics.observe_request("/x", method, 405, 0.001)
+    samples = rendered_families(metrics)["tollgate_requests"].samples
+    assert {s.labels["method"] for s in samples if s.name == "tollgate_requests_total"} == set(usual)
+
+
+def test_the_first_scrape_reads_the_balances_however_recently_the_machine_started(monkeypatch):
+    # time.monotonic() counts from boot: a machine up for less than metrics.credits_cache read
+    # "never fetched" (time 0) as fetched just now, and served no balances until then.
+    import types
+
+    from proxy import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "time", types.SimpleNamespace(monotonic=lambda: 2.0))
+
+    async def balances() -> list[tuple[str, int]]:
+        return [("t", 5)]
+
+    text = asyncio.run(metrics_module.Metrics(credits_ttl=5.0).render(balances))
+    assert b'tollgate_credits_remaining{team="t"} 5.0' in text
