@@ -185,6 +185,40 @@ def test_team_update_refuses_a_limit_that_is_neither_a_number_nor_default(tmp_pa
     assert "argument --rpm: expected an integer or 'default', got 'lots'" in result.stderr
 
 
+def test_a_declared_organization_without_a_name_is_named_after_its_id(tmp_path):
+    organizations = ok(declared_config(tmp_path), "org", "list")
+    assert {o["organization_id"]: o["name"] for o in organizations} == {"o1": "o1", "o2": "o2"}
+
+
+def test_apply_brings_a_declared_model_group_and_organization_back_to_the_file(tmp_path):
+    config = tmp_path / "config.yaml"
+
+    def declare(models: list[str], name: str) -> Path:
+        declared = {
+            "model_groups": {"G": {"models": models}},
+            "organizations": [{"organization_id": "o", "name": name}],
+        }
+        config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", **declared)))
+        return config
+
+    ok(declare(["a"], "Old"), "apply")
+    ok(declare(["b", "c"], "New"), "apply")
+    groups = {group["name"]: group["models"] for group in ok(config, "model-group", "list")}
+    assert groups["G"] == ["b", "c"]
+    assert [o["name"] for o in ok(config, "org", "list")] == ["New"]
+
+
+def test_apply_brings_a_declared_teams_limits_and_default_group_back_to_the_file(tmp_path):
+    config = declared_config(tmp_path, model_groups=["Main", "Backup"], default_model_group="Backup",
+                             rpm_limit=7, tpm_limit=700, credits_per_job=3)
+    ok(config, "team", "update", "t", "--default", "Main", "--rpm", "8", "--tpm", "800", "--credits-per-job", "4")
+    ok(config, "apply")
+    team = ok(config, "team", "show", "t")
+    assert (team["default_model_group"], team["rpm_limit"], team["tpm_limit"], team["credits_per_job"]) == (
+        "Backup", 7, 700, 3
+    )
+
+
 def test_apply_brings_a_declared_team_back_to_the_file(tmp_path):
     config = declared_config(tmp_path)
     ok(config, "team", "update", "t", "--status", "suspended")

@@ -578,3 +578,103 @@ def test_a_default_tpm_no_call_without_max_tokens_could_fit_is_refused(tmp_path)
         "estimated at its prompt plus rate_limits.default_max_tokens (5000); raise it or lower default_max_tokens"
     )
     assert load_config(write(tmp_path, "rate_limits:\n  tpm: 1025\n"), {}).rate_limits.tpm == 1025
+
+
+def test_a_duration_of_zero_is_refused(tmp_path):
+    # A timeout of 0 would fail every call at once; the rule says "positive".
+    assert error_for(tmp_path, "upstream:\n  timeouts: {connect: 0s}\n").endswith(
+        "upstream.timeouts.connect: must be a positive duration (seconds, or e.g. '30s', '24h')"
+    )
+
+
+def test_a_positive_integer_of_exactly_the_bound_is_accepted(tmp_path):
+    config = load_config(write(tmp_path, "rate_limits:\n  rpm: 1000000000000\n  tpm: 1000000000000\n"), {})
+    assert config.rate_limits.rpm == config.rate_limits.tpm == MAX_INTEGER
+
+
+def test_port_65536_is_refused_and_65535_accepted(tmp_path):
+    assert error_for(tmp_path, "server:\n  port: 65536\n").endswith("server.port: must be a port number (1-65535)")
+    assert load_config(write(tmp_path, "server:\n  port: 65535\n"), {}).server.port == 65535
+
+
+def test_an_auth_cache_ttl_over_one_second_is_refused(tmp_path):
+    # README: revoked keys must stop working within a second should the changes file be unusable.
+    assert error_for(tmp_path, "auth:\n  cache_ttl: 1500ms\n").endswith(
+        "auth.cache_ttl: must be a duration from 0 to 1 second"
+    )
+    assert load_config(write(tmp_path, "auth:\n  cache_ttl: 1s\n"), {}).auth.cache_ttl == 1.0
+
+
+def test_an_empty_tollgate_redis_url_unsets_the_files_redis(tmp_path):
+    # An empty variable (TOLLGATE_REDIS_URL= in a unit file) means unset: the in-process limiter.
+    config = load_config(write(tmp_path, "redis:\n  url: redis://file:6379/0\n"), {"TOLLGATE_REDIS_URL": ""})
+    assert config.redis.url is None
+
+
+def test_an_upstream_api_key_in_the_file_is_refused_as_a_secret(tmp_path):
+    message = error_for(tmp_path, "upstream:\n  api_key: sk-abc\n")
+    assert message.endswith(
+        "upstream.api_key: secrets are read from the environment only; set TOLLGATE_UPSTREAM_KEY instead"
+    )
+    assert "sk-abc" not in message
+
+
+def test_an_empty_secret_variable_means_unset(tmp_path):
+    config = load_config(write(tmp_path, ""), {"TOLLGATE_MASTER_KEY": "", "TOLLGATE_UPSTREAM_KEY": ""})
+    assert config.master_key is None and config.upstream_key is None
+
+
+def test_a_team_without_its_team_id_is_refused_naming_the_key(tmp_path):
+    assert error_for(tmp_path, "teams:\n  - {organization_id: o}\n").endswith("teams[0].team_id: is required")
+
+
+def test_a_team_declared_twice_is_refused(tmp_path):
+    text = "teams:\n  - {team_id: a, organization_id: o}\n  - {team_id: a, organization_id: p}\n"
+    assert error_for(tmp_path, text).endswith("teams[1].team_id: 'a' is declared twice")
+
+
+def test_a_boolean_is_not_taken_for_an_integer(tmp_path):
+    # YAML reads `true` as a boolean, which Python would count as 1.
+    assert error_for(tmp_path, "rate_limits:\n  rpm: true\n").endswith(
+        "rate_limits.rpm: must be a positive integer (at most 10^12)"
+    )
+
+
+def test_an_identifier_of_64_characters_is_taken_and_of_65_refused(tmp_path):
+    text = "organizations:\n  - organization_id: {}\n"
+    assert load_config(write(tmp_path, text.format("o" * 64)), {}).organizations[0].organization_id == "o" * 64
+    assert error_for(tmp_path, text.format("o" * 65)).endswith(
+        "organizations[0].organization_id: must be an identifier (letters, digits, '.', '_', '-'; at most 64)"
+    )
+
+
+def test_a_model_group_name_may_hold_a_colon(tmp_path):
+    config = load_config(write(tmp_path, "model_groups:\n  'openai:fast':\n    models: [gpt-4o-mini]\n"), {})
+    assert list(config.model_groups) == ["openai:fast"]
+
+
+def test_a_price_of_exactly_1000_per_token_is_taken(tmp_path):
+    text = "pricing:\n  m: {input_cost_per_token: 1000, output_cost_per_token: 0}\n"
+    assert load_config(write(tmp_path, text), {}).pricing["m"].input_cost_per_token == 1000.0
+
+
+def test_the_environment_overrides_a_section_left_empty_in_the_file(tmp_path):
+    config = load_config(write(tmp_path, "redis:\n"), {"TOLLGATE_REDIS_URL": "redis://env:6379/0"})
+    assert config.redis.url == "redis://env:6379/0"
+
+
+def test_a_stale_call_margin_equal_to_a_records_wait_is_warned_of(tmp_path):
+    config = load_config(write(tmp_path, "database:\n  busy_timeout: 15s\n"), {})  # 4 x 15 s = the 60 s margin
+    (warning,) = serving_warnings(config, workers=1)
+    assert warning.startswith("jobs.stale_call_margin (60 s) is not longer than")
+
+
+def test_describe_leaves_a_url_with_a_user_but_no_password_as_it_is():
+    assert describe(Config(redis=RedisConfig(url="redis://user@h:6379/0")))["redis"]["url"] == "redis://user@h:6379/0"
+
+
+def test_a_database_url_naming_no_file_is_refused(tmp_path):
+    # SQLite opens an empty name as a private temporary database, one per connection.
+    assert error_for(tmp_path, "database:\n  url: sqlite:///\n").endswith(
+        "database.url: must be a database URL: sqlite:///path/to/file.db (PostgreSQL is not supported yet)"
+    )
