@@ -436,8 +436,7 @@ class Upstream:
     async def open_chat(self, body: bytes, deadline: float = math.inf) -> UpstreamResponse:
         """Send a chat request; return as soon as the response headers are in. Every wait for
         it and its answer, a free connection's included, ends by `deadline` (loop time) at the
-        latest, with DeadlineExceeded (or UpstreamTimeout, connecting or waiting for a free
-        connection)."""
+        latest, with DeadlineExceeded (or UpstreamTimeout, waiting for a free connection)."""
         head = self._chat_head + str(len(body)).encode() + b"\r\n\r\n"
         return await self._send(head, body, self.timeouts.first_byte, deadline)
 
@@ -491,7 +490,7 @@ class Upstream:
             if self._open < self._max_connections:
                 self._open += 1
                 try:
-                    return await self._connect(self.timeouts.connect, deadline - now)
+                    return await self._connect(deadline - now)
                 except BaseException:
                     self._open -= 1
                     self._wake_waiter()
@@ -508,9 +507,10 @@ class Upstream:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
 
-    async def _connect(self, timeout: float, remaining: float) -> _Connection:
-        """Connect within `timeout`, or the `remaining` seconds of the call if fewer."""
+    async def _connect(self, remaining: float) -> _Connection:
+        """Connect within `upstream.timeouts.connect`, or the `remaining` seconds of the call if fewer."""
         loop = asyncio.get_running_loop()
+        timeout = self.timeouts.connect
         try:
             async with asyncio.timeout(min(timeout, remaining)):
                 _, connection = await loop.create_connection(

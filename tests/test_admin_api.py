@@ -470,6 +470,17 @@ def test_the_store_reports_a_group_granted_twice_as_such(tmp_path):
     assert asyncio.run(grant_twice()) == "Model group 'X' is named twice"
 
 
+async def admin_of_team_t(store: SQLiteStore, groups: list[str]) -> AdminService:
+    """The admin service of `store`, once it holds organization 'o', the model groups 'Main' and
+    'Backup', and team 't' granted `groups`."""
+    admin = AdminService(store, Config())
+    await store.create_organization("o", "O")
+    for group in ("Main", "Backup"):
+        await store.put_model_group(group, ["primary"], "")
+    await admin.create_team({"team_id": "t", "organization_id": "o", "model_groups": groups})
+    return admin
+
+
 def test_concurrent_patches_never_leave_a_default_group_the_team_is_not_granted(tmp_path):
     """Two PATCHes that each pass the check on their own (one sets the default, the other drops
     that group) must not both land: the team would keep a default it may not call, and every
@@ -495,11 +506,7 @@ def test_concurrent_patches_never_leave_a_default_group_the_team_is_not_granted(
         store = BothReadFirst(DatabaseConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
         await store.open()
         try:
-            admin = AdminService(store, Config())
-            await store.create_organization("o", "O")
-            for group in ("Main", "Backup"):
-                await store.put_model_group(group, ["primary"], "")
-            await admin.create_team({"team_id": "t", "organization_id": "o", "model_groups": ["Main", "Backup"]})
+            admin = await admin_of_team_t(store, ["Main", "Backup"])
             store.readers, store.both_read = 2, asyncio.Event()
             results = await asyncio.gather(
                 admin.update_team("t", {"default_model_group": "Backup"}),
@@ -575,12 +582,7 @@ def with_admin(tmp_path: Path, action):
         store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 'store.db'}"))
         await store.open()
         try:
-            admin = AdminService(store, Config())
-            await store.create_organization("o", "O")
-            for group in ("Main", "Backup"):
-                await store.put_model_group(group, ["primary"], "")
-            await admin.create_team({"team_id": "t", "organization_id": "o", "model_groups": ["Main"]})
-            return await action(admin)
+            return await action(await admin_of_team_t(store, ["Main"]))
         finally:
             await store.close()
 
