@@ -21,7 +21,15 @@ from typing import Any, AsyncIterator, Literal, Sequence, overload
 from .accounting import error_text, json_object
 from .json_codec import dumps, loads
 from .sse import EventTooLarge, SSEEvent, SSEScanner, ends_stream
-from .upstream import AnswerTooLarge, ConnectTimeout, TransportError, Upstream, UpstreamResponse, UpstreamTimeout
+from .upstream import (
+    AnswerTooLarge,
+    ConnectTimeout,
+    RemoteProtocolError,
+    TransportError,
+    Upstream,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 _ERROR_BODY_LIMIT = 64 * 1024
 # LiteLLM answers 408 when a deployment's own `timeout` ran out: the model timed out.
@@ -165,6 +173,9 @@ async def forward(
             continue
         except AnswerTooLarge as exc:
             attempts.append(Attempt(model, str(exc), 200))
+            continue
+        except RemoteProtocolError as exc:  # something answered, if not in HTTP: LiteLLM is up
+            attempts.append(Attempt(model, str(exc)))
             continue
         except TransportError as exc:
             attempts.append(Attempt(model, f"connection failed: {type(exc).__name__}", unreachable=True))

@@ -542,6 +542,26 @@ def test_an_answer_too_large_on_every_model_is_no_sign_that_litellm_is_unreachab
     against(server, check)
 
 
+def test_a_malformed_answer_head_is_no_sign_that_litellm_is_unreachable():
+    # Something answered, badly: taken for a failed connection, every such call logged that
+    # LiteLLM could not be reached while it was up.
+    async def garbled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 two hundred OK\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        with pytest.raises(UpstreamFailed) as failed:
+            await forward(client, ["garbled"], payload, False, loop.time() + 30)
+        assert [a.error.split(":")[0] for a in failed.value.attempts] == ["malformed HTTP answer"]
+        assert not failed.value.unreachable
+
+    against(garbled, check)
+
+
 def test_litellms_bare_500_from_only_some_models_of_a_group_is_unavailable_not_a_refused_body():
     # A body LiteLLM refuses gets its bare 500 from every model; a model whose answer LiteLLM failed
     # to send gets it alone. Taken for a refused body, the call was a 400 that clients do not retry.
