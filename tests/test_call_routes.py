@@ -48,26 +48,33 @@ async def call(request: Request) -> Response:
         return FailingResponse(RAISED[kind.replace("_", "-")], after_start=when == "after")
     if job_id == "stream":
         return StreamingResponse(iter([b"data: 1\n\n", b"data: 2\n\n"]), media_type="text/event-stream")
-    route = request.scope["route"].path
-    return JSONResponse({"job": job_id, "route": route, "body": (await request.body()).decode()}, headers={"x-a": "1"})
+    route, endpoint = request.scope["route"].path, request.scope["endpoint"].__name__
+    body = (await request.body()).decode()
+    return JSONResponse({"job": job_id, "route": route, "endpoint": endpoint, "body": body}, headers={"x-a": "1"})
 
 
 async def chat(request: Request) -> Response:
     return JSONResponse({"chat": True})
 
 
+async def numbered(request: Request) -> Response:
+    n = request.path_params["n"]
+    return JSONResponse({"n": n, "type": type(n).__name__})
+
+
 def app(with_call_routes: bool) -> Starlette:
     call_routes = [Route("/api/jobs/{job_id}/llm-call", call, methods=["POST"]),
-                   Route("/v1/chat/completions", chat, methods=["POST"])]
+                   Route("/v1/chat/completions", chat, methods=["POST"]),
+                   Route("/numbered/{n:int}", numbered, methods=["POST"])]
     handlers = exception_handlers()
     middleware = [Middleware(CallRoutes, routes=call_routes, handlers=handlers)] if with_call_routes else []
     return Starlette(routes=call_routes, middleware=middleware, exception_handlers=handlers)
 
 
-def answers(method: str, path: str) -> list[tuple[int, dict[str, str], bytes]]:
+def answers(method: str, path: str, root_path: str = "") -> list[tuple[int, dict[str, str], bytes]]:
     seen = []
     for with_call_routes in (True, False):
-        with TestClient(app(with_call_routes), raise_server_exceptions=False) as client:
+        with TestClient(app(with_call_routes), raise_server_exceptions=False, root_path=root_path) as client:
             response = client.request(method, path, content=b'{"x": 1}', follow_redirects=False)
             headers = {k: v for k, v in response.headers.items() if k != "date"}
             seen.append((response.status_code, headers, response.content))
@@ -81,9 +88,23 @@ def test_a_call_route_answers_as_through_starlette(path):
     assert ours[0] == 200
 
 
-def test_the_route_template_and_path_parameters_reach_the_handler():
+def test_the_route_template_endpoint_and_path_parameters_reach_the_handler():
     ours, _ = answers("POST", "/api/jobs/job-7/llm-call")
-    assert ours[2] == b'{"job":"job-7","route":"/api/jobs/{job_id}/llm-call","body":"{\\"x\\": 1}"}'
+    assert ours[2] == b'{"job":"job-7","route":"/api/jobs/{job_id}/llm-call","endpoint":"call","body":"{\\"x\\": 1}"}'
+
+
+def test_path_parameters_are_converted_as_their_route_declares():
+    ours, starlettes = answers("POST", "/numbered/7")
+    assert ours == starlettes
+    assert ours[2] == b'{"n":7,"type":"int"}'
+
+
+def test_under_a_root_path_the_route_is_matched_below_it_as_starlette_does():
+    # Starlette matches /chat/completions here, which is no route: a call route matched on the
+    # whole path would have answered it.
+    ours, starlettes = answers("POST", "/v1/chat/completions", root_path="/v1")
+    assert ours == starlettes
+    assert ours[0] == 404
 
 
 @pytest.mark.parametrize("raised", sorted(RAISED))
@@ -91,6 +112,14 @@ def test_an_exception_in_a_call_route_answers_as_through_starlette(raised):
     ours, starlettes = answers("POST", f"/api/jobs/{raised}/llm-call")
     assert ours == starlettes
     assert ours[0] >= 400 and b"detail" in ours[2]
+
+
+def test_a_handled_exception_keeps_no_traceback_as_one_instance_can_fail_many_requests():
+    raised = RAISED["store-error"]
+    raised.__traceback__ = None
+    with TestClient(app(True), raise_server_exceptions=False) as client:
+        assert client.post("/api/jobs/store-error/llm-call").status_code == 409
+    assert raised.__traceback__ is None
 
 
 @pytest.mark.parametrize("method, path", [
