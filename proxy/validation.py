@@ -432,6 +432,10 @@ def _check_messages(messages: Any) -> int:
                 text = part.get("text")
                 if isinstance(text, str):
                     chars += len(text)
+                elif kind == "text":  # refused upstream, with its prompt left out of the estimate
+                    raise invalid(
+                        f"messages[{i}].content[{j}].text", "is required in a 'text' part and must be a string"
+                    )
         elif content is None:
             if role in ("system", "user", "developer"):
                 raise invalid(f"messages[{i}].content", "is required for this role")
