@@ -15,6 +15,7 @@ from .auth import KeyAuthenticator
 from .bodies import header, read_json_object
 from .calls import SHUT_DOWN, CallPipeline, OwnJob
 from .config import Config
+from .errors import ApiError
 from .groups import GroupCatalog
 from .ids import new_id
 from .jobs_api import canonical_job_id
@@ -55,7 +56,7 @@ class OpenAIApi:
             principal = await self._auth.authenticate(header(request, b"authorization"))
             notes(request)["team"] = principal.team.team_id
         group = await self._calls.check(principal, call_request)
-        job_header = (header(request, b"x-job-id") or "").strip()
+        job_header = _job_header(request)
         # Without X-Job-Id the call is a job of its own, made as the call starts.
         own_job = None if job_header else self._own_job
         job_id = new_id() if own_job is not None else canonical_job_id(job_header)
@@ -101,3 +102,12 @@ def _own_job_end(outcome: CallOutcome, answered: bool) -> tuple[TerminalJobStatu
 
 def _model_json(name: str, created: float) -> dict[str, object]:
     return {"id": name, "object": "model", "created": int(created), "owned_by": "tollgate"}
+
+
+def _job_header(request: Request) -> str:
+    """X-Job-Id's value, or "" without one. Two are ambiguous (an intermediary may have added
+    one), as two credentials are: neither is taken, rather than whichever came first."""
+    values = [value for name, value in request.scope["headers"] if name == b"x-job-id"]
+    if len(values) > 1:
+        raise ApiError(400, "The request has more than one X-Job-Id header; send at most one")
+    return values[0].decode("latin-1").strip() if values else ""

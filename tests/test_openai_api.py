@@ -195,6 +195,21 @@ def test_job_header_naming_an_unknown_or_finished_job(sdk, tollgate, team):
         sdk.chat.completions.create(model="Main", messages=HELLO, extra_headers={"X-Job-Id": job_id})
 
 
+def test_two_job_headers_are_refused_rather_than_the_first_taken(tollgate, team):
+    # An intermediary may have added one: whichever came first could charge the wrong job.
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "twice"}).json()["job_id"]
+    other = client.post("/api/jobs/create", json={"job_type": "twice"}).json()["job_id"]
+    response = client.post(
+        "/v1/chat/completions",
+        json={"model": "Main", "messages": HELLO},
+        headers=[("X-Job-Id", job_id), ("X-Job-Id", other)],
+    )
+    assert response.status_code == 400
+    assert "more than one X-Job-Id" in response.json()["error"]["message"]
+    assert [client.get(f"/api/jobs/{j}").json()["calls"] for j in (job_id, other)] == [[], []]
+
+
 def test_the_own_job_of_a_call_without_job_header_takes_no_other_call_and_is_charged_once_it_ends(sdk, tollgate, team):
     # Attached calls would keep it from being finished when its own call ends: it would stay open,
     # holding its credit uncharged, until it expired.
