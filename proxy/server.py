@@ -301,6 +301,11 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:  # a trailer field: counted, and dropped
             self._trailer_read_bytes += len(name) + len(value) + len(": \r\n")
+            # Here too, not only once the read is over: a request that ends within this read
+            # is done by then, its trailer never counted.
+            if self._trailer_bytes + self._trailer_read_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, _TRAILERS_TOO_LARGE)
+                raise _Refused
             return
         # uvicorn's own on_header (0.55's), inlined: a call per header, on every request. Host
         # and Authorization are counted on the way, for `_repeated_field`, rather than looked

@@ -497,6 +497,14 @@ def test_a_chunked_bodys_trailer_fields_over_64_kib_are_431(target):
     assert "64 KiB" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
 
 
+def test_trailer_fields_over_64_kib_sent_with_their_request_are_431(target):
+    # Counted only once a read was over, they were never counted when the request ended within
+    # that read: served, however large.
+    server, team, _ = target
+    reply = raw_exchange(server.port, chunked_job_create(team.key, b"X-T: " + b"a" * 100_000 + b"\r\n\r\n"))
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
 def test_an_endless_trailer_field_is_431_without_waiting_for_the_read_timeout(target):
     server, team, _ = target
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
