@@ -10,11 +10,13 @@ import httpx
 import pytest
 
 from starlette.requests import Request
+from starlette.routing import Mount, Route, WebSocketRoute
 
 from proxy.bodies import read_json_object
 from proxy.errors import ApiError
+from proxy.server_wide import served_methods
 from proxy.validation import parse_call, parse_complete, parse_job_create, parse_paging
-from tests.support import fake_log, tag, wait_for
+from tests.support import Tollgate, fake_log, tag, wait_for
 from tests.test_operations import families, value
 
 HELLO = {"messages": [{"role": "user", "content": "hi"}]}
@@ -401,12 +403,31 @@ def test_options_asterisk_is_200_allowing_every_method_the_server_serves(tollgat
     assert fields[b"allow"] == b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
-def test_options_asterisk_is_counted_under_the_route_asterisk(tollgate):
+async def _endpoint(request: Request) -> None:
+    pass  # never called: only the routes' methods are read
+
+
+def test_options_asterisk_allows_methods_past_the_usual_ones_after_them_in_one_order() -> None:
+    # Which order a set gives them in changes from one process to the next (hash randomization).
+    methods = ["UNLOCK", "PROPFIND", "MOVE", "LOCK", "COPY", "MKCOL"]
+    routes = [Route("/dav", _endpoint, methods=methods), Route("/jobs", _endpoint, methods=["POST", "GET"])]
+    assert served_methods(routes) == "GET, HEAD, POST, OPTIONS, COPY, LOCK, MKCOL, MOVE, PROPFIND, UNLOCK"
+
+
+def test_options_asterisk_allows_no_method_for_a_route_that_takes_none() -> None:
+    # A mount or a WebSocket route has no methods of its own.
+    assert served_methods([Mount("/static", routes=[]), WebSocketRoute("/ws", _endpoint)]) == "OPTIONS"
+
+
+@pytest.mark.parametrize("method, status", [("OPTIONS", "200"), ("GET", "400")])
+def test_a_request_for_the_target_asterisk_is_counted_under_the_route_asterisk(
+    tollgate: Tollgate, method: str, status: str
+) -> None:
     def counted() -> float:
-        return value(families(tollgate), "tollgate_requests", route="*", method="OPTIONS", status="200")
+        return value(families(tollgate), "tollgate_requests", route="*", method=method, status=status)
 
     before = counted()
-    exchange(tollgate.port, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    exchange(tollgate.port, method.encode() + b" * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert wait_for(lambda: counted() == before + 1, timeout=5)
 
 

@@ -1,19 +1,28 @@
 """The command line offers the admin operations, on the same database a server uses."""
 
 import asyncio
+import contextlib
+import errno
 import json
+import logging
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
+import uvicorn
 import yaml
+from starlette.applications import Starlette
+from uvicorn.main import STARTUP_FAILURE
 
 from proxy.cli import build_parser, serve_options
 from proxy.config import Config, LoggingConfig, load_config
 from proxy.demo import DEMO_TEAM, _prepare
+from proxy.server import _say_listening, _Supervisor, listen, serve, uvicorn_options
 from tests.support import PYTHON, REPO, Tollgate, free_port, tollgate_config, wait_for
 
 
@@ -479,11 +488,20 @@ def test_serve_says_where_it_listens(tmp_path, workers):
         server.stop()
 
 
+def test_serve_with_workers_gives_them_its_app_factory_as_one(tmp_path: Path) -> None:
+    # Not as an app: uvicorn calls a callable it was not told is a factory all the same, but warns
+    # in every worker ("ASGI app factory detected"), a warning about nothing an operator did.
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2).start()
+    try:
+        assert wait_for(lambda: server.log().count("Application startup complete") == 2, timeout=20)
+        assert "factory" not in server.log()
+    finally:
+        server.stop()
+
+
 def test_serve_listens_on_every_address_its_host_names_ipv6_ones_for_ipv6_alone(monkeypatch):
     # As uvicorn.run (asyncio's create_server) bound them: `localhost` where it names both
     # 127.0.0.1 and ::1, a socket for each; one socket of the first address took IPv4 alone.
-    from proxy.server import listen
-
     port = free_port()
     both = socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM) + socket.getaddrinfo(
         "::1", port, type=socket.SOCK_STREAM
@@ -495,6 +513,115 @@ def test_serve_listens_on_every_address_its_host_names_ipv6_ones_for_ipv6_alone(
         (six,) = [sock for sock in sockets if sock.family == socket.AF_INET6]
         assert six.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
         assert all(sock.getsockname()[1] == port for sock in sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_serve_on_an_empty_host_listens_on_every_interface() -> None:
+    # As uvicorn.run (asyncio's create_server) took an empty host: every interface, not an error.
+    sockets = listen("", 0)
+    try:
+        assert {sock.getsockname()[0] for sock in sockets} <= {"0.0.0.0", "::"}
+        assert "0.0.0.0" in {sock.getsockname()[0] for sock in sockets}
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_serve_listens_once_on_an_address_its_host_names_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A hosts file may list an address twice for one name: a second socket on it could not listen.
+    port = free_port()
+    twice = socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM) * 2
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: twice)
+    sockets = listen("localhost", port)
+    try:
+        assert [sock.getsockname() for sock in sockets] == [("127.0.0.1", port)]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_serve_that_cannot_listen_on_one_address_of_its_host_keeps_none_of_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free, busy = free_port(), taken.getsockname()[1]
+        both = [address for port in (free, busy)
+                for address in socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM)]
+        monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: both)
+        # Held, as a caller handling it holds it: its traceback keeps whatever `listen` left open.
+        with pytest.raises(OSError) as refused:
+            listen("localhost", free)
+    with socket.socket() as again:  # without SO_REUSEADDR: refused while a socket bound to it is left open
+        again.bind(("127.0.0.1", free))
+    assert refused.value.errno == errno.EADDRINUSE
+
+
+@contextlib.asynccontextmanager
+async def _failing_start(app: Starlette) -> AsyncIterator[None]:
+    raise RuntimeError("the app cannot start")
+    yield
+
+
+def test_serve_of_an_app_that_fails_to_start_closes_its_sockets() -> None:
+    # uvicorn never took them: left open, the port stayed taken in a process that embeds `serve`.
+    sockets = listen("127.0.0.1", 0)
+    options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
+    with pytest.raises(SystemExit) as exited:
+        serve(Starlette(lifespan=_failing_start), options, sockets)
+    assert exited.value.code == STARTUP_FAILURE
+    assert all(sock.fileno() == -1 for sock in sockets)
+
+
+def test_serve_stops_gracefully_on_sigint_and_exits_0(tmp_path: Path) -> None:
+    # Ctrl-C at a terminal: uvicorn raises the signal again once it has stopped, a KeyboardInterrupt.
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused").start()
+    try:
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(15) == 0
+        assert "Traceback" not in server.log() and "Application shutdown complete" in server.log()
+    finally:
+        server.stop()
+
+
+def test_serve_says_an_ipv6_address_it_listens_on_in_brackets() -> None:
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+            _say_listening("::1", [sock])
+            port = sock.getsockname()[1]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+    assert said == [f"Uvicorn running on http://[::1]:{port} (Press CTRL+C to quit)"]
+
+
+@pytest.mark.parametrize("signal_handler", ["handle_int", "handle_term"])
+def test_the_supervisor_of_workers_stops_listening_on_every_socket_once_told_to_stop(
+    monkeypatch: pytest.MonkeyPatch, signal_handler: str
+) -> None:
+    # Kept open, the kernel took new connections on a socket no worker accepted on any more, and left
+    # them unanswered until the workers had drained.
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # not this test process's handlers
+    sockets = [socket.socket(), socket.socket()]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+    supervisor = _Supervisor(uvicorn.Config("proxy.app:app_from_environment", factory=True, workers=2), sockets=sockets)
+    try:
+        getattr(supervisor, signal_handler)()
+        assert supervisor.should_exit.is_set()
+        assert all(sock.fileno() == -1 for sock in sockets)
     finally:
         for sock in sockets:
             sock.close()

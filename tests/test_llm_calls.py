@@ -4,6 +4,7 @@ import json
 import signal
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -439,9 +440,9 @@ def test_a_call_right_after_start_is_priced_though_litellm_is_slow_to_give_its_p
         stop_process(upstream)
 
 
-def test_a_sigterm_while_the_start_waits_for_prices_stops_it_without_waiting_them_out(tmp_path):
-    # LiteLLM takes its time over /model/info; a stop asked for meanwhile (a deploy rolled back,
-    # `docker stop`, whose SIGKILL follows in 10 s) was only heard once the wait ran out.
+def stopped_while_the_start_waits_for_prices(tmp_path: Path) -> str:
+    """The log of a gateway sent SIGTERM while its start waited for LiteLLM's prices, once it
+    has exited 0."""
     port = free_port()
     args = [PYTHON, str(REPO / "tests" / "fake_upstream.py"), "--port", str(port), "--model-info-delay", "600"]
     upstream_log = tmp_path / "upstream.log"
@@ -457,9 +458,20 @@ def test_a_sigterm_while_the_start_waits_for_prices_stops_it_without_waiting_the
             assert process.wait(60) == 0
         finally:
             stop_process(process)
-        log = server.log()
-        assert "Application shutdown complete" in log
-        # It stopped waiting when told to stop, not when the wait for the prices gave up.
-        assert "could not read model prices" not in log and "did not come within" not in log
+        return server.log()
     finally:
         stop_process(upstream)
+
+
+def test_a_sigterm_while_the_start_waits_for_prices_stops_it_without_waiting_them_out(tmp_path):
+    # LiteLLM takes its time over /model/info; a stop asked for meanwhile (a deploy rolled back,
+    # `docker stop`, whose SIGKILL follows in 10 s) was only heard once the wait ran out.
+    log = stopped_while_the_start_waits_for_prices(tmp_path)
+    assert "Application shutdown complete" in log
+    # It stopped waiting when told to stop, not when the wait for the prices gave up.
+    assert "could not read model prices" not in log and "did not come within" not in log
+
+
+def test_a_gateway_stopped_while_it_starts_never_says_it_listens(tmp_path: Path) -> None:
+    # uvicorn goes on to bind and stop at once: "running on" would send someone to a gateway gone.
+    assert "Uvicorn running on" not in stopped_while_the_start_waits_for_prices(tmp_path)

@@ -22,7 +22,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import stop_process, wait_until_up
-from tests.support import REPO, PYTHON, Tollgate, free_port, start_process, tollgate_config, wait_for
+from tests.support import REPO, PYTHON, Tollgate, free_port, start_process, tag, tollgate_config, wait_for
 
 REQUIRED = {
     "tollgate_requests": {"route", "method", "status"},
@@ -326,6 +326,21 @@ def test_every_metric_the_dashboard_queries_exists(tollgate, admin):
 
 def test_health_live_answers(tollgate):
     assert httpx.get(f"{tollgate.url}/health/live").json() == {"status": "ok"}
+
+
+def test_answers_name_no_server_software(tollgate: Tollgate) -> None:
+    # uvicorn's `server: uvicorn` would tell a prober which server to try its known flaws on.
+    assert "server" not in httpx.get(f"{tollgate.url}/health/live").headers
+
+
+def test_a_request_has_tollgates_access_line_alone_not_uvicorns_too(tollgate: Tollgate) -> None:
+    # uvicorn's own line (client address, path with its query) would log each request twice.
+    probe = tag()
+    before = len(tollgate.log())
+    httpx.get(f"{tollgate.url}/health/live", params={"probe": probe}).raise_for_status()
+    # uvicorn writes its line as the answer starts, before the request ends and Tollgate's is written.
+    assert wait_for(lambda: "route=/health/live" in tollgate.log()[before:], timeout=5)
+    assert probe not in tollgate.log()[before:]
 
 
 def test_ready_is_503_naming_the_upstream_while_it_is_down_and_200_once_back(tmp_path, make_tollgate):

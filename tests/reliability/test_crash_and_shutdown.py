@@ -114,6 +114,27 @@ def test_sigterm_lets_an_open_stream_finish_refuses_new_connections_and_exits_0(
     assert status == "success"
 
 
+def test_a_call_answered_during_the_drain_says_its_connection_closes(tmp_path: Path, fake_url: str) -> None:
+    # Kept alive, the connection would take the client's next request to a gateway stopping, and
+    # hold the stop up until uvicorn's keep-alive timeout closed it.
+    server = Tollgate(tmp_path, fake_url, "sk-upstream", server={"shutdown_grace": "20s"}).start()
+    name = tag()
+    body = {"model": "Main", "messages": [{"role": "user", "content": f"one two [first_byte_ms=1000] [tag={name}]"}]}
+    replies: list[httpx.Response] = []
+    try:
+        with server.client(server.admin().team().key) as client:
+            caller = threading.Thread(target=lambda: replies.append(client.post("/v1/chat/completions", json=body)))
+            caller.start()
+            assert wait_for(lambda: fake_log(fake_url, name), timeout=10)
+            server.process.send_signal(signal.SIGTERM)
+            caller.join(20)
+        assert server.process.wait(15) == 0
+    finally:
+        server.stop()
+    (answer,) = replies
+    assert answer.status_code == 200 and answer.headers["connection"] == "close"
+
+
 def test_sigterm_cuts_streams_after_the_grace_period_and_records_them(tmp_path, litellm):
     server = Tollgate(tmp_path, litellm.url, litellm.master_key, server={"shutdown_grace": "1s"}).start()
     team = server.admin().team()
@@ -644,28 +665,54 @@ def v1_request(key: str, content: str) -> bytes:
     ).encode() + body
 
 
-def test_a_request_pipelined_behind_a_call_the_shutdown_cuts_is_answered_503_and_never_run(tmp_path, fake_url):
-    # uvicorn's shutdown marked only the queued request to close the connection after its answer:
-    # the cut call's answer started it, after the grace period, while the gateway stopped. Its call
-    # outlived the drain and was left running, its own job holding its credit, after exit 0.
-    server = Tollgate(tmp_path, fake_url, "sk-upstream", server={"shutdown_grace": "1s"}).start()
-    team = server.admin().team()
-    queued = tag()
+def queued_call(key: str, name: str) -> bytes:
+    """A /v1 call tagged `name`, slow to be answered were it ever run."""
+    return v1_request(key, f"queued [first_byte_ms=12000] [tag={name}]")
+
+
+def pipelined_behind_a_call_the_shutdown_cuts(server: Tollgate, key: str, *queued: bytes) -> bytes:
+    """What a connection reads that sent a /v1 call and the `queued` requests behind it at once,
+    SIGTERM sent while the call awaits its answer: the replies, once the server exited 0."""
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-            sock.sendall(v1_request(team.key, "cut [first_byte_ms=10000]")
-                         + v1_request(team.key, f"queued [first_byte_ms=12000] [tag={queued}]"))
+            sock.sendall(v1_request(key, "cut [first_byte_ms=10000]") + b"".join(queued))
             assert wait_for(lambda: books(server.database)["calls"], timeout=10)
             server.process.send_signal(signal.SIGTERM)
             reply = b"".join(iter(lambda: sock.recv(65536), b""))
         assert server.process.wait(20) == 0
     finally:
         server.stop()
+    return reply
+
+
+def test_a_request_pipelined_behind_a_call_the_shutdown_cuts_is_answered_503_and_never_run(tmp_path, fake_url):
+    # uvicorn's shutdown marked only the queued request to close the connection after its answer:
+    # the cut call's answer started it, after the grace period, while the gateway stopped. Its call
+    # outlived the drain and was left running, its own job holding its credit, after exit 0.
+    server = Tollgate(tmp_path, fake_url, "sk-upstream", server={"shutdown_grace": "1s"}).start()
+    key = server.admin().team().key
+    queued = [tag(), tag()]  # not the next alone: every request queued
+    reply = pipelined_behind_a_call_the_shutdown_cuts(server, key, *(queued_call(key, name) for name in queued))
     found, rest = answers(reply)
-    assert [(status, json.loads(body)["error"]["code"]) for status, body in found] == [
-        (503, "shutting_down"), (503, "shutting_down")
-    ]
-    assert not fake_log(fake_url, queued), "the queued request reached the upstream"
+    assert [(status, json.loads(body)["error"]["code"]) for status, body in found] == [(503, "shutting_down")] * 3
+    assert not any(fake_log(fake_url, name) for name in queued), "a queued request reached the upstream"
     settled = books(server.database)
     assert [c[1] for c in settled["calls"]] == ["cancelled"]
     assert list(settled["jobs"].values()) == ["failed"] and settled["held"] == 0
+
+
+def test_a_request_pipelined_behind_a_call_the_shutdown_cuts_has_its_access_log_line(
+    tmp_path: Path, fake_url: str
+) -> None:
+    # Answered by the protocol, not the app: counted and logged as the app's refusals are.
+    server = Tollgate(tmp_path, fake_url, "sk-upstream", server={"shutdown_grace": "1s"},
+                      logging={"access_log": "json"}).start()
+    key = server.admin().team().key
+    # A method past the usual ones is logged as any refused before the app is: as "unknown".
+    propfind = b"PROPFIND / HTTP/1.1\r\nHost: x\r\n\r\n"
+    pipelined_behind_a_call_the_shutdown_cuts(server, key, queued_call(key, tag()), propfind)
+    entries = [json.loads(line.split("tollgate.access: ", 1)[1])
+               for line in server.log().splitlines() if "tollgate.access: " in line]
+    assert [(e["route"], e["method"], e["status"]) for e in entries if e["status"] == 503] == [
+        ("/v1/chat/completions", "POST", 503), ("unmatched", "POST", 503), ("unmatched", "unknown", 503)
+    ]

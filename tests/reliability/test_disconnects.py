@@ -3,16 +3,22 @@ no upstream connection is leaked, and the live-streams gauge returns to zero."""
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import socket
 import subprocess
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
 
+from proxy.server import UNREAD_MARGIN, CoalescingHttpProtocol
 from tests.support import fake_log, tag, wait_for
+from tests.test_coalesce import RecordingTransport
 from tests.test_operations import families, value
 
 STREAMS = 100
@@ -169,6 +175,53 @@ def test_the_connection_of_a_client_that_takes_none_of_its_answer_is_dropped_not
     with unread_call(server, team.key, "a long answer [chunks=1000000]", stream=False) as (unread, _):
         client_port = unread.getsockname()[1]
         assert wait_for(lambda: connections_from(server.process.pid, server.port, client_port) == 0, timeout=30)
+
+
+class SocketTransport(RecordingTransport):
+    """A transport over `sock`, for what the protocol sets on the connection's socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.sock if name == "socket" else super().get_extra_info(name, default)
+
+
+class ResetSocket(socket.socket):
+    """A socket whose connection was reset before the protocol had it."""
+
+    def setsockopt(self, *args: Any) -> None:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def user_timeout_set_on(sock: socket.socket) -> int:
+    """The TCP_USER_TIMEOUT the served protocol sets on a connection over `sock` (read timeout 2 s)."""
+    config = uvicorn.Config(Starlette(), http=functools.partial(CoalescingHttpProtocol, read_timeout=2.0), lifespan="off")
+    config.load()
+
+    async def made() -> None:
+        protocol = config.http_protocol_class(config=config, server_state=uvicorn.server.ServerState(), app_state={})
+        protocol.connection_made(SocketTransport(sock))
+        protocol.connection_lost(None)
+
+    asyncio.run(made())
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["IPv4", "IPv6"])
+def test_the_kernel_is_told_to_drop_a_connection_left_unread_for_twice_the_read_timeout_and_more(
+    family: socket.AddressFamily,
+) -> None:
+    # In milliseconds, and over IPv6 as well (a gateway listening on `::`): the socket option is
+    # all there is to see of it short of a client that reads nothing for that long.
+    with socket.socket(family) as sock:
+        assert user_timeout_set_on(sock) == (2 * 2.0 + UNREAD_MARGIN) * 1000
+
+
+def test_a_connection_reset_before_it_was_served_is_no_error() -> None:
+    with ResetSocket() as sock:
+        assert user_timeout_set_on(sock) == 0  # left as it was
 
 
 def test_a_stream_cut_for_a_client_that_takes_none_of_it_drops_its_connection_without_an_error_logged(make_tollgate,

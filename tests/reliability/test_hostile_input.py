@@ -212,6 +212,19 @@ def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(target):
     assert "64 KiB" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
 
 
+def test_what_a_client_sends_on_after_its_refusal_is_read_and_dropped_not_answered_with_a_reset(target):
+    # Closed at once, its bytes unread, a socket resets: a reset overtaking the refusal on the way
+    # destroys it unread at the client. The server reads on for a while (two seconds) first.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 400 ")  # and the server's end
+        sock.sendall(b"still sending " * 1000)
+        time.sleep(0.3)  # a reset would be back by now
+        sock.sendall(b"still sending " * 1000)
+        assert sock.recv(65536) == b""
+
+
 def test_a_whole_head_over_64_kib_sent_at_once_is_431_too(target):
     # One read may bring all of it, as a client's single sendall on loopback does.
     server, _, _ = target
@@ -583,27 +596,33 @@ def test_a_request_answered_before_its_body_that_sends_on_without_end_is_cut_off
     assert taken < 6, f"the gateway took the body for {taken:.1f} s"
 
 
+def endless_chunk_extension(server: Tollgate, path: str) -> tuple[bytes, float]:
+    """`flood` of a chunked POST to `path` whose first chunk's size line has no end."""
+    key = server.admin().team().key
+    return flood(server.port, (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1;e="
+    ).encode())
+
+
 def test_a_chunk_extension_without_end_is_413_without_waiting_for_the_read_timeout(small_bodies):
     # Chunk extensions are no part of the body, so the body limit never counted them: one chunk's
     # size line without end was read (a core busy) until the read timeout, then a 408.
-    admin = small_bodies.admin()
-    key = admin.team().key
-    reply, taken = flood(small_bodies.port, (
-        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1;e="
-    ).encode())
+    reply, taken = endless_chunk_extension(small_bodies, "/api/jobs/create")
     assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
     assert taken < 6, f"the gateway took the chunk extension for {taken:.1f} s"
+
+
+def test_a_413_from_the_http_layer_names_the_configured_body_limit(small_bodies: Tollgate) -> None:
+    reply, _ = endless_chunk_extension(small_bodies, "/api/jobs/create")
+    detail = json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+    assert detail.startswith("Request body is larger than 65536 bytes"), detail
 
 
 def test_a_413_from_the_http_layer_is_named_as_rfc_9110_names_it_under_any_python(small_bodies):
     # Python named 413 "Request Entity Too Large" until 3.13: the status line and OpenAI's error
     # code (request_entity_too_large, then content_too_large) changed with the interpreter.
-    key = small_bodies.admin().team().key
-    reply, _ = flood(small_bodies.port, (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1;e="
-    ).encode())
+    reply, _ = endless_chunk_extension(small_bodies, "/v1/chat/completions")
     assert reply.startswith(b"HTTP/1.1 413 Content Too Large\r\n"), reply[:200]
     assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "content_too_large"
 

@@ -196,10 +196,13 @@ def test_a_request_waiting_behind_a_slow_one_has_the_read_timeout_from_its_turn(
     assert json.loads(found[1][1])["job_id"]
 
 
-def test_a_request_half_sent_when_the_answer_before_it_ends_has_the_read_timeout_not_the_keep_alive_one(make_tollgate):
+def test_a_request_half_sent_when_the_answer_before_it_ends_has_the_read_timeout_not_the_keep_alive_one(
+    make_tollgate, fake_url
+):
     # uvicorn's keep-alive timeout (5 s) starts as an answer ends: it is for an idle connection,
-    # not one whose next request is half read.
-    server = make_tollgate(server={"read_timeout": "10s"})
+    # not one whose next request is half read. The upstream is the fake itself: an answer LiteLLM
+    # was slow to give ended so late that the rest came within the keep-alive timeout after it.
+    server = make_tollgate(upstream_url=fake_url, upstream_key="sk-upstream", server={"read_timeout": "10s"})
     team = server.admin().team()
     slow = llm_call(team, new_job(server, team), "slow [first_byte_ms=500]")
     found = pipeline(server.port, slow + LIVE_LAST[:20], LIVE_LAST[20:], pause=6.5)
