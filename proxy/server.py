@@ -776,7 +776,7 @@ def listen(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.set_inheritable(True)  # for the workers of serve_workers
+            sock.set_inheritable(True)  # as uvicorn leaves the sockets it binds (spawned workers get theirs pickled)
     except BaseException:
         for sock in sockets:
             sock.close()
