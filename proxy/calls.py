@@ -259,13 +259,19 @@ class CallPipeline:
         self._running.add(call_id)
         try:
             await self._store.start_call(new_call, None if own_job is None else own_job.default_credits)
-        except asyncio.CancelledError:
-            # The store finished the insert before letting the cancellation through:
-            # close the row (a no-op if it was never written) rather than leave it running.
-            notes["job"], notes["call"] = job_id, call_id
+        except asyncio.CancelledError as cut:
             await self._limiter.settle(decision, 0, release=True)
+            if not isinstance(cut, WrittenThenCancelled):  # nothing of it written: no call to record
+                self._running.discard(call_id)
+                raise _cut_by_shutdown("the call was cut short before it started", decision.released().headers()) from None
+            # The store finished the insert before letting the cancellation through: the call
+            # (and its own job) exists, and is closed rather than left running.
+            notes["job"], notes["call"] = job_id, call_id
+            if own_job is not None:
+                self._metrics.observe_job(team.team_id, "created")
             await asyncio.shield(self._finish(call, "cancelled", None, Usage(0, 0), 0, "cancelled before it started"))
-            raise _cut_by_shutdown("the call was cut short before it started", decision.released().headers()) from None
+            headers = {**call.headers(), **decision.released().headers()}
+            raise _cut_by_shutdown("the call was cut short before it started", headers) from None
         except BaseException as exc:
             self._running.discard(call_id)
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing

@@ -17,7 +17,7 @@ from proxy.config import DatabaseConfig
 from proxy.ids import new_id
 from proxy.metrics import Metrics
 from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, JobEnd, NewCall, Team
-from proxy.store import StoreUnavailable
+from proxy.store import StoreUnavailable, WrittenThenCancelled
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store.sqlite import SQLiteStore
 from proxy.sweeper import sweep_forever, sweep_once
@@ -45,6 +45,48 @@ async def statuses_once(store: SQLiteStore, job_id: str, wanted: dict[str, str],
     while (found := await statuses(store, job_id)) != wanted and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
     return found
+
+
+async def start_cut(store: SQLiteStore, call: NewCall) -> BaseException:
+    """What a call's start raises, cancelled (by the gateway's shutdown) once its write is under way."""
+    starting = asyncio.create_task(store.start_call(call))
+    await asyncio.sleep(0)  # its write submitted: the cancellation waits for it (writer.py)
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError) as cut:
+        await starting
+    return cut.value
+
+
+def test_a_start_cut_short_once_written_says_the_call_started(tmp_path):
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "cut.db"))
+        try:
+            job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+            assert isinstance(await start_cut(store, new_call("cut", job_id, time.time())), WrittenThenCancelled)
+            assert await statuses(store, job_id) == {"cut": "running"}
+        finally:
+            await store.close()
+
+    asyncio.run(check())
+
+
+def test_a_start_cut_short_in_an_expired_job_says_nothing_was_started(tmp_path):
+    # Its write went through, but wrote nothing of the call: taken for a start, the call would
+    # be counted and answered with ids of a call that does not exist.
+    async def check() -> None:
+        path = tmp_path / "cut.db"
+        store = await make_team(str(path))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.close()
+        later = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: time.time() + 120, expire_after=60.0)
+        await later.open()
+        try:
+            assert not isinstance(await start_cut(later, new_call("cut", job_id, time.time())), WrittenThenCancelled)
+            assert await statuses(later, job_id) == {}
+        finally:
+            await later.close()
+
+    asyncio.run(check())
 
 
 def test_the_sweep_closes_only_calls_still_running_that_started_before_the_cutoff(tmp_path):

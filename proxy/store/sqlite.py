@@ -792,7 +792,9 @@ class SQLiteStore:
         """Record the call as running in its job. With `own_job_default_credits`, the job is the
         call's own (a /v1 call without X-Job-Id), made in the same write, holding the team's
         credits per job (this many unless the team sets its own): a job without its call never
-        exists, nor does a call refused at its start leave a job holding a credit."""
+        exists, nor does a call refused at its start leave a job holding a credit. Cancelled
+        meanwhile: WrittenThenCancelled once the call is started, else a plain CancelledError
+        (nothing of the call written)."""
         now = self._clock()
         expired_before = now - self._expire_after
 
@@ -839,12 +841,21 @@ class SQLiteStore:
 
         # Not waiting for the disk: a start matters only with the call's end, whose write
         # is durable and, the WAL being written in order, makes this one durable too.
-        if await self._write(start, atomic=own_job_default_credits is not None, durable=False):
+        try:
+            expired = await self._write(start, atomic=own_job_default_credits is not None, durable=False)
+        except WrittenThenCancelled as cut:
+            if cut.value:  # the job had expired: nothing of the call was written
+                raise asyncio.CancelledError() from None
+            raise
+        if expired:
             # Failed in a transaction of its own, as the sweep fails it: the start's write has
             # none (atomic=False, a single statement), so a failure's statements would commit
             # one by one, and one refused after the hold was deleted (the database busy with
             # another process, a full disk) would leave the team's credit held for good.
-            failed_now = await self._write(lambda db: _expire_job_in(db, call.job_id, now))
+            try:
+                failed_now = await self._write(lambda db: _expire_job_in(db, call.job_id, now))
+            except WrittenThenCancelled:
+                raise asyncio.CancelledError() from None  # the job's failure, not the call's start
             raise JobExpired(call.job_id, failed_now)
 
     async def finish_call(self, outcome: CallOutcome, *, over_interrupted: bool = False) -> bool:

@@ -15,19 +15,21 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
 from proxy.calls import CallPipeline
 from proxy.config import DatabaseConfig, load_config
 from proxy.records import CallOutcome, NewCall
-from proxy.store import StoreBusy, StoreUnavailable
+from proxy.store import StoreBusy, StoreUnavailable, WrittenThenCancelled
 from proxy.store import sqlite as sqlite_store
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.writer import Writer
@@ -534,6 +536,59 @@ def test_an_outcome_waiting_on_a_locked_database_when_the_shutdown_cuts_its_call
 
     assert asyncio.run(run()) == (0, 0)
     assert store.recorded == ["c"]
+
+
+def cut_starts(monkeypatch: pytest.MonkeyPatch, written: bool) -> None:
+    """Every call's start cut by the gateway's shutdown (uvicorn's cancellation, once
+    server.shutdown_grace is over, of a start waiting on a database another process locked), as
+    the store reports it: once the call is started, or before any of it was written."""
+    original = SQLiteStore.start_call
+
+    async def cut(self: SQLiteStore, *args: Any, **kwargs: Any) -> None:
+        if not written:
+            raise asyncio.CancelledError()
+        await original(self, *args, **kwargs)
+        raise WrittenThenCancelled(False)
+
+    monkeypatch.setattr(SQLiteStore, "start_call", cut)
+
+
+def counted(server: Gateway) -> Counter[str]:
+    """The calls and jobs /metrics counts, by status."""
+    found: Counter[str] = Counter()
+    for family in text_string_to_metric_families(server.http.get("/metrics").text):
+        if family.name in ("tollgate_llm_calls", "tollgate_jobs"):
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    found[f"{family.name}:{sample.labels['status']}"] += int(sample.value)
+    return found
+
+
+def test_a_call_whose_start_the_shutdown_cut_once_written_answers_503_naming_its_job_and_call(gateway, monkeypatch):
+    # Recorded as cancelled, it is the client's to ask about, by the ids every answer to a
+    # recorded call carries; its own job was made with its start, and counted so.
+    server = gateway()
+    cut_starts(monkeypatch, written=True)
+    before = counted(server)
+    response = server.post("/v1/chat/completions", {"model": "Main", **CALL})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    job = server.job(response.headers["x-job-id"])
+    assert [c["call_id"] for c in job["calls"]] == [response.headers["x-call-id"]]
+    assert (job["status"], job["calls"][0]["status"], job["costs"]["credits_charged"]) == ("failed", "cancelled", 0)
+    assert counted(server) - before == {
+        "tollgate_llm_calls:cancelled": 1, "tollgate_jobs:created": 1, "tollgate_jobs:failed": 1
+    }
+
+
+def test_a_call_whose_start_the_shutdown_cut_before_any_write_is_counted_nowhere(gateway, monkeypatch):
+    # No call and no job exist: counted as a cancelled call, with ids that name nothing.
+    server = gateway()
+    cut_starts(monkeypatch, written=False)
+    before = counted(server)
+    response = server.post("/v1/chat/completions", {"model": "Main", **CALL})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    assert "x-call-id" not in response.headers and "x-job-id" not in response.headers
+    assert counted(server) - before == {}
 
 
 def test_an_unexpected_failure_is_a_500_in_json_on_every_api(gateway, monkeypatch):
