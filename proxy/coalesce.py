@@ -10,7 +10,7 @@ its own (its admit, and its settle as it ends) while other calls' went out besid
 `CoalescedWrites` holds what is written to a transport until the loop has run the callbacks
 that were ready with it, then sends it all at once: in the next turn, before the loop waits
 for I/O again. Nothing is held longer than that, and what comes after it on any transport this
-way is sent after it. Past `FLUSH_AT` bytes the writes go at once.
+way is sent after it. From `FLUSH_AT` bytes on, the writes go at once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-FLUSH_AT = 64 * 1024  # uvicorn's own high-water mark: more than this is sent without waiting
+FLUSH_AT = 64 * 1024  # uvicorn's own high-water mark: this much or more is sent without waiting
 
 
 class CoalescedWrites:

@@ -192,6 +192,14 @@ def test_model_group_lifecycle(admin):
     assert admin.request("GET", f"/admin/model-groups/{name}").status_code == 404
 
 
+def test_a_model_groups_update_time_moves_on_and_its_creation_time_stays(admin):
+    name = uid("Group")
+    created = admin.ok("POST", "/admin/model-groups", json={"name": name, "models": ["primary"]})
+    time.sleep(0.01)  # the times are written to the millisecond
+    updated = admin.ok("PUT", f"/admin/model-groups/{name}", json={"models": ["backup"]})
+    assert created["created_at"] == created["updated_at"] == updated["created_at"] < updated["updated_at"]
+
+
 @pytest.mark.parametrize(
     "models",
     [["m"] * 33, ["m" * 257], ["gpt-4o\n"], ["gpt\x00"], [], [""], "primary", [1]],

@@ -13,8 +13,13 @@ from starlette.requests import Request
 from starlette.routing import Mount, Route, WebSocketRoute
 
 from proxy.bodies import read_json_object
-from proxy.errors import ApiError
+from proxy.errors import ApiError, StoreErrorHandler, from_store_error
+from proxy.records import Team
 from proxy.server_wide import served_methods
+from proxy.store import (
+    CallInProgress, Conflict, Forbidden, InsufficientCredits, JobClosed, NotFound, StoreBusy, StoreError,
+    StoreUnavailable, TeamSuspended,
+)
 from proxy.validation import parse_call, parse_complete, parse_job_create, parse_paging
 from tests.support import Tollgate, fake_log, tag, wait_for
 from tests.test_operations import families, value
@@ -354,11 +359,11 @@ def test_a_body_with_a_transfer_coding_besides_chunked_is_415_naming_it(tollgate
 def test_unknown_route_and_wrong_method_answer_json(tollgate, team):
     client = tollgate.client(team.key)
     missing = client.get("/api/nothing-here")
-    assert missing.status_code == 404 and missing.json()["detail"]
+    assert missing.status_code == 404 and missing.json()["detail"] == "Not found: GET /api/nothing-here"
     wrong = client.get("/api/jobs/create-not")  # GET on a job that is not a UUID
     assert wrong.status_code == 404
     method = client.delete("/api/jobs/create")
-    assert method.status_code == 405 and method.json()["detail"]
+    assert method.status_code == 405 and method.json()["detail"] == "Method not allowed: DELETE /api/jobs/create"
 
 
 def test_get_on_the_create_route_is_405_allowing_post(tollgate, team):
@@ -382,6 +387,11 @@ def test_a_browsers_cors_preflight_is_405_saying_browsers_are_not_served(tollgat
     body = answer.json()
     message = body["error"]["message"] if path.startswith("/v1") else body["detail"]
     assert "CORS" in message and "server" in message, message
+
+
+def test_an_options_request_that_is_no_cors_preflight_is_not_told_about_browsers(tollgate):
+    answer = httpx.options(f"{tollgate.url}/api/jobs/create")
+    assert answer.status_code == 405 and "CORS" not in answer.json()["detail"]
 
 
 def exchange(port: int, request: bytes) -> bytes:
@@ -717,3 +727,40 @@ def test_a_content_length_uvicorn_would_refuse_is_a_4xx_under_any_asgi_server(le
     except ApiError as refused:
         answered = refused.status
     assert answered == status
+
+
+BROKE = Team("t", "o", "active", 1, 1, 0, ("Main",), None, None, None, None, 0.0)
+
+
+@pytest.mark.parametrize(
+    "error, status, code, retry_after",
+    [
+        (NotFound("no such job"), 404, "not_found", None),
+        (Forbidden("another team's"), 403, "forbidden", None),
+        (TeamSuspended("suspended"), 403, "team_suspended", None),
+        (InsufficientCredits(BROKE, 1), 403, "insufficient_credits", None),
+        (JobClosed("j", "completed"), 409, "job_closed", None),
+        (Conflict("taken"), 409, "conflict", None),
+        (CallInProgress("running"), 409, "conflict", None),
+        (StoreBusy("locked"), 503, "store_busy", "1"),
+        (StoreUnavailable("disk full"), 503, "store_unavailable", "10"),
+        (StoreError("else"), 500, "internal_error", None),
+    ],
+)
+def test_a_store_refusal_is_answered_with_its_status_code_and_retry_hint(error, status, code, retry_after):
+    answer = from_store_error(error)
+    assert (answer.status, answer.code, answer.headers.get("Retry-After")) == (status, code, retry_after)
+    assert answer.message == (str(error) if status != 500 else "Internal error")
+
+
+def test_only_an_unwritable_database_is_logged_of_the_store_refusals(caplog):
+    # Refusals of the request itself are the client's business, and the access log's.
+    handler = StoreErrorHandler()
+    request = Request({"type": "http", "method": "POST", "path": "/api/jobs/create", "headers": [], "query_string": b""})
+    with caplog.at_level("WARNING", logger="tollgate"):
+        for error in (NotFound("no such job"), Conflict("taken"), StoreBusy("locked"), StoreUnavailable("disk full")):
+            asyncio.run(handler.handle(request, error))
+    assert [r.getMessage() for r in caplog.records] == [
+        "POST /api/jobs/create: 503, the database cannot be written: disk full"
+        " (times since last logged: 1; logged at most once a minute)"
+    ]

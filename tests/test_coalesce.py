@@ -38,6 +38,12 @@ class RecordingTransport(asyncio.Transport):
         self.calls.append(("abort", None))
         self.closing = True
 
+    def write_eof(self) -> None:
+        self.calls.append(("write_eof", None))
+
+    def can_write_eof(self) -> bool:
+        return True
+
     def is_closing(self) -> bool:
         return self.closing
 
@@ -90,6 +96,41 @@ def test_writes_past_the_flush_mark_go_at_once():
     assert asyncio.run(run()) == [b"a" + b"b" * FLUSH_AT]
 
 
+def test_small_writes_adding_up_past_the_flush_mark_go_at_once():
+    async def run() -> list[bytes]:
+        transport = RecordingTransport()
+        writes = CoalescedWrites(transport, asyncio.get_running_loop())
+        for part in (b"a", b"b", b"c", b"d"):
+            writes.write(part * (FLUSH_AT // 4 + 1))
+        return list(transport.writes)  # before the turn's end
+
+    assert asyncio.run(run()) == [b"".join(part * (FLUSH_AT // 4 + 1) for part in (b"a", b"b", b"c", b"d"))]
+
+
+def test_what_a_turn_sent_counts_for_nothing_towards_the_next_turns_flush_mark():
+    async def run() -> list[bytes]:
+        transport = RecordingTransport()
+        writes = CoalescedWrites(transport, asyncio.get_running_loop())
+        writes.write(b"a" * (FLUSH_AT // 2 + 1))
+        await next_turn()
+        writes.write(b"b" * (FLUSH_AT // 2))
+        assert transport.writes == [b"a" * (FLUSH_AT // 2 + 1)]  # the second still held: under the mark
+        await next_turn()
+        return transport.writes
+
+    assert asyncio.run(run()) == [b"a" * (FLUSH_AT // 2 + 1), b"b" * (FLUSH_AT // 2)]
+
+
+def test_an_empty_write_sends_nothing():
+    async def run() -> list[tuple[str, Any]]:
+        transport = RecordingTransport()
+        CoalescingTransport(transport, asyncio.get_running_loop()).write(b"")
+        await next_turn()
+        return transport.calls
+
+    assert asyncio.run(run()) == []
+
+
 def test_writes_held_when_the_peer_hangs_up_are_dropped_not_sent_to_the_closed_transport():
     async def run() -> list[bytes]:
         transport = RecordingTransport()
@@ -116,6 +157,18 @@ def test_closing_sends_what_was_written_first_and_aborting_drops_it():
     closed, aborted = asyncio.run(run())
     assert closed == [("write", b"last words"), ("close", None)]
     assert aborted == [("abort", None)]
+
+
+def test_ending_the_writing_side_sends_what_was_written_first():
+    async def run() -> list[tuple[str, Any]]:
+        inner = RecordingTransport()
+        transport = CoalescingTransport(inner, asyncio.get_running_loop())
+        transport.write(b"the whole answer")
+        transport.write_eof()
+        await next_turn()
+        return inner.calls
+
+    assert asyncio.run(run()) == [("write", b"the whole answer"), ("write_eof", None)]
 
 
 def test_the_coalescing_transport_passes_everything_else_to_the_wrapped_one():

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from proxy import jobs_api
+from proxy.records import iso
 from proxy.store import CallInProgress
 from tests.support import tag, wait_for
 
@@ -88,6 +89,33 @@ def test_get_job_shows_running_totals_and_calls(tollgate, team):
     assert body["costs"]["total_calls"] == 1 and body["costs"]["total_tokens"] == 7
     assert body["costs"]["credits_remaining"] == 10 and body["costs"]["credit_applied"] is False
     assert [(c["purpose"], c["status"], c["model"]) for c in body["calls"]] == [("p1", "success", "primary")]
+
+
+def test_a_jobs_average_latency_is_its_calls_latency(tollgate, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    slow = [{"role": "user", "content": "slow to start [first_byte_ms=200]"}]
+    client.post(f"/api/jobs/{job['job_id']}/llm-call", json={"messages": slow}).raise_for_status()
+    body = client.get(f"/api/jobs/{job['job_id']}").json()
+    (call,) = body["calls"]
+    assert call["latency_ms"] >= 200 and body["costs"]["avg_latency_ms"] == call["latency_ms"]
+
+
+def test_a_running_call_counts_among_a_jobs_calls_but_neither_as_succeeded_nor_failed(tollgate, team):
+    client = tollgate.client(team.key)
+    job = create(client)
+    body = {"messages": [{"role": "user", "content": "a [chunks=5] [delay_ms=200]"}]}
+    with client.stream("POST", f"/api/jobs/{job['job_id']}/llm-call-stream", json=body) as response:
+        lines = response.iter_lines()
+        next(lines)
+        costs = client.get(f"/api/jobs/{job['job_id']}").json()["costs"]
+        for _ in lines:
+            pass
+    assert (costs["total_calls"], costs["successful_calls"], costs["failed_calls"]) == (1, 0, 0)
+
+
+def test_times_are_written_in_utc_to_the_millisecond_zeros_included():
+    assert iso(86_400.007_9) == "1970-01-02T00:00:00.007Z"
 
 
 def test_complete_charges_once_and_reports_costs(tollgate, admin, team):

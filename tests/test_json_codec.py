@@ -6,7 +6,10 @@ import sys
 
 import pytest
 
-from proxy.json_codec import UNSURE, JSONResponse, dumps, loads, orjson_loads
+from starlette.responses import JSONResponse as StarletteJSONResponse
+
+from proxy.json_codec import UNSURE, JSONAnswer, JSONResponse, dumps, loads, orjson_loads
+from proxy.records import RawJSON
 from tests.support import TOO_DEEP_FOR_JSON
 
 
@@ -17,6 +20,7 @@ from tests.support import TOO_DEEP_FOR_JSON
         b'{"n": -9223372036854775809}',  # one below -2**63
         b'{"n": 1234567890123456789012345678901234567890}',
         b'{"n": 9223372036854775807, "m": 18446744073709551615}',
+        b"18446744073709551616",  # the run of digits at the text's very start
         b'{"x": NaN, "y": Infinity, "z": -Infinity}',
         b'{"x": 1e999}',
         b'{"s": "\\ud800"}',
@@ -106,6 +110,36 @@ def test_dumps_writes_non_finite_floats_as_null_beside_what_only_the_json_module
     assert json.loads(written, parse_constant=lambda name: pytest.fail(f"{name} written")) == {
         "x": None, "y": None, "z": [None], "o": other
     }
+
+
+def test_dumps_writes_non_finite_floats_in_a_tuple_as_null_too():
+    assert dumps({"t": (float("nan"), 2**70)}) == b'{"t":[null,1180591620717411303424]}'
+
+
+def test_raw_json_is_equal_to_raw_json_of_the_same_text_only():
+    # A page's jobs hold it as metadata: jobs compare by their fields.
+    assert RawJSON('{"a": 1}') == RawJSON('{"a": 1}') and hash(RawJSON("[1]")) == hash(RawJSON("[1]"))
+    assert RawJSON('{"a": 1}') != RawJSON('{"a":1}') and RawJSON("[1]") != "[1]"
+
+
+def test_dumps_writes_raw_json_text_as_it_is():
+    assert dumps({"metadata": RawJSON('{"a": [1, 2]} ')}) == b'{"metadata":{"a": [1, 2]} }'
+
+
+def test_dumps_writes_raw_json_as_json_beside_what_only_the_json_module_writes():
+    value = {"metadata": RawJSON('{"a": [1, 2]}'), "n": 2**70}
+    assert dumps(value) == b'{"metadata":{"a":[1,2]},"n":1180591620717411303424}'
+
+
+def test_json_response_is_rendered_by_dumps_non_finite_floats_included():
+    # Starlette's own rendering refuses NaN: a 500 instead of the answer.
+    assert JSONResponse({"x": float("nan")}).body == b'{"x":null}'
+
+
+def test_a_calls_answer_is_a_200_with_a_json_responses_headers_then_the_calls_own():
+    answer = JSONAnswer(b'{"a":1}', [(b"x-call-id", b"c1")])
+    assert answer.status_code == 200 and answer.body == b'{"a":1}'
+    assert answer.raw_headers == [*StarletteJSONResponse({"a": 1}).raw_headers, (b"x-call-id", b"c1")]
 
 
 def test_json_response_is_rendered_compact_utf8():

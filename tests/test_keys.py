@@ -50,6 +50,13 @@ def test_revoked_key_is_refused_at_once(tollgate, admin, team):
     assert response.json() == INVALID
 
 
+def test_a_revoked_key_is_listed_with_when_it_was_revoked(admin, team):
+    revoked = admin.ok("DELETE", f"/admin/keys/{team.key_id}")
+    (listed,) = admin.ok("GET", f"/admin/teams/{team.team_id}/keys")
+    assert listed == revoked and listed["expires_at"] is None
+    assert listed["revoked_at"] is not None and listed["revoked_at"] >= listed["created_at"]
+
+
 def test_revoked_key_is_refused_at_once_by_another_process(tollgate, admin, team):
     other = Tollgate(tollgate.workdir, "http://127.0.0.1:9", "unused", database_file=tollgate.database).start()
     try:

@@ -6,6 +6,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from proxy.errors import ApiError, error_body
 from tests.support import fake_log, tag, wait_for
 
 
@@ -140,6 +141,15 @@ def test_models_list_shows_the_teams_groups(tollgate, admin):
     assert [m.id for m in client.models.list()] == ["Main", "Backup"]
 
 
+def test_a_model_is_described_as_openai_describes_one(tollgate, team):
+    client = tollgate.client(team.key)
+    (listed,) = client.get("/v1/models").json()["data"]
+    model = client.get("/v1/models/Main").json()
+    assert model == listed
+    assert (model["id"], model["object"], model["owned_by"]) == ("Main", "model", "tollgate")
+    assert type(model["created"]) is int and model["created"] > 0  # Unix seconds, as OpenAI's
+
+
 def test_call_without_job_header_is_its_own_job_completed_and_charged(sdk, tollgate, admin, team):
     raw = sdk.chat.completions.with_raw_response.create(model="Main", messages=HELLO)
     job_id = raw.headers["x-job-id"]
@@ -176,6 +186,14 @@ def test_failed_implicit_job_is_failed_and_not_charged(tollgate, admin):
     assert (body["credits_used"], body["credits_held"]) == (0, 0)
 
 
+def test_a_failed_implicit_jobs_error_message_is_its_calls_error(tollgate, admin):
+    team = admin.team(groups=("AllFail",))
+    client = tollgate.client(team.key)
+    failed = client.post("/v1/chat/completions", json={"model": "AllFail", "messages": HELLO})
+    job = client.get(f"/api/jobs/{failed.headers['x-job-id']}").json()
+    assert job["status"] == "failed" and job["error_message"] and job["error_message"] == job["calls"][0]["error"]
+
+
 def test_job_header_attaches_the_call_to_an_open_job(sdk, tollgate, team):
     client = tollgate.client(team.key)
     job_id = client.post("/api/jobs/create", json={"job_type": "mixed"}).json()["job_id"]
@@ -183,6 +201,16 @@ def test_job_header_attaches_the_call_to_an_open_job(sdk, tollgate, team):
     list(sdk.chat.completions.create(model="Main", messages=HELLO, stream=True, extra_headers={"X-Job-Id": job_id}))
     job = client.get(f"/api/jobs/{job_id}").json()
     assert job["status"] == "in_progress" and job["costs"]["total_calls"] == 2
+
+
+def test_a_job_header_may_name_the_job_in_any_form_of_its_uuid(tollgate, team):
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "forms"}).json()["job_id"]
+    body = {"model": "Main", "messages": HELLO}
+    for form in (job_id.upper(), "{" + job_id.replace("-", "") + "}"):
+        response = client.post("/v1/chat/completions", json=body, headers={"X-Job-Id": form})
+        assert (response.status_code, response.headers["x-job-id"]) == (200, job_id), form
+    assert client.get(f"/api/jobs/{job_id}").json()["costs"]["total_calls"] == 2
 
 
 def test_job_header_naming_an_unknown_or_finished_job(sdk, tollgate, team):
@@ -273,6 +301,33 @@ def test_no_credits_is_permission_denied(tollgate, admin):
 def test_error_shape_is_openais(tollgate, team):
     response = tollgate.client(team.key).post("/v1/chat/completions", json={"model": "NoSuchGroup", "messages": HELLO})
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    "status, error_type",
+    [
+        (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
+        (404, "not_found_error"), (405, "invalid_request_error"), (409, "conflict_error"),
+        (413, "invalid_request_error"), (415, "invalid_request_error"), (422, "invalid_request_error"),
+        (429, "rate_limit_error"), (500, "server_error"), (503, "service_unavailable"),
+        (418, "invalid_request_error"),
+    ],
+)
+def test_an_errors_type_names_its_kind_of_failure(status, error_type):
+    # A client may branch on error.type where it has no SDK class to catch.
+    assert error_body("/v1/chat/completions", ApiError(status, "no"))["error"]["type"] == error_type
+
+
+@pytest.mark.parametrize("path", ["/v1beta/chat/completions", "/v10/models", "/api/v1/x", "/chat/completions/x"])
+def test_paths_beside_v1s_answer_their_errors_in_the_detail_shape(path):
+    assert error_body(path, ApiError(404, "Not found")) == {"detail": "Not found"}
+
+
+@pytest.mark.parametrize("path", ["/chat/completions/", "/models/"])
+def test_a_client_asking_for_a_root_route_with_a_trailing_slash_is_told_where_the_routes_are(tollgate, team, path):
+    response = tollgate.client(team.key).get(path)
+    assert response.status_code == 404
+    assert f"set the client's base URL to {tollgate.url}/v1" in response.json()["error"]["message"]
 
 
 def test_unknown_paths_under_v1_and_v1_itself_are_404_in_openais_shape(tollgate, team):

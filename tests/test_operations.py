@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import stop_process, wait_until_up
+from proxy.occasional import Occasional
 from tests.support import REPO, PYTHON, Tollgate, free_port, start_process, tag, tollgate_config, wait_for
 
 REQUIRED = {
@@ -395,6 +397,43 @@ def test_litellm_refusing_the_upstream_key_is_logged_once_a_minute_not_once_a_ca
     lines = [line for line in server.log().splitlines() if "refused Tollgate's upstream key" in line]
     assert len(lines) == 1, lines
     assert "TOLLGATE_UPSTREAM_KEY" in lines[0] and "once a minute" in lines[0]
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "tollgate.test"]
+
+
+def test_a_faults_first_line_is_said_at_once_whenever_the_clock_started(caplog):
+    # time.monotonic() counts from the machine's boot, and may be near 0 when Tollgate starts:
+    # the first line is said all the same.
+    line = Occasional(logging.getLogger("tollgate.test"), logging.WARNING, clock=Clock())
+    with caplog.at_level(logging.WARNING, logger="tollgate.test"):
+        line("refused: %s", "why")
+    assert said(caplog) == ["refused: why (times since last logged: 1; logged at most once a minute)"]
+
+
+def test_a_faults_line_is_said_again_once_its_interval_is_over_with_how_often_it_was_due(caplog):
+    clock = Clock()
+    line = Occasional(logging.getLogger("tollgate.test"), logging.WARNING, every=5, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="tollgate.test"):
+        for now in (0.0, 1.0, 4.9, 5.0, 6.0, 10.0):
+            clock.now = now
+            line("refused")
+    assert said(caplog) == [
+        "refused (times since last logged: 1; logged at most once every 5 s)",
+        "refused (times since last logged: 3; logged at most once every 5 s)",
+        "refused (times since last logged: 2; logged at most once every 5 s)",
+    ]
 
 
 def test_litellm_unreachable_is_logged_once_a_minute_naming_it(make_tollgate):
