@@ -222,7 +222,7 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
 
     litellm_config = Path("litellm_config.yaml")
     if not litellm_config.exists():
-        raise SystemExit("tollgate demo: run it from Tollgate's directory (litellm_config.yaml not found)")
+        refuse("run it from Tollgate's directory (litellm_config.yaml not found)")
     # Both ports are checked before anything is installed or started: a LiteLLM already
     # listening on its default port (4000) is the likeliest collision.
     if port == litellm_port:

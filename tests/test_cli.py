@@ -10,8 +10,9 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import pytest
 import uvicorn
@@ -19,9 +20,10 @@ import yaml
 from starlette.applications import Starlette
 from uvicorn.main import STARTUP_FAILURE
 
-from proxy.cli import build_parser, serve_options
+from proxy import demo
+from proxy.cli import _config_for_workers, _run, build_parser, main, serve_options
 from proxy.config import Config, LoggingConfig, load_config
-from proxy.demo import DEMO_TEAM, _prepare
+from proxy.demo import DEMO_TEAM, LITELLM_VERSION, _prepare, banner, ensure_litellm
 from proxy.server import _say_listening, _Supervisor, listen, serve, uvicorn_options
 from tests.support import PYTHON, REPO, Tollgate, free_port, tollgate_config, wait_for
 
@@ -30,6 +32,13 @@ def tollgate_cli(config: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
     return subprocess.run(
         [PYTHON, "-m", "proxy", *args, "--config", str(config)], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+
+def tollgate_demo(*args: str, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    return subprocess.run(
+        [PYTHON, "-m", "proxy", "demo", *args], env={**clean, **env}, cwd=cwd, capture_output=True, text=True, timeout=60
     )
 
 
@@ -122,6 +131,7 @@ def test_cli_reports_refusals_without_a_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == "tollgate: Organization 'missing-org' not found"
     result = tollgate_cli(config, "credits", "add", "nobody", "5", "--reason", "x")
+    assert result.returncode == 1
     assert result.stderr.strip() == "tollgate: Team 'nobody' not found"
 
 
@@ -171,7 +181,7 @@ def test_a_cli_command_leaves_a_declared_team_as_the_admin_api_changed_it(tmp_pa
 def test_team_update_takes_a_team_back_to_the_default_limits_and_group(tmp_path):
     config = plain_config(tmp_path)
     ok(config, "org", "create", "o")
-    ok(config, "team", "create", "t", "--org", "o", "--groups", "Main,Backup", "--default", "Backup",
+    ok(config, "team", "create", "t", "--org", "o", "--groups", "Main, Backup", "--default", "Backup",
        "--rpm", "7", "--tpm", "700", "--credits-per-job", "3")
     team = ok(config, "team", "update", "t", "--default", "", "--rpm", "default", "--tpm", "default",
               "--credits-per-job", "default")
@@ -186,6 +196,40 @@ def test_team_update_can_take_every_group_away(tmp_path):
     ok(config, "team", "create", "t", "--org", "o", "--groups", "Main")
     team = ok(config, "team", "update", "t", "--groups", "")
     assert (team["model_groups"], team["default_model_group"]) == ([], None)
+
+
+def test_team_update_refuses_a_limit_the_admin_api_refuses(tmp_path: Path) -> None:
+    config = plain_config(tmp_path)
+    ok(config, "org", "create", "o")
+    ok(config, "team", "create", "t", "--org", "o", "--rpm", "7")
+    result = tollgate_cli(config, "team", "update", "t", "--rpm", "0")
+    assert result.returncode == 1 and "rpm_limit" in result.stderr, result.stderr
+    assert ok(config, "team", "show", "t")["rpm_limit"] == 7
+
+
+def test_credits_add_takes_a_negative_amount_away(tmp_path: Path) -> None:
+    config = plain_config(tmp_path)
+    ok(config, "org", "create", "o")
+    ok(config, "team", "create", "t", "--org", "o", "--credits", "5")
+    assert ok(config, "credits", "add", "t", "-2", "--reason", "refund corrected")["credits_allocated"] == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["team", "create", "t"], "the following arguments are required: --org"),
+        (["credits", "add", "t", "5"], "the following arguments are required: --reason"),
+        (["model-group", "create", "G"], "the following arguments are required: --models"),
+        (["team", "update", "t", "--status", "paused"], "argument --status: invalid choice: 'paused'"),
+    ],
+)
+def test_a_command_missing_an_option_or_given_an_unknown_status_is_refused_as_a_usage_error(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(args)
+    assert exit.value.code == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_team_update_refuses_a_limit_that_is_neither_a_number_nor_default(tmp_path):
@@ -280,7 +324,7 @@ def test_serve_on_a_port_in_use_fails_in_one_line_before_applying_its_files_decl
             [PYTHON, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(port), "--config", str(config)],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
         )
-    assert result.returncode != 0
+    assert result.returncode == 1  # the machine's state, not the configuration's (2)
     assert result.stderr.strip().splitlines() == [f"tollgate: cannot listen on 127.0.0.1:{port}: Address already in use"]
     if (tmp_path / "shared.db").exists():
         with sqlite3.connect(tmp_path / "shared.db") as db:
@@ -306,16 +350,19 @@ def test_serve_help_gives_the_files_keys_as_the_defaults_of_host_port_and_worker
         assert f"(default: server.{key}, {getattr(server, key)} unless set)" in text.split(option, 2)[2], option
 
 
-def test_serve_refuses_a_host_it_cannot_resolve_in_one_line_before_starting(tmp_path):
+# The second is no name to resolve at all: a label over 63 characters fails in the idna codec.
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "a" * 64 + ".example"])
+def test_serve_refuses_a_host_it_cannot_resolve_in_one_line_before_starting(tmp_path, host):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
     env.update(TOLLGATE_MASTER_KEY="m", TOLLGATE_UPSTREAM_KEY="k", TOLLGATE_UPSTREAM_URL="http://127.0.0.1:9")
     result = subprocess.run(
-        [PYTHON, "-m", "proxy", "serve", "--host", "no-such-host.invalid", "--port", "18402",
+        [PYTHON, "-m", "proxy", "serve", "--host", host, "--port", "18402",
          "--config", str(plain_config(tmp_path))],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("tollgate: cannot listen on no-such-host.invalid:18402: ")
+    assert result.stderr.startswith(f"tollgate: cannot listen on {host}:18402: ")
+    assert "[Errno" not in result.stderr  # the reason in words, as for a port in use
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -360,13 +407,18 @@ def test_an_apply_that_fails_part_way_still_tells_running_servers_what_it_change
     assert stamp_file.read_bytes() != before
 
 
+def demo_config(tmp_path: Path, **sections: Any) -> Config:
+    """The bundled config.yaml, as the demo reads it, with `sections` over it and a database of the test's own."""
+    bundled = yaml.safe_load((REPO / "config.yaml").read_text())
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**bundled, **sections, "database": {"url": f"sqlite:///{tmp_path / 'demo.db'}"}}))
+    return load_config(str(path), {})
+
+
 def test_the_demo_creates_what_the_client_documentation_assumes(tmp_path):
     # API.md: the organization and team acme-corp, the five groups the seeds name on the offline
     # models of litellm_config.yaml, a default group, credits and a key.
-    bundled = yaml.safe_load((REPO / "config.yaml").read_text())
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({**bundled, "database": {"url": f"sqlite:///{tmp_path / 'demo.db'}"}}))
-    config = load_config(str(path), {})
+    config = demo_config(tmp_path)
     key, team = asyncio.run(_prepare(config))
     assert key.startswith("sk-")
     assert (team.team_id, team.organization_id) == (DEMO_TEAM, DEMO_TEAM) == ("acme-corp", "acme-corp")
@@ -381,39 +433,37 @@ def test_demo_prepares_its_team_when_the_config_declares_it_as_the_bundled_examp
     # config.yaml's commented example declares the organization and team `acme-corp`, the demo's
     # own: uncommented, `tollgate demo` stopped with a traceback (Organization 'acme-corp' already
     # exists) instead of printing a key for the declared team.
-    bundled = yaml.safe_load((REPO / "config.yaml").read_text())
     declared = {
         "organizations": [{"organization_id": DEMO_TEAM, "name": "Acme Corp"}],
         "teams": [{"team_id": DEMO_TEAM, "organization_id": DEMO_TEAM, "model_groups": ["ChatAgent", "AnalysisAgent"],
                    "credits_allocated": 100}],
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({**bundled, **declared, "database": {"url": f"sqlite:///{tmp_path / 'demo.db'}"}}))
-    key, team = asyncio.run(_prepare(load_config(str(path), {})))
+    key, team = asyncio.run(_prepare(demo_config(tmp_path, **declared)))
     assert key.startswith("sk-")
     assert (team.team_id, team.model_groups, team.credits_allocated) == (DEMO_TEAM, ("ChatAgent", "AnalysisAgent"), 100)
 
 
-def test_demo_refuses_a_taken_litellm_port_or_a_bad_config_in_one_line(tmp_path):
+def test_demo_refuses_a_taken_or_shared_port_or_a_bad_config_in_one_line(tmp_path):
     # A LiteLLM already running on its default port (4000) is the likeliest collision: it ended in
     # a RuntimeError's traceback, as did a config.yaml (or TOLLGATE_* variable) `serve` refuses in one line.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        busy = str(taken.getsockname()[1])
+        busy, both = str(taken.getsockname()[1]), free()
         cases = (
-            (["--port", free(), "--litellm-port", busy], {}, f"tollgate demo: port {busy} is already in use"),
+            (["--port", free(), "--litellm-port", busy], {},
+             f"tollgate demo: port {busy} is already in use (set TOLLGATE_DEMO_LITELLM_PORT or --litellm-port)"),
+            (["--port", busy, "--litellm-port", free()], {},
+             f"tollgate demo: port {busy} is already in use (set TOLLGATE_DEMO_PORT or --port)"),
+            (["--port", both, "--litellm-port", both], {},
+             f"tollgate demo: Tollgate and LiteLLM cannot both listen on port {both} (--port, --litellm-port)"),
             (["--port", free(), "--litellm-port", free(), "--config", str(tmp_path / "missing.yaml")], {},
              f"tollgate demo: {tmp_path / 'missing.yaml'}: file not found"),
             (["--port", free(), "--litellm-port", free()], {"TOLLGATE_REDIS_URL": "http://x"},
              "tollgate demo: TOLLGATE_REDIS_URL: redis.url: must be a redis://, rediss:// or unix:// URL"),
         )
         for args, extra, message in cases:
-            result = subprocess.run(
-                [PYTHON, "-m", "proxy", "demo", *args], env={**env, **extra}, cwd=REPO, capture_output=True,
-                text=True, timeout=60,
-            )
+            result = tollgate_demo(*args, **extra)
             assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
             assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
 
@@ -448,7 +498,9 @@ def test_the_cli_creates_the_organization_a_declared_team_waits_for(tmp_path):
     config = tmp_path / "config.yaml"
     declared = {"teams": [{"team_id": "t", "organization_id": "acme", "model_groups": ["Main"]}]}
     config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", **declared)))
-    assert ok(config, "org", "create", "acme")["organization_id"] == "acme"
+    created = tollgate_cli(config, "org", "create", "acme")
+    assert (created.returncode, created.stderr) == (0, "")  # the team created by this same command: no warning
+    assert json.loads(created.stdout)["organization_id"] == "acme"
     assert ok(config, "team", "show", "t")["organization_id"] == "acme"  # created once it could be
 
 
@@ -467,11 +519,7 @@ def test_demo_refuses_a_declared_team_it_cannot_create_in_one_line(tmp_path):
     # can never be created. That ended in a traceback, after LiteLLM had been started for nothing.
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"teams": [{"team_id": "x", "organization_id": "nowhere"}]}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
-    result = subprocess.run(
-        [PYTHON, "-m", "proxy", "demo", "--port", free(), "--litellm-port", free(), "--config", str(config)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
-    )
+    result = tollgate_demo("--port", free(), "--litellm-port", free(), "--config", str(config))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr == f"tollgate demo: {config}: teams[0]: Organization 'nowhere' not found\n"
     assert "Starting LiteLLM" not in result.stdout
@@ -625,3 +673,171 @@ def test_the_supervisor_of_workers_stops_listening_on_every_socket_once_told_to_
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_a_file_changed_while_serve_starts_is_refused_before_workers_serve_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each worker reads the copy: a file edited meanwhile would be served by workers the checks
+    # at the start never saw.
+    path = plain_config(tmp_path)
+    config = load_config(str(path))
+    path.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", server={"read_timeout": "7s"})))
+    (tmp_path / "copy").mkdir()
+    with pytest.raises(SystemExit) as exit:
+        _config_for_workers(config, str(tmp_path / "copy"))
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"tollgate: {path}: changed while the gateway started; start it again\n"
+
+
+def test_the_workers_of_a_gateway_without_a_file_get_the_defaults(tmp_path: Path) -> None:
+    assert Path(_config_for_workers(Config(), str(tmp_path))).read_text() == ""
+
+
+def test_demo_run_outside_tollgates_directory_says_where_to_run_it(tmp_path: Path) -> None:
+    result = tollgate_demo("--port", free(), "--litellm-port", free(), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "tollgate demo: run it from Tollgate's directory (litellm_config.yaml not found)\n"
+
+
+def broken_litellm(tmp_path: Path) -> Path:
+    """A LiteLLM venv, installed as far as Tollgate can tell, whose `litellm` exits at once with
+    status 3 (as one whose venv broke since would)."""
+    venv = tmp_path / "litellm"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "litellm").write_text("#!/bin/sh\nexit 3\n")
+    (venv / "bin" / "litellm").chmod(0o755)
+    (venv / ".tollgate-installed").write_text(LITELLM_VERSION)
+    return venv
+
+
+def test_demo_says_in_one_line_when_litellm_does_not_start(tmp_path: Path) -> None:
+    port = free()
+    result = tollgate_demo("--port", free(), "--litellm-port", port, TOLLGATE_LITELLM_VENV=str(broken_litellm(tmp_path)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(
+        f"tollgate demo: LiteLLM did not start: the process serving http://127.0.0.1:{port}/health/liveliness "
+        "exited with status 3 (see "
+    ), result.stderr
+
+
+def test_litellm_is_not_started_on_a_port_something_else_listens_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # LiteLLM would quietly take another port, leaving Tollgate talking to whatever holds this one.
+    monkeypatch.setenv("TOLLGATE_LITELLM_VENV", str(broken_litellm(tmp_path)))
+    with socket.socket() as taken, open(tmp_path / "litellm.log", "wb") as log:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} is already in use"):
+            demo.start_litellm(REPO / "litellm_config.yaml", port, "sk-unused", log)
+
+
+def test_an_interrupted_litellm_install_is_done_again_and_a_finished_one_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    venv = tmp_path / "litellm"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "litellm").touch()  # an install cut short: its executable, but not its marker
+    monkeypatch.setenv("TOLLGATE_LITELLM_VENV", str(venv))
+    ran: list[list[str]] = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda args, check: ran.append(args))
+    said: list[str] = []
+    assert ensure_litellm(said.append) == venv / "bin" / "litellm"
+    assert ran == [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", f"litellm[proxy]=={LITELLM_VERSION}"],
+    ]
+    assert len(said) == 1
+    ran.clear()
+    assert ensure_litellm(said.append) == venv / "bin" / "litellm"
+    assert (ran, len(said)) == ([], 1)
+
+
+def test_demo_makes_its_team_in_the_organization_the_config_declares(tmp_path: Path) -> None:
+    config = demo_config(tmp_path, organizations=[{"organization_id": DEMO_TEAM, "name": "Acme Corp"}])
+    key, team = asyncio.run(_prepare(config))
+    assert (team.team_id, team.organization_id, len(team.model_groups)) == (DEMO_TEAM, DEMO_TEAM, 5)
+
+
+@pytest.mark.parametrize("groups", [("AnalysisAgent",), ()])
+def test_demo_grants_its_team_the_demo_groups_the_config_has(tmp_path: Path, groups: tuple[str, ...]) -> None:
+    bundled = yaml.safe_load((REPO / "config.yaml").read_text())["model_groups"]
+    declared = {name: bundled[name] for name in groups} | {"Other": bundled["ChatAgent"]}
+    key, team = asyncio.run(_prepare(demo_config(tmp_path, model_groups=declared)))
+    assert (team.model_groups, team.effective_default_group) == (groups, groups[0] if groups else None)
+
+
+def test_the_demo_banner_gives_the_declared_teams_credits_and_groups(tmp_path: Path) -> None:
+    declared = {
+        "organizations": [{"organization_id": DEMO_TEAM}],
+        "teams": [{"team_id": DEMO_TEAM, "organization_id": DEMO_TEAM, "model_groups": ["AnalysisAgent", "ChatAgent"],
+                   "credits_allocated": 40}],
+    }
+    key, team = asyncio.run(_prepare(demo_config(tmp_path, **declared)))
+    text = banner(8003, key, "sk-master", str(tmp_path), team)
+    assert f"Team '{DEMO_TEAM}' has 40 credits and the groups AnalysisAgent, ChatAgent." in text
+
+
+def serve_in_process(monkeypatch: pytest.MonkeyPatch, config: Path, *args: str) -> list[int]:
+    """`tollgate serve` run here up to where uvicorn would start: the worker counts it started with."""
+    from proxy import server
+    from proxy.config import ENV_CONFIG
+    from proxy.metrics import MULTIPROC_ENV
+
+    started: list[int] = []
+
+    def listen(host: str, port: int) -> list[socket.socket]:
+        sock = socket.socket()
+        sock.close()  # no port of this machine's
+        return [sock]
+
+    monkeypatch.setattr(server, "listen", listen)
+    monkeypatch.setattr(server, "serve", lambda app, options, sockets: started.append(1))
+    monkeypatch.setattr(server, "serve_workers", lambda target, workers, options, sockets: started.append(workers))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # serve's SIGTERM handler: not this process's
+    for name in (ENV_CONFIG, MULTIPROC_ENV):  # serve sets them for its workers: set here, they are undone after
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("TOLLGATE_MASTER_KEY", "sk-master-test")
+    monkeypatch.setenv("TOLLGATE_UPSTREAM_KEY", "sk-upstream-test")
+    main(["serve", "--config", str(config), *args])
+    return started
+
+
+def test_serve_runs_as_many_workers_as_the_command_line_says_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", server={"workers": 2})))
+    started = [serve_in_process(monkeypatch, config, *workers) for workers in (["--workers", "3"], ["--workers", "1"], [])]
+    assert started == [[3], [1], [2]]
+
+
+def test_a_start_of_serve_brings_a_declared_team_back_to_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = declared_config(tmp_path)
+    ok(config, "team", "update", "t", "--status", "suspended")
+    serve_in_process(monkeypatch, config)
+    assert ok(config, "team", "show", "t")["status"] == "active"
+
+
+def test_a_command_done_prints_its_result_though_the_declared_team_it_allowed_cannot_be_created_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its result may be a key shown only this once: the command is done, whatever the retry of
+    # the declared teams after it meets (here: the database locked by another writer meanwhile).
+    database = tmp_path / "cli.db"
+    declared = {"teams": [{"team_id": "t", "organization_id": "acme", "model_groups": ["Main"]}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(tollgate_config(database, database={"busy_timeout": "200ms"}, **declared)))
+    holder = sqlite3.connect(database, isolation_level=None)
+
+    async def create_the_organization_then_lock(store: Any, changes: Any) -> str:
+        await store.ensure_organization("acme", "acme")
+        holder.execute("BEGIN IMMEDIATE")
+        return "sk-shown-once"
+
+    try:
+        assert _run(load_config(str(path), {}), create_the_organization_then_lock) == "sk-shown-once"
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert capsys.readouterr().err == f"tollgate: warning: {path}: teams[0]: Organization 'acme' not found (not created yet)\n"

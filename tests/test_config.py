@@ -21,7 +21,7 @@ from proxy.config import (
 )
 from proxy.resp import Redis
 from proxy.upstream import Upstream
-from tests.support import PYTHON, REPO
+from tests.support import PYTHON, REPO, free_port
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -146,6 +146,7 @@ def test_check_config_prints_the_effective_configuration_with_secrets_masked(tmp
     env = {"PATH": "/usr/bin:/bin", "TOLLGATE_MASTER_KEY": "sk-very-secret-master", "TOLLGATE_UPSTREAM_KEY": "sk-up-secret"}
     result = run_cli("check-config", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("# config.yaml: valid\n")
     assert "rpm: 7" in result.stdout
     assert "master_key: '***'" in result.stdout
     assert "sk-very-secret-master" not in result.stdout + result.stderr
@@ -159,9 +160,11 @@ def test_serve_exits_non_zero_with_the_message_on_a_bad_config(tmp_path):
     assert "config.yaml: rate_limits.rpm: must be a positive integer" in result.stderr
 
 
-def test_serve_exits_non_zero_without_the_upstream_key(tmp_path):
+# check-config says whether serve would start: a file it calls valid must not then be refused.
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_serve_and_check_config_exit_non_zero_without_the_upstream_key(tmp_path, command):
     write(tmp_path, "")
-    result = run_cli("serve", env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    result = run_cli(command, env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert result.returncode == 2
     assert "TOLLGATE_UPSTREAM_KEY: not set" in result.stderr
 
@@ -267,9 +270,11 @@ def test_serve_exits_with_one_line_when_the_database_cannot_be_created(tmp_path)
         "TOLLGATE_UPSTREAM_KEY": "x",
         "TOLLGATE_DATABASE_URL": f"sqlite:///{tmp_path}/a-file/x.db",  # its directory cannot be made
     }
-    result = run_cli("serve", env=env, cwd=tmp_path)
+    # Its own port: serve listens before it opens the database, and 8003 may be taken.
+    result = run_cli("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith(f"tollgate: cannot open the database {tmp_path}/a-file/x.db: ")
+    # Named: the path that could not be made, a directory above the database's file.
+    assert result.stderr.startswith(f"tollgate: cannot open the database {tmp_path}/a-file/x.db: {tmp_path}/a-file: ")
     assert result.stderr.count("\n") == 1, result.stderr
 
 

@@ -9,12 +9,14 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 import httpx
 import pytest
@@ -22,8 +24,13 @@ import yaml
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy import health
 from proxy.demo import stop_process, wait_until_up
+from proxy.health import Health
+from proxy.metrics import Metrics
 from proxy.occasional import Occasional
+from proxy.store import StoreUnavailable
+from proxy.upstream import UpstreamStatusError
 from tests.support import REPO, PYTHON, Tollgate, free_port, start_process, tag, tollgate_config, wait_for
 
 REQUIRED = {
@@ -687,3 +694,143 @@ def test_the_readmes_docker_run_lets_tollgate_finish_a_graceful_stop_before_dock
     assert command is not None
     timeout = re.search(r"--stop-timeout[ =](\d+)", command.group())
     assert timeout is not None and int(timeout.group(1)) > _deployment_stop_budget()
+
+
+class _Store:
+    """A store for readiness alone: its ping does what the test says."""
+
+    def __init__(self, ping: Callable[[], Awaitable[None]]) -> None:
+        self.ping = ping
+
+
+class _Upstream:
+    """LiteLLM's /v1/models for readiness: `answer` raises or returns; counts the times asked."""
+
+    def __init__(self, answer: Callable[[], Awaitable[object]]) -> None:
+        self.answer = answer
+        self.asked = 0
+
+    async def get_json(self, path: str, timeout: float) -> object:
+        self.asked += 1
+        return await self.answer()
+
+
+class _Limiter:
+    def __init__(self, redis: str, policy: str) -> None:
+        self.redis = redis
+        self.policy = policy
+
+    async def check(self) -> str:
+        return self.redis
+
+
+async def _fine() -> object:
+    return {"data": []}
+
+
+async def _hang() -> object:
+    await asyncio.Event().wait()
+    return None
+
+
+def _raising(exc: Exception) -> Callable[[], Awaitable[object]]:
+    async def fail() -> object:
+        raise exc
+
+    return fail
+
+
+def _health(
+    ping: Callable[[], Awaitable[object]] = _fine, upstream: _Upstream | None = None,
+    redis: str = "not configured", policy: str = "local",
+) -> Health:
+    return Health(_Store(ping), upstream or _Upstream(_fine), _Limiter(redis, policy), Metrics())  # type: ignore[arg-type]
+
+
+async def _ready(health: Health) -> tuple[int, dict[str, Any]]:
+    response = await health.ready(None)  # type: ignore[arg-type]
+    return response.status_code, json.loads(response.body)
+
+
+def test_ready_is_503_naming_why_the_store_takes_no_writes() -> None:
+    status, body = asyncio.run(_ready(_health(ping=_raising(StoreUnavailable("the disk is full")))))
+    assert (status, body["failing"]) == (503, ["store"])
+    assert body["components"]["store"] == "failing: the disk is full"
+
+
+def test_ready_names_any_other_store_failure_by_its_class_alone() -> None:
+    # Readiness needs no key: an error's text (a path, say) is for the log, not for anyone asking.
+    status, body = asyncio.run(_ready(_health(ping=_raising(sqlite3.OperationalError("/srv/secret/path")))))
+    assert (status, body["components"]["store"]) == (503, "failing: OperationalError")
+
+
+@pytest.mark.parametrize(
+    "redis, policy, status",
+    [
+        ("degraded: unreachable", "deny", 503),
+        ("degraded: unreachable", "local", 200),
+        ("degraded: unreachable", "allow", 200),
+        ("not configured", "deny", 200),
+        ("ok", "deny", 200),
+    ],
+)
+def test_redis_fails_readiness_only_when_degraded_under_deny(redis: str, policy: str, status: int) -> None:
+    answered, body = asyncio.run(_ready(_health(redis=redis, policy=policy)))
+    assert (answered, body["status"]) == (status, "ok" if status == 200 else "unavailable")
+    assert body["failing"] == (["redis"] if status == 503 else [])
+
+
+@pytest.mark.parametrize(
+    "code, upstream",
+    [
+        (400, "failing: LiteLLM refuses Tollgate's upstream key"),
+        (401, "failing: LiteLLM refuses Tollgate's upstream key"),
+        (403, "failing: LiteLLM refuses Tollgate's upstream key"),
+        (404, "failing: HTTP 404"),
+        (500, "failing: HTTP 500"),
+    ],
+)
+def test_ready_says_when_litellm_refuses_the_upstream_key_and_else_its_status(code: int, upstream: str) -> None:
+    status, body = asyncio.run(_ready(_health(upstream=_Upstream(_raising(UpstreamStatusError(code))))))
+    assert (status, body["components"]["upstream"], body["failing"]) == (503, upstream, ["upstream"])
+
+
+def test_a_check_that_never_answers_fails_readiness_instead_of_hanging_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A probe left hanging is one the orchestrator times out on, without the reason.
+    monkeypatch.setattr(health, "CHECK_TIMEOUT", 0.05)
+    status, body = asyncio.run(asyncio.wait_for(_ready(_health(ping=_hang, upstream=_Upstream(_hang))), 30))
+    assert (status, body["failing"]) == (503, ["store", "upstream"])
+    assert body["components"]["upstream"] == body["components"]["store"] == "failing: TimeoutError"
+
+
+def test_a_readiness_probe_that_hangs_up_leaves_the_shared_upstream_check_to_the_others() -> None:
+    async def run() -> tuple[int, dict[str, Any]]:
+        answer = asyncio.Event()
+
+        async def slow() -> object:
+            await answer.wait()
+            return {"data": []}
+
+        probes = _health(upstream=_Upstream(slow))
+        gone = asyncio.create_task(_ready(probes))
+        staying = asyncio.create_task(_ready(probes))
+        await asyncio.sleep(0.01)  # both wait on the one check
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        answer.set()
+        return await asyncio.wait_for(staying, 30)
+
+    assert asyncio.run(run())[0] == 200
+
+
+def test_a_readiness_probe_after_the_last_check_ended_asks_litellm_again() -> None:
+    upstream = _Upstream(_raising(UpstreamStatusError(503)))
+    probes = _health(upstream=upstream)
+
+    async def run() -> list[int]:
+        first = await _ready(probes)
+        upstream.answer = _fine  # LiteLLM back
+        return [first[0], (await _ready(probes))[0]]
+
+    assert asyncio.run(run()) == [503, 200]
+    assert upstream.asked == 2

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import app, health, jobs_api, occasional, server, sse, upstream, validation
@@ -219,6 +220,14 @@ def test_cli_commands_the_readme_shows_parse(monkeypatch):
     monkeypatch.setenv("TOLLGATE_DEMO_LITELLM_PORT", litellm_port)
     demo = build_parser().parse_args(["demo"])
     assert (demo.port, demo.litellm_port) == (int(port), int(litellm_port))
+
+
+def test_the_demo_serves_where_the_readme_says_it_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The client examples (curl, openai) all assume the port the first paragraph names.
+    for name in ("TOLLGATE_DEMO_PORT", "TOLLGATE_DEMO_LITELLM_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    port = build_parser().parse_args(["demo"]).port
+    assert f"puts Tollgate in front of it on `http://localhost:{port}`" in (REPO / "README.md").read_text()
 
 
 def test_figures_the_readme_gives_are_the_codes():

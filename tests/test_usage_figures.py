@@ -3,13 +3,15 @@ them, an estimate (and said to be one) when what it gave is no token count."""
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from proxy import pricing as pricing_module
 from proxy.accounting import MAX_TOKENS, StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
 from proxy.config import ModelPrice
 from proxy.metrics import Metrics
-from proxy.pricing import Pricing
+from proxy.pricing import WARN_AGAIN_AFTER, Pricing
 from proxy.sse import SSEEvent
 from proxy.upstream import UpstreamStatusError
 
@@ -277,3 +279,58 @@ def test_prices_are_read_again_at_every_interval_after_the_start_read_them(monke
 def test_an_answer_whose_text_fields_hold_no_text_is_estimated_on_its_text_alone(fields):
     # As for tool_calls that is no list: an error here escaped before the call's record was written.
     assert completion_chars({"role": "assistant", **fields}) == len("hello")
+
+
+def test_an_entry_of_model_info_that_prices_nothing_costs_the_others_nothing() -> None:
+    # Prices are read whole: one odd entry (a model without info, say) failing the read would leave
+    # every model unpriced for as long as LiteLLM listed it.
+    info = {"input_cost_per_token": 5e-06, "output_cost_per_token": 9e-06}
+    entries = [5, {"model_name": "none", "model_info": None}, {"model_name": ["x"], "model_info": info},
+               {"model_name": "m", "model_info": info}]
+    pricing = Pricing({})
+    assert pricing.load_model_info({"data": entries}) == 1
+    assert pricing.price("m") == ModelPrice(5e-06, 9e-06)
+
+
+def test_a_price_per_token_charges_input_and_output_tokens_each_at_their_own_price() -> None:
+    assert Pricing({"m": ModelPrice(1e-06, 3e-06)}).cost("m", 10, 1) == pytest.approx(13e-06)
+
+
+def test_prices_that_cannot_be_read_name_no_more_than_the_errors_class(caplog: pytest.LogCaptureFixture) -> None:
+    # An error's text may quote what LiteLLM said, keys included.
+    class Failing:
+        async def get_json(self, path: str, timeout: float) -> object:
+            raise ConnectionError("sk-upstream-secret refused")
+
+    assert asyncio.run(Pricing({}).refresh(Failing())) is False  # type: ignore[arg-type]
+    assert "could not read model prices from LiteLLM: ConnectionError" in caplog.text
+    assert "sk-upstream-secret" not in caplog.text
+
+
+def test_prices_that_still_cannot_be_read_are_warned_of_again_every_five_minutes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = 1000.0
+    monkeypatch.setattr(pricing_module, "time", SimpleNamespace(monotonic=lambda: now))
+    pricing, upstream, warned = Pricing({}), _PricesUpstream(refuse=True), []
+    for now in (1000.0, 1000.0 + WARN_AGAIN_AFTER - 1, 1000.0 + WARN_AGAIN_AFTER, 1000.0 + WARN_AGAIN_AFTER + 1):
+        caplog.clear()
+        assert asyncio.run(pricing.refresh(upstream)) is False  # type: ignore[arg-type]
+        warned.append("could not read model prices" in caplog.text)
+    assert warned == [True, False, True, False]
+
+
+def test_prices_that_could_not_be_read_are_asked_for_again_within_a_shorter_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A retry comes no later than the refresh it stands in for would have.
+    assert _keep_fresh_sleeps(monkeypatch, _PricesUpstream(refuse=True), 1.0, False, 2) == [1.0, 1.0]
+
+
+def test_prices_read_as_usual_say_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    # "Read again" is news only after a warning: said at every refresh, it would fill the log.
+    caplog.set_level("INFO", logger="tollgate.pricing")
+    pricing = Pricing({})
+    for _ in range(2):
+        assert asyncio.run(pricing.refresh(_PricesUpstream(refuse=False))) is True  # type: ignore[arg-type]
+    assert caplog.records == []
