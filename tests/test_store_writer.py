@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import types
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -225,21 +226,25 @@ def test_a_write_submitted_after_stop_is_refused_not_left_waiting(tmp_path):
         writer = Writer(lambda: connect(tmp_path / "w.db"))
         await writer.start()
         await writer.stop()
-        with pytest.raises(StoreError):
+        # Closed, not unavailable: a stop is no failure (no 503, no readiness failing for it).
+        with pytest.raises(StoreError, match="closed") as refused:
             writer.submit(insert(1))
+        assert not isinstance(refused.value, StoreUnavailable)
 
     asyncio.run(run())
 
 
+class Boom(BaseException):
+    """What no handler of a write's errors expects."""
+
+
+def explode(db: sqlite3.Connection) -> None:
+    db.execute("INSERT INTO t (n) VALUES (99)")
+    raise Boom()
+
+
 def test_a_write_that_blows_up_fails_alone_and_the_writer_carries_on(tmp_path):
     path = tmp_path / "w.db"
-
-    class Boom(BaseException):
-        pass
-
-    def explode(db: sqlite3.Connection) -> None:
-        db.execute("INSERT INTO t (n) VALUES (99)")
-        raise Boom()
 
     def stop_iteration(db: sqlite3.Connection) -> None:
         next(iter(()))
@@ -258,6 +263,27 @@ def test_a_write_that_blows_up_fails_alone_and_the_writer_carries_on(tmp_path):
     assert rows(path) == [1]
 
 
+def test_a_write_that_blows_up_in_a_shared_batch_fails_the_batch_and_the_writer_carries_on(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+
+    async def run() -> list[BaseException | int]:
+        writer = Writer(lambda: connect(path))
+        await writer.start()
+        try:
+            release = await hold(writer)
+            batch = [writer.submit(insert(1)), writer.submit(explode), writer.submit(insert(3))]
+            release.set()
+            outcomes = await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 5)
+            assert await asyncio.wait_for(writer.submit(insert(4)), 5) == 4
+            return outcomes
+        finally:
+            await writer.stop()
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(outcome, StoreError) for outcome in outcomes), outcomes
+    assert rows(path) == [4]
+
+
 def test_a_write_of_several_statements_failing_alone_leaves_nothing_behind(tmp_path):
     path = tmp_path / "w.db"
 
@@ -271,6 +297,71 @@ def test_a_write_of_several_statements_failing_alone_leaves_nothing_behind(tmp_p
 
     asyncio.run(run())
     assert rows(path) == [4]
+
+
+def test_when_a_failing_write_ends_its_batchs_transaction_each_other_write_hears_its_own_outcome(
+    tmp_path: Path,
+) -> None:
+    # SQLite rolls a whole transaction back on some errors (a full disk, an I/O error): the
+    # others go again without the one that failed.
+    path = tmp_path / "w.db"
+
+    def ends_the_transaction(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t (n) VALUES (100)")
+        db.execute("ROLLBACK")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    async def run() -> list[BaseException | int]:
+        writer = Writer(lambda: connect(path))
+        await writer.start()
+        try:
+            release = await hold(writer)
+            batch = [writer.submit(insert(1)), writer.submit(ends_the_transaction), writer.submit(insert(3))]
+            release.set()
+            return await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 5)
+        finally:
+            await writer.stop()
+
+    first, failed, third = asyncio.run(run())
+    assert (first, third) == (1, 3)
+    assert isinstance(failed, sqlite3.OperationalError)
+    assert rows(path) == [1, 3]
+
+
+class SecondCommitFails(sqlite3.Connection):
+    """The thread's connection, whose second COMMIT fails and leaves its transaction open, as a
+    commit SQLite could not finish may."""
+
+    commits = 0
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql == "COMMIT":
+            SecondCommitFails.commits += 1
+            if SecondCommitFails.commits == 2:
+                raise sqlite3.OperationalError("database or disk is full")
+        return super().execute(sql, *args)
+
+
+def test_a_batch_whose_commit_failed_leaves_no_transaction_open_for_the_next(tmp_path: Path) -> None:
+    SecondCommitFails.commits = 0
+    path = tmp_path / "w.db"
+
+    async def run() -> list[BaseException | int]:
+        writer = Writer(lambda: connect(path, SecondCommitFails))
+        await writer.start()
+        try:
+            release = await hold(writer)  # the first commit
+            batch = [writer.submit(insert(n)) for n in (1, 2)]
+            release.set()
+            outcomes = await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 5)
+            assert await asyncio.wait_for(writer.submit(insert(3)), 5) == 3
+            return outcomes
+        finally:
+            await writer.stop()
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(outcome, sqlite3.OperationalError) for outcome in outcomes), outcomes
+    assert rows(path) == [3]
 
 
 # --- writes committed on the event loop ----------------------------------------------------
@@ -403,6 +494,31 @@ def test_a_write_that_need_not_be_durable_is_answered_at_its_commit(tmp_path):
     asyncio.run(run())
 
 
+def test_a_writer_that_does_not_fsync_the_wal_answers_writes_on_the_loop_at_their_commit(tmp_path: Path) -> None:
+    # synchronous = NORMAL: the store makes no fsync of its own, durable or not.
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+
+    def on_loop() -> sqlite3.Connection:
+        db = connect(path)
+        db.execute("PRAGMA busy_timeout = 0")
+        return db
+
+    async def run() -> None:
+        writer = Writer(lambda: connect(path), on_loop, sync_wal=False, fsync=fsyncs)
+        await writer.start()
+        try:
+            assert await asyncio.wait_for(writer.submit(insert(1), durable=False), 5) == 1
+            await asyncio.sleep(START_SYNC_AFTER + 0.2)  # when a sync for it would have come
+            assert await asyncio.wait_for(writer.submit(insert(2)), 5) == 2
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == [1, 2]
+    assert fsyncs.paths == []
+
+
 def test_a_write_answered_at_its_commit_is_fsynced_soon_though_no_durable_write_follows(tmp_path):
     # A call's start, with no call ending after it: a stream runs for minutes, and a power cut
     # meanwhile left no record of a call its client was seeing answered.
@@ -453,6 +569,25 @@ def test_a_write_answered_at_its_commit_costs_no_fsync_of_its_own_when_a_durable
     assert len(fsyncs.paths) == 1
 
 
+def test_a_write_answered_at_its_commit_that_failed_costs_no_fsync(tmp_path: Path) -> None:
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(tmp_path / "w.db", fsyncs)
+        await writer.start()
+        try:
+            await writer.submit(insert(1))
+            synced = len(fsyncs.paths)
+            with pytest.raises(sqlite3.IntegrityError):
+                await writer.submit(insert(1), durable=False)  # nothing of it committed
+            await asyncio.sleep(START_SYNC_AFTER + 0.2)  # when a sync for it would have come
+            assert len(fsyncs.paths) == synced
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+
+
 def test_writes_answered_at_their_commit_after_a_sync_began_get_one_of_their_own(tmp_path):
     # A sync running when they committed began before them, and does not cover them.
     path = tmp_path / "w.db"
@@ -472,6 +607,37 @@ def test_writes_answered_at_their_commit_after_a_sync_began_get_one_of_their_own
         assert len(kernel.paths) == 2
         kernel.end()
         await writer.stop()
+
+    asyncio.run(run())
+
+
+def test_a_write_answered_at_its_commit_costs_no_fsync_of_its_own_when_a_sync_begins_right_after_it(
+    tmp_path: Path,
+) -> None:
+    # A durable write committed before it waited for the sync running: the next sync, begun once
+    # that one ended, covers both.
+    kernel = KernelSyncs()
+
+    async def run() -> None:
+        writer = loop_writer(tmp_path / "w.db", kernel=kernel.open)
+        await writer.start()
+        try:
+            first = writer.submit(insert(1))
+            assert not await settled(first)  # its sync runs
+            second = writer.submit(insert(2))
+            assert not await settled(second)  # committed, waits for the next sync
+            await writer.submit(insert(3), durable=False)
+            kernel.end()
+            assert await first == 1
+            assert len(kernel.paths) == 2  # the next sync, begun after the third write's commit
+            kernel.end()
+            assert await second == 2
+            await asyncio.sleep(START_SYNC_AFTER + 0.2)  # when a sync of its own would have come
+            assert len(kernel.paths) == 2
+        finally:
+            if kernel.running is not None:
+                kernel.end()
+            await writer.stop()
 
     asyncio.run(run())
 
@@ -513,6 +679,24 @@ def test_stop_waits_for_the_kernels_sync_of_writes_answered_at_their_commit(tmp_
         kernel.end()
         await stopping
         assert kernel.closed
+
+    asyncio.run(run())
+
+
+def test_a_writer_that_takes_no_more_writes_stops_though_a_write_answered_at_its_commit_was_never_fsynced(
+    tmp_path: Path,
+) -> None:
+    # No fsync may come for it: stop() must not wait for one.
+    path = tmp_path / "w.db"
+
+    async def run() -> None:
+        writer = loop_writer(path)
+        await writer.start()
+        await writer.submit(insert(1), durable=False)
+        os.unlink(f"{path}-shm")  # found out at once, before the write's fsync is due
+        with pytest.raises(StoreUnavailable):
+            writer.check()
+        await asyncio.wait_for(writer.stop(), 5)
 
     asyncio.run(run())
 
@@ -764,6 +948,27 @@ def test_writes_wait_for_another_processs_lock_on_the_thread_while_the_loop_runs
     assert rows(path) == [1, 2, 3, 4, 5, 6]
 
 
+def test_writes_of_one_turn_that_find_the_lock_taken_wait_for_it_on_the_thread(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    other = connect(path)
+
+    async def run() -> list[int]:
+        writer = loop_writer(path)
+        await writer.start()
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+            writes = [writer.submit(insert(n)) for n in (1, 2)]  # one transaction on the loop, refused
+            assert not await settled(asyncio.gather(*writes))
+            other.rollback()
+            return await asyncio.wait_for(asyncio.gather(*writes), 5)
+        finally:
+            await writer.stop()
+
+    assert asyncio.run(run()) == [1, 2]
+    other.close()
+    assert rows(path) == [1, 2]
+
+
 def test_checkpoints_keep_the_wal_from_growing(tmp_path, monkeypatch):
     monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 20)
     path = tmp_path / "w.db"
@@ -933,6 +1138,197 @@ def test_writes_made_while_a_checkpoint_makes_its_closing_pass_wait_for_it_and_t
     assert trace.count("COMMIT") == 1  # the four that waited, together
 
 
+class StagedCheckpoints(sqlite3.Connection):
+    """The thread's connection, whose checkpoint passes (numbered from 1) each wait for the
+    test's word, and say when they start and when they are over."""
+
+    started: dict[int, threading.Event] = {}
+    go: dict[int, threading.Event] = {}
+    over: dict[int, threading.Event] = {}
+    passes = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.passes = 0
+        cls.started, cls.go, cls.over = ({n: threading.Event() for n in (1, 2, 3)} for _ in range(3))
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if not sql.startswith("PRAGMA wal_checkpoint"):
+            return super().execute(sql, *args)
+        StagedCheckpoints.passes += 1
+        number = StagedCheckpoints.passes
+        StagedCheckpoints.started[number].set()
+        StagedCheckpoints.go[number].wait(10)
+        try:
+            return super().execute(sql, *args)
+        finally:
+            StagedCheckpoints.over[number].set()
+
+
+def test_a_write_submitted_just_as_a_first_pass_ends_waits_for_the_closing_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its turn on the loop was asked for before the first pass's end was heard: the closing
+    # pass had begun by the time it came.
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)
+    StagedCheckpoints.reset()
+    path = tmp_path / "w.db"
+
+    async def run() -> None:
+        writer = loop_writer(path, thread_connection=StagedCheckpoints)
+        await writer.start()
+        try:
+            await writer.submit(insert(1))  # its commit starts a checkpoint
+            await asyncio.get_running_loop().run_in_executor(None, StagedCheckpoints.started[1].wait, 5)
+            StagedCheckpoints.go[1].set()
+            # The loop held up (no await) until the first pass's end is on its way to it.
+            assert StagedCheckpoints.over[1].wait(5)
+            time.sleep(0.1)
+            write = writer.submit(insert(2))
+            await asyncio.get_running_loop().run_in_executor(None, StagedCheckpoints.started[2].wait, 5)
+            assert not await settled(write)
+            assert rows(path) == [1]  # not committed while the closing pass runs
+            StagedCheckpoints.go[2].set()
+            StagedCheckpoints.go[3].set()
+            assert await asyncio.wait_for(write, 5) == 2
+        finally:
+            for event in StagedCheckpoints.go.values():
+                event.set()
+            await writer.stop()
+
+    asyncio.run(run())
+    assert rows(path) == [1, 2]
+
+
+async def checkpoint_over(writer: Writer) -> None:
+    """Until the writer's running checkpoint, both passes, has ended on the loop."""
+    for _ in range(500):
+        if not writer._checkpoint_running:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the checkpoint never ended")
+
+
+def test_a_commit_during_a_checkpoint_starts_no_second_one(tmp_path: Path, held_checkpoints: type) -> None:
+    held_checkpoints.held = {1}
+
+    async def run() -> None:
+        writer = loop_writer(tmp_path / "w.db", kernel=AioFsync.open, thread_connection=held_checkpoints)
+        await writer.start()
+        try:
+            await writer.submit(insert(1))  # its commit starts a checkpoint (one after every commit)
+            await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
+            await asyncio.wait_for(asyncio.gather(*(writer.submit(insert(n)) for n in range(2, 6))), 5)
+            held_checkpoints.release.set()
+            await checkpoint_over(writer)
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+    assert held_checkpoints.passes == 2  # the first checkpoint's two passes, and no other
+
+
+def test_a_checkpoint_comes_once_every_so_many_commits_on_the_loop(
+    tmp_path: Path, held_checkpoints: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 3)
+    held_checkpoints.held = set()
+
+    async def run() -> None:
+        writer = loop_writer(tmp_path / "w.db", thread_connection=held_checkpoints)
+        await writer.start()
+        try:
+            for n in range(9):
+                await writer.submit(insert(n))
+                await checkpoint_over(writer)
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+    assert held_checkpoints.passes == 3 * 2
+
+
+def test_after_a_checkpoint_waited_for_readers_the_thread_waits_for_a_lock_as_long_as_before(
+    tmp_path: Path, held_checkpoints: type, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The closing pass shortens the busy timeout to RESTART_WAIT while it waits: only for itself.
+    monkeypatch.setattr("proxy.store.writer.RESTART_AT_FRAMES", 0)  # every closing pass waits
+    held_checkpoints.held = set()
+    path = tmp_path / "w.db"
+    other = connect(path)
+
+    async def run() -> int:
+        writer = loop_writer(path, thread_connection=held_checkpoints)
+        await writer.start()
+        try:
+            await writer.submit(insert(1))  # its commit starts a checkpoint
+            await checkpoint_over(writer)
+            other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+            asyncio.get_running_loop().call_later(1.0, other.rollback)  # well past RESTART_WAIT
+            return await asyncio.wait_for(writer.submit(insert(2)), 5)
+        finally:
+            await writer.stop()
+
+    assert asyncio.run(run()) == 2
+    other.close()
+    assert rows(path) == [1, 2]
+
+
+class NotedCheckpoints(sqlite3.Connection):
+    """The thread's connection, which notes its checkpoints' statements; `restart_at_first`:
+    at the first, RESTART_AT_FRAMES is set to the pages then in the WAL."""
+
+    statements: list[str] = []
+    restart_at_first = False
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.startswith("PRAGMA wal_checkpoint"):
+            if NotedCheckpoints.restart_at_first and not NotedCheckpoints.statements:
+                ((_, _, main),) = [row for row in super().execute("PRAGMA database_list") if row[1] == "main"]
+                # A WAL never started over: a header, then its pages, each with its own.
+                writer_module.RESTART_AT_FRAMES = (os.path.getsize(f"{main}-wal") - 32) // (24 + 4096)
+            NotedCheckpoints.statements.append(sql)
+        return super().execute(sql, *args)
+
+
+@pytest.fixture
+def noted_checkpoints(monkeypatch: pytest.MonkeyPatch) -> type[NotedCheckpoints]:
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)  # one after every commit on the loop
+    monkeypatch.setattr("proxy.store.writer.RESTART_AT_FRAMES", writer_module.RESTART_AT_FRAMES)  # put back after
+    NotedCheckpoints.statements = []
+    NotedCheckpoints.restart_at_first = False
+    return NotedCheckpoints
+
+
+async def checkpointed_writes(path: Path, count: int) -> None:
+    """`count` writes, each followed by the checkpoint its commit starts."""
+    writer = loop_writer(path, thread_connection=NotedCheckpoints)
+    await writer.start()
+    try:
+        for n in range(count):
+            await writer.submit(insert(n))
+            await checkpoint_over(writer)
+    finally:
+        await writer.stop()
+
+
+def test_a_closing_pass_waits_for_readers_once_the_wal_holds_restart_at_frames_pages(
+    tmp_path: Path, noted_checkpoints: type[NotedCheckpoints]
+) -> None:
+    noted_checkpoints.restart_at_first = True
+    asyncio.run(checkpointed_writes(tmp_path / "w.db", 1))
+    assert noted_checkpoints.statements == ["PRAGMA wal_checkpoint(PASSIVE)", "PRAGMA wal_checkpoint(RESTART)"]
+
+
+def test_a_checkpoints_first_pass_never_waits_for_readers_however_long_the_wal(
+    tmp_path: Path, noted_checkpoints: type[NotedCheckpoints], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Writes commit on the loop meanwhile: a pass that waited would hold them up.
+    monkeypatch.setattr("proxy.store.writer.RESTART_AT_FRAMES", 0)
+    asyncio.run(checkpointed_writes(tmp_path / "w.db", 2))
+    assert noted_checkpoints.statements[0::2] == ["PRAGMA wal_checkpoint(PASSIVE)"] * 2
+
+
 def test_stop_waits_for_a_running_checkpoint_then_commits_what_waited_for_it(tmp_path, held_checkpoints):
     held_checkpoints.held = {2}
     path = tmp_path / "w.db"
@@ -953,6 +1349,27 @@ def test_stop_waits_for_a_running_checkpoint_then_commits_what_waited_for_it(tmp
     assert rows(path) == [1, 2]
 
 
+def test_two_stops_during_a_checkpoint_both_return_and_a_stop_given_up_on_leaves_the_next_one_working(
+    tmp_path: Path, held_checkpoints: type
+) -> None:
+    held_checkpoints.held = {2}
+
+    async def run() -> None:
+        writer = loop_writer(tmp_path / "w.db", thread_connection=held_checkpoints)
+        await writer.start()
+        await writer.submit(insert(1))  # its commit starts a checkpoint
+        await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
+        given_up = asyncio.ensure_future(writer.stop())
+        assert not await settled(given_up)
+        given_up.cancel()
+        stops = [asyncio.ensure_future(writer.stop()) for _ in range(2)]
+        assert not await settled(asyncio.gather(*stops))
+        held_checkpoints.release.set()
+        await asyncio.wait_for(asyncio.gather(*stops), 5)
+
+    asyncio.run(run())
+
+
 class BrokenCheckpoints(sqlite3.Connection):
     """The thread's connection, whose closing checkpoint pass raises what no handler expects."""
 
@@ -966,24 +1383,50 @@ class BrokenCheckpoints(sqlite3.Connection):
         return super().execute(sql, *args)
 
 
+async def writes_waiting_for_a_closing_pass_that_blows_up(writer: Writer, checkpoints: type) -> list[BaseException]:
+    """What the writes (of 2 and 3) that waited on the loop for a closing pass that blew up
+    came to; the writer's thread connection BrokenCheckpoints, under `held_checkpoints`."""
+    await writer.submit(insert(1))  # starts a checkpoint
+    await asyncio.get_running_loop().run_in_executor(None, checkpoints.running.wait, 5)
+    waiting = [writer.submit(insert(n)) for n in range(2, 4)]
+    checkpoints.release.set()
+    return await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+
+
 def test_writes_waiting_for_a_closing_pass_that_blows_up_are_answered_not_left_waiting(tmp_path, held_checkpoints):
     path = tmp_path / "w.db"
 
     async def run() -> list:
         writer = loop_writer(path, thread_connection=BrokenCheckpoints)
         await writer.start()
-        await writer.submit(insert(1))  # starts a checkpoint
-        await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
-        waiting = [writer.submit(insert(n)) for n in range(2, 4)]
-        held_checkpoints.release.set()
-        outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
-        with pytest.raises(StoreError):
-            await asyncio.wait_for(writer.submit(insert(9)), 5)  # the writer has stopped: refused
+        outcomes = await writes_waiting_for_a_closing_pass_that_blows_up(writer, held_checkpoints)
+        # The writer has stopped: refused as unavailable (a 503, readiness failing), not a 500.
+        with pytest.raises(StoreUnavailable, match="no more writes.*writer thread stopped"):
+            await asyncio.wait_for(writer.submit(insert(9)), 5)
         await asyncio.wait_for(writer.stop(), 5)
         return outcomes
 
     outcomes = asyncio.run(run())
     assert all(isinstance(outcome, StoreError) for outcome in outcomes), outcomes
+
+
+def test_writes_waiting_for_a_closing_pass_that_blows_up_are_refused_not_committed(
+    tmp_path: Path, held_checkpoints: type
+) -> None:
+    # The writer thread is gone: the store takes no more writes, those that waited included.
+    path = tmp_path / "w.db"
+
+    async def run() -> list[BaseException]:
+        writer = loop_writer(path, thread_connection=BrokenCheckpoints)
+        await writer.start()
+        try:
+            return await writes_waiting_for_a_closing_pass_that_blows_up(writer, held_checkpoints)
+        finally:
+            await asyncio.wait_for(writer.stop(), 5)
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(o, StoreUnavailable) and not isinstance(o, Unsaved) for o in outcomes), outcomes
+    assert rows(path) == [1]
 
 
 def test_once_the_lock_is_had_writes_return_to_the_loop_though_others_are_still_on_the_thread(tmp_path):
@@ -1016,6 +1459,37 @@ def test_once_the_lock_is_had_writes_return_to_the_loop_though_others_are_still_
 
     asyncio.run(run())
     assert rows(path) == [1, 2, 3]
+
+
+def test_a_durable_write_committed_on_the_loop_is_not_held_up_by_a_write_on_the_thread_waiting_for_a_lock(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+    other = connect(path)
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        try:
+            fsyncs.allowed.clear()
+            first = writer.submit(insert(0))  # its fsync holds the thread up meanwhile
+            assert not await settled(first)
+            synced = writer.submit(insert(1))  # committed on the loop: its fsync queues on the thread
+            assert not await settled(synced)
+            other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+            waiting = writer.submit(insert(2))  # finds the lock taken: queues on the thread too
+            assert not await settled(waiting)
+            fsyncs.allowed.set()
+            assert await asyncio.wait_for(synced, 2) == 1  # though the thread still waits for the lock
+            assert not waiting.done()
+            other.rollback()
+            assert await asyncio.wait_for(waiting, 5) == 2
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+    other.close()
 
 
 def test_stop_commits_the_writes_still_waiting_for_their_turn_on_the_loop(tmp_path):
@@ -1104,6 +1578,51 @@ def test_the_kernel_refuses_a_sync_it_cannot_do_and_none_is_left_running():
         aio.close()
         os.close(read)
         os.close(write)
+
+    asyncio.run(run())
+
+
+def test_the_kernel_takes_one_sync_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 4096)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        aio = AioFsync.open(loop)
+        assert aio is not None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            ended: asyncio.Future[OSError | None] = loop.create_future()
+            aio.start(fd, ended.set_result)
+            with pytest.raises(RuntimeError, match="already running"):
+                aio.start(fd, ended.set_result)
+            assert await asyncio.wait_for(ended, 5) is None
+        finally:
+            aio.close()
+            os.close(fd)
+
+    asyncio.run(run())
+
+
+def test_the_kernels_syncs_open_again_on_the_same_loop_once_closed(tmp_path: Path) -> None:
+    # A store closed and opened again in one process: the eventfd's number is given out again,
+    # and the loop must not be watching the one closed still.
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for _ in range(2):
+                aio = AioFsync.open(loop)
+                assert aio is not None
+                ended: asyncio.Future[OSError | None] = loop.create_future()
+                aio.start(fd, ended.set_result)
+                assert await asyncio.wait_for(ended, 5) is None
+                aio.close()
+        finally:
+            os.close(fd)
 
     asyncio.run(run())
 
@@ -1224,8 +1743,9 @@ def test_stop_waits_for_the_sync_the_kernel_is_running(tmp_path):
     asyncio.run(run())
 
 
-def test_an_error_the_kernel_reports_for_a_sync_reaches_the_writer(tmp_path):
-    path = tmp_path / "f"
+def sync_on_a_failing_disk(path: Path, looks_finding_nothing: int = 0) -> OSError | None:
+    """What the kernel's sync of a file ends with when the disk fails it (its result -EIO, as the
+    kernel writes it), the first `looks_finding_nothing` looks for that result finding none."""
     path.write_bytes(b"x")
 
     async def run() -> OSError | None:
@@ -1234,8 +1754,14 @@ def test_an_error_the_kernel_reports_for_a_sync_reaches_the_writer(tmp_path):
         assert aio is not None
         real = aio._syscall
         getevents = _SYSCALLS[platform.machine()][2]
+        looks = 0
 
         def failing_disk(number: ctypes.c_long, *args: object) -> int:
+            nonlocal looks
+            if number.value == getevents:
+                looks += 1
+                if looks <= looks_finding_nothing:
+                    return 0
             got = real(number, *args)
             if number.value == getevents and got == 1:
                 # struct io_event as the kernel writes it: data, obj, then res = -EIO
@@ -1252,7 +1778,17 @@ def test_an_error_the_kernel_reports_for_a_sync_reaches_the_writer(tmp_path):
         os.close(fd)
         return error
 
-    error = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_an_error_the_kernel_reports_for_a_sync_reaches_the_writer(tmp_path):
+    error = sync_on_a_failing_disk(tmp_path / "f")
+    assert isinstance(error, OSError) and error.errno == errno.EIO
+
+
+def test_a_syncs_result_not_yet_to_be_read_when_its_end_is_signalled_is_looked_for_again(tmp_path: Path) -> None:
+    # The eventfd says so only once: a look that found nothing must not be the last.
+    error = sync_on_a_failing_disk(tmp_path / "f", looks_finding_nothing=1)
     assert isinstance(error, OSError) and error.errno == errno.EIO
 
 
@@ -1326,6 +1862,24 @@ def test_the_store_fsyncs_through_linux_aio_unless_configured_not_to(tmp_path, m
     assert opened == ([True] if aio_fsync else [])
 
 
+def test_the_stores_connection_on_the_loop_never_waits_for_a_lock_syncs_or_checkpoints(tmp_path: Path) -> None:
+    # Any of them would stall the event loop: the thread waits, fsyncs and checkpoints for it.
+    async def run() -> tuple[int, int, int]:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 's.db'}"))
+        await store.open()
+        try:
+            assert store._writer is not None and store._writer._loop_db is not None
+            db = store._writer._loop_db
+            (timeout,) = db.execute("PRAGMA busy_timeout").fetchone()
+            (synchronous,) = db.execute("PRAGMA synchronous").fetchone()
+            (autocheckpoint,) = db.execute("PRAGMA wal_autocheckpoint").fetchone()
+            return timeout, synchronous, autocheckpoint
+        finally:
+            await store.close()
+
+    assert asyncio.run(run()) == (0, 1, 0)  # no wait; synchronous = NORMAL; no checkpoint
+
+
 class DyingCheckpoints(sqlite3.Connection):
     """The thread's connection, whose first checkpoint pass waits for the test's word and then
     raises what no handler expects: the writer thread dies."""
@@ -1390,15 +1944,41 @@ def test_a_write_committed_on_the_loop_as_the_writer_thread_dies_is_told_so_with
     assert rows(tmp_path / "w.db") == [1, 2]
 
 
+def test_a_write_whose_fsync_waited_for_the_writer_thread_as_it_died_is_told_so_with_what_it_returned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Committed, and its fsync asked of the thread before the thread failed: never fsynced.
+    monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)
+    DyingCheckpoints.running.clear()
+    DyingCheckpoints.release.clear()
+
+    async def run() -> Any:
+        writer = loop_writer(tmp_path / "w.db", thread_connection=DyingCheckpoints)
+        await writer.start()
+        try:
+            await writer.submit(insert(1))  # its commit starts a checkpoint
+            await asyncio.get_running_loop().run_in_executor(None, DyingCheckpoints.running.wait, 5)
+            write = writer.submit(insert(2))  # committed on the loop; its fsync waits for the thread
+            assert not await settled(write)
+            DyingCheckpoints.release.set()
+            return await settled_soon(write)
+        finally:
+            DyingCheckpoints.release.set()
+            await asyncio.wait_for(writer.stop(), 5)
+
+    outcome = asyncio.run(run())
+    assert isinstance(outcome, Unsaved) and outcome.value == 2
+
+
 # --- an fsync SQLite itself makes fails (fsyncgate) -------------------------------------------
 
 
-def sqlite_fsync_failure() -> sqlite3.OperationalError:
+def sqlite_fsync_failure(code: int = 1034, name: str = "SQLITE_IOERR_FSYNC") -> sqlite3.OperationalError:
     """What SQLite raises when an fsync of its own fails: a commit's on the thread (synchronous
     = FULL), a checkpoint's, or the WAL header's as the WAL starts over."""
     error = sqlite3.OperationalError("disk I/O error")
-    error.sqlite_errorcode = 1034  # type: ignore[attr-defined]
-    error.sqlite_errorname = "SQLITE_IOERR_FSYNC"  # type: ignore[attr-defined]
+    error.sqlite_errorcode = code  # type: ignore[attr-defined]
+    error.sqlite_errorname = name  # type: ignore[attr-defined]
     return error
 
 
@@ -1439,6 +2019,46 @@ def test_after_sqlite_fails_to_fsync_a_commit_on_the_thread_the_store_takes_no_m
     assert rows(path) == []
 
 
+def test_writes_queued_on_the_thread_behind_a_commit_whose_fsync_failed_are_refused_not_committed(
+    tmp_path: Path,
+) -> None:
+    FirstCommitFsyncFails.failed = False
+    path = tmp_path / "w.db"
+
+    async def run() -> list[BaseException | int]:
+        writer = Writer(lambda: connect(path, FirstCommitFsyncFails))  # every write on the thread
+        await writer.start()
+        try:
+            release = await hold(writer)  # its commit is the one whose fsync fails
+            queued = [writer.submit(insert(n)) for n in (1, 2)]
+            release.set()
+            return await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 5)
+        finally:
+            await writer.stop()
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(o, StoreUnavailable) and not isinstance(o, Unsaved) for o in outcomes), outcomes
+    assert rows(path) == []
+
+
+def test_a_failed_fsync_of_the_databases_directory_stops_the_store_taking_writes(tmp_path: Path) -> None:
+    def directory_fsync_fails(db: sqlite3.Connection) -> None:
+        raise sqlite_fsync_failure(1290, "SQLITE_IOERR_DIR_FSYNC")
+
+    async def run() -> None:
+        writer = Writer(lambda: connect(tmp_path / "w.db"))
+        await writer.start()
+        try:
+            with pytest.raises(StoreUnavailable):
+                await writer.submit(directory_fsync_fails)
+            with pytest.raises(StoreUnavailable, match="no more writes.*saving to disk failed"):
+                writer.submit(insert(1))
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+
+
 class CheckpointFsyncFails(sqlite3.Connection):
     """The thread's connection, whose checkpoints fail to fsync."""
 
@@ -1468,6 +2088,43 @@ def test_a_checkpoint_whose_fsync_fails_stops_the_store_taking_writes(tmp_path, 
             await writer.stop()
 
     asyncio.run(run())
+
+
+class HeldCheckpointFsyncFails(sqlite3.Connection):
+    """The thread's connection, whose checkpoints wait for the test's word (as HeldCheckpoints)
+    and then fail to fsync."""
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:  # type: ignore[override]
+        if sql.startswith("PRAGMA wal_checkpoint"):
+            HeldCheckpoints.running.set()
+            HeldCheckpoints.release.wait(10)
+            raise sqlite_fsync_failure()
+        return super().execute(sql, *args)
+
+
+def test_a_write_committed_on_the_loop_as_a_checkpoint_fails_its_fsync_gets_no_fsync_of_ours(
+    tmp_path: Path, held_checkpoints: type
+) -> None:
+    # Its fsync was asked of the thread before the checkpoint failed: an fsync then would
+    # succeed without the pages lost.
+    fsyncs = Fsyncs()
+
+    async def run() -> Any:
+        writer = loop_writer(tmp_path / "w.db", fsyncs, thread_connection=HeldCheckpointFsyncFails)
+        await writer.start()
+        try:
+            await writer.submit(insert(1))  # its commit starts a checkpoint
+            await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
+            write = writer.submit(insert(2))  # committed on the loop; its fsync waits for the thread
+            assert not await settled(write)
+            held_checkpoints.release.set()
+            return await settled_soon(write)
+        finally:
+            await writer.stop()
+
+    outcome = asyncio.run(run())
+    assert isinstance(outcome, Unsaved) and outcome.value == 2
+    assert len(fsyncs.paths) == 1  # the first write's
 
 
 def test_writes_committed_on_the_loop_as_sqlite_fails_an_fsync_get_no_fsync_of_ours(tmp_path):
@@ -1592,6 +2249,13 @@ def test_a_store_whose_database_file_is_replaced_takes_no_more_writes_and_its_pi
     asyncio.run(run())
 
 
+def replace_the_wal(path: Path) -> None:
+    """The WAL that SQLite writes deleted, and a new file made at its path."""
+    wal = Path(f"{path}-wal")
+    os.unlink(wal)
+    wal.write_bytes(b"")
+
+
 def test_a_wal_replaced_under_the_writer_is_not_fsynced_in_place_of_the_one_sqlite_writes(tmp_path, monkeypatch):
     # The WAL a connection writes stays the file it opened; a new file at its path (another
     # process made one after it was deleted) was fsynced instead, and the writes answered as on
@@ -1605,9 +2269,7 @@ def test_a_wal_replaced_under_the_writer_is_not_fsynced_in_place_of_the_one_sqli
         await writer.start()
         try:
             await writer.submit(insert(1))
-            wal = Path(f"{path}-wal")
-            os.unlink(wal)
-            wal.write_bytes(b"")
+            replace_the_wal(path)
             with pytest.raises(StoreUnavailable):  # committed into the WAL deleted: lost, not Unsaved
                 await asyncio.wait_for(writer.submit(insert(2)), 5)
             with pytest.raises(StoreUnavailable, match="was replaced or removed"):
@@ -1617,6 +2279,55 @@ def test_a_wal_replaced_under_the_writer_is_not_fsynced_in_place_of_the_one_sqli
 
     asyncio.run(run())
     assert fsyncs.paths == [f"{path}-wal"]
+
+
+def test_a_wal_replaced_within_a_second_of_the_first_look_is_not_the_one_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The descriptor fsyncs go through is opened by path, once: opened after a mere glance
+    # (within the second of the store's first look), it was the new file's.
+    monkeypatch.setattr(writer_module, "time", types.SimpleNamespace(monotonic=lambda: 1000.0))
+    path = tmp_path / "w.db"
+    fsyncs = Fsyncs()
+
+    async def run() -> None:
+        writer = loop_writer(path, fsyncs)
+        await writer.start()
+        try:
+            writer.check()  # the files' first look, as the store opens
+            replace_the_wal(path)
+            with pytest.raises(StoreUnavailable, match="-wal was replaced or removed"):
+                await asyncio.wait_for(writer.submit(insert(1)), 5)
+        finally:
+            await writer.stop()
+
+    asyncio.run(run())
+    assert fsyncs.paths == []
+
+
+def test_a_write_committed_before_its_wal_was_found_replaced_is_refused_though_its_sync_then_fails(
+    tmp_path: Path,
+) -> None:
+    # The first failure is the one that stands: the write went into a WAL no later opening reads.
+    path = tmp_path / "w.db"
+    kernel = KernelSyncs()
+
+    async def run() -> Any:
+        writer = loop_writer(path, kernel=kernel.open)
+        await writer.start()
+        try:
+            write = writer.submit(insert(1))
+            assert not await settled(write)  # its sync runs
+            replace_the_wal(path)
+            with pytest.raises(StoreUnavailable, match="-wal was replaced or removed"):
+                writer.check()
+            kernel.end(OSError(5, "Input/output error"))
+            return await settled_soon(write)
+        finally:
+            await writer.stop()
+
+    outcome = asyncio.run(run())
+    assert isinstance(outcome, StoreUnavailable) and not isinstance(outcome, Unsaved), outcome
 
 
 def test_a_writer_whose_shared_memory_index_is_deleted_takes_no_more_writes(tmp_path, monkeypatch):
