@@ -263,23 +263,32 @@ def test_a_write_that_blows_up_fails_alone_and_the_writer_carries_on(tmp_path):
     assert rows(path) == [1]
 
 
-def test_a_write_that_blows_up_in_a_shared_batch_fails_the_batch_and_the_writer_carries_on(tmp_path: Path) -> None:
-    path = tmp_path / "w.db"
+def one_batch(
+    path: Path, works: list[Callable[[sqlite3.Connection], Any]], after: int,
+    factory: type[sqlite3.Connection] = sqlite3.Connection,
+) -> list[BaseException | int]:
+    """How each of `works`, submitted as one batch, is answered; the writer must then still
+    commit `insert(after)`."""
 
     async def run() -> list[BaseException | int]:
-        writer = Writer(lambda: connect(path))
+        writer = Writer(lambda: connect(path, factory))
         await writer.start()
         try:
             release = await hold(writer)
-            batch = [writer.submit(insert(1)), writer.submit(explode), writer.submit(insert(3))]
+            batch = [writer.submit(work) for work in works]
             release.set()
             outcomes = await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 5)
-            assert await asyncio.wait_for(writer.submit(insert(4)), 5) == 4
+            assert await asyncio.wait_for(writer.submit(insert(after)), 5) == after
             return outcomes
         finally:
             await writer.stop()
 
-    outcomes = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_a_write_that_blows_up_in_a_shared_batch_fails_the_batch_and_the_writer_carries_on(tmp_path: Path) -> None:
+    path = tmp_path / "w.db"
+    outcomes = one_batch(path, [insert(1), explode, insert(3)], after=4)
     assert all(isinstance(outcome, StoreError) for outcome in outcomes), outcomes
     assert rows(path) == [4]
 
@@ -343,23 +352,9 @@ class SecondCommitFails(sqlite3.Connection):
 
 
 def test_a_batch_whose_commit_failed_leaves_no_transaction_open_for_the_next(tmp_path: Path) -> None:
-    SecondCommitFails.commits = 0
+    SecondCommitFails.commits = 0  # one_batch's hold is the first commit, the batch's the second
     path = tmp_path / "w.db"
-
-    async def run() -> list[BaseException | int]:
-        writer = Writer(lambda: connect(path, SecondCommitFails))
-        await writer.start()
-        try:
-            release = await hold(writer)  # the first commit
-            batch = [writer.submit(insert(n)) for n in (1, 2)]
-            release.set()
-            outcomes = await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 5)
-            assert await asyncio.wait_for(writer.submit(insert(3)), 5) == 3
-            return outcomes
-        finally:
-            await writer.stop()
-
-    outcomes = asyncio.run(run())
+    outcomes = one_batch(path, [insert(1), insert(2)], after=3, factory=SecondCommitFails)
     assert all(isinstance(outcome, sqlite3.OperationalError) for outcome in outcomes), outcomes
     assert rows(path) == [3]
 
@@ -1944,6 +1939,17 @@ def test_a_write_committed_on_the_loop_as_the_writer_thread_dies_is_told_so_with
     assert rows(tmp_path / "w.db") == [1, 2]
 
 
+async def committed_during_a_checkpoint(writer: Writer, checkpoints: type) -> Any:
+    """How a write committed on the loop while the writer's thread holds a checkpoint (until
+    `checkpoints.release`) is answered: its fsync waits for the thread."""
+    await writer.submit(insert(1))  # its commit starts a checkpoint
+    await asyncio.get_running_loop().run_in_executor(None, checkpoints.running.wait, 5)
+    write = writer.submit(insert(2))
+    assert not await settled(write)
+    checkpoints.release.set()
+    return await settled_soon(write)
+
+
 def test_a_write_whose_fsync_waited_for_the_writer_thread_as_it_died_is_told_so_with_what_it_returned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1956,12 +1962,7 @@ def test_a_write_whose_fsync_waited_for_the_writer_thread_as_it_died_is_told_so_
         writer = loop_writer(tmp_path / "w.db", thread_connection=DyingCheckpoints)
         await writer.start()
         try:
-            await writer.submit(insert(1))  # its commit starts a checkpoint
-            await asyncio.get_running_loop().run_in_executor(None, DyingCheckpoints.running.wait, 5)
-            write = writer.submit(insert(2))  # committed on the loop; its fsync waits for the thread
-            assert not await settled(write)
-            DyingCheckpoints.release.set()
-            return await settled_soon(write)
+            return await committed_during_a_checkpoint(writer, DyingCheckpoints)
         finally:
             DyingCheckpoints.release.set()
             await asyncio.wait_for(writer.stop(), 5)
@@ -2113,12 +2114,7 @@ def test_a_write_committed_on_the_loop_as_a_checkpoint_fails_its_fsync_gets_no_f
         writer = loop_writer(tmp_path / "w.db", fsyncs, thread_connection=HeldCheckpointFsyncFails)
         await writer.start()
         try:
-            await writer.submit(insert(1))  # its commit starts a checkpoint
-            await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
-            write = writer.submit(insert(2))  # committed on the loop; its fsync waits for the thread
-            assert not await settled(write)
-            held_checkpoints.release.set()
-            return await settled_soon(write)
+            return await committed_during_a_checkpoint(writer, held_checkpoints)
         finally:
             await writer.stop()
 

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import yaml
@@ -120,19 +120,30 @@ def test_a_call_answered_during_the_drain_says_its_connection_closes(tmp_path: P
     server = Tollgate(tmp_path, fake_url, "sk-upstream", server={"shutdown_grace": "20s"}).start()
     name = tag()
     body = {"model": "Main", "messages": [{"role": "user", "content": f"one two [first_byte_ms=1000] [tag={name}]"}]}
+    client = server.client(server.admin().team().key)
+    answer = answer_to_a_call_stopped_while_it_runs(
+        server, client, "/v1/chat/completions", body, running=lambda: fake_log(fake_url, name)
+    )
+    assert answer.status_code == 200 and answer.headers["connection"] == "close"
+
+
+def answer_to_a_call_stopped_while_it_runs(
+    server: Tollgate, client: httpx.Client, path: str, body: dict[str, Any], running: Callable[[], Any]
+) -> httpx.Response:
+    """The answer to a call POSTed to `path`, SIGTERM sent once `running()` says the call is
+    under way: once the server has exited 0."""
     replies: list[httpx.Response] = []
+    caller = threading.Thread(target=lambda: replies.append(client.post(path, json=body, timeout=30)))
     try:
-        with server.client(server.admin().team().key) as client:
-            caller = threading.Thread(target=lambda: replies.append(client.post("/v1/chat/completions", json=body)))
-            caller.start()
-            assert wait_for(lambda: fake_log(fake_url, name), timeout=10)
-            server.process.send_signal(signal.SIGTERM)
-            caller.join(20)
+        caller.start()
+        assert wait_for(running, timeout=10)
+        server.process.send_signal(signal.SIGTERM)
+        caller.join(20)
         assert server.process.wait(15) == 0
     finally:
         server.stop()
     (answer,) = replies
-    assert answer.status_code == 200 and answer.headers["connection"] == "close"
+    return answer
 
 
 def test_sigterm_cuts_streams_after_the_grace_period_and_records_them(tmp_path, litellm):
@@ -190,18 +201,11 @@ def test_a_call_awaiting_its_answer_when_the_grace_period_ends_gets_a_503_and_is
     team = server.admin().team()
     client = server.client(team.key)
     job_id = client.post("/api/jobs/create", json={"job_type": "cut"}).json()["job_id"]
-    answers: list[httpx.Response] = []
     body = {"messages": [{"role": "user", "content": "one two three [first_byte_ms=10000]"}]}
-    caller = threading.Thread(target=lambda: answers.append(client.post(f"/api/jobs/{job_id}/llm-call", json=body, timeout=30)))
-    try:
-        caller.start()
-        assert wait_for(lambda: [c for c in books(server.database)["calls"] if c[1] == "running"], timeout=10)
-        server.process.send_signal(signal.SIGTERM)
-        caller.join(15)
-        assert server.process.wait(15) == 0
-    finally:
-        server.stop()
-    (answer,) = answers
+    answer = answer_to_a_call_stopped_while_it_runs(
+        server, client, f"/api/jobs/{job_id}/llm-call", body,
+        running=lambda: [c for c in books(server.database)["calls"] if c[1] == "running"],
+    )
     assert answer.status_code == 503 and answer.headers["retry-after"]
     assert answer.json() == {"detail": "The gateway is shutting down: the call was cut short before its answer"}
     db = sqlite3.connect(server.database)

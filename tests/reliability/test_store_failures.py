@@ -538,21 +538,6 @@ def test_an_outcome_waiting_on_a_locked_database_when_the_shutdown_cuts_its_call
     assert store.recorded == ["c"]
 
 
-def cut_starts(monkeypatch: pytest.MonkeyPatch, written: bool) -> None:
-    """Every call's start cut by the gateway's shutdown (uvicorn's cancellation, once
-    server.shutdown_grace is over, of a start waiting on a database another process locked), as
-    the store reports it: once the call is started, or before any of it was written."""
-    original = SQLiteStore.start_call
-
-    async def cut(self: SQLiteStore, *args: Any, **kwargs: Any) -> None:
-        if not written:
-            raise asyncio.CancelledError()
-        await original(self, *args, **kwargs)
-        raise WrittenThenCancelled(False)
-
-    monkeypatch.setattr(SQLiteStore, "start_call", cut)
-
-
 def counted(server: Gateway) -> Counter[str]:
     """The calls and jobs /metrics counts, by status."""
     found: Counter[str] = Counter()
@@ -564,31 +549,44 @@ def counted(server: Gateway) -> Counter[str]:
     return found
 
 
+def v1_call_whose_start_the_shutdown_cut(
+    server: Gateway, monkeypatch: pytest.MonkeyPatch, written: bool
+) -> tuple[Any, Counter[str]]:
+    """A /v1 call whose start the gateway's shutdown cut (uvicorn's cancellation, once
+    server.shutdown_grace is over, of a start waiting on a database another process locked), as
+    the store reports it: once the call was started (`written`), or before any of it was. Its
+    503, and what /metrics counted for it."""
+    original = SQLiteStore.start_call
+
+    async def cut(self: SQLiteStore, *args: Any, **kwargs: Any) -> None:
+        if not written:
+            raise asyncio.CancelledError()
+        await original(self, *args, **kwargs)
+        raise WrittenThenCancelled(False)
+
+    monkeypatch.setattr(SQLiteStore, "start_call", cut)
+    before = counted(server)
+    response = server.post("/v1/chat/completions", {"model": "Main", **CALL})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    return response, counted(server) - before
+
+
 def test_a_call_whose_start_the_shutdown_cut_once_written_answers_503_naming_its_job_and_call(gateway, monkeypatch):
     # Recorded as cancelled, it is the client's to ask about, by the ids every answer to a
     # recorded call carries; its own job was made with its start, and counted so.
     server = gateway()
-    cut_starts(monkeypatch, written=True)
-    before = counted(server)
-    response = server.post("/v1/chat/completions", {"model": "Main", **CALL})
-    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    response, count = v1_call_whose_start_the_shutdown_cut(server, monkeypatch, written=True)
     job = server.job(response.headers["x-job-id"])
     assert [c["call_id"] for c in job["calls"]] == [response.headers["x-call-id"]]
     assert (job["status"], job["calls"][0]["status"], job["costs"]["credits_charged"]) == ("failed", "cancelled", 0)
-    assert counted(server) - before == {
-        "tollgate_llm_calls:cancelled": 1, "tollgate_jobs:created": 1, "tollgate_jobs:failed": 1
-    }
+    assert count == {"tollgate_llm_calls:cancelled": 1, "tollgate_jobs:created": 1, "tollgate_jobs:failed": 1}
 
 
 def test_a_call_whose_start_the_shutdown_cut_before_any_write_is_counted_nowhere(gateway, monkeypatch):
     # No call and no job exist: counted as a cancelled call, with ids that name nothing.
-    server = gateway()
-    cut_starts(monkeypatch, written=False)
-    before = counted(server)
-    response = server.post("/v1/chat/completions", {"model": "Main", **CALL})
-    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
+    response, count = v1_call_whose_start_the_shutdown_cut(gateway(), monkeypatch, written=False)
     assert "x-call-id" not in response.headers and "x-job-id" not in response.headers
-    assert counted(server) - before == {}
+    assert count == {}
 
 
 def test_an_unexpected_failure_is_a_500_in_json_on_every_api(gateway, monkeypatch):
