@@ -7,7 +7,8 @@ import logging
 import sqlite3
 import threading
 import time
-from typing import AsyncIterator, Callable
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,6 +31,19 @@ def new_call(call_id: str, job_id: str, started_at: float) -> NewCall:
 
 def outcome(call_id: str) -> CallOutcome:
     return CallOutcome(call_id, "success", "gpt-4o-mini", 10, 5, False, 0.0, 100, None, 1, None, 1_000.0)
+
+
+def on_a_team_store(path: Path, check: Callable[[SQLiteStore], Awaitable[None]]) -> None:
+    """Run `check` on a new store at `path` holding the team 'team', closed whatever it does."""
+
+    async def run() -> None:
+        store = await make_team(str(path))
+        try:
+            await check(store)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
 
 
 async def statuses(store: SQLiteStore, job_id: str) -> dict[str, str]:
@@ -58,16 +72,12 @@ async def start_cut(store: SQLiteStore, call: NewCall) -> BaseException:
 
 
 def test_a_start_cut_short_once_written_says_the_call_started(tmp_path):
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "cut.db"))
-        try:
-            job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
-            assert isinstance(await start_cut(store, new_call("cut", job_id, time.time())), WrittenThenCancelled)
-            assert await statuses(store, job_id) == {"cut": "running"}
-        finally:
-            await store.close()
+    async def check(store: SQLiteStore) -> None:
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        assert isinstance(await start_cut(store, new_call("cut", job_id, time.time())), WrittenThenCancelled)
+        assert await statuses(store, job_id) == {"cut": "running"}
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "cut.db", check)
 
 
 def test_a_start_cut_short_in_an_expired_job_says_nothing_was_started(tmp_path):
@@ -90,8 +100,7 @@ def test_a_start_cut_short_in_an_expired_job_says_nothing_was_started(tmp_path):
 
 
 def test_the_sweep_closes_only_calls_still_running_that_started_before_the_cutoff(tmp_path):
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "sweep.db"))
+    async def check(store: SQLiteStore) -> None:
         first = (await store.create_job("team", "t", None, {}, 1)).job_id
         second = (await store.create_job("team", "t", None, {}, 1)).job_id
         await store.start_call(new_call("old-running", first, 100.0))
@@ -106,33 +115,27 @@ def test_the_sweep_closes_only_calls_still_running_that_started_before_the_cutof
             "old-running": "cancelled", "old-finished": "success", "new-running": "running"
         }
         assert await statuses(store, second) == {"other-job": "cancelled"}
-        await store.close()
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "sweep.db", check)
 
 
 def test_the_sweep_closes_a_call_recorded_without_a_bound_only_once_stale_call_after_has_passed(tmp_path):
     # Calls written by an earlier release carry no bound of their own: the sweeper's applies.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "unbounded.db"))
+    async def check(store: SQLiteStore) -> None:
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
         await store.start_call(new_call("stale", job_id, 430.0))
         await store.start_call(new_call("recent", job_id, 450.0))
-        try:
-            assert await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0) == (0, 1)
-            assert await statuses(store, job_id) == {"stale": "cancelled", "recent": "running"}
-        finally:
-            await store.close()
+        assert await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0) == (0, 1)
+        assert await statuses(store, job_id) == {"stale": "cancelled", "recent": "running"}
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "unbounded.db", check)
 
 
 def test_the_sweep_closes_a_call_at_the_bound_its_own_process_set_not_at_the_sweepers(tmp_path):
     # Processes sharing the database may be configured apart (a rolling change of
     # upstream.timeouts.total): the sweeper of the one with the shorter bound closed the other's
     # live calls as interrupted.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "bound.db"))
+    async def check(store: SQLiteStore) -> None:
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
         await store.start_call(NewCall("long", job_id, "team", "key", "ChatAgent", None, True, 100.0, 800.0))
         await store.start_call(NewCall("short", job_id, "team", "key", "ChatAgent", None, True, 100.0, 300.0))
@@ -140,9 +143,8 @@ def test_the_sweep_closes_a_call_at_the_bound_its_own_process_set_not_at_the_swe
         assert await statuses(store, job_id) == {"long": "running", "short": "cancelled"}
         assert len(await store.cancel_stale_calls(started_before=900.0, now=900.0)) == 1
         assert await statuses(store, job_id) == {"long": "cancelled", "short": "cancelled"}
-        await store.close()
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "bound.db", check)
 
 
 def database_at(path, version: int) -> sqlite3.Connection:
@@ -271,18 +273,14 @@ def test_the_sweep_fails_the_own_job_of_a_v1_call_it_closed_as_interrupted(tmp_p
 def test_the_sweep_fails_the_own_job_of_a_v1_call_another_processs_sweep_closed_as_interrupted(tmp_path):
     # That sweeper may have stopped (its process ended) between closing the call and failing
     # the job: every sweep looks for such jobs, not only one that closed calls itself.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "implicit.db"))
+    async def check(store: SQLiteStore) -> None:
         own = (await store.create_job("team", IMPLICIT_JOB_TYPE, None, {"implicit": True}, 1)).job_id
         await store.start_call(new_call("cut-by-a-crash", own, 100.0))
-        try:
-            assert len(await store.cancel_stale_calls(500.0)) == 1  # the other process's sweep, no further
-            assert await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0) == (0, 0)
-            assert (await store.get_job(own)).status == "failed"
-        finally:
-            await store.close()
+        assert len(await store.cancel_stale_calls(500.0)) == 1  # the other process's sweep, no further
+        assert await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0) == (0, 0)
+        assert (await store.get_job(own)).status == "failed"
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "implicit.db", check)
 
 
 def test_the_sweep_counts_the_calls_it_closes_as_interrupted_among_the_calls_metric(tmp_path):
@@ -503,78 +501,66 @@ def test_a_kept_stream_outcome_charges_its_own_job_though_another_processs_sweep
     # kept (the store refused it) and, in the same pass, fail the call's own job uncharged. The
     # kept outcome of a stream, whose client had the answer, ends its job charged: written over
     # the interrupted close, it must charge the job too, not leave it failed for free.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "kept.db"))
+    async def check(store: SQLiteStore) -> None:
         job = new_id()
         await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
-        try:
-            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)  # the other worker's
-            assert (await store.get_job(job)).status == "failed"
+        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)  # the other worker's
+        assert (await store.get_job(job)).status == "failed"
 
-            recorded, ended = await store.finish_call_and_job(
-                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-            )
-            assert (recorded, ended) == (True, True)
-            charged = await store.get_job(job)
-            assert (charged.status, charged.credits_charged, charged.error_message) == ("completed", 1, None)
-            team = await store.get_team("team")
-            assert (team.credits_used, team.credits_held) == (1, 0)
-            assert await store.ledger_sum("team") == team.credits_remaining
-            # Written again (the shutdown's second try), it charges nothing more.
-            assert await store.finish_call_and_job(
-                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-            ) == (False, False)
-            assert (await store.get_team("team")).credits_used == 1
-        finally:
-            await store.close()
+        recorded, ended = await store.finish_call_and_job(
+            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+        )
+        assert (recorded, ended) == (True, True)
+        charged = await store.get_job(job)
+        assert (charged.status, charged.credits_charged, charged.error_message) == ("completed", 1, None)
+        team = await store.get_team("team")
+        assert (team.credits_used, team.credits_held) == (1, 0)
+        assert await store.ledger_sum("team") == team.credits_remaining
+        # Written again (the shutdown's second try), it charges nothing more.
+        assert await store.finish_call_and_job(
+            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+        ) == (False, False)
+        assert (await store.get_team("team")).credits_used == 1
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "kept.db", check)
 
 
 def test_a_kept_stream_outcome_leaves_its_interrupted_own_job_failed_when_the_team_cannot_pay_for_it_any_more(tmp_path):
     # The sweep released the job's hold; the credits it freed may be held or used by now, and
     # a balance is never spent twice (the teams table's check would refuse the write).
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "kept.db"))  # 1,000 credits
+    async def check(store: SQLiteStore) -> None:
         job = new_id()
         await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
-        try:
-            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
-            await store.create_job("team", "t", None, {}, 1000)  # holds all the team has
-            assert await store.finish_call_and_job(
-                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-            ) == (True, False)
-            assert (await store.get_job(job)).status == "failed"
-            team = await store.get_team("team")
-            assert (team.credits_used, team.credits_held) == (0, 1000)
-        finally:
-            await store.close()
+        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+        await store.create_job("team", "t", None, {}, 1000)  # holds all the team has
+        assert await store.finish_call_and_job(
+            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+        ) == (True, False)
+        assert (await store.get_job(job)).status == "failed"
+        team = await store.get_team("team")
+        assert (team.credits_used, team.credits_held) == (0, 1000)
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "kept.db", check)  # 1,000 credits
 
 
 def test_a_jobs_total_cost_is_the_exact_sum_of_its_calls_costs_however_many_calls_it_has(tmp_path):
     # Summed in plain floating point (SQLite before 3.43 adds without compensation), the error of
     # each addition piled up: a thousand calls of $0.10 came to $99.999999999999, not $100, though
     # costs are documented to be exact to 1e-12 USD.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "costs.db"))
-        try:
-            job = (await store.create_job("team", "t", None, {}, 1)).job_id
-            for n in range(1_000):
-                call_id = f"call-{n:04}"
-                await store.start_call(new_call(call_id, job, 100.0))
-                await store.finish_call(
-                    CallOutcome(call_id, "success", "m", 10, 5, False, 0.1, 100, None, 1, None, 1_000.0)
-                )
-            view = await store.job_view(job)
-            assert view is not None and view[0].costs.total_cost_usd == 100.0
-            jobs, _, _ = await store.team_jobs("team", None, 10, 0)
-            assert jobs[0].costs.total_cost_usd == 100.0
-        finally:
-            await store.close()
+    async def check(store: SQLiteStore) -> None:
+        job = (await store.create_job("team", "t", None, {}, 1)).job_id
+        for n in range(1_000):
+            call_id = f"call-{n:04}"
+            await store.start_call(new_call(call_id, job, 100.0))
+            await store.finish_call(
+                CallOutcome(call_id, "success", "m", 10, 5, False, 0.1, 100, None, 1, None, 1_000.0)
+            )
+        view = await store.job_view(job)
+        assert view is not None and view[0].costs.total_cost_usd == 100.0
+        jobs, _, _ = await store.team_jobs("team", None, 10, 0)
+        assert jobs[0].costs.total_cost_usd == 100.0
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "costs.db", check)
 
 
 class SteppedWall:
@@ -792,98 +778,81 @@ def test_an_outcome_written_again_over_a_call_found_recorded_already_leaves_its_
     # The shutdown writes a kept outcome once more (over a sweeper's closing it as interrupted);
     # the call was recorded by then, and its own job left failed, the team unable to pay for it.
     # A write that records nothing must not charge the job later, once the team can pay again.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "kept.db"))  # 1,000 credits
+    async def check(store: SQLiteStore) -> None:
         job = new_id()
         await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
-        try:
-            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
-            holder = (await store.create_job("team", "t", None, {}, 1000)).job_id  # all the team has
-            assert await store.finish_call_and_job(
-                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-            ) == (True, False)
-            await store.finish_job(holder, "failed", None, None)  # its credits free again
-            assert await store.finish_call_and_job(
-                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-            ) == (False, False)
-            assert (await store.get_job(job)).status == "failed"
-            team = await store.get_team("team")
-            assert (team.credits_used, team.credits_held) == (0, 0)
-        finally:
-            await store.close()
+        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+        holder = (await store.create_job("team", "t", None, {}, 1000)).job_id  # all the team has
+        assert await store.finish_call_and_job(
+            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+        ) == (True, False)
+        await store.finish_job(holder, "failed", None, None)  # its credits free again
+        assert await store.finish_call_and_job(
+            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+        ) == (False, False)
+        assert (await store.get_job(job)).status == "failed"
+        team = await store.get_team("team")
+        assert (team.credits_used, team.credits_held) == (0, 0)
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "kept.db", check)  # 1,000 credits
 
 
 def test_a_kept_stream_outcome_charges_its_interrupted_own_job_with_the_teams_last_free_credit(tmp_path):
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "kept.db"))  # 1,000 credits
+    async def check(store: SQLiteStore) -> None:
         job = new_id()
         await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
-        try:
-            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
-            await store.create_job("team", "t", None, {}, 999)  # leaves exactly the one credit the job held
-            assert await store.finish_call_and_job(
-                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-            ) == (True, True)
-            team = await store.get_team("team")
-            assert (team.credits_used, team.credits_held, team.credits_available) == (1, 999, 0)
-            assert await store.ledger_sum("team") == team.credits_remaining
-        finally:
-            await store.close()
+        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+        await store.create_job("team", "t", None, {}, 999)  # leaves exactly the one credit the job held
+        assert await store.finish_call_and_job(
+            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+        ) == (True, True)
+        team = await store.get_team("team")
+        assert (team.credits_used, team.credits_held, team.credits_available) == (1, 999, 0)
+        assert await store.ledger_sum("team") == team.credits_remaining
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "kept.db", check)  # 1,000 credits
 
 
 def test_a_kept_stream_outcome_does_not_charge_its_own_job_once_it_was_failed_as_expired(tmp_path):
     # Only a job failed as interrupted (by a sweep that could not know of the kept outcome) is
     # charged when the outcome is written at last: an expired job is failed uncharged for good.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "kept.db"))
+    async def check(store: SQLiteStore) -> None:
         job = new_id()
         await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
-        try:
-            assert len(await store.cancel_stale_calls(500.0, now=500.0)) == 1
-            assert [j.job_id for j in await store.expire_jobs(time.time() + 60, 10)] == [job]
-            assert await store.finish_call_and_job(
-                outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-            ) == (True, False)
-            failed = await store.get_job(job)
-            assert (failed.status, failed.credits_charged) == ("failed", 0)
-            assert failed.error_message.startswith("expired")
-            team = await store.get_team("team")
-            assert (team.credits_used, team.credits_held) == (0, 0)
-        finally:
-            await store.close()
+        assert len(await store.cancel_stale_calls(500.0, now=500.0)) == 1
+        assert [j.job_id for j in await store.expire_jobs(time.time() + 60, 10)] == [job]
+        assert await store.finish_call_and_job(
+            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
+        ) == (True, False)
+        failed = await store.get_job(job)
+        assert (failed.status, failed.credits_charged) == ("failed", 0)
+        assert failed.error_message.startswith("expired")
+        team = await store.get_team("team")
+        assert (team.credits_used, team.credits_held) == (0, 0)
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "kept.db", check)
 
 
 def test_an_outcome_is_not_written_over_a_call_its_client_cancelled(tmp_path):
     # Outcomes are written over a sweeper's closing a call as interrupted (which knew nothing of
     # them), and over nothing else: a hang-up's record is the call's own end.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "cancelled.db"))
+    async def check(store: SQLiteStore) -> None:
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
         await store.start_call(new_call("hung-up", job_id, 100.0))
-        try:
-            assert await store.finish_call(cancelled("hung-up", "client disconnected"), over_interrupted=True)
-            assert not await store.finish_call(outcome("hung-up"), over_interrupted=True)
-            view = await store.job_view(job_id)
-            assert [(c.status, c.error, c.completion_tokens) for c in view[1]] == [
-                ("cancelled", "client disconnected", 0)
-            ]
-        finally:
-            await store.close()
+        assert await store.finish_call(cancelled("hung-up", "client disconnected"), over_interrupted=True)
+        assert not await store.finish_call(outcome("hung-up"), over_interrupted=True)
+        view = await store.job_view(job_id)
+        assert [(c.status, c.error, c.completion_tokens) for c in view[1]] == [
+            ("cancelled", "client disconnected", 0)
+        ]
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "cancelled.db", check)
 
 
 def test_a_call_that_ends_between_the_sweeps_search_and_its_write_keeps_its_record(tmp_path):
     # The sweep finds stale calls on one connection and closes them in a later write: one
     # recorded meanwhile (its record slowed by a locked database) is not closed as interrupted.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "race.db"))
+    async def check(store: SQLiteStore) -> None:
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
         await store.start_call(new_call("late", job_id, 100.0))
         search = store._read_together
@@ -895,90 +864,70 @@ def test_a_call_that_ends_between_the_sweeps_search_and_its_write_keeps_its_reco
             return found
 
         store._read_together = search_then_record
-        try:
-            assert await store.cancel_stale_calls(500.0, now=500.0) == []
-            assert await statuses(store, job_id) == {"late": "success"}
-        finally:
-            await store.close()
+        assert await store.cancel_stale_calls(500.0, now=500.0) == []
+        assert await statuses(store, job_id) == {"late": "success"}
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "race.db", check)
 
 
 def test_the_sweep_leaves_an_api_job_whose_call_it_closed_as_interrupted_open_for_its_client(tmp_path):
     # Only a /v1 call's own job is failed with its interrupted call: a job of /api is its
     # client's to complete (and is charged then), or it expires.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "api.db"))
+    async def check(store: SQLiteStore) -> None:
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
         await store.start_call(new_call("cut-by-a-crash", job_id, 100.0))
-        try:
-            await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
-            assert await statuses(store, job_id) == {"cut-by-a-crash": "cancelled"}
-            assert (await store.get_job(job_id)).status == "in_progress"
-            job, changed = await store.finish_job(job_id, "completed", None, None)
-            assert (job.status, job.credits_charged, changed) == ("completed", 1, True)
-        finally:
-            await store.close()
+        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+        assert await statuses(store, job_id) == {"cut-by-a-crash": "cancelled"}
+        assert (await store.get_job(job_id)).status == "in_progress"
+        job, changed = await store.finish_job(job_id, "completed", None, None)
+        assert (job.status, job.credits_charged, changed) == ("completed", 1, True)
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "api.db", check)
 
 
 def test_open_jobs_expire_whether_a_call_started_them_or_not(tmp_path):
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "expire.db"))
+    async def check(store: SQLiteStore) -> None:
         pending = (await store.create_job("team", "t", None, {}, 1)).job_id
         started = (await store.create_job("team", "t", None, {}, 1)).job_id
         await store.start_call(new_call("done", started, 100.0))
         await store.finish_call(outcome("done"))
-        try:
-            assert (await store.get_job(started)).status == "in_progress"
-            expired = await store.expire_jobs(time.time() + 60, 10)
-            assert sorted(j.job_id for j in expired) == sorted([pending, started])
-            assert {(await store.get_job(j)).status for j in (pending, started)} == {"failed"}
-            assert (await store.get_team("team")).credits_held == 0
-        finally:
-            await store.close()
+        assert (await store.get_job(started)).status == "in_progress"
+        expired = await store.expire_jobs(time.time() + 60, 10)
+        assert sorted(j.job_id for j in expired) == sorted([pending, started])
+        assert {(await store.get_job(j)).status for j in (pending, started)} == {"failed"}
+        assert (await store.get_team("team")).credits_held == 0
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "expire.db", check)
 
 
 def test_a_sweep_fails_every_expired_job_batch_after_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(sweeper_module, "BATCH", 2)
 
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "batches.db"))
+    async def check(store: SQLiteStore) -> None:
         jobs = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(5)]
-        try:
-            expired, _ = await sweep_once(store, expire_after=60, stale_call_after=60, now=time.time() + 120)
-            assert expired == 5
-            assert {(await store.get_job(job_id)).status for job_id in jobs} == {"failed"}
-        finally:
-            await store.close()
+        expired, _ = await sweep_once(store, expire_after=60, stale_call_after=60, now=time.time() + 120)
+        assert expired == 5
+        assert {(await store.get_job(job_id)).status for job_id in jobs} == {"failed"}
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "batches.db", check)
 
 
 def test_a_sweeps_batch_of_expired_jobs_is_not_taken_up_by_jobs_finished_already(tmp_path):
     # The sweep fails expired jobs a batch at a time, oldest first, and stops at a batch that
     # is not full: jobs finished long ago must not fill it, or open ones would never expire.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "batch.db"))
+    async def check(store: SQLiteStore) -> None:
         finished = (await store.create_job("team", "t", None, {}, 1)).job_id
         await store.finish_job(finished, "failed", None, None)
         still_open = (await store.create_job("team", "t", None, {}, 1)).job_id
-        try:
-            assert [j.job_id for j in await store.expire_jobs(time.time() + 60, 1)] == [still_open]
-        finally:
-            await store.close()
+        assert [j.job_id for j in await store.expire_jobs(time.time() + 60, 1)] == [still_open]
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "batch.db", check)
 
 
 def test_a_job_finished_between_the_sweeps_search_and_its_write_is_not_counted_as_failed_by_it(tmp_path):
     # The jobs a sweep returns are counted in tollgate_jobs_total{status="failed"}: one its client
     # (or another process's sweep) finished meanwhile was counted there twice.
-    async def check() -> None:
-        store = await make_team(str(tmp_path / "counted.db"))
+    async def check(store: SQLiteStore) -> None:
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
         read = store._read
 
@@ -989,13 +938,10 @@ def test_a_job_finished_between_the_sweeps_search_and_its_write_is_not_counted_a
             return found
 
         store._read = read_then_fail
-        try:
-            assert await store.expire_jobs(time.time() + 60, 10) == []
-            assert (await store.get_job(job_id)).error_message == "the client gave up"
-        finally:
-            await store.close()
+        assert await store.expire_jobs(time.time() + 60, 10) == []
+        assert (await store.get_job(job_id)).error_message == "the client gave up"
 
-    asyncio.run(check())
+    on_a_team_store(tmp_path / "counted.db", check)
 
 
 @pytest.mark.parametrize(
