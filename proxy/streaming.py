@@ -237,13 +237,18 @@ class SSERelay:
 
     async def _forward(self, send: Send, events: Iterable[SSEEvent]) -> list[bytes] | None:
         """Send what the client should get, up to the terminal event ([DONE] or an error):
-        that one, and anything after it, is returned unsent."""
+        that one is returned unsent, with what follows an error in the same read (LiteLLM's
+        [DONE]). Nothing follows [DONE]: what came with it goes as what came after it does,
+        unread, not to the client (a usage chunk it did not ask for among it)."""
         tally, drop = self._tally, self._drop_usage_only
         kept: list[bytes] = []
         events = list(events)
         for index, event in enumerate(events):
             usage_only = tally.observe(event)
-            if tally.done or tally.error is not None:
+            if tally.done:
+                await self._send(send, kept)
+                return [event.raw]
+            if tally.error is not None:
                 await self._send(send, kept)
                 return [e.raw for e in events[index:]]
             if not (usage_only and drop):

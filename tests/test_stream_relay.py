@@ -406,6 +406,16 @@ def test_a_client_that_did_not_ask_for_usage_gets_all_but_the_usage_only_chunk_a
         assert relay(cuts)[0] == body  # one that asked gets it
 
 
+def test_nothing_after_done_reaches_the_client_however_the_upstream_cut_its_writes():
+    # Sent when it came in the read of [DONE], dropped when it came later: a usage chunk the
+    # client did not ask for, or a second [DONE], reached it or not by the upstream's chunking.
+    head = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    for after in (USAGE_ONLY, b"data: [DONE]\n\n", b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'):
+        for cuts in ([head + after], [head, after]):
+            sent, _, (end,) = relay(cuts, drop_usage_only=True)
+            assert (sent, end.reason) == (head, "finished"), cuts
+
+
 def test_a_relay_that_fails_unexpectedly_records_the_call_as_failed_naming_the_failure():
     # Any failure of the relay's own (not the upstream's, not the client's hang-up) still records
     # the call exactly once, and not as a success the client never saw the end of.
