@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -18,7 +20,8 @@ import socket
 import sqlite3
 import sys
 import tempfile
-from typing import Any, Awaitable, Callable
+import time
+from typing import Any, Awaitable, Callable, Iterator
 
 import yaml
 
@@ -90,11 +93,50 @@ def cmd_serve(args: argparse.Namespace) -> None:
     # since (a file edited into a mistake made each such worker die with a traceback, and be
     # started again, twice a second, for good). Metrics go where any worker answering a scrape
     # can add them all up.
-    with tempfile.TemporaryDirectory(prefix="tollgate-metrics-") as metrics_dir:
-        with tempfile.TemporaryDirectory(prefix="tollgate-config-") as config_dir:
-            os.environ[ENV_CONFIG] = _config_for_workers(config, config_dir)
-            os.environ[MULTIPROC_ENV] = metrics_dir
-            serve_workers("proxy.app:app_from_environment", workers, options, sockets)
+    remove_left_behind(tempfile.gettempdir())
+    with workers_directory("metrics") as metrics_dir, workers_directory("config") as config_dir:
+        os.environ[ENV_CONFIG] = _config_for_workers(config, config_dir)
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        serve_workers("proxy.app:app_from_environment", workers, options, sockets)
+
+
+# The directories `serve --workers` shares with its workers (their metrics, the config's copy).
+# One whose supervisor was killed (SIGKILL, the OOM killer) is left behind: each is locked while
+# its supervisor lives, and the next `serve` removes those no process holds.
+WORKERS_DIR_PREFIX = "tollgate-workers-"
+# Made a moment before it is locked: one younger than this is never taken for left behind.
+LEFT_BEHIND_AFTER = 60.0
+
+
+@contextlib.contextmanager
+def workers_directory(kind: str) -> Iterator[str]:
+    """A new directory for this supervisor's workers, locked as long as the block runs."""
+    with tempfile.TemporaryDirectory(prefix=f"{WORKERS_DIR_PREFIX}{kind}-") as directory:
+        held = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            yield directory
+        finally:
+            os.close(held)
+
+
+def remove_left_behind(directory: str) -> None:
+    """Remove the workers' directories in `directory` that no supervisor holds any more. A lock
+    rather than a process id: a /tmp shared by containers is shared across their process ids."""
+    now = time.time()
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if not entry.name.startswith(WORKERS_DIR_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError):
+                if now - entry.stat(follow_symlinks=False).st_mtime < LEFT_BEHIND_AFTER:
+                    continue
+                held = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its supervisor lives
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                finally:
+                    os.close(held)
 
 
 def _config_for_workers(config: Config, directory: str) -> str:

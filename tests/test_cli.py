@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -11,21 +12,26 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
+import httpx
 import pytest
 import uvicorn
 import yaml
 from starlette.applications import Starlette
 from uvicorn.main import STARTUP_FAILURE
 
-from proxy import demo
-from proxy.cli import _config_for_workers, _run, build_parser, main, serve_options
+from proxy import cli, demo
+from proxy.cli import (
+    WORKERS_DIR_PREFIX, _config_for_workers, _run, build_parser, main, remove_left_behind, serve_options,
+)
 from proxy.config import Config, LoggingConfig, load_config
 from proxy.demo import DEMO_TEAM, LITELLM_VERSION, _prepare, banner, ensure_litellm
 from proxy.server import _say_listening, _Supervisor, listen, serve, uvicorn_options
-from tests.support import PYTHON, REPO, Tollgate, free_port, tollgate_config, wait_for
+from tests.support import PYTHON, REPO, Tollgate, free_port, tag, tollgate_config, wait_for
 
 
 def tollgate_cli(config: Path, *args: str) -> subprocess.CompletedProcess:
@@ -841,3 +847,45 @@ def test_a_command_done_prints_its_result_though_the_declared_team_it_allowed_ca
         holder.execute("ROLLBACK")
         holder.close()
     assert capsys.readouterr().err == f"tollgate: warning: {path}: teams[0]: Organization 'acme' not found (not created yet)\n"
+
+
+def workers_dir(directory: Path, name: str, age: float) -> Path:
+    """A directory as `serve --workers` makes them, last changed `age` seconds ago."""
+    made = directory / f"{WORKERS_DIR_PREFIX}{name}"
+    made.mkdir()
+    (made / "counter_1.db").write_bytes(b"")
+    when = time.time() - age
+    os.utime(made, (when, when))
+    return made
+
+
+def test_the_workers_directories_a_killed_supervisor_left_behind_are_removed(tmp_path: Path) -> None:
+    # A supervisor killed outright (SIGKILL, the OOM killer) leaves its workers' metrics and the
+    # config's copy in /tmp: one set more with every such death, for good.
+    left = workers_dir(tmp_path, "metrics-left", age=120)
+    held = workers_dir(tmp_path, "metrics-held", age=120)
+    new = workers_dir(tmp_path, "config-new", age=0)  # made a moment before its supervisor locks it
+    other = tmp_path / "tollgate-other"
+    other.mkdir()
+    lock = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # its supervisor's, alive
+        remove_left_behind(str(tmp_path))
+    finally:
+        os.close(lock)
+    assert (left.exists(), held.exists(), new.exists(), other.exists()) == (False, True, True, True)
+
+
+def test_serve_with_workers_removes_what_a_killed_one_left_behind_and_keeps_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    left = workers_dir(Path(tempfile.gettempdir()), f"metrics-{tag()}", age=120)
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2).start()
+    try:
+        assert wait_for(lambda: server.log().count("Application startup complete") == 2, timeout=20)
+        assert not left.exists()
+        monkeypatch.setattr(cli, "LEFT_BEHIND_AFTER", 0.0)
+        remove_left_behind(tempfile.gettempdir())  # as the next `serve` would, past the minute
+        assert httpx.get(f"{server.url}/metrics").status_code == 200  # its workers' metrics are still there
+    finally:
+        server.stop()
