@@ -141,6 +141,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._after_chunk_header = False  # a chunk's size line read, and nothing after it yet
         self._trailer_bytes = 0  # of the trailer section so far, in reads before this one
         self._trailer_read_bytes = 0  # of the trailer fields read whole in this read
+        self._trailer_fields_bytes = 0  # of the trailer fields read whole so far, in all reads
         self._read_in_trailers = False  # this read began in a trailer section, not yet ended
         self._body_wire_bytes = 0  # of the body being read, as sent, in reads after its head's
         self._read_timer: asyncio.TimerHandle | None = None
@@ -300,10 +301,13 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:  # a trailer field: counted, and dropped
-            self._trailer_read_bytes += len(name) + len(value) + len(": \r\n")
+            size = len(name) + len(value) + len(": \r\n")
+            self._trailer_read_bytes += size
             # Here too, not only once the read is over: a request that ends within this read
-            # is done by then, its trailer never counted.
-            if self._trailer_bytes + self._trailer_read_bytes > MAX_HEAD_BYTES:
+            # is done by then, its trailer never counted. Fields alone: a field begun in an
+            # earlier read is in `_trailer_bytes` in part already.
+            self._trailer_fields_bytes += size
+            if self._trailer_fields_bytes > MAX_HEAD_BYTES:
                 self._refuse(431, _TRAILERS_TOO_LARGE)
                 raise _Refused
             return
@@ -434,6 +438,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             return  # the parser's end of a request whose body it did not read: read past it
         self._reading, self._head_bytes, self._message_begun = False, 0, False
         self._after_chunk_header, self._trailer_bytes, self._trailer_read_bytes = False, 0, 0
+        self._trailer_fields_bytes = 0
         self._read_in_trailers = False  # what follows in this read is the next request's
         super().on_message_complete()
         if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():

@@ -518,6 +518,20 @@ def test_trailer_fields_over_64_kib_sent_with_their_request_are_431(target):
     assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
 
 
+def test_trailer_fields_under_64_kib_split_across_reads_are_served(target):
+    # A field begun in one read and ended in the next was counted twice: once in the raw bytes
+    # of the read it began in, then whole, as the request ended.
+    server, team, _ = target
+    request = chunked_job_create(team.key, b"X-T: " + b"a" * 50_000 + b"\r\n\r\n")
+    end = request.index(b"0\r\n") + 3
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        for part in (request[:end], request[end:end + 30_000], request[end + 30_000:]):
+            sock.sendall(part)
+            time.sleep(0.2)  # each its own read
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+
+
 def test_an_endless_trailer_field_is_431_without_waiting_for_the_read_timeout(target):
     server, team, _ = target
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
