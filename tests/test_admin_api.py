@@ -8,6 +8,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,8 +16,8 @@ import pytest
 from proxy.admin import AdminService
 from proxy.config import Config, DatabaseConfig
 from proxy.errors import ApiError
-from proxy.records import Team
-from proxy.store import Conflict
+from proxy.records import Team, VirtualKey
+from proxy.store import Conflict, NotFound
 from proxy.store.sqlite import SQLiteStore
 from tests.support import Tollgate, wait_for
 
@@ -683,3 +684,101 @@ def test_taking_away_a_teams_default_group_without_naming_another_is_422(tmp_pat
         return await admin.update_team("t", {"model_groups": ["Backup"]})
 
     assert refusal(tmp_path, regrant) == (422, "default_model_group: 'Main' is not one of the team's model_groups")
+
+
+def test_organizations_teams_and_model_groups_are_listed_by_name(tmp_path: Path) -> None:
+    async def list_all(admin: AdminService) -> Any:
+        for name in ("c", "a", "b"):
+            await admin.create_organization({"organization_id": f"org-{name}"})
+            await admin.create_team({"team_id": f"team-{name}", "organization_id": "o"})
+            await admin.create_model_group({"name": f"Group-{name}", "models": ["primary"]})
+        return (
+            [o.organization_id for o in await admin.list_organizations()],
+            [t.team_id for t in await admin.list_teams()],
+            [g.name for g in await admin.list_model_groups()],
+        )
+
+    organizations, teams, groups = with_admin(tmp_path, list_all)
+    assert organizations == ["o", "org-a", "org-b", "org-c"]
+    assert teams == ["t", "team-a", "team-b", "team-c"]
+    assert groups == ["Backup", "Group-a", "Group-b", "Group-c", "Main"]
+
+
+def test_a_teams_model_groups_keep_the_order_they_were_granted_in(tmp_path: Path) -> None:
+    async def grant(admin: AdminService) -> Any:
+        created = await admin.create_team({"team_id": "t2", "organization_id": "o", "model_groups": ["Main", "Backup"]})
+        updated = await admin.update_team("t", {"model_groups": ["Main", "Backup"]})
+        return created.model_groups, updated.model_groups, (await admin.get_team("t2")).model_groups
+
+    assert with_admin(tmp_path, grant) == (("Main", "Backup"),) * 3
+
+
+def test_the_ledger_is_newest_first_a_page_at_a_time(tmp_path: Path) -> None:
+    async def page(admin: AdminService) -> Any:
+        for amount in (1, 2, 3):
+            await admin.add_credits("t", {"amount": amount, "reason": f"add {amount}"})
+        return [entry.amount for entry in await admin.ledger("t", limit=2, offset=1)]
+
+    assert with_admin(tmp_path, page) == [2, 1]
+
+
+def test_a_teams_keys_are_listed_oldest_first_and_no_other_teams(tmp_path: Path) -> None:
+    async def listed(admin: AdminService) -> Any:
+        await admin.create_team({"team_id": "t2", "organization_id": "o"})
+        # Created in an order other than their ids'.
+        for created_at, (key_id, team_id) in enumerate([("key_c", "t"), ("key_b", "t2"), ("key_a", "t")]):
+            key = VirtualKey(key_id, team_id, None, float(created_at), None, None, None, None)
+            await admin._store.create_key(key, key_id.encode())
+        return [key.key_id for key in await admin.list_keys("t")]
+
+    assert with_admin(tmp_path, listed) == ["key_c", "key_a"]
+
+
+def test_a_model_groups_models_are_read_back_in_their_order(tmp_path: Path) -> None:
+    async def read_back(admin: AdminService) -> Any:
+        await admin.create_model_group({"name": "Created", "models": ["primary", "backup"]})
+        await admin.put_model_group("Put", {"models": ["primary", "backup"]})
+        return [(await admin.get_model_group(name)).models for name in ("Created", "Put")]
+
+    assert with_admin(tmp_path, read_back) == [("primary", "backup")] * 2
+
+
+def test_a_key_revoked_twice_keeps_the_time_of_its_first_revocation(tmp_path: Path) -> None:
+    async def revoke_twice(admin: AdminService) -> Any:
+        key, _ = await admin.create_key("t", {"name": "k"})
+        first = await admin.revoke_key(key.key_id)
+        await asyncio.sleep(0.01)  # the times are written to the millisecond
+        return first, await admin.revoke_key(key.key_id)
+
+    first, second = with_admin(tmp_path, revoke_twice)
+    assert first.revoked_at is not None and second.revoked_at == first.revoked_at
+
+
+def test_a_model_group_refused_deletion_names_the_teams_granted_it_by_name(tmp_path: Path) -> None:
+    async def delete(admin: AdminService) -> Any:
+        await admin.create_team({"team_id": "a", "organization_id": "o", "model_groups": ["Main"]})
+        with pytest.raises(Conflict) as info:
+            await admin.delete_model_group("Main")
+        return str(info.value)
+
+    assert with_admin(tmp_path, delete) == "Model group 'Main' is granted to teams: a, t; remove it from them first"
+
+
+def test_the_store_refuses_to_change_a_team_that_does_not_exist(tmp_path: Path) -> None:
+    # The admin API reads the team first; the store's own answer is what the CLI and a change
+    # racing the read rely on.
+    async def change(admin: AdminService) -> Any:
+        with pytest.raises(NotFound) as info:
+            await admin._store.update_team("nope", {"status": "suspended"})
+        return str(info.value)
+
+    assert with_admin(tmp_path, change) == "Team 'nope' not found"
+
+
+def test_the_store_refuses_a_key_for_a_team_that_does_not_exist(tmp_path: Path) -> None:
+    async def create(admin: AdminService) -> Any:
+        with pytest.raises(NotFound) as info:
+            await admin._store.create_key(VirtualKey("key_x", "nope", None, 0.0, None, None, None, None), b"x")
+        return str(info.value)
+
+    assert with_admin(tmp_path, create) == "Team 'nope' not found"

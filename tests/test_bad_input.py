@@ -5,14 +5,18 @@ import gzip
 import json
 import socket
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 
 from starlette.requests import Request
 from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.testclient import TestClient
 
+from proxy.app import create_app
 from proxy.bodies import read_json_object
+from proxy.config import Config, DatabaseConfig
 from proxy.errors import ApiError, StoreErrorHandler, from_store_error
 from proxy.records import Team
 from proxy.server_wide import served_methods
@@ -764,3 +768,10 @@ def test_only_an_unwritable_database_is_logged_of_the_store_refusals(caplog):
         "POST /api/jobs/create: 503, the database cannot be written: disk full"
         " (times since last logged: 1; logged at most once a minute)"
     ]
+
+
+def test_a_path_with_a_trailing_slash_is_a_404_not_a_redirect(tmp_path: Path) -> None:
+    # A redirect would send the client to an address built from its own Host header.
+    app = create_app(Config(database=DatabaseConfig(url=f"sqlite:///{tmp_path / 't.db'}")))
+    response = TestClient(app).get("/admin/organizations/", follow_redirects=False)
+    assert response.status_code == 404

@@ -11,11 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+from starlette.testclient import TestClient
+
+from proxy.app import create_app
 from proxy.cache import ExpiringCache
 from proxy.changes import ChangeSignal
-from proxy.config import DatabaseConfig
+from proxy.config import DatabaseConfig, load_config
+from proxy.groups import GroupCatalog
+from proxy.records import ModelGroup
 from proxy.store.sqlite import SQLiteStore
-from tests.support import Tollgate
+from tests.support import Tollgate, tollgate_config
 
 
 class Loads:
@@ -292,3 +298,27 @@ def test_a_signal_whose_file_finds_the_disk_full_says_so_rather_than_killing_its
     assert done.returncode == 0, (done.returncode, done.stderr)
     assert done.stdout == "bumped\n"
     assert "tollgate.db-changes: No space left on device" in done.stderr and "within auth.cache_ttl" in done.stderr
+
+
+def test_a_group_a_starting_worker_creates_from_the_file_is_seen_at_once_by_the_others(tmp_path: Path, fake_url: str):
+    # A worker uvicorn starts again after a crash creates a declared group deleted meanwhile;
+    # the other workers had found it absent, and would refuse it for all of auth.cache_ttl.
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(tollgate_config(tmp_path / "tollgate.db", upstream={"url": fake_url})))
+    config = load_config(str(config_path), env={})
+
+    async def before_and_after() -> list[ModelGroup | None]:
+        store = SQLiteStore(config.database)
+        await store.open()
+        try:
+            with ChangeSignal.beside(config.database) as changes:
+                groups = GroupCatalog(store, changes, ttl=3600)
+                before = await groups.get("Main")
+                with TestClient(create_app(config)):
+                    pass
+                return [before, await groups.get("Main")]
+        finally:
+            await store.close()
+
+    before, after = asyncio.run(before_and_after())
+    assert before is None and after is not None and after.name == "Main"

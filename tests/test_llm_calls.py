@@ -1,14 +1,19 @@
 """LLM calls through a real LiteLLM: answers, streams relayed unbuffered, fallbacks, accounting."""
 
+import asyncio
 import json
+import os
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import httpx
 import pytest
 
+from proxy import app
 from proxy.demo import stop_process, wait_until_up
 from tests.support import PRICES, PYTHON, REPO, Tollgate, fake_log, free_port, sse_data, start_process, tag, wait_for
 
@@ -475,3 +480,58 @@ def test_a_sigterm_while_the_start_waits_for_prices_stops_it_without_waiting_the
 def test_a_gateway_stopped_while_it_starts_never_says_it_listens(tmp_path: Path) -> None:
     # uvicorn goes on to bind and stop at once: "running on" would send someone to a gateway gone.
     assert "Uvicorn running on" not in stopped_while_the_start_waits_for_prices(tmp_path)
+
+
+class NeverPriced:
+    """Pricing whose prices never come; `on_ask` runs as they are asked for."""
+
+    def __init__(self, on_ask: Callable[[], Any]) -> None:
+        self.on_ask = on_ask
+
+    async def refresh(self, upstream: Any) -> bool:
+        self.on_ask()
+        await asyncio.Event().wait()
+        return True
+
+
+def test_a_sigterm_ends_the_wait_for_prices_and_reaches_the_handler_in_place_which_stays() -> None:
+    heard: list[int] = []
+
+    def handler(sig: int, frame: Any) -> None:
+        heard.append(sig)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        pricing = NeverPriced(lambda: os.kill(os.getpid(), signal.SIGTERM))
+        # The deadline is a failure, not the wait for prices that gives up (its own is longer).
+        assert asyncio.run(asyncio.wait_for(app._prices_at_start(pricing, None), 10)) is False  # type: ignore[arg-type]
+        assert heard == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_start_cancelled_while_it_waits_for_prices_is_cancelled() -> None:
+    async def cancelled() -> None:
+        asked = asyncio.Event()
+        start = asyncio.ensure_future(app._prices_at_start(NeverPriced(asked.set), None))  # type: ignore[arg-type]
+        await asyncio.wait_for(asked.wait(), 10)
+        start.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(start, 10)
+
+    asyncio.run(cancelled())
+
+
+def test_a_sigterm_while_the_start_waits_for_prices_with_no_handler_in_place_ends_the_process() -> None:
+    # Served by something that set no handler of its own, the signal does what it does by default.
+    script = (
+        "import asyncio, os, signal\n"
+        "from proxy import app\n"
+        "from tests.test_llm_calls import NeverPriced\n"
+        "pricing = NeverPriced(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+        "asyncio.run(app._prices_at_start(pricing, None))\n"
+        "print('went on')\n"
+    )
+    ended = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (ended.returncode, ended.stdout) == (-signal.SIGTERM, "")

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -25,6 +26,8 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import health
+from proxy.app import create_served_app
+from proxy.config import Config, DatabaseConfig
 from proxy.demo import stop_process, wait_until_up
 from proxy.health import Health
 from proxy.metrics import Metrics
@@ -834,3 +837,12 @@ def test_a_readiness_probe_after_the_last_check_ended_asks_litellm_again() -> No
 
     assert asyncio.run(run()) == [503, 200]
     assert upstream.asked == 2
+
+
+def test_what_a_served_app_was_built_of_is_frozen_out_of_the_collectors_walks(tmp_path: Path) -> None:
+    gc.unfreeze()
+    try:
+        create_served_app(Config(database=DatabaseConfig(url=f"sqlite:///{tmp_path / 't.db'}")))
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -8,20 +8,25 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
 
 from proxy import sweeper as sweeper_module
-from proxy.config import DatabaseConfig
+from proxy.app import create_app
+from proxy.config import DatabaseConfig, load_config
 from proxy.ids import new_id
 from proxy.metrics import Metrics
 from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, JobEnd, NewCall, Team
 from proxy.store import StoreUnavailable, WrittenThenCancelled
 from proxy.store.schema import MIGRATIONS, apply
+from proxy.store import sqlite as store_module
 from proxy.store.sqlite import SQLiteStore
 from proxy.sweeper import sweep_forever, sweep_once
+from tests.support import tollgate_config, wait_for
 from tests.test_store_concurrency import make_team
 
 
@@ -378,8 +383,6 @@ def test_a_job_view_does_not_wait_for_a_page_of_another_teams_jobs(tmp_path, mon
     # A page of a team with a million jobs reads for half a second or more (counting them,
     # skipping to a deep page, filtering by status): on the connection job views were read on
     # one at a time, every team's GET of a job and every completion waited behind it.
-    from proxy.store import sqlite as store_module
-
     counting, release = threading.Event(), threading.Event()
     read = store_module._all
 
@@ -973,3 +976,72 @@ def test_the_database_itself_refuses_to_spend_a_balance_twice_or_charge_a_job_tw
             db.execute(statement)
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("reading", ["a job's view", "a page of the team's jobs"])
+def test_reads_that_must_agree_see_no_write_that_lands_between_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reading: str
+) -> None:
+    path = tmp_path / "moment.db"
+    read = store_module._all
+
+    def credits_added_after_the_jobs_are_read(db: sqlite3.Connection, sql: str, params: Any = ()) -> list[Any]:
+        rows = read(db, sql, params)
+        if "FROM jobs j" in sql and "COUNT(*)" not in sql:
+            with contextlib.closing(sqlite3.connect(path)) as other:
+                other.execute("UPDATE teams SET credits_allocated = credits_allocated + 5 WHERE team_id = 'team'")
+                other.commit()
+        return rows
+
+    async def check(store: SQLiteStore) -> None:
+        job = await store.create_job("team", "t", None, {}, 1)
+        monkeypatch.setattr(store_module, "_all", credits_added_after_the_jobs_are_read)
+        if reading == "a job's view":
+            view = await store.job_view(job.job_id)
+            assert view is not None
+            remaining = view[2]
+        else:
+            remaining = (await store.team_jobs("team", None, 10, 0))[2]
+        assert remaining == 1000  # as of the jobs' read, before the credits came
+        team = await store.get_team("team")
+        assert team is not None and team.credits_allocated == 1005
+
+    on_a_team_store(path, check)
+
+
+def test_a_job_views_calls_are_in_the_order_they_started(tmp_path: Path) -> None:
+    async def check(store: SQLiteStore) -> None:
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        for call_id, started_at in [("b", 100.0), ("a", 200.0), ("c", 300.0)]:
+            await store.start_call(new_call(call_id, job_id, started_at))
+        view = await store.job_view(job_id)
+        assert view is not None and [call.call_id for call in view[1]] == ["b", "a", "c"]
+
+    on_a_team_store(tmp_path / "order.db", check)
+
+
+def test_the_gateways_sweep_leaves_a_call_recorded_without_a_bound_running_within_the_margin(
+    tmp_path: Path, fake_url: str
+) -> None:
+    # jobs.stale_call_margin past upstream.timeouts.total: a call may still be recording then.
+    database = tmp_path / "gateway.db"
+    config_path = tmp_path / "config.yaml"
+    upstream = {"url": fake_url, "timeouts": {"total": "600s"}}
+    jobs = {"sweep_interval": "50ms", "stale_call_margin": "60s"}
+    config_path.write_text(yaml.safe_dump(tollgate_config(database, upstream=upstream, jobs=jobs)))
+    config = load_config(str(config_path), env={})
+
+    async def calls_begun_long_ago(store: SQLiteStore) -> None:
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("past the margin", job_id, time.time() - 700))
+        await store.start_call(new_call("within the margin", job_id, time.time() - 630))
+
+    on_a_team_store(database, calls_begun_long_ago)
+
+    def statuses_now() -> dict[str, str]:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            return dict(db.execute("SELECT call_id, status FROM llm_calls").fetchall())
+
+    with TestClient(create_app(config)):
+        assert wait_for(lambda: statuses_now()["past the margin"] == "cancelled", timeout=30)
+    assert statuses_now()["within the margin"] == "running"

@@ -2424,3 +2424,15 @@ def test_a_database_file_replaced_before_the_stores_first_write_is_found_out(tmp
             await store.close()
 
     asyncio.run(run())
+
+
+def test_a_closed_store_answers_a_ping_that_it_is_closed(tmp_path: Path) -> None:
+    async def ping_after_close() -> str:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 'closed.db'}"))
+        await store.open()
+        await store.close()
+        with pytest.raises(StoreError) as info:
+            await store.ping()
+        return str(info.value)
+
+    assert asyncio.run(ping_after_close()) == "The store is closed"

@@ -23,7 +23,7 @@ from proxy.config import load_config
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.writer import Writer
 from tests.reliability.test_pipelining import answers
-from tests.support import Tollgate, fake_log, tag, tollgate_config, wait_for
+from tests.support import PYTHON, REPO, Tollgate, fake_log, tag, tollgate_config, wait_for
 
 SLOW = {"messages": [{"role": "user", "content": "a long answer [chunks=100] [delay_ms=100]"}]}
 
@@ -265,6 +265,38 @@ def test_the_workers_stop_gracefully_when_their_supervisor_is_killed_and_the_gat
         assert server.admin().get_team(team.team_id)["credits_held"] == 1
     finally:
         server.stop()
+
+
+SUPERVISOR_GONE_FIRST = """
+import multiprocessing, os, signal, sys, time
+from pathlib import Path
+
+from proxy.app import _stop_with_supervisor
+
+
+def worker(marks: str, supervisor: int) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: (Path(marks, "stopped").touch(), os._exit(0)))
+    while os.getppid() == supervisor:
+        time.sleep(0.01)
+    _stop_with_supervisor()
+    time.sleep(30)
+    Path(marks, "served on").touch()
+
+
+if __name__ == "__main__":
+    multiprocessing.Process(target=worker, args=(sys.argv[1], os.getpid())).start()
+    os._exit(0)
+"""
+
+
+def test_a_worker_whose_supervisor_died_before_it_asked_to_be_stopped_with_it_stops(tmp_path: Path) -> None:
+    # The kernel signals a death that comes after the request only: the worker of a supervisor
+    # already gone would serve on, orphaned.
+    script = tmp_path / "supervisor.py"
+    script.write_text(SUPERVISOR_GONE_FIRST)
+    subprocess.run([PYTHON, str(script), str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+    assert wait_for(lambda: {p.name for p in tmp_path.iterdir()} & {"stopped", "served on"}, timeout=60)
+    assert (tmp_path / "stopped").exists()
 
 
 @contextlib.contextmanager
