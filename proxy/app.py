@@ -41,8 +41,6 @@ from .sweeper import sweep_forever
 from .upstream import Upstream
 
 log = logging.getLogger("tollgate")
-# How long a start waits for LiteLLM's model prices before serving without them.
-PRICES_AT_START_TIMEOUT = 15.0
 # How long a stop waits, after `server.shutdown_grace`, for the calls it cut to be recorded.
 DRAIN_TIMEOUT = 10.0
 
@@ -154,17 +152,14 @@ def create_app(config: Config) -> Starlette:
 
 
 async def _prices_at_start(pricing: Pricing, upstream: Upstream) -> bool:
-    """Whether LiteLLM's prices came, waited for at most PRICES_AT_START_TIMEOUT. A stop asked
-    for meanwhile (SIGTERM, SIGINT) ends the wait: uvicorn only notes the signal during the
-    start, and would stop the process once the wait ran out, up to 15 s later (past
-    `docker stop`'s 10 s before its SIGKILL)."""
-    refresh = asyncio.ensure_future(asyncio.wait_for(pricing.refresh(upstream), PRICES_AT_START_TIMEOUT))
+    """Whether LiteLLM's prices came, waited for as long as a read of them may take
+    (pricing.MODEL_INFO_TIMEOUT; one that fails is logged). A stop asked for meanwhile (SIGTERM,
+    SIGINT) ends the wait: uvicorn only notes the signal during the start, and would stop the
+    process once the wait ran out, up to 10 s later (all of `docker stop`'s 10 s before its SIGKILL)."""
+    refresh = asyncio.ensure_future(pricing.refresh(upstream))
     try:
         with _cancelled_on_stop(refresh):
             return await refresh
-    except TimeoutError:
-        log.warning("LiteLLM's model prices did not come within %.0f s of the start", PRICES_AT_START_TIMEOUT)
-        return False
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():

@@ -19,6 +19,8 @@ log = logging.getLogger("tollgate.pricing")
 # While prices cannot be read (an upstream without /model/info, say), they are asked for every
 # 5 s: the warning is said again only this often, not every 5 s for as long as it lasts.
 WARN_AGAIN_AFTER = 300.0
+# The longest one read of LiteLLM's prices may take, its answer included (a start waits that long).
+MODEL_INFO_TIMEOUT = 10.0
 
 
 def _price(value: Any) -> float | None:
@@ -64,7 +66,7 @@ class Pricing:
 
     async def refresh(self, upstream: Upstream) -> bool:
         try:
-            self.load_model_info(await upstream.get_json("/model/info", timeout=10.0))
+            self.load_model_info(await upstream.get_json("/model/info", timeout=MODEL_INFO_TIMEOUT))
         except Exception as exc:  # prices are a fallback: never fail a request over them
             now = time.monotonic()
             if self._warned_at is None or now - self._warned_at >= WARN_AGAIN_AFTER:

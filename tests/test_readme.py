@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import app, health, jobs_api, occasional, server, sse, upstream, validation
+from proxy import app, health, jobs_api, occasional, pricing, server, sse, upstream, validation
 from proxy.app import create_app
 from proxy.cli import build_parser
 from proxy.config import MAX_GROUP_MODELS, MAX_MODEL_NAME, Config, OrganizationSpec, TeamSpec, parse_duration
@@ -246,7 +246,7 @@ def test_figures_the_readme_gives_are_the_codes():
         f"let go after {upstream.KEEPALIVE_EXPIRY:g} s idle",
         f"only up to {sse.MAX_EVENT_BYTES // mib} MiB",
         f"at {upstream.MAX_ANSWER_BYTES // mib} MiB",
-        f"A start waits (up to {app.PRICES_AT_START_TIMEOUT:g} s)",
+        f"A start waits (up to {pricing.MODEL_INFO_TIMEOUT:g} s)",
         f"once it is past {writer.WAL_SIZE_LIMIT // mib} MiB, a checkpoint waits up to {writer.RESTART_WAIT:g} s",
         f"if none has begun within {writer.START_SYNC_AFTER:g} s",
         f"each with a {health.CHECK_TIMEOUT:g}-second timeout",
