@@ -176,7 +176,8 @@ class SSERelay:
     async def _relay(self, send: Send) -> None:
         stream = self._stream
         last: list[bytes] = []  # the terminal event or an error: sent with the body's end, in one write
-        unterminated = False  # the client was sent an event whose lines the upstream never ended
+        # What ends the event sent last, if the upstream never ended its lines: else b"".
+        unended = b""
         try:
             # The head and the first events too: a client that left its previous answer on this
             # connection unread has them wait on it, and would hold the call and its upstream.
@@ -194,18 +195,19 @@ class SSERelay:
                             terminal = await self._forward(send, [tail])
                             # An event the scanner held for the LF of its blank line's CRLF, which
                             # never came, did end: it goes out as it came.
-                            unterminated = not tail.raw.endswith(b"\r\n\r")
-                            if terminal is not None and unterminated:
+                            if not tail.raw.endswith(b"\r\n\r"):
+                                unended = _blank_line_after(tail.raw)
+                            if terminal is not None and unended:
                                 # Its blank line never came: ended here, or the client's parser
                                 # never dispatches it (an error would go unseen, the answer taken
                                 # for a whole one).
-                                terminal.append(b"\n\n")
+                                terminal.append(unended)
             if terminal is None:
                 last = await self._failed("The upstream stream ended before it was complete", "upstream_incomplete")
-                if unterminated:
+                if unended:
                     # End the upstream's unfinished event first, or the error event would be read
                     # as more lines of it and never reach the client as an event of its own.
-                    last.insert(0, b"\n\n")
+                    last.insert(0, unended)
             else:
                 # Recorded before the client can see the end, outside the call's deadline.
                 unrecorded = await self._record(
@@ -295,3 +297,9 @@ class SSERelay:
         except StoreUnavailable as exc:
             return error_event(str(exc), "service_unavailable", "store_unavailable")
         return None
+
+
+def _blank_line_after(raw: bytes) -> bytes:
+    """What ends an event whose bytes `raw` stop short of its blank line: the blank line, after
+    the end of its last line if that never came either (a CR alone is ended by the LF too)."""
+    return b"\n" if raw.endswith(b"\n") else b"\n\n"

@@ -186,6 +186,14 @@ def test_an_error_event_the_upstream_left_unterminated_at_its_end_still_reaches_
     assert [json.loads(e).get("error", {}).get("message") for e in events_of(sent)] == [None, "boom"]
 
 
+def test_a_done_whose_blank_line_never_came_is_ended_with_the_one_line_end_it_lacks():
+    head = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    for last, ended in ((b"data: [DONE]\n", b"data: [DONE]\n\n"), (b"data: [DONE]", b"data: [DONE]\n\n"),
+                        (b"data: [DONE]\r", b"data: [DONE]\r\n\n")):
+        sent, _, (end,) = relay([head + last])
+        assert (sent, end.reason) == (head + ended, "finished"), last
+
+
 def test_a_stream_whose_head_waited_past_the_deadline_still_gets_its_head_before_its_error_event():
     # The head waits on a client that left its previous answer unread; when the call's deadline
     # came first, the error event went out as a body without a head: uvicorn's plain-text 500.
