@@ -533,9 +533,18 @@ def test_yaml_nested_too_deeply_is_one_line(tmp_path):
     )
 
 
-def test_an_organization_declared_twice_is_refused(tmp_path):
-    text = "organizations:\n  - {organization_id: acme, name: Acme}\n  - {organization_id: acme, name: Other}\n"
-    assert error_for(tmp_path, text).endswith("organizations[1].organization_id: 'acme' is declared twice")
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("organizations:\n  - {organization_id: acme, name: Acme}\n  - {organization_id: acme, name: Other}\n",
+         "organizations[1].organization_id: 'acme' is declared twice"),
+        ("teams:\n  - {team_id: a, organization_id: o}\n  - {team_id: a, organization_id: p}\n",
+         "teams[1].team_id: 'a' is declared twice"),
+    ],
+    ids=["organization", "team"],
+)
+def test_an_organization_or_team_declared_twice_is_refused(tmp_path, text, message):
+    assert error_for(tmp_path, text).endswith(message)
 
 
 def test_a_database_path_holding_a_nul_is_refused(tmp_path):
@@ -631,11 +640,6 @@ def test_an_empty_secret_variable_means_unset(tmp_path):
 
 def test_a_team_without_its_team_id_is_refused_naming_the_key(tmp_path):
     assert error_for(tmp_path, "teams:\n  - {organization_id: o}\n").endswith("teams[0].team_id: is required")
-
-
-def test_a_team_declared_twice_is_refused(tmp_path):
-    text = "teams:\n  - {team_id: a, organization_id: o}\n  - {team_id: a, organization_id: p}\n"
-    assert error_for(tmp_path, text).endswith("teams[1].team_id: 'a' is declared twice")
 
 
 def test_a_boolean_is_not_taken_for_an_integer(tmp_path):

@@ -499,30 +499,38 @@ def test_a_key_lookup_does_not_wait_for_the_sweeps_search_for_stale_calls(tmp_pa
     asyncio.run(check())
 
 
+async def own_job_failed_as_interrupted(store: SQLiteStore) -> str:
+    """The own job of a streamed /v1 call whose outcome this process kept, failed uncharged (its
+    hold released) by another process's sweep as it closed the call as interrupted: its id."""
+    job = new_id()
+    await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
+    await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)  # the other worker's
+    return job
+
+
+async def kept_outcome_written(store: SQLiteStore, job: str) -> tuple[bool, bool]:
+    """The stream's kept outcome written at last, over its call's interrupted close, its own job
+    `job` ending completed (its client had the answer): whether recorded, whether the job ended."""
+    return await store.finish_call_and_job(outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True)
+
+
 def test_a_kept_stream_outcome_charges_its_own_job_though_another_processs_sweep_failed_it_as_interrupted(tmp_path):
     # With several workers, another one's sweeper may close a call whose outcome this process
     # kept (the store refused it) and, in the same pass, fail the call's own job uncharged. The
     # kept outcome of a stream, whose client had the answer, ends its job charged: written over
     # the interrupted close, it must charge the job too, not leave it failed for free.
     async def check(store: SQLiteStore) -> None:
-        job = new_id()
-        await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
-        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)  # the other worker's
+        job = await own_job_failed_as_interrupted(store)
         assert (await store.get_job(job)).status == "failed"
 
-        recorded, ended = await store.finish_call_and_job(
-            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-        )
-        assert (recorded, ended) == (True, True)
+        assert await kept_outcome_written(store, job) == (True, True)
         charged = await store.get_job(job)
         assert (charged.status, charged.credits_charged, charged.error_message) == ("completed", 1, None)
         team = await store.get_team("team")
         assert (team.credits_used, team.credits_held) == (1, 0)
         assert await store.ledger_sum("team") == team.credits_remaining
         # Written again (the shutdown's second try), it charges nothing more.
-        assert await store.finish_call_and_job(
-            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-        ) == (False, False)
+        assert await kept_outcome_written(store, job) == (False, False)
         assert (await store.get_team("team")).credits_used == 1
 
     on_a_team_store(tmp_path / "kept.db", check)
@@ -532,13 +540,9 @@ def test_a_kept_stream_outcome_leaves_its_interrupted_own_job_failed_when_the_te
     # The sweep released the job's hold; the credits it freed may be held or used by now, and
     # a balance is never spent twice (the teams table's check would refuse the write).
     async def check(store: SQLiteStore) -> None:
-        job = new_id()
-        await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
-        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+        job = await own_job_failed_as_interrupted(store)
         await store.create_job("team", "t", None, {}, 1000)  # holds all the team has
-        assert await store.finish_call_and_job(
-            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-        ) == (True, False)
+        assert await kept_outcome_written(store, job) == (True, False)
         assert (await store.get_job(job)).status == "failed"
         team = await store.get_team("team")
         assert (team.credits_used, team.credits_held) == (0, 1000)
@@ -782,17 +786,11 @@ def test_an_outcome_written_again_over_a_call_found_recorded_already_leaves_its_
     # the call was recorded by then, and its own job left failed, the team unable to pay for it.
     # A write that records nothing must not charge the job later, once the team can pay again.
     async def check(store: SQLiteStore) -> None:
-        job = new_id()
-        await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
-        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+        job = await own_job_failed_as_interrupted(store)
         holder = (await store.create_job("team", "t", None, {}, 1000)).job_id  # all the team has
-        assert await store.finish_call_and_job(
-            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-        ) == (True, False)
+        assert await kept_outcome_written(store, job) == (True, False)
         await store.finish_job(holder, "failed", None, None)  # its credits free again
-        assert await store.finish_call_and_job(
-            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-        ) == (False, False)
+        assert await kept_outcome_written(store, job) == (False, False)
         assert (await store.get_job(job)).status == "failed"
         team = await store.get_team("team")
         assert (team.credits_used, team.credits_held) == (0, 0)
@@ -802,13 +800,9 @@ def test_an_outcome_written_again_over_a_call_found_recorded_already_leaves_its_
 
 def test_a_kept_stream_outcome_charges_its_interrupted_own_job_with_the_teams_last_free_credit(tmp_path):
     async def check(store: SQLiteStore) -> None:
-        job = new_id()
-        await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
-        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+        job = await own_job_failed_as_interrupted(store)
         await store.create_job("team", "t", None, {}, 999)  # leaves exactly the one credit the job held
-        assert await store.finish_call_and_job(
-            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-        ) == (True, True)
+        assert await kept_outcome_written(store, job) == (True, True)
         team = await store.get_team("team")
         assert (team.credits_used, team.credits_held, team.credits_available) == (1, 999, 0)
         assert await store.ledger_sum("team") == team.credits_remaining
@@ -824,9 +818,7 @@ def test_a_kept_stream_outcome_does_not_charge_its_own_job_once_it_was_failed_as
         await store.start_call(new_call("streamed", job, 100.0), own_job_default_credits=1)
         assert len(await store.cancel_stale_calls(500.0, now=500.0)) == 1
         assert [j.job_id for j in await store.expire_jobs(time.time() + 60, 10)] == [job]
-        assert await store.finish_call_and_job(
-            outcome("streamed"), JobEnd(job, "completed", None), over_interrupted=True
-        ) == (True, False)
+        assert await kept_outcome_written(store, job) == (True, False)
         failed = await store.get_job(job)
         assert (failed.status, failed.credits_charged) == ("failed", 0)
         assert failed.error_message.startswith("expired")
