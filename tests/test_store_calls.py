@@ -104,6 +104,42 @@ def test_a_start_cut_short_in_an_expired_job_says_nothing_was_started(tmp_path):
     asyncio.run(check())
 
 
+def test_a_start_cut_short_while_failing_its_expired_job_says_the_job_failed_now(tmp_path):
+    # The job's failure went through: taken for nothing written, it would be failed without
+    # being counted as failed, by this start or by the sweep (which finds it closed).
+    async def check() -> None:
+        path = tmp_path / "cut.db"
+        store = await make_team(str(path))
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.close()
+        later = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: time.time() + 120, expire_after=60.0)
+        await later.open()
+        assert later._writer is not None
+        submit, submitted = later._writer.submit, asyncio.Event()
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            write = submit(*args, **kwargs)
+            submitted.set()
+            return write
+
+        later._writer.submit = watched  # type: ignore[method-assign]
+        try:
+            starting = asyncio.create_task(later.start_call(new_call("cut", job_id, time.time())))
+            await submitted.wait()  # the start's write, which finds the job expired
+            submitted.clear()
+            await submitted.wait()  # the job's failure
+            starting.cancel()
+            with pytest.raises(store_module.JobExpired) as refused:
+                await starting
+            assert refused.value.failed_now
+            job = await later.get_job(job_id)
+            assert job is not None and job.status == "failed"
+        finally:
+            await later.close()
+
+    asyncio.run(check())
+
+
 def test_the_sweep_closes_only_calls_still_running_that_started_before_the_cutoff(tmp_path):
     async def check(store: SQLiteStore) -> None:
         first = (await store.create_job("team", "t", None, {}, 1)).job_id

@@ -852,10 +852,9 @@ class SQLiteStore:
             # none (atomic=False, a single statement), so a failure's statements would commit
             # one by one, and one refused after the hold was deleted (the database busy with
             # another process, a full disk) would leave the team's credit held for good.
-            try:
-                failed_now = await self._write(lambda db: _expire_job_in(db, call.job_id, now))
-            except WrittenThenCancelled:
-                raise asyncio.CancelledError() from None  # the job's failure, not the call's start
+            # Cut by the shutdown once written, it is answered as done, as a request's writes
+            # are: the job failed now is counted so by the caller, and never by the sweep.
+            failed_now = await self._write(lambda db: _expire_job_in(db, call.job_id, now), done_if_cut=True)
             raise JobExpired(call.job_id, failed_now)
 
     async def finish_call(self, outcome: CallOutcome, *, over_interrupted: bool = False) -> bool:
