@@ -76,20 +76,33 @@ def rows(path: Path) -> list[int]:
         return [n for (n,) in db.execute("SELECT n FROM t ORDER BY n")]
 
 
+@contextlib.asynccontextmanager
+async def started(writer: Writer) -> AsyncIterator[Writer]:
+    """`writer`, started, and stopped when the block ends, however it ends: a test that fails
+    leaves no writer thread running into the next."""
+    await writer.start()
+    try:
+        yield writer
+    except BaseException:
+        # Bounded: a failing test may leave held what stop() waits for (the kernel's sync, a
+        # checkpoint), and a stop that waited for good would hide the failure behind a hang.
+        await asyncio.wait_for(writer.stop(), 5)
+        raise
+    await writer.stop()
+
+
 def test_a_failing_write_is_rolled_back_alone_and_the_others_in_its_batch_commit(tmp_path):
     path = tmp_path / "w.db"
 
     async def run() -> list:
-        writer = Writer(lambda: connect(path))
-        await writer.start()
-        release = await hold(writer)
-        # A duplicate key fails half-way through the batch these writes share: as one
-        # statement, and as a write of several statements.
-        futures = [writer.submit(insert(n), atomic=False) for n in (1, 2, 2, 3)]
-        futures += [writer.submit(insert_both(n)) for n in (4, 5, 4, 6)]
-        release.set()
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        await writer.stop()
+        async with started(Writer(lambda: connect(path))) as writer:
+            release = await hold(writer)
+            # A duplicate key fails half-way through the batch these writes share: as one
+            # statement, and as a write of several statements.
+            futures = [writer.submit(insert(n), atomic=False) for n in (1, 2, 2, 3)]
+            futures += [writer.submit(insert_both(n)) for n in (4, 5, 4, 6)]
+            release.set()
+            results = await asyncio.gather(*futures, return_exceptions=True)
         return results
 
     results = asyncio.run(run())
@@ -111,13 +124,11 @@ def test_concurrent_writes_are_grouped_into_fewer_commits(tmp_path):
         return db
 
     async def run() -> None:
-        writer = Writer(connect_counting)
-        await writer.start()
-        release = await hold(writer)
-        futures = [writer.submit(insert(n)) for n in range(100)]
-        release.set()
-        await asyncio.gather(*futures)
-        await writer.stop()
+        async with started(Writer(connect_counting)) as writer:
+            release = await hold(writer)
+            futures = [writer.submit(insert(n)) for n in range(100)]
+            release.set()
+            await asyncio.gather(*futures)
 
     asyncio.run(run())
     assert rows(path) == list(range(100))
@@ -128,12 +139,10 @@ def test_a_write_is_answered_only_once_it_is_committed(tmp_path):
     path = tmp_path / "w.db"
 
     async def run() -> None:
-        writer = Writer(lambda: connect(path))
-        await writer.start()
-        for n in range(20):
-            await writer.submit(insert(n))
-            assert n in rows(path)  # another connection sees it at once
-        await writer.stop()
+        async with started(Writer(lambda: connect(path))) as writer:
+            for n in range(20):
+                await writer.submit(insert(n))
+                assert n in rows(path)  # another connection sees it at once
 
     asyncio.run(run())
 
@@ -250,14 +259,12 @@ def test_a_write_that_blows_up_fails_alone_and_the_writer_carries_on(tmp_path):
         next(iter(()))
 
     async def run() -> None:
-        writer = Writer(lambda: connect(path))
-        await writer.start()
-        with pytest.raises(StoreError):
-            await writer.submit(explode)
-        with pytest.raises(RuntimeError):
-            await writer.submit(stop_iteration)
-        assert await writer.submit(insert(1)) == 1
-        await writer.stop()
+        async with started(Writer(lambda: connect(path))) as writer:
+            with pytest.raises(StoreError):
+                await writer.submit(explode)
+            with pytest.raises(RuntimeError):
+                await writer.submit(stop_iteration)
+            assert await writer.submit(insert(1)) == 1
 
     asyncio.run(run())
     assert rows(path) == [1]
@@ -271,17 +278,13 @@ def one_batch(
     commit `insert(after)`."""
 
     async def run() -> list[BaseException | int]:
-        writer = Writer(lambda: connect(path, factory))
-        await writer.start()
-        try:
+        async with started(Writer(lambda: connect(path, factory))) as writer:
             release = await hold(writer)
             batch = [writer.submit(work) for work in works]
             release.set()
             outcomes = await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 5)
             assert await asyncio.wait_for(writer.submit(insert(after)), 5) == after
             return outcomes
-        finally:
-            await writer.stop()
 
     return asyncio.run(run())
 
@@ -297,12 +300,10 @@ def test_a_write_of_several_statements_failing_alone_leaves_nothing_behind(tmp_p
     path = tmp_path / "w.db"
 
     async def run() -> None:
-        writer = Writer(lambda: connect(path))
-        await writer.start()
-        await writer.submit(insert(4))
-        with pytest.raises(sqlite3.IntegrityError):
-            await writer.submit(insert_both(4))  # 1004 goes in, then 4 clashes
-        await writer.stop()
+        async with started(Writer(lambda: connect(path))) as writer:
+            await writer.submit(insert(4))
+            with pytest.raises(sqlite3.IntegrityError):
+                await writer.submit(insert_both(4))  # 1004 goes in, then 4 clashes
 
     asyncio.run(run())
     assert rows(path) == [4]
@@ -321,15 +322,11 @@ def test_when_a_failing_write_ends_its_batchs_transaction_each_other_write_hears
         raise sqlite3.OperationalError("database or disk is full")
 
     async def run() -> list[BaseException | int]:
-        writer = Writer(lambda: connect(path))
-        await writer.start()
-        try:
+        async with started(Writer(lambda: connect(path))) as writer:
             release = await hold(writer)
             batch = [writer.submit(insert(1)), writer.submit(ends_the_transaction), writer.submit(insert(3))]
             release.set()
             return await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 5)
-        finally:
-            await writer.stop()
 
     first, failed, third = asyncio.run(run())
     assert (first, third) == (1, 3)
@@ -413,10 +410,8 @@ def test_writes_of_one_turn_of_the_loop_commit_together_on_the_loop_itself(tmp_p
     threads: set[int] = set()
 
     async def run() -> None:
-        writer = loop_writer(path, trace=trace)
-        await writer.start()
-        await asyncio.gather(*(writer.submit(insert_noting_thread(n, threads)) for n in range(100)))
-        await writer.stop()
+        async with started(loop_writer(path, trace=trace)) as writer:
+            await asyncio.gather(*(writer.submit(insert_noting_thread(n, threads)) for n in range(100)))
 
     asyncio.run(run())
     assert rows(path) == list(range(100))
@@ -429,16 +424,14 @@ def test_a_durable_write_is_answered_only_once_the_wal_is_on_disk(tmp_path):
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        fsyncs.allowed.clear()
-        write = writer.submit(insert(1))
-        await asyncio.sleep(0.2)
-        assert rows(path) == [1]  # committed...
-        assert not write.done()  # ...but not yet on disk: not answered
-        fsyncs.allowed.set()
-        assert await write == 1
-        await writer.stop()
+        async with started(loop_writer(path, fsyncs)) as writer:
+            fsyncs.allowed.clear()
+            write = writer.submit(insert(1))
+            await asyncio.sleep(0.2)
+            assert rows(path) == [1]  # committed...
+            assert not write.done()  # ...but not yet on disk: not answered
+            fsyncs.allowed.set()
+            assert await write == 1
 
     asyncio.run(run())
     assert fsyncs.paths == [f"{os.path.realpath(path)}-wal"]
@@ -449,20 +442,18 @@ def test_a_caller_cancelled_while_its_write_waits_hears_of_it_only_once_the_writ
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        fsyncs.allowed.clear()
-        write = writer.submit(insert(1))
-        caller = asyncio.ensure_future(write_awaited(write))
-        await asyncio.sleep(0.2)
-        caller.cancel()
-        await asyncio.sleep(0.1)
-        assert not caller.done() and not write.cancelled()  # the cancellation waits for the write
-        fsyncs.allowed.set()
-        with pytest.raises(asyncio.CancelledError):
-            await caller
-        assert write.result() == 1
-        await writer.stop()
+        async with started(loop_writer(path, fsyncs)) as writer:
+            fsyncs.allowed.clear()
+            write = writer.submit(insert(1))
+            caller = asyncio.ensure_future(write_awaited(write))
+            await asyncio.sleep(0.2)
+            caller.cancel()
+            await asyncio.sleep(0.1)
+            assert not caller.done() and not write.cancelled()  # the cancellation waits for the write
+            fsyncs.allowed.set()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            assert write.result() == 1
 
     asyncio.run(run())
     assert rows(path) == [1]
@@ -477,14 +468,12 @@ def test_a_write_that_need_not_be_durable_is_answered_at_its_commit(tmp_path):
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        fsyncs.allowed.clear()
-        assert await asyncio.wait_for(writer.submit(insert(1), durable=False), 2) == 1
-        assert rows(path) == [1]
-        assert fsyncs.paths == []  # answered before any fsync
-        fsyncs.allowed.set()
-        await writer.stop()
+        async with started(loop_writer(path, fsyncs)) as writer:
+            fsyncs.allowed.clear()
+            assert await asyncio.wait_for(writer.submit(insert(1), durable=False), 2) == 1
+            assert rows(path) == [1]
+            assert fsyncs.paths == []  # answered before any fsync
+            fsyncs.allowed.set()
 
     asyncio.run(run())
 
@@ -500,14 +489,10 @@ def test_a_writer_that_does_not_fsync_the_wal_answers_writes_on_the_loop_at_thei
         return db
 
     async def run() -> None:
-        writer = Writer(lambda: connect(path), on_loop, sync_wal=False, fsync=fsyncs)
-        await writer.start()
-        try:
+        async with started(Writer(lambda: connect(path), on_loop, sync_wal=False, fsync=fsyncs)) as writer:
             assert await asyncio.wait_for(writer.submit(insert(1), durable=False), 5) == 1
             await asyncio.sleep(START_SYNC_AFTER + 0.2)  # when a sync for it would have come
             assert await asyncio.wait_for(writer.submit(insert(2)), 5) == 2
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
     assert rows(path) == [1, 2]
@@ -521,11 +506,9 @@ def test_a_write_answered_at_its_commit_is_fsynced_soon_though_no_durable_write_
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        await writer.submit(insert(1), durable=False)
-        assert await asyncio.to_thread(wait_for, lambda: fsyncs.paths, START_SYNC_AFTER + 2)
-        await writer.stop()
+        async with started(loop_writer(path, fsyncs)) as writer:
+            await writer.submit(insert(1), durable=False)
+            assert await asyncio.to_thread(wait_for, lambda: fsyncs.paths, START_SYNC_AFTER + 2)
 
     asyncio.run(run())
     assert fsyncs.paths == [f"{os.path.realpath(path)}-wal"]
@@ -536,13 +519,11 @@ def test_a_write_answered_at_its_commit_is_synced_by_the_kernel_soon_though_no_d
     kernel = KernelSyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, kernel=kernel.open)
-        await writer.start()
-        await writer.submit(insert(1), durable=False)
-        await asyncio.sleep(START_SYNC_AFTER + 0.2)
-        assert kernel.paths == [f"{os.path.realpath(path)}-wal"]
-        kernel.end()
-        await writer.stop()
+        async with started(loop_writer(path, kernel=kernel.open)) as writer:
+            await writer.submit(insert(1), durable=False)
+            await asyncio.sleep(START_SYNC_AFTER + 0.2)
+            assert kernel.paths == [f"{os.path.realpath(path)}-wal"]
+            kernel.end()
 
     asyncio.run(run())
 
@@ -553,12 +534,10 @@ def test_a_write_answered_at_its_commit_costs_no_fsync_of_its_own_when_a_durable
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        await writer.submit(insert(1), durable=False)
-        await writer.submit(insert(2))
-        await asyncio.sleep(START_SYNC_AFTER + 0.2)
-        await writer.stop()
+        async with started(loop_writer(path, fsyncs)) as writer:
+            await writer.submit(insert(1), durable=False)
+            await writer.submit(insert(2))
+            await asyncio.sleep(START_SYNC_AFTER + 0.2)
 
     asyncio.run(run())
     assert len(fsyncs.paths) == 1
@@ -568,17 +547,13 @@ def test_a_write_answered_at_its_commit_that_failed_costs_no_fsync(tmp_path: Pat
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(tmp_path / "w.db", fsyncs)
-        await writer.start()
-        try:
+        async with started(loop_writer(tmp_path / "w.db", fsyncs)) as writer:
             await writer.submit(insert(1))
             synced = len(fsyncs.paths)
             with pytest.raises(sqlite3.IntegrityError):
                 await writer.submit(insert(1), durable=False)  # nothing of it committed
             await asyncio.sleep(START_SYNC_AFTER + 0.2)  # when a sync for it would have come
             assert len(fsyncs.paths) == synced
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
 
@@ -589,19 +564,17 @@ def test_writes_answered_at_their_commit_after_a_sync_began_get_one_of_their_own
     kernel = KernelSyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, kernel=kernel.open)
-        await writer.start()
-        durable = writer.submit(insert(1))
-        await asyncio.sleep(0.01)
-        await writer.submit(insert(2), durable=False)
-        assert len(kernel.paths) == 1
-        await asyncio.sleep(START_SYNC_AFTER + 0.1)
-        kernel.end()  # the first write's
-        assert await durable == 1
-        await asyncio.sleep(START_SYNC_AFTER + 0.2)
-        assert len(kernel.paths) == 2
-        kernel.end()
-        await writer.stop()
+        async with started(loop_writer(path, kernel=kernel.open)) as writer:
+            durable = writer.submit(insert(1))
+            await asyncio.sleep(0.01)
+            await writer.submit(insert(2), durable=False)
+            assert len(kernel.paths) == 1
+            await asyncio.sleep(START_SYNC_AFTER + 0.1)
+            kernel.end()  # the first write's
+            assert await durable == 1
+            await asyncio.sleep(START_SYNC_AFTER + 0.2)
+            assert len(kernel.paths) == 2
+            kernel.end()
 
     asyncio.run(run())
 
@@ -614,25 +587,23 @@ def test_a_write_answered_at_its_commit_costs_no_fsync_of_its_own_when_a_sync_be
     kernel = KernelSyncs()
 
     async def run() -> None:
-        writer = loop_writer(tmp_path / "w.db", kernel=kernel.open)
-        await writer.start()
-        try:
-            first = writer.submit(insert(1))
-            assert not await settled(first)  # its sync runs
-            second = writer.submit(insert(2))
-            assert not await settled(second)  # committed, waits for the next sync
-            await writer.submit(insert(3), durable=False)
-            kernel.end()
-            assert await first == 1
-            assert len(kernel.paths) == 2  # the next sync, begun after the third write's commit
-            kernel.end()
-            assert await second == 2
-            await asyncio.sleep(START_SYNC_AFTER + 0.2)  # when a sync of its own would have come
-            assert len(kernel.paths) == 2
-        finally:
-            if kernel.running is not None:
+        async with started(loop_writer(tmp_path / "w.db", kernel=kernel.open)) as writer:
+            try:
+                first = writer.submit(insert(1))
+                assert not await settled(first)  # its sync runs
+                second = writer.submit(insert(2))
+                assert not await settled(second)  # committed, waits for the next sync
+                await writer.submit(insert(3), durable=False)
                 kernel.end()
-            await writer.stop()
+                assert await first == 1
+                assert len(kernel.paths) == 2  # the next sync, begun after the third write's commit
+                kernel.end()
+                assert await second == 2
+                await asyncio.sleep(START_SYNC_AFTER + 0.2)  # when a sync of its own would have come
+                assert len(kernel.paths) == 2
+            finally:
+                if kernel.running is not None:
+                    kernel.end()
 
     asyncio.run(run())
 
@@ -702,15 +673,13 @@ def test_a_failed_fsync_fails_the_writes_it_was_for_and_the_store_takes_no_more(
     fsyncs.error = OSError(5, "Input/output error")
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        with pytest.raises(StoreError, match="may not be on disk"):
-            await asyncio.wait_for(writer.submit(insert(1)), 5)
-        # Linux marks the lost pages clean: a later fsync would succeed without them.
-        fsyncs.error = None
-        with pytest.raises(StoreError, match="no more writes"):
-            writer.submit(insert(2))
-        await writer.stop()
+        async with started(loop_writer(path, fsyncs)) as writer:
+            with pytest.raises(StoreError, match="may not be on disk"):
+                await asyncio.wait_for(writer.submit(insert(1)), 5)
+            # Linux marks the lost pages clean: a later fsync would succeed without them.
+            fsyncs.error = None
+            with pytest.raises(StoreError, match="no more writes"):
+                writer.submit(insert(2))
 
     asyncio.run(run())
     assert fsyncs.paths == []
@@ -727,14 +696,10 @@ def test_a_write_whose_fsync_failed_is_told_so_with_what_it_returned(tmp_path):
         return db.execute("SELECT COUNT(*) FROM t").fetchone()[0]
 
     async def run() -> Unsaved:
-        writer = loop_writer(tmp_path / "w.db", fsyncs)
-        await writer.start()
-        try:
+        async with started(loop_writer(tmp_path / "w.db", fsyncs)) as writer:
             with pytest.raises(Unsaved) as raised:
                 await asyncio.wait_for(writer.submit(insert_and_count), 5)
             return raised.value
-        finally:
-            await writer.stop()
 
     assert asyncio.run(run()).value == 1
 
@@ -744,17 +709,13 @@ def test_after_a_failed_fsync_the_writes_are_refused_as_store_unavailable(tmp_pa
     fsyncs.error = OSError(5, "Input/output error")
 
     async def run() -> None:
-        writer = loop_writer(tmp_path / "w.db", fsyncs)
-        await writer.start()
-        try:
+        async with started(loop_writer(tmp_path / "w.db", fsyncs)) as writer:
             with pytest.raises(StoreUnavailable, match="may not be on disk"):
                 await asyncio.wait_for(writer.submit(insert(1)), 5)
             with pytest.raises(StoreUnavailable, match="no more writes.*Input/output error"):
                 writer.submit(insert(2))
             with pytest.raises(StoreUnavailable, match="no more writes.*Input/output error"):
                 writer.check()
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
 
@@ -766,11 +727,9 @@ def test_a_full_disk_is_store_unavailable(tmp_path):
                    "INSERT INTO t SELECT n FROM s")
 
     async def run() -> None:
-        writer = loop_writer(tmp_path / "w.db")
-        await writer.start()
-        with pytest.raises(StoreUnavailable, match="SQLITE_FULL"):
-            await writer.submit(fill)
-        await writer.stop()
+        async with started(loop_writer(tmp_path / "w.db")) as writer:
+            with pytest.raises(StoreUnavailable, match="SQLITE_FULL"):
+                await writer.submit(fill)
 
     asyncio.run(run())
     assert rows(tmp_path / "w.db") == []
@@ -890,10 +849,8 @@ def test_the_wal_synced_is_the_one_sqlite_writes_when_the_path_is_a_symbolic_lin
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        await writer.submit(insert(1))
-        await writer.stop()
+        async with started(loop_writer(path, fsyncs)) as writer:
+            await writer.submit(insert(1))
 
     asyncio.run(run())
     assert fsyncs.paths == [str(tmp_path / "real" / "w.db-wal")]
@@ -925,18 +882,16 @@ def test_writes_wait_for_another_processs_lock_on_the_thread_while_the_loop_runs
             ticks += 1
 
     async def run() -> None:
-        writer = loop_writer(path)
-        await writer.start()
-        ticker = asyncio.create_task(tick())
-        first = writer.submit(insert(1))
-        await asyncio.sleep(0.05)
-        later = [writer.submit(insert(n)) for n in range(2, 6)]  # queue behind the first
-        asyncio.get_running_loop().call_later(0.5, other.rollback)
-        assert await asyncio.wait_for(asyncio.gather(first, *later), 5) == [1, 2, 3, 4, 5]
-        ticker.cancel()
-        # and once the thread has no writes left, the loop commits again
-        await writer.submit(insert(6))
-        await writer.stop()
+        async with started(loop_writer(path)) as writer:
+            ticker = asyncio.create_task(tick())
+            first = writer.submit(insert(1))
+            await asyncio.sleep(0.05)
+            later = [writer.submit(insert(n)) for n in range(2, 6)]  # queue behind the first
+            asyncio.get_running_loop().call_later(0.5, other.rollback)
+            assert await asyncio.wait_for(asyncio.gather(first, *later), 5) == [1, 2, 3, 4, 5]
+            ticker.cancel()
+            # and once the thread has no writes left, the loop commits again
+            await writer.submit(insert(6))
 
     asyncio.run(run())
     assert ticks >= 30  # the loop was never held up by the lock
@@ -948,16 +903,12 @@ def test_writes_of_one_turn_that_find_the_lock_taken_wait_for_it_on_the_thread(t
     other = connect(path)
 
     async def run() -> list[int]:
-        writer = loop_writer(path)
-        await writer.start()
-        try:
+        async with started(loop_writer(path)) as writer:
             other.execute("BEGIN IMMEDIATE")  # another process's write transaction
             writes = [writer.submit(insert(n)) for n in (1, 2)]  # one transaction on the loop, refused
             assert not await settled(asyncio.gather(*writes))
             other.rollback()
             return await asyncio.wait_for(asyncio.gather(*writes), 5)
-        finally:
-            await writer.stop()
 
     assert asyncio.run(run()) == [1, 2]
     other.close()
@@ -976,12 +927,10 @@ def test_checkpoints_keep_the_wal_from_growing(tmp_path, monkeypatch):
         return work
 
     async def run() -> int:
-        writer = loop_writer(path)
-        await writer.start()
-        for n in range(600):  # one commit each: about 2.4 MB of WAL without checkpoints
-            await writer.submit(insert_page(n))
-        size = os.path.getsize(f"{path}-wal")
-        await writer.stop()
+        async with started(loop_writer(path)) as writer:
+            for n in range(600):  # one commit each: about 2.4 MB of WAL without checkpoints
+                await writer.submit(insert_page(n))
+            size = os.path.getsize(f"{path}-wal")
         return size
 
     assert asyncio.run(run()) < 600_000
@@ -1014,21 +963,19 @@ def test_readers_that_always_overlap_do_not_keep_the_wal_growing(tmp_path, monke
         db.close()
 
     async def run() -> int:
-        writer = loop_writer(path)
-        await writer.start()
-        readers = [threading.Thread(target=report, args=(delay,)) for delay in (0, 0.002)]
-        for reader in readers:
-            reader.start()
-        try:
-            for n in range(1500):  # about 6 MB of pages, and 18 MB of WAL if it never starts over
-                await writer.submit(insert_page(n))
-                await asyncio.sleep(0.0005)
-            return os.path.getsize(f"{path}-wal")
-        finally:
-            stop.set()
+        async with started(loop_writer(path)) as writer:
+            readers = [threading.Thread(target=report, args=(delay,)) for delay in (0, 0.002)]
             for reader in readers:
-                reader.join()
-            await writer.stop()
+                reader.start()
+            try:
+                for n in range(1500):  # about 6 MB of pages, and 18 MB of WAL if it never starts over
+                    await writer.submit(insert_page(n))
+                    await asyncio.sleep(0.0005)
+                return os.path.getsize(f"{path}-wal")
+            finally:
+                stop.set()
+                for reader in readers:
+                    reader.join()
 
     assert asyncio.run(run()) < 3_000_000
 
@@ -1092,16 +1039,14 @@ def test_writes_made_while_a_checkpoint_makes_its_first_pass_commit_on_the_loop_
     path = tmp_path / "w.db"
 
     async def run() -> None:
-        writer = loop_writer(path, kernel=AioFsync.open, thread_connection=held_checkpoints)
-        await writer.start()
-        assert await writer.submit(insert(1)) == 1  # its commit starts a checkpoint
-        await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
-        # committed and synced (by the kernel) while the checkpoint's first pass is still held
-        assert await asyncio.wait_for(asyncio.gather(*(writer.submit(insert(n)) for n in range(2, 6))), 5) == [
-            2, 3, 4, 5
-        ]
-        held_checkpoints.release.set()
-        await writer.stop()
+        async with started(loop_writer(path, kernel=AioFsync.open, thread_connection=held_checkpoints)) as writer:
+            assert await writer.submit(insert(1)) == 1  # its commit starts a checkpoint
+            await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
+            # committed and synced (by the kernel) while the checkpoint's first pass is still held
+            assert await asyncio.wait_for(asyncio.gather(*(writer.submit(insert(n)) for n in range(2, 6))), 5) == [
+                2, 3, 4, 5
+            ]
+            held_checkpoints.release.set()
 
     asyncio.run(run())
     assert rows(path) == [1, 2, 3, 4, 5]
@@ -1116,16 +1061,14 @@ def test_writes_made_while_a_checkpoint_makes_its_closing_pass_wait_for_it_and_t
     threads: set[int] = set()
 
     async def run() -> None:
-        writer = loop_writer(path, trace=trace, thread_connection=held_checkpoints)
-        await writer.start()
-        assert await writer.submit(insert_noting_thread(1, threads), atomic=False) == 1  # starts a checkpoint
-        await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
-        later = [writer.submit(insert_noting_thread(n, threads)) for n in range(2, 6)]
-        assert not await settled(asyncio.gather(*later))
-        assert rows(path) == [1] and trace.count("COMMIT") == 0  # not committed anywhere yet
-        held_checkpoints.release.set()
-        assert await asyncio.wait_for(asyncio.gather(*later), 5) == [2, 3, 4, 5]
-        await writer.stop()
+        async with started(loop_writer(path, trace=trace, thread_connection=held_checkpoints)) as writer:
+            assert await writer.submit(insert_noting_thread(1, threads), atomic=False) == 1  # starts a checkpoint
+            await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
+            later = [writer.submit(insert_noting_thread(n, threads)) for n in range(2, 6)]
+            assert not await settled(asyncio.gather(*later))
+            assert rows(path) == [1] and trace.count("COMMIT") == 0  # not committed anywhere yet
+            held_checkpoints.release.set()
+            assert await asyncio.wait_for(asyncio.gather(*later), 5) == [2, 3, 4, 5]
 
     asyncio.run(run())
     assert rows(path) == [1, 2, 3, 4, 5]
@@ -1170,26 +1113,24 @@ def test_a_write_submitted_just_as_a_first_pass_ends_waits_for_the_closing_pass(
     path = tmp_path / "w.db"
 
     async def run() -> None:
-        writer = loop_writer(path, thread_connection=StagedCheckpoints)
-        await writer.start()
-        try:
-            await writer.submit(insert(1))  # its commit starts a checkpoint
-            await asyncio.get_running_loop().run_in_executor(None, StagedCheckpoints.started[1].wait, 5)
-            StagedCheckpoints.go[1].set()
-            # The loop held up (no await) until the first pass's end is on its way to it.
-            assert StagedCheckpoints.over[1].wait(5)
-            time.sleep(0.1)
-            write = writer.submit(insert(2))
-            await asyncio.get_running_loop().run_in_executor(None, StagedCheckpoints.started[2].wait, 5)
-            assert not await settled(write)
-            assert rows(path) == [1]  # not committed while the closing pass runs
-            StagedCheckpoints.go[2].set()
-            StagedCheckpoints.go[3].set()
-            assert await asyncio.wait_for(write, 5) == 2
-        finally:
-            for event in StagedCheckpoints.go.values():
-                event.set()
-            await writer.stop()
+        async with started(loop_writer(path, thread_connection=StagedCheckpoints)) as writer:
+            try:
+                await writer.submit(insert(1))  # its commit starts a checkpoint
+                await asyncio.get_running_loop().run_in_executor(None, StagedCheckpoints.started[1].wait, 5)
+                StagedCheckpoints.go[1].set()
+                # The loop held up (no await) until the first pass's end is on its way to it.
+                assert StagedCheckpoints.over[1].wait(5)
+                time.sleep(0.1)
+                write = writer.submit(insert(2))
+                await asyncio.get_running_loop().run_in_executor(None, StagedCheckpoints.started[2].wait, 5)
+                assert not await settled(write)
+                assert rows(path) == [1]  # not committed while the closing pass runs
+                StagedCheckpoints.go[2].set()
+                StagedCheckpoints.go[3].set()
+                assert await asyncio.wait_for(write, 5) == 2
+            finally:
+                for event in StagedCheckpoints.go.values():
+                    event.set()
 
     asyncio.run(run())
     assert rows(path) == [1, 2]
@@ -1208,16 +1149,14 @@ def test_a_commit_during_a_checkpoint_starts_no_second_one(tmp_path: Path, held_
     held_checkpoints.held = {1}
 
     async def run() -> None:
-        writer = loop_writer(tmp_path / "w.db", kernel=AioFsync.open, thread_connection=held_checkpoints)
-        await writer.start()
-        try:
+        async with started(
+            loop_writer(tmp_path / "w.db", kernel=AioFsync.open, thread_connection=held_checkpoints)
+        ) as writer:
             await writer.submit(insert(1))  # its commit starts a checkpoint (one after every commit)
             await asyncio.get_running_loop().run_in_executor(None, held_checkpoints.running.wait, 5)
             await asyncio.wait_for(asyncio.gather(*(writer.submit(insert(n)) for n in range(2, 6))), 5)
             held_checkpoints.release.set()
             await checkpoint_over(writer)
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
     assert held_checkpoints.passes == 2  # the first checkpoint's two passes, and no other
@@ -1230,14 +1169,10 @@ def test_a_checkpoint_comes_once_every_so_many_commits_on_the_loop(
     held_checkpoints.held = set()
 
     async def run() -> None:
-        writer = loop_writer(tmp_path / "w.db", thread_connection=held_checkpoints)
-        await writer.start()
-        try:
+        async with started(loop_writer(tmp_path / "w.db", thread_connection=held_checkpoints)) as writer:
             for n in range(9):
                 await writer.submit(insert(n))
                 await checkpoint_over(writer)
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
     assert held_checkpoints.passes == 3 * 2
@@ -1253,16 +1188,12 @@ def test_after_a_checkpoint_waited_for_readers_the_thread_waits_for_a_lock_as_lo
     other = connect(path)
 
     async def run() -> int:
-        writer = loop_writer(path, thread_connection=held_checkpoints)
-        await writer.start()
-        try:
+        async with started(loop_writer(path, thread_connection=held_checkpoints)) as writer:
             await writer.submit(insert(1))  # its commit starts a checkpoint
             await checkpoint_over(writer)
             other.execute("BEGIN IMMEDIATE")  # another process's write transaction
             asyncio.get_running_loop().call_later(1.0, other.rollback)  # well past RESTART_WAIT
             return await asyncio.wait_for(writer.submit(insert(2)), 5)
-        finally:
-            await writer.stop()
 
     assert asyncio.run(run()) == 2
     other.close()
@@ -1297,14 +1228,10 @@ def noted_checkpoints(monkeypatch: pytest.MonkeyPatch) -> type[NotedCheckpoints]
 
 async def checkpointed_writes(path: Path, count: int) -> None:
     """`count` writes, each followed by the checkpoint its commit starts."""
-    writer = loop_writer(path, thread_connection=NotedCheckpoints)
-    await writer.start()
-    try:
+    async with started(loop_writer(path, thread_connection=NotedCheckpoints)) as writer:
         for n in range(count):
             await writer.submit(insert(n))
             await checkpoint_over(writer)
-    finally:
-        await writer.stop()
 
 
 def test_a_closing_pass_waits_for_readers_once_the_wal_holds_restart_at_frames_pages(
@@ -1436,21 +1363,19 @@ def test_once_the_lock_is_had_writes_return_to_the_loop_though_others_are_still_
         insert(2)(db)
 
     async def run() -> None:
-        writer = loop_writer(path)
-        await writer.start()
-        first = writer.submit(insert(1))  # finds the lock taken: the thread waits for it
-        await asyncio.sleep(0.2)
-        second = writer.submit(slow, atomic=False)  # follows it to the thread; holds no lock while slow
-        other.rollback()
-        await asyncio.wait_for(first, 5)
-        await asyncio.get_running_loop().run_in_executor(None, slow_started.wait, 5)
-        # Under steady load there is always some write on the thread: the loop must not
-        # wait for all of them to be answered before it commits writes again.
-        assert await asyncio.wait_for(writer.submit(insert(3), durable=False), 2) == 3
-        assert not second.done()
-        slow_release.set()
-        await second
-        await writer.stop()
+        async with started(loop_writer(path)) as writer:
+            first = writer.submit(insert(1))  # finds the lock taken: the thread waits for it
+            await asyncio.sleep(0.2)
+            second = writer.submit(slow, atomic=False)  # follows it to the thread; holds no lock while slow
+            other.rollback()
+            await asyncio.wait_for(first, 5)
+            await asyncio.get_running_loop().run_in_executor(None, slow_started.wait, 5)
+            # Under steady load there is always some write on the thread: the loop must not
+            # wait for all of them to be answered before it commits writes again.
+            assert await asyncio.wait_for(writer.submit(insert(3), durable=False), 2) == 3
+            assert not second.done()
+            slow_release.set()
+            await second
 
     asyncio.run(run())
     assert rows(path) == [1, 2, 3]
@@ -1464,9 +1389,7 @@ def test_a_durable_write_committed_on_the_loop_is_not_held_up_by_a_write_on_the_
     other = connect(path)
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        try:
+        async with started(loop_writer(path, fsyncs)) as writer:
             fsyncs.allowed.clear()
             first = writer.submit(insert(0))  # its fsync holds the thread up meanwhile
             assert not await settled(first)
@@ -1480,8 +1403,6 @@ def test_a_durable_write_committed_on_the_loop_is_not_held_up_by_a_write_on_the_
             assert not waiting.done()
             other.rollback()
             assert await asyncio.wait_for(waiting, 5) == 2
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
     other.close()
@@ -1640,13 +1561,11 @@ def test_with_the_kernel_syncing_durable_writes_are_answered_and_the_thread_sync
         return aio
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs, kernel=recording)
-        await writer.start()
-        assert await asyncio.wait_for(asyncio.gather(*(writer.submit(insert(n)) for n in range(10))), 5) == list(
-            range(10)
-        )
-        assert await asyncio.wait_for(writer.submit(insert(10)), 5) == 10
-        await writer.stop()
+        async with started(loop_writer(path, fsyncs, kernel=recording)) as writer:
+            assert await asyncio.wait_for(asyncio.gather(*(writer.submit(insert(n)) for n in range(10))), 5) == list(
+                range(10)
+            )
+            assert await asyncio.wait_for(writer.submit(insert(10)), 5) == 10
 
     asyncio.run(run())
     assert rows(path) == list(range(11))
@@ -1659,19 +1578,17 @@ def test_a_write_committed_while_the_kernel_syncs_waits_for_the_next_sync(tmp_pa
     kernel = KernelSyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, kernel=kernel.open)
-        await writer.start()
-        first = writer.submit(insert(1))
-        await asyncio.sleep(0.05)
-        second = writer.submit(insert(2))  # committed after the running sync began
-        assert not await settled(first) and not await settled(second)
-        assert rows(path) == [1, 2] and len(kernel.paths) == 1
-        kernel.end()
-        assert await settled(first) and not await settled(second)
-        assert len(kernel.paths) == 2  # the next sync, for the second write
-        kernel.end()
-        assert await second == 2
-        await writer.stop()
+        async with started(loop_writer(path, kernel=kernel.open)) as writer:
+            first = writer.submit(insert(1))
+            await asyncio.sleep(0.05)
+            second = writer.submit(insert(2))  # committed after the running sync began
+            assert not await settled(first) and not await settled(second)
+            assert rows(path) == [1, 2] and len(kernel.paths) == 1
+            kernel.end()
+            assert await settled(first) and not await settled(second)
+            assert len(kernel.paths) == 2  # the next sync, for the second write
+            kernel.end()
+            assert await second == 2
 
     asyncio.run(run())
     assert kernel.closed
@@ -1682,19 +1599,17 @@ def test_a_sync_the_kernel_failed_fails_its_writes_and_the_store_takes_no_more(t
     kernel = KernelSyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, kernel=kernel.open)
-        await writer.start()
-        first = writer.submit(insert(1))
-        await asyncio.sleep(0.05)
-        second = writer.submit(insert(2))
-        await asyncio.sleep(0.05)
-        kernel.end(OSError(5, "Input/output error"))
-        for write in (first, second):
-            with pytest.raises(StoreError, match="may not be on disk"):
-                await asyncio.wait_for(write, 5)
-        with pytest.raises(StoreError, match="no more writes"):
-            writer.submit(insert(3))
-        await writer.stop()
+        async with started(loop_writer(path, kernel=kernel.open)) as writer:
+            first = writer.submit(insert(1))
+            await asyncio.sleep(0.05)
+            second = writer.submit(insert(2))
+            await asyncio.sleep(0.05)
+            kernel.end(OSError(5, "Input/output error"))
+            for write in (first, second):
+                with pytest.raises(StoreError, match="may not be on disk"):
+                    await asyncio.wait_for(write, 5)
+            with pytest.raises(StoreError, match="no more writes"):
+                writer.submit(insert(3))
 
     asyncio.run(run())
     assert len(kernel.paths) == 1  # never synced again after the failure
@@ -1708,12 +1623,10 @@ def test_when_the_kernel_will_not_start_a_sync_the_thread_syncs_from_then_on(tmp
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs, kernel=kernel.open)
-        await writer.start()
-        assert await asyncio.wait_for(writer.submit(insert(1)), 5) == 1
-        assert kernel.closed
-        assert await asyncio.wait_for(writer.submit(insert(2)), 5) == 2
-        await writer.stop()
+        async with started(loop_writer(path, fsyncs, kernel=kernel.open)) as writer:
+            assert await asyncio.wait_for(writer.submit(insert(1)), 5) == 1
+            assert kernel.closed
+            assert await asyncio.wait_for(writer.submit(insert(2)), 5) == 2
 
     asyncio.run(run())
     assert fsyncs.paths == [f"{os.path.realpath(path)}-wal"] * 2
@@ -1814,18 +1727,16 @@ def test_a_durable_write_from_another_event_loop_is_answered_on_its_own_loop(tmp
     other_loop = asyncio.new_event_loop()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs, kernel=AioFsync.open)
-        await writer.start()
+        async with started(loop_writer(path, fsyncs, kernel=AioFsync.open)) as writer:
 
-        async def from_the_other_loop() -> int:
-            return await asyncio.wait_for(writer.submit(insert(2)), 5)
+            async def from_the_other_loop() -> int:
+                return await asyncio.wait_for(writer.submit(insert(2)), 5)
 
-        assert await asyncio.wait_for(writer.submit(insert(1)), 5) == 1
-        answer = await asyncio.get_running_loop().run_in_executor(
-            None, other_loop.run_until_complete, from_the_other_loop()
-        )
-        assert answer == 2
-        await writer.stop()
+            assert await asyncio.wait_for(writer.submit(insert(1)), 5) == 1
+            answer = await asyncio.get_running_loop().run_in_executor(
+                None, other_loop.run_until_complete, from_the_other_loop()
+            )
+            assert answer == 2
 
     try:
         asyncio.run(run())
@@ -2002,9 +1913,7 @@ def test_after_sqlite_fails_to_fsync_a_commit_on_the_thread_the_store_takes_no_m
     path = tmp_path / "w.db"
 
     async def run() -> None:
-        writer = Writer(lambda: connect(path, FirstCommitFsyncFails))  # every write on the thread
-        await writer.start()
-        try:
+        async with started(Writer(lambda: connect(path, FirstCommitFsyncFails))) as writer:  # every write on the thread
             with pytest.raises(StoreUnavailable):
                 await writer.submit(insert(1))
             # The pages that fsync lost are marked clean: a later commit's fsync would succeed
@@ -2013,8 +1922,6 @@ def test_after_sqlite_fails_to_fsync_a_commit_on_the_thread_the_store_takes_no_m
                 await writer.submit(insert(2))
             with pytest.raises(StoreUnavailable, match="saving to disk failed"):
                 writer.check()
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
     assert rows(path) == []
@@ -2027,15 +1934,11 @@ def test_writes_queued_on_the_thread_behind_a_commit_whose_fsync_failed_are_refu
     path = tmp_path / "w.db"
 
     async def run() -> list[BaseException | int]:
-        writer = Writer(lambda: connect(path, FirstCommitFsyncFails))  # every write on the thread
-        await writer.start()
-        try:
+        async with started(Writer(lambda: connect(path, FirstCommitFsyncFails))) as writer:  # every write on the thread
             release = await hold(writer)  # its commit is the one whose fsync fails
             queued = [writer.submit(insert(n)) for n in (1, 2)]
             release.set()
             return await asyncio.wait_for(asyncio.gather(*queued, return_exceptions=True), 5)
-        finally:
-            await writer.stop()
 
     outcomes = asyncio.run(run())
     assert all(isinstance(o, StoreUnavailable) and not isinstance(o, Unsaved) for o in outcomes), outcomes
@@ -2047,15 +1950,11 @@ def test_a_failed_fsync_of_the_databases_directory_stops_the_store_taking_writes
         raise sqlite_fsync_failure(1290, "SQLITE_IOERR_DIR_FSYNC")
 
     async def run() -> None:
-        writer = Writer(lambda: connect(tmp_path / "w.db"))
-        await writer.start()
-        try:
+        async with started(Writer(lambda: connect(tmp_path / "w.db"))) as writer:
             with pytest.raises(StoreUnavailable):
                 await writer.submit(directory_fsync_fails)
             with pytest.raises(StoreUnavailable, match="no more writes.*saving to disk failed"):
                 writer.submit(insert(1))
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
 
@@ -2073,9 +1972,7 @@ def test_a_checkpoint_whose_fsync_fails_stops_the_store_taking_writes(tmp_path, 
     monkeypatch.setattr("proxy.store.writer.CHECKPOINT_EVERY", 1)  # one after every commit on the loop
 
     async def run() -> None:
-        writer = loop_writer(tmp_path / "w.db", thread_connection=CheckpointFsyncFails)
-        await writer.start()
-        try:
+        async with started(loop_writer(tmp_path / "w.db", thread_connection=CheckpointFsyncFails)) as writer:
             assert await writer.submit(insert(1)) == 1  # its commit starts a checkpoint
             for _ in range(500):
                 await asyncio.sleep(0.01)
@@ -2085,8 +1982,6 @@ def test_a_checkpoint_whose_fsync_fails_stops_the_store_taking_writes(tmp_path, 
                     break
             with pytest.raises(StoreUnavailable, match="no more writes.*saving to disk failed"):
                 writer.submit(insert(2))
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
 
@@ -2111,12 +2006,10 @@ def test_a_write_committed_on_the_loop_as_a_checkpoint_fails_its_fsync_gets_no_f
     fsyncs = Fsyncs()
 
     async def run() -> Any:
-        writer = loop_writer(tmp_path / "w.db", fsyncs, thread_connection=HeldCheckpointFsyncFails)
-        await writer.start()
-        try:
+        async with started(
+            loop_writer(tmp_path / "w.db", fsyncs, thread_connection=HeldCheckpointFsyncFails)
+        ) as writer:
             return await committed_during_a_checkpoint(writer, held_checkpoints)
-        finally:
-            await writer.stop()
 
     outcome = asyncio.run(run())
     assert isinstance(outcome, Unsaved) and outcome.value == 2
@@ -2133,13 +2026,11 @@ def test_writes_committed_on_the_loop_as_sqlite_fails_an_fsync_get_no_fsync_of_o
         raise sqlite_fsync_failure()
 
     async def run() -> list:
-        writer = loop_writer(path, kernel=kernel.open)
-        await writer.start()
-        batch = [writer.submit(insert(1)), writer.submit(fsync_of_the_wal_header_fails), writer.submit(insert(3))]
-        answers = [await settled_soon(write) for write in batch]
-        if kernel.running is not None:
-            kernel.end()
-        await writer.stop()
+        async with started(loop_writer(path, kernel=kernel.open)) as writer:
+            batch = [writer.submit(insert(1)), writer.submit(fsync_of_the_wal_header_fails), writer.submit(insert(3))]
+            answers = [await settled_soon(write) for write in batch]
+            if kernel.running is not None:
+                kernel.end()
         return answers
 
     first, failed, third = asyncio.run(run())
@@ -2168,17 +2059,13 @@ def test_writes_of_a_batch_in_which_sqlite_fails_an_fsync_are_not_answered_as_du
         raise sqlite_fsync_failure()
 
     async def run() -> list:
-        writer = Writer(lambda: connect(path))
-        await writer.start()
-        try:
+        async with started(Writer(lambda: connect(path))) as writer:
             release = await hold(writer)
             # one batch on the thread: the others go again without the one that failed
             batch = [writer.submit(insert(1)), writer.submit(starts_the_wal_over_and_its_header_fsync_fails),
                      writer.submit(insert(3))]
             release.set()
             return await asyncio.wait_for(asyncio.gather(*batch, return_exceptions=True), 5)
-        finally:
-            await writer.stop()
 
     outcomes = asyncio.run(run())
     assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes), outcomes
@@ -2261,17 +2148,13 @@ def test_a_wal_replaced_under_the_writer_is_not_fsynced_in_place_of_the_one_sqli
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        try:
+        async with started(loop_writer(path, fsyncs)) as writer:
             await writer.submit(insert(1))
             replace_the_wal(path)
             with pytest.raises(StoreUnavailable):  # committed into the WAL deleted: lost, not Unsaved
                 await asyncio.wait_for(writer.submit(insert(2)), 5)
             with pytest.raises(StoreUnavailable, match="was replaced or removed"):
                 writer.check()
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
     assert fsyncs.paths == [f"{path}-wal"]
@@ -2287,15 +2170,11 @@ def test_a_wal_replaced_within_a_second_of_the_first_look_is_not_the_one_fsynced
     fsyncs = Fsyncs()
 
     async def run() -> None:
-        writer = loop_writer(path, fsyncs)
-        await writer.start()
-        try:
+        async with started(loop_writer(path, fsyncs)) as writer:
             writer.check()  # the files' first look, as the store opens
             replace_the_wal(path)
             with pytest.raises(StoreUnavailable, match="-wal was replaced or removed"):
                 await asyncio.wait_for(writer.submit(insert(1)), 5)
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
     assert fsyncs.paths == []
@@ -2309,9 +2188,7 @@ def test_a_write_committed_before_its_wal_was_found_replaced_is_refused_though_i
     kernel = KernelSyncs()
 
     async def run() -> Any:
-        writer = loop_writer(path, kernel=kernel.open)
-        await writer.start()
-        try:
+        async with started(loop_writer(path, kernel=kernel.open)) as writer:
             write = writer.submit(insert(1))
             assert not await settled(write)  # its sync runs
             replace_the_wal(path)
@@ -2319,8 +2196,6 @@ def test_a_write_committed_before_its_wal_was_found_replaced_is_refused_though_i
                 writer.check()
             kernel.end(OSError(5, "Input/output error"))
             return await settled_soon(write)
-        finally:
-            await writer.stop()
 
     outcome = asyncio.run(run())
     assert isinstance(outcome, StoreUnavailable) and not isinstance(outcome, Unsaved), outcome
@@ -2333,17 +2208,13 @@ def test_a_writer_whose_shared_memory_index_is_deleted_takes_no_more_writes(tmp_
     path = tmp_path / "w.db"
 
     async def run() -> None:
-        writer = loop_writer(path)
-        await writer.start()
-        try:
+        async with started(loop_writer(path)) as writer:
             await writer.submit(insert(1))
             os.unlink(f"{path}-shm")
             with pytest.raises(Unsaved):
                 await asyncio.wait_for(writer.submit(insert(2)), 5)
             with pytest.raises(StoreUnavailable, match=f"{path}-shm was replaced or removed"):
                 writer.check()
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
 
@@ -2356,17 +2227,13 @@ def test_the_files_are_looked_at_by_an_fsync_once_a_second(tmp_path, monkeypatch
     path = tmp_path / "w.db"
 
     async def run() -> None:
-        writer = loop_writer(path)
-        await writer.start()
-        try:
+        async with started(loop_writer(path)) as writer:
             await writer.submit(insert(1))  # the first fsync: the first look
             os.unlink(f"{path}-shm")
             await writer.submit(insert(2))  # within the second
             clock[0] += writer_module.FILES_CHECK_EVERY
             with pytest.raises(Unsaved):
                 await asyncio.wait_for(writer.submit(insert(3)), 5)
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
 
@@ -2376,15 +2243,11 @@ def test_a_readiness_probe_looks_at_the_files_at_once_within_the_second_of_an_fs
     path = tmp_path / "p.db"
 
     async def run() -> None:
-        writer = loop_writer(path)
-        await writer.start()
-        try:
+        async with started(loop_writer(path)) as writer:
             await writer.submit(insert(1))  # the fsync's look: the next in a second
             os.unlink(f"{path}-shm")
             with pytest.raises(StoreUnavailable, match="-shm was replaced or removed"):
                 writer.check()
-        finally:
-            await writer.stop()
 
     asyncio.run(run())
 
