@@ -162,6 +162,9 @@ def test_credits_cannot_drop_below_used_plus_held(tollgate, admin, team):
     tollgate.client(team.key).post("/api/jobs/create", json={"job_type": "hold"}).raise_for_status()
     response = admin.request("POST", f"/admin/teams/{team.team_id}/credits", json={"amount": -10, "reason": "x"})
     assert response.status_code == 409
+    assert response.json() == {
+        "detail": f"Cannot remove 10 credits from team '{team.team_id}': only 9 are neither used nor held"
+    }
     assert admin.get_team(team.team_id)["credits_allocated"] == 10
 
 

@@ -112,6 +112,24 @@ def test_a_key_revoked_while_a_calls_body_arrives_starts_no_call(tollgate, admin
     assert admin.ok("GET", f"/admin/teams/{team.team_id}/jobs")["jobs"][0]["costs"]["total_calls"] == 0
 
 
+def test_a_key_revoked_while_its_stream_runs_leaves_that_call_to_end_recorded_and_charged(tollgate, admin, team):
+    # A change applies to the calls admitted after it (README): the answer the team is paying
+    # for is not cut off half-way, and its own job is charged as any other.
+    client = tollgate.client(team.key)
+    body = {"model": "Main", "stream": True, "messages": [{"role": "user", "content": "a [chunks=6] [delay_ms=100]"}]}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        job_id = response.headers["x-job-id"]
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        admin.ok("DELETE", f"/admin/keys/{team.key_id}")
+        assert client.get(f"/api/teams/{team.team_id}").status_code == 401
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+    jobs = admin.ok("GET", f"/admin/teams/{team.team_id}/jobs")["jobs"]
+    assert [(j["job_id"], j["status"], j["costs"]["successful_calls"], j["costs"]["credits_charged"]) for j in jobs] == [
+        (job_id, "completed", 1, 1)
+    ]
+
+
 def test_a_team_suspended_while_a_calls_body_arrives_starts_no_call(tollgate, admin, team, fake_url):
     client = tollgate.client(team.key)
     job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
