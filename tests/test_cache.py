@@ -256,6 +256,30 @@ def test_fresh_gives_what_get_would_answer_without_loading_and_nothing_else():
     assert asyncio.run(run()) == [None, (101.0, "k as read 1"), "k as read 1", None, None, 2]
 
 
+class NoGroups:
+    """The store as GroupCatalog reads it, knowing no group; its reads counted."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def get_model_group(self, name: str) -> ModelGroup | None:
+        self.reads += 1
+        return None
+
+
+def test_a_name_no_model_group_can_have_is_neither_read_nor_kept():
+    # GET /v1/models/{model} looks up whatever its path names, up to a 64 KiB head: each such
+    # name was kept until 10,000 of them filled the cache, over 600 MB a client could fill.
+    async def run() -> tuple[list[ModelGroup | None], int, list[str]]:
+        store = NoGroups()
+        groups = GroupCatalog(store, ChangeSignal(), ttl=60)  # type: ignore[arg-type]
+        found = [await groups.get(name) for name in ("x" * 60_000, "no group", "-Main", "Main\n")]
+        await groups.get("Unknown")  # a name a group may have: read, and kept as ever
+        return found, store.reads, list(groups._entries)
+
+    assert asyncio.run(run()) == ([None] * 4, 1, ["Unknown"])
+
+
 def on_a_full_filesystem(tmp_path: Path, code: str) -> subprocess.CompletedProcess[str]:
     """`code` run by Python in a directory (argv[1]) on a filesystem of its own, full before it
     runs: a tmpfs in a mount namespace of its own (unprivileged, through a user namespace)."""
