@@ -10,7 +10,7 @@ import time
 from typing import Awaitable, Callable, Sequence
 
 from .metrics import Metrics
-from .store import Store
+from .store import Job, Store
 
 log = logging.getLogger("tollgate.sweeper")
 BATCH = 500
@@ -44,21 +44,27 @@ async def sweep_once(
             for call in interrupted:
                 metrics.observe_interrupted_call(call.team_id, call.model_group, call.streamed)
     # Every pass, not only one that closed calls: another process's sweeper may have closed them.
-    for job in await store.fail_interrupted_implicit_jobs(BATCH):
-        if metrics is not None:
-            metrics.observe_job(job.team_id, "failed")
-    expired = 0
-    while True:
-        batch = await store.expire_jobs(now - expire_after, BATCH)
-        expired += len(batch)
-        for job in batch:
-            if metrics is not None:
-                metrics.observe_job(job.team_id, "failed")
-        if len(batch) < BATCH:
-            break
+    # All of them, as all expired jobs: a process that died serving thousands of /v1 calls left
+    # as many jobs holding credits, which one batch a pass released only over as many intervals.
+    await _fail_in_batches(store.fail_interrupted_implicit_jobs, metrics)
+    expired = await _fail_in_batches(lambda limit: store.expire_jobs(now - expire_after, limit), metrics)
     if expired or closed:
         log.info("sweeper: %d expired jobs failed, %d interrupted calls closed", expired, closed)
     return expired, closed
+
+
+async def _fail_in_batches(fail: Callable[[int], Awaitable[list[Job]]], metrics: Metrics | None) -> int:
+    """Fail jobs BATCH at a time until a batch comes back short; how many failed. Each full
+    batch closes its jobs, so the next finds others."""
+    failed = 0
+    while True:
+        batch = await fail(BATCH)
+        failed += len(batch)
+        if metrics is not None:
+            for job in batch:
+                metrics.observe_job(job.team_id, "failed")
+        if len(batch) < BATCH:
+            return failed
 
 
 async def sweep_forever(

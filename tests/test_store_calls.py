@@ -943,6 +943,24 @@ def test_a_sweep_fails_every_expired_job_batch_after_batch(tmp_path, monkeypatch
     on_a_team_store(tmp_path / "batches.db", check)
 
 
+def test_a_sweep_fails_every_own_job_of_a_v1_call_it_closed_as_interrupted_batch_after_batch(tmp_path, monkeypatch):
+    # A process that died serving thousands of /v1 calls left as many own jobs, each holding its
+    # team's credit: one batch a pass released them over as many sweep intervals (minutes), the
+    # team refused new jobs for want of credits meanwhile.
+    monkeypatch.setattr(sweeper_module, "BATCH", 2)
+
+    async def check(store: SQLiteStore) -> None:
+        own = [await store.create_job("team", IMPLICIT_JOB_TYPE, None, {"implicit": True}, 1) for _ in range(5)]
+        jobs = [job.job_id for job in own]
+        for job_id in jobs:
+            await store.start_call(new_call(f"cut-{job_id}", job_id, 100.0))
+        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0)
+        assert {(await store.get_job(job_id)).status for job_id in jobs} == {"failed"}
+        assert (await store.get_team("team")).credits_held == 0
+
+    on_a_team_store(tmp_path / "implicit-batches.db", check)
+
+
 def test_a_sweeps_batch_of_expired_jobs_is_not_taken_up_by_jobs_finished_already(tmp_path):
     # The sweep fails expired jobs a batch at a time, oldest first, and stops at a batch that
     # is not full: jobs finished long ago must not fill it, or open ones would never expire.
