@@ -70,6 +70,10 @@ def usage_from(usage: Any, reported_cost: Any = None) -> Usage | None:
     prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
     if prompt is None or completion is None or prompt > MAX_TOKENS or completion > MAX_TOKENS:
         return None  # not usage: the call is then estimated, as when no usage came
+    if not prompt and not completion:
+        # No call uses no tokens at all, not even of its prompt: LiteLLM's stand-in for a usage its
+        # provider never sent (an answer's), which left the call counted, priced and rate-limited as free.
+        return None
     return Usage(prompt, completion, cost)
 
 

@@ -3,9 +3,10 @@
 The next model is tried while nothing has reached the client: on a connect
 error, a timeout (ours, or LiteLLM's 408), a 5xx, a 429, any other status but
 200 and 4xx (a redirect, say), a model's provider refusing LiteLLM's
-credentials for it, an unusable answer, or (for streams) an error arriving
-as the very first event, or LiteLLM not knowing the model's name or not
-granting it to Tollgate's key (the group's mistake, not the caller's).
+credentials for it or the call (a 401 or 403), an unusable answer, or (for
+streams) an error arriving as the very first event, or LiteLLM or the model's
+provider not knowing the model's name, or LiteLLM not granting it to Tollgate's
+key (the group's mistake, not the caller's).
 Any other 4xx is the caller's problem and is returned as such, and so is LiteLLM
 refusing the request body itself, whatever status it gives that; LiteLLM refusing
 Tollgate's own key is Tollgate's misconfiguration.
@@ -39,8 +40,17 @@ _TIMEOUT = 408
 # status). Its own refusals of Tollgate's key are typed by its auth layer instead:
 # auth_error, token_not_found_in_db, expired_key, no_db_connection (a 400) and the like.
 _PROVIDER_REFUSALS = ("authentication_error", "permission_error")
+# A model's failure LiteLLM's route handler passes on opens with its exception's name
+# (`litellm.BadRequestError: ...`). A provider's 401/403 it maps to another exception than those
+# two comes so, typed invalid_request_error (OpenAI's, whose error names that type); LiteLLM's own
+# refusals of Tollgate's key never do.
+_MODEL_FAILURE_PREFIX = "litellm."
 # LiteLLM's words for a model name it does not serve (its ProxyModelNotFoundError, a 400).
 _UNKNOWN_MODEL = "Invalid model name passed in model="
+# A provider's answer for a model it does not serve (OpenAI's model_not_found, a deployment that is
+# not there), which LiteLLM passes on as its NotFoundError: a chat completion names nothing else
+# that could be missing.
+_NOT_SERVED = 404
 # The end of the type LiteLLM gives its refusal of a model the key it was sent may not use (a
 # 403: key_, team_, user_, org_ or project_model_access_denied, by whose list lacks it). That
 # key is Tollgate's, and accepted: the model is not granted to it, which another may be.
@@ -270,11 +280,12 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
         # Below 400: neither the answer (a 200) nor a refusal of the request (a redirect, a
         # 204): a fault of the upstream's for this model, not the caller's.
         return Attempt(model, f"{status}: {message}", status, _retry_after(response.headers.get("retry-after")))
-    if status == 400 and _UNKNOWN_MODEL in message:
-        # LiteLLM serves no model of that name: the group names it, not the client's request.
+    if (status == 400 and _UNKNOWN_MODEL in message) or status == _NOT_SERVED:
+        # LiteLLM, or the model's provider, serves no model of that name: the group names it, not
+        # the client's request.
         return Attempt(model, f"{status}: {message}", status)
-    if status in (401, 403) and error_type in _PROVIDER_REFUSALS:
-        # This model's provider refused the key LiteLLM holds for it: another model may work.
+    if status in (401, 403) and (error_type in _PROVIDER_REFUSALS or message.startswith(_MODEL_FAILURE_PREFIX)):
+        # This model's provider refused the key LiteLLM holds for it, or the call: another model may work.
         return Attempt(model, f"{status}: {message}", status)
     if status == 403 and isinstance(error_type, str) and error_type.endswith(_MODEL_NOT_GRANTED):
         # As a model LiteLLM does not serve: the group's mistake, for this model only.

@@ -6,7 +6,8 @@ while every answer stays predictable:
 * prompt tokens = whitespace-separated words in all message contents;
 * completion tokens = number of content chunks (default 5, one word each);
 * the model name selects failures: ``fail-500*``, ``fail-503*``, ``fail-429*``
-  (with ``Retry-After: 7``), ``fail-400*`` (OpenAI's ``invalid_request_error`` naming ``param: messages``), ``hang*`` (no headers for 30 s),
+  (with ``Retry-After: 7``), ``fail-403*`` (a provider refusing the request, as OpenAI does a region it
+  does not serve), ``fail-404*`` (a model the provider does not serve), ``fail-400*`` (OpenAI's ``invalid_request_error`` naming ``param: messages``), ``hang*`` (no headers for 30 s),
   ``abort*`` (stream breaks after two chunks), ``garbage*`` (malformed SSE/JSON),
   ``absurd-usage*`` (reports 10^20 prompt tokens), ``error-first*`` (a stream whose
   first event is an error), ``error-later*`` (a stream sending an error event after two
@@ -198,13 +199,15 @@ async def chat_completions(request: Request) -> Response:
             b'"finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}'
         )
         return Response(answer, media_type="application/json")
-    for status in (500, 503, 429, 400):
+    for status in (500, 503, 429, 404, 403, 400):
         if model.startswith(f"fail-{status}"):
             entry["finished"] = time.time()
             headers = {"Retry-After": "7"} if status == 429 else {}
             error = {"message": f"fake upstream failure {status}", "type": "fake_error", "code": str(status)}
             if status == 400:  # as OpenAI refuses a request: its type, and the parameter at fault
                 error.update(type="invalid_request_error", param="messages")
+            if status in (403, 404):  # typed as OpenAI types its refusals, which LiteLLM reads as a BadRequestError
+                error.update(type="invalid_request_error")
             return JSONResponse({"error": error}, status_code=status, headers=headers)
 
     rid = "chatcmpl-" + uuid.uuid4().hex[:12]

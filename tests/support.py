@@ -37,7 +37,7 @@ PRICES = {
 FAKE_MODELS = [
     "primary", "backup", "fail-500", "fail-503", "fail-429", "fail-429-b", "fail-400",
     "abort", "garbage", "hang", "unpriced", "hang-timeout", "refused-key", "surrogate-answer",
-    "surrogate-later",
+    "surrogate-later", "fail-403", "fail-404", "no-usage",
 ]
 # LiteLLM settings of a deployment beyond its model, base and key.
 DEPLOYMENT_PARAMS: dict[str, dict[str, Any]] = {
@@ -55,6 +55,8 @@ GROUPS = {
     "FallbackHang": ["hang", "backup"],
     "FallbackTimeout": ["hang-timeout", "backup"],
     "FallbackRefusedKey": ["refused-key", "backup"],
+    "Fallback403": ["fail-403", "backup"],
+    "Fallback404": ["fail-404", "backup"],
     "FallbackUnknownModel": ["no-such-model-in-litellm", "backup"],
     "AllFail": ["fail-500", "fail-503"],
     "AllLimited": ["fail-429", "fail-429-b"],
@@ -64,6 +66,8 @@ GROUPS = {
     "Unpriced": ["unpriced"],
     "TimesOut": ["hang-timeout"],
     "RefusedKey": ["refused-key"],
+    "Forbidden": ["fail-403"],
+    "Usageless": ["no-usage"],
     # The groups the client documentation's examples name.
     "ChatAgent": ["primary", "backup"],
     "AnalysisAgent": ["primary", "backup"],

@@ -37,6 +37,13 @@ def test_a_usage_whose_count_is_no_token_count_is_not_taken_as_zero_tokens(bad):
     assert usage_from({"prompt_tokens": 4, "completion_tokens": bad}) is None
 
 
+def test_a_usage_of_no_tokens_at_all_is_none():
+    # LiteLLM's stand-in for a usage its provider never sent: no call uses no tokens, its prompt's
+    # included, so the call is estimated rather than recorded as free.
+    assert usage_from({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}) is None
+    assert usage_from({"prompt_tokens": 4, "completion_tokens": 0}).prompt_tokens == 4
+
+
 def test_a_stream_whose_usage_holds_no_token_count_is_estimated():
     tally = StreamTally()
     tally.observe(event({"choices": [{"index": 0, "delta": {"content": "hello"}}]}))

@@ -83,6 +83,64 @@ def test_every_provider_refusing_its_key_is_503_with_the_upstreams_message(make_
     assert "TOLLGATE_UPSTREAM_KEY" not in server.log()
 
 
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_a_providers_403_falls_back_to_the_next_model(tollgate, admin, route):
+    # LiteLLM passes OpenAI's 403 on as a 403 typed invalid_request_error, its message naming
+    # LiteLLM's exception: the model's provider refused the call, not LiteLLM Tollgate's key.
+    # It was a 503 blaming the gateway's key, the group's next model never asked.
+    team = admin.team(groups=("Fallback403",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
+    assert response.status_code == 200 and "word1" in response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
+
+
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_a_model_its_provider_does_not_serve_falls_back_to_the_next_model(tollgate, admin, route):
+    # The provider's 404 (a model it retired, a deployment that is not there), which LiteLLM passes
+    # on as its NotFoundError: the group names a model that is not served, as when LiteLLM itself
+    # does not serve it; not the caller's mistake. It came back as a 400 upstream_rejected, which
+    # clients do not retry, the group's next model never asked.
+    team = admin.team(groups=("Fallback404",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
+    assert response.status_code == 200 and "word1" in response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
+
+
+def test_every_provider_answering_403_is_503_with_the_upstreams_message_not_a_misconfigured_gateway(make_tollgate):
+    server = make_tollgate()  # a log of its own, to show what it says
+    client = server.client(server.admin().team(groups=("Forbidden",)).key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("hi")})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "fake upstream failure 403" in response.json()["detail"]
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"]) == ("error", "fail-403")
+    assert "fake upstream failure 403" in call["error"]
+    assert "TOLLGATE_UPSTREAM_KEY" not in server.log()
+
+
+def test_an_answer_litellm_reports_zero_usage_for_is_estimated_from_its_text(tollgate, admin):
+    # A provider's answer without usage comes from LiteLLM with a usage of zeros, not none
+    # (README, "Estimates"): taken as the count, the call was recorded, priced and rate-limited
+    # as having used no tokens at all, and said its usage was not estimated.
+    team = admin.team(groups=("Usageless",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    body = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("hello there [chunks=4]")}).json()
+    text = len("word1 word2 word3 word4 ")
+    prompt = len("hello there [chunks=4]")
+    (call,) = calls_of(client, job_id)
+    figures = (call["usage_estimated"], call["prompt_tokens"], call["completion_tokens"])
+    assert figures == (True, -(-prompt // 4), text // 4)
+    assert body["metadata"]["tokens_used"] == call["prompt_tokens"] + call["completion_tokens"]
+
+
 def test_every_model_failing_is_503_with_retry_after_and_the_job_stays_completable(tollgate, admin):
     team = admin.team(groups=("AllFail",))
     client = tollgate.client(team.key)
