@@ -11,12 +11,15 @@ import logging
 import multiprocessing
 import os
 import signal
+import sqlite3
 import sys
 import threading
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Coroutine, Iterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.types import Message, Receive, Scope, Send
+from uvicorn.main import STARTUP_FAILURE
 
 from .admin import AdminService
 from .admin_api import AdminApi
@@ -24,7 +27,7 @@ from .auth import KeyAuthenticator, MasterKeyGuard
 from .call_routes import CallRoutes
 from .calls import CallPipeline
 from .changes import ChangeSignal
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .declared import apply_declared
 from .errors import exception_handlers
 from .groups import GroupCatalog
@@ -36,7 +39,7 @@ from .observe import LogHandler, ObserveMiddleware, RunningRequests
 from .openai_api import OpenAIApi
 from .pricing import Pricing
 from .server_wide import ServerWide, served_methods
-from .store import open_store
+from .store import StoreError, cannot_open, open_store
 from .sweeper import sweep_forever
 from .upstream import Upstream
 
@@ -77,12 +80,21 @@ def create_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await store.open()
+        try:
+            await store.open()
+        except (OSError, sqlite3.Error, StoreError) as exc:
+            # `serve` opened it a moment ago, but a worker uvicorn starts again after a crash may
+            # find it spoilt since (migrated by a later release, replaced): one line, as `serve` says.
+            raise StartRefused(cannot_open(config.database, exc)) from None
         changes.open()
         try:
             # `tollgate serve` made the file's declarations hold before starting this worker, and
             # a worker uvicorn starts again after a crash must not undo the admin API's changes.
-            for problem in await apply_declared(store, config, follow_file=False):
+            try:
+                waiting = await apply_declared(store, config, follow_file=False)
+            except StoreError as exc:  # what it lacks cannot be written now (locked, a full disk)
+                raise StartRefused(f"the database {config.database.sqlite_path}: {exc}") from None
+            for problem in waiting:
                 log.warning("%s (not created yet)", problem)
             changes.bump()  # the file may have changed a team or a group other processes cached
             if config.master_key is None:
@@ -142,6 +154,8 @@ def create_app(config: Config) -> Starlette:
         exception_handlers=handlers,
         lifespan=lifespan,
     )
+    # Off the requests' path: the router's lifespan alone, which only the server calls.
+    app.router.lifespan = _refusals_in_one_line(app.router.lifespan)  # type: ignore[method-assign, assignment]
     # A path with a trailing slash is a 404 like any other unknown path, not a redirect to an
     # address built from the client's own Host header.
     app.router.redirect_slashes = False
@@ -149,6 +163,30 @@ def create_app(config: Config) -> Starlette:
     # requests no route matched go: the requests routed do nothing more for it.
     app.router.default = ServerWide(served_methods(app.router.routes), app.router.default)
     return app
+
+
+class StartRefused(Exception):
+    """The app cannot start, for a reason its message says whole (a database that cannot be
+    opened): the server logs that line, not a traceback."""
+
+
+def _refusals_in_one_line(
+    lifespan: Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]],
+) -> Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]]:
+    """The router's lifespan, telling the server of a `StartRefused` in its one line: Starlette
+    tells it of any failed start with the exception's traceback, which uvicorn logs whole."""
+
+    async def run(scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_refusal_in_one_line(message: Message) -> None:
+            # Starlette sends the failure from the block handling the exception.
+            refused = sys.exc_info()[1]
+            if message["type"] == "lifespan.startup.failed" and isinstance(refused, StartRefused):
+                message = {**message, "message": f"tollgate: {refused}"}
+            await send(message)
+
+        await lifespan(scope, receive, send_refusal_in_one_line)
+
+    return run
 
 
 async def _prices_at_start(pricing: Pricing, upstream: Upstream) -> bool:
@@ -199,13 +237,22 @@ def _cancelled_on_stop(future: asyncio.Future[Any]) -> Iterator[None]:
 
 
 def app_from_environment() -> Starlette:
-    """The factory uvicorn's worker processes call: configuration from TOLLGATE_CONFIG."""
+    """The factory uvicorn's worker processes call: configuration from TOLLGATE_CONFIG. A worker
+    that cannot build its app fails its start, which stops the supervisor and `serve`: uvicorn
+    started a worker failing otherwise again, to fail alike, every second or two (each start a
+    core busy with the imports), for good."""
     _stop_with_supervisor()
-    if multiprocess_enabled():
-        forget_namesake(os.environ[MULTIPROC_ENV])
-    config = load_config()
-    configure_logging(config.logging.level)
-    return create_served_app(config)
+    try:
+        if multiprocess_enabled():
+            forget_namesake(os.environ[MULTIPROC_ENV])
+        config = load_config()
+        configure_logging(config.logging.level)
+        return create_served_app(config)
+    except ConfigError as exc:  # the copy `serve` made for its workers, removed since (a cleaner of old files)
+        print(f"tollgate: {exc}", file=sys.stderr)
+    except Exception:
+        log.exception("the worker cannot build its app")
+    sys.exit(STARTUP_FAILURE)
 
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)

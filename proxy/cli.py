@@ -37,7 +37,7 @@ from .config import (
 )
 from .changes import ChangeSignal
 from .errors import ApiError, from_store_error
-from .store import SchemaTooNew, Store, StoreBusy, StoreError, StoreUnavailable
+from .store import SchemaTooNew, Store, StoreBusy, StoreError, StoreUnavailable, cannot_open
 
 EXIT_CONFIG = 2
 
@@ -229,9 +229,7 @@ def _run(
             await store.open()
         except (OSError, sqlite3.Error, SchemaTooNew) as exc:
             await store.close()
-            # An OSError names its path, often a directory above the file that could not be made.
-            reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
-            raise ConfigError(f"cannot open the database {config.database.sqlite_path}: {reason}") from None
+            raise ConfigError(cannot_open(config.database, exc)) from None
         try:
             with ChangeSignal.beside(config.database) as changes:
                 try:

@@ -759,6 +759,12 @@ class _Supervisor(Multiprocess):
         self._stop_listening()
         super().handle_term()
 
+    @property
+    def failed_to_start(self) -> bool:
+        """Whether it stopped because a worker failed before serving (uvicorn stops every worker
+        then, as the replacement would fail alike, and returns as from a stop asked for)."""
+        return any(process.exitcode == STARTUP_FAILURE for process in self.processes)
+
 
 def listen(host: str, port: int) -> list[socket.socket]:
     """The sockets `serve` listens on, bound as `uvicorn.run` binds them (asyncio's
@@ -825,10 +831,14 @@ def serve_workers(app: str, workers: int, options: dict[str, Any], sockets: list
     """`uvicorn.run(app, factory=True, workers=workers, **options)` on `sockets`, with `_Supervisor`."""
     config = uvicorn.Config(app, factory=True, workers=workers, **options)
     _say_listening(config.host, sockets)  # before the workers start, as `Config.bind_socket` says it
+    supervisor = _Supervisor(config, sockets=sockets)
     try:
-        _Supervisor(config, sockets=sockets).run()
+        supervisor.run()
     except KeyboardInterrupt:
         pass
     finally:
         for sock in sockets:
             sock.close()
+    if supervisor.failed_to_start:
+        # As a single process that cannot start exits: a process manager restarts or reports it.
+        sys.exit(STARTUP_FAILURE)

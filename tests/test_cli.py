@@ -7,6 +7,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -628,6 +629,119 @@ def test_serve_of_an_app_that_fails_to_start_closes_its_sockets() -> None:
         serve(Starlette(lifespan=_failing_start), options, sockets)
     assert exited.value.code == STARTUP_FAILURE
     assert all(sock.fileno() == -1 for sock in sockets)
+
+
+def _schema_newer(database: Path) -> str:
+    from proxy.store.schema import MIGRATIONS
+
+    with sqlite3.connect(database) as db:
+        db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)", (len(MIGRATIONS) + 1,))
+    return (
+        f"its schema is version {len(MIGRATIONS) + 1}, newer than this Tollgate's ({len(MIGRATIONS)}): "
+        "run the Tollgate release that migrated it, or a later one"
+    )
+
+
+def _not_a_database(database: Path) -> str:
+    for path in database.parent.glob(database.name + "*"):
+        path.unlink()
+    database.write_text("this is not a database\n" * 100)
+    return "file is not a database"
+
+
+def _a_file_where_its_directory_was(database: Path) -> str:
+    shutil.rmtree(database.parent)
+    database.parent.write_text("")
+    return f"{database.parent}: File exists"
+
+
+@pytest.mark.parametrize("spoil", [_schema_newer, _not_a_database, _a_file_where_its_directory_was])
+def test_serve_of_a_database_that_cannot_be_opened_as_the_app_starts_says_why_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], spoil: Callable[[Path], str]
+) -> None:
+    # What `serve` checked a moment before (or a worker uvicorn starts again, long after) may no
+    # longer hold: uvicorn logged the app's traceback, where the command's check says one line.
+    from proxy.app import create_app
+
+    database = tmp_path / "data" / "cli.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tollgate_config(database)))
+    ok(config, "org", "list")  # the database, made as a start of serve makes it
+    reason = spoil(database)
+    sockets = listen("127.0.0.1", 0)
+    options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
+    with pytest.raises(SystemExit) as exited:
+        serve(create_app(load_config(str(config))), options, sockets)
+    assert exited.value.code == STARTUP_FAILURE
+    said = capsys.readouterr().err
+    assert f"ERROR:    tollgate: cannot open the database {database}: {reason}\n" in said
+    assert "Traceback" not in said
+
+
+def test_serve_whose_database_cannot_take_the_files_declarations_as_the_app_starts_says_why_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A worker uvicorn starts again creates a declared group the admin API removed meanwhile: on a
+    # database another process keeps locked (or a full disk) uvicorn logged the app's traceback.
+    from proxy.app import create_app
+
+    database = tmp_path / "cli.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tollgate_config(database, database={"busy_timeout": "200ms"})))
+    ok(config, "org", "list")
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("DELETE FROM model_groups")
+    holder.execute("BEGIN IMMEDIATE")  # another writer, mid-transaction
+    sockets = listen("127.0.0.1", 0)
+    options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            serve(create_app(load_config(str(config))), options, sockets)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert exited.value.code == STARTUP_FAILURE
+    said = capsys.readouterr().err
+    assert f"ERROR:    tollgate: the database {database}: " in said
+    assert "Traceback" not in said
+
+
+def test_serve_with_workers_exits_as_a_failed_start_when_a_worker_cannot_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvicorn's supervisor stops every worker once one fails before serving (it would fail alike
+    # each time it was started again), and returned as from a stop asked for: `serve` exited 0,
+    # which a process manager takes for a stop it need not restart or report.
+    from proxy.config import ENV_CONFIG
+    from proxy.metrics import MULTIPROC_ENV
+    from proxy.server import serve_workers
+
+    config = plain_config(tmp_path)
+    ok(config, "org", "list")
+    _schema_newer(tmp_path / "cli.db")
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the supervisor's handlers: not this process's
+    monkeypatch.setenv(ENV_CONFIG, str(config))  # what the workers read
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
+    with pytest.raises(SystemExit) as exited:
+        serve_workers("proxy.app:app_from_environment", 2, options, listen("127.0.0.1", 0))
+    assert exited.value.code == STARTUP_FAILURE
+
+
+def test_a_worker_that_cannot_read_its_copy_of_the_config_fails_its_start_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The copy `serve --workers` made in the temporary directory, removed since (a cleaner of old
+    # files): each worker uvicorn started again died with a traceback, and was started again, every
+    # second or two, for good. A failed start stops the supervisor instead.
+    from proxy.app import app_from_environment
+    from proxy.config import ENV_CONFIG
+
+    monkeypatch.setenv(ENV_CONFIG, str(tmp_path / "gone.yaml"))
+    with pytest.raises(SystemExit) as exited:
+        app_from_environment()
+    assert exited.value.code == STARTUP_FAILURE
+    assert capsys.readouterr().err == f"tollgate: {tmp_path / 'gone.yaml'}: file not found\n"
 
 
 def test_serve_stops_gracefully_on_sigint_and_exits_0(tmp_path: Path) -> None:

@@ -177,3 +177,12 @@ def open_store(config: DatabaseConfig, expire_after: float = math.inf) -> Store:
     from .sqlite import SQLiteStore
 
     return SQLiteStore(config, expire_after=expire_after)
+
+
+def cannot_open(config: DatabaseConfig, exc: Exception) -> str:
+    """Why the database could not be opened, in one line (what `tollgate serve` says before it
+    starts, and the app, should the database be spoilt after that check or before a worker starts
+    again). An OSError is said by the path it names: often a directory above the file that could
+    not be made."""
+    reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    return f"cannot open the database {config.sqlite_path}: {reason}"
