@@ -48,8 +48,10 @@ log = logging.getLogger("tollgate")
 DRAIN_TIMEOUT = 10.0
 
 
-def create_app(config: Config) -> Starlette:
-    store = open_store(config.database, config.jobs.expire_after)
+def create_app(config: Config, existing_database: bool = False) -> Starlette:
+    """`existing_database`: the app of `tollgate serve`, which made the database before: one
+    removed since (before a worker uvicorn starts again after a crash) is not made anew."""
+    store = open_store(config.database, config.jobs.expire_after, existing_database)
     upstream = Upstream(config.upstream, config.upstream_key)
     pricing = Pricing(config.pricing)
     changes = ChangeSignal.beside(config.database)
@@ -279,7 +281,9 @@ def create_served_app(config: Config) -> Starlette:
     """The app for a process that does nothing but serve it (`tollgate serve`, one worker or
     each of several). What start-up made lives as long as the process: frozen, the collector
     no longer walks it in every full collection, a pause of tens of milliseconds under load."""
-    app = create_app(config)
+    # An empty database made anew would be served: every key refused there, the admin API's
+    # writes landing in it while the other workers refuse writes to the one removed.
+    app = create_app(config, existing_database=True)
     gc.freeze()
     return app
 

@@ -171,12 +171,13 @@ class Store(Protocol):
     async def fail_interrupted_implicit_jobs(self, limit: int) -> list[Job]: ...
 
 
-def open_store(config: DatabaseConfig, expire_after: float = math.inf) -> Store:
+def open_store(config: DatabaseConfig, expire_after: float = math.inf, existing: bool = False) -> Store:
     """The store for a database URL (not yet opened: call ``await store.open()``).
-    `expire_after`: jobs.expire_after, past which a job takes no call and no charge."""
+    `expire_after`: jobs.expire_after, past which a job takes no call and no charge. `existing`:
+    a database that is not there is not made anew, but refused as the store opens."""
     from .sqlite import SQLiteStore
 
-    return SQLiteStore(config, expire_after=expire_after)
+    return SQLiteStore(config, expire_after=expire_after, existing=existing)
 
 
 def cannot_open(config: DatabaseConfig, exc: Exception) -> str:

@@ -228,9 +228,15 @@ _FINISH_RUNNING_OR_INTERRUPTED_CALL = (
 
 class SQLiteStore:
     def __init__(
-        self, config: DatabaseConfig, clock: Callable[[], float] = time.time, expire_after: float = math.inf
+        self,
+        config: DatabaseConfig,
+        clock: Callable[[], float] = time.time,
+        expire_after: float = math.inf,
+        existing: bool = False,
     ) -> None:
+        """`existing`: open the database only if it is there, never make a new one."""
         self._config = config
+        self._existing = existing
         self._clock = clock
         # jobs.expire_after: a job older is expired, whether or not a sweep has failed it yet.
         self._expire_after = expire_after
@@ -249,6 +255,10 @@ class SQLiteStore:
     # --- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
+        if self._existing and not os.path.exists(self._config.sqlite_path):
+            raise StoreError(
+                "it is not there, removed since `tollgate serve` made it: restore it, or start serve again"
+            )
         directory = os.path.dirname(os.path.abspath(self._config.sqlite_path))
         os.makedirs(directory, exist_ok=True)
         self._writer = Writer(

@@ -372,6 +372,28 @@ def test_a_worker_started_again_on_a_database_a_newer_tollgate_migrated_stops_th
         server.stop()
 
 
+def test_a_worker_started_again_on_a_database_removed_meanwhile_stops_the_gateway_rather_than_make_an_empty_one(
+    tmp_path: Path,
+) -> None:
+    # It made a new, empty database and served it: every key refused there, the admin API's
+    # writes landing in it, while the other worker refused writes to the one removed.
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2).start()
+    try:
+        first = wait_for(lambda: _workers(server) if len(_workers(server)) == 2 else None, timeout=10)
+        assert first
+        for path in server.database.parent.glob(server.database.name + "*"):
+            path.unlink()
+        os.kill(min(first), signal.SIGKILL)
+        assert server.process is not None
+        assert server.process.wait(30) == STARTUP_FAILURE
+        log = server.log()
+        assert f"ERROR:    tollgate: cannot open the database {server.database}: it is not there" in log
+        assert "Traceback" not in log
+        assert not server.database.exists()
+    finally:
+        server.stop()
+
+
 def _spoil_what_serve_made_for_its_workers_and_crash_one(server: Tollgate, variable: str) -> Path:
     """The file or directory `serve` made for its workers in the temporary directory, named by the
     environment `variable` it gave them, removed (a cleaner of old files), then a worker crashed."""
