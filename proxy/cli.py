@@ -380,15 +380,15 @@ async def _mapped(result: Awaitable[Any], view: Callable[[Any], Any]) -> Any:
     return view(await result)
 
 
-def _as_key(key: str) -> Callable[[str], Any]:
+def _as_key(key: str, number: bool = True) -> Callable[[str], Any]:
     """An argparse type for an option that overrides the file's `key`: the key's own rule, so
     that `--port 99999` is refused as `server.port: 99999` would be, in one line."""
 
     def parse(text: str) -> Any:
-        try:
-            value: Any = int(text)
-        except ValueError:
-            value = text  # refused below, in the key's own words
+        value: Any = text  # refused below if it must be a number, in the key's own words
+        if number:
+            with contextlib.suppress(ValueError):
+                value = int(text)
         try:
             return check_key(key, value)
         except ValueError as exc:
@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command(commands, "serve", cmd_serve, "run the gateway")
     # Each overrides its key of the file: the default is the file's (8003 only if it sets none).
-    serve.add_argument("--host", help="interface to listen on (default: server.host, 127.0.0.1 unless set)")
+    serve.add_argument("--host", type=_as_key("server.host", number=False),
+                       help="interface to listen on (default: server.host, 127.0.0.1 unless set)")
     serve.add_argument("--port", type=_as_key("server.port"), help="port (default: server.port, 8003 unless set)")
     serve.add_argument("--workers", type=_as_key("server.workers"),
                        help="worker processes (default: server.workers, 1 unless set)")

@@ -92,6 +92,18 @@ PositiveInt = Annotated[int, Rule("a positive integer (at most 10^12)", lambda v
 NonNegativeInt = Annotated[int, Rule("an integer of 0 or more (at most 10^12)", lambda v: 0 <= v <= MAX_INTEGER)]
 Port = Annotated[int, Rule("a port number (1-65535)", lambda v: 0 < v < 65536)]
 Seconds = Annotated[float, Rule("a positive duration (seconds, or e.g. '30s', '24h')", lambda v: v > 0, parse_duration)]
+# Twice the read timeout and 5 s more is each connection's TCP_USER_TIMEOUT, in milliseconds in a
+# C int (at most about 24.8 days): past that, every connection failed as it was accepted.
+ReadTimeout = Annotated[
+    float,
+    Rule(
+        "a positive duration of at most 12 days (seconds, or e.g. '30s', '1m')",
+        lambda v: 0 < v <= 12 * 86400,
+        parse_duration,
+    ),
+]
+# getaddrinfo takes an empty host for every interface: a gateway open to the network unasked.
+Host = Annotated[str, Rule("a host name or address to listen on (0.0.0.0: every IPv4 interface)", bool)]
 # The limiter's Redis script counts whole milliseconds: a shorter window would be none there. A
 # longer one than a day keeps every call's entry that long (a sliding log), and past about 10^13 s
 # its expiry overflows what Redis takes, so that every admit fails.
@@ -144,6 +156,9 @@ def is_model_list(models: Any) -> bool:
 
 
 ModelList = Annotated[tuple[str, ...], Rule(MODEL_LIST_RULE, is_model_list)]
+# The admin API's bounds (validation.MAX_LABEL, admin.py's description's), for what the file declares.
+Name = Annotated[str, Rule("a name of at most 256 characters", lambda v: len(v) <= 256)]
+Description = Annotated[str, Rule("a description of at most 1000 characters", lambda v: len(v) <= 1000)]
 
 
 # The URL checks below refuse what the clients that read these URLs (proxy/upstream.py,
@@ -196,6 +211,11 @@ def _http_url_problem(url: str) -> str | None:
     parts = urlsplit(url)
     if not parts.hostname:
         return "must name a host: http://host:port"
+    # The client sends the path alone, and presents the key as a bearer token: these were dropped.
+    if "?" in url or "#" in url:  # a user's or password's were refused above
+        return "must have no query (?...) or fragment (#...): the client sends neither"
+    if "@" in parts.netloc:
+        return f"must hold no user name or password: LiteLLM is sent {ENV_UPSTREAM_KEY}"
     # The host and path go into every request's head as they are.
     if not (parts.netloc.rpartition("@")[2] + parts.path).isascii():
         return "must be ASCII: a path percent-encoded, a host name in its xn-- form"
@@ -206,11 +226,15 @@ def _http_url_problem(url: str) -> str | None:
 
 
 def _redis_url_problem(url: str) -> str | None:
+    if url != url.strip():  # urlsplit drops some of it, not a socket path's
+        return "must not begin or end with whitespace"
     if problem := _address_problem(url):
         return problem
     parts = urlsplit(url)
     if parts.scheme == "unix" and not parts.path:
         return "must name the socket: unix:///path/to/redis.sock"
+    if parts.scheme == "unix" and parts.hostname:  # the client reads the path alone
+        return "must name the socket after three slashes, with no host: unix:///path/to/redis.sock"
     query = parse_qs(parts.query, keep_blank_values=True)
     # The client reads ?db= alone. Another parameter (redis-py's ?password=, ?ssl_cert_reqs=) was
     # ignored without a word (no AUTH sent), and check-config printed its value unmasked.
@@ -231,6 +255,11 @@ def _database_url_problem(url: str) -> str | None:
     # No file name can hold one: opening it would fail with a ValueError, not an OSError.
     if "\x00" in path:
         return "the path must not hold a NUL character"
+    if path != path.strip():  # a space or newline left in the variable: another file
+        return "the path must not begin or end with whitespace"
+    # Nothing reads a URL's query here (?mode=ro): it became part of the file's name.
+    if "?" in path:
+        return "must have no query (?...): the path after sqlite:/// is the file's name"
     # SQLite's name for a private in-memory database: each of the store's connections (the
     # loop's and its thread's) would open a database of its own, and the WAL the store fsyncs
     # has no file, so every write failed as a disk failure.
@@ -275,7 +304,7 @@ class Secret:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: Port = 8003
     workers: PositiveInt = 1
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
@@ -283,7 +312,7 @@ class ServerConfig:
     shutdown_grace: Seconds = 30.0
     # A request (head and body) must arrive whole within this long, and a stream's client must
     # take each write within it: a slow client holds no connection for good, nor an upstream's.
-    read_timeout: Seconds = 30.0
+    read_timeout: ReadTimeout = 30.0
 
 
 @dataclass(frozen=True)
@@ -391,13 +420,13 @@ class ModelPrice:
 @dataclass(frozen=True)
 class ModelGroupSpec:
     models: ModelList
-    description: str = ""
+    description: Description = ""
 
 
 @dataclass(frozen=True)
 class OrganizationSpec:
     organization_id: Identifier
-    name: str = ""
+    name: Name = ""
 
 
 @dataclass(frozen=True)
@@ -775,6 +804,10 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
     if tp is str:
         if not isinstance(value, str):
             raise invalid("a string")
+        try:
+            value.encode("utf-8")  # as the database, Redis and every request store and send it
+        except UnicodeEncodeError:
+            raise _Invalid(path, "must be UTF-8 text (no lone surrogate such as \\ud800)") from None
         return value
     if origin is tuple:
         if value is None:

@@ -304,9 +304,11 @@ def test_cli_reports_a_file_that_is_not_a_database_in_one_line(tmp_path):
         ("--port", "http", "must be a port number (1-65535)"),
         ("--workers", "0", "must be a positive integer (at most 10^12)"),
         ("--workers", "-1", "must be a positive integer (at most 10^12)"),
+        # getaddrinfo takes an empty host for every interface: a gateway open to the network.
+        ("--host", "", "must be a host name or address to listen on (0.0.0.0: every IPv4 interface)"),
     ],
 )
-def test_serve_refuses_a_port_or_worker_count_the_config_key_would_refuse(capsys, option, value, message):
+def test_serve_refuses_a_host_port_or_worker_count_the_config_key_would_refuse(capsys, option, value, message):
     with pytest.raises(SystemExit) as exit:
         build_parser().parse_args(["serve", option, value])
     assert exit.value.code == 2

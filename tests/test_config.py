@@ -253,12 +253,10 @@ def test_check_config_masks_the_passwords_in_urls(tmp_path):
         "PATH": "/usr/bin:/bin",
         "TOLLGATE_UPSTREAM_KEY": "x",
         "TOLLGATE_REDIS_URL": "redis://default:envsecret@h:1",
-        "TOLLGATE_UPSTREAM_URL": "http://litellm:upsecret@h:4000",
     }
     result = run_cli("check-config", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "url: redis://default:***@h:1" in result.stdout
-    assert "url: http://litellm:***@h:4000" in result.stdout
     assert "secret" not in result.stdout + result.stderr
 
 
@@ -400,7 +398,7 @@ def test_redis_urls_its_client_reads_are_accepted(tmp_path, url):
     Redis(config.redis.url, 0.1, 0.1)  # reads it without an error
 
 
-@pytest.mark.parametrize("url", ["http://h", "https://u:p@h:4443/litellm/", "http://[::1]:4000"])
+@pytest.mark.parametrize("url", ["http://h", "https://h:4443/litellm/", "http://[::1]:4000"])
 def test_upstream_urls_its_client_reads_are_accepted(tmp_path, url):
     config = load_config(write(tmp_path, ""), {"TOLLGATE_UPSTREAM_URL": url})
     Upstream(config.upstream, None)  # reads it without an error
@@ -687,3 +685,88 @@ def test_a_database_url_naming_no_file_is_refused(tmp_path):
     assert error_for(tmp_path, "database:\n  url: sqlite:///\n").endswith(
         "database.url: must be a database URL: sqlite:///path/to/file.db (PostgreSQL is not supported yet)"
     )
+
+
+def test_a_read_timeout_longer_than_the_kernel_can_watch_is_refused(tmp_path):
+    # Twice the read timeout and 5 s more goes to TCP_USER_TIMEOUT, in milliseconds in a C int:
+    # past that every connection failed as it was accepted, and SIGTERM then never ended serve.
+    assert error_for(tmp_path, "server:\n  read_timeout: 13d\n").endswith(
+        "server.read_timeout: must be a positive duration of at most 12 days (seconds, or e.g. '30s', '1m')"
+    )
+    assert load_config(write(tmp_path, "server:\n  read_timeout: 12d\n"), {}).server.read_timeout == 12 * 86400
+
+
+def test_an_empty_server_host_is_refused_rather_than_listening_on_every_interface(tmp_path):
+    assert error_for(tmp_path, "server:\n  host: ''\n").endswith(
+        "server.host: must be a host name or address to listen on (0.0.0.0: every IPv4 interface)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('model_groups:\n  A: {models: [m], description: "\\ud800"}\n', "model_groups.A.description"),
+        ('organizations:\n  - {organization_id: o, name: "\\udfff"}\n', "organizations[0].name"),
+        ('model_groups:\n  A: {models: ["\\ud800"]}\n', "model_groups.A.models[0]"),
+        ('redis:\n  key_prefix: "x\\ud800"\n', "redis.key_prefix"),
+    ],
+)
+def test_a_string_holding_a_lone_surrogate_is_refused_naming_its_key(tmp_path, text, key):
+    # YAML's "\ud800" escape makes one; it cannot be stored or sent (UTF-8 has no such character):
+    # `serve` and `apply` failed with a traceback from the database.
+    assert error_for(tmp_path, text).endswith(f"{key}: must be UTF-8 text (no lone surrogate such as \\ud800)")
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("http://h:4000?key=1", "must have no query (?...) or fragment (#...): the client sends neither"),
+        ("http://h:4000/litellm#x", "must have no query (?...) or fragment (#...): the client sends neither"),
+        ("http://user:pw@h:4000", "must hold no user name or password: LiteLLM is sent TOLLGATE_UPSTREAM_KEY"),
+    ],
+)
+def test_an_upstream_url_part_its_client_would_ignore_is_refused(tmp_path, url, message):
+    assert error_for(tmp_path, "", {"TOLLGATE_UPSTREAM_URL": url}) == f"TOLLGATE_UPSTREAM_URL: upstream.url: {message}"
+
+
+def test_a_unix_redis_url_naming_a_host_is_refused(tmp_path):
+    # unix://relative/r.sock was read as the socket /r.sock, the word before it ignored.
+    assert error_for(tmp_path, "", {"TOLLGATE_REDIS_URL": "unix://relative/r.sock"}) == (
+        "TOLLGATE_REDIS_URL: redis.url: must name the socket after three slashes, with no host: "
+        "unix:///path/to/redis.sock"
+    )
+
+
+def test_a_database_url_with_a_query_is_refused(tmp_path):
+    # The path is opened as it is: sqlite:///x.db?mode=ro made a file named "x.db?mode=ro", read-write.
+    assert error_for(tmp_path, "", {"TOLLGATE_DATABASE_URL": "sqlite:///x.db?mode=ro"}) == (
+        "TOLLGATE_DATABASE_URL: database.url: must have no query (?...): the path after sqlite:/// is the file's name"
+    )
+
+
+def test_a_database_path_ending_in_whitespace_is_refused(tmp_path):
+    # A space or newline left at the end of the variable made a second database beside the real one.
+    assert error_for(tmp_path, "", {"TOLLGATE_DATABASE_URL": "sqlite:///data/t.db\n"}) == (
+        "TOLLGATE_DATABASE_URL: database.url: the path must not begin or end with whitespace"
+    )
+
+
+def test_a_unix_redis_url_ending_in_whitespace_is_refused(tmp_path):
+    # The socket's path was taken with the space: every connection to Redis failed.
+    assert error_for(tmp_path, "", {"TOLLGATE_REDIS_URL": "unix:///run/redis.sock "}) == (
+        "TOLLGATE_REDIS_URL: redis.url: must not begin or end with whitespace"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (f"organizations:\n  - {{organization_id: o, name: {'n' * 257}}}\n",
+         "organizations[0].name: must be a name of at most 256 characters"),
+        (f"model_groups:\n  A: {{models: [m], description: {'d' * 1001}}}\n",
+         "model_groups.A.description: must be a description of at most 1000 characters"),
+    ],
+)
+def test_a_declared_name_or_description_longer_than_the_admin_api_takes_is_refused(tmp_path, text, message):
+    # The file declares what the admin API creates: a value it would refuse must not come in this way.
+    assert error_for(tmp_path, text).endswith(message)
