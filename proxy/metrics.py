@@ -240,19 +240,39 @@ def forget_namesake(directory: str) -> None:
 
 
 def forget_dead_processes(directory: str) -> None:
-    """Drop the live gauges' files of processes that are gone. prometheus-client leaves that to
+    """Drop the live gauges' files of workers that are gone. prometheus-client leaves that to
     the server (gunicorn's child_exit hook); uvicorn's supervisor has no such hook, so without
     this a stream open in a worker that was killed would count for ever. Counters' and
     histograms' files stay: what a dead worker counted still happened."""
     for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
         pid = int(path[:-3].rsplit("_", 1)[1])
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _a_live_worker(pid):
             with contextlib.suppress(FileNotFoundError):  # another worker's scrape was first
                 mark_process_dead(pid, directory)
-        except PermissionError:
-            pass  # alive, someone else's: the pid was used again
+
+
+# Where a process's state and parent can be read (Linux).
+_PROC_STAT = os.path.exists("/proc/self/stat")
+
+
+def _a_live_worker(pid: int) -> bool:
+    """Whether `pid` is a live worker of this server: a sibling of this one (a child of the same
+    supervisor), not a zombie its supervisor has yet to reap (uvicorn's looks every half
+    second), whose pid answers a signal all the same. A pid used again by any other process,
+    whoever's it is, is the dead worker's no longer. Without /proc (not Linux): any process of
+    this user's holding the pid."""
+    if not _PROC_STAT:
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):  # gone, or someone else's: used again
+            return False
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state, parent = stat.read().rsplit(b")", 1)[1].split()[:2]
+    except (OSError, ValueError):
+        return False  # gone
+    return state not in (b"Z", b"X") and int(parent) == os.getppid()
 
 
 class Collecting(Protocol):

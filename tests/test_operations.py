@@ -257,6 +257,71 @@ print(registry.get_sample_value(name))
     assert done.stdout.strip() == "0.0"
 
 
+# A supervisor of workers, as `serve --workers` is: a worker killed (not yet reaped, a zombie),
+# a live one, and a worker that scrapes. The scrape's sweep of the live gauges' files is given
+# one for each, and one for `stranger`, a pid alive but no worker of this server's.
+SUPERVISOR = """
+import subprocess, sys, time
+killed = subprocess.Popen(["sleep", "60"])
+killed.kill()
+time.sleep(0.3)  # dead; this supervisor has not reaped it yet
+live = subprocess.Popen(["sleep", "60"])
+scraping = subprocess.run([sys.executable, "-c", sys.argv[1], str(killed.pid), str(live.pid), sys.argv[2]],
+                          capture_output=True, text=True)
+live.kill()
+killed.wait()
+live.wait()
+sys.stdout.write(scraping.stdout)
+sys.stderr.write(scraping.stderr)
+"""
+SCRAPING_WORKER = """
+import json, os, sys
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from proxy.metrics import forget_dead_processes
+directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+pids = {"killed": int(sys.argv[1]), "live": int(sys.argv[2]), "stranger": int(sys.argv[3]), "scraping": os.getpid()}
+name = "tollgate_active_streams"
+for pid in pids.values():
+    streams = MmapedDict(os.path.join(directory, f"gauge_livesum_{pid}.db"))
+    streams.write_value(mmap_key(name, name, (), (), "Streams being relayed now"), 1.0, 0.0)
+    streams.close()
+forget_dead_processes(directory)
+print(json.dumps({who: os.path.exists(os.path.join(directory, f"gauge_livesum_{pid}.db")) for who, pid in pids.items()}))
+"""
+
+
+def live_gauge_files_kept_by_a_scrape(tmp_path: Path) -> dict[str, bool]:
+    """Which workers' live-stream counts a scrape's sweep kept (see SUPERVISOR)."""
+    stranger = subprocess.Popen(["sleep", "60"])  # the test's own child: no worker's sibling
+    try:
+        done = subprocess.run(
+            [PYTHON, "-c", SUPERVISOR, SCRAPING_WORKER, str(stranger.pid)],
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}, cwd=REPO,
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        stranger.kill()
+        stranger.wait()
+    assert done.returncode == 0 and done.stdout, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_live_streams_of_a_killed_worker_not_yet_reaped_are_not_counted(tmp_path):
+    # A killed worker stays a zombie until its supervisor reaps it (uvicorn looks every half
+    # second): its pid answers a signal all the same, and a scrape meanwhile counted its streams.
+    kept = live_gauge_files_kept_by_a_scrape(tmp_path)
+    assert kept["killed"] is False
+    assert kept["live"] is True and kept["scraping"] is True
+
+
+def test_live_streams_under_a_dead_workers_pid_now_another_processs_are_not_counted(tmp_path):
+    # Pids are used again: a process that is no worker of this server (whoever's it is) holding
+    # a dead worker's pid kept that worker's streams counted as open for as long as it lived.
+    kept = live_gauge_files_kept_by_a_scrape(tmp_path)
+    assert kept["stranger"] is False
+    assert kept["live"] is True and kept["scraping"] is True
+
+
 def test_counters_keep_what_a_killed_worker_counted_once_it_is_started_again(make_tollgate):
     server = make_tollgate(workers=2)
     team = server.admin().team(credits=100)
