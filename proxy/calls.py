@@ -155,6 +155,7 @@ class CallPipeline:
         self._kept: dict[str, tuple[CallOutcome, JobEnd | None, str]] = {}
         self._key_refused = Occasional(log, logging.ERROR)
         self._unreachable = Occasional(log, logging.WARNING)
+        self._unwritable = Occasional(log, logging.WARNING)  # a call's start refused by the database
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """At shutdown: wait for calls still being recorded, then try once more to write the
@@ -277,6 +278,9 @@ class CallPipeline:
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
             if isinstance(exc, JobExpired) and exc.failed_now:  # failed by this refusal, as a sweep would have
                 self._metrics.observe_job(team.team_id, "failed")
+            if isinstance(exc, StoreUnavailable):
+                # Answered here, not by the store's error handler, which says it once a minute.
+                self._unwritable("a call could not start: 503, the database cannot be written: %s", exc)
             refusal = _with_limit_headers(exc, decision)
             if refusal is exc:
                 raise
@@ -617,8 +621,6 @@ def _with_limit_headers(exc: BaseException, decision: Decision) -> BaseException
     the database failed it) answers with the rate-limit headers too, as every call's answer
     does, showing the limits without it. A new error: one store error can fail a whole batch."""
     if isinstance(exc, StoreError):
-        if isinstance(exc, StoreUnavailable):
-            log.warning("a call could not start: 503, the database cannot be written: %s", exc)
         refusal = from_store_error(exc)
     elif type(exc) is ApiError:
         refusal = ApiError(exc.status, exc.message, code=exc.code, param=exc.param, headers=exc.headers)

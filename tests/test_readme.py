@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -21,10 +22,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import app, health, jobs_api, occasional, pricing, server, sse, upstream, validation
 from proxy.app import create_app
 from proxy.cli import build_parser
-from proxy.config import MAX_GROUP_MODELS, MAX_MODEL_NAME, Config, OrganizationSpec, TeamSpec, parse_duration
+from proxy.config import (
+    MAX_GROUP_MODELS, MAX_MODEL_NAME, Config, DatabaseConfig, OrganizationSpec, TeamSpec, parse_duration,
+)
 from proxy.demo import port_in_use
 from proxy.metrics import Metrics
 from proxy.store import writer
+from proxy.store.sqlite import SQLiteStore
 from tests.support import PYTHON, REPO, free_port
 
 
@@ -325,3 +329,27 @@ def test_metrics_the_readme_names_are_those_served_with_their_labels():
         for name, labels in re.findall(r"`(tollgate_\w+)(?:\{([\w,]+)\})?`", operations)
     }
     assert named == served
+
+
+def test_the_readme_warns_that_a_copy_written_over_the_database_in_place_goes_unnoticed(tmp_path):
+    # A restore made with `cp backup.db tollgate.db` under a running gateway writes into the file
+    # SQLite has open: it is the same file, so the store does not stop, and it served the mixture
+    # of the copy and its own WAL (corrupt: 500s, jobs just made not found) while the README
+    # promised that a replaced database stops the store within a second.
+    path, backup = tmp_path / "tollgate.db", tmp_path / "backup.db"
+
+    async def copy_in_place_under_an_open_store() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        try:
+            await store.create_organization("before", "Before")
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                db.execute("VACUUM INTO ?", (str(backup),))
+            shutil.copyfile(backup, path)
+            await store.ping()  # not noticed: nothing tells this file from the one SQLite opened
+        finally:
+            await store.close()
+
+    asyncio.run(copy_in_place_under_an_open_store())
+    text = " ".join((REPO / "README.md").read_text().split())
+    assert "A copy written over `tollgate.db` in place (`cp` onto it, the very file SQLite has open) is not noticed" in text

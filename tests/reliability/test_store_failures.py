@@ -293,6 +293,20 @@ def test_a_database_that_cannot_be_written_is_logged_once_a_minute_not_once_a_re
     assert len(lines) == 1 and "SQLITE_FULL" in lines[0] and "once a minute" in lines[0], lines
 
 
+def test_calls_a_database_that_cannot_be_written_refuses_are_logged_once_a_minute_not_once_a_call(
+    gateway, disk_full, caplog
+):
+    # A call's start refused is answered apart from the store's error handler: it logged a line
+    # per call (thousands a second under load, as a database restored under a running gateway).
+    server = gateway()
+    disk_full["now"] = True
+    with caplog.at_level("WARNING"):
+        for path, body in [(f"/api/jobs/{server.job_id}/llm-call", CALL), ("/v1/chat/completions", {"model": "Main", **CALL})] * 10:
+            assert server.post(path, body).status_code == 503
+    lines = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(lines) == 1 and "SQLITE_FULL" in lines[0] and "once a minute" in lines[0], lines
+
+
 def test_the_readiness_probe_leaves_nothing_behind(gateway, disk_full):
     server = gateway()
     disk_full["now"] = True
