@@ -25,13 +25,17 @@ import yaml
 from starlette.applications import Starlette
 from uvicorn.main import STARTUP_FAILURE
 
+from proxy import app as app_module
 from proxy import cli, demo
+from proxy.app import app_from_environment, create_app
 from proxy.cli import (
     WORKERS_DIR_PREFIX, _config_for_workers, _run, build_parser, main, remove_left_behind, serve_options,
 )
-from proxy.config import Config, LoggingConfig, load_config
+from proxy.config import ENV_CONFIG, Config, LoggingConfig, load_config
 from proxy.demo import DEMO_TEAM, LITELLM_VERSION, _prepare, banner, ensure_litellm
-from proxy.server import _say_listening, _Supervisor, listen, serve, uvicorn_options
+from proxy.metrics import MULTIPROC_ENV
+from proxy.server import _say_listening, _Supervisor, listen, serve, serve_workers, uvicorn_options
+from proxy.store.schema import MIGRATIONS
 from tests.support import PYTHON, REPO, Tollgate, free_port, tag, tollgate_config, wait_for
 
 
@@ -315,6 +319,11 @@ def test_serve_refuses_a_host_port_or_worker_count_the_config_key_would_refuse(c
     assert capsys.readouterr().err.splitlines()[-1] == f"tollgate serve: error: argument {option}: {message}"
 
 
+def test_serve_takes_a_host_of_digits_as_the_name_it_is() -> None:
+    # "0" is the usual shorthand for 0.0.0.0: read as the number 0, it was refused as no host.
+    assert build_parser().parse_args(["serve", "--host", "0"]).host == "0"
+
+
 def test_serve_on_a_port_in_use_fails_in_one_line_before_applying_its_files_declarations(tmp_path):
     # A second `serve` started by mistake on a running gateway's port (its file edited: a team
     # suspended, say) changed what the running gateway served before uvicorn found the port taken.
@@ -486,7 +495,6 @@ def test_a_database_a_newer_tollgate_migrated_is_refused_in_one_line(tmp_path):
     # and constraints it never writes or reads), and failed only later, on requests.
     import sqlite3
 
-    from proxy.store.schema import MIGRATIONS
 
     config = declared_config(tmp_path)
     ok(config, "org", "list")
@@ -634,7 +642,6 @@ def test_serve_of_an_app_that_fails_to_start_closes_its_sockets() -> None:
 
 
 def _schema_newer(database: Path) -> str:
-    from proxy.store.schema import MIGRATIONS
 
     with sqlite3.connect(database) as db:
         db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)", (len(MIGRATIONS) + 1,))
@@ -663,7 +670,6 @@ def test_serve_of_a_database_that_cannot_be_opened_as_the_app_starts_says_why_in
 ) -> None:
     # What `serve` checked a moment before (or a worker uvicorn starts again, long after) may no
     # longer hold: uvicorn logged the app's traceback, where the command's check says one line.
-    from proxy.app import create_app
 
     database = tmp_path / "data" / "cli.db"
     config = tmp_path / "config.yaml"
@@ -685,7 +691,6 @@ def test_serve_whose_database_cannot_take_the_files_declarations_as_the_app_star
 ) -> None:
     # A worker uvicorn starts again creates a declared group the admin API removed meanwhile: on a
     # database another process keeps locked (or a full disk) uvicorn logged the app's traceback.
-    from proxy.app import create_app
 
     database = tmp_path / "cli.db"
     config = tmp_path / "config.yaml"
@@ -708,15 +713,35 @@ def test_serve_whose_database_cannot_take_the_files_declarations_as_the_app_star
     assert "Traceback" not in said
 
 
+def test_serve_of_an_app_failing_to_start_for_an_unforeseen_reason_logs_its_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a refusal whose message says it whole is cut to one line: a fault nobody foresaw is
+    # found by its traceback.
+
+    async def unforeseen(*args: Any, **kwargs: Any) -> list[str]:
+        raise RuntimeError("an unforeseen fault")
+
+    database = tmp_path / "cli.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tollgate_config(database)))
+    ok(config, "org", "list")
+    monkeypatch.setattr(app_module, "apply_declared", unforeseen)
+    sockets = listen("127.0.0.1", 0)
+    options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
+    with pytest.raises(SystemExit) as exited:
+        serve(create_app(load_config(str(config))), options, sockets)
+    assert exited.value.code == STARTUP_FAILURE
+    said = capsys.readouterr().err
+    assert "Traceback" in said and "RuntimeError: an unforeseen fault" in said
+
+
 def test_serve_with_workers_exits_as_a_failed_start_when_a_worker_cannot_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # uvicorn's supervisor stops every worker once one fails before serving (it would fail alike
     # each time it was started again), and returned as from a stop asked for: `serve` exited 0,
     # which a process manager takes for a stop it need not restart or report.
-    from proxy.config import ENV_CONFIG
-    from proxy.metrics import MULTIPROC_ENV
-    from proxy.server import serve_workers
 
     config = plain_config(tmp_path)
     ok(config, "org", "list")
@@ -736,14 +761,29 @@ def test_a_worker_that_cannot_read_its_copy_of_the_config_fails_its_start_in_one
     # The copy `serve --workers` made in the temporary directory, removed since (a cleaner of old
     # files): each worker uvicorn started again died with a traceback, and was started again, every
     # second or two, for good. A failed start stops the supervisor instead.
-    from proxy.app import app_from_environment
-    from proxy.config import ENV_CONFIG
 
     monkeypatch.setenv(ENV_CONFIG, str(tmp_path / "gone.yaml"))
     with pytest.raises(SystemExit) as exited:
         app_from_environment()
     assert exited.value.code == STARTUP_FAILURE
     assert capsys.readouterr().err == f"tollgate: {tmp_path / 'gone.yaml'}: file not found\n"
+
+
+def test_a_worker_that_cannot_build_its_app_for_an_unforeseen_reason_logs_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its start fails, and stops the gateway: what failed is then known by this log line alone.
+
+    def unforeseen() -> None:
+        raise RuntimeError("an unforeseen fault")
+
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    monkeypatch.setattr(app_module, "load_config", unforeseen)
+    with caplog.at_level(logging.ERROR, logger="tollgate"), pytest.raises(SystemExit) as exited:
+        app_module.app_from_environment()
+    assert exited.value.code == STARTUP_FAILURE
+    (record,) = [record for record in caplog.records if record.name == "tollgate"]
+    assert record.exc_info is not None and str(record.exc_info[1]) == "an unforeseen fault"
 
 
 def test_serve_stops_gracefully_on_sigint_and_exits_0(tmp_path: Path) -> None:
@@ -903,8 +943,6 @@ def test_the_demo_banner_gives_the_declared_teams_credits_and_groups(tmp_path: P
 def serve_in_process(monkeypatch: pytest.MonkeyPatch, config: Path, *args: str) -> list[int]:
     """`tollgate serve` run here up to where uvicorn would start: the worker counts it started with."""
     from proxy import server
-    from proxy.config import ENV_CONFIG
-    from proxy.metrics import MULTIPROC_ENV
 
     started: list[int] = []
 

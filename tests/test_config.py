@@ -696,6 +696,20 @@ def test_a_read_timeout_longer_than_the_kernel_can_watch_is_refused(tmp_path):
     assert load_config(write(tmp_path, "server:\n  read_timeout: 12d\n"), {}).server.read_timeout == 12 * 86400
 
 
+def test_a_read_timeout_of_zero_is_refused(tmp_path):
+    # No request could arrive within it: every connection would time out as it was accepted.
+    assert error_for(tmp_path, "server:\n  read_timeout: 0\n").endswith(
+        "server.read_timeout: must be a positive duration of at most 12 days (seconds, or e.g. '30s', '1m')"
+    )
+
+
+def test_a_read_timeout_a_second_past_twelve_days_is_refused(tmp_path):
+    # The bound its message states, to the second.
+    assert error_for(tmp_path, f"server:\n  read_timeout: {12 * 86400 + 1}\n").endswith(
+        "server.read_timeout: must be a positive duration of at most 12 days (seconds, or e.g. '30s', '1m')"
+    )
+
+
 def test_an_empty_server_host_is_refused_rather_than_listening_on_every_interface(tmp_path):
     assert error_for(tmp_path, "server:\n  host: ''\n").endswith(
         "server.host: must be a host name or address to listen on (0.0.0.0: every IPv4 interface)"
@@ -751,6 +765,13 @@ def test_a_database_path_ending_in_whitespace_is_refused(tmp_path):
     )
 
 
+def test_a_database_path_beginning_with_whitespace_is_refused(tmp_path):
+    # sqlite:/// data/t.db names a file whose name begins with a space, beside the one meant.
+    assert error_for(tmp_path, "", {"TOLLGATE_DATABASE_URL": "sqlite:/// data/t.db"}) == (
+        "TOLLGATE_DATABASE_URL: database.url: the path must not begin or end with whitespace"
+    )
+
+
 def test_a_unix_redis_url_ending_in_whitespace_is_refused(tmp_path):
     # The socket's path was taken with the space: every connection to Redis failed.
     assert error_for(tmp_path, "", {"TOLLGATE_REDIS_URL": "unix:///run/redis.sock "}) == (
@@ -770,3 +791,11 @@ def test_a_unix_redis_url_ending_in_whitespace_is_refused(tmp_path):
 def test_a_declared_name_or_description_longer_than_the_admin_api_takes_is_refused(tmp_path, text, message):
     # The file declares what the admin API creates: a value it would refuse must not come in this way.
     assert error_for(tmp_path, text).endswith(message)
+
+
+def test_a_declared_name_and_description_as_long_as_the_admin_api_takes_are_accepted(tmp_path):
+    # The bounds are the admin API's own: what it takes, the file may declare.
+    text = f"organizations:\n  - {{organization_id: o, name: {'n' * 256}}}\n" \
+           f"model_groups:\n  A: {{models: [m], description: {'d' * 1000}}}\n"
+    config = load_config(write(tmp_path, text), {})
+    assert (config.organizations[0].name, config.model_groups["A"].description) == ("n" * 256, "d" * 1000)

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable
 import httpx
 import pytest
 import yaml
-from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import health
@@ -320,6 +320,20 @@ def test_live_streams_under_a_dead_workers_pid_now_another_processs_are_not_coun
     kept = live_gauge_files_kept_by_a_scrape(tmp_path)
     assert kept["stranger"] is False
     assert kept["live"] is True and kept["scraping"] is True
+
+
+def test_live_streams_of_a_worker_gone_and_reaped_are_not_counted(tmp_path):
+    # Its pid names no process at all once its supervisor has reaped it.
+    from proxy.metrics import forget_dead_processes
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    name = "tollgate_active_streams"
+    streams = MmapedDict(str(tmp_path / f"gauge_livesum_{gone.pid}.db"))
+    streams.write_value(mmap_key(name, name, (), (), "Streams being relayed now"), 1.0, 0.0)
+    streams.close()
+    forget_dead_processes(str(tmp_path))
+    assert not (tmp_path / f"gauge_livesum_{gone.pid}.db").exists()
 
 
 def test_counters_keep_what_a_killed_worker_counted_once_it_is_started_again(make_tollgate):

@@ -961,6 +961,20 @@ def test_a_sweep_fails_every_own_job_of_a_v1_call_it_closed_as_interrupted_batch
     on_a_team_store(tmp_path / "implicit-batches.db", check)
 
 
+def test_the_sweep_counts_the_own_jobs_of_v1_calls_it_fails_as_interrupted_among_failed_jobs(tmp_path):
+    async def check(store: SQLiteStore) -> None:
+        own = await store.create_job("team", IMPLICIT_JOB_TYPE, None, {"implicit": True}, 1)
+        await store.start_call(new_call("cut", own.job_id, 100.0))
+        metrics = Metrics()
+        await sweep_once(store, expire_after=86_400, stale_call_after=60, now=500.0, metrics=metrics)
+        text = (await metrics.render(store.team_balances)).decode()
+        (family,) = [f for f in text_string_to_metric_families(text) if f.name == "tollgate_jobs"]
+        counted = {(s.labels["team"], s.labels["status"]): s.value for s in family.samples if s.name == "tollgate_jobs_total"}
+        assert counted == {("team", "failed"): 1.0}
+
+    on_a_team_store(tmp_path / "implicit-counted.db", check)
+
+
 def test_a_sweeps_batch_of_expired_jobs_is_not_taken_up_by_jobs_finished_already(tmp_path):
     # The sweep fails expired jobs a batch at a time, oldest first, and stops at a batch that
     # is not full: jobs finished long ago must not fill it, or open ones would never expire.

@@ -688,6 +688,58 @@ def test_litellm_without_a_database_refusing_the_gateways_key_is_a_misconfigurat
     against(no_database, check)
 
 
+@pytest.mark.parametrize("status", [b"401 Unauthorized", b"403 Forbidden"])
+def test_a_providers_refusal_litellm_passes_on_as_another_exception_fails_that_model_and_the_next_answers(status):
+    # LiteLLM maps some providers' 401 and 403 to an exception other than its authentication and
+    # permission errors, typed as OpenAI's invalid_request_error: the model's failure, not the caller's.
+    refusal = json.dumps({"error": {
+        "message": "litellm.BadRequestError: the provider refused the call",
+        "type": "invalid_request_error", "param": None, "code": status[:3].decode(),
+    }}).encode()
+
+    async def refuses_one_model(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                request = await read_request(reader)
+                answer, body = (status, refusal) if b'"refusing"' in request else (b"200 OK", ANSWER)
+                writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (answer, len(body), body))
+                await writer.drain()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answered = await forward(client, ["refusing", "whole"], payload, False, loop.time() + 30)
+        assert (answered.model, answered.attempts) == ("whole", 2)
+
+    against(refuses_one_model, check)
+
+
+def test_litellm_refusing_the_gateways_key_is_a_misconfiguration_and_no_other_model_is_tried():
+    # LiteLLM's auth layer refuses the key the same for every model. Its message may name its docs
+    # (docs.litellm.ai): only a model's failure opens with an exception's name, `litellm.`.
+    refusal = json.dumps({"error": {
+        "message": "Authentication Error, No DB Connected. See - https://docs.litellm.ai/docs/proxy/virtual_keys",
+        "type": "auth_error", "param": "None", "code": "401",
+    }}).encode()
+    requests: list[bytes] = []
+
+    async def refuses_the_key(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await read_request(reader))
+        writer.write(http_answer(b"401 Unauthorized", refusal, JSON))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        with pytest.raises(UpstreamMisconfigured):
+            await forward(client, ["first", "whole"], payload, False, loop.time() + 30)
+        assert len(requests) == 1
+
+    against(refuses_the_key, check)
+
+
 def test_litellm_that_cannot_be_connected_to_in_time_is_unreachable():
     # A host that is down or firewalled drops the connection's first packets: connecting times out
     # rather than being refused. LiteLLM was unreachable all the same, and nothing logged it so.

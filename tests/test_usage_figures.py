@@ -44,6 +44,12 @@ def test_a_usage_of_no_tokens_at_all_is_none():
     assert usage_from({"prompt_tokens": 4, "completion_tokens": 0}).prompt_tokens == 4
 
 
+def test_a_usage_of_completion_tokens_but_no_prompt_tokens_is_taken_as_given():
+    # Only a usage of no tokens at all is LiteLLM's stand-in: one counting some is the provider's.
+    usage = usage_from({"prompt_tokens": 0, "completion_tokens": 5})
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (0, 5, False)
+
+
 def test_a_stream_whose_usage_holds_no_token_count_is_estimated():
     tally = StreamTally()
     tally.observe(event({"choices": [{"index": 0, "delta": {"content": "hello"}}]}))
