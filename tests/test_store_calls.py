@@ -203,6 +203,29 @@ def database_at(path, version: int) -> sqlite3.Connection:
     return db
 
 
+@pytest.mark.parametrize("status", ["pending", "in_progress"])
+def test_a_teams_open_jobs_are_listed_through_an_index_of_its_open_jobs_alone(tmp_path, status):
+    # Through the team's index of all its jobs, a team with a million finished ones took half a
+    # second a page (and as long for its count), holding the connection every team's lists share.
+    async def check(store: SQLiteStore) -> None:
+        jobs = [(await store.create_job("team", "t", None, {}, 0)).job_id for _ in range(3)]
+        await store.start_call(new_call("running", jobs[1], time.time()))
+        await store.finish_job(jobs[2], "completed", None, None)
+        assert store._listing is not None
+        read: list[str] = []
+        store._listing.set_trace_callback(read.append)
+        page, total, _ = await store.team_jobs("team", status, 50, 0)
+        store._listing.set_trace_callback(None)
+        assert [job.job_id for job in page] == [jobs[0] if status == "pending" else jobs[1]] and total == 1
+        of_jobs = [sql for sql in read if "FROM jobs j WHERE" in sql]
+        assert len(of_jobs) == 2
+        for sql in of_jobs:
+            plan = " ".join(row[3] for row in store._listing.execute("EXPLAIN QUERY PLAN " + sql))
+            assert "USING INDEX jobs_team_open " in plan, (sql, plan)
+
+    on_a_team_store(tmp_path / "open.db", check)
+
+
 def test_a_schema_2_database_upgrades_with_its_running_calls_still_swept(tmp_path):
     path = tmp_path / "v2.db"
     db = database_at(path, 2)

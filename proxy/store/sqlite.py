@@ -778,6 +778,9 @@ class SQLiteStore:
         if status:
             where += " AND j.status = ?"
             params.append(status)
+        if status in OPEN_JOB_STATUSES:
+            # The partial index's own condition, which SQLite must see to read through it.
+            where += " AND j.status IN ('pending', 'in_progress')"
 
         def read(db: sqlite3.Connection) -> tuple[list[Any], int, int]:
             # The page's jobs first, through the team's index, and only theirs joined to their calls:
