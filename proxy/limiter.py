@@ -617,7 +617,10 @@ class RedisLimiter:
         """Whether Redis runs the limiter's scripts and takes their writes: one that answers
         PING may still refuse them all (a read-only replica after a failover, out of memory,
         scripting denied)."""
-        await self._run(self._ready, self._ready_keys, [])
+        reply = await self._run(self._ready, self._ready_keys, [])
+        if reply != 1:  # a reply the script never gives: see `admit`
+            self._redis.drop("a reply the readiness script never gives")
+            raise RedisUnavailable(f"unexpected reply to the readiness script: {reply!r:.100}")
 
     async def admit(self, limits: Limits, call_id: str, estimate: int) -> Decision:
         scopes = limits.scopes()
@@ -637,6 +640,19 @@ class RedisLimiter:
         except RedisUnavailable:
             self._release_later(call_id, keys)
             raise
+        try:
+            return self._decision(result, limits, scopes, call_id, estimate)
+        except (TypeError, ValueError, IndexError) as exc:
+            # Well formed, but no reply the script gives: another service at Redis's address, or
+            # replies out of step with their commands. Each call raised, a 500 with the breaker
+            # closed; the connection is given up as after a timeout, and the call may have run.
+            self._redis.drop(f"a reply the admit script never gives ({type(exc).__name__}: {exc})")
+            self._release_later(call_id, keys)
+            raise RedisUnavailable(f"unexpected reply to the admit script: {result!r:.100}") from None
+
+    def _decision(
+        self, result: Any, limits: Limits, scopes: list[tuple[Scope, str, int, int]], call_id: str, estimate: int
+    ) -> Decision:
         now, refused, kind, retry = result[0], result[1], _KINDS[result[2]], result[3]
         usage = []
         for i, (scope, _, rpm, tpm) in enumerate(scopes):

@@ -324,6 +324,12 @@ class Redis:
             self._connection.fail(RedisError("client closed"))
             self._connection = None
 
+    def drop(self, reason: str) -> None:
+        """Give up on the connection, as after a timeout: a reply that cannot be its command's
+        leaves its state unknown. Every command waiting on it fails; the next connects afresh."""
+        if self._connection is not None:
+            self._connection.fail(RedisError(reason))
+
     async def connect(self) -> None:
         """Connected: what is sent from here to the next await leaves in one write, in order."""
         await self._connected()

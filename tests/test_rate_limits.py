@@ -13,6 +13,7 @@ import openai
 import pytest
 
 import proxy.limiter as limiter_module
+import proxy.resp as resp_module
 from proxy.config import RateLimitsConfig, RedisConfig
 from proxy.limiter import (
     Decision, Limits, LocalLimiter, RateLimiter, RedisLimiter, RedisUnavailable, Usage, openai_duration
@@ -1409,5 +1410,90 @@ def test_a_scope_redis_refuses_even_once_repaired_leaves_the_breaker_closed_for_
         assert (await limiter.admit(limits, "refused", 10)).backend == "local"
         assert not limiter.degraded
         await limiter.close()
+
+    asyncio.run(run())
+
+
+async def answering_every_command_with(reply: bytes, connections: list | None = None) -> asyncio.Server:
+    """A server at Redis's address that reads whole commands and answers each with `reply`, well
+    formed but no answer a limiter script gives: another RESP service, or replies out of step.
+    Each connection it accepts is appended to `connections`."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if connections is not None:
+            connections.append(writer)
+        buffer = b""
+        with contextlib.suppress(asyncio.CancelledError):  # by the test's end, still connected
+            while data := await reader.read(65536):
+                buffer += data
+                with contextlib.suppress(resp_module._Incomplete):
+                    while buffer:
+                        _, end = resp_module.parse(buffer, 0)
+                        buffer = buffer[end:]
+                        writer.write(reply)
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("reply", [b":1\r\n", b"*8\r\n" + b"$1\r\n0\r\n" * 8, b"*2\r\n:0\r\n:0\r\n"])
+def test_an_admit_answered_with_what_no_admit_script_gives_is_a_failure_of_redis(reply):
+    # Each call raised from the decoding (a 500), with the breaker closed and nothing logged.
+    async def run() -> None:
+        server = await answering_every_command_with(reply)
+        url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=url))
+        assert (await limiter.admit(Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000), "first", 10)).backend == "local"
+        assert limiter.degraded
+        await limiter.close()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_readiness_of_a_server_answering_what_no_readiness_script_gives_is_degraded():
+    # Readiness said "ok" while every call's admit failed on the same replies.
+    async def run() -> str:
+        server = await answering_every_command_with(b":12\r\n")
+        url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=url))
+        state = await limiter.check()
+        await limiter.close()
+        server.close()
+        return state
+
+    assert asyncio.run(run()).startswith("degraded")
+
+
+def test_a_connection_that_answered_an_admit_with_what_no_admit_script_gives_is_given_up():
+    # Its replies may be out of step with their commands: kept, every later reply could be
+    # another command's.
+    async def run() -> int:
+        connections: list = []
+        server = await answering_every_command_with(b":1\r\n", connections)
+        url = f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=url, breaker_cooldown=0))
+        limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
+        await limiter.admit(limits, "first", 10)
+        await limiter.admit(limits, "second", 10)
+        opened = len(connections)
+        await limiter.close()
+        server.close()
+        return opened
+
+    assert asyncio.run(run()) == 2
+
+
+def test_an_admit_answered_with_what_no_admit_script_gives_is_released_as_it_may_have_run(redis_server):
+    # Out of step, the reply is another command's, and this admit may have been recorded.
+    limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0))
+        assert limiter.redis is not None
+        admit = limiter.redis._admit
+        # The admit recorded as ever, and answered as the next command would be.
+        limiter.redis._admit = Script(limiter_module.ADMIT_SCRIPT.replace("\nreturn result\n", "\nreturn 1\n"))
+        assert (await limiter.admit(limits, "answered-otherwise", 10)).backend == "local"
+        limiter.redis._admit = admit
+        await only_the_next_call_counts(limiter, limits, redis_server)
 
     asyncio.run(run())
