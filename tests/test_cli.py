@@ -664,24 +664,28 @@ def _a_file_where_its_directory_was(database: Path) -> str:
     return f"{database.parent}: File exists"
 
 
+def _said_by_serve_failing_to_start(config: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """What `serve` of the app of `config` writes to stderr, its start failing as it must."""
+    sockets = listen("127.0.0.1", 0)
+    options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
+    with pytest.raises(SystemExit) as exited:
+        serve(create_app(load_config(str(config))), options, sockets)
+    assert exited.value.code == STARTUP_FAILURE
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("spoil", [_schema_newer, _not_a_database, _a_file_where_its_directory_was])
 def test_serve_of_a_database_that_cannot_be_opened_as_the_app_starts_says_why_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], spoil: Callable[[Path], str]
 ) -> None:
     # What `serve` checked a moment before (or a worker uvicorn starts again, long after) may no
     # longer hold: uvicorn logged the app's traceback, where the command's check says one line.
-
     database = tmp_path / "data" / "cli.db"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tollgate_config(database)))
     ok(config, "org", "list")  # the database, made as a start of serve makes it
     reason = spoil(database)
-    sockets = listen("127.0.0.1", 0)
-    options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
-    with pytest.raises(SystemExit) as exited:
-        serve(create_app(load_config(str(config))), options, sockets)
-    assert exited.value.code == STARTUP_FAILURE
-    said = capsys.readouterr().err
+    said = _said_by_serve_failing_to_start(config, capsys)
     assert f"ERROR:    tollgate: cannot open the database {database}: {reason}\n" in said
     assert "Traceback" not in said
 
@@ -691,7 +695,6 @@ def test_serve_whose_database_cannot_take_the_files_declarations_as_the_app_star
 ) -> None:
     # A worker uvicorn starts again creates a declared group the admin API removed meanwhile: on a
     # database another process keeps locked (or a full disk) uvicorn logged the app's traceback.
-
     database = tmp_path / "cli.db"
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tollgate_config(database, database={"busy_timeout": "200ms"})))
@@ -699,16 +702,11 @@ def test_serve_whose_database_cannot_take_the_files_declarations_as_the_app_star
     holder = sqlite3.connect(database, isolation_level=None)
     holder.execute("DELETE FROM model_groups")
     holder.execute("BEGIN IMMEDIATE")  # another writer, mid-transaction
-    sockets = listen("127.0.0.1", 0)
-    options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
     try:
-        with pytest.raises(SystemExit) as exited:
-            serve(create_app(load_config(str(config))), options, sockets)
+        said = _said_by_serve_failing_to_start(config, capsys)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert exited.value.code == STARTUP_FAILURE
-    said = capsys.readouterr().err
     assert f"ERROR:    tollgate: the database {database}: " in said
     assert "Traceback" not in said
 
@@ -718,7 +716,6 @@ def test_serve_of_an_app_failing_to_start_for_an_unforeseen_reason_logs_its_trac
 ) -> None:
     # Only a refusal whose message says it whole is cut to one line: a fault nobody foresaw is
     # found by its traceback.
-
     async def unforeseen(*args: Any, **kwargs: Any) -> list[str]:
         raise RuntimeError("an unforeseen fault")
 
@@ -727,12 +724,7 @@ def test_serve_of_an_app_failing_to_start_for_an_unforeseen_reason_logs_its_trac
     config.write_text(yaml.safe_dump(tollgate_config(database)))
     ok(config, "org", "list")
     monkeypatch.setattr(app_module, "apply_declared", unforeseen)
-    sockets = listen("127.0.0.1", 0)
-    options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
-    with pytest.raises(SystemExit) as exited:
-        serve(create_app(load_config(str(config))), options, sockets)
-    assert exited.value.code == STARTUP_FAILURE
-    said = capsys.readouterr().err
+    said = _said_by_serve_failing_to_start(config, capsys)
     assert "Traceback" in said and "RuntimeError: an unforeseen fault" in said
 
 
@@ -742,7 +734,6 @@ def test_serve_with_workers_exits_as_a_failed_start_when_a_worker_cannot_start(
     # uvicorn's supervisor stops every worker once one fails before serving (it would fail alike
     # each time it was started again), and returned as from a stop asked for: `serve` exited 0,
     # which a process manager takes for a stop it need not restart or report.
-
     config = plain_config(tmp_path)
     ok(config, "org", "list")
     _schema_newer(tmp_path / "cli.db")
@@ -761,7 +752,6 @@ def test_a_worker_that_cannot_read_its_copy_of_the_config_fails_its_start_in_one
     # The copy `serve --workers` made in the temporary directory, removed since (a cleaner of old
     # files): each worker uvicorn started again died with a traceback, and was started again, every
     # second or two, for good. A failed start stops the supervisor instead.
-
     monkeypatch.setenv(ENV_CONFIG, str(tmp_path / "gone.yaml"))
     with pytest.raises(SystemExit) as exited:
         app_from_environment()
@@ -773,7 +763,6 @@ def test_a_worker_that_cannot_build_its_app_for_an_unforeseen_reason_logs_its_tr
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Its start fails, and stops the gateway: what failed is then known by this log line alone.
-
     def unforeseen() -> None:
         raise RuntimeError("an unforeseen fault")
 

@@ -76,6 +76,16 @@ async def start_cut(store: SQLiteStore, call: NewCall) -> BaseException:
     return cut.value
 
 
+async def an_expired_job(path: Path) -> tuple[SQLiteStore, str]:
+    """An open job of the team 'team', and a store (to be closed) opened on it past its expiry."""
+    store = await make_team(str(path))
+    job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+    await store.close()
+    later = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: time.time() + 120, expire_after=60.0)
+    await later.open()
+    return later, job_id
+
+
 def test_a_start_cut_short_once_written_says_the_call_started(tmp_path):
     async def check(store: SQLiteStore) -> None:
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
@@ -89,12 +99,7 @@ def test_a_start_cut_short_in_an_expired_job_says_nothing_was_started(tmp_path):
     # Its write went through, but wrote nothing of the call: taken for a start, the call would
     # be counted and answered with ids of a call that does not exist.
     async def check() -> None:
-        path = tmp_path / "cut.db"
-        store = await make_team(str(path))
-        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
-        await store.close()
-        later = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: time.time() + 120, expire_after=60.0)
-        await later.open()
+        later, job_id = await an_expired_job(tmp_path / "cut.db")
         try:
             assert not isinstance(await start_cut(later, new_call("cut", job_id, time.time())), WrittenThenCancelled)
             assert await statuses(later, job_id) == {}
@@ -108,12 +113,7 @@ def test_a_start_cut_short_while_failing_its_expired_job_says_the_job_failed_now
     # The job's failure went through: taken for nothing written, it would be failed without
     # being counted as failed, by this start or by the sweep (which finds it closed).
     async def check() -> None:
-        path = tmp_path / "cut.db"
-        store = await make_team(str(path))
-        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
-        await store.close()
-        later = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: time.time() + 120, expire_after=60.0)
-        await later.open()
+        later, job_id = await an_expired_job(tmp_path / "cut.db")
         assert later._writer is not None
         submit, submitted = later._writer.submit, asyncio.Event()
 

@@ -22,6 +22,7 @@ from uvicorn.main import STARTUP_FAILURE
 
 from proxy.app import create_app
 from proxy.config import load_config
+from proxy.store.schema import MIGRATIONS
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.writer import Writer
 from tests.reliability.test_pipelining import answers
@@ -348,28 +349,63 @@ def test_a_worker_started_again_after_a_crash_serves_the_configuration_serve_sta
     assert all(httpx.get(f"{server.url}/health/ready").status_code == 200 for _ in range(6))
 
 
+def _log_of_serve_stopped_by_a_worker_started_again(tmp_path: Path, spoil: Callable[[Tollgate, int], Any]) -> tuple[str, Any]:
+    """`serve --workers 2`; `spoil(server, pid)` done to what the worker `pid` needs to start, then
+    that worker crashed (SIGKILL): `serve` must stop as a start that failed (uvicorn's exit status
+    for it), rather than start the worker again and again. Its log, and what `spoil` returned."""
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2).start()
+    try:
+        first = wait_for(lambda: _workers(server) if len(_workers(server)) == 2 else None, timeout=10)
+        assert first
+        crashed = min(first)
+        spoilt = spoil(server, crashed)
+        os.kill(crashed, signal.SIGKILL)
+        assert server.process is not None
+        assert server.process.wait(30) == STARTUP_FAILURE
+        return server.log(), spoilt
+    finally:
+        server.stop()
+
+
+def _migrated_by_a_newer_tollgate(server: Tollgate, crashed: int) -> Path:
+    with sqlite3.connect(server.database) as db:
+        db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)", (len(MIGRATIONS) + 1,))
+    return server.database
+
+
+def _removed(server: Tollgate, crashed: int) -> Path:
+    for path in server.database.parent.glob(server.database.name + "*"):
+        path.unlink()
+    return server.database
+
+
+def _what_serve_made_for_its_workers_removed(variable: str) -> Callable[[Tollgate, int], Path]:
+    """The file or directory `serve` made for its workers in the temporary directory, named by the
+    environment `variable` it gave them, removed (a cleaner of old files)."""
+
+    def remove(server: Tollgate, crashed: int) -> Path:
+        environment = Path(f"/proc/{crashed}/environ").read_bytes().split(b"\0")
+        (value,) = [entry.split(b"=", 1)[1] for entry in environment if entry.startswith(variable.encode() + b"=")]
+        spoilt = Path(value.decode())
+        assert spoilt.name.startswith("tollgate-workers-") or spoilt.parent.name.startswith("tollgate-workers-")
+        if spoilt.is_dir():
+            shutil.rmtree(spoilt)
+        else:
+            spoilt.unlink()
+        return spoilt
+
+    return remove
+
+
 def test_a_worker_started_again_on_a_database_a_newer_tollgate_migrated_stops_the_gateway_saying_why(
     tmp_path: Path,
 ) -> None:
     # Migrated meanwhile by a later release (rolled out beside this one), the database cannot be
     # opened by the worker uvicorn starts again after a crash: uvicorn logged its traceback, and
     # stopped the gateway with exit status 0, a stop a process manager neither restarts nor reports.
-    from proxy.store.schema import MIGRATIONS
-
-    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2).start()
-    try:
-        first = wait_for(lambda: _workers(server) if len(_workers(server)) == 2 else None, timeout=10)
-        assert first
-        with sqlite3.connect(server.database) as db:
-            db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)", (len(MIGRATIONS) + 1,))
-        os.kill(min(first), signal.SIGKILL)
-        assert server.process is not None
-        assert server.process.wait(30) == STARTUP_FAILURE  # as a `serve` that cannot start exits
-        log = server.log()
-        assert f"ERROR:    tollgate: cannot open the database {server.database}: its schema is version" in log
-        assert "Traceback" not in log
-    finally:
-        server.stop()
+    log, database = _log_of_serve_stopped_by_a_worker_started_again(tmp_path, _migrated_by_a_newer_tollgate)
+    assert f"ERROR:    tollgate: cannot open the database {database}: its schema is version" in log
+    assert "Traceback" not in log
 
 
 def test_a_worker_started_again_on_a_database_removed_meanwhile_stops_the_gateway_rather_than_make_an_empty_one(
@@ -377,67 +413,29 @@ def test_a_worker_started_again_on_a_database_removed_meanwhile_stops_the_gatewa
 ) -> None:
     # It made a new, empty database and served it: every key refused there, the admin API's
     # writes landing in it, while the other worker refused writes to the one removed.
-    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2).start()
-    try:
-        first = wait_for(lambda: _workers(server) if len(_workers(server)) == 2 else None, timeout=10)
-        assert first
-        for path in server.database.parent.glob(server.database.name + "*"):
-            path.unlink()
-        os.kill(min(first), signal.SIGKILL)
-        assert server.process is not None
-        assert server.process.wait(30) == STARTUP_FAILURE
-        log = server.log()
-        assert f"ERROR:    tollgate: cannot open the database {server.database}: it is not there" in log
-        assert "Traceback" not in log
-        assert not server.database.exists()
-    finally:
-        server.stop()
-
-
-def _spoil_what_serve_made_for_its_workers_and_crash_one(server: Tollgate, variable: str) -> Path:
-    """The file or directory `serve` made for its workers in the temporary directory, named by the
-    environment `variable` it gave them, removed (a cleaner of old files), then a worker crashed."""
-    first = wait_for(lambda: _workers(server) if len(_workers(server)) == 2 else None, timeout=10)
-    assert first
-    crashed = min(first)
-    environment = Path(f"/proc/{crashed}/environ").read_bytes().split(b"\0")
-    (value,) = [entry.split(b"=", 1)[1] for entry in environment if entry.startswith(variable.encode() + b"=")]
-    spoilt = Path(value.decode())
-    assert spoilt.name.startswith("tollgate-workers-") or spoilt.parent.name.startswith("tollgate-workers-")
-    if spoilt.is_dir():
-        shutil.rmtree(spoilt)
-    else:
-        spoilt.unlink()
-    os.kill(crashed, signal.SIGKILL)
-    return spoilt
+    log, database = _log_of_serve_stopped_by_a_worker_started_again(tmp_path, _removed)
+    assert f"ERROR:    tollgate: cannot open the database {database}: it is not there" in log
+    assert "Traceback" not in log
+    assert not database.exists()
 
 
 def test_a_worker_that_cannot_read_its_copy_of_the_config_stops_the_gateway_saying_why(tmp_path: Path) -> None:
     # Each worker uvicorn started again died with a traceback, and was started again, every second
     # or two, for good.
-    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2).start()
-    try:
-        copy = _spoil_what_serve_made_for_its_workers_and_crash_one(server, "TOLLGATE_CONFIG")
-        assert server.process is not None
-        assert server.process.wait(30) == STARTUP_FAILURE
-        log = server.log()
-        assert log.count("died") == 1 and "Traceback" not in log
-        assert f"tollgate: {copy}: file not found\n" in log
-    finally:
-        server.stop()
+    log, copy = _log_of_serve_stopped_by_a_worker_started_again(
+        tmp_path, _what_serve_made_for_its_workers_removed("TOLLGATE_CONFIG")
+    )
+    assert log.count("died") == 1 and "Traceback" not in log
+    assert f"tollgate: {copy}: file not found\n" in log
 
 
 def test_a_worker_that_cannot_build_its_app_stops_the_gateway_rather_than_being_started_again(tmp_path: Path) -> None:
     # Its metrics' directory gone, a worker cannot make its metrics' files: uvicorn started it
     # again, to fail alike, every second or two, for good.
-    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2).start()
-    try:
-        _spoil_what_serve_made_for_its_workers_and_crash_one(server, "PROMETHEUS_MULTIPROC_DIR")
-        assert server.process is not None
-        assert server.process.wait(30) == STARTUP_FAILURE
-        assert server.log().count("died") == 1
-    finally:
-        server.stop()
+    log, _ = _log_of_serve_stopped_by_a_worker_started_again(
+        tmp_path, _what_serve_made_for_its_workers_removed("PROMETHEUS_MULTIPROC_DIR")
+    )
+    assert log.count("died") == 1
 
 
 HOLD_LOCK = (

@@ -57,10 +57,24 @@ def test_every_model_timing_out_in_litellm_is_503_with_retry_after(tollgate, adm
     assert "hang-timeout: 408" in response.json()["detail"]
 
 
+# Groups whose first model its provider refuses, as LiteLLM passes the refusal on: not the
+# gateway's key, nor the caller's mistake, so the group's next model answers.
+REFUSED_BY_THE_PROVIDER = {
+    # The key LiteLLM holds for the model (a 401 typed authentication_error).
+    "FallbackRefusedKey": "its key",
+    # The call (OpenAI's 403 for a region it does not serve), a 403 typed invalid_request_error
+    # whose message names LiteLLM's exception: it was a 503 blaming the gateway's key.
+    "Fallback403": "the call",
+    # The model (a 404: one retired, a deployment that is not there), as when LiteLLM itself does
+    # not serve it: it came back as a 400 upstream_rejected, which clients do not retry.
+    "Fallback404": "the model",
+}
+
+
 @pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
-def test_a_provider_refusing_its_key_falls_back_to_the_next_model(tollgate, admin, route):
-    # The model's provider refuses the key LiteLLM holds for it: not Tollgate's key.
-    team = admin.team(groups=("FallbackRefusedKey",))
+@pytest.mark.parametrize("group", list(REFUSED_BY_THE_PROVIDER))
+def test_a_model_its_provider_refuses_falls_back_to_the_next_model(tollgate, admin, group, route):
+    team = admin.team(groups=(group,))
     client = tollgate.client(team.key)
     job_id = new_job(client)
     response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
@@ -81,35 +95,6 @@ def test_every_provider_refusing_its_key_is_503_with_the_upstreams_message(make_
     (call,) = calls_of(client, job_id)
     assert (call["status"], call["model"]) == ("error", "refused-key")
     assert "TOLLGATE_UPSTREAM_KEY" not in server.log()
-
-
-@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
-def test_a_providers_403_falls_back_to_the_next_model(tollgate, admin, route):
-    # LiteLLM passes OpenAI's 403 on as a 403 typed invalid_request_error, its message naming
-    # LiteLLM's exception: the model's provider refused the call, not LiteLLM Tollgate's key.
-    # It was a 503 blaming the gateway's key, the group's next model never asked.
-    team = admin.team(groups=("Fallback403",))
-    client = tollgate.client(team.key)
-    job_id = new_job(client)
-    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
-    assert response.status_code == 200 and "word1" in response.text
-    (call,) = calls_of(client, job_id)
-    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
-
-
-@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
-def test_a_model_its_provider_does_not_serve_falls_back_to_the_next_model(tollgate, admin, route):
-    # The provider's 404 (a model it retired, a deployment that is not there), which LiteLLM passes
-    # on as its NotFoundError: the group names a model that is not served, as when LiteLLM itself
-    # does not serve it; not the caller's mistake. It came back as a 400 upstream_rejected, which
-    # clients do not retry, the group's next model never asked.
-    team = admin.team(groups=("Fallback404",))
-    client = tollgate.client(team.key)
-    job_id = new_job(client)
-    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say("hi [chunks=2]")})
-    assert response.status_code == 200 and "word1" in response.text
-    (call,) = calls_of(client, job_id)
-    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
 
 
 def test_every_provider_answering_403_is_503_with_the_upstreams_message_not_a_misconfigured_gateway(make_tollgate):
