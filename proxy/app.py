@@ -29,7 +29,7 @@ from .calls import CallPipeline
 from .changes import ChangeSignal
 from .config import Config, ConfigError, load_config
 from .declared import apply_declared
-from .errors import exception_handlers
+from .errors import exception_handlers, unwritable_database_log
 from .groups import GroupCatalog
 from .health import Health
 from .jobs_api import JobsApi
@@ -61,10 +61,11 @@ def create_app(config: Config, existing_database: bool = False) -> Starlette:
     limiter = RateLimiter(config.rate_limits, config.redis)
     metrics = Metrics(config.metrics.team_label, config.metrics.credits_cache, config.upstream.timeouts.total)
     running = RunningRequests()
+    unwritable = unwritable_database_log()  # one fault, one line a minute, whichever request finds it
     calls = CallPipeline(
         store, upstream, pricing, groups, limiter, config.rate_limits, metrics, config.upstream.timeouts.total,
         config.server.read_timeout,  # a stream's client that takes nothing for this long is cut off
-        config.jobs.stale_call_margin,
+        config.jobs.stale_call_margin, unwritable,
     )
 
     admin = AdminService(store, config, on_change=changes.bump)
@@ -146,7 +147,7 @@ def create_app(config: Config, existing_database: bool = False) -> Starlette:
             changes.close()
             await store.close()
 
-    handlers = exception_handlers()
+    handlers = exception_handlers(unwritable)
     app = Starlette(
         routes=routes,
         middleware=[

@@ -20,7 +20,7 @@ from starlette.types import Receive
 
 from .accounting import StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
 from .auth import Principal
-from .errors import ApiError, ClientClosed, from_store_error, shutting_down
+from .errors import ApiError, ClientClosed, from_store_error, shutting_down, unwritable_database_log
 from .forwarding import Answer, OpenStream, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
 from .config import RECORD_ATTEMPTS, RateLimitsConfig
 from .groups import GroupCatalog
@@ -133,7 +133,9 @@ class CallPipeline:
         total_timeout: float,
         stall_timeout: float = 30.0,
         stale_margin: float = 60.0,
+        unwritable: Occasional | None = None,
     ) -> None:
+        """`unwritable`: the app's `unwritable_database_log`, for a call's start the database refuses."""
         self._store = store
         self._upstream = upstream
         self._pricing = pricing
@@ -155,7 +157,7 @@ class CallPipeline:
         self._kept: dict[str, tuple[CallOutcome, JobEnd | None, str]] = {}
         self._key_refused = Occasional(log, logging.ERROR)
         self._unreachable = Occasional(log, logging.WARNING)
-        self._unwritable = Occasional(log, logging.WARNING)  # a call's start refused by the database
+        self._unwritable = unwritable or unwritable_database_log()
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """At shutdown: wait for calls still being recorded, then try once more to write the
@@ -279,7 +281,7 @@ class CallPipeline:
             if isinstance(exc, JobExpired) and exc.failed_now:  # failed by this refusal, as a sweep would have
                 self._metrics.observe_job(team.team_id, "failed")
             if isinstance(exc, StoreUnavailable):
-                # Answered here, not by the store's error handler, which says it once a minute.
+                # Answered here, not by the store's error handler: said through its line.
                 self._unwritable("a call could not start: 503, the database cannot be written: %s", exc)
             refusal = _with_limit_headers(exc, decision)
             if refusal is exc:

@@ -143,12 +143,17 @@ async def handle_api_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc)
 
 
-class StoreErrorHandler:
-    """A store error's answer; an unwritable database is logged, as it fails every write alike
-    while it lasts, once a minute at most."""
+def unwritable_database_log() -> Occasional:
+    """The line that says the database cannot be written: one per app, for every request that
+    finds so (a call's start included), as the fault fails every write alike while it lasts."""
+    return Occasional(log, logging.WARNING)
 
-    def __init__(self) -> None:
-        self._unwritable = Occasional(log, logging.WARNING)
+
+class StoreErrorHandler:
+    """A store error's answer; an unwritable database is logged, once a minute at most."""
+
+    def __init__(self, unwritable: Occasional) -> None:
+        self._unwritable = unwritable
 
     async def handle(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StoreError)
@@ -177,11 +182,13 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(request, ApiError(500, "Internal server error", code="internal_error"))
 
 
-def exception_handlers() -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
-    """An app's handlers, with log throttles of its own."""
+def exception_handlers(
+    unwritable: Occasional | None = None,
+) -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
+    """An app's handlers; `unwritable`: its `unwritable_database_log`, one of their own if none."""
     return {
         ApiError: handle_api_error,
-        StoreError: StoreErrorHandler().handle,
+        StoreError: StoreErrorHandler(unwritable or unwritable_database_log()).handle,
         HTTPException: handle_http_exception,
         Exception: handle_unexpected,
     }

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from proxy.app import create_app
 from proxy.bodies import read_json_object
 from proxy.config import Config, DatabaseConfig
-from proxy.errors import ApiError, StoreErrorHandler, from_store_error
+from proxy.errors import ApiError, StoreErrorHandler, from_store_error, unwritable_database_log
 from proxy.records import Team
 from proxy.server_wide import served_methods
 from proxy.store import (
@@ -759,7 +759,7 @@ def test_a_store_refusal_is_answered_with_its_status_code_and_retry_hint(error, 
 
 def test_only_an_unwritable_database_is_logged_of_the_store_refusals(caplog):
     # Refusals of the request itself are the client's business, and the access log's.
-    handler = StoreErrorHandler()
+    handler = StoreErrorHandler(unwritable_database_log())
     request = Request({"type": "http", "method": "POST", "path": "/api/jobs/create", "headers": [], "query_string": b""})
     with caplog.at_level("WARNING", logger="tollgate"):
         for error in (NotFound("no such job"), Conflict("taken"), StoreBusy("locked"), StoreUnavailable("disk full")):

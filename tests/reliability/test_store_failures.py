@@ -307,6 +307,20 @@ def test_calls_a_database_that_cannot_be_written_refuses_are_logged_once_a_minut
     assert len(lines) == 1 and "SQLITE_FULL" in lines[0] and "once a minute" in lines[0], lines
 
 
+def test_calls_and_other_writes_a_database_that_cannot_be_written_refuses_share_one_line_a_minute(
+    gateway, disk_full, caplog
+):
+    # One fault, one throttle: the calls' refusals and the other requests' were said apart, a
+    # line a minute each.
+    server = gateway()
+    disk_full["now"] = True
+    with caplog.at_level("WARNING"):
+        for path, body in [(f"/api/jobs/{server.job_id}/llm-call", CALL), ("/api/jobs/create", {"job_type": "full"})] * 5:
+            assert server.post(path, body).status_code == 503
+    lines = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(lines) == 1 and "SQLITE_FULL" in lines[0] and "once a minute" in lines[0], lines
+
+
 def test_the_readiness_probe_leaves_nothing_behind(gateway, disk_full):
     server = gateway()
     disk_full["now"] = True
