@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 from .auth import generate_key, hash_key
-from .config import GROUP_NAME, IDENTIFIER, MAX_INTEGER, MODEL_LIST_RULE, Config, is_model_list
+from .config import GROUP_NAME, IDENTIFIER, MAX_DESCRIPTION, MAX_INTEGER, MODEL_LIST_RULE, Config, is_model_list
 from .errors import ApiError
 from .records import Job, LedgerEntry, ModelGroup, Organization, Team, VirtualKey, iso
 from .store import NotFound, Store
@@ -234,7 +234,7 @@ class AdminService:
         models = body.get("models")
         if not isinstance(models, list) or not is_model_list(models):
             raise invalid("models", f"must be {MODEL_LIST_RULE}")
-        return models, optional_str(body, "description", 1000, allow_empty=True) or ""
+        return models, optional_str(body, "description", MAX_DESCRIPTION, allow_empty=True) or ""
 
     @staticmethod
     def _group_name(name: Any, field: str = "name") -> str:

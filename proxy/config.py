@@ -156,9 +156,13 @@ def is_model_list(models: Any) -> bool:
 
 
 ModelList = Annotated[tuple[str, ...], Rule(MODEL_LIST_RULE, is_model_list)]
-# The admin API's bounds (validation.MAX_LABEL, admin.py's description's), for what the file declares.
-Name = Annotated[str, Rule("a name of at most 256 characters", lambda v: len(v) <= 256)]
-Description = Annotated[str, Rule("a description of at most 1000 characters", lambda v: len(v) <= 1000)]
+# The longest name and group description, declared in the file as through the admin API.
+MAX_LABEL = 256
+MAX_DESCRIPTION = 1000
+Name = Annotated[str, Rule(f"a name of at most {MAX_LABEL} characters", lambda v: len(v) <= MAX_LABEL)]
+Description = Annotated[
+    str, Rule(f"a description of at most {MAX_DESCRIPTION} characters", lambda v: len(v) <= MAX_DESCRIPTION)
+]
 
 
 # The URL checks below refuse what the clients that read these URLs (proxy/upstream.py,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .accounting import arguments_chars
+from .config import MAX_LABEL
 from .errors import ApiError
 from .json_codec import dumps
 from .records import IMPLICIT_JOB_TYPE, is_implicit
@@ -23,7 +24,6 @@ USER_PART_TYPES = (
 MAX_MESSAGES = 10_000
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 1_000
-MAX_LABEL = 256
 MAX_TOKENS = 10_000_000  # far above any model's output, far below what would overflow a counter
 
 # Tollgate's own keys, never forwarded upstream.
