@@ -758,16 +758,15 @@ def test_a_database_url_with_a_query_is_refused(tmp_path):
     )
 
 
-def test_a_database_path_ending_in_whitespace_is_refused(tmp_path):
-    # A space or newline left at the end of the variable made a second database beside the real one.
-    assert error_for(tmp_path, "", {"TOLLGATE_DATABASE_URL": "sqlite:///data/t.db\n"}) == (
-        "TOLLGATE_DATABASE_URL: database.url: the path must not begin or end with whitespace"
-    )
-
-
-def test_a_database_path_beginning_with_whitespace_is_refused(tmp_path):
-    # sqlite:/// data/t.db names a file whose name begins with a space, beside the one meant.
-    assert error_for(tmp_path, "", {"TOLLGATE_DATABASE_URL": "sqlite:/// data/t.db"}) == (
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///data/t.db\n",  # a newline left at the end of the variable: a second database beside the real one
+        "sqlite:/// data/t.db",  # a file whose name begins with a space, beside the one meant
+    ],
+)
+def test_a_database_path_beginning_or_ending_in_whitespace_is_refused(tmp_path, url):
+    assert error_for(tmp_path, "", {"TOLLGATE_DATABASE_URL": url}) == (
         "TOLLGATE_DATABASE_URL: database.url: the path must not begin or end with whitespace"
     )
 

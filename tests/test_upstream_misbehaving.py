@@ -413,6 +413,28 @@ def test_a_stream_dripping_comments_past_the_first_byte_timeout_fails_that_model
     against(drips_then_whole, check, first_byte=0.3)
 
 
+def the_next_model_answers_after_the_first_is_refused(status: bytes, refusal: bytes) -> None:
+    """A group of two models, LiteLLM answering the first with `status` and `refusal`: the
+    second must answer the call."""
+
+    async def refuses_one_model(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                request = await read_request(reader)
+                answer, body = (status, refusal) if b'"refused"' in request else (b"200 OK", ANSWER)
+                writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (answer, len(body), body))
+                await writer.drain()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        answered = await forward(client, ["refused", "whole"], payload, False, loop.time() + 30)
+        assert (answered.model, answered.attempts) == ("whole", 2)
+
+    against(refuses_one_model, check)
+
+
 # LiteLLM's refusal of a model its key, team, user, organization or project may not use
 # (auth_checks._can_object_call_model): Tollgate's key is accepted, that model is not granted to it.
 @pytest.mark.parametrize("holder", ["key", "team", "user", "org", "project"])
@@ -426,22 +448,7 @@ def test_a_model_litellm_does_not_grant_the_gateways_key_fails_that_model_and_th
         "type": f"{holder}_model_access_denied", "param": "model", "code": "403",
     }}).encode()
 
-    async def denies_one_model(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                request = await read_request(reader)
-                status, body = (b"403 Forbidden", refusal) if b'"denied"' in request else (b"200 OK", ANSWER)
-                writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (status, len(body), body))
-                await writer.drain()
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}]}
-        loop = asyncio.get_running_loop()
-        answered = await forward(client, ["denied", "whole"], payload, False, loop.time() + 30)
-        assert (answered.model, answered.attempts) == ("whole", 2)
-
-    against(denies_one_model, check)
+    the_next_model_answers_after_the_first_is_refused(b"403 Forbidden", refusal)
 
 
 def test_a_group_whose_every_model_is_rate_limited_is_retried_after_the_longest_hint():
@@ -697,22 +704,7 @@ def test_a_providers_refusal_litellm_passes_on_as_another_exception_fails_that_m
         "type": "invalid_request_error", "param": None, "code": status[:3].decode(),
     }}).encode()
 
-    async def refuses_one_model(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                request = await read_request(reader)
-                answer, body = (status, refusal) if b'"refusing"' in request else (b"200 OK", ANSWER)
-                writer.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                             % (answer, len(body), body))
-                await writer.drain()
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}]}
-        loop = asyncio.get_running_loop()
-        answered = await forward(client, ["refusing", "whole"], payload, False, loop.time() + 30)
-        assert (answered.model, answered.attempts) == ("whole", 2)
-
-    against(refuses_one_model, check)
+    the_next_model_answers_after_the_first_is_refused(status, refusal)
 
 
 def test_litellm_refusing_the_gateways_key_is_a_misconfiguration_and_no_other_model_is_tried():
