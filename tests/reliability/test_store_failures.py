@@ -293,29 +293,21 @@ def test_a_database_that_cannot_be_written_is_logged_once_a_minute_not_once_a_re
     assert len(lines) == 1 and "SQLITE_FULL" in lines[0] and "once a minute" in lines[0], lines
 
 
-def test_calls_a_database_that_cannot_be_written_refuses_are_logged_once_a_minute_not_once_a_call(
+def test_calls_a_database_that_cannot_be_written_refuses_share_the_other_writes_line_once_a_minute(
     gateway, disk_full, caplog
 ):
     # A call's start refused is answered apart from the store's error handler: it logged a line
-    # per call (thousands a second under load, as a database restored under a running gateway).
+    # per call (thousands a second under load, as a database restored under a running gateway),
+    # and then a line a minute beside the other requests' line for the same fault.
     server = gateway()
     disk_full["now"] = True
+    requests = [
+        (f"/api/jobs/{server.job_id}/llm-call", CALL),
+        ("/v1/chat/completions", {"model": "Main", **CALL}),
+        ("/api/jobs/create", {"job_type": "full"}),
+    ]
     with caplog.at_level("WARNING"):
-        for path, body in [(f"/api/jobs/{server.job_id}/llm-call", CALL), ("/v1/chat/completions", {"model": "Main", **CALL})] * 10:
-            assert server.post(path, body).status_code == 503
-    lines = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
-    assert len(lines) == 1 and "SQLITE_FULL" in lines[0] and "once a minute" in lines[0], lines
-
-
-def test_calls_and_other_writes_a_database_that_cannot_be_written_refuses_share_one_line_a_minute(
-    gateway, disk_full, caplog
-):
-    # One fault, one throttle: the calls' refusals and the other requests' were said apart, a
-    # line a minute each.
-    server = gateway()
-    disk_full["now"] = True
-    with caplog.at_level("WARNING"):
-        for path, body in [(f"/api/jobs/{server.job_id}/llm-call", CALL), ("/api/jobs/create", {"job_type": "full"})] * 5:
+        for path, body in requests * 7:
             assert server.post(path, body).status_code == 503
     lines = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
     assert len(lines) == 1 and "SQLITE_FULL" in lines[0] and "once a minute" in lines[0], lines
