@@ -654,6 +654,8 @@ class RedisLimiter:
         self, result: Any, limits: Limits, scopes: list[tuple[Scope, str, int, int]], call_id: str, estimate: int
     ) -> Decision:
         now, refused, kind, retry = result[0], result[1], _KINDS[result[2]], result[3]
+        if result[2] < 0 or not 0 <= refused <= len(scopes):  # a negative index would still pick one
+            raise ValueError(f"refused scope {refused} or kind {result[2]} out of range")
         usage = []
         for i, (scope, _, rpm, tpm) in enumerate(scopes):
             requests, oldest_request, tokens, oldest_tokens = result[4 + 4 * i : 8 + 4 * i]

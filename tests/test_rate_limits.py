@@ -1434,7 +1434,15 @@ async def answering_every_command_with(reply: bytes, connections: list | None = 
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
-@pytest.mark.parametrize("reply", [b":1\r\n", b"*8\r\n" + b"$1\r\n0\r\n" * 8, b"*2\r\n:0\r\n:0\r\n"])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b":1\r\n",
+        b"*8\r\n" + b"$1\r\n0\r\n" * 8,
+        b"*2\r\n:0\r\n:0\r\n",
+        b"*8\r\n:0\r\n:1\r\n:-1\r\n" + b":0\r\n" * 5,  # refused, of a kind numbered below any
+    ],
+)
 def test_an_admit_answered_with_what_no_admit_script_gives_is_a_failure_of_redis(reply):
     # Each call raised from the decoding (a 500), with the breaker closed and nothing logged.
     async def run() -> None:
