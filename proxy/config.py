@@ -91,6 +91,10 @@ MAX_INTEGER = 10**12
 PositiveInt = Annotated[int, Rule("a positive integer (at most 10^12)", lambda v: 0 < v <= MAX_INTEGER)]
 NonNegativeInt = Annotated[int, Rule("an integer of 0 or more (at most 10^12)", lambda v: 0 <= v <= MAX_INTEGER)]
 Port = Annotated[int, Rule("a port number (1-65535)", lambda v: 0 < v < 65536)]
+# Each worker is a process of its own (~60 MB): far past this, `serve` forked until the machine
+# refused, with a traceback, rather than being told the number is wrong.
+MAX_WORKERS = 1024
+Workers = Annotated[int, Rule(f"a number of worker processes from 1 to {MAX_WORKERS}", lambda v: 0 < v <= MAX_WORKERS)]
 Seconds = Annotated[float, Rule("a positive duration (seconds, or e.g. '30s', '24h')", lambda v: v > 0, parse_duration)]
 # Twice the read timeout and 5 s more is each connection's TCP_USER_TIMEOUT, in milliseconds in a
 # C int (at most about 24.8 days): past that, every connection failed as it was accepted.
@@ -310,7 +314,7 @@ class Secret:
 class ServerConfig:
     host: Host = "127.0.0.1"
     port: Port = 8003
-    workers: PositiveInt = 1
+    workers: Workers = 1
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
     # On SIGTERM: stop accepting, let open streams finish this long, then cut and record them.
     shutdown_grace: Seconds = 30.0

@@ -306,8 +306,9 @@ def test_cli_reports_a_file_that_is_not_a_database_in_one_line(tmp_path):
         ("--port", "99999", "must be a port number (1-65535)"),
         ("--port", "0", "must be a port number (1-65535)"),
         ("--port", "http", "must be a port number (1-65535)"),
-        ("--workers", "0", "must be a positive integer (at most 10^12)"),
-        ("--workers", "-1", "must be a positive integer (at most 10^12)"),
+        ("--workers", "0", "must be a number of worker processes from 1 to 1024"),
+        ("--workers", "-1", "must be a number of worker processes from 1 to 1024"),
+        ("--workers", "1025", "must be a number of worker processes from 1 to 1024"),
         # getaddrinfo takes an empty host for every interface: a gateway open to the network.
         ("--host", "", "must be a host name or address to listen on (0.0.0.0: every IPv4 interface)"),
     ],

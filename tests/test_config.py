@@ -710,6 +710,14 @@ def test_a_read_timeout_a_second_past_twelve_days_is_refused(tmp_path):
     )
 
 
+def test_more_workers_than_a_machine_could_run_are_refused(tmp_path):
+    # serve forked until the machine refused, with a traceback.
+    assert error_for(tmp_path, "server:\n  workers: 1025\n").endswith(
+        "server.workers: must be a number of worker processes from 1 to 1024"
+    )
+    assert load_config(write(tmp_path, "server:\n  workers: 1024\n"), {}).server.workers == 1024
+
+
 def test_an_empty_server_host_is_refused_rather_than_listening_on_every_interface(tmp_path):
     assert error_for(tmp_path, "server:\n  host: ''\n").endswith(
         "server.host: must be a host name or address to listen on (0.0.0.0: every IPv4 interface)"
