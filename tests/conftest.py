@@ -4,9 +4,12 @@ the tests that need no special configuration. Each test gets its own team."""
 
 from __future__ import annotations
 
+import gc
+import sys
 from pathlib import Path
 from typing import Iterator
 
+import aiosqlite
 import pytest
 
 from tests.support import Admin, LiteLLM, TeamKey, Tollgate, fake_upstream, litellm_proxy
@@ -62,3 +65,13 @@ def make_tollgate(tmp_path: Path, litellm: LiteLLM) -> Iterator:
     yield make
     for server in started:
         server.stop()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # aiosqlite's thread is no daemon: a test failing with a store open (its connection kept by
+    # the traceback) left that thread waiting for work, and pytest hung at exit, never ending red.
+    left = [c for c in gc.get_objects() if isinstance(c, aiosqlite.Connection) and c._connection is not None]
+    for connection in left:
+        connection.stop()  # its thread closes the connection and ends, with no loop needed
+    if left:
+        print(f"\n{len(left)} database connection(s) left open by the tests, closed at exit", file=sys.stderr)
