@@ -11,7 +11,8 @@ from starlette.routing import Route
 
 from .json_codec import JSONResponse
 from .limiter import RateLimiter
-from .metrics import CONTENT_TYPE, Metrics
+from .errors import ApiError
+from .metrics import CONTENT_TYPE, Metrics, MetricsUnavailable
 from .store import Store, StoreUnavailable
 from .upstream import Upstream, UpstreamStatusError
 
@@ -32,7 +33,10 @@ class Health:
         return [Route("/health/live", self.live), Route("/health/ready", self.ready), Route("/metrics", self.metrics)]
 
     async def metrics(self, request: Request) -> Response:
-        return Response(await self._metrics.render(self._store.team_balances), media_type=CONTENT_TYPE)
+        try:
+            return Response(await self._metrics.render(self._store.team_balances), media_type=CONTENT_TYPE)
+        except MetricsUnavailable as exc:
+            raise ApiError(503, str(exc), code="metrics_unavailable") from None
 
     async def live(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

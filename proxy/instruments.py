@@ -20,7 +20,7 @@ import copy
 import math
 import time
 from bisect import bisect_left
-from typing import Iterator, Protocol, Self
+from typing import Callable, Iterator, Protocol, Self
 
 import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -155,14 +155,24 @@ class Shared:
     """prometheus-client's Counter or Histogram, its children kept by label values:
     its `labels()` checks and locks each time."""
 
-    def __init__(self, metric: Counter | Histogram) -> None:
+    def __init__(self, metric: Counter | Histogram, uncounted: Callable[[OSError], None] | None = None) -> None:
+        """`uncounted`: told when a value cannot be made, its file refused (the workers'
+        directory removed under them), which then goes uncounted rather than failing the call
+        that counts it; None: the error is raised."""
         self._metric = metric
         self._children: dict[Labels, Counter | Histogram] = {}
+        self._uncounted = uncounted
 
-    def _child(self, labels: Labels) -> Counter | Histogram:
+    def _child(self, labels: Labels) -> Counter | Histogram | _Uncounted:
         child = self._children.get(labels)
         if child is None:
-            child = self._children[labels] = self._metric.labels(*labels)
+            try:
+                child = self._children[labels] = self._metric.labels(*labels)
+            except OSError as exc:  # a kind's first value opens this process's file for it
+                if self._uncounted is None:
+                    raise
+                self._uncounted(exc)
+                return _UNCOUNTED
         return child
 
     def inc(self, labels: Labels, amount: float = 1.0) -> None:
@@ -172,15 +182,29 @@ class Shared:
         self._child(labels).observe(amount)  # type: ignore[union-attr]
 
 
+class _Uncounted:
+    def inc(self, amount: float = 1.0) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_UNCOUNTED = _Uncounted()
+
+
 def counter(name: str, documentation: str, labelnames: Labels, registry: CollectorRegistry,
-            shared: bool) -> Counting:
+            shared: bool, uncounted: Callable[[OSError], None] | None = None) -> Counting:
+    """`shared`: in prometheus-client's multiprocess mode, `uncounted` told of a value that
+    cannot be counted there (`Shared`)."""
     if shared:
-        return Shared(Counter(name, documentation, labelnames, registry=registry))
+        return Shared(Counter(name, documentation, labelnames, registry=registry), uncounted)
     return LocalCounter(name, documentation, labelnames, registry)
 
 
 def histogram(name: str, documentation: str, labelnames: Labels, buckets: tuple[float, ...],
-              registry: CollectorRegistry, shared: bool) -> Observing:
+              registry: CollectorRegistry, shared: bool,
+              uncounted: Callable[[OSError], None] | None = None) -> Observing:
     if shared:
-        return Shared(Histogram(name, documentation, labelnames, buckets=buckets, registry=registry))
+        return Shared(Histogram(name, documentation, labelnames, buckets=buckets, registry=registry), uncounted)
     return LocalHistogram(name, documentation, labelnames, buckets, registry)

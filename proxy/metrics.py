@@ -36,6 +36,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from . import instruments
 from .instruments import Counting, Observing, LocalInstrument
+from .occasional import Occasional
 from .store import StoreError
 
 log = logging.getLogger("tollgate.metrics")
@@ -65,6 +66,17 @@ class _CallLabels(NamedTuple):
     group: tuple[str, ...]  # the group alone
 
 
+class MetricsUnavailable(Exception):
+    """What the workers count cannot be read: their shared directory is gone."""
+
+
+def _gone(directory: str) -> str:
+    return (
+        f"the workers' metrics directory {directory} is gone (removed while serve runs): what they count "
+        "is lost until serve is restarted"
+    )
+
+
 def multiprocess_enabled() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
 
@@ -82,6 +94,7 @@ class Metrics:
         # read as just now on a machine up for less than `credits_ttl`), and what they were.
         self._credits: tuple[float, list[tuple[str, int]]] = (-math.inf, [])
         self._rendering: asyncio.Future[bytes] | None = None  # the scrape being rendered, if any
+        self._gone_log = Occasional(log, logging.ERROR)  # the workers' directory's, by a count or a scrape
         self.registry = CollectorRegistry(auto_describe=True)
         team = ("team",) if team_label else ()
         registry, shared = self.registry, multiprocess_enabled()
@@ -93,10 +106,10 @@ class Metrics:
             return made
 
         def counter(name: str, doc: str, labels: tuple[str, ...]) -> Counting:
-            return kept(instruments.counter(name, doc, labels, registry, shared))
+            return kept(instruments.counter(name, doc, labels, registry, shared, self._uncounted))
 
         def histogram(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Observing:
-            return kept(instruments.histogram(name, doc, labels, buckets, registry, shared))
+            return kept(instruments.histogram(name, doc, labels, buckets, registry, shared, self._uncounted))
 
         reaching = (longest_call,) if longest_call > LATENCY_BUCKETS[-1] else ()
         latency, ttft = LATENCY_BUCKETS + reaching, TTFT_BUCKETS + reaching
@@ -128,6 +141,11 @@ class Metrics:
         )
         # The families one process's scrape names, samples or not, in its order.
         self._families = [(m.name, m.documentation, m.type) for m in self.registry.collect()]
+
+    def _uncounted(self, error: OSError) -> None:
+        directory = os.environ.get(MULTIPROC_ENV, "")
+        why = f"the workers' metrics directory {directory} refuses a file" if os.path.isdir(directory) else _gone(directory)
+        self._gone_log("%s: a value went uncounted (%s)", why, error)
 
     def _team(self, team_id: str) -> tuple[str, ...]:
         return (team_id,) if self.team_label else ()
@@ -215,7 +233,11 @@ class Metrics:
         else:
             collector = _Taken([*(local.snapshot() for local in self._local), self.active_streams])
         values = await self._balances(balances) if self.team_label else None
-        return await asyncio.to_thread(_render, collector, values)
+        try:
+            return await asyncio.to_thread(_render, collector, values)
+        except MetricsUnavailable as exc:
+            self._gone_log("%s", exc)
+            raise
 
     async def _balances(self, read: Callable[[], Awaitable[list[tuple[str, int]]]]) -> list[tuple[str, int]] | None:
         """The balances, read at most every `credits_ttl`; None if the store cannot be read. A
@@ -309,6 +331,8 @@ class _Merged:
         self._families = families
 
     def collect(self) -> Any:
+        if not os.path.isdir(self._directory):  # else an empty scrape, as if nothing was counted
+            raise MetricsUnavailable(_gone(self._directory))
         forget_dead_processes(self._directory)
         merged = {metric.name: metric for metric in MultiProcessCollector(None, self._directory).collect()}
         for name, documentation, kind in self._families:

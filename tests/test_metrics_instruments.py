@@ -432,3 +432,47 @@ def test_the_first_scrape_reads_the_balances_however_recently_the_machine_starte
 
     text = asyncio.run(metrics_module.Metrics(credits_ttl=5.0).render(balances))
     assert b'tollgate_credits_remaining{team="t"} 5.0' in text
+
+
+def workers_metrics(tmp_path, monkeypatch):
+    """Metrics as a worker of `serve --workers` makes them: prometheus-client's multiprocess
+    mode, in a directory of their own, no file of this process's opened but the live gauge's."""
+    from prometheus_client import values
+
+    from proxy.metrics import MULTIPROC_ENV, Metrics
+
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    monkeypatch.setenv(MULTIPROC_ENV, str(directory))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    return Metrics(), directory
+
+
+def test_a_worker_whose_metrics_directory_was_removed_goes_on_counting_nothing(tmp_path, monkeypatch, caplog):
+    # Its first count of a kind (a counter's file, a histogram's) raised FileNotFoundError inside
+    # the call: a 500 to the client, after the call's job was made.
+    import shutil
+
+    metrics, directory = workers_metrics(tmp_path, monkeypatch)
+    shutil.rmtree(directory)
+    metrics.observe_job("team-a", "created")
+    metrics.observe_call("team-a", "fast", "m", "success", False, 10, 5, 0.001, 0.5, 0.1, 2)
+    metrics.observe_request("/v1/chat/completions", "POST", 200, 0.5)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "tollgate.metrics"]
+    assert f"the workers' metrics directory {directory} is gone" in line and "until serve is restarted" in line
+
+
+def test_a_scrape_of_workers_whose_metrics_directory_was_removed_says_so(tmp_path, monkeypatch):
+    # Each scrape was a 500 and a traceback in the log.
+    import shutil
+
+    from proxy.metrics import MetricsUnavailable
+
+    metrics, directory = workers_metrics(tmp_path, monkeypatch)
+    shutil.rmtree(directory)
+
+    async def no_teams() -> list[tuple[str, int]]:
+        return []
+
+    with pytest.raises(MetricsUnavailable, match=f"the workers' metrics directory {directory} is gone"):
+        asyncio.run(metrics.render(no_teams))

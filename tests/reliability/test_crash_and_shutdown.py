@@ -22,6 +22,7 @@ from uvicorn.main import STARTUP_FAILURE
 
 from proxy.app import create_app
 from proxy.config import load_config
+from proxy.metrics import MULTIPROC_ENV
 from proxy.store.schema import MIGRATIONS
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.writer import Writer
@@ -347,6 +348,24 @@ def test_a_worker_started_again_after_a_crash_serves_the_configuration_serve_sta
     time.sleep(3)  # a replacement that cannot start would have died and been replaced meanwhile
     assert server.log().count("died") == 1 and "Traceback" not in server.log()
     assert all(httpx.get(f"{server.url}/health/ready").status_code == 200 for _ in range(6))
+
+
+def test_workers_whose_metrics_directory_was_removed_serve_calls_and_answer_scrapes_with_why(make_tollgate):
+    # A worker's first count of a kind made its file there: the call was a 500, its job made. Each
+    # scrape was a 500 and a traceback.
+    server = make_tollgate(workers=2)
+    workers = wait_for(lambda: _workers(server) if len(_workers(server)) == 2 else None, timeout=10)
+    assert workers
+    removed = _what_serve_made_for_its_workers_removed(MULTIPROC_ENV)(server, min(workers))
+    team = server.admin().team(credits=100)
+    with server.client(team.key) as client:
+        for _ in range(8):  # both workers, almost surely, each counting a call's kinds for the first time
+            answer = client.post("/v1/chat/completions", json={"model": "Main", "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 200, answer.text
+    scrape = httpx.get(f"{server.url}/metrics")
+    assert scrape.status_code == 503
+    assert scrape.json()["detail"].startswith(f"the workers' metrics directory {removed} is gone")
+    assert "Traceback" not in server.log()
 
 
 def _log_of_serve_stopped_by_a_worker_started_again(tmp_path: Path, spoil: Callable[[Tollgate, int], Any]) -> tuple[str, Any]:
