@@ -998,6 +998,43 @@ def test_the_sweep_counts_the_own_jobs_of_v1_calls_it_fails_as_interrupted_among
     on_a_team_store(tmp_path / "implicit-counted.db", check)
 
 
+def test_a_sweep_fails_expired_jobs_many_to_a_durable_write(tmp_path, monkeypatch):
+    # One write each, each waiting for its fsync: about 470 jobs a second, so that a backlog of a
+    # million (after an outage) took more than half an hour to release its credits.
+    from proxy.store.writer import Writer
+
+    commits = []
+    commit = Writer._commit
+    monkeypatch.setattr(Writer, "_commit", lambda self, db, batch: commits.append(len(batch)) or commit(self, db, batch))
+
+    async def check(store: SQLiteStore) -> None:
+        jobs = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(2 * store_module.FAIL_TOGETHER)]
+        commits.clear()
+        assert len(await store.expire_jobs(time.time() + 60, len(jobs))) == len(jobs)
+        assert commits == [store_module.FAIL_TOGETHER] * 2
+        assert (await store.get_team("team")).credits_held == 0
+
+    on_a_team_store(tmp_path / "together.db", check)
+
+
+def test_a_sweep_fails_the_expired_jobs_of_a_batch_around_one_finished_meanwhile(tmp_path):
+    async def check(store: SQLiteStore) -> None:
+        jobs = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(3)]
+        read = store._read
+
+        async def read_then_complete(*args, **kwargs):
+            store._read = read  # once
+            found = await read(*args, **kwargs)
+            await store.finish_job(jobs[1], "completed", None, None)
+            return found
+
+        store._read = read_then_complete
+        assert sorted(j.job_id for j in await store.expire_jobs(time.time() + 60, 10)) == sorted([jobs[0], jobs[2]])
+        assert [(await store.get_job(j)).status for j in jobs] == ["failed", "completed", "failed"]
+
+    on_a_team_store(tmp_path / "around.db", check)
+
+
 def test_a_sweeps_batch_of_expired_jobs_is_not_taken_up_by_jobs_finished_already(tmp_path):
     # The sweep fails expired jobs a batch at a time, oldest first, and stops at a batch that
     # is not full: jobs finished long ago must not fill it, or open ones would never expire.
