@@ -154,6 +154,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # The bytes still due of the body of a request that asked for a protocol switch: the
         # parser reads none of it (see on_headers_complete), so it is read here, past the parser.
         self._upgrade_body_left = 0
+        self._half_closed = False  # the client ended its sending after a whole request (eof_received)
         self._arm_read_timer()
 
     def _drop_when_unread(self, transport: asyncio.Transport) -> None:
@@ -388,6 +389,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             raise _Refused from None
         if self.cycle is not previous:
             self.cycle.scope[ABORT] = self.transport.abort  # type: ignore[literal-required]
+            _hang_up_on_half_close(self.cycle, self)
             if self.cycle.waiting_for_100_continue:
                 _close_if_answered_unasked(self.cycle)
             if self.cycle.scope["http_version"] == "1.0":
@@ -486,6 +488,29 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     def _waiting(self) -> bool:
         """Whether the request being read, its head read, is queued behind another."""
         return bool(self.pipeline) and self.pipeline[0][0] is self.cycle
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio's, which uvicorn narrowed to None
+        """The client ended its sending half of the connection. After a whole request whose answer
+        has not begun, that may be a client that still reads (shutdown(SHUT_WR), as `nc -N` does
+        once its input ends): the connection stays open for the answer, then closes. uvicorn
+        closed it at once, and the answer (a job made and holding a credit, say) was lost. It
+        cannot be told from a hang-up, though, which must free a call's upstream at once: the
+        app hears of a disconnect as it would of a hang-up (`_hang_up_on_half_close`), and a call
+        that listens for one ends as cancelled, its 499 answered. Otherwise (between requests,
+        one half read or queued behind another, an answer begun) it is a hang-up, as before."""
+        cycle = self.cycle
+        if (
+            cycle is None or cycle.response_started or self._message_begun or self.pipeline
+            or self._discarding or self.transport.is_closing()
+        ):
+            # Closed here, not by uvloop on its own: that closed the socket past what this turn
+            # of the loop wrote (coalesce.py), and an answer just sent went with it.
+            self.transport.close()
+            return None
+        self._half_closed = True
+        cycle.keep_alive = False
+        cycle.message_event.set()  # wakes a receive() waiting for a disconnect
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         for cycle in self._ahead:
@@ -685,6 +710,31 @@ def _close_if_answered_unasked(cycle: RequestResponseCycle) -> None:
         await send(message)
 
     cycle.send = send_or_close  # type: ignore[method-assign]
+
+
+def _hang_up_on_half_close(cycle: RequestResponseCycle, protocol: CoalescingHttpProtocol) -> None:
+    """Once `protocol` kept the connection open past the client's half-close (`eof_received`),
+    `cycle`'s receive() says http.disconnect as after a hang-up, but only after it handed the app
+    the whole body: the request was whole, and is served. An answer the app then sends still goes
+    out, unless it had begun by then: a stream's end written for a half-closed client would look
+    like a whole one, so the connection is cut as a hang-up's was."""
+    receive = cycle.receive
+    body_taken = False
+
+    async def receive_or_half_close() -> Any:
+        nonlocal body_taken
+        while not (body_taken and protocol._half_closed):
+            message = await receive()
+            if message["type"] != "http.request" or not body_taken:
+                body_taken = message["type"] == "http.request" and not message["more_body"]
+                return message
+            # Past the body, only eof_received wakes uvicorn's receive() with a request message.
+        if cycle.response_started and not cycle.disconnected:
+            cycle.disconnected = True
+            protocol.transport.close()
+        return {"type": "http.disconnect"}
+
+    cycle.receive = receive_or_half_close  # type: ignore[method-assign]
 
 
 def _close_delimited(cycle: RequestResponseCycle) -> None:

@@ -405,6 +405,57 @@ def exchange(port: int, request: bytes) -> bytes:
         return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
+def half_closed_exchange(port: int, request: bytes) -> bytes:
+    """Send `request`, end the sending half of the connection (shutdown(SHUT_WR), as `nc -N`
+    does once its input ends), and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(tollgate, team):
+    # It sends nothing more, but still reads: the job it asked for was made, and holds a credit.
+    body = b'{"job_type": "t"}'
+    reply = half_closed_exchange(tollgate.port, (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body)
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), reply
+    job_id = json.loads(answer)["job_id"]
+    assert tollgate.client(team.key).get(f"/api/jobs/{job_id}").json()["status"] == "pending"
+
+
+def test_a_client_that_half_closes_after_a_large_body_gets_its_refusal(tollgate, team):
+    # The half-close is read only once the body is (reading pauses past 64 KiB until the app
+    # takes it), in the very turn of the loop that writes the refusal: it closed the connection
+    # before that write left.
+    body = json.dumps({"job_type": "t", "metadata": {"note": "x" * 500_000}}).encode()
+    reply = half_closed_exchange(tollgate.port, (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body)
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 422 "), reply
+    assert "metadata" in json.loads(answer)["detail"]
+
+
+def test_a_call_whose_client_half_closes_is_cancelled_as_on_a_hang_up_and_answered_499(tollgate, team, job_url):
+    # A half-close cannot be told from a hang-up, which frees the upstream at once: the call is
+    # cancelled all the same, and the client, if it still reads, is told why.
+    body = json.dumps({"messages": [{"role": "user", "content": "hi [first_byte_ms=2000]"}]}).encode()
+    reply = half_closed_exchange(tollgate.port, (
+        f"POST {job_url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body)
+    head, _, answer = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 499 "), reply
+    assert "closed" in json.loads(answer)["detail"]
+    job = tollgate.client(team.key).get(job_url.removesuffix("/llm-call")).json()
+    assert [call["status"] for call in job["calls"]] == ["cancelled"]
+
+
 def test_options_asterisk_is_200_allowing_every_method_the_server_serves(tollgate):
     # RFC 9110, 9.3.7: `OPTIONS *` asks about the server as a whole (a liveness probe of some
     # proxies), and was a 404 for a path "/*" nobody asked for.
