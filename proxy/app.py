@@ -106,21 +106,24 @@ def create_app(config: Config, existing_database: bool = False) -> Starlette:
             # carries no cost; an estimate) recorded before they came would cost nothing. Waited
             # for a bounded time; prices LiteLLM cannot give yet are asked for again soon.
             fresh = await _prices_at_start(pricing, upstream)
+            stop_sweeping = asyncio.Event()
+            sweeper = asyncio.create_task(
+                sweep_forever(
+                    store,
+                    config.jobs.expire_after,
+                    # A call runs no longer than the total timeout; one 'running' well after was
+                    # left behind by a process that died. Each call carries the bound its own
+                    # process set (`stale_at`); this one is for calls recorded without it.
+                    config.upstream.timeouts.total + config.jobs.stale_call_margin,
+                    config.jobs.sweep_interval,
+                    metrics,
+                    record_kept=calls.record_kept,
+                    stop=stop_sweeping,
+                )
+            )
             background = [
                 asyncio.create_task(pricing.keep_fresh(upstream, config.upstream.model_info_refresh, fresh)),
-                asyncio.create_task(
-                    sweep_forever(
-                        store,
-                        config.jobs.expire_after,
-                        # A call runs no longer than the total timeout; one 'running' well after was
-                        # left behind by a process that died. Each call carries the bound its own
-                        # process set (`stale_at`); this one is for calls recorded without it.
-                        config.upstream.timeouts.total + config.jobs.stale_call_margin,
-                        config.jobs.sweep_interval,
-                        metrics,
-                        record_kept=calls.record_kept,
-                    )
-                ),
+                sweeper,
             ]
             try:
                 yield
@@ -138,6 +141,11 @@ def create_app(config: Config, existing_database: bool = False) -> Starlette:
                         "records: their figures are in the log); the sweeper will close them as interrupted",
                         unrecorded, kept,
                     )
+                # A sweep under way (its writes waiting on another process's lock, say) ends first,
+                # within the same DRAIN_TIMEOUT: cancelled half-way, the jobs it had failed and the
+                # calls it had closed were never counted in the metrics.
+                stop_sweeping.set()
+                await asyncio.wait((sweeper,), timeout=max(0.0, drained_by - loop.time()))
                 for task in background:
                     task.cancel()
                 await asyncio.gather(*background, return_exceptions=True)

@@ -75,7 +75,10 @@ async def sweep_forever(
     metrics: Metrics | None = None,
     clock: Callable[[], float] = time.time,
     record_kept: RecordKept | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
+    """Sweep every `interval` until `stop` is set: between two runs, so that a stop never cuts
+    one short (a run cancelled half-way had failed jobs and closed calls it never counted)."""
     # A call's bound (`stale_at`) is wall time, set as it started, though it stands for the
     # loop's: a call runs no longer than its deadline on the loop's clock. A step of the wall
     # clock forward (an NTP correction, a VM resumed) made live calls look that much older, and
@@ -107,4 +110,16 @@ async def sweep_forever(
             failure = seen
         else:
             failure = None
-        await asyncio.sleep(interval)
+        if stop is None:
+            await asyncio.sleep(interval)
+        elif await _told_to_stop(stop, interval):
+            return
+
+
+async def _told_to_stop(stop: asyncio.Event, interval: float) -> bool:
+    """Wait up to `interval` for `stop`; whether it came."""
+    try:
+        await asyncio.wait_for(stop.wait(), interval)
+    except TimeoutError:
+        return False
+    return True

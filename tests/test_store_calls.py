@@ -15,6 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
+from proxy import app as app_module
 from proxy import sweeper as sweeper_module
 from proxy.app import create_app
 from proxy.config import DatabaseConfig, load_config
@@ -384,6 +385,49 @@ def test_the_sweep_counts_the_jobs_it_fails_as_expired_among_failed_jobs(tmp_pat
         return {(s.labels["team"], s.labels["status"]): s.value for s in family.samples if s.name == "tollgate_jobs_total"}
 
     assert asyncio.run(check()) == {("team", "failed"): 1.0}
+
+
+def test_a_job_the_sweep_fails_as_the_gateway_stops_is_counted_among_failed_jobs(
+    tmp_path: Path, fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The stop cancelled the sweeper in the middle of its run: the job it was failing as expired
+    # (its write waiting on another process's lock) was failed, its hold released, and never
+    # counted in tollgate_jobs_total (one failed job in 46 stops of a worker under load).
+    database = tmp_path / "gateway.db"
+    config_path = tmp_path / "config.yaml"
+    jobs = {"sweep_interval": "50ms", "expire_after": "1h"}
+    config_path.write_text(yaml.safe_dump(tollgate_config(database, upstream={"url": fake_url}, jobs=jobs)))
+    config = load_config(str(config_path), env={})
+    ahead = [0.0]  # the sweeper's wall clock, moved past the job's expiry once the lock is held
+    sweeping = sweeper_module.sweep_forever
+    monkeypatch.setattr(
+        app_module, "sweep_forever", lambda *a, **k: sweeping(*a, clock=lambda: time.time() + ahead[0], **k)
+    )
+    counted: list[tuple[str, str]] = []
+    monkeypatch.setattr(Metrics, "observe_job", lambda self, team_id, status: counted.append((team_id, status)))
+    failing: list[str] = []
+    finish_job = SQLiteStore.finish_job
+
+    async def finishing(self: SQLiteStore, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        failing.append(job_id)
+        return await finish_job(self, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(SQLiteStore, "finish_job", finishing)
+
+    async def open_job(store: SQLiteStore) -> None:
+        await store.create_job("team", "t", None, {}, 1)
+
+    on_a_team_store(database, open_job)
+    with contextlib.closing(sqlite3.connect(database, isolation_level=None, check_same_thread=False)) as lock:
+        with TestClient(create_app(config)):
+            lock.execute("BEGIN IMMEDIATE")
+            ahead[0] = 7200.0
+            assert wait_for(lambda: failing, timeout=10)  # a run found the job expired; its write waits for the lock
+            threading.Timer(1.0, lambda: lock.execute("COMMIT")).start()
+        # The gateway has stopped (the lock let go meanwhile).
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert db.execute("SELECT status FROM jobs").fetchall() == [("failed",)]
+    assert counted == [("team", "failed")]
 
 
 def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
