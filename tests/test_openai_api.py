@@ -1,7 +1,9 @@
 """The OpenAI-compatible API, driven by the official openai SDK (sync and async)."""
 
 import asyncio
+import time
 
+import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
@@ -278,6 +280,45 @@ def test_errors_raise_the_right_sdk_classes(tollgate, admin, team):
         OpenAI(base_url=f"{tollgate.url}/v1", api_key=limited.key, max_retries=0).chat.completions.create(
             model="AllLimited", messages=HELLO
         )
+
+
+def test_the_sdk_retries_a_503_after_its_retry_after_and_never_a_409_or_a_429_that_can_never_fit(tollgate, admin):
+    # API.md: what must not be retried carries x-should-retry: false, "which the OpenAI SDKs
+    # honour"; a 503 carries Retry-After. The SDK with its own retries (2) is the judge.
+    team = admin.team(groups=("Main", "AllFail"), tpm_limit=100)
+    sent: list[str] = []
+    http = httpx.Client(event_hooks={"request": [lambda request: sent.append(request.url.path)]})
+    client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, http_client=http)
+    jobs = tollgate.client(team.key)
+    job_id = jobs.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    jobs.post(f"/api/jobs/{job_id}/complete", json={"status": "completed"})
+    with pytest.raises(openai.ConflictError):  # the SDK retries a 409 unless told not to
+        client.chat.completions.create(model="Main", messages=HELLO, max_tokens=10, extra_headers={"X-Job-Id": job_id})
+    with pytest.raises(openai.RateLimitError):  # 1,024 tokens by default, over the limit of 100
+        client.chat.completions.create(model="Main", messages=HELLO)
+    assert len(sent) == 2
+    sent.clear()
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="AllFail", messages=HELLO, max_tokens=10)
+    assert len(sent) == 3 and time.monotonic() - started >= 2  # twice its Retry-After of 1 s
+
+
+def test_the_sdks_stream_helpers_assemble_the_answer(sdk, tollgate, team):
+    with sdk.chat.completions.stream(model="Main", messages=HELLO) as stream:
+        text = "".join(event.delta for event in stream if event.type == "content.delta")
+        final = stream.get_final_completion()
+    assert text == final.choices[0].message.content == "word1 word2 word3 "
+    assert final.choices[0].finish_reason == "stop"
+
+    async def run():
+        client = AsyncOpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+        async with client.chat.completions.stream(model="Main", messages=HELLO) as stream:
+            final = await stream.get_final_completion()
+        await client.close()
+        return final
+
+    assert asyncio.run(run()).choices[0].message.content == "word1 word2 word3 "
 
 
 def test_an_upstream_refusal_keeps_the_parameter_it_names(tollgate, admin):
