@@ -243,6 +243,10 @@ def _redis_url_problem(url: str) -> str | None:
         return "must name the socket: unix:///path/to/redis.sock"
     if parts.scheme == "unix" and parts.hostname:  # the client reads the path alone
         return "must name the socket after three slashes, with no host: unix:///path/to/redis.sock"
+    if parts.fragment or url.endswith("#"):
+        return "must have no fragment (#...): the client reads none"
+    if parts.username and parts.password is None:  # AUTH needs a password; none was sent
+        return "a user needs its password: redis://user:password@host:6379/0"
     query = parse_qs(parts.query, keep_blank_values=True)
     # The client reads ?db= alone. Another parameter (redis-py's ?password=, ?ssl_cert_reqs=) was
     # ignored without a word (no AUTH sent), and check-config printed its value unmasked.

@@ -353,6 +353,9 @@ BAD_DB = "the database (the path, or ?db=) must be a number of 0 or more: redis:
         ("unix://", "must name the socket: unix:///path/to/redis.sock"),
         ("redis://h\x00:6379/0", "must not hold a NUL character"),
         ("redis://red is:6379/0", "the host name is malformed"),
+        # Both were read as nothing: no AUTH sent, the fragment dropped, without a word.
+        ("redis://user@h:6379/0", "a user needs its password: redis://user:password@host:6379/0"),
+        ("redis://h:6379/0#1", "must have no fragment (#...): the client reads none"),
     ],
 )
 def test_a_redis_url_its_client_could_not_read_is_refused_naming_the_variable(tmp_path, url, message):
