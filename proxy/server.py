@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import re
 import socket
@@ -24,6 +23,7 @@ from uvicorn.supervisors import Multiprocess
 
 from .coalesce import CoalescingTransport
 from .errors import ApiError, error_body, error_response, shutting_down
+from .json_codec import dumps
 from .metrics import METHODS
 from .observe import REFUSALS, REFUSED, RefusalObserver
 from .streaming import ABORT
@@ -586,7 +586,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         path = _path_of(target).decode("latin-1")
         phrase = _PHRASES.get(status) or HTTPStatus(status).phrase
         code = phrase.lower().replace(" ", "_")
-        body = json.dumps(error_body(path, ApiError(status, message, code=code))).encode()
+        body = dumps(error_body(path, ApiError(status, message, code=code)))
         head = (
             f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n"

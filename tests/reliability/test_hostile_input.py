@@ -212,6 +212,15 @@ def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(target):
     assert "64 KiB" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
 
 
+def test_a_refusal_of_the_http_layer_is_written_as_compactly_as_every_other_answer(target):
+    # It alone was written by json.dumps, with a space after each colon and comma.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        reply = read_all(sock)
+    assert reply.partition(b"\r\n\r\n")[2].startswith(b'{"detail":"')
+
+
 def test_what_a_client_sends_on_after_its_refusal_is_read_and_dropped_not_answered_with_a_reset(target):
     # Closed at once, its bytes unread, a socket resets: a reset overtaking the refusal on the way
     # destroys it unread at the client. The server reads on for a while (two seconds) first.
