@@ -155,7 +155,9 @@ def openai_duration(seconds: float) -> bytes:
     if seconds <= 0:
         return b"0s"
     if seconds < 1:
-        return b"%dms" % math.ceil(seconds * 1000)
+        ms = math.ceil(seconds * 1000)
+        if ms < 1000:  # 0.9995 s is rounded up to a whole second, written as one
+            return b"%dms" % ms
     whole = math.ceil(seconds)
     if whole < 60:
         return b"%ds" % whole

@@ -274,6 +274,11 @@ def test_reset_durations_are_written_as_openai_writes_them_hours_included():
     ]
 
 
+def test_a_reset_just_short_of_a_second_is_written_as_one_second_not_1000ms():
+    # Rounded up to whole milliseconds it is a whole second, which OpenAI writes `1s`.
+    assert openai_duration(0.9995) == b"1s"
+
+
 def test_the_rate_limit_headers_name_the_scope_closest_to_each_limit():
     limits = Limits("t1", "key-a", 100, 10_000, key_rpm=5, key_tpm=1_000_000)
     team = Usage("team", 100, 10, 30.0, 10_000, 9_000, 0.5)
@@ -917,6 +922,24 @@ def test_a_release_lost_with_its_connection_is_sent_again_with_the_next_admit(re
         # Scripts wait, and are dropped with the connection that gives up on them.
         redis_server.cli("CLIENT", "PAUSE", "1000", "WRITE")
         assert (await limiter.admit(limits, "probe", 10)).backend == "local"  # the releases went ahead of it
+        await asyncio.sleep(1.3)
+        await only_the_next_call_counts(limiter, limits, redis_server)
+
+    asyncio.run(run())
+
+
+def test_a_release_that_redis_failed_to_take_is_sent_again_with_the_next_admit(redis_server):
+    # The release of a call that never started, lost with the connection that timed out on it:
+    # dropped, the call would count for the rest of its window though it never ran.
+    limits = Limits(tag(), "key-a", team_rpm=5, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
+        never_started = await limiter.admit(limits, "never-started", 10)
+        # Scripts wait, and are dropped with the connection that gives up on them.
+        redis_server.cli("CLIENT", "PAUSE", "1000", "WRITE")
+        await limiter.settle(never_started, 0, release=True)
+        assert limiter.degraded
         await asyncio.sleep(1.3)
         await only_the_next_call_counts(limiter, limits, redis_server)
 

@@ -267,3 +267,24 @@ def test_events_of_mixed_line_ends_cut_at_any_two_points_each_come_out_with_thei
             events = scan(split_at(stream, [i, j]))
             assert [e.data for e in events] == [b"a\nb", None, b"x", b"[DONE]"], (i, j)
             assert all(e.raw.endswith(b"\r\n\r\n") for e in events), (i, j)
+
+
+def test_only_the_one_space_after_the_colon_is_dropped_from_a_fields_value():
+    # As every SSE client reads it: `data:  [DONE]` is no [DONE] to the openai SDK, whose reading
+    # the gateway's must be.
+    (event,) = scan([b"data:  [DONE]\r\n\r\n"])
+    assert event.data == b" [DONE]"
+
+
+def test_a_line_whose_field_name_is_not_exactly_data_carries_no_data():
+    # A client ignores a field it does not know, ` data` included: read as data by the gateway,
+    # a usage there would be counted though no client ever saw it.
+    (event,) = scan([b' data: {"usage": {}}\ndata: x\n\n'])
+    assert event.data == b"x"
+
+
+def test_an_unfinished_event_of_exactly_the_bound_is_still_held():
+    # The bound is the most an unfinished event may take: reaching it is not outgrowing it.
+    head = b"data: " + b"x" * (MAX_EVENT_BYTES - 6)
+    events = scan([head[i : i + 65536] for i in range(0, len(head), 65536)] + [b"\n\n"])
+    assert [e.raw for e in events] == [head + b"\n\n"]

@@ -555,3 +555,78 @@ def test_a_broken_stream_whose_record_is_refused_ends_with_one_error_event_sayin
     (error,) = [json.loads(e)["error"] for e in events_of(sent) if "error" in e]
     assert error["code"] == "upstream_incomplete"
     assert "will be recorded once the database takes writes again" in error["message"]
+
+
+def test_an_upstream_error_event_reaches_the_client_as_sent_with_the_done_of_its_read():
+    # API.md: a later error event sent by LiteLLM is forwarded as it is, and the call recorded as
+    # failed; LiteLLM's [DONE] behind it in the same read goes out with it.
+    body = (
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    sent, _, (end,) = relay([body])
+    assert sent == body
+    assert (end.reason, end.error) == ("upstream_failed", "overloaded")
+
+
+def test_a_stream_that_ends_as_usual_does_not_drop_its_connection():
+    # Dropping it (what a stalled client gets) would throw away what the client has not taken
+    # yet, the stream's end included, and the connection the client could use again.
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    aborted = []
+
+    async def run():
+        client = Client()
+        relay = client.relay(await opened(_chunks([body])))
+        await relay({"type": "http", streaming.ABORT: lambda: aborted.append(True)}, client.receive, client.send)
+        return client.body, client.ends
+
+    sent, ends = asyncio.run(run())
+    assert (sent, [end.reason for end in ends]) == (body, ["finished"])
+    assert aborted == []
+
+
+def test_a_client_that_takes_none_of_the_stream_has_its_connection_dropped():
+    # What it left untaken would otherwise wait in the process for a client that reads nothing,
+    # until the kernel gave up on it.
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    aborted = []
+
+    class TakingNothing(Client):
+        async def send(self, message) -> None:
+            if message["type"] == "http.response.body" and self.messages:
+                await asyncio.sleep(3600)  # the client takes the first write, then nothing
+            self.messages.append(message)
+
+    async def run():
+        client = TakingNothing()
+        relay = client.relay(await opened(_chunks([first] * 100)), seconds=600, stall_timeout=0.2)
+        scope = {"type": "http", streaming.ABORT: lambda: aborted.append(True)}
+        await asyncio.wait_for(relay(scope, client.receive, client.send), 5)
+
+    asyncio.run(run())
+    assert aborted == [True]
+
+
+def test_a_stream_cut_by_the_shutdown_is_recorded_as_the_shutdowns_doing_and_told_so():
+    # Not the client's hang-up: the record says the gateway cut it, and the client hears so last.
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def upstream():
+        yield first
+        await asyncio.sleep(3600)  # the answer goes on as the shutdown comes
+        yield first
+
+    async def run():
+        client = Client()
+        task = asyncio.create_task(client.run(client.relay(await opened(upstream()))))
+        while not client.body:
+            await asyncio.sleep(0.01)
+        task.cancel()  # uvicorn's, as server.shutdown_grace ends
+        await task
+        return client.body, client.ends
+
+    sent, ends = asyncio.run(run())
+    assert [end.reason for end in ends] == ["shutdown"]
+    assert json.loads(events_of(sent)[-1])["error"]["code"] == "shutting_down"

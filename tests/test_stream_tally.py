@@ -239,3 +239,19 @@ def test_a_later_usage_that_holds_no_token_count_keeps_the_usage_read_before():
     tally.observe(event({"choices": [], "usage": USAGE}))
     tally.observe(event({"choices": [], "usage": {"prompt_tokens": None, "completion_tokens": 1}}))
     assert tally.usage is not None and (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (7, 3)
+
+
+def test_an_error_events_text_is_recorded_to_at_most_2000_characters():
+    # As an error chunk's: an upstream's error event of megabytes is no record's error message.
+    tally = StreamTally()
+    tally.observe(event(b"x" * 5000, "error"))
+    assert tally.error == "x" * 2000
+
+
+def test_a_long_streams_text_is_not_held_unread_past_its_bound():
+    # Its chunks wait unread only until they make UNREAD_TEXT_BYTES: held to the end, a long
+    # answer's every chunk stayed in memory for an estimate that a usage chunk makes needless.
+    tally = StreamTally()
+    for i in range(3 * UNREAD_TEXT_BYTES // 50):
+        tally.observe(event(content(f"word{i} ")))
+    assert sum(map(len, tally._unread)) <= UNREAD_TEXT_BYTES

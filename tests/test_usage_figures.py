@@ -347,3 +347,30 @@ def test_prices_read_as_usual_say_nothing(caplog: pytest.LogCaptureFixture) -> N
     for _ in range(2):
         assert asyncio.run(pricing.refresh(_PricesUpstream(refuse=False))) is True  # type: ignore[arg-type]
     assert caplog.records == []
+
+
+@pytest.mark.parametrize("bad", [None, -1e-06, "free"])
+def test_a_model_litellm_prices_only_its_input_tokens_for_is_not_priced(bad) -> None:
+    # Taken with half a price, every call of the model failed to be costed (None is no number).
+    pricing = Pricing({})
+    info = {"input_cost_per_token": 1e-06, "output_cost_per_token": bad}
+    assert pricing.load_model_info({"data": [{"model_name": "m", "model_info": info}]}) == 0
+    assert cost_of(Usage(10, 5), "m", pricing) == 0.0
+
+
+@pytest.mark.parametrize("usage", ["15", [10, 5], 15])
+def test_an_answers_usage_that_is_no_object_is_no_usage(usage) -> None:
+    # What an odd upstream puts there: the call is then estimated, not failed after it was answered.
+    assert usage_from(usage, "0.001") is None
+
+
+def test_a_reported_cost_that_is_a_boolean_is_no_cost_figure():
+    # JSON's true is no number of dollars: taken as 1, the call would cost a dollar.
+    usage = usage_from({**USAGE, "cost": True})
+    assert usage is not None and usage.reported_cost is None
+
+
+def test_a_token_count_of_exactly_the_bound_is_still_usage():
+    # Only a count past the bound is no usage: the bound itself is the most a call is taken to use.
+    usage = usage_from({"prompt_tokens": MAX_TOKENS, "completion_tokens": MAX_TOKENS})
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (MAX_TOKENS, MAX_TOKENS)
