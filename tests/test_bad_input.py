@@ -405,24 +405,25 @@ def exchange(port: int, request: bytes) -> bytes:
         return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
-def half_closed_exchange(port: int, request: bytes) -> bytes:
-    """Send `request`, end the sending half of the connection (shutdown(SHUT_WR), as `nc -N`
-    does once its input ends), and read until the server closes it."""
+def half_closed_post(port: int, path: str, key: str, body: bytes) -> tuple[bytes, bytes]:
+    """POST `body`, end the sending half of the connection (shutdown(SHUT_WR), as `nc -N` does
+    once its input ends), and read until the server closes it: the answer's head and body."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
+        sock.sendall(head.encode() + body)
         sock.shutdown(socket.SHUT_WR)
-        return b"".join(iter(lambda: sock.recv(65536), b""))
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    answer_head, _, answer = reply.partition(b"\r\n\r\n")
+    return answer_head, answer
 
 
 def test_a_client_that_half_closes_after_its_request_gets_the_answer(tollgate, team):
     # It sends nothing more, but still reads: the job it asked for was made, and holds a credit.
-    body = b'{"job_type": "t"}'
-    reply = half_closed_exchange(tollgate.port, (
-        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body)
-    head, _, answer = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), reply
+    head, answer = half_closed_post(tollgate.port, "/api/jobs/create", team.key, b'{"job_type": "t"}')
+    assert head.startswith(b"HTTP/1.1 200 "), head
     job_id = json.loads(answer)["job_id"]
     assert tollgate.client(team.key).get(f"/api/jobs/{job_id}").json()["status"] == "pending"
 
@@ -432,12 +433,8 @@ def test_a_client_that_half_closes_after_a_large_body_gets_its_refusal(tollgate,
     # takes it), in the very turn of the loop that writes the refusal: it closed the connection
     # before that write left.
     body = json.dumps({"job_type": "t", "metadata": {"note": "x" * 500_000}}).encode()
-    reply = half_closed_exchange(tollgate.port, (
-        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body)
-    head, _, answer = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 422 "), reply
+    head, answer = half_closed_post(tollgate.port, "/api/jobs/create", team.key, body)
+    assert head.startswith(b"HTTP/1.1 422 "), head
     assert "metadata" in json.loads(answer)["detail"]
 
 
@@ -445,12 +442,8 @@ def test_a_call_whose_client_half_closes_is_cancelled_as_on_a_hang_up_and_answer
     # A half-close cannot be told from a hang-up, which frees the upstream at once: the call is
     # cancelled all the same, and the client, if it still reads, is told why.
     body = json.dumps({"messages": [{"role": "user", "content": "hi [first_byte_ms=2000]"}]}).encode()
-    reply = half_closed_exchange(tollgate.port, (
-        f"POST {job_url} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode() + body)
-    head, _, answer = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 499 "), reply
+    head, answer = half_closed_post(tollgate.port, job_url, team.key, body)
+    assert head.startswith(b"HTTP/1.1 499 "), head
     assert "closed" in json.loads(answer)["detail"]
     job = tollgate.client(team.key).get(job_url.removesuffix("/llm-call")).json()
     assert [call["status"] for call in job["calls"]] == ["cancelled"]
