@@ -34,7 +34,7 @@ from .groups import GroupCatalog
 from .health import Health
 from .jobs_api import JobsApi
 from .limiter import RateLimiter
-from .metrics import MULTIPROC_ENV, Metrics, forget_namesake, multiprocess_enabled
+from .metrics import MULTIPROC_ENV, Metrics, MetricsUnavailable, check_directory, forget_namesake, multiprocess_enabled
 from .observe import LogHandler, ObserveMiddleware, RunningRequests
 from .openai_api import OpenAIApi
 from .pricing import Pricing
@@ -255,11 +255,14 @@ def app_from_environment() -> Starlette:
     _stop_with_supervisor()
     try:
         if multiprocess_enabled():
+            check_directory(os.environ[MULTIPROC_ENV])
             forget_namesake(os.environ[MULTIPROC_ENV])
         config = load_config()
         configure_logging(config.logging.level)
         return create_served_app(config)
-    except ConfigError as exc:  # the copy `serve` made for its workers, removed since (a cleaner of old files)
+    # What `serve` made for its workers (the config's copy, the metrics directory), removed since
+    # (a cleaner of old files).
+    except (ConfigError, MetricsUnavailable) as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
     except Exception:
         log.exception("the worker cannot build its app")

@@ -77,6 +77,13 @@ def _gone(directory: str) -> str:
     )
 
 
+def check_directory(directory: str) -> None:
+    """Raise MetricsUnavailable if the workers' metrics directory is gone: a worker starting then
+    can make none of its files there."""
+    if not os.path.isdir(directory):
+        raise MetricsUnavailable(_gone(directory))
+
+
 def multiprocess_enabled() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
 
@@ -331,8 +338,7 @@ class _Merged:
         self._families = families
 
     def collect(self) -> Any:
-        if not os.path.isdir(self._directory):  # else an empty scrape, as if nothing was counted
-            raise MetricsUnavailable(_gone(self._directory))
+        check_directory(self._directory)  # else an empty scrape, as if nothing was counted
         forget_dead_processes(self._directory)
         merged = {metric.name: metric for metric in MultiProcessCollector(None, self._directory).collect()}
         for name, documentation, kind in self._families:

@@ -355,7 +355,7 @@ def test_workers_whose_metrics_directory_was_removed_serve_calls_and_answer_scra
     # scrape was a 500 and a traceback.
     server = make_tollgate(workers=2)
     workers = wait_for(lambda: _workers(server) if len(_workers(server)) == 2 else None, timeout=10)
-    assert workers
+    assert workers and wait_for(lambda: server.log().count("Application startup complete") == 2, timeout=20)
     removed = _what_serve_made_for_its_workers_removed(MULTIPROC_ENV)(server, min(workers))
     team = server.admin().team(credits=100)
     with server.client(team.key) as client:
@@ -451,10 +451,11 @@ def test_a_worker_that_cannot_read_its_copy_of_the_config_stops_the_gateway_sayi
 def test_a_worker_that_cannot_build_its_app_stops_the_gateway_rather_than_being_started_again(tmp_path: Path) -> None:
     # Its metrics' directory gone, a worker cannot make its metrics' files: uvicorn started it
     # again, to fail alike, every second or two, for good.
-    log, _ = _log_of_serve_stopped_by_a_worker_started_again(
-        tmp_path, _what_serve_made_for_its_workers_removed("PROMETHEUS_MULTIPROC_DIR")
+    log, removed = _log_of_serve_stopped_by_a_worker_started_again(
+        tmp_path, _what_serve_made_for_its_workers_removed(MULTIPROC_ENV)
     )
-    assert log.count("died") == 1
+    assert log.count("died") == 1 and "Traceback" not in log  # said in one line
+    assert f"tollgate: the workers' metrics directory {removed} is gone" in log
 
 
 HOLD_LOCK = (
