@@ -496,19 +496,27 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         closed it at once, and the answer (a job made and holding a credit, say) was lost. It
         cannot be told from a hang-up, though, which must free a call's upstream at once: the
         app hears of a disconnect as it would of a hang-up (`_hang_up_on_half_close`), and a call
-        that listens for one ends as cancelled, its 499 answered. Otherwise (between requests,
-        one half read or queued behind another, an answer begun) it is a hang-up, as before."""
+        that listens for one ends as cancelled, its 499 answered. So are requests pipelined
+        whole behind one running (`printf ... | nc -N`): each is answered in its turn, and the
+        last answer closes. Otherwise (between requests, one half read or held unparsed behind
+        another, an answer begun) it is a hang-up, as before."""
         cycle = self.cycle
         if (
-            cycle is None or cycle.response_started or self._message_begun or self.pipeline
+            cycle is None or cycle.response_started or self._message_begun or self._held
             or self._discarding or self.transport.is_closing()
+            # The request running ahead of those queued is streaming its answer.
+            or any(ahead.response_started and not ahead.response_complete for ahead in self._ahead)
         ):
             # Closed here, not by uvloop on its own: that closed the socket past what this turn
             # of the loop wrote (coalesce.py), and an answer just sent went with it.
             self.transport.close()
             return None
         self._half_closed = True
+        # The latest request's answer ends the connection; those queued before it keep theirs
+        # open, for the next to be started after each.
         cycle.keep_alive = False
+        for ahead in self._ahead:  # the request running, if others are queued behind it
+            ahead.message_event.set()
         cycle.message_event.set()  # wakes a receive() waiting for a disconnect
         return True
 

@@ -4,6 +4,7 @@ import asyncio
 import gzip
 import json
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -405,19 +406,27 @@ def exchange(port: int, request: bytes) -> bytes:
         return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
-def half_closed_post(port: int, path: str, key: str, body: bytes) -> tuple[bytes, bytes]:
-    """POST `body`, end the sending half of the connection (shutdown(SHUT_WR), as `nc -N` does
-    once its input ends), and read until the server closes it: the answer's head and body."""
-    head = (
+def half_closed_exchange(port: int, request: bytes, after: float = 0) -> bytes:
+    """Send `request`, end the sending half of the connection (shutdown(SHUT_WR), as `nc -N`
+    does once its input ends) `after` seconds later, and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        time.sleep(after)
+        sock.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def json_post(path: str, key: str, body: bytes) -> bytes:
+    return (
         f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(head.encode() + body)
-        sock.shutdown(socket.SHUT_WR)
-        reply = b"".join(iter(lambda: sock.recv(65536), b""))
-    answer_head, _, answer = reply.partition(b"\r\n\r\n")
-    return answer_head, answer
+    ).encode() + body
+
+
+def half_closed_post(port: int, path: str, key: str, body: bytes) -> tuple[bytes, bytes]:
+    """POST `body` and half-close (`half_closed_exchange`): the answer's head and body."""
+    head, _, answer = half_closed_exchange(port, json_post(path, key, body)).partition(b"\r\n\r\n")
+    return head, answer
 
 
 def test_a_client_that_half_closes_after_its_request_gets_the_answer(tollgate, team):
@@ -436,6 +445,34 @@ def test_a_client_that_half_closes_after_a_large_body_gets_its_refusal(tollgate,
     head, answer = half_closed_post(tollgate.port, "/api/jobs/create", team.key, body)
     assert head.startswith(b"HTTP/1.1 422 "), head
     assert "metadata" in json.loads(answer)["detail"]
+
+
+def test_pipelined_requests_whose_client_half_closes_after_them_are_all_answered(tollgate, team):
+    # `printf '...' | nc -N`: the half-close comes while the later requests wait behind the
+    # first's answer. Each job asked for was made, and holds a credit: none may go untold.
+    reply = half_closed_exchange(tollgate.port, json_post("/api/jobs/create", team.key, b'{"job_type": "t"}') * 3)
+    answers = reply.split(b"HTTP/1.1 ")[1:]
+    assert [answer[:4] for answer in answers] == [b"200 "] * 3, reply
+    assert b"connection: close" in answers[-1].partition(b"\r\n\r\n")[0]
+    page = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()
+    assert page["total"] == 3
+
+
+def test_a_call_running_ahead_of_queued_requests_is_cancelled_by_a_half_close_and_they_are_answered(
+    tollgate, team, job_url
+):
+    # The half-close reaches the call running, not only the latest request: it frees the
+    # upstream at once, as a hang-up would, and the request queued behind it is served next.
+    call = json.dumps({"messages": [{"role": "user", "content": "hi [first_byte_ms=3000]"}]}).encode()
+    reply = half_closed_exchange(
+        tollgate.port,
+        json_post(job_url, team.key, call) + json_post("/api/jobs/create", team.key, b'{"job_type": "t"}'),
+        after=0.5,  # the call is upstream by then
+    )
+    answers = reply.split(b"HTTP/1.1 ")[1:]
+    assert [answer[:4] for answer in answers] == [b"499 ", b"200 "], reply
+    job = tollgate.client(team.key).get(job_url.removesuffix("/llm-call")).json()
+    assert [call["status"] for call in job["calls"]] == ["cancelled"]
 
 
 def test_a_call_whose_client_half_closes_is_cancelled_as_on_a_hang_up_and_answered_499(tollgate, team, job_url):
