@@ -16,7 +16,7 @@ import pytest
 from proxy.admin import AdminService
 from proxy.config import Config, DatabaseConfig
 from proxy.errors import ApiError
-from proxy.records import Team, VirtualKey
+from proxy.records import Team, VirtualKey, iso
 from proxy.store import Conflict, NotFound
 from proxy.store.sqlite import SQLiteStore
 from tests.support import Tollgate, wait_for
@@ -156,6 +156,23 @@ def test_the_ledger_takes_no_job_status_filter(admin, team):
     # statuses, and ?status=completed was silently not applied.
     ledger = admin.ok("GET", f"/admin/teams/{team.team_id}/ledger?status=bogus&limit=1")
     assert [(e["amount"], e["reason"]) for e in ledger] == [(10, "initial allocation")]
+
+
+def test_a_page_of_the_ledger_holds_up_to_1000_entries(admin, team):
+    # README: at most 1,000 for the ledger (500 for jobs).
+    assert [e["amount"] for e in admin.ok("GET", f"/admin/teams/{team.team_id}/ledger?limit=1000")] == [10]
+    response = admin.request("GET", f"/admin/teams/{team.team_id}/ledger?limit=1001")
+    assert response.status_code == 422
+
+
+def test_a_head_of_an_admin_path_with_several_methods_is_answered_as_its_get(admin, team):
+    get, head = admin.request("GET", "/admin/teams"), admin.request("HEAD", "/admin/teams")
+    assert (head.status_code, head.headers["content-length"]) == (200, get.headers["content-length"])
+
+
+def test_the_answer_showing_a_new_keys_plaintext_is_not_to_be_cached(admin, team):
+    response = admin.request("POST", f"/admin/teams/{team.team_id}/keys", json={"name": "once"})
+    assert (response.status_code, response.headers["cache-control"]) == (201, "no-store")
 
 
 def test_credits_cannot_drop_below_used_plus_held(tollgate, admin, team):
@@ -641,6 +658,13 @@ def test_a_key_expiry_with_a_lowercase_z_is_read_as_utc(tmp_path):
         return key.expires_at
 
     assert with_admin(tmp_path, create) == datetime(2999, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
+def test_a_key_expiry_a_moment_ago_is_422(tmp_path):
+    async def create(admin):
+        return await admin.create_key("t", {"expires_at": iso(time.time() - 0.5)})
+
+    assert refusal(tmp_path, create) == (422, "expires_at: must be in the future")
 
 
 def test_a_put_model_group_whose_body_names_another_group_is_422(tmp_path):

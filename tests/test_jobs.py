@@ -295,6 +295,29 @@ def test_a_suspended_team_can_still_read_and_complete_its_jobs(tollgate, admin, 
     assert done.status_code == 200 and done.json()["costs"]["credits_charged"] == 1
 
 
+def test_a_suspended_team_cannot_create_a_job(tollgate, admin, team):
+    # README's decision: a suspension stops new jobs; no hold is taken for one refused.
+    client = tollgate.client(team.key)
+    admin.ok("PATCH", f"/admin/teams/{team.team_id}", json={"status": "suspended"})
+    response = client.post("/api/jobs/create", json={"job_type": "test"})
+    assert (response.status_code, response.json()["detail"]) == (403, f"Team '{team.team_id}' is suspended")
+    assert admin.get_team(team.team_id)["credits_held"] == 0
+    assert admin.ok("GET", f"/admin/teams/{team.team_id}/jobs")["jobs"] == []
+
+
+def test_a_charge_while_other_jobs_hold_credits_leaves_credits_remaining_with_their_holds_not_taken_off(
+    tollgate, admin, team
+):
+    # credits_remaining (and the ledger's balance_after) is allocated - used: holds are not spent.
+    client = tollgate.client(team.key)
+    job = create(client)
+    create(client)
+    costs = client.post(f"/api/jobs/{job['job_id']}/complete", json={"status": "completed"}).json()["costs"]
+    assert (costs["credits_charged"], costs["credits_remaining"]) == (1, 9)
+    (entry,) = admin.ok("GET", f"/admin/teams/{team.team_id}/ledger?limit=1")
+    assert (entry["amount"], entry["job_id"], entry["balance_after"]) == (-1, job["job_id"], 9)
+
+
 def test_team_with_two_credits_can_open_two_jobs_not_three(tollgate, admin):
     team = admin.team(credits=2)
     client = tollgate.client(team.key)

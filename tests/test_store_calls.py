@@ -22,7 +22,7 @@ from proxy.config import DatabaseConfig, load_config
 from proxy.ids import new_id
 from proxy.metrics import Metrics
 from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, JobEnd, NewCall, Team
-from proxy.store import StoreUnavailable, WrittenThenCancelled
+from proxy.store import Forbidden, StoreUnavailable, WrittenThenCancelled
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store import sqlite as store_module
 from proxy.store.sqlite import SQLiteStore
@@ -671,6 +671,138 @@ def test_a_jobs_total_cost_is_the_exact_sum_of_its_calls_costs_however_many_call
         assert jobs[0].costs.total_cost_usd == 100.0
 
     on_a_team_store(tmp_path / "costs.db", check)
+
+
+def test_a_jobs_costs_count_its_cancelled_calls_among_its_failed_calls(tmp_path):
+    async def check(store: SQLiteStore) -> None:
+        job = (await store.create_job("team", "t", None, {}, 1)).job_id
+        for call_id, status in (("ok", "success"), ("bad", "error"), ("gone", "cancelled")):
+            await store.start_call(new_call(call_id, job, 100.0))
+            await store.finish_call(CallOutcome(call_id, status, "m", 10, 5, False, 0.1, 100, None, 1, None, 1_000.0))
+        view = await store.job_view(job)
+        assert view is not None
+        costs = view[0].costs
+        assert (costs.total_calls, costs.successful_calls, costs.failed_calls) == (3, 1, 2)
+
+    on_a_team_store(tmp_path / "costs.db", check)
+
+
+def test_a_jobs_avg_latency_is_the_mean_of_its_calls_latencies(tmp_path):
+    async def check(store: SQLiteStore) -> None:
+        job = (await store.create_job("team", "t", None, {}, 1)).job_id
+        for call_id, latency_ms in (("fast", 100), ("slow", 300)):
+            await store.start_call(new_call(call_id, job, 100.0))
+            await store.finish_call(
+                CallOutcome(call_id, "success", "m", 10, 5, False, 0.1, latency_ms, None, 1, None, 1_000.0)
+            )
+        view = await store.job_view(job)
+        assert view is not None and view[0].costs.avg_latency_ms == 200
+        jobs, _, _ = await store.team_jobs("team", None, 10, 0)
+        assert jobs[0].costs.avg_latency_ms == 200
+
+    on_a_team_store(tmp_path / "latency.db", check)
+
+
+def on_a_job_exactly_as_old_as_its_expiry(path: Path, check: Callable[[SQLiteStore, str], Awaitable[None]]) -> None:
+    """Run `check` on a store whose clock reads an open job of the team 'team' exactly
+    jobs.expire_after (60 s) old: expired is older than that (the sweep's `created_at <` bound)."""
+
+    async def run() -> None:
+        now = [1_000.0]
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: now[0], expire_after=60.0)
+        await store.open()
+        try:
+            await store.create_organization("org", "Org")
+            team = Team("team", "org", "active", 10, 0, 0, (), None, None, None, None, 1_000.0)
+            await store.create_team(team, "initial")
+            job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+            now[0] = 1_060.0
+            await check(store, job_id)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_job_exactly_as_old_as_its_expiry_still_takes_a_call(tmp_path):
+    async def check(store: SQLiteStore, job_id: str) -> None:
+        await store.start_call(new_call("call", job_id, 1_060.0))
+        assert await statuses(store, job_id) == {"call": "running"}
+
+    on_a_job_exactly_as_old_as_its_expiry(tmp_path / "edge.db", check)
+
+
+def test_a_job_exactly_as_old_as_its_expiry_is_still_charged_when_completed(tmp_path):
+    async def check(store: SQLiteStore, job_id: str) -> None:
+        job, changed = await store.finish_job(job_id, "completed", None, None)
+        assert (changed, job.status, job.credits_charged) == (True, "completed", 1)
+
+    on_a_job_exactly_as_old_as_its_expiry(tmp_path / "edge.db", check)
+
+
+def test_a_sweep_leaves_a_job_exactly_as_old_as_its_expiry_open(tmp_path):
+    async def check(store: SQLiteStore, job_id: str) -> None:
+        expired, _ = await sweep_once(store, expire_after=60.0, stale_call_after=60.0, now=1_060.0)
+        assert expired == 0
+        assert (await store.get_job(job_id)).status == "pending"
+
+    on_a_job_exactly_as_old_as_its_expiry(tmp_path / "edge.db", check)
+
+
+def test_a_call_in_another_teams_job_is_refused_and_leaves_that_job_open(tmp_path):
+    async def check(store: SQLiteStore) -> None:
+        other = Team("other", "org", "active", 10, 0, 0, (), None, None, None, None, time.time())
+        await store.create_team(other, "initial")
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        with pytest.raises(Forbidden):
+            await store.start_call(NewCall("call", job_id, "other", "key", "ChatAgent", None, False, time.time()))
+        job = await store.get_job(job_id)
+        assert (job.status, job.credits_held) == ("pending", 1)
+        assert await statuses(store, job_id) == {}
+
+    on_a_team_store(tmp_path / "other.db", check)
+
+
+def test_an_outcome_is_not_written_over_a_call_that_ended_in_an_error(tmp_path):
+    async def check(store: SQLiteStore) -> None:
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("call", job_id, 100.0))
+        ended = CallOutcome("call", "error", None, 0, 0, False, 0.0, 50, None, 1, "boom", 1_000.0)
+        assert await store.finish_call(ended)
+        assert not await store.finish_call(outcome("call"))
+        assert await statuses(store, job_id) == {"call": "error"}
+
+    on_a_team_store(tmp_path / "ended.db", check)
+
+
+def test_the_sweep_leaves_a_call_running_at_the_very_moment_of_its_bound(tmp_path):
+    async def check(store: SQLiteStore) -> None:
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(NewCall("call", job_id, "team", "key", "ChatAgent", None, False, 100.0, stale_at=500.0))
+        assert await store.cancel_stale_calls(started_before=0.0, now=500.0) == []
+        assert await statuses(store, job_id) == {"call": "running"}
+
+    on_a_team_store(tmp_path / "bound.db", check)
+
+
+def test_the_credits_remaining_metric_does_not_take_open_jobs_holds_off(tmp_path):
+    async def check(store: SQLiteStore) -> None:
+        await store.create_job("team", "t", None, {}, 1)
+        text = (await Metrics().render(store.team_balances)).decode()
+        (family,) = [f for f in text_string_to_metric_families(text) if f.name == "tollgate_credits_remaining"]
+        assert {s.labels["team"]: s.value for s in family.samples} == {"team": 1000.0}
+
+    on_a_team_store(tmp_path / "remaining.db", check)
+
+
+def test_an_outcome_whose_call_and_own_job_were_never_written_records_nothing(tmp_path):
+    # A start cut short by a cancellation may have made neither: its outcome is no failure.
+    async def check(store: SQLiteStore) -> None:
+        job_end = JobEnd(new_id(), "completed", None)
+        assert await store.finish_call_and_job(outcome("never"), job_end) == (False, False)
+        assert await store.get_job(job_end.job_id) is None
+
+    on_a_team_store(tmp_path / "never.db", check)
 
 
 class SteppedWall:
