@@ -16,16 +16,19 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
-from proxy.bodies import read_json_object
+from proxy.bodies import parse_json_object, read_json_object
 from proxy.config import Config, DatabaseConfig
 from proxy.errors import ApiError, StoreErrorHandler, from_store_error, unwritable_database_log
+from proxy.json_codec import dumps
 from proxy.records import Team
 from proxy.server_wide import served_methods
 from proxy.store import (
     CallInProgress, Conflict, Forbidden, InsufficientCredits, JobClosed, NotFound, StoreBusy, StoreError,
     StoreUnavailable, TeamSuspended,
 )
-from proxy.validation import parse_call, parse_complete, parse_job_create, parse_paging
+from proxy.validation import (
+    MAX_MESSAGES, MAX_METADATA_BYTES, parse_call, parse_complete, parse_job_create, parse_paging,
+)
 from tests.support import Tollgate, fake_log, tag, wait_for
 from tests.test_operations import families, value
 
@@ -780,6 +783,64 @@ def test_a_chunked_body_is_read_up_to_the_limit_and_413_past_it():
     with pytest.raises(ApiError) as refused:
         read_with_headers({"transfer-encoding": "chunked"}, fits + b" ")
     assert refused.value.status == 413
+
+
+def test_a_body_whose_content_length_is_the_limit_is_read_and_one_byte_more_is_413():
+    # server.max_body_bytes is the largest body taken, as it is for a chunked body.
+    fits = b'{"job_type": "' + b"t" * (1000 - 16) + b'"}'
+    assert read_with_headers({"content-length": "1000"}, fits) == {"job_type": "t" * 984}
+    with pytest.raises(ApiError) as refused:
+        read_with_headers({"content-length": "1001"}, fits + b" ")
+    assert refused.value.status == 413
+
+
+def test_a_body_nested_100_levels_deep_is_read_however_many_brackets_it_holds_elsewhere():
+    # The depth is walked only past 100 brackets: one at the limit, with more brackets beside it
+    # (in a string here), is still within it.
+    body = b'{"x": ' + nested_arrays(99) + b', "y": "' + b"[" * 10 + b'"}'
+    assert parse_json_object(body)["y"] == "[" * 10
+
+
+def test_a_lone_surrogate_in_an_objects_key_is_400_as_in_its_value():
+    # A key is stored and forwarded as text too (a job's metadata, a call's parameters).
+    with pytest.raises(ApiError) as refused:
+        parse_json_object(b'{"job_type": "t", "metadata": {"\\ud83d": 1}}')
+    assert refused.value.status == 400 and "lone UTF-16 surrogate" in refused.value.message
+
+
+def test_a_legacy_function_call_sent_back_counts_in_the_prompt_estimate():
+    # As a tool call's arguments do: they are prompt text now, as they were completion text.
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": '{"a": 1}'}}]
+    assert parse_call({"messages": messages}, openai=False).prompt_chars == len("hi") + len('{"a": 1}')
+
+
+def test_job_metadata_of_exactly_64_kib_as_json_is_accepted():
+    filler = MAX_METADATA_BYTES - len(dumps({"x": ""}))
+    metadata = {"x": "a" * filler}
+    assert len(dumps(metadata)) == MAX_METADATA_BYTES
+    assert parse_job_create({"job_type": "t", "metadata": metadata}).metadata == metadata
+
+
+def test_a_call_of_as_many_messages_as_allowed_is_read_and_one_more_is_422():
+    message = {"role": "user", "content": "hi"}
+    assert parse_call({"messages": [message] * MAX_MESSAGES}, openai=False).prompt_chars == 2 * MAX_MESSAGES
+    with pytest.raises(ApiError) as refused:
+        parse_call({"messages": [message] * (MAX_MESSAGES + 1)}, openai=False)
+    assert (refused.value.status, refused.value.param) == (422, "messages")
+
+
+def test_a_chunked_transfer_coding_written_with_tabs_is_read_as_chunked():
+    # Tabs are whitespace in a header's list as spaces are (RFC 9110, 5.6.1): not another coding.
+    assert read_with_headers({"transfer-encoding": "\tchunked\t"}) == {"job_type": "t"}
+
+
+def test_a_v1_include_usage_that_is_no_boolean_is_422_naming_it():
+    # Read as truthy, "false" would have asked for the usage chunk.
+    body = {"model": "Main", **HELLO, "stream": True, "stream_options": {"include_usage": "false"}}
+    with pytest.raises(ApiError) as refused:
+        parse_call(body, openai=True)
+    assert (refused.value.status, refused.value.param) == (422, "stream_options.include_usage")
 
 
 @pytest.mark.parametrize(

@@ -301,6 +301,20 @@ def test_equal_usage_costs_the_same_streamed_or_not_and_more_than_zero(tollgate,
     assert plain["cost_usd"] == streamed["cost_usd"] == price("primary", 4, 9) > 0
 
 
+def test_a_call_a_fallback_model_answered_is_priced_at_that_models_rates(make_tollgate, fake_url):
+    # Not at the rates of the group's first model, which failed and generated nothing. Straight to
+    # the fake upstream, which gives no cost of its own: the call is priced by config.yaml's prices.
+    prices = {"backup": {"input_cost_per_token": 0.5, "output_cost_per_token": 0.25}}
+    server = make_tollgate(upstream_url=fake_url, pricing=prices)
+    team = server.admin().team(groups=("Fallback500",))
+    client = server.client(team.key)
+    job_id = new_job(client)
+    assert client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("a b [chunks=2]")}).status_code == 200
+    (call,) = calls_of(client, job_id)
+    assert call["model"] == "backup"
+    assert call["cost_usd"] == call["prompt_tokens"] * 0.5 + call["completion_tokens"] * 0.25 > 0
+
+
 def test_upstream_4xx_comes_back_as_400_with_its_message_without_fallback(tollgate, admin):
     team = admin.team(groups=("Rejects",))
     client = tollgate.client(team.key)

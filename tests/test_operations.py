@@ -472,6 +472,19 @@ def test_litellm_refusing_the_upstream_key_is_503_fails_readiness_and_leaks_no_k
     assert "0123456789" not in server.log() and "not-litellms" not in server.log()
 
 
+def test_a_call_litellm_refuses_the_upstream_key_for_is_503_retried_after_30_seconds(make_tollgate):
+    # The operator must fix the key: an SDK retrying after a second would ask LiteLLM again and
+    # again with a key it refuses, for nothing.
+    server = make_tollgate(upstream_key="sk-not-litellms-key-0123456789")
+    team = server.admin().team()
+    with server.client(team.key) as client:
+        body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "upstream_misconfigured"
+    assert response.headers["retry-after"] == "30"
+
+
 def test_litellm_refusing_the_upstream_key_is_logged_once_a_minute_not_once_a_call(make_tollgate):
     # Every call of every client fails so while the key is wrong: at a few hundred calls a
     # second, a line each buried the log (and whatever else it said) under thousands of them.

@@ -252,6 +252,18 @@ def test_a_call_refused_after_its_admission_carries_the_rate_limit_headers_witho
     assert refused.headers["x-ratelimit-reset-tokens"].endswith("s")
 
 
+def test_a_call_refused_after_its_admission_leaves_the_limits_as_if_it_had_never_come(make_tollgate, redis_server):
+    # Its request and its token estimate are taken back: the calls after it have them to spend.
+    server = make_tollgate(redis={"url": redis_server.url})
+    team = server.admin().team(rpm_limit=7, tpm_limit=5000)
+    job_id = open_job(server, team.key)
+    server.client(team.key).post(f"/api/jobs/{job_id}/complete", json={"status": "completed"}).raise_for_status()
+    assert call(server, team.key, job_id, max_tokens=100).status_code == 409
+    answered = call(server, team.key, open_job(server, team.key), max_tokens=100)
+    assert answered.status_code == 200
+    assert answered.headers["x-ratelimit-remaining-requests"] == "6"  # the answered call only
+
+
 def test_an_own_job_refused_for_credits_after_admission_carries_the_rate_limit_headers(make_tollgate, redis_server):
     # A /v1 call's own job holds its credit as the call starts, once its limits admitted it.
     server = make_tollgate(redis={"url": redis_server.url})

@@ -772,3 +772,37 @@ def test_a_refusal_written_as_fastapis_detail_is_passed_on_with_its_message():
         assert (refused.value.status, refused.value.message) == (400, "prompt or messages or contents must be provided")
 
     against(refuses, check)
+
+
+@pytest.mark.parametrize("param", [None, "None", ""])
+def test_a_refusal_naming_no_parameter_passes_none_on_whatever_way_litellm_writes_it(param):
+    # LiteLLM writes a provider's missing param as null, or as the string "None": passed on, the
+    # client's error named a request field "None".
+    refusal = json.dumps({"error": {"message": "litellm.BadRequestError: bad", "type": "invalid_request_error",
+                                    "param": param, "code": "400"}}).encode()
+
+    async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(http_answer(b"400 Bad Request", refusal, JSON))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        with pytest.raises(UpstreamRejected) as refused:
+            await forward(client, ["first", "whole"], payload, False, loop.time() + 30)
+        assert refused.value.param is None
+
+    against(refuses, check)
+
+
+def test_litellms_catch_all_body_under_another_status_than_500_is_unavailable_not_a_refused_body():
+    # Only LiteLLM's bare 500 is its unexplained refusal of a body; the same words from an
+    # overloaded proxy in front of it (a 502, a 503) are the group failing, which clients retry.
+    bare = b'{"error":{"message":"Internal server error","type":"internal_server_error"}}'
+    server = failing_by_model(
+        b"first", (b"HTTP/1.1 503 Service Unavailable", bare), (b"HTTP/1.1 502 Bad Gateway", bare)
+    )
+    for failed in failures_in_either_order(server, "first", "second"):
+        assert [a.status for a in failed.attempts] in ([503, 502], [502, 503])

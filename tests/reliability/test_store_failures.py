@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import math
 import sqlite3
 import threading
@@ -165,6 +166,19 @@ def test_shutdown_writes_the_outcomes_kept_once_more(gateway, refusing):
     refusing["error"] = None
     server.http.__exit__(None, None, None)  # the lifespan's shutdown: no sweep ran meanwhile
     assert server.calls()[0][0] == "success"
+
+
+def test_a_shutdown_while_the_store_still_refuses_a_kept_outcome_logs_it_among_the_calls_not_recorded(
+    gateway, refusing, caplog
+):
+    # Its figures are in the log: the operator is told a call went unrecorded, and why.
+    server = gateway(jobs={"sweep_interval": "1h"})
+    refusing["error"] = FULL
+    assert server.post(f"/api/jobs/{server.job_id}/llm-call", CALL).status_code == 503
+    with caplog.at_level(logging.ERROR):
+        server.http.__exit__(None, None, None)  # the lifespan's shutdown, the store refusing still
+    assert "1 calls were not recorded before shutdown (1 of them because the store refused" in caplog.text
+    assert server.calls()[0][0] == "running"
 
 
 def test_a_kept_outcome_replaces_the_interrupted_close_another_process_swept_meanwhile(gateway, refusing):
