@@ -776,21 +776,20 @@ def read_with_headers(headers: dict[str, str], body: bytes = b'{"job_type": "t"}
     return asyncio.run(read_json_object(Request(scope, receive), 1000))
 
 
-def test_a_chunked_body_is_read_up_to_the_limit_and_413_past_it():
-    # Without a Content-Length, only the bytes read can tell the body is too large.
+@pytest.mark.parametrize(
+    "fitting, past",
+    [
+        # Without a Content-Length, only the bytes read can tell the body is too large.
+        ({"transfer-encoding": "chunked"}, {"transfer-encoding": "chunked"}),
+        # server.max_body_bytes is the largest body taken, declared as for a chunked body.
+        ({"content-length": "1000"}, {"content-length": "1001"}),
+    ],
+)
+def test_a_body_is_read_up_to_the_limit_and_413_past_it(fitting, past):
     fits = b'{"job_type": "' + b"t" * (1000 - 16) + b'"}'
-    assert read_with_headers({"transfer-encoding": "chunked"}, fits) == {"job_type": "t" * 984}
+    assert read_with_headers(fitting, fits) == {"job_type": "t" * 984}
     with pytest.raises(ApiError) as refused:
-        read_with_headers({"transfer-encoding": "chunked"}, fits + b" ")
-    assert refused.value.status == 413
-
-
-def test_a_body_whose_content_length_is_the_limit_is_read_and_one_byte_more_is_413():
-    # server.max_body_bytes is the largest body taken, as it is for a chunked body.
-    fits = b'{"job_type": "' + b"t" * (1000 - 16) + b'"}'
-    assert read_with_headers({"content-length": "1000"}, fits) == {"job_type": "t" * 984}
-    with pytest.raises(ApiError) as refused:
-        read_with_headers({"content-length": "1001"}, fits + b" ")
+        read_with_headers(past, fits + b" ")
     assert refused.value.status == 413
 
 

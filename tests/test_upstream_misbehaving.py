@@ -756,7 +756,13 @@ def test_litellm_that_cannot_be_connected_to_in_time_is_unreachable():
 def test_a_refusal_written_as_fastapis_detail_is_passed_on_with_its_message():
     # LiteLLM's own HTTPExceptions answer {"detail": ...}: the caller gets what it says, not the
     # whole body's repr.
-    refusal = b'{"detail":"prompt or messages or contents must be provided"}'
+    refused = refused_with(b'{"detail":"prompt or messages or contents must be provided"}')
+    assert (refused.status, refused.message) == (400, "prompt or messages or contents must be provided")
+
+
+def refused_with(refusal: bytes) -> UpstreamRejected:
+    """What a call is refused with by an upstream answering it 400 and `refusal`."""
+    refusals: list[UpstreamRejected] = []
 
     async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -769,9 +775,10 @@ def test_a_refusal_written_as_fastapis_detail_is_passed_on_with_its_message():
         loop = asyncio.get_running_loop()
         with pytest.raises(UpstreamRejected) as refused:
             await forward(client, ["first", "whole"], payload, False, loop.time() + 30)
-        assert (refused.value.status, refused.value.message) == (400, "prompt or messages or contents must be provided")
+        refusals.append(refused.value)
 
     against(refuses, check)
+    return refusals[0]
 
 
 @pytest.mark.parametrize("param", [None, "None", ""])
@@ -780,21 +787,7 @@ def test_a_refusal_naming_no_parameter_passes_none_on_whatever_way_litellm_write
     # client's error named a request field "None".
     refusal = json.dumps({"error": {"message": "litellm.BadRequestError: bad", "type": "invalid_request_error",
                                     "param": param, "code": "400"}}).encode()
-
-    async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(http_answer(b"400 Bad Request", refusal, JSON))
-        await writer.drain()
-        writer.close()
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}]}
-        loop = asyncio.get_running_loop()
-        with pytest.raises(UpstreamRejected) as refused:
-            await forward(client, ["first", "whole"], payload, False, loop.time() + 30)
-        assert refused.value.param is None
-
-    against(refuses, check)
+    assert refused_with(refusal).param is None
 
 
 def test_litellms_catch_all_body_under_another_status_than_500_is_unavailable_not_a_refused_body():
