@@ -259,7 +259,12 @@ def app_from_environment() -> Starlette:
             forget_namesake(os.environ[MULTIPROC_ENV])
         config = load_config()
         configure_logging(config.logging.level)
-        return create_served_app(config)
+        try:
+            return create_served_app(config)
+        except OSError:
+            if multiprocess_enabled():  # the directory removed as the worker started: said as before it
+                check_directory(os.environ[MULTIPROC_ENV])
+            raise
     # What `serve` made for its workers (the config's copy, the metrics directory), removed since
     # (a cleaner of old files).
     except (ConfigError, MetricsUnavailable) as exc:

@@ -760,6 +760,25 @@ def test_a_worker_that_cannot_read_its_copy_of_the_config_fails_its_start_in_one
     assert capsys.readouterr().err == f"tollgate: {tmp_path / 'gone.yaml'}: file not found\n"
 
 
+def test_a_worker_whose_metrics_directory_is_removed_as_it_starts_fails_its_start_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Removed after the worker looked for it, before it made its files there: a traceback.
+    from prometheus_client import values
+
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    monkeypatch.setenv(MULTIPROC_ENV, str(directory))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    monkeypatch.setenv(ENV_CONFIG, str(plain_config(tmp_path)))
+    build = app_module.create_served_app
+    monkeypatch.setattr(app_module, "create_served_app", lambda config: (shutil.rmtree(directory), build(config))[1])
+    with pytest.raises(SystemExit) as exited:
+        app_from_environment()
+    assert exited.value.code == STARTUP_FAILURE
+    assert capsys.readouterr().err.startswith(f"tollgate: the workers' metrics directory {directory} is gone")
+
+
 def test_a_worker_that_cannot_build_its_app_for_an_unforeseen_reason_logs_its_traceback(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
