@@ -255,14 +255,13 @@ def app_from_environment() -> Starlette:
     _stop_with_supervisor()
     try:
         if multiprocess_enabled():
-            check_directory(os.environ[MULTIPROC_ENV])
             forget_namesake(os.environ[MULTIPROC_ENV])
         config = load_config()
         configure_logging(config.logging.level)
         try:
             return create_served_app(config)
         except OSError:
-            if multiprocess_enabled():  # the directory removed as the worker started: said as before it
+            if multiprocess_enabled():  # its metrics' files could not be made: the directory gone?
                 check_directory(os.environ[MULTIPROC_ENV])
             raise
     # What `serve` made for its workers (the config's copy, the metrics directory), removed since
