@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, Iterator, NoReturn
+from typing import IO, TYPE_CHECKING, Callable, Iterator, Mapping, NoReturn
 
 if TYPE_CHECKING:
     from .config import Config
@@ -206,6 +206,22 @@ The job API (jobs, credits) is at {base}/api; see README.md. Press Ctrl-C to sto
 """
 
 
+def demo_environment(environ: Mapping[str, str], workdir: str, litellm_port: int) -> dict[str, str]:
+    """The variables the demo's Tollgate reads: its own database and LiteLLM, whatever is set.
+
+    A master key already set is kept: the README's admin examples send `$TOLLGATE_MASTER_KEY`,
+    and a demo that made its own answered them 401.
+    """
+    env = dict(environ)
+    env.update(
+        TOLLGATE_DATABASE_URL=f"sqlite:///{workdir}/tollgate.db",
+        TOLLGATE_UPSTREAM_URL=f"http://127.0.0.1:{litellm_port}",
+        TOLLGATE_UPSTREAM_KEY="sk-litellm-demo-" + secrets.token_urlsafe(16),
+        TOLLGATE_MASTER_KEY=environ.get("TOLLGATE_MASTER_KEY") or "sk-master-demo-" + secrets.token_urlsafe(16),
+    )
+    return env
+
+
 def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
     import uvicorn
 
@@ -231,15 +247,8 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
         if port_in_use(taken):
             refuse(f"port {taken} is already in use (set {how})")
     workdir = tempfile.mkdtemp(prefix="tollgate-demo-")
-    upstream_key = "sk-litellm-demo-" + secrets.token_urlsafe(16)
-    master_key = "sk-master-demo-" + secrets.token_urlsafe(16)
-    env = dict(os.environ)
-    env.update(
-        TOLLGATE_DATABASE_URL=f"sqlite:///{workdir}/tollgate.db",
-        TOLLGATE_UPSTREAM_URL=f"http://127.0.0.1:{litellm_port}",
-        TOLLGATE_UPSTREAM_KEY=upstream_key,
-        TOLLGATE_MASTER_KEY=master_key,
-    )
+    env = demo_environment(os.environ, workdir, litellm_port)
+    upstream_key, master_key = env["TOLLGATE_UPSTREAM_KEY"], env["TOLLGATE_MASTER_KEY"]
     try:
         config = load_config(config_path, env)
         # The database first, LiteLLM after: what the file declares may be impossible (a team of

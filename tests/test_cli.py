@@ -434,6 +434,29 @@ def demo_config(tmp_path: Path, **sections: Any) -> Config:
     return load_config(str(path), {})
 
 
+def test_the_demo_keeps_a_master_key_the_environment_sets(tmp_path):
+    # The README's admin examples send $TOLLGATE_MASTER_KEY: a demo that made its own answered them 401.
+    env = demo.demo_environment({"TOLLGATE_MASTER_KEY": "sk-my-own-master-key"}, str(tmp_path), 4011)
+    assert env["TOLLGATE_MASTER_KEY"] == "sk-my-own-master-key"
+    master = load_config(None, env).master_key
+    assert master is not None and master.value == "sk-my-own-master-key"
+
+
+@pytest.mark.parametrize("environ", [{}, {"TOLLGATE_MASTER_KEY": ""}], ids=["unset", "empty"])
+def test_the_demo_makes_a_master_key_when_none_is_set(tmp_path, environ):
+    env = demo.demo_environment(environ, str(tmp_path), 4011)
+    assert env["TOLLGATE_MASTER_KEY"].startswith("sk-master-demo-") and len(env["TOLLGATE_MASTER_KEY"]) > 30
+
+
+def test_the_demo_uses_its_own_database_and_litellm_whatever_the_environment_says(tmp_path):
+    environ = {"TOLLGATE_DATABASE_URL": "sqlite:////srv/prod.db", "TOLLGATE_UPSTREAM_URL": "http://prod:4000",
+               "TOLLGATE_UPSTREAM_KEY": "sk-prod"}
+    env = demo.demo_environment(environ, str(tmp_path), 4011)
+    assert env["TOLLGATE_DATABASE_URL"] == f"sqlite:///{tmp_path}/tollgate.db"
+    assert env["TOLLGATE_UPSTREAM_URL"] == "http://127.0.0.1:4011"
+    assert env["TOLLGATE_UPSTREAM_KEY"].startswith("sk-litellm-demo-")
+
+
 def test_the_demo_creates_what_the_client_documentation_assumes(tmp_path):
     # API.md: the organization and team acme-corp, the five groups the seeds name on the offline
     # models of litellm_config.yaml, a default group, credits and a key.
