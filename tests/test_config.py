@@ -626,6 +626,14 @@ def test_an_empty_tollgate_redis_url_unsets_the_files_redis(tmp_path):
     assert config.redis.url is None
 
 
+@pytest.mark.parametrize("variable,key", [("TOLLGATE_UPSTREAM_URL", "upstream.url"), ("TOLLGATE_DATABASE_URL", "database.url")])
+def test_an_empty_url_variable_of_a_key_that_needs_one_is_refused_naming_the_variable(tmp_path, variable, key):
+    # README: an empty variable is the key unset, not the file's value; these two cannot be unset.
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, ""), {variable: ""})
+    assert str(refused.value).startswith(f"{variable}: {key}: must be ")
+
+
 def test_an_upstream_api_key_in_the_file_is_refused_as_a_secret(tmp_path):
     message = error_for(tmp_path, "upstream:\n  api_key: sk-abc\n")
     assert message.endswith(
