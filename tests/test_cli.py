@@ -13,7 +13,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -1065,13 +1064,20 @@ def test_the_workers_directories_a_killed_supervisor_left_behind_are_removed(tmp
 def test_serve_with_workers_removes_what_a_killed_one_left_behind_and_keeps_its_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    left = workers_dir(Path(tempfile.gettempdir()), f"metrics-{tag()}", age=120)
-    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2).start()
+    # A temporary directory of the test's own, as the server's too: what it removes is then only
+    # ever the test's (a fault in the name or lock check once emptied the machine's /tmp).
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    left = workers_dir(temp, f"metrics-{tag()}", age=120)
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", workers=2)
+    server.env["TMPDIR"] = str(temp)
+    server.start()
     try:
         assert wait_for(lambda: server.log().count("Application startup complete") == 2, timeout=20)
         assert not left.exists()
+        assert [entry.name.startswith(WORKERS_DIR_PREFIX) for entry in temp.iterdir()] == [True, True]  # its own
         monkeypatch.setattr(cli, "LEFT_BEHIND_AFTER", 0.0)
-        remove_left_behind(tempfile.gettempdir())  # as the next `serve` would, past the minute
+        remove_left_behind(str(temp))  # as the next `serve` would, past the minute
         assert httpx.get(f"{server.url}/metrics").status_code == 200  # its workers' metrics are still there
     finally:
         server.stop()
