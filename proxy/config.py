@@ -690,7 +690,9 @@ def describe(config: Config) -> dict[str, Any]:
         if f.metadata.get("env"):
             data[f.name] = "***" if getattr(config, f.name) is not None else None
     data["model_groups"] = {name: dataclasses.asdict(spec) for name, spec in config.model_groups.items()}
-    for section in ("upstream", "database", "redis"):
+    # Not the database's: a sqlite URL holds a file's path, never a password, and a path may
+    # hold a ':' and an '@' that masking would turn into another path.
+    for section in ("upstream", "redis"):
         data[section]["url"] = _mask_url(data[section]["url"])
     return _plain(data)
 

@@ -4,6 +4,7 @@ made with less work, and written a turn of the loop at a time (proxy/observe.py)
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import threading
 import time
@@ -319,3 +320,131 @@ def test_a_handler_set_above_info_writes_no_access_line(tollgate_logging):
     middleware._log("/x", "GET", 200, 0.001, {})
     handler.flush()
     assert stream.writes == []
+
+
+def test_no_access_line_is_written_when_logging_is_set_above_info(tollgate_logging):
+    # logging.level: warning keeps the access log out, as it keeps uvicorn's own.
+    handler, stream = tollgate_logging
+    served_logging_only()
+    logging.getLogger().setLevel(logging.WARNING)
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+    middleware._log("/x", "GET", 200, 0.001, {})
+    handler.flush()
+    assert stream.writes == []
+
+
+def test_a_handlers_note_named_as_a_field_of_the_line_takes_its_place(tollgate_logging):
+    handler, stream = tollgate_logging
+    served_logging_only()
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+    middleware._log("/x", "GET", 200, 0.001, {"status": 499, "team": "t", "job": None})
+    handler.flush()
+    assert stream.writes[0].endswith("tollgate.access: route=/x method=GET status=499 latency_ms=1.0 team=t\n")
+
+
+def test_each_access_record_counts_its_time_since_logging_started():
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+
+    async def two() -> tuple[logging.LogRecord, logging.LogRecord]:
+        first = middleware._record("a")
+        await asyncio.sleep(0.05)
+        return first, middleware._record("b")
+
+    first, second = asyncio.run(two())
+    elapsed = (second.created - first.created) * 1000
+    assert second.relativeCreated - first.relativeCreated == pytest.approx(elapsed, abs=1)
+    assert elapsed >= 40
+
+
+def test_a_formatter_writing_milliseconds_otherwise_gets_the_access_log_through_logging(tollgate_logging):
+    # The direct way writes the time stamp as LOG_FORMAT's own "%s,%03d" does.
+    handler, _ = tollgate_logging
+    served_logging_only()
+    handler.formatter.default_msec_format = "%s.%03d"
+    assert observe.sole_handler() is None
+
+
+def test_a_second_handler_after_the_served_one_gets_the_access_log_too(tollgate_logging):
+    handler, _ = tollgate_logging
+    served_logging_only()
+    seen: list[logging.LogRecord] = []
+    other = logging.Handler()
+    other.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(other)  # after the served one: the fixture puts the handlers back
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+    middleware._log("/x", "GET", 200, 0.001, {})
+    assert [r.getMessage() for r in seen] == ["route=/x method=GET status=200 latency_ms=1.0"]
+
+
+class RawWrites(io.RawIOBase):
+    """What reaches the file descriptor: each write's size in bytes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[override]
+        self.sizes.append(len(data))
+        return len(data)
+
+
+def test_held_lines_of_many_byte_characters_reach_the_descriptor_in_writes_a_pipe_keeps_whole(tollgate_logging):
+    # A text stream buffers: what a pipe keeps whole is counted in bytes at the descriptor.
+    handler, _ = tollgate_logging
+    served_logging_only()
+    raw = RawWrites()
+    handler.setStream(io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8"))
+
+    async def run() -> None:
+        for _ in range(3):
+            logging.getLogger("tollgate").warning("é" * 1000)  # 2 bytes a character
+        await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert sum(raw.sizes) > observe.ATOMIC_WRITE
+    assert all(size <= observe.ATOMIC_WRITE for size in raw.sizes)
+
+
+def test_lines_a_loop_held_and_never_sent_go_with_the_next_loops_line(tollgate_logging):
+    handler, stream = tollgate_logging
+    served_logging_only()
+    abandoned = asyncio.new_event_loop()
+
+    def held() -> None:
+        logging.getLogger("tollgate").warning("first")  # its flush is left to the next turn,
+        abandoned.stop()  # which never comes
+
+    abandoned.call_soon(held)
+    abandoned.run_forever()
+    abandoned.close()
+    assert stream.writes == []
+
+    async def then() -> None:
+        logging.getLogger("tollgate").warning("second")
+        await asyncio.sleep(0)
+
+    asyncio.run(then())
+    assert [line.rsplit(": ", 1)[1] for line in "".join(stream.writes).splitlines()] == ["first", "second"]
+
+
+def test_a_record_factory_put_back_leaves_no_field_of_its_records_in_the_access_records():
+    middleware = ObserveMiddleware(app=None, metrics=None, log_format="plain")  # type: ignore[arg-type]
+    previous = logging.getLogRecordFactory()
+
+    class Tagged(logging.LogRecord):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.tenant = "acme"
+
+    async def make() -> logging.LogRecord:
+        logging.setLogRecordFactory(Tagged)
+        try:
+            middleware._record("a")
+        finally:
+            logging.setLogRecordFactory(previous)
+        return middleware._record("b")
+
+    record = asyncio.run(make())
+    assert type(record) is logging.LogRecord and not hasattr(record, "tenant")

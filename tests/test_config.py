@@ -11,6 +11,7 @@ from proxy.config import (
     MAX_INTEGER,
     Config,
     ConfigError,
+    DatabaseConfig,
     RedisConfig,
     TeamSpec,
     UpstreamConfig,
@@ -356,6 +357,7 @@ BAD_DB = "the database (the path, or ?db=) must be a number of 0 or more: redis:
         # Both were read as nothing: no AUTH sent, the fragment dropped, without a word.
         ("redis://user@h:6379/0", "a user needs its password: redis://user:password@host:6379/0"),
         ("redis://h:6379/0#1", "must have no fragment (#...): the client reads none"),
+        ("redis://h:6379/0#", "must have no fragment (#...): the client reads none"),
     ],
 )
 def test_a_redis_url_its_client_could_not_read_is_refused_naming_the_variable(tmp_path, url, message):
@@ -374,6 +376,7 @@ def test_a_redis_url_its_client_could_not_read_is_refused_naming_the_variable(tm
         ("http://127.0.0.1\x00:4000", "must not hold spaces or control characters (percent-encode them: %20)"),
         # An OpenAI SDK's base_url ends in /v1; LiteLLM's address does not (calls went to /v1/v1/...).
         ("http://h:4000/v1/", "is LiteLLM's address without /v1 (Tollgate adds /v1/chat/completions itself)"),
+        ("http://h:4000/litellm/v1", "is LiteLLM's address without /v1 (Tollgate adds /v1/chat/completions itself)"),
     ],
 )
 def test_an_upstream_url_its_client_could_not_read_is_refused_naming_the_variable(tmp_path, url, message):
@@ -394,6 +397,7 @@ def test_a_bad_url_in_the_file_is_refused_naming_the_file(tmp_path):
         "rediss://user:p%2Fss@h:6380?db=3",
         "redis://[::1]:6379/0",
         "unix:///tmp/r.sock?db=1",
+        "unix:///tmp/r.sock",  # a socket's path is no database number
     ],
 )
 def test_redis_urls_its_client_reads_are_accepted(tmp_path, url):
@@ -432,6 +436,7 @@ def test_a_password_that_is_not_percent_encoded_is_refused_without_showing_it(tm
         ("redis://user:se/cret@h/0", "redis://user:***@h/0"),
         ("redis://:se@cr?et@h", "redis://:***@h"),
         ("http://u:se[cret@h:4000", "http://u:***@h:4000"),
+        ("redis://user:se:cret@h/0", "redis://user:***@h/0"),
     ],
 )
 def test_describe_masks_a_password_whatever_characters_it_holds(url, masked):
@@ -554,7 +559,7 @@ def test_a_database_path_holding_a_nul_is_refused(tmp_path):
     )
 
 
-@pytest.mark.parametrize("value", ["25d", "0.0001", "1e+300"])
+@pytest.mark.parametrize("value", ["25d", "0.0001", "1e+300", "2147483.648"])
 def test_a_busy_timeout_sqlite_would_take_as_none_is_refused(tmp_path, value):
     # Outside 1 ms to 2^31 - 1 ms, SQLite's busy timeout is 0: a write meeting a lock fails at once.
     assert error_for(tmp_path, f"database:\n  busy_timeout: {value}\n").endswith(
@@ -817,3 +822,42 @@ def test_a_declared_name_and_description_as_long_as_the_admin_api_takes_are_acce
            f"model_groups:\n  A: {{models: [m], description: {'d' * 1000}}}\n"
     config = load_config(write(tmp_path, text), {})
     assert (config.organizations[0].name, config.model_groups["A"].description) == ("n" * 256, "d" * 1000)
+
+
+def test_a_yaml_error_says_what_was_being_read_and_from_which_line(tmp_path):
+    assert error_for(tmp_path, "server:\n  host: [a, b\n").endswith(
+        "not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence from line 2)"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("server:\n  shutdown_grace: true\n", "server.shutdown_grace: must be a positive duration"),
+        ("pricing:\n  m: {input_cost_per_token: true, output_cost_per_token: 0}\n",
+         "pricing.m.input_cost_per_token: must be a number from 0 to 1000 (USD per token)"),
+    ],
+)
+def test_a_boolean_is_not_taken_for_a_number(tmp_path, text, message):
+    # YAML reads `true` (or `yes`, `on`) as a boolean, which Python would count as 1.
+    assert message in error_for(tmp_path, text)
+
+
+def test_jobs_may_cost_no_credits(tmp_path):
+    config = load_config(write(tmp_path, "jobs:\n  credits_per_job: 0\n"), {})
+    assert config.jobs.credits_per_job == 0
+
+
+def test_a_rate_limit_window_of_one_millisecond_is_accepted(tmp_path):
+    assert load_config(write(tmp_path, "rate_limits:\n  window: 1ms\n"), {}).rate_limits.window == 0.001
+
+
+def test_an_auth_cache_ttl_of_zero_is_accepted(tmp_path):
+    # No cache: every request reads its key from the store.
+    assert load_config(write(tmp_path, "auth:\n  cache_ttl: 0\n"), {}).auth.cache_ttl == 0
+
+
+def test_describe_shows_a_database_path_holding_a_colon_and_an_at_sign_as_it_is():
+    # A sqlite URL holds a file's path, never a password: check-config printed another path.
+    url = "sqlite:///srv/db/team:a@b.db"
+    assert describe(Config(database=DatabaseConfig(url=url)))["database"]["url"] == url

@@ -476,3 +476,164 @@ def test_a_scrape_of_workers_whose_metrics_directory_was_removed_says_so(tmp_pat
 
     with pytest.raises(MetricsUnavailable, match=f"the workers' metrics directory {directory} is gone"):
         asyncio.run(metrics.render(no_teams))
+
+
+def test_a_scrape_after_the_last_one_ended_renders_what_was_counted_since():
+    # Scrapes share a render only while it runs: one that came later was given the old text.
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_request("/health/live", "GET", 200, 0.001)
+    first = rendered_families(metrics)["tollgate_requests"].samples
+    metrics.observe_request("/health/live", "GET", 200, 0.001)
+    second = rendered_families(metrics)["tollgate_requests"].samples
+    assert [s.value for s in first if s.name == "tollgate_requests_total"] == [1.0]
+    assert [s.value for s in second if s.name == "tollgate_requests_total"] == [2.0]
+
+
+def test_a_scraper_that_hangs_up_leaves_the_shared_render_to_the_others():
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+
+    async def run() -> bytes:
+        answer = asyncio.Event()
+
+        async def slow_balances() -> list[tuple[str, int]]:
+            await answer.wait()
+            return [("t", 5)]
+
+        gone = asyncio.create_task(metrics.render(slow_balances))
+        staying = asyncio.create_task(metrics.render(slow_balances))
+        await asyncio.sleep(0.01)  # both wait on the one render
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        answer.set()
+        return await asyncio.wait_for(staying, 30)
+
+    assert b'tollgate_credits_remaining{team="t"} 5.0' in asyncio.run(run())
+
+
+def test_a_call_a_sweep_closed_as_interrupted_is_counted_as_cancelled_under_model_none():
+    from proxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.observe_interrupted_call("t", "ChatAgent", True)
+    samples = rendered_families(metrics)["tollgate_llm_calls"].samples
+    assert [(s.labels, s.value) for s in samples if s.name == "tollgate_llm_calls_total"] == [
+        ({"team": "t", "model_group": "ChatAgent", "model": "none", "status": "cancelled", "stream": "true"}, 1.0)
+    ]
+
+
+def test_without_the_team_label_a_scrape_neither_reads_nor_shows_the_balances():
+    # metrics.team_label: false is for fleets too large for a series per team.
+    from proxy.metrics import Metrics
+
+    reads = []
+
+    async def balances() -> list[tuple[str, int]]:
+        reads.append(1)
+        return [("t", 5)]
+
+    text = asyncio.run(Metrics(team_label=False).render(balances))
+    assert b"tollgate_credits_remaining" not in text and reads == []
+
+
+def test_the_label_values_kept_for_teams_and_groups_are_bounded(monkeypatch):
+    # Teams and groups come and go: a long-lived process must not keep every pair it ever saw.
+    import proxy.metrics
+    from proxy.metrics import Metrics
+
+    monkeypatch.setattr(proxy.metrics, "MAX_CACHED_LABELS", 3)
+    metrics = Metrics()
+    for team in range(10):
+        metrics.observe_call(f"t{team}", "ChatAgent", "m", "success", False, 1, 1, 0.0, 1.0, None, 1)
+    assert len(metrics._call_label_cache) <= 3
+
+
+def test_a_request_the_shutdown_cuts_after_its_answer_began_is_cut_not_answered_again():
+    # Its head is sent: a 503 after it would be a second answer on the one response.
+    from proxy.metrics import Metrics
+    from proxy.observe import ObserveMiddleware
+
+    sent: list[dict] = []
+
+    async def streaming(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.Event().wait()  # a stream, until the shutdown cancels it
+
+    async def send(message):
+        sent.append(message)
+
+    metrics = Metrics()
+    middleware = ObserveMiddleware(streaming, metrics, log_format="off")
+
+    async def run() -> None:
+        request = asyncio.create_task(middleware({"type": "http", "method": "GET", "path": "/x"}, None, send))
+        await asyncio.sleep(0.01)
+        request.cancel()
+        await request
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(run())
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200]
+    samples = rendered_families(metrics)["tollgate_requests"].samples
+    assert {s.labels["status"] for s in samples if s.name == "tollgate_requests_total"} == {"200"}
+
+
+def test_a_request_the_shutdown_cuts_before_its_answer_is_answered_503_and_goes_on_uncancelled():
+    # Answered rather than cut: what runs after it in the request's task (uvicorn's own end of
+    # the response) must not be cancelled in turn.
+    from proxy.metrics import Metrics
+    from proxy.observe import ObserveMiddleware
+
+    sent: list[dict] = []
+
+    async def waiting(scope, receive, send):
+        await asyncio.Event().wait()  # the upstream has not answered yet
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    metrics = Metrics()
+    middleware = ObserveMiddleware(waiting, metrics, log_format="off")
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [], "query_string": b""}
+
+    async def request() -> int:
+        await middleware(scope, receive, send)
+        return asyncio.current_task().cancelling()  # type: ignore[union-attr]
+
+    async def run() -> int:
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        return await task
+
+    assert asyncio.run(run()) == 0
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [503]
+    samples = rendered_families(metrics)["tollgate_requests"].samples
+    assert {s.labels["status"] for s in samples if s.name == "tollgate_requests_total"} == {"503"}
+
+
+def test_the_shutdown_waits_for_the_requests_still_running_to_end():
+    from proxy.observe import RunningRequests
+
+    running = RunningRequests()
+    running.count = 1
+
+    async def run() -> float:
+        async def end_soon() -> None:
+            await asyncio.sleep(0.1)
+            running.count = 0
+
+        ending = asyncio.create_task(end_soon())
+        started = time.monotonic()
+        await running.drain(timeout=30)
+        waited = time.monotonic() - started
+        await ending
+        return waited
+
+    assert 0.09 <= asyncio.run(run()) < 5

@@ -30,7 +30,8 @@ from proxy.app import create_served_app
 from proxy.config import Config, DatabaseConfig
 from proxy.demo import stop_process, wait_until_up
 from proxy.health import Health
-from proxy.metrics import Metrics
+from proxy.errors import ApiError
+from proxy.metrics import Metrics, MetricsUnavailable
 from proxy.occasional import Occasional
 from proxy.store import StoreUnavailable
 from proxy.upstream import UpstreamStatusError
@@ -938,3 +939,21 @@ def test_what_a_served_app_was_built_of_is_frozen_out_of_the_collectors_walks(tm
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+class _GoneMetrics:
+    """Metrics whose workers' directory was removed under them."""
+
+    async def render(self, balances: Callable[[], Awaitable[list[tuple[str, int]]]]) -> bytes:
+        raise MetricsUnavailable("the workers' metrics directory /tmp/x is gone")
+
+
+def test_a_scrape_of_metrics_that_cannot_be_read_is_a_503_saying_why() -> None:
+    # Not a 500 with a traceback: the scraper and the operator are told what is wrong.
+    store = _Store(_fine)
+    store.team_balances = _fine  # type: ignore[attr-defined]  # never read: the render fails first
+    probes = Health(store, _Upstream(_fine), _Limiter("ok", "local"), _GoneMetrics())  # type: ignore[arg-type]
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(probes.metrics(None))  # type: ignore[arg-type]
+    assert (refused.value.status, refused.value.code) == (503, "metrics_unavailable")
+    assert refused.value.message == "the workers' metrics directory /tmp/x is gone"
