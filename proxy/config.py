@@ -641,6 +641,14 @@ def serving_warnings(config: Config, workers: int) -> list[str]:
             f"wait on a locked database ({RECORD_ATTEMPTS} x database.busy_timeout = {record_wait:g} s): a sweeper "
             "may close a call that is still being recorded as interrupted; raise the margin or lower busy_timeout"
         )
+    for i, team in enumerate(config.teams):
+        if team.tpm_limit is not None and config.rate_limits.default_max_tokens >= team.tpm_limit:
+            # As the default tpm's check says, but a team's may be meant: one whose calls all set max_tokens.
+            warnings.append(
+                f"teams[{i}].tpm_limit ({team.tpm_limit}) leaves no room for a call without max_tokens, estimated at "
+                f"its prompt plus rate_limits.default_max_tokens ({config.rate_limits.default_max_tokens}): each such "
+                f"call of team '{team.team_id}' is refused (429, never to fit)"
+            )
     if workers > 1 and config.redis.url is None:
         warnings.append(
             f"{workers} workers without Redis: each keeps its own rate-limit windows, so a team may be "

@@ -286,6 +286,17 @@ def test_several_workers_without_redis_are_warned_that_each_limits_on_its_own(tm
     assert serving_warnings(shared, workers=4) == []
 
 
+def test_a_declared_teams_tpm_no_call_without_max_tokens_could_fit_is_warned_of(tmp_path):
+    # Not refused as the default tpm is: a team whose calls all set max_tokens may mean it.
+    team = "teams:\n  - {{team_id: t, organization_id: o, model_groups: [], tpm_limit: {}}}\n"
+    (warning,) = serving_warnings(load_config(write(tmp_path, team.format(1024)), {}), workers=1)
+    assert warning == (
+        "teams[0].tpm_limit (1024) leaves no room for a call without max_tokens, estimated at its prompt plus "
+        "rate_limits.default_max_tokens (1024): each such call of team 't' is refused (429, never to fit)"
+    )
+    assert serving_warnings(load_config(write(tmp_path, team.format(1025)), {}), workers=1) == []
+
+
 def test_a_stale_call_margin_no_longer_than_a_records_wait_on_a_locked_database_is_warned_of(tmp_path):
     config = load_config(write(tmp_path, "database:\n  busy_timeout: 30s\n"), {})
     (warning,) = serving_warnings(config, workers=1)
