@@ -256,6 +256,18 @@ def test_fresh_gives_what_get_would_answer_without_loading_and_nothing_else():
     assert asyncio.run(run()) == [None, (101.0, "k as read 1"), "k as read 1", None, None, 2]
 
 
+def test_a_lookup_is_read_again_from_the_instant_its_ttl_runs_out():
+    async def run() -> tuple[str, int]:
+        loads = Loads()
+        now = [100.0]
+        cache: ExpiringCache[str, str] = ExpiringCache(loads, ttl=1, changes=ChangeSignal(), clock=lambda: now[0])
+        await cache.get("k")
+        now[0] += 1
+        return await cache.get("k"), loads.count
+
+    assert asyncio.run(run()) == ("k as read 2", 2)
+
+
 class NoGroups:
     """The store as GroupCatalog reads it, knowing no group; its reads counted."""
 

@@ -107,6 +107,17 @@ def test_small_writes_adding_up_past_the_flush_mark_go_at_once():
     assert asyncio.run(run()) == [b"".join(part * (FLUSH_AT // 4 + 1) for part in (b"a", b"b", b"c", b"d"))]
 
 
+def test_writes_reaching_the_flush_mark_exactly_go_at_once():
+    async def run() -> list[bytes]:
+        transport = RecordingTransport()
+        writes = CoalescedWrites(transport, asyncio.get_running_loop())
+        writes.write(b"a" * (FLUSH_AT - 1))
+        writes.write(b"b")
+        return list(transport.writes)  # before the turn's end
+
+    assert asyncio.run(run()) == [b"a" * (FLUSH_AT - 1) + b"b"]
+
+
 def test_what_a_turn_sent_counts_for_nothing_towards_the_next_turns_flush_mark():
     async def run() -> list[bytes]:
         transport = RecordingTransport()

@@ -116,6 +116,18 @@ def test_dumps_writes_non_finite_floats_in_a_tuple_as_null_too():
     assert dumps({"t": (float("nan"), 2**70)}) == b'{"t":[null,1180591620717411303424]}'
 
 
+def test_dumps_refuses_a_circular_value_as_the_json_module_does():
+    circular: list[object] = [float("nan")]
+    circular.append(circular)
+    with pytest.raises(ValueError, match="Circular reference"):
+        dumps({"c": circular})
+
+
+def test_dumps_refuses_a_value_that_is_no_json_with_a_type_error_as_the_json_module_does():
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        dumps({"o": object()})
+
+
 def test_raw_json_is_equal_to_raw_json_of_the_same_text_only():
     # A page's jobs hold it as metadata: jobs compare by their fields.
     assert RawJSON('{"a": 1}') == RawJSON('{"a": 1}') and hash(RawJSON("[1]")) == hash(RawJSON("[1]"))

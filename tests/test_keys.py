@@ -287,3 +287,24 @@ def test_a_key_is_refused_from_the_instant_it_expires():
     with pytest.raises(ApiError) as refused:
         asyncio.run(auth.authenticate("Bearer sk-key"))
     assert (refused.value.status, refused.value.message) == (401, INVALID["detail"])
+
+
+def test_a_bearer_scheme_with_no_key_after_it_is_refused_as_malformed():
+    with pytest.raises(ApiError) as refused:
+        bearer_token("Bearer   ")
+    assert (refused.value.status, refused.value.code) == (401, "invalid_api_key")
+    assert refused.value.message.startswith("Malformed Authorization header")
+
+
+def test_a_key_that_expires_while_a_calls_body_arrives_no_longer_stands_from_that_instant():
+    now = [99.0]
+    auth = KeyAuthenticator(OneKey(expires_at=100.0), 60, ChangeSignal(), wall_clock=lambda: now[0])  # type: ignore[arg-type]
+    principal = asyncio.run(auth.authenticate("Bearer sk-key"))
+    now[0] = 100.0
+    assert not auth.unchanged(principal)
+
+
+def test_a_key_nothing_changed_since_it_was_read_still_stands_once_the_body_arrives():
+    auth = KeyAuthenticator(OneKey(), 60, ChangeSignal())  # type: ignore[arg-type]
+    principal = asyncio.run(auth.authenticate("Bearer sk-key"))
+    assert auth.unchanged(principal)

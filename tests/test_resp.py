@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.resp import Keys, Redis, RedisError, ReplyError, Script, _Incomplete, encode, parse
+from proxy.resp import Keys, Redis, RedisError, ReplyError, Script, _Connection, _Incomplete, encode, parse
 from tests.support import RedisServer, free_port, start_process, stop_process
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -73,6 +73,18 @@ def test_an_array_of_strings_cut_anywhere_waits_for_the_rest():
             parse(raw[:cut], 0)
 
 
+def test_a_null_array_reply_parses_as_none():
+    assert parse(b"*-1\r\n", 0) == (None, 5)
+
+
+def test_a_text_argument_is_sent_with_its_length_in_utf8_bytes():
+    assert encode(("SET", "clé")) == b"*2\r\n$3\r\nSET\r\n$4\r\ncl\xc3\xa9\r\n"
+
+
+def test_a_bool_argument_is_sent_as_its_text_not_as_a_number():
+    assert encode(("SET", True)) == b"*2\r\n$3\r\nSET\r\n$4\r\nTrue\r\n"
+
+
 def test_a_script_run_on_encoded_keys_is_the_command_encoded_whole():
     sent: list[bytes] = []
 
@@ -119,6 +131,39 @@ def test_a_script_unknown_to_redis_is_sent_whole_and_then_known():
         assert first[:2] == [b"k", b"v"]
         assert await redis.call("SCRIPT", "EXISTS", script.sha) == [1]
         assert await redis.evalsha(script, Keys(["k"]), ["v"]) == first
+        await redis.close()
+
+    asyncio.run(run())
+
+
+def test_a_script_that_fails_is_not_run_again():
+    # Only NOSCRIPT sends a script whole: one that ran and failed may have written (a limiter's
+    # admit counted twice).
+    key = f"tollgate-test:{uuid.uuid4().hex}"
+    script = Script(f"redis.call('INCR', KEYS[1]) return redis.error_reply('refused {uuid.uuid4().hex}')")
+
+    async def run() -> bytes:
+        redis = client()
+        await redis.call("SCRIPT", "LOAD", script.source)
+        with pytest.raises(ReplyError, match="refused"):
+            await redis.evalsha(script, Keys([key]), [])
+        runs = await redis.call("GET", key)
+        await redis.call("DEL", key)
+        await redis.close()
+        return runs
+
+    assert asyncio.run(run()) == b"1"
+
+
+def test_a_script_sent_soon_after_the_connection_was_lost_connects_again_and_runs():
+    token = uuid.uuid4().hex
+    script = Script(f"return '{token}'")
+
+    async def run() -> None:
+        redis = client()
+        await redis.connect()
+        redis.drop("given up on, as after a timeout")
+        assert await asyncio.wait_for(redis.evalsha_soon(script, Keys([]), []), 3) == token.encode()
         await redis.close()
 
     asyncio.run(run())
@@ -216,6 +261,82 @@ def test_a_silent_redis_times_out_and_the_next_command_reconnects():
     asyncio.run(run())
 
 
+def test_an_unreadable_reply_fails_the_command_waiting_for_it_naming_it_unreadable():
+    async def answers_garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b":not-a-number\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def run() -> None:
+        async with fake_redis(answers_garbage) as redis:
+            with pytest.raises(RedisError, match="unreadable reply"):
+                await asyncio.wait_for(redis.call("PING"), 3)
+
+    asyncio.run(run())
+
+
+def test_a_redis_silent_after_answering_part_of_a_connections_setup_times_out():
+    # Every reply the setup waits for is timed, not only its first: connecting is bounded by
+    # redis.connect_timeout only until the connection is made.
+    async def answers_auth_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1000)
+        writer.write(b"+OK\r\n")  # AUTH's answer; SELECT's never comes
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server = await asyncio.start_server(answers_auth_only, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        redis = Redis(f"redis://:secret@127.0.0.1:{port}/2", connect_timeout=1.0, timeout=0.3)
+        try:
+            with pytest.raises(RedisError):
+                await asyncio.wait_for(redis.call("PING"), 3)
+        finally:
+            await redis.close()
+            server.close()
+
+    asyncio.run(run())
+
+
+def test_an_error_redis_wrote_before_closing_with_no_command_waiting_is_why_the_connection_was_lost():
+    connection = _Connection(1.0)
+    connection.data_received(b"-ERR max number of clients reached\r\n")
+    connection.connection_lost(None)
+    assert str(connection.error) == "Redis closed the connection, answering: ERR max number of clients reached"
+
+
+def test_a_redis_url_without_a_port_is_reached_on_6379():
+    async def run() -> tuple[str, int]:
+        asked: list[tuple[str, int]] = []
+
+        async def create_connection(factory: object, host: str, port: int) -> None:
+            asked.append((host, port))
+            raise ConnectionRefusedError("refused")
+
+        loop = asyncio.get_running_loop()
+        loop.create_connection = create_connection  # type: ignore[method-assign,assignment]
+        with pytest.raises(RedisError):
+            await Redis("redis://redis.example", connect_timeout=1.0, timeout=1.0).call("PING")
+        return asked[0]
+
+    assert asyncio.run(run()) == ("redis.example", 6379)
+
+
+def test_a_command_sent_soon_before_any_connection_leaves_nothing_behind_once_answered():
+    # Sent from a task of the client's own while it connects: the task is let go once done,
+    # or a client that reconnects for good would hold every such command's task.
+    async def run() -> int:
+        redis = client()
+        assert await redis.call_soon("PING") == "PONG"
+        await asyncio.sleep(0)
+        left = len(redis._background)
+        await redis.close()
+        return left
+
+    assert asyncio.run(run()) == 0
+
+
 def test_a_script_sent_soon_to_a_redis_gone_silent_fails_in_time():
     async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(100)
@@ -261,6 +382,33 @@ def test_a_command_whose_caller_gave_up_still_counts_against_the_timeout():
                 await asyncio.wait_for(later, 0.9)
 
     asyncio.run(run())
+
+
+async def first_command_of_a_connection(url_of: Callable[[int], str]) -> bytes:
+    """What a client of the URL `url_of(port)` sends first to a Redis at that port."""
+    received: list[bytes] = []
+
+    async def records(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(1000))
+        writer.close()
+
+    server = await asyncio.start_server(records, "127.0.0.1", 0)
+    redis = Redis(url_of(server.sockets[0].getsockname()[1]), connect_timeout=1.0, timeout=1.0)
+    with contextlib.suppress(RedisError):
+        await redis.call("PING")
+    await redis.close()
+    server.close()
+    return received[0]
+
+
+def test_a_url_with_only_a_password_authenticates_with_the_password_alone():
+    sent = asyncio.run(first_command_of_a_connection(lambda port: f"redis://:s3cret@127.0.0.1:{port}"))
+    assert sent.startswith(encode(("AUTH", "s3cret")))
+
+
+def test_a_urls_user_and_password_are_sent_percent_decoded():
+    sent = asyncio.run(first_command_of_a_connection(lambda port: f"redis://us%40er:p%2Fss@127.0.0.1:{port}"))
+    assert sent.startswith(encode(("AUTH", "us@er", "p/ss")))
 
 
 def test_the_database_number_in_the_url_is_selected():
@@ -317,6 +465,18 @@ def test_after_close_calls_fail_at_once():
         await redis.close()
         with pytest.raises(RedisError):
             await redis.call("PING")
+
+    asyncio.run(run())
+
+
+def test_closing_the_client_fails_the_commands_still_waiting_at_once():
+    async def run() -> None:
+        async with fake_redis(silent, timeout=5.0) as redis:
+            waiting = asyncio.ensure_future(redis.call("PING"))
+            await asyncio.sleep(0.1)
+            await redis.close()
+            with pytest.raises(RedisError, match="client closed"):
+                await asyncio.wait_for(waiting, 1)
 
     asyncio.run(run())
 

@@ -14,7 +14,16 @@ from typing import Awaitable, Callable
 import pytest
 
 from proxy.config import Secret, UpstreamConfig, UpstreamTimeouts
-from proxy.upstream import ConnectError, DeadlineExceeded, ReadError, RemoteProtocolError, Upstream, UpstreamStatusError, UpstreamTimeout
+from proxy.upstream import (
+    ConnectError,
+    DeadlineExceeded,
+    ReadError,
+    RemoteProtocolError,
+    TransportError,
+    Upstream,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
 from tests.support import fake_log, free_port, never_connecting, tag, wait_for
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -783,5 +792,185 @@ def test_a_silence_after_a_head_that_came_halfway_through_its_timeout_is_a_timeo
         await response.aclose()
         await client.aclose()
         server.close()
+
+    asyncio.run(run())
+
+
+def test_an_answer_closed_twice_gives_its_connection_back_once():
+    async def answers_each_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await read_request(reader)
+                await answer_keep_alive(writer)
+
+    async def run() -> None:
+        server, url = await serve(answers_each_request)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        await response.aread()
+        await response.aclose()
+        await response.aclose()
+
+        async def call() -> bytes:
+            response = await client.open_chat(chat("hi"))
+            try:
+                return await response.aread()
+            finally:
+                await response.aclose()
+
+        # Given back twice, one connection would be taken by both calls at once.
+        assert await asyncio.wait_for(asyncio.gather(call(), call()), 3) == [b"{}", b"{}"]
+        assert client.open_connections == 2
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_chunked_answer_named_in_any_case_and_cut_by_a_close_is_a_read_error():
+    # Only an answer with neither a length nor chunked coding ends with its connection.
+    async def cut_mid_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n10\r\n{\"half\":")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(cut_mid_chunk)
+        client = upstream(url)
+        response = await client.open_chat(chat("hi"))
+        with pytest.raises(ReadError):
+            await response.aread()
+        await response.aclose()
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_get_after_an_answer_whose_head_came_in_pieces_is_still_sent_again_if_closed_unanswered():
+    # Whether the upstream answered anything is told by the bytes of this request's answer,
+    # not of the answers before it on the same connection.
+    connections: list[int] = []
+
+    async def interim_then_answer_then_drops_the_next_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"data\":[]}")
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)  # arrived as its idle timeout struck: closed unanswered
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(interim_then_answer_then_drops_the_next_request)
+        client = upstream(url)
+        for _ in range(2):
+            assert await client.get_json("/v1/models", timeout=5) == {"data": []}
+        assert len(connections) == 2
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_bound_on_the_body_sooner_than_the_read_timeout_ends_the_wait_at_that_bound():
+    async def head_then_silence(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server, url = await serve(head_then_silence)
+        client = upstream(url, first_byte=5.0)
+        response = await client.open_chat(chat("hi"))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response.expect_by(started + 0.2, "no first event in time")
+        with pytest.raises(UpstreamTimeout, match="no first event in time"):
+            await asyncio.wait_for(response.aread(), 4)
+        assert loop.time() - started < 1.0  # the bound's 0.2 s, not the read timeout's 5
+        await response.aclose()
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_a_kept_alive_connection_the_server_closed_frees_its_place_under_max_connections():
+    async def one_answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await answer_keep_alive(writer)
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    async def run() -> None:
+        server, url = await serve(one_answer_then_close)
+        client = upstream(url, max_connections=1)
+        for _ in range(3):
+            response = await asyncio.wait_for(client.open_chat(chat("hi")), 3)
+            assert await response.aread() == b"{}"
+            await response.aclose()
+            await asyncio.sleep(0.2)
+        assert client.open_connections == 1
+        server.close()
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_the_calls_deadline_ends_a_wait_for_a_free_connection_before_the_connect_timeout_would():
+    async def answers_never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def run() -> None:
+        server, url = await serve(answers_never)
+        client = upstream(url, max_connections=1)  # connect timeout 1 s
+        loop = asyncio.get_running_loop()
+        busy = asyncio.ensure_future(client.open_chat(chat("hi")))  # holds the only connection
+        await asyncio.sleep(0.1)
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await client.open_chat(chat("hi"), deadline=started + 0.2)
+        assert loop.time() - started < 0.6
+        busy.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await busy
+        await client.aclose()
+        server.close()
+
+    asyncio.run(run())
+
+
+def test_an_https_url_without_a_port_is_reached_on_port_443_over_tls():
+    async def run() -> tuple[str, int, bool]:
+        asked: list[tuple[str, int, bool]] = []
+
+        async def create_connection(factory: object, host: str, port: int, ssl: object = None) -> None:
+            asked.append((host, port, ssl is not None))
+            raise ConnectionRefusedError("refused")
+
+        loop = asyncio.get_running_loop()
+        loop.create_connection = create_connection  # type: ignore[method-assign,assignment]
+        client = upstream("https://litellm.example")
+        with pytest.raises(ConnectError):
+            await client.open_chat(chat("hi"))
+        return asked[0]
+
+    assert asyncio.run(run()) == ("litellm.example", 443, True)
+
+
+def test_a_closed_client_sends_no_more_requests(fake_url):
+    async def run() -> None:
+        client = upstream(fake_url)
+        await client.aclose()
+        with pytest.raises(TransportError, match="closed"):
+            await client.open_chat(chat("hi"))
+        assert client.open_connections == 0
 
     asyncio.run(run())

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.forwarding import UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
 from proxy.sse import MAX_EVENT_BYTES
-from proxy.upstream import MAX_ANSWER_BYTES, ReadError, RemoteProtocolError, Upstream
+from proxy.upstream import MAX_ANSWER_BYTES, MAX_HEAD_BYTES, AnswerTooLarge, ReadError, RemoteProtocolError, Upstream
 from tests.support import TOO_DEEP_FOR_JSON, never_connecting
 from tests.test_upstream_client import answer_keep_alive, chat, read_request, serve, upstream
 
@@ -147,6 +147,36 @@ def test_an_unasked_protocol_switch_is_a_protocol_error():
     against(switches, check)
 
 
+def test_an_unasked_protocol_switch_is_named_as_such():
+    async def switches(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def check(client: Upstream) -> None:
+        with pytest.raises(RemoteProtocolError, match="switched protocols unasked"):
+            await client.open_chat(chat("hi"))
+
+    against(switches, check)
+
+
+def test_a_head_past_its_bound_is_a_protocol_error():
+    async def long_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for number in range(MAX_HEAD_BYTES // 1000 + 2):  # a few KiB past the bound, then no end
+            writer.write(b"X-Filler-%d: %s\r\n" % (number, b"a" * 1000))
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    async def check(client: Upstream) -> None:
+        with pytest.raises(RemoteProtocolError, match="head"):
+            await client.open_chat(chat("hi"))
+
+    against(long_head, check)
+
+
 def test_a_request_the_server_read_and_dropped_soon_after_is_not_sent_again():
     requests: list[bytes] = []
 
@@ -251,6 +281,32 @@ def test_an_answer_that_never_ends_fails_that_model_and_the_next_answers():
         assert closed == [True]  # the endless answer's connection was closed, not read to its end
 
     against(server, check)
+
+
+async def answer_eleven_bytes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"first\":1}")
+    await writer.drain()
+    await asyncio.sleep(5)
+
+
+def test_an_answer_read_whole_that_grows_past_its_bound_fails_as_too_large():
+    async def check(client: Upstream) -> None:
+        response = await client.open_chat(chat("hi"))
+        with pytest.raises(AnswerTooLarge):
+            await response.aread(limit=10)
+        await response.aclose()
+
+    against(answer_eleven_bytes, check)
+
+
+def test_an_answer_read_whole_that_reaches_its_bound_exactly_is_read():
+    async def check(client: Upstream) -> None:
+        response = await client.open_chat(chat("hi"))
+        assert await response.aread(limit=11) == b'{"first":1}'
+        await response.aclose()
+
+    against(answer_eleven_bytes, check)
 
 
 def _deep_then_whole(deep: bytes, whole: bytes, content_type: bytes) -> Handler:
