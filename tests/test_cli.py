@@ -30,7 +30,7 @@ from proxy.app import app_from_environment, create_app
 from proxy.cli import (
     WORKERS_DIR_PREFIX, _config_for_workers, _run, build_parser, main, remove_left_behind, serve_options,
 )
-from proxy.config import ENV_CONFIG, Config, LoggingConfig, load_config
+from proxy.config import ENV_CONFIG, Config, LoggingConfig, ServerConfig, load_config
 from proxy.demo import DEMO_TEAM, LITELLM_VERSION, _prepare, banner, ensure_litellm
 from proxy.metrics import MULTIPROC_ENV
 from proxy.server import _say_listening, _Supervisor, listen, serve, serve_workers, uvicorn_options
@@ -104,12 +104,16 @@ def plain_config(tmp_path: Path) -> Path:
     return config
 
 
-def test_cli_output_to_a_reader_that_went_away_ends_without_a_traceback(tmp_path):
+# Unbuffered (PYTHONUNBUFFERED set, as in many containers), the print itself meets the closed
+# pipe; buffered (the usual case), only the flush after the command does.
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+def test_cli_output_to_a_reader_that_went_away_ends_without_a_traceback(tmp_path, unbuffered):
     config = plain_config(tmp_path)
     ok(config, "org", "create", "o")
     read_end, write_end = os.pipe()
     os.close(read_end)  # as `tollgate org list | head -0` does, before anything is written
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    env["PYTHONUNBUFFERED"] = unbuffered  # empty: unset, for Python
     result = subprocess.run([PYTHON, "-m", "proxy", "org", "list", "--config", str(config)], env=env, cwd=REPO,
                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
     os.close(write_end)
@@ -1081,3 +1085,86 @@ def test_serve_with_workers_removes_what_a_killed_one_left_behind_and_keeps_its_
         assert httpx.get(f"{server.url}/metrics").status_code == 200  # its workers' metrics are still there
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("spoil", ["invalid", "removed"])
+def test_a_file_made_invalid_or_removed_while_serve_starts_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], spoil: str
+) -> None:
+    # The copy the workers would read cannot be served: a refusal in one line, not a traceback.
+    path = plain_config(tmp_path)
+    config = load_config(str(path))
+    if spoil == "invalid":
+        path.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", server={"port": 99999})))
+    else:
+        path.unlink()
+    (tmp_path / "copy").mkdir()
+    with pytest.raises(SystemExit) as exit:
+        _config_for_workers(config, str(tmp_path / "copy"))
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"tollgate: {path}: changed or unreadable while the gateway started: ")
+    assert error.count("\n") == 1
+
+
+def test_a_cli_command_keeps_its_change_to_a_declared_team_while_another_waits_for_its_organization(tmp_path):
+    # After the command, the declared teams still waiting are tried again; that retry only
+    # creates what is absent: following the file, it would undo the command's own change.
+    config = tmp_path / "config.yaml"
+    declared = {
+        "organizations": [{"organization_id": "o1"}],
+        "teams": [
+            {"team_id": "t", "organization_id": "o1", "model_groups": ["Main"]},
+            {"team_id": "u", "organization_id": "acme", "model_groups": ["Main"]},
+        ],
+    }
+    config.write_text(yaml.safe_dump(tollgate_config(tmp_path / "cli.db", **declared)))
+    assert ok(config, "team", "update", "t", "--status", "suspended")["status"] == "suspended"
+    assert ok(config, "team", "show", "t")["status"] == "suspended"
+
+
+def test_team_update_sets_a_teams_credits_per_job(tmp_path: Path) -> None:
+    config = plain_config(tmp_path)
+    ok(config, "org", "create", "o")
+    ok(config, "team", "create", "t", "--org", "o", "--credits-per-job", "3")
+    assert ok(config, "team", "update", "t", "--credits-per-job", "5")["credits_per_job"] == 5
+    assert ok(config, "team", "show", "t")["credits_per_job"] == 5
+
+
+@pytest.mark.parametrize("args", [[], ["org"], ["team"], ["key"], ["credits"], ["model-group"]])
+def test_a_command_or_action_left_out_is_refused_as_a_usage_error(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    # Not a traceback from a handler that was never chosen.
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2
+    assert "the following arguments are required" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_serve_gives_uvicorn_the_files_shutdown_grace_read_timeout_and_body_limit() -> None:
+    config = Config(server=ServerConfig(shutdown_grace=7.0, read_timeout=11.0, max_body_bytes=1234))
+    options = serve_options(build_parser().parse_args(["serve"]), config)
+    assert options["timeout_graceful_shutdown"] == 7.0
+    assert (options["http"].keywords["read_timeout"], options["http"].keywords["max_body_bytes"]) == (11.0, 1234)
+
+
+def test_key_create_gives_the_key_the_expiry_the_command_line_says(tmp_path: Path) -> None:
+    config = declared_config(tmp_path)
+    key = ok(config, "key", "create", "t", "--expires-at", "2030-01-01T00:00:00Z")
+    assert key["expires_at"] == ok(config, "key", "list", "t")[0]["expires_at"] == "2030-01-01T00:00:00.000Z"
+
+
+def test_model_group_create_keeps_the_description_the_command_line_gives(tmp_path: Path) -> None:
+    config = plain_config(tmp_path)
+    created = ok(config, "model-group", "create", "G", "--models", "a,b", "--description", "for tests")
+    listed = {group["name"]: group for group in ok(config, "model-group", "list")}
+    assert created["description"] == listed["G"]["description"] == "for tests"
+
+
+def test_the_demos_litellm_runs_without_the_database_the_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LiteLLM given a DATABASE_URL (one set for another program) would try to use it.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://elsewhere/db")
+    env = demo.litellm_environment("sk-litellm-master")
+    assert "DATABASE_URL" not in env
+    assert env["LITELLM_MASTER_KEY"] == "sk-litellm-master"
