@@ -200,8 +200,10 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # A read begun after a chunk's size line, which brings no chunk data, is all trailer.
         self._read_in_trailers = self._reading and self._head_done and self._after_chunk_header
         self._trailer_read_bytes = 0
-        # uvicorn's own data_received, but for a refusal made in a parser callback.
-        self._unset_keepalive_if_required()
+        # uvicorn's own data_received, but for a refusal made in a parser callback; and without its
+        # cancel of the keep-alive timeout on every read, which on_message_begin does once a request
+        # begins: a read of empty lines alone (RFC 9112, 2.2) cancelled it, and the connection,
+        # between requests and so without a read timeout, stayed open for good.
         if self._upgrade_body_left:
             data = self._read_upgrade_body(data)
             if not data:
@@ -445,8 +447,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         if self.cycle is not None and self.cycle.response_complete and not self.transport.is_closing():
             # Answered before its body was read whole (a wrong key, a body too large): the answer's
-            # end armed uvicorn's keep-alive timeout, which every read of the body since cancelled.
-            # The connection is idle from now on, and would stay open for good.
+            # end armed uvicorn's keep-alive timeout, which does nothing while a request is read
+            # (timeout_keep_alive_handler) and may have passed meanwhile. The connection is idle
+            # from now on, and would stay open for good.
             self._unset_keepalive_if_required()
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler

@@ -489,6 +489,16 @@ def test_a_call_whose_client_half_closes_is_cancelled_as_on_a_hang_up_and_answer
     assert [call["status"] for call in job["calls"]] == ["cancelled"]
 
 
+
+def test_a_client_that_half_closes_half_way_through_its_body_is_taken_as_hung_up(tollgate, team):
+    # Its request can never be whole: the connection closes at once, unanswered, not once the
+    # read timeout is over.
+    request = json_post("/api/jobs/create", team.key, b'{"job_type": "half"}')[:-5]
+    started = time.monotonic()
+    assert half_closed_exchange(tollgate.port, request) == b""
+    assert time.monotonic() - started < 5
+
+
 def test_options_asterisk_is_200_allowing_every_method_the_server_serves(tollgate):
     # RFC 9110, 9.3.7: `OPTIONS *` asks about the server as a whole (a liveness probe of some
     # proxies), and was a 404 for a path "/*" nobody asked for.

@@ -832,6 +832,18 @@ def test_serve_stops_gracefully_on_sigint_and_exits_0(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_an_idle_gateway_stops_at_once_on_sigterm(tmp_path: Path) -> None:
+    # Nothing to drain: the sweeper is told to stop, not waited out for the drain's 10 s.
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused").start()
+    try:
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(15) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        server.stop()
+
+
 def test_serve_says_an_ipv6_address_it_listens_on_in_brackets() -> None:
     said: list[str] = []
     handler = logging.Handler()

@@ -142,6 +142,16 @@ def test_a_jobs_costs_show_its_hold_while_it_is_open_and_none_once_finished(toll
     assert finished["costs"]["credits_held"] == 0
 
 
+def test_a_jobs_costs_show_its_hold_while_it_is_in_progress(tollgate, team):
+    # A call made in it moves it on from pending: it is open all the same, its credit still held.
+    client = tollgate.client(team.key)
+    job_id = create(client)["job_id"]
+    call = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert call.status_code == 200, call.text
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert (job["status"], job["costs"]["credits_held"]) == ("in_progress", 1)
+
+
 def test_the_completion_answers_the_documented_job_costs_and_calls(tollgate, team):
     # API.md's complete response: the job, its costs and its calls, every figure a number.
     client = tollgate.client(team.key)

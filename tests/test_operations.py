@@ -666,6 +666,29 @@ def test_a_request_refused_after_its_method_was_read_is_counted_under_it(make_to
     assert wait_for(lambda: value(families(server), "tollgate_requests", status="400", method="GET") == 1, timeout=5)
 
 
+
+def test_a_request_refused_while_the_app_reads_its_body_is_counted_once_as_the_refusal(make_tollgate):
+    # The app runs it, its head read: the app's own observation counts it, with the refusal's status.
+    server = make_tollgate(server={"max_body_bytes": 65536})
+    key = server.admin().team().key
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall((
+            f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1;e="
+        ).encode())
+        time.sleep(0.2)  # the app runs it, its head read
+        with contextlib.suppress(OSError):  # the server may close while this still sends
+            sock.sendall(b"a" * 300_000)  # a chunk extension without end: 413 past twice the limit
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert wait_for(lambda: value(families(server), "tollgate_requests", status="413") == 1, timeout=5)
+    time.sleep(0.5)  # a second count, if any, by now
+    metrics = families(server)
+    counted = {(s.labels["route"], s.labels["status"]): s.value for s in metrics["tollgate_requests"].samples
+               if s.name == "tollgate_requests_total" and not s.labels["route"].startswith(("/admin", "/metrics", "/health"))}
+    assert counted == {("/api/jobs/create", "413"): 1}, counted
+
+
 def test_a_request_refused_before_the_app_has_its_access_log_line(make_tollgate):
     server = make_tollgate(logging={"access_log": "json"})
     assert raw_refusal(server.port, OVERSIZED_HEAD).startswith(b"HTTP/1.1 431 ")

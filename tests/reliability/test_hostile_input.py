@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.reliability.test_pipelining import send_in_reads
+from tests.reliability.test_pipelining import answers, send_in_reads
 from tests.support import Tollgate
 
 HI = [{"role": "user", "content": "hi"}]
@@ -200,6 +200,17 @@ def test_a_protocol_level_refusal_under_v1_is_in_openai_shape(target, path):
     assert error["message"] and (error["type"], error["code"]) == ("invalid_request_error", "bad_request")
 
 
+def test_a_protocol_level_refusal_under_v1_is_in_openai_shape_though_its_query_holds_a_url(target):
+    # Not an absolute-form target: its `://` comes after the path began.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions?next=http://x/y HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n")
+        reply = read_all(sock)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert b" 400 " in head.split(b"\r\n", 1)[0]
+    assert json.loads(body)["error"]["type"] == "invalid_request_error", body
+
+
 def test_a_request_head_over_64_kib_is_431_and_the_connection_closed(target):
     server, _, _ = target
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -321,6 +332,18 @@ def test_a_request_target_over_64_kib_after_a_head_sent_in_two_reads_is_414(targ
     assert reply.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 414 " in reply, reply[:400]
 
 
+
+def test_a_head_at_the_64_kib_bound_is_answered_alike_whether_its_blank_line_comes_with_it_or_alone(target):
+    # Its request line and fields fill 64 KiB to the byte; the blank line that ends it comes after
+    # them. Where the reads split a head is the network's doing, not the client's.
+    server, _, _ = target
+    lines = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+    lines += b"a" * (64 * 1024 - len(lines) - 2) + b"\r\n"
+    whole = raw_exchange(server.port, lines + b"\r\n")
+    split = send_in_reads(server.port, lines, b"\r\n")
+    assert whole.partition(b"\r\n")[0] == split.partition(b"\r\n")[0], (whole[:200], split[:200])
+
+
 @pytest.mark.parametrize("part", ["body", "head"])
 def test_a_request_that_trickles_in_is_408_once_the_read_timeout_is_over(make_tollgate, part):
     server = make_tollgate(server={"read_timeout": "1s"})
@@ -339,6 +362,20 @@ def test_a_request_that_trickles_in_is_408_once_the_read_timeout_is_over(make_to
         reply = read_all(sock)
     assert reply.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 10
     assert json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+
+
+def test_a_request_on_a_kept_alive_connection_has_the_read_timeout_from_its_own_start(make_tollgate):
+    # Not from the start of the request before it: that one's time is over once it is read whole.
+    server = make_tollgate(server={"read_timeout": "3s"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        time.sleep(1.8)
+        sock.sendall(b"GET /health/live HTTP/1.1\r\n")
+        time.sleep(1.8)  # past the first request's 3 s, well within this one's
+        sock.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
 
 
 def test_a_connection_that_sends_nothing_is_closed_once_the_read_timeout_is_over(make_tollgate):
@@ -407,6 +444,15 @@ def test_an_http_1_0_request_without_a_host_header_is_served(target):
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
 
 
+def test_a_request_line_with_no_version_is_served_without_a_host_header_as_http_1_0s_is(target):
+    # The parser reads such a line (HTTP/0.9's) as version 0.9, older than Host.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /health/live\r\n\r\n")
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+
+
 @pytest.mark.parametrize("version", [b"1.1", b"1.0"])
 def test_a_request_with_two_host_headers_is_400_naming_them(target, version):
     # RFC 9112, 3.2: more than one Host is a 400 whatever the version.
@@ -415,6 +461,30 @@ def test_a_request_with_two_host_headers_is_400_naming_them(target, version):
         server.port, b"GET /health/live HTTP/" + version + b"\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n"
     )
     assert status == 400 and "Host" in answer["detail"], answer
+
+
+
+def test_a_request_refused_as_its_head_is_read_is_refused_once_without_an_error_logged(target):
+    # The refusal stops the parser, which raises in turn: that is no second refusal to write.
+    server, _, _ = target
+    logged = len(server.log())
+    status, answer = refusal(server.port, b"GET /health/live HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert status == 400 and "Host" in answer["detail"], answer
+    time.sleep(0.2)  # for a line logged as the connection closed
+    assert "Traceback" not in server.log()[logged:]
+
+
+def test_a_head_over_64_kib_is_refused_once_without_an_error_logged_as_the_client_sends_on(target):
+    # What the client sends after its refusal is dropped unread, not refused again.
+    server, _, _ = target
+    logged = len(server.log())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        with contextlib.suppress(OSError):  # the server may close while this still sends
+            sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000)
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 431 ") and reply.count(b"HTTP/1.1 ") == 1, reply[:300]
+    time.sleep(0.2)  # for a line logged as the connection closed
+    assert "Traceback" not in server.log()[logged:]
 
 
 @pytest.mark.parametrize("second", ["2", "20"], ids=["identical", "conflicting"])
@@ -564,6 +634,35 @@ def test_a_chunked_body_with_small_trailer_fields_is_served(target):
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
 
 
+
+def test_a_chunks_data_read_after_its_size_line_is_body_not_trailer(target):
+    # A read begun right after a chunk's size line is trailer only if it brings no chunk data.
+    server, team, job = target
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 150_000}]}).encode()
+    head = (
+        f"POST /api/jobs/{job}/llm-call HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    reply = send_in_reads(server.port, head + b"%x\r\n" % len(body), body[:100_000], body[100_000:] + b"\r\n0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+
+
+
+def test_a_kept_alive_connection_sent_only_an_empty_line_is_closed_once_idle(target):
+    # An empty line before a request line is skipped (RFC 9112, 2.2); it begins no request. Its read
+    # cancelled the keep-alive timeout, and nothing armed a timer again: the connection, sent
+    # nothing more, stayed open for good.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.2)
+        sock.sendall(b"\r\n")
+        started = time.monotonic()
+        assert read_all(sock) == b""
+    assert time.monotonic() - started < 10
+
+
 def test_a_connection_answered_before_the_body_came_is_closed_once_idle(target):
     # The answer's end armed the keep-alive timeout (5 s), and the body's read cancelled it: the
     # connection, idle once the body was in, stayed open for good.
@@ -576,6 +675,25 @@ def test_a_connection_answered_before_the_body_came_is_closed_once_idle(target):
         assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
         time.sleep(0.2)
         sock.sendall(b"0123456789")
+        started = time.monotonic()
+        assert read_all(sock) == b""
+    assert time.monotonic() - started < 10
+
+
+
+def test_a_connection_answered_before_a_body_slower_than_the_keep_alive_timeout_is_closed_once_idle(target):
+    # The keep-alive timeout (5 s) armed by the answer's end ran out while the body still came in,
+    # a request under way: the body's end must arm it again.
+    server, _, _ = target
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(
+            b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        for digit in b"0123456789":  # over 6.3 s
+            time.sleep(0.7)
+            sock.sendall(bytes([digit]))
         started = time.monotonic()
         assert read_all(sock) == b""
     assert time.monotonic() - started < 10
@@ -650,6 +768,28 @@ def test_a_413_from_the_http_layer_is_named_as_rfc_9110_names_it_under_any_pytho
     assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "content_too_large"
 
 
+
+def test_the_body_limit_on_the_wire_is_each_requests_own_on_a_kept_alive_connection(small_bodies):
+    # Four bodies of 60 KB, each within the limit, on one connection: together past twice the limit.
+    key = small_bodies.admin().team().key
+    body = json.dumps({"job_type": "kept-alive", "metadata": {"text": "x" * 59_000}}).encode()
+    head = (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    found = []
+    with socket.create_connection(("127.0.0.1", small_bodies.port), timeout=10) as sock:
+        for _ in range(4):
+            sock.sendall(head)
+            time.sleep(0.2)  # the body in reads of its own, after the head's
+            sock.sendall(body)
+            reply = b""
+            while not answers(reply)[0] and (chunk := sock.recv(65536)):
+                reply += chunk
+            found += [status for status, _ in answers(reply)[0]]
+    assert found == [200] * 4
+
+
 def test_a_chunked_body_of_small_chunks_within_the_limit_is_served(small_bodies):
     # The limit on the wire leaves room for the framing of any chunks but the tiniest.
     admin = small_bodies.admin()
@@ -692,6 +832,38 @@ def test_a_request_expecting_100_continue_answered_before_its_body_closes_the_co
     assert time.monotonic() - started < 5
 
 
+
+@pytest.mark.parametrize("expectation", [b"100-Continue", b"100-continue \t"], ids=["capitalised", "trailing whitespace"])
+def test_a_request_expecting_100_continue_however_written_is_asked_for_its_body(target, expectation):
+    # RFC 9110, 10.1.1: the expectation is case-insensitive, and no whitespace around a field's
+    # value is part of it (5.5). A client not asked waits, then sends its body all the same (curl
+    # after a second).
+    server, team, _ = target
+    body = b'{"job_type": "continue"}'
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall((
+            f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+        ).encode() + b"Expect: " + expectation + b"\r\n\r\n")
+        sock.settimeout(3)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(body)
+        assert b"HTTP/1.1 200 " in read_all(sock)
+
+
+
+def test_a_request_expecting_100_continue_with_no_body_keeps_its_connection(target):
+    # With no body to come there is nothing to tell from the next request: the connection stays.
+    server, _, _ = target
+    reply = send_in_reads(
+        server.port,
+        b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+        b"Content-Length: 0\r\nExpect: 100-continue\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 401 ") and b"HTTP/1.1 200 " in reply, reply[:400]
+
+
 def test_a_body_sent_with_an_upgrade_header_is_not_read_as_the_next_request(target):
     # httptools reads no body after a head asking for a protocol switch: the body, a request of
     # its own here, was answered as the client's next. It is this request's body.
@@ -710,6 +882,20 @@ def test_a_body_sent_with_an_upgrade_header_is_not_read_as_the_next_request(targ
         reply = read_all(sock)
     assert reply.startswith(b"HTTP/1.1 400 ") and reply.count(b"HTTP/1.1 ") == 1, reply[:300]
     assert "Malformed JSON" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
+
+
+
+def test_a_chunked_body_sent_with_an_upgrade_header_is_400_and_not_read_as_the_next_request(target):
+    # The parser reads no body after a head asking for a switch; a chunked one's end is the parser's
+    # alone to find, so the request is refused rather than its body read as the client's next.
+    server, team, _ = target
+    smuggled = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = raw_exchange(server.port, (
+        f"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
+        "Content-Type: application/json\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode() + b"%x\r\n" % len(smuggled) + smuggled + b"\r\n0\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:300]
+    assert "Upgrade" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
 
 
 @pytest.mark.parametrize("split", [False, True])

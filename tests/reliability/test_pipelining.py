@@ -7,6 +7,7 @@ for a client that has hung up."""
 import contextlib
 import json
 import socket
+import struct
 import time
 
 import pytest
@@ -119,6 +120,14 @@ def test_a_pipelined_head_is_counted_from_where_it_began_not_from_the_next_read(
     assert statuses(pipeline(server.port, LIVE + head[:60_000], head[60_000:])) == [200, 431]
 
 
+
+def test_a_pipelined_head_is_counted_from_its_own_request_line_not_the_same_line_before_it(server):
+    # The request before, in the same read, has the very same request line.
+    before = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n"
+    head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"
+    assert statuses(pipeline(server.port, before + head[:30_000], head[30_000:])) == [200, 200]
+
+
 def test_a_pipelined_request_target_over_64_kib_sent_with_the_request_before_is_414(server):
     # Its head read whole in the read the request before ended in.
     assert statuses(pipeline(server.port, LIVE + LONG_TARGET)) == [200, 414]
@@ -220,6 +229,21 @@ def test_a_client_hanging_up_with_a_request_queued_cancels_the_running_call(serv
     assert [c["status"] for c in calls] == ["cancelled"]
 
 
+
+def test_a_client_resetting_its_connection_with_a_request_queued_cancels_the_running_call(server, team):
+    # A reset brings no end of the client's sending first (eof_received): only the loss of the
+    # connection tells the call running ahead of the queued request.
+    job = new_job(server, team)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(llm_call(team, job, "slow [first_byte_ms=3000]") + LIVE)
+        time.sleep(0.5)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed with a reset
+    client = server.client(team.key)
+    calls = wait_for(lambda: [c for c in client.get(f"/api/jobs/{job}").json()["calls"] if c["status"] != "running"],
+                     timeout=10)
+    assert [c["status"] for c in calls] == ["cancelled"]
+
+
 def test_a_client_hanging_up_after_pipelining_a_request_behind_a_running_call_cancels_it(server, team):
     # The request comes once the call is under way (uvicorn stopped reading as it queued it, and
     # never saw the hang-up: the call ran to its end and was charged).
@@ -233,6 +257,22 @@ def test_a_client_hanging_up_after_pipelining_a_request_behind_a_running_call_ca
     calls = wait_for(lambda: [c for c in client.get(f"/api/jobs/{job}").json()["calls"] if c["status"] != "running"],
                      timeout=10)
     assert [c["status"] for c in calls] == ["cancelled"]
+
+
+def test_what_a_client_sends_behind_a_queued_request_is_read_only_up_to_a_bound(server, team):
+    # Held unparsed while the call ahead runs, for a hang-up to be seen: past 64 KiB the
+    # connection is no longer read, and a client sending without end is held back by TCP, not
+    # kept in the gateway's memory.
+    job = new_job(server, team)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(llm_call(team, job, "slow [first_byte_ms=3000]") + LIVE)
+        time.sleep(0.5)  # what follows in reads of its own, held: not parsed (and refused) with LIVE
+        sock.settimeout(1)
+        with contextlib.suppress(OSError):  # a send that no longer goes through in time
+            while sent < 256 * 1024 * 1024:
+                sent += sock.send(b"a" * 1024 * 1024)
+    assert sent < 128 * 1024 * 1024, f"{sent / 2**20:.0f} MiB taken from a client behind a queued request"
 
 
 @pytest.mark.parametrize("size", [10, 200_000], ids=["small", "over-64-kib"])

@@ -50,3 +50,20 @@ def test_a_sweeper_with_a_shorter_total_timeout_leaves_another_processs_live_cal
         finally:
             sweeping.stop()
             serving.stop()
+
+
+def test_a_key_revoked_through_one_process_is_refused_at_once_by_another_that_cached_it(tmp_path):
+    # At once, not once the other's cache (auth.cache_ttl, 1 s here) has run out: the change
+    # signal beside the database tells every process sharing it.
+    first = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", name="first", auth={"cache_ttl": "1s"}).start()
+    second = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", name="second", database_file=first.database,
+                      auth={"cache_ttl": "1s"}).start()
+    try:
+        team = first.admin().team()
+        client = second.client(team.key)
+        assert client.get(f"/api/teams/{team.team_id}").status_code == 200  # the key now cached in the second
+        first.admin().ok("DELETE", f"/admin/keys/{team.key_id}")
+        assert client.get(f"/api/teams/{team.team_id}").status_code == 401
+    finally:
+        second.stop()
+        first.stop()
