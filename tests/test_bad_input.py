@@ -489,7 +489,6 @@ def test_a_call_whose_client_half_closes_is_cancelled_as_on_a_hang_up_and_answer
     assert [call["status"] for call in job["calls"]] == ["cancelled"]
 
 
-
 def test_a_client_that_half_closes_half_way_through_its_body_is_taken_as_hung_up(tollgate, team):
     # Its request can never be whole: the connection closes at once, unanswered, not once the
     # read timeout is over.

@@ -666,7 +666,6 @@ def test_a_request_refused_after_its_method_was_read_is_counted_under_it(make_to
     assert wait_for(lambda: value(families(server), "tollgate_requests", status="400", method="GET") == 1, timeout=5)
 
 
-
 def test_a_request_refused_while_the_app_reads_its_body_is_counted_once_as_the_refusal(make_tollgate):
     # The app runs it, its head read: the app's own observation counts it, with the refusal's status.
     server = make_tollgate(server={"max_body_bytes": 65536})

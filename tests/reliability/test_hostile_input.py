@@ -332,7 +332,6 @@ def test_a_request_target_over_64_kib_after_a_head_sent_in_two_reads_is_414(targ
     assert reply.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 414 " in reply, reply[:400]
 
 
-
 def test_a_head_at_the_64_kib_bound_is_answered_alike_whether_its_blank_line_comes_with_it_or_alone(target):
     # Its request line and fields fill 64 KiB to the byte; the blank line that ends it comes after
     # them. Where the reads split a head is the network's doing, not the client's.
@@ -461,7 +460,6 @@ def test_a_request_with_two_host_headers_is_400_naming_them(target, version):
         server.port, b"GET /health/live HTTP/" + version + b"\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n"
     )
     assert status == 400 and "Host" in answer["detail"], answer
-
 
 
 def test_a_request_refused_as_its_head_is_read_is_refused_once_without_an_error_logged(target):
@@ -634,7 +632,6 @@ def test_a_chunked_body_with_small_trailer_fields_is_served(target):
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
 
 
-
 def test_a_chunks_data_read_after_its_size_line_is_body_not_trailer(target):
     # A read begun right after a chunk's size line is trailer only if it brings no chunk data.
     server, team, job = target
@@ -645,7 +642,6 @@ def test_a_chunks_data_read_after_its_size_line_is_body_not_trailer(target):
     ).encode()
     reply = send_in_reads(server.port, head + b"%x\r\n" % len(body), body[:100_000], body[100_000:] + b"\r\n0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
-
 
 
 def test_a_kept_alive_connection_sent_only_an_empty_line_is_closed_once_idle(target):
@@ -678,7 +674,6 @@ def test_a_connection_answered_before_the_body_came_is_closed_once_idle(target):
         started = time.monotonic()
         assert read_all(sock) == b""
     assert time.monotonic() - started < 10
-
 
 
 def test_a_connection_answered_before_a_body_slower_than_the_keep_alive_timeout_is_closed_once_idle(target):
@@ -768,7 +763,6 @@ def test_a_413_from_the_http_layer_is_named_as_rfc_9110_names_it_under_any_pytho
     assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "content_too_large"
 
 
-
 def test_the_body_limit_on_the_wire_is_each_requests_own_on_a_kept_alive_connection(small_bodies):
     # Four bodies of 60 KB, each within the limit, on one connection: together past twice the limit.
     key = small_bodies.admin().team().key
@@ -832,7 +826,6 @@ def test_a_request_expecting_100_continue_answered_before_its_body_closes_the_co
     assert time.monotonic() - started < 5
 
 
-
 @pytest.mark.parametrize("expectation", [b"100-Continue", b"100-continue \t"], ids=["capitalised", "trailing whitespace"])
 def test_a_request_expecting_100_continue_however_written_is_asked_for_its_body(target, expectation):
     # RFC 9110, 10.1.1: the expectation is case-insensitive, and no whitespace around a field's
@@ -849,7 +842,6 @@ def test_a_request_expecting_100_continue_however_written_is_asked_for_its_body(
         assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
         sock.sendall(body)
         assert b"HTTP/1.1 200 " in read_all(sock)
-
 
 
 def test_a_request_expecting_100_continue_with_no_body_keeps_its_connection(target):
@@ -882,7 +874,6 @@ def test_a_body_sent_with_an_upgrade_header_is_not_read_as_the_next_request(targ
         reply = read_all(sock)
     assert reply.startswith(b"HTTP/1.1 400 ") and reply.count(b"HTTP/1.1 ") == 1, reply[:300]
     assert "Malformed JSON" in json.loads(reply.partition(b"\r\n\r\n")[2])["detail"]
-
 
 
 def test_a_chunked_body_sent_with_an_upgrade_header_is_400_and_not_read_as_the_next_request(target):

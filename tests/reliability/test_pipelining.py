@@ -120,7 +120,6 @@ def test_a_pipelined_head_is_counted_from_where_it_began_not_from_the_next_read(
     assert statuses(pipeline(server.port, LIVE + head[:60_000], head[60_000:])) == [200, 431]
 
 
-
 def test_a_pipelined_head_is_counted_from_its_own_request_line_not_the_same_line_before_it(server):
     # The request before, in the same read, has the very same request line.
     before = b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40_000 + b"\r\n\r\n"
@@ -227,7 +226,6 @@ def test_a_client_hanging_up_with_a_request_queued_cancels_the_running_call(serv
     calls = wait_for(lambda: [c for c in client.get(f"/api/jobs/{job}").json()["calls"] if c["status"] != "running"],
                      timeout=10)
     assert [c["status"] for c in calls] == ["cancelled"]
-
 
 
 def test_a_client_resetting_its_connection_with_a_request_queued_cancels_the_running_call(server, team):
