@@ -402,6 +402,12 @@ def test_an_options_request_that_is_no_cors_preflight_is_not_told_about_browsers
     assert answer.status_code == 405 and "CORS" not in answer.json()["detail"]
 
 
+def test_a_wrong_method_that_is_no_options_is_not_told_about_browsers_though_it_names_a_preflights_method(tollgate):
+    # Only an OPTIONS is a preflight: a GET carrying the header is a wrong method, and told only that.
+    answer = httpx.get(f"{tollgate.url}/api/jobs/create", headers={"Access-Control-Request-Method": "POST"})
+    assert answer.status_code == 405 and "CORS" not in answer.json()["detail"]
+
+
 def exchange(port: int, request: bytes) -> bytes:
     """Send `request`, which asks to close the connection after its answer, and read that answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:

@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import platform
+import queue
 import sqlite3
 import struct
 import subprocess
@@ -239,6 +240,39 @@ def test_a_write_submitted_after_stop_is_refused_not_left_waiting(tmp_path):
         with pytest.raises(StoreError, match="closed") as refused:
             writer.submit(insert(1))
         assert not isinstance(refused.value, StoreUnavailable)
+
+    asyncio.run(run())
+
+
+class ThreadStopsFirst(queue.SimpleQueue):  # type: ignore[type-arg]
+    """The writer's queue, on which the first write handed to the thread arrives only once the
+    thread has stopped: it was seen alive, and it drained its queue and went just before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread: threading.Thread | None = None
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if self.thread is not None and isinstance(item, writer_module._Job):
+            thread, self.thread = self.thread, None
+            super().put(None)  # the thread stops, as it does at the end of a stop()
+            thread.join(5)
+        super().put(item)
+
+
+def test_a_write_handed_to_the_writer_thread_as_it_stops_is_answered_not_left_waiting(tmp_path: Path) -> None:
+    async def run() -> None:
+        writer = Writer(lambda: connect(tmp_path / "w.db"))
+        writer._queue = handoff = ThreadStopsFirst()
+        await writer.start()
+        handoff.thread = writer._thread
+        try:
+            write = writer.submit(insert(1))
+            await asyncio.wait({write}, timeout=5)
+        finally:
+            await asyncio.wait_for(writer.stop(), 5)
+        assert write.done(), "the write was never answered"
+        assert isinstance(write.exception(), StoreError)
 
     asyncio.run(run())
 
@@ -771,6 +805,20 @@ def locked(path: Path) -> sqlite3.Error:
 ])
 def test_sqlite_errors_that_mean_the_database_cannot_be_written_now_are_store_unavailable(tmp_path, error, expected):
     assert isinstance(busy_or(error(tmp_path / "w.db")), expected)
+
+
+def test_a_file_that_is_not_a_database_is_an_outage_not_a_fault_of_the_request(tmp_path: Path) -> None:
+    # SQLite's "file is not a database" (a file put in the database's place) is a DatabaseError
+    # like a damaged page's: the database cannot be written now, whatever the request.
+    path = tmp_path / "w.db"
+    path.write_bytes(b"not a database" * 512)
+    try:
+        sqlite3.connect(path).execute("SELECT * FROM sqlite_master")
+    except sqlite3.Error as exc:
+        error = exc
+    else:
+        raise AssertionError("a file that is no database was read as one")
+    assert isinstance(busy_or(error), StoreUnavailable)
 
 
 def test_a_damaged_database_file_is_an_outage_not_a_fault_of_the_request(tmp_path):
