@@ -4,6 +4,7 @@ import contextlib
 import json
 import socket
 import time
+from typing import Iterator
 
 import httpx
 import pytest
@@ -182,6 +183,15 @@ def read_all(sock: socket.socket) -> bytes:
     return b"".join(iter(lambda: sock.recv(65536), b""))
 
 
+@contextlib.contextmanager
+def kept_alive(port: int, timeout: float = 10) -> Iterator[socket.socket]:
+    """A connection to `port` kept alive after one request answered on it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        yield sock
+
+
 @pytest.mark.parametrize(
     "path", [b"/v1/chat/completions", b"http://x:8003/v1/chat/completions", "/v1/models/Çhat".encode()],
 )
@@ -264,9 +274,7 @@ def test_a_head_under_64_kib_with_a_large_body_in_the_same_read_is_served(target
 
 def test_an_oversized_head_on_a_kept_alive_connection_is_answered_431_too(target):
     server, _, _ = target
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    with kept_alive(server.port) as sock:
         sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
         with contextlib.suppress(OSError):
             for _ in range(20):
@@ -366,9 +374,7 @@ def test_a_request_that_trickles_in_is_408_once_the_read_timeout_is_over(make_to
 def test_a_request_on_a_kept_alive_connection_has_the_read_timeout_from_its_own_start(make_tollgate):
     # Not from the start of the request before it: that one's time is over once it is read whole.
     server = make_tollgate(server={"read_timeout": "3s"})
-    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
-        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    with kept_alive(server.port, timeout=15) as sock:
         time.sleep(1.8)
         sock.sendall(b"GET /health/live HTTP/1.1\r\n")
         time.sleep(1.8)  # past the first request's 3 s, well within this one's
@@ -649,9 +655,7 @@ def test_a_kept_alive_connection_sent_only_an_empty_line_is_closed_once_idle(tar
     # cancelled the keep-alive timeout, and nothing armed a timer again: the connection, sent
     # nothing more, stayed open for good.
     server, _, _ = target
-    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
-        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    with kept_alive(server.port, timeout=20) as sock:
         time.sleep(0.2)
         sock.sendall(b"\r\n")
         started = time.monotonic()
@@ -660,8 +664,8 @@ def test_a_kept_alive_connection_sent_only_an_empty_line_is_closed_once_idle(tar
 
 
 def test_a_connection_answered_before_the_body_came_is_closed_once_idle(target):
-    # The answer's end armed the keep-alive timeout (5 s), and the body's read cancelled it: the
-    # connection, idle once the body was in, stayed open for good.
+    # Idle once the body is in, it is closed as any idle connection is (the body's read once
+    # cancelled the keep-alive timeout the answer's end armed: it stayed open for good).
     server, _, _ = target
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
         sock.sendall(
@@ -801,9 +805,7 @@ def test_a_target_with_no_path_on_a_kept_alive_connection_is_400(target):
     # uvicorn fails on `http://host` (a path of None) after the parser read the head: refused as
     # the request before it, already answered, it got no answer at all.
     server, _, _ = target
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    with kept_alive(server.port) as sock:
         sock.sendall(b"GET http://x HTTP/1.1\r\nHost: x\r\n\r\n")
         reply = read_all(sock)
     assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
