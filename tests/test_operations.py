@@ -702,6 +702,28 @@ def test_a_request_refused_before_the_app_has_its_access_log_line(make_tollgate)
     assert entry["route"] == "unmatched" and entry["method"] == "GET" and entry["latency_ms"] >= 0
 
 
+@pytest.mark.parametrize("request_bytes", [b"\x01GET / HTTP/1.1\r\n\r\n", OVERSIZED_HEAD], ids=["unparsable", "oversized"])
+def test_a_refusal_on_a_kept_alive_connection_is_timed_from_its_own_request(make_tollgate, request_bytes):
+    # Not from the start of the request answered before it on the connection, idle time included.
+    server = make_tollgate(logging={"access_log": "json"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        time.sleep(1.5)
+        with contextlib.suppress(OSError):  # the server may close while this still sends
+            sock.sendall(request_bytes)
+        assert b"".join(iter(lambda: sock.recv(65536), b"")).startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 "))
+
+    def refused():
+        return [
+            entry for line in server.log().splitlines() if "tollgate.access: " in line
+            for entry in [json.loads(line.split("tollgate.access: ", 1)[1])] if entry["status"] in (400, 431)
+        ]
+
+    (entry,) = wait_for(refused, timeout=5)
+    assert entry["latency_ms"] < 1000, entry
+
+
 def hang_up_after_a_fallback(make_tollgate):
     """A call whose first model fails at once and whose second never answers, the client hanging
     up meanwhile: (the server, the call's record)."""
