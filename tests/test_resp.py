@@ -368,6 +368,23 @@ def test_commands_answered_in_time_never_trip_the_timeout_however_long_the_traff
     asyncio.run(run())
 
 
+def test_a_reply_late_but_within_the_timeout_is_taken():
+    # Four fifths of the timeout: one that ended 0.3 s early or more would fail it.
+    async def answers_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"PING\r\n")
+        await asyncio.sleep(1.2)
+        writer.write(b"+PONG\r\n")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    async def run() -> None:
+        async with fake_redis(answers_late, timeout=1.5) as redis:
+            await redis.connect()
+            assert await redis.call("PING") == "PONG"
+
+    asyncio.run(run())
+
+
 def test_a_command_whose_caller_gave_up_still_counts_against_the_timeout():
     async def run() -> None:
         async with fake_redis(silent, timeout=1.0) as redis:
