@@ -1699,9 +1699,10 @@ def test_stop_waits_for_the_sync_the_kernel_is_running(tmp_path):
     asyncio.run(run())
 
 
-def sync_on_a_failing_disk(path: Path, looks_finding_nothing: int = 0) -> OSError | None:
+def sync_on_a_failing_disk(path: Path, looks_finding_nothing: int = 0, interrupted_looks: int = 0) -> OSError | None:
     """What the kernel's sync of a file ends with when the disk fails it (its result -EIO, as the
-    kernel writes it), the first `looks_finding_nothing` looks for that result finding none."""
+    kernel writes it), the first `looks_finding_nothing` looks for that result finding none and
+    the `interrupted_looks` after them interrupted by a signal (EINTR)."""
     path.write_bytes(b"x")
 
     async def run() -> OSError | None:
@@ -1718,6 +1719,9 @@ def sync_on_a_failing_disk(path: Path, looks_finding_nothing: int = 0) -> OSErro
                 looks += 1
                 if looks <= looks_finding_nothing:
                     return 0
+                if looks <= looks_finding_nothing + interrupted_looks:
+                    ctypes.set_errno(errno.EINTR)  # what get_errno() reads after a call made with use_errno
+                    return -1
             got = real(number, *args)
             if number.value == getevents and got == 1:
                 # struct io_event as the kernel writes it: data, obj, then res = -EIO
@@ -1745,6 +1749,12 @@ def test_an_error_the_kernel_reports_for_a_sync_reaches_the_writer(tmp_path):
 def test_a_syncs_result_not_yet_to_be_read_when_its_end_is_signalled_is_looked_for_again(tmp_path: Path) -> None:
     # The eventfd says so only once: a look that found nothing must not be the last.
     error = sync_on_a_failing_disk(tmp_path / "f", looks_finding_nothing=1)
+    assert isinstance(error, OSError) and error.errno == errno.EIO
+
+
+def test_a_look_for_a_syncs_result_that_a_signal_interrupted_is_made_again(tmp_path: Path) -> None:
+    # EINTR is no answer about the sync: the disk's own error is what the writer must hear.
+    error = sync_on_a_failing_disk(tmp_path / "f", interrupted_looks=2)
     assert isinstance(error, OSError) and error.errno == errno.EIO
 
 
