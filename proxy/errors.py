@@ -92,6 +92,14 @@ def shutting_down(what: str, headers: Mapping[str, str] | None = None) -> ApiErr
 _OPENAI_PATHS = frozenset(["/chat/completions", "/models"])
 
 
+def _openai_root_path(path: str) -> bool:
+    """A route of /v1 asked for without /v1, as an SDK whose base URL lacks it asks: the paths
+    above and models.retrieve's /models/{model}."""
+    path = path.rstrip("/")
+    model = path.removeprefix("/models/")
+    return path in _OPENAI_PATHS or (model != path and "/" not in model)
+
+
 # What a browser's CORS preflight is told (README's Decisions): its answer grants no origin.
 _NO_CORS = (
     "a browser's CORS preflight: browsers are not served, since a key in a web page is anyone's to spend "
@@ -107,7 +115,7 @@ def error_body(path: str, error: ApiError) -> dict[str, Any]:
     """OpenAI's error shape under /v1, where its SDKs read it, and at /v1's routes asked for
     without it (an SDK whose base URL lacks /v1 shows only `error.message`); `{"detail": ...}`
     elsewhere."""
-    if path == "/v1" or path.startswith("/v1/") or path.rstrip("/") in _OPENAI_PATHS:
+    if path == "/v1" or path.startswith("/v1/") or _openai_root_path(path):
         return {
             "error": {
                 "message": error.message,
@@ -169,7 +177,7 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
         message = f"{message}: {request.method} {request.url.path}"
         if exc.status_code == 405 and request.method == "OPTIONS" and "access-control-request-method" in request.headers:
             message += f" ({_NO_CORS})"
-        if exc.status_code == 404 and request.url.path.rstrip("/") in _OPENAI_PATHS:
+        if exc.status_code == 404 and _openai_root_path(request.url.path):
             # LiteLLM's proxy serves these at its root too, and its documentation has SDKs pointed
             # there: a client moved over unchanged would otherwise be told only "Not found".
             base = str(request.base_url).rstrip("/")

@@ -359,7 +359,9 @@ def test_an_errors_type_names_its_kind_of_failure(status, error_type):
     assert error_body("/v1/chat/completions", ApiError(status, "no"))["error"]["type"] == error_type
 
 
-@pytest.mark.parametrize("path", ["/v1beta/chat/completions", "/v10/models", "/api/v1/x", "/chat/completions/x"])
+@pytest.mark.parametrize(
+    "path", ["/v1beta/chat/completions", "/v10/models", "/api/v1/x", "/chat/completions/x", "/models/a/b"]
+)
 def test_paths_beside_v1s_answer_their_errors_in_the_detail_shape(path):
     assert error_body(path, ApiError(404, "Not found")) == {"detail": "Not found"}
 
@@ -378,17 +380,21 @@ def test_unknown_paths_under_v1_and_v1_itself_are_404_in_openais_shape(tollgate,
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}, path
 
 
-@pytest.mark.parametrize("call", ["chat", "models"])
+@pytest.mark.parametrize("call", ["chat", "models", "model"])
 def test_a_client_pointed_at_the_root_rather_than_v1_is_told_where_the_routes_are(tollgate, team, call):
     # LiteLLM's proxy answers at its root too, and its documentation points SDKs there: a
-    # client moved over unchanged got only "Not found: POST /chat/completions".
+    # client moved over unchanged got only "Not found: POST /chat/completions". Each call of the
+    # drop-in (README) is told so, models.retrieve's GET /models/{model} included.
     client = OpenAI(base_url=tollgate.url, api_key=team.key, max_retries=0)
     with pytest.raises(openai.NotFoundError) as caught:
         if call == "chat":
             client.chat.completions.create(model="Main", messages=[{"role": "user", "content": "hi"}])
-        else:
+        elif call == "models":
             client.models.list()
+        else:
+            client.models.retrieve("Main")
     assert f"set the client's base URL to {tollgate.url}/v1" in str(caught.value)
+    assert caught.value.body["type"] == "not_found_error"  # OpenAI's shape, which the SDK reads
 
 
 def test_malformed_json_on_v1_is_400_in_openais_shape(tollgate, team):
