@@ -87,6 +87,19 @@ async def an_expired_job(path: Path) -> tuple[SQLiteStore, str]:
     return later, job_id
 
 
+def test_a_database_in_directories_not_made_yet_is_made_with_them(tmp_path):
+    # README: database.url's directories are made as the store opens, as a fresh install needs.
+    path = tmp_path / "not" / "made" / "yet.db"
+
+    async def check() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        await store.close()
+
+    asyncio.run(check())
+    assert path.is_file()
+
+
 def test_a_start_cut_short_once_written_says_the_call_started(tmp_path):
     async def check(store: SQLiteStore) -> None:
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
