@@ -155,6 +155,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # parser reads none of it (see on_headers_complete), so it is read here, past the parser.
         self._upgrade_body_left = 0
         self._half_closed = False  # the client ended its sending after a whole request (eof_received)
+        self._ends_with_held = False  # ... after bytes held unread (`_hold`): its last request is known once they are read
         self._arm_read_timer()
 
     def _drop_when_unread(self, transport: asyncio.Transport) -> None:
@@ -487,6 +488,30 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             held = bytes(self._held)
             self._held.clear()
             self.data_received(held)
+            if self._ends_with_held and not self._held:
+                self._end_after_held()
+
+    def _end_after_held(self) -> None:
+        """The client half-closed with bytes held (`eof_received`), all read now: the answer of
+        the last whole request ends the connection. A request they leave unfinished can never
+        be whole: it is dropped unanswered, as on a hang-up, and if it is the one running (its
+        body cut short) the connection ends now."""
+        self._ends_with_held = False
+        if self._discarding or self.transport.is_closing() or self.cycle is None:
+            return  # a refusal of what they held closes it
+        if not self._message_begun or not self._head_done:
+            self.cycle.keep_alive = False  # the last whole request's (an unfinished head has no cycle yet)
+        elif self._waiting():
+            self.pipeline.popleft()  # never run
+            self._ahead[-1].keep_alive = False
+        else:
+            self.transport.close()
+            return
+        if self._message_begun:
+            self._discarding = True  # its read timeout must not answer it after all
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
 
     def _waiting(self) -> bool:
         """Whether the request being read, its head read, is queued behind another."""
@@ -501,11 +526,16 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         app hears of a disconnect as it would of a hang-up (`_hang_up_on_half_close`), and a call
         that listens for one ends as cancelled, its 499 answered. So are requests pipelined
         whole behind one running (`printf ... | nc -N`): each is answered in its turn, and the
-        last answer closes. Otherwise (between requests, one half read or held unparsed behind
-        another, an answer begun) it is a hang-up, as before."""
+        last answer closes; and those sent while others waited their turn, held unread until
+        theirs (`_hold`), which are read then: the last of them closes, and one of them left
+        unfinished is a hang-up once read (`_end_after_held`). Otherwise (between requests, one
+        half read, an answer begun) it is a hang-up, as before."""
+        if self._half_closed:
+            # Told again: each answer's end resumes reading, and the transport reads the end again.
+            return True
         cycle = self.cycle
         if (
-            cycle is None or cycle.response_started or self._message_begun or self._held
+            cycle is None or cycle.response_started or (self._message_begun and not self._held)
             or self._discarding or self.transport.is_closing()
             # The request running ahead of those queued is streaming its answer.
             or any(ahead.response_started and not ahead.response_complete for ahead in self._ahead)
@@ -515,9 +545,12 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return None
         self._half_closed = True
-        # The latest request's answer ends the connection; those queued before it keep theirs
-        # open, for the next to be started after each.
-        cycle.keep_alive = False
+        if self._held:
+            self._ends_with_held = True
+        else:
+            # The latest request's answer ends the connection; those queued before it keep theirs
+            # open, for the next to be started after each.
+            cycle.keep_alive = False
         for ahead in self._ahead:  # the request running, if others are queued behind it
             ahead.message_event.set()
         cycle.message_event.set()  # wakes a receive() waiting for a disconnect
