@@ -484,49 +484,55 @@ def test_a_call_running_ahead_of_queued_requests_is_cancelled_by_a_half_close_an
     assert [call["status"] for call in job["calls"]] == ["cancelled"]
 
 
+HELD_CREATE = b'{"job_type": "held"}'
+
+
+def half_closed_behind_a_call(port: int, key: str, job_url: str, cut: int = 0) -> tuple[bytes, float]:
+    """`cat requests | nc -N` with a larger input: a call and a job's creation sent at once, a
+    second creation (less its last `cut` bytes) in a later read, while the first waits behind the
+    call running and it is held unread until its turn; then the half-close. The reply, and the
+    seconds from the half-close until the server closed."""
+    call = json.dumps({"messages": [{"role": "user", "content": "hi [first_byte_ms=3000]"}]}).encode()
+    create = json_post("/api/jobs/create", key, HELD_CREATE)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(json_post(job_url, key, call) + create)
+        time.sleep(0.5)  # the call is upstream, the first creation queued behind it
+        sock.sendall(create[: len(create) - cut])
+        time.sleep(0.2)
+        started = time.monotonic()
+        sock.shutdown(socket.SHUT_WR)
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    return reply, time.monotonic() - started
+
+
+def held_jobs(tollgate, team) -> int:
+    page = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()
+    return sum(job["job_type"] == "held" for job in page["jobs"])
+
+
 def test_requests_sent_while_others_wait_their_turn_are_answered_though_the_client_half_closes(
     tollgate, team, job_url
 ):
-    # `cat requests | nc -N` with a larger input: the third request comes in a later read, while
-    # the second waits behind the call running, and is held unread until its turn. The half-close
-    # after it cut the connection at once, and the two jobs asked for were made unanswered.
-    call = json.dumps({"messages": [{"role": "user", "content": "hi [first_byte_ms=3000]"}]}).encode()
-    create = json_post("/api/jobs/create", team.key, b'{"job_type": "held"}')
-    with socket.create_connection(("127.0.0.1", tollgate.port), timeout=10) as sock:
-        sock.sendall(json_post(job_url, team.key, call) + create)
-        time.sleep(0.5)  # the call is upstream, the second request queued behind it
-        sock.sendall(create)
-        time.sleep(0.2)
-        sock.shutdown(socket.SHUT_WR)
-        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    # The half-close after them cut the connection at once, and the two jobs asked for were made
+    # unanswered.
+    reply, _ = half_closed_behind_a_call(tollgate.port, team.key, job_url)
     answers = reply.split(b"HTTP/1.1 ")[1:]
     assert [answer[:4] for answer in answers] == [b"499 ", b"200 ", b"200 "], reply
     assert b"connection: close" in answers[-1].partition(b"\r\n\r\n")[0]
-    page = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()
-    assert sum(job["job_type"] == "held" for job in page["jobs"]) == 2
+    assert held_jobs(tollgate, team) == 2
 
 
 def test_a_request_left_unfinished_behind_waiting_ones_when_the_client_half_closes_is_taken_as_hung_up(
     tollgate, team, job_url
 ):
     # Its body can never come whole: it is dropped as on a hang-up, once the whole requests
-    # before it are answered (the job the second asked for was made), and not left to the read
-    # timeout.
-    call = json.dumps({"messages": [{"role": "user", "content": "hi [first_byte_ms=3000]"}]}).encode()
-    create = json_post("/api/jobs/create", team.key, b'{"job_type": "held"}')
-    with socket.create_connection(("127.0.0.1", tollgate.port), timeout=10) as sock:
-        sock.sendall(json_post(job_url, team.key, call) + create)
-        time.sleep(0.5)
-        sock.sendall(create[:-5])
-        time.sleep(0.2)
-        started = time.monotonic()
-        sock.shutdown(socket.SHUT_WR)
-        reply = b"".join(iter(lambda: sock.recv(65536), b""))
-    assert time.monotonic() - started < 5
+    # before it are answered (the job the first creation asked for was made), and not left to
+    # the read timeout.
+    reply, closed_after = half_closed_behind_a_call(tollgate.port, team.key, job_url, cut=5)
+    assert closed_after < 5
     answers = reply.split(b"HTTP/1.1 ")[1:]
     assert [answer[:4] for answer in answers] == [b"499 ", b"200 "], reply
-    page = tollgate.client(team.key).get(f"/api/teams/{team.team_id}/jobs").json()
-    assert sum(job["job_type"] == "held" for job in page["jobs"]) == 1
+    assert held_jobs(tollgate, team) == 1
 
 
 def test_a_call_whose_client_half_closes_is_cancelled_as_on_a_hang_up_and_answered_499(tollgate, team, job_url):
