@@ -155,7 +155,6 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         # parser reads none of it (see on_headers_complete), so it is read here, past the parser.
         self._upgrade_body_left = 0
         self._half_closed = False  # the client ended its sending after a whole request (eof_received)
-        self._ends_with_held = False  # ... after bytes held unread (`_hold`): its last request is known once they are read
         self._arm_read_timer()
 
     def _drop_when_unread(self, transport: asyncio.Transport) -> None:
@@ -487,8 +486,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         if self._held and not self.pipeline and not self.transport.is_closing():
             held = bytes(self._held)
             self._held.clear()
-            self.data_received(held)
-            if self._ends_with_held and not self._held:
+            self.data_received(held)  # read whole: nothing is queued as it begins, so none is held again
+            if self._half_closed:  # after these bytes, held as it came: they hold the last request
                 self._end_after_held()
 
     def _end_after_held(self) -> None:
@@ -496,7 +495,6 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         the last whole request ends the connection. A request they leave unfinished can never
         be whole: it is dropped unanswered, as on a hang-up, and if it is the one running (its
         body cut short) the connection ends now."""
-        self._ends_with_held = False
         if self._discarding or self.transport.is_closing() or self.cycle is None:
             return  # a refusal of what they held closes it
         if not self._message_begun or not self._head_done:
@@ -508,10 +506,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         if self._message_begun:
-            self._discarding = True  # its read timeout must not answer it after all
-            if self._read_timer is not None:
-                self._read_timer.cancel()
-                self._read_timer = None
+            self._discarding = True  # its read timeout, should it come first, must not answer it
 
     def _waiting(self) -> bool:
         """Whether the request being read, its head read, is queued behind another."""
@@ -545,9 +540,7 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return None
         self._half_closed = True
-        if self._held:
-            self._ends_with_held = True
-        else:
+        if not self._held:  # else the last request is known once they are read (`_end_after_held`)
             # The latest request's answer ends the connection; those queued before it keep theirs
             # open, for the next to be started after each.
             cycle.keep_alive = False
