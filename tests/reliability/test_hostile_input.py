@@ -443,18 +443,14 @@ def test_an_http_1_1_request_without_a_host_header_is_400_and_not_served(target)
 
 def test_an_http_1_0_request_without_a_host_header_is_served(target):
     server, _, _ = target
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /health/live HTTP/1.0\r\n\r\n")
-        reply = read_all(sock)
+    reply = raw_exchange(server.port, b"GET /health/live HTTP/1.0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
 
 
 def test_a_request_line_with_no_version_is_served_without_a_host_header_as_http_1_0s_is(target):
     # The parser reads such a line (HTTP/0.9's) as version 0.9, older than Host.
     server, _, _ = target
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"GET /health/live\r\n\r\n")
-        reply = read_all(sock)
+    reply = raw_exchange(server.port, b"GET /health/live\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
 
 
@@ -663,16 +659,23 @@ def test_a_kept_alive_connection_sent_only_an_empty_line_is_closed_once_idle(tar
     assert time.monotonic() - started < 10
 
 
-def test_a_connection_answered_before_the_body_came_is_closed_once_idle(target):
-    # Idle once the body is in, it is closed as any idle connection is (the body's read once
-    # cancelled the keep-alive timeout the answer's end armed: it stayed open for good).
-    server, _, _ = target
-    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+@contextlib.contextmanager
+def answered_before_its_body(port: int) -> Iterator[socket.socket]:
+    """A connection whose request (10 bytes of body to come) was answered 401 on its head."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
         sock.sendall(
             b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
             b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
         )
         assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        yield sock
+
+
+def test_a_connection_answered_before_the_body_came_is_closed_once_idle(target):
+    # Idle once the body is in, it is closed as any idle connection is (the body's read once
+    # cancelled the keep-alive timeout the answer's end armed: it stayed open for good).
+    server, _, _ = target
+    with answered_before_its_body(server.port) as sock:
         time.sleep(0.2)
         sock.sendall(b"0123456789")
         started = time.monotonic()
@@ -684,12 +687,7 @@ def test_a_connection_answered_before_a_body_slower_than_the_keep_alive_timeout_
     # The keep-alive timeout (5 s) armed by the answer's end ran out while the body still came in,
     # a request under way: the body's end must arm it again.
     server, _, _ = target
-    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
-        sock.sendall(
-            b"POST /api/jobs/create HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 10\r\n\r\n"
-        )
-        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+    with answered_before_its_body(server.port) as sock:
         for digit in b"0123456789":  # over 6.3 s
             time.sleep(0.7)
             sock.sendall(bytes([digit]))
