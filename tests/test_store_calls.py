@@ -443,10 +443,13 @@ def test_a_job_the_sweep_fails_as_the_gateway_stops_is_counted_among_failed_jobs
     assert counted == [("team", "failed")]
 
 
-def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
+@pytest.mark.parametrize("status", [None, "completed", "failed"])
+def test_a_page_of_a_teams_jobs_reads_no_more_of_a_long_history_than_of_a_short_one(tmp_path, status):
     # A listing asks for one page; summing and sorting every job the team ever had for it
     # grew with the team's history, on the connection that job and page reads take one at a time.
-    db = database_at(tmp_path / "jobs.db", len(MIGRATIONS))
+    # So did the page's total, counted from the team's jobs: half a second for a million.
+    # Written as schema 6 wrote them, to be counted as the store migrates the database.
+    db = database_at(tmp_path / "jobs.db", 6)
     db.execute(
         "INSERT INTO teams (team_id, organization_id, status, credits_allocated, created_at, updated_at) "
         "VALUES ('big', 'org', 'active', 0, 0, 0)"
@@ -457,7 +460,7 @@ def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
             job_id = f"{team}-{n:05}"
             db.execute(
                 "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) "
-                "VALUES (?, ?, 't', 'completed', ?, 0)", (job_id, team, float(n))
+                "VALUES (?, ?, 't', ?, ?, 0)", (job_id, team, ("completed", "failed")[n % 2], float(n))
             )
             for call in range(2):
                 db.execute(
@@ -467,54 +470,157 @@ def test_a_page_of_a_teams_jobs_does_not_sum_every_job_the_team_has(tmp_path):
     db.execute("COMMIT")
     db.close()
 
-    async def steps(store: SQLiteStore, team: str) -> int:
-        count = [0]
+    async def steps(store: SQLiteStore, team: str, count: int) -> int:
+        steps = [0]
 
         def step() -> int:
-            count[0] += 1
+            steps[0] += 1
             return 0
 
         # A page is read on its connection of reads that must agree (with the team's balance).
         assert store._listing is not None
         store._listing.set_progress_handler(step, 100)  # every 100 SQLite instructions
-        jobs, total, _ = await store.team_jobs(team, None, 20, 0)
+        jobs, total, _ = await store.team_jobs(team, status, 20, 0)
         store._listing.set_progress_handler(None, 100)
-        assert len(jobs) == 20 and jobs[0].job_id == f"{team}-{total - 1:05}" and jobs[0].costs.total_calls == 2
-        return count[0]
+        assert total == (count if status is None else count // 2)
+        assert len(jobs) == 20 and jobs[0].costs.total_calls == 2
+        assert jobs[0].job_id == f"{team}-{count - (2 if status == 'completed' else 1):05}"
+        return steps[0]
 
     async def check() -> None:
         store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path}/jobs.db"))
         await store.open()
         try:
-            small, big = await steps(store, "team"), await steps(store, "big")
+            small, big = await steps(store, "team", 100), await steps(store, "big", 4_000)
         finally:
             await store.close()
-        # Counting the team's jobs for the total reads each once; nothing else may grow with them.
-        assert big - small < 3_900 * 10 / 100
+        assert big - small < 3_900 / 100  # less than one step for every hundred jobs more
+
+    asyncio.run(check())
+
+
+LISTED_STATUSES = (None, "pending", "in_progress", "completed", "failed")
+
+
+async def listed_totals(store: SQLiteStore, team: str = "team") -> dict[str | None, int]:
+    """The totals a team's job lists give, by the status they are filtered by (None: all)."""
+    return {status: (await store.team_jobs(team, status, 1, 0))[1] for status in LISTED_STATUSES}
+
+
+def counted_totals(path: Path, team: str = "team") -> dict[str | None, int]:
+    """The same, counted from the team's jobs."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        counts = dict(db.execute("SELECT status, COUNT(*) FROM jobs WHERE team_id = ? GROUP BY status", (team,)))
+    return {status: sum(counts.values()) if status is None else counts.get(status, 0) for status in LISTED_STATUSES}
+
+
+def test_a_teams_job_totals_follow_every_way_a_job_is_made_and_ends(tmp_path):
+    path = tmp_path / "totals.db"
+
+    async def check(store: SQLiteStore) -> None:
+        made = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(4)]
+        await store.finish_job(made[0], "completed", None, None)
+        await store.finish_job(made[1], "failed", None, "gave up")
+        await store.finish_job(made[1], "failed", None, "gave up")  # again: no change
+        await store.start_call(new_call("in-job", made[2], time.time()))
+        # /v1 calls' own jobs: made with their call, ended with its outcome.
+        for call_id, status in (("own-done", "completed"), ("own-failed", "failed")):
+            own = new_id()
+            await store.start_call(new_call(call_id, own, time.time()), own_job_default_credits=1)
+            await store.finish_call_and_job(outcome(call_id), JobEnd(own, status, None))
+        # One failed by a sweep as interrupted, then charged by its call's kept outcome.
+        interrupted = await own_job_failed_as_interrupted(store)
+        assert await listed_totals(store) == counted_totals(path)
+        assert await kept_outcome_written(store, interrupted) == (True, True)
+        assert await listed_totals(store) == counted_totals(path)
+        # What is left open, failed as expired.
+        await store.finish_call(outcome("in-job"))
+        assert len(await store.expire_jobs(time.time() + 60, 10)) == 2
+        assert await listed_totals(store) == counted_totals(path) == {
+            None: 7, "pending": 0, "in_progress": 0, "completed": 3, "failed": 4,
+        }
+
+    on_a_team_store(path, check)
+
+
+def test_a_job_refused_for_want_of_credits_is_not_among_the_teams_jobs(tmp_path):
+    path = tmp_path / "refused.db"
+
+    async def check(store: SQLiteStore) -> None:
+        await store.add_credits("team", -998, "leave two")
+        made = await asyncio.gather(*(store.create_job("team", "t", None, {}, 1) for _ in range(5)), return_exceptions=True)
+        assert sum(isinstance(job, store_module.InsufficientCredits) for job in made) == 3
+        assert await listed_totals(store) == counted_totals(path)
+        assert (await listed_totals(store))[None] == 2
+
+    on_a_team_store(path, check)
+
+
+def test_a_job_failed_as_expired_by_the_call_it_refuses_is_among_the_teams_failed_jobs(tmp_path):
+    async def check() -> None:
+        later, job_id = await an_expired_job(tmp_path / "expired.db")
+        try:
+            with pytest.raises(store_module.JobExpired):
+                await later.start_call(new_call("late", job_id, time.time()))
+            assert await listed_totals(later) == counted_totals(tmp_path / "expired.db")
+            assert (await listed_totals(later))["failed"] == 1
+        finally:
+            await later.close()
+
+    asyncio.run(check())
+
+
+def test_a_schema_6_database_upgrades_with_its_teams_job_totals_counted(tmp_path):
+    path = tmp_path / "v6.db"
+    db = database_at(path, 6)
+    db.execute(
+        "INSERT INTO teams (team_id, organization_id, status, credits_allocated, created_at, updated_at) "
+        "VALUES ('other', 'org', 'active', 0, 0, 0)"
+    )
+    for n, (team, status) in enumerate(
+        [("team", "pending"), ("team", "in_progress"), ("team", "completed"), ("team", "completed"),
+         ("team", "failed"), ("other", "completed")]
+    ):
+        db.execute(
+            "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) VALUES (?, ?, 't', ?, ?, 0)",
+            (f"job-{n}", team, status, float(n)),
+        )
+    db.close()
+
+    async def check() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        try:
+            assert await store.schema_version() == len(MIGRATIONS)
+            for team in ("team", "other"):
+                assert await listed_totals(store, team) == counted_totals(path, team)
+            assert (await listed_totals(store))[None] == 5
+        finally:
+            await store.close()
 
     asyncio.run(check())
 
 
 def test_a_job_view_does_not_wait_for_a_page_of_another_teams_jobs(tmp_path, monkeypatch):
-    # A page of a team with a million jobs reads for half a second or more (counting them,
-    # skipping to a deep page, filtering by status): on the connection job views were read on
-    # one at a time, every team's GET of a job and every completion waited behind it.
-    counting, release = threading.Event(), threading.Event()
+    # A page of a team with a million jobs reads for half a second or more (skipping to a deep
+    # page, filtering by a rare status): on the connection job views were read on one at a
+    # time, every team's GET of a job and every completion waited behind it.
+    reading, release = threading.Event(), threading.Event()
     read = store_module._all
 
-    def held_while_counting(db: sqlite3.Connection, sql: str, params=()):
-        if sql.startswith("SELECT COUNT(*) FROM jobs"):
-            counting.set()
+    def held_while_reading(db: sqlite3.Connection, sql: str, params=()):
+        if "LIMIT ? OFFSET ?" in sql:  # the page's jobs
+            reading.set()
             release.wait(10)
         return read(db, sql, params)
 
     async def check() -> None:
         store = await make_team(str(tmp_path / "views.db"))
         job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
-        monkeypatch.setattr(store_module, "_all", held_while_counting)
+        monkeypatch.setattr(store_module, "_all", held_while_reading)
         page = asyncio.ensure_future(store.team_jobs("team", None, 50, 0))
         try:
-            assert await asyncio.to_thread(counting.wait, 10)
+            assert await asyncio.to_thread(reading.wait, 10)
             view = await asyncio.wait_for(store.job_view(job_id), 5)
             assert view is not None and view[0].job_id == job_id
         finally:

@@ -182,6 +182,21 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """
     CREATE INDEX jobs_team_open ON jobs(team_id, created_at DESC) WHERE status IN ('pending', 'in_progress');
     """,
+    # 7: how many jobs each team has made, completed and failed, for the totals of its job lists:
+    # counted from its jobs, a team of a million finished ones took half a second for a page
+    # whose rows took two milliseconds. Kept by the statements that hold and settle a job's
+    # credits, on the team's row they change already (no page more in the WAL): triggers keeping
+    # them cost a /v1 call's own job 5% more instructions in the store (45k against 3k). Counted
+    # here once, as the database migrates: 0.66 s for a team of a million jobs.
+    """
+    ALTER TABLE teams ADD COLUMN jobs_made INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE teams ADD COLUMN jobs_completed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE teams ADD COLUMN jobs_failed INTEGER NOT NULL DEFAULT 0;
+    UPDATE teams SET (jobs_made, jobs_completed, jobs_failed) = (
+        SELECT COUNT(*), COUNT(CASE WHEN j.status = 'completed' THEN 1 END), COUNT(CASE WHEN j.status = 'failed' THEN 1 END)
+        FROM jobs j WHERE j.team_id = teams.team_id
+    );
+    """,
 ]
 
 
