@@ -316,7 +316,8 @@ class CallPipeline:
             ) from None
         if not decision.admitted:
             self._metrics.observe_rate_limited(team.team_id, decision.refused_kind or "tokens")
-            message, headers = decision.refusal(self._rate_limits.window)
+            advice = _never_fits_advice(request, defaults.default_max_tokens)
+            message, headers = decision.refusal(self._rate_limits.window, advice)
             raise ApiError(429, message, code="rate_limit_exceeded", headers=headers)
         return decision
 
@@ -616,6 +617,18 @@ class CallPipeline:
         if ended:
             self._metrics.observe_job(team_id, job_end.status)
         return recorded
+
+
+def _never_fits_advice(request: CallRequest, default_max_tokens: int) -> str:
+    """What a call too large for its TPM limit should change: the completion limit its estimate
+    counted (max_completion_tokens is the SDKs' name for it now, max_tokens deprecated), or, with
+    none sent, one below the default it was counted at; a client told to lower a field it never
+    sent would not know what to do."""
+    if request.max_tokens is None:
+        return f"set max_tokens (a call without it is counted at {default_max_tokens}) or shorten the prompt"
+    params = request.params  # both checked (validation): an integer from 1, or None
+    larger = (params.get("max_completion_tokens") or 0) > (params.get("max_tokens") or 0)
+    return f"lower {'max_completion_tokens' if larger else 'max_tokens'} or the prompt"
 
 
 def _with_limit_headers(exc: BaseException, decision: Decision) -> BaseException:

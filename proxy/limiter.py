@@ -78,6 +78,10 @@ class Usage:
     tokens_reset: float
 
 
+# What a call that can never fit is told to change, when its caller names nothing better.
+NEVER_FITS_ADVICE = "lower max_tokens or the prompt"
+
+
 @dataclass(slots=True)  # not frozen: made for every call, see README's "Per-call records"
 class Decision:
     admitted: bool
@@ -126,8 +130,9 @@ class Decision:
                                u.tokens_reset if tokens else 0.0))
         return Decision(self.admitted, self.call_id, self.limits, self.estimate, self.backend, tuple(usage))
 
-    def refusal(self, window: float = 60.0) -> tuple[str, dict[str, str]]:
-        """The 429's message and headers; `window`: the limits' (rate_limits.window)."""
+    def refusal(self, window: float = 60.0, advice: str = NEVER_FITS_ADVICE) -> tuple[str, dict[str, str]]:
+        """The 429's message and headers; `window`: the limits' (rate_limits.window); `advice`:
+        what a call that can never fit should change (the field its estimate counted)."""
         per = "per minute" if window == 60.0 else f"per {window:g} s"
         scope = self.refused_scope or "team"
         who = f"team '{self.limits.team_id}'" if scope == "team" else f"key '{self.limits.key_id}'"
@@ -137,7 +142,7 @@ class Decision:
             headers["x-should-retry"] = "false"
             return (
                 f"Rate limit: this call's token estimate ({self.estimate}) exceeds the {who} limit of "
-                f"{usage.tpm} tokens {per}, so it can never fit; lower max_tokens or the prompt",
+                f"{usage.tpm} tokens {per}, so it can never fit; {advice}",
                 headers,
             )
         retry = max(1, math.ceil(self.retry_after or 0))

@@ -304,6 +304,25 @@ def test_the_sdk_retries_a_503_after_its_retry_after_and_never_a_409_or_a_429_th
     assert len(sent) == 3 and time.monotonic() - started >= 2  # twice its Retry-After of 1 s
 
 
+@pytest.mark.parametrize(
+    "limit, advice",
+    [
+        ({"max_completion_tokens": 5000}, "lower max_completion_tokens or the prompt"),
+        ({"max_tokens": 5000, "max_completion_tokens": 10}, "lower max_tokens or the prompt"),
+        ({}, "set max_tokens (a call without it is counted at 1024) or shorten the prompt"),
+    ],
+)
+def test_a_call_that_can_never_fit_is_told_which_of_its_fields_to_lower(tollgate, admin, limit, advice):
+    # Not to be retried, the message is all the client has to go on. The SDKs' completion limit
+    # is max_completion_tokens now (max_tokens is deprecated): a client that sent only that, or
+    # neither, was told to lower a max_tokens it never set.
+    team = admin.team(tpm_limit=1000)
+    client = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="Main", messages=HELLO, **limit)
+    assert refused.value.message.endswith(f"so it can never fit; {advice}")
+
+
 def test_the_sdks_stream_helpers_assemble_the_answer(sdk, tollgate, team):
     with sdk.chat.completions.stream(model="Main", messages=HELLO) as stream:
         text = "".join(event.delta for event in stream if event.type == "content.delta")
