@@ -330,9 +330,14 @@ class ServerConfig:
 @dataclass(frozen=True)
 class UpstreamTimeouts:
     connect: Seconds = 5.0
-    # Until the upstream's response headers (its first event, for streams), and
-    # the longest silence tolerated between two chunks of a stream.
+    # For a stream: until the upstream's response headers and its first event, and the longest
+    # silence tolerated between two of its chunks.
     first_byte: Seconds = 120.0
+    # For a call not streamed: until the upstream's answer, whose headers LiteLLM sends with
+    # the whole of it. As long as `total` by default, as LiteLLM's and the OpenAI SDKs' own
+    # timeouts: under first_byte's 120 s a reasoning model's long answer was cut, tried again on
+    # every fallback, and billed by its provider each time for nothing.
+    answer: Seconds = 600.0
     total: Seconds = 600.0
 
 

@@ -202,7 +202,7 @@ async def forward(
 async def _attempt(
     upstream: Upstream, model: str, number: int, body: bytes, stream: bool, deadline: float
 ) -> Answer | OpenStream | Attempt:
-    response = await upstream.open_chat(body, deadline)
+    response = await upstream.open_chat(body, deadline, stream)
     handed_over = False
     try:
         if response.status_code != 200:

@@ -433,12 +433,14 @@ class Upstream:
             self._open -= 1
         self._idle.clear()
 
-    async def open_chat(self, body: bytes, deadline: float = math.inf) -> UpstreamResponse:
+    async def open_chat(self, body: bytes, deadline: float = math.inf, stream: bool = False) -> UpstreamResponse:
         """Send a chat request; return as soon as the response headers are in. Every wait for
         it and its answer, a free connection's included, ends by `deadline` (loop time) at the
-        latest, with DeadlineExceeded (or UpstreamTimeout, waiting for a free connection)."""
+        latest, with DeadlineExceeded (or UpstreamTimeout, waiting for a free connection).
+        `stream`: a streamed call's, whose headers and each chunk are due within first_byte;
+        otherwise the answer is due within `answer`."""
         head = self._chat_head + str(len(body)).encode() + b"\r\n\r\n"
-        return await self._send(head, body, self.timeouts.first_byte, deadline)
+        return await self._send(head, body, self.timeouts.first_byte if stream else self.timeouts.answer, deadline)
 
     async def get_json(self, path: str, timeout: float) -> Any:
         """GET `path`'s JSON within `timeout` seconds in all: each silence's own bound would not end

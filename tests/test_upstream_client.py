@@ -30,9 +30,10 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 
 def upstream(url: str, first_byte: float = 5.0, max_connections: int = 10, keepalive: int = 10) -> Upstream:
+    """`first_byte`: the wait for an answer's head, and each silence in it, streamed or not."""
     config = UpstreamConfig(
         url=url,
-        timeouts=UpstreamTimeouts(connect=1.0, first_byte=first_byte, total=30.0),
+        timeouts=UpstreamTimeouts(connect=1.0, first_byte=first_byte, answer=first_byte, total=30.0),
         max_connections=max_connections,
         max_keepalive_connections=keepalive,
     )

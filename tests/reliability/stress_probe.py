@@ -271,7 +271,7 @@ def make_tollgate(upstream: str, key: str, workers: int = 1) -> Tollgate:
         model_groups={n: {"models": m} for n, m in GROUPS.items()},
         redis={"url": "redis://127.0.0.1:6379/0", "key_prefix": f"tollgate-stress-{uuid.uuid4().hex[:6]}:"},
         jobs={"sweep_interval": "1s", "expire_after": "45s", "stale_call_margin": "2s"},
-        upstream={"timeouts": {"first_byte": "2s", "total": "20s"}},
+        upstream={"timeouts": {"first_byte": "2s", "answer": "2s", "total": "20s"}},
         server={"shutdown_grace": "1s"},
         rate_limits={"rpm": 1000000, "tpm": 1000000000},
     )

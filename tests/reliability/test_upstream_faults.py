@@ -26,8 +26,8 @@ def test_failing_primary_falls_back_to_the_next_model(tollgate, admin, group, ro
     assert "word1" in response.text
     (call,) = calls_of(client, job_id)
     assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
-def test_timeout_before_the_first_byte_falls_back(make_tollgate):
-    server = make_tollgate(upstream={"timeouts": {"first_byte": "1s"}})
+def test_an_answer_not_streamed_past_the_answer_timeout_falls_back(make_tollgate):
+    server = make_tollgate(upstream={"timeouts": {"answer": "1s"}})
     team = server.admin().team(groups=("FallbackHang",))
     client = server.client(team.key)
     job_id = new_job(client)
@@ -35,6 +35,22 @@ def test_timeout_before_the_first_byte_falls_back(make_tollgate):
     body = client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("hi")}).json()
     assert body["metadata"]["model"] == "backup" and time.monotonic() - started < 10
     assert calls_of(client, job_id)[0]["attempts"] == 2
+
+
+@pytest.mark.parametrize("route", ["/api/jobs/{job_id}/llm-call", "/v1/chat/completions"])
+def test_an_answer_not_streamed_is_waited_for_past_the_first_byte_timeout(make_tollgate, route):
+    # LiteLLM sends a call's headers with its whole answer: a reasoning model's long one took
+    # longer than first_byte (120 s by default), was cut, tried again on every fallback, and
+    # billed by its provider each time for nothing.
+    server = make_tollgate(upstream={"timeouts": {"first_byte": "1s"}})
+    team = server.admin().team()
+    client = server.client(team.key)
+    job_id = new_job(client)
+    body = {"model": "Main", "messages": say("thinks long [first_byte_ms=2500]")}
+    response = client.post(route.format(job_id=job_id), json=body, headers={"X-Job-Id": job_id})
+    assert response.status_code == 200, response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "primary", 1)
 
 
 @pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
