@@ -786,7 +786,17 @@ class SQLiteStore:
             where += " AND j.status IN ('pending', 'in_progress')"
 
         def read(db: sqlite3.Connection) -> tuple[list[Any], int, int]:
-            # The page's jobs first, through the team's index, and only theirs joined to their calls:
+            counted = _TEAM_JOB_COUNTS.get(status or None)
+            if counted is None:  # open jobs: few, counted through their own index
+                total = _all(db, f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)[0][0]
+                remaining = _remaining_in(db, team_id)
+            else:
+                team = _all(db, f"SELECT {counted}, credits_allocated - credits_used FROM teams WHERE team_id = ?",
+                            (team_id,))
+                total, remaining = team[0] if team else (0, 0)
+            if offset >= total:
+                return [], total, remaining  # skipping to it would read every job the team has
+            # The page's jobs, through the team's index, and only theirs joined to their calls:
             # grouped before the limit, every job the team ever had was summed and sorted for each page.
             rows = _all(
                 db,
@@ -795,12 +805,6 @@ class SQLiteStore:
                 "LEFT JOIN llm_calls c ON c.job_id = j.job_id GROUP BY j.job_id ORDER BY j.created_at DESC, j.job_id",
                 (*params, limit, offset),
             )
-            counted = _TEAM_JOB_COUNTS.get(status or None)
-            if counted is None:  # open jobs: few, counted through their own index
-                total = _all(db, f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)[0][0]
-                return rows, total, _remaining_in(db, team_id)
-            team = _all(db, f"SELECT {counted}, credits_allocated - credits_used FROM teams WHERE team_id = ?", (team_id,))
-            total, remaining = team[0] if team else (0, 0)
             return rows, total, remaining
 
         def records(page: tuple[list[Any], int, int]) -> tuple[list[Job], int, int]:
