@@ -47,6 +47,25 @@ def _fail(message: str, code: int = 1) -> None:
     raise SystemExit(code)
 
 
+def _discard_stdout() -> None:
+    """Send what stdout still holds nowhere: Python's own flush at exit would fail again and
+    print a traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _emit(text: str) -> None:
+    """Print a command's result. One that cannot be written (stdout on a full disk) is one line,
+    not a traceback, saying the command is done all the same: a key made, credits added."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # main's: the reader went away, having read what it wanted
+    except OSError as exc:
+        _discard_stdout()
+        _fail(f"done, but its output could not be written: {exc.strerror or exc}")
+
+
 def _load(args: argparse.Namespace, serving: bool = False) -> Config:
     try:
         config = load_config(args.config)
@@ -175,8 +194,7 @@ def _exit_successfully(signum: int, frame: Any) -> None:
 
 def cmd_check_config(args: argparse.Namespace) -> None:
     config = _load(args, serving=True)
-    print(f"# {config.source}: valid")
-    print(yaml.safe_dump(describe(config), sort_keys=False), end="")
+    _emit(f"# {config.source}: valid\n" + yaml.safe_dump(describe(config), sort_keys=False).rstrip("\n"))
 
 
 def cmd_apply(args: argparse.Namespace) -> None:
@@ -187,7 +205,7 @@ def cmd_apply(args: argparse.Namespace) -> None:
         "organizations": [organization.organization_id for organization in config.organizations],
         "teams": [team.team_id for team in config.teams],
     }
-    print(json.dumps(applied, indent=2))
+    _emit(json.dumps(applied, indent=2))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -205,7 +223,7 @@ def _admin(args: argparse.Namespace, operation: Callable[[Any], Awaitable[Any]])
     config = _load(args)
     # A change here reaches running servers' caches at once through the change signal.
     result = _run(config, lambda store, changes: operation(AdminService(store, config, on_change=changes.bump)))
-    print(json.dumps(result, indent=2))
+    _emit(json.dumps(result, indent=2))
 
 
 def _run(
@@ -397,13 +415,28 @@ def _as_key(key: str, number: bool = True) -> Callable[[str], Any]:
     return parse
 
 
+def _text(text: str) -> str:
+    """An argument as the admin operations take it. A byte that is not UTF-8 reaches Python as
+    a lone surrogate (surrogateescape), which SQLite refuses in a traceback from inside the write
+    and the admin API's JSON never carries (a model name so stored is one no request could name);
+    config.yaml refuses it in the same words."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("must be UTF-8 text (no lone surrogate such as \\ud800)") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollgate", description="An LLM gateway in front of LiteLLM.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     def command(sub: Any, name: str, handler: Callable[[argparse.Namespace], None], help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--config", help="config file (default: $TOLLGATE_CONFIG, else ./config.yaml)")
+        # Every argument without a type of its own is text checked as the admin API's JSON is.
+        p.register("type", None, _text)
+        # A path is the file system's bytes, UTF-8 or not: it is only opened, never stored.
+        p.add_argument("--config", type=str, help="config file (default: $TOLLGATE_CONFIG, else ./config.yaml)")
         p.set_defaults(handler=handler)
         return p
 
@@ -485,9 +518,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`tollgate key list t | head -1`): what it read is all it wanted.
-        # Python's own flush at exit would fail again and print a traceback: stdout goes nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Ctrl-C (`serve` and `demo` stop on it themselves): one line, not Python's traceback. A
+        # write under way is let finish (the store refuses to cancel one), unprinted: a key made,
+        # say, whose plaintext is lost, so it is worth a look before the command is repeated.
+        print("tollgate: interrupted; a change it was making may have been made all the same", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as shells report it
 
 
 if __name__ == "__main__":

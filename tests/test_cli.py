@@ -1180,3 +1180,73 @@ def test_the_demos_litellm_runs_without_the_database_the_environment_names(monke
     env = demo.litellm_environment("sk-litellm-master")
     assert "DATABASE_URL" not in env
     assert env["LITELLM_MASTER_KEY"] == "sk-litellm-master"
+
+
+# "\udcff" is how Python reads the byte 0xff of an argument that is not UTF-8 (surrogateescape),
+# and how subprocess writes it back: SQLite, like the admin API's JSON, can hold no such text.
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["org", "create", "o", "--name", "Acme\udcff"], "--name"),
+        (["team", "show", "t\udcff"], "team_id"),
+        (["credits", "add", "t", "5", "--reason", "invoice\udcff"], "--reason"),
+        (["key", "create", "t", "--name", "prod\udcff"], "--name"),
+        (["model-group", "create", "G", "--models", "a\udcff"], "--models"),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_refused_in_one_line_and_nothing_is_stored(
+    tmp_path: Path, args: list[str], option: str
+) -> None:
+    config = declared_config(tmp_path)
+    result = tollgate_cli(config, *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"argument {option}: must be UTF-8 text (no lone surrogate such as \\ud800)"
+    ), result.stderr
+    assert "G" not in [group["name"] for group in ok(config, "model-group", "list")]
+    assert [o["organization_id"] for o in ok(config, "org", "list")] == ["o1", "o2"]
+    assert ok(config, "key", "list", "t") == []
+
+
+def test_a_result_that_cannot_be_written_is_one_line_and_the_command_stays_done(tmp_path: Path) -> None:
+    config = plain_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    with open("/dev/full", "w") as full:  # stdout on a full disk
+        result = subprocess.run(
+            [PYTHON, "-m", "proxy", "org", "create", "o", "--config", str(config)],
+            env=env, cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert result.stderr == "tollgate: done, but its output could not be written: No space left on device\n"
+    assert [o["organization_id"] for o in ok(config, "org", "list")] == ["o"]
+
+
+def test_a_command_interrupted_while_it_waits_for_the_database_ends_in_one_line(tmp_path: Path) -> None:
+    database = tmp_path / "cli.db"
+    config = tmp_path / "config.yaml"
+    # Long enough for the Ctrl-C to come while the command waits, however slow the machine; the
+    # command waits it out (the store lets a write under way finish) before it stops.
+    config.write_text(yaml.safe_dump(tollgate_config(database, database={"busy_timeout": "5s"})))
+    ok(config, "org", "create", "o")
+    changes = Path(f"{database}-changes")
+    stamp = changes.read_bytes()
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer, mid-transaction
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    try:
+        command = subprocess.Popen(
+            [PYTHON, "-m", "proxy", "org", "create", "o2", "--config", str(config)],
+            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        # The command stamps the change file once it has applied the declarations, just before
+        # its own write, which then waits for the holder's lock.
+        assert wait_for(lambda: changes.read_bytes() != stamp, timeout=30)
+        time.sleep(0.3)
+        command.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = command.communicate(timeout=30)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert command.returncode == 130
+    assert err == "tollgate: interrupted; a change it was making may have been made all the same\n"
