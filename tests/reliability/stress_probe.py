@@ -444,6 +444,14 @@ def check(db: Path, teams: list[Team], fake_log: list[dict[str, Any]], tg_url: s
                 problems.append(f"API team {t.team_id} {team} vs db {(alloc, used, held)}")
             if team["credits_available"] != alloc - used - held or team["credits_remaining"] != alloc - used:
                 problems.append(f"API team {t.team_id} remaining/available wrong {team}")
+            # The job lists' totals, counted on the team's row as jobs are made and end (schema 7).
+            for status in (None, "pending", "in_progress", "completed", "failed"):
+                r = http.get(f"/api/teams/{t.team_id}/jobs", params={"limit": 1, **({"status": status} if status else {})},
+                             headers={"Authorization": f"Bearer {t.key}"})
+                where = "team_id=?" + (" AND status=?" if status else "")
+                counted = q(f"SELECT COUNT(*) FROM jobs WHERE {where}", t.team_id, *([status] if status else []))[0][0]
+                if r.status_code != 200 or r.json()["total"] != counted:
+                    problems.append(f"API team {t.team_id} jobs total ({status}): {r.status_code} {r.text[:200]} vs db {counted}")
             for (job_id,) in q("SELECT job_id FROM jobs WHERE team_id=?", t.team_id):
                 r = http.get(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {t.key}"})
                 if r.status_code != 200:
