@@ -202,8 +202,9 @@ def test_the_sweep_closes_a_call_at_the_bound_its_own_process_set_not_at_the_swe
     on_a_team_store(tmp_path / "bound.db", check)
 
 
-def database_at(path, version: int) -> sqlite3.Connection:
-    """A database migrated as far as `version`, with a team in it."""
+def database_at(path, version: int, others: tuple[str, ...] = ()) -> sqlite3.Connection:
+    """A database migrated as far as `version`, with the team 'team' in it, and `others` (of
+    no credits)."""
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
     for number, migration in enumerate(MIGRATIONS[:version], start=1):
@@ -214,7 +215,20 @@ def database_at(path, version: int) -> sqlite3.Connection:
         "INSERT INTO teams (team_id, organization_id, status, credits_allocated, credits_held, created_at, "
         "updated_at) VALUES ('team', 'org', 'active', 10, 1, 0, 0)"
     )
+    for team_id in others:
+        db.execute(
+            "INSERT INTO teams (team_id, organization_id, status, credits_allocated, created_at, updated_at) "
+            "VALUES (?, 'org', 'active', 0, 0, 0)", (team_id,)
+        )
     return db
+
+
+def add_job(db: sqlite3.Connection, job_id: str, team_id: str, status: str, created_at: float) -> None:
+    """A job written straight into the database, holding no credits."""
+    db.execute(
+        "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) VALUES (?, ?, 't', ?, ?, 0)",
+        (job_id, team_id, status, created_at),
+    )
 
 
 @pytest.mark.parametrize("status", ["pending", "in_progress"])
@@ -270,10 +284,7 @@ def test_a_schema_3_database_upgrades_with_every_call_kept_as_it_was(tmp_path):
     path = tmp_path / "v3.db"
     db = database_at(path, 3)
     for job_id, status in (("done", "in_progress"), ("fresh", "pending")):
-        db.execute(
-            "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) "
-            "VALUES (?, 'team', 't', ?, 0, 0)", (job_id, status)
-        )
+        add_job(db, job_id, "team", status, 0)
     db.execute(
         "INSERT INTO llm_calls VALUES ('finished', 'done', 'team', 'key', 'ChatAgent', 'gpt-4o-mini', 'plan', 1, "
         "'success', 10, 5, 1, 0.25, 120, 40, 2, NULL, 100, 101)"
@@ -447,19 +458,12 @@ def a_long_and_a_short_history(path: Path) -> None:
     """A database holding the teams 'team', of 100 jobs, and 'big', of 4,000, completed and
     failed in turn (the newest failed), of two calls each: written as schema 6 wrote them, to be
     counted as the store migrates the database."""
-    db = database_at(path, 6)
-    db.execute(
-        "INSERT INTO teams (team_id, organization_id, status, credits_allocated, created_at, updated_at) "
-        "VALUES ('big', 'org', 'active', 0, 0, 0)"
-    )
+    db = database_at(path, 6, others=("big",))
     db.execute("BEGIN")
     for team, count in (("team", 100), ("big", 4_000)):
         for n in range(count):
             job_id = f"{team}-{n:05}"
-            db.execute(
-                "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) "
-                "VALUES (?, ?, 't', ?, ?, 0)", (job_id, team, ("completed", "failed")[n % 2], float(n))
-            )
+            add_job(db, job_id, team, ("completed", "failed")[n % 2], float(n))
             for call in range(2):
                 db.execute(
                     "INSERT INTO llm_calls (call_id, job_id, team_id, model_group, streamed, status, started_at) "
@@ -596,19 +600,12 @@ def test_a_job_failed_as_expired_by_the_call_it_refuses_is_among_the_teams_faile
 
 def test_a_schema_6_database_upgrades_with_its_teams_job_totals_counted(tmp_path):
     path = tmp_path / "v6.db"
-    db = database_at(path, 6)
-    db.execute(
-        "INSERT INTO teams (team_id, organization_id, status, credits_allocated, created_at, updated_at) "
-        "VALUES ('other', 'org', 'active', 0, 0, 0)"
-    )
+    db = database_at(path, 6, others=("other",))
     for n, (team, status) in enumerate(
         [("team", "pending"), ("team", "in_progress"), ("team", "completed"), ("team", "completed"),
          ("team", "failed"), ("other", "completed")]
     ):
-        db.execute(
-            "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) VALUES (?, ?, 't', ?, ?, 0)",
-            (f"job-{n}", team, status, float(n)),
-        )
+        add_job(db, f"job-{n}", team, status, float(n))
     db.close()
 
     async def check() -> None:
@@ -662,10 +659,7 @@ def test_the_sweeps_write_does_not_read_the_finished_calls_of_open_jobs(tmp_path
     db = database_at(tmp_path / "sweep.db", len(MIGRATIONS))
     db.execute("BEGIN")
     for job_id in ("quiet", "busy"):
-        db.execute(
-            "INSERT INTO jobs (job_id, team_id, job_type, status, created_at, credits_held) "
-            "VALUES (?, 'team', 't', 'in_progress', 0, 0)", (job_id,)
-        )
+        add_job(db, job_id, "team", "in_progress", 0)
         db.execute(
             "INSERT INTO llm_calls (call_id, job_id, team_id, model_group, streamed, status, started_at) "
             "VALUES (?, ?, 'team', 'ChatAgent', 0, 'running', 100)", (f"{job_id}-left-running", job_id)

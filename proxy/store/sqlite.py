@@ -788,12 +788,11 @@ class SQLiteStore:
         def read(db: sqlite3.Connection) -> tuple[list[Any], int, int]:
             counted = _TEAM_JOB_COUNTS.get(status or None)
             if counted is None:  # open jobs: few, counted through their own index
-                total = _all(db, f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)[0][0]
-                remaining = _remaining_in(db, team_id)
+                found = _all(db, f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)
             else:
-                team = _all(db, f"SELECT {counted}, credits_allocated - credits_used FROM teams WHERE team_id = ?",
-                            (team_id,))
-                total, remaining = team[0] if team else (0, 0)
+                found = _all(db, f"SELECT {counted} FROM teams WHERE team_id = ?", (team_id,))
+            total = found[0][0] if found else 0
+            remaining = _remaining_in(db, team_id)
             if offset >= total:
                 return [], total, remaining  # skipping to it would read every job the team has
             # The page's jobs, through the team's index, and only theirs joined to their calls:
