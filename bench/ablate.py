@@ -94,14 +94,16 @@ def switch_off(parts: set[str]) -> None:
     if "trace" in parts:
         trace_waits()
     if "uvloop" in parts:
-        import uvicorn
+        # `serve` builds uvicorn's Config from these options (it no longer calls uvicorn.run,
+        # which this switch replaced until session 46, when it switched nothing off).
+        import proxy.server as server
 
-        run = uvicorn.run
+        options = server.uvicorn_options
 
-        def plain_asyncio(app, **options):  # type: ignore[no-untyped-def]
-            return run(app, **{**options, "loop": "asyncio", "http": "h11"})
+        def plain_asyncio(*args, **kwargs):  # type: ignore[no-untyped-def]
+            return {**options(*args, **kwargs), "loop": "asyncio", "http": "h11"}
 
-        uvicorn.run = plain_asyncio  # type: ignore[assignment]
+        server.uvicorn_options = plain_asyncio  # type: ignore[assignment]
 
 
 def trace_waits() -> None:
