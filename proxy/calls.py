@@ -522,9 +522,10 @@ class CallPipeline:
             error,
             time.time(),  # finished_at
         )
-        # The estimate the limiter admitted the call on gives way to what it really used: not
-        # waited for, and ahead of any admit of this process that follows (see `settle_soon`).
-        # The tokens were spent whether or not the record can be written.
+        # The estimate the limiter admitted the call on gives way to what it really used: sent
+        # now and not waited for, so it is ahead of any admit that follows this call's answer,
+        # and its reply comes in while the record is written rather than wake an idle loop
+        # after the answer. The tokens were spent whether or not the record can be written.
         self._limiter.settle_soon(call.decision, usage.total_tokens)
         try:
             await self._store_outcome(call, outcome)

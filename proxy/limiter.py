@@ -557,12 +557,6 @@ MAX_KEYSETS = 10_000
 # a bound keeps well within Redis's timeout. So many pile up only when that many admits were in
 # flight as Redis failed; those dropped count until their window ends, as before.
 MAX_UNKNOWN = 1_000
-# Seconds a call's real usage may wait for the next admit to go to Redis with (`RateLimiter.
-# settle_soon`): sent on its own, its write and its reply cost a call at concurrency 1 or 10 about
-# a twentieth of its CPU (bench/RESULTS.md, session 46). Another process sharing the Redis counts
-# the call's estimate instead of its usage for about this long after the call ends (libuv's timers
-# count whole milliseconds).
-SETTLE_DELAY = 0.002
 
 
 class RedisLimiter:
@@ -595,16 +589,18 @@ class RedisLimiter:
     async def close(self) -> None:
         await self._redis.close()
 
-    async def flush(self, sent: bool = False) -> None:
+    async def flush(self) -> None:
         """Send what waits for the next admit (releases, real usage kept while Redis was not
-        asked) and wait for Redis to have run it, and whatever was `sent` just before, within
-        its timeout: as the process stops no admit will carry it, and the estimates and the
-        calls that never started would count for the rest of their window."""
+        asked) and wait for Redis to have run it and whatever was sent before, within its
+        timeout: as the process stops no admit will carry it, and the estimates and the calls
+        that never started would count for the rest of their window."""
         if self._unknown:
             await self._release_unknown()
-        elif not sent:
+        elif not self._redis.owes_replies:
             return
-        await self._redis.call("PING")  # answered after the scripts sent before it
+        # Answered after the scripts sent before it, among them settles of calls that ended in
+        # this turn of the loop, whose write closing the connection would otherwise discard.
+        await self._redis.call("PING")
 
     def _keys(self, limits: Limits) -> Keys:
         # Whether the key has a scope of its own, as `Limits.scopes` decides, without making them.
@@ -822,10 +818,8 @@ class RedisLimiter:
             log.warning("Redis refuses a scope's limiter keys even once repaired (%s): its calls follow "
                         "on_redis_error", error)
 
-    def settle_soon(self, decision: Decision, tokens: int, ended: float) -> asyncio.Future[Any]:
-        """`settle`, its reply to come; its usage counted from `ended` (the clock's time when the
-        call ended), which may be a moment ago (`RateLimiter.settle_soon`)."""
-        args = self._aged(self._settle_args(decision.call_id, tokens, False), ended)
+    def settle_soon(self, decision: Decision, tokens: int) -> asyncio.Future[Any]:
+        args = self._settle_args(decision.call_id, tokens, False)
         return self._redis.evalsha_soon(self._settle, self._keys(decision.limits), args)
 
 
@@ -858,17 +852,12 @@ class RateLimiter:
         self._probing = False
         self.last_error: str | None = None
         self._check_failure: str | None = None  # readiness's, as last logged
-        # Calls' real usage waiting to go with the next admit (`settle_soon`): the decision, the
-        # tokens, when the call ended; and the timer that sends it if no admit comes first.
-        self._settles: list[tuple[Decision, int, float]] = []
-        self._settles_due: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
         if self.redis is not None:
-            sent = self._send_settles()
             # Whatever the breaker says: one short try costs the shutdown Redis's timeout at most.
             with contextlib.suppress(RedisUnavailable, RedisError):
-                await self.redis.flush(sent)
+                await self.redis.flush()
             await self.redis.close()
 
     @property
@@ -901,8 +890,6 @@ class RateLimiter:
             # After the breaker opened, one request at a time finds out whether Redis is back.
             probing = self._open_until > 0
             self._probing = probing
-            if self._settles:
-                self._send_settles()  # ahead of the admit, in the same write
             try:
                 decision = await self.redis.admit(limits, call_id, estimate)
                 self._recovered()
@@ -940,41 +927,17 @@ class RateLimiter:
                 self._failed(error)
 
     def settle_soon(self, decision: Decision, tokens: int) -> None:
-        """`settle` without waiting for Redis to answer. It goes with this process's next admit,
-        ahead of it in the same write, or `SETTLE_DELAY` after the call's end if no admit comes
-        first: an admit sent later by this process is counted with the real usage, not the
-        estimate, and one sent by another process sharing the Redis is once that delay has passed.
-        The usage counts for a window from the call's end all the same. Riding with an admit, the
-        settle costs no write of its own, nor a wake-up of the loop for its reply."""
+        """`settle` without waiting for Redis to answer: the command is on its way before this
+        returns, so an admit sent later is counted with the real usage, not the estimate."""
         if decision.backend == "local":
             self.local.settle(decision, tokens)
         elif decision.backend == "redis" and self.redis is not None:
             if not self._may_ask_redis():
                 self.redis.settle_later(decision, tokens)
                 return
-            if not self._settles:
-                self._settles_due = asyncio.get_running_loop().call_later(SETTLE_DELAY, self._send_settles)
-            self._settles.append((decision, tokens, self._clock()))
-
-    def _send_settles(self) -> bool:
-        """Send the real usage waiting (`settle_soon`), or keep it for when Redis answers again if
-        the breaker has opened meanwhile; whether any was sent."""
-        if self._settles_due is not None:
-            self._settles_due.cancel()
-            self._settles_due = None
-        settles, self._settles = self._settles, []
-        redis = self.redis
-        if redis is None or not settles:
-            return False
-        if not self._may_ask_redis():
-            for decision, tokens, ended in settles:
-                redis.settle_later(decision, tokens, ended=ended)
-            return False
-        for decision, tokens, ended in settles:
-            reply = redis.settle_soon(decision, tokens, ended)
-            # Its usage counts from its end, however late a failure is heard of.
-            reply.add_done_callback(functools.partial(self._settled, redis, decision, tokens, ended))
-        return True
+            reply = self.redis.settle_soon(decision, tokens)
+            ended = self._clock()  # its usage counts from now, however late a failure is heard of
+            reply.add_done_callback(functools.partial(self._settled, self.redis, decision, tokens, ended))
 
     def _settled(
         self, redis: RedisLimiter, decision: Decision, tokens: int, ended: float, reply: asyncio.Future[Any]

@@ -324,6 +324,13 @@ class Redis:
             self._connection.fail(RedisError("client closed"))
             self._connection = None
 
+    @property
+    def owes_replies(self) -> bool:
+        """Whether commands sent on the live connection (or held for this turn's write) still
+        wait for their replies."""
+        connection = self._connection
+        return connection is not None and not connection.lost and bool(connection.pending)
+
     def drop(self, reason: str) -> None:
         """Give up on the connection, as after a timeout: a reply that cannot be its command's
         leaves its state unknown. Every command waiting on it fails; the next connects afresh."""

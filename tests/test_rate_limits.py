@@ -1223,112 +1223,6 @@ def test_a_redis_that_refuses_the_limiters_scripts_is_reported_degraded(redis_se
     asyncio.run(run())
 
 
-def reads_by_redis(server: RedisServer) -> int:
-    """How many reads of its clients' sockets Redis has made (each redis-cli run adds its own)."""
-    stats = dict(line.split(":", 1) for line in server.cli("INFO", "stats").splitlines() if ":" in line)
-    return int(stats["total_reads_processed"])
-
-
-def test_a_calls_real_usage_goes_to_redis_with_the_next_admit_in_one_write(redis_server, monkeypatch):
-    # Sent on its own, a call's settle cost a write and a wake-up for its reply: a twentieth of a
-    # call's CPU at concurrency 1 and 10. It waits for the admit of the call after it instead.
-    monkeypatch.setattr(limiter_module, "SETTLE_DELAY", 30.0)  # no admit would come otherwise
-    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
-    amounts = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:amounts"
-
-    async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
-        first = await limiter.admit(limits, "first", 900)
-        limiter.settle_soon(first, 10)  # it ends, having used 10 tokens
-        await asyncio.sleep(0.1)  # its answer goes out; the client's next call comes a moment later
-        assert redis_server.cli("HGET", amounts, "first") == "900"  # its estimate, still
-        one_cli_run = -reads_by_redis(redis_server) + reads_by_redis(redis_server)
-        before = reads_by_redis(redis_server)
-        after = await limiter.admit(limits, "after", 900)
-        assert (after.backend, after.admitted, after.usage[0].tokens) == ("redis", True, 910)
-        assert reads_by_redis(redis_server) - before == one_cli_run + 1  # the settle and the admit: one read
-        await limiter.close()
-
-    asyncio.run(run())
-
-
-def test_a_calls_real_usage_reaches_redis_soon_with_no_admit_after_it(redis_server):
-    # Another process sharing the Redis counts the call's usage, not its estimate, once the
-    # settle's short wait for an admit to ride with is over.
-    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
-    amounts = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:amounts"
-
-    async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
-        first = await limiter.admit(limits, "first", 900)
-        limiter.settle_soon(first, 10)
-        await asyncio.sleep(limiter_module.SETTLE_DELAY + 0.2)  # the loop otherwise idle
-        assert redis_server.cli("HGET", amounts, "first") == "10"
-        await limiter.close()
-
-    asyncio.run(run())
-
-
-def test_a_calls_real_usage_sent_after_a_wait_counts_for_a_window_from_the_calls_end(redis_server, monkeypatch):
-    monkeypatch.setattr(limiter_module, "SETTLE_DELAY", 0.5)
-    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
-
-    async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(window=1.0), RedisConfig(url=redis_server.url))
-        first = await limiter.admit(limits, "first", 100)
-        ended = time.monotonic()
-        limiter.settle_soon(first, 900)  # it ends, having used 900 tokens; sent half a second on
-        await asyncio.sleep(ended + 0.9 - time.monotonic())
-        within = await limiter.admit(limits, "within", 200)  # a window from its end has not passed
-        assert (within.admitted, within.usage[0].tokens) == (False, 900)
-        await asyncio.sleep(ended + 1.1 - time.monotonic())
-        after = await limiter.admit(limits, "after", 200)  # it has, though not from when it was sent
-        assert (after.admitted, after.usage[0].tokens) == (True, 200)
-        await limiter.close()
-
-    asyncio.run(run())
-
-
-def test_closing_the_limiter_sends_the_real_usage_waiting_for_an_admit(redis_server, monkeypatch):
-    # The process stops: no admit will carry it, and the estimate would count for its window.
-    monkeypatch.setattr(limiter_module, "SETTLE_DELAY", 30.0)
-    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
-    amounts = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:amounts"
-
-    async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
-        first = await limiter.admit(limits, "first", 900)
-        limiter.settle_soon(first, 10)
-        await limiter.close()
-        assert redis_server.cli("HGET", amounts, "first") == "10"  # run before close returned
-
-    asyncio.run(run())
-
-
-def test_real_usage_waiting_as_the_breaker_opens_is_sent_once_redis_answers_again(redis_server, monkeypatch):
-    # Its wait over while the breaker is open (opened by another call's settle that failed), it is
-    # kept for the admit that finds Redis back, not sent to a Redis the breaker says to leave alone.
-    monkeypatch.setattr(limiter_module, "SETTLE_DELAY", 0.2)
-    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
-    amounts = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:amounts"
-
-    async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.6))
-        assert limiter.redis is not None
-        first = await limiter.admit(limits, "first", 900)
-        limiter.settle_soon(first, 10)
-        limiter._failed(RedisUnavailable("another call's settle timed out"))
-        await asyncio.sleep(0.3)  # its wait is over; the breaker is still open
-        assert limiter.degraded and "first" in limiter.redis._unknown
-        assert redis_server.cli("HGET", amounts, "first") == "900"
-        await asyncio.sleep(limiter.reopens_in())
-        after = await limiter.admit(limits, "after", 10)
-        assert (after.backend, after.usage[0].tokens) == ("redis", 20)
-        await limiter.close()
-
-    asyncio.run(run())
-
-
 def test_a_calls_real_usage_counts_before_the_next_admit_on_a_redis_that_just_restarted(redis_server):
     # A Redis that (re)started knows none of the limiter's scripts. The settle of the first call
     # to end there must still reach it ahead of the admit of the call its client sends next, as
@@ -1343,6 +1237,62 @@ def test_a_calls_real_usage_counts_before_the_next_admit_on_a_redis_that_just_re
         assert (after.backend, after.admitted) == ("redis", True)
         assert after.usage[0].tokens == 910
         await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_a_calls_real_usage_counts_for_another_process_admitting_right_after_its_answer(redis_server):
+    # Two gateways sharing the Redis behind a balancer: the client's next call, sent as soon as
+    # it has the answer, may reach the other one. The call's real usage must already count there,
+    # not its estimate, which would refuse a call the limit admits.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+
+    async def run() -> None:
+        here = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        there = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        first = await here.admit(limits, "first", 900)
+        await there.admit(Limits(tag(), "key-b", team_rpm=100, team_tpm=1000), "connects", 1)
+        here.settle_soon(first, 10)  # it ends, having used 10 tokens
+        await asyncio.sleep(0.001)  # its answer goes out (after its record's fsync); the client sends again
+        after = await there.admit(limits, "after", 900)
+        assert (after.backend, after.admitted, after.usage[0].tokens) == ("redis", True, 910)
+        await here.close()
+        await there.close()
+
+    asyncio.run(run())
+
+
+def test_a_calls_real_usage_counts_before_the_next_admit_when_the_connection_dropped_during_the_call(redis_server):
+    # Redis closed the limiter's connection while the call ran (its idle `timeout`, a network
+    # blip): the settle and the next admit go on a new one, the settle first.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        first = await limiter.admit(limits, "first", 900)
+        redis_server.cli("CLIENT", "KILL", "TYPE", "normal")
+        await asyncio.sleep(0.1)  # the loss is seen
+        limiter.settle_soon(first, 10)  # it ends, having used 10 tokens
+        await asyncio.sleep(0.05)  # its answer goes out; the client's next call comes a moment later
+        after = await limiter.admit(limits, "after", 900)
+        assert (after.backend, after.admitted, after.usage[0].tokens) == ("redis", True, 910)
+        await limiter.close()
+
+    asyncio.run(run())
+
+
+def test_closing_the_limiter_right_after_a_calls_settle_still_delivers_it(redis_server):
+    # The settle leaves with its turn's write; closing the connection in that same turn
+    # discarded the write, and the call's estimate counted for the rest of its window.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
+    amounts = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:amounts"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
+        first = await limiter.admit(limits, "first", 900)
+        limiter.settle_soon(first, 10)
+        await limiter.close()
+        assert redis_server.cli("HGET", amounts, "first") == "10"  # run before close returned
 
     asyncio.run(run())
 
