@@ -56,6 +56,11 @@ def paused(server: RedisServer):
         os.kill(server.process.pid, signal.SIGCONT)
 
 
+def team_keys(team_id: str) -> str:
+    """The head of a team's limiter keys in Redis (the default key prefix); each key adds its part."""
+    return f"tollgate:{{team:{team_id}}}:team:{team_id}"
+
+
 async def open_the_breaker(limiter: RateLimiter, limits: Limits, redis: RedisServer, call_id: str) -> None:
     """An admit while Redis is paused: it times out, the call is admitted locally, the breaker opens."""
     with paused(redis):
@@ -75,7 +80,7 @@ async def released_while_the_breaker_is_open(redis: RedisServer, call_id: str) -
 
 async def only_the_next_call_counts(limiter: RateLimiter, limits: Limits, redis: RedisServer) -> None:
     """Redis admits the next call, and the team's requests in its window are that call alone."""
-    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
+    requests = team_keys(limits.team_id) + ":requests"
     assert (await limiter.admit(limits, "after", 10)).backend == "redis"
     assert redis.cli("ZRANGE", requests, "0", "-1").split() == ["after"]
     await limiter.close()
@@ -114,7 +119,7 @@ def test_rpm_5_with_20_concurrent_calls_admits_exactly_5(make_tollgate, redis_se
         assert refused.headers["x-ratelimit-remaining-requests"] == "0"
         assert "5 requests per minute" in refused.json()["detail"]
     # The refused calls counted against nothing.
-    assert redis_server.cli("ZCARD", f"tollgate:{{team:{team.team_id}}}:team:{team.team_id}:requests") == "5"
+    assert redis_server.cli("ZCARD", team_keys(team.team_id) + ":requests") == "5"
 
 
 def test_two_processes_sharing_redis_admit_exactly_the_limit(make_tollgate, redis_server, tmp_path):
@@ -144,7 +149,7 @@ def test_calls_logged_before_redis_clock_stepped_back_count_for_a_window_not_unt
     # retry in 3601 s.
     team_id = tag()
     limits = Limits(team_id, "key-a", team_rpm=2, team_tpm=1000)
-    base = f"tollgate:{{team:{team_id}}}:team:{team_id}"
+    base = team_keys(team_id)
 
     async def run() -> None:
         limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 1.0)
@@ -167,7 +172,7 @@ def test_tokens_logged_before_redis_clock_stepped_back_count_for_a_window_not_un
     # not be refused for an hour, told to retry in 3601 s.
     team_id = tag()
     limits = Limits(team_id, "key-a", team_rpm=100, team_tpm=100)
-    base = f"tollgate:{{team:{team_id}}}:team:{team_id}"
+    base = team_keys(team_id)
 
     async def run() -> None:
         limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 1.0)
@@ -804,7 +809,7 @@ def test_a_finished_calls_real_usage_reaches_redis_without_waiting_for_another_c
     team = server.admin().team(tpm_limit=5000)
     response = call(server, team.key, open_job(server, team.key), max_tokens=100)
     assert int(response.headers["x-ratelimit-remaining-tokens"]) == 5000 - 101  # admitted on its estimate
-    total = f"tollgate:{{team:{team.team_id}}}:team:{team.team_id}:total"
+    total = team_keys(team.team_id) + ":total"
     real = response.json()["metadata"]["tokens_used"]
     assert wait_for(lambda: redis_server.cli("GET", total) == str(real), timeout=2, interval=0.02)
 
@@ -823,7 +828,7 @@ def test_a_calls_answer_does_not_wait_for_redis_to_take_its_real_usage(make_toll
         response = answer.result()
     assert response.status_code == 200
     assert time.monotonic() - paused < 2  # answered while Redis still held the settle back
-    total = f"tollgate:{{team:{team.team_id}}}:team:{team.team_id}:total"
+    total = team_keys(team.team_id) + ":total"
     real = response.json()["metadata"]["tokens_used"]
     assert wait_for(lambda: redis_server.cli("GET", total) == str(real), timeout=10, interval=0.05)
 
@@ -850,7 +855,7 @@ def test_the_set_of_encoded_redis_keys_stays_bounded(monkeypatch):
 @pytest.mark.parametrize("policy", ["local", "deny"])
 def test_an_admit_redis_ran_after_it_timed_out_is_released_once_redis_answers_again(redis_server, policy):
     limits = Limits(tag(), "key-a", team_rpm=2, team_tpm=100_000)
-    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
+    requests = team_keys(limits.team_id) + ":requests"
 
     async def run() -> None:
         config = RedisConfig(url=redis_server.url, breaker_cooldown=0.2)
@@ -875,7 +880,7 @@ def test_an_admit_redis_ran_after_it_timed_out_is_released_once_redis_answers_ag
 
 def test_releasing_a_call_redis_never_recorded_changes_nothing(redis_server):
     limits = Limits(tag(), "key-a", team_rpm=10, team_tpm=100_000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RedisLimiter(RedisConfig(url=redis_server.url), 60.0)
@@ -980,7 +985,7 @@ def test_a_release_while_the_breaker_is_open_does_not_wait_for_redis(redis_serve
 
 def test_a_calls_real_usage_reaches_redis_even_when_it_ends_while_the_breaker_is_open(redis_server):
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
@@ -1000,7 +1005,7 @@ def test_a_calls_real_usage_kept_while_the_breaker_was_open_reaches_redis_when_t
     # No admit follows it in this process (a rolling restart): its estimate, and the request of
     # a call that never started, stood for the rest of the window.
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, breaker_cooldown=0.2))
@@ -1098,7 +1103,7 @@ def test_a_scopes_key_evicted_alone_leaves_its_tokens_counted_afresh_not_wrongly
     # What was left of the team's counts went on counting wrongly for as long as calls kept it
     # alive: tokens that never left the window, or that left it twice.
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 1.0)
@@ -1117,7 +1122,7 @@ def test_a_scopes_key_evicted_alone_leaves_its_tokens_counted_afresh_not_wrongly
 @pytest.mark.parametrize("evicted", ["tokens", "amounts", "total"])
 def test_a_call_ending_after_a_key_of_its_scope_was_evicted_is_counted_afresh_not_wrongly(redis_server, evicted):
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 60.0)
@@ -1138,7 +1143,7 @@ def test_a_scopes_token_log_and_amounts_evicted_together_leave_no_total_counting
     # The total left alone by the eviction of both would count its tokens for as long as calls kept
     # it alive: nothing is left in the log to take them out of it as they leave the window.
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 60.0)
@@ -1285,7 +1290,7 @@ def test_closing_the_limiter_right_after_a_calls_settle_still_delivers_it(redis_
     # The settle leaves with its turn's write; closing the connection in that same turn
     # discarded the write, and the call's estimate counted for the rest of its window.
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000)
-    amounts = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:amounts"
+    amounts = team_keys(limits.team_id) + ":amounts"
 
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
@@ -1329,7 +1334,7 @@ def test_a_teams_limiter_key_overwritten_by_hand_is_repaired_and_the_call_decide
     # (the wrong type, or a total that is no number) failed every admit of its team, and each
     # failure opened the breaker for every team.
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
@@ -1346,7 +1351,7 @@ def test_a_teams_token_amount_overwritten_by_hand_is_repaired_and_the_call_decid
     # A hash of amounts holding what is no number fails every admit that adds them up (a team at
     # its TPM limit) until it is repaired; unrepaired, each failure would open the breaker for all.
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
@@ -1361,7 +1366,7 @@ def test_a_teams_token_amount_overwritten_by_hand_is_repaired_and_the_call_decid
 
 def test_a_repaired_limiter_key_is_named_in_the_log(redis_server, caplog):
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-    requests = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}:requests"
+    requests = team_keys(limits.team_id) + ":requests"
     redis_server.cli("SET", requests, "a string")
 
     async def run() -> None:
@@ -1376,7 +1381,7 @@ def test_a_repaired_limiter_key_is_named_in_the_log(redis_server, caplog):
 
 def test_a_calls_usage_meeting_an_overwritten_key_repairs_it_without_opening_the_breaker(redis_server):
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
@@ -1394,7 +1399,7 @@ def test_a_calls_usage_meeting_an_overwritten_key_repairs_it_without_opening_the
 
 def test_a_release_meeting_an_overwritten_key_repairs_it_without_opening_the_breaker(redis_server):
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(on_redis_error="deny"), RedisConfig(url=redis_server.url))
@@ -1415,7 +1420,7 @@ def test_a_usage_correction_failing_with_no_damaged_key_is_kept_for_the_next_adm
     # of memory is worded so), was given up with a warning that a scope's keys were refused even
     # once repaired: the call's estimate stood for its window instead of its usage.
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
@@ -1489,7 +1494,7 @@ def test_a_scope_redis_refuses_even_once_repaired_leaves_the_breaker_closed_for_
     # Redis answers, and refuses that scope's keys alone: its calls follow on_redis_error, and the
     # other teams' calls still ask Redis.
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-    base = f"tollgate:{{team:{limits.team_id}}}:team:{limits.team_id}"
+    base = team_keys(limits.team_id)
 
     async def run() -> None:
         limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url))
