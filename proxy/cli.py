@@ -56,6 +56,10 @@ def _discard_stdout() -> None:
 def _emit(text: str) -> None:
     """Print a command's result. One that cannot be written (stdout on a full disk) is one line,
     not a traceback, saying the command is done all the same: a key made, credits added."""
+    if sys.stdout is None:
+        # Started with stdout closed (`>&-`): Python has no stdout, and print() would drop the
+        # result without a word.
+        _fail("done, but its output could not be written: standard output is closed")
     try:
         print(text)
         sys.stdout.flush()
@@ -515,7 +519,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-        sys.stdout.flush()
+        if sys.stdout is not None:  # None when started with stdout closed (see _emit)
+            sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`tollgate key list t | head -1`): what it read is all it wanted.
         _discard_stdout()

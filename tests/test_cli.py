@@ -1222,6 +1222,20 @@ def test_a_result_that_cannot_be_written_is_one_line_and_the_command_stays_done(
     assert [o["organization_id"] for o in ok(config, "org", "list")] == ["o"]
 
 
+def test_a_result_with_standard_output_closed_is_one_line_and_the_command_stays_done(tmp_path: Path) -> None:
+    # Run with stdout closed (`tollgate key create t >&-`, from cron or a daemon), Python has no
+    # sys.stdout: the key was made, and the command ended in a traceback rather than saying so.
+    config = plain_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+    result = subprocess.run(
+        [PYTHON, "-m", "proxy", "org", "create", "o", "--config", str(config)],
+        env=env, cwd=REPO, stderr=subprocess.PIPE, text=True, timeout=60, preexec_fn=lambda: os.close(1),
+    )
+    assert result.returncode == 1
+    assert result.stderr == "tollgate: done, but its output could not be written: standard output is closed\n"
+    assert [o["organization_id"] for o in ok(config, "org", "list")] == ["o"]
+
+
 def test_a_command_interrupted_while_it_waits_for_the_database_ends_in_one_line(tmp_path: Path) -> None:
     database = tmp_path / "cli.db"
     config = tmp_path / "config.yaml"
