@@ -11,6 +11,7 @@ refused.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
 import re
@@ -272,6 +273,12 @@ def _database_url_problem(url: str) -> str | None:
     # Nothing reads a URL's query here (?mode=ro): it became part of the file's name.
     if "?" in path:
         return "must have no query (?...): the path after sqlite:/// is the file's name"
+    # SQLite built with SQLITE_USE_URI (Debian's, Python's own) reads a name beginning with
+    # `file:` as a URI and opens the file it names, while the store's checks and the change
+    # signal beside it (changes.py) use the name as a path: a worker of `serve` refused the
+    # database as removed.
+    if path.startswith("file:"):
+        return "must name the file, not a SQLite URI (file:...): sqlite:///path/to/file.db"
     # SQLite's name for a private in-memory database: each of the store's connections (the
     # loop's and its thread's) would open a database of its own, and the WAL the store fsyncs
     # has no file, so every write failed as a disk failure.
@@ -803,6 +810,22 @@ def _parse_value(tp: Any, value: Any, path: str) -> Any:
     return parsed
 
 
+def _read_unquoted(value: Any) -> str:
+    """Why a scalar written unquoted where text is due is not text, if YAML made it something
+    else: YAML 1.1 reads 2024 and 1.5 as numbers, no and off as booleans, 2024-01-01 as a date,
+    all of them ids and names the admin API takes as text. Never converted back to text: 0123
+    (octal) or 1_000 would come back as another id."""
+    if isinstance(value, bool):
+        read_as = "true or false"
+    elif isinstance(value, (int, float)):
+        read_as = "a number"
+    elif isinstance(value, datetime.date):  # a datetime is one too
+        read_as = "a date"
+    else:
+        return ""
+    return f"; YAML read it, unquoted, as {read_as}: put it in quotes"
+
+
 def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, description: str | None) -> Any:
     def invalid(default: str) -> _Invalid:
         return _Invalid(path, f"must be {description or default}")
@@ -830,7 +853,7 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
             raise invalid("a number") from None
     if tp is str:
         if not isinstance(value, str):
-            raise invalid("a string")
+            raise _Invalid(path, f"must be {description or 'a string'}{_read_unquoted(value)}")
         try:
             value.encode("utf-8")  # as the database, Redis and every request store and send it
         except UnicodeEncodeError:

@@ -682,6 +682,25 @@ def test_an_identifier_of_64_characters_is_taken_and_of_65_refused(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "text, path, read_as",
+    [
+        ("organizations:\n  - organization_id: 2024\n", "organizations[0].organization_id", "a number"),
+        ("organizations:\n  - organization_id: no\n", "organizations[0].organization_id", "true or false"),
+        ("organizations:\n  - {organization_id: o, name: 456}\n", "organizations[0].name", "a number"),
+        ("teams:\n  - {team_id: 2024-01-01, organization_id: o}\n", "teams[0].team_id", "a date"),
+        ("model_groups:\n  1.5:\n    models: [m]\n", "model_groups.1.5", "a number"),
+    ],
+)
+def test_a_name_yaml_reads_as_another_type_is_refused_saying_to_quote_it(tmp_path, text, path, read_as):
+    # The admin API and the CLI take "2024", "no" or "1.5" as an id or a name; unquoted in the
+    # file, YAML 1.1 reads them as a number, a boolean or a date, and the refusal said
+    # "must be an identifier (letters, digits, ...)" of what was all digits.
+    message = error_for(tmp_path, text)
+    assert f": {path}: must be " in message
+    assert message.endswith(f"; YAML read it, unquoted, as {read_as}: put it in quotes")
+
+
 def test_a_model_group_name_may_hold_a_colon(tmp_path):
     config = load_config(write(tmp_path, "model_groups:\n  'openai:fast':\n    models: [gpt-4o-mini]\n"), {})
     assert list(config.model_groups) == ["openai:fast"]
@@ -790,6 +809,17 @@ def test_a_database_url_with_a_query_is_refused(tmp_path):
     # The path is opened as it is: sqlite:///x.db?mode=ro made a file named "x.db?mode=ro", read-write.
     assert error_for(tmp_path, "", {"TOLLGATE_DATABASE_URL": "sqlite:///x.db?mode=ro"}) == (
         "TOLLGATE_DATABASE_URL: database.url: must have no query (?...): the path after sqlite:/// is the file's name"
+    )
+
+
+def test_a_database_path_sqlite_would_read_as_a_uri_is_refused(tmp_path):
+    # SQLite built with SQLITE_USE_URI (as Debian's and Python's own builds are) reads a name
+    # beginning with `file:` as a URI: sqlite:///file:t.db opened t.db, while Tollgate looked
+    # for the file `file:t.db` (and kept its change signal beside that). check-config passed it,
+    # and `serve --workers 2` then failed to start, saying the database had been removed.
+    assert error_for(tmp_path, "", {"TOLLGATE_DATABASE_URL": f"sqlite:///file:{tmp_path}/t.db"}) == (
+        "TOLLGATE_DATABASE_URL: database.url: must name the file, not a SQLite URI (file:...): "
+        "sqlite:///path/to/file.db"
     )
 
 
