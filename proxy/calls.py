@@ -371,10 +371,7 @@ class CallPipeline:
         try:
             outcome = await self._finish(call, "success", answer.model, usage, answer.attempts, None)
         except StoreUnavailable as exc:
-            # The record is kept and written later: the client hears which call and job it is.
-            refusal = from_store_error(exc)
-            refusal.headers.update(call.headers())
-            raise refusal from None
+            raise _unrecorded(call, exc) from None
         except asyncio.CancelledError:
             raise _cut_while_recording(call) from None
         return Completed(answer, outcome)
@@ -435,6 +432,9 @@ class CallPipeline:
             return await self._record_failure(call, exc)
         except asyncio.CancelledError:
             return _cut_while_recording(call)
+        except StoreUnavailable as refused:
+            # Kept, as an answered call's is (`complete`): its 503 names the call and job too.
+            return _unrecorded(call, refused)
 
     async def _record_failure(self, call: Call, exc: BaseException) -> BaseException:
         none = Usage(0, 0)
@@ -642,6 +642,14 @@ def _with_limit_headers(exc: BaseException, decision: Decision) -> BaseException
     else:
         return exc
     refusal.headers = {**decision.released().headers(), **refusal.headers}
+    return refusal
+
+
+def _unrecorded(call: Call, refused: StoreUnavailable) -> ApiError:
+    """The 503 of a call whose record the store refused: kept and written later, so the client
+    hears which call and job it is (a /v1 call's own job has no other way to it)."""
+    refusal = from_store_error(refused)
+    refusal.headers.update(call.headers())
     return refusal
 
 

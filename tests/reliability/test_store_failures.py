@@ -145,6 +145,24 @@ def test_a_call_whose_record_cannot_be_written_answers_503_and_is_recorded_once_
     assert server.post(f"/api/jobs/{server.job_id}/complete", {"status": "completed"}).status_code == 200
 
 
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_a_failed_call_whose_record_cannot_be_written_answers_503_naming_its_job_and_call(gateway, refusing, route):
+    # README: the 503 of a call whose record could not be written carries the call's X-Job-Id
+    # and X-Call-Id (and, as every call's answer, its rate-limit headers), for a call the
+    # upstream failed as for one it answered: a /v1 client has no other way to its own job.
+    server = gateway(jobs={"sweep_interval": "1h"})
+    granted = server.http.patch(f"/admin/teams/{server.team_id}", json={"model_groups": ["Main", "AllFail"]},
+                                headers={"Authorization": f"Bearer {MASTER}"})
+    assert granted.status_code == 200, granted.text
+    refusing["error"] = FULL
+    response = server.post(f"/api/jobs/{server.job_id}/{route}", {**CALL, "model_group": "AllFail"})
+    assert response.status_code == 503 and response.json()["detail"].endswith(
+        "it will be recorded once the database takes writes again")
+    assert response.headers.get("x-job-id") == server.job_id
+    assert response.headers.get("x-call-id") and "x-ratelimit-remaining-requests" in response.headers
+    assert server.calls() == [("running", 0, 0)]
+
+
 def test_a_stream_whose_record_cannot_be_written_ends_with_one_error_event_and_is_recorded_later(gateway, refusing):
     server = gateway(jobs={"sweep_interval": "0.2s"})
     refusing["error"] = FULL
