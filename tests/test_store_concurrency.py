@@ -174,3 +174,32 @@ def test_a_page_of_jobs_carries_their_metadata_as_stored_without_decoding_it(tmp
         await store.close()
 
     asyncio.run(check())
+
+
+def test_credits_added_are_answered_as_added_though_the_shutdown_cuts_the_request_once_they_are_written(tmp_path):
+    # README: credits whose write went through as the shutdown cut the request are answered as
+    # added, since an admin told otherwise adds them again. A cut coming just after the write, as
+    # the team was read back for the answer, still answered them as cut (a 503 to retry).
+    async def check() -> None:
+        store = await make_team(str(tmp_path / "cut.db"))
+        read, reading = store._read, asyncio.Event()
+
+        async def read_slowly(sql, params=()):
+            reading.set()
+            await asyncio.sleep(0.5)
+            return await read(sql, params)
+
+        store._read = read_slowly  # type: ignore[method-assign]
+        adding = asyncio.create_task(store.add_credits("team", 5, "invoice 7"))
+        read_begun = asyncio.ensure_future(reading.wait())
+        await asyncio.wait([adding, read_begun], return_when=asyncio.FIRST_COMPLETED)
+        read_begun.cancel()
+        adding.cancel()  # the shutdown's cut, the credits written
+        try:
+            team = await adding
+        finally:
+            store._read = read  # type: ignore[method-assign]
+            await store.close()
+        assert team.credits_allocated == 1005
+
+    asyncio.run(check())

@@ -651,7 +651,10 @@ class SQLiteStore:
         return team
 
     async def add_credits(self, team_id: str, amount: int, reason: str) -> Team:
-        def add(db: sqlite3.Connection) -> None:
+        # The team as written, returned by the write itself: read back afterwards, a shutdown's
+        # cut coming during that read answered credits added as not added (a 503), to be added
+        # again, where a cut during the write answers them as added (`done_if_cut`).
+        def add(db: sqlite3.Connection) -> Team:
             rows = _all(db,
                 "UPDATE teams SET credits_allocated = credits_allocated + ?, updated_at = ? "
                 "WHERE team_id = ? AND credits_allocated + ? >= credits_used + credits_held "
@@ -665,11 +668,9 @@ class SQLiteStore:
                     f"{team.credits_available} are neither used nor held"
                 )
             _ledger_entry(db, team_id, None, amount, reason, self._clock(), balance_after=rows[0][0])
+            return _team_in(db, team_id)
 
-        await self._write(add, done_if_cut=True)
-        team = await self.get_team(team_id)
-        assert team is not None
-        return team
+        return await self._write(add, done_if_cut=True)
 
     async def ledger(self, team_id: str, limit: int, offset: int) -> list[LedgerEntry]:
         rows = await self._read(
