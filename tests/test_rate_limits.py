@@ -1347,6 +1347,27 @@ def test_a_teams_limiter_key_overwritten_by_hand_is_repaired_and_the_call_decide
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("value", ["100.5", "1e2"])
+def test_a_keys_total_overwritten_with_a_number_no_integer_leaves_the_teams_tokens_counted_once(redis_server, value):
+    # A number that is no integer passes for one until the admit adds to it, after the team's
+    # scope has recorded the call: the script failed there, the key's total was repaired and the
+    # admit sent again, and the team's total counted the call's estimate twice for a window,
+    # refusing calls its limit admits. A key's damaged keys are the key's to count afresh.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=1000, key_rpm=100)
+    key_total = f"tollgate:{{team:{limits.team_id}}}:key:key-a:total"
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5))
+        assert (await limiter.admit(limits, "first", 100)).admitted
+        redis_server.cli("SET", key_total, value)
+        second = await limiter.admit(limits, "second", 100)
+        assert (second.backend, second.admitted, second.usage[0].tokens) == ("redis", True, 200)
+        assert redis_server.cli("GET", team_keys(limits.team_id) + ":total") == "200"
+        await limiter.close()
+
+    asyncio.run(run())
+
+
 def test_a_teams_token_amount_overwritten_by_hand_is_repaired_and_the_call_decided_by_redis(redis_server):
     # A hash of amounts holding what is no number fails every admit that adds them up (a team at
     # its TPM limit) until it is repaired; unrepaired, each failure would open the breaker for all.
@@ -1601,3 +1622,37 @@ def test_an_admit_answered_with_what_no_admit_script_gives_is_released_as_it_may
         await only_the_next_call_counts(limiter, limits, redis_server)
 
     asyncio.run(run())
+
+
+def test_a_call_refused_for_tokens_on_a_busy_team_costs_redis_the_calls_in_its_way_not_the_whole_window(
+    redis_server,
+):
+    # A team whose window holds 200,000 calls of 10 tokens, its TPM limit full: the next small call
+    # waits for the oldest one to leave. Finding that out read the whole window into the script, a
+    # tenth of a second of Redis's single thread on every such refusal: every team's admits waited
+    # behind it (clients retrying on 429 kept Redis busy), and past the limiter's 100 ms timeout the
+    # refused call was admitted by the in-process fallback and the breaker opened for every team.
+    limits = Limits(tag(), "key-a", team_rpm=10**9, team_tpm=2_000_000)
+    base = team_keys(limits.team_id)
+    fill = """
+    local now = redis.call('TIME')
+    local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - 1000  -- a second ago
+    for i = 1, tonumber(ARGV[1]) do
+      redis.call('ZADD', KEYS[1], at, 'c' .. i)
+      redis.call('HSET', KEYS[2], 'c' .. i, 10)
+    end
+    redis.call('SET', KEYS[3], tonumber(ARGV[1]) * 10)
+    """
+    redis_server.cli("EVAL", fill, "3", f"{base}:tokens", f"{base}:amounts", f"{base}:total", "200000")
+    redis_server.cli("CONFIG", "SET", "slowlog-log-slower-than", "10000")  # 10 ms
+    redis_server.cli("SLOWLOG", "RESET")
+
+    async def run() -> None:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 60.0)
+        refused = await limiter.admit(limits, "next", 10)
+        assert (refused.admitted, refused.refused_kind) == (False, "tokens")
+        assert refused.retry_after is not None and 57.0 < refused.retry_after <= 59.0  # the oldest call's leaving
+        await limiter.close()
+
+    asyncio.run(run())
+    assert redis_server.cli("SLOWLOG", "GET") == ""  # no command of the limiter took 10 ms
