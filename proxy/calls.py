@@ -64,11 +64,9 @@ class Call:
     own_job: OwnJob | None = None  # the job is the call's own: made with its start, ended with its record
     # The model last asked when the call was cut short: its prompt is priced at that model's rate.
     cut_at_model: str | None = None
-
-    def cut_attempts(self) -> int:
-        """The models asked by the time the call was cut short, the one it was cut at included."""
-        models = self.group.models
-        return models.index(self.cut_at_model) + 1 if self.cut_at_model in models else 0
+    # The models asked by the time the call was cut short, the one it was cut at included: counted
+    # as they are asked, since a model listed twice in the group has two places in it.
+    cut_attempts: int = 0
 
     def headers(self) -> dict[str, str]:
         """The call's own headers, for an error that answers it."""
@@ -414,10 +412,12 @@ class CallPipeline:
 
         watcher = asyncio.get_running_loop().create_task(watch())
         payload = self.payload(call)
+        asked: list[str] = []  # forward() adds each model as it asks it
         try:
-            return await forward(self._upstream, call.group.models, payload, call.stream, call.deadline)
+            return await forward(self._upstream, call.group.models, payload, call.stream, call.deadline, asked)
         except asyncio.CancelledError:
-            call.cut_at_model = payload.get("model")  # forward() names each model it asks there
+            call.cut_at_model = asked[-1] if asked else None
+            call.cut_attempts = len(asked)
             # Only the watcher's own cancel is taken back: one from anyone else in the same
             # turn (a shutdown's) still stands, though the task was thrown a single error.
             if not hung_up or task.uncancel() > cancels_before:
@@ -442,7 +442,7 @@ class CallPipeline:
             # The prompt went upstream, so it counts as spent, estimated, as after a hang-up
             # mid-stream; nothing was generated for the client.
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts(),
+            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts,
                                "the client disconnected before the answer")
             return exc
         if isinstance(exc, UpstreamFailed):
@@ -484,7 +484,7 @@ class CallPipeline:
             return ApiError(400, message, code="upstream_rejected", param=exc.param, headers=call.headers())
         if isinstance(exc, asyncio.CancelledError):  # the shutdown's (a hang-up is ClientClosed)
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts(), SHUT_DOWN)
+            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts, SHUT_DOWN)
             return _cut_by_shutdown("the call was cut short before its answer", call.headers())
         await self._finish(call, "error", None, none, 0, f"{type(exc).__name__}")
         return exc

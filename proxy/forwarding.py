@@ -153,25 +153,34 @@ class OpenStream:
 
 @overload
 async def forward(
-    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: Literal[False], deadline: float
+    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: Literal[False], deadline: float,
+    asked: list[str] | None = None,
 ) -> Answer: ...
 @overload
 async def forward(
-    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: Literal[True], deadline: float
+    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: Literal[True], deadline: float,
+    asked: list[str] | None = None,
 ) -> OpenStream: ...
 @overload
 async def forward(
-    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float
+    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float,
+    asked: list[str] | None = None,
 ) -> Answer | OpenStream: ...
 async def forward(
-    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float
+    upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float,
+    asked: list[str] | None = None,
 ) -> Answer | OpenStream:
+    """`asked`, if given, has each model appended as it is asked: a caller cut short while
+    forwarding learns from it how many models were tried and which was asked last (a model may
+    be listed twice in a group, so its place in the list does not say)."""
     attempts: list[Attempt] = []
     loop = asyncio.get_running_loop()
     for number, model in enumerate(models, start=1):
         if loop.time() >= deadline:
             raise UpstreamFailed(attempts, untried=len(models) - number + 1)
         payload["model"] = model
+        if asked is not None:
+            asked.append(model)
         body = dumps(payload)
         try:
             result = await _attempt(upstream, model, number, body, stream, deadline)

@@ -424,6 +424,21 @@ def test_a_call_cut_before_its_answer_counts_the_attempts_it_made(make_tollgate,
     assert (call["status"], call["model"], call["attempts"]) == ("cancelled", "primary", 1)
 
 
+def test_a_call_cut_while_a_model_listed_twice_is_asked_again_counts_every_attempt(make_tollgate):
+    # README: "a model may be listed more than once, which retries it". The attempts of a call cut
+    # short were counted up to the first place the model asked holds in its group: a hang-up during
+    # the retry was recorded as one attempt, not two.
+    server = make_tollgate(upstream={"timeouts": {"answer": "2s"}})
+    admin = server.admin()
+    admin.ok("POST", "/admin/model-groups", json={"name": "HangTwice", "models": ["hang", "hang"]})
+    client = server.client(admin.team(groups=("HangTwice",)).key)
+    job_id = new_job(client)
+    with pytest.raises(httpx.ReadTimeout):  # the first attempt timed out at 2 s, the second is under way
+        client.post(f"/api/jobs/{job_id}/llm-call", json={"messages": say("hi")}, timeout=3)
+    (call,) = wait_for(lambda: [c for c in calls_of(client, job_id) if c["status"] != "running"], timeout=5)
+    assert (call["status"], call["model"], call["attempts"]) == ("cancelled", "hang", 2)
+
+
 def test_null_top_level_tags_are_passed_on(make_tollgate, fake_url):
     server = make_tollgate(upstream_url=fake_url)
     client = server.client(server.admin().team().key)
