@@ -132,3 +132,16 @@ def test_the_verdict_leaves_out_the_memory_target_when_fewer_streams_were_open()
     assert not [v for v in bench.verdict([], None, 60.0, 50) if "resident" in v[0]]
     [(what, met)] = [v for v in bench.verdict([], None, 160.0, 1000) if "resident" in v[0]]
     assert not met and "160 MB" in what
+
+
+def test_the_in_process_benchmark_runs_with_every_part_replaced_and_with_the_store_real():
+    # bench/inproc.py (and so bench/instructions.sh and bench/pyfunctions.py) replaces the upstream
+    # with bench/ablate.py's stand-in for `forward`, which must take what the real one takes: when
+    # forward() gained an argument, the profiling tools failed at their first call.
+    for extra in ([], ["--real", "store"]):
+        result = subprocess.run(
+            [PYTHON, str(REPO / "bench" / "inproc.py"), "--calls", "20", *extra],
+            capture_output=True, text=True, timeout=300, cwd=REPO,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "of CPU per call" in result.stdout
