@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ class Principal:
     key: VirtualKey
     team: Team
     stamp: bytes | bytearray = b""  # the change stamp (changes.py) read before the lookup
+    # When the lookup stops standing without a change signalled: `auth.cache_ttl` after it
+    # began, the bound on how late a change is seen should the signal never come.
+    stands_until: float = math.inf
 
 
 class KeyAuthenticator:
@@ -66,6 +70,8 @@ class KeyAuthenticator:
     ) -> None:
         self._store = store
         self._changes = changes
+        self._ttl = cache_ttl
+        self._clock = clock
         self._wall_clock = wall_clock
         self._principals: ExpiringCache[bytes, Principal | None] = ExpiringCache(
             self._lookup, cache_ttl, changes, clock
@@ -73,8 +79,9 @@ class KeyAuthenticator:
 
     async def _lookup(self, key_hash: bytes) -> Principal | None:
         stamp = self._changes.stamp()
+        until = self._clock() + self._ttl
         found = await self._store.lookup_key(key_hash)
-        return Principal(*found, stamp) if found else None
+        return Principal(*found, stamp, until) if found else None
 
     async def authenticate(self, authorization: str | None) -> Principal:
         key_hash = hash_key(bearer_token(authorization))
@@ -91,10 +98,16 @@ class KeyAuthenticator:
         """Whether `principal`, authenticated as a request's head arrived, still stands once its
         body has: a body may take up to server.read_timeout, and a key revoked, a team suspended
         or a group taken away meanwhile must not start a call or a job. False when anything
-        changed since it was read (a compare of the stamp) or its key has expired since: the
-        caller authenticates again. Not a coroutine: it is on every call's path."""
+        changed since it was read (a compare of the stamp), it was read longer than
+        `auth.cache_ttl` ago (a change whose signal never came, its file unusable or its process
+        dead before its stamp, is seen within that, as by the cache), or its key has expired
+        since: the caller authenticates again. Not a coroutine: it is on every call's path."""
         expires = principal.key.expires_at
-        return self._changes.stamp() == principal.stamp and (expires is None or expires > self._wall_clock())
+        return (
+            self._changes.stamp() == principal.stamp
+            and principal.stands_until > self._clock()
+            and (expires is None or expires > self._wall_clock())
+        )
 
 
 class MasterKeyGuard:

@@ -13,8 +13,10 @@ import pytest
 
 from proxy.auth import KeyAuthenticator, bearer_token
 from proxy.changes import ChangeSignal
+from proxy.config import DatabaseConfig
 from proxy.errors import ApiError
 from proxy.records import Team, VirtualKey
+from proxy.store.sqlite import SQLiteStore
 from tests.support import Tollgate, fake_log, tag, wait_for
 
 INVALID = {"detail": "Invalid, expired or revoked API key"}
@@ -191,6 +193,37 @@ def test_a_key_expiring_while_a_job_creations_body_arrives_creates_no_job(tollga
     assert admin.ok("GET", f"/admin/teams/{team.team_id}/jobs")["jobs"] == []
 
 
+def test_with_the_change_signal_unusable_a_key_revoked_while_a_body_arrives_is_refused_within_auth_cache_ttl(
+    tmp_path,
+):
+    # README: should `<database>-changes` be unusable, auth.cache_ttl still bounds how late a
+    # change is seen. A body arriving for longer than that must not start a job on the key as
+    # it was read when the head came.
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused", auth={"cache_ttl": 0.5})
+    (tmp_path / f"{server.database.name}-changes").mkdir()  # the signal's file cannot be made
+    server.start()
+    try:
+        admin = server.admin()
+        team = admin.team()
+
+        async def revoked_by_a_process_whose_signal_never_came() -> None:
+            store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{server.database}"))
+            await store.open()
+            try:
+                await store.revoke_key(team.key_id)
+            finally:
+                await store.close()
+
+        status, answer = answer_to_a_slow_body(
+            server, team.key, "/api/jobs/create", {"job_type": "t"},
+            lambda: (asyncio.run(revoked_by_a_process_whose_signal_never_came()), time.sleep(1.0)),
+        )
+        assert (status, answer) == (401, INVALID)
+        assert admin.get_team(team.team_id)["credits_held"] == 0
+    finally:
+        server.stop()
+
+
 def test_expired_key_is_refused(tollgate, admin):
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 2))
     team = admin.team(key={"name": "short-lived", "expires_at": expires})
@@ -308,3 +341,14 @@ def test_a_key_nothing_changed_since_it_was_read_still_stands_once_the_body_arri
     auth = KeyAuthenticator(OneKey(), 60, ChangeSignal())  # type: ignore[arg-type]
     principal = asyncio.run(auth.authenticate("Bearer sk-key"))
     assert auth.unchanged(principal)
+
+
+def test_a_key_read_longer_ago_than_the_cache_ttl_is_read_again_once_the_body_arrives():
+    # The TTL bounds how late a change is seen when the change signal never came (its file
+    # unusable, or a process that died between its commit and its stamp): a lookup older than
+    # that no longer stands for a body that took longer to arrive.
+    now = [0.0]
+    auth = KeyAuthenticator(OneKey(), 0.5, ChangeSignal(), clock=lambda: now[0])  # type: ignore[arg-type]
+    principal = asyncio.run(auth.authenticate("Bearer sk-key"))
+    now[0] = 0.5
+    assert not auth.unchanged(principal)
