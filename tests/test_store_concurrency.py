@@ -203,3 +203,30 @@ def test_credits_added_are_answered_as_added_though_the_shutdown_cuts_the_reques
         assert team.credits_allocated == 1005
 
     asyncio.run(check())
+
+
+def test_a_new_database_another_process_is_making_at_the_same_moment_is_waited_for_not_refused(tmp_path):
+    # Two processes starting on a database not made yet (`serve` and a CLI command run beside
+    # it on a new volume): the one whose switch of the new file to WAL met the other's write
+    # failed at once with "database is locked", its busy timeout never used. SQLite calls no
+    # busy handler there: a connection holding a read lock that waited for one writing could
+    # deadlock with it.
+    path = str(tmp_path / "new.db")
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process's first write to the new file, going on
+    other.execute("CREATE TABLE made_by_another_process (x)")
+
+    async def check() -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, other.execute, "COMMIT")
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}", busy_timeout=5))
+        try:
+            await store.open()
+            assert await store.schema_version() == len(MIGRATIONS)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(check())
+    finally:
+        other.close()

@@ -333,7 +333,7 @@ class SQLiteStore:
         connection = sqlite3.connect(
             self._config.sqlite_path, isolation_level=None, timeout=self._config.busy_timeout, check_same_thread=False
         )
-        return _set_up(connection, self._pragmas())
+        return _set_up(connection, self._pragmas(), wait=self._config.busy_timeout)
 
     def _connect_together(self) -> sqlite3.Connection:
         connection = self._connect_writer()  # the same settings; it only reads
@@ -1279,12 +1279,24 @@ def _ledger_entry(
     )
 
 
-def _set_up(connection: sqlite3.Connection, pragmas: Iterable[str]) -> sqlite3.Connection:
+def _set_up(connection: sqlite3.Connection, pragmas: Iterable[str], wait: float = 0.0) -> sqlite3.Connection:
     """The connection with its pragmas run; closed if one fails (a file that is not a database
-    fails the first), not left to the garbage collector, which Python 3.13 warns of."""
+    fails the first), not left to the garbage collector, which Python 3.13 warns of. A pragma
+    the database's lock refuses is tried again for up to `wait` seconds: switching a new
+    database to WAL while another process does (two starts at once on a file not made yet),
+    SQLite refuses at once, never calling the busy handler, since a connection that holds a
+    read lock and waits for another's write lock could deadlock with it."""
+    deadline = time.monotonic() + wait
     try:
         for pragma in pragmas:
-            connection.execute(pragma)
+            while True:
+                try:
+                    connection.execute(pragma)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(0.01)
     except BaseException:
         connection.close()
         raise
