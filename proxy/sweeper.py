@@ -10,7 +10,7 @@ import time
 from typing import Awaitable, Callable, Sequence
 
 from .metrics import Metrics
-from .store import Job, Store
+from .store import FailedThenRefused, Job, Store
 
 log = logging.getLogger("tollgate.sweeper")
 BATCH = 500
@@ -58,13 +58,21 @@ async def _fail_in_batches(fail: Callable[[int], Awaitable[list[Job]]], metrics:
     batch closes its jobs, so the next finds others."""
     failed = 0
     while True:
-        batch = await fail(BATCH)
+        try:
+            batch = await fail(BATCH)
+        except FailedThenRefused as cut:
+            _observe_failed(cut.jobs, metrics)  # failed for good, though the store refused the rest
+            raise cut.error from None
         failed += len(batch)
-        if metrics is not None:
-            for job in batch:
-                metrics.observe_job(job.team_id, "failed")
+        _observe_failed(batch, metrics)
         if len(batch) < BATCH:
             return failed
+
+
+def _observe_failed(jobs: list[Job], metrics: Metrics | None) -> None:
+    if metrics is not None:
+        for job in jobs:
+            metrics.observe_job(job.team_id, "failed")
 
 
 async def sweep_forever(

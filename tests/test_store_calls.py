@@ -22,7 +22,7 @@ from proxy.config import DatabaseConfig, load_config
 from proxy.ids import new_id
 from proxy.metrics import Metrics
 from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, Job, JobEnd, NewCall, Team
-from proxy.store import Forbidden, StoreUnavailable, WrittenThenCancelled
+from proxy.store import Forbidden, StoreBusy, StoreUnavailable, WrittenThenCancelled
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store import sqlite as store_module
 from proxy.store.sqlite import SQLiteStore
@@ -1478,3 +1478,38 @@ def test_the_gateways_sweep_leaves_a_call_recorded_without_a_bound_running_withi
     with TestClient(create_app(config)):
         assert wait_for(lambda: statuses_now()["past the margin"] == "cancelled", timeout=30)
     assert statuses_now()["within the margin"] == "running"
+
+
+def test_jobs_a_sweep_failed_before_the_store_refused_the_next_are_counted_among_failed_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sweep fails expired jobs FAIL_TOGETHER at a time: a refusal of a later group (another
+    # process's lock outlasting the busy timeout) left the jobs of the groups before it failed,
+    # their holds released, and never counted in tollgate_jobs_total.
+    counted: list[tuple[str, str]] = []
+    monkeypatch.setattr(Metrics, "observe_job", lambda self, team_id, status: counted.append((team_id, status)))
+    finish_job = SQLiteStore.finish_job
+    finishing: list[str] = []
+
+    async def refused_after_the_first_group(self: SQLiteStore, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        finishing.append(job_id)
+        if len(finishing) > store_module.FAIL_TOGETHER:
+            raise StoreBusy("The database is busy; try again shortly")
+        return await finish_job(self, job_id, *args, **kwargs)
+
+    monkeypatch.setattr(SQLiteStore, "finish_job", refused_after_the_first_group)
+
+    async def check() -> int:
+        store = await make_team(str(tmp_path / "refused.db"))
+        try:
+            for _ in range(store_module.FAIL_TOGETHER + 1):
+                await store.create_job("team", "t", None, {}, 1)
+            with pytest.raises(StoreBusy):
+                await sweep_once(store, expire_after=60, stale_call_after=60, now=time.time() + 120, metrics=Metrics())
+            (failed,) = await store._read("SELECT COUNT(*) FROM jobs WHERE status = 'failed'")
+            return failed[0]
+        finally:
+            await store.close()
+
+    assert asyncio.run(check()) == store_module.FAIL_TOGETHER
+    assert counted == [("team", "failed")] * store_module.FAIL_TOGETHER

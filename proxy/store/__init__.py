@@ -89,6 +89,16 @@ class WrittenThenCancelled(asyncio.CancelledError):
         self.value = value
 
 
+class FailedThenRefused(StoreError):
+    """A sweep failing jobs group by group was refused part-way (`error`, raised from here):
+    `jobs` were failed before it, their holds released, and are still to be counted."""
+
+    def __init__(self, jobs: list[Job], error: BaseException) -> None:
+        super().__init__(f"{len(jobs)} jobs failed, then: {error}")
+        self.jobs = jobs
+        self.error = error
+
+
 class StoreBusy(StoreError):
     """The database stayed locked by another process for longer than the busy timeout."""
 

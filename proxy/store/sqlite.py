@@ -47,6 +47,7 @@ from ..records import (
 from . import (
     CallInProgress,
     Conflict,
+    FailedThenRefused,
     Forbidden,
     InsufficientCredits,
     JobClosed,
@@ -986,14 +987,22 @@ class SQLiteStore:
                 *(self.finish_job(job_id, "failed", None, error_message) for job_id in together),
                 return_exceptions=True,
             )
+            error: BaseException | None = None
             for outcome in outcomes:
                 if isinstance(outcome, (JobClosed, CallInProgress)):
                     continue  # finished or resumed by someone else since the sweep read it
                 if isinstance(outcome, BaseException):
-                    raise outcome
+                    error = error or outcome
+                    continue
                 job, changed = outcome
                 if changed:
                     failed.append(job)
+            if error is not None:
+                # The jobs failed before the refusal (in this group or earlier ones) are failed
+                # for good: the sweep counts them still.
+                if failed:
+                    raise FailedThenRefused(failed, error) from error
+                raise error
         return failed
 
     async def cancel_stale_calls(
