@@ -664,7 +664,9 @@ class RedisLimiter:
                 result = await self._again_repaired(exc, self._admit, keys, args)
         except DamagedKeys:
             raise  # refused before it recorded anything: nothing to release
-        except RedisUnavailable:
+        except (RedisUnavailable, asyncio.CancelledError):
+            # It may have run (a shutdown's cut, Redis slow to answer): released with the next
+            # admit, or as the limiter closes, so that a call that never started counts for nothing.
             self._release_later(call_id, keys)
             raise
         try:

@@ -1656,3 +1656,26 @@ def test_a_call_refused_for_tokens_on_a_busy_team_costs_redis_the_calls_in_its_w
 
     asyncio.run(run())
     assert redis_server.cli("SLOWLOG", "GET") == ""  # no command of the limiter took 10 ms
+
+
+def test_an_admit_cut_by_the_shutdown_while_in_redis_is_released_as_the_limiter_closes(redis_server):
+    # The shutdown cancels a call waiting for its admit's reply: Redis may run the admit all the
+    # same, and the call, which never started, counted its request and its estimate for the rest
+    # of the window after the restart.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5))
+        assert (await limiter.admit(limits, "before", 10)).admitted
+        redis_server.cli("CLIENT", "PAUSE", "300", "WRITE")  # the admit waits in Redis
+        admitting = asyncio.ensure_future(limiter.admit(limits, "cut", 10))
+        await asyncio.sleep(0.1)
+        admitting.cancel()  # the shutdown's cut
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        await limiter.close()
+
+    asyncio.run(run())
+    base = team_keys(limits.team_id)
+    assert redis_server.cli("ZCARD", f"{base}:requests") == "1"  # "before" alone
+    assert redis_server.cli("GET", f"{base}:total") == "10"
