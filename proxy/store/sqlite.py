@@ -54,6 +54,7 @@ from . import (
     JobExpired,
     NotFound,
     SchemaTooNew,
+    StoreBusy,
     StoreError,
     StoreUnavailable,
     TeamSuspended,
@@ -1303,7 +1304,7 @@ def _set_up(connection: sqlite3.Connection, pragmas: Iterable[str], wait: float 
                     connection.execute(pragma)
                     break
                 except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    if not isinstance(busy_or(exc), StoreBusy) or time.monotonic() >= deadline:
                         raise
                 time.sleep(0.01)
     except BaseException:
