@@ -827,8 +827,8 @@ def _read_unquoted(value: Any) -> str:
 
 
 def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, description: str | None) -> Any:
-    def invalid(default: str) -> _Invalid:
-        return _Invalid(path, f"must be {description or default}")
+    def invalid(default: str, why: str = "") -> _Invalid:
+        return _Invalid(path, f"must be {description or default}{why}")
 
     if origin is Literal:
         # YAML 1.1 reads a bare off / on (or no / yes) as a boolean: take it as the word where
@@ -853,7 +853,7 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
             raise invalid("a number") from None
     if tp is str:
         if not isinstance(value, str):
-            raise _Invalid(path, f"must be {description or 'a string'}{_read_unquoted(value)}")
+            raise invalid("a string", _read_unquoted(value))
         try:
             value.encode("utf-8")  # as the database, Redis and every request store and send it
         except UnicodeEncodeError:
