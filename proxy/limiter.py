@@ -331,12 +331,16 @@ local function count_afresh_if_evicted(tokens, amounts, total)
 end
 """
 
+# Calls of a scope's window an admit refused for tokens reads at most, to find when enough have
+# left: about half a millisecond of Redis's single thread.
+SCAN_AT_MOST = 1024
+
 # KEYS, four per scope: the requests log, the tokens log, the token amounts, their total.
 # ARGV: window (ms), call id, estimate, then per scope its RPM and TPM limits.
 # Returns integers only, which the client reads fastest: now (ms), refused scope (0 =
 # admitted), refused kind (0 none, 1 requests, 2 tokens, 3 tokens that can never fit), retry
 # (ms), then per scope: requests, oldest request (ms), tokens, oldest token entry (ms).
-ADMIT_SCRIPT = EVICTION_CHECK + """
+ADMIT_SCRIPT = EVICTION_CHECK + f"local SCAN_AT_MOST = {SCAN_AT_MOST}\n" + """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local window = tonumber(ARGV[1])
@@ -399,24 +403,50 @@ for s = 1, scopes do
       end
     end
     if used + estimate > tpm then
-      -- Read from the oldest in growing batches, up to the call that frees enough: a busy team's
-      -- window holds many calls, and reading them all (to find that the oldest few suffice) took
-      -- Redis a tenth of a second per 200,000, every team's admits waiting behind it.
-      local needed, freed, wait = used + estimate - tpm, 0, window
-      local first, batch = 0, 16
-      while freed < needed do
-        local entries = redis.call('ZRANGE', tokens, first, first + batch - 1, 'WITHSCORES')
-        for i = 1, #entries, 2 do
-          freed = freed + tonumber(redis.call('HGET', amounts, entries[i]) or '0')
-          if freed >= needed then
-            wait = tonumber(entries[i + 1]) + window - now
+      -- The call waits for the oldest call whose leaving frees enough: found from whichever end
+      -- of the window holds less in the way (from the oldest, the tokens that must leave; from
+      -- the newest, those that may stay, the room left beside the estimate), in growing batches
+      -- and at most SCAN_AT_MOST calls. A busy team's window holds many: reading them all took
+      -- Redis a tenth of a second per 200,000, every team's admits waiting behind it. Past that
+      -- many, the wait told is a bound, later than the earliest: until the last call read has
+      -- left (from the newest), or every call now counted (from the oldest).
+      local needed, stay = used + estimate - tpm, tpm - estimate
+      local newest_first = stay < needed
+      local wait, summed, score = nil, 0, nil
+      local first, batch, capped = 0, 16, false
+      while not wait do
+        if first >= SCAN_AT_MOST then
+          capped = true
+          break
+        end
+        local n = math.min(batch, SCAN_AT_MOST - first)
+        local entries
+        if newest_first then
+          entries = redis.call('ZRANGE', tokens, -(first + n), -(first + 1), 'WITHSCORES')
+        else
+          entries = redis.call('ZRANGE', tokens, first, first + n - 1, 'WITHSCORES')
+        end
+        local read = #entries / 2
+        for k = 1, read do
+          local i = newest_first and (read - k) * 2 + 1 or k * 2 - 1
+          summed = summed + tonumber(redis.call('HGET', amounts, entries[i]) or '0')
+          score = tonumber(entries[i + 1])
+          if (newest_first and summed > stay) or (not newest_first and summed >= needed) then
+            wait = score + window - now
             break
           end
         end
-        if #entries < batch * 2 then
-          break
+        if read < n then
+          break  -- all read: the amounts fall short of the total, which the window then frees
         end
-        first, batch = first + batch, math.min(batch * 2, 1024)
+        first, batch = first + n, batch * 2
+      end
+      if capped and newest_first then
+        wait = score + window - now
+      elseif capped then
+        wait = tonumber(redis.call('ZRANGE', tokens, -1, -1, 'WITHSCORES')[2]) + window - now
+      elseif not wait then
+        wait = window
       end
       if refused == 0 or wait > retry then
         refused, kind, retry = s, 2, wait

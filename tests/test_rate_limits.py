@@ -1658,6 +1658,91 @@ def test_a_call_refused_for_tokens_on_a_busy_team_costs_redis_the_calls_in_its_w
     assert redis_server.cli("SLOWLOG", "GET") == ""  # no command of the limiter took 10 ms
 
 
+def fill_a_busy_window(redis_server, limits: Limits, calls: int, tokens_each: int, over_ms: int) -> None:
+    """`calls` calls of `tokens_each` tokens in the team's window, the oldest `over_ms` ago and
+    the newest now, in even steps; the slow log then takes any command of 10 ms or more."""
+    base = team_keys(limits.team_id)
+    fill = """
+    local now = redis.call('TIME')
+    local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    local calls, span = tonumber(ARGV[1]), tonumber(ARGV[3])
+    for i = 1, calls do
+      redis.call('ZADD', KEYS[1], at - span + span * i / calls, 'c' .. i)
+      redis.call('HSET', KEYS[2], 'c' .. i, ARGV[2])
+    end
+    redis.call('SET', KEYS[3], calls * tonumber(ARGV[2]))
+    """
+    redis_server.cli(
+        "EVAL", fill, "3", f"{base}:tokens", f"{base}:amounts", f"{base}:total", str(calls), str(tokens_each),
+        str(over_ms),
+    )
+    redis_server.cli("CONFIG", "SET", "slowlog-log-slower-than", "10000")  # 10 ms
+    redis_server.cli("SLOWLOG", "RESET")
+
+
+def refused_for_tokens(redis_server, limits: Limits, estimate: int) -> float:
+    async def run() -> float:
+        limiter = RedisLimiter(RedisConfig(url=redis_server.url, connect_timeout=5, timeout=5), 60.0)
+        refused = await limiter.admit(limits, "next", estimate)
+        await limiter.close()
+        assert (refused.admitted, refused.refused_kind) == (False, "tokens")
+        assert refused.retry_after is not None
+        return refused.retry_after
+
+    return asyncio.run(run())
+
+
+def test_a_call_needing_nearly_all_of_a_busy_teams_window_costs_redis_the_calls_that_may_stay_not_the_window(
+    redis_server,
+):
+    # 200,000 calls of 10 tokens over the last 50 s fill a TPM limit of 2,000,000, and the next call's
+    # estimate is all of it but 10: every call but the newest must leave. Read from the oldest, that
+    # was the whole window, a tenth of a second of Redis's single thread; from the newest it is two.
+    limits = Limits(tag(), "key-a", team_rpm=10**9, team_tpm=2_000_000)
+    fill_a_busy_window(redis_server, limits, 200_000, 10, 50_000)
+    retry_after = refused_for_tokens(redis_server, limits, 1_999_990)
+    assert 59.0 < retry_after <= 60.0  # when the second newest leaves, nearly a window from now
+    assert redis_server.cli("SLOWLOG", "GET") == ""  # no command of the limiter took 10 ms
+
+
+def test_a_call_waiting_for_half_of_a_busy_teams_window_is_told_a_bound_without_reading_it_all(redis_server):
+    # Half of 200,000 calls must leave, from either end: past SCAN_AT_MOST calls read, the wait told
+    # is until every call counted now has left, never sooner than the earliest (25 s from now).
+    limits = Limits(tag(), "key-a", team_rpm=10**9, team_tpm=2_000_000)
+    fill_a_busy_window(redis_server, limits, 200_000, 10, 50_000)
+    retry_after = refused_for_tokens(redis_server, limits, 1_000_000)
+    assert 34.0 <= retry_after <= 60.0
+    assert redis_server.cli("SLOWLOG", "GET") == ""
+
+
+def test_retry_after_for_tokens_is_the_same_read_from_either_end_of_the_window(redis_server):
+    # 20 calls of 10 to 200 tokens, a second apart; for each estimate the call waits until the
+    # oldest calls whose leaving frees enough have left, whichever end the script reads from.
+    team_id = tag()
+    limits = Limits(team_id, "key-a", team_rpm=10**9, team_tpm=2_100)
+    base = team_keys(team_id)
+    amounts = [10 * (i + 1) for i in range(20)]  # 2,100 in all
+    fill = """
+    local now = redis.call('TIME')
+    local at = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    for i = 1, #ARGV do
+      redis.call('ZADD', KEYS[1], at - 20000 + 1000 * i, 'c' .. i)
+      redis.call('HSET', KEYS[2], 'c' .. i, ARGV[i])
+    end
+    redis.call('SET', KEYS[3], 2100)
+    """
+    redis_server.cli("EVAL", fill, "3", f"{base}:tokens", f"{base}:amounts", f"{base}:total", *map(str, amounts))
+    for estimate in (1, 10, 11, 500, 1_049, 1_050, 1_051, 2_000, 2_090, 2_091, 2_100):
+        needed = estimate  # the window is full: this much must leave
+        freed, leaves = 0, 0
+        while freed < needed:
+            freed += amounts[leaves]
+            leaves += 1
+        expected = 60 - 20 + leaves  # the last of them, logged 20 - leaves seconds ago
+        retry_after = refused_for_tokens(redis_server, limits, estimate)
+        assert expected - 2 < retry_after <= expected, estimate
+
+
 def test_an_admit_cut_by_the_shutdown_while_in_redis_is_released_as_the_limiter_closes(redis_server):
     # The shutdown cancels a call waiting for its admit's reply: Redis may run the admit all the
     # same, and the call, which never started, counted its request and its estimate for the rest
