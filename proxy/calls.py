@@ -62,11 +62,13 @@ class Call:
     decision: Decision
     notes: dict[str, Any]  # the request's access-log fields
     own_job: OwnJob | None = None  # the job is the call's own: made with its start, ended with its record
-    # The model last asked when the call was cut short: its prompt is priced at that model's rate.
-    cut_at_model: str | None = None
-    # The models asked by the time the call was cut short, the one it was cut at included: counted
-    # as they are asked, since a model listed twice in the group has two places in it.
-    cut_attempts: int = 0
+    # The models asked by the time the call was cut short, in order: a model listed twice in the
+    # group is there once for each place it was asked at.
+    asked_before_cut: tuple[str, ...] = ()
+
+    def cut_short_at(self) -> tuple[str | None, int]:
+        """The model the call was cut short at, whose rate prices its prompt, and its attempts."""
+        return (self.asked_before_cut[-1] if self.asked_before_cut else None), len(self.asked_before_cut)
 
     def headers(self) -> dict[str, str]:
         """The call's own headers, for an error that answers it."""
@@ -416,8 +418,7 @@ class CallPipeline:
         try:
             return await forward(self._upstream, call.group.models, payload, call.stream, call.deadline, asked)
         except asyncio.CancelledError:
-            call.cut_at_model = asked[-1] if asked else None
-            call.cut_attempts = len(asked)
+            call.asked_before_cut = tuple(asked)
             # Only the watcher's own cancel is taken back: one from anyone else in the same
             # turn (a shutdown's) still stands, though the task was thrown a single error.
             if not hung_up or task.uncancel() > cancels_before:
@@ -442,8 +443,8 @@ class CallPipeline:
             # The prompt went upstream, so it counts as spent, estimated, as after a hang-up
             # mid-stream; nothing was generated for the client.
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts,
-                               "the client disconnected before the answer")
+            model, attempts = call.cut_short_at()
+            await self._finish(call, "cancelled", model, usage, attempts, "the client disconnected before the answer")
             return exc
         if isinstance(exc, UpstreamFailed):
             model = exc.attempts[-1].model if exc.attempts else None
@@ -484,7 +485,8 @@ class CallPipeline:
             return ApiError(400, message, code="upstream_rejected", param=exc.param, headers=call.headers())
         if isinstance(exc, asyncio.CancelledError):  # the shutdown's (a hang-up is ClientClosed)
             usage = estimated_usage(call.request.prompt_chars, 0)
-            await self._finish(call, "cancelled", call.cut_at_model, usage, call.cut_attempts, SHUT_DOWN)
+            model, attempts = call.cut_short_at()
+            await self._finish(call, "cancelled", model, usage, attempts, SHUT_DOWN)
             return _cut_by_shutdown("the call was cut short before its answer", call.headers())
         await self._finish(call, "error", None, none, 0, f"{type(exc).__name__}")
         return exc
