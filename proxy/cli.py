@@ -286,8 +286,16 @@ def _run(
         _fail(str(exc), EXIT_CONFIG)
 
 
-def _csv(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
+def _names(text: str) -> list[str]:
+    """An argparse type for a comma-separated list of names ("" for none). An empty name (`a,,b`,
+    a trailing comma) is refused, not dropped: the list given would not be the list stored."""
+    text = _text(text)
+    if not text.strip():
+        return []
+    names = [item.strip() for item in text.split(",")]
+    if "" in names:
+        raise argparse.ArgumentTypeError(f"holds an empty name ({text!r}): separate the names with single commas")
+    return names
 
 
 DEFAULT = "default"
@@ -327,7 +335,7 @@ def cmd_team_create(args: argparse.Namespace) -> None:
     body = _drop_none(
         team_id=args.team_id,
         organization_id=args.org,
-        model_groups=_csv(args.groups) if args.groups else [],
+        model_groups=args.groups or [],
         default_model_group=args.default,
         credits_allocated=args.credits,
         rpm_limit=args.rpm,
@@ -346,7 +354,7 @@ def cmd_team_show(args: argparse.Namespace) -> None:
 def cmd_team_update(args: argparse.Namespace) -> None:
     # What the admin API's PATCH clears with null: --groups "" (none), --default "" (the first
     # granted group), and `default` for a limit or credits per job (config.yaml's value).
-    body = _drop_none(status=args.status, model_groups=None if args.groups is None else _csv(args.groups))
+    body = _drop_none(status=args.status, model_groups=args.groups)
     if args.default is not None:
         body["default_model_group"] = args.default or None
     for field, value in (("rpm_limit", args.rpm), ("tpm_limit", args.tpm), ("credits_per_job", args.credits_per_job)):
@@ -382,7 +390,7 @@ def cmd_credits_add(args: argparse.Namespace) -> None:
 
 
 def cmd_model_group_create(args: argparse.Namespace) -> None:
-    body = _drop_none(name=args.name, models=_csv(args.models), description=args.description)
+    body = _drop_none(name=args.name, models=args.models, description=args.description)
     _admin(args, lambda admin: _json(admin.create_model_group(body)))
 
 
@@ -471,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(team, "create", cmd_team_create, "create a team")
     p.add_argument("team_id")
     p.add_argument("--org", required=True, help="organization id")
-    p.add_argument("--groups", help="comma-separated model groups the team may use")
+    p.add_argument("--groups", type=_names, help="comma-separated model groups the team may use")
     p.add_argument("--default", help="default model group")
     p.add_argument("--credits", type=int, help="initial credits")
     p.add_argument("--rpm", type=int)
@@ -482,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(team, "update", cmd_team_update, "change a team's status, groups or limits")
     p.add_argument("team_id")
     p.add_argument("--status", choices=["active", "suspended"])
-    p.add_argument("--groups", help='comma-separated model groups the team may use ("" for none)')
+    p.add_argument("--groups", type=_names, help='comma-separated model groups the team may use ("" for none)')
     p.add_argument("--default", help='default model group ("": the first of its groups)')
     p.add_argument("--rpm", type=_int_or_default, help="requests per minute (default: config.yaml's)")
     p.add_argument("--tpm", type=_int_or_default, help="tokens per minute (default: config.yaml's)")
@@ -509,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = commands.add_parser("model-group", help="model groups").add_subparsers(dest="action", required=True)
     p = command(groups, "create", cmd_model_group_create, "create a model group")
     p.add_argument("name")
-    p.add_argument("--models", required=True, help="comma-separated LiteLLM model names, primary first")
+    p.add_argument("--models", type=_names, required=True, help="comma-separated LiteLLM model names, primary first")
     p.add_argument("--description")
     command(groups, "list", cmd_model_group_list, "list model groups")
     return parser

@@ -212,6 +212,28 @@ def test_team_update_can_take_every_group_away(tmp_path):
     assert (team["model_groups"], team["default_model_group"]) == ([], None)
 
 
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["team", "create", "t2", "--org", "o", "--groups", "Main,,Backup"], "--groups"),
+        (["team", "update", "t", "--groups", "Backup,"], "--groups"),
+        (["model-group", "create", "G", "--models", "a, ,b"], "--models"),
+    ],
+    ids=["team create", "team update", "model-group create"],
+)
+def test_a_comma_list_holding_an_empty_name_is_refused_and_changes_nothing(tmp_path: Path, args, option) -> None:
+    # The empty names were dropped: the command went through with a list other than the one given.
+    config = plain_config(tmp_path)
+    ok(config, "org", "create", "o")
+    ok(config, "team", "create", "t", "--org", "o", "--groups", "Main")
+    result = tollgate_cli(config, *args)
+    assert result.returncode == 2
+    assert f"argument {option}: holds an empty name ({args[-1]!r})" in result.stderr.splitlines()[-1]
+    assert tollgate_cli(config, "team", "show", "t2").returncode == 1
+    assert ok(config, "team", "show", "t")["model_groups"] == ["Main"]
+    assert "G" not in [group["name"] for group in ok(config, "model-group", "list")]
+
+
 def test_team_update_refuses_a_limit_the_admin_api_refuses(tmp_path: Path) -> None:
     config = plain_config(tmp_path)
     ok(config, "org", "create", "o")
