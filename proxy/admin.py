@@ -64,7 +64,10 @@ def _expiry(body: dict[str, Any], now: float) -> float | None:
         moment = datetime.fromisoformat(raw.replace("Z", "+00:00").replace("z", "+00:00"))
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=timezone.utc)
-        expires = moment.timestamp()
+        # To the millisecond, as every timestamp is shown (records.iso): with the digits past it
+        # kept, the key worked for up to a millisecond past the expiry it was shown with.
+        moment = moment.astimezone(timezone.utc)
+        expires = moment.replace(microsecond=moment.microsecond // 1000 * 1000).timestamp()
     except (ValueError, OverflowError):
         raise invalid("expires_at", "must be an ISO 8601 timestamp such as 2030-01-01T00:00:00Z") from None
     if expires <= now:
@@ -132,6 +135,10 @@ class AdminService:
         status = body.get("status", "active")
         if status not in ("active", "suspended"):
             raise invalid("status", "must be 'active' or 'suspended'")
+        # Not a limit, whose null means config.yaml's default: a team's credits have no default
+        # to go back to, and a null taken for 0 hid a client's missing value.
+        if "credits_allocated" in body and body["credits_allocated"] is None:
+            raise invalid("credits_allocated", "must be an integer (leave it out for 0)")
         team = Team(
             team_id=team_id,
             organization_id=organization_id,
@@ -187,6 +194,8 @@ class AdminService:
         if not amount:
             raise invalid("amount", "is required and must be a non-zero integer")
         reason = required_str(body, "reason", 1000)
+        if not reason.strip():  # a ledger entry's reason says why the credits changed: blank says nothing
+            raise invalid("reason", "must not be empty or only whitespace")
         await self.get_team(team_id)
         return await self._store.add_credits(team_id, amount, reason)
 

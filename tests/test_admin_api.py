@@ -634,6 +634,24 @@ def test_an_organization_created_without_a_name_is_named_by_its_id(tmp_path):
     assert with_admin(tmp_path, create).name == "acme"
 
 
+def test_an_organization_created_with_a_null_name_is_named_by_its_id_and_an_empty_one_is_422(tmp_path):
+    # config.yaml's declarations follow the same rule (tests/test_config.py).
+    async def create(admin):
+        named = await admin.create_organization({"organization_id": "acme", "name": None})
+        with pytest.raises(ApiError) as info:
+            await admin.create_organization({"organization_id": "acme2", "name": ""})
+        return named.name, info.value.status, info.value.message
+
+    assert with_admin(tmp_path, create) == ("acme", 422, "name: must not be empty")
+
+
+def test_a_model_group_created_with_a_null_description_has_none(tmp_path):
+    async def create(admin):
+        return await admin.create_model_group({"name": "Plain", "models": ["primary"], "description": None})
+
+    assert with_admin(tmp_path, create).description == ""
+
+
 @pytest.mark.parametrize("change", ["create", "patch"])
 def test_a_team_status_other_than_active_or_suspended_is_422(tmp_path, change):
     async def set_status(admin):
@@ -660,11 +678,45 @@ def test_a_key_expiry_with_a_lowercase_z_is_read_as_utc(tmp_path):
     assert with_admin(tmp_path, create) == datetime(2999, 1, 1, tzinfo=timezone.utc).timestamp()
 
 
+@pytest.mark.parametrize("expires_at", ["2100-01-01T00:00:00.9999Z", "2100-01-01T00:00:00.999999999Z",
+                                        "2100-01-01T01:00:00.9995+01:00"])
+def test_a_key_expiry_finer_than_a_millisecond_is_kept_as_it_is_shown(tmp_path, expires_at):
+    # Shown to the millisecond (.999Z), it was enforced to the digits given: the key worked past
+    # the expiry every listing showed.
+    async def create(admin):
+        key, _ = await admin.create_key("t", {"expires_at": expires_at})
+        return key.expires_at, iso(key.expires_at)
+
+    expires, shown = with_admin(tmp_path, create)
+    assert shown == "2100-01-01T00:00:00.999Z"
+    assert expires == datetime(2100, 1, 1, 0, 0, 0, 999_000, tzinfo=timezone.utc).timestamp()
+
+
 def test_a_key_expiry_a_moment_ago_is_422(tmp_path):
     async def create(admin):
         return await admin.create_key("t", {"expires_at": iso(time.time() - 0.5)})
 
     assert refusal(tmp_path, create) == (422, "expires_at: must be in the future")
+
+
+@pytest.mark.parametrize("reason", [" ", "   ", "\t\n"])
+def test_a_credit_reason_of_only_whitespace_is_422_as_an_empty_one_and_adds_nothing(tmp_path, reason):
+    # Every credit change is a ledger entry with a reason (API.md): a blank one gives none.
+    async def add(admin):
+        before = await admin.ledger("t", 100, 0)
+        with pytest.raises(ApiError) as info:
+            await admin.add_credits("t", {"amount": 5, "reason": reason})
+        return info.value.status, info.value.message, await admin.ledger("t", 100, 0) == before
+
+    assert with_admin(tmp_path, add) == (422, "reason: must not be empty or only whitespace", True)
+
+
+def test_a_team_created_with_null_credits_allocated_is_422_naming_it(tmp_path):
+    # Left out it is 0; null is no amount at all, refused as a null status or model_groups is.
+    async def create(admin):
+        return await admin.create_team({"team_id": "t2", "organization_id": "o", "credits_allocated": None})
+
+    assert refusal(tmp_path, create) == (422, "credits_allocated: must be an integer (leave it out for 0)")
 
 
 def test_a_put_model_group_whose_body_names_another_group_is_422(tmp_path):
