@@ -164,9 +164,23 @@ ModelList = Annotated[tuple[str, ...], Rule(MODEL_LIST_RULE, is_model_list)]
 # The longest name and group description, declared in the file as through the admin API.
 MAX_LABEL = 256
 MAX_DESCRIPTION = 1000
-Name = Annotated[str, Rule(f"a name of at most {MAX_LABEL} characters", lambda v: len(v) <= MAX_LABEL)]
+# As the admin API takes them: a name left out or null is none (an organization is then named
+# after its id), an empty one is refused; a description left out, null or empty is none.
+Name = Annotated[
+    str,
+    Rule(
+        f"a name of at most {MAX_LABEL} characters",
+        lambda v: len(v) <= MAX_LABEL,
+        problem=lambda v: None if v else "must not be empty (leave it out to name the organization after its id)",
+    ),
+]
 Description = Annotated[
-    str, Rule(f"a description of at most {MAX_DESCRIPTION} characters", lambda v: len(v) <= MAX_DESCRIPTION)
+    str,
+    Rule(
+        f"a description of at most {MAX_DESCRIPTION} characters",
+        lambda v: len(v) <= MAX_DESCRIPTION,
+        convert=lambda v: "" if v is None else v,
+    ),
 ]
 
 
@@ -450,7 +464,7 @@ class ModelGroupSpec:
 @dataclass(frozen=True)
 class OrganizationSpec:
     organization_id: Identifier
-    name: Name = ""
+    name: Name | None = None  # none: the organization is named after its id
 
 
 @dataclass(frozen=True)
@@ -563,9 +577,28 @@ def _secret(name: str, value: str) -> str:
     return value
 
 
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _without_base_60(resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]]) -> dict[Any, list[tuple[str, Any]]]:
+    """PyYAML's implicit resolvers, its numbers never holding a ':'. YAML 1.1 reads `1:20` as
+    the base-60 integer 80 (and `1:20.5` as 80.5): `port: 1:20` served on port 80. Without them
+    such a scalar is the text it reads as, as in YAML 1.2: a name keeps it, a number refuses it."""
+    return {
+        first: [
+            (tag, re.compile(r"(?!.*:)" + regexp.pattern, regexp.flags) if tag in _NUMBER_TAGS else regexp)
+            for tag, regexp in entries
+        ]
+        for first, entries in resolvers.items()
+    }
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML alone keeps
-    the last silently, so a second `server:` section would replace the first unnoticed."""
+    the last silently, so a second `server:` section would replace the first unnoticed. It
+    reads no base-60 numbers (see `_without_base_60`)."""
+
+    yaml_implicit_resolvers = _without_base_60(yaml.SafeLoader.yaml_implicit_resolvers)
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)

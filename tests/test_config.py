@@ -865,6 +865,38 @@ def test_a_declared_name_and_description_as_long_as_the_admin_api_takes_are_acce
     assert (config.organizations[0].name, config.model_groups["A"].description) == ("n" * 256, "d" * 1000)
 
 
+def test_a_declared_organizations_empty_name_is_refused_as_the_admin_api_refuses_it(tmp_path):
+    # One rule for both fronts: a name left out or null is the id, an empty one is refused.
+    assert error_for(tmp_path, 'organizations:\n  - {organization_id: o, name: ""}\n').endswith(
+        "organizations[0].name: must not be empty (leave it out to name the organization after its id)"
+    )
+
+
+def test_a_declared_null_name_or_description_is_none_as_through_the_admin_api(tmp_path):
+    text = "organizations:\n  - {organization_id: o, name: null}\n" \
+           "model_groups:\n  A: {models: [m], description: null}\n"
+    config = load_config(write(tmp_path, text), {})
+    assert (config.organizations[0].name, config.model_groups["A"].description) == (None, "")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("server:\n  port: 1:20\n", "server.port: must be a port number (1-65535)"),
+        ("rate_limits:\n  rpm: 1:00\n", "rate_limits.rpm: must be a positive integer (at most 10^12)"),
+        ("server:\n  shutdown_grace: 1:20.5\n", "server.shutdown_grace: must be a positive duration"),
+    ],
+)
+def test_a_base_60_number_is_not_read_as_one(tmp_path, text, message):
+    # YAML 1.1 reads 1:20 as 80 (1 x 60 + 20) and 1:20.5 as 80.5: the gateway listened on port 80.
+    assert message in error_for(tmp_path, text)
+
+
+def test_a_name_written_as_a_base_60_number_is_kept_as_written(tmp_path):
+    config = load_config(write(tmp_path, "model_groups:\n  A: {models: [m], description: 1:20}\n"), {})
+    assert config.model_groups["A"].description == "1:20"
+
+
 def test_a_yaml_error_says_what_was_being_read_and_from_which_line(tmp_path):
     assert error_for(tmp_path, "server:\n  host: [a, b\n").endswith(
         "not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence from line 2)"
