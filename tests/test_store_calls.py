@@ -454,6 +454,51 @@ def test_a_job_the_sweep_fails_as_the_gateway_stops_is_counted_among_failed_jobs
     assert counted == [("team", "failed")]
 
 
+def test_a_stop_during_a_long_sweep_ends_it_between_batches_and_counts_every_job_it_failed(
+    tmp_path: Path, fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A start after a long outage finds thousands of jobs expired, failed batch after batch in
+    # one run (about 470 a second). A stop meanwhile let the run go on through every batch until
+    # the drain's time was up, then cancelled it half-way: the jobs of the batch under way were
+    # failed, their holds released, and never counted in tollgate_jobs_total.
+    database = tmp_path / "gateway.db"
+    config_path = tmp_path / "config.yaml"
+    jobs = {"sweep_interval": "50ms", "expire_after": "1h"}
+    config_path.write_text(yaml.safe_dump(tollgate_config(database, upstream={"url": fake_url}, jobs=jobs)))
+    config = load_config(str(config_path), env={})
+    sweeping = sweeper_module.sweep_forever
+    monkeypatch.setattr(
+        app_module, "sweep_forever", lambda *a, **k: sweeping(*a, clock=lambda: time.time() + 7200, **k)
+    )
+    monkeypatch.setattr(sweeper_module, "BATCH", 2)
+    monkeypatch.setattr(app_module, "DRAIN_TIMEOUT", 1.0)
+    counted: list[tuple[str, str]] = []
+    monkeypatch.setattr(Metrics, "observe_job", lambda self, team_id, status: counted.append((team_id, status)))
+    finish_job = SQLiteStore.finish_job
+
+    async def finishing_slowly(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
+        finished = await finish_job(self, *args, **kwargs)
+        await asyncio.sleep(0.2)  # written: a slow disk's fsync, say
+        return finished
+
+    monkeypatch.setattr(SQLiteStore, "finish_job", finishing_slowly)
+
+    async def open_jobs(store: SQLiteStore) -> None:
+        for _ in range(40):
+            await store.create_job("team", "t", None, {}, 1)
+
+    on_a_team_store(database, open_jobs)
+
+    def failed() -> int:
+        with contextlib.closing(sqlite3.connect(database)) as db:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'failed'").fetchone()[0]
+
+    with TestClient(create_app(config)):
+        assert wait_for(lambda: failed() >= 2, timeout=10)  # the run is under way
+    assert 0 < failed() < 40  # the stop ended the run; the next sweep fails the rest
+    assert len(counted) == failed()
+
+
 def a_long_and_a_short_history(path: Path) -> None:
     """A database holding the teams 'team', of 100 jobs, and 'big', of 4,000, completed and
     failed in turn (the newest failed), of two calls each: written as schema 6 wrote them, to be
@@ -1064,6 +1109,30 @@ def test_a_step_of_the_wall_clock_forward_is_still_taken_off_seconds_after_it(tm
     asyncio.run(check())
 
 
+def test_a_step_of_the_wall_clock_forward_is_remembered_while_the_sweepers_own_calls_run_though_jobs_expire_sooner(
+    tmp_path,
+):
+    # jobs.expire_after shorter than a call may run (jobs of minutes, upstream.timeouts.total of
+    # ten): the step was forgotten once expire_after had passed, and a call started before it,
+    # still well within its process's bound, was closed as interrupted while it ran.
+    async def check() -> None:
+        store, wall = await make_team(str(tmp_path / "step.db")), SteppedWall()
+        job_id = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await start_bounded(store, "live", job_id, wall, 3.0)
+        sweeper = asyncio.create_task(sweep_forever(store, 0.3, 3.0, 0.01, clock=wall))
+        try:
+            await asyncio.sleep(0.1)
+            wall.stepped = 3600.0
+            await asyncio.sleep(1.0)  # past expire_after, within the call's bound
+            assert await statuses(store, job_id) == {"live": "running"}
+        finally:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+            await store.close()
+
+    asyncio.run(check())
+
+
 def test_a_call_failing_its_expired_job_half_way_leaves_the_jobs_hold_as_it_was(tmp_path):
     # A call's start is written without a transaction of its own (one statement); failing an
     # expired job in that write committed each of its statements alone. One refused after the
@@ -1277,6 +1346,38 @@ def test_a_sweep_fails_every_expired_job_batch_after_batch(tmp_path, monkeypatch
         assert {(await store.get_job(job_id)).status for job_id in jobs} == {"failed"}
 
     on_a_team_store(tmp_path / "batches.db", check)
+
+
+def test_a_sweep_goes_on_past_a_batch_another_processs_sweep_took_jobs_of(tmp_path, monkeypatch):
+    # The workers of `serve --workers N` start together and sweep every interval, at about the
+    # same moments: each took jobs of the other's batch, each batch came back short of BATCH,
+    # and each run stopped after its first. The jobs left held their credits for more intervals
+    # (two stores sweeping 3,000 expired jobs at once left 2,480 of them open).
+    monkeypatch.setattr(sweeper_module, "BATCH", 2)
+
+    async def check(store: SQLiteStore) -> None:
+        jobs = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(5)]
+        later = time.time() + 120
+        other = SQLiteStore(DatabaseConfig(url=f"sqlite:///{tmp_path / 'two.db'}"))
+        await other.open()
+        read = store._read
+
+        async def read_as_the_other_sweeps(sql: str, *args: Any, **kwargs: Any) -> Any:
+            found = await read(sql, *args, **kwargs)
+            if "ORDER BY created_at" in sql:  # the search for expired jobs
+                store._read = read  # once
+                assert [j.job_id for j in await other.expire_jobs(later - 60, 1)] == [jobs[0]]  # of this batch
+            return found
+
+        store._read = read_as_the_other_sweeps
+        try:
+            await sweep_once(store, expire_after=60, stale_call_after=60, now=later)
+        finally:
+            await other.close()
+        assert [(await store.get_job(job_id)).status for job_id in jobs] == ["failed"] * 5
+        assert (await store.get_team("team")).credits_held == 0
+
+    on_a_team_store(tmp_path / "two.db", check)
 
 
 def test_a_sweep_fails_every_own_job_of_a_v1_call_it_closed_as_interrupted_batch_after_batch(tmp_path, monkeypatch):
