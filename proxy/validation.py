@@ -251,6 +251,12 @@ def _strings(body: dict[str, Any], field: str) -> None:
         raise invalid(field, "must be a list of strings")
 
 
+def _boolean(body: dict[str, Any], field: str) -> None:
+    value = body[field]
+    if value is not None and not isinstance(value, bool):
+        raise invalid(field, "must be true or false")
+
+
 # Each checked chat parameter's check, in the order their problems are reported: made once, at import.
 _CHAT_CHECKS: dict[str, Check] = {
     **{field: _numbers(low, high) for field, low, high in _NUMBERS},
@@ -274,6 +280,9 @@ _LITELLM_CHECKS: dict[str, Check] = {
     "prompt_version": _prompt_version,
     **{field: _strings for field in ("tags", "additional_drop_params", "allowed_openai_params")},
     "guardrails": _guardrails,
+    # A stream's option, read into LiteLLM's GenericLiteLLMParams (a boolean) for streams alone:
+    # another value failed every streamed call with a 500 of LiteLLM's, a plain call not at all.
+    "merge_reasoning_content_in_choices": _boolean,
 }
 _CHECKS = {**_CHAT_CHECKS, **_LITELLM_CHECKS}
 _ORDER = {field: i for i, field in enumerate(_CHECKS)}
@@ -339,12 +348,16 @@ _LITELLM_CONTROLS = frozenset([
     # which the gateway took for the model failing and tried on the next; `client` with a 400.
     "client", "original_function", "specific_deployment", "_target_order",
     "self",  # passed on as the body's other fields are, it is a second `self` to LiteLLM's router: a 500
+    "complete_response",  # LiteLLM's own, to build a stream's chunks into one answer: a streamed call's 500
     # Where LiteLLM's response cache reads and writes the call's answer, used as it is given: with
     # caching on, a team read any answer cached under a key it named, and stored its own answer
     # under another team's key, which that team was then served for its own question.
     "cache_key",
     # The operator's logging callbacks (all but LiteLLM's own spend tracking) skipped for the call.
     "no-log",
+    # ... or more of them run for it: LiteLLM's integrations by name ("s3", "langfuse"), logging
+    # the call's prompt and answer with whatever credentials the operator's environment holds.
+    "success_callback", "failure_callback",
     # The call's place in LiteLLM's request queue (lower first): ahead of every other team's calls
     # when the deployments are busy. The operator sets the queue's order (router default_priority).
     "priority",

@@ -182,6 +182,35 @@ def test_a_litellm_parameter_of_the_wrong_type_is_422_naming_it_without_a_fallba
     assert client.get(f"/api/teams/{team.team_id}").json()["credits_used"] == 0
 
 
+# LiteLLM fails a stream on these with a 500 of its own (a plain call not): the gateway took it for
+# the model failing, asked every model of the group in vain and answered 503, which clients retry.
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/jobs/{job}/llm-call-stream"])
+@pytest.mark.parametrize("field, bad", [("merge_reasoning_content_in_choices", "sometimes"), ("complete_response", True)])
+def test_a_parameter_litellm_fails_a_stream_on_is_422_naming_it_without_a_fallback_or_a_charge(tollgate, team, fake_url,
+                                                                                              path, field, bad):
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    label = tag()
+    body = {"model": "Main", "messages": [{"role": "user", "content": f"hi [tag={label}]"}], "stream": True, field: bad}
+    if not path.startswith("/v1"):
+        del body["stream"]  # the route streams
+    response = client.post(path.format(job=job_id), json=body)
+    assert response.status_code == 422, response.text
+    if path.startswith("/v1"):
+        assert response.json()["error"]["param"] == field
+    else:
+        assert response.json()["detail"].startswith(f"{field}: ")
+    assert fake_log(fake_url, label) == []
+    assert client.get(f"/api/teams/{team.team_id}/jobs").json()["total"] == 1
+    assert client.get(f"/api/jobs/{job_id}").json()["calls"] == []
+    assert client.get(f"/api/teams/{team.team_id}").json()["credits_used"] == 0
+
+
+def test_a_streams_own_litellm_option_of_its_type_is_passed_on():
+    body = {**HELLO, "merge_reasoning_content_in_choices": True}
+    assert parse_call(body, openai=False).params == body
+
+
 def test_litellm_parameters_of_the_type_litellm_reads_are_passed_on():
     sent = {"prompt_id": "welcome", "prompt_label": "prod", "prompt_environment": "production",
             "prompt_variables": {"name": "Ada"}, "prompt_version": 2, "tags": ["checkout"],

@@ -274,6 +274,15 @@ def test_a_call_cannot_turn_off_the_operators_logging(tollgate, team, fake_url):
     assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "no-log", True)
 
 
+@pytest.mark.parametrize("field, value", [("success_callback", ["s3"]), ("failure_callback", ["langfuse"]),
+                                          ("success_callback", [{"name": "x"}])])
+def test_a_call_cannot_turn_on_the_operators_logging_integrations(tollgate, team, fake_url, field, value):
+    # LiteLLM ran the integrations a body named for the call (its prompt and answer logged to S3,
+    # Langfuse... with the credentials in the operator's environment); an object among them failed
+    # with a 500 of LiteLLM's that the gateway took for the model failing (every model tried, a 503).
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, field, value)
+
+
 def test_a_call_cannot_choose_its_place_in_litellms_request_queue(tollgate, team, fake_url):
     # A body's priority sent the call through LiteLLM's scheduler at that place (lower first):
     # ahead of every other team's calls while the deployments are busy.
