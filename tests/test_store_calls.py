@@ -22,7 +22,7 @@ from proxy.config import DatabaseConfig, load_config
 from proxy.ids import new_id
 from proxy.metrics import Metrics
 from proxy.records import IMPLICIT_JOB_TYPE, CallOutcome, Job, JobEnd, NewCall, Team
-from proxy.store import Forbidden, StoreBusy, StoreUnavailable, WrittenThenCancelled
+from proxy.store import Forbidden, StoreBusy, StoreError, StoreUnavailable, WrittenThenCancelled
 from proxy.store.schema import MIGRATIONS, apply
 from proxy.store import sqlite as store_module
 from proxy.store.sqlite import SQLiteStore
@@ -313,6 +313,53 @@ def test_a_schema_3_database_upgrades_with_every_call_kept_as_it_was(tmp_path):
     }
     with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
         db.execute("UPDATE llm_calls SET status = 'lost' WHERE call_id = 'running'")
+
+
+def test_a_migrations_last_statement_without_its_semicolon_is_applied_not_skipped():
+    # A statement is only complete at its semicolon: the last one of a script without it was
+    # dropped, and the migration recorded as applied without its change.
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    apply(db, "CREATE TABLE t (x INTEGER);\nALTER TABLE t ADD COLUMN y INTEGER NOT NULL DEFAULT 0")
+    assert [row[1] for row in db.execute("PRAGMA table_info(t)")] == ["x", "y"]
+
+
+def test_a_migration_cut_short_leaves_the_database_as_it_was_and_the_next_start_migrates_it(tmp_path, monkeypatch):
+    # A process killed as it migrates: the migrations run in one transaction, so the database
+    # holds all of them or none, and nothing of a team's figures or its calls is half changed.
+    path = tmp_path / "v3.db"
+    db = database_at(path, 3)
+    add_job(db, "done", "team", "completed", 0)
+    db.execute(
+        "INSERT INTO llm_calls (call_id, job_id, team_id, model_group, streamed, status, started_at) "
+        "VALUES ('call', 'done', 'team', 'ChatAgent', 0, 'success', 100)"
+    )
+    db.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        before = db.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall()
+
+    def killed(db: sqlite3.Connection) -> None:
+        apply(db, "ALTER TABLE teams ADD COLUMN jobs_made INTEGER NOT NULL DEFAULT 0;")
+        raise KeyboardInterrupt  # as a signal stops the process, after migrations 4 to 6
+
+    async def start() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"))
+        await store.open()
+        try:
+            assert await store.schema_version() == len(MIGRATIONS)
+            assert await listed_totals(store, "team") == counted_totals(path, "team")
+            view = await store.job_view("done")
+            assert view is not None and [call.status for call in view[1]] == ["success"]
+        finally:
+            await store.close()
+
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS[:-1], killed])
+    with pytest.raises(StoreError, match="KeyboardInterrupt"):
+        asyncio.run(start())
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (3,)
+        assert db.execute("SELECT sql FROM sqlite_master ORDER BY name").fetchall() == before
+    monkeypatch.undo()
+    asyncio.run(start())
 
 
 def test_a_calls_status_is_checked_without_building_a_temporary_index_for_each_write(tmp_path):

@@ -216,4 +216,7 @@ def statements(script: str) -> list[str]:
         if sqlite3.complete_statement("\n".join(current)):
             result.append("\n".join(current).strip())
             current = []
+    # A last statement without its semicolon is never complete: run it (or have SQLite refuse
+    # it) rather than drop it, which recorded the migration applied without its change.
+    result.append("\n".join(current).strip())
     return [s for s in result if s]
