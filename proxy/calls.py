@@ -260,8 +260,10 @@ class CallPipeline:
         # shutdown cuts it is written once the lock ends, and the store must still be open for
         # the call's record then (shutdown's drain waits for the calls counted).
         self._running.add(call_id)
+        # The own job's: the team's expired jobs failed to free its hold, as a sweep would have.
+        made_room: list[str] | None = None if own_job is None else []
         try:
-            await self._store.start_call(new_call, None if own_job is None else own_job.default_credits)
+            await self._store.start_call(new_call, None if own_job is None else own_job.default_credits, made_room)
         except asyncio.CancelledError as cut:
             await self._limiter.settle(decision, 0, release=True)
             if not isinstance(cut, WrittenThenCancelled):  # nothing of it written: no call to record
@@ -270,8 +272,8 @@ class CallPipeline:
             # The store finished the insert before letting the cancellation through: the call
             # (and its own job) exists, and is closed rather than left running.
             notes["job"], notes["call"] = job_id, call_id
-            if own_job is not None:
-                self._metrics.observe_job(team.team_id, "created")
+            if made_room is not None:
+                self._observe_own_job(team.team_id, made_room)
             await asyncio.shield(self._finish(call, "cancelled", None, Usage(0, 0), 0, "cancelled before it started"))
             headers = {**call.headers(), **decision.released().headers()}
             raise _cut_by_shutdown("the call was cut short before it started", headers) from None
@@ -288,9 +290,15 @@ class CallPipeline:
                 raise
             raise refusal from exc
         notes["job"], notes["call"] = job_id, call_id
-        if own_job is not None:
-            self._metrics.observe_job(team.team_id, "created")
+        if made_room is not None:
+            self._observe_own_job(team.team_id, made_room)
         return call
+
+    def _observe_own_job(self, team_id: str, made_room: list[str]) -> None:
+        """A /v1 call's own job made, and the jobs failed to make room for its hold."""
+        self._metrics.observe_job(team_id, "created")
+        for _ in made_room:
+            self._metrics.observe_job(team_id, "failed")
 
     async def _limit(self, principal: Principal, call_id: str, request: CallRequest) -> Decision:
         team, key, defaults = principal.team, principal.key, self._rate_limits

@@ -102,10 +102,13 @@ class JobsApi:
         team = principal.team
         if body.team_id is not None and body.team_id != team.team_id:
             raise ApiError(403, f"This key belongs to team '{team.team_id}', not '{body.team_id}'", code="forbidden")
+        made_room: list[str] = []  # the team's expired jobs failed to free its hold, as a sweep would
         job = await self._store.create_job(
-            team.team_id, body.job_type, body.user_id, body.metadata, self._config.jobs.credits_per_job
+            team.team_id, body.job_type, body.user_id, body.metadata, self._config.jobs.credits_per_job, made_room
         )
         self._metrics.observe_job(team.team_id, "created")
+        for _ in made_room:
+            self._metrics.observe_job(team.team_id, "failed")
         notes(request)["job"] = job.job_id
         return JSONResponse({"job_id": job.job_id, "status": job.status, "created_at": iso(job.created_at)})
 

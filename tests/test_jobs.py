@@ -580,6 +580,31 @@ def test_failing_a_job_past_its_expiry_before_any_sweep_fails_it_as_asked(make_t
     assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (0, 0, 1)
 
 
+def test_a_team_whose_credit_an_expired_job_not_swept_yet_holds_creates_a_job_at_once(make_tollgate):
+    # The expired job's hold was due back at its expiry: it is failed now, as the sweep would fail it.
+    admin, team, client, job_id = past_its_expiry(make_tollgate)
+    created = client.post("/api/jobs/create", json={"job_type": "t"})
+    assert created.status_code == 200, created.text
+    body = client.get(f"/api/jobs/{job_id}").json()
+    assert (body["status"], body["costs"]["credits_charged"]) == ("failed", 0)
+    assert body["error_message"].startswith("expired")
+    team_now = admin.get_team(team.team_id)
+    assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (0, 1, 0)
+    assert [e["amount"] for e in admin.ok("GET", f"/admin/teams/{team.team_id}/ledger")] == [1]  # its allocation alone
+
+
+def test_a_v1_call_without_a_job_is_served_at_once_with_the_credit_an_expired_job_not_swept_yet_holds(make_tollgate):
+    admin, team, client, job_id = past_its_expiry(make_tollgate)
+    response = client.post("/v1/chat/completions", json={"model": "Main", "messages": HELLO})
+    assert response.status_code == 200, response.text
+    body = client.get(f"/api/jobs/{job_id}").json()
+    assert (body["status"], body["costs"]["credits_charged"], body["error_message"][:7]) == ("failed", 0, "expired")
+    own = client.get(f"/api/jobs/{response.headers['x-job-id']}").json()
+    assert (own["status"], own["costs"]["credits_charged"]) == ("completed", 1)
+    team_now = admin.get_team(team.team_id)
+    assert (team_now["credits_used"], team_now["credits_held"], team_now["credits_available"]) == (1, 0, 0)
+
+
 def test_metadata_given_at_completion_is_merged_into_the_jobs(tollgate, team):
     client = tollgate.client(team.key)
     job = create(client, metadata={"doc": 7, "stage": "draft"})

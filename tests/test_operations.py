@@ -148,6 +148,23 @@ def test_a_job_its_completion_fails_as_expired_is_counted_among_failed_jobs(make
     assert value(fams, "tollgate_jobs", team=team.team_id, status="completed") == 0
 
 
+def test_expired_jobs_failed_to_make_room_for_new_jobs_are_counted_once_among_failed_jobs(make_tollgate):
+    # The sweep, finding them failed, counts none of them again.
+    server = make_tollgate(jobs={"expire_after": "1s", "sweep_interval": "1h"})  # no sweep comes first
+    team = server.admin().team(credits=1)
+    client = server.client(team.key)
+    client.post("/api/jobs/create", json={"job_type": "ops"}).raise_for_status()
+    time.sleep(1.2)
+    client.post("/api/jobs/create", json={"job_type": "ops"}).raise_for_status()  # fails the first
+    time.sleep(1.2)
+    v1 = client.post("/v1/chat/completions", json={"model": "Main", "messages": [{"role": "user", "content": "hi"}]})
+    assert v1.status_code == 200, v1.text  # its own job failed the second
+    fams = families(server)
+    assert value(fams, "tollgate_jobs", team=team.team_id, status="created") == 3
+    assert value(fams, "tollgate_jobs", team=team.team_id, status="failed") == 2
+    assert value(fams, "tollgate_jobs", team=team.team_id, status="completed") == 1
+
+
 def test_team_label_can_be_switched_off(make_tollgate):
     server = make_tollgate(metrics={"team_label": False})
     exercise(server, server.admin().team())

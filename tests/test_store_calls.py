@@ -1661,3 +1661,206 @@ def test_jobs_a_sweep_failed_before_the_store_refused_the_next_are_counted_among
 
     assert asyncio.run(check()) == store_module.FAIL_TOGETHER
     assert counted == [("team", "failed")] * store_module.FAIL_TOGETHER
+
+
+# --- a job's hold refused while the team's expired jobs, not swept yet, hold its credits ------------
+
+
+async def a_team_held_by_expired_jobs(path: Path, count: int = 1, spare: int = 0) -> tuple[SQLiteStore, list[str]]:
+    """The team 'team' with `count` open jobs of a credit each, oldest first, and `spare` credits
+    besides; a store (to be closed) opened on it past their expiry, before any sweep."""
+    store = await make_team(str(path))
+    await store.add_credits("team", count + spare - 1000, "leave the jobs' credits")
+    job_ids = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(count)]
+    await store.close()
+    later = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: time.time() + 120, expire_after=60.0)
+    await later.open()
+    return later, job_ids
+
+
+async def failed_as_expired(store: SQLiteStore, job_id: str) -> bool:
+    job = await store.get_job(job_id)
+    assert job is not None
+    return (job.status, job.error_message, job.credits_charged) == ("failed", store_module.EXPIRED_JOB, 0)
+
+
+async def credits(store: SQLiteStore) -> tuple[int, int, int]:
+    """The team's (credits_used, credits_held, credits_remaining), the last checked against its ledger."""
+    team = await store.get_team("team")
+    assert team is not None
+    assert await store.ledger_sum("team") == team.credits_remaining
+    return team.credits_used, team.credits_held, team.credits_remaining
+
+
+def dump(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return list(db.iterdump())
+
+
+def test_a_job_is_made_at_once_with_the_credit_an_expired_job_not_swept_yet_holds(tmp_path):
+    # Its hold was due back at its expiry: only the sweep's round still kept it.
+    path = tmp_path / "room.db"
+
+    async def check() -> None:
+        later, (expired,) = await a_team_held_by_expired_jobs(path)
+        try:
+            made_room: list[str] = []
+            job = await later.create_job("team", "t", None, {}, 1, made_room)
+            assert made_room == [expired] and await failed_as_expired(later, expired)
+            assert job.credits_held == 1 and await credits(later) == (0, 1, 1)
+            assert await listed_totals(later) == counted_totals(path)
+        finally:
+            await later.close()
+
+    asyncio.run(check())
+
+
+def test_a_v1_calls_own_job_is_made_at_once_with_the_credit_an_expired_job_not_swept_yet_holds(tmp_path):
+    path = tmp_path / "room.db"
+
+    async def check() -> None:
+        later, (expired,) = await a_team_held_by_expired_jobs(path)
+        try:
+            made_room: list[str] = []
+            own = new_id()
+            await later.start_call(new_call("own", own, time.time()), 1, made_room)
+            assert made_room == [expired] and await failed_as_expired(later, expired)
+            assert await statuses(later, own) == {"own": "running"}
+            assert await credits(later) == (0, 1, 1)
+            assert await listed_totals(later) == counted_totals(path)
+        finally:
+            await later.close()
+
+    asyncio.run(check())
+
+
+def test_only_the_oldest_expired_jobs_whose_credits_the_hold_needs_are_failed(tmp_path):
+    async def check() -> None:
+        later, (oldest, second, newest) = await a_team_held_by_expired_jobs(tmp_path / "room.db", count=3)
+        try:
+            await later.update_team("team", {"credits_per_job": 2})
+            made_room: list[str] = []
+            await later.create_job("team", "t", None, {}, 1, made_room)
+            assert made_room == [oldest, second]
+            assert [(await later.get_job(j)).status for j in (oldest, second, newest)] == ["failed", "failed", "pending"]
+            assert await credits(later) == (0, 3, 3)
+        finally:
+            await later.close()
+
+    asyncio.run(check())
+
+
+def test_an_expired_job_with_a_call_still_running_is_not_failed_to_make_room(tmp_path):
+    # The sweep waits for that call too: its end may charge the job.
+    path = tmp_path / "room.db"
+
+    async def check() -> None:
+        store = await make_team(str(path))
+        await store.add_credits("team", -999, "leave one")
+        busy = (await store.create_job("team", "t", None, {}, 1)).job_id
+        await store.start_call(new_call("long", busy, time.time()))
+        await store.close()
+        later = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: time.time() + 120, expire_after=60.0)
+        await later.open()
+        try:
+            before = dump(path)
+            with pytest.raises(store_module.InsufficientCredits):
+                await later.create_job("team", "t", None, {}, 1)
+            with pytest.raises(store_module.InsufficientCredits):
+                await later.start_call(new_call("own", new_id(), time.time()), 1)
+            assert dump(path) == before
+            assert await statuses(later, busy) == {"long": "running"}
+        finally:
+            await later.close()
+
+    asyncio.run(check())
+
+
+def test_a_team_that_cannot_pay_even_with_its_expired_jobs_credits_is_refused_as_before_with_nothing_written(tmp_path):
+    path = tmp_path / "room.db"
+
+    async def check() -> None:
+        later, (expired,) = await a_team_held_by_expired_jobs(path, spare=1)
+        try:
+            await later.update_team("team", {"credits_per_job": 3})
+            before = dump(path)
+            with pytest.raises(store_module.InsufficientCredits) as refused:
+                await later.create_job("team", "t", None, {}, 1)
+            assert str(refused.value) == (
+                "Insufficient credits: team 'team' has 1 available (2 remaining, 1 held by open jobs); a job needs 3"
+            )
+            with pytest.raises(store_module.InsufficientCredits):
+                await later.start_call(new_call("own", new_id(), time.time()), 1)
+            assert dump(path) == before
+            assert (await later.get_job(expired)).status == "pending"
+        finally:
+            await later.close()
+
+    asyncio.run(check())
+
+
+def test_an_expired_job_failed_to_make_room_is_counted_once_though_two_processes_want_its_credit(tmp_path):
+    # Each process fails only jobs it finds open in its own write: the one that failed it says
+    # so, the other finds it failed, and the sweep, in either, finds nothing to fail.
+    path = tmp_path / "room.db"
+
+    async def check() -> dict[tuple[str, ...], float]:
+        later, (expired,) = await a_team_held_by_expired_jobs(path)
+        other = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}"), clock=lambda: time.time() + 120, expire_after=60.0)
+        await other.open()
+        metrics = Metrics()
+        try:
+            rooms: tuple[list[str], list[str]] = ([], [])
+            made = await asyncio.gather(
+                later.create_job("team", "t", None, {}, 1, rooms[0]),
+                other.create_job("team", "t", None, {}, 1, rooms[1]),
+                return_exceptions=True,
+            )
+            assert sorted(type(m).__name__ for m in made) == ["InsufficientCredits", "Job"]
+            assert rooms[0] + rooms[1] == [expired]
+            for store in (later, other):
+                await sweep_once(store, expire_after=60, stale_call_after=60, now=time.time() + 120, metrics=metrics)
+            assert await credits(later) == (0, 1, 1)
+            text = (await metrics.render(later.team_balances)).decode()
+        finally:
+            await other.close()
+            await later.close()
+        return {(s.labels["team"], s.labels["status"]): s.value
+                for f in text_string_to_metric_families(text) if f.name == "tollgate_jobs"
+                for s in f.samples if s.name == "tollgate_jobs_total"}
+
+    assert asyncio.run(check()) == {}  # the sweeps counted none of it
+
+
+def test_a_start_cut_short_once_written_still_names_the_expired_jobs_it_failed_to_make_room(tmp_path):
+    # Failed for good: left out, they would be counted by nobody, the sweep finding them failed.
+    async def check() -> None:
+        later, (expired,) = await a_team_held_by_expired_jobs(tmp_path / "cut.db")
+        try:
+            made_room: list[str] = []
+            starting = asyncio.create_task(later.start_call(new_call("cut", new_id(), time.time()), 1, made_room))
+            await asyncio.sleep(0)  # its write submitted: the cancellation waits for it (writer.py)
+            starting.cancel()
+            with pytest.raises(WrittenThenCancelled):
+                await starting
+            assert made_room == [expired] and await failed_as_expired(later, expired)
+        finally:
+            await later.close()
+
+    asyncio.run(check())
+
+
+def test_a_job_made_as_the_shutdown_cuts_it_still_names_the_expired_jobs_it_failed_to_make_room(tmp_path):
+    async def check() -> None:
+        later, (expired,) = await a_team_held_by_expired_jobs(tmp_path / "cut.db")
+        try:
+            made_room: list[str] = []
+            creating = asyncio.create_task(later.create_job("team", "t", None, {}, 1, made_room))
+            await asyncio.sleep(0)
+            creating.cancel()
+            assert (await creating).status == "pending"  # a request's write: answered as done (`_write`)
+            assert made_room == [expired]
+        finally:
+            await later.close()
+
+    asyncio.run(check())

@@ -744,15 +744,22 @@ class SQLiteStore:
         user_id: str | None,
         metadata: dict[str, Any],
         default_credits: int,
+        made_room: list[str] | None = None,
     ) -> Job:
+        """`made_room`: the ids of the team's jobs past their expiry that were failed to free
+        credits for this one's hold (`_make_room`) are added to it, for the caller to count
+        as failed, as a sweep counts those it fails (it finds them failed, and counts none)."""
         job_id = new_id()
         now = self._clock()
         metadata_json = _metadata_text(metadata)
 
-        def create(db: sqlite3.Connection) -> int:
-            return _open_job(db, job_id, team_id, job_type, user_id, metadata_json, default_credits, now)
+        def create(db: sqlite3.Connection) -> tuple[int, list[str]]:
+            return _open_job(db, job_id, team_id, job_type, user_id, metadata_json, default_credits, now,
+                             now - self._expire_after)
 
-        held = await self._write(create, done_if_cut=True)
+        held, failed = await self._write(create, done_if_cut=True)
+        if made_room is not None:
+            made_room.extend(failed)
         return Job(job_id, team_id, job_type, user_id, "pending", metadata, None, now, None, held, 0, None)
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -815,21 +822,26 @@ class SQLiteStore:
 
         return await self._read_together(read, records, listing=True)
 
-    async def start_call(self, call: NewCall, own_job_default_credits: int | None = None) -> None:
+    async def start_call(
+        self, call: NewCall, own_job_default_credits: int | None = None, made_room: list[str] | None = None
+    ) -> None:
         """Record the call as running in its job. With `own_job_default_credits`, the job is the
         call's own (a /v1 call without X-Job-Id), made in the same write, holding the team's
         credits per job (this many unless the team sets its own): a job without its call never
-        exists, nor does a call refused at its start leave a job holding a credit. Cancelled
-        meanwhile: WrittenThenCancelled once the call is started, else a plain CancelledError
-        (nothing of the call written)."""
+        exists, nor does a call refused at its start leave a job holding a credit; `made_room`
+        as for `create_job`, filled before a WrittenThenCancelled too. Cancelled meanwhile:
+        WrittenThenCancelled once the call is started, else a plain CancelledError (nothing of
+        the call written)."""
         now = self._clock()
         expired_before = now - self._expire_after
 
-        def start(db: sqlite3.Connection) -> bool:
-            """False once the call is started; True for an open job past its expiry (nothing written)."""
+        def start(db: sqlite3.Connection) -> list[str] | None:
+            """Once the call is started, the ids of the jobs failed to make room for its own job
+            (`_open_job`); None for an open job past its expiry (nothing written)."""
+            failed: list[str] = []
             if own_job_default_credits is not None:
-                _open_job(db, call.job_id, call.team_id, IMPLICIT_JOB_TYPE, None, _IMPLICIT_METADATA,
-                          own_job_default_credits, now)
+                _, failed = _open_job(db, call.job_id, call.team_id, IMPLICIT_JOB_TYPE, None, _IMPLICIT_METADATA,
+                                      own_job_default_credits, now, expired_before)
             cursor = db.execute(
                 "INSERT INTO llm_calls (call_id, job_id, team_id, key_id, model_group, purpose, streamed, status, "
                 "started_at, stale_at) SELECT ?, job_id, team_id, ?, ?, ?, ?, 'running', ?, ? FROM jobs "
@@ -861,20 +873,22 @@ class SQLiteStore:
                         f"Job '{call.job_id}' is the own job of a /v1 call made without X-Job-Id: it takes no other call"
                     )
                 if rows[0][0] in OPEN_JOB_STATUSES:  # open, but past its expiry
-                    return True
+                    return None
                 raise JobClosed(call.job_id, rows[0][0])
             # The insert's trigger (schema 2) moved a pending job to in_progress.
-            return False
+            return failed
 
         # Not waiting for the disk: a start matters only with the call's end, whose write
         # is durable and, the WAL being written in order, makes this one durable too.
         try:
-            expired = await self._write(start, atomic=own_job_default_credits is not None, durable=False)
+            started = await self._write(start, atomic=own_job_default_credits is not None, durable=False)
         except WrittenThenCancelled as cut:
-            if cut.value:  # the job had expired: nothing of the call was written
+            if cut.value is None:  # the job had expired: nothing of the call was written
                 raise asyncio.CancelledError() from None
+            if made_room is not None:
+                made_room.extend(cut.value)
             raise
-        if expired:
+        if started is None:
             # Failed in a transaction of its own, as the sweep fails it: the start's write has
             # none (atomic=False, a single statement), so a failure's statements would commit
             # one by one, and one refused after the hold was deleted (the database busy with
@@ -883,6 +897,8 @@ class SQLiteStore:
             # are: the job failed now is counted so by the caller, and never by the sweep.
             failed_now = await self._write(lambda db: _expire_job_in(db, call.job_id, now), done_if_cut=True)
             raise JobExpired(call.job_id, failed_now)
+        if made_room is not None:
+            made_room.extend(started)
 
     async def finish_call(self, outcome: CallOutcome, *, over_interrupted: bool = False) -> bool:
         """Record a call's end; False if it was finished already. `over_interrupted`: also over
@@ -1080,20 +1096,22 @@ def _open_job(
     metadata_json: str,
     default_credits: int,
     now: float,
-) -> int:
-    """Insert a pending job holding the team's credits per job; returns the credits held."""
-    rows = _all(db,
-        "UPDATE teams SET credits_held = credits_held + COALESCE(credits_per_job, :default), jobs_made = jobs_made + 1 "
-        "WHERE team_id = :team AND status = 'active' "
-        "AND credits_allocated - credits_used - credits_held >= COALESCE(credits_per_job, :default) "
-        "RETURNING COALESCE(credits_per_job, :default)",
-        {"default": default_credits, "team": team_id},
-    )
+    expired_before: float,
+) -> tuple[int, list[str]]:
+    """Insert a pending job holding the team's credits per job; returns the credits held, and
+    the ids of the team's jobs past their expiry (created before `expired_before`) failed to
+    free them (`_make_room`)."""
+    rows = _hold(db, team_id, default_credits)
+    made_room: list[str] = []
     if not rows:
         team = _team_in(db, team_id)
         if team.status != "active":
             raise TeamSuspended(f"Team '{team_id}' is suspended")
-        raise InsufficientCredits(team, team.credits_per_job if team.credits_per_job is not None else default_credits)
+        needed = team.credits_per_job if team.credits_per_job is not None else default_credits
+        made_room = _make_room(db, team_id, needed - team.credits_available, expired_before, now)
+        rows = _hold(db, team_id, default_credits) if made_room else []
+        if not rows:  # the write's transaction (atomic) undoes any failure made for it
+            raise InsufficientCredits(team, needed)
     held = rows[0][0]
     db.execute(
         "INSERT INTO jobs (job_id, team_id, job_type, user_id, status, metadata, created_at, credits_held) "
@@ -1104,7 +1122,43 @@ def _open_job(
         "INSERT INTO credit_holds (job_id, team_id, amount, created_at) VALUES (?, ?, ?, ?)",
         (job_id, team_id, held, now),
     )
-    return held
+    return held, made_room
+
+
+def _hold(db: sqlite3.Connection, team_id: str, default_credits: int) -> list[Any]:
+    """Hold the team's credits per job, if it is active and they are available: [(held,)], else []."""
+    return _all(db,
+        "UPDATE teams SET credits_held = credits_held + COALESCE(credits_per_job, :default), jobs_made = jobs_made + 1 "
+        "WHERE team_id = :team AND status = 'active' "
+        "AND credits_allocated - credits_used - credits_held >= COALESCE(credits_per_job, :default) "
+        "RETURNING COALESCE(credits_per_job, :default)",
+        {"default": default_credits, "team": team_id},
+    )
+
+
+def _make_room(db: sqlite3.Connection, team_id: str, short: int, expired_before: float, now: float) -> list[str]:
+    """Fail, as the sweep would, the team's open jobs past their expiry whose holds free the
+    `short` credits a new job's hold lacks: the oldest first, none with a call running (the
+    sweep waits for it), and none at all unless FAIL_TOGETHER of them free enough. Their
+    holds were due back since their expiry; only the sweep's round kept them. Run only for a
+    hold refused, so that a job's or a /v1 call's start pays nothing for it otherwise."""
+    rows = _all(db,
+        # The open jobs' partial index of the team (schema: jobs_team_open), read oldest first.
+        "SELECT job_id, credits_held FROM jobs j WHERE team_id = ? AND status IN ('pending', 'in_progress') "
+        "AND created_at < ? AND credits_held > 0 "
+        "AND NOT EXISTS (SELECT 1 FROM llm_calls c WHERE c.job_id = j.job_id AND c.status = 'running') "
+        "ORDER BY created_at LIMIT ?",
+        (team_id, expired_before, FAIL_TOGETHER),
+    )
+    freeing, freed = [], 0
+    for job_id, held in rows:
+        if freed >= short:
+            break
+        freeing.append(job_id)
+        freed += held
+    if freed < short:
+        return []
+    return [job_id for job_id in freeing if _expire_job_in(db, job_id, now)]
 
 
 def _finish_call_in(db: sqlite3.Connection, outcome: CallOutcome, over_interrupted: bool) -> bool:
