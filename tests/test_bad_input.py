@@ -157,6 +157,29 @@ def test_call_bodies_litellm_would_fail_with_a_500_are_422_naming_the_field(toll
     assert client.get(job_url.removesuffix("/llm-call")).json()["calls"] == []
 
 
+def assert_422_naming_it_without_a_fallback_or_a_charge(tollgate, team, fake_url, path: str, field: str, bad,
+                                                       stream: bool = False) -> None:
+    """A call carrying `field: bad` is a 422 naming it; the upstream never asked, no call recorded,
+    no job of its own made on /v1, nothing charged. `stream`: a streamed call (on /v1; the
+    job API's route streams by its path)."""
+    client = tollgate.client(team.key)
+    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
+    label = tag()
+    body = {"model": "Main", "messages": [{"role": "user", "content": f"hi [tag={label}]"}], field: bad}
+    if stream and path.startswith("/v1"):
+        body["stream"] = True
+    response = client.post(path.format(job=job_id), json=body)
+    assert response.status_code == 422, response.text
+    if path.startswith("/v1"):
+        assert response.json()["error"]["param"] == field
+    else:
+        assert response.json()["detail"].startswith(f"{field}: ")
+    assert fake_log(fake_url, label) == []
+    assert client.get(f"/api/teams/{team.team_id}/jobs").json()["total"] == 1
+    assert client.get(f"/api/jobs/{job_id}").json()["calls"] == []
+    assert client.get(f"/api/teams/{team.team_id}").json()["credits_used"] == 0
+
+
 # LiteLLM reads its own parameters with a type in mind: another made it fail with a 500 of its own
 # (prompt_id: 5 in its prompt registry, a number where it iterates a list of parameter names),
 # which the gateway took for the model failing: every model of the group tried, then a 503.
@@ -165,21 +188,7 @@ def test_call_bodies_litellm_would_fail_with_a_500_are_422_naming_the_field(toll
                                         ("allowed_openai_params", True)])
 def test_a_litellm_parameter_of_the_wrong_type_is_422_naming_it_without_a_fallback_or_a_charge(tollgate, team, fake_url,
                                                                                             path, field, bad):
-    client = tollgate.client(team.key)
-    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
-    label = tag()
-    body = {"model": "Main", "messages": [{"role": "user", "content": f"hi [tag={label}]"}], field: bad}
-    response = client.post(path.format(job=job_id), json=body)
-    assert response.status_code == 422, response.text
-    if path.startswith("/v1"):
-        assert response.json()["error"]["param"] == field
-    else:
-        assert response.json()["detail"].startswith(f"{field}: ")
-    assert fake_log(fake_url, label) == []
-    # No call recorded, no job of its own made on /v1, nothing charged.
-    assert client.get(f"/api/teams/{team.team_id}/jobs").json()["total"] == 1
-    assert client.get(f"/api/jobs/{job_id}").json()["calls"] == []
-    assert client.get(f"/api/teams/{team.team_id}").json()["credits_used"] == 0
+    assert_422_naming_it_without_a_fallback_or_a_charge(tollgate, team, fake_url, path, field, bad)
 
 
 # LiteLLM fails a stream on these with a 500 of its own (a plain call not): the gateway took it for
@@ -188,22 +197,7 @@ def test_a_litellm_parameter_of_the_wrong_type_is_422_naming_it_without_a_fallba
 @pytest.mark.parametrize("field, bad", [("merge_reasoning_content_in_choices", "sometimes"), ("complete_response", True)])
 def test_a_parameter_litellm_fails_a_stream_on_is_422_naming_it_without_a_fallback_or_a_charge(tollgate, team, fake_url,
                                                                                               path, field, bad):
-    client = tollgate.client(team.key)
-    job_id = client.post("/api/jobs/create", json={"job_type": "t"}).json()["job_id"]
-    label = tag()
-    body = {"model": "Main", "messages": [{"role": "user", "content": f"hi [tag={label}]"}], "stream": True, field: bad}
-    if not path.startswith("/v1"):
-        del body["stream"]  # the route streams
-    response = client.post(path.format(job=job_id), json=body)
-    assert response.status_code == 422, response.text
-    if path.startswith("/v1"):
-        assert response.json()["error"]["param"] == field
-    else:
-        assert response.json()["detail"].startswith(f"{field}: ")
-    assert fake_log(fake_url, label) == []
-    assert client.get(f"/api/teams/{team.team_id}/jobs").json()["total"] == 1
-    assert client.get(f"/api/jobs/{job_id}").json()["calls"] == []
-    assert client.get(f"/api/teams/{team.team_id}").json()["credits_used"] == 0
+    assert_422_naming_it_without_a_fallback_or_a_charge(tollgate, team, fake_url, path, field, bad, stream=True)
 
 
 def test_a_streams_own_litellm_option_of_its_type_is_passed_on():

@@ -458,22 +458,30 @@ def test_the_sweep_counts_the_jobs_it_fails_as_expired_among_failed_jobs(tmp_pat
     assert asyncio.run(check()) == {("team", "failed"): 1.0}
 
 
+def a_gateway_sweeping_ahead(
+    tmp_path: Path, fake_url: str, monkeypatch: pytest.MonkeyPatch, ahead: Callable[[], float]
+) -> tuple[Path, Any]:
+    """A gateway's database and config (jobs expire after an hour), its sweeper running every
+    50 ms on a wall clock `ahead()` seconds ahead of the real one."""
+    database = tmp_path / "gateway.db"
+    config_path = tmp_path / "config.yaml"
+    jobs = {"sweep_interval": "50ms", "expire_after": "1h"}
+    config_path.write_text(yaml.safe_dump(tollgate_config(database, upstream={"url": fake_url}, jobs=jobs)))
+    sweeping = sweeper_module.sweep_forever
+    monkeypatch.setattr(
+        app_module, "sweep_forever", lambda *a, **k: sweeping(*a, clock=lambda: time.time() + ahead(), **k)
+    )
+    return database, load_config(str(config_path), env={})
+
+
 def test_a_job_the_sweep_fails_as_the_gateway_stops_is_counted_among_failed_jobs(
     tmp_path: Path, fake_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The stop cancelled the sweeper in the middle of its run: the job it was failing as expired
     # (its write waiting on another process's lock) was failed, its hold released, and never
     # counted in tollgate_jobs_total (one failed job in 46 stops of a worker under load).
-    database = tmp_path / "gateway.db"
-    config_path = tmp_path / "config.yaml"
-    jobs = {"sweep_interval": "50ms", "expire_after": "1h"}
-    config_path.write_text(yaml.safe_dump(tollgate_config(database, upstream={"url": fake_url}, jobs=jobs)))
-    config = load_config(str(config_path), env={})
     ahead = [0.0]  # the sweeper's wall clock, moved past the job's expiry once the lock is held
-    sweeping = sweeper_module.sweep_forever
-    monkeypatch.setattr(
-        app_module, "sweep_forever", lambda *a, **k: sweeping(*a, clock=lambda: time.time() + ahead[0], **k)
-    )
+    database, config = a_gateway_sweeping_ahead(tmp_path, fake_url, monkeypatch, lambda: ahead[0])
     counted: list[tuple[str, str]] = []
     monkeypatch.setattr(Metrics, "observe_job", lambda self, team_id, status: counted.append((team_id, status)))
     failing: list[str] = []
@@ -508,15 +516,7 @@ def test_a_stop_during_a_long_sweep_ends_it_between_batches_and_counts_every_job
     # one run (about 470 a second). A stop meanwhile let the run go on through every batch until
     # the drain's time was up, then cancelled it half-way: the jobs of the batch under way were
     # failed, their holds released, and never counted in tollgate_jobs_total.
-    database = tmp_path / "gateway.db"
-    config_path = tmp_path / "config.yaml"
-    jobs = {"sweep_interval": "50ms", "expire_after": "1h"}
-    config_path.write_text(yaml.safe_dump(tollgate_config(database, upstream={"url": fake_url}, jobs=jobs)))
-    config = load_config(str(config_path), env={})
-    sweeping = sweeper_module.sweep_forever
-    monkeypatch.setattr(
-        app_module, "sweep_forever", lambda *a, **k: sweeping(*a, clock=lambda: time.time() + 7200, **k)
-    )
+    database, config = a_gateway_sweeping_ahead(tmp_path, fake_url, monkeypatch, lambda: 7200.0)
     monkeypatch.setattr(sweeper_module, "BATCH", 2)
     monkeypatch.setattr(app_module, "DRAIN_TIMEOUT", 1.0)
     counted: list[tuple[str, str]] = []
