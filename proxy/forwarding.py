@@ -6,7 +6,8 @@ error, a timeout (ours, or LiteLLM's 408), a 5xx, a 429, any other status but
 credentials for it or the call (a 401 or 403), an unusable answer, or (for
 streams) an error arriving as the very first event, or LiteLLM or the model's
 provider not knowing the model's name, or LiteLLM not granting it to Tollgate's
-key (the group's mistake, not the caller's).
+key or to the request's tags (the group's mistake, not the caller's), or LiteLLM
+failing to read the model's answer.
 Any other 4xx is the caller's problem and is returned as such, and so is LiteLLM
 refusing the request body itself, whatever status it gives that; LiteLLM refusing
 Tollgate's own key is Tollgate's misconfiguration.
@@ -55,6 +56,23 @@ _NOT_SERVED = 404
 # 403: key_, team_, user_, org_ or project_model_access_denied, by whose list lacks it). That
 # key is Tollgate's, and accepted: the model is not granted to it, which another may be.
 _MODEL_NOT_GRANTED = "_model_access_denied"
+# LiteLLM's refusal of a model whose deployments its tag routing (`enable_tag_filtering`) keeps from
+# the request's tags, Tollgate's own included: a 401 of its router, not of its auth layer (typed
+# internal_server_error). Tollgate's key is accepted; only that model is not for those tags.
+_TAGS_REFUSE = "Not allowed to access model due to tags configuration"
+# LiteLLM's 400 for a model's answer it could not read (a choice whose message is null or no
+# object, tool_calls that are no list): its route handler calls any failure with an AttributeError
+# in its chain "Invalid request format", the caller's or the answer's. The answer's comes as the
+# InternalServerError LiteLLM makes of it, "Invalid response object" and a traceback of LiteLLM's
+# (its file paths, not the client's to read); a request LiteLLM cannot read (messages of strings)
+# comes as an APIConnectionError, and stays the caller's.
+_UNREADABLE_ANSWER = "Invalid request format: litellm.InternalServerError:"
+_UNREADABLE_MARK = "Invalid response object"
+_TRACEBACK = " Traceback (most recent call last)"
+# The header a Retry-After reaches Tollgate in when LiteLLM passes on the headers of the exception
+# it failed on (a provider's, or its router's "No deployments available" for a deployment over its
+# rpm/tpm): every header of those is renamed so.
+_PASSED_ON_RETRY_AFTER = "llm_provider-retry-after"
 # LiteLLM refusing a request body before any model (auth_utils.is_request_body_safe: a credential,
 # an endpoint, an observability or pricing field, at the top or inside metadata or extra_body).
 # Its ValueError says "Rejected Request: <field> is not allowed in request body. <advice to the
@@ -288,7 +306,11 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
     if status == 429 or status >= 500 or status == _TIMEOUT or status < 400:
         # Below 400: neither the answer (a 200) nor a refusal of the request (a redirect, a
         # 204): a fault of the upstream's for this model, not the caller's.
-        return Attempt(model, f"{status}: {message}", status, _retry_after(response.headers.get("retry-after")))
+        hint = response.headers.get("retry-after") or response.headers.get(_PASSED_ON_RETRY_AFTER)
+        return Attempt(model, f"{status}: {message}", status, _retry_after(hint))
+    if status == 400 and message.startswith(_UNREADABLE_ANSWER) and _UNREADABLE_MARK in message:
+        # The model's answer, not the request: another model may answer it.
+        return Attempt(model, f"{status}: {message.split(_TRACEBACK, 1)[0]}", status)
     if (status == 400 and _UNKNOWN_MODEL in message) or status == _NOT_SERVED:
         # LiteLLM, or the model's provider, serves no model of that name: the group names it, not
         # the client's request.
@@ -296,7 +318,9 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
     if status in (401, 403) and (error_type in _PROVIDER_REFUSALS or message.startswith(_MODEL_FAILURE_PREFIX)):
         # This model's provider refused the key LiteLLM holds for it, or the call: another model may work.
         return Attempt(model, f"{status}: {message}", status)
-    if status == 403 and isinstance(error_type, str) and error_type.endswith(_MODEL_NOT_GRANTED):
+    if (status == 403 and isinstance(error_type, str) and error_type.endswith(_MODEL_NOT_GRANTED)) or (
+        status == 401 and message.startswith(_TAGS_REFUSE)
+    ):
         # As a model LiteLLM does not serve: the group's mistake, for this model only.
         return Attempt(model, f"{status}: {message}", status)
     if status in (401, 403) or error_type in ("auth_error", "no_db_connection"):

@@ -15,6 +15,7 @@ while every answer stays predictable:
   surrogate, escaped), ``surrogate-answer*`` (an answer whose content holds one),
   ``surrogate-later*`` (as ``error-later*``, the error's message holding one),
   ``deep-tool-call*`` (an answer whose tool call holds a value nested DEEP_TOOL_CALL levels),
+  ``null-message*`` (an answer whose choice's message is null, which LiteLLM cannot read),
   ``no-usage*`` (an answer, of ``n`` choices, or a stream without usage), ``reported-cost*``
   (LiteLLM's own cost figure, REPORTED_COST: an answer's ``x-litellm-response-cost`` header, a
   stream's ``usage.cost``);
@@ -223,8 +224,10 @@ async def chat_completions(request: Request) -> Response:
             message["tool_calls"] = [_tool_call(body)]
         if model.startswith("deep-tool-call"):
             message["tool_calls"] = [{**_tool_call(body), "deep": "DEEP"}]
+        if model.startswith("null-message"):
+            message = None  # type: ignore[assignment]
         entry["usage"] = _usage(prompt_tokens, completion_tokens)
-        entry["chars_sent"] = len(message["content"] or "")
+        entry["chars_sent"] = len((message or {}).get("content") or "")
         answer = {
             "id": rid,
             "object": "chat.completion",

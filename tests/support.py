@@ -37,7 +37,7 @@ PRICES = {
 FAKE_MODELS = [
     "primary", "backup", "fail-500", "fail-503", "fail-429", "fail-429-b", "fail-400",
     "abort", "garbage", "hang", "unpriced", "hang-timeout", "refused-key", "surrogate-answer",
-    "surrogate-later", "fail-403", "fail-404", "no-usage",
+    "surrogate-later", "fail-403", "fail-404", "no-usage", "null-message",
 ]
 # LiteLLM settings of a deployment beyond its model, base and key.
 DEPLOYMENT_PARAMS: dict[str, dict[str, Any]] = {

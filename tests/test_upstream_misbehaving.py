@@ -855,3 +855,77 @@ def test_litellms_catch_all_body_under_another_status_than_500_is_unavailable_no
     )
     for failed in failures_in_either_order(server, "first", "second"):
         assert [a.status for a in failed.attempts] in ([503, 502], [502, 503])
+
+
+# LiteLLM 1.102.4's 400 for a model's answer whose choice has `"message": null` (its words, the
+# traceback and the answer it quotes shortened): its route handler calls any AttributeError in the
+# failure's chain an "Invalid request format".
+UNREADABLE_ANSWER = json.dumps({"error": {
+    "message": "Invalid request format: litellm.InternalServerError: InternalServerError: OpenAIException - "
+               "Invalid response object Traceback (most recent call last):\n  File \"/srv/litellm/litellm_core_utils/"
+               "llm_response_utils/convert_dict_to_response.py\", line 644, in convert_to_model_response_object\n"
+               "    tool_calls = choice[\"message\"].get(\"tool_calls\", None)\nAttributeError: 'NoneType' object has "
+               "no attribute 'get'\n\n\nreceived_args={'response_object': {'choices': [{'message': None}]}}. "
+               "Received Model Group=first\nAvailable Model Group Fallbacks=None",
+    "type": "invalid_request_error", "param": None, "code": "400",
+}}).encode()
+
+
+def test_a_models_answer_litellm_could_not_read_fails_that_model_and_the_next_answers():
+    # Taken for the caller's request refused, the call was a 400 upstream_rejected (not retried)
+    # holding LiteLLM's traceback, its file paths included, and the group's next model was never asked.
+    the_next_model_answers_after_the_first_is_refused(b"400 Bad Request", UNREADABLE_ANSWER)
+
+
+def test_a_group_whose_every_answer_litellm_could_not_read_is_unavailable_without_litellms_traceback():
+    server = failing_by_model(b"first", (b"HTTP/1.1 400 Bad Request", UNREADABLE_ANSWER),
+                              (b"HTTP/1.1 400 Bad Request", UNREADABLE_ANSWER))
+    for failed in failures_in_either_order(server, "first", "second"):
+        assert [a.status for a in failed.attempts] == [400, 400]
+        assert "Invalid response object" in str(failed) and "Traceback" not in str(failed)
+
+
+def test_a_request_litellm_could_not_read_is_still_the_callers_400():
+    # The same words for the request itself (messages of strings) come as an APIConnectionError.
+    refusal = json.dumps({"error": {
+        "message": "Invalid request format: litellm.APIConnectionError: APIConnectionError: OpenAIException - "
+                   "'str' object has no attribute 'get'. Received Model Group=first\nAvailable Model Group Fallbacks=None",
+        "type": "invalid_request_error", "param": None, "code": "400",
+    }}).encode()
+    assert refused_with(refusal).status == 400
+
+
+def test_a_model_litellms_tag_routing_keeps_from_the_request_fails_that_model_and_the_next_answers():
+    # LiteLLM 1.102.4's answer with `enable_tag_filtering` on, for a model none of whose deployments
+    # carries a tag of the request's (Tollgate names team, job and call in tags). Taken for Tollgate's
+    # key refused, the call was a 503 upstream_misconfigured, a log line asked to check
+    # TOLLGATE_UPSTREAM_KEY while readiness stayed green, and the group's next model was never tried.
+    refusal = json.dumps({"error": {
+        "message": "Not allowed to access model due to tags configuration. Passed model=refused and "
+                   "tags=['tollgate-team:acme', 'tollgate-model-group:Main']",
+        "type": "internal_server_error", "param": None, "code": "401",
+    }}).encode()
+
+    the_next_model_answers_after_the_first_is_refused(b"401 Unauthorized", refusal)
+
+
+def test_a_retry_after_litellm_passes_on_among_a_providers_headers_is_the_groups_hint():
+    # LiteLLM renames the headers of the exception it failed on `llm_provider-...`: its router's
+    # "No deployments available" for a deployment over its rpm says `llm_provider-retry-after: 60`.
+    # Read only as `Retry-After`, the client was told to retry after 1 s, into the same refusal.
+    async def limited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        body = (b'{"error":{"message":"litellm.RateLimitError: No deployments available for selected model. '
+                b'Passed model=first.","type":"throttling_error","param":null,"code":"429"}}')
+        writer.write(http_answer(b"429 Too Many Requests", body, JSON + b"llm_provider-retry-after: 60\r\n"))
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}]}
+        loop = asyncio.get_running_loop()
+        with pytest.raises(UpstreamFailed) as failed:
+            await forward(client, ["first", "second"], payload, False, loop.time() + 30)
+        assert failed.value.all_rate_limited and failed.value.retry_after == 60
+
+    against(limited, check)

@@ -383,6 +383,24 @@ def test_a_models_answer_litellm_fails_to_relay_falls_back_to_the_next_model(tol
     assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
 
 
+@pytest.mark.parametrize("route", ["/api", "/v1"])
+def test_a_models_answer_litellm_cannot_read_falls_back_to_the_next_model(tollgate, admin, route):
+    # LiteLLM answers a choice whose message is null with a 400 "Invalid request format" holding its
+    # own traceback. Taken for the caller's request refused, the client got that traceback in a 400
+    # upstream_rejected (openai.BadRequestError, never retried) and the group's next model was never asked.
+    admin.ok("PUT", "/admin/model-groups/UnreadableFirst", json={"models": ["null-message", "backup"]})
+    client = tollgate.client(admin.team(groups=("UnreadableFirst",)).key)
+    job_id = new_job(client)
+    if route == "/api":
+        response = client.post(f"/api/jobs/{job_id}/llm-call", json={"model_group": "UnreadableFirst", "messages": say("hi")})
+    else:
+        body = {"model": "UnreadableFirst", "messages": say("hi")}
+        response = client.post("/v1/chat/completions", json=body, headers={"X-Job-Id": job_id})
+    assert response.status_code == 200, response.text
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
+
+
 def test_a_later_error_event_quoting_a_lone_surrogate_is_recorded_and_its_job_completable(tollgate, admin):
     # LiteLLM passes a provider's mid-stream error on with its message escaped as JSON escapes it,
     # half of a UTF-16 pair included, which the database cannot store as text.
