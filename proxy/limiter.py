@@ -409,7 +409,9 @@ for s = 1, scopes do
       -- and at most SCAN_AT_MOST calls. A busy team's window holds many: reading them all took
       -- Redis a tenth of a second per 200,000, every team's admits waiting behind it. Past that
       -- many, the wait told is a bound, later than the earliest: until the last call read has
-      -- left (from the newest), or every call now counted (from the oldest).
+      -- left (from the newest), or every call now counted (from the oldest). Read from the
+      -- newest, the total is taken for the sum of the amounts, as the scripts keep it: a total
+      -- set otherwise by hand may have the call told a wait after which it is refused again.
       local needed, stay = used + estimate - tpm, tpm - estimate
       local newest_first = stay < needed
       local wait, summed, score = nil, 0, nil
