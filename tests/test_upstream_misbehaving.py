@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import pytest
 
@@ -818,23 +818,32 @@ def test_a_refusal_written_as_fastapis_detail_is_passed_on_with_its_message():
 
 def refused_with(refusal: bytes) -> UpstreamRejected:
     """What a call is refused with by an upstream answering it 400 and `refusal`."""
-    refusals: list[UpstreamRejected] = []
+    return raised_by(b"400 Bad Request", refusal, UpstreamRejected)
 
-    async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+E = TypeVar("E", bound=Exception)
+
+
+def raised_by(status: bytes, body: bytes, error: type[E], headers: bytes = JSON) -> E:
+    """What a call to a group of two models raises (`error`, or the test fails) when the upstream
+    answers every request `status`, `body` and `headers`."""
+    raised: list[E] = []
+
+    async def answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(http_answer(b"400 Bad Request", refusal, JSON))
+        writer.write(http_answer(status, body, headers))
         await writer.drain()
         writer.close()
 
     async def check(client: Upstream) -> None:
         payload = {"messages": [{"role": "user", "content": "hi"}]}
         loop = asyncio.get_running_loop()
-        with pytest.raises(UpstreamRejected) as refused:
-            await forward(client, ["first", "whole"], payload, False, loop.time() + 30)
-        refusals.append(refused.value)
+        with pytest.raises(error) as caught:
+            await forward(client, ["first", "second"], payload, False, loop.time() + 30)
+        raised.append(caught.value)
 
-    against(refuses, check)
-    return refusals[0]
+    against(answers, check)
+    return raised[0]
 
 
 @pytest.mark.parametrize("param", [None, "None", ""])
@@ -913,19 +922,7 @@ def test_a_retry_after_litellm_passes_on_among_a_providers_headers_is_the_groups
     # LiteLLM renames the headers of the exception it failed on `llm_provider-...`: its router's
     # "No deployments available" for a deployment over its rpm says `llm_provider-retry-after: 60`.
     # Read only as `Retry-After`, the client was told to retry after 1 s, into the same refusal.
-    async def limited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        body = (b'{"error":{"message":"litellm.RateLimitError: No deployments available for selected model. '
-                b'Passed model=first.","type":"throttling_error","param":null,"code":"429"}}')
-        writer.write(http_answer(b"429 Too Many Requests", body, JSON + b"llm_provider-retry-after: 60\r\n"))
-        await writer.drain()
-        writer.close()
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}]}
-        loop = asyncio.get_running_loop()
-        with pytest.raises(UpstreamFailed) as failed:
-            await forward(client, ["first", "second"], payload, False, loop.time() + 30)
-        assert failed.value.all_rate_limited and failed.value.retry_after == 60
-
-    against(limited, check)
+    body = (b'{"error":{"message":"litellm.RateLimitError: No deployments available for selected model. '
+            b'Passed model=first.","type":"throttling_error","param":null,"code":"429"}}')
+    failed = raised_by(b"429 Too Many Requests", body, UpstreamFailed, JSON + b"llm_provider-retry-after: 60\r\n")
+    assert failed.all_rate_limited and failed.retry_after == 60
