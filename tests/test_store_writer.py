@@ -214,13 +214,7 @@ def test_a_store_refusing_a_newer_schema_leaves_no_connection_or_writer_thread_b
 
     database = tmp_path / "newer.db"
     config = DatabaseConfig(url=f"sqlite:///{database}")
-
-    async def opened_and_closed() -> None:
-        store = SQLiteStore(config)
-        await store.open()
-        await store.close()
-
-    asyncio.run(opened_and_closed())
+    asyncio.run(opened_and_closed(config))
     with sqlite3.connect(database) as db:
         db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)", (len(MIGRATIONS) + 1,))
     opened = noting_connections(monkeypatch)
@@ -229,6 +223,28 @@ def test_a_store_refusing_a_newer_schema_leaves_no_connection_or_writer_thread_b
         asyncio.run(SQLiteStore(config).open())
     assert opened and all_closed(opened)
     assert wait_for(lambda: set(threading.enumerate()) <= threads_before, timeout=5)
+
+
+def test_a_store_refusing_a_newer_schema_leaves_its_journal_mode_as_it_found_it(tmp_path):
+    # The writer, started before the schema was read, put the database in WAL mode for good: a
+    # newer release that keeps its database in rollback mode found it changed by one that refused it.
+    from proxy.store.schema import MIGRATIONS
+
+    database = tmp_path / "newer.db"
+    asyncio.run(opened_and_closed(DatabaseConfig(url=f"sqlite:///{database}")))
+    with contextlib.closing(sqlite3.connect(database, isolation_level=None)) as db:
+        db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?, 0)", (len(MIGRATIONS) + 1,))
+        assert db.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    with pytest.raises(sqlite_store.SchemaTooNew):
+        asyncio.run(SQLiteStore(DatabaseConfig(url=f"sqlite:///{database}")).open())
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+async def opened_and_closed(config: DatabaseConfig) -> None:
+    store = SQLiteStore(config)
+    await store.open()
+    await store.close()
 
 
 def test_a_write_submitted_after_stop_is_refused_not_left_waiting(tmp_path):

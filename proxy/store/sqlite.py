@@ -266,6 +266,9 @@ class SQLiteStore:
             )
         directory = os.path.dirname(os.path.abspath(self._config.sqlite_path))
         os.makedirs(directory, exist_ok=True)
+        # Read before the writer opens it: its connection puts the database in WAL mode for good,
+        # and a newer release's database is to be refused as it was found.
+        version = _schema_checked(await asyncio.to_thread(self._schema_version_read))
         self._writer = Writer(
             self._connect_writer,
             self._connect_on_loop,
@@ -274,7 +277,8 @@ class SQLiteStore:
         )
         try:
             await self._writer.start()
-            await self._migrate()
+            if version < len(MIGRATIONS):
+                await self._migrate()
             self._reader = await aiosqlite.connect(
                 self._config.sqlite_path, isolation_level=None, timeout=self._config.busy_timeout
             )
@@ -357,11 +361,10 @@ class SQLiteStore:
         ])
 
     async def _migrate(self) -> None:
-        # Read first, without the write lock: a database already migrated (any start but the
-        # first of a release: a worker started again, a CLI command) then waits for no other
-        # process's write, which could outlast database.busy_timeout and fail the start.
-        if _schema_checked(await asyncio.to_thread(self._schema_version_read)) == len(MIGRATIONS):
-            return
+        # Only after the version, read without the write lock (`open`), said a migration is due:
+        # a database already migrated (any start but the first of a release: a worker started
+        # again, a CLI command) then waits for no other process's write, which could outlast
+        # database.busy_timeout and fail the start. Another process may have migrated it since.
 
         def migrate(db: sqlite3.Connection) -> None:
             db.execute(
