@@ -615,6 +615,15 @@ class _Loader(yaml.SafeLoader):
                 None, None, f"cannot read {value!r}: {exc}", node.start_mark
             ) from None
 
+    def construct_base_10(self, node: yaml.ScalarNode) -> Any:
+        """`!!int` and `!!float`: YAML 1.1 reads such a scalar's `1:20` in base 60 even when it
+        is tagged (the resolvers above only see untagged scalars)."""
+        if ":" in str(node.value):
+            raise ValueError("base-60 numbers are not read (YAML 1.2 has none): write the number in base 10")
+        if node.tag == _NUMBER_TAGS[0]:
+            return self.construct_yaml_int(node)
+        return self.construct_yaml_float(node)
+
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         # Checked here, before its first flattening, which puts the keys of `<<: *base` among
         # the node's own: those may be overridden, the node's own keys may not repeat.
@@ -633,6 +642,10 @@ class _Loader(yaml.SafeLoader):
                     )
                 first[key] = key_node.start_mark.line + 1
         super().flatten_mapping(node)
+
+
+for _tag in _NUMBER_TAGS:
+    _Loader.add_constructor(_tag, _Loader.construct_base_10)
 
 
 def _yaml_error(path: str, exc: yaml.YAMLError) -> ConfigError:

@@ -892,6 +892,14 @@ def test_a_base_60_number_is_not_read_as_one(tmp_path, text, message):
     assert message in error_for(tmp_path, text)
 
 
+@pytest.mark.parametrize("text", ["server:\n  port: !!int 1:20\n", "server:\n  shutdown_grace: !!float 1:20.5\n"])
+def test_a_base_60_number_tagged_as_a_number_is_refused_with_its_line(tmp_path, text):
+    # The tag asks for a number, and PyYAML's constructor still read it in base 60 (port 80).
+    message = error_for(tmp_path, text)
+    assert "line 2, column" in message and "cannot read '1:20" in message
+    assert message.endswith("base-60 numbers are not read (YAML 1.2 has none): write the number in base 10")
+
+
 def test_a_name_written_as_a_base_60_number_is_kept_as_written(tmp_path):
     config = load_config(write(tmp_path, "model_groups:\n  A: {models: [m], description: 1:20}\n"), {})
     assert config.model_groups["A"].description == "1:20"
