@@ -77,9 +77,20 @@ def usage_from(usage: Any, reported_cost: Any = None) -> Usage | None:
     return Usage(prompt, completion, cost)
 
 
-def estimated_usage(prompt_chars: int, completion_chars: int) -> Usage:
-    """The rule of thumb the limiter uses too: a token per four characters."""
-    return Usage(math.ceil(prompt_chars / 4), math.ceil(completion_chars / 4), None, estimated=True)
+def estimated_usage(prompt_chars: int, completion_chars: int, reported: Any = None) -> Usage:
+    """The rule of thumb the limiter uses too: a token per four characters. A count the
+    upstream did give, in a `reported` usage that is none for want of the other, is kept; above
+    zero only, as zero is LiteLLM's stand-in for a count it never had."""
+    prompt, completion = math.ceil(prompt_chars / 4), math.ceil(completion_chars / 4)
+    if isinstance(reported, dict):
+        prompt = _given(reported.get("prompt_tokens")) or prompt
+        completion = _given(reported.get("completion_tokens")) or completion
+    return Usage(prompt, completion, None, estimated=True)
+
+
+def _given(value: Any) -> int | None:
+    count = _count(value)
+    return count if count is not None and count <= MAX_TOKENS else None
 
 
 def cost_of(usage: Usage, model: str | None, pricing: Pricing) -> float:
@@ -135,6 +146,7 @@ class StreamTally:
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
+        self.reported: dict[str, Any] | None = None  # the last usage that was none: a count it has is kept
         self.error: str | None = None
         self.done = False
         self._chars = 0
@@ -181,6 +193,8 @@ class StreamTally:
         usage = usage_from(reported)
         if usage is not None:
             self.usage = usage
+        else:
+            self.reported = reported
         return not _carries_output(chunk)
 
     def _read_unread(self) -> None:

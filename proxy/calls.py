@@ -370,12 +370,13 @@ class CallPipeline:
         except BaseException as exc:
             raise await self._failed(call, exc) from None
         assert isinstance(answer, Answer)
-        usage = usage_from(answer.data.get("usage"), answer.headers.get("x-litellm-response-cost"))
+        reported = answer.data.get("usage")
+        usage = usage_from(reported, answer.headers.get("x-litellm-response-cost"))
         if usage is None:
             # Every choice's text (`n` > 1), as a stream's estimate counts every choice's deltas.
             generated = sum(completion_chars(choice.get("message")) for choice in answer.data["choices"]
                             if isinstance(choice, dict))
-            usage = estimated_usage(call.request.prompt_chars, generated)
+            usage = estimated_usage(call.request.prompt_chars, generated, reported)
         try:
             outcome = await self._finish(call, "success", answer.model, usage, answer.attempts, None)
         except StoreUnavailable as exc:
@@ -394,7 +395,7 @@ class CallPipeline:
         tally = StreamTally()
 
         async def on_end(end: RelayEnd) -> None:
-            usage = tally.usage or estimated_usage(call.request.prompt_chars, tally.completion_chars)
+            usage = tally.usage or estimated_usage(call.request.prompt_chars, tally.completion_chars, tally.reported)
             ttft = None if end.first_event_at is None else end.first_event_at - call.started
             error = end.error or (SHUT_DOWN if end.reason == "shutdown" else None)
             await self._finish(call, _END_STATUS[end.reason], opened.model, usage, opened.attempts, redact_opt(error), ttft)

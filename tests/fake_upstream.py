@@ -16,7 +16,8 @@ while every answer stays predictable:
   ``surrogate-later*`` (as ``error-later*``, the error's message holding one),
   ``deep-tool-call*`` (an answer whose tool call holds a value nested DEEP_TOOL_CALL levels),
   ``null-message*`` (an answer whose choice's message is null, which LiteLLM cannot read),
-  ``no-usage*`` (an answer, of ``n`` choices, or a stream without usage), ``reported-cost*``
+  ``no-usage*`` (an answer, of ``n`` choices, or a stream without usage), ``half-usage*`` (a
+  usage whose ``completion_tokens`` is null, its prompt tokens counted), ``reported-cost*``
   (LiteLLM's own cost figure, REPORTED_COST: an answer's ``x-litellm-response-cost`` header, a
   stream's ``usage.cost``);
 * the API key ``wrong-provider-key`` is refused with OpenAI's 401, the answer of a
@@ -120,7 +121,9 @@ def _error_event(model: str) -> bytes:
     return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def _usage(prompt: int, completion: int, model: str = "") -> dict[str, int | None]:
+    if model.startswith("half-usage"):
+        return {"prompt_tokens": prompt, "completion_tokens": None, "total_tokens": prompt}
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -226,7 +229,7 @@ async def chat_completions(request: Request) -> Response:
             message["tool_calls"] = [{**_tool_call(body), "deep": "DEEP"}]
         if model.startswith("null-message"):
             message = None  # type: ignore[assignment]
-        entry["usage"] = _usage(prompt_tokens, completion_tokens)
+        entry["usage"] = _usage(prompt_tokens, completion_tokens, model)
         entry["chars_sent"] = len((message or {}).get("content") or "")
         answer = {
             "id": rid,
@@ -234,7 +237,7 @@ async def chat_completions(request: Request) -> Response:
             "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if tool else "stop"}],
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": _usage(prompt_tokens, completion_tokens, model),
         }
         if model.startswith("no-usage"):
             del answer["usage"]
@@ -290,7 +293,7 @@ async def chat_completions(request: Request) -> Response:
                     "created": int(time.time()),
                     "model": model,
                     "choices": [],
-                    "usage": _usage(prompt_tokens, completion_tokens),
+                    "usage": _usage(prompt_tokens, completion_tokens, model),
                 }
                 if model.startswith("reported-cost"):
                     usage_chunk["usage"]["cost"] = REPORTED_COST

@@ -54,8 +54,16 @@ def test_a_stream_whose_usage_holds_no_token_count_is_estimated():
     tally = StreamTally()
     tally.observe(event({"choices": [{"index": 0, "delta": {"content": "hello"}}]}))
     usage_only = tally.observe(event({"choices": [], "usage": {"prompt_tokens": None, "completion_tokens": 2}}))
-    assert tally.usage is None  # the call's record then estimates both counts, and says so
+    assert tally.usage is None  # the call's record is then an estimate, and says so
+    assert tally.reported == {"prompt_tokens": None, "completion_tokens": 2}  # the count it keeps
     assert usage_only is True  # still no output: a client that did not ask for usage does not get it
+
+
+def test_an_estimate_keeps_a_count_given_beside_a_missing_one_but_not_a_zero():
+    # Zero is LiteLLM's stand-in for a count it never had: the prompt is then estimated, not free.
+    assert estimated_usage(40, 8, {"prompt_tokens": 25, "completion_tokens": None}) == Usage(25, 2, None, True)
+    assert estimated_usage(40, 8, {"prompt_tokens": 0, "completion_tokens": None}) == Usage(10, 2, None, True)
+    assert estimated_usage(40, 8, {"prompt_tokens": MAX_TOKENS + 1, "completion_tokens": 3}) == Usage(10, 3, None, True)
 
 
 @pytest.mark.parametrize("bad", [-1e-06, True, float("nan"), float("inf"), 1e300])

@@ -322,6 +322,20 @@ def test_usage_too_large_to_be_real_is_estimated_instead_and_the_call_recorded(m
     assert again.status_code == 200
 
 
+@pytest.mark.parametrize("route", ["llm-call", "llm-call-stream"])
+def test_a_usage_missing_one_count_keeps_the_count_it_gives_and_estimates_the_other(make_tollgate, fake_url, route):
+    # The prompt's count the provider gave was thrown away with the missing one: both estimated.
+    client = straight_to_the_fake(make_tollgate, fake_url, Half=["half-usage"])
+    job_id = new_job(client)
+    prompt = "one two three four five six seven eight nine ten eleven twelve [chunks=2]"
+    response = client.post(f"/api/jobs/{job_id}/{route}", json={"messages": say(prompt)})
+    assert response.status_code == 200
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["usage_estimated"]) == ("success", True)
+    assert call["prompt_tokens"] == 13  # the fake's count: its words; an estimate would be 19
+    assert call["completion_tokens"] >= 1
+
+
 def test_an_upstream_silent_mid_stream_past_the_first_byte_timeout_ends_with_one_timeout_event(make_tollgate, fake_url):
     server = make_tollgate(upstream_url=fake_url, upstream={"timeouts": {"first_byte": "1s"}})
     client = server.client(server.admin().team().key)
