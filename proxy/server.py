@@ -334,7 +334,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
         self._after_chunk_header = False
 
     def on_body(self, body: bytes) -> None:
-        self._after_chunk_header = False
+        # Chunk data: neither the size line before it nor this read was trailer, even should the
+        # read end after the next chunk's size line.
+        self._after_chunk_header = self._read_in_trailers = False
         HttpToolsProtocol.on_body(self, body)
 
     def on_message_begin(self) -> None:
