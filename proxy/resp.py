@@ -136,6 +136,12 @@ def _integers(count: int) -> re.Pattern[bytes]:
     return re.compile(rb":(-?\d+)\r\n" * count)
 
 
+# The most bytes held unparsed: a reply not yet whole, or bytes no command asked for. The limiter's
+# replies are a few hundred bytes at most; a Redis (or another service at its address) sending one
+# without end, or sending unasked (no command waits, so no timeout runs), would fill the memory.
+MAX_REPLY_BYTES = 1024 * 1024
+
+
 class _Connection(asyncio.Protocol):
     refused: "ReplyError | None" = None  # what Redis answered a SCRIPT LOAD of the set-up with, if it refused one
     error: RedisError | None = None  # why the connection was lost
@@ -160,6 +166,8 @@ class _Connection(asyncio.Protocol):
         self._writes = _TimedWrites(cast(asyncio.WriteTransport, transport), self._loop, self._sent)
 
     def data_received(self, data: bytes) -> None:
+        if self.lost:
+            return  # given up: what still comes answers nothing
         buffer = self._buffer
         buffer += data
         pos = 0
@@ -187,6 +195,9 @@ class _Connection(asyncio.Protocol):
             self.fail(RedisError(f"unreadable reply: {exc}"))
             return
         del buffer[:pos]
+        if len(buffer) > MAX_REPLY_BYTES:
+            what = "a reply" if self.pending else "bytes no command asked for"
+            self.fail(RedisError(f"Redis sent {what} larger than {MAX_REPLY_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(self._farewell() or ConnectionLost("connection to Redis lost"))

@@ -889,3 +889,52 @@ def test_a_tls_redis_at_its_client_limit_is_named_and_never_waited_for(loop_name
     finally:
         stop_process(server)
     assert all("maxclients" in error for error in errors), errors
+
+
+def endless(start: bytes, closed: list[bool]) -> Handler:
+    """A Redis that answers the first command it reads with `start`, then sends bytes without end
+    (64 MiB), unless the client closes first, which `closed` records."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(start)
+        try:
+            for _ in range(1024):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        except ConnectionError:
+            closed.append(True)
+            return
+        await asyncio.sleep(5)
+
+    return handler
+
+
+def test_a_reply_that_never_ends_fails_its_command_at_once_not_at_its_timeout():
+    # The connection kept all of it until the timeout, however much came meanwhile.
+    closed: list[bool] = []
+
+    async def run() -> None:
+        async with fake_redis(endless(b"$999999999999\r\n", closed), timeout=5.0) as redis:
+            with pytest.raises(RedisError, match="larger than"):
+                await asyncio.wait_for(redis.call("PING"), 3)
+            await asyncio.sleep(0.2)
+            assert closed == [True]
+
+    asyncio.run(run())
+
+
+def test_bytes_redis_sends_unasked_without_end_close_the_connection():
+    # No command waits for them, so no timeout runs: the connection kept them all, for good.
+    closed: list[bool] = []
+
+    async def run() -> None:
+        async with fake_redis(endless(b"+PONG\r\n", closed)) as redis:
+            assert await redis.call("PING") == "PONG"
+            for _ in range(100):
+                if closed:
+                    break
+                await asyncio.sleep(0.05)
+            assert closed == [True]
+
+    asyncio.run(run())
