@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Literal, Sequence, overload
 
 from .accounting import error_text, json_object
 from .json_codec import dumps, loads
-from .sse import EventTooLarge, SSEEvent, SSEScanner, ends_stream
+from .sse import MAX_EVENT_BYTES, EventTooLarge, SSEEvent, SSEScanner, ends_stream
 from .upstream import (
     AnswerTooLarge,
     ConnectTimeout,
@@ -259,14 +259,23 @@ async def _first_event(response: UpstreamResponse, model: str, number: int) -> O
     scanner = SSEScanner()
     chunks = response.aiter_raw()
     events: list[SSEEvent] = []
+    held = 0  # bytes of the events without data held so far, relayed with the first event
     async for chunk in chunks:
         try:
-            events.extend(scanner.feed(chunk))
+            read = scanner.feed(chunk)
         except EventTooLarge as exc:
             return Attempt(model, str(exc), 200)
+        events.extend(read)
         # An event without data is none to an SSE client, `event: error` or not.
         first = next((e for e in events if e.data is not None), None)
         if first is None:
+            # Comments and events without data are held until the first event, bounded as one
+            # event is: an upstream sending them without end would otherwise fill the memory
+            # for as long as `first_byte` lets it.
+            held += sum(len(event.raw) for event in read)
+            if held > MAX_EVENT_BYTES:
+                too_much = f"more than {MAX_EVENT_BYTES // (1024 * 1024)} MiB without an event before the first"
+                return Attempt(model, too_much, 200)
             continue
         error = _error_of(first)
         if error is not None:

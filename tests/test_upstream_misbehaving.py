@@ -926,3 +926,110 @@ def test_a_retry_after_litellm_passes_on_among_a_providers_headers_is_the_groups
             b'Passed model=first.","type":"throttling_error","param":null,"code":"429"}}')
     failed = raised_by(b"429 Too Many Requests", body, UpstreamFailed, JSON + b"llm_provider-retry-after: 60\r\n")
     assert failed.all_rate_limited and failed.retry_after == 60
+
+
+def endless_trailer(field: Callable[[int], bytes], closed: list[bool]) -> Handler:
+    """A server answering with a chunked body whose trailer section never ends: `field(n)` is
+    the n-th piece of it written (twice MAX_HEAD_BYTES and more), unless the client closes
+    first, which `closed` records."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n%s\r\n0\r\n" % (len(ANSWER), ANSWER))
+        try:
+            for number in range(2 * MAX_HEAD_BYTES // 1000 + 2):
+                writer.write(field(number))
+                await writer.drain()
+                await asyncio.sleep(0)
+        except ConnectionError:
+            closed.append(True)
+            return
+        await asyncio.sleep(5)
+
+    return handler
+
+
+@pytest.mark.parametrize("field", [
+    lambda number: b"X-Trailer-%d: %s\r\n" % (number, b"a" * 1000),  # fields without end, each its own
+    lambda number: b"X-Trailer: " if number == 0 else b"a" * 1000,  # one field whose line never ends
+], ids=["many-fields", "one-endless-field"])
+def test_trailer_fields_past_the_bound_of_a_head_are_a_protocol_error_not_unbounded_memory(field):
+    # The parser hands them over as headers, after the body: each was kept, without bound,
+    # until the read timeout (or the whole call's deadline) ended the wait for the answer's end.
+    closed: list[bool] = []
+
+    async def check(client: Upstream) -> None:
+        response = await client.open_chat(chat("hi"))
+        with pytest.raises(RemoteProtocolError, match="trailer"):
+            await response.aread()
+        await response.aclose()
+        await asyncio.sleep(0.2)
+        assert closed == [True]  # closed, not read to its end
+        assert len(response.headers) < 5
+
+    against(endless_trailer(field, closed), check, first_byte=2.0)
+
+
+def test_an_answers_trailer_fields_are_not_read_as_its_headers():
+    # After the body they cannot be what the answer's head said (its cost, say, read once the
+    # body is whole): they are dropped, as a request's are.
+    async def trailer_says_a_cost(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nx-litellm-response-cost: 0.5\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\nx-litellm-response-cost: 1000\r\n\r\n"
+                     % (len(ANSWER), ANSWER))
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def check(client: Upstream) -> None:
+        response = await client.open_chat(chat("hi"))
+        assert await response.aread() == ANSWER
+        await response.aclose()
+        assert response.headers["x-litellm-response-cost"] == "0.5"
+
+    against(trailer_says_a_cost, check)
+
+
+def test_bytes_without_an_event_before_the_first_event_past_its_bound_fail_that_model_and_the_next_answers():
+    # Comments and events without data are no event, but are relayed with the first: each was
+    # held until it came, without bound, for as long as `first_byte` let the upstream send them.
+    closed: list[bool] = []
+    comment = b": " + b"p" * 252 + b"\n\n"  # 256 bytes, each a whole event without data
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    server = endless_unless_whole(b"text/event-stream", event, b"", comment, MAX_EVENT_BYTES, closed)
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        opened = await forward(client, ["endless", "whole"], payload, True, loop.time() + 30)
+        assert (opened.model, opened.attempts) == ("whole", 2)
+        await opened.response.aclose()
+        await asyncio.sleep(0.2)
+        assert closed == [True]  # the endless answer's connection was closed, not read to its end
+
+    against(server, check)
+
+
+def test_an_answer_whose_reads_end_after_a_chunks_size_line_is_read_whole_however_long():
+    # Such a read brings the chunk before's data: no trailer, however many there are past the bound.
+    piece = b"x" * 1000
+
+    async def cut_after_size_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n" % len(piece))
+        for _ in range(3 * MAX_HEAD_BYTES // len(piece)):
+            writer.write(b"%s\r\n%x\r\n" % (piece, len(piece)))
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        writer.write(b"%s\r\n0\r\n\r\n" % piece)
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async def check(client: Upstream) -> None:
+        response = await client.open_chat(chat("hi"))
+        assert await response.aread() == piece * (3 * MAX_HEAD_BYTES // len(piece) + 1)
+        await response.aclose()
+
+    against(cut_after_size_lines, check)
