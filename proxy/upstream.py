@@ -35,6 +35,7 @@ _PAUSE_AT = 64 * 1024
 # parser keeps all of it, so an upstream sending headers without end would fill the memory. A
 # chunked answer's trailer section, after its last chunk, is bounded alike.
 MAX_HEAD_BYTES = 64 * 1024
+_TRAILER_TOO_LARGE = f"the upstream's trailer fields are over {MAX_HEAD_BYTES} bytes"
 # The most bytes a non-streaming answer may take: it is read whole before it is relayed, so an
 # upstream sending a body without end would fill the memory. Far above any chat completion's
 # (audio output included); a stream's events have their own bound (sse.MAX_EVENT_BYTES).
@@ -218,12 +219,11 @@ class _Connection(asyncio.Protocol):
         # A chunked answer's trailer fields come after its body, through `on_header` too: they
         # are not the answer's headers (the head said those), and the parser keeps each, a
         # field's unfinished line included, until the answer ends. Dropped, and bounded as the
-        # head is: bytes of reads that were all trailer, and fields read whole in the others.
+        # head is, by the bytes since the body's last data: of reads after the head that brought
+        # none (chunk size lines, a trailer), and of trailer fields read whole in the others.
         self._head_read = False  # the current answer's (final) head is complete
-        self._after_chunk_header = False  # a chunk's size line read, and no data after it yet
-        self._trailer_bytes = 0  # of the current answer's trailer section so far
-        self._trailer_read_bytes = 0  # of the trailer fields read whole in the read under way
-        self._read_in_trailer = False  # the read under way began in a trailer section, and brought no data
+        self._quiet = False  # the read under way came after the head and has brought no body data
+        self._bodiless_bytes = 0
         # What a request or its response waits for from this connection, one thing at a time,
         # and by when: one timer for them all, left armed from wait to wait (`within`).
         self._waiter: asyncio.Future[Any] | None = None
@@ -241,10 +241,7 @@ class _Connection(asyncio.Protocol):
         if self._response is None:
             self.close()  # nothing was asked: an idle connection must stay silent
             return
-        # A read begun after a chunk's size line that brings no chunk data is all trailer (a chunk
-        # that has a size has its data right after its size line).
-        self._read_in_trailer = self._after_chunk_header
-        self._trailer_read_bytes = 0
+        self._quiet = self._head_read
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -260,16 +257,11 @@ class _Connection(asyncio.Protocol):
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._fail(RemoteProtocolError(f"the upstream's answer head is over {MAX_HEAD_BYTES} bytes"))
                 self.close()
-        elif self._trailer_read_bytes or (self._read_in_trailer and self._after_chunk_header):
+        elif self._quiet:
+            self._bodiless_bytes += len(data)
             response = self._response
-            if response is None or response._complete:
-                return  # the trailer ended in this read: nothing of it is kept any more
-            # The fields read whole in this read, unless it was all trailer: a field begun in an
-            # earlier read is counted in part already.
-            whole = self._read_in_trailer and self._after_chunk_header
-            self._trailer_bytes += len(data) if whole else self._trailer_read_bytes
-            if self._trailer_bytes > MAX_HEAD_BYTES:
-                self._fail(RemoteProtocolError(f"the upstream's trailer fields are over {MAX_HEAD_BYTES} bytes"))
+            if self._bodiless_bytes > MAX_HEAD_BYTES and response is not None and not response._complete:
+                self._fail(RemoteProtocolError(_TRAILER_TOO_LARGE))
                 self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -299,8 +291,11 @@ class _Connection(asyncio.Protocol):
             raise RemoteProtocolError("the upstream sent more than its answer")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._head_read:  # a trailer field: counted (`data_received`), and dropped
-            self._trailer_read_bytes += len(name) + len(value) + len(": \r\n")
+        if self._head_read:  # a trailer field: dropped, and counted here unless its whole read is
+            if not self._quiet:
+                self._bodiless_bytes += len(name) + len(value) + len(": \r\n")
+                if self._bodiless_bytes > MAX_HEAD_BYTES:
+                    raise RemoteProtocolError(_TRAILER_TOO_LARGE)
             return
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
@@ -322,14 +317,9 @@ class _Connection(asyncio.Protocol):
         if self._head is not None and not self._head.done():
             self._head.set_result(response)
 
-    def on_chunk_header(self) -> None:
-        # Cleared by the chunk's data; the last chunk has none, and its trailer follows. (No
-        # on_chunk_complete: a call more per chunk of every stream, where the answer's end says
-        # as much.)
-        self._after_chunk_header = True
-
     def on_body(self, body: bytes) -> None:
-        self._after_chunk_header = self._read_in_trailer = False
+        self._quiet = False
+        self._bodiless_bytes = 0
         if self._response is not None:
             self._response._body(body)
 
@@ -364,8 +354,8 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._headers = {}
         self._head_bytes = 0
-        self._head_read = self._after_chunk_header = False
-        self._trailer_bytes = 0
+        self._head_read = False
+        self._bodiless_bytes = 0
         due = loop.time() + read_timeout
         self._response = UpstreamResponse(self, read_timeout, deadline, due)
         self._head = head_future = loop.create_future()
