@@ -637,11 +637,7 @@ def test_a_chunked_body_with_small_trailer_fields_is_served(target):
 def test_a_chunks_data_read_after_its_size_line_is_body_not_trailer(target):
     # A read begun right after a chunk's size line is trailer only if it brings no chunk data.
     server, team, job = target
-    body = json.dumps({"messages": [{"role": "user", "content": "x" * 150_000}]}).encode()
-    head = (
-        f"POST /api/jobs/{job}/llm-call HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
-        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-    ).encode()
+    head, body = large_chunked_call(job, team.key)
     reply = send_in_reads(server.port, head + b"%x\r\n" % len(body), body[:100_000], body[100_000:] + b"\r\n0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
 
@@ -650,15 +646,22 @@ def test_a_read_that_brings_a_chunks_data_and_ends_after_the_next_size_line_is_b
     # It began right after a size line, and ended right after one: taken for a read that was all
     # trailer, its bytes were counted as trailer fields, and a body of two such chunks was a 431.
     server, team, job = target
-    body = json.dumps({"messages": [{"role": "user", "content": "x" * 150_000}]}).encode()
-    head = (
-        f"POST /api/jobs/{job}/llm-call HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {team.key}\r\n"
-        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-    ).encode()
+    head, body = large_chunked_call(job, team.key)
     first, second = body[:100_000], body[100_000:]
     reply = send_in_reads(server.port, head + b"%x\r\n" % len(first), first + b"\r\n%x\r\n" % len(second),
                           second + b"\r\n0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+
+
+def large_chunked_call(job: str, key: str) -> tuple[bytes, bytes]:
+    """The head of a chunked call of `job` (its chunks for the caller to write), and its body of
+    150 kB and more, read by the server in several reads."""
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * 150_000}]}).encode()
+    head = (
+        f"POST /api/jobs/{job}/llm-call HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return head, body
 
 
 def test_a_kept_alive_connection_sent_only_an_empty_line_is_closed_once_idle(target):
