@@ -341,7 +341,9 @@ class _Connection(asyncio.Protocol):
         return self._head_bytes == 0
 
     def _chunked(self) -> bool:
-        return "chunked" in self._headers.get("transfer-encoding", "").lower()
+        # Only when chunked is the last coding, as the parser reads it (RFC 9112, 6.3): an answer
+        # whose codings end in another runs to the close of its connection, and is whole then.
+        return self._headers.get("transfer-encoding", "").rpartition(",")[2].strip().lower() == "chunked"
 
     def _fail(self, error: Exception) -> None:
         if self._head is not None and not self._head.done():
