@@ -185,23 +185,30 @@ class SSERelay:
                 await self._start(send)
                 terminal = await self._forward(send, stream.first_events)
                 if terminal is None:
-                    async for chunk in stream.chunks:
-                        events = stream.scanner.feed(chunk)
-                        if events and (terminal := await self._forward(send, events)) is not None:
-                            break
-                    else:
-                        tail = stream.scanner.flush()
-                        if tail is not None:
-                            terminal = await self._forward(send, [tail])
-                            # An event the scanner held for the LF of its blank line's CRLF, which
-                            # never came, did end: it goes out as it came.
-                            if not tail.raw.endswith(b"\r\n\r"):
-                                unended = _blank_line_after(tail.raw)
-                            if terminal is not None and unended:
-                                # Its blank line never came: ended here, or the client's parser
-                                # never dispatches it (an error would go unseen, the answer taken
-                                # for a whole one).
-                                terminal.append(unended)
+                    try:
+                        async for chunk in stream.chunks:
+                            events = stream.scanner.feed(chunk)
+                            if events and (terminal := await self._forward(send, events)) is not None:
+                                break
+                        else:
+                            tail = stream.scanner.flush()
+                            if tail is not None:
+                                terminal = await self._forward(send, [tail])
+                                # An event the scanner held for the LF of its blank line's CRLF, which
+                                # never came, did end: it goes out as it came.
+                                if not tail.raw.endswith(b"\r\n\r"):
+                                    unended = _blank_line_after(tail.raw)
+                                if terminal is not None and unended:
+                                    # Its blank line never came: ended here, or the client's parser
+                                    # never dispatches it (an error would go unseen, the answer taken
+                                    # for a whole one).
+                                    terminal.append(unended)
+                    except (UpstreamTimeout, TransportError):
+                        # So too when the connection fails or goes silent instead: the held event
+                        # was the upstream's last, and goes out before the failure does (a [DONE]
+                        # then ends the stream as usual, whole).
+                        if (terminal := await self._forward_held(send)) is None:
+                            raise
             if terminal is None:
                 last = await self._failed("The upstream stream ended before it was complete", "upstream_incomplete")
                 if unended:
@@ -257,6 +264,14 @@ class SSERelay:
                 kept.append(event.raw)
         await self._send(send, kept)
         return None
+
+    async def _forward_held(self, send: Send) -> list[bytes] | None:
+        """Forward the event the scanner holds only for the LF that may follow its last CR, if it
+        holds one; what `_forward` returns for it. An unfinished event is no event: dropped."""
+        tail = self._stream.scanner.flush()
+        if tail is None or not tail.raw.endswith(b"\r\n\r"):
+            return None
+        return await self._forward(send, [tail])
 
     async def _start(self, send: Send) -> None:
         await self._put(send, {"type": "http.response.start", "status": 200, "headers": self._raw_headers})

@@ -12,6 +12,7 @@ from proxy.forwarding import OpenStream
 from proxy.sse import MAX_EVENT_BYTES, SSEScanner
 from proxy.store import StoreUnavailable
 from proxy.streaming import SSERelay
+from proxy.upstream import ReadError, UpstreamTimeout
 from tests.support import TOO_DEEP_FOR_JSON
 
 
@@ -424,6 +425,13 @@ def test_nothing_after_done_reaches_the_client_however_the_upstream_cut_its_writ
             assert (sent, end.reason) == (head, "finished"), cuts
 
 
+def test_an_unfinished_event_after_done_in_its_read_never_reaches_the_client():
+    # Nor is it counted: the stream ended with its [DONE], whatever the upstream's read held after it.
+    head = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    sent, tally, (end,) = relay([head + b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}'])
+    assert (sent, end.reason, tally.usage) == (head, "finished", None)
+
+
 def test_a_relay_that_fails_unexpectedly_records_the_call_as_failed_naming_the_failure():
     # Any failure of the relay's own (not the upstream's, not the client's hang-up) still records
     # the call exactly once, and not as a success the client never saw the end of.
@@ -630,3 +638,35 @@ def test_a_stream_cut_by_the_shutdown_is_recorded_as_the_shutdowns_doing_and_tol
     sent, ends = asyncio.run(run())
     assert [end.reason for end in ends] == ["shutdown"]
     assert json.loads(events_of(sent)[-1])["error"]["code"] == "shutting_down"
+
+
+async def _broken_after(chunks: list[bytes], error: Exception):
+    """An upstream that sends `chunks`, then fails with `error` (its connection broken, or silent)."""
+    async for chunk in _chunks(chunks):
+        yield chunk
+    raise error
+
+
+async def _relay_until_broken(chunks: list[bytes], error: Exception):
+    client, upstream = Client(), _broken_after(chunks, error)
+    await client.run(client.relay(await opened(upstream)))
+    return client.body, client.tally, client.ends
+
+
+@pytest.mark.parametrize("error", [ReadError("the upstream closed the connection mid-answer"), UpstreamTimeout("silent")])
+def test_a_crlf_done_whose_lf_never_comes_before_the_upstream_fails_ends_the_stream_as_finished(error):
+    # Its blank line came (CR): the stream was whole, but the scanner held the [DONE] for an LF that
+    # might follow, and the connection's end (a missing last chunk) or silence that followed was
+    # taken for a broken stream: an error event after the whole answer, the call recorded as failed.
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\r\n\r\ndata: [DONE]\r\n\r'
+    sent, _, (end,) = asyncio.run(_relay_until_broken([body[:60], body[60:]], error))
+    assert sent == body
+    assert end.reason == "finished"
+
+
+def test_a_crlf_usage_chunk_whose_lf_never_comes_before_the_connection_breaks_still_counts():
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\r\n\r'
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\r\n\r\n' + usage
+    sent, tally, (end,) = asyncio.run(_relay_until_broken([body[:60], body[60:]], ReadError("cut")))
+    assert (tally.usage.prompt_tokens, tally.usage.completion_tokens) == (3, 1)
+    assert sent.startswith(body) and end.reason == "upstream_failed"
