@@ -233,6 +233,9 @@ async def _attempt(
     handed_over = False
     try:
         if response.status_code != 200:
+            # The wait for the head's bound holds for the error's body too: one dripping without end
+            # held the call to its total deadline, and the group's next model was never tried.
+            response.expect_by(response.head_due, "no whole error answer from the upstream in time")
             return await _refusal(response, model, number)
         if not stream:
             content = await response.aread()
@@ -350,7 +353,9 @@ def _error_details(content: bytes, status: int) -> tuple[str, str | None, bool, 
         param = error.get("param") if isinstance(error, dict) else None
         if not isinstance(param, str) or param in ("", "None") or len(param) > 256:
             param = None
-        return error_text(error if error is not None else data), error_type, error == _UNHANDLED, param
+        # An empty message says nothing to the client: its status does, as for an empty body.
+        message = error_text(error if error is not None else data).strip() or f"HTTP {status}"
+        return message, error_type, error == _UNHANDLED, param
     return f"HTTP {status}", None, False, None
 
 

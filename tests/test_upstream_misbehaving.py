@@ -469,6 +469,57 @@ def test_a_stream_dripping_comments_past_the_first_byte_timeout_fails_that_model
     against(drips_then_whole, check, first_byte=0.3)
 
 
+def test_a_streamed_calls_refusal_whose_body_drips_past_the_first_byte_timeout_fails_that_model_and_the_next_answers():
+    # `first_byte` bounds the wait for what a stream's model answers, an error's body included: a
+    # 503 whose body came a byte at a time, each well within the timeout, was read until the call's
+    # total deadline, and the group's next model was never tried.
+    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+    async def drips_then_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            request = await read_request(reader)
+            if b'"dripping"' not in request:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole))
+                await writer.drain()
+                await asyncio.sleep(5)
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(100):  # a byte every third of the timeout, never the end of the body
+                writer.write(b"1\r\n \r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        opened = await forward(client, ["dripping", "whole"], payload, True, started + 5)
+        assert (opened.model, opened.attempts) == ("whole", 2)
+        assert loop.time() - started < 1.0  # the timeout's 0.3 s, not the call's 5
+        await opened.response.aclose()
+
+    against(drips_then_whole, check, first_byte=0.3)
+
+
+def test_an_answer_whose_last_transfer_coding_is_not_chunked_is_read_to_the_close():
+    # HTTP/1.1 (RFC 9112, 6.3) and the parser read such an answer up to the close of its connection;
+    # the client took the close for one cut mid-answer ("chunked" was among the codings) and failed
+    # a whole answer with a ReadError.
+    async def close_delimited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
+                     b'{"first":1}')
+        await writer.drain()
+        writer.close()
+
+    async def check(client: Upstream) -> None:
+        response = await client.open_chat(chat("hi"))
+        assert (response.status_code, await response.aread()) == (200, b'{"first":1}')
+        await response.aclose()
+
+    against(close_delimited, check)
+
+
 def the_next_model_answers_after_the_first_is_refused(status: bytes, refusal: bytes) -> None:
     """A group of two models, LiteLLM answering the first with `status` and `refusal`: the
     second must answer the call."""
@@ -1033,3 +1084,9 @@ def test_an_answer_whose_reads_end_after_a_chunks_size_line_is_read_whole_howeve
         await response.aclose()
 
     against(cut_after_size_lines, check)
+
+
+@pytest.mark.parametrize("message", [b'""', b'"  "'])
+def test_a_refusal_whose_message_is_empty_is_passed_on_with_its_status_for_a_message(message):
+    # Passed on as it was, the client's 400 said nothing at all: {"detail": ""}.
+    assert refused_with(b'{"error":{"message":%s,"type":"invalid_request_error"}}' % message).message == "HTTP 400"
