@@ -209,14 +209,12 @@ class StreamTally:
 def error_text(error: Any) -> str:
     """An upstream's error as a message: its `message` if it has one, else all of it; at most
     2,000 characters."""
-    if isinstance(error, dict):
-        error = error.get("message", error)
-    try:
-        return str(error)[:2000]
-    except RecursionError:
-        # A value nested past the recursion limit, which str() stops at on Python 3.11 and
-        # orjson reads (to 1,024 levels): written as JSON, which dumps writes to that depth.
-        return dumps(error).decode("utf-8", "replace")[:2000]
+    if isinstance(error, dict) and error.get("message") is not None:
+        error = error["message"]
+    if isinstance(error, str):
+        return error[:2000]
+    # Anything else as JSON, as it came, not as Python writes it (`None`, quotes of its own).
+    return dumps(error).decode("utf-8", "replace")[:2000]
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:

@@ -1090,3 +1090,12 @@ def test_an_answer_whose_reads_end_after_a_chunks_size_line_is_read_whole_howeve
 def test_a_refusal_whose_message_is_empty_is_passed_on_with_its_status_for_a_message(message):
     # Passed on as it was, the client's 400 said nothing at all: {"detail": ""}.
     assert refused_with(b'{"error":{"message":%s,"type":"invalid_request_error"}}' % message).message == "HTTP 400"
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"error":{"message":null,"type":"invalid_request_error"}}', '{"message":null,"type":"invalid_request_error"}'),
+    (b'{"detail":[{"loc":["body","model"],"msg":"field required"}]}', '[{"loc":["body","model"],"msg":"field required"}]'),
+])
+def test_a_refusal_whose_message_is_not_text_is_passed_on_as_json_not_as_pythons_text(body, message):
+    # The client's 400 said {"detail": "None"}, or a Python list's repr with its quotes.
+    assert refused_with(body).message == message
