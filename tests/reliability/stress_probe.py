@@ -4,7 +4,8 @@ it, and it runs for minutes); it found the shutdown faults of c47f7f4.
 
 Teams with two keys each (one revoked mid-run) make jobs, /api and /v1 calls (streams or not,
 own jobs or X-Job-Id), hang up at random moments, complete jobs (completed/failed racing each
-other and a call), add and remove credits; the fake upstream fails, aborts, hangs and drips.
+other and a call), add and remove credits; the fake upstream fails, aborts, hangs, drips and
+(not with --litellm) gives usages with one count missing.
 Tollgate is stopped with SIGTERM (three times) and SIGKILL (once) and started again; other
 processes lock the database now and then, and right before each stop. After the sweeper has
 settled everything, the books, the jobs, the calls (against the fake upstream's log), the API's
@@ -53,8 +54,12 @@ GROUPS = {
     "Abort": ["abort"],
     "Garbage": ["garbage"],
     "FallbackHang": ["hang", "backup"],
+    # A usage with one count null: the count given is kept, the other estimated (dc8b941).
+    # Not with --litellm, whose model list (tests.support.FAKE_MODELS) has no half-usage.
+    "HalfUsage": ["half-usage"],
 }
-GROUP_WEIGHTS = [("Main", 10), ("Fallback500", 3), ("AllFail", 2), ("Abort", 2), ("Garbage", 1), ("FallbackHang", 1)]
+GROUP_WEIGHTS = [("Main", 10), ("Fallback500", 3), ("AllFail", 2), ("Abort", 2), ("Garbage", 1), ("FallbackHang", 1),
+                 ("HalfUsage", 1)]
 
 STATUS_LOG: Counter[tuple[str, int]] = Counter()
 FIVE_HUNDREDS: list[str] = []
@@ -412,8 +417,11 @@ def check(db: Path, teams: list[Team], fake_log: list[dict[str, Any]], tg_url: s
                 problems.append(f"call {cid}: success on {model} but upstream has no full answer from it")
             elif not est and (pt, ct) != (match[-1]["usage"]["prompt_tokens"], match[-1]["usage"]["completion_tokens"]):
                 problems.append(f"call {cid}: tokens {pt}/{ct} != upstream usage {match[-1]['usage']}")
-            elif est:
+            elif est and None not in match[-1]["usage"].values():
                 problems.append(f"call {cid}: success but usage estimated")
+            elif est and any(given is not None and given != recorded for given, recorded in zip(
+                    (match[-1]["usage"]["prompt_tokens"], match[-1]["usage"]["completion_tokens"]), (pt, ct))):
+                problems.append(f"call {cid}: tokens {pt}/{ct} lost a count of upstream usage {match[-1]['usage']}")
         for e in answered:
             if e["model"].startswith("hang") or (err or "").startswith("interrupted"):
                 continue
@@ -507,6 +515,8 @@ async def main() -> None:
     litellm_proc = None
     upstream, upkey = f"http://127.0.0.1:{FAKE_PORT}", "sk-fake"
     if args.litellm:
+        del GROUPS["HalfUsage"]
+        GROUP_WEIGHTS.remove(("HalfUsage", 1))
         from tests.support import litellm_config
         import yaml
         from proxy.demo import start_litellm
