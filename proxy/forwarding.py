@@ -254,6 +254,14 @@ async def _attempt(
             await response.aclose()
 
 
+# The most events without data (comments, keep-alives) held before a stream's first event: far
+# more than a keep-alive sends in `first_byte`.
+MAX_HELD_EVENTS = 10_000
+_TOO_MUCH_BEFORE_THE_FIRST_EVENT = (
+    f"more than {MAX_HELD_EVENTS:,} events or {MAX_EVENT_BYTES // (1024 * 1024)} MiB without data before the first event"
+)
+
+
 async def _first_event(response: UpstreamResponse, model: str, number: int) -> OpenStream | Attempt:
     # `first_byte` bounds the wait for the first event, as it does the wait for the head: each
     # silence's own timeout never runs out on an upstream keeping its stream alive with comments,
@@ -269,16 +277,16 @@ async def _first_event(response: UpstreamResponse, model: str, number: int) -> O
         except EventTooLarge as exc:
             return Attempt(model, str(exc), 200)
         events.extend(read)
-        # An event without data is none to an SSE client, `event: error` or not.
-        first = next((e for e in events if e.data is not None), None)
+        # An event without data is none to an SSE client, `event: error` or not; those held
+        # from earlier reads are all such.
+        first = next((e for e in read if e.data is not None), None)
         if first is None:
             # Comments and events without data are held until the first event, bounded as one
-            # event is: an upstream sending them without end would otherwise fill the memory
-            # for as long as `first_byte` lets it.
+            # event is, and in number: an upstream sending them without end would otherwise
+            # fill the memory, and take the loop's CPU, for as long as `first_byte` lets it.
             held += sum(len(event.raw) for event in read)
-            if held > MAX_EVENT_BYTES:
-                too_much = f"more than {MAX_EVENT_BYTES // (1024 * 1024)} MiB without an event before the first"
-                return Attempt(model, too_much, 200)
+            if held > MAX_EVENT_BYTES or len(events) > MAX_HELD_EVENTS:
+                return Attempt(model, _TOO_MUCH_BEFORE_THE_FIRST_EVENT, 200)
             continue
         error = _error_of(first)
         if error is not None:

@@ -1099,3 +1099,20 @@ def test_a_refusal_whose_message_is_empty_is_passed_on_with_its_status_for_a_mes
 def test_a_refusal_whose_message_is_not_text_is_passed_on_as_json_not_as_pythons_text(body, message):
     # The client's 400 said {"detail": "None"}, or a Python list's repr with its quotes.
     assert refused_with(body).message == message
+
+
+def test_many_events_without_data_before_the_first_event_fail_that_model_at_once_and_the_next_answers():
+    # Tiny comments, far below the bound in bytes: each was scanned again at every read (the
+    # loop's CPU growing with their square) and held until `first_byte` ran out.
+    closed: list[bool] = []
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+    server = endless_unless_whole(b"text/event-stream", event, b"", b":\n\n", 4 * 1024 * 1024, closed)
+
+    async def check(client: Upstream) -> None:
+        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+        opened = await asyncio.wait_for(forward(client, ["endless", "whole"], payload, True, loop.time() + 60), 10)
+        assert (opened.model, opened.attempts) == ("whole", 2)
+        await opened.response.aclose()
+
+    against(server, check, first_byte=60.0)
