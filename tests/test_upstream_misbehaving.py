@@ -438,67 +438,55 @@ def test_a_429_whose_retry_after_only_looks_like_digits_still_falls_back(hint):
     assert answered_by(limited) == ("whole", 2)
 
 
+def dripping_before_whole(head: bytes, drip: bytes) -> Handler:
+    """A server answering the model "dripping" with `head`, then `drip` every 0.1 s, never
+    anything more, and any other with a whole stream."""
+    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            request = await read_request(reader)
+            if b'"dripping"' not in request:
+                writer.write(SSE_HEAD + b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole))
+                await writer.drain()
+                await asyncio.sleep(5)
+            writer.write(head)
+            for _ in range(100):
+                writer.write(drip)
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    return handler
+
+
+async def falls_back_within_a_first_byte_of_0_3_s(client: Upstream) -> None:
+    payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    opened = await forward(client, ["dripping", "whole"], payload, True, started + 5)
+    assert (opened.model, opened.attempts) == ("whole", 2)
+    assert loop.time() - started < 1.0  # the timeout's 0.3 s, not the call's 5
+    await opened.response.aclose()
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
 def test_a_stream_dripping_comments_past_the_first_byte_timeout_fails_that_model_and_the_next_answers():
     # `first_byte` bounds the wait for a stream's first event, not only each silence before it:
     # an upstream keeping its stream alive with comments held the call to its total deadline,
     # and the group's next model was never tried.
-    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-
-    async def drips_then_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            request = await read_request(reader)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-            if b'"dripping"' not in request:
-                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole))
-                await writer.drain()
-                await asyncio.sleep(5)
-            for _ in range(100):  # a comment every third of the timeout, never an event
-                writer.write(b"8\r\n: ping\n\n\r\n")
-                await writer.drain()
-                await asyncio.sleep(0.1)
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        opened = await forward(client, ["dripping", "whole"], payload, True, started + 5)
-        assert (opened.model, opened.attempts) == ("whole", 2)
-        assert loop.time() - started < 1.0  # the timeout's 0.3 s, not the call's 5
-        await opened.response.aclose()
-
-    against(drips_then_whole, check, first_byte=0.3)
+    server = dripping_before_whole(SSE_HEAD, b"8\r\n: ping\n\n\r\n")  # a comment every third of the timeout
+    against(server, falls_back_within_a_first_byte_of_0_3_s, first_byte=0.3)
 
 
 def test_a_streamed_calls_refusal_whose_body_drips_past_the_first_byte_timeout_fails_that_model_and_the_next_answers():
     # `first_byte` bounds the wait for what a stream's model answers, an error's body included: a
     # 503 whose body came a byte at a time, each well within the timeout, was read until the call's
     # total deadline, and the group's next model was never tried.
-    whole = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n'
-
-    async def drips_then_whole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            request = await read_request(reader)
-            if b'"dripping"' not in request:
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(whole), whole))
-                await writer.drain()
-                await asyncio.sleep(5)
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for _ in range(100):  # a byte every third of the timeout, never the end of the body
-                writer.write(b"1\r\n \r\n")
-                await writer.drain()
-                await asyncio.sleep(0.1)
-
-    async def check(client: Upstream) -> None:
-        payload = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        opened = await forward(client, ["dripping", "whole"], payload, True, started + 5)
-        assert (opened.model, opened.attempts) == ("whole", 2)
-        assert loop.time() - started < 1.0  # the timeout's 0.3 s, not the call's 5
-        await opened.response.aclose()
-
-    against(drips_then_whole, check, first_byte=0.3)
+    refusal = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    server = dripping_before_whole(refusal, b"1\r\n \r\n")  # a byte every third of the timeout, never the body's end
+    against(server, falls_back_within_a_first_byte_of_0_3_s, first_byte=0.3)
 
 
 def test_an_answer_whose_last_transfer_coding_is_not_chunked_is_read_to_the_close():
