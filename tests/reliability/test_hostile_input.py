@@ -351,6 +351,17 @@ def test_a_head_at_the_64_kib_bound_is_answered_alike_whether_its_blank_line_com
     assert whole.partition(b"\r\n")[0] == split.partition(b"\r\n")[0], (whole[:200], split[:200])
 
 
+def test_a_head_over_64_kib_whose_read_ends_between_a_fields_cr_and_lf_is_431(target):
+    # The next read, beginning with that LF, was taken for the end of the head (its blank line
+    # begun in the read before), and read whole however much of the head it still held.
+    server, _, _ = target
+    fields = b"".join(b"X-F%d: %s\r\n" % (i, b"a" * 1000) for i in range(100))
+    head = b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + fields + b"\r\n"
+    edge = head.index(b"\r\n", 60_000) + 1  # within 64 KiB, between a CR and its LF
+    reply = send_in_reads(server.port, head[:edge], head[edge:])
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+
+
 @pytest.mark.parametrize("part", ["body", "head"])
 def test_a_request_that_trickles_in_is_408_once_the_read_timeout_is_over(make_tollgate, part):
     server = make_tollgate(server={"read_timeout": "1s"})
@@ -608,6 +619,14 @@ def test_trailer_fields_under_64_kib_split_across_reads_are_served(target):
             sock.sendall(part)
             time.sleep(0.2)  # each its own read
         reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
+
+
+def test_trailer_fields_under_64_kib_written_without_a_space_after_the_colon_are_served(target):
+    # Each field was counted with the ": " a client may leave out (RFC 9110, 5.6.3: the space is
+    # optional): 60 kB of `a:b` fields were counted as 72 kB, and a valid upload was a 431.
+    server, team, _ = target
+    reply = raw_exchange(server.port, chunked_job_create(team.key, b"a:b\r\n" * 12_000 + b"\r\n"))
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
 
 
