@@ -40,12 +40,13 @@ MAX_COST_USD = 1e9
 
 
 def _count(value: Any) -> int | None:
-    """A token count; None for what is none (null, negative, fractional, text, a boolean)."""
+    """A token count; None for what is none (null, negative, fractional, text, a boolean, a
+    count beyond any real call)."""
     if type(value) is int:  # what every upstream sends: the checks below, in one
-        return value if value >= 0 else None
+        return value if 0 <= value <= MAX_TOKENS else None
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # 12.0 is the JSON number 12
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS else None
 
 
 def _cost(value: Any) -> float | None:
@@ -68,7 +69,7 @@ def usage_from(usage: Any, reported_cost: Any = None) -> Usage | None:
     if cost is None:
         cost = _cost(usage.get("cost"))
     prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
-    if prompt is None or completion is None or prompt > MAX_TOKENS or completion > MAX_TOKENS:
+    if prompt is None or completion is None:
         return None  # not usage: the call is then estimated, as when no usage came
     if not prompt and not completion:
         # No call uses no tokens at all, not even of its prompt: LiteLLM's stand-in for a usage its
@@ -83,14 +84,9 @@ def estimated_usage(prompt_chars: int, completion_chars: int, reported: Any = No
     zero only, as zero is LiteLLM's stand-in for a count it never had."""
     prompt, completion = math.ceil(prompt_chars / 4), math.ceil(completion_chars / 4)
     if isinstance(reported, dict):
-        prompt = _given(reported.get("prompt_tokens")) or prompt
-        completion = _given(reported.get("completion_tokens")) or completion
+        prompt = _count(reported.get("prompt_tokens")) or prompt
+        completion = _count(reported.get("completion_tokens")) or completion
     return Usage(prompt, completion, None, estimated=True)
-
-
-def _given(value: Any) -> int | None:
-    count = _count(value)
-    return count if count is not None and count <= MAX_TOKENS else None
 
 
 def cost_of(usage: Usage, model: str | None, pricing: Pricing) -> float:
