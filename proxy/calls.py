@@ -297,8 +297,7 @@ class CallPipeline:
     def _observe_own_job(self, team_id: str, made_room: list[str]) -> None:
         """A /v1 call's own job made, and the jobs failed to make room for its hold."""
         self._metrics.observe_job(team_id, "created")
-        for _ in made_room:
-            self._metrics.observe_job(team_id, "failed")
+        self._metrics.observe_jobs(team_id, "failed", len(made_room))
 
     async def _limit(self, principal: Principal, call_id: str, request: CallRequest) -> Decision:
         team, key, defaults = principal.team, principal.key, self._rate_limits

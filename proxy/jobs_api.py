@@ -107,8 +107,7 @@ class JobsApi:
             team.team_id, body.job_type, body.user_id, body.metadata, self._config.jobs.credits_per_job, made_room
         )
         self._metrics.observe_job(team.team_id, "created")
-        for _ in made_room:
-            self._metrics.observe_job(team.team_id, "failed")
+        self._metrics.observe_jobs(team.team_id, "failed", len(made_room))
         notes(request)["job"] = job.job_id
         return JSONResponse({"job_id": job.job_id, "status": job.status, "created_at": iso(job.created_at)})
 

@@ -215,6 +215,11 @@ class Metrics:
     def observe_job(self, team_id: str, status: str) -> None:
         self._jobs.inc((*self._team(team_id), status))
 
+    def observe_jobs(self, team_id: str, status: str, count: int) -> None:
+        """`count` jobs of the team came to `status`; none counts nothing (and makes no series)."""
+        if count:
+            self._jobs.inc((*self._team(team_id), status), float(count))
+
     # --- rendering ---------------------------------------------------------------------------
 
     async def render(self, balances: Callable[[], Awaitable[list[tuple[str, int]]]]) -> bytes:
