@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Awaitable, Callable, Sequence
 
 from .metrics import Metrics
@@ -81,8 +82,10 @@ async def _fail_in_batches(
 
 def _observe_failed(jobs: list[Job], metrics: Metrics | None) -> None:
     if metrics is not None:
-        for job in jobs:
-            metrics.observe_job(job.team_id, "failed")
+        # A batch holds jobs of many teams, often many of one (a dead process's /v1 calls):
+        # each team's series is counted up once.
+        for team_id, count in Counter(job.team_id for job in jobs).items():
+            metrics.observe_jobs(team_id, "failed", count)
 
 
 async def sweep_forever(

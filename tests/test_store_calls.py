@@ -7,6 +7,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -474,6 +475,18 @@ def a_gateway_sweeping_ahead(
     return database, load_config(str(config_path), env={})
 
 
+def jobs_counted(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str]]:
+    """What tollgate_jobs_total is counted up by from here, by (team, status)."""
+    counted: Counter[tuple[str, str]] = Counter()
+
+    def observe_jobs(self: Metrics, team_id: str, status: str, count: int = 1) -> None:
+        counted[team_id, status] += count
+
+    monkeypatch.setattr(Metrics, "observe_job", observe_jobs)
+    monkeypatch.setattr(Metrics, "observe_jobs", observe_jobs)
+    return counted
+
+
 def test_a_job_the_sweep_fails_as_the_gateway_stops_is_counted_among_failed_jobs(
     tmp_path: Path, fake_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -482,8 +495,7 @@ def test_a_job_the_sweep_fails_as_the_gateway_stops_is_counted_among_failed_jobs
     # counted in tollgate_jobs_total (one failed job in 46 stops of a worker under load).
     ahead = [0.0]  # the sweeper's wall clock, moved past the job's expiry once the lock is held
     database, config = a_gateway_sweeping_ahead(tmp_path, fake_url, monkeypatch, lambda: ahead[0])
-    counted: list[tuple[str, str]] = []
-    monkeypatch.setattr(Metrics, "observe_job", lambda self, team_id, status: counted.append((team_id, status)))
+    counted = jobs_counted(monkeypatch)
     failing: list[str] = []
     finish_job = SQLiteStore.finish_job
 
@@ -506,7 +518,7 @@ def test_a_job_the_sweep_fails_as_the_gateway_stops_is_counted_among_failed_jobs
         # The gateway has stopped (the lock let go meanwhile).
     with contextlib.closing(sqlite3.connect(database)) as db:
         assert db.execute("SELECT status FROM jobs").fetchall() == [("failed",)]
-    assert counted == [("team", "failed")]
+    assert counted == Counter({("team", "failed"): 1})
 
 
 def test_a_stop_during_a_long_sweep_ends_it_between_batches_and_counts_every_job_it_failed(
@@ -519,8 +531,7 @@ def test_a_stop_during_a_long_sweep_ends_it_between_batches_and_counts_every_job
     database, config = a_gateway_sweeping_ahead(tmp_path, fake_url, monkeypatch, lambda: 7200.0)
     monkeypatch.setattr(sweeper_module, "BATCH", 2)
     monkeypatch.setattr(app_module, "DRAIN_TIMEOUT", 1.0)
-    counted: list[tuple[str, str]] = []
-    monkeypatch.setattr(Metrics, "observe_job", lambda self, team_id, status: counted.append((team_id, status)))
+    counted = jobs_counted(monkeypatch)
     finish_job = SQLiteStore.finish_job
 
     async def finishing_slowly(self: SQLiteStore, *args: Any, **kwargs: Any) -> Any:
@@ -543,7 +554,7 @@ def test_a_stop_during_a_long_sweep_ends_it_between_batches_and_counts_every_job
     with TestClient(create_app(config)):
         assert wait_for(lambda: failed() >= 2, timeout=10)  # the run is under way
     assert 0 < failed() < 40  # the stop ended the run; the next sweep fails the rest
-    assert len(counted) == failed()
+    assert counted == Counter({("team", "failed"): failed()})
 
 
 def a_long_and_a_short_history(path: Path) -> None:
@@ -1634,8 +1645,7 @@ def test_jobs_a_sweep_failed_before_the_store_refused_the_next_are_counted_among
     # The sweep fails expired jobs FAIL_TOGETHER at a time: a refusal of a later group (another
     # process's lock outlasting the busy timeout) left the jobs of the groups before it failed,
     # their holds released, and never counted in tollgate_jobs_total.
-    counted: list[tuple[str, str]] = []
-    monkeypatch.setattr(Metrics, "observe_job", lambda self, team_id, status: counted.append((team_id, status)))
+    counted = jobs_counted(monkeypatch)
     finish_job = SQLiteStore.finish_job
     finishing: list[str] = []
 
@@ -1660,7 +1670,7 @@ def test_jobs_a_sweep_failed_before_the_store_refused_the_next_are_counted_among
             await store.close()
 
     assert asyncio.run(check()) == store_module.FAIL_TOGETHER
-    assert counted == [("team", "failed")] * store_module.FAIL_TOGETHER
+    assert counted == Counter({("team", "failed"): store_module.FAIL_TOGETHER})
 
 
 # --- a job's hold refused while the team's expired jobs, not swept yet, hold its credits ------------
