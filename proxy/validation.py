@@ -343,6 +343,9 @@ _LITELLM_CONTROLS = frozenset([
     "provider_specific_header",  # more HTTP headers LiteLLM sends the provider, as extra_headers
     "tpm", "rpm", "itpm", "otpm", "use_xai_oauth",  # the deployment's limits and xAI sign-in
     "base_model",  # the model LiteLLM prices the call as
+    # How long LiteLLM's router takes a deployment out of every caller's rotation once the call
+    # fails it (a 429, a timeout): the body's over the router's own, for as long as it says.
+    "cooldown_time",
     # LiteLLM's internal arguments, never a client's. It failed on them with a 500 (original_function,
     # whatever its value) or a 429 "No deployments available" (_target_order, specific_deployment),
     # which the gateway took for the model failing and tried on the next; `client` with a 400.
@@ -353,11 +356,17 @@ _LITELLM_CONTROLS = frozenset([
     # caching on, a team read any answer cached under a key it named, and stored its own answer
     # under another team's key, which that team was then served for its own question.
     "cache_key",
+    # The same, by the name LiteLLM's cache reads it under: its own litellm_params, which it takes
+    # from a body as they are (their preset_cache_key read first), and the field it fills them from.
+    "litellm_params", "preset_cache_key",
     # The operator's logging callbacks (all but LiteLLM's own spend tracking) skipped for the call.
     "no-log",
     # ... or more of them run for it: LiteLLM's integrations by name ("s3", "langfuse"), logging
     # the call's prompt and answer with whatever credentials the operator's environment holds.
     "success_callback", "failure_callback",
+    # The call's whole request and the provider's raw answer written to LiteLLM's log at WARNING,
+    # whatever level the operator set it to.
+    "litellm_request_debug",
     # The call's place in LiteLLM's request queue (lower first): ahead of every other team's calls
     # when the deployments are busy. The operator sets the queue's order (router default_priority).
     "priority",

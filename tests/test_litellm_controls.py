@@ -268,10 +268,36 @@ def test_a_call_cannot_name_the_key_litellm_caches_its_answer_under(tollgate, te
     assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "cache_key", "0" * 64)
 
 
+@pytest.mark.parametrize("field, value", [("litellm_params", {"preset_cache_key": "0" * 64}), ("litellm_params", {}),
+                                          ("preset_cache_key", "0" * 64)])
+def test_a_call_cannot_name_the_key_litellm_caches_its_answer_under_in_its_litellm_params(tollgate, team, fake_url,
+                                                                                          field, value):
+    # LiteLLM takes a body's litellm_params for its own: their preset_cache_key is the key its
+    # response cache reads and writes the call's answer under, as cache_key's was. With caching on,
+    # a team stored its answer to a prompt of its choosing under the key of another team's
+    # question, which that team was then served, and read any answer cached under a key it named.
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, field, value)
+
+
+def test_a_call_cannot_set_how_long_litellm_cools_down_a_deployment_it_fails_on(tollgate, team, fake_url):
+    # LiteLLM's router takes a body's cooldown_time over the router's own when the call fails a
+    # deployment (a 429 from its provider, a timeout): one call of `cooldown_time: 86400` took that
+    # deployment away from every team's calls for a day, where LiteLLM's own setting gave it back
+    # after seconds.
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "cooldown_time", 86_400)
+
+
 def test_a_call_cannot_turn_off_the_operators_logging(tollgate, team, fake_url):
     # "no-log": true made LiteLLM skip every logging callback the operator configured (all but its
     # own spend tracking) for the call.
     assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "no-log", True)
+
+
+def test_a_call_cannot_have_litellm_log_its_request_and_answer(tollgate, team, fake_url):
+    # litellm_request_debug: true made LiteLLM write the call's whole request (a curl command with
+    # its messages) and the provider's raw answer to its log at WARNING, whatever level the operator
+    # set its log to, for every call a team chose.
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "litellm_request_debug", True)
 
 
 @pytest.mark.parametrize("field, value", [("success_callback", ["s3"]), ("failure_callback", ["langfuse"]),
