@@ -79,7 +79,7 @@ def switch_off(parts: set[str]) -> None:
 
         from proxy.json_codec import dumps, loads
 
-        async def forward(upstream, models, payload, stream, deadline, asked=None):  # type: ignore[no-untyped-def]
+        async def forward(upstream, models, payload, stream, deadline, asked=None, failed=None):  # type: ignore[no-untyped-def]
             if asked is not None:
                 asked.append("primary")
             dumps(payload)  # the JSON work stays, as the real forward does it: only the HTTP goes

@@ -135,6 +135,13 @@ def create_app(config: Config, existing_database: bool = False) -> Starlette:
                 drained_by = loop.time() + DRAIN_TIMEOUT
                 await running.drain(DRAIN_TIMEOUT)
                 unrecorded, kept = await calls.drain(timeout=max(0.0, drained_by - loop.time()))
+                if calls.cut_by_shutdown:
+                    log.warning(
+                        "%d calls were cut short by the shutdown, server.shutdown_grace (%g s) being over: their "
+                        "clients were told so (503 shutting_down, or a stream's error event) and the calls recorded "
+                        "as cancelled; a longer grace lets them finish",
+                        calls.cut_by_shutdown, config.server.shutdown_grace,
+                    )
                 if unrecorded:
                     log.error(
                         "%d calls were not recorded before shutdown (%d of them because the store refused their "

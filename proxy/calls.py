@@ -20,8 +20,15 @@ from starlette.types import Receive
 
 from .accounting import StreamTally, Usage, completion_chars, cost_of, estimated_usage, usage_from
 from .auth import Principal
-from .errors import ApiError, ClientClosed, from_store_error, shutting_down, unwritable_database_log
-from .forwarding import Answer, OpenStream, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
+from .errors import (
+    ApiError,
+    ClientClosed,
+    from_store_error,
+    log_store_refusal,
+    shutting_down,
+    unwritable_database_log,
+)
+from .forwarding import Answer, Attempt, OpenStream, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
 from .config import RECORD_ATTEMPTS, RateLimitsConfig
 from .groups import GroupCatalog
 from .ids import new_id
@@ -116,6 +123,13 @@ def redact(text: str) -> str:
     return _SECRETISH.sub("sk-***", text)
 
 
+def _in_one_line(error: str) -> str:
+    """An upstream's error as a log line quotes it: LiteLLM's messages run over several lines (a
+    line of the log each, which no reader takes for the same event) and on for pages at worst."""
+    text = " ".join(redact(error).split())
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
 def redact_opt(text: str | None) -> str | None:
     return None if text is None else redact(text)
 
@@ -158,6 +172,9 @@ class CallPipeline:
         self._key_refused = Occasional(log, logging.ERROR)
         self._unreachable = Occasional(log, logging.WARNING)
         self._unwritable = unwritable or unwritable_database_log()
+        self._said_not_served: set[tuple[str, str]] = set()  # (group, model), said once each
+        self._failing_groups: dict[str, Occasional] = {}  # by group: every model failed its calls
+        self.cut_by_shutdown = 0  # calls the shutdown cut short, its grace being over: said as it ends
 
     async def drain(self, timeout: float) -> tuple[int, int]:
         """At shutdown: wait for calls still being recorded, then try once more to write the
@@ -282,9 +299,8 @@ class CallPipeline:
             await self._limiter.settle(decision, 0, release=True)  # a call that never started counts for nothing
             if isinstance(exc, JobExpired) and exc.failed_now:  # failed by this refusal, as a sweep would have
                 self._metrics.observe_job(team.team_id, "failed")
-            if isinstance(exc, StoreUnavailable):
-                # Answered here, not by the store's error handler: said through its line.
-                self._unwritable("a call could not start: 503, the database cannot be written: %s", exc)
+            # Answered here, not by the store's error handler: said through its line.
+            log_store_refusal(self._unwritable, "a call could not start", exc)
             refusal = _with_limit_headers(exc, decision)
             if refusal is exc:
                 raise
@@ -292,6 +308,8 @@ class CallPipeline:
         notes["job"], notes["call"] = job_id, call_id
         if made_room is not None:
             self._observe_own_job(team.team_id, made_room)
+        if self._unwritable.said:  # the call's start was written
+            self._unwritable.over("the database takes writes again")
         return call
 
     def _observe_own_job(self, team_id: str, made_room: list[str]) -> None:
@@ -397,6 +415,8 @@ class CallPipeline:
             usage = tally.usage or estimated_usage(call.request.prompt_chars, tally.completion_chars, tally.reported)
             ttft = None if end.first_event_at is None else end.first_event_at - call.started
             error = end.error or (SHUT_DOWN if end.reason == "shutdown" else None)
+            if end.reason == "shutdown":
+                self.cut_by_shutdown += 1
             await self._finish(call, _END_STATUS[end.reason], opened.model, usage, opened.attempts, redact_opt(error), ttft)
 
         return SSERelay(
@@ -423,8 +443,11 @@ class CallPipeline:
         watcher = asyncio.get_running_loop().create_task(watch())
         payload = self.payload(call)
         asked: list[str] = []  # forward() adds each model as it asks it
+        failed: list[Attempt] = []  # and each model's failure
         try:
-            return await forward(self._upstream, call.group.models, payload, call.stream, call.deadline, asked)
+            answered = await forward(
+                self._upstream, call.group.models, payload, call.stream, call.deadline, asked, failed
+            )
         except asyncio.CancelledError:
             call.asked_before_cut = tuple(asked)
             # Only the watcher's own cancel is taken back: one from anyone else in the same
@@ -434,6 +457,44 @@ class CallPipeline:
             raise ClientClosed("The client closed the connection before the call was answered") from None
         finally:
             watcher.cancel()
+            if failed:
+                self._say_not_served(call.group.name, failed)
+        # Every answered call passes here: what it has to say is looked for without a call.
+        if self._unreachable.said or self._key_refused.said:
+            self._heard_from_litellm()
+        if self._failing_groups:
+            self._group_answers(call.group.name)
+        return answered
+
+    def _say_not_served(self, group: str, failed: list[Attempt]) -> None:
+        """Say, once per group and model, a model the group names that LiteLLM does not serve (or
+        not to Tollgate's key): it fails every call, and a fallback answering them hides it."""
+        for attempt in failed:
+            if attempt.not_served and (group, attempt.model) not in self._said_not_served:
+                self._said_not_served.add((group, attempt.model))
+                log.warning(
+                    "model group '%s' names model '%s', which LiteLLM does not serve (%s): correct the group's "
+                    "models, or LiteLLM's model_list",
+                    group, attempt.model, _in_one_line(attempt.error),
+                )
+
+    def _group_fails(self, group: str, exc: UpstreamFailed) -> None:
+        line = self._failing_groups.get(group)
+        if line is None:
+            line = self._failing_groups[group] = Occasional(log, logging.WARNING)
+        said = "; ".join(f"{attempt.model}: {_in_one_line(attempt.error)}" for attempt in exc.attempts)
+        line("model group '%s': every model failed (%s): its calls fail until one answers", group, said)
+
+    def _group_answers(self, group: str) -> None:
+        line = self._failing_groups.get(group)
+        if line is not None:
+            line.over("model group '%s' answers again", group)
+
+    def _heard_from_litellm(self, key_accepted: bool = True) -> None:
+        """LiteLLM answered a call (and did not refuse Tollgate's key): the faults said of it are over."""
+        self._unreachable.over("LiteLLM answers again")
+        if key_accepted:
+            self._key_refused.over("LiteLLM accepts Tollgate's upstream key again")
 
     async def _failed(self, call: Call, exc: BaseException) -> BaseException:
         """Record a call that got no answer; return what the client should get."""
@@ -462,6 +523,9 @@ class CallPipeline:
                     "LiteLLM cannot be reached, or drops the connection (%s): calls answer 503 until it is back",
                     exc.attempts[-1].error,
                 )
+            else:  # the models' own failures, which LiteLLM answered
+                self._heard_from_litellm()
+                self._group_fails(call.group.name, exc)
             await self._finish(call, "error", model, none, len(exc.attempts), redact(str(exc)))
             if exc.all_rate_limited:
                 return ApiError(
@@ -479,6 +543,7 @@ class CallPipeline:
         if isinstance(exc, UpstreamMisconfigured):
             # Readiness finds this too: it asks LiteLLM with the same key.
             # LiteLLM's message quotes the key it received: neither log nor store it.
+            self._heard_from_litellm(key_accepted=False)
             self._key_refused("LiteLLM refused Tollgate's upstream key (HTTP %s): check TOLLGATE_UPSTREAM_KEY", exc.status)
             await self._finish(call, "error", exc.model, none, exc.attempts, "the upstream refused the gateway's key")
             return ApiError(
@@ -488,10 +553,12 @@ class CallPipeline:
                 headers={**call.headers(), "Retry-After": "30"},
             )
         if isinstance(exc, UpstreamRejected):
+            self._heard_from_litellm()
             message = redact(exc.message)
             await self._finish(call, "error", exc.model, none, exc.attempts, message)
             return ApiError(400, message, code="upstream_rejected", param=exc.param, headers=call.headers())
         if isinstance(exc, asyncio.CancelledError):  # the shutdown's (a hang-up is ClientClosed)
+            self.cut_by_shutdown += 1
             usage = estimated_usage(call.request.prompt_chars, 0)
             model, attempts = call.cut_short_at()
             await self._finish(call, "cancelled", model, usage, attempts, SHUT_DOWN)
@@ -606,7 +673,9 @@ class CallPipeline:
         if not isinstance(failure, StoreError):
             # Not the database's state but this outcome: writing it again would fail again, and a
             # kept outcome holds the sweeper back, so the sweeper closes the call as interrupted.
-            log.error("could not record call %s: %r", outcome.call_id, outcome, exc_info=failure)
+            # Its traceback is logged once, by the server the failure is raised on to.
+            log.error("could not record call %s (%s, its traceback follows): %r", outcome.call_id,
+                      type(failure).__name__, outcome)
             raise failure
         # A stream's client has had the answer by now; a non-streaming one gets a 503 instead.
         self._kept[outcome.call_id] = (outcome, _job_end(call, outcome, answered=call.stream), team_id)

@@ -157,16 +157,32 @@ def unwritable_database_log() -> Occasional:
     return Occasional(log, logging.WARNING)
 
 
+# What a StoreBusy means to the operator: no request of Tollgate's holds a lock that long.
+LOCKED = (
+    "the database stayed locked by another process for longer than database.busy_timeout: "
+    "end the transaction it keeps open (a sqlite3 shell, a backup made with .backup)"
+)
+
+
+def log_store_refusal(unwritable: Occasional, what: str, exc: BaseException) -> None:
+    """Say, through the database's line, a 503 answered for the database's state rather than the
+    request's: a database that cannot be written, or one another process keeps locked."""
+    if isinstance(exc, StoreUnavailable):
+        unwritable("%s: 503, the database cannot be written: %s", what, exc)
+    elif isinstance(exc, StoreBusy):
+        unwritable("%s: 503, %s", what, LOCKED)
+
+
 class StoreErrorHandler:
-    """A store error's answer; an unwritable database is logged, once a minute at most."""
+    """A store error's answer; a database that cannot be written, or stays locked, is logged,
+    once a minute at most."""
 
     def __init__(self, unwritable: Occasional) -> None:
         self._unwritable = unwritable
 
     async def handle(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StoreError)
-        if isinstance(exc, StoreUnavailable):
-            self._unwritable("%s %s: 503, the database cannot be written: %s", request.method, request.url.path, exc)
+        log_store_refusal(self._unwritable, f"{request.method} {request.url.path}", exc)
         return error_response(request, from_store_error(exc))
 
 
@@ -186,7 +202,11 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    # Starlette raises the exception on to the server once this answer is sent, and uvicorn logs
+    # it with its traceback ("Exception in ASGI application"): this line names the request, and
+    # a traceback here as well made two of one fault.
+    log.error("unexpected error on %s %s: %s (its traceback follows, as uvicorn's 'Exception in ASGI application')",
+              request.method, request.url.path, type(exc).__name__)
     return error_response(request, ApiError(500, "Internal server error", code="internal_error"))
 
 

@@ -103,6 +103,7 @@ class Attempt:
     retry_after: int | None = None
     unhandled: bool = False  # LiteLLM's bare 500 (see _UNHANDLED)
     unreachable: bool = False  # no answer from LiteLLM at all: its connection failed or was dropped
+    not_served: bool = False  # LiteLLM (or the model's provider) serves no model of this name, or not to Tollgate
 
 
 class UpstreamFailed(Exception):
@@ -172,26 +173,27 @@ class OpenStream:
 @overload
 async def forward(
     upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: Literal[False], deadline: float,
-    asked: list[str] | None = None,
+    asked: list[str] | None = None, failed: list[Attempt] | None = None,
 ) -> Answer: ...
 @overload
 async def forward(
     upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: Literal[True], deadline: float,
-    asked: list[str] | None = None,
+    asked: list[str] | None = None, failed: list[Attempt] | None = None,
 ) -> OpenStream: ...
 @overload
 async def forward(
     upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float,
-    asked: list[str] | None = None,
+    asked: list[str] | None = None, failed: list[Attempt] | None = None,
 ) -> Answer | OpenStream: ...
 async def forward(
     upstream: Upstream, models: Sequence[str], payload: dict[str, Any], stream: bool, deadline: float,
-    asked: list[str] | None = None,
+    asked: list[str] | None = None, failed: list[Attempt] | None = None,
 ) -> Answer | OpenStream:
     """`asked`, if given, has each model appended as it is asked: a caller cut short while
     forwarding learns from it how many models were tried and which was asked last (a model may
-    be listed twice in a group, so its place in the list does not say)."""
-    attempts: list[Attempt] = []
+    be listed twice in a group, so its place in the list does not say). `failed`, if given, has
+    each model's failure appended, those a fallback answered after included."""
+    attempts: list[Attempt] = failed if failed is not None else []
     loop = asyncio.get_running_loop()
     for number, model in enumerate(models, start=1):
         if loop.time() >= deadline:
@@ -334,7 +336,7 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
     if (status == 400 and _UNKNOWN_MODEL in message) or status == _NOT_SERVED:
         # LiteLLM, or the model's provider, serves no model of that name: the group names it, not
         # the client's request.
-        return Attempt(model, f"{status}: {message}", status)
+        return Attempt(model, f"{status}: {message}", status, not_served=True)
     if status in (401, 403) and (error_type in _PROVIDER_REFUSALS or message.startswith(_MODEL_FAILURE_PREFIX)):
         # This model's provider refused the key LiteLLM holds for it, or the call: another model may work.
         return Attempt(model, f"{status}: {message}", status)
@@ -342,7 +344,7 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
         status == 401 and message.startswith(_TAGS_REFUSE)
     ):
         # As a model LiteLLM does not serve: the group's mistake, for this model only.
-        return Attempt(model, f"{status}: {message}", status)
+        return Attempt(model, f"{status}: {message}", status, not_served=True)
     if status in (401, 403) or error_type in ("auth_error", "no_db_connection"):
         raise UpstreamMisconfigured(status, message, model, number)
     raise UpstreamRejected(status, message, model, number, param)

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from .config import RateLimitsConfig, RedisConfig
+from .occasional import Occasional
 from .resp import Keys, Redis, RedisError, ReplyError, Script
 
 log = logging.getLogger("tollgate.limiter")
@@ -902,6 +903,8 @@ class RateLimiter:
         self._probing = False
         self.last_error: str | None = None
         self._check_failure: str | None = None  # readiness's, as last logged
+        # Each cooldown's probe finding Redis still down is due to say so again: once a minute.
+        self._unavailable = Occasional(log, logging.WARNING, clock=clock)
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -923,13 +926,13 @@ class RateLimiter:
 
     def _failed(self, error: RedisUnavailable) -> None:
         if not self.degraded:
-            log.warning("Redis unavailable (%s): rate limits now follow on_redis_error=%s", error, self.policy)
+            self._unavailable("Redis unavailable (%s): rate limits now follow on_redis_error=%s", error, self.policy)
         self.last_error = str(error)
         self._open_until = self._clock() + self._cooldown
 
     def _recovered(self) -> None:
         if self._open_until:
-            log.info("Redis is back: rate limits are shared again")
+            self._unavailable.over("Redis is back: rate limits are shared again")
         self._open_until = 0.0
         self.last_error = None
 

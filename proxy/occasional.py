@@ -2,7 +2,8 @@
 
 A wrong upstream key or a full disk fails each call alike: a line each, at a few hundred calls
 a second, buries the log and whatever else it says. Such a line is said at most once per
-interval, with how many times it was due since it was last said.
+interval, with how many times it was due since it was last said; and its end once, after a
+line said of it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class Occasional:
         self._clock = clock
         self._said_at = -math.inf
         self._due = 0  # times the line was due since it was last said
+        # The line was said since the fault was last over: `over` has something to say. Public,
+        # for a hot path to test before it calls `over` on every success.
+        self.said = False
         per = "a minute" if every == 60 else f"every {every:g} s"
         self._suffix = f" (times since last logged: %d; logged at most once {per})"
 
@@ -38,3 +42,12 @@ class Occasional:
         self._said_at = now
         self._log.log(self._level, message + self._suffix, *args, self._due)
         self._due = 0
+        self.said = True
+
+    def over(self, message: str, *args: Any) -> None:
+        """The fault is over: said at INFO, once, if its line was said since it was last over.
+        The interval still runs: a fault that comes and goes with every other request (one
+        replica of several down) says its line and its end once an interval at most."""
+        if self.said:
+            self.said = False
+            self._log.info(message, *args)

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import re
+import signal
 import socket
 import sys
 import time
@@ -28,6 +29,7 @@ from .metrics import METHODS
 from .observe import REFUSALS, REFUSED, RefusalObserver
 from .streaming import ABORT
 
+log = logging.getLogger("tollgate")
 
 # A request's head must fit in this many bytes, and the whole request arrive within
 # `server.read_timeout`: uvicorn bounds neither, so a client trickling its head or body, or
@@ -218,7 +220,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
                 if self._discarding:  # a callback refused the request, and stopped the parser
                     return
                 msg = _parser_refusal(error)
-                self.logger.warning(msg)
+                # The client's fault, said in its 400 and its access log line: at debug, or any
+                # client sending such requests fills the log with a line each.
+                self.logger.debug(msg)
                 # A target the parser refused was never given to on_url: the refusal's shape (OpenAI's
                 # under /v1) is read from this read's bytes, if the request began with them.
                 first = data if self._message_begun and not self.url and self._head_bytes == len(data) else None
@@ -826,6 +830,9 @@ def uvicorn_options(
         host=host,
         port=port,
         log_level=log_level,
+        # Not uvicorn's own handlers (its format has no time): its lines go through the root
+        # logger's, Tollgate's, as every other line does.
+        log_config=None,
         access_log=False,
         server_header=False,
         # No WebSocket routes: a handshake is a plain request (answered in JSON, counted and
@@ -856,11 +863,35 @@ class _Supervisor(Multiprocess):
         self._stop_listening()
         super().handle_term()
 
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's replacement of a worker that ended, or stopped answering its health check,
+        said as the fault it is: uvicorn's own line, at info, names neither how it ended nor that
+        anything went wrong."""
+        before = [(process, process.process.exitcode) for process in self.processes]
+        super().keep_subprocess_alive()
+        for (process, ended), now in zip(before, self.processes):  # replaced in place
+            if now is not process:
+                log.warning("worker %d %s; replaced by worker %d", process.pid, _how_it_ended(ended, self.config), now.pid)
+
     @property
     def failed_to_start(self) -> bool:
         """Whether it stopped because a worker failed before serving (uvicorn stops every worker
         then, as the replacement would fail alike, and returns as from a stop asked for)."""
         return any(process.exitcode == STARTUP_FAILURE for process in self.processes)
+
+
+def _how_it_ended(exitcode: int | None, config: uvicorn.Config) -> str:
+    """How a worker ended, and what that suggests to look into. `exitcode` as its supervisor
+    saw it before replacing it: None for one alive then, killed for not answering."""
+    if exitcode is None:
+        return (f"did not answer its health check within {config.timeout_worker_healthcheck:g} s (its event loop "
+                "blocked?) and was killed")
+    if exitcode < 0:
+        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
+        if -exitcode == signal.SIGKILL:
+            return f"was killed by {name} (the kernel's OOM killer, if no one sent it: see dmesg)"
+        return f"was killed by {name}"
+    return f"exited with code {exitcode} (its traceback, if any, is above)"
 
 
 def listen(host: str, port: int) -> list[socket.socket]:

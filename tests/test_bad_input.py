@@ -992,12 +992,26 @@ def test_only_an_unwritable_database_is_logged_of_the_store_refusals(caplog):
     handler = StoreErrorHandler(unwritable_database_log())
     request = Request({"type": "http", "method": "POST", "path": "/api/jobs/create", "headers": [], "query_string": b""})
     with caplog.at_level("WARNING", logger="tollgate"):
-        for error in (NotFound("no such job"), Conflict("taken"), StoreBusy("locked"), StoreUnavailable("disk full")):
+        for error in (NotFound("no such job"), Conflict("taken"), StoreUnavailable("disk full")):
             asyncio.run(handler.handle(request, error))
     assert [r.getMessage() for r in caplog.records] == [
         "POST /api/jobs/create: 503, the database cannot be written: disk full"
         " (times since last logged: 1; logged at most once a minute)"
     ]
+
+
+def test_a_database_locked_past_the_busy_timeout_is_logged_naming_the_lock(caplog):
+    # Another process's transaction left open answers every write 503, as a full disk does: the
+    # operator must find and end it, and nothing but the clients' 503s said so.
+    handler = StoreErrorHandler(unwritable_database_log())
+    request = Request({"type": "http", "method": "POST", "path": "/api/jobs/create", "headers": [], "query_string": b""})
+    with caplog.at_level("WARNING", logger="tollgate"):
+        for _ in range(3):
+            asyncio.run(handler.handle(request, StoreBusy("The database is busy; try again shortly")))
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("POST /api/jobs/create: 503, the database stayed locked by another process for longer "
+                           "than database.busy_timeout")
+    assert "once a minute" in line
 
 
 def test_a_path_with_a_trailing_slash_is_a_404_not_a_redirect(tmp_path: Path) -> None:

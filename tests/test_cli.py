@@ -33,6 +33,7 @@ from proxy.cli import (
 from proxy.config import ENV_CONFIG, Config, LoggingConfig, ServerConfig, load_config
 from proxy.demo import DEMO_TEAM, LITELLM_VERSION, _prepare, banner, ensure_litellm
 from proxy.metrics import MULTIPROC_ENV
+from proxy.observe import LogHandler
 from proxy.server import _say_listening, _Supervisor, listen, serve, serve_workers, uvicorn_options
 from proxy.store.schema import MIGRATIONS
 from tests.support import PYTHON, REPO, Tollgate, free_port, tag, tollgate_config, wait_for
@@ -717,8 +718,13 @@ def _said_by_serve_failing_to_start(config: Path, capsys: pytest.CaptureFixture[
     """What `serve` of the app of `config` writes to stderr, its start failing as it must."""
     sockets = listen("127.0.0.1", 0)
     options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
-    with pytest.raises(SystemExit) as exited:
-        serve(create_app(load_config(str(config))), options, sockets)
+    handler = LogHandler()  # what `serve` logs through (configure_logging), on stderr as capsys has it
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            serve(create_app(load_config(str(config))), options, sockets)
+    finally:
+        logging.getLogger().removeHandler(handler)
     assert exited.value.code == STARTUP_FAILURE
     return capsys.readouterr().err
 
@@ -735,7 +741,7 @@ def test_serve_of_a_database_that_cannot_be_opened_as_the_app_starts_says_why_in
     ok(config, "org", "list")  # the database, made as a start of serve makes it
     reason = spoil(database)
     said = _said_by_serve_failing_to_start(config, capsys)
-    assert f"ERROR:    tollgate: cannot open the database {database}: {reason}\n" in said
+    assert f" ERROR uvicorn.error: tollgate: cannot open the database {database}: {reason}\n" in said
     assert "Traceback" not in said
 
 
@@ -756,7 +762,7 @@ def test_serve_whose_database_cannot_take_the_files_declarations_as_the_app_star
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert f"ERROR:    tollgate: the database {database}: " in said
+    assert f" ERROR uvicorn.error: tollgate: the database {database}: " in said
     assert "Traceback" not in said
 
 

@@ -21,21 +21,24 @@ from typing import Any, Awaitable, Callable
 
 import httpx
 import pytest
+import uvicorn
 import yaml
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import health
-from proxy.app import create_served_app
-from proxy.config import Config, DatabaseConfig
+from proxy.admin import AdminService
+from proxy.app import create_app, create_served_app
+from proxy.config import Config, DatabaseConfig, Secret, load_config
 from proxy.demo import stop_process, wait_until_up
 from proxy.health import Health
 from proxy.errors import ApiError
 from proxy.metrics import Metrics, MetricsUnavailable
 from proxy.occasional import Occasional
 from proxy.store import StoreUnavailable
+from proxy.store.sqlite import SQLiteStore
 from proxy.upstream import UpstreamStatusError
-from tests.support import REPO, PYTHON, Tollgate, free_port, start_process, tag, tollgate_config, wait_for
+from tests.support import REPO, PYTHON, Admin, Tollgate, free_port, start_process, tag, tollgate_config, wait_for
 
 REQUIRED = {
     "tollgate_requests": {"route", "method", "status"},
@@ -247,6 +250,19 @@ def test_streams_of_a_worker_killed_mid_stream_leave_the_live_streams_gauge(make
     assert wait_for(lambda: value(families(server), "tollgate_active_streams", "") == 0, timeout=10)
 
 
+def test_a_worker_that_dies_is_logged_as_a_warning_naming_how_it_ended(make_tollgate):
+    # uvicorn said "Child process [pid] died" at info: neither how (the OOM killer's SIGKILL, a
+    # crash's exit code) nor that anything was wrong, and a level of `warning` hid it altogether.
+    server = make_tollgate(workers=2)
+    worker = min(wait_for(lambda: worker_processes(server) if len(worker_processes(server)) == 2 else None))
+    os.kill(worker, signal.SIGKILL)
+    assert wait_for(lambda: len(worker_processes(server)) == 2 and worker not in worker_processes(server), timeout=20)
+    server.stop()
+    lines = [line for line in server.log().splitlines() if f"worker {worker} " in line]
+    assert len(lines) == 1, lines
+    assert "WARNING tollgate:" in lines[0] and "SIGKILL" in lines[0] and "replaced" in lines[0]
+
+
 def test_a_worker_given_a_dead_workers_pid_starts_with_no_live_streams(tmp_path):
     # Pids are used again: the dead worker's live-gauge file under the new worker's pid was
     # carried on from, a stream counted as open for good (the scrape's sweep of dead pids
@@ -442,6 +458,18 @@ def test_answers_name_no_server_software(tollgate: Tollgate) -> None:
     assert "server" not in httpx.get(f"{tollgate.url}/health/live").headers
 
 
+def test_every_line_serve_writes_has_the_time_level_and_logger(make_tollgate) -> None:
+    # uvicorn's own lines (its start, its stop, a worker's end, a shutdown cutting requests)
+    # came in its format, "INFO:     ...", with no time: nothing to match them against the rest.
+    server = make_tollgate(workers=2)
+    assert httpx.get(f"{server.url}/health/live").status_code == 200
+    server.stop()
+    lines = server.log().splitlines()
+    assert any("Started server process" in line for line in lines)
+    untimed = [line for line in lines if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+: ", line)]
+    assert untimed == []
+
+
 def test_a_request_has_tollgates_access_line_alone_not_uvicorns_too(tollgate: Tollgate) -> None:
     # uvicorn's own line (client address, path with its query) would log each request twice.
     probe = tag()
@@ -568,6 +596,231 @@ def test_litellm_unreachable_is_logged_once_a_minute_naming_it(make_tollgate):
     server.stop()
     lines = [line for line in server.log().splitlines() if "LiteLLM cannot be reached" in line]
     assert len(lines) == 1 and "once a minute" in lines[0], lines
+
+
+def test_litellm_back_after_being_unreachable_is_said_once(tmp_path, make_tollgate):
+    # The line said calls fail "until it is back", and nothing ever said it was: an operator
+    # reading the log could not tell a LiteLLM still down from one back for an hour.
+    port = free_port()
+    args = [PYTHON, str(REPO / "tests" / "fake_upstream.py"), "--port", str(port)]
+    server = make_tollgate(upstream_url=f"http://127.0.0.1:{port}")
+    client = server.client(server.admin().team().key)
+    body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+    assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [503] * 3
+    upstream = start_process(args, tmp_path / "upstream.log")
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/v1/models", 30, upstream)
+        assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
+    finally:
+        stop_process(upstream)
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "LiteLLM" in line and "tollgate.calls" in line]
+    assert len(lines) == 2, lines
+    assert "cannot be reached" in lines[0] and "LiteLLM answers again" in lines[1]
+
+
+def test_litellm_accepting_the_upstream_key_again_is_said_once(make_tollgate):
+    refusing = threading.Event()
+    refusing.set()
+    answer = json.dumps({
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "primary",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }).encode()
+    refusal = json.dumps({"error": {"message": "Authentication Error", "type": "auth_error", "code": "401"}}).encode()
+
+    class LiteLLM(BaseHTTPRequestHandler):  # its key rotated, then Tollgate's put back
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["content-length"]))
+            status, body = (401, refusal) if refusing.is_set() else (200, answer)
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", free_port()), LiteLLM)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        server = make_tollgate(upstream_url=f"http://127.0.0.1:{upstream.server_port}")
+        client = server.client(server.admin().team().key)
+        body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+        assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [503] * 3
+        refusing.clear()
+        assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
+    finally:
+        upstream.shutdown()
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "upstream key" in line]
+    assert len(lines) == 2, lines
+    assert "refused Tollgate's upstream key" in lines[0] and "accepts Tollgate's upstream key again" in lines[1]
+
+
+def test_a_faults_end_is_said_once_and_only_after_the_fault_was(caplog):
+    line = Occasional(logging.getLogger("tollgate.test"), logging.WARNING, clock=Clock())
+    with caplog.at_level(logging.INFO, logger="tollgate.test"):
+        line.over("back")  # never failed: nothing to say
+        line("refused")
+        line.over("back")
+        line.over("back")
+    assert said(caplog) == ["refused (times since last logged: 1; logged at most once a minute)", "back"]
+
+
+def test_a_fault_that_comes_and_goes_with_every_request_says_two_lines_a_minute_at_most(caplog):
+    # A LiteLLM behind a balancer with one replica down fails every other call: each change said
+    # at once would be a line a request.
+    clock = Clock()
+    line = Occasional(logging.getLogger("tollgate.test"), logging.WARNING, clock=clock)
+    with caplog.at_level(logging.INFO, logger="tollgate.test"):
+        for now in range(240):
+            clock.now = now / 2
+            line("refused") if now % 2 else line.over("back")
+    assert said(caplog) == [
+        "refused (times since last logged: 1; logged at most once a minute)", "back",
+        "refused (times since last logged: 60; logged at most once a minute)", "back",
+    ]
+
+
+def test_calls_refused_by_a_database_another_process_keeps_locked_are_logged_once(make_tollgate):
+    server = make_tollgate(database={"busy_timeout": "100ms"})
+    client = server.client(server.admin().team().key)
+    body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+    holder = sqlite3.connect(server.database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # a sqlite3 shell's transaction, left open
+    try:
+        answers = [client.post("/v1/chat/completions", json=body) for _ in range(5)]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [a.json()["error"]["code"] for a in answers] == ["store_busy"] * 5
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "locked" in line]
+    assert len(lines) == 1 and "database.busy_timeout" in lines[0] and "once a minute" in lines[0], lines
+
+
+def test_a_group_naming_a_model_litellm_does_not_serve_is_logged_once_naming_both(make_tollgate):
+    # Its fallback answered every call: nothing but the call records said the group was wrong.
+    server = make_tollgate()
+    client = server.client(server.admin().team(groups=("FallbackUnknownModel",)).key)
+    body = {"model": "FallbackUnknownModel", "messages": [{"role": "user", "content": "hi"}]}
+    assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "does not serve" in line]
+    assert len(lines) == 1, lines
+    assert "WARNING" in lines[0] and "'FallbackUnknownModel'" in lines[0] and "'no-such-model-in-litellm'" in lines[0]
+
+
+def test_a_group_whose_every_model_fails_is_logged_once_a_minute_and_its_answering_again_once(make_tollgate):
+    # LiteLLM up, every model behind it failing (5xx, timeouts): the clients' 503s were all that said so.
+    server = make_tollgate()
+    admin = server.admin()
+    admin.ok("POST", "/admin/model-groups", json={"name": "Flaky", "models": ["fail-500", "fail-503"]})
+    client = server.client(admin.team(groups=("Flaky",)).key)
+    body = {"model": "Flaky", "messages": [{"role": "user", "content": "hi"}]}
+    assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [503] * 3
+    admin.ok("PUT", "/admin/model-groups/Flaky", json={"models": ["primary"]})
+    assert wait_for(lambda: client.post("/v1/chat/completions", json=body).status_code == 200, timeout=5)
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "'Flaky'" in line]
+    assert len(lines) == 2, lines
+    assert "WARNING" in lines[0] and "every model failed" in lines[0] and "fail-500" in lines[0]
+    assert "once a minute" in lines[0] and "answers again" in lines[1]
+
+
+def test_the_database_taking_writes_again_is_said_once(make_tollgate):
+    server = make_tollgate(database={"busy_timeout": "100ms"})
+    client = server.client(server.admin().team().key)
+    body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+    holder = sqlite3.connect(server.database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        assert client.post("/v1/chat/completions", json=body).status_code == 503
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "tollgate" in line and "database" in line]
+    assert len(lines) == 2, lines
+    assert "locked" in lines[0] and "INFO tollgate: the database takes writes again" in lines[1]
+
+
+@contextlib.contextmanager
+def served_here(config: Config):
+    """The app of `config` served by uvicorn in this process, as `serve` runs it (its lines through
+    logging, to caplog), for a test to break a part of it first; its URL."""
+    server = uvicorn.Server(uvicorn.Config(create_app(config), port=free_port(), log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        assert wait_for(lambda: server.started, timeout=10)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_fault_of_tollgates_own_is_logged_with_its_traceback_once(tmp_path, monkeypatch, caplog):
+    # Tollgate's handler logged it, then Starlette raised it on to uvicorn, which logged it again:
+    # two tracebacks for one fault, the operator left to find out whether there were two.
+    async def broken(self):
+        raise RuntimeError("a bug of Tollgate's own")
+
+    monkeypatch.setattr(AdminService, "list_organizations", broken)
+    config = Config(database=DatabaseConfig(url=f"sqlite:///{tmp_path / 't.db'}"), master_key=Secret("sk-master-test"))
+    with caplog.at_level(logging.INFO), served_here(config) as url:
+        answer = httpx.get(f"{url}/admin/organizations", headers={"Authorization": "Bearer sk-master-test"})
+    assert answer.status_code == 500
+    assert len(tracebacks(caplog)) == 1, tracebacks(caplog)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("GET /admin/organizations" in line for line in said), said
+
+
+def test_a_call_whose_record_fails_for_a_fault_of_tollgates_own_logs_one_traceback(
+    tmp_path, monkeypatch, caplog, litellm
+):
+    async def broken(self, *args, **kwargs):
+        raise RuntimeError("a bug of Tollgate's own")
+
+    monkeypatch.setattr(SQLiteStore, "finish_call_and_job", broken)
+    path = tmp_path / "tollgate.yaml"
+    path.write_text(yaml.safe_dump(tollgate_config(tmp_path / "t.db")))
+    config = load_config(str(path), env={
+        "TOLLGATE_MASTER_KEY": "sk-master-test", "TOLLGATE_UPSTREAM_URL": litellm.url,
+        "TOLLGATE_UPSTREAM_KEY": litellm.master_key,
+    })
+    with caplog.at_level(logging.INFO), served_here(config) as url:
+        key = Admin(url, "sk-master-test").team(groups=("Main",)).key
+        body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+        answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    assert answer.status_code == 500
+    assert len(tracebacks(caplog)) == 1, tracebacks(caplog)
+    assert any("could not record call" in r.getMessage() for r in caplog.records)
+
+
+def test_streams_a_shutdown_cuts_are_logged_in_one_line_naming_the_grace_to_raise(make_tollgate):
+    # uvicorn's "Cancel 1 running task(s), timeout graceful shutdown exceeded" said neither which
+    # requests they were nor which setting lets them finish.
+    server = make_tollgate(server={"shutdown_grace": "1s"})
+    team = server.admin().team()
+    slow = {"model": "Main", "stream": True, "messages": [{"role": "user", "content": "slow [chunks=100] [delay_ms=100]"}]}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=slow,
+                      headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
+        assert stream.status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert b"shutting_down" in stream.read()
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "cut short by the shutdown" in line]
+    assert len(lines) == 1, lines
+    assert "WARNING tollgate:" in lines[0] and "1 calls" in lines[0] and "server.shutdown_grace" in lines[0]
 
 
 def test_one_access_log_line_per_request_with_the_call_fields(make_tollgate):
@@ -717,6 +970,17 @@ def test_a_request_refused_before_the_app_has_its_access_log_line(make_tollgate)
 
     (entry,) = wait_for(refused, timeout=5)
     assert entry["route"] == "unmatched" and entry["method"] == "GET" and entry["latency_ms"] >= 0
+
+
+def test_a_client_hammering_with_unparsable_requests_writes_no_warning_a_request(make_tollgate):
+    # The client's fault, told to it in the 400 and counted in the access log: a WARNING line
+    # each (uvicorn's, without a time) let any client fill the operator's log.
+    server = make_tollgate()
+    for _ in range(5):
+        assert raw_refusal(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert wait_for(lambda: server.log().count("status=400") == 5, timeout=5)
+    server.stop()
+    assert [line for line in server.log().splitlines() if "WARNING" in line or "Invalid HTTP" in line] == []
 
 
 @pytest.mark.parametrize("request_bytes", [b"\x01GET / HTTP/1.1\r\n\r\n", OVERSIZED_HEAD], ids=["unparsable", "oversized"])

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import signal
@@ -1205,6 +1206,31 @@ def test_a_redis_that_refuses_the_limiters_writes_is_reported_degraded(redis_ser
         await limiter.close()
 
     asyncio.run(run())
+
+
+def test_redis_down_for_many_breaker_cooldowns_is_said_once_and_its_return_once(redis_server, caplog):
+    # Each cooldown's probe that found Redis still down said "rate limits now follow ..." again,
+    # as news: 720 lines for an hour down (at the default 5 s), however few calls came.
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="allow"), RedisConfig(url=redis_server.url,
+                                                                                     breaker_cooldown=0.05))
+        assert (await limiter.admit(limits, "before", 10)).backend == "redis"
+        redis_server.stop()
+        for number in range(10):  # each after the breaker let a call ask Redis again
+            await asyncio.sleep(limiter.reopens_in() + 0.01)
+            await limiter.admit(limits, f"down-{number}", 10)
+        redis_server.start()
+        await asyncio.sleep(limiter.reopens_in() + 0.01)
+        assert (await limiter.admit(limits, "after", 10)).backend == "redis"
+        await limiter.close()
+
+    with caplog.at_level(logging.INFO, logger="tollgate.limiter"):
+        asyncio.run(run())
+    said = [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
+    assert len(said) == 2, said
+    assert said[0].startswith("Redis unavailable") and said[1].startswith("Redis is back")
 
 
 def test_a_redis_that_refuses_the_limiters_scripts_is_reported_degraded(redis_server):

@@ -424,7 +424,7 @@ def test_a_worker_started_again_on_a_database_a_newer_tollgate_migrated_stops_th
     # opened by the worker uvicorn starts again after a crash: uvicorn logged its traceback, and
     # stopped the gateway with exit status 0, a stop a process manager neither restarts nor reports.
     log, database = _log_of_serve_stopped_by_a_worker_started_again(tmp_path, _migrated_by_a_newer_tollgate)
-    assert f"ERROR:    tollgate: cannot open the database {database}: its schema is version" in log
+    assert f" ERROR uvicorn.error: tollgate: cannot open the database {database}: its schema is version" in log
     assert "Traceback" not in log
 
 
@@ -434,7 +434,7 @@ def test_a_worker_started_again_on_a_database_removed_meanwhile_stops_the_gatewa
     # It made a new, empty database and served it: every key refused there, the admin API's
     # writes landing in it, while the other worker refused writes to the one removed.
     log, database = _log_of_serve_stopped_by_a_worker_started_again(tmp_path, _removed)
-    assert f"ERROR:    tollgate: cannot open the database {database}: it is not there" in log
+    assert f" ERROR uvicorn.error: tollgate: cannot open the database {database}: it is not there" in log
     assert "Traceback" not in log
     assert not database.exists()
 
