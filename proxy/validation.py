@@ -231,8 +231,28 @@ def _guardrails(body: dict[str, Any], field: str) -> None:
 
 def _metadata(body: dict[str, Any], field: str) -> None:
     metadata = optional_object(body, field)
-    if metadata is not None and "guardrails" in metadata:  # LiteLLM reads them there as well
+    if metadata is None:
+        return
+    if "guardrails" in metadata:  # LiteLLM reads them there as well
         _guardrail_names(metadata["guardrails"], f"{field}.guardrails")
+    if "redis_namespace" in metadata:  # as it reads a cache's namespace (below)
+        raise invalid(f"{field}.redis_namespace", _CACHE_NAMESPACE)
+
+
+# LiteLLM's cache keeps the answers of every team under the operator's namespace and for the
+# operator's time: a body's own, which LiteLLM takes over them, are refused. A call may still
+# keep its own answer out of the cache (no-cache, no-store) or take only a recent one (s-maxage).
+_CACHE_NAMESPACE = "is the operator's: the namespace of LiteLLM's cache is not chosen through the gateway"
+_CACHE_REFUSED = {
+    "namespace": _CACHE_NAMESPACE,
+    "ttl": "is the operator's: how long LiteLLM's cache keeps an answer, which every team may be served",
+}
+
+
+def _cache_controls(body: dict[str, Any], field: str) -> None:
+    refused = sorted(_CACHE_REFUSED.keys() & (optional_object(body, field) or {}).keys())
+    if refused:
+        raise invalid(f"{field}.{refused[0]}", _CACHE_REFUSED[refused[0]])
 
 
 def _short_string(body: dict[str, Any], field: str) -> None:
@@ -283,6 +303,7 @@ _LITELLM_CHECKS: dict[str, Check] = {
     # A stream's option, read into LiteLLM's GenericLiteLLMParams (a boolean) for streams alone:
     # another value failed every streamed call with a 500 of LiteLLM's, a plain call not at all.
     "merge_reasoning_content_in_choices": _boolean,
+    "cache": _cache_controls,
 }
 _CHECKS = {**_CHAT_CHECKS, **_LITELLM_CHECKS}
 _ORDER = {field: i for i, field in enumerate(_CHECKS)}
@@ -367,6 +388,15 @@ _LITELLM_CONTROLS = frozenset([
     # The call's whole request and the provider's raw answer written to LiteLLM's log at WARNING,
     # whatever level the operator set it to.
     "litellm_request_debug",
+    # How long LiteLLM's cache keeps the call's answer, which every team asking the same is served,
+    # where the operator set no TTL of the cache's own (cache.ttl is refused above, over one).
+    "ttl",
+    # The share of calls LiteLLM's LangSmith logging records, the body's over the operator's: at 0,
+    # the call is left out of it.
+    "langsmith_sampling_rate",
+    # How LiteLLM's router picks among a model's deployments, the body's over the operator's: the
+    # deployments' weights set aside, calls spread onto the ones kept for overflow.
+    "routing_strategy",
     # The call's place in LiteLLM's request queue (lower first): ahead of every other team's calls
     # when the deployments are busy. The operator sets the queue's order (router default_priority).
     "priority",

@@ -309,6 +309,51 @@ def test_a_call_cannot_turn_on_the_operators_logging_integrations(tollgate, team
     assert_refused_on_both_routes(tollgate.client(team.key), fake_url, field, value)
 
 
+def test_a_call_cannot_turn_down_the_operators_langsmith_sampling(tollgate, team, fake_url):
+    # LiteLLM takes a body's langsmith_sampling_rate over the operator's: at 0 its LangSmith
+    # logging skipped the call, as "no-log" skipped every callback.
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "langsmith_sampling_rate", 0)
+
+
+def test_a_call_cannot_keep_its_answer_in_litellms_cache_longer_than_the_operator_does(tollgate, team, fake_url):
+    # LiteLLM stores the answer under a body's cache.ttl over its cache's own: with a TTL of seconds
+    # set by the operator, the answer was still served an hour later to every team asking the same.
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "cache", {"ttl": 3600}, "cache.ttl")
+
+
+def test_a_call_cannot_set_how_long_litellms_cache_keeps_its_answer(tollgate, team, fake_url):
+    # A body's top-level ttl does the same where the operator set no TTL of the cache's own.
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "ttl", 86_400)
+
+
+@pytest.mark.parametrize("field, value, named", [("cache", {"namespace": "staging"}, "cache.namespace"),
+                                                 ("metadata", {"redis_namespace": "staging"}, "metadata.redis_namespace")])
+def test_a_call_cannot_choose_the_namespace_of_litellms_cache(tollgate, team, fake_url, field, value, named):
+    # LiteLLM reads and writes its cache under a body's namespace over the operator's: a team read
+    # and filled the cache of whatever else shares that Redis under another namespace (staging, say).
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, field, value, named)
+
+
+def test_a_call_may_still_keep_out_of_litellms_cache():
+    # Its own answer only: not read from the cache, not stored in it.
+    cache = {"no-cache": True, "no-store": True}
+    assert parse_call({"model": "Main", "messages": say("hi"), "cache": cache}, openai=True).params["cache"] == cache
+
+
+@pytest.mark.parametrize("value", [True, ["ttl"]])
+def test_cache_controls_that_are_not_an_object_are_refused_naming_them(value):
+    with pytest.raises(ApiError) as refused:
+        parse_call({"model": "Main", "messages": say("hi"), "cache": value}, openai=True)
+    assert (refused.value.status, refused.value.param) == (422, "cache")
+
+
+def test_a_call_cannot_choose_how_litellm_spreads_calls_over_a_models_deployments(tollgate, team, fake_url):
+    # LiteLLM's router takes a body's routing_strategy over the operator's for the call: with two
+    # deployments weighted 100 to 1, usage-based-routing-v2 sent half of a team's calls to the one
+    # the operator kept for overflow (another account, another region, or a smaller quota).
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "routing_strategy", "usage-based-routing-v2")
+
+
 def test_a_call_cannot_choose_its_place_in_litellms_request_queue(tollgate, team, fake_url):
     # A body's priority sent the call through LiteLLM's scheduler at that place (lower first):
     # ahead of every other team's calls while the deployments are busy.
