@@ -71,6 +71,15 @@ def value(fams: dict, family: str, suffix: str = "_total", **labels) -> float:
     )
 
 
+def write_json(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    """A stand-in LiteLLM's answer."""
+    handler.send_response(status)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def exercise(server, team, fallback_team=None, limited_team=None) -> str:
     """A known set of calls: plain, streamed, failing, fallback, rate limited."""
     client = server.client(team.key)
@@ -632,12 +641,7 @@ def test_litellm_accepting_the_upstream_key_again_is_said_once(make_tollgate):
     class LiteLLM(BaseHTTPRequestHandler):  # its key rotated, then Tollgate's put back
         def do_POST(self):  # noqa: N802
             self.rfile.read(int(self.headers["content-length"]))
-            status, body = (401, refusal) if refusing.is_set() else (200, answer)
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            write_json(self, *((401, refusal) if refusing.is_set() else (200, answer)))
 
         def log_message(self, *args):
             pass
@@ -1041,12 +1045,7 @@ def test_concurrent_readiness_probes_share_one_upstream_check(make_tollgate):
         def do_GET(self):  # noqa: N802
             seen.append(self.path)
             time.sleep(0.2)  # LiteLLM under load
-            body = b'{"object": "list", "data": []}'
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            write_json(self, 200, b'{"object": "list", "data": []}')
 
         def log_message(self, *args):
             pass
