@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import logging
 import os
@@ -718,15 +719,28 @@ def _said_by_serve_failing_to_start(config: Path, capsys: pytest.CaptureFixture[
     """What `serve` of the app of `config` writes to stderr, its start failing as it must."""
     sockets = listen("127.0.0.1", 0)
     options = uvicorn_options("127.0.0.1", 0, "info", shutdown_grace=1.0, read_timeout=30.0, max_body_bytes=1024)
-    handler = LogHandler()  # what `serve` logs through (configure_logging), on stderr as capsys has it
+    # What `serve` logs through (configure_logging), on a stream of the test's own: capsys's
+    # is closed by the time logging's shutdown flushes every handler made.
+    logged = io.StringIO()
+    handler = LogHandler(logged)
     logging.getLogger().addHandler(handler)
+    # uvicorn's loggers as a new process has them, passing their lines on to that handler: an
+    # earlier test's uvicorn server, run with uvicorn's own logging config, gave them handlers of
+    # their own, and stopped them passing lines on.
+    uvicorns = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    as_they_were = [(logger.handlers, logger.propagate) for logger in uvicorns]
+    for logger in uvicorns:
+        logger.handlers, logger.propagate = [], True
     try:
         with pytest.raises(SystemExit) as exited:
             serve(create_app(load_config(str(config))), options, sockets)
     finally:
         logging.getLogger().removeHandler(handler)
+        for logger, (handlers, propagate) in zip(uvicorns, as_they_were):
+            logger.handlers, logger.propagate = handlers, propagate
     assert exited.value.code == STARTUP_FAILURE
-    return capsys.readouterr().err
+    handler.flush()
+    return logged.getvalue() + capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spoil", [_schema_newer, _not_a_database, _a_file_where_its_directory_was])

@@ -4,6 +4,7 @@ orderings one loop turn can bring: a hang-up, a shutdown's cancel, the upstream'
 from __future__ import annotations
 
 import asyncio
+import logging
 import types
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from proxy import calls
 from proxy.errors import ClientClosed
+from proxy.occasional import Occasional
 
 CALL = types.SimpleNamespace(group=types.SimpleNamespace(models=["m"]), stream=False, deadline=0.0)
 
@@ -42,6 +44,9 @@ async def run(monkeypatch: pytest.MonkeyPatch, *steps: str) -> tuple[str, Any]:
     monkeypatch.setattr(calls, "forward", forward)
     pipeline = calls.CallPipeline.__new__(calls.CallPipeline)
     pipeline._upstream = None  # type: ignore[assignment]
+    # What an answered call looks at on its way back: the faults of LiteLLM said, and of groups.
+    pipeline._unreachable = pipeline._key_refused = Occasional(logging.getLogger("tollgate.test"), logging.WARNING)
+    pipeline._failing_groups = {}
     monkeypatch.setattr(pipeline, "payload", lambda call: {})
     client = Client()
 
