@@ -130,6 +130,19 @@ def _in_one_line(error: str) -> str:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
+class _Attempts:
+    """A failed call's attempts as its log line says them, built only if the line is said
+    (logging formats its arguments then): most failures of a failing group are not."""
+
+    __slots__ = ("_exc",)
+
+    def __init__(self, exc: UpstreamFailed) -> None:
+        self._exc = exc
+
+    def __str__(self) -> str:
+        return "; ".join(f"{attempt.model}: {_in_one_line(attempt.error)}" for attempt in self._exc.attempts)
+
+
 def redact_opt(text: str | None) -> str | None:
     return None if text is None else redact(text)
 
@@ -463,7 +476,9 @@ class CallPipeline:
         if self._unreachable.said or self._key_refused.said:
             self._heard_from_litellm()
         if self._failing_groups:
-            self._group_answers(call.group.name)
+            line = self._failing_groups.get(call.group.name)
+            if line is not None and line.said:
+                line.over("model group '%s' answers again", call.group.name)
         return answered
 
     def _say_not_served(self, group: str, failed: list[Attempt]) -> None:
@@ -482,13 +497,7 @@ class CallPipeline:
         line = self._failing_groups.get(group)
         if line is None:
             line = self._failing_groups[group] = Occasional(log, logging.WARNING)
-        said = "; ".join(f"{attempt.model}: {_in_one_line(attempt.error)}" for attempt in exc.attempts)
-        line("model group '%s': every model failed (%s): its calls fail until one answers", group, said)
-
-    def _group_answers(self, group: str) -> None:
-        line = self._failing_groups.get(group)
-        if line is not None:
-            line.over("model group '%s' answers again", group)
+        line("model group '%s': every model failed (%s): its calls fail until one answers", group, _Attempts(exc))
 
     def _heard_from_litellm(self, key_accepted: bool = True) -> None:
         """LiteLLM answered a call (and did not refuse Tollgate's key): the faults said of it are over."""
