@@ -382,6 +382,10 @@ class CallPipeline:
         metadata["tollgate_job_id"] = call.job_id
         metadata["tollgate_call_id"] = call.call_id
         metadata["tollgate_model_group"] = call.group.name
+        # LiteLLM's response cache, if the operator switches it on, keys a call by its parameters
+        # and `user` (the client's to choose), not by who calls: each team's answers are kept
+        # under a namespace of the team's own, so no team reads another's, nor stores one for it.
+        metadata["redis_namespace"] = "tollgate-team:" + team_id
         payload["metadata"] = metadata
         if payload.get("tags"):  # strings (validation), which LiteLLM adds to the metadata's
             payload["tags"] = [t for t in payload["tags"] if not t.startswith("tollgate-")]

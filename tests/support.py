@@ -136,12 +136,17 @@ class LiteLLM:
 
 
 @contextlib.contextmanager
-def litellm_proxy(workdir: Path, fake_url: str) -> Iterator[LiteLLM]:
-    config_path = workdir / "litellm_config.yaml"
-    config_path.write_text(yaml.safe_dump(litellm_config(fake_url)))
+def litellm_proxy(
+    workdir: Path, fake_url: str, name: str = "litellm", settings: dict[str, Any] | None = None
+) -> Iterator[LiteLLM]:
+    """A LiteLLM Proxy in front of the fake upstream; `settings` added to its litellm_settings."""
+    config = litellm_config(fake_url)
+    config["litellm_settings"].update(settings or {})
+    config_path = workdir / f"{name}_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
     master_key = "sk-litellm-test-" + secrets.token_hex(8)
     port = free_port()
-    with open(workdir / "litellm.log", "wb") as log:
+    with open(workdir / f"{name}.log", "wb") as log:
         process = start_litellm(config_path, port, master_key, log)
         try:
             wait_until_up(f"http://127.0.0.1:{port}/health/liveliness", 180, process)
