@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -244,6 +245,8 @@ def main() -> None:
         parts = set(filter(None, sys.argv[2].split(",")))
         serve(parts, sys.argv[4:])
         return
+    # SIGTERM (`timeout`, `kill`) ends it as Ctrl-C does, through the blocks that stop its servers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     parser = argparse.ArgumentParser(description="Tollgate's CPU per call with parts switched off.")
     parser.add_argument("--off", default="", help=f"comma-separated parts: {', '.join(PARTS)}")
     parser.add_argument("--each", action="store_true", help="all on, then each part off in turn")

@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -446,6 +447,11 @@ def tollgate_target(name: str, server: Tollgate) -> Target:
 
 
 async def run(args: argparse.Namespace) -> None:
+    # SIGTERM (`timeout`, `kill`) ends the run as Ctrl-C does, through the blocks that stop what it
+    # started: not so, the servers it had started were left running.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     seconds = 1.0 if args.smoke else args.seconds
     slices = 1 if args.smoke else args.slices
     concurrencies = [1, 10] if args.smoke else [1, 10, 50]
@@ -591,7 +597,10 @@ def main() -> None:
     parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="lean",
                         help="bench/upstream.py (lean) or the tests' fake upstream")
     parser.add_argument("--workers", type=int, default=1, help="Tollgate's worker processes (tollgate serve --workers)")
-    uvloop.run(run(parser.parse_args()))
+    try:
+        uvloop.run(run(parser.parse_args()))
+    except asyncio.CancelledError:
+        sys.exit("bench/run.py: stopped by SIGTERM")
 
 
 if __name__ == "__main__":
