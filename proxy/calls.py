@@ -530,6 +530,13 @@ class CallPipeline:
             return exc
         if isinstance(exc, UpstreamFailed):
             model = exc.attempts[-1].model if exc.attempts else None
+            if exc.all_too_long:
+                # The request's fault, as a refused body is: said with OpenAI's code, which
+                # clients read to shorten the prompt; the group is not failing.
+                self._heard_from_litellm()
+                message = f"The messages are longer than any model of group '{call.group.name}' takes: {redact(str(exc))}"
+                await self._finish(call, "error", model, none, len(exc.attempts), message)
+                return ApiError(400, message, code="context_length_exceeded", param="messages", headers=call.headers())
             if exc.unreachable:
                 # Every call fails so while LiteLLM is down; a model failing is the call's own news.
                 self._unreachable(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal, Sequence, overload
 
@@ -69,6 +70,13 @@ _TAGS_REFUSE = "Not allowed to access model due to tags configuration"
 _UNREADABLE_ANSWER = "Invalid request format: litellm.InternalServerError:"
 _UNREADABLE_MARK = "Invalid response object"
 _TRACEBACK = " Traceback (most recent call last)"
+# LiteLLM's 400 for a prompt longer than the model's context window (its ContextWindowExceededError,
+# made of a provider's `context_length_exceeded` and its kin): another model of the group may take
+# it. Its message wraps the provider's words in the names of LiteLLM's exceptions, and ends in
+# advice to LiteLLM's operator (its own context_window_fallbacks), none of it the client's.
+_TOO_LONG = "litellm.ContextWindowExceededError:"
+_TOO_LONG_WRAPPING = re.compile(r"^(?:\s*(?:litellm\.)?\w+(?:Error:|Exception -))*\s*")
+_LITELLM_ADVICE = "\nmodel="
 # The header a Retry-After reaches Tollgate in when LiteLLM passes on the headers of the exception
 # it failed on (a provider's, or its router's "No deployments available" for a deployment over its
 # rpm/tpm): every header of those is renamed so.
@@ -104,6 +112,7 @@ class Attempt:
     unhandled: bool = False  # LiteLLM's bare 500 (see _UNHANDLED)
     unreachable: bool = False  # no answer from LiteLLM at all: its connection failed or was dropped
     not_served: bool = False  # LiteLLM (or the model's provider) serves no model of this name, or not to Tollgate
+    too_long: bool = False  # the prompt is longer than this model's context window
 
 
 class UpstreamFailed(Exception):
@@ -115,10 +124,16 @@ class UpstreamFailed(Exception):
             summary += f"; {untried} more not tried: the call's time ran out"
         super().__init__(summary)
         self.attempts = attempts  # only the models actually tried
+        self.untried = untried
 
     @property
     def all_rate_limited(self) -> bool:
         return bool(self.attempts) and all(a.status == 429 for a in self.attempts)
+
+    @property
+    def all_too_long(self) -> bool:
+        """Whether the prompt is longer than every model tried takes: the request's fault."""
+        return bool(self.attempts) and not self.untried and all(a.too_long for a in self.attempts)
 
     @property
     def unreachable(self) -> bool:
@@ -333,6 +348,8 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
     if status == 400 and message.startswith(_UNREADABLE_ANSWER) and _UNREADABLE_MARK in message:
         # The model's answer, not the request: another model may answer it.
         return Attempt(model, f"{status}: {message.split(_TRACEBACK, 1)[0]}", status)
+    if status == 400 and message.startswith(_TOO_LONG):
+        return Attempt(model, f"{status}: {_provider_words(message)}", status, too_long=True)
     if (status == 400 and _UNKNOWN_MODEL in message) or status == _NOT_SERVED:
         # LiteLLM, or the model's provider, serves no model of that name: the group names it, not
         # the client's request.
@@ -348,6 +365,12 @@ async def _refusal(response: UpstreamResponse, model: str, number: int) -> Attem
     if status in (401, 403) or error_type in ("auth_error", "no_db_connection"):
         raise UpstreamMisconfigured(status, message, model, number)
     raise UpstreamRejected(status, message, model, number, param)
+
+
+def _provider_words(message: str) -> str:
+    """What the provider said of a prompt too long, out of LiteLLM's wrapping of it."""
+    said = message.split(_LITELLM_ADVICE, 1)[0]
+    return _TOO_LONG_WRAPPING.sub("", said, count=1).strip() or said
 
 
 def _error_details(content: bytes, status: int) -> tuple[str, str | None, bool, str | None]:

@@ -203,6 +203,17 @@ async def chat_completions(request: Request) -> Response:
             b'"finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}'
         )
         return Response(answer, media_type="application/json")
+    if model.startswith("small-context") and prompt_tokens > 8:
+        # OpenAI's refusal of a prompt longer than the model's context window, word for word.
+        entry["finished"] = time.time()
+        error = {
+            "message": f"This model's maximum context length is 8 tokens. However, your messages resulted in "
+            f"{prompt_tokens} tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+        return JSONResponse({"error": error}, status_code=400)
     for status in (500, 503, 429, 404, 403, 400):
         if model.startswith(f"fail-{status}"):
             entry["finished"] = time.time()

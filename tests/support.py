@@ -37,7 +37,7 @@ PRICES = {
 FAKE_MODELS = [
     "primary", "backup", "fail-500", "fail-503", "fail-429", "fail-429-b", "fail-400",
     "abort", "garbage", "hang", "unpriced", "hang-timeout", "refused-key", "surrogate-answer",
-    "surrogate-later", "fail-403", "fail-404", "no-usage", "null-message",
+    "surrogate-later", "fail-403", "fail-404", "no-usage", "null-message", "small-context",
 ]
 # LiteLLM settings of a deployment beyond its model, base and key.
 DEPLOYMENT_PARAMS: dict[str, dict[str, Any]] = {
@@ -68,6 +68,8 @@ GROUPS = {
     "RefusedKey": ["refused-key"],
     "Forbidden": ["fail-403"],
     "Usageless": ["no-usage"],
+    "SmallContext": ["small-context"],  # takes prompts of up to 8 words
+    "SmallContextThenBackup": ["small-context", "backup"],
     # The groups the client documentation's examples name.
     "ChatAgent": ["primary", "backup"],
     "AnalysisAgent": ["primary", "backup"],

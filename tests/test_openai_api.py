@@ -416,6 +416,18 @@ def test_a_client_pointed_at_the_root_rather_than_v1_is_told_where_the_routes_ar
     assert caught.value.body["type"] == "not_found_error"  # OpenAI's shape, which the SDK reads
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_too_long_for_every_model_is_openais_context_length_exceeded(tollgate, admin, stream):
+    # The code clients read to shorten the prompt and ask again.
+    team = admin.team(groups=("SmallContext",))
+    sdk = OpenAI(base_url=f"{tollgate.url}/v1", api_key=team.key, max_retries=0)
+    words = "one two three four five six seven eight nine ten"
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model="SmallContext", messages=[{"role": "user", "content": words}], stream=stream)
+    assert (refused.value.code, refused.value.param) == ("context_length_exceeded", "messages")
+    assert "maximum context length is 8 tokens" in refused.value.message
+
+
 def test_malformed_json_on_v1_is_400_in_openais_shape(tollgate, team):
     response = tollgate.client(team.key).post(
         "/v1/chat/completions", content=b'{"model": "Main", "temperature": NaN}', headers={"Content-Type": "application/json"}
