@@ -143,6 +143,18 @@ class _Attempts:
         return "; ".join(f"{attempt.model}: {_in_one_line(attempt.error)}" for attempt in self._exc.attempts)
 
 
+class _InOneLine:
+    """An upstream's error as a log line quotes it (`_in_one_line`), made only if it is said."""
+
+    __slots__ = ("_error",)
+
+    def __init__(self, error: str) -> None:
+        self._error = error
+
+    def __str__(self) -> str:
+        return _in_one_line(self._error)
+
+
 def redact_opt(text: str | None) -> str | None:
     return None if text is None else redact(text)
 
@@ -187,6 +199,9 @@ class CallPipeline:
         self._unwritable = unwritable or unwritable_database_log()
         self._said_not_served: set[tuple[str, str]] = set()  # (group, model), said once each
         self._failing_groups: dict[str, Occasional] = {}  # by group: every model failed its calls
+        # By (group, model): a model failing calls that the group's next model then answered,
+        # which only the calls' records and the fallbacks metric would otherwise tell.
+        self._failing_models: dict[tuple[str, str], Occasional] = {}
         self.cut_by_shutdown = 0  # calls the shutdown cut short, its grace being over: said as it ends
 
     async def drain(self, timeout: float) -> tuple[int, int]:
@@ -483,7 +498,25 @@ class CallPipeline:
             line = self._failing_groups.get(call.group.name)
             if line is not None and line.said:
                 line.over("model group '%s' answers again", call.group.name)
+        if failed:
+            self._models_fail(call.group.name, failed, answered.model)
+        if self._failing_models:
+            line = self._failing_models.get((call.group.name, answered.model))
+            if line is not None and line.said:
+                line.over("model '%s' of group '%s' answers again", answered.model, call.group.name)
         return answered
+
+    def _models_fail(self, group: str, failed: list[Attempt], answered_by: str) -> None:
+        for attempt in failed:
+            if attempt.not_served or attempt.too_long:  # the group's mistake, said once; the request's
+                continue
+            line = self._failing_models.get((group, attempt.model))
+            if line is None:
+                line = self._failing_models[(group, attempt.model)] = Occasional(log, logging.WARNING)
+            line(
+                "model '%s' of group '%s' fails calls (%s): the group's next models answer them ('%s' this time)",
+                attempt.model, group, _InOneLine(attempt.error), answered_by,
+            )
 
     def _say_not_served(self, group: str, failed: list[Attempt]) -> None:
         """Say, once per group and model, a model the group names that LiteLLM does not serve (or

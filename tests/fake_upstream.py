@@ -80,6 +80,7 @@ DEEP_TOOL_CALL = 1000
 REPORTED_COST = 0.125  # USD: what no per-token price of these models makes
 MODEL_INFO_PRICES = {"primary": (1e-06, 2e-06), "backup": (3e-06, 4e-06)}
 MODEL_INFO_DELAY: float | None = None
+FAILED_ONCE: set[str] = set()  # the fails-first-* models that failed their first request
 
 
 def _message_text(messages: list[dict[str, Any]]) -> str:
@@ -203,6 +204,10 @@ async def chat_completions(request: Request) -> Response:
             b'"finish_reason": "stop"}], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}'
         )
         return Response(answer, media_type="application/json")
+    if model.startswith("fails-first-") and model not in FAILED_ONCE:
+        FAILED_ONCE.add(model)  # a model that fails, then answers again
+        entry["finished"] = time.time()
+        return JSONResponse({"error": {"message": "fake upstream failure 500 (once)", "code": "500"}}, status_code=500)
     if model.startswith("small-context") and prompt_tokens > 8:
         # OpenAI's refusal of a prompt longer than the model's context window, word for word.
         entry["finished"] = time.time()

@@ -47,6 +47,7 @@ async def run(monkeypatch: pytest.MonkeyPatch, *steps: str) -> tuple[str, Any]:
     # What an answered call looks at on its way back: the faults of LiteLLM said, and of groups.
     pipeline._unreachable = pipeline._key_refused = Occasional(logging.getLogger("tollgate.test"), logging.WARNING)
     pipeline._failing_groups = {}
+    pipeline._failing_models = {}
     monkeypatch.setattr(pipeline, "payload", lambda call: {})
     client = Client()
 

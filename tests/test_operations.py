@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -733,6 +734,34 @@ def test_a_group_whose_every_model_fails_is_logged_once_a_minute_and_its_answeri
     assert len(lines) == 2, lines
     assert "WARNING" in lines[0] and "every model failed" in lines[0] and "fail-500" in lines[0]
     assert "once a minute" in lines[0] and "answers again" in lines[1]
+
+
+def test_a_model_failing_calls_its_fallback_answers_is_logged_once_a_minute(make_tollgate):
+    # Every call answered, by the group's second model: only the records and a metric said so.
+    server = make_tollgate()
+    client = server.client(server.admin().team(groups=("Fallback500",)).key)
+    body = {"model": "Fallback500", "messages": [{"role": "user", "content": "hi"}]}
+    assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "'fail-500'" in line]
+    assert len(lines) == 1, lines
+    assert "WARNING" in lines[0] and "'Fallback500'" in lines[0] and "fake upstream failure 500" in lines[0]
+    assert "'backup' this time" in lines[0] and "once a minute" in lines[0]
+
+
+def test_a_model_that_failed_behind_a_fallback_answering_again_is_said_once(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url)  # the fake itself: any model name is served
+    admin = server.admin()
+    model = "fails-first-" + uuid.uuid4().hex[:8]
+    admin.ok("POST", "/admin/model-groups", json={"name": "Recovers", "models": [model, "backup"]})
+    client = server.client(admin.team(groups=("Recovers",)).key)
+    body = {"model": "Recovers", "messages": [{"role": "user", "content": "hi"}]}
+    assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
+    server.stop()
+    lines = [line for line in server.log().splitlines() if f"'{model}'" in line]
+    assert len(lines) == 2, lines
+    assert "WARNING" in lines[0] and "fails calls" in lines[0]
+    assert "INFO" in lines[1] and "answers again" in lines[1]
 
 
 def test_the_database_taking_writes_again_is_said_once(make_tollgate):
