@@ -237,6 +237,87 @@ def _metadata(body: dict[str, Any], field: str) -> None:
         _guardrail_names(metadata["guardrails"], f"{field}.guardrails")
     if "redis_namespace" in metadata:  # as it reads a cache's namespace (below)
         raise invalid(f"{field}.redis_namespace", _CACHE_NAMESPACE)
+    _logging_controls(metadata, field)
+
+
+# The keys of a call's metadata that LiteLLM's logging integrations take as their own settings, not
+# as labels of the call. Every team's calls reach LiteLLM with Tollgate's one key and are logged
+# into the operator's Langfuse, LangSmith, Datadog... projects, where these would let a team write
+# into another team's records, hide its calls from the operator, or log them elsewhere.
+_RECORD_ID = ("names a record of the operator's logging (a trace, run, span or generation, maybe another team's) "
+              "that LiteLLM writes the call into or under: not chosen through the gateway")
+_LOGGING_REFUSED: dict[str, str] = {
+    # Langfuse's trace id (LangSmith's and Datadog's as well): a trace of that id, another team's,
+    # was overwritten with the call's name, prompt and answer.
+    "trace_id": _RECORD_ID,
+    # LiteLLM takes it for the call's trace id, as trace_id, and LangSmith for the id of the project
+    # (its tracer session) the run is written to; LangSmith refuses a whole batch, every team's runs
+    # in it, over one that is not a project of its.
+    "session_id": "is taken by LiteLLM for the call's trace id (and LangSmith's project): not chosen through "
+                  "the gateway; label a session with trace_session_id",
+    # Langfuse: the call added to an existing trace, whose input and output it may replace (with the
+    # operator's langfuse_enable_update_trace_keys, the fields update_trace_keys names); the call's
+    # generation written over another of that id (model, usage, cost, content), or nested under
+    # another observation.
+    **dict.fromkeys(("existing_trace_id", "update_trace_keys", "generation_id", "parent_observation_id"), _RECORD_ID),
+    # LangSmith's run, its parent and place in a trace (`id` is read as the run's id); Lunary's and
+    # PostHog's parent run; Datadog LLM Observability's span and parent span; Braintrust's spans;
+    # Literal AI's step, thread, parent and root run.
+    **dict.fromkeys(("id", "run_id", "parent_run_id", "dotted_order", "parent_id", "span_id", "root_span_id",
+                     "span_parents", "step_id", "literalai_thread_id", "literalai_parent_id", "literalai_root_run_id"),
+                    _RECORD_ID),
+    # The call's prompt and answer logged to Langfuse as "redacted-by-litellm".
+    **dict.fromkeys(("mask_input", "mask_output"),
+                    "is the operator's: it keeps the call's prompt or answer out of LiteLLM's logging"),
+    # As at the top level (refused there): at 0 the call is left out of LangSmith.
+    "langsmith_sampling_rate": "is the operator's: the share of calls LiteLLM's LangSmith logging records",
+    # LiteLLM's Langfuse logging links the call's generation to the Langfuse prompt it describes,
+    # one of the operator's; anything else (a string naming it, say) dropped the generation (its
+    # model, usage and cost) from Langfuse.
+    "prompt": "is read by LiteLLM's Langfuse logging as a prompt of the operator's Langfuse, and anything else "
+              "drops the call's record there: not accepted through the gateway",
+    # LiteLLM's raw metadata of the call (its key's hash, its own address...) written into the
+    # Langfuse trace, past the redaction the operator may have set (redact_user_api_key_info).
+    "debug_langfuse": "is the operator's: it writes LiteLLM's own metadata of the call into its Langfuse trace",
+    # The LangSmith or Braintrust project the call is logged to, over the operator's.
+    **dict.fromkeys(("project_name", "project_id"),
+                    "is the operator's: the project LiteLLM's logging writes the call to"),
+}
+# Langfuse makes each `trace_<field>` key a field of the call's trace: these label it, every other
+# one is refused, for what it does (trace_id above; trace_input and trace_output replace the logged
+# prompt and answer, trace_timestamp backdates the trace out of view, trace_public publishes it,
+# trace_environment moves it out of the operator's environment) or will do in a later Langfuse.
+_TRACE_FIELD = "is a field of the call's Langfuse trace that only the operator's logging sets"
+_TRACE_LABELS = frozenset([
+    "trace_name", "trace_user_id", "trace_session_id", "trace_version", "trace_release", "trace_metadata", "trace_tags",
+])
+# Labels Langfuse takes as strings: an object or a list made it drop the call's trace or generation
+# (both, for `version`), so the operator's logging had no record of it.
+_LANGFUSE_STRING_LABELS = ("generation_name", "trace_name", "trace_user_id", "trace_session_id", "trace_version",
+                           "trace_release", "version")
+# Opik's settings of the call, read from metadata.opik: its project and the trace and span it is
+# logged under are the operator's; its tags and thread label it.
+_OPIK_REFUSED = {
+    "project_name": _LOGGING_REFUSED["project_name"],
+    "current_span_data": _RECORD_ID,
+}
+
+
+def _logging_controls(metadata: dict[str, Any], field: str) -> None:
+    refused = [key for key in metadata
+               if key in _LOGGING_REFUSED or (key.startswith("trace_") and key not in _TRACE_LABELS)]
+    if refused:
+        key = min(refused)
+        raise invalid(f"{field}.{key}", _LOGGING_REFUSED.get(key, _TRACE_FIELD))
+    for key in _LANGFUSE_STRING_LABELS:
+        if isinstance(metadata.get(key), (dict, list)):
+            raise invalid(f"{field}.{key}", "must be a string: Langfuse drops the record of a call labelled otherwise")
+    opik = metadata.get("opik")
+    if opik is not None and not isinstance(opik, dict):
+        raise invalid(f"{field}.opik", "must be an object")
+    refused = sorted(_OPIK_REFUSED.keys() & (opik or {}).keys())
+    if refused:
+        raise invalid(f"{field}.opik.{refused[0]}", _OPIK_REFUSED[refused[0]])
 
 
 # LiteLLM's cache keeps the answers of every team under the operator's namespace and for the

@@ -334,6 +334,105 @@ def test_a_call_cannot_choose_the_namespace_of_litellms_cache(tollgate, team, fa
     assert_refused_on_both_routes(tollgate.client(team.key), fake_url, field, value, named)
 
 
+def litellm_langfuse_metadata_keys() -> set[str]:
+    """The metadata keys LiteLLM's own source names as Langfuse's controls of a call: those its
+    Langfuse OTEL logger maps onto the span (_set_metadata_attributes) and its proxy's trace
+    controls (LITELLM_TRACE_CONTROL_METADATA_FIELDS)."""
+    names: set[str] = set()
+    for node in ast.walk(litellm_source("integrations/langfuse/langfuse_otel.py")):
+        if isinstance(node, ast.FunctionDef) and node.name == "_set_metadata_attributes":
+            for assign in ast.walk(node):
+                if isinstance(assign, ast.AnnAssign) and getattr(assign.target, "id", None) == "mapping":
+                    names |= {key.value for key in assign.value.keys if isinstance(key, ast.Constant)}
+    for node in ast.walk(litellm_source("proxy/litellm_pre_call_utils.py")):
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if getattr(target, "id", None) == "LITELLM_TRACE_CONTROL_METADATA_FIELDS":
+            names |= string_constants(node.value)
+    assert {"existing_trace_id", "mask_input", "trace_id", "session_id", "generation_name"} <= names, names
+    return names
+
+
+# The labels of a call that LiteLLM's logging integrations read from its metadata: they describe
+# the call's own record and are passed on.
+LOGGING_LABELS = {"generation_name": "summarise", "trace_name": "nightly", "trace_user_id": "alice",
+                  "trace_session_id": "conversation-7", "trace_version": "2", "trace_release": "r1",
+                  "trace_metadata": {"run": 7}, "trace_tags": ["a"], "version": 3, "tags": ["nightly"],
+                  "run_name": "summarise", "span_name": "summarise", "name": "summarise", "display_name": "summarise",
+                  "thread_id": "t-1", "opik": {"tags": ["a"], "thread_id": "t-1"}, "spend_logs_metadata": {"run": 7}}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("trace_id", "another-teams-trace"), ("session_id", "another-teams-trace"),
+    ("existing_trace_id", "another-teams-trace"), ("update_trace_keys", ["input", "output"]),
+    ("generation_id", "another-calls-generation"), ("parent_observation_id", "another-teams-span"),
+    ("id", "3f0c8a52-5d4e-4f0a-9a57-7c1d2b9e4a11"), ("run_id", "3f0c8a52-5d4e-4f0a-9a57-7c1d2b9e4a11"),
+    ("parent_run_id", "3f0c8a52-5d4e-4f0a-9a57-7c1d2b9e4a11"), ("dotted_order", "20240101T000000000000Z3f0c8a52"),
+    ("span_id", "another-teams-span"), ("parent_id", "another-teams-span"), ("root_span_id", "another-teams-span"),
+    ("step_id", "another-teams-step"),
+])
+def test_a_call_cannot_write_into_another_record_of_the_operators_logging(tollgate, team, fake_url, key, value):
+    # LiteLLM's logging wrote the call's prompt and answer under the id its metadata named: Langfuse's
+    # trace of that id (session_id is LiteLLM's trace id too), another team's, was sent the call's
+    # name, input and output over its own; existing_trace_id added the call to that trace,
+    # generation_id wrote over another call's generation (its model, usage and cost); LangSmith,
+    # Datadog and Braintrust put the call's run or span under the parent and trace named.
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "metadata", {key: value}, f"metadata.{key}")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("mask_input", True), ("mask_output", "yes"), ("langsmith_sampling_rate", 0), ("trace_input", "nothing"),
+    ("trace_output", "nothing"), ("trace_timestamp", "2001-01-01T00:00:00Z"), ("prompt", {"type": "chat"}),
+    ("prompt", "v2-summary"),
+])
+def test_a_call_cannot_hide_its_content_from_the_operators_logging(tollgate, team, fake_url, key, value):
+    # Langfuse was sent "redacted-by-litellm" for the call's prompt or answer (mask_*), or the
+    # trace's given by the call (trace_input, trace_output), a trace dated 2001, out of every recent
+    # view, or no generation at all (a prompt that is not a Langfuse prompt object, a string say);
+    # LangSmith left the call out at a sampling rate of 0, as the top-level field (refused) did.
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "metadata", {key: value}, f"metadata.{key}")
+
+
+@pytest.mark.parametrize("value, named", [
+    ({"project_name": "another-teams-project"}, "metadata.project_name"),
+    ({"project_id": "another-teams-project"}, "metadata.project_id"),
+    ({"opik": {"project_name": "another-teams-project"}}, "metadata.opik.project_name"),
+    ({"opik": {"current_span_data": {"trace_id": "another-teams-trace", "id": "span"}}},
+     "metadata.opik.current_span_data"),
+    ({"trace_public": True}, "metadata.trace_public"),
+    ({"trace_environment": "production"}, "metadata.trace_environment"),
+    ({"debug_langfuse": True}, "metadata.debug_langfuse"),
+])
+def test_a_call_cannot_choose_where_the_operators_logging_writes_it(tollgate, team, fake_url, value, named):
+    # LangSmith logged the call into the project named, Braintrust and Opik likewise; Langfuse made
+    # its trace public (readable by anyone with its link) or put it in another environment than the
+    # operator's; debug_langfuse wrote LiteLLM's own metadata of the call (its key's hash, its
+    # address) into the trace, past the operator's redact_user_api_key_info.
+    assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "metadata", value, named)
+
+
+@pytest.mark.parametrize("key", ["generation_name", "trace_name", "version"])
+@pytest.mark.parametrize("value", [{"a": 1}, ["a"]])
+def test_langfuse_labels_that_are_not_strings_are_refused_naming_them(key, value):
+    # Langfuse dropped the generation (generation_name), the trace (trace_name) or both (version) of
+    # a call so labelled: the operator's logging had no record of it.
+    with pytest.raises(ApiError) as refused:
+        parse_call({"model": "Main", "messages": say("hi"), "metadata": {key: value}}, openai=True)
+    assert (refused.value.status, refused.value.param) == (422, f"metadata.{key}")
+
+
+def test_a_calls_labels_are_passed_on_to_litellms_logging():
+    request = parse_call({"model": "Main", "messages": say("hi"), "metadata": LOGGING_LABELS}, openai=True)
+    assert request.params["metadata"] == LOGGING_LABELS
+
+
+def test_every_langfuse_control_litellm_reads_from_metadata_is_refused_or_a_label(litellm):
+    # Read from the LiteLLM the tests run: one that reads another control fails here.
+    for key in sorted(litellm_langfuse_metadata_keys() - LOGGING_LABELS.keys()):
+        with pytest.raises(ApiError) as refused:
+            parse_call({"model": "Main", "messages": say("hi"), "metadata": {key: "x"}}, openai=True)
+        assert refused.value.param == f"metadata.{key}", key
+
+
 def test_a_call_may_still_keep_out_of_litellms_cache():
     # Its own answer only: not read from the cache, not stored in it.
     cache = {"no-cache": True, "no-store": True}
