@@ -303,12 +303,23 @@ _OPIK_REFUSED = {
 }
 
 
+# LiteLLM's Helicone logging sends the call's whole metadata as the Helicone headers of its log
+# (`meta`, over its own Helicone-Auth): Helicone-Omit-Request / -Response keep the prompt or answer
+# out of the operator's Helicone, Helicone-Auth names the account it is logged to. Its labels (a
+# property, the user, a session) describe the call's own record.
+_HELICONE = "helicone-"
+_HELICONE_LABELS = ("helicone-property-", "helicone-user-id", "helicone-session-")
+_HELICONE_REFUSED = "is a Helicone header of the operator's logging, not a label: not accepted through the gateway"
+
+
 def _logging_controls(metadata: dict[str, Any], field: str) -> None:
     refused = [key for key in metadata
-               if key in _LOGGING_REFUSED or (key.startswith("trace_") and key not in _TRACE_LABELS)]
+               if key in _LOGGING_REFUSED or (key.startswith("trace_") and key not in _TRACE_LABELS)
+               or (key[:9].lower() == _HELICONE and not key.lower().startswith(_HELICONE_LABELS))]
     if refused:
         key = min(refused)
-        raise invalid(f"{field}.{key}", _LOGGING_REFUSED.get(key, _TRACE_FIELD))
+        reason = _HELICONE_REFUSED if key[:9].lower() == _HELICONE else _LOGGING_REFUSED.get(key, _TRACE_FIELD)
+        raise invalid(f"{field}.{key}", reason)
     for key in _LANGFUSE_STRING_LABELS:
         if isinstance(metadata.get(key), (dict, list)):
             raise invalid(f"{field}.{key}", "must be a string: Langfuse drops the record of a call labelled otherwise")

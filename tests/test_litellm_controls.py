@@ -358,7 +358,8 @@ LOGGING_LABELS = {"generation_name": "summarise", "trace_name": "nightly", "trac
                   "trace_session_id": "conversation-7", "trace_version": "2", "trace_release": "r1",
                   "trace_metadata": {"run": 7}, "trace_tags": ["a"], "version": 3, "tags": ["nightly"],
                   "run_name": "summarise", "span_name": "summarise", "name": "summarise", "display_name": "summarise",
-                  "thread_id": "t-1", "opik": {"tags": ["a"], "thread_id": "t-1"}, "spend_logs_metadata": {"run": 7}}
+                  "thread_id": "t-1", "opik": {"tags": ["a"], "thread_id": "t-1"}, "spend_logs_metadata": {"run": 7},
+                  "Helicone-Property-Feature": "summary", "Helicone-User-Id": "alice", "Helicone-Session-Id": "s-1"}
 
 
 @pytest.mark.parametrize("key, value", [
@@ -408,6 +409,16 @@ def test_a_call_cannot_choose_where_the_operators_logging_writes_it(tollgate, te
     # operator's; debug_langfuse wrote LiteLLM's own metadata of the call (its key's hash, its
     # address) into the trace, past the operator's redact_user_api_key_info.
     assert_refused_on_both_routes(tollgate.client(team.key), fake_url, "metadata", value, named)
+
+
+@pytest.mark.parametrize("key", ["Helicone-Omit-Request", "Helicone-Omit-Response", "Helicone-Auth", "helicone-omit-request"])
+def test_a_call_cannot_set_the_helicone_headers_of_the_operators_logging(key):
+    # LiteLLM's Helicone logging sends the metadata as its log's Helicone headers, over its own
+    # Helicone-Auth: the call's prompt or answer kept out of the operator's Helicone, or logged
+    # to another account.
+    with pytest.raises(ApiError) as refused:
+        parse_call({"model": "Main", "messages": say("hi"), "metadata": {key: "true"}}, openai=True)
+    assert (refused.value.status, refused.value.param) == (422, f"metadata.{key}")
 
 
 @pytest.mark.parametrize("key", ["generation_name", "trace_name", "version"])
