@@ -706,14 +706,19 @@ def test_calls_refused_by_a_database_another_process_keeps_locked_are_logged_onc
     assert len(lines) == 1 and "database.busy_timeout" in lines[0] and "once a minute" in lines[0], lines
 
 
-def test_a_group_naming_a_model_litellm_does_not_serve_is_logged_once_naming_both(make_tollgate):
-    # Its fallback answered every call: nothing but the call records said the group was wrong.
+def said_after_three_answered_calls(make_tollgate, group: str, mark: str) -> list[str]:
+    """The log lines holding `mark` of a Tollgate that answered three calls to `group`."""
     server = make_tollgate()
-    client = server.client(server.admin().team(groups=("FallbackUnknownModel",)).key)
-    body = {"model": "FallbackUnknownModel", "messages": [{"role": "user", "content": "hi"}]}
+    client = server.client(server.admin().team(groups=(group,)).key)
+    body = {"model": group, "messages": [{"role": "user", "content": "hi"}]}
     assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
     server.stop()
-    lines = [line for line in server.log().splitlines() if "does not serve" in line]
+    return [line for line in server.log().splitlines() if mark in line]
+
+
+def test_a_group_naming_a_model_litellm_does_not_serve_is_logged_once_naming_both(make_tollgate):
+    # Its fallback answered every call: nothing but the call records said the group was wrong.
+    lines = said_after_three_answered_calls(make_tollgate, "FallbackUnknownModel", "does not serve")
     assert len(lines) == 1, lines
     assert "WARNING" in lines[0] and "'FallbackUnknownModel'" in lines[0] and "'no-such-model-in-litellm'" in lines[0]
 
@@ -738,12 +743,7 @@ def test_a_group_whose_every_model_fails_is_logged_once_a_minute_and_its_answeri
 
 def test_a_model_failing_calls_its_fallback_answers_is_logged_once_a_minute(make_tollgate):
     # Every call answered, by the group's second model: only the records and a metric said so.
-    server = make_tollgate()
-    client = server.client(server.admin().team(groups=("Fallback500",)).key)
-    body = {"model": "Fallback500", "messages": [{"role": "user", "content": "hi"}]}
-    assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
-    server.stop()
-    lines = [line for line in server.log().splitlines() if "'fail-500'" in line]
+    lines = said_after_three_answered_calls(make_tollgate, "Fallback500", "'fail-500'")
     assert len(lines) == 1, lines
     assert "WARNING" in lines[0] and "'Fallback500'" in lines[0] and "fake upstream failure 500" in lines[0]
     assert "'backup' this time" in lines[0] and "once a minute" in lines[0]
