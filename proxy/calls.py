@@ -508,7 +508,9 @@ class CallPipeline:
 
     def _models_fail(self, group: str, failed: list[Attempt], answered_by: str) -> None:
         for attempt in failed:
-            if attempt.not_served or attempt.too_long:  # the group's mistake, said once; the request's
+            # Not the model failing: the group's mistake (said once), the request's, or LiteLLM's
+            # connection, which another attempt made (one replica of several down).
+            if attempt.not_served or attempt.too_long or attempt.unreachable:
                 continue
             line = self._failing_models.get((group, attempt.model))
             if line is None:

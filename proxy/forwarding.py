@@ -128,7 +128,10 @@ class UpstreamFailed(Exception):
 
     @property
     def all_rate_limited(self) -> bool:
-        return bool(self.attempts) and all(a.status == 429 for a in self.attempts)
+        # A model the prompt is too long for never answers it, now or later: the others' limits
+        # say when to ask again.
+        others = [a for a in self.attempts if not a.too_long]
+        return bool(others) and all(a.status == 429 for a in others)
 
     @property
     def all_too_long(self) -> bool:

@@ -70,6 +70,7 @@ GROUPS = {
     "Usageless": ["no-usage"],
     "SmallContext": ["small-context"],  # takes prompts of up to 8 words
     "SmallContextThenBackup": ["small-context", "backup"],
+    "SmallContextThenLimited": ["small-context", "fail-429"],
     # The groups the client documentation's examples name.
     "ChatAgent": ["primary", "backup"],
     "AnalysisAgent": ["primary", "backup"],

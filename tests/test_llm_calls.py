@@ -329,27 +329,34 @@ def test_upstream_4xx_comes_back_as_400_with_its_message_without_fallback(tollga
 TOO_LONG = "one two three four five six seven eight nine ten"  # for small-context's 8 words
 
 
-def test_a_prompt_too_long_for_a_model_is_answered_by_the_groups_next(tollgate, admin):
-    team = admin.team(groups=("SmallContextThenBackup",))
-    client = tollgate.client(team.key)
+def too_long_a_call(tollgate, admin, group: str) -> tuple[httpx.Response, list[dict]]:
+    """A call to `group` of a prompt too long for small-context: the answer, and its job's calls."""
+    client = tollgate.client(admin.team(groups=(group,)).key)
     job_id = new_job(client)
-    body = {"model_group": "SmallContextThenBackup", "messages": say(TOO_LONG)}
-    assert client.post(f"/api/jobs/{job_id}/llm-call", json=body).status_code == 200
-    (call,) = calls_of(client, job_id)
+    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"model_group": group, "messages": say(TOO_LONG)})
+    return response, calls_of(client, job_id)
+
+
+def test_a_prompt_too_long_for_a_model_is_answered_by_the_groups_next(tollgate, admin):
+    response, (call,) = too_long_a_call(tollgate, admin, "SmallContextThenBackup")
+    assert response.status_code == 200
     assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2)
 
 
 def test_a_prompt_too_long_for_every_model_is_400_naming_the_models_and_recorded(tollgate, admin):
-    team = admin.team(groups=("SmallContext",))
-    client = tollgate.client(team.key)
-    job_id = new_job(client)
-    response = client.post(f"/api/jobs/{job_id}/llm-call", json={"model_group": "SmallContext", "messages": say(TOO_LONG)})
+    response, (call,) = too_long_a_call(tollgate, admin, "SmallContext")
     assert response.status_code == 400
     detail = response.json()["detail"]
     assert "longer than any model of group 'SmallContext'" in detail and "maximum context length is 8 tokens" in detail
     assert "context_window_fallback" not in detail  # LiteLLM's advice to its own operator
-    (call,) = calls_of(client, job_id)
     assert (call["status"], call["model"], call["attempts"]) == ("error", "small-context", 1)
+
+
+def test_a_prompt_too_long_for_one_model_and_the_next_rate_limited_is_429(tollgate, admin):
+    # The model the prompt is too long for never answers it: the other's limit says when to ask
+    # again, not a 503's second.
+    response, _ = too_long_a_call(tollgate, admin, "SmallContextThenLimited")
+    assert response.status_code == 429 and "rate limited upstream" in response.json()["detail"]
 
 
 def test_client_disconnect_closes_the_upstream_and_records_the_call(tollgate, team, fake_url):

@@ -18,7 +18,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -629,35 +629,46 @@ def test_litellm_back_after_being_unreachable_is_said_once(tmp_path, make_tollga
     assert "cannot be reached" in lines[0] and "LiteLLM answers again" in lines[1]
 
 
-def test_litellm_accepting_the_upstream_key_again_is_said_once(make_tollgate):
-    refusing = threading.Event()
-    refusing.set()
-    answer = json.dumps({
-        "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "primary",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }).encode()
-    refusal = json.dumps({"error": {"message": "Authentication Error", "type": "auth_error", "code": "401"}}).encode()
+ANSWER = json.dumps({
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "primary",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}).encode()
 
-    class LiteLLM(BaseHTTPRequestHandler):  # its key rotated, then Tollgate's put back
+
+@contextlib.contextmanager
+def stand_in_litellm(respond: Callable[[BaseHTTPRequestHandler, dict[str, Any]], None]) -> Iterator[str]:
+    """A stand-in LiteLLM answering each chat call (its body read) as `respond` does; its URL."""
+
+    class LiteLLM(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802
-            self.rfile.read(int(self.headers["content-length"]))
-            write_json(self, *((401, refusal) if refusing.is_set() else (200, answer)))
+            respond(self, json.loads(self.rfile.read(int(self.headers["content-length"]))))
 
         def log_message(self, *args):
             pass
 
-    upstream = ThreadingHTTPServer(("127.0.0.1", free_port()), LiteLLM)
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), LiteLLM)  # the kernel's free port: no race for it
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     try:
-        server = make_tollgate(upstream_url=f"http://127.0.0.1:{upstream.server_port}")
-        client = server.client(server.admin().team().key)
-        body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
-        assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [503] * 3
-        refusing.clear()
-        assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
+        yield f"http://127.0.0.1:{upstream.server_port}"
     finally:
         upstream.shutdown()
+
+
+def test_litellm_accepting_the_upstream_key_again_is_said_once(make_tollgate):
+    refusing = threading.Event()
+    refusing.set()
+    refusal = json.dumps({"error": {"message": "Authentication Error", "type": "auth_error", "code": "401"}}).encode()
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:  # its key rotated, then put back
+        write_json(handler, *((401, refusal) if refusing.is_set() else (200, ANSWER)))
+
+    with stand_in_litellm(respond) as url:
+        server = make_tollgate(upstream_url=url)
+        client = server.client(server.admin().team().key)
+        assert three_calls(client, "Main") == [503] * 3
+        refusing.clear()
+        assert three_calls(client, "Main") == [200] * 3
     server.stop()
     lines = [line for line in server.log().splitlines() if "upstream key" in line]
     assert len(lines) == 2, lines
@@ -706,12 +717,16 @@ def test_calls_refused_by_a_database_another_process_keeps_locked_are_logged_onc
     assert len(lines) == 1 and "database.busy_timeout" in lines[0] and "once a minute" in lines[0], lines
 
 
+def three_calls(client: httpx.Client, group: str) -> list[int]:
+    """The statuses of three calls to `group`, one after the other."""
+    body = {"model": group, "messages": [{"role": "user", "content": "hi"}]}
+    return [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)]
+
+
 def said_after_three_answered_calls(make_tollgate, group: str, mark: str) -> list[str]:
     """The log lines holding `mark` of a Tollgate that answered three calls to `group`."""
     server = make_tollgate()
-    client = server.client(server.admin().team(groups=(group,)).key)
-    body = {"model": group, "messages": [{"role": "user", "content": "hi"}]}
-    assert [client.post("/v1/chat/completions", json=body).status_code for _ in range(3)] == [200] * 3
+    assert three_calls(server.client(server.admin().team(groups=(group,)).key), group) == [200] * 3
     server.stop()
     return [line for line in server.log().splitlines() if mark in line]
 
@@ -762,6 +777,22 @@ def test_a_model_that_failed_behind_a_fallback_answering_again_is_said_once(make
     assert len(lines) == 2, lines
     assert "WARNING" in lines[0] and "fails calls" in lines[0]
     assert "INFO" in lines[1] and "answers again" in lines[1]
+
+
+def test_a_connection_to_litellm_dropped_before_a_fallback_answers_blames_no_model(make_tollgate):
+    # A LiteLLM behind a balancer with one replica going down: a call's connection to it drops,
+    # the group's next model reaches another replica. LiteLLM failed, not the group's first model.
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        if body["model"] == "primary":
+            handler.close_connection = True  # no answer at all
+        else:
+            write_json(handler, 200, ANSWER)
+
+    with stand_in_litellm(respond) as url:
+        server = make_tollgate(upstream_url=url)
+        assert three_calls(server.client(server.admin().team().key), "Main") == [200] * 3
+    server.stop()
+    assert [line for line in server.log().splitlines() if "'primary'" in line] == []
 
 
 def test_the_database_taking_writes_again_is_said_once(make_tollgate):
