@@ -202,6 +202,7 @@ class CallPipeline:
         # By (group, model): a model failing calls that the group's next model then answered,
         # which only the calls' records and the fallbacks metric would otherwise tell.
         self._failing_models: dict[tuple[str, str], Occasional] = {}
+        self._pool_full = Occasional(log, logging.WARNING)  # calls waited past upstream.timeouts.connect for a connection
         self.cut_by_shutdown = 0  # calls the shutdown cut short, its grace being over: said as it ends
 
     async def drain(self, timeout: float) -> tuple[int, int]:
@@ -491,6 +492,12 @@ class CallPipeline:
             watcher.cancel()
             if failed:
                 self._say_not_served(call.group.name, failed)
+                if any(attempt.pool_full for attempt in failed):
+                    self._pool_full(
+                        "every connection to LiteLLM was in use (upstream.max_connections: %d) for longer than "
+                        "upstream.timeouts.connect: calls moved on to their group's next model, or failed; raise it "
+                        "if LiteLLM takes more", self._upstream.max_connections,
+                    )
         # Every answered call passes here: what it has to say is looked for without a call.
         if self._unreachable.said or self._key_refused.said:
             self._heard_from_litellm()
@@ -508,9 +515,10 @@ class CallPipeline:
 
     def _models_fail(self, group: str, failed: list[Attempt], answered_by: str) -> None:
         for attempt in failed:
-            # Not the model failing: the group's mistake (said once), the request's, or LiteLLM's
-            # connection, which another attempt made (one replica of several down).
-            if attempt.not_served or attempt.too_long or attempt.unreachable:
+            # Not the model failing: the group's mistake (said once), the request's, LiteLLM's
+            # connection, which another attempt made (one replica of several down), or Tollgate's
+            # own pool of them, full (said on its own).
+            if attempt.not_served or attempt.too_long or attempt.unreachable or attempt.pool_full:
                 continue
             line = self._failing_models.get((group, attempt.model))
             if line is None:
@@ -578,7 +586,7 @@ class CallPipeline:
                     "LiteLLM cannot be reached, or drops the connection (%s): calls answer 503 until it is back",
                     exc.attempts[-1].error,
                 )
-            else:  # the models' own failures, which LiteLLM answered
+            elif not exc.pool_full:  # the models' own failures, which LiteLLM answered
                 self._heard_from_litellm()
                 self._group_fails(call.group.name, exc)
             await self._finish(call, "error", model, none, len(exc.attempts), redact(str(exc)))

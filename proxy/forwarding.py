@@ -27,6 +27,7 @@ from .sse import MAX_EVENT_BYTES, EventTooLarge, SSEEvent, SSEScanner, ends_stre
 from .upstream import (
     AnswerTooLarge,
     ConnectTimeout,
+    PoolExhausted,
     RemoteProtocolError,
     TransportError,
     Upstream,
@@ -113,6 +114,7 @@ class Attempt:
     unreachable: bool = False  # no answer from LiteLLM at all: its connection failed or was dropped
     not_served: bool = False  # LiteLLM (or the model's provider) serves no model of this name, or not to Tollgate
     too_long: bool = False  # the prompt is longer than this model's context window
+    pool_full: bool = False  # not asked: no connection of upstream.max_connections came free in time
 
 
 class UpstreamFailed(Exception):
@@ -137,6 +139,11 @@ class UpstreamFailed(Exception):
     def all_too_long(self) -> bool:
         """Whether the prompt is longer than every model tried takes: the request's fault."""
         return bool(self.attempts) and not self.untried and all(a.too_long for a in self.attempts)
+
+    @property
+    def pool_full(self) -> bool:
+        """Whether no model was asked, no connection to LiteLLM coming free in time."""
+        return bool(self.attempts) and all(a.pool_full for a in self.attempts)
 
     @property
     def unreachable(self) -> bool:
@@ -224,6 +231,9 @@ async def forward(
             result = await _attempt(upstream, model, number, body, stream, deadline)
         except ConnectTimeout:  # as a connection refused: no answer from LiteLLM at all
             attempts.append(Attempt(model, "timed out connecting", unreachable=True))
+            continue
+        except PoolExhausted:  # asked nobody: every connection of Tollgate's own was in use
+            attempts.append(Attempt(model, "no free connection to LiteLLM in time", pool_full=True))
             continue
         except UpstreamTimeout:  # DeadlineExceeded too
             attempts.append(Attempt(model, "timed out"))

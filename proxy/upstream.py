@@ -74,6 +74,11 @@ class DeadlineExceeded(UpstreamTimeout):
     """The call's own deadline (`upstream.timeouts.total`) came during a wait on the upstream."""
 
 
+class PoolExhausted(UpstreamTimeout):
+    """No connection of the pool's `upstream.max_connections` came free in time: the wait was
+    Tollgate's own, not LiteLLM's nor the model's."""
+
+
 class UpstreamStatusError(Exception):
     def __init__(self, status_code: int) -> None:
         super().__init__(f"HTTP {status_code}")
@@ -186,19 +191,21 @@ class UpstreamResponse:
         self._connection.release(reusable=self._complete and not self._chunks and self.status_code < 500)
 
 
-async def _within(waiter: asyncio.Future[T], seconds: float, message: str) -> T:
-    """Await `waiter`, failing it with UpstreamTimeout(message) if it takes longer than
-    `seconds`: a timer handle costs less than asyncio.timeout()."""
-    timer = asyncio.get_running_loop().call_later(seconds, _expire, waiter, message)
+async def _within(
+    waiter: asyncio.Future[T], seconds: float, message: str, error: type[UpstreamTimeout] = UpstreamTimeout
+) -> T:
+    """Await `waiter`, failing it with `error`(message) if it takes longer than `seconds`: a
+    timer handle costs less than asyncio.timeout()."""
+    timer = asyncio.get_running_loop().call_later(seconds, _expire, waiter, message, error)
     try:
         return await waiter
     finally:
         timer.cancel()
 
 
-def _expire(waiter: asyncio.Future[Any], message: str) -> None:
+def _expire(waiter: asyncio.Future[Any], message: str, error: type[UpstreamTimeout]) -> None:
     if not waiter.done():
-        waiter.set_exception(UpstreamTimeout(message))
+        waiter.set_exception(error(message))
 
 
 class _Connection(asyncio.Protocol):
@@ -456,6 +463,10 @@ class Upstream:
     def open_connections(self) -> int:
         return self._open
 
+    @property
+    def max_connections(self) -> int:
+        return self._max_connections
+
     async def aclose(self) -> None:
         self._closed = True
         for connection in self._idle:
@@ -530,7 +541,9 @@ class Upstream:
             waiter = loop.create_future()
             self._waiters.append(waiter)
             try:
-                await _within(waiter, min(self.timeouts.connect, deadline - now), "no free upstream connection in time")
+                await _within(
+                    waiter, min(self.timeouts.connect, deadline - now), "no free upstream connection in time", PoolExhausted
+                )
             except BaseException:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                     self._wake_waiter()  # woken, then cancelled: the connection is someone else's

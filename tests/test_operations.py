@@ -795,6 +795,23 @@ def test_a_connection_to_litellm_dropped_before_a_fallback_answers_blames_no_mod
     assert [line for line in server.log().splitlines() if "'primary'" in line] == []
 
 
+def test_calls_waiting_past_the_connect_timeout_for_a_pooled_connection_are_logged_as_the_pools(make_tollgate):
+    # Every connection to LiteLLM held by a stream: the next call's models were never asked, and
+    # were each said to fail (and its group with them), with nothing naming upstream.max_connections.
+    server = make_tollgate(upstream={"max_connections": 1, "timeouts": {"connect": "300ms"}})
+    client = server.client(server.admin().team().key)
+    stream = {"model": "Main", "stream": True, "messages": [{"role": "user", "content": "hi [chunks=20] [delay_ms=100]"}]}
+    with client.stream("POST", "/v1/chat/completions", json=stream) as holding:
+        assert holding.status_code == 200
+        assert three_calls(client, "Main") == [503] * 3
+        holding.read()
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "WARNING" in line]
+    assert len(lines) == 1, lines
+    assert "every connection to LiteLLM was in use (upstream.max_connections: 1)" in lines[0]
+    assert "once a minute" in lines[0]
+
+
 def test_the_database_taking_writes_again_is_said_once(make_tollgate):
     server = make_tollgate(database={"busy_timeout": "100ms"})
     client = server.client(server.admin().team().key)

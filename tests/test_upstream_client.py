@@ -17,6 +17,7 @@ from proxy.config import Secret, UpstreamConfig, UpstreamTimeouts
 from proxy.upstream import (
     ConnectError,
     DeadlineExceeded,
+    PoolExhausted,
     ReadError,
     RemoteProtocolError,
     TransportError,
@@ -330,6 +331,21 @@ def test_calls_beyond_max_connections_wait_for_a_free_one(fake_url):
 
         assert await asyncio.gather(*(one() for _ in range(6))) == [200] * 6
         assert client.open_connections <= 2
+        await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_wait_for_a_free_connection_that_runs_out_is_the_pools_not_the_upstreams(fake_url):
+    # Every connection in use for longer than the connect timeout: nobody was asked, and the
+    # caller must not take it for LiteLLM or its model timing out.
+    async def run() -> None:
+        client = upstream(fake_url, max_connections=1)
+        holder = await client.open_chat(chat("hi"))
+        with pytest.raises(PoolExhausted):
+            await client.open_chat(chat("hi"))
+        await holder.aread()
+        await holder.aclose()
         await client.aclose()
 
     asyncio.run(run())
