@@ -20,7 +20,7 @@ import uvicorn
 from starlette.requests import Request
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.main import STARTUP_FAILURE
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors import Multiprocess, multiprocess
 
 from .coalesce import CoalescingTransport
 from .errors import ApiError, error_body, error_response, shutting_down
@@ -30,6 +30,7 @@ from .observe import REFUSALS, REFUSED, RefusalObserver
 from .streaming import ABORT
 
 log = logging.getLogger("tollgate")
+_uvicorn_log = logging.getLogger("uvicorn.error")
 
 # A request's head must fit in this many bytes, and the whole request arrive within
 # `server.read_timeout`: uvicorn bounds neither, so a client trickling its head or body, or
@@ -866,12 +867,30 @@ class _Supervisor(Multiprocess):
     def keep_subprocess_alive(self) -> None:
         """uvicorn's replacement of a worker that ended, or stopped answering its health check,
         said as the fault it is: uvicorn's own line, at info, names neither how it ended nor that
-        anything went wrong."""
-        before = [(process, process.process.exitcode) for process in self.processes]
-        super().keep_subprocess_alive()
-        for (process, ended), now in zip(before, self.processes):  # replaced in place
-            if now is not process:
-                log.warning("worker %d %s; replaced by worker %d", process.pid, _how_it_ended(ended, self.config), now.pid)
+        anything went wrong. Its loop rather than uvicorn's wrapped: how a worker ended is read
+        once its health check failed, so that one killed while the check waited on it (the OOM
+        killer strikes at any moment) is not said to have hung."""
+        if self.should_exit.is_set():
+            return
+        for index, process in enumerate(self.processes):
+            if process.process.is_alive() and process.ping(self.config.timeout_worker_healthcheck):
+                continue
+            ended = process.process.exitcode  # None: alive, and not answering
+            process.kill()
+            process.join()
+            # uvicorn's own lines, as its loop says them.
+            if process.exitcode == STARTUP_FAILURE:
+                # The app, or its socket, is broken, and a replacement would fail alike.
+                _uvicorn_log.error("Child process [%d] failed to start, stopping the parent process.", process.pid)
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            _uvicorn_log.info("Child process [%d] died", process.pid)
+            replacement = multiprocess.Process(self.config, self.sockets)
+            replacement.start()
+            self.processes[index] = replacement
+            log.warning("worker %d %s; replaced by worker %d", process.pid, _how_it_ended(ended, self.config), replacement.pid)
 
     @property
     def failed_to_start(self) -> bool:
@@ -927,7 +946,7 @@ def _say_listening(host: str, sockets: list[socket.socket]) -> None:
     """uvicorn's line saying where it listens, which it leaves out for sockets it is given (it
     expects `Config.bind_socket` to have said it)."""
     where = f"[{host}]" if ":" in host else host
-    logging.getLogger("uvicorn.error").info(
+    _uvicorn_log.info(
         "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", where, sockets[0].getsockname()[1]
     )
 

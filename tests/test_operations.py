@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,11 +24,13 @@ from typing import Any, Awaitable, Callable, Iterator
 import httpx
 import pytest
 import uvicorn
+import uvicorn.supervisors.multiprocess
 import yaml
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import health
+from proxy import server as server_module
 from proxy.admin import AdminService
 from proxy.app import create_app, create_served_app
 from proxy.config import Config, DatabaseConfig, Secret, load_config
@@ -271,6 +274,55 @@ def test_a_worker_that_dies_is_logged_as_a_warning_naming_how_it_ended(make_toll
     lines = [line for line in server.log().splitlines() if f"worker {worker} " in line]
     assert len(lines) == 1, lines
     assert "WARNING tollgate:" in lines[0] and "SIGKILL" in lines[0] and "replaced" in lines[0]
+
+
+def test_a_worker_killed_while_its_health_check_waits_is_said_killed_not_hung(monkeypatch, caplog):
+    # The OOM killer's SIGKILL may land while the supervisor waits on the worker's answer: how it
+    # ended was read before the check, and the worker said to have hung.
+    class Dying:  # uvicorn's worker: alive when looked at, dead by the end of its health check
+        pid = 4242
+
+        def __init__(self) -> None:
+            self.process = types.SimpleNamespace(exitcode=None)  # its multiprocessing process
+            self.process.is_alive = lambda: self.process.exitcode is None
+
+        @property
+        def exitcode(self) -> int | None:
+            return self.process.exitcode
+
+        def is_alive(self, timeout: float) -> bool:  # uvicorn's own check: alive, and answering
+            return self.process.is_alive() and self.ping(timeout)
+
+        def ping(self, timeout: float) -> bool:
+            self.process.exitcode = -signal.SIGKILL
+            return False
+
+        def kill(self) -> None:
+            pass
+
+        def join(self) -> None:
+            pass
+
+    class Replacement:
+        pid = 4343
+
+        def __init__(self, config: Any, sockets: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(uvicorn.supervisors.multiprocess, "Process", Replacement)
+    supervisor = server_module._Supervisor.__new__(server_module._Supervisor)
+    supervisor.should_exit = threading.Event()
+    supervisor.config = uvicorn.Config(app=None)
+    supervisor.sockets = []
+    supervisor.processes = [Dying()]
+    with caplog.at_level(logging.WARNING, logger="tollgate"):
+        supervisor.keep_subprocess_alive()
+    assert caplog.messages == [
+        "worker 4242 was killed by SIGKILL (the kernel's OOM killer, if no one sent it: see dmesg); replaced by worker 4343"
+    ]
 
 
 def test_a_worker_given_a_dead_workers_pid_starts_with_no_live_streams(tmp_path):
