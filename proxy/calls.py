@@ -584,7 +584,7 @@ class CallPipeline:
                 # Every call fails so while LiteLLM is down; a model failing is the call's own news.
                 self._unreachable(
                     "LiteLLM cannot be reached, or drops the connection (%s): calls answer 503 until it is back",
-                    exc.attempts[-1].error,
+                    exc.unreachable_error,
                 )
             elif not exc.pool_full:  # the models' own failures, which LiteLLM answered
                 self._heard_from_litellm()

@@ -147,8 +147,14 @@ class UpstreamFailed(Exception):
 
     @property
     def unreachable(self) -> bool:
-        """Whether LiteLLM itself, rather than any model behind it, failed every attempt."""
-        return bool(self.attempts) and all(a.unreachable for a in self.attempts)
+        """Whether LiteLLM itself, rather than any model behind it, failed every attempt: those
+        that asked nobody, no pooled connection coming free, say nothing of the models."""
+        return any(a.unreachable for a in self.attempts) and all(a.unreachable or a.pool_full for a in self.attempts)
+
+    @property
+    def unreachable_error(self) -> str:
+        """How LiteLLM failed last to be reached (if `unreachable`)."""
+        return next((a.error for a in reversed(self.attempts) if a.unreachable), "")
 
     @property
     def retry_after(self) -> int:

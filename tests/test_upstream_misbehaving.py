@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import pytest
 
-from proxy.forwarding import UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
+from proxy.forwarding import Attempt, UpstreamFailed, UpstreamMisconfigured, UpstreamRejected, forward
 from proxy.sse import MAX_EVENT_BYTES
 from proxy.upstream import MAX_ANSWER_BYTES, MAX_HEAD_BYTES, AnswerTooLarge, ReadError, RemoteProtocolError, Upstream
 from tests.support import TOO_DEEP_FOR_JSON, never_connecting
@@ -850,6 +850,17 @@ def test_litellm_that_cannot_be_connected_to_in_time_is_unreachable():
 
     with never_connecting() as url:
         asyncio.run(run(url))
+
+
+def test_litellm_unreachable_while_the_pool_was_full_for_the_next_model_is_unreachable():
+    # A LiteLLM that cannot be connected to holds each connection of the pool for timeouts.connect,
+    # so the group's next model may wait for one in vain: nothing answered, yet taken for the models'
+    # own failures, LiteLLM was said to answer again and the group to fail.
+    failed = UpstreamFailed([
+        Attempt("primary", "timed out connecting", unreachable=True),
+        Attempt("fallback", "no free connection to LiteLLM in time", pool_full=True),
+    ])
+    assert failed.unreachable and failed.unreachable_error == "timed out connecting"
 
 
 def test_a_refusal_written_as_fastapis_detail_is_passed_on_with_its_message():
