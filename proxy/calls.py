@@ -130,29 +130,30 @@ def _in_one_line(error: str) -> str:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
-class _Attempts:
-    """A failed call's attempts as its log line says them, built only if the line is said
-    (logging formats its arguments then): most failures of a failing group are not."""
+class _Lazy:
+    """`function(*args)` as a log line's argument: made only if the line is said (logging formats
+    its arguments then), which an Occasional line mostly is not."""
 
-    __slots__ = ("_exc",)
+    __slots__ = ("_function", "_args")
 
-    def __init__(self, exc: UpstreamFailed) -> None:
-        self._exc = exc
-
-    def __str__(self) -> str:
-        return "; ".join(f"{attempt.model}: {_in_one_line(attempt.error)}" for attempt in self._exc.attempts)
-
-
-class _InOneLine:
-    """An upstream's error as a log line quotes it (`_in_one_line`), made only if it is said."""
-
-    __slots__ = ("_error",)
-
-    def __init__(self, error: str) -> None:
-        self._error = error
+    def __init__(self, function: Callable[..., str], *args: Any) -> None:
+        self._function = function
+        self._args = args
 
     def __str__(self) -> str:
-        return _in_one_line(self._error)
+        return self._function(*self._args)
+
+
+def _attempts_in_one_line(attempts: list[Attempt]) -> str:
+    return "; ".join(f"{attempt.model}: {_in_one_line(attempt.error)}" for attempt in attempts)
+
+
+def _line_of(lines: dict[Any, Occasional], key: Any) -> Occasional:
+    """The once-a-minute warning kept in `lines` under `key`, made at its first use."""
+    line = lines.get(key)
+    if line is None:
+        line = lines[key] = Occasional(log, logging.WARNING)
+    return line
 
 
 def redact_opt(text: str | None) -> str | None:
@@ -520,12 +521,9 @@ class CallPipeline:
             # own pool of them, full (said on its own).
             if attempt.not_served or attempt.too_long or attempt.unreachable or attempt.pool_full:
                 continue
-            line = self._failing_models.get((group, attempt.model))
-            if line is None:
-                line = self._failing_models[(group, attempt.model)] = Occasional(log, logging.WARNING)
-            line(
+            _line_of(self._failing_models, (group, attempt.model))(
                 "model '%s' of group '%s' fails calls (%s): the group's next models answer them ('%s' this time)",
-                attempt.model, group, _InOneLine(attempt.error), answered_by,
+                attempt.model, group, _Lazy(_in_one_line, attempt.error), answered_by,
             )
 
     def _say_not_served(self, group: str, failed: list[Attempt]) -> None:
@@ -541,10 +539,10 @@ class CallPipeline:
                 )
 
     def _group_fails(self, group: str, exc: UpstreamFailed) -> None:
-        line = self._failing_groups.get(group)
-        if line is None:
-            line = self._failing_groups[group] = Occasional(log, logging.WARNING)
-        line("model group '%s': every model failed (%s): its calls fail until one answers", group, _Attempts(exc))
+        _line_of(self._failing_groups, group)(
+            "model group '%s': every model failed (%s): its calls fail until one answers",
+            group, _Lazy(_attempts_in_one_line, exc.attempts),
+        )
 
     def _heard_from_litellm(self, key_accepted: bool = True) -> None:
         """LiteLLM answered a call (and did not refuse Tollgate's key): the faults said of it are over."""
