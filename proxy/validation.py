@@ -312,23 +312,37 @@ _HELICONE_LABELS = ("helicone-property-", "helicone-user-id", "helicone-session-
 _HELICONE_REFUSED = "is a Helicone header of the operator's logging, not a label: not accepted through the gateway"
 
 
+def _logging_refusal(key: str) -> str | None:
+    """Why a key of a call's metadata is refused as a setting of the operator's logging, if it is."""
+    if key in _LOGGING_REFUSED:
+        return _LOGGING_REFUSED[key]
+    if key.startswith("trace_") and key not in _TRACE_LABELS:
+        return _TRACE_FIELD
+    lowered = key.lower()
+    if lowered.startswith(_HELICONE) and not lowered.startswith(_HELICONE_LABELS):
+        return _HELICONE_REFUSED
+    return None
+
+
 def _logging_controls(metadata: dict[str, Any], field: str) -> None:
-    refused = [key for key in metadata
-               if key in _LOGGING_REFUSED or (key.startswith("trace_") and key not in _TRACE_LABELS)
-               or (key[:9].lower() == _HELICONE and not key.lower().startswith(_HELICONE_LABELS))]
+    refused = {key: reason for key in metadata if (reason := _logging_refusal(key)) is not None}
     if refused:
         key = min(refused)
-        reason = _HELICONE_REFUSED if key[:9].lower() == _HELICONE else _LOGGING_REFUSED.get(key, _TRACE_FIELD)
-        raise invalid(f"{field}.{key}", reason)
+        raise invalid(f"{field}.{key}", refused[key])
     for key in _LANGFUSE_STRING_LABELS:
         if isinstance(metadata.get(key), (dict, list)):
             raise invalid(f"{field}.{key}", "must be a string: Langfuse drops the record of a call labelled otherwise")
     opik = metadata.get("opik")
     if opik is not None and not isinstance(opik, dict):
         raise invalid(f"{field}.opik", "must be an object")
-    refused = sorted(_OPIK_REFUSED.keys() & (opik or {}).keys())
+    _refuse_keys(opik, _OPIK_REFUSED, f"{field}.opik")
+
+
+def _refuse_keys(value: dict[str, Any] | None, refusals: dict[str, str], field: str) -> None:
+    """A 422 naming the first key of `value` (an object, or None) that `refusals` refuses, with why."""
+    refused = sorted(refusals.keys() & (value or {}).keys())
     if refused:
-        raise invalid(f"{field}.opik.{refused[0]}", _OPIK_REFUSED[refused[0]])
+        raise invalid(f"{field}.{refused[0]}", refusals[refused[0]])
 
 
 # LiteLLM's cache keeps the answers of every team under the operator's namespace and for the
@@ -342,9 +356,7 @@ _CACHE_REFUSED = {
 
 
 def _cache_controls(body: dict[str, Any], field: str) -> None:
-    refused = sorted(_CACHE_REFUSED.keys() & (optional_object(body, field) or {}).keys())
-    if refused:
-        raise invalid(f"{field}.{refused[0]}", _CACHE_REFUSED[refused[0]])
+    _refuse_keys(optional_object(body, field), _CACHE_REFUSED, field)
 
 
 def _short_string(body: dict[str, Any], field: str) -> None:
