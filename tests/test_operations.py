@@ -737,6 +737,19 @@ def test_a_faults_end_is_said_once_and_only_after_the_fault_was(caplog):
     assert said(caplog) == ["refused (times since last logged: 1; logged at most once a minute)", "back"]
 
 
+def test_a_faults_end_is_said_at_the_faults_own_level(caplog):
+    # At INFO, an operator at logging.level: warning saw LiteLLM fail and never saw it answer again.
+    for level in (logging.WARNING, logging.ERROR):
+        line = Occasional(logging.getLogger("tollgate.test"), level, clock=Clock())
+        caplog.clear()
+        with caplog.at_level(level, logger="tollgate.test"):
+            line("refused")
+            line.over("back")
+        assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "tollgate.test"] == [
+            (level, "refused (times since last logged: 1; logged at most once a minute)"), (level, "back"),
+        ]
+
+
 def test_a_fault_that_comes_and_goes_with_every_request_says_two_lines_a_minute_at_most(caplog):
     # A LiteLLM behind a balancer with one replica down fails every other call: each change said
     # at once would be a line a request.
@@ -828,7 +841,7 @@ def test_a_model_that_failed_behind_a_fallback_answering_again_is_said_once(make
     lines = [line for line in server.log().splitlines() if f"'{model}'" in line]
     assert len(lines) == 2, lines
     assert "WARNING" in lines[0] and "fails calls" in lines[0]
-    assert "INFO" in lines[1] and "answers again" in lines[1]
+    assert "WARNING" in lines[1] and "answers again" in lines[1]
 
 
 def test_a_connection_to_litellm_dropped_before_a_fallback_answers_blames_no_model(make_tollgate):
@@ -879,7 +892,7 @@ def test_the_database_taking_writes_again_is_said_once(make_tollgate):
     server.stop()
     lines = [line for line in server.log().splitlines() if "tollgate" in line and "database" in line]
     assert len(lines) == 2, lines
-    assert "locked" in lines[0] and "INFO tollgate: the database takes writes again" in lines[1]
+    assert "locked" in lines[0] and "WARNING tollgate: the database takes writes again" in lines[1]
 
 
 @contextlib.contextmanager
