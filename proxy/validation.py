@@ -536,6 +536,11 @@ def _check_parameters(body: dict[str, Any]) -> tuple[int | None, int | None]:
     return body.get("max_tokens"), body.get("max_completion_tokens")  # checked above, if sent
 
 
+# The OpenAI SDK's other tool choices (ChatCompletionAllowedToolChoiceParam and
+# ChatCompletionNamedToolChoiceCustomParam), well-formed, which LiteLLM 1.102.4 fails on all the same.
+_UNSERVED_TOOL_CHOICES = ("allowed_tools", "custom")
+
+
 def _check_tool_choice(tool_choice: Any) -> None:
     # As LiteLLM reads an object (validate_chat_completion_tool_choice): what it refuses, it
     # refuses with a 500, which would be tried on every model of the group.
@@ -546,6 +551,13 @@ def _check_tool_choice(tool_choice: Any) -> None:
     kind = tool_choice.get("type")
     if kind in ("auto", "none", "required") and "function" not in tool_choice:
         return
+    if kind in _UNSERVED_TOOL_CHOICES and tool_choice.get("function") is None:
+        # Told as what it is: an SDK's user read "must have a 'function' object" as a mistake of its own.
+        raise invalid(
+            "tool_choice",
+            f"of type '{kind}' is not served through the gateway (LiteLLM, behind it, fails on it): use "
+            "'auto', 'none', 'required' or {'type': 'function', 'function': {'name': ...}}",
+        )
     if not isinstance(kind, str) or not isinstance(tool_choice.get("function"), dict):
         raise invalid(
             "tool_choice",

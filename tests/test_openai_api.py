@@ -109,6 +109,24 @@ def test_tool_calls_round_trip(sdk):
     assert reply.choices[0].finish_reason == "tool_calls"
 
 
+@pytest.mark.parametrize(
+    "tool_choice",
+    [
+        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "f"}}]}},
+        {"type": "custom", "custom": {"name": "f"}},
+    ],
+)
+def test_a_tool_choice_of_the_sdks_that_litellm_cannot_serve_is_refused_by_its_type_not_as_malformed(sdk, tool_choice):
+    # The SDK's own types offer these (ChatCompletionAllowedToolChoiceParam, ...NamedToolChoiceCustomParam);
+    # LiteLLM 1.102.4 fails on them with a 500 of its own. The 422 must say that form is not
+    # served, and what is, not that the client's object is malformed.
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        sdk.chat.completions.create(model="Main", messages=HELLO, tools=tools, tool_choice=tool_choice)
+    assert refused.value.param == "tool_choice"
+    assert f"'{tool_choice['type']}' is not served through the gateway" in refused.value.message
+
+
 def test_a_v1_call_is_sent_without_a_temperature_of_the_gateways(make_tollgate, fake_url):
     # API.md: the job API's default temperature (0.7) is the job API's; on /v1 nothing is added.
     server = make_tollgate(upstream_url=fake_url)
