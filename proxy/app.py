@@ -35,7 +35,7 @@ from .health import Health
 from .jobs_api import JobsApi
 from .limiter import RateLimiter
 from .metrics import MULTIPROC_ENV, Metrics, MetricsUnavailable, check_directory, forget_namesake, multiprocess_enabled
-from .observe import LogHandler, ObserveMiddleware, RunningRequests
+from .observe import LogHandler, ObserveMiddleware, RunningRequests, write_log_lines_at_once
 from .openai_api import OpenAIApi
 from .pricing import Pricing
 from .server_wide import ServerWide, served_methods
@@ -128,6 +128,9 @@ def create_app(config: Config, existing_database: bool = False) -> Starlette:
             try:
                 yield
             finally:
+                # The process may end by a signal before its loop's next turn (a worker's): the
+                # lines of its stop are not held for that turn.
+                write_log_lines_at_once()
                 # uvicorn has cancelled what outlived the grace period: let those requests end (one
                 # whose write went through as it was cut still reads its answer from the store) and
                 # those calls be recorded, within the one DRAIN_TIMEOUT.

@@ -221,6 +221,7 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.setFormatter(LogFormatter(LOG_FORMAT))
         self._held: list[str] = []
         self._held_by: asyncio.AbstractEventLoop | None = None  # the loop whose turn will send them
+        self._at_once = False
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -240,11 +241,19 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _write(self, text: str) -> None:
         loop = asyncio._get_running_loop()
         self._held.append(text)
-        if loop is None or (self._held_by is not loop and len(self._held) > 1):
+        if self._at_once or loop is None or (self._held_by is not loop and len(self._held) > 1):
             self.flush()  # off the loop, or after lines another loop held and never sent
         elif len(self._held) == 1:
             self._held_by = loop
             loop.call_soon(self.flush)
+
+    def write_at_once(self) -> None:
+        """From now on each line as it comes, those held first. For a stop: a worker of `serve
+        --workers` ends by the SIGTERM uvicorn raises again once its graceful stop is over, with
+        no handler of its own to make that an exit, so neither its loop's next turn nor logging's
+        flush at exit came, and the lines of its last turns (uvicorn's last ones) were lost."""
+        self._at_once = True
+        self.flush()
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
@@ -284,6 +293,13 @@ def _whole_lines_within(lines: list[str], terminator: str, limit: int) -> Iterat
         size += length
     if part:
         yield terminator.join(part) + terminator
+
+
+def write_log_lines_at_once() -> None:
+    """Every LogHandler of the root logger (`tollgate serve`'s) writes each line as it comes."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogHandler):
+            handler.write_at_once()
 
 
 def sole_handler() -> LogHandler | None:

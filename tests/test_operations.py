@@ -969,6 +969,24 @@ def test_streams_a_shutdown_cuts_are_logged_in_one_line_naming_the_grace_to_rais
     assert "WARNING tollgate:" in lines[0] and "1 calls" in lines[0] and "server.shutdown_grace" in lines[0]
 
 
+def test_a_worker_stopped_by_sigterm_writes_the_lines_it_logged_as_it_stopped(make_tollgate):
+    # uvicorn raises the SIGTERM again once its graceful stop is over; in a worker, where nothing
+    # handled it, that killed the process before its handler wrote the last turn's lines: the
+    # warning naming server.shutdown_grace, and uvicorn's own last lines, were never seen.
+    server = make_tollgate(workers=2, server={"shutdown_grace": "1s"})
+    team = server.admin().team()
+    slow = {"model": "Main", "stream": True, "messages": [{"role": "user", "content": "slow [chunks=100] [delay_ms=100]"}]}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=slow,
+                      headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
+        assert stream.status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert b"shutting_down" in stream.read()
+    assert server.process.wait(15) == 0
+    log = server.log()
+    assert [line for line in log.splitlines() if "cut short by the shutdown" in line], log
+    assert log.count("Finished server process") == 2, log
+
+
 def test_one_access_log_line_per_request_with_the_call_fields(make_tollgate):
     server = make_tollgate(logging={"access_log": "json"})
     team = server.admin().team()
