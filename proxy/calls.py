@@ -581,8 +581,8 @@ class CallPipeline:
             if exc.unreachable:
                 # Every call fails so while LiteLLM is down; a model failing is the call's own news.
                 self._unreachable(
-                    "LiteLLM cannot be reached, or drops the connection (%s): calls answer 503 until it is back",
-                    exc.unreachable_error,
+                    "LiteLLM cannot be reached at %s, or drops the connection (%s): calls answer 503 until it is back",
+                    self._upstream.url, exc.unreachable_error,
                 )
             elif not exc.pool_full:  # the models' own failures, which LiteLLM answered
                 self._heard_from_litellm()

@@ -115,6 +115,9 @@ class Attempt:
     not_served: bool = False  # LiteLLM (or the model's provider) serves no model of this name, or not to Tollgate
     too_long: bool = False  # the prompt is longer than this model's context window
     pool_full: bool = False  # not asked: no connection of upstream.max_connections came free in time
+    # Why, for the operator's log alone ("Connection refused"): `error` is the client's and the
+    # call record's, which need not learn how Tollgate reaches LiteLLM.
+    cause: str = ""
 
 
 class UpstreamFailed(Exception):
@@ -154,7 +157,7 @@ class UpstreamFailed(Exception):
     @property
     def unreachable_error(self) -> str:
         """How LiteLLM failed last to be reached (if `unreachable`)."""
-        return next((a.error for a in reversed(self.attempts) if a.unreachable), "")
+        return next((a.cause or a.error for a in reversed(self.attempts) if a.unreachable), "")
 
     @property
     def retry_after(self) -> int:
@@ -251,7 +254,9 @@ async def forward(
             attempts.append(Attempt(model, str(exc)))
             continue
         except TransportError as exc:
-            attempts.append(Attempt(model, f"connection failed: {type(exc).__name__}", unreachable=True))
+            attempts.append(
+                Attempt(model, f"connection failed: {type(exc).__name__}", unreachable=True, cause=str(exc))
+            )
             continue
         if isinstance(result, Attempt):
             attempts.append(result)

@@ -14,7 +14,7 @@ from .limiter import RateLimiter
 from .errors import ApiError
 from .metrics import CONTENT_TYPE, Metrics, MetricsUnavailable
 from .store import Store, StoreUnavailable
-from .upstream import Upstream, UpstreamStatusError
+from .upstream import TransportError, Upstream, UpstreamStatusError
 
 CHECK_TIMEOUT = 2.0
 
@@ -76,6 +76,8 @@ class Health:
             if exc.status_code in (400, 401, 403):
                 return "failing: LiteLLM refuses Tollgate's upstream key"
             return f"failing: HTTP {exc.status_code}"
+        except TransportError as exc:  # its own text says why ("Connection refused"), its class does not
+            return f"failing: {exc}"
         except Exception as exc:
             return f"failing: {type(exc).__name__}"
         return "ok"

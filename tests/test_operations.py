@@ -41,7 +41,7 @@ from proxy.metrics import Metrics, MetricsUnavailable
 from proxy.occasional import Occasional
 from proxy.store import StoreUnavailable
 from proxy.store.sqlite import SQLiteStore
-from proxy.upstream import UpstreamStatusError
+from proxy.upstream import ConnectError, UpstreamStatusError
 from tests.support import REPO, PYTHON, Admin, Tollgate, free_port, start_process, tag, tollgate_config, wait_for
 
 REQUIRED = {
@@ -658,6 +658,19 @@ def test_litellm_unreachable_is_logged_once_a_minute_naming_it(make_tollgate):
     server.stop()
     lines = [line for line in server.log().splitlines() if "LiteLLM cannot be reached" in line]
     assert len(lines) == 1 and "once a minute" in lines[0], lines
+
+
+def test_litellm_unreachable_is_logged_with_its_address_and_why(make_tollgate):
+    # The line said "(connection failed: ConnectError)": neither the address Tollgate tried,
+    # TOLLGATE_UPSTREAM_URL's (the first thing to check), nor that the connection was refused.
+    url = f"http://127.0.0.1:{free_port()}"
+    server = make_tollgate(upstream_url=url)
+    client = server.client(server.admin().team().key)
+    body = {"model": "Main", "messages": [{"role": "user", "content": "hi"}]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 503
+    server.stop()
+    (line,) = [line for line in server.log().splitlines() if "cannot be reached" in line]
+    assert f"LiteLLM cannot be reached at {url}," in line and "Connection refused" in line, line
 
 
 def test_litellm_back_after_being_unreachable_is_said_once(tmp_path, make_tollgate):
@@ -1373,6 +1386,14 @@ def test_redis_fails_readiness_only_when_degraded_under_deny(redis: str, policy:
 def test_ready_says_when_litellm_refuses_the_upstream_key_and_else_its_status(code: int, upstream: str) -> None:
     status, body = asyncio.run(_ready(_health(upstream=_Upstream(_raising(UpstreamStatusError(code))))))
     assert (status, body["components"]["upstream"], body["failing"]) == (503, upstream, ["upstream"])
+
+
+def test_ready_says_why_litellm_cannot_be_reached() -> None:
+    # It said "failing: ConnectError": not that the connection was refused (LiteLLM down, or
+    # upstream.url naming the wrong port), which the error's own text says.
+    refused = ConnectError("cannot connect to the upstream: Connection refused")
+    status, body = asyncio.run(_ready(_health(upstream=_Upstream(_raising(refused)))))
+    assert (status, body["components"]["upstream"]) == (503, "failing: cannot connect to the upstream: Connection refused")
 
 
 def test_a_check_that_never_answers_fails_readiness_instead_of_hanging_it(monkeypatch: pytest.MonkeyPatch) -> None:
