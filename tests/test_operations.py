@@ -965,10 +965,9 @@ def test_a_call_whose_record_fails_for_a_fault_of_tollgates_own_logs_one_traceba
     assert any("could not record call" in r.getMessage() for r in caplog.records)
 
 
-def test_streams_a_shutdown_cuts_are_logged_in_one_line_naming_the_grace_to_raise(make_tollgate):
-    # uvicorn's "Cancel 1 running task(s), timeout graceful shutdown exceeded" said neither which
-    # requests they were nor which setting lets them finish.
-    server = make_tollgate(server={"shutdown_grace": "1s"})
+def stopped_during_a_stream(server: Tollgate) -> None:
+    """SIGTERM sent to `server` while a stream longer than its 1 s shutdown grace runs: the stream
+    is cut, its client told why."""
     team = server.admin().team()
     slow = {"model": "Main", "stream": True, "messages": [{"role": "user", "content": "slow [chunks=100] [delay_ms=100]"}]}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=slow,
@@ -976,6 +975,13 @@ def test_streams_a_shutdown_cuts_are_logged_in_one_line_naming_the_grace_to_rais
         assert stream.status_code == 200
         server.process.send_signal(signal.SIGTERM)
         assert b"shutting_down" in stream.read()
+
+
+def test_streams_a_shutdown_cuts_are_logged_in_one_line_naming_the_grace_to_raise(make_tollgate):
+    # uvicorn's "Cancel 1 running task(s), timeout graceful shutdown exceeded" said neither which
+    # requests they were nor which setting lets them finish.
+    server = make_tollgate(server={"shutdown_grace": "1s"})
+    stopped_during_a_stream(server)
     server.stop()
     lines = [line for line in server.log().splitlines() if "cut short by the shutdown" in line]
     assert len(lines) == 1, lines
@@ -987,13 +993,7 @@ def test_a_worker_stopped_by_sigterm_writes_the_lines_it_logged_as_it_stopped(ma
     # handled it, that killed the process before its handler wrote the last turn's lines: the
     # warning naming server.shutdown_grace, and uvicorn's own last lines, were never seen.
     server = make_tollgate(workers=2, server={"shutdown_grace": "1s"})
-    team = server.admin().team()
-    slow = {"model": "Main", "stream": True, "messages": [{"role": "user", "content": "slow [chunks=100] [delay_ms=100]"}]}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=slow,
-                      headers={"Authorization": f"Bearer {team.key}"}, timeout=30) as stream:
-        assert stream.status_code == 200
-        server.process.send_signal(signal.SIGTERM)
-        assert b"shutting_down" in stream.read()
+    stopped_during_a_stream(server)
     assert server.process.wait(15) == 0
     log = server.log()
     assert [line for line in log.splitlines() if "cut short by the shutdown" in line], log
