@@ -345,11 +345,24 @@ class _Merged:
     def collect(self) -> Any:
         check_directory(self._directory)  # else an empty scrape, as if nothing was counted
         forget_dead_processes(self._directory)
-        merged = {metric.name: metric for metric in MultiProcessCollector(None, self._directory).collect()}
+        files = _counted_files(self._directory)
+        merged = {metric.name: metric for metric in MultiProcessCollector.merge(files, accumulate=True)}
         for name, documentation, kind in self._families:
             metric = merged.pop(name, None)
             yield Metric(name, documentation, kind) if metric is None else metric
         yield from merged.values()
+
+
+def _counted_files(directory: str) -> list[str]:
+    """The workers' files a scrape reads: those that hold anything. prometheus-client makes a
+    file empty, then sizes it (it never shrinks): one a worker is making at that moment (its first
+    count of a kind, as it starts) holds nothing yet, and reading it failed the scrape, a 500."""
+    files = []
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        with contextlib.suppress(FileNotFoundError):  # a dead worker's live gauge, dropped meanwhile
+            if os.path.getsize(path):
+                files.append(path)
+    return files
 
 
 class _Balances:

@@ -478,6 +478,17 @@ def test_a_scrape_of_workers_whose_metrics_directory_was_removed_says_so(tmp_pat
         asyncio.run(metrics.render(no_teams))
 
 
+def test_a_scrape_that_meets_another_workers_file_being_made_renders_what_is_counted(tmp_path, monkeypatch):
+    # prometheus-client makes a worker's file empty, then sizes it: a scrape by another worker
+    # in between (a worker's first count, as it starts or is started again) failed reading it,
+    # a 500 and a traceback in the log (seen with `serve --workers 3`, a worker killed under load).
+    metrics, directory = workers_metrics(tmp_path, monkeypatch)
+    metrics.observe_request("/health/live", "GET", 200, 0.001)
+    (directory / "counter_4242.db").touch()  # another worker's, as it is being made
+    samples = rendered_families(metrics)["tollgate_requests"].samples
+    assert [s.value for s in samples if s.name == "tollgate_requests_total"] == [1.0]
+
+
 def test_a_scrape_after_the_last_one_ended_renders_what_was_counted_since():
     # Scrapes share a render only while it runs: one that came later was given the old text.
     from proxy.metrics import Metrics
