@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import httptools
 import uvicorn
@@ -852,6 +852,36 @@ class _Supervisor(Multiprocess):
     and leave them unanswered until the workers had drained (up to `server.shutdown_grace`),
     then reset them, where one process refuses them at once."""
 
+    _starting = 0  # workers being started now (see _starting_workers)
+    _stopping = False  # told to stop (SIGINT, SIGTERM): no worker is started any more
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        # uvicorn queues every signal for its loop, which reads them every half second. A stop
+        # sent to every process at once (systemd's SIGTERM to the whole unit, Ctrl-C's SIGINT to
+        # the terminal's process group) stopped the workers' accepting at once and this socket
+        # up to half a second later: the connections the kernel took meanwhile were reset after
+        # their requests were sent. So a stop closes the sockets as it comes, unless a worker
+        # is being started, whose start hands them on (then the loop closes them, as before).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._told_to_stop)
+
+    def _told_to_stop(self, sig: int, frame: Any) -> None:
+        # Nothing that takes a lock (an Event's set, logging): the loop may hold it.
+        self.signal_queue.append(sig)  # uvicorn's loop says it, and stops
+        self._stopping = True
+        if not self._starting:
+            self._stop_listening()
+
+    @contextlib.contextmanager
+    def _starting_workers(self) -> Iterator[None]:
+        """Keep the sockets open in the block: a worker being started is handed them."""
+        self._starting += 1
+        try:
+            yield
+        finally:
+            self._starting -= 1
+
     def _stop_listening(self) -> None:
         for sock in self.sockets:
             sock.close()
@@ -863,6 +893,20 @@ class _Supervisor(Multiprocess):
     def handle_term(self) -> None:
         self._stop_listening()
         super().handle_term()
+
+    def init_processes(self) -> None:
+        with self._starting_workers():
+            super().init_processes()
+
+    def handle_signals(self) -> None:
+        with self._starting_workers():  # uvicorn starts workers on SIGHUP and SIGTTIN
+            if self._stopping:
+                self.should_exit.set()  # before a SIGHUP or SIGTTIN queued ahead of the stop starts any
+            super().handle_signals()
+
+    def handle_ttin(self) -> None:
+        if not self.should_exit.is_set():  # uvicorn's starts a worker even then
+            super().handle_ttin()
 
     def keep_subprocess_alive(self) -> None:
         """uvicorn's replacement of a worker that ended, or stopped answering its health check,
@@ -887,8 +931,11 @@ class _Supervisor(Multiprocess):
             if self.should_exit.is_set():
                 return
             _uvicorn_log.info("Child process [%d] died", process.pid)
-            replacement = multiprocess.Process(self.config, self.sockets)
-            replacement.start()
+            with self._starting_workers():
+                if self._stopping:  # its sockets may be closed: the loop's next turn stops
+                    return
+                replacement = multiprocess.Process(self.config, self.sockets)
+                replacement.start()
             self.processes[index] = replacement
             log.warning("worker %d %s; replaced by worker %d", process.pid, _how_it_ended(ended, self.config), replacement.pid)
 

@@ -332,6 +332,117 @@ def test_a_worker_killed_while_its_health_check_waits_is_said_killed_not_hung(mo
     ]
 
 
+def test_a_supervisor_told_to_stop_stops_listening_at_once_not_at_its_next_look_at_its_signals():
+    # uvicorn's supervisor reads its signals every half second. A SIGTERM sent to every process
+    # (systemd's default, Ctrl-C's SIGINT to the terminal's process group) stopped the workers'
+    # accepting at once and the supervisor's listening socket up to half a second later: the
+    # connections the kernel took meanwhile were reset after their requests were sent (seen
+    # with `serve --workers 2`, 3 to 7 of 80), where a refused connection tells its client that
+    # nothing was sent.
+    with supervisor_listening() as (supervisor, listening):
+        signal.raise_signal(signal.SIGTERM)
+        assert listening.fileno() == -1  # before its loop looks at its signals
+        assert supervisor.signal_queue == [signal.SIGTERM]  # which then stop it, as uvicorn's do
+
+
+class Replacement:
+    """uvicorn's worker process, started by the supervisor to replace one that ended: whether
+    the listening sockets it is handed were still open as it started, and a stop (SIGTERM) to
+    come as it starts, if `stop_as_started`."""
+
+    started: list["Replacement"] = []
+    stop_as_started = False
+    pid = 4343
+
+    def __init__(self, config: Any, sockets: list[socket.socket]) -> None:
+        self.sockets = sockets
+
+    def start(self) -> None:
+        if self.stop_as_started:
+            signal.raise_signal(signal.SIGTERM)
+        self.open_as_started = all(sock.fileno() != -1 for sock in self.sockets)
+        self.started.append(self)
+
+    def wait_until_ready(self, timeout: float, should_exit: threading.Event) -> bool:
+        return True
+
+
+class Ended:
+    """uvicorn's worker process, ended (SIGKILL); a stop (SIGTERM) comes as it is reaped, if
+    `stop_as_reaped`."""
+
+    pid = 4242
+    exitcode = -signal.SIGKILL
+    process = types.SimpleNamespace(is_alive=lambda: False, exitcode=-signal.SIGKILL)
+
+    def __init__(self, stop_as_reaped: bool = False) -> None:
+        self.stop_as_reaped = stop_as_reaped
+
+    def kill(self) -> None:
+        pass
+
+    def terminate(self) -> None:
+        pass
+
+    def join(self) -> None:
+        if self.stop_as_reaped:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_a_stop_that_comes_as_a_worker_is_started_again_leaves_it_the_listening_socket(monkeypatch):
+    # The worker being started is handed the socket: closed under it, its start failed (a
+    # traceback, and `serve` ended with the status of a failed start).
+    monkeypatch.setattr(uvicorn.supervisors.multiprocess, "Process", Replacement)
+    monkeypatch.setattr(Replacement, "started", [])
+    monkeypatch.setattr(Replacement, "stop_as_started", True)
+    with supervisor_listening() as (supervisor, listening):
+        supervisor.processes = [Ended()]
+        supervisor.keep_subprocess_alive()
+        assert [replacement.open_as_started for replacement in Replacement.started] == [True]
+        assert supervisor.signal_queue == [signal.SIGTERM]
+
+
+def test_no_worker_is_started_again_once_a_stop_has_closed_the_listening_socket(monkeypatch):
+    # A stop closes the socket as it comes: one that came as an ended worker was reaped had its
+    # replacement started on the closed socket, which failed.
+    monkeypatch.setattr(uvicorn.supervisors.multiprocess, "Process", Replacement)
+    monkeypatch.setattr(Replacement, "started", [])
+    with supervisor_listening() as (supervisor, listening):
+        supervisor.processes = [Ended(stop_as_reaped=True)]
+        supervisor.keep_subprocess_alive()
+        assert all(replacement.open_as_started for replacement in Replacement.started)
+        assert supervisor.signal_queue == [signal.SIGTERM]
+
+
+@pytest.mark.parametrize("starting", [signal.SIGHUP, signal.SIGTTIN])
+def test_a_signal_to_start_workers_before_a_stop_starts_none_on_the_closed_listening_socket(monkeypatch, starting):
+    # uvicorn reads its signals in the order they came: a SIGHUP (its rolling restart of every
+    # worker) or a SIGTTIN (one more worker) ahead of a stop that had closed the socket started
+    # workers on it, which failed.
+    monkeypatch.setattr(uvicorn.supervisors.multiprocess, "Process", Replacement)
+    monkeypatch.setattr(Replacement, "started", [])
+    with supervisor_listening() as (supervisor, listening):
+        supervisor.processes = [Ended()]
+        supervisor.signal_queue.append(starting)
+        signal.raise_signal(signal.SIGTERM)
+        supervisor.handle_signals()
+        assert all(replacement.open_as_started for replacement in Replacement.started)
+        assert supervisor.should_exit.is_set()
+
+
+@contextlib.contextmanager
+def supervisor_listening() -> Iterator[tuple[Any, socket.socket]]:
+    """`serve --workers`'s supervisor, made (its signal handlers set) but not run, with a listening socket."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    handlers = {sig: signal.getsignal(sig) for sig in uvicorn.supervisors.multiprocess.SIGNALS}
+    try:
+        yield server_module._Supervisor(uvicorn.Config(app=None, workers=2), sockets=[listening]), listening
+    finally:
+        listening.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def test_a_worker_given_a_dead_workers_pid_starts_with_no_live_streams(tmp_path):
     # Pids are used again: the dead worker's live-gauge file under the new worker's pid was
     # carried on from, a stream counted as open for good (the scrape's sweep of dead pids
