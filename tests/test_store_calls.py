@@ -725,6 +725,78 @@ def test_a_schema_6_database_upgrades_with_its_teams_job_totals_counted(tmp_path
     asyncio.run(check())
 
 
+def jobs_of_an_earlier_release(path: Path, team: str, count: int, created_at: float = 0.0) -> list[str]:
+    """Jobs made as a release before schema 7, still running beside this one during a rolling
+    restart, makes them: held for, and left out of the team's job totals it does not know of."""
+    ids = [f"{team}-earlier-{n}" for n in range(count)]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for n, job_id in enumerate(ids):
+            add_job(db, job_id, team, "pending", created_at + n)
+            db.execute("INSERT INTO credit_holds VALUES (?, ?, 0, ?)", (job_id, team, created_at + n))
+    return ids
+
+
+def test_a_team_whose_jobs_an_earlier_release_made_alone_lists_them_all(tmp_path):
+    # Its total stayed 0, and a page from 0 was taken for one past the end: the team's list was
+    # empty, and stayed so, though the job views and the ledger showed its jobs.
+    path = tmp_path / "earlier.db"
+
+    async def check(store: SQLiteStore) -> None:
+        earlier = jobs_of_an_earlier_release(path, "team", 3)
+        page, total, _ = await store.team_jobs("team", None, 50, 0)
+        assert sorted(job.job_id for job in page) == sorted(earlier) and total == 3
+
+    on_a_team_store(path, check)
+
+
+def test_paging_a_teams_jobs_by_their_total_reaches_the_jobs_an_earlier_release_made(tmp_path):
+    # The total, short of the jobs an earlier release made, ended the paging before the last of them.
+    path = tmp_path / "earlier.db"
+
+    async def check(store: SQLiteStore) -> None:
+        earlier = jobs_of_an_earlier_release(path, "team", 2)
+        made = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(4)]
+        seen: list[str] = []
+        offset, total = 0, 1
+        while offset < total:
+            page, total, _ = await store.team_jobs("team", None, 2, offset)
+            seen += [job.job_id for job in page]
+            offset += 2
+        assert sorted(seen) == sorted(earlier + made) and total == 6
+
+    on_a_team_store(path, check)
+
+
+def test_a_teams_job_totals_are_counted_again_once_a_page_finds_jobs_an_earlier_release_left_out(tmp_path):
+    path = tmp_path / "earlier.db"
+
+    async def check(store: SQLiteStore) -> None:
+        made = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(2)]
+        earlier = jobs_of_an_earlier_release(path, "team", 2)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            # Ended by the earlier release too: one of its own, one of this one's.
+            db.execute("UPDATE jobs SET status = 'completed' WHERE job_id IN (?, ?)", (earlier[0], made[0]))
+        await store.team_jobs("team", None, 50, 0)
+        assert await listed_totals(store) == counted_totals(path)
+
+    on_a_team_store(path, check)
+
+
+def test_a_page_of_a_teams_completed_jobs_past_their_total_gives_their_total_counted_again(tmp_path):
+    path = tmp_path / "earlier.db"
+
+    async def check(store: SQLiteStore) -> None:
+        made = [(await store.create_job("team", "t", None, {}, 1)).job_id for _ in range(3)]
+        await store.finish_job(made[0], "completed", None, None)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            # Ended by an earlier release beside this one, which leaves them out of the total.
+            db.execute("UPDATE jobs SET status = 'completed' WHERE job_id IN (?, ?)", (made[1], made[2]))
+        page, total, _ = await store.team_jobs("team", "completed", 50, 0)
+        assert len(page) == 3 and total == 3
+
+    on_a_team_store(path, check)
+
+
 def test_a_job_view_does_not_wait_for_a_page_of_another_teams_jobs(tmp_path, monkeypatch):
     # A page of a team with a million jobs reads for half a second or more (skipping to a deep
     # page, filtering by a rare status): on the connection job views were read on one at a

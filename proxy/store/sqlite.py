@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -64,6 +65,8 @@ from . import (
 from .aio_fsync import AioFsync
 from .schema import MIGRATIONS, apply
 from .writer import WAL_SIZE_LIMIT, Work, Writer, busy_or
+
+log = logging.getLogger("tollgate.store")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -806,8 +809,13 @@ class SQLiteStore:
                 found = _all(db, f"SELECT {counted} FROM teams WHERE team_id = ?", (team_id,))
             total = found[0][0] if found else 0
             remaining = _remaining_in(db, team_id)
-            if offset >= total:
+            if offset >= total and not (status is None and offset == 0):
                 return [], total, remaining  # skipping to it would read every job the team has
+            # A page of all the team's jobs that reaches its total asks for one job more (the
+            # next entry of the team's index, a step): found, the total is short of jobs an
+            # earlier release made (`_recount_jobs`). Not for a status: finding none more could
+            # read the rest of the team's history.
+            beyond = 1 if status is None and offset + limit >= total else 0
             # The page's jobs, through the team's index, and only theirs joined to their calls:
             # grouped before the limit, every job the team ever had was summed and sorted for each page.
             rows = _all(
@@ -815,7 +823,7 @@ class SQLiteStore:
                 f"SELECT {_JOB_COLUMNS}, {_COST_COLUMNS} FROM "
                 f"(SELECT * FROM jobs j WHERE {where} ORDER BY j.created_at DESC, j.job_id LIMIT ? OFFSET ?) j "
                 "LEFT JOIN llm_calls c ON c.job_id = j.job_id GROUP BY j.job_id ORDER BY j.created_at DESC, j.job_id",
-                (*params, limit, offset),
+                (*params, limit + beyond, offset),
             )
             return rows, total, remaining
 
@@ -823,7 +831,23 @@ class SQLiteStore:
             rows, total, remaining = page
             return [_job(row, True, metadata_as_text=True) for row in rows], total, remaining
 
-        return await self._read_together(read, records, listing=True)
+        jobs, total, remaining = await self._read_together(read, records, listing=True)
+        counted = _TEAM_JOB_COUNTS.get(status or None)
+        if counted is not None and offset + len(jobs) > total:
+            total = await self._recount_jobs(team_id, counted)
+        return jobs[:limit], total, remaining
+
+    async def _recount_jobs(self, team_id: str, counted: str) -> int:
+        """Count the team's jobs again into its totals; return the `counted` one. A release
+        before schema 7 writing beside this one (a rolling restart) leaves the jobs it makes and
+        ends out of them, and a page stops at its total: those jobs were never listed. Counted
+        once they are found, in one statement, as the migration counted them."""
+        log.info("the job totals of team %s are counted again: a release before schema 7 left jobs out", team_id)
+
+        def recount(db: sqlite3.Connection) -> int:
+            return int(_all(db, f"{_RECOUNT_JOBS} WHERE team_id = ? RETURNING {counted}", (team_id,))[0][0])
+
+        return await self._write(recount, atomic=False)
 
     async def start_call(
         self, call: NewCall, own_job_default_credits: int | None = None, made_room: list[str] | None = None
@@ -1303,6 +1327,11 @@ def _team_in(db: sqlite3.Connection, team_id: str) -> Team:
 # The team's own counts of its jobs (schema 7), for the totals of its job lists by these statuses:
 # counting its jobs read each of them, half a second for a team of a million.
 _TEAM_JOB_COUNTS = {None: "jobs_made", "completed": "jobs_completed", "failed": "jobs_failed"}
+_RECOUNT_JOBS = (  # as schema 7 counted them (see schema.py)
+    "UPDATE teams SET (jobs_made, jobs_completed, jobs_failed) = (SELECT COUNT(*), "
+    "COUNT(CASE WHEN j.status = 'completed' THEN 1 END), COUNT(CASE WHEN j.status = 'failed' THEN 1 END) "
+    "FROM jobs j WHERE j.team_id = teams.team_id)"
+)
 
 
 def _remaining_in(db: sqlite3.Connection, team_id: str) -> int:
