@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from .config import RateLimitsConfig, RedisConfig
-from .occasional import Occasional
+from .occasional import EVERY, Occasional
 from .resp import Keys, Redis, RedisError, ReplyError, Script
 
 log = logging.getLogger("tollgate.limiter")
@@ -884,6 +884,11 @@ def _outcome_told_elsewhere(reply: asyncio.Future[Any]) -> None:
 
 # --- the limiter the gateway uses --------------------------------------------------------------
 
+# Seconds between two lines about Redis being unavailable, at least (a name of its own: the
+# tests shorten it).
+OUTAGE_LOG_EVERY = EVERY
+UNAVAILABLE = "Redis unavailable (%s): rate limits now follow on_redis_error=%s"
+
 
 class RateLimiter:
     """Redis when configured and healthy; otherwise what `on_redis_error` says."""
@@ -904,9 +909,17 @@ class RateLimiter:
         self.last_error: str | None = None
         self._check_failure: str | None = None  # readiness's, as last logged
         # Each cooldown's probe finding Redis still down is due to say so again: once a minute.
-        self._unavailable = Occasional(log, logging.WARNING, clock=clock)
+        self._unavailable = Occasional(log, logging.WARNING, every=OUTAGE_LOG_EVERY, clock=clock)
+        # An outage that began within the interval after the last line, so not said as it began:
+        # said once the interval is up (see `_tell_untold`), with why it began.
+        self._untold: asyncio.TimerHandle | None = None
+        self._untold_error = ""
+        self._untold_at = 0.0
 
     async def close(self) -> None:
+        if self._untold is not None:
+            self._untold.cancel()
+            self._untold = None
         if self.redis is not None:
             # Whatever the breaker says: one short try costs the shutdown Redis's timeout at most.
             with contextlib.suppress(RedisUnavailable, RedisError):
@@ -926,9 +939,33 @@ class RateLimiter:
 
     def _failed(self, error: RedisUnavailable) -> None:
         if not self.degraded:
-            self._unavailable("Redis unavailable (%s): rate limits now follow on_redis_error=%s", error, self.policy)
+            self._unavailable(UNAVAILABLE, error, self.policy)
+            if not self._unavailable.said and self._untold is None:
+                self._tell_later(str(error))
         self.last_error = str(error)
         self._open_until = self._clock() + self._cooldown
+
+    def _tell_later(self, error: str) -> None:
+        """An outage begun within the interval after the last line (the line was not said): said
+        once the interval is up. Until then nothing told of it, and should it end meanwhile
+        with Redis failing no more, nothing ever did, while its calls followed on_redis_error."""
+        self._untold_error, self._untold_at = error, self._clock()
+        self._untold = asyncio.get_running_loop().call_later(self._unavailable.wait(), self._tell_untold)
+
+    def _tell_untold(self) -> None:
+        self._untold = None
+        if self._unavailable.said:
+            return  # said meanwhile: Redis failed again past the interval
+        if self._open_until:  # still down: its end is said as it comes
+            told = self._unavailable.tell_untold(UNAVAILABLE, self.last_error or self._untold_error, self.policy)
+        else:
+            told = self._unavailable.tell_untold(
+                "Redis was unavailable %d s ago (%s), rate limits following on_redis_error=%s meanwhile; it is "
+                "back: they are shared again", round(self._clock() - self._untold_at), self._untold_error, self.policy,
+            )
+            self._unavailable.said = False  # its end is in the line
+        if not told and self._unavailable.untold:  # a loop's timer may fire a clock tick early
+            self._untold = asyncio.get_running_loop().call_later(self._unavailable.wait(), self._tell_untold)
 
     def _recovered(self) -> None:
         if self._open_until:

@@ -39,6 +39,27 @@ class Occasional:
         now = self._clock()
         if now - self._said_at < self._every:
             return
+        self._say(now, message, args)
+
+    def tell_untold(self, message: str, *args: Any) -> bool:
+        """Say `message` for the times the line was due and not said, if any and the interval is
+        up: a fault that came and went within the interval is otherwise told only if it comes again."""
+        now = self._clock()
+        if not self._due or now - self._said_at < self._every:
+            return False
+        self._say(now, message, args)
+        return True
+
+    @property
+    def untold(self) -> int:
+        """Times the line was due since it was last said."""
+        return self._due
+
+    def wait(self) -> float:
+        """Seconds until the line may be said again."""
+        return max(0.0, self._said_at + self._every - self._clock())
+
+    def _say(self, now: float, message: str, args: tuple[Any, ...]) -> None:
         self._said_at = now
         self._log.log(self._level, message + self._suffix, *args, self._due)
         self._due = 0

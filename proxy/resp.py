@@ -325,6 +325,8 @@ class Redis:
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
         self._closed = False
+        # A connection at this address has been set up: a plain URL that served is no TLS mismatch.
+        self._served = False
         self._background: set[asyncio.Future[Any]] = set()
 
     async def close(self) -> None:
@@ -524,6 +526,7 @@ class Redis:
             connection.fail(RedisError("client closed"))
             raise RedisError("client closed")
         self._connection = connection
+        self._served = True
         return connection
 
     def _closed_in_setup(self, refused: ReplyError | None, unanswered: bool) -> RedisError:
@@ -534,6 +537,9 @@ class Redis:
             return RedisError(f"Redis closed the connection, answering: {refused}")
         if unanswered and self._ssl is not None:
             return RedisError(f"Redis closed the connection before answering anything{_CLOSED_IN_TLS}")
+        if unanswered and self._served:
+            # As a proxy in front of a Redis that is down does (Envoy, HAProxy), or Redis stopping.
+            return RedisError("Redis closed the connection before answering anything")
         if unanswered and self._ssl is None and self._unix is None:
             return RedisError(
                 "Redis closed the connection before answering anything (a Redis that serves TLS "

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -1231,6 +1232,65 @@ def test_redis_down_for_many_breaker_cooldowns_is_said_once_and_its_return_once(
     said = [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
     assert len(said) == 2, said
     assert said[0].startswith("Redis unavailable") and said[1].startswith("Redis is back")
+
+
+def test_a_redis_outage_begun_within_a_minute_of_the_last_ones_line_is_said_once_the_minute_is_up(
+    redis_server, caplog, monkeypatch
+):
+    # Logged once a minute at most, an outage that began and ended within the minute after the
+    # last one's line was said neither as it began nor as it ended, nor ever after unless Redis
+    # failed again past the minute: under 'allow', a team was admitted any number of calls over
+    # its limit without a line (seen with Redis stalled twice, 25 s apart).
+    monkeypatch.setattr(limiter_module, "OUTAGE_LOG_EVERY", 1.0, raising=False)  # the minute, shortened
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="allow"), RedisConfig(url=redis_server.url,
+                                                                                     breaker_cooldown=0.05))
+        for outage in range(2):
+            with paused(redis_server):
+                assert (await limiter.admit(limits, f"down-{outage}", 10)).backend == "local"
+            await asyncio.sleep(limiter.reopens_in() + 0.01)
+            assert (await limiter.admit(limits, f"back-{outage}", 10)).backend == "redis"
+        await asyncio.sleep(1.5)  # the minute is up, and Redis has not failed again
+        await limiter.close()
+
+    with caplog.at_level(logging.INFO, logger="tollgate.limiter"):
+        asyncio.run(run())
+    said = [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
+    assert len(said) == 3, said
+    assert re.match(r"Redis was unavailable [01] s ago \(RedisError: Redis did not answer in time\)", said[2]), said
+    assert "it is back" in said[2] and "times since last logged: 1;" in said[2], said
+
+
+def test_a_redis_outage_begun_within_a_minute_of_the_last_ones_line_and_still_on_is_said_as_the_minute_ends(
+    redis_server, caplog, monkeypatch
+):
+    # As above, with Redis still down and no call asking it: said when the minute is up, as
+    # an outage begun, and its end as it comes.
+    monkeypatch.setattr(limiter_module, "OUTAGE_LOG_EVERY", 1.0, raising=False)  # the minute, shortened
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="allow"), RedisConfig(url=redis_server.url,
+                                                                                     breaker_cooldown=0.05))
+        await open_the_breaker(limiter, limits, redis_server, "down-0")
+        await asyncio.sleep(limiter.reopens_in() + 0.01)
+        assert (await limiter.admit(limits, "back-0", 10)).backend == "redis"
+        redis_server.stop()
+        assert (await limiter.admit(limits, "down-1", 10)).backend == "local"
+        await asyncio.sleep(1.5)  # the minute is up, and no call has asked Redis since
+        redis_server.start()
+        assert (await limiter.admit(limits, "back-1", 10)).backend == "redis"
+        await limiter.close()
+
+    with caplog.at_level(logging.INFO, logger="tollgate.limiter"):
+        asyncio.run(run())
+    said = [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
+    assert len(said) == 4, said
+    assert said[2].startswith("Redis unavailable (") and "now follow" in said[2], said
+    assert "times since last logged: 1;" in said[2], said
+    assert said[3].startswith("Redis is back"), said
 
 
 def test_a_redis_that_refuses_the_limiters_scripts_is_reported_degraded(redis_server):

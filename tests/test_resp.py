@@ -627,6 +627,31 @@ def test_a_redis_closing_a_new_connection_without_a_word_is_told_it_may_want_tls
     assert "rediss://" in asyncio.run(run())
 
 
+def test_a_connection_closed_without_a_word_where_redis_answered_before_is_not_blamed_on_tls(tmp_path):
+    # A redis:// URL that has served is no TLS mismatch: a proxy in front of a Redis that is
+    # down (Envoy, HAProxy) takes the connection and closes it, and the log told the operator
+    # of an outage to change the URL to rediss://.
+    server = RedisServer(tmp_path).start()
+
+    async def run() -> str:
+        redis = Redis(server.url, connect_timeout=1.0, timeout=1.0, scripts=LIMITER_LIKE_SCRIPTS)
+        assert await redis.call("PING") == "PONG"
+        server.stop()
+
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        proxy = await asyncio.start_server(hang_up, "127.0.0.1", server.port)  # its Redis down
+        with pytest.raises(RedisError) as caught:
+            await redis.call("PING")
+        await redis.close()
+        proxy.close()
+        return str(caught.value)
+
+    error = asyncio.run(run())
+    assert "rediss://" not in error and "closed the connection before answering anything" in error, error
+
+
 def start_tls_redis(tmp_path, monkeypatch, *options: str) -> tuple[int, Any]:
     """A redis-server serving TLS only, with a certificate the default context trusts."""
     subprocess.run(
