@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import logging
 import re
 import signal
 import socket
+import struct
 import sys
+import termios
 import time
 from http import HTTPStatus
 from typing import Any, Callable, Iterator
@@ -27,7 +30,7 @@ from .errors import ApiError, error_body, error_response, shutting_down
 from .json_codec import dumps
 from .metrics import METHODS
 from .observe import REFUSALS, REFUSED, RefusalObserver
-from .streaming import ABORT
+from .streaming import ABORT, UNSENT
 
 log = logging.getLogger("tollgate")
 _uvicorn_log = logging.getLogger("uvicorn.error")
@@ -45,6 +48,9 @@ LINGER = 2.0
 # at once (streaming.py's ABORT), and its record says why.
 _TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)  # None but on Linux
 UNREAD_MARGIN = 5.0
+# Linux's ioctl for the bytes in a TCP socket's send queue, not sent or not yet acknowledged
+# (SIOCOUTQ, TIOCOUTQ's number): what of an answer the kernel holds that its client has not taken.
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 # RFC 9110's names of statuses Python names otherwise before 3.13 ("Request-URI Too Long",
 # "Request Entity Too Large"): a refusal's reason phrase and its code (`uri_too_long`,
 # `content_too_large`) are the same under any Python.
@@ -125,6 +131,9 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))
         self._drop_when_unread(transport)
+        # What a stream's relay is handed (streaming.py's ABORT, UNSENT), made once per connection.
+        self._drop = functools.partial(_drop, self.transport)
+        self._untaken = functools.partial(_untaken, self.transport)
         self._reading = True  # a request is due: a connection opened to send nothing is closed too
         # The head's bytes so far; -1 for one begun in the read that ended the request before it,
         # until that read is parsed (on_message_begin).
@@ -405,7 +414,8 @@ class CoalescingHttpProtocol(HttpToolsProtocol):
             self._refuse(400, _NOT_A_PATH)
             raise _Refused from None
         if self.cycle is not previous:
-            self.cycle.scope[ABORT] = self.transport.abort  # type: ignore[literal-required]
+            self.cycle.scope[ABORT] = self._drop  # type: ignore[literal-required]
+            self.cycle.scope[UNSENT] = self._untaken  # type: ignore[literal-required]
             _hang_up_on_half_close(self.cycle, self)
             if self.cycle.waiting_for_100_continue:
                 _close_if_answered_unasked(self.cycle)
@@ -762,6 +772,30 @@ def _close_if_answered_unasked(cycle: RequestResponseCycle) -> None:
         await send(message)
 
     cycle.send = send_or_close  # type: ignore[method-assign]
+
+
+def _drop(transport: asyncio.Transport) -> None:
+    """Drop a connection at once, with a reset: closed alone, its socket went on sending what
+    the kernel held of the answer (megabytes on loopback) to a client reading it slowly, a
+    stream that then ended as if whole but for its last chunk, and held that memory meanwhile."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already gone: nothing is left to hold
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def _untaken(transport: asyncio.Transport) -> int:
+    """The bytes written to a connection that its client has not taken yet: those the transport
+    holds, and on Linux those in the kernel's send queue, which goes down as the client reads
+    however seldom the transport may write again (a socket is writable only once half of what
+    its queue holds is gone, megabytes on loopback)."""
+    untaken = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if _SIOCOUTQ is not None and sock is not None:
+        with contextlib.suppress(OSError):  # a connection gone meanwhile: it holds nothing more
+            untaken += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
+    return untaken
 
 
 def _hang_up_on_half_close(cycle: RequestResponseCycle, protocol: CoalescingHttpProtocol) -> None:

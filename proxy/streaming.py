@@ -36,6 +36,10 @@ LAST_SEND_GRACE = 5.0
 CLIENT_STALLED = "the client took none of the stream for {:g} s: cut off"
 # The scope's key of what drops the request's connection at once (server.py sets it).
 ABORT = "tollgate.abort"
+# The scope's key of what tells how many bytes of the answer the connection holds that its client
+# has not taken yet (server.py sets it): a write's wait on the client is a stall only while that
+# does not go down.
+UNSENT = "tollgate.unsent"
 
 EndReason = Literal["finished", "client_disconnected", "upstream_failed", "shutdown"]
 SSE_HEADERS = [
@@ -87,14 +91,21 @@ class SSERelay:
         # the writes only count themselves.
         self._stall_timeout = stall_timeout
         self._stall_timer: asyncio.TimerHandle | None = None
+        # What the connection holds that the client has not taken (the scope's UNSENT), if told:
+        # a write waits until the client has taken nearly all before it, which may be megabytes
+        # (the kernel's send buffer, a large event), so a slow reader's write outlasts the bound
+        # while it reads all along. It is cut off only if that did not go down either.
+        self._unsent: Callable[[], int] | None = None
         self._writes = 0  # the writes begun
         self._writing = False  # the last of them not yet taken
         self._stalled = False
+        self._unfinished = False  # the last write not taken within LAST_SEND_GRACE: the response left unended
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._live is not None:
             self._live.inc()
         try:
+            self._unsent = scope.get(UNSENT)
             await self._run(receive, send, scope.get(ABORT))
         finally:
             if self._live is not None:
@@ -104,7 +115,7 @@ class SSERelay:
         loop = asyncio.get_running_loop()
         relay = loop.create_task(self._relay(send))
         watcher = loop.create_task(self._wait_for_disconnect(receive, relay))
-        self._stall_timer = loop.call_later(self._stall_timeout, self._watch_stall, relay, -1)
+        self._stall_timer = loop.call_later(self._stall_timeout, self._watch_stall, relay, -1, None)
         reason: EndReason = "client_disconnected"
         cut = False
         try:
@@ -129,12 +140,18 @@ class SSERelay:
             try:
                 with contextlib.suppress(asyncio.CancelledError):
                     await relay
-                if self._stalled and abort is not None:
+                if (self._stalled or self._unfinished) and abort is not None:
                     # Cut off: what was written and not taken goes with the connection now,
                     # rather than wait in the process for a client that reads nothing (until
                     # the kernel gives up on it, server.py), and uvicorn hears of a hang-up,
                     # not of an answer its app left unfinished (an ERROR line each time).
                     abort()
+                    # It does in the next turn of the loop: returning in this one (the record
+                    # written already, a stream cut at its deadline) was still the unfinished answer.
+                    try:
+                        await asyncio.sleep(0)
+                    except asyncio.CancelledError:  # the shutdown's: the connection is dropped already
+                        asyncio.current_task().uncancel()  # type: ignore[union-attr]
             except Exception as exc:
                 await self._record("upstream_failed", f"relay failed: {type(exc).__name__}")
                 raise
@@ -152,17 +169,20 @@ class SSERelay:
                 async with asyncio.timeout(LAST_SEND_GRACE):
                     await self._send(send, [cut_event], more_body=False)
 
-    def _watch_stall(self, relay: asyncio.Task[None], writing: int) -> None:
+    def _watch_stall(self, relay: asyncio.Task[None], writing: int, unsent: int | None) -> None:
         """Cut the relay off when the write in progress is the one that was in progress at the
-        last look, `stall_timeout` ago; else look again in `stall_timeout`. `writing`: the
-        number of the write then in progress, -1 for none."""
-        if self._writing and self._writes == writing:
+        last look, `stall_timeout` ago, and the client took nothing since; else look again in
+        `stall_timeout`. `writing`: the number of the write then in progress, -1 for none;
+        `unsent`: what the connection then held untaken, None if not known."""
+        now_unsent = self._unsent() if self._unsent is not None else None
+        taken = now_unsent is not None and unsent is not None and now_unsent < unsent
+        if self._writing and self._writes == writing and not taken:
             self._stalled = True
             relay.cancel()
             return
         now_writing = self._writes if self._writing else -1
         self._stall_timer = asyncio.get_running_loop().call_later(
-            self._stall_timeout, self._watch_stall, relay, now_writing
+            self._stall_timeout, self._watch_stall, relay, now_writing, now_unsent
         )
 
     async def _wait_for_disconnect(self, receive: Receive, relay: asyncio.Task[None]) -> None:
@@ -238,11 +258,11 @@ class SSERelay:
             await stream.response.aclose()
         try:
             # A client that reads nothing more would hold the connection for good: past the
-            # call's deadline it gets a few seconds, then uvicorn closes the unfinished response.
+            # call's deadline it gets a few seconds, then its connection is dropped (`_run`).
             async with asyncio.timeout_at(max(self._deadline, asyncio.get_running_loop().time()) + LAST_SEND_GRACE):
                 await self._send(send, last, more_body=False)
         except TimeoutError:
-            pass
+            self._unfinished = True  # dropped as a stalled client's is (`_run`)
 
     async def _forward(self, send: Send, events: Iterable[SSEEvent]) -> list[bytes] | None:
         """Send what the client should get, up to the terminal event ([DONE] or an error):

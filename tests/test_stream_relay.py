@@ -267,6 +267,49 @@ def test_a_client_that_reads_slowly_is_not_cut_off():
     assert [end.reason for end in asyncio.run(run())] == ["finished"]
 
 
+def test_a_client_that_takes_a_write_more_slowly_than_the_stall_bound_but_steadily_is_not_cut_off():
+    # A write waits until the client has taken nearly all written before it, and one write may
+    # hold a read of hundreds of KiB (all the upstream had sent meanwhile), or an event of MiBs:
+    # a client reading it at 10 KiB/s, as a slow link does, took longer than the bound over one
+    # write, and was cut off as one that "took none of the stream", its call recorded cancelled.
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    unsent = [1_000_000]
+
+    class TakingEachWriteSlowly(Client):
+        async def send(self, message) -> None:
+            for _ in range(10):  # each write taken over 0.5 s, a few bytes at a time
+                await asyncio.sleep(0.05)
+                unsent[0] -= 100
+            self.messages.append(message)
+
+    async def run():
+        client = TakingEachWriteSlowly()
+        relay = client.relay(await opened(_chunks([body] * 3 + [b"data: [DONE]\n\n"])), stall_timeout=0.2)
+        await relay({"type": "http", streaming.UNSENT: lambda: unsent[0]}, client.receive, client.send)
+        return client.ends
+
+    assert [(end.reason, end.error) for end in asyncio.run(run())] == [("finished", None)]
+
+
+def test_a_client_that_takes_none_of_a_write_is_cut_off_though_the_connection_says_what_it_holds():
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    class TakingNothing(Client):
+        async def send(self, message) -> None:
+            if message["type"] == "http.response.body" and self.messages:
+                await asyncio.sleep(3600)  # the client takes the first write, then nothing
+            self.messages.append(message)
+
+    async def run():
+        client = TakingNothing()
+        relay = client.relay(await opened(_chunks([first] * 100)), seconds=600, stall_timeout=0.2)
+        scope = {"type": "http", streaming.UNSENT: lambda: 1_000_000}
+        await asyncio.wait_for(relay(scope, client.receive, client.send), 5)
+        return client.ends
+
+    assert [end.reason for end in asyncio.run(run())] == ["client_disconnected"]
+
+
 def test_a_client_that_hangs_up_while_a_write_waits_on_it_has_the_upstream_read_no_further():
     # uvicorn wakes a write waiting on a client that reads nothing as it wakes the relay's watch,
     # when that client hangs up, and the write returns as if sent: the relay read on, as fast as
@@ -511,6 +554,36 @@ def test_a_stream_cut_at_its_deadline_whose_record_outlasted_the_grace_still_get
     assert [end.reason for end in ends] == ["upstream_failed"]
     assert messages[-1]["more_body"] is False
     assert [json.loads(e).get("error", {}).get("code") for e in events_of(messages[-1]["body"])] == ["upstream_timeout"]
+
+
+def test_a_stream_whose_last_write_its_client_did_not_take_within_the_grace_has_its_connection_dropped(monkeypatch):
+    # Past the call's deadline and the grace, the relay returned with the response unfinished:
+    # uvicorn logged "ASGI callable returned without completing response" at ERROR, an expected
+    # event, and kept the connection, with the rest of the stream for a slow client to read,
+    # an answer cut short without its error event.
+    monkeypatch.setattr(streaming, "LAST_SEND_GRACE", 0.2)
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    aborted = []
+
+    async def endless():
+        while True:
+            await asyncio.sleep(0.01)
+            yield first
+
+    class TakingEachWriteSlowly(Client):
+        async def send(self, message) -> None:
+            await asyncio.sleep(0.3)  # each write taken, slower than the grace
+            self.messages.append(message)
+
+    async def run():
+        client = TakingEachWriteSlowly()
+        relay = client.relay(await opened(endless()), seconds=0.5)
+        scope = {"type": "http", streaming.ABORT: lambda: aborted.append(True)}
+        await asyncio.wait_for(relay(scope, client.receive, client.send), 5)
+        return client.ends
+
+    assert [end.reason for end in asyncio.run(run())] == ["upstream_failed"]
+    assert aborted == [True]
 
 
 def test_a_hang_up_while_the_finished_stream_is_recorded_does_not_cut_its_record():

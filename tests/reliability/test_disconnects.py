@@ -239,3 +239,37 @@ def test_a_stream_cut_for_a_client_that_takes_none_of_it_drops_its_connection_wi
         # Dropped as the stream was cut: before the kernel would have given up on the client.
         assert connections_from(server.process.pid, server.port, client_port) == 0
     assert "without completing response" not in server.log_path.read_text()
+
+
+def test_a_client_that_reads_its_stream_slowly_but_steadily_is_not_cut_off(make_tollgate, fake_url):
+    # An upstream faster than its client fills the writes: one of them held all the upstream
+    # had sent meanwhile (64 KiB and more), and the kernel's send buffer megabytes more, which a
+    # client at 25 KiB/s takes for longer than the read timeout. Such a client, reading all
+    # along, was cut off as one that "took none of the stream", its call recorded cancelled.
+    server = make_tollgate(upstream_url=fake_url, server={"read_timeout": "1s"})
+    team = server.admin().team()
+    with unread_call(server, team.key, "flood [chunks=200000]", stream=True) as (slow, job_id):
+        slow.settimeout(5)
+        until = time.monotonic() + 6  # past twice the read timeout, and the kernel's margin
+        while time.monotonic() < until:
+            assert slow.recv(512), "the stream was cut off"
+            time.sleep(0.02)
+        (call,) = server.client(team.key).get(f"/api/jobs/{job_id}").json()["calls"]
+        assert (call["status"], call["error"]) == ("running", None)
+
+
+def test_a_slowly_read_stream_cut_at_its_deadline_drops_its_connection_without_an_error_logged(make_tollgate, fake_url):
+    # Its last write, left untaken past the grace, left the response unfinished: uvicorn logged
+    # "ASGI callable returned without completing response" at ERROR, an expected event, and kept
+    # the connection, whose client read on a stream that ended without its error event.
+    server = make_tollgate(upstream_url=fake_url, server={"read_timeout": "1s"}, upstream={"timeouts": {"total": "2s"}})
+    team = server.admin().team()
+    with unread_call(server, team.key, "flood [chunks=200000]", stream=True) as (slow, job_id):
+        slow.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            until = time.monotonic() + 15  # the deadline, the last write's grace, and more
+            while time.monotonic() < until and slow.recv(512):
+                time.sleep(0.02)
+        (call,) = server.client(team.key).get(f"/api/jobs/{job_id}").json()["calls"]
+        assert (call["status"], call["error"]) == ("error", "The call took longer than the gateway allows")
+    assert "without completing response" not in server.log_path.read_text()
