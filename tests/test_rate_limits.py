@@ -9,6 +9,7 @@ import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Awaitable, Callable
 
 import httpx
 import openai
@@ -1234,6 +1235,27 @@ def test_redis_down_for_many_breaker_cooldowns_is_said_once_and_its_return_once(
     assert said[0].startswith("Redis unavailable") and said[1].startswith("Redis is back")
 
 
+def limiter_lines_within_a_short_minute(
+    run: Callable[[RateLimiter, Limits], Awaitable[None]], redis_server, caplog, monkeypatch
+) -> list[str]:
+    """What the limiter logs while `run` plays out Redis's outages on it ('allow', a breaker
+    cooldown of 50 ms), its lines' minute shortened to a second."""
+    monkeypatch.setattr(limiter_module, "OUTAGE_LOG_EVERY", 1.0, raising=False)
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def played() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="allow"), RedisConfig(url=redis_server.url,
+                                                                                     breaker_cooldown=0.05))
+        try:
+            await run(limiter, limits)
+        finally:
+            await limiter.close()
+
+    with caplog.at_level(logging.INFO, logger="tollgate.limiter"):
+        asyncio.run(played())
+    return [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
+
+
 def test_a_redis_outage_begun_within_a_minute_of_the_last_ones_line_is_said_once_the_minute_is_up(
     redis_server, caplog, monkeypatch
 ):
@@ -1241,23 +1263,15 @@ def test_a_redis_outage_begun_within_a_minute_of_the_last_ones_line_is_said_once
     # last one's line was said neither as it began nor as it ended, nor ever after unless Redis
     # failed again past the minute: under 'allow', a team was admitted any number of calls over
     # its limit without a line (seen with Redis stalled twice, 25 s apart).
-    monkeypatch.setattr(limiter_module, "OUTAGE_LOG_EVERY", 1.0, raising=False)  # the minute, shortened
-    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-
-    async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(on_redis_error="allow"), RedisConfig(url=redis_server.url,
-                                                                                     breaker_cooldown=0.05))
+    async def run(limiter: RateLimiter, limits: Limits) -> None:
         for outage in range(2):
             with paused(redis_server):
                 assert (await limiter.admit(limits, f"down-{outage}", 10)).backend == "local"
             await asyncio.sleep(limiter.reopens_in() + 0.01)
             assert (await limiter.admit(limits, f"back-{outage}", 10)).backend == "redis"
         await asyncio.sleep(1.5)  # the minute is up, and Redis has not failed again
-        await limiter.close()
 
-    with caplog.at_level(logging.INFO, logger="tollgate.limiter"):
-        asyncio.run(run())
-    said = [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
+    said = limiter_lines_within_a_short_minute(run, redis_server, caplog, monkeypatch)
     assert len(said) == 3, said
     assert re.match(r"Redis was unavailable [01] s ago \(RedisError: Redis did not answer in time\)", said[2]), said
     assert "it is back" in said[2] and "times since last logged: 1;" in said[2], said
@@ -1268,12 +1282,7 @@ def test_a_redis_outage_begun_within_a_minute_of_the_last_ones_line_and_still_on
 ):
     # As above, with Redis still down and no call asking it: said when the minute is up, as
     # an outage begun, and its end as it comes.
-    monkeypatch.setattr(limiter_module, "OUTAGE_LOG_EVERY", 1.0, raising=False)  # the minute, shortened
-    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
-
-    async def run() -> None:
-        limiter = RateLimiter(RateLimitsConfig(on_redis_error="allow"), RedisConfig(url=redis_server.url,
-                                                                                     breaker_cooldown=0.05))
+    async def run(limiter: RateLimiter, limits: Limits) -> None:
         await open_the_breaker(limiter, limits, redis_server, "down-0")
         await asyncio.sleep(limiter.reopens_in() + 0.01)
         assert (await limiter.admit(limits, "back-0", 10)).backend == "redis"
@@ -1282,11 +1291,8 @@ def test_a_redis_outage_begun_within_a_minute_of_the_last_ones_line_and_still_on
         await asyncio.sleep(1.5)  # the minute is up, and no call has asked Redis since
         redis_server.start()
         assert (await limiter.admit(limits, "back-1", 10)).backend == "redis"
-        await limiter.close()
 
-    with caplog.at_level(logging.INFO, logger="tollgate.limiter"):
-        asyncio.run(run())
-    said = [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
+    said = limiter_lines_within_a_short_minute(run, redis_server, caplog, monkeypatch)
     assert len(said) == 4, said
     assert said[2].startswith("Redis unavailable (") and "now follow" in said[2], said
     assert "times since last logged: 1;" in said[2], said

@@ -220,6 +220,15 @@ def test_a_stream_whose_head_waited_past_the_deadline_still_gets_its_head_before
     assert [end.reason for end in ends] == ["upstream_failed"]
 
 
+class TakingTheFirstWriteOnly(Client):
+    """A client that takes the stream's first write, then nothing."""
+
+    async def send(self, message) -> None:
+        if message["type"] == "http.response.body" and self.messages:
+            await asyncio.sleep(3600)
+        self.messages.append(message)
+
+
 def test_a_client_that_takes_none_of_the_stream_is_cut_off_and_its_upstream_let_go():
     # Left waiting on it until the call's deadline (10 minutes by default), the relay held the
     # call's upstream connection: a team reading none of its streams took the whole pool to
@@ -232,14 +241,8 @@ def test_a_client_that_takes_none_of_the_stream_is_cut_off_and_its_upstream_let_
         async def aclose(self) -> None:
             closed.append(True)
 
-    class TakingNothing(Client):
-        async def send(self, message) -> None:
-            if message["type"] == "http.response.body" and self.messages:
-                await asyncio.sleep(3600)  # the client takes the first write, then nothing
-            self.messages.append(message)
-
     async def run():
-        client = TakingNothing()
+        client = TakingTheFirstWriteOnly()
         stream = await opened(_chunks([first] * 100), Response())
         await asyncio.wait_for(client.run(client.relay(stream, seconds=600, stall_timeout=0.2)), 5)
         return client.ends, closed
@@ -294,14 +297,8 @@ def test_a_client_that_takes_a_write_more_slowly_than_the_stall_bound_but_steadi
 def test_a_client_that_takes_none_of_a_write_is_cut_off_though_the_connection_says_what_it_holds():
     first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 
-    class TakingNothing(Client):
-        async def send(self, message) -> None:
-            if message["type"] == "http.response.body" and self.messages:
-                await asyncio.sleep(3600)  # the client takes the first write, then nothing
-            self.messages.append(message)
-
     async def run():
-        client = TakingNothing()
+        client = TakingTheFirstWriteOnly()
         relay = client.relay(await opened(_chunks([first] * 100)), seconds=600, stall_timeout=0.2)
         scope = {"type": "http", streaming.UNSENT: lambda: 1_000_000}
         await asyncio.wait_for(relay(scope, client.receive, client.send), 5)
@@ -674,14 +671,8 @@ def test_a_client_that_takes_none_of_the_stream_has_its_connection_dropped():
     first = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
     aborted = []
 
-    class TakingNothing(Client):
-        async def send(self, message) -> None:
-            if message["type"] == "http.response.body" and self.messages:
-                await asyncio.sleep(3600)  # the client takes the first write, then nothing
-            self.messages.append(message)
-
     async def run():
-        client = TakingNothing()
+        client = TakingTheFirstWriteOnly()
         relay = client.relay(await opened(_chunks([first] * 100)), seconds=600, stall_timeout=0.2)
         scope = {"type": "http", streaming.ABORT: lambda: aborted.append(True)}
         await asyncio.wait_for(relay(scope, client.receive, client.send), 5)
