@@ -15,6 +15,7 @@ import struct
 import sys
 import termios
 import time
+import types
 from http import HTTPStatus
 from typing import Any, Callable, Iterator
 
@@ -792,8 +793,10 @@ def _untaken(transport: asyncio.Transport) -> int:
     its queue holds is gone, megabytes on loopback)."""
     untaken = transport.get_write_buffer_size()
     sock = transport.get_extra_info("socket")
-    if _SIOCOUTQ is not None and sock is not None:
-        with contextlib.suppress(OSError):  # a connection gone meanwhile: it holds nothing more
+    # A connection closed meanwhile holds nothing more: its socket's descriptor is -1 (the ioctl's
+    # ValueError), or gone under it (OSError).
+    if _SIOCOUTQ is not None and sock is not None and sock.fileno() >= 0:
+        with contextlib.suppress(OSError):
             untaken += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0"))[0]
     return untaken
 
@@ -930,7 +933,39 @@ class _Supervisor(Multiprocess):
 
     def init_processes(self) -> None:
         with self._starting_workers():
+            if self._stopping:  # came as the supervisor was made: its sockets may be closed
+                return
             super().init_processes()
+
+    def restart_all(self) -> None:
+        """uvicorn's rolling restart (SIGHUP), which also ends at a stop that came during it:
+        uvicorn's looks at its loop's stop alone, which a signal no longer sets (`_told_to_stop`),
+        and went on to start and wait for a replacement of every worker before stopping."""
+        # What uvicorn's wait for a worker's start looks at to give up: the stop as well.
+        told_to_end: Any = types.SimpleNamespace(is_set=self._told_to_end)
+        for index, old_process in enumerate(self.processes):
+            if self._told_to_end():
+                return
+            new_process = multiprocess.Process(self.config, self.sockets)
+            new_process.start()
+            if not new_process.wait_until_ready(self.config.timeout_worker_healthcheck, told_to_end):
+                if self._told_to_end():
+                    # It may serve already, not yet asked: stopped gracefully with the others, not killed.
+                    self.processes.append(new_process)
+                    return
+                new_process.kill()
+                new_process.join()
+                _uvicorn_log.error(  # uvicorn's own line
+                    "New child process [%s] was not ready in time; keeping worker [%s] and aborting the restart.",
+                    new_process.pid, old_process.pid,
+                )
+                return
+            old_process.terminate()
+            old_process.join()
+            self.processes[index] = new_process
+
+    def _told_to_end(self) -> bool:
+        return self._stopping or self.should_exit.is_set()
 
     def handle_signals(self) -> None:
         with self._starting_workers():  # uvicorn starts workers on SIGHUP and SIGTTIN

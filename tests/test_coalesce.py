@@ -275,3 +275,29 @@ def test_a_failed_redis_connection_never_sends_what_it_held():
         return transport.calls
 
     assert asyncio.run(run()) == [("close", None)]
+
+
+def test_a_dropped_connection_holds_nothing_untaken_rather_than_failing_the_stall_check():
+    # A stream's stall check asks the connection what its client has not taken: asked of one
+    # gone meanwhile (its socket's descriptor -1), the ioctl raised ValueError, not the OSError
+    # it was ready for, and the check's timer failed with a traceback in the log.
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        made: asyncio.Future[asyncio.Transport] = loop.create_future()
+
+        class Accepting(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.set_result(transport)  # type: ignore[arg-type]
+
+        listening = await loop.create_server(Accepting, "127.0.0.1", 0)
+        client = socket.create_connection(listening.sockets[0].getsockname())
+        try:
+            transport = await made
+            server._drop(transport)
+            await asyncio.sleep(0.05)  # closed in a later turn of the loop
+            return server._untaken(transport)
+        finally:
+            client.close()
+            listening.close()
+
+    assert asyncio.run(run()) == 0

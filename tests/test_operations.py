@@ -430,6 +430,70 @@ def test_a_signal_to_start_workers_before_a_stop_starts_none_on_the_closed_liste
         assert supervisor.should_exit.is_set()
 
 
+def test_a_stop_before_the_first_workers_start_starts_none_on_the_closed_listening_socket(monkeypatch):
+    # The stop's handler is set as the supervisor is made, its workers started a moment later
+    # (`run`, after its first line): one that came in between closed the socket, and each worker
+    # was started on it, which failed with a traceback.
+    monkeypatch.setattr(uvicorn.supervisors.multiprocess, "Process", Replacement)
+    monkeypatch.setattr(Replacement, "started", [])
+    with supervisor_listening() as (supervisor, listening):
+        signal.raise_signal(signal.SIGTERM)
+        supervisor.init_processes()
+        assert Replacement.started == []
+        assert supervisor.signal_queue == [signal.SIGTERM]
+
+
+class StoppedAsReady(Replacement):
+    """A worker of a rolling restart (SIGHUP), during whose wait for it a stop (SIGTERM) comes."""
+
+    def wait_until_ready(self, timeout: float, should_exit: threading.Event) -> bool:
+        signal.raise_signal(signal.SIGTERM)
+        return True
+
+
+def test_a_stop_during_a_rolling_restart_starts_no_further_worker(monkeypatch):
+    # uvicorn's restart (SIGHUP) looks only at its own stop, which a signal no longer sets (the
+    # supervisor's loop does): a stop that came while one worker was replaced went on to start
+    # a replacement of every other, each waited for, before the supervisor stopped.
+    monkeypatch.setattr(uvicorn.supervisors.multiprocess, "Process", StoppedAsReady)
+    monkeypatch.setattr(Replacement, "started", [])
+    with supervisor_listening() as (supervisor, listening):
+        supervisor.processes = [Ended(), Ended(), Ended()]
+        supervisor.signal_queue.append(signal.SIGHUP)
+        supervisor.handle_signals()
+        assert len(Replacement.started) == 1
+        assert all(replacement.open_as_started for replacement in Replacement.started)
+
+
+class StoppedAsStarting(Replacement):
+    """A worker of a rolling restart, during whose wait for its start a stop comes: the wait
+    gives up (uvicorn's, as its supervisor is told to end)."""
+
+    killed = False
+
+    def wait_until_ready(self, timeout: float, should_exit: threading.Event) -> bool:
+        signal.raise_signal(signal.SIGTERM)
+        return not should_exit.is_set()
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def join(self) -> None:
+        pass
+
+
+def test_a_worker_a_rolling_restart_was_starting_as_a_stop_came_is_stopped_with_the_others_not_killed(monkeypatch):
+    # It may serve already, its health not yet asked: killed, the requests it took were reset.
+    monkeypatch.setattr(uvicorn.supervisors.multiprocess, "Process", StoppedAsStarting)
+    monkeypatch.setattr(Replacement, "started", [])
+    with supervisor_listening() as (supervisor, listening):
+        supervisor.processes = [Ended(), Ended()]
+        supervisor.signal_queue.append(signal.SIGHUP)
+        supervisor.handle_signals()
+        (starting,) = Replacement.started
+        assert not starting.killed and starting in supervisor.processes
+
+
 @contextlib.contextmanager
 def supervisor_listening() -> Iterator[tuple[Any, socket.socket]]:
     """`serve --workers`'s supervisor, made (its signal handlers set) but not run, with a listening socket."""
