@@ -915,16 +915,22 @@ class RateLimiter:
         self._untold: asyncio.TimerHandle | None = None
         self._untold_error = ""
         self._untold_at = 0.0
+        self._closed = False
 
     async def close(self) -> None:
-        if self._untold is not None:
-            self._untold.cancel()
-            self._untold = None
-        if self.redis is not None:
-            # Whatever the breaker says: one short try costs the shutdown Redis's timeout at most.
-            with contextlib.suppress(RedisUnavailable, RedisError):
-                await self.redis.flush()
-            await self.redis.close()
+        try:
+            if self.redis is not None:
+                # Whatever the breaker says: one short try costs the shutdown Redis's timeout at most.
+                with contextlib.suppress(RedisUnavailable, RedisError):
+                    await self.redis.flush()
+                await self.redis.close()
+        finally:
+            # Last: the settles the flush or the close failed tell of it later (their replies'
+            # callbacks), and a line set due then came after the limiter closed.
+            self._closed = True
+            if self._untold is not None:
+                self._untold.cancel()
+                self._untold = None
 
     @property
     def degraded(self) -> bool:
@@ -940,7 +946,7 @@ class RateLimiter:
     def _failed(self, error: RedisUnavailable) -> None:
         if not self.degraded:
             self._unavailable(UNAVAILABLE, error, self.policy)
-            if not self._unavailable.said and self._untold is None:
+            if not self._unavailable.said and self._untold is None and not self._closed:
                 self._tell_later(str(error))
         self.last_error = str(error)
         self._open_until = self._clock() + self._cooldown

@@ -1299,6 +1299,32 @@ def test_a_redis_outage_begun_within_a_minute_of_the_last_ones_line_and_still_on
     assert said[3].startswith("Redis is back"), said
 
 
+def test_a_redis_failure_heard_of_as_the_limiter_closes_says_no_line_after_it_closed(redis_server, caplog, monkeypatch):
+    # A settle's reply owed as the limiter closes fails once Redis does not answer its flush:
+    # heard of within the minute after the last line, it set the line due once the minute was
+    # up, the limiter closed meanwhile (a second app in the process, a test's next loop turns).
+    monkeypatch.setattr(limiter_module, "OUTAGE_LOG_EVERY", 1.0)  # the minute, shortened
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(on_redis_error="allow"), RedisConfig(url=redis_server.url,
+                                                                                     breaker_cooldown=0.05))
+        await open_the_breaker(limiter, limits, redis_server, "down")
+        await asyncio.sleep(limiter.reopens_in() + 0.01)
+        decision = await limiter.admit(limits, "back", 10)
+        assert decision.backend == "redis"
+        with paused(redis_server):
+            limiter.settle_soon(decision, 5)
+            await limiter.close()
+            await asyncio.sleep(0.05)  # the settle's failure heard of
+        await asyncio.sleep(1.5)  # the minute is up
+
+    with caplog.at_level(logging.INFO, logger="tollgate.limiter"):
+        asyncio.run(run())
+    said = [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
+    assert len(said) == 2 and said[1].startswith("Redis is back"), said
+
+
 def test_a_redis_that_refuses_the_limiters_scripts_is_reported_degraded(redis_server):
     # Plain writes still succeed: only a check that runs a script, as every admit does, sees it.
     limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
