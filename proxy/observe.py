@@ -221,7 +221,9 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.setFormatter(LogFormatter(LOG_FORMAT))
         self._held: list[str] = []
         self._held_by: asyncio.AbstractEventLoop | None = None  # the loop whose turn will send them
-        self._at_once = False
+        # The loop whose lines go as they come (`write_at_once`): the one of a stop, not the next
+        # app's in the same process.
+        self._at_once_in: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -241,18 +243,20 @@ class LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def _write(self, text: str) -> None:
         loop = asyncio._get_running_loop()
         self._held.append(text)
-        if self._at_once or loop is None or (self._held_by is not loop and len(self._held) > 1):
+        if loop is None or loop is self._at_once_in or (self._held_by is not loop and len(self._held) > 1):
             self.flush()  # off the loop, or after lines another loop held and never sent
         elif len(self._held) == 1:
             self._held_by = loop
             loop.call_soon(self.flush)
 
     def write_at_once(self) -> None:
-        """From now on each line as it comes, those held first. For a stop: a worker of `serve
-        --workers` ends by the SIGTERM uvicorn raises again once its graceful stop is over, with
-        no handler of its own to make that an exit, so neither its loop's next turn nor logging's
-        flush at exit came, and the lines of its last turns (uvicorn's last ones) were lost."""
-        self._at_once = True
+        """From now on each line of the running loop as it comes, those held first (another
+        loop's, a next app's in the process, are held as before; off a loop each goes at once).
+        For a stop: a worker of `serve --workers` ends by the SIGTERM uvicorn raises again once
+        its graceful stop is over, with no handler of its own to make that an exit, so neither
+        its loop's next turn nor logging's flush at exit came, and the lines of its last turns
+        (uvicorn's last ones) were lost."""
+        self._at_once_in = asyncio._get_running_loop()
         self.flush()
 
     def flush(self) -> None:

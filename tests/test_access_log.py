@@ -212,6 +212,26 @@ def test_lines_logged_in_one_turn_of_the_loop_reach_the_stream_in_one_write_at_i
     assert lines[2].endswith("route=/b method=GET status=200 latency_ms=1.0")
 
 
+def test_an_app_stopped_in_the_process_leaves_the_next_loops_lines_held_for_one_write(tollgate_logging):
+    # An app's shutdown has the lines of its own stop written as they come: that stayed so for
+    # good, and an app run next in the same process (a test's, an embedding's) wrote a line each.
+    handler, stream = tollgate_logging
+    served_logging_only()
+
+    async def stop_an_app() -> None:
+        observe.write_log_lines_at_once()
+
+    async def run() -> list[str]:
+        logging.getLogger("tollgate.calls").warning("one")
+        logging.getLogger("tollgate.calls").warning("two")
+        await asyncio.sleep(0)
+        return stream.writes
+
+    asyncio.run(stop_an_app())
+    (write,) = asyncio.run(run())
+    assert len(write.splitlines()) == 2
+
+
 def test_a_line_from_another_thread_goes_at_once_after_the_lines_the_loop_holds(tollgate_logging):
     handler, stream = tollgate_logging
     served_logging_only()
