@@ -797,6 +797,30 @@ def test_a_page_of_a_teams_completed_jobs_past_their_total_gives_their_total_cou
     on_a_team_store(path, check)
 
 
+def test_a_page_that_finds_jobs_past_its_total_is_listed_while_another_process_holds_the_write_lock(tmp_path):
+    # Counting the totals again is a write: waiting on another process's write lock (a long
+    # migration, a backup's), the listing, a read that needs no lock, failed with the busy
+    # database's 503 after database.busy_timeout, where it had listed the page.
+    path = tmp_path / "earlier.db"
+
+    async def check() -> None:
+        store = SQLiteStore(DatabaseConfig(url=f"sqlite:///{path}", busy_timeout=0.5))
+        await store.open()
+        await store.create_organization("org", "Org")
+        await store.create_team(Team("team", "org", "active", 1000, 0, 0, (), None, None, None, None, time.time()), "initial")
+        earlier = jobs_of_an_earlier_release(path, "team", 2)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                page, total, _ = await store.team_jobs("team", None, 50, 0)
+            finally:
+                other.execute("ROLLBACK")
+                await store.close()
+        assert sorted(job.job_id for job in page) == sorted(earlier) and total == 2
+
+    asyncio.run(check())
+
+
 def test_a_job_view_does_not_wait_for_a_page_of_another_teams_jobs(tmp_path, monkeypatch):
     # A page of a team with a million jobs reads for half a second or more (skipping to a deep
     # page, filtering by a rare status): on the connection job views were read on one at a

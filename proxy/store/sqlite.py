@@ -834,7 +834,13 @@ class SQLiteStore:
         jobs, total, remaining = await self._read_together(read, records, listing=True)
         counted = _TEAM_JOB_COUNTS.get(status or None)
         if counted is not None and offset + len(jobs) > total:
-            total = await self._recount_jobs(team_id, counted)
+            try:
+                total = await self._recount_jobs(team_id, counted)
+            except (StoreBusy, StoreUnavailable):
+                # A read, listed as read: the database locked by another process, or not writable,
+                # fails writes alone. The jobs found stand for the total (one more than the page,
+                # if found, has the client ask for the next); a later page counts them.
+                total = offset + len(jobs)
         return jobs[:limit], total, remaining
 
     async def _recount_jobs(self, team_id: str, counted: str) -> int:
