@@ -3,7 +3,8 @@
 A wrong upstream key or a full disk fails each call alike: a line each, at a few hundred calls
 a second, buries the log and whatever else it says. Such a line is said at most once per
 interval, with how many times it was due since it was last said; and its end once, after a
-line said of it, at the same level: an operator whose logging.level shows the fault shows its end.
+line said of it, at the same level (warning at most: an end is no error to alert on), so that an
+operator whose logging.level shows the fault shows its end.
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ class Occasional:
         self.said = True
 
     def over(self, message: str, *args: Any) -> None:
-        """The fault is over: said once, at the fault's level, if its line was said since it was
-        last over (at INFO, below a level of WARNING, the end of a fault said was never seen).
+        """The fault is over: said once, at the fault's level (WARNING at most), if its line was
+        said since it was last over (at INFO, below a level of WARNING, the end of a fault said was
+        never seen).
         The interval still runs: a fault that comes and goes with every other request (one
         replica of several down) says its line and its end once an interval at most."""
         if self.said:
             self.said = False
-            self._log.log(self._level, message, *args)
+            self._log.log(min(self._level, logging.WARNING), message, *args)
