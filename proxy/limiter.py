@@ -962,8 +962,8 @@ class RateLimiter:
         self._untold = None
         if self._unavailable.said:
             return  # said meanwhile: Redis failed again past the interval
-        if self._open_until:  # still down: its end is said as it comes
-            told = self._unavailable.tell_untold(UNAVAILABLE, self.last_error or self._untold_error, self.policy)
+        if self._open_until:  # still down (`last_error` says how, as of now): its end is said as it comes
+            told = self._unavailable.tell_untold(UNAVAILABLE, self.last_error, self.policy)
         else:
             told = self._unavailable.tell_untold(
                 "Redis was unavailable %d s ago (%s), rate limits following on_redis_error=%s meanwhile; it is "

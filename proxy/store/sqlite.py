@@ -800,9 +800,9 @@ class SQLiteStore:
         if status in OPEN_JOB_STATUSES:
             # The partial index's own condition, which SQLite must see to read through it.
             where += " AND j.status IN ('pending', 'in_progress')"
+        counted = _TEAM_JOB_COUNTS.get(status or None)  # the team's own count of them, if it keeps one
 
         def read(db: sqlite3.Connection) -> tuple[list[Any], int, int]:
-            counted = _TEAM_JOB_COUNTS.get(status or None)
             if counted is None:  # open jobs: few, counted through their own index
                 found = _all(db, f"SELECT COUNT(*) FROM jobs j WHERE {where}", params)
             else:
@@ -832,7 +832,6 @@ class SQLiteStore:
             return [_job(row, True, metadata_as_text=True) for row in rows], total, remaining
 
         jobs, total, remaining = await self._read_together(read, records, listing=True)
-        counted = _TEAM_JOB_COUNTS.get(status or None)
         if counted is not None and offset + len(jobs) > total:
             try:
                 total = await self._recount_jobs(team_id, counted)
