@@ -910,12 +910,6 @@ class RateLimiter:
         self._check_failure: str | None = None  # readiness's, as last logged
         # Each cooldown's probe finding Redis still down is due to say so again: once a minute.
         self._unavailable = Occasional(log, logging.WARNING, every=OUTAGE_LOG_EVERY, clock=clock)
-        # An outage that began within the interval after the last line, so not said as it began:
-        # said once the interval is up (see `_tell_untold`), with why it began.
-        self._untold: asyncio.TimerHandle | None = None
-        self._untold_error = ""
-        self._untold_at = 0.0
-        self._closed = False
 
     async def close(self) -> None:
         try:
@@ -927,10 +921,7 @@ class RateLimiter:
         finally:
             # Last: the settles the flush or the close failed tell of it later (their replies'
             # callbacks), and a line set due then came after the limiter closed.
-            self._closed = True
-            if self._untold is not None:
-                self._untold.cancel()
-                self._untold = None
+            self._unavailable.close()
 
     @property
     def degraded(self) -> bool:
@@ -946,32 +937,8 @@ class RateLimiter:
     def _failed(self, error: RedisUnavailable) -> None:
         if not self.degraded:
             self._unavailable(UNAVAILABLE, error, self.policy)
-            if not self._unavailable.said and self._untold is None and not self._closed:
-                self._tell_later(str(error))
         self.last_error = str(error)
         self._open_until = self._clock() + self._cooldown
-
-    def _tell_later(self, error: str) -> None:
-        """An outage begun within the interval after the last line (the line was not said): said
-        once the interval is up. Until then nothing told of it, and should it end meanwhile
-        with Redis failing no more, nothing ever did, while its calls followed on_redis_error."""
-        self._untold_error, self._untold_at = error, self._clock()
-        self._untold = asyncio.get_running_loop().call_later(self._unavailable.wait(), self._tell_untold)
-
-    def _tell_untold(self) -> None:
-        self._untold = None
-        if self._unavailable.said:
-            return  # said meanwhile: Redis failed again past the interval
-        if self._open_until:  # still down (`last_error` says how, as of now): its end is said as it comes
-            told = self._unavailable.tell_untold(UNAVAILABLE, self.last_error, self.policy)
-        else:
-            told = self._unavailable.tell_untold(
-                "Redis was unavailable %d s ago (%s), rate limits following on_redis_error=%s meanwhile; it is "
-                "back: they are shared again", round(self._clock() - self._untold_at), self._untold_error, self.policy,
-            )
-            self._unavailable.said = False  # its end is in the line
-        if not told and self._unavailable.untold:  # a loop's timer may fire a clock tick early
-            self._untold = asyncio.get_running_loop().call_later(self._unavailable.wait(), self._tell_untold)
 
     def _recovered(self) -> None:
         if self._open_until:

@@ -961,6 +961,85 @@ def test_a_fault_that_comes_and_goes_with_every_request_says_two_lines_a_minute_
     ]
 
 
+def fault_lines_played(play: Callable[[Occasional], Awaitable[None]], caplog) -> list[str]:
+    """What a fault's line (its interval 0.2 s) says while `play` plays the fault out on a loop."""
+    line = Occasional(logging.getLogger("tollgate.test"), logging.WARNING, every=0.2)
+    with caplog.at_level(logging.INFO, logger="tollgate.test"):
+        asyncio.run(play(line))
+    return said(caplog)
+
+
+def test_a_fault_begun_again_within_the_interval_after_its_end_is_said_with_its_end_once_the_interval_is_up(caplog):
+    # LiteLLM unreachable twice, 20 s apart: the second outage (its 503s) was never said, as it
+    # began within the minute after the first one's line and ended before a call past the minute.
+    async def play(line: Occasional) -> None:
+        line("refused")
+        line.over("back")
+        line("refused")
+        line("refused")
+        line.over("back")
+        await asyncio.sleep(0.4)  # the interval is up, and no request has failed since
+
+    lines = fault_lines_played(play, caplog)
+    assert lines[:2] == ["refused (times since last logged: 1; logged at most once every 0.2 s)", "back"], lines
+    assert len(lines) == 4, lines
+    assert lines[2] == "refused (times since last logged: 2; logged at most once every 0.2 s: said late, first due 0 s ago)"
+    assert lines[3] == "back (0 s ago)"
+
+
+def test_a_fault_begun_again_within_the_interval_and_still_on_is_said_as_the_interval_ends_and_its_end_as_it_comes(caplog):
+    async def play(line: Occasional) -> None:
+        line("refused")
+        line.over("back")
+        line("refused")
+        await asyncio.sleep(0.4)
+        line.over("back")
+
+    lines = fault_lines_played(play, caplog)
+    assert len(lines) == 4, lines
+    assert "said late" in lines[2] and lines[3] == "back", lines
+
+
+def test_a_fault_to_be_said_late_asks_for_its_end(caplog):
+    # The call path calls `over` only when `said` says it has something to say: a fault to be said
+    # late would have been said without its end, which then never came.
+    async def play(line: Occasional) -> None:
+        line("refused")
+        line.over("back")
+        line("refused")
+        assert line.said
+        line.over("back")
+        assert not line.said
+        await asyncio.sleep(0.4)
+
+    assert fault_lines_played(play, caplog)[3] == "back (0 s ago)"
+
+
+def test_a_fault_said_by_a_request_past_the_interval_is_not_said_late_too(caplog):
+    async def play(line: Occasional) -> None:
+        line("refused")
+        line.over("back")
+        line("refused")
+        await asyncio.sleep(0.2)
+        line("refused")  # past the interval, or the late line just said: either way one line
+        await asyncio.sleep(0.4)
+
+    lines = fault_lines_played(play, caplog)
+    assert len(lines) == 3 and lines[2].startswith("refused (times since last logged: "), lines
+
+
+def test_a_closed_faults_line_says_nothing_late(caplog):
+    # Its owner (the limiter, at shutdown) is done: a line said after it would outlive it.
+    async def play(line: Occasional) -> None:
+        line("refused")
+        line.over("back")
+        line("refused")
+        line.close()
+        await asyncio.sleep(0.4)
+
+    assert fault_lines_played(play, caplog) == ["refused (times since last logged: 1; logged at most once every 0.2 s)", "back"]
+
+
 def test_calls_refused_by_a_database_another_process_keeps_locked_are_logged_once(make_tollgate):
     server = make_tollgate(database={"busy_timeout": "100ms"})
     client = server.client(server.admin().team().key)
