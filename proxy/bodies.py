@@ -58,14 +58,21 @@ def header(request: Request, name: bytes) -> str | None:
     return None
 
 
+def _list_header(request: Request, name: bytes) -> str | None:
+    """Every field line of the list header `name`, combined as RFC 9110 (5.3) has a recipient
+    combine them (`identity` then `gzip` is `identity, gzip`); None without any."""
+    values = [value for key, value in request.scope["headers"] if key == name]
+    return b", ".join(values).decode("latin-1") if values else None
+
+
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     content_type = header(request, b"content-type")
     if content_type is not None:
         media = content_type.split(";", 1)[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise ApiError(415, f"Content-Type must be application/json, not '{media[:100]}'")
-    encoding = header(request, b"content-encoding")
-    if encoding is not None and encoding.strip().lower() != "identity":
+    encoding = _list_header(request, b"content-encoding")
+    if encoding is not None and any(coding.strip().lower() != "identity" for coding in encoding.split(",")):
         # Read as it is, a compressed body would be refused as bad JSON, and a plain one
         # labelled compressed accepted: neither says what is wrong.
         raise ApiError(415, f"Content-Encoding '{encoding[:100]}' is not supported; send the body uncompressed")

@@ -370,6 +370,20 @@ def test_a_compressed_body_is_415_naming_the_encoding(tollgate, team, job_url, e
     assert response.status_code == 415 and encoding in response.json()["detail"]
 
 
+def test_a_compressed_body_whose_coding_comes_in_a_second_content_encoding_line_is_415_naming_it(
+    tollgate, team, job_url
+):
+    # Content-Encoding is a list, which may come in several field lines (RFC 9110, 5.3): the
+    # first alone was read, and a gzip body so labelled was read as it is, refused as UTF-16.
+    body = gzip.compress(b'{"model_group": "Main", "messages": [{"role": "user", "content": "hi"}]}')
+    headers = [
+        ("Authorization", f"Bearer {team.key}"), ("Content-Type", "application/json"),
+        ("Content-Encoding", "identity"), ("Content-Encoding", "gzip"),
+    ]
+    response = httpx.post(f"{tollgate.url}{job_url}", content=body, headers=headers, timeout=30)
+    assert response.status_code == 415 and "gzip" in response.json()["detail"]
+
+
 def test_a_body_with_a_transfer_coding_besides_chunked_is_415_naming_it(tollgate, team):
     # The parser undoes `chunked` alone: what it hands on is still gzip, here a plain body so
     # labelled, which was read and served as if it were not.
