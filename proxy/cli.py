@@ -188,7 +188,7 @@ def serve_options(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     port = config.server.port if args.port is None else args.port
     return uvicorn_options(
         host, port, config.logging.level, config.server.shutdown_grace, config.server.read_timeout,
-        config.server.max_body_bytes,
+        config.server.max_body_bytes, config.server.keep_alive_timeout,
     )
 
 

@@ -346,6 +346,10 @@ class ServerConfig:
     # A request (head and body) must arrive whole within this long, and a stream's client must
     # take each write within it: a slow client holds no connection for good, nor an upstream's.
     read_timeout: ReadTimeout = 30.0
+    # How long an idle keep-alive connection stays open (uvicorn's default): behind a load
+    # balancer that keeps its connections open longer (nginx's and ALB's 60 s), one it reused as
+    # Tollgate closed it failed its request with a 502.
+    keep_alive_timeout: ReadTimeout = 5.0
 
 
 @dataclass(frozen=True)

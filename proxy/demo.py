@@ -273,7 +273,7 @@ def run_demo(port: int, litellm_port: int, config_path: str | None) -> None:
             configure_logging()
             options = uvicorn_options(
                 "127.0.0.1", port, "warning", config.server.shutdown_grace, config.server.read_timeout,
-                config.server.max_body_bytes,
+                config.server.max_body_bytes, config.server.keep_alive_timeout,
             )
             server = uvicorn.Server(uvicorn.Config(create_app(config), **options))
 

@@ -861,7 +861,13 @@ def _after_answer(cycle: RequestResponseCycle, then: Callable[[], None]) -> None
 
 
 def uvicorn_options(
-    host: str, port: int, log_level: str, shutdown_grace: float, read_timeout: float, max_body_bytes: int
+    host: str,
+    port: int,
+    log_level: str,
+    shutdown_grace: float,
+    read_timeout: float,
+    max_body_bytes: int,
+    keep_alive_timeout: float = 5.0,
 ) -> dict[str, Any]:
     """How Tollgate runs uvicorn: its own access log and protocol, no `server` header."""
     return dict(
@@ -879,6 +885,7 @@ def uvicorn_options(
         # A partial rather than a class made here: uvicorn hands it to its worker processes.
         http=functools.partial(CoalescingHttpProtocol, read_timeout=read_timeout, max_body_bytes=max_body_bytes),
         timeout_graceful_shutdown=shutdown_grace,
+        timeout_keep_alive=keep_alive_timeout,
     )
 
 

@@ -1323,6 +1323,19 @@ def test_no_key_or_prompt_text_appears_in_the_logs(make_tollgate):
     assert SECRET_PROMPT not in log
 
 
+def test_an_idle_connection_is_kept_open_for_server_keep_alive_timeout(make_tollgate):
+    # uvicorn's 5 s, fixed: a load balancer keeping its connections to Tollgate for longer
+    # (nginx's and ALB's 60 s) reused one as Tollgate closed it, and its request failed (a 502).
+    server = make_tollgate(server={"keep_alive_timeout": "8s"})
+    request = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        time.sleep(6)  # idle past uvicorn's 5 s
+        sock.sendall(request)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
 def raw_refusal(port: int, request: bytes) -> bytes:
     """Send `request` on a connection of its own, send nothing more, and read the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
