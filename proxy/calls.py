@@ -203,6 +203,10 @@ class CallPipeline:
         # By (group, model): a model failing calls that the group's next model then answered,
         # which only the calls' records and the fallbacks metric would otherwise tell.
         self._failing_models: dict[tuple[str, str], Occasional] = {}
+        # By (group, model): a model breaking streams past their first event, which no fallback
+        # can take over: its clients got an error event each, which only the calls' records and
+        # the error counter told.
+        self._breaking_models: dict[tuple[str, str], Occasional] = {}
         self._pool_full = Occasional(log, logging.WARNING)  # calls waited past upstream.timeouts.connect for a connection
         self.cut_by_shutdown = 0  # calls the shutdown cut short, its grace being over: said as it ends
 
@@ -451,6 +455,15 @@ class CallPipeline:
             error = end.error or (SHUT_DOWN if end.reason == "shutdown" else None)
             if end.reason == "shutdown":
                 self.cut_by_shutdown += 1
+            elif end.reason == "upstream_failed":
+                _line_of(self._breaking_models, (call.group.name, opened.model))(
+                    "streams of model '%s' of group '%s' break after their first event (%s): their clients get "
+                    "an error event, no fallback", opened.model, call.group.name, _Lazy(_in_one_line, error or ""),
+                )
+            elif end.reason == "finished" and self._breaking_models:
+                line = self._breaking_models.get((call.group.name, opened.model))
+                if line is not None and line.said:
+                    line.over("streams of model '%s' of group '%s' end whole again", opened.model, call.group.name)
             await self._finish(call, _END_STATUS[end.reason], opened.model, usage, opened.attempts, redact_opt(error), ttft)
 
         return SSERelay(

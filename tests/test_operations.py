@@ -42,7 +42,9 @@ from proxy.occasional import Occasional
 from proxy.store import StoreUnavailable
 from proxy.store.sqlite import SQLiteStore
 from proxy.upstream import ConnectError, UpstreamStatusError
-from tests.support import REPO, PYTHON, Admin, Tollgate, free_port, start_process, tag, tollgate_config, wait_for
+from tests.support import (
+    REPO, PYTHON, Admin, Tollgate, free_port, sse_data, start_process, tag, tollgate_config, wait_for,
+)
 
 REQUIRED = {
     "tollgate_requests": {"route", "method", "status"},
@@ -1117,6 +1119,43 @@ def test_a_model_that_failed_behind_a_fallback_answering_again_is_said_once(make
     assert len(lines) == 2, lines
     assert "WARNING" in lines[0] and "fails calls" in lines[0]
     assert "WARNING" in lines[1] and "answers again" in lines[1]
+
+
+def abort_streams(server: Tollgate, *contents: str) -> list[str]:
+    """Stream a call to the group `Abort` (its model breaks a stream after two chunks) for each
+    of `contents`; the last event of each."""
+    client = server.client(server.admin().team(groups=("Abort",)).key)
+    ends = []
+    for content in contents:
+        body = {"model": "Abort", "stream": True, "messages": [{"role": "user", "content": content}]}
+        response = client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        ends.append(sse_data(response.text)[-1])
+    return ends
+
+
+def test_a_model_breaking_every_stream_after_its_first_event_is_logged_once_a_minute(make_tollgate, fake_url):
+    # Past its first event a stream has no fallback: every client got an error event, and only
+    # the call records and an error counter said so.
+    server = make_tollgate(upstream_url=fake_url)
+    ends = abort_streams(server, "hi", "hi", "hi")
+    assert all("upstream_connection_lost" in end for end in ends), ends
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "'abort'" in line]
+    assert len(lines) == 1, lines
+    assert "WARNING" in lines[0] and "'Abort'" in lines[0] and "ReadError" in lines[0]
+    assert "once a minute" in lines[0]
+
+
+def test_a_model_that_broke_streams_finishing_one_again_is_said_once(make_tollgate, fake_url):
+    server = make_tollgate(upstream_url=fake_url)
+    ends = abort_streams(server, "hi", "hi", "[chunks=2] short enough to end before the break")
+    assert ends[-1] == "[DONE]", ends
+    server.stop()
+    lines = [line for line in server.log().splitlines() if "'abort'" in line]
+    assert len(lines) == 2, lines
+    assert "WARNING" in lines[0] and "break after their first event" in lines[0]
+    assert "WARNING" in lines[1] and "end whole again" in lines[1]
 
 
 def test_a_connection_to_litellm_dropped_before_a_fallback_answers_blames_no_model(make_tollgate):
