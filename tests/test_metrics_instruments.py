@@ -226,6 +226,17 @@ def test_the_time_to_first_token_buckets_reach_the_longest_a_call_may_last_by_de
     assert TTFT_BUCKETS[-1] >= UpstreamTimeouts().total
 
 
+@pytest.mark.parametrize("name, low", [("LATENCY_BUCKETS", 1.0), ("TTFT_BUCKETS", 0.5)])
+def test_the_latency_buckets_are_at_most_half_again_apart_up_to_two_minutes(name, low):
+    # An LLM call's latency and first token lie between about a second and two minutes: with 2.5,
+    # 5 and 10 s as neighbours, a steady 2 s read as 4.8 s at the 95th percentile.
+    import proxy.metrics
+
+    bounds = [bound for bound in getattr(proxy.metrics, name) if low <= bound <= 120]
+    assert bounds[0] == low and bounds[-1] == 120
+    assert all(later <= 1.5 * earlier for earlier, later in zip(bounds, bounds[1:])), bounds
+
+
 def test_a_method_outside_the_usual_few_is_counted_as_unknown():
     # As the HTTP layer counts the requests it refuses: a client choosing among the dozens of
     # methods the parser knows (PROPFIND, MKCALENDAR, ...) made a series of each on every route.
