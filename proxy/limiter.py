@@ -622,6 +622,7 @@ class RedisLimiter:
         # admit sent behind it (see `Redis`).
         scripts = (self._admit, self._settle, self._ready)
         self._redis = Redis(config.url, config.connect_timeout, config.timeout, scripts)
+        self.address = self._redis.address
         self._ready_keys = Keys([f"{self._prefix}ready"])
         self._keysets: dict[tuple[str, str | None], Keys] = {}  # by team, and key if it has limits
         # Admits given up on (a timeout, a lost connection): Redis may have run them, or may run
@@ -887,7 +888,7 @@ def _outcome_told_elsewhere(reply: asyncio.Future[Any]) -> None:
 # Seconds between two lines about Redis being unavailable, at least (a name of its own: the
 # tests shorten it).
 OUTAGE_LOG_EVERY = EVERY
-UNAVAILABLE = "Redis unavailable (%s): rate limits now follow on_redis_error=%s"
+UNAVAILABLE = "Redis at %s unavailable (%s): rate limits now follow on_redis_error=%s"
 
 
 class RateLimiter:
@@ -902,6 +903,7 @@ class RateLimiter:
         self.policy = limits.on_redis_error
         self.local = LocalLimiter(limits.window, clock)
         self.redis = RedisLimiter(redis, limits.window, clock) if redis.url else None
+        self._address = "" if self.redis is None else self.redis.address
         self._clock = clock
         self._cooldown = redis.breaker_cooldown
         self._open_until = 0.0  # the breaker: while open, Redis is not asked
@@ -936,7 +938,7 @@ class RateLimiter:
 
     def _failed(self, error: RedisUnavailable) -> None:
         if not self.degraded:
-            self._unavailable(UNAVAILABLE, error, self.policy)
+            self._unavailable(UNAVAILABLE, self._address, error, self.policy)
         self.last_error = str(error)
         self._open_until = self._clock() + self._cooldown
 

@@ -307,6 +307,9 @@ class Redis:
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 6379
         self._ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
+        # Where it is, for the log: the URL without its credentials (a Redis reached inside a
+        # container as `localhost`, which is the container itself, is the first thing to see).
+        self.address = self._unix or f"{parts.scheme}://{self._host}:{self._port}"
         db = query.get("db", [""])[0] or (parts.path.strip("/") if parts.scheme != "unix" else "")
         self._setup: list[tuple[Any, ...]] = []
         if parts.password is not None:

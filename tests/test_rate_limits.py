@@ -1210,6 +1210,24 @@ def test_a_redis_that_refuses_the_limiters_writes_is_reported_degraded(redis_ser
     asyncio.run(run())
 
 
+def test_redis_unavailable_is_logged_with_its_address_and_without_its_password(tmp_path, caplog):
+    # The line said only why ("Connection refused"): not which Redis was tried, the first thing to
+    # check when the URL names `localhost` inside a container.
+    port = free_port()
+    limits = Limits(tag(), "key-a", team_rpm=100, team_tpm=100_000)
+
+    async def run() -> None:
+        limiter = RateLimiter(RateLimitsConfig(), RedisConfig(url=f"redis://:hunter2@127.0.0.1:{port}/0"))
+        assert (await limiter.admit(limits, "down", 10)).backend == "local"
+        await limiter.close()
+
+    with caplog.at_level(logging.INFO, logger="tollgate.limiter"):
+        asyncio.run(run())
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
+    assert said.startswith(f"Redis at redis://127.0.0.1:{port} unavailable ("), said
+    assert "hunter2" not in said
+
+
 def test_redis_down_for_many_breaker_cooldowns_is_said_once_and_its_return_once(redis_server, caplog):
     # Each cooldown's probe that found Redis still down said "rate limits now follow ..." again,
     # as news: 720 lines for an hour down (at the default 5 s), however few calls came.
@@ -1232,7 +1250,8 @@ def test_redis_down_for_many_breaker_cooldowns_is_said_once_and_its_return_once(
         asyncio.run(run())
     said = [r.getMessage() for r in caplog.records if r.name == "tollgate.limiter"]
     assert len(said) == 2, said
-    assert said[0].startswith("Redis unavailable") and said[1].startswith("Redis is back")
+    assert said[0].startswith(f"Redis at redis://127.0.0.1:{redis_server.port} unavailable"), said
+    assert said[1].startswith("Redis is back"), said
 
 
 def limiter_lines_within_a_short_minute(
@@ -1273,7 +1292,7 @@ def test_a_redis_outage_begun_within_a_minute_of_the_last_ones_line_is_said_once
 
     said = limiter_lines_within_a_short_minute(run, redis_server, caplog, monkeypatch)
     assert len(said) == 4, said
-    assert said[2].startswith("Redis unavailable (RedisError: Redis did not answer in time)"), said
+    assert re.match(r"Redis at \S+ unavailable \(RedisError: Redis did not answer in time\)", said[2]), said
     assert re.search(r"times since last logged: 1; .*: said late, first due [01] s ago\)$", said[2]), said
     assert re.fullmatch(r"Redis is back: rate limits are shared again \([01] s ago\)", said[3]), said
 
@@ -1295,7 +1314,7 @@ def test_a_redis_outage_begun_within_a_minute_of_the_last_ones_line_and_still_on
 
     said = limiter_lines_within_a_short_minute(run, redis_server, caplog, monkeypatch)
     assert len(said) == 4, said
-    assert said[2].startswith("Redis unavailable (") and "now follow" in said[2], said
+    assert said[2].startswith("Redis at ") and " unavailable (" in said[2] and "now follow" in said[2], said
     assert "times since last logged: 1;" in said[2], said
     assert said[3].startswith("Redis is back"), said
 
