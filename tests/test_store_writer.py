@@ -1842,6 +1842,38 @@ def test_the_store_fsyncs_through_linux_aio_unless_configured_not_to(tmp_path, m
     assert opened == ([True] if aio_fsync else [])
 
 
+@pytest.mark.parametrize("aio_fsync", [True, False])
+def test_a_store_out_of_file_descriptors_at_its_first_fsync_still_takes_writes(tmp_path, monkeypatch, aio_fsync):
+    # The WAL's descriptor for fsyncs was opened at the first fsync: a process out of
+    # descriptors then (a burst of connections under a low `ulimit -n`) took the failed open
+    # for a failed fsync, and its store refused every write until Tollgate was restarted.
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    real_open = os.open
+
+    def out_of_descriptors(path: Any, *args: Any, **kwargs: Any) -> int:
+        raise OSError(errno.EMFILE, "Too many open files", path)
+
+    async def run() -> None:
+        store = SQLiteStore(DatabaseConfig(url=url, aio_fsync=aio_fsync))
+        await store.open()  # a database already made: this start writes nothing
+        try:
+            monkeypatch.setattr(os, "open", out_of_descriptors)
+            await store.create_organization("org", "Org")
+            monkeypatch.setattr(os, "open", real_open)
+            await store.create_organization("org2", "Org 2")
+            await store.ping()
+        finally:
+            await store.close()
+
+    async def make() -> None:
+        store = SQLiteStore(DatabaseConfig(url=url))
+        await store.open()
+        await store.close()
+
+    asyncio.run(make())
+    asyncio.run(run())
+
+
 def test_the_stores_connection_on_the_loop_never_waits_for_a_lock_syncs_or_checkpoints(tmp_path: Path) -> None:
     # Any of them would stall the event loop: the thread waits, fsyncs and checkpoints for it.
     async def run() -> tuple[int, int, int]:

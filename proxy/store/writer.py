@@ -171,9 +171,14 @@ class Writer:
                     (main,) = [row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"]
                     self._wal_path = main + "-wal"
                     self._files = _OpenedFiles(main, self._wal_path, main + "-shm")
+                    # The descriptors fsyncs go through are opened now, not at the first fsync:
+                    # a process out of descriptors then (a burst of connections) could not open
+                    # one, and its store took that for a failed fsync and refused every write
+                    # until restarted.
+                    self._wal = _WalFile(self._wal_path, self._files).opened()
                     if self._fsync_from_loop is not None:
                         self._aio = self._fsync_from_loop(asyncio.get_running_loop())
-                        self._loop_wal = _WalFile(self._wal_path, self._files)
+                        self._loop_wal = _WalFile(self._wal_path, self._files).opened()
             except BaseException:
                 self._close_aio()
                 if db is not None:
@@ -690,13 +695,24 @@ class _WalFile:
         self._path = path
         self._files = files
         self._fd: int | None = None
+        self._fsynced = False  # descriptor() has been asked for
+
+    def opened(self) -> _WalFile:
+        self._files.check()
+        self._fd = os.open(self._path, os.O_RDONLY)
+        return self
 
     def descriptor(self) -> int:
         if self._fd is None:
+            self.opened()
+            assert self._fd is not None
+        elif not self._fsynced:
+            # The first fsync looks at the files whatever the time: one replaced since they
+            # were opened is found out before any write is answered as durable in it.
             self._files.check()
-            self._fd = os.open(self._path, os.O_RDONLY)
         else:
             self._files.glance()
+        self._fsynced = True
         return self._fd
 
     def close(self) -> None:
