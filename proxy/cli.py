@@ -84,10 +84,11 @@ def _load(args: argparse.Namespace, serving: bool = False) -> Config:
 def cmd_serve(args: argparse.Namespace) -> None:
     from .app import configure_logging, create_served_app
     from .metrics import MULTIPROC_ENV
-    from .server import listen, serve, serve_workers
+    from .server import listen, raise_open_files_limit, serve, serve_workers
 
     config = _load(args, serving=True)
     options = serve_options(args, config)
+    raise_open_files_limit()
     where = f"{options['host']}:{options['port']}"
     try:
         # Before anything else: uvicorn would find out only once the app had started (the

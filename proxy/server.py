@@ -1065,6 +1065,25 @@ def listen(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit, for it and the workers
+    it starts. Each connection of a client, and each to LiteLLM, takes a descriptor (a stream
+    two), and the soft limit systemd and Docker give is 1,024, their hard limit far above: past
+    it new clients were dropped unanswered (the event loop closes what it cannot accept, and
+    says nothing) and calls failed as if LiteLLM were down."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unbounded hard limit (macOS) leaves the soft one under the kernel's own maximum.
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    with contextlib.suppress(ValueError, OSError):  # a kernel maximum below it: kept as it was
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def _say_listening(host: str, sockets: list[socket.socket]) -> None:
     """uvicorn's line saying where it listens, which it leaves out for sockets it is given (it
     expects `Config.bind_socket` to have said it)."""

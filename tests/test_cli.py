@@ -604,6 +604,29 @@ def test_serve_says_where_it_listens(tmp_path, workers):
         server.stop()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="resource.prlimit and a hard limit above 256: Linux")
+def test_serve_raises_its_limit_of_open_files_to_the_hard_limit(tmp_path):
+    # Started with the soft limit systemd and Docker give (1,024, the hard one far above), a
+    # gateway took a connection and another to LiteLLM for each stream: past about 800 streams
+    # new clients were dropped unanswered, unlogged, and calls failed as if LiteLLM were down.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:  # Linux has none unbounded
+        pytest.skip("no hard limit of open files above 256 to lower the soft one under")
+    server = Tollgate(tmp_path, "http://127.0.0.1:9", "unused")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # what the server process inherits
+    try:
+        server.start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert server.process is not None
+        assert resource.prlimit(server.process.pid, resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        server.stop()
+
+
 def test_serve_with_workers_gives_them_its_app_factory_as_one(tmp_path: Path) -> None:
     # Not as an app: uvicorn calls a callable it was not told is a factory all the same, but warns
     # in every worker ("ASGI app factory detected"), a warning about nothing an operator did.
