@@ -100,6 +100,18 @@ def _openai_root_path(path: str) -> bool:
     return path in _OPENAI_PATHS or (model != path and "/" not in model)
 
 
+def _unserved_openai_route(path: str) -> str:
+    """What a client asking /v1 for an endpoint the gateway does not serve is told to call. The
+    Vercel AI SDK's default model (`provider("Main")`, AI SDK 5 on) asks for the Responses API:
+    its user, told only "Not found", would not guess that the chat model serves the same call."""
+    if path.rstrip("/") == "/v1/responses" or path.startswith("/v1/responses/"):
+        return (
+            "the Responses API is not served: use chat completions, POST /v1/chat/completions; with the "
+            "Vercel AI SDK, provider.chat(model) rather than provider(model)"
+        )
+    return "the gateway serves POST /v1/chat/completions, GET /v1/models and GET /v1/models/{model}"
+
+
 # What a browser's CORS preflight is told (README's Decisions): its answer grants no origin.
 _NO_CORS = (
     "a browser's CORS preflight: browsers are not served, since a key in a web page is anyone's to spend "
@@ -198,6 +210,8 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
             # there: a client moved over unchanged would otherwise be told only "Not found".
             base = str(request.base_url).rstrip("/")
             message += f" (the OpenAI-compatible routes are under /v1: set the client's base URL to {base}/v1)"
+        elif exc.status_code == 404 and request.url.path.startswith("/v1/"):
+            message += f" ({_unserved_openai_route(request.url.path)})"
     return error_response(request, ApiError(exc.status_code, message, headers=exc.headers))
 
 

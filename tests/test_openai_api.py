@@ -417,6 +417,25 @@ def test_unknown_paths_under_v1_and_v1_itself_are_404_in_openais_shape(tollgate,
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}, path
 
 
+def test_a_call_to_the_responses_api_is_told_to_use_chat_completions(tollgate, team):
+    # The Vercel AI SDK's default model (`createOpenAI({baseURL, apiKey})("Main")`, AI SDK 5 on)
+    # calls the Responses API, and its user was told only "Not found: POST /v1/responses". The
+    # request as @ai-sdk/openai 3 sends it:
+    body = {"model": "Main", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hello"}]}]}
+    response = tollgate.client(team.key).post("/v1/responses", json=body)
+    assert response.status_code == 404
+    message = response.json()["error"]["message"]
+    assert "POST /v1/chat/completions" in message
+    assert ".chat(" in message  # the AI SDK's chat model, which the gateway serves
+
+
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/completions"])
+def test_an_openai_endpoint_the_gateway_does_not_serve_names_those_it_does(tollgate, team, path):
+    response = tollgate.client(team.key).post(path, json={"model": "Main", "input": ["x"], "encoding_format": "float"})
+    assert response.status_code == 404
+    assert "POST /v1/chat/completions" in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("call", ["chat", "models", "model"])
 def test_a_client_pointed_at_the_root_rather_than_v1_is_told_where_the_routes_are(tollgate, team, call):
     # LiteLLM's proxy answers at its root too, and its documentation points SDKs there: a
