@@ -308,8 +308,10 @@ class Redis:
         self._port = parts.port or 6379
         self._ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
         # Where it is, for the log: the URL without its credentials (a Redis reached inside a
-        # container as `localhost`, which is the container itself, is the first thing to see).
-        self.address = self._unix or f"{parts.scheme}://{self._host}:{self._port}"
+        # container as `localhost`, which is the container itself, is the first thing to see),
+        # an IPv6 host in brackets, or its last group reads as the port.
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self.address = self._unix or f"{parts.scheme}://{host}:{self._port}"
         db = query.get("db", [""])[0] or (parts.path.strip("/") if parts.scheme != "unix" else "")
         self._setup: list[tuple[Any, ...]] = []
         if parts.password is not None:

@@ -238,6 +238,12 @@ def test_an_unreachable_redis_is_an_error_not_a_hang():
     asyncio.run(run())
 
 
+def test_an_ipv6_redis_address_is_logged_with_its_host_in_brackets():
+    # "redis://::1:6379" named no Redis an operator could tell: a host "::1:6379" on 6379, or "::1"?
+    redis = Redis("redis://user:hunter2@[fd00::5]:6380/1", 1.0, 1.0)
+    assert redis.address == "redis://[fd00::5]:6380"
+
+
 def test_a_silent_redis_times_out_and_the_next_command_reconnects():
     connections: list[int] = []
 
