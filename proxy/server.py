@@ -1066,22 +1066,31 @@ def listen(host: str, port: int) -> list[socket.socket]:
 
 
 def raise_open_files_limit() -> None:
-    """Raise this process's soft limit of open files to its hard limit, for it and the workers
-    it starts. Each connection of a client, and each to LiteLLM, takes a descriptor (a stream
-    two), and the soft limit systemd and Docker give is 1,024, their hard limit far above: past
-    it new clients were dropped unanswered (the event loop closes what it cannot accept, and
-    says nothing) and calls failed as if LiteLLM were down."""
+    """Raise this process's soft limit of open files to its hard limit (or the kernel's maximum
+    below it), for it and the workers it starts. Each connection of a client, and each to
+    LiteLLM, takes a descriptor (a stream two), and the soft limit systemd and Docker give is
+    1,024, their hard limit far above: past it new clients were dropped unanswered (the event
+    loop closes what it cannot accept, and says nothing) and calls failed as if LiteLLM were
+    down."""
     try:
         import resource
     except ImportError:  # not on Windows
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # An unbounded hard limit (macOS) leaves the soft one under the kernel's own maximum.
-    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20  # unbounded (macOS): Linux's default fs.nr_open
     if soft == resource.RLIM_INFINITY or soft >= wanted:
         return
-    with contextlib.suppress(ValueError, OSError):  # a kernel maximum below it: kept as it was
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    # A hard limit above the kernel's own maximum is refused as the soft one: macOS's, unbounded,
+    # above its 10,240 (it stayed at 256); Linux's, above fs.nr_open, lowered since it was set.
+    # The highest the kernel takes, then: found by halving the gap, some 20 tries, once at start.
+    taken, refused = soft, wanted + 1
+    while refused - taken > 1:
+        trying = wanted if refused > wanted else (taken + refused) // 2
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (trying, hard))
+            taken = trying
+        except (ValueError, OSError):
+            refused = trying
 
 
 def _say_listening(host: str, sockets: list[socket.socket]) -> None:

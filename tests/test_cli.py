@@ -35,7 +35,9 @@ from proxy.config import ENV_CONFIG, Config, LoggingConfig, ServerConfig, load_c
 from proxy.demo import DEMO_TEAM, LITELLM_VERSION, _prepare, banner, ensure_litellm
 from proxy.metrics import MULTIPROC_ENV
 from proxy.observe import LogHandler
-from proxy.server import _say_listening, _Supervisor, listen, serve, serve_workers, uvicorn_options
+from proxy.server import (
+    _say_listening, _Supervisor, listen, raise_open_files_limit, serve, serve_workers, uvicorn_options,
+)
 from proxy.store.schema import MIGRATIONS
 from tests.support import PYTHON, REPO, Tollgate, free_port, tag, tollgate_config, wait_for
 
@@ -625,6 +627,26 @@ def test_serve_raises_its_limit_of_open_files_to_the_hard_limit(tmp_path):
         assert resource.prlimit(server.process.pid, resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("hard", ["unbounded", "above the maximum"])
+def test_open_files_are_raised_to_the_kernels_maximum_when_the_hard_limit_is_above_it(monkeypatch, hard):
+    # macOS gives an unbounded hard limit and refuses a soft one above its own maximum (10,240),
+    # and Linux one above fs.nr_open: the soft limit was left as it was (256 on macOS).
+    resource = pytest.importorskip("resource")
+    limits = [256, resource.RLIM_INFINITY if hard == "unbounded" else 1 << 21]
+    maximum = 10_240
+
+    def setrlimit(which: int, wanted: tuple[int, int]) -> None:
+        assert which == resource.RLIMIT_NOFILE and wanted[1] == limits[1]
+        if wanted[0] > maximum or wanted[0] == resource.RLIM_INFINITY:
+            raise ValueError("current limit exceeds maximum limit")
+        limits[0] = wanted[0]
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: tuple(limits))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    raise_open_files_limit()
+    assert limits[0] == maximum
 
 
 def test_serve_with_workers_gives_them_its_app_factory_as_one(tmp_path: Path) -> None:
