@@ -985,8 +985,8 @@ def test_a_fault_begun_again_within_the_interval_after_its_end_is_said_with_its_
     lines = fault_lines_played(play, caplog)
     assert lines[:2] == ["refused (times since last logged: 1; logged at most once every 0.2 s)", "back"], lines
     assert len(lines) == 4, lines
-    assert lines[2] == "refused (times since last logged: 2; logged at most once every 0.2 s: said late, first due 0 s ago)"
-    assert lines[3] == "back (0 s ago)"
+    assert re.fullmatch(r"refused \(times since last logged: 2; logged at most once every 0.2 s: said late, first due [01] s ago\)", lines[2]), lines
+    assert re.fullmatch(r"back \([01] s ago\)", lines[3]), lines
 
 
 def test_a_fault_begun_again_within_the_interval_and_still_on_is_said_as_the_interval_ends_and_its_end_as_it_comes(caplog):
@@ -1014,7 +1014,7 @@ def test_a_fault_to_be_said_late_asks_for_its_end(caplog):
         assert not line.said
         await asyncio.sleep(0.4)
 
-    assert fault_lines_played(play, caplog)[3] == "back (0 s ago)"
+    assert re.fullmatch(r"back \([01] s ago\)", fault_lines_played(play, caplog)[3])
 
 
 def test_a_fault_said_by_a_request_past_the_interval_is_not_said_late_too(caplog):
