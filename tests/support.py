@@ -37,7 +37,7 @@ PRICES = {
 FAKE_MODELS = [
     "primary", "backup", "fail-500", "fail-503", "fail-429", "fail-429-b", "fail-400",
     "abort", "garbage", "hang", "unpriced", "hang-timeout", "refused-key", "surrogate-answer",
-    "surrogate-later", "fail-403", "fail-404", "no-usage", "null-message", "small-context",
+    "surrogate-later", "fail-403", "fail-404", "no-usage", "null-message", "small-context", "error-first",
 ]
 # LiteLLM settings of a deployment beyond its model, base and key.
 DEPLOYMENT_PARAMS: dict[str, dict[str, Any]] = {
@@ -57,6 +57,7 @@ GROUPS = {
     "FallbackRefusedKey": ["refused-key", "backup"],
     "Fallback403": ["fail-403", "backup"],
     "Fallback404": ["fail-404", "backup"],
+    "FallbackErrorFirst": ["error-first", "backup"],  # its stream's first event is an error
     "FallbackUnknownModel": ["no-such-model-in-litellm", "backup"],
     "AllFail": ["fail-500", "fail-503"],
     "AllLimited": ["fail-429", "fail-429-b"],

@@ -315,6 +315,20 @@ def test_a_call_a_fallback_model_answered_is_priced_at_that_models_rates(make_to
     assert call["cost_usd"] == call["prompt_tokens"] * 0.5 + call["completion_tokens"] * 0.25 > 0
 
 
+def test_a_stream_whose_first_event_through_litellm_is_an_error_falls_back(tollgate, admin):
+    # The contract's promise, end to end: the headers wait for the upstream's first event, so an
+    # error as that event is a failure before any byte reached the client, and the next model answers.
+    team = admin.team(groups=("FallbackErrorFirst",))
+    client = tollgate.client(team.key)
+    job_id = new_job(client)
+    response = client.post(f"/api/jobs/{job_id}/llm-call-stream", json={"messages": say("one two [chunks=2]")})
+    assert response.status_code == 200
+    data = sse_data(response.text)
+    assert data[-1] == "[DONE]" and not any("error" in json.loads(d) for d in data[:-1]), data
+    (call,) = calls_of(client, job_id)
+    assert (call["status"], call["model"], call["attempts"]) == ("success", "backup", 2), call
+
+
 def test_upstream_4xx_comes_back_as_400_with_its_message_without_fallback(tollgate, admin):
     team = admin.team(groups=("Rejects",))
     client = tollgate.client(team.key)
