@@ -584,15 +584,26 @@ def _secret(name: str, value: str) -> str:
 _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
-def _without_base_60(resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]]) -> dict[Any, list[tuple[str, Any]]]:
+# What YAML 1.1 reads as an octal integer (`0100` is 64, `0_17` is 15), where YAML 1.2 reads 100.
+_OCTAL = re.compile(r"[-+]?0[0-7_]+\Z")
+_LEADING_ZERO = "YAML 1.1 would read a leading 0 as octal (010 as 8): write the number without it"
+
+
+def _without_base_60_or_octal(
+    resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]],
+) -> dict[Any, list[tuple[str, Any]]]:
     """PyYAML's implicit resolvers, its numbers never holding a ':'. YAML 1.1 reads `1:20` as
     the base-60 integer 80 (and `1:20.5` as 80.5): `port: 1:20` served on port 80. Without them
-    such a scalar is the text it reads as, as in YAML 1.2: a name keeps it, a number refuses it."""
+    such a scalar is the text it reads as, as in YAML 1.2: a name keeps it, a number refuses it.
+    So is an integer with a leading 0, which YAML 1.1 reads in octal: `credits_allocated: 0100`
+    gave a team 64 credits; a duration reads it in base 10."""
+
+    def number(tag: str, regexp: re.Pattern[str]) -> re.Pattern[str]:
+        octal = f"(?!{_OCTAL.pattern})" if tag == _NUMBER_TAGS[0] else ""
+        return re.compile(r"(?!.*:)" + octal + regexp.pattern, regexp.flags)
+
     return {
-        first: [
-            (tag, re.compile(r"(?!.*:)" + regexp.pattern, regexp.flags) if tag in _NUMBER_TAGS else regexp)
-            for tag, regexp in entries
-        ]
+        first: [(tag, number(tag, regexp) if tag in _NUMBER_TAGS else regexp) for tag, regexp in entries]
         for first, entries in resolvers.items()
     }
 
@@ -600,9 +611,9 @@ def _without_base_60(resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]]) ->
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML alone keeps
     the last silently, so a second `server:` section would replace the first unnoticed. It
-    reads no base-60 numbers (see `_without_base_60`)."""
+    reads no base-60 or octal numbers (see `_without_base_60_or_octal`)."""
 
-    yaml_implicit_resolvers = _without_base_60(yaml.SafeLoader.yaml_implicit_resolvers)
+    yaml_implicit_resolvers = _without_base_60_or_octal(yaml.SafeLoader.yaml_implicit_resolvers)
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
@@ -625,6 +636,8 @@ class _Loader(yaml.SafeLoader):
         if ":" in str(node.value):
             raise ValueError("base-60 numbers are not read (YAML 1.2 has none): write the number in base 10")
         if node.tag == _NUMBER_TAGS[0]:
+            if _OCTAL.match(str(node.value)):
+                raise ValueError(_LEADING_ZERO)
             return self.construct_yaml_int(node)
         return self.construct_yaml_float(node)
 
@@ -863,8 +876,8 @@ def _parse_value(tp: Any, value: Any, path: str) -> Any:
 def _read_unquoted(value: Any) -> str:
     """Why a scalar written unquoted where text is due is not text, if YAML made it something
     else: YAML 1.1 reads 2024 and 1.5 as numbers, no and off as booleans, 2024-01-01 as a date,
-    all of them ids and names the admin API takes as text. Never converted back to text: 0123
-    (octal) or 1_000 would come back as another id."""
+    all of them ids and names the admin API takes as text. Never converted back to text: 1_000
+    would come back as another id (0123, not read in octal, stays the text it is)."""
     if isinstance(value, bool):
         read_as = "true or false"
     elif isinstance(value, (int, float)):
@@ -893,6 +906,8 @@ def _parse_plain(tp: Any, origin: Any, args: tuple, value: Any, path: str, descr
             raise invalid("true or false")
         return value
     if tp is int:
+        if isinstance(value, str) and _OCTAL.match(value):
+            raise invalid("an integer", f"; {_LEADING_ZERO}")
         if isinstance(value, bool) or not isinstance(value, int):
             raise invalid("an integer")
         return value

@@ -905,6 +905,37 @@ def test_a_name_written_as_a_base_60_number_is_kept_as_written(tmp_path):
     assert config.model_groups["A"].description == "1:20"
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("server:\n  port: 0100\n", "server.port: must be a port number (1-65535)"),
+        ("rate_limits:\n  rpm: 010\n", "rate_limits.rpm: must be a positive integer (at most 10^12)"),
+        ("teams:\n  - {team_id: t, organization_id: o, credits_allocated: 0100}\n",
+         "teams[0].credits_allocated: must be an integer of 0 or more (at most 10^12)"),
+    ],
+)
+def test_a_number_with_a_leading_zero_is_not_read_in_octal(tmp_path, text, message):
+    # YAML 1.1 reads 0100 as octal 64 (YAML 1.2 as 100): a team was given 64 credits, not 100.
+    assert error_for(tmp_path, text).endswith(
+        f"{message}; YAML 1.1 would read a leading 0 as octal (010 as 8): write the number without it"
+    )
+
+
+def test_a_number_tagged_with_a_leading_zero_is_refused_with_its_line(tmp_path):
+    message = error_for(tmp_path, "server:\n  port: !!int 0100\n")
+    assert "line 2, column" in message and "cannot read '0100'" in message
+    assert message.endswith("YAML 1.1 would read a leading 0 as octal (010 as 8): write the number without it")
+
+
+def test_a_duration_with_a_leading_zero_is_read_in_base_10(tmp_path):
+    assert load_config(write(tmp_path, "server:\n  read_timeout: 030\n"), {}).server.read_timeout == 30
+
+
+def test_a_name_written_with_a_leading_zero_is_kept_as_written(tmp_path):
+    config = load_config(write(tmp_path, "teams:\n  - {team_id: 0100, organization_id: o}\n"), {})
+    assert config.teams[0].team_id == "0100"
+
+
 def test_a_yaml_error_says_what_was_being_read_and_from_which_line(tmp_path):
     assert error_for(tmp_path, "server:\n  host: [a, b\n").endswith(
         "not valid YAML: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence from line 2)"
