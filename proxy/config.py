@@ -107,8 +107,17 @@ ReadTimeout = Annotated[
         parse_duration,
     ),
 ]
-# getaddrinfo takes an empty host for every interface: a gateway open to the network unasked.
-Host = Annotated[str, Rule("a host name or address to listen on (0.0.0.0: every IPv4 interface)", bool)]
+# getaddrinfo takes an empty host for every interface: a gateway open to the network unasked. A
+# URL or a host:port (`localhost:8003`) passed the check, and `serve` then failed to resolve it
+# without naming the key: one colon is a port (an IPv6 address has several), a slash a URL.
+Host = Annotated[
+    str,
+    Rule(
+        "a host name or address to listen on (0.0.0.0: every IPv4 interface), without a scheme or a port "
+        "(the port is server.port)",
+        lambda v: bool(v) and v.strip() == v and v.count(":") != 1 and not any(c in v for c in "/[] "),
+    ),
+]
 # The limiter's Redis script counts whole milliseconds: a shorter window would be none there. A
 # longer one than a day keeps every call's entry that long (a sliding log), and past about 10^13 s
 # its expiry overflows what Redis takes, so that every admit fails.

@@ -339,7 +339,7 @@ def test_cli_reports_a_file_that_is_not_a_database_in_one_line(tmp_path):
         ("--workers", "-1", "must be a number of worker processes from 1 to 1024"),
         ("--workers", "1025", "must be a number of worker processes from 1 to 1024"),
         # getaddrinfo takes an empty host for every interface: a gateway open to the network.
-        ("--host", "", "must be a host name or address to listen on (0.0.0.0: every IPv4 interface)"),
+        ("--host", "", "must be a host name or address to listen on (0.0.0.0: every IPv4 interface), without a scheme or a port (the port is server.port)"),
     ],
 )
 def test_serve_refuses_a_host_port_or_worker_count_the_config_key_would_refuse(capsys, option, value, message):

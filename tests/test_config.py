@@ -37,6 +37,18 @@ def error_for(tmp_path: Path, text: str, env: dict | None = None) -> str:
     return str(info.value)
 
 
+@pytest.mark.parametrize("host", ["localhost:8003", "http://0.0.0.0", " 127.0.0.1", "[::1]"])
+def test_a_listening_host_with_a_scheme_a_port_or_spaces_is_refused_naming_the_key(tmp_path, host):
+    # check-config passed them, and serve then failed to resolve the host without naming the key.
+    message = error_for(tmp_path, yaml.safe_dump({"server": {"host": host}}))
+    assert "server.host: must be a host name or address to listen on" in message and "server.port" in message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::1", "localhost", "gateway.internal"])
+def test_a_listening_host_name_or_address_is_taken(tmp_path, host):
+    assert load_config(write(tmp_path, yaml.safe_dump({"server": {"host": host}})), {}).server.host == host
+
+
 def test_unknown_key_is_an_error_naming_it(tmp_path):
     message = error_for(tmp_path, "rate_limits:\n  rmp: 10\n")
     assert message.startswith(f"{tmp_path}/config.yaml: rate_limits.rmp: unknown key (expected one of: rpm, tpm")
@@ -766,7 +778,7 @@ def test_more_workers_than_a_machine_could_run_are_refused(tmp_path):
 
 def test_an_empty_server_host_is_refused_rather_than_listening_on_every_interface(tmp_path):
     assert error_for(tmp_path, "server:\n  host: ''\n").endswith(
-        "server.host: must be a host name or address to listen on (0.0.0.0: every IPv4 interface)"
+        "server.host: must be a host name or address to listen on (0.0.0.0: every IPv4 interface), without a scheme or a port (the port is server.port)"
     )
 
 
