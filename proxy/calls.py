@@ -148,10 +148,19 @@ def _attempts_in_one_line(attempts: list[Attempt]) -> str:
     return "; ".join(f"{attempt.model}: {_in_one_line(attempt.error)}" for attempt in attempts)
 
 
+# Groups come and go through the admin API: the fault lines kept by group (and model) are let go
+# past this many, as are the (group, model) pairs said not to be served.
+MAX_FAULT_LINES = 1_000
+
+
 def _line_of(lines: dict[Any, Occasional], key: Any) -> Occasional:
     """The once-a-minute warning kept in `lines` under `key`, made at its first use."""
     line = lines.get(key)
     if line is None:
+        if len(lines) >= MAX_FAULT_LINES:
+            # A bound, not a cache policy: a fault still going on is said again, a minute early.
+            # A line due late is still said (its timer holds it).
+            lines.clear()
         line = lines[key] = Occasional(log, logging.WARNING)
     return line
 
@@ -544,6 +553,8 @@ class CallPipeline:
         not to Tollgate's key): it fails every call, and a fallback answering them hides it."""
         for attempt in failed:
             if attempt.not_served and (group, attempt.model) not in self._said_not_served:
+                if len(self._said_not_served) >= MAX_FAULT_LINES:
+                    self._said_not_served.clear()  # those still named are said again, once
                 self._said_not_served.add((group, attempt.model))
                 log.warning(
                     "model group '%s' names model '%s', which LiteLLM does not serve (%s): correct the group's "

@@ -1121,6 +1121,24 @@ def test_a_model_that_failed_behind_a_fallback_answering_again_is_said_once(make
     assert "WARNING" in lines[1] and "answers again" in lines[1]
 
 
+def test_the_fault_lines_kept_for_groups_and_models_are_bounded(monkeypatch):
+    # Groups come and go through the admin API: a long-lived process must not keep a line for
+    # every group (and model of one) that ever failed.
+    from proxy import calls
+    from proxy.forwarding import Attempt, UpstreamFailed
+
+    monkeypatch.setattr(calls, "MAX_FAULT_LINES", 3)
+    pipeline = calls.CallPipeline(*[None] * 7, 60.0)  # type: ignore[arg-type]
+    for n in range(10):
+        group = f"group-{n}"
+        pipeline._group_fails(group, UpstreamFailed([Attempt("m", "500")]))
+        pipeline._models_fail(group, [Attempt("m", "500")], "backup")
+        pipeline._say_not_served(group, [Attempt("unknown", "404", not_served=True)])
+        calls._line_of(pipeline._breaking_models, (group, "m"))("streams of '%s' break", group)
+        kept = (pipeline._failing_groups, pipeline._failing_models, pipeline._breaking_models, pipeline._said_not_served)
+        assert [len(lines) <= 3 for lines in kept] == [True] * 4
+
+
 def abort_streams(server: Tollgate, *contents: str) -> list[str]:
     """Stream a call to the group `Abort` (its model breaks a stream after two chunks) for each
     of `contents`; the last event of each."""
