@@ -148,6 +148,10 @@ def _attempts_in_one_line(attempts: list[Attempt]) -> str:
     return "; ".join(f"{attempt.model}: {_in_one_line(attempt.error)}" for attempt in attempts)
 
 
+# What a connection to LiteLLM that this process could not open for want of a file descriptor
+# fails with (EMFILE; ENFILE, the system's, says the same and more): LiteLLM is not at fault,
+# and a line blaming it sends the operator to the wrong machine.
+_OUT_OF_FILES = "Too many open files"
 # Groups come and go through the admin API: the fault lines kept by group (and model) are let go
 # past this many, as are the (group, model) pairs said not to be served.
 MAX_FAULT_LINES = 1_000
@@ -206,6 +210,7 @@ class CallPipeline:
         self._kept: dict[str, tuple[CallOutcome, JobEnd | None, str]] = {}
         self._key_refused = Occasional(log, logging.ERROR)
         self._unreachable = Occasional(log, logging.WARNING)
+        self._out_of_files = Occasional(log, logging.ERROR)  # this process's limit of open files reached
         self._unwritable = unwritable or unwritable_database_log()
         self._said_not_served: set[tuple[str, str]] = set()  # (group, model), said once each
         self._failing_groups: dict[str, Occasional] = {}  # by group: every model failed its calls
@@ -522,7 +527,7 @@ class CallPipeline:
                         "if LiteLLM takes more", self._upstream.max_connections,
                     )
         # Every answered call passes here: what it has to say is looked for without a call.
-        if self._unreachable.said or self._key_refused.said:
+        if self._unreachable.said or self._key_refused.said or self._out_of_files.said:
             self._heard_from_litellm()
         if self._failing_groups:
             line = self._failing_groups.get(call.group.name)
@@ -571,6 +576,7 @@ class CallPipeline:
     def _heard_from_litellm(self, key_accepted: bool = True) -> None:
         """LiteLLM answered a call (and did not refuse Tollgate's key): the faults said of it are over."""
         self._unreachable.over("LiteLLM answers again")
+        self._out_of_files.over("this process opens connections to LiteLLM again")
         if key_accepted:
             self._key_refused.over("LiteLLM accepts Tollgate's upstream key again")
 
@@ -602,7 +608,13 @@ class CallPipeline:
                 message = f"The messages are longer than any model of group '{call.group.name}' takes: {redact(str(exc))}"
                 await self._finish(call, "error", model, none, len(exc.attempts), message)
                 return ApiError(400, message, code="context_length_exceeded", param="messages", headers=call.headers())
-            if exc.unreachable:
+            if exc.unreachable and _OUT_OF_FILES in exc.unreachable_error:
+                self._out_of_files(
+                    "this process is out of file descriptors (%s): calls it cannot open a connection to LiteLLM "
+                    "for answer 503; raise its limit of open files (systemd's LimitNOFILE, docker's --ulimit nofile)",
+                    exc.unreachable_error,
+                )
+            elif exc.unreachable:
                 # Every call fails so while LiteLLM is down; a model failing is the call's own news.
                 self._unreachable(
                     "LiteLLM cannot be reached at %s, or drops the connection (%s): calls answer 503 until it is back",

@@ -45,7 +45,9 @@ async def run(monkeypatch: pytest.MonkeyPatch, *steps: str) -> tuple[str, Any]:
     pipeline = calls.CallPipeline.__new__(calls.CallPipeline)
     pipeline._upstream = None  # type: ignore[assignment]
     # What an answered call looks at on its way back: the faults of LiteLLM said, and of groups.
-    pipeline._unreachable = pipeline._key_refused = Occasional(logging.getLogger("tollgate.test"), logging.WARNING)
+    pipeline._unreachable = pipeline._key_refused = pipeline._out_of_files = Occasional(
+        logging.getLogger("tollgate.test"), logging.WARNING
+    )
     pipeline._failing_groups = {}
     pipeline._failing_models = {}
     monkeypatch.setattr(pipeline, "payload", lambda call: {})

@@ -857,6 +857,42 @@ def test_litellm_unreachable_is_logged_with_its_address_and_why(make_tollgate):
     assert f"LiteLLM cannot be reached at {url}," in line and "Connection refused" in line, line
 
 
+def out_of_files_lines(caplog, then_answered: bool = False) -> list[tuple[int, str]]:
+    """What a call that could not open a connection to LiteLLM for want of a file descriptor
+    logs (and, if `then_answered`, a next call LiteLLM answers)."""
+    from proxy import calls
+    from proxy.forwarding import Attempt, UpstreamFailed
+
+    pipeline = calls.CallPipeline(*[None] * 7, 60.0)  # type: ignore[arg-type]
+
+    async def finish(*args: Any) -> None:
+        pass
+
+    pipeline._finish = finish  # type: ignore[method-assign]
+    call = types.SimpleNamespace(group=types.SimpleNamespace(name="Main"), headers=lambda: {})
+    cause = "cannot connect to the upstream: [Errno 24] Too many open files"
+    failed = UpstreamFailed([Attempt("primary", "connection failed: OSError", unreachable=True, cause=cause)])
+    with caplog.at_level(logging.INFO, logger="tollgate.calls"):
+        answer = asyncio.run(pipeline._record_failure(call, failed))  # type: ignore[arg-type]
+        if then_answered:
+            pipeline._heard_from_litellm()
+    assert isinstance(answer, ApiError) and answer.status == 503
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "tollgate.calls"]
+
+
+def test_a_process_out_of_file_descriptors_is_logged_as_such_not_as_litellm_unreachable(caplog):
+    # Under a low `ulimit -n` a call that could not open a connection to LiteLLM was logged as
+    # "LiteLLM cannot be reached": the operator looked at LiteLLM, which was fine.
+    ((level, line),) = out_of_files_lines(caplog)
+    assert level == logging.ERROR and line.startswith("this process is out of file descriptors ("), line
+    assert "LimitNOFILE" in line and "LiteLLM cannot be reached" not in line
+
+
+def test_a_process_opening_connections_again_after_running_out_of_descriptors_says_so_once(caplog):
+    lines = out_of_files_lines(caplog, then_answered=True)
+    assert lines[1] == (logging.WARNING, "this process opens connections to LiteLLM again"), lines
+
+
 def test_litellm_back_after_being_unreachable_is_said_once(tmp_path, make_tollgate):
     # The line said calls fail "until it is back", and nothing ever said it was: an operator
     # reading the log could not tell a LiteLLM still down from one back for an hour.
