@@ -336,6 +336,7 @@ class SQLiteStore:
             "PRAGMA foreign_keys = ON",
             f"PRAGMA synchronous = {self._config.synchronous.upper()}",
             f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}",
+            _TEMP_IN_MEMORY,
         ]
 
     def _connect_writer(self) -> sqlite3.Connection:
@@ -361,6 +362,7 @@ class SQLiteStore:
             "PRAGMA synchronous = NORMAL",
             "PRAGMA wal_autocheckpoint = 0",
             f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}",  # its commits are the ones that start the WAL over
+            _TEMP_IN_MEMORY,
         ])
 
     async def _migrate(self) -> None:
@@ -1378,6 +1380,13 @@ def _ledger_entry(
         "VALUES (?, ?, ?, ?, ?, ?)",
         (team_id, job_id, amount, reason, balance_after, now),
     )
+
+
+# A sort or grouping SQLite cannot read off an index (a job list's page) goes to a temporary
+# table, in a file of its own opened for it: a process out of descriptors, or a full temporary
+# directory, failed the read (SQLITE_CANTOPEN) though the database was fine. Held in memory
+# instead: they are a page of jobs at most.
+_TEMP_IN_MEMORY = "PRAGMA temp_store = MEMORY"
 
 
 def _set_up(connection: sqlite3.Connection, pragmas: Iterable[str], wait: float = 0.0) -> sqlite3.Connection:
