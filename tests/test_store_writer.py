@@ -1892,7 +1892,7 @@ def test_the_stores_connection_on_the_loop_never_waits_for_a_lock_syncs_or_check
     assert asyncio.run(run()) == (0, 1, 0)  # no wait; synchronous = NORMAL; no checkpoint
 
 
-def test_the_stores_connections_keep_temporary_tables_in_memory(tmp_path: Path) -> None:
+def test_the_stores_reading_connections_keep_temporary_tables_in_memory(tmp_path: Path) -> None:
     # In a file each, opened as needed: a job list's sort failed with SQLITE_CANTOPEN in a
     # process out of descriptors, or with a full temporary directory, the database being fine.
     async def run() -> list[int]:
@@ -1902,12 +1902,12 @@ def test_the_stores_connections_keep_temporary_tables_in_memory(tmp_path: Path) 
             assert store._writer is not None and store._writer._loop_db is not None
             assert store._reader is not None and store._together is not None and store._listing is not None
             (reader,) = await store._reader.execute_fetchall("PRAGMA temp_store")
-            others = [store._writer._loop_db, store._together, store._listing]
+            others = [store._together, store._listing]
             return [reader[0]] + [db.execute("PRAGMA temp_store").fetchone()[0] for db in others]
         finally:
             await store.close()
 
-    assert asyncio.run(run()) == [2, 2, 2, 2]  # 2: MEMORY
+    assert asyncio.run(run()) == [2, 2, 2]  # 2: MEMORY
 
 
 class DyingCheckpoints(sqlite3.Connection):

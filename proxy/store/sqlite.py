@@ -362,7 +362,6 @@ class SQLiteStore:
             "PRAGMA synchronous = NORMAL",
             "PRAGMA wal_autocheckpoint = 0",
             f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}",  # its commits are the ones that start the WAL over
-            _TEMP_IN_MEMORY,
         ])
 
     async def _migrate(self) -> None:
@@ -1385,7 +1384,8 @@ def _ledger_entry(
 # A sort or grouping SQLite cannot read off an index (a job list's page) goes to a temporary
 # table, in a file of its own opened for it: a process out of descriptors, or a full temporary
 # directory, failed the read (SQLITE_CANTOPEN) though the database was fine. Held in memory
-# instead: they are a page of jobs at most.
+# instead: they are a page of jobs at most. Not on the loop's connection, which writes calls:
+# there it cost a call's writes 2,000 instructions more (bench/instructions.sh), for nothing.
 _TEMP_IN_MEMORY = "PRAGMA temp_store = MEMORY"
 
 
