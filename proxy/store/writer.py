@@ -175,10 +175,10 @@ class Writer:
                     # a process out of descriptors then (a burst of connections) could not open
                     # one, and its store took that for a failed fsync and refused every write
                     # until restarted.
-                    self._wal = _WalFile(self._wal_path, self._files).opened()
+                    self._wal = _WalFile(self._wal_path, self._files)
                     if self._fsync_from_loop is not None:
                         self._aio = self._fsync_from_loop(asyncio.get_running_loop())
-                        self._loop_wal = _WalFile(self._wal_path, self._files).opened()
+                        self._loop_wal = _WalFile(self._wal_path, self._files)
             except BaseException:
                 self._close_aio()
                 if db is not None:
@@ -516,9 +516,7 @@ class Writer:
         """fsync the WAL for writes the loop committed (on the thread)."""
         if self._failure is None:
             try:
-                if self._wal is None:
-                    assert self._wal_path is not None and self._files is not None
-                    self._wal = _WalFile(self._wal_path, self._files)
+                assert self._wal is not None  # opened at start, with the WAL's path
                 self._fsync(self._wal.descriptor())
                 return [(True, value) for _, value in committed]
             except OSError as exc:
@@ -687,38 +685,30 @@ class _OpenedFiles:
 
 class _WalFile:
     """A descriptor of the WAL that the loop's connection commits to, for its fsyncs. An
-    fsync through any descriptor of a file flushes all of it. Opened once, after the files
-    are first checked, and never again: it stays the file SQLite writes, whatever is put at
+    fsync through any descriptor of a file flushes all of it. Opened once, as it is made (the
+    files checked first), and never again: it stays the file SQLite writes, whatever is put at
     its path later (`_OpenedFiles` finds that out)."""
 
     def __init__(self, path: str, files: _OpenedFiles) -> None:
-        self._path = path
         self._files = files
-        self._fd: int | None = None
+        files.check()
+        self._fd = os.open(path, os.O_RDONLY)  # -1 once closed
         self._fsynced = False  # descriptor() has been asked for
 
-    def opened(self) -> _WalFile:
-        self._files.check()
-        self._fd = os.open(self._path, os.O_RDONLY)
-        return self
-
     def descriptor(self) -> int:
-        if self._fd is None:
-            self.opened()
-            assert self._fd is not None
-        elif not self._fsynced:
+        if self._fsynced:
+            self._files.glance()
+        else:
             # The first fsync looks at the files whatever the time: one replaced since they
             # were opened is found out before any write is answered as durable in it.
             self._files.check()
-        else:
-            self._files.glance()
-        self._fsynced = True
+            self._fsynced = True
         return self._fd
 
     def close(self) -> None:
-        if self._fd is not None:
+        if self._fd >= 0:
             os.close(self._fd)
-            self._fd = None
+            self._fd = -1
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
