@@ -152,6 +152,7 @@ def _attempts_in_one_line(attempts: list[Attempt]) -> str:
 # fails with (EMFILE; ENFILE, the system's, says the same and more): LiteLLM is not at fault,
 # and a line blaming it sends the operator to the wrong machine.
 _OUT_OF_FILES = "Too many open files"
+
 # Groups come and go through the admin API: the fault lines kept by group (and model) are let go
 # past this many, as are the (group, model) pairs said not to be served.
 MAX_FAULT_LINES = 1_000
@@ -167,6 +168,13 @@ def _line_of(lines: dict[Any, Occasional], key: Any) -> Occasional:
             lines.clear()
         line = lines[key] = Occasional(log, logging.WARNING)
     return line
+
+
+def _over_in(lines: dict[Any, Occasional], key: Any, message: str, *args: Any) -> None:
+    """Say the end of the fault kept in `lines` under `key`, if its line was said."""
+    line = lines.get(key)
+    if line is not None and line.said:
+        line.over(message, *args)
 
 
 def redact_opt(text: str | None) -> str | None:
@@ -475,9 +483,10 @@ class CallPipeline:
                     "an error event, no fallback", opened.model, call.group.name, _Lazy(_in_one_line, error or ""),
                 )
             elif end.reason == "finished" and self._breaking_models:
-                line = self._breaking_models.get((call.group.name, opened.model))
-                if line is not None and line.said:
-                    line.over("streams of model '%s' of group '%s' end whole again", opened.model, call.group.name)
+                _over_in(
+                    self._breaking_models, (call.group.name, opened.model),
+                    "streams of model '%s' of group '%s' end whole again", opened.model, call.group.name,
+                )
             await self._finish(call, _END_STATUS[end.reason], opened.model, usage, opened.attempts, redact_opt(error), ttft)
 
         return SSERelay(
@@ -530,15 +539,14 @@ class CallPipeline:
         if self._unreachable.said or self._key_refused.said or self._out_of_files.said:
             self._heard_from_litellm()
         if self._failing_groups:
-            line = self._failing_groups.get(call.group.name)
-            if line is not None and line.said:
-                line.over("model group '%s' answers again", call.group.name)
+            _over_in(self._failing_groups, call.group.name, "model group '%s' answers again", call.group.name)
         if failed:
             self._models_fail(call.group.name, failed, answered.model)
         if self._failing_models:
-            line = self._failing_models.get((call.group.name, answered.model))
-            if line is not None and line.said:
-                line.over("model '%s' of group '%s' answers again", answered.model, call.group.name)
+            _over_in(
+                self._failing_models, (call.group.name, answered.model),
+                "model '%s' of group '%s' answers again", answered.model, call.group.name,
+            )
         return answered
 
     def _models_fail(self, group: str, failed: list[Attempt], answered_by: str) -> None:
