@@ -62,9 +62,13 @@ class Occasional:
             self._timer.cancel()
             self._timer = None
 
-    def _say(self, now: float, message: str, args: tuple[Any, ...]) -> None:
+    def _say(self, now: float, message: str, args: tuple[Any, ...], late_since: float | None = None) -> None:
+        """Say the line; `late_since`: when it was first due, if it is said late."""
         self._said_at = now
-        self._log.log(self._level, message + self._suffix, *args, self._due)
+        if late_since is None:
+            self._log.log(self._level, message + self._suffix, *args, self._due)
+        else:
+            self._log.log(self._level, message + self._late_suffix, *args, self._due, round(now - late_since))
         self._due = 0
         self.said = True
         self._late = self._late_end = None
@@ -90,11 +94,7 @@ class Occasional:
             self._timer = asyncio.get_running_loop().call_later(self._said_at + self._every - now, self._said_late)
             return
         (message, args), end = self._late, self._late_end
-        self._said_at = now
-        self._log.log(self._level, message + self._late_suffix, *args, self._due, round(now - self._late_since))
-        self._due = 0
-        self.said = True
-        self._late = self._late_end = None
+        self._say(now, message, args, self._late_since)
         if end is not None:
             message, args, ended_at = end
             self._log.log(min(self._level, logging.WARNING), message + " (%d s ago)", *args, round(now - ended_at))
