@@ -903,7 +903,6 @@ class RateLimiter:
         self.policy = limits.on_redis_error
         self.local = LocalLimiter(limits.window, clock)
         self.redis = RedisLimiter(redis, limits.window, clock) if redis.url else None
-        self._address = "" if self.redis is None else self.redis.address
         self._clock = clock
         self._cooldown = redis.breaker_cooldown
         self._open_until = 0.0  # the breaker: while open, Redis is not asked
@@ -938,7 +937,7 @@ class RateLimiter:
 
     def _failed(self, error: RedisUnavailable) -> None:
         if not self.degraded:
-            self._unavailable(UNAVAILABLE, self._address, error, self.policy)
+            self._unavailable(UNAVAILABLE, self.redis.address if self.redis else "", error, self.policy)
         self.last_error = str(error)
         self._open_until = self._clock() + self._cooldown
 
